@@ -1,0 +1,544 @@
+//! The in-memory delay store: the embedded default of `chime dev`, and a fast store
+//! for unit tests. It mirrors the Redis scripts step for step (same reaping, same
+//! merge rule, same fencing) and passes the same conformance suite; time comes from
+//! the injected [`Clock`].
+//!
+//! One `std::sync::Mutex` guards everything: every operation is short and never
+//! awaits while holding it, and this store serves one process, so a finer lock would
+//! buy nothing.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::codec::{self, Body, Meta};
+use super::{
+    CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
+    ItemState, ItemView, Lease, NewItem, Outcome, PopOptions, Popped, QueueStats,
+    RescheduleOutcome, Settlement, new_lease_token, new_nonce, queue_for, validate_batch,
+};
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+
+const REAP_LIMIT: usize = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pos {
+    Due(i64),
+    Run(i64),
+    Dead(i64),
+}
+
+#[derive(Debug)]
+struct Rec {
+    body: Body,
+    meta: Meta,
+    class: String,
+    pos: Pos,
+    cancelled: bool,
+    err: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    due: BTreeSet<(i64, String)>,
+    run: BTreeSet<(i64, String)>,
+    dead: BTreeSet<(i64, String)>,
+    /// Merge index: (merge class, pending score, id).
+    mki: BTreeSet<(String, i64, String)>,
+    recs: HashMap<String, Rec>,
+    lease: Option<(String, i64)>,
+}
+
+impl Queue {
+    /// Puts `id` (in no set) into the pending set at `score`.
+    fn make_pending(&mut self, id: &str, score: i64) {
+        let Some(rec) = self.recs.get_mut(id) else {
+            return;
+        };
+        rec.pos = Pos::Due(score);
+        self.due.insert((score, id.to_owned()));
+        if !rec.class.is_empty() {
+            self.mki.insert((rec.class.clone(), score, id.to_owned()));
+        }
+    }
+
+    /// Takes `id` out of whichever set holds it.
+    fn unlink(&mut self, id: &str) {
+        let Some(rec) = self.recs.get(id) else {
+            return;
+        };
+        match rec.pos {
+            Pos::Due(s) => {
+                self.due.remove(&(s, id.to_owned()));
+                if !rec.class.is_empty() {
+                    self.mki.remove(&(rec.class.clone(), s, id.to_owned()));
+                }
+            }
+            Pos::Run(d) => {
+                self.run.remove(&(d, id.to_owned()));
+            }
+            Pos::Dead(d) => {
+                self.dead.remove(&(d, id.to_owned()));
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.unlink(id);
+        self.recs.remove(id);
+    }
+
+    fn bury(&mut self, id: &str, now: i64, err: String) {
+        self.unlink(id);
+        if let Some(rec) = self.recs.get_mut(id) {
+            rec.pos = Pos::Dead(now);
+            rec.err = Some(err);
+            self.dead.insert((now, id.to_owned()));
+        }
+    }
+
+    fn token_matches(&self, id: &str, token: &DeliveryToken) -> bool {
+        self.recs
+            .get(id)
+            .is_some_and(|r| r.meta.attempts == token.attempt && r.meta.nonce == token.nonce)
+    }
+
+    fn view(&self, queue: u32, id: &str) -> Option<ItemView> {
+        let rec = self.recs.get(id)?;
+        let state = match rec.pos {
+            Pos::Due(s) => ItemState::Pending { due_score_ms: s },
+            Pos::Run(d) => ItemState::InFlight {
+                deadline_ms: d,
+                cancelled: rec.cancelled,
+            },
+            Pos::Dead(d) => ItemState::Dead { since_ms: d },
+        };
+        Some(ItemView {
+            item: codec::item_from_parts(id.to_owned(), rec.body.clone(), &rec.meta, rec.meta.attempts),
+            queue,
+            state,
+            last_error: rec.err.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    queues: Vec<Queue>,
+    claims: u64,
+}
+
+/// In-memory delay store.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    clock: Arc<dyn Clock>,
+    count: u32,
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryStore {
+    /// A store of `count` queues reading time from `clock`.
+    pub fn new(count: u32, clock: Arc<dyn Clock>) -> Self {
+        let count = count.max(1);
+        Self {
+            clock,
+            count,
+            state: Arc::new(Mutex::new(State {
+                queues: (0..count).map(|_| Queue::default()).collect(),
+                claims: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves state as consistent as the last
+        // completed operation; keep serving rather than poisoning every later call.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_queue(&self, queue: u32) -> Result<()> {
+        if queue >= self.count {
+            return Err(Error::invalid(
+                "queue",
+                format!("{queue} is outside 0..{}", self.count),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DelayStore for MemoryStore {
+    fn queue_count(&self) -> u32 {
+        self.count
+    }
+
+    async fn now_ms(&self) -> Result<i64> {
+        Ok(self.clock.now_ms())
+    }
+
+    async fn enqueue(&self, items: Vec<NewItem>) -> Result<Vec<EnqueueOutcome>> {
+        validate_batch(&items)?;
+        let mut st = self.lock();
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            let key = it.routing_key().to_owned();
+            let q = &mut st.queues[queue_for(&key, self.count) as usize];
+            if q.recs.contains_key(&it.id) {
+                out.push(EnqueueOutcome::Duplicate);
+                continue;
+            }
+            let class = codec::merge_class(&it.handler, &key, it.merge_key.as_deref());
+            q.recs.insert(
+                it.id.clone(),
+                Rec {
+                    body: Body {
+                        key,
+                        handler: it.handler,
+                        merge_key: it.merge_key,
+                        payload: it.payload,
+                    },
+                    meta: Meta {
+                        due_at_ms: it.due_at_ms,
+                        max_attempts: it.max_attempts,
+                        attempts: 0,
+                        nonce: new_nonce(),
+                    },
+                    class,
+                    pos: Pos::Due(it.due_at_ms),
+                    cancelled: false,
+                    err: None,
+                },
+            );
+            q.make_pending(&it.id, it.due_at_ms);
+            out.push(EnqueueOutcome::Created);
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, item: &ItemRef) -> Result<Option<ItemView>> {
+        let qi = queue_for(&item.key, self.count);
+        Ok(self.lock().queues[qi as usize].view(qi, &item.id))
+    }
+
+    async fn cancel(&self, item: &ItemRef) -> Result<CancelOutcome> {
+        let mut st = self.lock();
+        let q = &mut st.queues[queue_for(&item.key, self.count) as usize];
+        let Some(rec) = q.recs.get_mut(&item.id) else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if matches!(rec.pos, Pos::Run(_)) {
+            rec.cancelled = true;
+            return Ok(CancelOutcome::InFlight);
+        }
+        q.forget(&item.id);
+        Ok(CancelOutcome::Cancelled)
+    }
+
+    async fn reschedule(&self, item: &ItemRef, due_at_ms: i64) -> Result<RescheduleOutcome> {
+        crate::limits::check_due("due_at_ms", due_at_ms)?;
+        let mut st = self.lock();
+        let q = &mut st.queues[queue_for(&item.key, self.count) as usize];
+        let Some(rec) = q.recs.get_mut(&item.id) else {
+            return Ok(RescheduleOutcome::NotFound);
+        };
+        match rec.pos {
+            Pos::Run(_) => Ok(RescheduleOutcome::InFlight),
+            Pos::Dead(_) => Ok(RescheduleOutcome::Dead),
+            Pos::Due(_) => {
+                rec.meta.due_at_ms = due_at_ms;
+                q.unlink(&item.id);
+                q.make_pending(&item.id, due_at_ms);
+                Ok(RescheduleOutcome::Rescheduled)
+            }
+        }
+    }
+
+    async fn next_claim_ticket(&self) -> Result<u64> {
+        let mut st = self.lock();
+        st.claims += 1;
+        Ok(st.claims)
+    }
+
+    async fn claim(&self, queue: u32, ttl_ms: u64) -> Result<Option<Lease>> {
+        self.check_queue(queue)?;
+        let now = self.clock.now_ms();
+        let mut st = self.lock();
+        let q = &mut st.queues[queue as usize];
+        if q.lease.as_ref().is_some_and(|(_, exp)| *exp > now) {
+            return Ok(None);
+        }
+        let token = new_lease_token();
+        q.lease = Some((token.clone(), now + ttl_ms.max(1) as i64));
+        Ok(Some(Lease { queue, token }))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.check_queue(lease.queue)?;
+        let mut st = self.lock();
+        let q = &mut st.queues[lease.queue as usize];
+        if q.lease.as_ref().is_some_and(|(t, _)| *t == lease.token) {
+            q.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn pop(&self, lease: &Lease, opts: PopOptions) -> Result<Popped> {
+        self.check_queue(lease.queue)?;
+        let now = self.clock.now_ms();
+        let mut st = self.lock();
+        let q = &mut st.queues[lease.queue as usize];
+        match &mut q.lease {
+            Some((t, exp)) if *t == lease.token && *exp > now => {
+                *exp = now + opts.lease_ttl_ms.max(1) as i64;
+            }
+            _ => return Err(Error::StaleLease { queue: lease.queue }),
+        }
+
+        // 1. Reap expired in-flight items.
+        let expired: Vec<(i64, String)> = q
+            .run
+            .range(..(now + 1, String::new()))
+            .take(REAP_LIMIT)
+            .cloned()
+            .collect();
+        for (_, id) in expired {
+            q.unlink(&id);
+            let Some(rec) = q.recs.get(&id) else { continue };
+            if rec.cancelled {
+                q.forget(&id);
+            } else if rec.meta.attempts >= rec.meta.max_attempts {
+                let err = format!(
+                    "visibility timeout passed during attempt {}",
+                    rec.meta.attempts
+                );
+                q.bury(&id, now, err);
+            } else {
+                q.make_pending(&id, now);
+            }
+        }
+
+        // 2. Pop due items with their merge mates.
+        let limit = opts.max_items.max(1) as usize;
+        let window = opts.merge_window_ms as i64;
+        let mut picked: Vec<(String, usize)> = Vec::new(); // (id, group)
+        let mut groups = 0usize;
+        let due: Vec<(i64, String)> = q
+            .due
+            .range(..(now + 1, String::new()))
+            .take(limit)
+            .cloned()
+            .collect();
+        let mut taken = std::collections::HashSet::new();
+        for (score, id) in due {
+            if picked.len() >= limit {
+                break;
+            }
+            if !taken.insert(id.clone()) {
+                continue;
+            }
+            groups += 1;
+            picked.push((id.clone(), groups));
+            let class = q.recs.get(&id).map(|r| r.class.clone()).unwrap_or_default();
+            if !class.is_empty() {
+                let lo = (class.clone(), i64::MIN, String::new());
+                let hi = (class.clone(), score + window + 1, String::new());
+                let mates: Vec<String> = q
+                    .mki
+                    .range(lo..hi)
+                    .map(|(_, _, m)| m.clone())
+                    .take(limit)
+                    .collect();
+                for m in mates {
+                    if picked.len() >= limit {
+                        break;
+                    }
+                    if taken.insert(m.clone()) {
+                        picked.push((m, groups));
+                    }
+                }
+            }
+        }
+        let deadline = now + opts.visibility_ms.max(1) as i64;
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut last_group = 0;
+        for (id, group) in picked {
+            q.unlink(&id);
+            let Some(rec) = q.recs.get_mut(&id) else { continue };
+            rec.meta.attempts += 1;
+            rec.pos = Pos::Run(deadline);
+            q.run.insert((deadline, id.clone()));
+            let claimed = Claimed {
+                item: codec::item_from_parts(id, rec.body.clone(), &rec.meta, rec.meta.attempts),
+                token: DeliveryToken {
+                    attempt: rec.meta.attempts,
+                    nonce: rec.meta.nonce,
+                },
+            };
+            match deliveries.last_mut() {
+                Some(d) if group == last_group => d.items.push(claimed),
+                _ => deliveries.push(Delivery {
+                    queue: lease.queue,
+                    items: vec![claimed],
+                }),
+            }
+            last_group = group;
+        }
+
+        // 3. Next instant this queue needs a consumer.
+        let next_due_ms = match (q.due.first(), q.run.first()) {
+            (Some(a), Some(b)) => Some(a.0.min(b.0)),
+            (a, b) => a.or(b).map(|x| x.0),
+        };
+        Ok(Popped {
+            now_ms: now,
+            next_due_ms,
+            deliveries,
+        })
+    }
+
+    async fn settle(&self, queue: u32, settlements: Vec<Settlement>) -> Result<Vec<bool>> {
+        self.check_queue(queue)?;
+        let now = self.clock.now_ms();
+        let mut st = self.lock();
+        let q = &mut st.queues[queue as usize];
+        let mut out = Vec::with_capacity(settlements.len());
+        for s in settlements {
+            if !q.token_matches(&s.id, &s.token) {
+                out.push(false);
+                continue;
+            }
+            let Some(rec) = q.recs.get(&s.id) else {
+                out.push(false);
+                continue;
+            };
+            let in_flight = matches!(rec.pos, Pos::Run(_));
+            let cancelled = rec.cancelled;
+            match s.outcome {
+                Outcome::Ack => {
+                    // Also when it was reaped meanwhile: the work is done.
+                    q.forget(&s.id);
+                    out.push(true);
+                }
+                _ if !in_flight => out.push(false),
+                _ if cancelled => {
+                    q.forget(&s.id);
+                    out.push(true);
+                }
+                Outcome::Release => {
+                    q.unlink(&s.id);
+                    if let Some(r) = q.recs.get_mut(&s.id) {
+                        r.meta.attempts -= 1;
+                    }
+                    q.make_pending(&s.id, now);
+                    out.push(true);
+                }
+                Outcome::Retry { delay_ms, error } => {
+                    if rec.meta.attempts >= rec.meta.max_attempts {
+                        q.bury(&s.id, now, error);
+                    } else {
+                        q.unlink(&s.id);
+                        if let Some(r) = q.recs.get_mut(&s.id) {
+                            r.err = Some(error);
+                        }
+                        q.make_pending(&s.id, now + delay_ms as i64);
+                    }
+                    out.push(true);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn extend(
+        &self,
+        queue: u32,
+        items: &[(String, DeliveryToken)],
+        visibility_ms: u64,
+    ) -> Result<usize> {
+        self.check_queue(queue)?;
+        let deadline = self.clock.now_ms() + visibility_ms.max(1) as i64;
+        let mut st = self.lock();
+        let q = &mut st.queues[queue as usize];
+        let mut n = 0;
+        for (id, token) in items {
+            if !q.token_matches(id, token) {
+                continue;
+            }
+            if let Some(rec) = q.recs.get_mut(id)
+                && let Pos::Run(old) = rec.pos
+            {
+                rec.pos = Pos::Run(deadline);
+                q.run.remove(&(old, id.clone()));
+                q.run.insert((deadline, id.clone()));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStats>> {
+        let now = self.clock.now_ms();
+        let st = self.lock();
+        Ok(st
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueStats {
+                queue: i as u32,
+                pending: q.due.len() as u64,
+                due_now: q.due.iter().take_while(|(s, _)| *s <= now).count() as u64,
+                in_flight: q.run.len() as u64,
+                dead: q.dead.len() as u64,
+                next_due_ms: q.due.first().map(|x| x.0),
+            })
+            .collect())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<ItemView>> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (i, q) in st.queues.iter().enumerate() {
+            for (_, id) in &q.dead {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.extend(q.view(i as u32, id));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn requeue_dead(&self, items: &[ItemRef], limit: usize) -> Result<usize> {
+        let now = self.clock.now_ms();
+        let limit = limit.max(1);
+        let mut st = self.lock();
+        let mut targets: Vec<(usize, String)> = Vec::new();
+        if items.is_empty() {
+            for (i, q) in st.queues.iter().enumerate() {
+                targets.extend(q.dead.iter().map(|(_, id)| (i, id.clone())));
+            }
+            targets.truncate(limit);
+        } else {
+            targets = items
+                .iter()
+                .map(|r| (queue_for(&r.key, self.count) as usize, r.id.clone()))
+                .collect();
+        }
+        let mut moved = 0;
+        for (qi, id) in targets {
+            let q = &mut st.queues[qi];
+            if let Some(rec) = q.recs.get_mut(&id)
+                && matches!(rec.pos, Pos::Dead(_))
+            {
+                rec.meta.attempts = 0;
+                q.unlink(&id);
+                q.make_pending(&id, now);
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+}

@@ -1,0 +1,521 @@
+//! The production delay store on Redis (standalone or Cluster).
+//!
+//! Each queue `i` of family `f` under prefix `p` is nine keys sharing the hash tag
+//! `{p:f:i}`, so each queue is one Cluster slot and every script touches one slot
+//! (see `lua/common.lua` for what each key holds). Every state change is one Lua
+//! script per queue per batch, using Redis `TIME`; nothing is decided with a client's
+//! clock and no item ever exists only in a client's memory. The family's claim counter
+//! `p:f:claims` is the only key outside the queues; it is touched once per queue
+//! switch, never per item.
+
+use std::sync::{Arc, LazyLock};
+
+use ::redis::{Script, Value};
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+
+use super::codec::{self, Meta};
+use super::{
+    CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
+    ItemState, ItemView, Lease, NewItem, Outcome, PopOptions, Popped, QueueLayout, QueueStats,
+    RescheduleOutcome, Settlement, new_lease_token, new_nonce, queue_for, validate_batch,
+};
+use crate::error::{Error, Result};
+use crate::redis_conn::RedisConn;
+
+/// Most items per script call: keeps each script short (Redis is single-threaded, a
+/// long script stalls every client) and far below Lua's unpack limit.
+const SCRIPT_BATCH: usize = 500;
+/// Most expired in-flight items one pop reaps.
+const REAP_LIMIT: u32 = 500;
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| Script::new(concat!(include_str!("lua/common.lua"), include_str!($file))))
+    };
+}
+
+static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
+static POP: LazyLock<Script> = script!("lua/pop.lua");
+static SETTLE: LazyLock<Script> = script!("lua/settle.lua");
+static EXTEND: LazyLock<Script> = script!("lua/extend.lua");
+static CANCEL: LazyLock<Script> = script!("lua/cancel.lua");
+static RESCHEDULE: LazyLock<Script> = script!("lua/reschedule.lua");
+static GET: LazyLock<Script> = script!("lua/get.lua");
+static REQUEUE: LazyLock<Script> = script!("lua/requeue.lua");
+static STATS: LazyLock<Script> = script!("lua/stats.lua");
+static DEAD: LazyLock<Script> = script!("lua/dead.lua");
+static RELEASE: LazyLock<Script> = script!("lua/release.lua");
+
+/// The nine keys of one queue, in the order the scripts expect them.
+#[derive(Debug, Clone)]
+struct QueueKeys([String; 9]);
+
+impl QueueKeys {
+    fn new(layout: &QueueLayout, queue: u32) -> Self {
+        let tag = format!("{{{}:{}:{}}}", layout.prefix, layout.family, queue);
+        QueueKeys(
+            ["due", "run", "items", "meta", "dead", "mki", "lease", "cx", "err"]
+                .map(|k| format!("{tag}:{k}")),
+        )
+    }
+    fn lease(&self) -> &str {
+        &self.0[6]
+    }
+}
+
+/// Delay store on Redis.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    conn: RedisConn,
+    layout: QueueLayout,
+    keys: Arc<Vec<QueueKeys>>,
+    claims_key: String,
+}
+
+impl RedisStore {
+    /// A store over an established connection.
+    pub fn new(conn: RedisConn, layout: QueueLayout) -> Self {
+        let keys = (0..layout.count).map(|q| QueueKeys::new(&layout, q)).collect();
+        Self {
+            claims_key: format!("{}:{}:claims", layout.prefix, layout.family),
+            conn,
+            layout,
+            keys: Arc::new(keys),
+        }
+    }
+
+    /// The layout this store was built with.
+    pub fn layout(&self) -> &QueueLayout {
+        &self.layout
+    }
+
+    /// The connection, for callers that need plain commands next to the store.
+    pub fn connection(&self) -> RedisConn {
+        self.conn.clone()
+    }
+
+    fn keys(&self, queue: u32) -> Result<&QueueKeys> {
+        self.keys.get(queue as usize).ok_or_else(|| {
+            Error::invalid(
+                "queue",
+                format!("{queue} is outside 0..{}", self.layout.count),
+            )
+        })
+    }
+
+    fn queue_of(&self, item: &ItemRef) -> u32 {
+        queue_for(&item.key, self.layout.count)
+    }
+
+    async fn run(&self, script: &Script, queue: u32, args: Vec<Vec<u8>>) -> Result<Value> {
+        let keys = self.keys(queue)?;
+        let mut inv = script.prepare_invoke();
+        for k in &keys.0 {
+            inv.key(k);
+        }
+        for a in args {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    async fn enqueue_chunk(&self, queue: u32, items: &[&NewItem]) -> Result<Vec<bool>> {
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + items.len() * 6);
+        args.push(items.len().to_string().into_bytes());
+        for it in items {
+            let key = it.routing_key();
+            args.push(it.id.clone().into_bytes());
+            args.push(it.due_at_ms.to_string().into_bytes());
+            args.push(it.max_attempts.to_string().into_bytes());
+            args.push(format!("{:016x}", new_nonce()).into_bytes());
+            args.push(
+                codec::merge_class(&it.handler, key, it.merge_key.as_deref()).into_bytes(),
+            );
+            args.push(codec::encode_body(
+                key,
+                &it.handler,
+                it.merge_key.as_deref(),
+                &it.payload,
+            ));
+        }
+        let v = self.run(&ENQUEUE, queue, args).await?;
+        let flags = array(v, "enqueue")?;
+        flags.iter().map(|f| Ok(int(f, "enqueue")? == 1)).collect()
+    }
+
+    fn parse_view(&self, queue: u32, id: String, parts: &[Value]) -> Result<Option<ItemView>> {
+        let (Some(meta), Some(body)) = (text(&parts[0]), bytes(&parts[1])) else {
+            return Ok(None);
+        };
+        let meta = codec::decode_meta(&meta)?;
+        let body = codec::decode_body(body)?;
+        let state = if let Some(s) = opt_int(&parts[2]) {
+            ItemState::Pending { due_score_ms: s }
+        } else if let Some(d) = opt_int(&parts[3]) {
+            ItemState::InFlight {
+                deadline_ms: d,
+                cancelled: opt_int(&parts[6]) == Some(1),
+            }
+        } else if let Some(d) = opt_int(&parts[4]) {
+            ItemState::Dead { since_ms: d }
+        } else {
+            return Ok(None);
+        };
+        let attempts = meta.attempts;
+        Ok(Some(ItemView {
+            item: codec::item_from_parts(id, body, &meta, attempts),
+            queue,
+            state,
+            last_error: text(&parts[5]),
+        }))
+    }
+}
+
+#[async_trait]
+impl DelayStore for RedisStore {
+    fn queue_count(&self) -> u32 {
+        self.layout.count
+    }
+
+    async fn now_ms(&self) -> Result<i64> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = ::redis::cmd("TIME").query_async(&mut conn).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    async fn enqueue(&self, items: Vec<NewItem>) -> Result<Vec<EnqueueOutcome>> {
+        validate_batch(&items)?;
+        // Group by queue, keeping each item's position so answers come back in order.
+        let mut per_queue: Vec<Vec<usize>> = vec![Vec::new(); self.layout.count as usize];
+        for (i, it) in items.iter().enumerate() {
+            per_queue[queue_for(it.routing_key(), self.layout.count) as usize].push(i);
+        }
+        let mut calls = Vec::new();
+        for (q, idxs) in per_queue.iter().enumerate() {
+            for chunk in idxs.chunks(SCRIPT_BATCH) {
+                let refs: Vec<&NewItem> = chunk.iter().map(|&i| &items[i]).collect();
+                let store = self;
+                calls.push(async move {
+                    let created = store.enqueue_chunk(q as u32, &refs).await?;
+                    Ok::<_, Error>((chunk, created))
+                });
+            }
+        }
+        // All chunks are in flight at once: the multiplexed connection pipelines them.
+        let answers = try_join_all(calls).await?;
+        let mut out = vec![EnqueueOutcome::Duplicate; items.len()];
+        for (chunk, created) in answers {
+            for (&i, c) in chunk.iter().zip(created) {
+                if c {
+                    out[i] = EnqueueOutcome::Created;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, item: &ItemRef) -> Result<Option<ItemView>> {
+        let q = self.queue_of(item);
+        let v = self.run(&GET, q, vec![item.id.clone().into_bytes()]).await?;
+        let parts = array(v, "get")?;
+        if parts.len() != 7 {
+            return Err(Error::Corrupt("get: unexpected answer".into()));
+        }
+        self.parse_view(q, item.id.clone(), &parts)
+    }
+
+    async fn cancel(&self, item: &ItemRef) -> Result<CancelOutcome> {
+        let q = self.queue_of(item);
+        let v = self.run(&CANCEL, q, vec![item.id.clone().into_bytes()]).await?;
+        match text(&v).as_deref() {
+            Some("cancelled") => Ok(CancelOutcome::Cancelled),
+            Some("in_flight") => Ok(CancelOutcome::InFlight),
+            Some("not_found") => Ok(CancelOutcome::NotFound),
+            other => Err(Error::Corrupt(format!("cancel answered {other:?}"))),
+        }
+    }
+
+    async fn reschedule(&self, item: &ItemRef, due_at_ms: i64) -> Result<RescheduleOutcome> {
+        crate::limits::check_due("due_at_ms", due_at_ms)?;
+        let q = self.queue_of(item);
+        let args = vec![item.id.clone().into_bytes(), due_at_ms.to_string().into_bytes()];
+        let v = self.run(&RESCHEDULE, q, args).await?;
+        match text(&v).as_deref() {
+            Some("rescheduled") => Ok(RescheduleOutcome::Rescheduled),
+            Some("in_flight") => Ok(RescheduleOutcome::InFlight),
+            Some("dead") => Ok(RescheduleOutcome::Dead),
+            Some("not_found") => Ok(RescheduleOutcome::NotFound),
+            other => Err(Error::Corrupt(format!("reschedule answered {other:?}"))),
+        }
+    }
+
+    async fn next_claim_ticket(&self) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let n: i64 = ::redis::cmd("INCR")
+            .arg(&self.claims_key)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn claim(&self, queue: u32, ttl_ms: u64) -> Result<Option<Lease>> {
+        let keys = self.keys(queue)?;
+        let token = new_lease_token();
+        let mut conn = self.conn.clone();
+        let ok: Option<String> = ::redis::cmd("SET")
+            .arg(keys.lease())
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(ok.map(|_| Lease { queue, token }))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.run(&RELEASE, lease.queue, vec![lease.token.clone().into_bytes()])
+            .await?;
+        Ok(())
+    }
+
+    async fn pop(&self, lease: &Lease, opts: PopOptions) -> Result<Popped> {
+        let args = vec![
+            lease.token.clone().into_bytes(),
+            opts.max_items.max(1).to_string().into_bytes(),
+            opts.visibility_ms.max(1).to_string().into_bytes(),
+            opts.lease_ttl_ms.max(1).to_string().into_bytes(),
+            opts.merge_window_ms.to_string().into_bytes(),
+            REAP_LIMIT.to_string().into_bytes(),
+        ];
+        let v = self.run(&POP, lease.queue, args).await?;
+        let parts = array(v, "pop")?;
+        if parts.len() == 1 && text(&parts[0]).as_deref() == Some("STALE") {
+            return Err(Error::StaleLease { queue: lease.queue });
+        }
+        if parts.len() < 2 || (parts.len() - 2) % 7 != 0 {
+            return Err(Error::Corrupt("pop: unexpected answer".into()));
+        }
+        let now_ms = int(&parts[0], "pop")?;
+        let next = int(&parts[1], "pop")?;
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut last_group = -1;
+        let mut undecodable = Vec::new();
+        for f in parts[2..].chunks(7) {
+            let id = text(&f[0]).ok_or_else(|| Error::Corrupt("pop: id".into()))?;
+            let group = int(&f[1], "pop")?;
+            let meta = Meta {
+                attempts: int(&f[2], "pop")? as u32,
+                nonce: text(&f[3])
+                    .and_then(|n| u64::from_str_radix(&n, 16).ok())
+                    .ok_or_else(|| Error::Corrupt("pop: nonce".into()))?,
+                due_at_ms: int(&f[4], "pop")?,
+                max_attempts: int(&f[5], "pop")? as u32,
+            };
+            let token = DeliveryToken {
+                attempt: meta.attempts,
+                nonce: meta.nonce,
+            };
+            let body = match bytes(&f[6]).map(codec::decode_body) {
+                Some(Ok(b)) => b,
+                other => {
+                    // Never hand an unreadable item to a handler: fail this attempt so
+                    // it ends in the dead-letter set where an operator can see it.
+                    let why = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "item body missing".to_owned(),
+                    };
+                    tracing::warn!(item_id = %id, queue = lease.queue, %why, "undecodable item");
+                    undecodable.push(Settlement {
+                        id,
+                        token,
+                        outcome: Outcome::Retry {
+                            delay_ms: 0,
+                            error: why,
+                        },
+                    });
+                    continue;
+                }
+            };
+            let claimed = Claimed {
+                item: codec::item_from_parts(id, body, &meta, meta.attempts),
+                token,
+            };
+            match deliveries.last_mut() {
+                Some(d) if group == last_group => d.items.push(claimed),
+                _ => deliveries.push(Delivery {
+                    queue: lease.queue,
+                    items: vec![claimed],
+                }),
+            }
+            last_group = group;
+        }
+        if !undecodable.is_empty() {
+            self.settle(lease.queue, undecodable).await?;
+        }
+        Ok(Popped {
+            now_ms,
+            next_due_ms: (next >= 0).then_some(next),
+            deliveries,
+        })
+    }
+
+    async fn settle(&self, queue: u32, settlements: Vec<Settlement>) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(settlements.len());
+        for chunk in settlements.chunks(SCRIPT_BATCH) {
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len() * 5);
+            args.push(chunk.len().to_string().into_bytes());
+            for s in chunk {
+                let (mode, delay, err) = match &s.outcome {
+                    Outcome::Ack => ("a", 0, ""),
+                    Outcome::Retry { delay_ms, error } => ("r", *delay_ms, error.as_str()),
+                    Outcome::Release => ("x", 0, ""),
+                };
+                args.push(s.id.clone().into_bytes());
+                args.push(s.token.to_string().into_bytes());
+                args.push(mode.as_bytes().to_vec());
+                args.push(delay.to_string().into_bytes());
+                args.push(err.as_bytes().to_vec());
+            }
+            let v = self.run(&SETTLE, queue, args).await?;
+            for f in array(v, "settle")? {
+                out.push(int(&f, "settle")? == 1);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn extend(
+        &self,
+        queue: u32,
+        items: &[(String, DeliveryToken)],
+        visibility_ms: u64,
+    ) -> Result<usize> {
+        let mut total = 0;
+        for chunk in items.chunks(SCRIPT_BATCH) {
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + chunk.len() * 2);
+            args.push(visibility_ms.max(1).to_string().into_bytes());
+            args.push(chunk.len().to_string().into_bytes());
+            for (id, token) in chunk {
+                args.push(id.clone().into_bytes());
+                args.push(token.to_string().into_bytes());
+            }
+            total += int(&self.run(&EXTEND, queue, args).await?, "extend")? as usize;
+        }
+        Ok(total)
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStats>> {
+        let calls = (0..self.layout.count).map(|q| async move {
+            let parts = array(self.run(&STATS, q, Vec::new()).await?, "stats")?;
+            if parts.len() != 5 {
+                return Err(Error::Corrupt("stats: unexpected answer".into()));
+            }
+            let next = int(&parts[4], "stats")?;
+            Ok(QueueStats {
+                queue: q,
+                pending: int(&parts[0], "stats")? as u64,
+                due_now: int(&parts[1], "stats")? as u64,
+                in_flight: int(&parts[2], "stats")? as u64,
+                dead: int(&parts[3], "stats")? as u64,
+                next_due_ms: (next >= 0).then_some(next),
+            })
+        });
+        try_join_all(calls).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<ItemView>> {
+        let mut out = Vec::new();
+        for q in 0..self.layout.count {
+            if out.len() >= limit {
+                break;
+            }
+            let want = (limit - out.len()).to_string().into_bytes();
+            let parts = array(self.run(&DEAD, q, vec![want]).await?, "dead")?;
+            for f in parts.chunks(5) {
+                let [id, since, meta, body, err] = f else {
+                    return Err(Error::Corrupt("dead: unexpected answer".into()));
+                };
+                let (Some(id), Some(meta), Some(body)) = (text(id), text(meta), bytes(body))
+                else {
+                    continue;
+                };
+                let meta = codec::decode_meta(&meta)?;
+                let body = codec::decode_body(body)?;
+                out.push(ItemView {
+                    item: codec::item_from_parts(id, body, &meta, meta.attempts),
+                    queue: q,
+                    state: ItemState::Dead {
+                        since_ms: opt_int(since).unwrap_or(0),
+                    },
+                    last_error: text(err),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn requeue_dead(&self, items: &[ItemRef], limit: usize) -> Result<usize> {
+        let limit = limit.max(1);
+        let mut moved = 0;
+        if items.is_empty() {
+            for q in 0..self.layout.count {
+                if moved >= limit {
+                    break;
+                }
+                let want = (limit - moved).to_string().into_bytes();
+                moved += int(&self.run(&REQUEUE, q, vec![want]).await?, "requeue")? as usize;
+            }
+            return Ok(moved);
+        }
+        let mut per_queue: Vec<Vec<Vec<u8>>> = vec![Vec::new(); self.layout.count as usize];
+        for it in items {
+            per_queue[self.queue_of(it) as usize].push(it.id.clone().into_bytes());
+        }
+        for (q, ids) in per_queue.into_iter().enumerate() {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut args = vec![limit.to_string().into_bytes()];
+            args.extend(ids);
+            moved += int(&self.run(&REQUEUE, q as u32, args).await?, "requeue")? as usize;
+        }
+        Ok(moved)
+    }
+}
+
+fn array(v: Value, what: &str) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Ok(a),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(Error::Corrupt(format!("{what}: expected an array, got {other:?}"))),
+    }
+}
+
+fn opt_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<f64>().ok().map(|f| f as i64),
+        Value::SimpleString(s) => s.parse::<f64>().ok().map(|f| f as i64),
+        Value::Double(f) => Some(*f as i64),
+        _ => None,
+    }
+}
+
+fn int(v: &Value, what: &str) -> Result<i64> {
+    opt_int(v).ok_or_else(|| Error::Corrupt(format!("{what}: expected a number, got {v:?}")))
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b.to_vec()).ok())
+}

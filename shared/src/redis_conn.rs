@@ -1,0 +1,132 @@
+//! One Redis connection type for standalone servers and Redis Cluster.
+//!
+//! A [`RedisConn`] is cheap to clone: clones share one multiplexed connection (or one
+//! cluster client), and concurrent requests on it are pipelined, which is how batch
+//! enqueue and concurrent settles get their throughput. Standalone connections
+//! reconnect by themselves (redis-rs `ConnectionManager`); the cluster client follows
+//! MOVED/ASK and refreshes its slot map.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::error::{Error, Result};
+
+/// Where Redis is: one URL (standalone) or several seed URLs of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSpec {
+    /// `redis://[user:pass@]host:port[/db]` URLs.
+    pub urls: Vec<String>,
+    /// Talk the cluster protocol (implied by more than one URL).
+    pub cluster: bool,
+    /// How long one request may take before it fails.
+    pub response_timeout_ms: u64,
+}
+
+impl RedisSpec {
+    /// Parses `url` or `url1,url2,…` (a comma list means cluster seeds).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let urls: Vec<String> = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty() {
+            return Err(Error::invalid("redis_url", "is empty"));
+        }
+        for u in &urls {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://"))
+            {
+                return Err(Error::invalid(
+                    "redis_url",
+                    format!("{u:?} is not a redis:// URL"),
+                ));
+            }
+        }
+        Ok(Self {
+            cluster: urls.len() > 1,
+            urls,
+            response_timeout_ms: 10_000,
+        })
+    }
+
+    /// Forces the cluster protocol even with a single seed URL.
+    pub fn cluster(mut self, yes: bool) -> Self {
+        self.cluster = self.cluster || yes;
+        self
+    }
+}
+
+/// A connection to standalone Redis or to a Redis Cluster.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// Standalone server, reconnecting.
+    Single(ConnectionManager),
+    /// Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedisConn::Single(_) => "RedisConn::Single",
+            RedisConn::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
+impl RedisConn {
+    /// Connects; fails fast if the first connection cannot be made.
+    pub async fn connect(spec: &RedisSpec) -> Result<Self> {
+        let timeout = Duration::from_millis(spec.response_timeout_ms);
+        if spec.cluster {
+            let client = ClusterClient::builder(spec.urls.clone())
+                .response_timeout(timeout)
+                .connection_timeout(Duration::from_secs(5))
+                .build()?;
+            Ok(RedisConn::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(spec.urls[0].as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(timeout))
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_number_of_retries(6)
+                .set_max_delay(Duration::from_secs(2));
+            Ok(RedisConn::Single(
+                client.get_connection_manager_with_config(config).await?,
+            ))
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The delay-store conformance suite: one set of behaviours every [`DelayStore`]
+//! must show. `tests/conformance_memory.rs` and `tests/conformance_redis.rs` run it
+//! against the in-memory store and a real `redis-server`; the
+//! [`conformance_suite!`](crate::conformance_suite) macro turns each case into its own
+//! test so a failure names the behaviour.
+//!
+//! Cases run on the store's own clock (Redis `TIME` for Redis) and wait for it with
+//! deadlines; none sleeps and hopes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use chime_shared::Error;
+use chime_shared::queue::{
+    CancelOutcome, DelayStore, Delivery, EnqueueOutcome, ItemRef, ItemState, NewItem, Outcome,
+    PopOptions, Popped, RescheduleOutcome, Settlement, queue_for,
+};
+
+/// Number of queues the suite's stores are built with.
+pub const QUEUES: u32 = 4;
+
+/// A shared store under test.
+pub type Store = Arc<dyn DelayStore>;
+
+fn opts() -> PopOptions {
+    PopOptions {
+        max_items: 100,
+        visibility_ms: 30_000,
+        lease_ttl_ms: 5_000,
+        merge_window_ms: 1_000,
+    }
+}
+
+/// Waits until the store's clock reads at least `t`.
+pub async fn wait_store_time(store: &Store, t: i64) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = store.now_ms().await?;
+        if now >= t {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("store clock never reached {t}");
+        }
+        tokio::time::sleep(Duration::from_millis(((t - now) as u64).clamp(1, 50))).await;
+    }
+}
+
+/// Claims `queue` (waiting up to 10 s for its lease), pops once, releases.
+pub async fn pop_queue(store: &Store, queue: u32, o: PopOptions) -> Result<Popped> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lease = loop {
+        if let Some(l) = store.claim(queue, o.lease_ttl_ms).await? {
+            break l;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("could not claim queue {queue}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let popped = store.pop(&lease, o).await;
+    store.release(&lease).await?;
+    Ok(popped?)
+}
+
+/// Pops the queue of `item`.
+pub async fn pop_for(store: &Store, item: &ItemRef, o: PopOptions) -> Result<Popped> {
+    pop_queue(store, queue_for(&item.key, store.queue_count()), o).await
+}
+
+fn ids(p: &Popped) -> Vec<String> {
+    p.deliveries
+        .iter()
+        .flat_map(|d| d.items.iter().map(|c| c.item.id.clone()))
+        .collect()
+}
+
+fn only(p: &Popped) -> Result<&Delivery> {
+    ensure!(p.deliveries.len() == 1, "expected one delivery, got {:?}", ids(p));
+    Ok(&p.deliveries[0])
+}
+
+async fn ack(store: &Store, d: &Delivery) -> Result<Vec<bool>> {
+    let s = d
+        .items
+        .iter()
+        .map(|c| Settlement {
+            id: c.item.id.clone(),
+            token: c.token,
+            outcome: Outcome::Ack,
+        })
+        .collect();
+    Ok(store.settle(d.queue, s).await?)
+}
+
+/// Enqueue answers `Duplicate` for an id that exists (pending or in flight),
+/// also within one batch, and stores the first version only.
+pub async fn enqueue_is_idempotent(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let a = NewItem::new("a", "h", now).payload("first");
+    assert_eq!(store.enqueue(vec![a.clone()]).await?, [EnqueueOutcome::Created]);
+    let again = NewItem::new("a", "h", now + 5_000).payload("second");
+    assert_eq!(store.enqueue(vec![again]).await?, [EnqueueOutcome::Duplicate]);
+    let batch = vec![
+        NewItem::new("b", "h", now),
+        NewItem::new("b", "h", now),
+        NewItem::new("a", "h", now),
+        NewItem::new("c", "h", now),
+    ];
+    assert_eq!(
+        store.enqueue(batch).await?,
+        [
+            EnqueueOutcome::Created,
+            EnqueueOutcome::Duplicate,
+            EnqueueOutcome::Duplicate,
+            EnqueueOutcome::Created
+        ]
+    );
+    let view = store.get(&ItemRef::new("a")).await?.context("a stored")?;
+    assert_eq!(&view.item.payload[..], b"first");
+    assert_eq!(view.item.due_at_ms, now);
+    // In flight is still a duplicate.
+    let p = pop_for(&store, &ItemRef::new("a"), opts()).await?;
+    assert!(ids(&p).contains(&"a".to_owned()));
+    assert_eq!(
+        store.enqueue(vec![NewItem::new("a", "h", now)]).await?,
+        [EnqueueOutcome::Duplicate]
+    );
+    Ok(())
+}
+
+/// A cancelled item never fires, and a second cancel finds nothing.
+pub async fn cancel_before_fire_never_fires(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let it = NewItem::new("x", "h", now + 300).key("user:1");
+    let r = it.item_ref();
+    store.enqueue(vec![it]).await?;
+    assert_eq!(store.cancel(&r).await?, CancelOutcome::Cancelled);
+    assert!(store.get(&r).await?.is_none());
+    wait_store_time(&store, now + 400).await?;
+    let p = pop_for(&store, &r, opts()).await?;
+    assert!(p.deliveries.is_empty(), "cancelled item fired: {:?}", ids(&p));
+    assert_eq!(store.cancel(&r).await?, CancelOutcome::NotFound);
+    Ok(())
+}
+
+/// Cancel of an item already handed to a worker says so, and the item is then never
+/// retried or redelivered.
+pub async fn cancel_after_fire_reports_in_flight(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let it = NewItem::new("y", "h", now).key("user:2");
+    let r = it.item_ref();
+    store.enqueue(vec![it]).await?;
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(store.cancel(&r).await?, CancelOutcome::InFlight);
+    let v = store.get(&r).await?.context("still known")?;
+    assert!(matches!(v.state, ItemState::InFlight { cancelled: true, .. }), "{v:?}");
+    // The handler fails: a cancelled item is dropped instead of retried.
+    let s = Settlement {
+        id: "y".into(),
+        token: d.items[0].token,
+        outcome: Outcome::Retry {
+            delay_ms: 0,
+            error: "boom".into(),
+        },
+    };
+    assert_eq!(store.settle(d.queue, vec![s]).await?, [true]);
+    assert!(store.get(&r).await?.is_none());
+    assert_eq!(store.cancel(&r).await?, CancelOutcome::NotFound);
+
+    // Cancelled in flight, then the worker dies: the item is not redelivered.
+    let it = NewItem::new("z", "h", now).key("user:2");
+    store.enqueue(vec![it]).await?;
+    let short = PopOptions {
+        visibility_ms: 100,
+        ..opts()
+    };
+    let p = pop_for(&store, &r, short).await?;
+    assert_eq!(ids(&p), ["z"]);
+    assert_eq!(
+        store.cancel(&ItemRef::with_key("user:2", "z")).await?,
+        CancelOutcome::InFlight
+    );
+    wait_store_time(&store, p.now_ms + 150).await?;
+    let p = pop_for(&store, &r, opts()).await?;
+    assert!(p.deliveries.is_empty(), "redelivered: {:?}", ids(&p));
+    assert!(store.get(&ItemRef::with_key("user:2", "z")).await?.is_none());
+    Ok(())
+}
+
+/// After a cancel, or after the item fired and was acked, the same id can be
+/// enqueued again and fires exactly once.
+pub async fn resubscribe_fires_once(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let r = ItemRef::with_key("user:3", "coupon:7");
+    let item = || NewItem::new("coupon:7", "h", now).key("user:3");
+    store.enqueue(vec![item()]).await?;
+    assert_eq!(store.cancel(&r).await?, CancelOutcome::Cancelled);
+    assert_eq!(store.enqueue(vec![item()]).await?, [EnqueueOutcome::Created]);
+    let p = pop_for(&store, &r, opts()).await?;
+    assert_eq!(ids(&p), ["coupon:7"]);
+    assert_eq!(ack(&store, only(&p)?).await?, [true]);
+    let p = pop_for(&store, &r, opts()).await?;
+    assert!(p.deliveries.is_empty());
+    // Re-subscribe after it fired.
+    assert_eq!(store.enqueue(vec![item()]).await?, [EnqueueOutcome::Created]);
+    let p = pop_for(&store, &r, opts()).await?;
+    assert_eq!(ids(&p), ["coupon:7"]);
+    assert_eq!(only(&p)?.items[0].item.attempt, 1);
+    Ok(())
+}
+
+/// Reschedule moves a pending item earlier or later; in-flight and unknown items say so.
+pub async fn reschedule_earlier_and_later(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let early = NewItem::new("early", "h", now + 60_000).key("k");
+    let late = NewItem::new("late", "h", now).key("k");
+    let (re, rl) = (early.item_ref(), late.item_ref());
+    store.enqueue(vec![early, late]).await?;
+    assert_eq!(store.reschedule(&re, now).await?, RescheduleOutcome::Rescheduled);
+    assert_eq!(
+        store.reschedule(&rl, now + 60_000).await?,
+        RescheduleOutcome::Rescheduled
+    );
+    let v = store.get(&rl).await?.context("late")?;
+    assert_eq!(v.item.due_at_ms, now + 60_000);
+    assert_eq!(v.state, ItemState::Pending { due_score_ms: now + 60_000 });
+    let p = pop_for(&store, &re, opts()).await?;
+    assert_eq!(ids(&p), ["early"]);
+    assert_eq!(p.deliveries[0].items[0].item.due_at_ms, now);
+    assert_eq!(store.reschedule(&re, now).await?, RescheduleOutcome::InFlight);
+    assert_eq!(
+        store.reschedule(&ItemRef::new("nope"), now).await?,
+        RescheduleOutcome::NotFound
+    );
+    assert!(matches!(
+        store.reschedule(&rl, -5).await,
+        Err(Error::InvalidArgument { ref field, .. }) if field == "due_at_ms"
+    ));
+    Ok(())
+}
+
+/// Items of one (key, handler, merge key) due within the window are delivered once,
+/// together, at the earliest due time; others are not merged.
+pub async fn merge_delivers_once_at_earliest(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let t0 = now + 300;
+    let mk = |id: &str, h: &str, due: i64| NewItem::new(id, h, due).key("user:9").merge_key("u9");
+    store
+        .enqueue(vec![
+            mk("m2", "remind", t0 + 500),
+            mk("m1", "remind", t0),
+            mk("m3", "remind", t0 + 5_000),
+            mk("other", "push", t0 + 100),
+        ])
+        .await?;
+    let r = ItemRef::with_key("user:9", "m1");
+    let p = pop_for(&store, &r, opts()).await?;
+    assert!(p.deliveries.is_empty(), "fired early: {:?}", ids(&p));
+    wait_store_time(&store, t0).await?;
+    let p = pop_for(&store, &r, opts()).await?;
+    assert!(p.now_ms >= t0);
+    let merged: Vec<_> = p.deliveries.iter().filter(|d| d.items.len() > 1).collect();
+    assert_eq!(merged.len(), 1, "deliveries {:?}", ids(&p));
+    let m: Vec<&str> = merged[0].items.iter().map(|c| c.item.id.as_str()).collect();
+    assert_eq!(m, ["m1", "m2"]);
+    assert!(!ids(&p).contains(&"m3".to_owned()), "m3 is outside the window");
+    // "other" has another handler: never merged with m1/m2 (and not due until t0+100).
+    for d in &p.deliveries {
+        if d.items.iter().any(|c| c.item.id == "other") {
+            assert_eq!(d.items.len(), 1);
+        }
+    }
+    assert_eq!(ack(&store, merged[0]).await?, [true, true]);
+    Ok(())
+}
+
+/// No item is handed out before its due time by the store's clock.
+pub async fn never_fires_before_due(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let items: Vec<NewItem> = (0..60)
+        .map(|i| NewItem::new(format!("e{i}"), "h", now + 10 * i))
+        .collect();
+    store.enqueue(items).await?;
+    let mut seen = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while seen.len() < 60 {
+        ensure!(std::time::Instant::now() < deadline, "only {} fired", seen.len());
+        for q in 0..store.queue_count() {
+            let p = pop_queue(&store, q, opts()).await?;
+            for d in &p.deliveries {
+                for c in &d.items {
+                    ensure!(
+                        p.now_ms >= c.item.due_at_ms,
+                        "{} fired at {} before its due time {}",
+                        c.item.id,
+                        p.now_ms,
+                        c.item.due_at_ms
+                    );
+                    ensure!(seen.insert(c.item.id.clone()), "{} fired twice", c.item.id);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// An in-flight item whose visibility deadline passes is delivered again; the old
+/// delivery's token then settles nothing.
+pub async fn visibility_timeout_redelivers(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let it = NewItem::new("v", "h", now);
+    let r = it.item_ref();
+    store.enqueue(vec![it]).await?;
+    let short = PopOptions {
+        visibility_ms: 200,
+        ..opts()
+    };
+    let p1 = pop_for(&store, &r, short).await?;
+    let first = only(&p1)?.clone();
+    assert_eq!(first.items[0].item.attempt, 1);
+    let p = pop_for(&store, &r, short).await?;
+    assert!(p.deliveries.is_empty(), "redelivered before the deadline");
+    wait_store_time(&store, p1.now_ms + 200).await?;
+    let p2 = pop_for(&store, &r, short).await?;
+    let second = only(&p2)?.clone();
+    assert_eq!(second.items[0].item.attempt, 2);
+    assert_ne!(first.items[0].token, second.items[0].token);
+    assert_eq!(ack(&store, &first).await?, [false], "stale token must not settle");
+    assert_eq!(ack(&store, &second).await?, [true]);
+    assert!(store.get(&r).await?.is_none());
+    Ok(())
+}
+
+/// Extending a delivery keeps it in flight past its first deadline.
+pub async fn extend_keeps_item_in_flight(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let it = NewItem::new("long", "h", now);
+    let r = it.item_ref();
+    store.enqueue(vec![it]).await?;
+    let short = PopOptions {
+        visibility_ms: 300,
+        ..opts()
+    };
+    let p = pop_for(&store, &r, short).await?;
+    let d = only(&p)?.clone();
+    let tok = vec![(d.items[0].item.id.clone(), d.items[0].token)];
+    assert_eq!(store.extend(d.queue, &tok, 10_000).await?, 1);
+    wait_store_time(&store, p.now_ms + 500).await?;
+    let p2 = pop_for(&store, &r, short).await?;
+    assert!(p2.deliveries.is_empty(), "redelivered despite extension");
+    let v = store.get(&r).await?.context("in flight")?;
+    assert!(matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms >= p.now_ms + 10_000));
+    // A stale token extends nothing.
+    let mut stale = tok.clone();
+    stale[0].1.attempt += 1;
+    assert_eq!(store.extend(d.queue, &stale, 10_000).await?, 0);
+    Ok(())
+}
+
+/// A failed item is retried after its backoff; after `max_attempts` it is
+/// dead-lettered with its last error, and requeue brings it back.
+pub async fn retry_then_dead_letter_then_requeue(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let it = NewItem::new("d", "h", now).max_attempts(2).payload("p");
+    let r = it.item_ref();
+    store.enqueue(vec![it]).await?;
+    let fail = |d: &Delivery, delay: u64, msg: &str| Settlement {
+        id: d.items[0].item.id.clone(),
+        token: d.items[0].token,
+        outcome: Outcome::Retry {
+            delay_ms: delay,
+            error: msg.into(),
+        },
+    };
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(store.settle(d.queue, vec![fail(&d, 300, "boom1")]).await?, [true]);
+    let v = store.get(&r).await?.context("pending again")?;
+    assert_eq!(v.last_error.as_deref(), Some("boom1"));
+    let p = pop_for(&store, &r, opts()).await?;
+    assert!(p.deliveries.is_empty(), "retried before its backoff");
+    wait_store_time(&store, p.now_ms + 300).await?;
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(d.items[0].item.attempt, 2);
+    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "boom2")]).await?, [true]);
+    let dead = store.dead_letters(10).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].item.id, "d");
+    assert_eq!(dead[0].last_error.as_deref(), Some("boom2"));
+    assert!(matches!(dead[0].state, ItemState::Dead { .. }));
+    assert_eq!(store.stats().await?.iter().map(|s| s.dead).sum::<u64>(), 1);
+    assert_eq!(store.reschedule(&r, now).await?, RescheduleOutcome::Dead);
+    assert_eq!(store.requeue_dead(&[], 10).await?, 1);
+    assert!(store.dead_letters(10).await?.is_empty());
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(d.items[0].item.attempt, 1);
+    assert_eq!(&d.items[0].item.payload[..], b"p");
+    // Requeue by reference, and cancel of a dead letter.
+    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "boom3")]).await?, [true]);
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "boom4")]).await?, [true]);
+    assert_eq!(store.requeue_dead(std::slice::from_ref(&r), 10).await?, 1);
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "x")]).await?, [true]);
+    let p = pop_for(&store, &r, opts()).await?;
+    let d = only(&p)?.clone();
+    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "y")]).await?, [true]);
+    assert_eq!(store.cancel(&r).await?, CancelOutcome::Cancelled);
+    assert!(store.dead_letters(10).await?.is_empty());
+    Ok(())
+}
+
+/// Release hands an item back due now without counting the attempt.
+pub async fn release_does_not_count_attempt(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let it = NewItem::new("rel", "h", now).max_attempts(1);
+    let r = it.item_ref();
+    store.enqueue(vec![it]).await?;
+    for _ in 0..3 {
+        let p = pop_for(&store, &r, opts()).await?;
+        let d = only(&p)?.clone();
+        assert_eq!(d.items[0].item.attempt, 1);
+        let s = Settlement {
+            id: "rel".into(),
+            token: d.items[0].token,
+            outcome: Outcome::Release,
+        };
+        assert_eq!(store.settle(d.queue, vec![s]).await?, [true]);
+    }
+    assert!(store.dead_letters(10).await?.is_empty());
+    Ok(())
+}
+
+/// A consumer whose lease expired (and was taken by another) cannot pop; releasing a
+/// stale lease does not free the new holder's.
+pub async fn expired_lease_cannot_pop(store: Store) -> Result<()> {
+    let a = store.claim(1, 200).await?.context("first claim")?;
+    assert!(store.claim(1, 200).await?.is_none(), "lease handed out twice");
+    let now = store.now_ms().await?;
+    wait_store_time(&store, now + 250).await?;
+    let b = store.claim(1, 5_000).await?.context("claim after expiry")?;
+    match store.pop(&a, opts()).await {
+        Err(Error::StaleLease { queue: 1 }) => {}
+        other => bail!("stale lease popped: {other:?}"),
+    }
+    store.pop(&b, opts()).await?;
+    store.release(&a).await?;
+    assert!(store.claim(1, 200).await?.is_none(), "stale release freed the lease");
+    store.release(&b).await?;
+    assert!(store.claim(1, 200).await?.is_some());
+    // Tickets increase.
+    let t1 = store.next_claim_ticket().await?;
+    let t2 = store.next_claim_ticket().await?;
+    assert!(t2 > t1);
+    Ok(())
+}
+
+/// Bad input is refused naming the field, and nothing of the batch is stored.
+pub async fn invalid_input_stores_nothing(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let good = NewItem::new("good", "h", now);
+    let cases: Vec<(NewItem, &str)> = vec![
+        (
+            NewItem::new("big", "h", now).payload(vec![0u8; 64 * 1024 + 1]),
+            "items[1].payload",
+        ),
+        (NewItem::new("", "h", now), "items[1].id"),
+        (NewItem::new("bad", "no spaces", now), "items[1].handler"),
+        (NewItem::new("bad", "h", -1), "items[1].due_at_ms"),
+        (NewItem::new("bad", "h", now).max_attempts(0), "items[1].max_attempts"),
+        (NewItem::new("bad", "h", now).merge_key("a\nb"), "items[1].merge_key"),
+    ];
+    for (bad, field) in cases {
+        match store.enqueue(vec![good.clone(), bad]).await {
+            Err(Error::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+            other => bail!("expected InvalidArgument on {field}, got {other:?}"),
+        }
+    }
+    assert!(store.get(&good.item_ref()).await?.is_none());
+    let total: u64 = store.stats().await?.iter().map(|s| s.pending).sum();
+    assert_eq!(total, 0);
+    Ok(())
+}
+
+/// Stats count pending, due, in-flight and dead items per queue.
+pub async fn stats_count_states(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let items: Vec<NewItem> = (0..20)
+        .map(|i| NewItem::new(format!("s{i}"), "h", if i < 5 { now } else { now + 60_000 }))
+        .collect();
+    store.enqueue(items).await?;
+    let st = store.stats().await?;
+    assert_eq!(st.len() as u32, store.queue_count());
+    assert_eq!(st.iter().map(|s| s.pending).sum::<u64>(), 20);
+    assert_eq!(st.iter().map(|s| s.due_now).sum::<u64>(), 5);
+    assert!(st.iter().filter_map(|s| s.next_due_ms).all(|d| d >= now));
+    let mut popped = 0;
+    for q in 0..store.queue_count() {
+        popped += pop_queue(&store, q, opts()).await?.item_count();
+    }
+    assert_eq!(popped, 5);
+    let st = store.stats().await?;
+    assert_eq!(st.iter().map(|s| s.in_flight).sum::<u64>(), 5);
+    assert_eq!(st.iter().map(|s| s.pending).sum::<u64>(), 15);
+    Ok(())
+}
+
+/// Generates one `#[tokio::test]` per conformance case; `$make` is an async
+/// expression yielding `(Store, guard)` (the guard keeps servers alive).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@cases $make;
+            enqueue_is_idempotent,
+            cancel_before_fire_never_fires,
+            cancel_after_fire_reports_in_flight,
+            resubscribe_fires_once,
+            reschedule_earlier_and_later,
+            merge_delivers_once_at_earliest,
+            never_fires_before_due,
+            visibility_timeout_redelivers,
+            extend_keeps_item_in_flight,
+            retry_then_dead_letter_then_requeue,
+            release_does_not_count_attempt,
+            expired_lease_cannot_pop,
+            invalid_input_stores_nothing,
+            stats_count_states,
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() -> anyhow::Result<()> {
+                let (store, _guard) = $make.await?;
+                $crate::conformance::$case(store).await
+            }
+        )*
+    };
+}

@@ -1,0 +1,324 @@
+//! The end-to-end harness: starts real servers and real `chime` processes for tests.
+//!
+//! Everything binds to free loopback ports, writes into its own temp dir, logs each
+//! process to its own file, and is killed in `Drop`, so a failing test leaves nothing
+//! running. When a test panics, its temp dir (with every log) is kept and its path
+//! printed. A server binary that cannot be found fails the test with a message saying
+//! how to install it; nothing is skipped silently.
+
+pub mod conformance;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chime_shared::queue::QueueLayout;
+use chime_shared::queue::redis_store::RedisStore;
+use chime_shared::redis_conn::{RedisConn, RedisSpec};
+
+/// A directory for one test's files, removed on drop unless the test panicked.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// A fresh directory named after `name`.
+    pub fn new(name: &str) -> Result<Self> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "chime-test-{name}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {path:?}"))?;
+        Ok(Self { path })
+    }
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS hands ports out
+/// round-robin, so a reuse race within one test run is very unlikely).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `cond` every 20 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Finds `name` on PATH (or in /usr/sbin, where Debian puts some servers).
+pub fn find_binary(name: &str, install_hint: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin".into(), "/usr/bin".into()]);
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(anyhow!(
+        "{name} not found on PATH; this test needs a real {name} ({install_hint})"
+    ))
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, its output in a log file.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `dir/<name>.log`.
+    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+    /// OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    /// Path of the log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`, …) with kill(1).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{sig} {} failed", self.pid());
+        }
+        Ok(())
+    }
+    /// Waits up to `timeout` for the process to exit; answers its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(c) = self.child.as_mut() else {
+                return Ok(None);
+            };
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    /// Still running?
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+    /// Peak resident set (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        peak_rss_kib(self.pid())
+    }
+}
+
+/// Peak resident set (VmHWM) of `pid` in KiB, from /proc.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A real `redis-server` on a free loopback port, with no persistence.
+#[derive(Debug)]
+pub struct RedisServer {
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+    /// Port.
+    pub port: u16,
+    proc: Proc,
+    _dir: Arc<TestDir>,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers PING (fails after 10 s).
+    pub async fn start() -> Result<Self> {
+        let dir = Arc::new(TestDir::new("redis")?);
+        Self::start_in(dir).await
+    }
+
+    /// Starts one writing into `dir`.
+    pub async fn start_in(dir: Arc<TestDir>) -> Result<Self> {
+        let bin = find_binary("redis-server", "apt-get install redis-server")?;
+        let port = free_port()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--dir", &dir.path().to_string_lossy()]);
+        let proc = Proc::spawn(&format!("redis-{port}"), cmd, dir.path())?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str())?;
+        wait_until("redis-server to answer PING", Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await?;
+        Ok(Self {
+            url,
+            port,
+            proc,
+            _dir: dir,
+        })
+    }
+
+    /// A connection through chime's own connection type.
+    pub async fn conn(&self) -> Result<RedisConn> {
+        Ok(RedisConn::connect(&RedisSpec::parse(&self.url)?).await?)
+    }
+
+    /// A Redis delay store with `count` queues under `prefix`.
+    pub async fn store(&self, prefix: &str, count: u32) -> Result<RedisStore> {
+        Ok(RedisStore::new(
+            self.conn().await?,
+            QueueLayout::new(prefix, "default", count)?,
+        ))
+    }
+
+    /// The server process.
+    pub fn process(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+/// Path of the `chime` binary of this build profile, built on first use.
+///
+/// Integration tests in this crate cannot get `CARGO_BIN_EXE_chime` (the binary lives
+/// in another package), so the harness runs `cargo build -p chime` once per test
+/// process (a no-op when fresh) in the profile the tests were built with.
+/// `CHIME_BIN` overrides it.
+pub fn chime_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_chime().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn build_chime() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CHIME_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    // Test binaries live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot locate the target dir from the test binary")?;
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--quiet", "-p", "chime", "--bin", "chime"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build -p chime")?;
+    if !status.success() {
+        bail!("cargo build -p chime failed");
+    }
+    let bin = profile_dir.join("chime");
+    if !bin.is_file() {
+        bail!("{} missing after build", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A `chime` command with the given arguments and a quiet default log filter.
+pub fn chime_cmd(args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(chime_bin()?);
+    cmd.args(args);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    Ok(cmd)
+}
