@@ -1,1 +1,131 @@
-fn main() {}
+//! `chime`: the one binary. It owns what libraries must not: argument parsing,
+//! configuration files, environment, signals, logging, and process exit codes.
+//! Each subcommand lives in its own module and hands built clients and a shutdown
+//! future to the library crates.
+
+mod bench;
+mod cmd_dev;
+mod cmd_queue;
+mod cmd_worker;
+mod config;
+mod handlers;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// chime: a distributed job scheduler (sharded cron jobs and precise delayed items).
+#[derive(Debug, Parser)]
+#[command(name = "chime", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything in one process on the embedded in-memory store, with a demo.
+    Dev(cmd_dev::DevArgs),
+    /// Run a generic worker (built-in handlers noop, log, http) against Redis.
+    Worker(cmd_worker::WorkerArgs),
+    /// Produce and inspect delayed items.
+    Queue(cmd_queue::QueueArgs),
+    /// Benchmarks; each prints one JSON line of results on stdout.
+    Bench(bench::BenchArgs),
+}
+
+/// Options every command that talks to Redis shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Config file (TOML); `CHIME_*` variables and these flags override it.
+    #[arg(long, env = "CHIME_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Redis URL, or comma-separated cluster seed URLs.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Key prefix of the deployment.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Queue family.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// Number of queues N (must match the workers').
+    #[arg(long)]
+    pub queues: Option<u32>,
+}
+
+impl StoreArgs {
+    /// Applies the flags that are set on top of file and environment values.
+    pub fn apply(&self, redis: &mut config::RedisSection, queue: &mut config::QueueSection) {
+        if let Some(u) = &self.redis_url {
+            redis.url = u.clone();
+        }
+        if let Some(p) = &self.prefix {
+            queue.prefix = p.clone();
+        }
+        if let Some(f) = &self.family {
+            queue.family = f.clone();
+        }
+        if let Some(n) = self.queues {
+            queue.count = n;
+        }
+    }
+}
+
+/// Installs the global logger: text or JSON lines on stderr.
+pub fn init_logging(format: &str, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers the process can still be killed; just never drain.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chime: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result: Result<()> = runtime.block_on(async move {
+        match cli.command {
+            Command::Dev(a) => cmd_dev::run(a).await,
+            Command::Worker(a) => cmd_worker::run(a).await,
+            Command::Queue(a) => cmd_queue::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chime: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

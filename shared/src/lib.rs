@@ -14,5 +14,6 @@ pub mod error;
 pub mod limits;
 pub mod queue;
 pub mod redis_conn;
+pub mod telemetry;
 
 pub use error::{Error, Result};

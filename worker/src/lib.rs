@@ -1,1 +1,184 @@
-//! placeholder
+//! `chime-worker`: the SDK a developer links to run chime handlers.
+//!
+//! ```no_run
+//! # async fn demo(store: std::sync::Arc<dyn chime_shared::queue::DelayStore>) -> Result<(), chime_worker::WorkerError> {
+//! use chime_worker::{ItemContext, HandlerError, Worker};
+//! let worker = Worker::builder(store)
+//!     .worker_id("pod-a")
+//!     .handler("coupon.remind", |ctx: ItemContext| async move {
+//!         for item in ctx.items() {
+//!             println!("remind {} ({} bytes)", item.id, item.payload.len());
+//!         }
+//!         Ok::<(), HandlerError>(())
+//!     })
+//!     .handler_concurrency("coupon.remind", 64)
+//!     .build()?;
+//! worker.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! What it owns: the handler registry ([`handler`]), and the queue consumer
+//! ([`consumer`]): pollers that claim queues and pop due items, a bounded number of
+//! items in the worker's hands (backpressure: memory stays flat whatever the backlog),
+//! per-handler concurrency caps, visibility extension while handlers run, batched
+//! settling, and the drain on shutdown.
+//!
+//! Architecture invariant: the worker never binds a port, reads a config file or
+//! installs a logger; the binary does. It reaches Redis only through
+//! `chime_shared::queue::DelayStore`.
+
+pub mod consumer;
+pub mod error;
+pub mod handler;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use chime_shared::limits;
+use chime_shared::queue::DelayStore;
+
+pub use consumer::{ConsumerOptions, DrainReport};
+pub use error::WorkerError;
+pub use handler::{HandlerError, ItemContext, ItemHandler};
+
+/// A handler and its concurrency cap.
+#[derive(Clone)]
+pub(crate) struct Registered {
+    pub(crate) handler: Arc<dyn ItemHandler>,
+    pub(crate) concurrency: Option<usize>,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered")
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Worker`].
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    store: Arc<dyn DelayStore>,
+    worker_id: String,
+    handlers: HashMap<String, Registered>,
+    options: ConsumerOptions,
+    errors: Vec<WorkerError>,
+}
+
+impl WorkerBuilder {
+    /// Sets the worker's stable id (a pod name, not an IP). Defaults to the host name.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = id.into();
+        self
+    }
+
+    /// Registers `handler` for items whose handler name is `name`.
+    pub fn handler(self, name: &str, handler: impl ItemHandler) -> Self {
+        self.shared_handler(name, Arc::new(handler))
+    }
+
+    /// Registers an already shared handler for `name`.
+    pub fn shared_handler(mut self, name: &str, handler: Arc<dyn ItemHandler>) -> Self {
+        if let Err(e) = limits::check_handler("handler", name) {
+            self.errors.push(WorkerError::Config(e.to_string()));
+        }
+        self.handlers.insert(
+            name.to_owned(),
+            Registered {
+                handler,
+                concurrency: None,
+            },
+        );
+        self
+    }
+
+    /// Caps how many deliveries of handler `name` run at once on this worker.
+    pub fn handler_concurrency(mut self, name: &str, max: usize) -> Self {
+        match self.handlers.get_mut(name) {
+            Some(r) if max > 0 => r.concurrency = Some(max),
+            Some(_) => self.errors.push(WorkerError::Config(format!(
+                "invalid handler_concurrency for {name:?}: must be at least 1"
+            ))),
+            None => self.errors.push(WorkerError::Config(format!(
+                "handler_concurrency for {name:?}: no such handler registered"
+            ))),
+        }
+        self
+    }
+
+    /// Sets the consumer options (batch, in-flight bound, timeouts).
+    pub fn options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Checks the configuration.
+    pub fn build(mut self) -> Result<Worker, WorkerError> {
+        if let Some(e) = self.errors.pop() {
+            return Err(e);
+        }
+        if self.handlers.is_empty() {
+            return Err(WorkerError::Config("no handler registered".into()));
+        }
+        limits::check_text("worker_id", &self.worker_id, 253)
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
+        self.options.validate()?;
+        Ok(Worker {
+            store: self.store,
+            worker_id: self.worker_id,
+            handlers: self.handlers,
+            options: self.options,
+        })
+    }
+}
+
+/// A configured worker; [`Worker::run`] consumes until shutdown and drains.
+#[derive(Debug)]
+pub struct Worker {
+    store: Arc<dyn DelayStore>,
+    worker_id: String,
+    handlers: HashMap<String, Registered>,
+    options: ConsumerOptions,
+}
+
+impl Worker {
+    /// Starts building a worker over `store`.
+    pub fn builder(store: Arc<dyn DelayStore>) -> WorkerBuilder {
+        WorkerBuilder {
+            store,
+            worker_id: default_worker_id(),
+            handlers: HashMap::new(),
+            options: ConsumerOptions::default(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The worker's id.
+    pub fn id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Consumes until `shutdown` completes, then drains (see
+    /// [`consumer::Consumer::run`]) and answers what the drain did.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<DrainReport, WorkerError> {
+        consumer::Consumer::new(self.store, self.worker_id, self.handlers, self.options)
+            .run(shutdown)
+            .await
+    }
+}
+
+/// `HOSTNAME` (a pod name on Kubernetes), else the kernel's host name, else "worker".
+pub fn default_worker_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}

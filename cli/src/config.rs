@@ -1,0 +1,366 @@
+//! Process configuration: one struct per process, filled from a TOML file, then
+//! `CHIME_*` environment variables, then command-line flags, in that order.
+//!
+//! Environment variables name a field by its path in upper case joined with `_`:
+//! `CHIME_REDIS_URL` sets `redis.url`, `CHIME_CONSUMER_MAX_IN_FLIGHT` sets
+//! `consumer.max_in_flight`. Every struct refuses unknown fields, so a typo in a
+//! file or a variable is an error naming it, never silently ignored.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use chime_shared::queue::QueueLayout;
+use chime_shared::redis_conn::RedisSpec;
+use chime_worker::ConsumerOptions;
+
+/// Where Redis is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://host:port[/db]`; a comma-separated list means Redis Cluster seeds.
+    pub url: String,
+    /// Use the cluster protocol even with one seed URL.
+    pub cluster: bool,
+    /// How long one Redis request may take, in milliseconds.
+    pub response_timeout_ms: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            response_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl RedisSection {
+    /// The connection spec.
+    pub fn spec(&self) -> Result<RedisSpec> {
+        let mut spec = RedisSpec::parse(&self.url)?.cluster(self.cluster);
+        spec.response_timeout_ms = self.response_timeout_ms;
+        Ok(spec)
+    }
+}
+
+/// Which queues.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    /// Key prefix of this deployment.
+    pub prefix: String,
+    /// Queue family.
+    pub family: String,
+    /// Number of queues N; producers and workers must agree on it.
+    pub count: u32,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        Self {
+            prefix: "chime".into(),
+            family: "default".into(),
+            count: 8,
+        }
+    }
+}
+
+impl QueueSection {
+    /// The checked layout.
+    pub fn layout(&self) -> Result<QueueLayout> {
+        Ok(QueueLayout::new(&self.prefix, &self.family, self.count)?)
+    }
+}
+
+/// Consumer tuning; see `chime_worker::ConsumerOptions` for each field.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerSection {
+    /// Concurrent pollers.
+    pub pollers: usize,
+    /// Most items per pop.
+    pub batch: u32,
+    /// Most items held at once (bounds memory).
+    pub max_in_flight: usize,
+    /// Visibility timeout in milliseconds.
+    pub visibility_ms: u64,
+    /// Queue lease TTL in milliseconds.
+    pub lease_ttl_ms: u64,
+    /// Merge window in milliseconds.
+    pub merge_window_ms: u64,
+    /// Longest idle sleep in milliseconds.
+    pub idle_sleep_max_ms: u64,
+    /// Drain timeout on shutdown in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// First retry backoff in milliseconds.
+    pub retry_base_ms: u64,
+    /// Longest retry backoff in milliseconds.
+    pub retry_max_ms: u64,
+}
+
+impl Default for ConsumerSection {
+    fn default() -> Self {
+        let o = ConsumerOptions::default();
+        Self {
+            pollers: o.pollers,
+            batch: o.batch,
+            max_in_flight: o.max_in_flight,
+            visibility_ms: o.visibility_ms,
+            lease_ttl_ms: o.lease_ttl_ms,
+            merge_window_ms: o.merge_window_ms,
+            idle_sleep_max_ms: o.idle_sleep_max_ms,
+            drain_timeout_ms: o.drain_timeout_ms,
+            retry_base_ms: o.retry_base_ms,
+            retry_max_ms: o.retry_max_ms,
+        }
+    }
+}
+
+impl ConsumerSection {
+    /// As SDK options.
+    pub fn options(&self) -> ConsumerOptions {
+        ConsumerOptions {
+            pollers: self.pollers,
+            batch: self.batch,
+            max_in_flight: self.max_in_flight,
+            visibility_ms: self.visibility_ms,
+            lease_ttl_ms: self.lease_ttl_ms,
+            merge_window_ms: self.merge_window_ms,
+            idle_sleep_max_ms: self.idle_sleep_max_ms,
+            drain_timeout_ms: self.drain_timeout_ms,
+            retry_base_ms: self.retry_base_ms,
+            retry_max_ms: self.retry_max_ms,
+        }
+    }
+}
+
+/// The generic worker's built-in handlers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlersSection {
+    /// Built-in handlers to register: any of `noop`, `log`, `http`.
+    pub enabled: Vec<String>,
+    /// Where the `http` handler POSTs each delivery as JSON.
+    pub http_url: String,
+    /// Timeout of one `http` POST, in milliseconds.
+    pub http_timeout_ms: u64,
+    /// When set, every handled delivery appends `id due_ms handled_ms attempt` lines
+    /// to this file before it is acknowledged (benchmarks and tests count them).
+    pub record_file: String,
+}
+
+impl Default for HandlersSection {
+    fn default() -> Self {
+        Self {
+            enabled: vec!["noop".into(), "log".into()],
+            http_url: String::new(),
+            http_timeout_ms: 5_000,
+            record_file: String::new(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// Filter in `RUST_LOG` syntax (`RUST_LOG` wins when set).
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// `chime worker`'s configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Stable worker id (a pod name); empty means `HOSTNAME`.
+    pub worker_id: String,
+    /// Redis.
+    pub redis: RedisSection,
+    /// Queues.
+    pub queue: QueueSection,
+    /// Consumer tuning.
+    pub consumer: ConsumerSection,
+    /// Built-in handlers.
+    pub handlers: HandlersSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `chime queue …`'s configuration (producer and operator side).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// Redis.
+    pub redis: RedisSection,
+    /// Queues.
+    pub queue: QueueSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// Loads `T` from the optional file, then overlays `CHIME_*` variables from `env`.
+pub fn load<T>(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<T>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    let mut value = toml::Value::try_from(T::default()).context("serialising defaults")?;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let from_file: toml::Value = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        merge(&mut value, from_file);
+    }
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("CHIME_") else {
+            continue;
+        };
+        if rest == "CONFIG" {
+            continue;
+        }
+        set_by_env_name(&mut value, rest, &raw)
+            .with_context(|| format!("environment variable {name}"))?;
+    }
+    let text = toml::to_string(&value)?;
+    toml::from_str(&text).context("invalid configuration")
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Finds the field `name` (upper case, `_`-joined path) and sets it from `raw`,
+/// parsed as the type the field already has.
+fn set_by_env_name(value: &mut toml::Value, name: &str, raw: &str) -> Result<()> {
+    let toml::Value::Table(table) = value else {
+        bail!("not a table");
+    };
+    // Longest key first, so `MAX_IN_FLIGHT` is not mistaken for a `MAX` section.
+    let mut keys: Vec<String> = table.keys().cloned().collect();
+    keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    for key in keys {
+        let upper = key.to_uppercase();
+        if name == upper {
+            let slot = table.get_mut(&key).context("key vanished")?;
+            *slot = parse_like(slot, raw).with_context(|| format!("field {key}"))?;
+            return Ok(());
+        }
+        if let Some(rest) = name.strip_prefix(&format!("{upper}_"))
+            && let Some(inner @ toml::Value::Table(_)) = table.get_mut(&key)
+            && set_by_env_name(inner, rest, raw).is_ok()
+        {
+            return Ok(());
+        }
+    }
+    bail!("no configuration field matches")
+}
+
+fn parse_like(current: &toml::Value, raw: &str) -> Result<toml::Value> {
+    Ok(match current {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .with_context(|| format!("{raw:?} is not an integer"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            raw.trim()
+                .parse()
+                .with_context(|| format!("{raw:?} is not true or false"))?,
+        ),
+        toml::Value::Float(_) => toml::Value::Float(
+            raw.trim()
+                .parse()
+                .with_context(|| format!("{raw:?} is not a number"))?,
+        ),
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_owned()),
+    })
+}
+
+/// The process environment's `CHIME_*` variables.
+pub fn chime_env() -> Vec<(String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with("CHIME_")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("chime-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("w.toml");
+        std::fs::write(&f, "worker_id = \"a\"\n[consumer]\nbatch = 77\n[queue]\ncount = 4\n").unwrap();
+        let cfg: WorkerConfig = load(
+            Some(&f),
+            env(&[
+                ("CHIME_CONSUMER_MAX_IN_FLIGHT", "99"),
+                ("CHIME_QUEUE_COUNT", "16"),
+                ("CHIME_REDIS_URL", "redis://x:1"),
+                ("CHIME_HANDLERS_ENABLED", "noop, http"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.worker_id, "a");
+        assert_eq!(cfg.consumer.batch, 77);
+        assert_eq!(cfg.consumer.max_in_flight, 99);
+        assert_eq!(cfg.queue.count, 16);
+        assert_eq!(cfg.redis.url, "redis://x:1");
+        assert_eq!(cfg.handlers.enabled, ["noop", "http"]);
+        assert_eq!(cfg.consumer.pollers, ConsumerOptions::default().pollers);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_or_bad_values_are_errors_naming_them() {
+        let e = load::<WorkerConfig>(None, env(&[("CHIME_CONSUMER_BTACH", "1")])).unwrap_err();
+        assert!(format!("{e:#}").contains("CHIME_CONSUMER_BTACH"), "{e:#}");
+        let e = load::<WorkerConfig>(None, env(&[("CHIME_QUEUE_COUNT", "abc")])).unwrap_err();
+        assert!(format!("{e:#}").contains("not an integer"), "{e:#}");
+        let dir = std::env::temp_dir().join(format!("chime-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("w.toml");
+        std::fs::write(&f, "[consumer]\nbatchh = 3\n").unwrap();
+        let e = load::<WorkerConfig>(Some(&f), Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("batchh"), "{e:#}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,28 @@
+//! Metric names, in one place so the worker, the coordinator, the console and the
+//! docs agree on them. Recording goes through the `metrics` facade; the binary
+//! installs the Prometheus exporter.
+
+/// Items stored by enqueue (label `handler`).
+pub const ITEMS_ENQUEUED: &str = "chime_items_enqueued_total";
+/// Items handed to a handler (label `handler`).
+pub const ITEMS_FIRED: &str = "chime_items_fired_total";
+/// Items acknowledged after their handler succeeded (label `handler`).
+pub const ITEMS_ACKED: &str = "chime_items_acked_total";
+/// Items whose handler failed and that will be retried (label `handler`).
+pub const ITEMS_RETRIED: &str = "chime_items_retried_total";
+/// Items that failed their last attempt and went to the dead-letter set.
+pub const ITEMS_DEAD_LETTERED: &str = "chime_items_dead_lettered_total";
+/// Items handed back unprocessed by a draining worker.
+pub const ITEMS_RELEASED: &str = "chime_items_released_total";
+/// Seconds between an item's due time and its handler starting (label `handler`).
+pub const FIRE_LAG_SECONDS: &str = "chime_fire_lag_seconds";
+/// Queue leases taken.
+pub const QUEUE_CLAIMS: &str = "chime_queue_claims_total";
+/// Claims refused because another consumer held the lease.
+pub const LEASE_CONFLICTS: &str = "chime_lease_conflicts_total";
+/// Pops refused because the consumer's lease had expired (fencing at work).
+pub const STALE_LEASES: &str = "chime_stale_leases_total";
+/// Settlements the store refused because the delivery token was stale.
+pub const STALE_SETTLEMENTS: &str = "chime_stale_settlements_total";
+/// Store calls that failed (label `op`).
+pub const STORE_ERRORS: &str = "chime_store_errors_total";

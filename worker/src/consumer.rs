@@ -1,0 +1,662 @@
+//! The queue consumer: pollers, dispatch, settling, visibility extension, drain.
+//!
+//! Flow of one item: a **poller** takes capacity (permits of the in-flight
+//! semaphore) *before* it claims a queue, so it never holds a lease it cannot use;
+//! it claims the queue picked by the shared ticket counter, pops up to its capacity,
+//! and spawns one task per delivery. The task waits for its handler's concurrency
+//! slot, runs the handler, and sends the outcome to the **settler**, which batches
+//! settlements per queue into one script call. The permits travel with the
+//! settlement and are dropped only once the store has recorded it, so the number of
+//! items a worker holds (popped, running, or awaiting settlement) never exceeds
+//! `max_in_flight`: memory stays flat however deep the backlog. The **extender**
+//! pushes visibility deadlines forward while handlers run.
+//!
+//! Idle pollers do not spin: each pop reports when its queue next needs attention,
+//! and pollers sleep until the earliest such instant, never longer than
+//! `idle_sleep_max_ms` (what a queue learns about new items is at most that stale).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chime_shared::clock::system_now_ms;
+use chime_shared::queue::{
+    DelayStore, Delivery, DeliveryToken, Lease, Outcome, PopOptions, Popped, Settlement,
+};
+use chime_shared::{Error, telemetry as m};
+use futures_util::FutureExt;
+use futures_util::future::join_all;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::handler::ItemContext;
+use crate::{Registered, WorkerError};
+
+/// How the consumer behaves. Defaults suit a reminder workload; every field is in
+/// the unit its name says.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Concurrent pollers (queues this worker drains at once). Default 2.
+    pub pollers: usize,
+    /// Most items per pop. Default 256.
+    pub batch: u32,
+    /// Most items this worker holds at once (popped, running or being settled).
+    /// Bounds memory. Default 2048.
+    pub max_in_flight: usize,
+    /// Visibility timeout: an item not settled nor extended by then is redelivered.
+    /// Default 30 s.
+    pub visibility_ms: u64,
+    /// Queue lease TTL, renewed by every pop. Default 5 s.
+    pub lease_ttl_ms: u64,
+    /// Merge window. Default 60 s.
+    pub merge_window_ms: u64,
+    /// Longest idle sleep between looks at a queue. Default 1 s.
+    pub idle_sleep_max_ms: u64,
+    /// How long a drain waits for running handlers before handing their items back.
+    /// Default 25 s.
+    pub drain_timeout_ms: u64,
+    /// First retry backoff; doubles per attempt. Default 1 s.
+    pub retry_base_ms: u64,
+    /// Longest retry backoff. Default 5 min.
+    pub retry_max_ms: u64,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            pollers: 2,
+            batch: 256,
+            max_in_flight: 2048,
+            visibility_ms: 30_000,
+            lease_ttl_ms: 5_000,
+            merge_window_ms: 60_000,
+            idle_sleep_max_ms: 1_000,
+            drain_timeout_ms: 25_000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+        }
+    }
+}
+
+impl ConsumerOptions {
+    /// Refuses settings that cannot work, naming the field.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let bad = |field: &str, why: &str| Err(WorkerError::Config(format!("invalid {field}: {why}")));
+        if !(1..=64).contains(&self.pollers) {
+            return bad("pollers", "must be within 1..=64");
+        }
+        if !(1..=5_000).contains(&self.batch) {
+            return bad("batch", "must be within 1..=5000");
+        }
+        if !(1..=1_000_000).contains(&self.max_in_flight) {
+            return bad("max_in_flight", "must be within 1..=1000000");
+        }
+        if self.visibility_ms < 100 {
+            return bad("visibility_ms", "must be at least 100");
+        }
+        if self.lease_ttl_ms < 100 {
+            return bad("lease_ttl_ms", "must be at least 100");
+        }
+        if !(1..=60_000).contains(&self.idle_sleep_max_ms) {
+            return bad("idle_sleep_max_ms", "must be within 1..=60000");
+        }
+        if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
+            return bad("retry_base_ms", "must be positive and at most retry_max_ms");
+        }
+        Ok(())
+    }
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Deliveries whose handler finished (success or failure) during the run.
+    pub handled: u64,
+    /// Deliveries handed back unprocessed because the drain timeout ran out.
+    pub handed_back: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Unknown,
+    /// What a pop said at local time `seen_ms`: the next instant (store clock) the
+    /// queue needs attention, `None` when empty.
+    At { seen_ms: i64, next_due: Option<i64> },
+}
+
+/// One batch of settlements of a delivery, with the capacity it frees once recorded.
+#[derive(Debug)]
+struct SettleMsg {
+    queue: u32,
+    settlements: Vec<Settlement>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+struct Slot {
+    reg: Registered,
+    limit: Option<Arc<Semaphore>>,
+}
+
+/// The running consumer of one worker.
+#[derive(Debug)]
+pub struct Consumer {
+    store: Arc<dyn DelayStore>,
+    worker_id: Arc<str>,
+    handlers: HashMap<String, Slot>,
+    opts: ConsumerOptions,
+    permits: Arc<Semaphore>,
+    in_flight: Mutex<HashMap<(u32, String), DeliveryToken>>,
+    known: Mutex<Vec<Known>>,
+    /// Store clock minus local clock, as seen by the last pop (ms).
+    offset_ms: AtomicI64,
+    stop_claiming: CancellationToken,
+    abandon: CancellationToken,
+    settle_tx: mpsc::UnboundedSender<SettleMsg>,
+    settle_rx: Mutex<Option<mpsc::UnboundedReceiver<SettleMsg>>>,
+    handled: AtomicU64,
+    handed_back: AtomicU64,
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        store: Arc<dyn DelayStore>,
+        worker_id: String,
+        handlers: HashMap<String, Registered>,
+        opts: ConsumerOptions,
+    ) -> Arc<Self> {
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let handlers = handlers
+            .into_iter()
+            .map(|(name, reg)| {
+                let limit = reg.concurrency.map(|n| Arc::new(Semaphore::new(n)));
+                (name, Slot { reg, limit })
+            })
+            .collect();
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(opts.max_in_flight)),
+            known: Mutex::new(vec![Known::Unknown; store.queue_count() as usize]),
+            store,
+            worker_id: worker_id.into(),
+            handlers,
+            opts,
+            in_flight: Mutex::new(HashMap::new()),
+            offset_ms: AtomicI64::new(0),
+            stop_claiming: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            settle_tx,
+            settle_rx: Mutex::new(Some(settle_rx)),
+            handled: AtomicU64::new(0),
+            handed_back: AtomicU64::new(0),
+        })
+    }
+
+    /// Consumes until `shutdown` completes, then drains. The drain reads top to
+    /// bottom: stop claiming, (job sessions tell the coordinator), finish in-flight
+    /// work within the drain timeout, hand back the rest, stop.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<DrainReport, WorkerError> {
+        let rx = lock(&self.settle_rx).take().ok_or_else(|| {
+            WorkerError::Config("consumer already running".into())
+        })?;
+        let done = CancellationToken::new();
+        let settler = tokio::spawn(self.clone().settler(rx, done.clone()));
+        let extender = tokio::spawn(self.clone().extender(done.clone()));
+        let pollers: Vec<JoinHandle<()>> = (0..self.opts.pollers)
+            .map(|i| tokio::spawn(self.clone().poller(i)))
+            .collect();
+        info!(worker_id = %self.worker_id, pollers = self.opts.pollers,
+              max_in_flight = self.opts.max_in_flight, "worker consuming");
+
+        shutdown.await;
+
+        // 1. Mark draining: no new queue is claimed, no new item popped. Each poller
+        //    releases its lease as it stops, so other workers can take over at once.
+        info!(worker_id = %self.worker_id, "draining: stopped claiming queues");
+        self.stop_claiming.cancel();
+        for p in pollers {
+            let _ = p.await;
+        }
+        // 2. (Job sessions tell the coordinator they are draining here.)
+        // 3. Finish in-flight work. All capacity back = every popped item settled.
+        let all = self.opts.max_in_flight as u32;
+        let drain = Duration::from_millis(self.opts.drain_timeout_ms);
+        let finished = tokio::time::timeout(drain, self.permits.acquire_many(all))
+            .await
+            .is_ok();
+        // 4. Hand back what is still running: handlers see their cancellation token,
+        //    their items go back to the queue due now, the attempt not counted.
+        if !finished {
+            warn!(worker_id = %self.worker_id, "drain timeout: handing back running items");
+            self.abandon.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.permits.acquire_many(all)).await;
+        }
+        // 5. Stop: every settlement is recorded (capacity returns only after that).
+        done.cancel();
+        let _ = settler.await;
+        let _ = extender.await;
+        let report = DrainReport {
+            handled: self.handled.load(Ordering::Relaxed),
+            handed_back: self.handed_back.load(Ordering::Relaxed),
+        };
+        info!(worker_id = %self.worker_id, handled = report.handled,
+              handed_back = report.handed_back, "worker stopped");
+        Ok(report)
+    }
+
+    fn store_now(&self) -> i64 {
+        system_now_ms() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    async fn poller(self: Arc<Self>, idx: usize) {
+        debug!(poller = idx, "poller started");
+        while !self.stop_claiming.is_cancelled() {
+            // Capacity first: never hold a lease we cannot use.
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_many_owned(self.want()) => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = self.stop_claiming.cancelled() => return,
+            };
+            match self.claim_next().await {
+                Ok(Claim::Got(lease)) => {
+                    self.drain_queue(&lease, permit).await;
+                    if let Err(e) = self.store.release(&lease).await {
+                        store_error("release", &e);
+                    }
+                }
+                Ok(Claim::AllBusy) => {
+                    drop(permit);
+                    self.pause(Duration::from_millis(50)).await;
+                }
+                Ok(Claim::NothingDue) => {
+                    drop(permit);
+                    let wait = self.idle_wait();
+                    self.pause(wait).await;
+                }
+                Err(e) => {
+                    drop(permit);
+                    store_error("claim", &e);
+                    self.pause(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Permits to ask for: up to a batch, at least one.
+    fn want(&self) -> u32 {
+        (self.permits.available_permits() as u32).clamp(1, self.opts.batch)
+    }
+
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {},
+            _ = self.stop_claiming.cancelled() => {},
+        }
+    }
+
+    /// Which queues are worth a look now: unknown ones, ones whose last look is older
+    /// than the idle cap, and ones with something due.
+    fn candidates(&self) -> Vec<u32> {
+        let n = self.store.queue_count();
+        let (local, now) = (system_now_ms(), self.store_now());
+        let mut known = lock(&self.known);
+        known.resize(n as usize, Known::Unknown);
+        (0..n)
+            .filter(|&q| match known[q as usize] {
+                Known::Unknown => true,
+                Known::At { seen_ms, next_due } => {
+                    local - seen_ms >= self.opts.idle_sleep_max_ms as i64
+                        || next_due.is_some_and(|t| t <= now)
+                }
+            })
+            .collect()
+    }
+
+    /// How long to sleep when nothing is due: until the earliest known due instant
+    /// or the first look that goes stale, capped at `idle_sleep_max_ms`.
+    fn idle_wait(&self) -> Duration {
+        let (local, now) = (system_now_ms(), self.store_now());
+        let cap = self.opts.idle_sleep_max_ms as i64;
+        let wait = lock(&self.known)
+            .iter()
+            .map(|k| match *k {
+                Known::Unknown => 0,
+                Known::At { seen_ms, next_due } => {
+                    let stale_in = seen_ms + cap - local;
+                    next_due.map_or(stale_in, |t| stale_in.min(t - now))
+                }
+            })
+            .min()
+            .unwrap_or(cap);
+        Duration::from_millis(wait.clamp(1, cap) as u64)
+    }
+
+    async fn claim_next(&self) -> Result<Claim, Error> {
+        let candidates = self.candidates();
+        if candidates.is_empty() {
+            return Ok(Claim::NothingDue);
+        }
+        let n = self.store.queue_count();
+        // The shared counter spreads consumers over queues: start at ticket mod N.
+        let start = (self.store.next_claim_ticket().await? % u64::from(n)) as u32;
+        let mut order = candidates;
+        order.sort_by_key(|q| (q + n - start) % n);
+        for q in order {
+            if let Some(lease) = self.store.claim(q, self.opts.lease_ttl_ms).await? {
+                metrics::counter!(m::QUEUE_CLAIMS).increment(1);
+                return Ok(Claim::Got(lease));
+            }
+            metrics::counter!(m::LEASE_CONFLICTS).increment(1);
+        }
+        Ok(Claim::AllBusy)
+    }
+
+    /// Pops from a claimed queue while it has due items and this worker has capacity;
+    /// rotates to another queue after a while so no queue waits behind a deep one.
+    async fn drain_queue(self: &Arc<Self>, lease: &Lease, mut permit: OwnedSemaphorePermit) {
+        const ROTATE_AFTER_BATCHES: u32 = 64;
+        for _ in 0..ROTATE_AFTER_BATCHES {
+            let want = permit.num_permits() as u32;
+            let opts = PopOptions {
+                max_items: want,
+                visibility_ms: self.opts.visibility_ms,
+                lease_ttl_ms: self.opts.lease_ttl_ms,
+                merge_window_ms: self.opts.merge_window_ms,
+            };
+            let popped = match self.store.pop(lease, opts).await {
+                Ok(p) => p,
+                Err(Error::StaleLease { queue }) => {
+                    metrics::counter!(m::STALE_LEASES).increment(1);
+                    debug!(queue, "lease lost; moving on");
+                    return;
+                }
+                Err(e) => {
+                    store_error("pop", &e);
+                    return;
+                }
+            };
+            self.observe(lease.queue, &popped);
+            let n = popped.item_count();
+            self.dispatch(popped, permit);
+            if n < want as usize || self.stop_claiming.is_cancelled() {
+                return;
+            }
+            // Keep going only with capacity at hand; otherwise let the lease go.
+            let more = (self.permits.available_permits() as u32).min(self.opts.batch);
+            permit = match self.permits.clone().try_acquire_many_owned(more.max(1)) {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+        }
+    }
+
+    fn observe(&self, queue: u32, popped: &Popped) {
+        let local = system_now_ms();
+        self.offset_ms.store(popped.now_ms - local, Ordering::Relaxed);
+        let mut known = lock(&self.known);
+        if known.len() <= queue as usize {
+            known.resize(queue as usize + 1, Known::Unknown);
+        }
+        known[queue as usize] = Known::At {
+            seen_ms: local,
+            next_due: popped.next_due_ms,
+        };
+    }
+
+    fn dispatch(self: &Arc<Self>, popped: Popped, mut permit: OwnedSemaphorePermit) {
+        let now = popped.now_ms;
+        for delivery in popped.deliveries {
+            let Some(p) = permit.split(delivery.items.len()) else {
+                // A pop never returns more than asked; if a store ever did, the item
+                // stays in flight and is redelivered after its visibility timeout.
+                warn!(queue = delivery.queue, "pop returned more items than capacity");
+                continue;
+            };
+            {
+                let mut map = lock(&self.in_flight);
+                for c in &delivery.items {
+                    map.insert((delivery.queue, c.item.id.clone()), c.token);
+                }
+            }
+            let handler = delivery.items[0].item.handler.clone();
+            let lag_s = (now - delivery.items[0].item.due_at_ms).max(0) as f64 / 1000.0;
+            metrics::histogram!(m::FIRE_LAG_SECONDS, "handler" => handler.clone()).record(lag_s);
+            metrics::counter!(m::ITEMS_FIRED, "handler" => handler)
+                .increment(delivery.items.len() as u64);
+            tokio::spawn(self.clone().run_delivery(delivery, p));
+        }
+    }
+
+    /// Runs one delivery's handler and queues its settlement (with its capacity).
+    async fn run_delivery(self: Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+        let queue = delivery.queue;
+        let mut tokens = Vec::with_capacity(delivery.items.len());
+        let mut items = Vec::with_capacity(delivery.items.len());
+        for c in delivery.items {
+            tokens.push((c.item.id.clone(), c.token));
+            items.push(c.item);
+        }
+        let handler = items[0].handler.clone();
+        let attempt = items[0].attempt;
+        let last_attempt = items.iter().all(|i| i.attempt >= i.max_attempts);
+        let item_id = items[0].id.clone();
+        let outcome = match self.handlers.get(&handler) {
+            None => Outcome::Retry {
+                delay_ms: self.backoff(attempt),
+                error: format!("no handler {handler:?} registered on worker {}", self.worker_id),
+            },
+            Some(slot) => self.call(slot, queue, items).await,
+        };
+        match &outcome {
+            Outcome::Ack => {
+                metrics::counter!(m::ITEMS_ACKED, "handler" => handler.clone())
+                    .increment(tokens.len() as u64);
+                self.handled.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Retry { error, .. } => {
+                self.handled.fetch_add(1, Ordering::Relaxed);
+                if last_attempt {
+                    warn!(item_id = %item_id, %handler, attempt, %error, "last attempt failed; dead-lettering");
+                    metrics::counter!(m::ITEMS_DEAD_LETTERED, "handler" => handler.clone())
+                        .increment(tokens.len() as u64);
+                } else {
+                    debug!(item_id = %item_id, %handler, attempt, %error, "handler failed; will retry");
+                    metrics::counter!(m::ITEMS_RETRIED, "handler" => handler.clone())
+                        .increment(tokens.len() as u64);
+                }
+            }
+            Outcome::Release => {
+                self.handed_back.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::ITEMS_RELEASED, "handler" => handler.clone())
+                    .increment(tokens.len() as u64);
+            }
+        }
+        {
+            let mut map = lock(&self.in_flight);
+            for (id, _) in &tokens {
+                map.remove(&(queue, id.clone()));
+            }
+        }
+        let settlements = tokens
+            .into_iter()
+            .map(|(id, token)| Settlement {
+                id,
+                token,
+                outcome: outcome.clone(),
+            })
+            .collect();
+        // The settler lives until every permit is back, so this send cannot fail
+        // while the permit exists; if it did, the items are redelivered later.
+        let _ = self.settle_tx.send(SettleMsg {
+            queue,
+            settlements,
+            _permit: permit,
+        });
+    }
+
+    /// Waits for the handler's concurrency slot, runs it, and maps its result to an
+    /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
+    async fn call(&self, slot: &Slot, queue: u32, items: Vec<chime_shared::queue::Item>) -> Outcome {
+        let attempt = items[0].attempt;
+        let _slot_permit = match &slot.limit {
+            Some(sem) => tokio::select! {
+                p = sem.clone().acquire_owned() => p.ok(),
+                _ = self.abandon.cancelled() => return Outcome::Release,
+            },
+            None => None,
+        };
+        let ctx = ItemContext {
+            items,
+            cancel: self.abandon.child_token(),
+            worker_id: self.worker_id.clone(),
+            queue,
+        };
+        let run = AssertUnwindSafe(slot.reg.handler.handle(ctx)).catch_unwind();
+        tokio::select! {
+            r = run => match r {
+                Ok(Ok(())) => Outcome::Ack,
+                Ok(Err(e)) => Outcome::Retry {
+                    delay_ms: e.retry_after_ms.unwrap_or_else(|| self.backoff(attempt)),
+                    error: e.message,
+                },
+                Err(panic) => Outcome::Retry {
+                    delay_ms: self.backoff(attempt),
+                    error: format!("handler panicked: {}", panic_message(&panic)),
+                },
+            },
+            _ = self.abandon.cancelled() => Outcome::Release,
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> u64 {
+        backoff_ms(attempt, self.opts.retry_base_ms, self.opts.retry_max_ms)
+    }
+
+    /// Batches settlements: takes whatever has queued up (up to 2,048), groups it by
+    /// queue and records each group with one script call, all groups concurrently.
+    /// Capacity returns when the batch is recorded.
+    async fn settler(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<SettleMsg>, done: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => return },
+                _ = done.cancelled() => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < 2_048 {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut by_queue: HashMap<u32, Vec<Settlement>> = HashMap::new();
+            for msg in &mut batch {
+                by_queue
+                    .entry(msg.queue)
+                    .or_default()
+                    .append(&mut msg.settlements);
+            }
+            join_all(by_queue.into_iter().map(|(q, s)| self.settle_with_retry(q, s))).await;
+            drop(batch);
+        }
+    }
+
+    async fn settle_with_retry(&self, queue: u32, settlements: Vec<Settlement>) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=6 {
+            match self.store.settle(queue, settlements.clone()).await {
+                Ok(applied) => {
+                    let stale = applied.iter().filter(|a| !**a).count();
+                    if stale > 0 {
+                        metrics::counter!(m::STALE_SETTLEMENTS).increment(stale as u64);
+                        debug!(queue, stale, "settlements refused: deliveries were stale");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    store_error("settle", &e);
+                    if attempt == 6 {
+                        // The items stay in flight and are redelivered after their
+                        // visibility timeout: at-least-once, never lost.
+                        warn!(queue, n = settlements.len(), "giving up settling; items will be redelivered");
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+
+    /// Every third of the visibility timeout, pushes the deadline of every item this
+    /// worker holds, so a slow handler is not redelivered while it runs.
+    async fn extender(self: Arc<Self>, done: CancellationToken) {
+        let every = Duration::from_millis((self.opts.visibility_ms / 3).max(50));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {},
+                _ = done.cancelled() => return,
+            }
+            let mut by_queue: HashMap<u32, Vec<(String, DeliveryToken)>> = HashMap::new();
+            for ((q, id), tok) in lock(&self.in_flight).iter() {
+                by_queue.entry(*q).or_default().push((id.clone(), *tok));
+            }
+            for (q, items) in by_queue {
+                if let Err(e) = self.store.extend(q, &items, self.opts.visibility_ms).await {
+                    store_error("extend", &e);
+                }
+            }
+        }
+    }
+}
+
+enum Claim {
+    Got(Lease),
+    AllBusy,
+    NothingDue,
+}
+
+fn store_error(op: &'static str, e: &Error) {
+    metrics::counter!(m::STORE_ERRORS, "op" => op).increment(1);
+    warn!(op, error = %e, "store call failed");
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Exponential backoff with ±20 % jitter: base · 2^(attempt−1), capped.
+pub fn backoff_ms(attempt: u32, base_ms: u64, max_ms: u64) -> u64 {
+    let exp = base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+    let capped = exp.min(max_ms) as f64;
+    (capped * (0.8 + 0.4 * fastrand::f64())) as u64
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        for _ in 0..100 {
+            let b1 = backoff_ms(1, 1_000, 60_000);
+            assert!((800..=1_200).contains(&b1), "{b1}");
+            let b3 = backoff_ms(3, 1_000, 60_000);
+            assert!((3_200..=4_800).contains(&b3), "{b3}");
+            let big = backoff_ms(40, 1_000, 60_000);
+            assert!(big <= 72_000, "{big}");
+        }
+    }
+}
