@@ -239,6 +239,8 @@ async fn enqueue(store: &dyn DelayStore, e: EnqueueArgs) -> Result<serde_json::V
         if let Some(p) = e.payload {
             item.payload = p.into();
         }
+        // Validate alone first, so errors name the flag (`payload`, not `items[0].payload`).
+        item.validate()?;
         let outcome = store.enqueue(vec![item]).await?;
         return Ok(json!({ "id": e.id, "due_at_ms": due, "outcome": outcome[0] }));
     };

@@ -22,7 +22,7 @@ pub struct WorkerArgs {
     /// Stable worker id (defaults to HOSTNAME).
     #[arg(long)]
     worker_id: Option<String>,
-    /// Built-in handlers to register, comma-separated: noop, log, http.
+    /// Built-in handlers to register, comma-separated: noop, log, http, sleep.
     #[arg(long, value_delimiter = ',')]
     handlers: Option<Vec<String>>,
     /// URL the `http` handler POSTs to.
@@ -101,17 +101,18 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         builder = builder.worker_id(cfg.worker_id.clone());
     }
     if cfg.handlers.enabled.is_empty() {
-        bail!("invalid handlers.enabled: register at least one of noop, log, http");
+        bail!("invalid handlers.enabled: register at least one of noop, log, http, sleep");
     }
     for name in &cfg.handlers.enabled {
         let h: Arc<dyn ItemHandler> = match name.as_str() {
             "noop" => Arc::new(handlers::noop),
             "log" => Arc::new(handlers::log),
+            "sleep" => Arc::new(handlers::sleep),
             "http" => Arc::new(HttpHandler::new(
                 &cfg.handlers.http_url,
                 cfg.handlers.http_timeout_ms,
             )?),
-            other => bail!("invalid handlers.enabled: unknown built-in handler {other:?} (known: noop, log, http)"),
+            other => bail!("invalid handlers.enabled: unknown built-in handler {other:?} (known: noop, log, http, sleep)"),
         };
         builder = match &recorder {
             Some(r) => builder.handler(name, Recorded::new(h, r.clone())),

@@ -142,7 +142,7 @@ impl ConsumerSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandlersSection {
-    /// Built-in handlers to register: any of `noop`, `log`, `http`.
+    /// Built-in handlers to register: any of `noop`, `log`, `http`, `sleep`.
     pub enabled: Vec<String>,
     /// Where the `http` handler POSTs each delivery as JSON.
     pub http_url: String,

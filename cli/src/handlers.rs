@@ -1,4 +1,4 @@
-//! The generic worker's built-in handlers: `noop`, `log` and `http`, and the
+//! The generic worker's built-in handlers: `noop`, `log`, `http` and `sleep`, and the
 //! recording wrapper benchmarks and tests use to count what was handled.
 
 use std::io::Write;
@@ -14,6 +14,20 @@ use tracing::info;
 /// Does nothing and succeeds.
 pub async fn noop(_ctx: ItemContext) -> Result<(), HandlerError> {
     Ok(())
+}
+
+/// Sleeps for the number of milliseconds in the first item's payload (default 100),
+/// then succeeds; stops early, failing, when the worker abandons it. For tests and
+/// demos of slow handlers.
+pub async fn sleep(ctx: ItemContext) -> Result<(), HandlerError> {
+    let ms = std::str::from_utf8(&ctx.item().payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(100);
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),
+        _ = ctx.cancellation().cancelled() => Err(HandlerError::new("abandoned by a draining worker")),
+    }
 }
 
 /// Logs each item (id, key, lag, payload size) and succeeds.

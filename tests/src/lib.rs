@@ -322,3 +322,74 @@ pub fn chime_cmd(args: &[&str]) -> Result<Command> {
     }
     Ok(cmd)
 }
+
+/// Reads `id due_ms handled_ms attempt` lines written by `chime worker --record-file`.
+pub fn read_records(path: &Path) -> Vec<Record> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some(Record {
+                id: f.next()?.to_owned(),
+                due_ms: f.next()?.parse().ok()?,
+                handled_ms: f.next()?.parse().ok()?,
+                attempt: f.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// One handled item, as recorded by a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Item id.
+    pub id: String,
+    /// Its due time.
+    pub due_ms: i64,
+    /// When the handler finished (worker clock).
+    pub handled_ms: i64,
+    /// Attempt number.
+    pub attempt: u32,
+}
+
+/// Starts `chime worker` against `redis` with a record file; `extra` adds flags and
+/// `env` adds `CHIME_*` variables.
+pub fn spawn_worker(
+    dir: &Path,
+    name: &str,
+    redis: &RedisServer,
+    prefix: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Proc, PathBuf)> {
+    let record = dir.join(format!("{name}.rec"));
+    let mut args: Vec<String> = vec![
+        "worker".into(),
+        "--redis-url".into(),
+        redis.url.clone(),
+        "--prefix".into(),
+        prefix.into(),
+        "--worker-id".into(),
+        name.into(),
+        "--record-file".into(),
+        record.to_string_lossy().into_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = chime_cmd(&argv)?;
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok((Proc::spawn(name, cmd, dir)?, record))
+}
+
+/// Runs `chime` to completion; answers (exit code, stdout, stderr).
+pub fn run_chime(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = chime_cmd(args)?.output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

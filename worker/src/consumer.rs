@@ -519,8 +519,11 @@ impl Consumer {
         };
         let run = AssertUnwindSafe(slot.reg.handler.handle(ctx)).catch_unwind();
         tokio::select! {
+            biased;
             r = run => match r {
                 Ok(Ok(())) => Outcome::Ack,
+                // Stopped because we abandoned it: hand back, not a failed attempt.
+                Ok(Err(_)) if self.abandon.is_cancelled() => Outcome::Release,
                 Ok(Err(e)) => Outcome::Retry {
                     delay_ms: e.retry_after_ms.unwrap_or_else(|| self.backoff(attempt)),
                     error: e.message,
