@@ -356,7 +356,7 @@ pub async fn extend_keeps_item_in_flight(store: Store) -> Result<()> {
     assert!(matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms >= p.now_ms + 10_000));
     // A stale token extends nothing.
     let mut stale = tok.clone();
-    stale[0].1.attempt += 1;
+    stale[0].1.seq += 1;
     assert_eq!(store.extend(d.queue, &stale, 10_000).await?, 0);
     Ok(())
 }

@@ -89,13 +89,14 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
     let mut conn = redis.conn().await?;
     let mut held = HashSet::new();
     for q in 0..4 {
-        let ids: Vec<String> = redis::cmd("ZRANGE")
+        // In-flight members are `id \x01 seq`.
+        let members: Vec<String> = redis::cmd("ZRANGE")
             .arg(format!("{{k9:default:{q}}}:run"))
             .arg(0)
             .arg(-1)
             .query_async(&mut conn)
             .await?;
-        held.extend(ids);
+        held.extend(members.iter().filter_map(|m| m.split('\u{1}').next()).map(str::to_owned));
     }
     ensure!(!held.is_empty() && held.len() <= 40, "a held {} items", held.len());
     let (_b, rb) = spawn_worker(

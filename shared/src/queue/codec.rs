@@ -1,29 +1,40 @@
 //! Encodings of an item inside Redis.
 //!
-//! An item is split in two so that the Lua scripts never copy a payload they do not
-//! need:
-//! - the **body** (`items` hash): what only Rust reads: routing key, handler, merge
-//!   key and payload, in a small length-prefixed binary format (version byte first);
-//! - the **meta** (`meta` hash): what the scripts read and rewrite on every pop and
-//!   settle, as text `due|max_attempts|attempts|nonce_hex|merge_class`.
+//! The **body** (`items` hash, one field per item) is written once at enqueue and
+//! read by Rust on delivery; Lua treats it as opaque except for its short text
+//! header, which it reads on rare paths (reaping, retry, reschedule):
 //!
-//! The merge class is `handler \x01 key \x01 merge_key` (empty when the item has no
-//! merge key). Control characters are refused in every one of those fields, so `\x01`
-//! cannot occur inside them and the class is unambiguous.
+//! ```text
+//! <max_attempts>|<due_at_ms>|<v:u8=2><key><handler><merge_key><payload>
+//! ```
+//!
+//! where each of the four binary fields is a `u32 LE` length then bytes.
+//!
+//! Attempts live apart from the body (`att` hash, `"attempts:seq"`), written by each
+//! pop, so the hot path never copies or rewrites a payload.
+//!
+//! The merge class of an item is `handler \x01 key \x01 merge_key`. Control
+//! characters are refused in every one of those fields, so `\x01` cannot occur inside
+//! them and the class is unambiguous; item ids cannot contain it either, which makes
+//! `id \x01 seq` (an in-flight member) unambiguous too.
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::queue::Item;
 
-const BODY_VERSION: u8 = 1;
+const BODY_VERSION: u8 = 2;
 
-/// The separator inside a merge class.
-pub const MERGE_SEP: char = '\u{1}';
+/// The separator inside merge classes and in-flight members.
+pub const SEP: char = '\u{1}';
 
 /// Body fields of an item, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Body {
+    /// Attempts before dead-lettering.
+    pub max_attempts: u32,
+    /// Scheduled due time (the latest asked for).
+    pub due_at_ms: i64,
     /// Routing key.
     pub key: String,
     /// Handler name.
@@ -34,22 +45,37 @@ pub struct Body {
     pub payload: Bytes,
 }
 
-/// Encodes a body: version byte, then four `u32 LE length + bytes` fields.
-pub fn encode_body(key: &str, handler: &str, merge_key: Option<&str>, payload: &[u8]) -> Vec<u8> {
-    let mk = merge_key.unwrap_or("");
-    let mut out = Vec::with_capacity(1 + 16 + key.len() + handler.len() + mk.len() + payload.len());
+/// Encodes a body (see the module doc for the layout).
+pub fn encode_body(b: &Body) -> Vec<u8> {
+    let mk = b.merge_key.as_deref().unwrap_or("");
+    let head = format!("{}|{}|", b.max_attempts, b.due_at_ms);
+    let mut out = Vec::with_capacity(
+        head.len() + 17 + b.key.len() + b.handler.len() + mk.len() + b.payload.len(),
+    );
+    out.extend_from_slice(head.as_bytes());
     out.push(BODY_VERSION);
-    for field in [key.as_bytes(), handler.as_bytes(), mk.as_bytes(), payload] {
+    for field in [b.key.as_bytes(), b.handler.as_bytes(), mk.as_bytes(), &b.payload] {
         out.extend_from_slice(&(field.len() as u32).to_le_bytes());
         out.extend_from_slice(field);
     }
     out
 }
 
-/// Decodes a body written by [`encode_body`].
+/// Decodes a body written by [`encode_body`] (or rewritten by the reschedule script).
 pub fn decode_body(raw: &[u8]) -> Result<Body> {
     let corrupt = |why: &str| Error::Corrupt(format!("item body: {why}"));
-    let (&version, mut rest) = raw.split_first().ok_or_else(|| corrupt("empty"))?;
+    let mut head = raw.splitn(3, |b| *b == b'|');
+    let mut number = |what: &str| -> Result<i64> {
+        let f = head.next().ok_or_else(|| corrupt(what))?;
+        std::str::from_utf8(f)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt(what))
+    };
+    let max_attempts = u32::try_from(number("max_attempts")?).map_err(|_| corrupt("max_attempts"))?;
+    let due_at_ms = number("due_at_ms")?;
+    let rest = head.next().ok_or_else(|| corrupt("no binary part"))?;
+    let (&version, mut rest) = rest.split_first().ok_or_else(|| corrupt("empty"))?;
     if version != BODY_VERSION {
         return Err(corrupt(&format!("unknown version {version}")));
     }
@@ -70,11 +96,11 @@ pub fn decode_body(raw: &[u8]) -> Result<Body> {
     if !rest.is_empty() {
         return Err(corrupt("trailing bytes"));
     }
-    let text = |b: &[u8]| {
-        String::from_utf8(b.to_vec()).map_err(|_| corrupt("field is not UTF-8"))
-    };
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt("field is not UTF-8"));
     let mk = text(fields[2])?;
     Ok(Body {
+        max_attempts,
+        due_at_ms,
         key: text(fields[0])?,
         handler: text(fields[1])?,
         merge_key: (!mk.is_empty()).then_some(mk),
@@ -85,59 +111,28 @@ pub fn decode_body(raw: &[u8]) -> Result<Body> {
 /// The merge class of an item: who it may be merged with. Empty without merge key.
 pub fn merge_class(handler: &str, key: &str, merge_key: Option<&str>) -> String {
     match merge_key {
-        Some(mk) => format!("{handler}{MERGE_SEP}{key}{MERGE_SEP}{mk}"),
+        Some(mk) => format!("{handler}{SEP}{key}{SEP}{mk}"),
         None => String::new(),
     }
 }
 
-/// Meta fields of an item, as the scripts keep them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Meta {
-    /// Scheduled due time.
-    pub due_at_ms: i64,
-    /// Attempts before dead-lettering.
-    pub max_attempts: u32,
-    /// Deliveries so far.
-    pub attempts: u32,
-    /// The item's nonce.
-    pub nonce: u64,
+/// Parses an `att` value `"attempts:seq"` (absent means no attempt yet).
+pub fn decode_att(raw: Option<&str>) -> Result<(u32, Option<u64>)> {
+    let Some(raw) = raw else { return Ok((0, None)) };
+    let corrupt = || Error::Corrupt(format!("attempts {raw:?}"));
+    let (a, s) = raw.split_once(':').ok_or_else(corrupt)?;
+    Ok((a.parse().map_err(|_| corrupt())?, Some(s.parse().map_err(|_| corrupt())?)))
 }
 
-/// Formats meta as the scripts expect it.
-pub fn encode_meta(m: &Meta, merge_class: &str) -> String {
-    format!(
-        "{}|{}|{}|{:016x}|{}",
-        m.due_at_ms, m.max_attempts, m.attempts, m.nonce, merge_class
-    )
-}
-
-/// Parses meta written by [`encode_meta`] or by a script.
-pub fn decode_meta(raw: &str) -> Result<Meta> {
-    let corrupt = || Error::Corrupt(format!("item meta {raw:?}"));
-    let mut parts = raw.splitn(5, '|');
-    let mut next = || parts.next().ok_or_else(corrupt);
-    let due_at_ms = next()?.parse().map_err(|_| corrupt())?;
-    let max_attempts = next()?.parse().map_err(|_| corrupt())?;
-    let attempts = next()?.parse().map_err(|_| corrupt())?;
-    let nonce = u64::from_str_radix(next()?, 16).map_err(|_| corrupt())?;
-    next()?; // merge class: derivable from the body
-    Ok(Meta {
-        due_at_ms,
-        max_attempts,
-        attempts,
-        nonce,
-    })
-}
-
-/// Joins body and meta into an [`Item`].
-pub fn item_from_parts(id: String, body: Body, meta: &Meta, attempt: u32) -> Item {
+/// Joins a body and an attempt count into an [`Item`].
+pub fn item_from_body(id: String, body: Body, attempt: u32) -> Item {
     Item {
         id,
         key: body.key,
         handler: body.handler,
-        due_at_ms: meta.due_at_ms,
+        due_at_ms: body.due_at_ms,
         payload: body.payload,
-        max_attempts: meta.max_attempts,
+        max_attempts: body.max_attempts,
         merge_key: body.merge_key,
         attempt,
     }
@@ -147,35 +142,42 @@ pub fn item_from_parts(id: String, body: Body, meta: &Meta, attempt: u32) -> Ite
 mod tests {
     use super::*;
 
+    fn body() -> Body {
+        Body {
+            max_attempts: 5,
+            due_at_ms: 1_700_000_000_123,
+            key: "user:1".into(),
+            handler: "remind".into(),
+            merge_key: Some("u1".into()),
+            payload: Bytes::from_static(b"\x00\xff|payload"),
+        }
+    }
+
     #[test]
     fn body_round_trips_and_rejects_garbage() {
-        let raw = encode_body("user:1", "remind", Some("u1"), b"\x00\xffpayload");
-        let b = decode_body(&raw).unwrap();
-        assert_eq!(b.key, "user:1");
-        assert_eq!(b.handler, "remind");
-        assert_eq!(b.merge_key.as_deref(), Some("u1"));
-        assert_eq!(&b.payload[..], b"\x00\xffpayload");
-        let none = decode_body(&encode_body("k", "h", None, b"")).unwrap();
-        assert_eq!(none.merge_key, None);
-        for bad in [&b""[..], b"\x02", b"\x01\x05\x00\x00\x00ab", &raw[..raw.len() - 1]] {
+        let raw = encode_body(&body());
+        assert!(raw.starts_with(b"5|1700000000123|"));
+        assert_eq!(decode_body(&raw).unwrap(), body());
+        let none = Body {
+            merge_key: None,
+            payload: Bytes::new(),
+            ..body()
+        };
+        assert_eq!(decode_body(&encode_body(&none)).unwrap(), none);
+        for bad in [&b""[..], b"1|2|", b"1|2|\x03", b"x|2|\x02", b"1|2|\x02\x05\x00\x00\x00ab"] {
             assert!(matches!(decode_body(bad), Err(Error::Corrupt(_))), "{bad:?}");
         }
+        assert!(decode_body(&raw[..raw.len() - 1]).is_err());
         let mut trailing = raw.clone();
         trailing.push(0);
         assert!(decode_body(&trailing).is_err());
     }
 
     #[test]
-    fn meta_round_trips() {
-        let m = Meta {
-            due_at_ms: 1_700_000_000_123,
-            max_attempts: 5,
-            attempts: 2,
-            nonce: 0xdead_beef,
-        };
-        let s = encode_meta(&m, &merge_class("h", "k", Some("a|b")));
-        assert_eq!(decode_meta(&s).unwrap(), m);
-        assert!(decode_meta("1|2|x|00|").is_err());
-        assert!(decode_meta("garbage").is_err());
+    fn att_parses() {
+        assert_eq!(decode_att(None).unwrap(), (0, None));
+        assert_eq!(decode_att(Some("3:17")).unwrap(), (3, Some(17)));
+        assert!(decode_att(Some("3")).is_err());
+        assert!(decode_att(Some("a:1")).is_err());
     }
 }

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::codec::{self, Body, Meta};
+use super::codec::{self, Body};
 use super::{
     CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
     ItemState, ItemView, Lease, NewItem, Outcome, PopOptions, Popped, QueueStats,
-    RescheduleOutcome, Settlement, new_lease_token, new_nonce, queue_for, validate_batch,
+    RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
 };
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -33,7 +33,10 @@ enum Pos {
 #[derive(Debug)]
 struct Rec {
     body: Body,
-    meta: Meta,
+    /// Deliveries so far.
+    attempts: u32,
+    /// Pop counter value of the latest delivery.
+    seq: Option<u64>,
     class: String,
     pos: Pos,
     cancelled: bool,
@@ -49,6 +52,8 @@ struct Queue {
     mki: BTreeSet<(String, i64, String)>,
     recs: HashMap<String, Rec>,
     lease: Option<(String, i64)>,
+    /// Delivery counter (the Redis `seq` key).
+    seq: u64,
 }
 
 impl Queue {
@@ -99,10 +104,11 @@ impl Queue {
         }
     }
 
-    fn token_matches(&self, id: &str, token: &DeliveryToken) -> bool {
-        self.recs
-            .get(id)
-            .is_some_and(|r| r.meta.attempts == token.attempt && r.meta.nonce == token.nonce)
+    /// The delivery `token` of `id` is the current one and still in flight.
+    fn current(&self, id: &str, token: &DeliveryToken) -> bool {
+        self.recs.get(id).is_some_and(|r| {
+            matches!(r.pos, Pos::Run(_)) && r.attempts == token.attempt && r.seq == Some(token.seq)
+        })
     }
 
     fn view(&self, queue: u32, id: &str) -> Option<ItemView> {
@@ -116,7 +122,7 @@ impl Queue {
             Pos::Dead(d) => ItemState::Dead { since_ms: d },
         };
         Some(ItemView {
-            item: codec::item_from_parts(id.to_owned(), rec.body.clone(), &rec.meta, rec.meta.attempts),
+            item: codec::item_from_body(id.to_owned(), rec.body.clone(), rec.attempts),
             queue,
             state,
             last_error: rec.err.clone(),
@@ -195,17 +201,15 @@ impl DelayStore for MemoryStore {
                 it.id.clone(),
                 Rec {
                     body: Body {
+                        max_attempts: it.max_attempts,
+                        due_at_ms: it.due_at_ms,
                         key,
                         handler: it.handler,
                         merge_key: it.merge_key,
                         payload: it.payload,
                     },
-                    meta: Meta {
-                        due_at_ms: it.due_at_ms,
-                        max_attempts: it.max_attempts,
-                        attempts: 0,
-                        nonce: new_nonce(),
-                    },
+                    attempts: 0,
+                    seq: None,
                     class,
                     pos: Pos::Due(it.due_at_ms),
                     cancelled: false,
@@ -248,7 +252,7 @@ impl DelayStore for MemoryStore {
             Pos::Run(_) => Ok(RescheduleOutcome::InFlight),
             Pos::Dead(_) => Ok(RescheduleOutcome::Dead),
             Pos::Due(_) => {
-                rec.meta.due_at_ms = due_at_ms;
+                rec.body.due_at_ms = due_at_ms;
                 q.unlink(&item.id);
                 q.make_pending(&item.id, due_at_ms);
                 Ok(RescheduleOutcome::Rescheduled)
@@ -309,11 +313,8 @@ impl DelayStore for MemoryStore {
             let Some(rec) = q.recs.get(&id) else { continue };
             if rec.cancelled {
                 q.forget(&id);
-            } else if rec.meta.attempts >= rec.meta.max_attempts {
-                let err = format!(
-                    "visibility timeout passed during attempt {}",
-                    rec.meta.attempts
-                );
+            } else if rec.attempts >= rec.body.max_attempts {
+                let err = format!("visibility timeout passed during attempt {}", rec.attempts);
                 q.bury(&id, now, err);
             } else {
                 q.make_pending(&id, now);
@@ -364,19 +365,23 @@ impl DelayStore for MemoryStore {
         let deadline = now + opts.visibility_ms.max(1) as i64;
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut last_group = 0;
+        if !picked.is_empty() {
+            q.seq += 1;
+        }
+        let seq = q.seq;
         for (id, group) in picked {
             q.unlink(&id);
             let Some(rec) = q.recs.get_mut(&id) else { continue };
-            rec.meta.attempts += 1;
+            rec.attempts += 1;
+            rec.seq = Some(seq);
             rec.pos = Pos::Run(deadline);
-            q.run.insert((deadline, id.clone()));
-            let claimed = Claimed {
-                item: codec::item_from_parts(id, rec.body.clone(), &rec.meta, rec.meta.attempts),
-                token: DeliveryToken {
-                    attempt: rec.meta.attempts,
-                    nonce: rec.meta.nonce,
-                },
+            let token = DeliveryToken {
+                attempt: rec.attempts,
+                seq,
             };
+            let item = codec::item_from_body(id.clone(), rec.body.clone(), rec.attempts);
+            q.run.insert((deadline, id));
+            let claimed = Claimed { item, token };
             match deliveries.last_mut() {
                 Some(d) if group == last_group => d.items.push(claimed),
                 _ => deliveries.push(Delivery {
@@ -406,46 +411,31 @@ impl DelayStore for MemoryStore {
         let q = &mut st.queues[queue as usize];
         let mut out = Vec::with_capacity(settlements.len());
         for s in settlements {
-            if !q.token_matches(&s.id, &s.token) {
+            // Only the current, still in-flight delivery settles anything.
+            if !q.current(&s.id, &s.token) {
                 out.push(false);
                 continue;
             }
-            let Some(rec) = q.recs.get(&s.id) else {
-                out.push(false);
-                continue;
-            };
-            let in_flight = matches!(rec.pos, Pos::Run(_));
-            let cancelled = rec.cancelled;
+            out.push(true);
+            let Some(rec) = q.recs.get(&s.id) else { continue };
+            let (cancelled, attempts, max) = (rec.cancelled, rec.attempts, rec.body.max_attempts);
             match s.outcome {
-                Outcome::Ack => {
-                    // Also when it was reaped meanwhile: the work is done.
-                    q.forget(&s.id);
-                    out.push(true);
-                }
-                _ if !in_flight => out.push(false),
-                _ if cancelled => {
-                    q.forget(&s.id);
-                    out.push(true);
-                }
+                Outcome::Ack => q.forget(&s.id),
+                _ if cancelled => q.forget(&s.id),
                 Outcome::Release => {
                     q.unlink(&s.id);
                     if let Some(r) = q.recs.get_mut(&s.id) {
-                        r.meta.attempts -= 1;
+                        r.attempts = r.attempts.saturating_sub(1);
                     }
                     q.make_pending(&s.id, now);
-                    out.push(true);
                 }
+                Outcome::Retry { error, .. } if attempts >= max => q.bury(&s.id, now, error),
                 Outcome::Retry { delay_ms, error } => {
-                    if rec.meta.attempts >= rec.meta.max_attempts {
-                        q.bury(&s.id, now, error);
-                    } else {
-                        q.unlink(&s.id);
-                        if let Some(r) = q.recs.get_mut(&s.id) {
-                            r.err = Some(error);
-                        }
-                        q.make_pending(&s.id, now + delay_ms as i64);
+                    q.unlink(&s.id);
+                    if let Some(r) = q.recs.get_mut(&s.id) {
+                        r.err = Some(error);
                     }
-                    out.push(true);
+                    q.make_pending(&s.id, now + delay_ms as i64);
                 }
             }
         }
@@ -464,7 +454,7 @@ impl DelayStore for MemoryStore {
         let q = &mut st.queues[queue as usize];
         let mut n = 0;
         for (id, token) in items {
-            if !q.token_matches(id, token) {
+            if !q.current(id, token) {
                 continue;
             }
             if let Some(rec) = q.recs.get_mut(id)
@@ -533,7 +523,7 @@ impl DelayStore for MemoryStore {
             if let Some(rec) = q.recs.get_mut(&id)
                 && matches!(rec.pos, Pos::Dead(_))
             {
-                rec.meta.attempts = 0;
+                rec.attempts = 0;
                 q.unlink(&id);
                 q.make_pending(&id, now);
                 moved += 1;

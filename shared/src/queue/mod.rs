@@ -309,14 +309,16 @@ impl Default for PopOptions {
 pub struct DeliveryToken {
     /// Attempt number of this delivery (1-based).
     pub attempt: u32,
-    /// Random number drawn when the item was enqueued; tells apart two items that
-    /// reused the same id one after the other.
-    pub nonce: u64,
+    /// The queue's delivery counter at the pop that made this delivery; unique per
+    /// queue, so two deliveries of one id (even of two items that reused the id one
+    /// after the other) never share a token.
+    pub seq: u64,
 }
 
-impl fmt::Display for DeliveryToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{:016x}", self.attempt, self.nonce)
+impl DeliveryToken {
+    /// The in-flight set member of this delivery of item `id`: `id \x01 seq`.
+    pub fn member(&self, id: &str) -> String {
+        format!("{id}{}{}", codec::SEP, self.seq)
     }
 }
 
@@ -490,11 +492,6 @@ pub fn jump_hash(mut key: u64, buckets: u32) -> u32 {
 /// `jump_hash(fnv1a64(key), count)`.
 pub fn queue_for(key: &str, count: u32) -> u32 {
     jump_hash(fnv1a64(key.as_bytes()), count)
-}
-
-/// Draws a fresh nonce for a new item.
-pub(crate) fn new_nonce() -> u64 {
-    fastrand::u64(..)
 }
 
 /// Draws a fresh lease token.

@@ -1,6 +1,6 @@
 //! The production delay store on Redis (standalone or Cluster).
 //!
-//! Each queue `i` of family `f` under prefix `p` is nine keys sharing the hash tag
+//! Each queue `i` of family `f` under prefix `p` is eleven keys sharing the hash tag
 //! `{p:f:i}`, so each queue is one Cluster slot and every script touches one slot
 //! (see `lua/common.lua` for what each key holds). Every state change is one Lua
 //! script per queue per batch, using Redis `TIME`; nothing is decided with a client's
@@ -14,11 +14,11 @@ use ::redis::{Script, Value};
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 
-use super::codec::{self, Meta};
+use super::codec::{self, Body};
 use super::{
     CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
     ItemState, ItemView, Lease, NewItem, Outcome, PopOptions, Popped, QueueLayout, QueueStats,
-    RescheduleOutcome, Settlement, new_lease_token, new_nonce, queue_for, validate_batch,
+    RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
 };
 use crate::error::{Error, Result};
 use crate::redis_conn::RedisConn;
@@ -37,7 +37,8 @@ macro_rules! script {
 
 static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
 static POP: LazyLock<Script> = script!("lua/pop.lua");
-static SETTLE: LazyLock<Script> = script!("lua/settle.lua");
+static ACK: LazyLock<Script> = script!("lua/ack.lua");
+static FAIL: LazyLock<Script> = script!("lua/fail.lua");
 static EXTEND: LazyLock<Script> = script!("lua/extend.lua");
 static CANCEL: LazyLock<Script> = script!("lua/cancel.lua");
 static RESCHEDULE: LazyLock<Script> = script!("lua/reschedule.lua");
@@ -47,15 +48,17 @@ static STATS: LazyLock<Script> = script!("lua/stats.lua");
 static DEAD: LazyLock<Script> = script!("lua/dead.lua");
 static RELEASE: LazyLock<Script> = script!("lua/release.lua");
 
-/// The nine keys of one queue, in the order the scripts expect them.
+/// The eleven keys of one queue, in the order the scripts expect them.
 #[derive(Debug, Clone)]
-struct QueueKeys([String; 9]);
+struct QueueKeys([String; 11]);
 
 impl QueueKeys {
     fn new(layout: &QueueLayout, queue: u32) -> Self {
         let tag = format!("{{{}:{}:{}}}", layout.prefix, layout.family, queue);
         QueueKeys(
-            ["due", "run", "items", "meta", "dead", "mki", "lease", "cx", "err"]
+            [
+                "due", "run", "items", "att", "dead", "mki", "lease", "cx", "err", "cls", "seq",
+            ]
                 .map(|k| format!("{tag}:{k}")),
         )
     }
@@ -122,35 +125,37 @@ impl RedisStore {
     }
 
     async fn enqueue_chunk(&self, queue: u32, items: &[&NewItem]) -> Result<Vec<bool>> {
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + items.len() * 6);
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + items.len() * 4);
         args.push(items.len().to_string().into_bytes());
         for it in items {
             let key = it.routing_key();
             args.push(it.id.clone().into_bytes());
             args.push(it.due_at_ms.to_string().into_bytes());
-            args.push(it.max_attempts.to_string().into_bytes());
-            args.push(format!("{:016x}", new_nonce()).into_bytes());
             args.push(
                 codec::merge_class(&it.handler, key, it.merge_key.as_deref()).into_bytes(),
             );
-            args.push(codec::encode_body(
-                key,
-                &it.handler,
-                it.merge_key.as_deref(),
-                &it.payload,
-            ));
+            args.push(codec::encode_body(&Body {
+                max_attempts: it.max_attempts,
+                due_at_ms: it.due_at_ms,
+                key: key.to_owned(),
+                handler: it.handler.clone(),
+                merge_key: it.merge_key.clone(),
+                payload: it.payload.clone(),
+            }));
         }
         let v = self.run(&ENQUEUE, queue, args).await?;
         let flags = array(v, "enqueue")?;
         flags.iter().map(|f| Ok(int(f, "enqueue")? == 1)).collect()
     }
 
+    /// Builds a view from GET's answer: body, att, pending score, deadline, dead
+    /// since, last error, cancelled flag.
     fn parse_view(&self, queue: u32, id: String, parts: &[Value]) -> Result<Option<ItemView>> {
-        let (Some(meta), Some(body)) = (text(&parts[0]), bytes(&parts[1])) else {
+        let Some(body) = bytes(&parts[0]) else {
             return Ok(None);
         };
-        let meta = codec::decode_meta(&meta)?;
         let body = codec::decode_body(body)?;
+        let (attempts, _) = codec::decode_att(text(&parts[1]).as_deref())?;
         let state = if let Some(s) = opt_int(&parts[2]) {
             ItemState::Pending { due_score_ms: s }
         } else if let Some(d) = opt_int(&parts[3]) {
@@ -163,9 +168,8 @@ impl RedisStore {
         } else {
             return Ok(None);
         };
-        let attempts = meta.attempts;
         Ok(Some(ItemView {
-            item: codec::item_from_parts(id, body, &meta, attempts),
+            item: codec::item_from_body(id, body, attempts),
             queue,
             state,
             last_error: text(&parts[5]),
@@ -295,30 +299,23 @@ impl DelayStore for RedisStore {
         if parts.len() == 1 && text(&parts[0]).as_deref() == Some("STALE") {
             return Err(Error::StaleLease { queue: lease.queue });
         }
-        if parts.len() < 2 || (parts.len() - 2) % 7 != 0 {
+        if parts.len() < 3 || (parts.len() - 3) % 4 != 0 {
             return Err(Error::Corrupt("pop: unexpected answer".into()));
         }
         let now_ms = int(&parts[0], "pop")?;
         let next = int(&parts[1], "pop")?;
+        let seq = int(&parts[2], "pop")? as u64;
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut last_group = -1;
         let mut undecodable = Vec::new();
-        for f in parts[2..].chunks(7) {
+        for f in parts[3..].chunks(4) {
             let id = text(&f[0]).ok_or_else(|| Error::Corrupt("pop: id".into()))?;
             let group = int(&f[1], "pop")?;
-            let meta = Meta {
-                attempts: int(&f[2], "pop")? as u32,
-                nonce: text(&f[3])
-                    .and_then(|n| u64::from_str_radix(&n, 16).ok())
-                    .ok_or_else(|| Error::Corrupt("pop: nonce".into()))?,
-                due_at_ms: int(&f[4], "pop")?,
-                max_attempts: int(&f[5], "pop")? as u32,
-            };
             let token = DeliveryToken {
-                attempt: meta.attempts,
-                nonce: meta.nonce,
+                attempt: int(&f[2], "pop")? as u32,
+                seq,
             };
-            let body = match bytes(&f[6]).map(codec::decode_body) {
+            let body = match bytes(&f[3]).map(codec::decode_body) {
                 Some(Ok(b)) => b,
                 other => {
                     // Never hand an unreadable item to a handler: fail this attempt so
@@ -340,7 +337,7 @@ impl DelayStore for RedisStore {
                 }
             };
             let claimed = Claimed {
-                item: codec::item_from_parts(id, body, &meta, meta.attempts),
+                item: codec::item_from_body(id, body, token.attempt),
                 token,
             };
             match deliveries.last_mut() {
@@ -363,25 +360,38 @@ impl DelayStore for RedisStore {
     }
 
     async fn settle(&self, queue: u32, settlements: Vec<Settlement>) -> Result<Vec<bool>> {
-        let mut out = Vec::with_capacity(settlements.len());
-        for chunk in settlements.chunks(SCRIPT_BATCH) {
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len() * 5);
+        // Acks (the hot path) and failures go to separate scripts; answers are put
+        // back in the caller's order.
+        let mut out = vec![false; settlements.len()];
+        let (acks, fails): (Vec<usize>, Vec<usize>) =
+            (0..settlements.len()).partition(|&i| settlements[i].outcome == Outcome::Ack);
+        for chunk in acks.chunks(SCRIPT_BATCH) {
+            let args = chunk
+                .iter()
+                .map(|&i| settlements[i].token.member(&settlements[i].id).into_bytes())
+                .collect();
+            let answers = array(self.run(&ACK, queue, args).await?, "ack")?;
+            for (&i, a) in chunk.iter().zip(answers) {
+                out[i] = int(&a, "ack")? == 1;
+            }
+        }
+        for chunk in fails.chunks(SCRIPT_BATCH) {
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len() * 4);
             args.push(chunk.len().to_string().into_bytes());
-            for s in chunk {
+            for &i in chunk {
+                let s = &settlements[i];
                 let (mode, delay, err) = match &s.outcome {
-                    Outcome::Ack => ("a", 0, ""),
                     Outcome::Retry { delay_ms, error } => ("r", *delay_ms, error.as_str()),
-                    Outcome::Release => ("x", 0, ""),
+                    _ => ("x", 0, ""),
                 };
-                args.push(s.id.clone().into_bytes());
-                args.push(s.token.to_string().into_bytes());
+                args.push(s.token.member(&s.id).into_bytes());
                 args.push(mode.as_bytes().to_vec());
                 args.push(delay.to_string().into_bytes());
                 args.push(err.as_bytes().to_vec());
             }
-            let v = self.run(&SETTLE, queue, args).await?;
-            for f in array(v, "settle")? {
-                out.push(int(&f, "settle")? == 1);
+            let answers = array(self.run(&FAIL, queue, args).await?, "fail")?;
+            for (&i, a) in chunk.iter().zip(answers) {
+                out[i] = int(&a, "fail")? == 1;
             }
         }
         Ok(out)
@@ -395,12 +405,10 @@ impl DelayStore for RedisStore {
     ) -> Result<usize> {
         let mut total = 0;
         for chunk in items.chunks(SCRIPT_BATCH) {
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + chunk.len() * 2);
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len());
             args.push(visibility_ms.max(1).to_string().into_bytes());
-            args.push(chunk.len().to_string().into_bytes());
             for (id, token) in chunk {
-                args.push(id.clone().into_bytes());
-                args.push(token.to_string().into_bytes());
+                args.push(token.member(id).into_bytes());
             }
             total += int(&self.run(&EXTEND, queue, args).await?, "extend")? as usize;
         }
@@ -435,17 +443,16 @@ impl DelayStore for RedisStore {
             let want = (limit - out.len()).to_string().into_bytes();
             let parts = array(self.run(&DEAD, q, vec![want]).await?, "dead")?;
             for f in parts.chunks(5) {
-                let [id, since, meta, body, err] = f else {
+                let [id, since, body, att, err] = f else {
                     return Err(Error::Corrupt("dead: unexpected answer".into()));
                 };
-                let (Some(id), Some(meta), Some(body)) = (text(id), text(meta), bytes(body))
-                else {
+                let (Some(id), Some(body)) = (text(id), bytes(body)) else {
                     continue;
                 };
-                let meta = codec::decode_meta(&meta)?;
                 let body = codec::decode_body(body)?;
+                let (attempts, _) = codec::decode_att(text(att).as_deref())?;
                 out.push(ItemView {
-                    item: codec::item_from_parts(id, body, &meta, meta.attempts),
+                    item: codec::item_from_body(id, body, attempts),
                     queue: q,
                     state: ItemState::Dead {
                         since_ms: opt_int(since).unwrap_or(0),

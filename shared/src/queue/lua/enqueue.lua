@@ -1,26 +1,26 @@
--- ENQUEUE: ARGV = n, then per item: id, due, max_attempts, nonce, merge_class, body.
+-- ENQUEUE: ARGV = n, then per item: id, due, merge_class, body.
 -- Answers per item 1 (created) or 0 (an item with this id exists: duplicate).
 local n = tonumber(ARGV[1])
 local ids = {}
-for i = 1, n do ids[i] = ARGV[2 + (i - 1) * 6] end
-local existing = redis.call('HMGET', K_META, unpack(ids))
-local res, hitems, hmeta, zdue, zmki, seen = {}, {}, {}, {}, {}, {}
+for i = 1, n do ids[i] = ARGV[2 + (i - 1) * 4] end
+local existing = redis.call('HMGET', K_ITEMS, unpack(ids))
+local res, hitems, zdue, hcls, zmki, seen = {}, {}, {}, {}, {}, {}
 for i = 1, n do
-  local b = 2 + (i - 1) * 6
+  local b = 2 + (i - 1) * 4
   local id = ARGV[b]
   if existing[i] or seen[id] then
     res[i] = 0
   else
     seen[id] = true
     res[i] = 1
-    local due, class = ARGV[b + 1], ARGV[b + 4]
+    local due, class = ARGV[b + 1], ARGV[b + 2]
     hitems[#hitems + 1] = id
-    hitems[#hitems + 1] = ARGV[b + 5]
-    hmeta[#hmeta + 1] = id
-    hmeta[#hmeta + 1] = due .. '|' .. ARGV[b + 2] .. '|0|' .. ARGV[b + 3] .. '|' .. class
+    hitems[#hitems + 1] = ARGV[b + 3]
     zdue[#zdue + 1] = due
     zdue[#zdue + 1] = id
     if class ~= '' then
+      hcls[#hcls + 1] = id
+      hcls[#hcls + 1] = class
       zmki[#zmki + 1] = 0
       zmki[#zmki + 1] = mki_member(class, tonumber(due), id)
     end
@@ -28,8 +28,10 @@ for i = 1, n do
 end
 if #hitems > 0 then
   redis.call('HSET', K_ITEMS, unpack(hitems))
-  redis.call('HSET', K_META, unpack(hmeta))
   redis.call('ZADD', K_DUE, unpack(zdue))
 end
-if #zmki > 0 then redis.call('ZADD', K_MKI, unpack(zmki)) end
+if #hcls > 0 then
+  redis.call('HSET', K_CLS, unpack(hcls))
+  redis.call('ZADD', K_MKI, unpack(zmki))
+end
 return res

@@ -10,12 +10,9 @@ end
 local moved = 0
 for _, id in ipairs(ids) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
-    local raw = redis.call('HGET', K_META, id)
-    local m = raw and parse_meta(raw)
-    if m then
-      m.att = 0
-      redis.call('HSET', K_META, id, fmt_meta(m))
-      make_pending(id, m, now)
+    if redis.call('HEXISTS', K_ITEMS, id) == 1 then
+      redis.call('HDEL', K_ATT, id)
+      make_pending(id, now)
       moved = moved + 1
     else
       forget(id)

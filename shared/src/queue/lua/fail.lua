@@ -1,0 +1,34 @@
+-- FAIL: ARGV = n, then per delivery: member, mode, delay_ms, error. mode 'r' = retry
+-- after delay_ms (or bury when out of attempts), 'x' = release (due now, attempt not
+-- counted). Answers per delivery 1 (applied) or 0 (stale).
+local now = now_ms()
+local n = tonumber(ARGV[1])
+local any_cx = redis.call('SCARD', K_CX) > 0
+local res = {}
+for i = 1, n do
+  local b = 2 + (i - 1) * 4
+  local member, mode = ARGV[b], ARGV[b + 1]
+  if redis.call('ZREM', K_RUN, member) == 0 then
+    res[i] = 0
+  else
+    res[i] = 1
+    local id = id_of(member)
+    local body = redis.call('HGET', K_ITEMS, id)
+    if not body or (any_cx and redis.call('SISMEMBER', K_CX, id) == 1) then
+      forget(id)
+    elseif mode == 'x' then
+      local a, s = att_of(redis.call('HGET', K_ATT, id))
+      redis.call('HSET', K_ATT, id, num(math.max(a - 1, 0)) .. ':' .. (s or '0'))
+      make_pending(id, now)
+    else
+      local a = att_of(redis.call('HGET', K_ATT, id))
+      if a >= max_of(body) then
+        bury(id, now, ARGV[b + 3])
+      else
+        redis.call('HSET', K_ERR, id, ARGV[b + 3])
+        make_pending(id, now + tonumber(ARGV[b + 2]))
+      end
+    end
+  end
+end
+return res
