@@ -10,13 +10,15 @@
 //!
 //! where each of the four binary fields is a `u32 LE` length then bytes.
 //!
-//! Attempts live apart from the body (`att` hash, `"attempts:seq"`), written by each
-//! pop, so the hot path never copies or rewrites a payload.
+//! Attempts never touch the body either: an in-flight delivery carries its attempt
+//! number in its member of the in-flight set (`id \x01 seq \x01 attempt`), and only
+//! items that leave the in-flight set unsettled (retry, reaped, handed back) get a
+//! count in the `att` hash. A first attempt that succeeds writes no count at all.
 //!
 //! The merge class of an item is `handler \x01 key \x01 merge_key`. Control
 //! characters are refused in every one of those fields, so `\x01` cannot occur inside
 //! them and the class is unambiguous; item ids cannot contain it either, which makes
-//! `id \x01 seq` (an in-flight member) unambiguous too.
+//! in-flight members unambiguous too.
 
 use bytes::Bytes;
 
@@ -116,12 +118,33 @@ pub fn merge_class(handler: &str, key: &str, merge_key: Option<&str>) -> String 
     }
 }
 
-/// Parses an `att` value `"attempts:seq"` (absent means no attempt yet).
-pub fn decode_att(raw: Option<&str>) -> Result<(u32, Option<u64>)> {
-    let Some(raw) = raw else { return Ok((0, None)) };
-    let corrupt = || Error::Corrupt(format!("attempts {raw:?}"));
-    let (a, s) = raw.split_once(':').ok_or_else(corrupt)?;
-    Ok((a.parse().map_err(|_| corrupt())?, Some(s.parse().map_err(|_| corrupt())?)))
+/// Parses an `att` value: attempts made (absent means none).
+pub fn decode_attempts(raw: Option<&str>) -> Result<u32> {
+    raw.map_or(Ok(0), |r| {
+        r.parse()
+            .map_err(|_| Error::Corrupt(format!("attempts {r:?}")))
+    })
+}
+
+/// Parses an in-flight member `id \x01 seq \x01 attempt` into its attempt number.
+pub fn member_attempt(member: &str) -> Result<u32> {
+    member
+        .rsplit(SEP)
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| Error::Corrupt(format!("in-flight member {member:?}")))
+}
+
+/// Escapes Redis glob characters so `s` matches only itself in `MATCH`.
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Joins a body and an attempt count into an [`Item`].
@@ -174,10 +197,12 @@ mod tests {
     }
 
     #[test]
-    fn att_parses() {
-        assert_eq!(decode_att(None).unwrap(), (0, None));
-        assert_eq!(decode_att(Some("3:17")).unwrap(), (3, Some(17)));
-        assert!(decode_att(Some("3")).is_err());
-        assert!(decode_att(Some("a:1")).is_err());
+    fn attempts_and_members_parse() {
+        assert_eq!(decode_attempts(None).unwrap(), 0);
+        assert_eq!(decode_attempts(Some("3")).unwrap(), 3);
+        assert!(decode_attempts(Some("a")).is_err());
+        assert_eq!(member_attempt("id\u{1}17\u{1}2").unwrap(), 2);
+        assert!(member_attempt("id").is_err());
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

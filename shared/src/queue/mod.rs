@@ -316,9 +316,10 @@ pub struct DeliveryToken {
 }
 
 impl DeliveryToken {
-    /// The in-flight set member of this delivery of item `id`: `id \x01 seq`.
+    /// The in-flight set member of this delivery of item `id`:
+    /// `id \x01 seq \x01 attempt`.
     pub fn member(&self, id: &str) -> String {
-        format!("{id}{}{}", codec::SEP, self.seq)
+        format!("{id}{sep}{}{sep}{}", self.seq, self.attempt, sep = codec::SEP)
     }
 }
 

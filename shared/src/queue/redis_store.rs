@@ -148,22 +148,23 @@ impl RedisStore {
         flags.iter().map(|f| Ok(int(f, "enqueue")? == 1)).collect()
     }
 
-    /// Builds a view from GET's answer: body, att, pending score, deadline, dead
-    /// since, last error, cancelled flag.
+    /// Builds a view from GET's answer: body, attempts, pending score, in-flight
+    /// member, deadline, dead since, last error, cancelled flag.
     fn parse_view(&self, queue: u32, id: String, parts: &[Value]) -> Result<Option<ItemView>> {
         let Some(body) = bytes(&parts[0]) else {
             return Ok(None);
         };
         let body = codec::decode_body(body)?;
-        let (attempts, _) = codec::decode_att(text(&parts[1]).as_deref())?;
+        let mut attempts = codec::decode_attempts(text(&parts[1]).as_deref())?;
         let state = if let Some(s) = opt_int(&parts[2]) {
             ItemState::Pending { due_score_ms: s }
-        } else if let Some(d) = opt_int(&parts[3]) {
+        } else if let (Some(member), Some(d)) = (text(&parts[3]), opt_int(&parts[4])) {
+            attempts = codec::member_attempt(&member)?;
             ItemState::InFlight {
                 deadline_ms: d,
-                cancelled: opt_int(&parts[6]) == Some(1),
+                cancelled: opt_int(&parts[7]) == Some(1),
             }
-        } else if let Some(d) = opt_int(&parts[4]) {
+        } else if let Some(d) = opt_int(&parts[5]) {
             ItemState::Dead { since_ms: d }
         } else {
             return Ok(None);
@@ -172,7 +173,7 @@ impl RedisStore {
             item: codec::item_from_body(id, body, attempts),
             queue,
             state,
-            last_error: text(&parts[5]),
+            last_error: text(&parts[6]),
         }))
     }
 }
@@ -222,9 +223,12 @@ impl DelayStore for RedisStore {
 
     async fn get(&self, item: &ItemRef) -> Result<Option<ItemView>> {
         let q = self.queue_of(item);
-        let v = self.run(&GET, q, vec![item.id.clone().into_bytes()]).await?;
-        let parts = array(v, "get")?;
-        if parts.len() != 7 {
+        let args = vec![
+            item.id.clone().into_bytes(),
+            codec::glob_escape(&item.id).into_bytes(),
+        ];
+        let parts = array(self.run(&GET, q, args).await?, "get")?;
+        if parts.len() != 8 {
             return Err(Error::Corrupt("get: unexpected answer".into()));
         }
         self.parse_view(q, item.id.clone(), &parts)
@@ -450,7 +454,7 @@ impl DelayStore for RedisStore {
                     continue;
                 };
                 let body = codec::decode_body(body)?;
-                let (attempts, _) = codec::decode_att(text(att).as_deref())?;
+                let attempts = codec::decode_attempts(text(att).as_deref())?;
                 out.push(ItemView {
                     item: codec::item_from_body(id, body, attempts),
                     queue: q,

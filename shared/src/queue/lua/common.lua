@@ -3,9 +3,11 @@
 -- Every script runs against ONE queue; its keys share the queue's hash tag, so a
 -- script touches a single Redis Cluster slot:
 --   KEYS[1]  due    ZSET   pending item ids, score = when due (ms)
---   KEYS[2]  run    ZSET   in-flight deliveries, member = id \1 seq, score = deadline
+--   KEYS[2]  run    ZSET   in-flight deliveries, member = id \1 seq \1 attempt,
+--                          score = visibility deadline (ms)
 --   KEYS[3]  items  HASH   id -> body ("max|due|" + binary; see codec.rs)
---   KEYS[4]  att    HASH   id -> "attempts:seq" of its latest delivery
+--   KEYS[4]  att    HASH   id -> attempts made, for items that are not in flight and
+--                          were tried before (absent = 0; in flight, the member says)
 --   KEYS[5]  dead   ZSET   dead-lettered ids, score = when buried (ms)
 --   KEYS[6]  mki    ZSET   merge index, scores 0, member = class \1 pad(due) \1 id
 --   KEYS[7]  lease  STRING the consumer lease token (PX TTL)
@@ -28,11 +30,9 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- "attempts:seq" -> attempts, seq (0, nil when absent)
-local function att_of(v)
-  if not v then return 0, nil end
-  local a, s = string.match(v, '^(%d+):(%d+)$')
-  return tonumber(a) or 0, s
+-- Records attempts of an item leaving the in-flight set (none: forget the count).
+local function set_att(id, a)
+  if a > 0 then redis.call('HSET', K_ATT, id, a) else redis.call('HDEL', K_ATT, id) end
 end
 
 local function max_of(body)
@@ -41,6 +41,11 @@ end
 
 local function id_of(member)
   return string.sub(member, 1, string.find(member, '\1', 1, true) - 1)
+end
+
+-- The attempt number carried by an in-flight member.
+local function attempt_of(member)
+  return tonumber(string.match(member, '\1(%d+)$'))
 end
 
 local function mki_member(class, score, id)

@@ -1,5 +1,5 @@
 -- DEAD: ARGV = limit. Answers 5 fields per dead letter, oldest first: id, buried at,
--- body, att, last error.
+-- body, attempts, last error.
 local d = redis.call('ZRANGE', K_DEAD, 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
 if #d == 0 then return {} end
 local ids = {}

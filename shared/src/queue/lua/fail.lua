@@ -17,11 +17,11 @@ for i = 1, n do
     if not body or (any_cx and redis.call('SISMEMBER', K_CX, id) == 1) then
       forget(id)
     elseif mode == 'x' then
-      local a, s = att_of(redis.call('HGET', K_ATT, id))
-      redis.call('HSET', K_ATT, id, num(math.max(a - 1, 0)) .. ':' .. (s or '0'))
+      set_att(id, attempt_of(member) - 1)
       make_pending(id, now)
     else
-      local a = att_of(redis.call('HGET', K_ATT, id))
+      local a = attempt_of(member)
+      set_att(id, a)
       if a >= max_of(body) then
         bury(id, now, ARGV[b + 3])
       else

@@ -2,7 +2,7 @@
 -- reap_limit. Fenced by the lease: answers {'STALE'} when the token is not the
 -- queue's lease. Otherwise answers {now, next_due_or_-1, seq, then 4 fields per item:
 -- id, group, attempt, body}; items of one group form one delivery (merged). Each
--- delivery is member `id \1 seq` of the in-flight set until settled.
+-- delivery is member `id \1 seq \1 attempt` of the in-flight set until settled.
 if redis.call('GET', K_LEASE) ~= ARGV[1] then return { 'STALE' } end
 redis.call('PEXPIRE', K_LEASE, ARGV[4])
 local now = now_ms()
@@ -16,11 +16,12 @@ if #expired > 0 then
   local any_cx = redis.call('SCARD', K_CX) > 0
   for i = 1, #expired do
     local id = id_of(expired[i])
+    local a = attempt_of(expired[i])
     local body = redis.call('HGET', K_ITEMS, id)
     if not body or (any_cx and redis.call('SISMEMBER', K_CX, id) == 1) then
       forget(id)
     else
-      local a = att_of(redis.call('HGET', K_ATT, id))
+      set_att(id, a)
       if a >= max_of(body) then
         bury(id, now, 'visibility timeout passed during attempt ' .. num(a))
       else
@@ -34,38 +35,47 @@ end
 --    pending item of its class due within `window` after it, so they are delivered
 --    together at the earliest due time.
 local out = { now, -1, 0 }
-local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'WITHSCORES', 'LIMIT', 0, limit)
+local merging = redis.call('HLEN', K_CLS) > 0
+local due
+if merging then
+  due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'WITHSCORES', 'LIMIT', 0, limit)
+else
+  due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'LIMIT', 0, limit)
+end
 if #due > 0 then
-  local ids = {}
-  for i = 1, #due, 2 do ids[#ids + 1] = due[i] end
-  local classes = false
-  if redis.call('HLEN', K_CLS) > 0 then classes = redis.call('HMGET', K_CLS, unpack(ids)) end
   -- picked: ids in delivery order; group[k]: delivery number; mkm: merge-index members
-  local taken, picked, group, mkm, groups = {}, {}, {}, {}, 0
-  for i = 1, #ids do
-    if #picked >= limit then break end
-    local id = ids[i]
-    if not taken[id] then
-      taken[id] = true
-      groups = groups + 1
-      picked[#picked + 1] = id
-      group[#picked] = groups
-      local class = classes and classes[i]
-      if class then
-        local score = tonumber(due[2 * i])
-        mkm[#mkm + 1] = mki_member(class, score, id)
-        local prefix = class .. '\1'
-        local mates = redis.call('ZRANGEBYLEX', K_MKI, '[' .. prefix,
-          '[' .. prefix .. pad(score + window) .. '\1\255', 'LIMIT', 0, limit)
-        local p = #prefix + 18
-        for _, member in ipairs(mates) do
-          if #picked >= limit then break end
-          local mid = string.sub(member, p)
-          if not taken[mid] then
-            taken[mid] = true
-            picked[#picked + 1] = mid
-            group[#picked] = groups
-            mkm[#mkm + 1] = member
+  local picked, group, mkm = due, false, {}
+  if merging then
+    local ids = {}
+    for i = 1, #due, 2 do ids[#ids + 1] = due[i] end
+    local classes = redis.call('HMGET', K_CLS, unpack(ids))
+    local taken, groups = {}, 0
+    picked, group = {}, {}
+    for i = 1, #ids do
+      if #picked >= limit then break end
+      local id = ids[i]
+      if not taken[id] then
+        taken[id] = true
+        groups = groups + 1
+        picked[#picked + 1] = id
+        group[#picked] = groups
+        local class = classes[i]
+        if class then
+          local score = tonumber(due[2 * i])
+          mkm[#mkm + 1] = mki_member(class, score, id)
+          local prefix = class .. '\1'
+          local mates = redis.call('ZRANGEBYLEX', K_MKI, '[' .. prefix,
+            '[' .. prefix .. pad(score + window) .. '\1\255', 'LIMIT', 0, limit)
+          local p = #prefix + 18
+          for _, member in ipairs(mates) do
+            if #picked >= limit then break end
+            local mid = string.sub(member, p)
+            if not taken[mid] then
+              taken[mid] = true
+              picked[#picked + 1] = mid
+              group[#picked] = groups
+              mkm[#mkm + 1] = member
+            end
           end
         end
       end
@@ -74,32 +84,33 @@ if #due > 0 then
   redis.call('ZREM', K_DUE, unpack(picked))
   if #mkm > 0 then redis.call('ZREM', K_MKI, unpack(mkm)) end
   local bodies = redis.call('HMGET', K_ITEMS, unpack(picked))
-  local atts = redis.call('HMGET', K_ATT, unpack(picked))
+  -- Attempts made before (retries, reaped deliveries); none in the common case.
+  local atts = false
+  if redis.call('HLEN', K_ATT) > 0 then
+    atts = redis.call('HMGET', K_ATT, unpack(picked))
+    redis.call('HDEL', K_ATT, unpack(picked))
+  end
   local seq = redis.call('INCR', K_SEQ)
-  local s = num(seq)
+  local tail = '\1' .. num(seq) .. '\1'
   local deadline = num(now + vis)
-  local zrun, hatt = {}, {}
+  local zrun = {}
   out[3] = seq
   for k = 1, #picked do
     local id = picked[k]
     if bodies[k] then
-      local a = att_of(atts[k]) + 1
+      local a = 1
+      if atts and atts[k] then a = tonumber(atts[k]) + 1 end
       zrun[#zrun + 1] = deadline
-      zrun[#zrun + 1] = id .. '\1' .. s
-      hatt[#hatt + 1] = id
-      hatt[#hatt + 1] = a .. ':' .. s
+      zrun[#zrun + 1] = id .. tail .. a
       out[#out + 1] = id
-      out[#out + 1] = group[k]
+      out[#out + 1] = group and group[k] or k
       out[#out + 1] = a
       out[#out + 1] = bodies[k]
     else
       forget(id) -- a pending id without a body: unreadable, drop it
     end
   end
-  if #zrun > 0 then
-    redis.call('ZADD', K_RUN, unpack(zrun))
-    redis.call('HSET', K_ATT, unpack(hatt))
-  end
+  if #zrun > 0 then redis.call('ZADD', K_RUN, unpack(zrun)) end
 end
 
 -- 3. When does this queue next need a consumer: a pending item falls due, or an
