@@ -78,7 +78,10 @@ struct Workers {
 impl Workers {
     fn stop(&mut self) {
         for c in &self.children {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for c in &mut self.children {
@@ -116,14 +119,21 @@ async fn burst(a: BurstArgs) -> Result<()> {
 
     // Workers first: they idle until T0, then drain.
     let exe = std::env::current_exe()?;
-    let mut workers = Workers { children: Vec::new() };
+    let mut workers = Workers {
+        children: Vec::new(),
+    };
     let mut records = Vec::new();
     for i in 0..a.workers {
         let rec = dir.join(format!("w{i}.rec"));
         let log = std::fs::File::create(dir.join(format!("w{i}.log")))?;
         let child = Command::new(&exe)
             .args(["worker", "--redis-url", &a.redis_url, "--prefix", &prefix])
-            .args(["--queues", &a.queues.to_string(), "--batch", &a.batch.to_string()])
+            .args([
+                "--queues",
+                &a.queues.to_string(),
+                "--batch",
+                &a.batch.to_string(),
+            ])
             .args(["--pollers", &a.pollers.to_string()])
             .args(["--max-in-flight", &a.max_in_flight.to_string()])
             .args(["--handlers", "noop", "--worker-id", &format!("bench-w{i}")])
@@ -139,10 +149,17 @@ async fn burst(a: BurstArgs) -> Result<()> {
         records.push(rec);
     }
 
-    let lead = if a.lead_ms > 0 { a.lead_ms } else { 2_000 + (a.items as i64) / 40 };
+    let lead = if a.lead_ms > 0 {
+        a.lead_ms
+    } else {
+        2_000 + (a.items as i64) / 40
+    };
     let t0 = store.now_ms().await? + lead;
     let payload = bytes::Bytes::from(vec![b'x'; a.payload_bytes]);
-    eprintln!("bench burst: {} items due at T0 (in {lead} ms), {} workers, {} queues, prefix {prefix}", a.items, a.workers, a.queues);
+    eprintln!(
+        "bench burst: {} items due at T0 (in {lead} ms), {} workers, {} queues, prefix {prefix}",
+        a.items, a.workers, a.queues
+    );
 
     // Enqueue in chunks, a few chunks in flight at once (each is pipelined inside).
     let started = Instant::now();
@@ -175,7 +192,10 @@ async fn burst(a: BurstArgs) -> Result<()> {
     let enqueue_s = started.elapsed().as_secs_f64();
     let after = store.now_ms().await?;
     if after > t0 {
-        eprintln!("  warning: enqueue finished {} ms after T0; raise --lead-ms", after - t0);
+        eprintln!(
+            "  warning: enqueue finished {} ms after T0; raise --lead-ms",
+            after - t0
+        );
     }
 
     // Wait for the drain: nothing pending or in flight, and every item recorded.
@@ -194,7 +214,10 @@ async fn burst(a: BurstArgs) -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("burst not drained in time: {left} items left; see {}", dir.display());
+            bail!(
+                "burst not drained in time: {left} items left; see {}",
+                dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

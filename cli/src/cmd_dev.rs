@@ -72,9 +72,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
     init_logging("text", "warn");
     let store: Arc<dyn DelayStore> = Arc::new(MemoryStore::new(args.queues, Arc::new(SystemClock)));
     println!("chime dev: everything in one process, nothing to install");
-    println!("  store    embedded in-memory delay queue, {} queues", args.queues);
-    println!("  workers  dev-worker-1, dev-worker-2 with handler \"remind\" (prints each reminder)");
-    println!("  demo     a coupon reminder every {} ms, due 2-6 s ahead; reminders for one user", args.demo_interval_ms);
+    println!(
+        "  store    embedded in-memory delay queue, {} queues",
+        args.queues
+    );
+    println!(
+        "  workers  dev-worker-1, dev-worker-2 with handler \"remind\" (prints each reminder)"
+    );
+    println!(
+        "  demo     a coupon reminder every {} ms, due 2-6 s ahead; reminders for one user",
+        args.demo_interval_ms
+    );
     println!("           due within 60 s of each other are merged; some are cancelled");
     println!("  stop     Ctrl-C");
 
@@ -93,9 +101,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .options(opts.clone())
             .build()?;
         let stop = stop.clone();
-        workers.push(tokio::spawn(async move { w.run(async move { stop.cancelled().await }).await }));
+        workers.push(tokio::spawn(async move {
+            w.run(async move { stop.cancelled().await }).await
+        }));
     }
-    let producer = tokio::spawn(demo_producer(store.clone(), args.demo_interval_ms, stop.clone()));
+    let producer = tokio::spawn(demo_producer(
+        store.clone(),
+        args.demo_interval_ms,
+        stop.clone(),
+    ));
 
     let timer = async {
         if args.exit_after_s > 0 {
@@ -134,14 +148,21 @@ async fn demo_producer(store: Arc<dyn DelayStore>, interval_ms: u64, stop: Cance
             .payload(format!("coupon {n} opens soon"));
         let r = item.item_ref();
         match store.enqueue(vec![item]).await {
-            Ok(_) => println!("[{}] scheduled coupon:{n} for {user}, due in {:.1} s", clock(now), lead as f64 / 1000.0),
+            Ok(_) => println!(
+                "[{}] scheduled coupon:{n} for {user}, due in {:.1} s",
+                clock(now),
+                lead as f64 / 1000.0
+            ),
             Err(e) => println!("[{}] enqueue failed: {e}", clock(now)),
         }
         // Every fifth subscriber changes their mind.
-        if n % 5 == 0 {
-            if let Ok(CancelOutcome::Cancelled) = store.cancel(&r).await {
-                println!("[{}] cancelled coupon:{n} for {user} (it will not fire)", clock(system_now_ms()));
-            }
+        if n.is_multiple_of(5)
+            && let Ok(CancelOutcome::Cancelled) = store.cancel(&r).await
+        {
+            println!(
+                "[{}] cancelled coupon:{n} for {user} (it will not fire)",
+                clock(system_now_ms())
+            );
         }
     }
 }

@@ -192,7 +192,8 @@ pub async fn run(args: QueueArgs) -> Result<()> {
         }
         QueueCmd::Stats => {
             let stats = store.stats().await?;
-            let total = |f: fn(&chime_shared::queue::QueueStats) -> u64| stats.iter().map(f).sum::<u64>();
+            let total =
+                |f: fn(&chime_shared::queue::QueueStats) -> u64| stats.iter().map(f).sum::<u64>();
             json!({
                 "queues": stats.len(),
                 "pending": total(|s| s.pending),
@@ -202,11 +203,17 @@ pub async fn run(args: QueueArgs) -> Result<()> {
                 "per_queue": stats,
             })
         }
-        QueueCmd::DeadLetter { cmd: DeadCmd::List { limit } } => {
-            serde_json::to_value(store.dead_letters(limit).await?)?
-        }
         QueueCmd::DeadLetter {
-            cmd: DeadCmd::Requeue { id, key, all, limit },
+            cmd: DeadCmd::List { limit },
+        } => serde_json::to_value(store.dead_letters(limit).await?)?,
+        QueueCmd::DeadLetter {
+            cmd:
+                DeadCmd::Requeue {
+                    id,
+                    key,
+                    all,
+                    limit,
+                },
         } => {
             if id.is_empty() && !all {
                 bail!("give --id (one or more) or --all");
@@ -290,7 +297,9 @@ async fn enqueue(store: &dyn DelayStore, e: EnqueueArgs) -> Result<serde_json::V
             count(o, &mut created, &mut duplicates);
         }
     }
-    Ok(json!({ "created": created, "duplicates": duplicates, "seconds": started.elapsed().as_secs_f64() }))
+    Ok(
+        json!({ "created": created, "duplicates": duplicates, "seconds": started.elapsed().as_secs_f64() }),
+    )
 }
 
 fn count(o: chime_shared::queue::EnqueueOutcome, created: &mut u64, dup: &mut u64) {

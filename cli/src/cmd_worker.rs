@@ -112,7 +112,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 &cfg.handlers.http_url,
                 cfg.handlers.http_timeout_ms,
             )?),
-            other => bail!("invalid handlers.enabled: unknown built-in handler {other:?} (known: noop, log, http, sleep)"),
+            other => bail!(
+                "invalid handlers.enabled: unknown built-in handler {other:?} (known: noop, log, http, sleep)"
+            ),
         };
         builder = match &recorder {
             Some(r) => builder.handler(name, Recorded::new(h, r.clone())),
@@ -123,6 +125,10 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     info!(worker_id = worker.id(), prefix = %layout.prefix, family = %layout.family,
           queues = layout.count, handlers = ?cfg.handlers.enabled, "chime worker starting");
     let report = worker.run(shutdown_signal()).await?;
-    info!(handled = report.handled, handed_back = report.handed_back, "chime worker stopped");
+    info!(
+        handled = report.handled,
+        handed_back = report.handed_back,
+        "chime worker stopped"
+    );
     Ok(())
 }

@@ -312,7 +312,9 @@ fn parse_like(current: &toml::Value, raw: &str) -> Result<toml::Value> {
 
 /// The process environment's `CHIME_*` variables.
 pub fn chime_env() -> Vec<(String, String)> {
-    std::env::vars().filter(|(k, _)| k.starts_with("CHIME_")).collect()
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("CHIME_"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -320,7 +322,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -328,7 +333,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("chime-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("w.toml");
-        std::fs::write(&f, "worker_id = \"a\"\n[consumer]\nbatch = 77\n[queue]\ncount = 4\n").unwrap();
+        std::fs::write(
+            &f,
+            "worker_id = \"a\"\n[consumer]\nbatch = 77\n[queue]\ncount = 4\n",
+        )
+        .unwrap();
         let cfg: WorkerConfig = load(
             Some(&f),
             env(&[

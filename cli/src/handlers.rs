@@ -86,7 +86,10 @@ impl ItemHandler for HttpHandler {
             .map_err(|e| HandlerError::new(format!("POST {}: {e}", self.url)))?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(HandlerError::new(format!("POST {} answered {status}", self.url)));
+            return Err(HandlerError::new(format!(
+                "POST {} answered {status}",
+                self.url
+            )));
         }
         Ok(())
     }

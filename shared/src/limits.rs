@@ -73,7 +73,9 @@ mod tests {
         assert!(e.contains("invalid id"), "{e}");
         let e = check_text("key", "a\u{0}b", 10).unwrap_err().to_string();
         assert!(e.contains("control"), "{e}");
-        let e = check_text("key", "abcdefghijk", 10).unwrap_err().to_string();
+        let e = check_text("key", "abcdefghijk", 10)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("11 bytes"), "{e}");
         assert!(check_text("id", "coupon:7:user:42", 512).is_ok());
     }
@@ -81,7 +83,9 @@ mod tests {
     #[test]
     fn handler_charset() {
         assert!(check_handler("handler", "coupon.remind-v2").is_ok());
-        let e = check_handler("handler", "bad name").unwrap_err().to_string();
+        let e = check_handler("handler", "bad name")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid handler"), "{e}");
     }
 

@@ -39,7 +39,9 @@ impl RedisSpec {
             return Err(Error::invalid("redis_url", "is empty"));
         }
         for u in &urls {
-            if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://"))
+            if !(u.starts_with("redis://")
+                || u.starts_with("rediss://")
+                || u.starts_with("unix://"))
             {
                 return Err(Error::invalid(
                     "redis_url",

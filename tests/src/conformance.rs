@@ -77,7 +77,11 @@ fn ids(p: &Popped) -> Vec<String> {
 }
 
 fn only(p: &Popped) -> Result<&Delivery> {
-    ensure!(p.deliveries.len() == 1, "expected one delivery, got {:?}", ids(p));
+    ensure!(
+        p.deliveries.len() == 1,
+        "expected one delivery, got {:?}",
+        ids(p)
+    );
     Ok(&p.deliveries[0])
 }
 
@@ -99,9 +103,15 @@ async fn ack(store: &Store, d: &Delivery) -> Result<Vec<bool>> {
 pub async fn enqueue_is_idempotent(store: Store) -> Result<()> {
     let now = store.now_ms().await?;
     let a = NewItem::new("a", "h", now).payload("first");
-    assert_eq!(store.enqueue(vec![a.clone()]).await?, [EnqueueOutcome::Created]);
+    assert_eq!(
+        store.enqueue(vec![a.clone()]).await?,
+        [EnqueueOutcome::Created]
+    );
     let again = NewItem::new("a", "h", now + 5_000).payload("second");
-    assert_eq!(store.enqueue(vec![again]).await?, [EnqueueOutcome::Duplicate]);
+    assert_eq!(
+        store.enqueue(vec![again]).await?,
+        [EnqueueOutcome::Duplicate]
+    );
     let batch = vec![
         NewItem::new("b", "h", now),
         NewItem::new("b", "h", now),
@@ -140,7 +150,11 @@ pub async fn cancel_before_fire_never_fires(store: Store) -> Result<()> {
     assert!(store.get(&r).await?.is_none());
     wait_store_time(&store, now + 400).await?;
     let p = pop_for(&store, &r, opts()).await?;
-    assert!(p.deliveries.is_empty(), "cancelled item fired: {:?}", ids(&p));
+    assert!(
+        p.deliveries.is_empty(),
+        "cancelled item fired: {:?}",
+        ids(&p)
+    );
     assert_eq!(store.cancel(&r).await?, CancelOutcome::NotFound);
     Ok(())
 }
@@ -156,7 +170,16 @@ pub async fn cancel_after_fire_reports_in_flight(store: Store) -> Result<()> {
     let d = only(&p)?.clone();
     assert_eq!(store.cancel(&r).await?, CancelOutcome::InFlight);
     let v = store.get(&r).await?.context("still known")?;
-    assert!(matches!(v.state, ItemState::InFlight { cancelled: true, .. }), "{v:?}");
+    assert!(
+        matches!(
+            v.state,
+            ItemState::InFlight {
+                cancelled: true,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
     // The handler fails: a cancelled item is dropped instead of retried.
     let s = Settlement {
         id: "y".into(),
@@ -186,7 +209,12 @@ pub async fn cancel_after_fire_reports_in_flight(store: Store) -> Result<()> {
     wait_store_time(&store, p.now_ms + 150).await?;
     let p = pop_for(&store, &r, opts()).await?;
     assert!(p.deliveries.is_empty(), "redelivered: {:?}", ids(&p));
-    assert!(store.get(&ItemRef::with_key("user:2", "z")).await?.is_none());
+    assert!(
+        store
+            .get(&ItemRef::with_key("user:2", "z"))
+            .await?
+            .is_none()
+    );
     Ok(())
 }
 
@@ -198,14 +226,20 @@ pub async fn resubscribe_fires_once(store: Store) -> Result<()> {
     let item = || NewItem::new("coupon:7", "h", now).key("user:3");
     store.enqueue(vec![item()]).await?;
     assert_eq!(store.cancel(&r).await?, CancelOutcome::Cancelled);
-    assert_eq!(store.enqueue(vec![item()]).await?, [EnqueueOutcome::Created]);
+    assert_eq!(
+        store.enqueue(vec![item()]).await?,
+        [EnqueueOutcome::Created]
+    );
     let p = pop_for(&store, &r, opts()).await?;
     assert_eq!(ids(&p), ["coupon:7"]);
     assert_eq!(ack(&store, only(&p)?).await?, [true]);
     let p = pop_for(&store, &r, opts()).await?;
     assert!(p.deliveries.is_empty());
     // Re-subscribe after it fired.
-    assert_eq!(store.enqueue(vec![item()]).await?, [EnqueueOutcome::Created]);
+    assert_eq!(
+        store.enqueue(vec![item()]).await?,
+        [EnqueueOutcome::Created]
+    );
     let p = pop_for(&store, &r, opts()).await?;
     assert_eq!(ids(&p), ["coupon:7"]);
     assert_eq!(only(&p)?.items[0].item.attempt, 1);
@@ -219,18 +253,29 @@ pub async fn reschedule_earlier_and_later(store: Store) -> Result<()> {
     let late = NewItem::new("late", "h", now).key("k");
     let (re, rl) = (early.item_ref(), late.item_ref());
     store.enqueue(vec![early, late]).await?;
-    assert_eq!(store.reschedule(&re, now).await?, RescheduleOutcome::Rescheduled);
+    assert_eq!(
+        store.reschedule(&re, now).await?,
+        RescheduleOutcome::Rescheduled
+    );
     assert_eq!(
         store.reschedule(&rl, now + 60_000).await?,
         RescheduleOutcome::Rescheduled
     );
     let v = store.get(&rl).await?.context("late")?;
     assert_eq!(v.item.due_at_ms, now + 60_000);
-    assert_eq!(v.state, ItemState::Pending { due_score_ms: now + 60_000 });
+    assert_eq!(
+        v.state,
+        ItemState::Pending {
+            due_score_ms: now + 60_000
+        }
+    );
     let p = pop_for(&store, &re, opts()).await?;
     assert_eq!(ids(&p), ["early"]);
     assert_eq!(p.deliveries[0].items[0].item.due_at_ms, now);
-    assert_eq!(store.reschedule(&re, now).await?, RescheduleOutcome::InFlight);
+    assert_eq!(
+        store.reschedule(&re, now).await?,
+        RescheduleOutcome::InFlight
+    );
     assert_eq!(
         store.reschedule(&ItemRef::new("nope"), now).await?,
         RescheduleOutcome::NotFound
@@ -266,7 +311,10 @@ pub async fn merge_delivers_once_at_earliest(store: Store) -> Result<()> {
     assert_eq!(merged.len(), 1, "deliveries {:?}", ids(&p));
     let m: Vec<&str> = merged[0].items.iter().map(|c| c.item.id.as_str()).collect();
     assert_eq!(m, ["m1", "m2"]);
-    assert!(!ids(&p).contains(&"m3".to_owned()), "m3 is outside the window");
+    assert!(
+        !ids(&p).contains(&"m3".to_owned()),
+        "m3 is outside the window"
+    );
     // "other" has another handler: never merged with m1/m2 (and not due until t0+100).
     for d in &p.deliveries {
         if d.items.iter().any(|c| c.item.id == "other") {
@@ -287,7 +335,11 @@ pub async fn never_fires_before_due(store: Store) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while seen.len() < 60 {
-        ensure!(std::time::Instant::now() < deadline, "only {} fired", seen.len());
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "only {} fired",
+            seen.len()
+        );
         for q in 0..store.queue_count() {
             let p = pop_queue(&store, q, opts()).await?;
             for d in &p.deliveries {
@@ -329,7 +381,11 @@ pub async fn visibility_timeout_redelivers(store: Store) -> Result<()> {
     let second = only(&p2)?.clone();
     assert_eq!(second.items[0].item.attempt, 2);
     assert_ne!(first.items[0].token, second.items[0].token);
-    assert_eq!(ack(&store, &first).await?, [false], "stale token must not settle");
+    assert_eq!(
+        ack(&store, &first).await?,
+        [false],
+        "stale token must not settle"
+    );
     assert_eq!(ack(&store, &second).await?, [true]);
     assert!(store.get(&r).await?.is_none());
     Ok(())
@@ -353,7 +409,9 @@ pub async fn extend_keeps_item_in_flight(store: Store) -> Result<()> {
     let p2 = pop_for(&store, &r, short).await?;
     assert!(p2.deliveries.is_empty(), "redelivered despite extension");
     let v = store.get(&r).await?.context("in flight")?;
-    assert!(matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms >= p.now_ms + 10_000));
+    assert!(
+        matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms >= p.now_ms + 10_000)
+    );
     // A stale token extends nothing.
     let mut stale = tok.clone();
     stale[0].1.seq += 1;
@@ -378,7 +436,10 @@ pub async fn retry_then_dead_letter_then_requeue(store: Store) -> Result<()> {
     };
     let p = pop_for(&store, &r, opts()).await?;
     let d = only(&p)?.clone();
-    assert_eq!(store.settle(d.queue, vec![fail(&d, 300, "boom1")]).await?, [true]);
+    assert_eq!(
+        store.settle(d.queue, vec![fail(&d, 300, "boom1")]).await?,
+        [true]
+    );
     let v = store.get(&r).await?.context("pending again")?;
     assert_eq!(v.last_error.as_deref(), Some("boom1"));
     let p = pop_for(&store, &r, opts()).await?;
@@ -387,7 +448,10 @@ pub async fn retry_then_dead_letter_then_requeue(store: Store) -> Result<()> {
     let p = pop_for(&store, &r, opts()).await?;
     let d = only(&p)?.clone();
     assert_eq!(d.items[0].item.attempt, 2);
-    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "boom2")]).await?, [true]);
+    assert_eq!(
+        store.settle(d.queue, vec![fail(&d, 0, "boom2")]).await?,
+        [true]
+    );
     let dead = store.dead_letters(10).await?;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].item.id, "d");
@@ -402,10 +466,16 @@ pub async fn retry_then_dead_letter_then_requeue(store: Store) -> Result<()> {
     assert_eq!(d.items[0].item.attempt, 1);
     assert_eq!(&d.items[0].item.payload[..], b"p");
     // Requeue by reference, and cancel of a dead letter.
-    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "boom3")]).await?, [true]);
+    assert_eq!(
+        store.settle(d.queue, vec![fail(&d, 0, "boom3")]).await?,
+        [true]
+    );
     let p = pop_for(&store, &r, opts()).await?;
     let d = only(&p)?.clone();
-    assert_eq!(store.settle(d.queue, vec![fail(&d, 0, "boom4")]).await?, [true]);
+    assert_eq!(
+        store.settle(d.queue, vec![fail(&d, 0, "boom4")]).await?,
+        [true]
+    );
     assert_eq!(store.requeue_dead(std::slice::from_ref(&r), 10).await?, 1);
     let p = pop_for(&store, &r, opts()).await?;
     let d = only(&p)?.clone();
@@ -443,7 +513,10 @@ pub async fn release_does_not_count_attempt(store: Store) -> Result<()> {
 /// stale lease does not free the new holder's.
 pub async fn expired_lease_cannot_pop(store: Store) -> Result<()> {
     let a = store.claim(1, 200).await?.context("first claim")?;
-    assert!(store.claim(1, 200).await?.is_none(), "lease handed out twice");
+    assert!(
+        store.claim(1, 200).await?.is_none(),
+        "lease handed out twice"
+    );
     let now = store.now_ms().await?;
     wait_store_time(&store, now + 250).await?;
     let b = store.claim(1, 5_000).await?.context("claim after expiry")?;
@@ -453,7 +526,10 @@ pub async fn expired_lease_cannot_pop(store: Store) -> Result<()> {
     }
     store.pop(&b, opts()).await?;
     store.release(&a).await?;
-    assert!(store.claim(1, 200).await?.is_none(), "stale release freed the lease");
+    assert!(
+        store.claim(1, 200).await?.is_none(),
+        "stale release freed the lease"
+    );
     store.release(&b).await?;
     assert!(store.claim(1, 200).await?.is_some());
     // Tickets increase.
@@ -475,8 +551,14 @@ pub async fn invalid_input_stores_nothing(store: Store) -> Result<()> {
         (NewItem::new("", "h", now), "items[1].id"),
         (NewItem::new("bad", "no spaces", now), "items[1].handler"),
         (NewItem::new("bad", "h", -1), "items[1].due_at_ms"),
-        (NewItem::new("bad", "h", now).max_attempts(0), "items[1].max_attempts"),
-        (NewItem::new("bad", "h", now).merge_key("a\nb"), "items[1].merge_key"),
+        (
+            NewItem::new("bad", "h", now).max_attempts(0),
+            "items[1].max_attempts",
+        ),
+        (
+            NewItem::new("bad", "h", now).merge_key("a\nb"),
+            "items[1].merge_key",
+        ),
     ];
     for (bad, field) in cases {
         match store.enqueue(vec![good.clone(), bad]).await {

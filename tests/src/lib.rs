@@ -230,18 +230,22 @@ impl RedisServer {
         let proc = Proc::spawn(&format!("redis-{port}"), cmd, dir.path())?;
         let url = format!("redis://127.0.0.1:{port}");
         let client = redis::Client::open(url.as_str())?;
-        wait_until("redis-server to answer PING", Duration::from_secs(10), || {
-            let client = client.clone();
-            async move {
-                match client.get_multiplexed_async_connection().await {
-                    Ok(mut c) => redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok(),
-                    Err(_) => false,
+        wait_until(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                let client = client.clone();
+                async move {
+                    match client.get_multiplexed_async_connection().await {
+                        Ok(mut c) => redis::cmd("PING")
+                            .query_async::<String>(&mut c)
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         Ok(Self {
             url,
@@ -294,7 +298,9 @@ fn build_chime() -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("cannot locate the target dir from the test binary")?;
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)

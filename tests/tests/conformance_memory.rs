@@ -7,7 +7,10 @@ use chime_shared::queue::memory_store::MemoryStore;
 use chime_tests::conformance::{QUEUES, Store};
 
 async fn make() -> anyhow::Result<(Store, ())> {
-    Ok((Arc::new(MemoryStore::new(QUEUES, Arc::new(SystemClock))), ()))
+    Ok((
+        Arc::new(MemoryStore::new(QUEUES, Arc::new(SystemClock))),
+        (),
+    ))
 }
 
 chime_tests::conformance_suite!(make());

@@ -27,11 +27,27 @@ async fn workers_fire_each_item_once_on_time() -> Result<()> {
     let store = redis.store("e2e", 8).await?;
     let now = store.now_ms().await?;
     let items: Vec<NewItem> = (0..2_000)
-        .map(|i| NewItem::new(format!("i{i}"), "noop", now + 1_500 + (i % 100) * 10).key(format!("u{i}")))
+        .map(|i| {
+            NewItem::new(format!("i{i}"), "noop", now + 1_500 + (i % 100) * 10).key(format!("u{i}"))
+        })
         .collect();
     store.enqueue(items).await?;
-    let (_w1, r1) = spawn_worker(dir.path(), "w1", &redis, "e2e", &["--handlers", "noop"], &[])?;
-    let (_w2, r2) = spawn_worker(dir.path(), "w2", &redis, "e2e", &["--handlers", "noop"], &[])?;
+    let (_w1, r1) = spawn_worker(
+        dir.path(),
+        "w1",
+        &redis,
+        "e2e",
+        &["--handlers", "noop"],
+        &[],
+    )?;
+    let (_w2, r2) = spawn_worker(
+        dir.path(),
+        "w2",
+        &redis,
+        "e2e",
+        &["--handlers", "noop"],
+        &[],
+    )?;
     wait_until("all items handled", Duration::from_secs(30), || async {
         read_records(&r1).len() + read_records(&r2).len() >= 2_000
     })
@@ -39,12 +55,21 @@ async fn workers_fire_each_item_once_on_time() -> Result<()> {
     let mut recs = read_records(&r1);
     let from_w1 = recs.len();
     recs.extend(read_records(&r2));
-    ensure!(from_w1 > 0 && from_w1 < recs.len(), "both workers should take part ({from_w1}/{})", recs.len());
+    ensure!(
+        from_w1 > 0 && from_w1 < recs.len(),
+        "both workers should take part ({from_w1}/{})",
+        recs.len()
+    );
     let mut seen = HashSet::new();
     let mut lags = Vec::new();
     for r in &recs {
         ensure!(seen.insert(r.id.clone()), "{} handled twice", r.id);
-        ensure!(r.handled_ms >= r.due_ms, "{} handled {} ms early", r.id, r.due_ms - r.handled_ms);
+        ensure!(
+            r.handled_ms >= r.due_ms,
+            "{} handled {} ms early",
+            r.id,
+            r.due_ms - r.handled_ms
+        );
         lags.push(r.handled_ms - r.due_ms);
     }
     lags.sort_unstable();
@@ -66,7 +91,11 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
     let n = 400;
     let now = store.now_ms().await?;
     let items: Vec<NewItem> = (0..n)
-        .map(|i| NewItem::new(format!("k{i}"), "sleep", now).key(format!("u{i}")).payload("300"))
+        .map(|i| {
+            NewItem::new(format!("k{i}"), "sleep", now)
+                .key(format!("u{i}"))
+                .payload("300")
+        })
         .collect();
     store.enqueue(items).await?;
     let visibility = 2_000;
@@ -76,12 +105,23 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
         "a",
         &redis,
         "k9",
-        &["--queues", "4", "--handlers", "sleep", "--max-in-flight", "40", "--visibility-ms", &vis],
+        &[
+            "--queues",
+            "4",
+            "--handlers",
+            "sleep",
+            "--max-in-flight",
+            "40",
+            "--visibility-ms",
+            &vis,
+        ],
         &[],
     )?;
-    wait_until("worker a to handle some items", Duration::from_secs(20), || async {
-        read_records(&ra).len() >= 40
-    })
+    wait_until(
+        "worker a to handle some items",
+        Duration::from_secs(20),
+        || async { read_records(&ra).len() >= 40 },
+    )
     .await?;
     a.kill9();
     let killed_at = system_now_ms();
@@ -96,15 +136,33 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
             .arg(-1)
             .query_async(&mut conn)
             .await?;
-        held.extend(members.iter().filter_map(|m| m.split('\u{1}').next()).map(str::to_owned));
+        held.extend(
+            members
+                .iter()
+                .filter_map(|m| m.split('\u{1}').next())
+                .map(str::to_owned),
+        );
     }
-    ensure!(!held.is_empty() && held.len() <= 40, "a held {} items", held.len());
+    ensure!(
+        !held.is_empty() && held.len() <= 40,
+        "a held {} items",
+        held.len()
+    );
     let (_b, rb) = spawn_worker(
         dir.path(),
         "b",
         &redis,
         "k9",
-        &["--queues", "4", "--handlers", "sleep", "--max-in-flight", "1000", "--visibility-ms", &vis],
+        &[
+            "--queues",
+            "4",
+            "--handlers",
+            "sleep",
+            "--max-in-flight",
+            "1000",
+            "--visibility-ms",
+            &vis,
+        ],
         &[],
     )?;
     wait_until("every item handled", Duration::from_secs(30), || async {
@@ -122,21 +180,38 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
     for r in recs_a.iter().chain(&recs_b) {
         *count.entry(&r.id).or_default() += 1;
     }
-    ensure!(count.len() == n as usize, "lost {} items", n as usize - count.len());
+    ensure!(
+        count.len() == n as usize,
+        "lost {} items",
+        n as usize - count.len()
+    );
     for (id, c) in &count {
         if *c > 1 {
             ensure!(held.contains(*id), "{id} duplicated but a did not hold it");
         }
     }
     for r in recs_b.iter().filter(|r| held.contains(&r.id)) {
-        ensure!(r.attempt >= 2, "{} redelivered as attempt {}", r.id, r.attempt);
+        ensure!(
+            r.attempt >= 2,
+            "{} redelivered as attempt {}",
+            r.id,
+            r.attempt
+        );
         // Redelivered within the visibility timeout (+ the 300 ms handler, + slack).
         let by = killed_at + visibility + 300 + 1_500;
-        ensure!(r.handled_ms <= by, "{} handled {} ms after the kill", r.id, r.handled_ms - killed_at);
+        ensure!(
+            r.handled_ms <= by,
+            "{} handled {} ms after the kill",
+            r.id,
+            r.handled_ms - killed_at
+        );
     }
     let b_ids: HashSet<&str> = recs_b.iter().map(|r| r.id.as_str()).collect();
     for id in &held {
-        ensure!(b_ids.contains(id.as_str()), "held item {id} never redelivered");
+        ensure!(
+            b_ids.contains(id.as_str()),
+            "held item {id} never redelivered"
+        );
     }
     wait_until("store empty", Duration::from_secs(10), || async {
         left(&store).await.map(|l| l == (0, 0)).unwrap_or(false)
@@ -161,7 +236,14 @@ async fn sigterm_drains_in_flight_work() -> Result<()> {
         "w",
         &redis,
         "dr",
-        &["--queues", "2", "--handlers", "sleep", "--max-in-flight", "10"],
+        &[
+            "--queues",
+            "2",
+            "--handlers",
+            "sleep",
+            "--max-in-flight",
+            "10",
+        ],
         &[],
     )?;
     wait_until("items in flight", Duration::from_secs(10), || async {
@@ -173,13 +255,25 @@ async fn sigterm_drains_in_flight_work() -> Result<()> {
     let code = w.wait_exit(Duration::from_secs(15)).await?;
     ensure!(code == Some(0), "exit code {code:?}; log:\n{}", w.log());
     let handled = read_records(&rec).len();
-    ensure!(handled as u64 >= in_flight, "only {handled} of {in_flight} in-flight items finished");
+    ensure!(
+        handled as u64 >= in_flight,
+        "only {handled} of {in_flight} in-flight items finished"
+    );
     let (pending, in_flight_after) = left(&store).await?;
-    ensure!(in_flight_after == 0, "{in_flight_after} items left in flight");
-    ensure!(pending + handled as u64 == 50, "pending {pending} + handled {handled} != 50");
+    ensure!(
+        in_flight_after == 0,
+        "{in_flight_after} items left in flight"
+    );
+    ensure!(
+        pending + handled as u64 == 50,
+        "pending {pending} + handled {handled} != 50"
+    );
     // Leases were released: both queues can be claimed at once.
     for q in 0..2 {
-        ensure!(store.claim(q, 1_000).await?.is_some(), "lease on queue {q} still held");
+        ensure!(
+            store.claim(q, 1_000).await?.is_some(),
+            "lease on queue {q} still held"
+        );
     }
     Ok(())
 }
@@ -193,7 +287,11 @@ async fn drain_timeout_hands_items_back() -> Result<()> {
     let store = redis.store("hb", 1).await?;
     let now = store.now_ms().await?;
     store
-        .enqueue((0..3).map(|i| NewItem::new(format!("h{i}"), "sleep", now).payload("60000")).collect())
+        .enqueue(
+            (0..3)
+                .map(|i| NewItem::new(format!("h{i}"), "sleep", now).payload("60000"))
+                .collect(),
+        )
         .await?;
     let (mut w, rec) = spawn_worker(
         dir.path(),
@@ -211,9 +309,17 @@ async fn drain_timeout_hands_items_back() -> Result<()> {
     let code = w.wait_exit(Duration::from_secs(15)).await?;
     ensure!(code == Some(0), "exit code {code:?}; log:\n{}", w.log());
     ensure!(read_records(&rec).is_empty());
-    ensure!(left(&store).await? == (3, 0), "items not handed back: {:?}", left(&store).await?);
+    ensure!(
+        left(&store).await? == (3, 0),
+        "items not handed back: {:?}",
+        left(&store).await?
+    );
     let v = store.get(&ItemRef::new("h0")).await?.context("h0")?;
-    ensure!(v.item.attempt == 0, "hand-back counted an attempt: {}", v.item.attempt);
+    ensure!(
+        v.item.attempt == 0,
+        "hand-back counted an attempt: {}",
+        v.item.attempt
+    );
     Ok(())
 }
 
@@ -224,7 +330,15 @@ async fn unknown_handler_dead_letters_and_cli_requeues() -> Result<()> {
     let dir = TestDir::new("dead")?;
     let redis = RedisServer::start().await?;
     let store = redis.store("dl", 2).await?;
-    let base = ["queue", "--redis-url", &redis.url, "--prefix", "dl", "--queues", "2"];
+    let base = [
+        "queue",
+        "--redis-url",
+        &redis.url,
+        "--prefix",
+        "dl",
+        "--queues",
+        "2",
+    ];
     let with = |extra: &[&str]| -> Vec<String> {
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
@@ -232,7 +346,15 @@ async fn unknown_handler_dead_letters_and_cli_requeues() -> Result<()> {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         run_chime(&argv)
     };
-    let (code, out, err) = run(with(&["enqueue", "--id", "x1", "--handler", "nobody", "--max-attempts", "2"]))?;
+    let (code, out, err) = run(with(&[
+        "enqueue",
+        "--id",
+        "x1",
+        "--handler",
+        "nobody",
+        "--max-attempts",
+        "2",
+    ]))?;
     ensure!(code == 0, "enqueue failed: {err}");
     ensure!(out.contains("\"created\""), "{out}");
     let (_w, _) = spawn_worker(
@@ -244,20 +366,31 @@ async fn unknown_handler_dead_letters_and_cli_requeues() -> Result<()> {
         &[("CHIME_CONSUMER_RETRY_BASE_MS", "50")],
     )?;
     wait_until("x1 dead-lettered", Duration::from_secs(15), || async {
-        store.dead_letters(10).await.map(|d| d.len() == 1).unwrap_or(false)
+        store
+            .dead_letters(10)
+            .await
+            .map(|d| d.len() == 1)
+            .unwrap_or(false)
     })
     .await?;
     let (code, out, _) = run(with(&["dead-letter", "list"]))?;
     ensure!(code == 0);
     let list: serde_json::Value = serde_json::from_str(out.trim())?;
     let err_text = list[0]["last_error"].as_str().unwrap_or_default();
-    ensure!(err_text.contains("no handler \"nobody\""), "last_error: {err_text}");
+    ensure!(
+        err_text.contains("no handler \"nobody\""),
+        "last_error: {err_text}"
+    );
     ensure!(list[0]["item"]["attempt"] == 2, "{list}");
     let (code, out, _) = run(with(&["dead-letter", "requeue", "--id", "x1"]))?;
     ensure!(code == 0 && out.contains("\"requeued\":1"), "{out}");
     // Requeued: it runs through its attempts again and ends up dead again.
     wait_until("x1 retried again", Duration::from_secs(15), || async {
-        store.dead_letters(10).await.map(|d| d.len() == 1).unwrap_or(false)
+        store
+            .dead_letters(10)
+            .await
+            .map(|d| d.len() == 1)
+            .unwrap_or(false)
     })
     .await?;
     Ok(())
@@ -275,14 +408,45 @@ async fn queue_cli_round_trip_and_bad_input() -> Result<()> {
         args.extend_from_slice(extra);
         run_chime(&args)
     };
-    let (code, out, err) = run(&["enqueue", "--id", "a", "--key", "user:1", "--handler", "log", "--in-ms", "60000", "--payload", "hi"])?;
+    let (code, out, err) = run(&[
+        "enqueue",
+        "--id",
+        "a",
+        "--key",
+        "user:1",
+        "--handler",
+        "log",
+        "--in-ms",
+        "60000",
+        "--payload",
+        "hi",
+    ])?;
     ensure!(code == 0, "{err}");
     ensure!(out.contains("\"outcome\":\"created\""), "{out}");
-    let (_, out, _) = run(&["enqueue", "--id", "a", "--key", "user:1", "--handler", "log"])?;
+    let (_, out, _) = run(&[
+        "enqueue",
+        "--id",
+        "a",
+        "--key",
+        "user:1",
+        "--handler",
+        "log",
+    ])?;
     ensure!(out.contains("\"outcome\":\"duplicate\""), "{out}");
     let (code, out, _) = run(&["get", "--id", "a", "--key", "user:1"])?;
-    ensure!(code == 0 && out.contains("\"state\":\"pending\"") && out.contains("\"payload\":\"hi\""), "{out}");
-    let (_, out, _) = run(&["reschedule", "--id", "a", "--key", "user:1", "--in-ms", "5000"])?;
+    ensure!(
+        code == 0 && out.contains("\"state\":\"pending\"") && out.contains("\"payload\":\"hi\""),
+        "{out}"
+    );
+    let (_, out, _) = run(&[
+        "reschedule",
+        "--id",
+        "a",
+        "--key",
+        "user:1",
+        "--in-ms",
+        "5000",
+    ])?;
     ensure!(out.contains("\"outcome\":\"rescheduled\""), "{out}");
     let (_, out, _) = run(&["cancel", "--id", "a", "--key", "user:1"])?;
     ensure!(out.contains("\"outcome\":\"cancelled\""), "{out}");
@@ -294,24 +458,56 @@ async fn queue_cli_round_trip_and_bad_input() -> Result<()> {
         .map(|i| format!(r#"{{"id":"f{i}","handler":"noop","in_ms":60000,"key":"u{i}"}}"#))
         .collect();
     std::fs::write(&file, lines.join("\n"))?;
-    let (code, out, err) = run(&["enqueue", "--file", &file.to_string_lossy(), "--chunk", "100"])?;
+    let (code, out, err) = run(&[
+        "enqueue",
+        "--file",
+        &file.to_string_lossy(),
+        "--chunk",
+        "100",
+    ])?;
     ensure!(code == 0, "{err}");
     ensure!(out.contains("\"created\":250"), "{out}");
-    ensure!(err.contains("enqueued 200 items"), "no progress shown: {err}");
+    ensure!(
+        err.contains("enqueued 200 items"),
+        "no progress shown: {err}"
+    );
     let (_, out, _) = run(&["stats"])?;
     let stats: serde_json::Value = serde_json::from_str(out.trim())?;
     ensure!(stats["pending"] == 250, "{stats}");
 
     // Bad input: a clear error naming the field; nothing stored.
     let big = "x".repeat(64 * 1024 + 1);
-    let (code, _, err) = run(&["enqueue", "--id", "big", "--handler", "log", "--payload", &big])?;
-    ensure!(code != 0 && err.contains("invalid payload"), "code {code}: {err}");
+    let (code, _, err) = run(&[
+        "enqueue",
+        "--id",
+        "big",
+        "--handler",
+        "log",
+        "--payload",
+        &big,
+    ])?;
+    ensure!(
+        code != 0 && err.contains("invalid payload"),
+        "code {code}: {err}"
+    );
     let (code, _, err) = run(&["enqueue", "--id", "bad", "--handler", "has space"])?;
-    ensure!(code != 0 && err.contains("invalid handler"), "code {code}: {err}");
-    std::fs::write(&file, "{\"id\":\"ok\",\"handler\":\"noop\"}\n{\"id\":\"\",\"handler\":\"noop\"}\n")?;
+    ensure!(
+        code != 0 && err.contains("invalid handler"),
+        "code {code}: {err}"
+    );
+    std::fs::write(
+        &file,
+        "{\"id\":\"ok\",\"handler\":\"noop\"}\n{\"id\":\"\",\"handler\":\"noop\"}\n",
+    )?;
     let (code, _, err) = run(&["enqueue", "--file", &file.to_string_lossy()])?;
-    ensure!(code != 0 && err.contains("items[1].id"), "code {code}: {err}");
-    ensure!(store.get(&ItemRef::new("ok")).await?.is_none(), "half a bad batch was stored");
+    ensure!(
+        code != 0 && err.contains("items[1].id"),
+        "code {code}: {err}"
+    );
+    ensure!(
+        store.get(&ItemRef::new("ok")).await?.is_none(),
+        "half a bad batch was stored"
+    );
     ensure!(store.get(&ItemRef::new("big")).await?.is_none());
     let (code, _, err) = run_chime(&["queue", "--redis-url", "http://nope", "stats"])?;
     ensure!(code != 0 && err.contains("redis_url"), "code {code}: {err}");

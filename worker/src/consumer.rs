@@ -86,7 +86,8 @@ impl Default for ConsumerOptions {
 impl ConsumerOptions {
     /// Refuses settings that cannot work, naming the field.
     pub fn validate(&self) -> Result<(), WorkerError> {
-        let bad = |field: &str, why: &str| Err(WorkerError::Config(format!("invalid {field}: {why}")));
+        let bad =
+            |field: &str, why: &str| Err(WorkerError::Config(format!("invalid {field}: {why}")));
         if !(1..=64).contains(&self.pollers) {
             return bad("pollers", "must be within 1..=64");
         }
@@ -126,7 +127,10 @@ enum Known {
     Unknown,
     /// What a pop said at local time `seen_ms`: the next instant (store clock) the
     /// queue needs attention, `None` when empty.
-    At { seen_ms: i64, next_due: Option<i64> },
+    At {
+        seen_ms: i64,
+        next_due: Option<i64>,
+    },
 }
 
 /// One batch of settlements of a delivery, with the capacity it frees once recorded.
@@ -199,10 +203,13 @@ impl Consumer {
     /// Consumes until `shutdown` completes, then drains. The drain reads top to
     /// bottom: stop claiming, (job sessions tell the coordinator), finish in-flight
     /// work within the drain timeout, hand back the rest, stop.
-    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<DrainReport, WorkerError> {
-        let rx = lock(&self.settle_rx).take().ok_or_else(|| {
-            WorkerError::Config("consumer already running".into())
-        })?;
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<DrainReport, WorkerError> {
+        let rx = lock(&self.settle_rx)
+            .take()
+            .ok_or_else(|| WorkerError::Config("consumer already running".into()))?;
         let done = CancellationToken::new();
         let settler = tokio::spawn(self.clone().settler(rx, done.clone()));
         let extender = tokio::spawn(self.clone().extender(done.clone()));
@@ -233,7 +240,8 @@ impl Consumer {
         if !finished {
             warn!(worker_id = %self.worker_id, "drain timeout: handing back running items");
             self.abandon.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(10), self.permits.acquire_many(all)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), self.permits.acquire_many(all)).await;
         }
         // 5. Stop: every settlement is recorded (capacity returns only after that).
         done.cancel();
@@ -398,7 +406,8 @@ impl Consumer {
 
     fn observe(&self, queue: u32, popped: &Popped) {
         let local = system_now_ms();
-        self.offset_ms.store(popped.now_ms - local, Ordering::Relaxed);
+        self.offset_ms
+            .store(popped.now_ms - local, Ordering::Relaxed);
         let mut known = lock(&self.known);
         if known.len() <= queue as usize {
             known.resize(queue as usize + 1, Known::Unknown);
@@ -415,7 +424,10 @@ impl Consumer {
             let Some(p) = permit.split(delivery.items.len()) else {
                 // A pop never returns more than asked; if a store ever did, the item
                 // stays in flight and is redelivered after its visibility timeout.
-                warn!(queue = delivery.queue, "pop returned more items than capacity");
+                warn!(
+                    queue = delivery.queue,
+                    "pop returned more items than capacity"
+                );
                 continue;
             };
             {
@@ -449,7 +461,10 @@ impl Consumer {
         let outcome = match self.handlers.get(&handler) {
             None => Outcome::Retry {
                 delay_ms: self.backoff(attempt),
-                error: format!("no handler {handler:?} registered on worker {}", self.worker_id),
+                error: format!(
+                    "no handler {handler:?} registered on worker {}",
+                    self.worker_id
+                ),
             },
             Some(slot) => self.call(slot, queue, items).await,
         };
@@ -502,7 +517,12 @@ impl Consumer {
 
     /// Waits for the handler's concurrency slot, runs it, and maps its result to an
     /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
-    async fn call(&self, slot: &Slot, queue: u32, items: Vec<chime_shared::queue::Item>) -> Outcome {
+    async fn call(
+        &self,
+        slot: &Slot,
+        queue: u32,
+        items: Vec<chime_shared::queue::Item>,
+    ) -> Outcome {
         let attempt = items[0].attempt;
         let _slot_permit = match &slot.limit {
             Some(sem) => tokio::select! {
@@ -544,7 +564,11 @@ impl Consumer {
     /// Batches settlements: takes whatever has queued up (up to 2,048), groups it by
     /// queue and records each group with one script call, all groups concurrently.
     /// Capacity returns when the batch is recorded.
-    async fn settler(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<SettleMsg>, done: CancellationToken) {
+    async fn settler(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<SettleMsg>,
+        done: CancellationToken,
+    ) {
         loop {
             let first = tokio::select! {
                 m = rx.recv() => match m { Some(m) => m, None => return },
@@ -564,7 +588,12 @@ impl Consumer {
                     .or_default()
                     .append(&mut msg.settlements);
             }
-            join_all(by_queue.into_iter().map(|(q, s)| self.settle_with_retry(q, s))).await;
+            join_all(
+                by_queue
+                    .into_iter()
+                    .map(|(q, s)| self.settle_with_retry(q, s)),
+            )
+            .await;
             drop(batch);
         }
     }
@@ -586,7 +615,11 @@ impl Consumer {
                     if attempt == 6 {
                         // The items stay in flight and are redelivered after their
                         // visibility timeout: at-least-once, never lost.
-                        warn!(queue, n = settlements.len(), "giving up settling; items will be redelivered");
+                        warn!(
+                            queue,
+                            n = settlements.len(),
+                            "giving up settling; items will be redelivered"
+                        );
                         return;
                     }
                 }

@@ -56,7 +56,12 @@ pub fn encode_body(b: &Body) -> Vec<u8> {
     );
     out.extend_from_slice(head.as_bytes());
     out.push(BODY_VERSION);
-    for field in [b.key.as_bytes(), b.handler.as_bytes(), mk.as_bytes(), &b.payload] {
+    for field in [
+        b.key.as_bytes(),
+        b.handler.as_bytes(),
+        mk.as_bytes(),
+        &b.payload,
+    ] {
         out.extend_from_slice(&(field.len() as u32).to_le_bytes());
         out.extend_from_slice(field);
     }
@@ -74,7 +79,8 @@ pub fn decode_body(raw: &[u8]) -> Result<Body> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| corrupt(what))
     };
-    let max_attempts = u32::try_from(number("max_attempts")?).map_err(|_| corrupt("max_attempts"))?;
+    let max_attempts =
+        u32::try_from(number("max_attempts")?).map_err(|_| corrupt("max_attempts"))?;
     let due_at_ms = number("due_at_ms")?;
     let rest = head.next().ok_or_else(|| corrupt("no binary part"))?;
     let (&version, mut rest) = rest.split_first().ok_or_else(|| corrupt("empty"))?;
@@ -187,8 +193,17 @@ mod tests {
             ..body()
         };
         assert_eq!(decode_body(&encode_body(&none)).unwrap(), none);
-        for bad in [&b""[..], b"1|2|", b"1|2|\x03", b"x|2|\x02", b"1|2|\x02\x05\x00\x00\x00ab"] {
-            assert!(matches!(decode_body(bad), Err(Error::Corrupt(_))), "{bad:?}");
+        for bad in [
+            &b""[..],
+            b"1|2|",
+            b"1|2|\x03",
+            b"x|2|\x02",
+            b"1|2|\x02\x05\x00\x00\x00ab",
+        ] {
+            assert!(
+                matches!(decode_body(bad), Err(Error::Corrupt(_))),
+                "{bad:?}"
+            );
         }
         assert!(decode_body(&raw[..raw.len() - 1]).is_err());
         let mut trailing = raw.clone();

@@ -371,7 +371,9 @@ impl DelayStore for MemoryStore {
         let seq = q.seq;
         for (id, group) in picked {
             q.unlink(&id);
-            let Some(rec) = q.recs.get_mut(&id) else { continue };
+            let Some(rec) = q.recs.get_mut(&id) else {
+                continue;
+            };
             rec.attempts += 1;
             rec.seq = Some(seq);
             rec.pos = Pos::Run(deadline);
@@ -417,7 +419,9 @@ impl DelayStore for MemoryStore {
                 continue;
             }
             out.push(true);
-            let Some(rec) = q.recs.get(&s.id) else { continue };
+            let Some(rec) = q.recs.get(&s.id) else {
+                continue;
+            };
             let (cancelled, attempts, max) = (rec.cancelled, rec.attempts, rec.body.max_attempts);
             match s.outcome {
                 Outcome::Ack => q.forget(&s.id),

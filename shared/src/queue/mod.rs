@@ -114,7 +114,11 @@ impl NewItem {
         if !(1..=limits::MAX_ATTEMPTS).contains(&self.max_attempts) {
             return Err(Error::invalid(
                 "max_attempts",
-                format!("{} is outside 1..={}", self.max_attempts, limits::MAX_ATTEMPTS),
+                format!(
+                    "{} is outside 1..={}",
+                    self.max_attempts,
+                    limits::MAX_ATTEMPTS
+                ),
             ));
         }
         if let Some(mk) = &self.merge_key {
@@ -137,7 +141,8 @@ pub fn validate_batch(items: &[NewItem]) -> Result<()> {
         ));
     }
     for (i, it) in items.iter().enumerate() {
-        it.validate().map_err(|e| e.in_field(&format!("items[{i}]")))?;
+        it.validate()
+            .map_err(|e| e.in_field(&format!("items[{i}]")))?;
     }
     Ok(())
 }
@@ -155,7 +160,10 @@ impl ItemRef {
     /// A reference to an item enqueued without a routing key.
     pub fn new(id: impl Into<String>) -> Self {
         let id = id.into();
-        Self { key: id.clone(), id }
+        Self {
+            key: id.clone(),
+            id,
+        }
     }
     /// A reference to an item routed by `key`.
     pub fn with_key(key: impl Into<String>, id: impl Into<String>) -> Self {
@@ -188,7 +196,10 @@ pub struct Item {
     pub attempt: u32,
 }
 
-fn serialize_payload<S: serde::Serializer>(p: &Bytes, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn serialize_payload<S: serde::Serializer>(
+    p: &Bytes,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     match std::str::from_utf8(p) {
         Ok(text) => s.serialize_str(text),
         Err(_) => s.serialize_bytes(p),
@@ -319,7 +330,12 @@ impl DeliveryToken {
     /// The in-flight set member of this delivery of item `id`:
     /// `id \x01 seq \x01 attempt`.
     pub fn member(&self, id: &str) -> String {
-        format!("{id}{sep}{}{sep}{}", self.seq, self.attempt, sep = codec::SEP)
+        format!(
+            "{id}{sep}{}{sep}{}",
+            self.seq,
+            self.attempt,
+            sep = codec::SEP
+        )
     }
 }
 
@@ -535,7 +551,10 @@ mod tests {
         let big = NewItem::new("a", "h", 1).payload(vec![0u8; limits::MAX_PAYLOAD_BYTES + 1]);
         let e = validate_batch(&[NewItem::new("ok", "h", 1), big]).unwrap_err();
         assert!(e.to_string().starts_with("invalid items[1].payload"), "{e}");
-        let e = NewItem::new("a", "h", 1).max_attempts(0).validate().unwrap_err();
+        let e = NewItem::new("a", "h", 1)
+            .max_attempts(0)
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("max_attempts"), "{e}");
     }
 }

@@ -59,7 +59,7 @@ impl QueueKeys {
             [
                 "due", "run", "items", "att", "dead", "mki", "lease", "cx", "err", "cls", "seq",
             ]
-                .map(|k| format!("{tag}:{k}")),
+            .map(|k| format!("{tag}:{k}")),
         )
     }
     fn lease(&self) -> &str {
@@ -79,7 +79,9 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store over an established connection.
     pub fn new(conn: RedisConn, layout: QueueLayout) -> Self {
-        let keys = (0..layout.count).map(|q| QueueKeys::new(&layout, q)).collect();
+        let keys = (0..layout.count)
+            .map(|q| QueueKeys::new(&layout, q))
+            .collect();
         Self {
             claims_key: format!("{}:{}:claims", layout.prefix, layout.family),
             conn,
@@ -131,9 +133,7 @@ impl RedisStore {
             let key = it.routing_key();
             args.push(it.id.clone().into_bytes());
             args.push(it.due_at_ms.to_string().into_bytes());
-            args.push(
-                codec::merge_class(&it.handler, key, it.merge_key.as_deref()).into_bytes(),
-            );
+            args.push(codec::merge_class(&it.handler, key, it.merge_key.as_deref()).into_bytes());
             args.push(codec::encode_body(&Body {
                 max_attempts: it.max_attempts,
                 due_at_ms: it.due_at_ms,
@@ -236,7 +236,9 @@ impl DelayStore for RedisStore {
 
     async fn cancel(&self, item: &ItemRef) -> Result<CancelOutcome> {
         let q = self.queue_of(item);
-        let v = self.run(&CANCEL, q, vec![item.id.clone().into_bytes()]).await?;
+        let v = self
+            .run(&CANCEL, q, vec![item.id.clone().into_bytes()])
+            .await?;
         match text(&v).as_deref() {
             Some("cancelled") => Ok(CancelOutcome::Cancelled),
             Some("in_flight") => Ok(CancelOutcome::InFlight),
@@ -248,7 +250,10 @@ impl DelayStore for RedisStore {
     async fn reschedule(&self, item: &ItemRef, due_at_ms: i64) -> Result<RescheduleOutcome> {
         crate::limits::check_due("due_at_ms", due_at_ms)?;
         let q = self.queue_of(item);
-        let args = vec![item.id.clone().into_bytes(), due_at_ms.to_string().into_bytes()];
+        let args = vec![
+            item.id.clone().into_bytes(),
+            due_at_ms.to_string().into_bytes(),
+        ];
         let v = self.run(&RESCHEDULE, q, args).await?;
         match text(&v).as_deref() {
             Some("rescheduled") => Ok(RescheduleOutcome::Rescheduled),
@@ -284,8 +289,12 @@ impl DelayStore for RedisStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        self.run(&RELEASE, lease.queue, vec![lease.token.clone().into_bytes()])
-            .await?;
+        self.run(
+            &RELEASE,
+            lease.queue,
+            vec![lease.token.clone().into_bytes()],
+        )
+        .await?;
         Ok(())
     }
 
@@ -501,14 +510,20 @@ fn array(v: Value, what: &str) -> Result<Vec<Value>> {
     match v {
         Value::Array(a) | Value::Set(a) => Ok(a),
         Value::Nil => Ok(Vec::new()),
-        other => Err(Error::Corrupt(format!("{what}: expected an array, got {other:?}"))),
+        other => Err(Error::Corrupt(format!(
+            "{what}: expected an array, got {other:?}"
+        ))),
     }
 }
 
 fn opt_int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<f64>().ok().map(|f| f as i64),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()?
+            .parse::<f64>()
+            .ok()
+            .map(|f| f as i64),
         Value::SimpleString(s) => s.parse::<f64>().ok().map(|f| f as i64),
         Value::Double(f) => Some(*f as i64),
         _ => None,
