@@ -19,7 +19,10 @@ fn store() -> Arc<dyn DelayStore> {
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
@@ -88,9 +91,15 @@ async fn in_flight_is_bounded_and_concurrency_capped() -> Result<()> {
     let report = run.await??;
     ensure!(report.handled == 2_000, "{report:?}");
     ensure!(peak_in_flight <= 50, "store saw {peak_in_flight} in flight");
-    ensure!(peak_in_flight > 7, "backlog was never pulled ahead ({peak_in_flight})");
+    ensure!(
+        peak_in_flight > 7,
+        "backlog was never pulled ahead ({peak_in_flight})"
+    );
     let peak = gauge.peak.load(Ordering::SeqCst);
-    ensure!(peak <= 7 && peak > 1, "handler concurrency peaked at {peak}");
+    ensure!(
+        peak <= 7 && peak > 1,
+        "handler concurrency peaked at {peak}"
+    );
     Ok(())
 }
 
@@ -103,7 +112,9 @@ async fn merged_delivery_retries_and_panics() -> Result<()> {
     store
         .enqueue(vec![
             NewItem::new("a", "merge", now).key("u").merge_key("u"),
-            NewItem::new("b", "merge", now + 200).key("u").merge_key("u"),
+            NewItem::new("b", "merge", now + 200)
+                .key("u")
+                .merge_key("u"),
             NewItem::new("f", "flaky", now).max_attempts(5),
             NewItem::new("p", "panics", now).max_attempts(2),
         ])
@@ -144,7 +155,10 @@ async fn merged_delivery_retries_and_panics() -> Result<()> {
     let stop = Arc::new(Notify::new());
     let s = stop.clone();
     let run = tokio::spawn(worker.run(async move { s.notified().await }));
-    wait_for("flaky to succeed on attempt 3", || flaky_calls.load(Ordering::SeqCst) >= 3).await?;
+    wait_for("flaky to succeed on attempt 3", || {
+        flaky_calls.load(Ordering::SeqCst) >= 3
+    })
+    .await?;
     let dead = loop {
         let d = store.dead_letters(10).await?;
         if !d.is_empty() {
@@ -162,8 +176,14 @@ async fn merged_delivery_retries_and_panics() -> Result<()> {
     }
     stop.notify_one();
     run.await??;
-    let merged = merged.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
-    ensure!(merged == vec![vec!["a".to_string(), "b".to_string()]], "{merged:?}");
+    let merged = merged
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    ensure!(
+        merged == vec![vec!["a".to_string(), "b".to_string()]],
+        "{merged:?}"
+    );
     Ok(())
 }
 
@@ -173,7 +193,9 @@ fn builder_refuses_bad_settings() {
     let e = Worker::builder(store()).build().unwrap_err();
     assert!(e.to_string().contains("no handler registered"), "{e}");
     let e = Worker::builder(store())
-        .handler("bad name", |_c: ItemContext| async { Ok::<(), HandlerError>(()) })
+        .handler("bad name", |_c: ItemContext| async {
+            Ok::<(), HandlerError>(())
+        })
         .build()
         .unwrap_err();
     assert!(e.to_string().contains("invalid handler"), "{e}");
@@ -185,7 +207,10 @@ fn builder_refuses_bad_settings() {
         })
         .build()
         .unwrap_err();
-    assert!(matches!(e, WorkerError::Config(ref m) if m.contains("invalid batch")), "{e}");
+    assert!(
+        matches!(e, WorkerError::Config(ref m) if m.contains("invalid batch")),
+        "{e}"
+    );
     let e = Worker::builder(store())
         .handler("h", |_c: ItemContext| async { Ok::<(), HandlerError>(()) })
         .handler_concurrency("other", 3)
