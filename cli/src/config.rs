@@ -233,8 +233,11 @@ where
         if rest == "CONFIG" {
             continue;
         }
-        set_by_env_name(&mut value, rest, &raw)
+        let matched = set_by_env_name(&mut value, rest, &raw)
             .with_context(|| format!("environment variable {name}"))?;
+        if !matched {
+            bail!("environment variable {name}: no configuration field matches");
+        }
     }
     let text = toml::to_string(&value)?;
     toml::from_str(&text).context("invalid configuration")
@@ -257,29 +260,31 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 }
 
 /// Finds the field `name` (upper case, `_`-joined path) and sets it from `raw`,
-/// parsed as the type the field already has.
-fn set_by_env_name(value: &mut toml::Value, name: &str, raw: &str) -> Result<()> {
+/// parsed as the type the field already has. Answers whether a field matched; a
+/// matched field with a bad value is an error.
+fn set_by_env_name(value: &mut toml::Value, name: &str, raw: &str) -> Result<bool> {
     let toml::Value::Table(table) = value else {
-        bail!("not a table");
+        return Ok(false);
     };
     // Longest key first, so `MAX_IN_FLIGHT` is not mistaken for a `MAX` section.
     let mut keys: Vec<String> = table.keys().cloned().collect();
     keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
     for key in keys {
         let upper = key.to_uppercase();
-        if name == upper {
-            let slot = table.get_mut(&key).context("key vanished")?;
+        let Some(slot) = table.get_mut(&key) else {
+            continue;
+        };
+        if name == upper && !slot.is_table() {
             *slot = parse_like(slot, raw).with_context(|| format!("field {key}"))?;
-            return Ok(());
+            return Ok(true);
         }
         if let Some(rest) = name.strip_prefix(&format!("{upper}_"))
-            && let Some(inner @ toml::Value::Table(_)) = table.get_mut(&key)
-            && set_by_env_name(inner, rest, raw).is_ok()
+            && set_by_env_name(slot, rest, raw)?
         {
-            return Ok(());
+            return Ok(true);
         }
     }
-    bail!("no configuration field matches")
+    Ok(false)
 }
 
 fn parse_like(current: &toml::Value, raw: &str) -> Result<toml::Value> {

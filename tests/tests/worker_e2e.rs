@@ -513,3 +513,63 @@ async fn queue_cli_round_trip_and_bad_input() -> Result<()> {
     ensure!(code != 0 && err.contains("redis_url"), "code {code}: {err}");
     Ok(())
 }
+
+/// A handler that runs longer than the visibility timeout is not redelivered: the
+/// worker extends the deadline while it runs.
+#[tokio::test]
+async fn long_handler_is_extended_not_redelivered() -> Result<()> {
+    let dir = TestDir::new("extend")?;
+    let redis = RedisServer::start().await?;
+    let store = redis.store("ex", 1).await?;
+    let now = store.now_ms().await?;
+    store
+        .enqueue(vec![NewItem::new("long", "sleep", now).payload("2500")])
+        .await?;
+    let (_a, ra) = spawn_worker(
+        dir.path(),
+        "a",
+        &redis,
+        "ex",
+        &[
+            "--queues",
+            "1",
+            "--handlers",
+            "sleep",
+            "--visibility-ms",
+            "600",
+        ],
+        &[],
+    )?;
+    let (_b, rb) = spawn_worker(
+        dir.path(),
+        "b",
+        &redis,
+        "ex",
+        &[
+            "--queues",
+            "1",
+            "--handlers",
+            "sleep",
+            "--visibility-ms",
+            "600",
+        ],
+        &[],
+    )?;
+    wait_until("the long item handled", Duration::from_secs(15), || async {
+        read_records(&ra).len() + read_records(&rb).len() >= 1
+    })
+    .await?;
+    // A wrongful redelivery would keep the item in the store until its second run
+    // finished (the first ack would be stale), so wait for the store to empty.
+    wait_until("store empty", Duration::from_secs(5), || async {
+        left(&store).await.map(|l| l == (0, 0)).unwrap_or(false)
+    })
+    .await?;
+    let recs: Vec<_> = read_records(&ra)
+        .into_iter()
+        .chain(read_records(&rb))
+        .collect();
+    ensure!(recs.len() == 1, "handled {} times: {recs:?}", recs.len());
+    ensure!(recs[0].attempt == 1, "attempt {}", recs[0].attempt);
+    Ok(())
+}
