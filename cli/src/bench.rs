@@ -113,7 +113,7 @@ async fn burst(a: BurstArgs) -> Result<()> {
     let conn = RedisConn::connect(&spec)
         .await
         .with_context(|| format!("connecting to {}", a.redis_url))?;
-    let store = Arc::new(RedisStore::new(conn.clone(), layout));
+    let store = Arc::new(RedisStore::open(conn.clone(), layout).await?);
     let dir = std::env::temp_dir().join(format!("chime-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 

@@ -173,7 +173,7 @@ pub async fn connect(store: &StoreArgs) -> Result<RedisStore> {
     let conn = RedisConn::connect(&cfg.redis.spec()?)
         .await
         .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
-    Ok(RedisStore::new(conn, cfg.queue.layout()?))
+    Ok(RedisStore::open(conn, cfg.queue.layout()?).await?)
 }
 
 /// Runs a `chime queue` subcommand.

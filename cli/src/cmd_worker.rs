@@ -90,7 +90,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let conn = RedisConn::connect(&cfg.redis.spec()?)
         .await
         .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
-    let store = Arc::new(RedisStore::new(conn, layout.clone()));
+    let store = Arc::new(RedisStore::open(conn, layout.clone()).await?);
 
     let recorder = match cfg.handlers.record_file.as_str() {
         "" => None,

@@ -24,6 +24,14 @@ pub enum Error {
         /// Queue index whose lease was lost.
         queue: u32,
     },
+    /// The caller's queue layout is older than the store's (a resize happened); the
+    /// store refreshes and retries by itself, so callers only see this when that
+    /// keeps failing.
+    #[error("queue layout epoch {epoch} is newer than this process's; refresh it")]
+    StaleLayout {
+        /// The newer epoch.
+        epoch: u64,
+    },
     /// The store could not be reached or answered with an error; retrying may help.
     #[error("store unavailable: {0}")]
     Unavailable(String),

@@ -10,7 +10,9 @@
 //! installs a logger; those belong to the `chime` binary.
 
 pub mod clock;
+pub mod config;
 pub mod error;
+pub mod etcd;
 pub mod limits;
 pub mod queue;
 pub mod redis_conn;

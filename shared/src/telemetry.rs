@@ -26,3 +26,11 @@ pub const STALE_LEASES: &str = "chime_stale_leases_total";
 pub const STALE_SETTLEMENTS: &str = "chime_stale_settlements_total";
 /// Store calls that failed (label `op`).
 pub const STORE_ERRORS: &str = "chime_store_errors_total";
+/// Live config changes applied.
+pub const CONFIG_APPLIED: &str = "chime_config_changes_applied_total";
+/// Live config values refused (label `key`).
+pub const CONFIG_REJECTED: &str = "chime_config_rejected_total";
+/// Queue layout changes (resizes) applied by this process.
+pub const LAYOUT_APPLIED: &str = "chime_queue_layout_changes_total";
+/// Items moved between queues by a resize.
+pub const ITEMS_MIGRATED: &str = "chime_items_migrated_total";

@@ -262,10 +262,11 @@ impl RedisServer {
 
     /// A Redis delay store with `count` queues under `prefix`.
     pub async fn store(&self, prefix: &str, count: u32) -> Result<RedisStore> {
-        Ok(RedisStore::new(
+        Ok(RedisStore::open(
             self.conn().await?,
             QueueLayout::new(prefix, "default", count)?,
-        ))
+        )
+        .await?)
     }
 
     /// The server process.

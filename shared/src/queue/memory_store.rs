@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use super::codec::{self, Body};
 use super::{
     CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
-    ItemState, ItemView, Lease, NewItem, Outcome, PopOptions, Popped, QueueStats,
-    RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
+    ItemState, ItemView, Layout, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped,
+    QueueStats, RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
 };
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -52,8 +52,6 @@ struct Queue {
     mki: BTreeSet<(String, i64, String)>,
     recs: HashMap<String, Rec>,
     lease: Option<(String, i64)>,
-    /// Delivery counter (the Redis `seq` key).
-    seq: u64,
 }
 
 impl Queue {
@@ -134,26 +132,63 @@ impl Queue {
 struct State {
     queues: Vec<Queue>,
     claims: u64,
+    /// Delivery counter, store-wide so tokens stay unique across resizes.
+    seq: u64,
+    layout: Layout,
+}
+
+impl State {
+    fn count(&self) -> u32 {
+        self.layout.count
+    }
+
+    /// Re-places every item for `count` queues in one step (the lock makes a resize
+    /// atomic here; Redis needs the epoch protocol instead). Leases are dropped:
+    /// consumers see `StaleLease` and claim again.
+    fn resize(&mut self, count: u32) {
+        let mut fresh: Vec<Queue> = (0..count).map(|_| Queue::default()).collect();
+        for old in std::mem::take(&mut self.queues) {
+            for (id, rec) in old.recs {
+                let q = &mut fresh[queue_for(&rec.body.key, count) as usize];
+                match rec.pos {
+                    Pos::Due(s) => {
+                        q.due.insert((s, id.clone()));
+                        if !rec.class.is_empty() {
+                            q.mki.insert((rec.class.clone(), s, id.clone()));
+                        }
+                    }
+                    Pos::Run(d) => {
+                        q.run.insert((d, id.clone()));
+                    }
+                    Pos::Dead(d) => {
+                        q.dead.insert((d, id.clone()));
+                    }
+                }
+                q.recs.insert(id, rec);
+            }
+        }
+        self.queues = fresh;
+    }
 }
 
 /// In-memory delay store.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
-    count: u32,
     state: Arc<Mutex<State>>,
 }
 
 impl MemoryStore {
     /// A store of `count` queues reading time from `clock`.
     pub fn new(count: u32, clock: Arc<dyn Clock>) -> Self {
-        let count = count.max(1);
+        let count = count.clamp(1, super::MAX_QUEUES);
         Self {
             clock,
-            count,
             state: Arc::new(Mutex::new(State {
                 queues: (0..count).map(|_| Queue::default()).collect(),
                 claims: 0,
+                seq: 0,
+                layout: Layout::initial(count),
             })),
         }
     }
@@ -165,10 +200,11 @@ impl MemoryStore {
     }
 
     fn check_queue(&self, queue: u32) -> Result<()> {
-        if queue >= self.count {
+        let count = self.lock().count();
+        if queue >= count {
             return Err(Error::invalid(
                 "queue",
-                format!("{queue} is outside 0..{}", self.count),
+                format!("{queue} is outside 0..{count}"),
             ));
         }
         Ok(())
@@ -177,8 +213,42 @@ impl MemoryStore {
 
 #[async_trait]
 impl DelayStore for MemoryStore {
-    fn queue_count(&self) -> u32 {
-        self.count
+    fn layout(&self) -> Layout {
+        self.lock().layout.clone()
+    }
+
+    async fn apply_layout(&self, count: u32, revision: i64) -> Result<Layout> {
+        if !(1..=super::MAX_QUEUES).contains(&count) {
+            return Err(Error::invalid(
+                "queue_count",
+                format!("{count} is outside 1..={}", super::MAX_QUEUES),
+            ));
+        }
+        let mut st = self.lock();
+        if revision > st.layout.revision {
+            if count != st.layout.count {
+                st.resize(count);
+                st.layout.epoch += 1;
+                st.layout.count = count;
+            }
+            st.layout.revision = revision;
+        }
+        Ok(st.layout.clone())
+    }
+
+    async fn refresh_layout(&self) -> Result<Layout> {
+        Ok(self.layout())
+    }
+
+    fn wants_migration(&self, _queue: u32) -> bool {
+        false
+    }
+
+    async fn migrate(&self, _lease: &Lease, _max_items: u32) -> Result<MigrateStep> {
+        Ok(MigrateStep {
+            moved: 0,
+            clean: true,
+        })
     }
 
     async fn now_ms(&self) -> Result<i64> {
@@ -191,7 +261,8 @@ impl DelayStore for MemoryStore {
         let mut out = Vec::with_capacity(items.len());
         for it in items {
             let key = it.routing_key().to_owned();
-            let q = &mut st.queues[queue_for(&key, self.count) as usize];
+            let count = st.count();
+            let q = &mut st.queues[queue_for(&key, count) as usize];
             if q.recs.contains_key(&it.id) {
                 out.push(EnqueueOutcome::Duplicate);
                 continue;
@@ -223,13 +294,15 @@ impl DelayStore for MemoryStore {
     }
 
     async fn get(&self, item: &ItemRef) -> Result<Option<ItemView>> {
-        let qi = queue_for(&item.key, self.count);
-        Ok(self.lock().queues[qi as usize].view(qi, &item.id))
+        let st = self.lock();
+        let qi = queue_for(&item.key, st.count());
+        Ok(st.queues[qi as usize].view(qi, &item.id))
     }
 
     async fn cancel(&self, item: &ItemRef) -> Result<CancelOutcome> {
         let mut st = self.lock();
-        let q = &mut st.queues[queue_for(&item.key, self.count) as usize];
+        let count = st.count();
+        let q = &mut st.queues[queue_for(&item.key, count) as usize];
         let Some(rec) = q.recs.get_mut(&item.id) else {
             return Ok(CancelOutcome::NotFound);
         };
@@ -244,7 +317,8 @@ impl DelayStore for MemoryStore {
     async fn reschedule(&self, item: &ItemRef, due_at_ms: i64) -> Result<RescheduleOutcome> {
         crate::limits::check_due("due_at_ms", due_at_ms)?;
         let mut st = self.lock();
-        let q = &mut st.queues[queue_for(&item.key, self.count) as usize];
+        let count = st.count();
+        let q = &mut st.queues[queue_for(&item.key, count) as usize];
         let Some(rec) = q.recs.get_mut(&item.id) else {
             return Ok(RescheduleOutcome::NotFound);
         };
@@ -365,10 +439,11 @@ impl DelayStore for MemoryStore {
         let deadline = now + opts.visibility_ms.max(1) as i64;
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut last_group = 0;
+        let seq = st.seq + 1;
         if !picked.is_empty() {
-            q.seq += 1;
+            st.seq = seq;
         }
-        let seq = q.seq;
+        let q = &mut st.queues[lease.queue as usize];
         for (id, group) in picked {
             q.unlink(&id);
             let Some(rec) = q.recs.get_mut(&id) else {
@@ -487,6 +562,7 @@ impl DelayStore for MemoryStore {
                 in_flight: q.run.len() as u64,
                 dead: q.dead.len() as u64,
                 next_due_ms: q.due.first().map(|x| x.0),
+                moving: 0,
             })
             .collect())
     }
@@ -518,7 +594,7 @@ impl DelayStore for MemoryStore {
         } else {
             targets = items
                 .iter()
-                .map(|r| (queue_for(&r.key, self.count) as usize, r.id.clone()))
+                .map(|r| (queue_for(&r.key, st.count()) as usize, r.id.clone()))
                 .collect();
         }
         let mut moved = 0;

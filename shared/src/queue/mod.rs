@@ -16,8 +16,12 @@
 //! [`memory_store::MemoryStore`] implement it and pass one conformance suite.
 
 pub mod codec;
+pub mod layout;
 pub mod memory_store;
+mod redis_migrate;
 pub mod redis_store;
+
+pub use layout::Layout;
 
 use std::fmt;
 
@@ -418,14 +422,45 @@ pub struct QueueStats {
     pub dead: u64,
     /// Earliest pending due time.
     pub next_due_ms: Option<i64>,
+    /// Items a resize is moving out of this queue right now.
+    pub moving: u64,
+}
+
+/// What one migration step on a leased queue did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateStep {
+    /// Items moved to their new home.
+    pub moved: u64,
+    /// The queue holds nothing misplaced for the current layout (nothing left to do).
+    pub clean: bool,
 }
 
 /// The delay-queue contract. Implementations: [`redis_store::RedisStore`] (production) and
 /// [`memory_store::MemoryStore`] (`chime dev`, unit tests); both pass the conformance suite.
 #[async_trait]
 pub trait DelayStore: Send + Sync + fmt::Debug {
-    /// Number of queues items are spread over.
-    fn queue_count(&self) -> u32;
+    /// The layout this process uses now.
+    fn layout(&self) -> Layout;
+
+    /// Number of queues consumers poll: every queue of every live layout.
+    fn queue_count(&self) -> u32 {
+        self.layout().poll_count()
+    }
+
+    /// Asks for `count` queues, as set by config `revision` (ordered: an older
+    /// revision changes nothing). Starts a resize when the count changes.
+    async fn apply_layout(&self, count: u32, revision: i64) -> Result<Layout>;
+
+    /// Re-reads the layout from the store (another process may have changed it).
+    async fn refresh_layout(&self) -> Result<Layout>;
+
+    /// A resize may still have work on `queue`.
+    fn wants_migration(&self, queue: u32) -> bool;
+
+    /// Moves up to `max_items` misplaced items out of the leased queue to their
+    /// current home, and notes when the queue is clean; retires the draining layouts
+    /// once every queue is.
+    async fn migrate(&self, lease: &Lease, max_items: u32) -> Result<MigrateStep>;
 
     /// The store's clock, Unix milliseconds (Redis `TIME` for Redis).
     async fn now_ms(&self) -> Result<i64>;

@@ -1,33 +1,45 @@
 //! The production delay store on Redis (standalone or Cluster).
 //!
-//! Each queue `i` of family `f` under prefix `p` is eleven keys sharing the hash tag
-//! `{p:f:i}`, so each queue is one Cluster slot and every script touches one slot
+//! Each queue `i` of family `f` under prefix `p` is seventeen keys sharing the hash
+//! tag `{p:f:i}`, so each queue is one Cluster slot and every script touches one slot
 //! (see `lua/common.lua` for what each key holds). Every state change is one Lua
 //! script per queue per batch, using Redis `TIME`; nothing is decided with a client's
-//! clock and no item ever exists only in a client's memory. The family's claim counter
-//! `p:f:claims` is the only key outside the queues; it is touched once per queue
-//! switch, never per item.
+//! clock and no item ever exists only in a client's memory. Outside the queues there
+//! are two family keys: the claim counter `p:f:claims` (touched once per queue
+//! switch, never per item) and the layout `p:f:layout` (read when a resize happens).
+//!
+//! Resizes: producers place items with the current [`Layout`]; a queue refuses a
+//! producer whose layout is older than one it has seen (`STALE`), and the store then
+//! re-reads the layout and retries. Lookups walk every home an item may have.
+//! Moving misplaced items is in `redis_migrate.rs`.
 
-use std::sync::{Arc, LazyLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::time::Duration;
 
 use ::redis::{Script, Value};
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 
 use super::codec::{self, Body};
+use super::layout::Layout;
+use super::redis_migrate::Passes;
 use super::{
     CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
-    ItemState, ItemView, Lease, NewItem, Outcome, PopOptions, Popped, QueueLayout, QueueStats,
-    RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
+    ItemState, ItemView, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped, QueueLayout,
+    QueueStats, RescheduleOutcome, Settlement, new_lease_token, validate_batch,
 };
 use crate::error::{Error, Result};
 use crate::redis_conn::RedisConn;
 
 /// Most items per script call: keeps each script short (Redis is single-threaded, a
 /// long script stalls every client) and far below Lua's unpack limit.
-const SCRIPT_BATCH: usize = 500;
+pub(super) const SCRIPT_BATCH: usize = 500;
 /// Most expired in-flight items one pop reaps.
 const REAP_LIMIT: u32 = 500;
+/// How often a lookup retries an item a resize is moving, and for how long.
+const MOVING_RETRY: Duration = Duration::from_millis(20);
+const MOVING_RETRIES: u32 = 250;
 
 macro_rules! script {
     ($file:literal) => {
@@ -36,6 +48,7 @@ macro_rules! script {
 }
 
 static ENQUEUE: LazyLock<Script> = script!("lua/enqueue.lua");
+static CHECK: LazyLock<Script> = script!("lua/check.lua");
 static POP: LazyLock<Script> = script!("lua/pop.lua");
 static ACK: LazyLock<Script> = script!("lua/ack.lua");
 static FAIL: LazyLock<Script> = script!("lua/fail.lua");
@@ -47,10 +60,19 @@ static REQUEUE: LazyLock<Script> = script!("lua/requeue.lua");
 static STATS: LazyLock<Script> = script!("lua/stats.lua");
 static DEAD: LazyLock<Script> = script!("lua/dead.lua");
 static RELEASE: LazyLock<Script> = script!("lua/release.lua");
+static LAYOUT: LazyLock<Script> = script!("lua/layout.lua");
+pub(super) static MV_SCAN: LazyLock<Script> = script!("lua/mv_scan.lua");
+pub(super) static MV_TAKE: LazyLock<Script> = script!("lua/mv_take.lua");
+pub(super) static MV_PENDING: LazyLock<Script> = script!("lua/mv_pending.lua");
+pub(super) static MV_IMPORT: LazyLock<Script> = script!("lua/mv_import.lua");
+pub(super) static MV_RETARGET: LazyLock<Script> = script!("lua/mv_retarget.lua");
+pub(super) static MV_FINISH: LazyLock<Script> = script!("lua/mv_finish.lua");
+pub(super) static MV_UNMARK: LazyLock<Script> = script!("lua/mv_unmark.lua");
+pub(super) static MV_CLEAN: LazyLock<Script> = script!("lua/mv_clean.lua");
 
-/// The eleven keys of one queue, in the order the scripts expect them.
-#[derive(Debug, Clone)]
-struct QueueKeys([String; 11]);
+/// The seventeen keys of one queue, in the order the scripts expect them.
+#[derive(Debug)]
+struct QueueKeys([String; 17]);
 
 impl QueueKeys {
     fn new(layout: &QueueLayout, queue: u32) -> Self {
@@ -58,6 +80,7 @@ impl QueueKeys {
         QueueKeys(
             [
                 "due", "run", "items", "att", "dead", "mki", "lease", "cx", "err", "cls", "seq",
+                "epoch", "moving", "mvinfo", "imported", "back", "clean",
             ]
             .map(|k| format!("{tag}:{k}")),
         )
@@ -71,28 +94,43 @@ impl QueueKeys {
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     conn: RedisConn,
-    layout: QueueLayout,
-    keys: Arc<Vec<QueueKeys>>,
+    names: QueueLayout,
+    keys: Arc<RwLock<Vec<Arc<QueueKeys>>>>,
+    layout: Arc<RwLock<Layout>>,
+    pub(super) passes: Arc<Mutex<Passes>>,
     claims_key: String,
+    layout_key: String,
+}
+
+/// How a lookup script answered on one queue.
+enum Found<T> {
+    Here(T),
+    NotHere,
+    Moving,
 }
 
 impl RedisStore {
-    /// A store over an established connection.
-    pub fn new(conn: RedisConn, layout: QueueLayout) -> Self {
-        let keys = (0..layout.count)
-            .map(|q| QueueKeys::new(&layout, q))
-            .collect();
-        Self {
-            claims_key: format!("{}:{}:claims", layout.prefix, layout.family),
+    /// Opens the store: reads the family's layout, creating it with `names.count`
+    /// queues when the family is new.
+    pub async fn open(conn: RedisConn, names: QueueLayout) -> Result<Self> {
+        let store = Self {
+            claims_key: format!("{}:{}:claims", names.prefix, names.family),
+            layout_key: format!("{}:{}:layout", names.prefix, names.family),
+            layout: Arc::new(RwLock::new(Layout::initial(names.count))),
+            keys: Arc::default(),
+            passes: Arc::default(),
             conn,
-            layout,
-            keys: Arc::new(keys),
-        }
+            names,
+        };
+        store
+            .layout_call(&["apply", &store.names.count.to_string(), "0"])
+            .await?;
+        Ok(store)
     }
 
-    /// The layout this store was built with.
-    pub fn layout(&self) -> &QueueLayout {
-        &self.layout
+    /// Prefix, family and the count this process seeded the layout with.
+    pub fn names(&self) -> &QueueLayout {
+        &self.names
     }
 
     /// The connection, for callers that need plain commands next to the store.
@@ -100,20 +138,72 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    fn keys(&self, queue: u32) -> Result<&QueueKeys> {
-        self.keys.get(queue as usize).ok_or_else(|| {
-            Error::invalid(
+    pub(super) fn current_layout(&self) -> Layout {
+        self.layout
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Runs the layout script and adopts its answer if it is newer than ours.
+    async fn layout_call(&self, args: &[&str]) -> Result<Layout> {
+        let mut inv = LAYOUT.prepare_invoke();
+        inv.key(&self.layout_key);
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        let raw: String = inv.invoke_async(&mut conn).await?;
+        if raw.is_empty() {
+            return Ok(self.current_layout());
+        }
+        let fresh: Layout = serde_json::from_str(&raw)
+            .map_err(|e| Error::Corrupt(format!("layout {raw:?}: {e}")))?;
+        let mut cur = self.layout.write().unwrap_or_else(|p| p.into_inner());
+        if fresh.epoch > cur.epoch || (fresh.epoch == cur.epoch && fresh != *cur) {
+            if fresh.epoch != cur.epoch {
+                tracing::info!(family = %self.names.family, epoch = fresh.epoch, count = fresh.count,
+                    draining = ?fresh.draining, "queue layout changed");
+                metrics::counter!(crate::telemetry::LAYOUT_APPLIED).increment(1);
+            }
+            *cur = fresh;
+        }
+        Ok(cur.clone())
+    }
+
+    pub(super) async fn retire(&self, epoch: u64) -> Result<Layout> {
+        self.layout_call(&["retire", &epoch.to_string()]).await
+    }
+
+    fn keys(&self, queue: u32) -> Result<Arc<QueueKeys>> {
+        if queue >= super::MAX_QUEUES {
+            return Err(Error::invalid(
                 "queue",
-                format!("{queue} is outside 0..{}", self.layout.count),
-            )
-        })
+                format!("{queue} is outside 0..{}", super::MAX_QUEUES),
+            ));
+        }
+        if let Some(k) = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(queue as usize)
+        {
+            return Ok(k.clone());
+        }
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        while keys.len() <= queue as usize {
+            let q = keys.len() as u32;
+            keys.push(Arc::new(QueueKeys::new(&self.names, q)));
+        }
+        Ok(keys[queue as usize].clone())
     }
 
-    fn queue_of(&self, item: &ItemRef) -> u32 {
-        queue_for(&item.key, self.layout.count)
-    }
-
-    async fn run(&self, script: &Script, queue: u32, args: Vec<Vec<u8>>) -> Result<Value> {
+    pub(super) async fn run(
+        &self,
+        script: &Script,
+        queue: u32,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Value> {
         let keys = self.keys(queue)?;
         let mut inv = script.prepare_invoke();
         for k in &keys.0 {
@@ -126,8 +216,18 @@ impl RedisStore {
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
-    async fn enqueue_chunk(&self, queue: u32, items: &[&NewItem]) -> Result<Vec<bool>> {
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + items.len() * 4);
+    /// After a `STALE` answer: re-read the layout; it must now be at least `epoch`.
+    async fn catch_up(&self, epoch: u64) -> Result<()> {
+        let l = self.refresh_layout().await?;
+        if l.epoch < epoch {
+            return Err(Error::StaleLayout { epoch });
+        }
+        Ok(())
+    }
+
+    async fn enqueue_chunk(&self, epoch: u64, queue: u32, items: &[&NewItem]) -> Result<Vec<bool>> {
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + items.len() * 4);
+        args.push(epoch.to_string().into_bytes());
         args.push(items.len().to_string().into_bytes());
         for it in items {
             let key = it.routing_key();
@@ -143,14 +243,114 @@ impl RedisStore {
                 payload: it.payload.clone(),
             }));
         }
-        let v = self.run(&ENQUEUE, queue, args).await?;
-        let flags = array(v, "enqueue")?;
-        flags.iter().map(|f| Ok(int(f, "enqueue")? == 1)).collect()
+        let parts = array(self.run(&ENQUEUE, queue, args).await?, "enqueue")?;
+        stale_epoch(&parts)?;
+        parts.iter().map(|f| Ok(int(f, "enqueue")? == 1)).collect()
+    }
+
+    /// Asks an old home which of `ids` exist there (sealing it for `epoch`).
+    async fn check_chunk(&self, epoch: u64, queue: u32, ids: &[&str]) -> Result<Vec<bool>> {
+        let mut args = vec![epoch.to_string().into_bytes()];
+        args.extend(ids.iter().map(|i| i.as_bytes().to_vec()));
+        let parts = array(self.run(&CHECK, queue, args).await?, "check")?;
+        stale_epoch(&parts)?;
+        parts.iter().map(|f| Ok(int(f, "check")? == 1)).collect()
+    }
+
+    /// One enqueue attempt under `layout`: during a resize, ask the old homes first
+    /// (an item there is a duplicate), then store the rest in their current homes.
+    async fn try_enqueue(&self, layout: &Layout, items: &[NewItem]) -> Result<Vec<EnqueueOutcome>> {
+        let mut exists = vec![false; items.len()];
+        if layout.in_transition() {
+            let mut per_old: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+            for (i, it) in items.iter().enumerate() {
+                let homes = layout.homes(it.routing_key());
+                for q in &homes[..homes.len() - 1] {
+                    per_old.entry(*q).or_default().push(i);
+                }
+            }
+            let calls = per_old.iter().flat_map(|(q, idxs)| {
+                idxs.chunks(SCRIPT_BATCH).map(move |chunk| async move {
+                    let ids: Vec<&str> = chunk.iter().map(|&i| items[i].id.as_str()).collect();
+                    Ok::<_, Error>((chunk, self.check_chunk(layout.epoch, *q, &ids).await?))
+                })
+            });
+            for (chunk, found) in try_join_all(calls).await? {
+                for (&i, f) in chunk.iter().zip(found) {
+                    exists[i] |= f;
+                }
+            }
+        }
+        let mut per_home: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, it) in items.iter().enumerate() {
+            if !exists[i] {
+                per_home
+                    .entry(layout.home(it.routing_key()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let calls = per_home.iter().flat_map(|(q, idxs)| {
+            idxs.chunks(SCRIPT_BATCH).map(move |chunk| async move {
+                let refs: Vec<&NewItem> = chunk.iter().map(|&i| &items[i]).collect();
+                Ok::<_, Error>((chunk, self.enqueue_chunk(layout.epoch, *q, &refs).await?))
+            })
+        });
+        // All chunks are in flight at once: the multiplexed connection pipelines them.
+        let mut out = vec![EnqueueOutcome::Duplicate; items.len()];
+        for (chunk, created) in try_join_all(calls).await? {
+            for (&i, c) in chunk.iter().zip(created) {
+                if c {
+                    out[i] = EnqueueOutcome::Created;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs a lookup script on each home of `item` in order until one has it. An item
+    /// a resize is moving is asked for again shortly; during a resize the walk is
+    /// done twice before answering "not here", since the item may have moved.
+    async fn locate<T>(
+        &self,
+        item: &ItemRef,
+        script: &Script,
+        args: &[Vec<u8>],
+        classify: impl Fn(u32, Value) -> Result<Found<T>>,
+    ) -> Result<Option<(u32, T)>> {
+        let mut tries = 0;
+        let mut passes = 0;
+        loop {
+            let layout = self.current_layout();
+            let mut moving = false;
+            for q in layout.homes(&item.key) {
+                match classify(q, self.run(script, q, args.to_vec()).await?)? {
+                    Found::Here(t) => return Ok(Some((q, t))),
+                    Found::Moving => moving = true,
+                    Found::NotHere => {}
+                }
+            }
+            passes += 1;
+            if moving && tries < MOVING_RETRIES {
+                tries += 1;
+                tokio::time::sleep(MOVING_RETRY).await;
+                continue;
+            }
+            if moving {
+                return Err(Error::Unavailable(format!(
+                    "item {:?} stayed in the middle of a move",
+                    item.id
+                )));
+            }
+            if !layout.in_transition() || passes >= 2 {
+                return Ok(None);
+            }
+        }
     }
 
     /// Builds a view from GET's answer: body, attempts, pending score, in-flight
     /// member, deadline, dead since, last error, cancelled flag.
-    fn parse_view(&self, queue: u32, id: String, parts: &[Value]) -> Result<Option<ItemView>> {
+    fn parse_view(queue: u32, id: String, parts: &[Value]) -> Result<Option<ItemView>> {
         let Some(body) = bytes(&parts[0]) else {
             return Ok(None);
         };
@@ -180,8 +380,31 @@ impl RedisStore {
 
 #[async_trait]
 impl DelayStore for RedisStore {
-    fn queue_count(&self) -> u32 {
-        self.layout.count
+    fn layout(&self) -> Layout {
+        self.current_layout()
+    }
+
+    async fn apply_layout(&self, count: u32, revision: i64) -> Result<Layout> {
+        if !(1..=super::MAX_QUEUES).contains(&count) {
+            return Err(Error::invalid(
+                "queue_count",
+                format!("{count} is outside 1..={}", super::MAX_QUEUES),
+            ));
+        }
+        self.layout_call(&["apply", &count.to_string(), &revision.to_string()])
+            .await
+    }
+
+    async fn refresh_layout(&self) -> Result<Layout> {
+        self.layout_call(&["get"]).await
+    }
+
+    fn wants_migration(&self, queue: u32) -> bool {
+        self.migration_wanted(queue)
+    }
+
+    async fn migrate(&self, lease: &Lease, max_items: u32) -> Result<MigrateStep> {
+        self.migrate_step(lease, max_items).await
     }
 
     async fn now_ms(&self) -> Result<i64> {
@@ -192,76 +415,78 @@ impl DelayStore for RedisStore {
 
     async fn enqueue(&self, items: Vec<NewItem>) -> Result<Vec<EnqueueOutcome>> {
         validate_batch(&items)?;
-        // Group by queue, keeping each item's position so answers come back in order.
-        let mut per_queue: Vec<Vec<usize>> = vec![Vec::new(); self.layout.count as usize];
-        for (i, it) in items.iter().enumerate() {
-            per_queue[queue_for(it.routing_key(), self.layout.count) as usize].push(i);
-        }
-        let mut calls = Vec::new();
-        for (q, idxs) in per_queue.iter().enumerate() {
-            for chunk in idxs.chunks(SCRIPT_BATCH) {
-                let refs: Vec<&NewItem> = chunk.iter().map(|&i| &items[i]).collect();
-                let store = self;
-                calls.push(async move {
-                    let created = store.enqueue_chunk(q as u32, &refs).await?;
-                    Ok::<_, Error>((chunk, created))
-                });
-            }
-        }
-        // All chunks are in flight at once: the multiplexed connection pipelines them.
-        let answers = try_join_all(calls).await?;
-        let mut out = vec![EnqueueOutcome::Duplicate; items.len()];
-        for (chunk, created) in answers {
-            for (&i, c) in chunk.iter().zip(created) {
-                if c {
-                    out[i] = EnqueueOutcome::Created;
+        let mut last = Error::StaleLayout { epoch: 0 };
+        for _ in 0..5 {
+            let layout = self.current_layout();
+            match self.try_enqueue(&layout, &items).await {
+                Err(Error::StaleLayout { epoch }) => {
+                    // Chunks that went through answered `Created`; retrying them
+                    // would answer `Duplicate`. That is only possible for items a
+                    // producer re-sends anyway; the store stays exactly-once.
+                    self.catch_up(epoch).await?;
+                    last = Error::StaleLayout { epoch };
                 }
+                other => return other,
             }
         }
-        Ok(out)
+        Err(last)
     }
 
     async fn get(&self, item: &ItemRef) -> Result<Option<ItemView>> {
-        let q = self.queue_of(item);
-        let args = vec![
+        let args = [
             item.id.clone().into_bytes(),
             codec::glob_escape(&item.id).into_bytes(),
         ];
-        let parts = array(self.run(&GET, q, args).await?, "get")?;
-        if parts.len() != 8 {
-            return Err(Error::Corrupt("get: unexpected answer".into()));
-        }
-        self.parse_view(q, item.id.clone(), &parts)
+        let found = self
+            .locate(item, &GET, &args, |q, v| {
+                let parts = array(v, "get")?;
+                if parts.len() != 8 {
+                    return Err(Error::Corrupt("get: unexpected answer".into()));
+                }
+                Ok(match Self::parse_view(q, item.id.clone(), &parts)? {
+                    Some(v) => Found::Here(v),
+                    None => Found::NotHere,
+                })
+            })
+            .await?;
+        Ok(found.map(|(_, v)| v))
     }
 
     async fn cancel(&self, item: &ItemRef) -> Result<CancelOutcome> {
-        let q = self.queue_of(item);
-        let v = self
-            .run(&CANCEL, q, vec![item.id.clone().into_bytes()])
+        let args = [item.id.clone().into_bytes()];
+        let found = self
+            .locate(item, &CANCEL, &args, |_, v| {
+                Ok(match text(&v).as_deref() {
+                    Some("cancelled") => Found::Here(CancelOutcome::Cancelled),
+                    Some("in_flight") => Found::Here(CancelOutcome::InFlight),
+                    Some("moving") => Found::Moving,
+                    Some("not_found") => Found::NotHere,
+                    other => return Err(Error::Corrupt(format!("cancel answered {other:?}"))),
+                })
+            })
             .await?;
-        match text(&v).as_deref() {
-            Some("cancelled") => Ok(CancelOutcome::Cancelled),
-            Some("in_flight") => Ok(CancelOutcome::InFlight),
-            Some("not_found") => Ok(CancelOutcome::NotFound),
-            other => Err(Error::Corrupt(format!("cancel answered {other:?}"))),
-        }
+        Ok(found.map_or(CancelOutcome::NotFound, |(_, o)| o))
     }
 
     async fn reschedule(&self, item: &ItemRef, due_at_ms: i64) -> Result<RescheduleOutcome> {
         crate::limits::check_due("due_at_ms", due_at_ms)?;
-        let q = self.queue_of(item);
-        let args = vec![
+        let args = [
             item.id.clone().into_bytes(),
             due_at_ms.to_string().into_bytes(),
         ];
-        let v = self.run(&RESCHEDULE, q, args).await?;
-        match text(&v).as_deref() {
-            Some("rescheduled") => Ok(RescheduleOutcome::Rescheduled),
-            Some("in_flight") => Ok(RescheduleOutcome::InFlight),
-            Some("dead") => Ok(RescheduleOutcome::Dead),
-            Some("not_found") => Ok(RescheduleOutcome::NotFound),
-            other => Err(Error::Corrupt(format!("reschedule answered {other:?}"))),
-        }
+        let found = self
+            .locate(item, &RESCHEDULE, &args, |_, v| {
+                Ok(match text(&v).as_deref() {
+                    Some("rescheduled") => Found::Here(RescheduleOutcome::Rescheduled),
+                    Some("in_flight") => Found::Here(RescheduleOutcome::InFlight),
+                    Some("dead") => Found::Here(RescheduleOutcome::Dead),
+                    Some("moving") => Found::Moving,
+                    Some("not_found") => Found::NotHere,
+                    other => return Err(Error::Corrupt(format!("reschedule answered {other:?}"))),
+                })
+            })
+            .await?;
+        Ok(found.map_or(RescheduleOutcome::NotFound, |(_, o)| o))
     }
 
     async fn next_claim_ticket(&self) -> Result<u64> {
@@ -307,8 +532,7 @@ impl DelayStore for RedisStore {
             opts.merge_window_ms.to_string().into_bytes(),
             REAP_LIMIT.to_string().into_bytes(),
         ];
-        let v = self.run(&POP, lease.queue, args).await?;
-        let parts = array(v, "pop")?;
+        let parts = array(self.run(&POP, lease.queue, args).await?, "pop")?;
         if parts.len() == 1 && text(&parts[0]).as_deref() == Some("STALE") {
             return Err(Error::StaleLease { queue: lease.queue });
         }
@@ -429,9 +653,9 @@ impl DelayStore for RedisStore {
     }
 
     async fn stats(&self) -> Result<Vec<QueueStats>> {
-        let calls = (0..self.layout.count).map(|q| async move {
+        let calls = (0..self.queue_count()).map(|q| async move {
             let parts = array(self.run(&STATS, q, Vec::new()).await?, "stats")?;
-            if parts.len() != 5 {
+            if parts.len() != 6 {
                 return Err(Error::Corrupt("stats: unexpected answer".into()));
             }
             let next = int(&parts[4], "stats")?;
@@ -442,6 +666,7 @@ impl DelayStore for RedisStore {
                 in_flight: int(&parts[2], "stats")? as u64,
                 dead: int(&parts[3], "stats")? as u64,
                 next_due_ms: (next >= 0).then_some(next),
+                moving: int(&parts[5], "stats")? as u64,
             })
         });
         try_join_all(calls).await
@@ -449,7 +674,7 @@ impl DelayStore for RedisStore {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<ItemView>> {
         let mut out = Vec::new();
-        for q in 0..self.layout.count {
+        for q in 0..self.queue_count() {
             if out.len() >= limit {
                 break;
             }
@@ -481,7 +706,7 @@ impl DelayStore for RedisStore {
         let limit = limit.max(1);
         let mut moved = 0;
         if items.is_empty() {
-            for q in 0..self.layout.count {
+            for q in 0..self.queue_count() {
                 if moved >= limit {
                     break;
                 }
@@ -490,23 +715,35 @@ impl DelayStore for RedisStore {
             }
             return Ok(moved);
         }
-        let mut per_queue: Vec<Vec<Vec<u8>>> = vec![Vec::new(); self.layout.count as usize];
         for it in items {
-            per_queue[self.queue_of(it) as usize].push(it.id.clone().into_bytes());
-        }
-        for (q, ids) in per_queue.into_iter().enumerate() {
-            if ids.is_empty() {
-                continue;
-            }
-            let mut args = vec![limit.to_string().into_bytes()];
-            args.extend(ids);
-            moved += int(&self.run(&REQUEUE, q as u32, args).await?, "requeue")? as usize;
+            let args = [limit.to_string().into_bytes(), it.id.clone().into_bytes()];
+            let found = self
+                .locate(it, &REQUEUE, &args, |_, v| {
+                    let n = int(&v, "requeue")?;
+                    Ok(if n > 0 {
+                        Found::Here(n)
+                    } else {
+                        Found::NotHere
+                    })
+                })
+                .await?;
+            moved += found.map_or(0, |(_, n)| n as usize);
         }
         Ok(moved)
     }
 }
 
-fn array(v: Value, what: &str) -> Result<Vec<Value>> {
+/// `{'STALE', epoch}` from a script: the caller's layout is old.
+pub(super) fn stale_epoch(parts: &[Value]) -> Result<()> {
+    if parts.len() == 2 && text(&parts[0]).as_deref() == Some("STALE") {
+        return Err(Error::StaleLayout {
+            epoch: int(&parts[1], "stale")? as u64,
+        });
+    }
+    Ok(())
+}
+
+pub(super) fn array(v: Value, what: &str) -> Result<Vec<Value>> {
     match v {
         Value::Array(a) | Value::Set(a) => Ok(a),
         Value::Nil => Ok(Vec::new()),
@@ -516,7 +753,7 @@ fn array(v: Value, what: &str) -> Result<Vec<Value>> {
     }
 }
 
-fn opt_int(v: &Value) -> Option<i64> {
+pub(super) fn opt_int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
         Value::BulkString(b) => std::str::from_utf8(b)
@@ -530,11 +767,11 @@ fn opt_int(v: &Value) -> Option<i64> {
     }
 }
 
-fn int(v: &Value, what: &str) -> Result<i64> {
+pub(super) fn int(v: &Value, what: &str) -> Result<i64> {
     opt_int(v).ok_or_else(|| Error::Corrupt(format!("{what}: expected a number, got {v:?}")))
 }
 
-fn bytes(v: &Value) -> Option<&[u8]> {
+pub(super) fn bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.as_bytes()),
@@ -542,6 +779,6 @@ fn bytes(v: &Value) -> Option<&[u8]> {
     }
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(super) fn text(v: &Value) -> Option<String> {
     bytes(v).and_then(|b| String::from_utf8(b.to_vec()).ok())
 }

@@ -15,11 +15,22 @@
 --   KEYS[9]  err    HASH   id -> last error
 --   KEYS[10] cls    HASH   id -> merge class (items with a merge key only)
 --   KEYS[11] seq    STRING delivery counter: each pop takes the next value
--- An item is in exactly one of due, run, dead. Time is Redis TIME, never a client's.
+--   KEYS[12] epoch  STRING the newest layout epoch this queue has seen (the seal):
+--                          producers and movers with an older layout are refused
+--   KEYS[13] moving ZSET   ids a resize is moving out, score = their pending score
+--   KEYS[14] mvinfo HASH   id -> "token|target queue|p or d" for moving ids
+--   KEYS[15] imported ZSET move tokens already imported here (idempotent import)
+--   KEYS[16] back   STRING counts items going back from run/dead to due (a resize's
+--                          "is this queue clean" pass is void if it changed)
+--   KEYS[17] clean  STRING the epoch this queue was last found clean for
+-- An item is in exactly one of due, run, dead, moving. Time is Redis TIME, never a
+-- client's.
 -- The hot path (enqueue, pop, ack, extend) uses only variadic commands and parses
 -- nothing per item; rare paths (reap, retry, cancel, reschedule) may.
 local K_DUE, K_RUN, K_ITEMS, K_ATT, K_DEAD, K_MKI, K_LEASE, K_CX, K_ERR, K_CLS, K_SEQ =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local K_EPOCH, K_MOVING, K_MVINFO, K_IMPORTED, K_BACK, K_CLEAN =
+  KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
 
 -- Integers as plain digits (Lua's default number format switches to exponents).
 local function num(n) return string.format('%d', n) end
@@ -81,4 +92,23 @@ end
 local function bury(id, now, err)
   redis.call('ZADD', K_DEAD, num(now), id)
   redis.call('HSET', K_ERR, id, err)
+end
+
+-- Checks a caller's layout epoch against this queue's seal and raises the seal to
+-- it. Answers nil when the caller may go on, or the newer epoch that refuses it.
+local function seal(epoch)
+  local e = tonumber(epoch)
+  local cur = tonumber(redis.call('GET', K_EPOCH) or '0')
+  if cur > e then return cur end
+  if cur < e then redis.call('SET', K_EPOCH, e) end
+  return nil
+end
+
+-- The routing key inside a body: after "max|due|" come a version byte and the
+-- key's u32 LE length.
+local function key_of(body)
+  local p = string.find(body, '|', string.find(body, '|', 1, true) + 1, true)
+  local b1, b2, b3, b4 = string.byte(body, p + 2, p + 5)
+  local len = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+  return string.sub(body, p + 6, p + 5 + len)
 end

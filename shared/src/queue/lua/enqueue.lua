@@ -1,12 +1,15 @@
--- ENQUEUE: ARGV = n, then per item: id, due, merge_class, body.
--- Answers per item 1 (created) or 0 (an item with this id exists: duplicate).
-local n = tonumber(ARGV[1])
+-- ENQUEUE: ARGV = layout epoch, n, then per item: id, due, merge_class, body.
+-- Answers per item 1 (created) or 0 (an item with this id exists: duplicate), or
+-- {'STALE', epoch} when the producer's layout is older than this queue's.
+local newer = seal(ARGV[1])
+if newer then return { 'STALE', newer } end
+local n = tonumber(ARGV[2])
 local ids = {}
-for i = 1, n do ids[i] = ARGV[2 + (i - 1) * 4] end
+for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 4] end
 local existing = redis.call('HMGET', K_ITEMS, unpack(ids))
 local res, hitems, zdue, hcls, zmki, seen = {}, {}, {}, {}, {}, {}
 for i = 1, n do
-  local b = 2 + (i - 1) * 4
+  local b = 3 + (i - 1) * 4
   local id = ARGV[b]
   if existing[i] or seen[id] then
     res[i] = 0

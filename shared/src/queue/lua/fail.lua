@@ -19,6 +19,7 @@ for i = 1, n do
     elseif mode == 'x' then
       set_att(id, attempt_of(member) - 1)
       make_pending(id, now)
+      redis.call('INCR', K_BACK)
     else
       local a = attempt_of(member)
       set_att(id, a)
@@ -27,6 +28,7 @@ for i = 1, n do
       else
         redis.call('HSET', K_ERR, id, ARGV[b + 3])
         make_pending(id, now + tonumber(ARGV[b + 2]))
+        redis.call('INCR', K_BACK)
       end
     end
   end

@@ -5,7 +5,7 @@
 local id = ARGV[1]
 local member, deadline = false, false
 if not redis.call('ZSCORE', K_DUE, id) and not redis.call('ZSCORE', K_DEAD, id)
-   and redis.call('HEXISTS', K_ITEMS, id) == 1 then
+   and not redis.call('ZSCORE', K_MOVING, id) and redis.call('HEXISTS', K_ITEMS, id) == 1 then
   local cursor = '0'
   repeat
     local r = redis.call('ZSCAN', K_RUN, cursor, 'MATCH', ARGV[2] .. '\1*', 'COUNT', 1000)
@@ -19,7 +19,7 @@ end
 return {
   redis.call('HGET', K_ITEMS, id),
   redis.call('HGET', K_ATT, id),
-  redis.call('ZSCORE', K_DUE, id),
+  redis.call('ZSCORE', K_DUE, id) or redis.call('ZSCORE', K_MOVING, id),
   member,
   deadline,
   redis.call('ZSCORE', K_DEAD, id),

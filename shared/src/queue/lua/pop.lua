@@ -26,6 +26,7 @@ if #expired > 0 then
         bury(id, now, 'visibility timeout passed during attempt ' .. num(a))
       else
         make_pending(id, now)
+        redis.call('INCR', K_BACK)
       end
     end
   end

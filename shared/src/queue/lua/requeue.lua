@@ -13,6 +13,7 @@ for _, id in ipairs(ids) do
     if redis.call('HEXISTS', K_ITEMS, id) == 1 then
       redis.call('HDEL', K_ATT, id)
       make_pending(id, now)
+      redis.call('INCR', K_BACK)
       moved = moved + 1
     else
       forget(id)

@@ -1,4 +1,4 @@
--- STATS: answers {pending, due now, in flight, dead, next due or -1}.
+-- STATS: answers {pending, due now, in flight, dead, next due or -1, moving}.
 local now = now_ms()
 local h = redis.call('ZRANGE', K_DUE, 0, 0, 'WITHSCORES')
 local nd = -1
@@ -9,4 +9,5 @@ return {
   redis.call('ZCARD', K_RUN),
   redis.call('ZCARD', K_DEAD),
   nd,
+  redis.call('ZCARD', K_MOVING),
 }

@@ -1,0 +1,329 @@
+//! Where live settings are stored: [`EtcdSource`] in production, [`MemorySource`] for
+//! `chime dev` and tests. Both pass one conformance suite (`chime-tests`).
+//!
+//! Keys are relative to the source's prefix. A watch delivers every change after a
+//! given revision, in order; it ends (with an error) when the connection drops, and
+//! the caller resumes from the last revision it saw, so no change is missed.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::error::{Error, Result};
+
+/// One change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `key` was set to `value` at `revision`.
+    Put {
+        /// Relative key.
+        key: String,
+        /// New value.
+        value: String,
+        /// Revision of the write.
+        revision: i64,
+    },
+    /// `key` was deleted at `revision`.
+    Delete {
+        /// Relative key.
+        key: String,
+        /// Revision of the deletion.
+        revision: i64,
+    },
+}
+
+impl Change {
+    /// Revision of the change.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Change::Put { revision, .. } | Change::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// What a watch yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchMsg {
+    /// Changes, in revision order.
+    Changes(Vec<Change>),
+    /// Nothing changed under the prefix up to this revision (progress notification).
+    Progress(i64),
+    /// The requested revision was compacted away: reload everything.
+    Compacted,
+}
+
+/// Everything under the prefix at one revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// `(relative key, value, revision of its last write)`.
+    pub entries: Vec<(String, String, i64)>,
+    /// The store's revision when read.
+    pub revision: i64,
+}
+
+/// A stream of watch messages; an `Err` (then the end) means the watch broke.
+pub type WatchRx = mpsc::Receiver<Result<WatchMsg>>;
+
+/// A store of live settings.
+#[async_trait]
+pub trait ConfigSource: Send + Sync + std::fmt::Debug {
+    /// Reads everything under the prefix.
+    async fn load(&self) -> Result<Snapshot>;
+    /// Watches changes with revision > `after`.
+    async fn watch(&self, after: i64) -> Result<WatchRx>;
+    /// Writes `value` at `key`; answers the revision.
+    async fn put(&self, key: &str, value: &str) -> Result<i64>;
+    /// Deletes `key`; answers the revision.
+    async fn delete(&self, key: &str) -> Result<i64>;
+}
+
+/// Settings in etcd under a prefix.
+#[derive(Clone)]
+pub struct EtcdSource {
+    client: etcd_client::Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSource")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdSource {
+    /// Settings under `prefix` (which should end with `/`).
+    pub fn new(client: etcd_client::Client, prefix: impl Into<String>) -> Self {
+        Self {
+            client,
+            prefix: prefix.into(),
+        }
+    }
+
+    fn relative(&self, key: &[u8]) -> Option<String> {
+        std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.prefix)
+            .map(str::to_owned)
+    }
+}
+
+#[async_trait]
+impl ConfigSource for EtcdSource {
+    async fn load(&self) -> Result<Snapshot> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let entries = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                Some((
+                    self.relative(kv.key())?,
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                ))
+            })
+            .collect();
+        Ok(Snapshot { entries, revision })
+    }
+
+    async fn watch(&self, after: i64) -> Result<WatchRx> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1)
+            .with_progress_notify();
+        let mut stream = c.watch(self.prefix.as_str(), Some(opts)).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match stream.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            if resp.compact_revision() > 0 {
+                                Ok(WatchMsg::Compacted)
+                            } else {
+                                Err(Error::Unavailable(format!(
+                                    "etcd watch cancelled: {}",
+                                    resp.cancel_reason()
+                                )))
+                            }
+                        } else if resp.events().is_empty() {
+                            Ok(WatchMsg::Progress(
+                                resp.header().map(|h| h.revision()).unwrap_or(0),
+                            ))
+                        } else {
+                            let changes = resp
+                                .events()
+                                .iter()
+                                .filter_map(|ev| {
+                                    let kv = ev.kv()?;
+                                    let key = me.relative(kv.key())?;
+                                    let revision = kv.mod_revision();
+                                    Some(match ev.event_type() {
+                                        EventType::Put => Change::Put {
+                                            key,
+                                            value: String::from_utf8_lossy(kv.value()).into_owned(),
+                                            revision,
+                                        },
+                                        EventType::Delete => Change::Delete { key, revision },
+                                    })
+                                })
+                                .collect();
+                            Ok(WatchMsg::Changes(changes))
+                        }
+                    }
+                    Ok(None) => Err(Error::Unavailable("etcd watch stream ended".into())),
+                    Err(e) => Err(e.into()),
+                };
+                let end = msg.is_err() || matches!(msg, Ok(WatchMsg::Compacted));
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn put(&self, key: &str, value: &str) -> Result<i64> {
+        let mut c = self.client.clone();
+        let resp = c.put(format!("{}{key}", self.prefix), value, None).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn delete(&self, key: &str) -> Result<i64> {
+        let mut c = self.client.clone();
+        let resp = c.delete(format!("{}{key}", self.prefix), None).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemState {
+    entries: BTreeMap<String, (String, i64)>,
+    revision: i64,
+    history: Vec<Change>,
+}
+
+/// Settings in memory, with etcd's revision semantics.
+#[derive(Debug, Clone)]
+pub struct MemorySource {
+    state: Arc<Mutex<MemState>>,
+    tx: broadcast::Sender<Change>,
+}
+
+impl Default for MemorySource {
+    fn default() -> Self {
+        Self {
+            state: Arc::default(),
+            tx: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl MemorySource {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, change: impl FnOnce(i64) -> Change) -> i64 {
+        let mut st = self.lock();
+        st.revision += 1;
+        let c = change(st.revision);
+        match &c {
+            Change::Put {
+                key,
+                value,
+                revision,
+            } => {
+                st.entries.insert(key.clone(), (value.clone(), *revision));
+            }
+            Change::Delete { key, .. } => {
+                st.entries.remove(key);
+            }
+        }
+        st.history.push(c.clone());
+        let rev = st.revision;
+        // Sent under the lock so watchers see changes in revision order.
+        let _ = self.tx.send(c);
+        rev
+    }
+}
+
+#[async_trait]
+impl ConfigSource for MemorySource {
+    async fn load(&self) -> Result<Snapshot> {
+        let st = self.lock();
+        Ok(Snapshot {
+            entries: st
+                .entries
+                .iter()
+                .map(|(k, (v, r))| (k.clone(), v.clone(), *r))
+                .collect(),
+            revision: st.revision,
+        })
+    }
+
+    async fn watch(&self, after: i64) -> Result<WatchRx> {
+        // Subscribe before replaying so nothing falls between replay and live changes.
+        let (backlog, mut live) = {
+            let st = self.lock();
+            let backlog: Vec<Change> = st
+                .history
+                .iter()
+                .filter(|c| c.revision() > after)
+                .cloned()
+                .collect();
+            (backlog, self.tx.subscribe())
+        };
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = after;
+            if !backlog.is_empty() {
+                last = backlog.last().map_or(after, Change::revision);
+                if tx.send(Ok(WatchMsg::Changes(backlog))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(c) if c.revision() > last => {
+                        last = c.revision();
+                        if tx.send(Ok(WatchMsg::Changes(vec![c]))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = tx.send(Ok(WatchMsg::Compacted)).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn put(&self, key: &str, value: &str) -> Result<i64> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        Ok(self.record(|revision| Change::Put {
+            key,
+            value,
+            revision,
+        }))
+    }
+
+    async fn delete(&self, key: &str) -> Result<i64> {
+        let key = key.to_owned();
+        Ok(self.record(|revision| Change::Delete { key, revision }))
+    }
+}

@@ -1,0 +1,253 @@
+//! The one config watcher every process uses: initial load, then a watch from the
+//! loaded revision; after a disconnect it resumes from the last revision it saw, so
+//! no update is missed; after a compaction it reloads. A refused value is logged with
+//! its key and reason, counted in `chime_config_rejected_total`, and the last good
+//! value stays in force.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::source::{Change, ConfigSource, Snapshot, WatchMsg};
+use super::{LiveConfig, parse};
+use crate::telemetry as m;
+
+/// A running watcher: read the current config with [`ConfigHandle::current`], or
+/// await changes on [`ConfigHandle::subscribe`].
+#[derive(Debug, Clone)]
+pub struct ConfigHandle {
+    rx: watch::Receiver<Arc<LiveConfig>>,
+}
+
+impl ConfigHandle {
+    /// A handle on a fixed config (no watching); for processes without etcd.
+    pub fn fixed(config: LiveConfig) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(config));
+        // Keep the sender alive forever: receivers then never see "closed".
+        std::mem::forget(tx);
+        Self { rx }
+    }
+
+    /// The config in force now.
+    pub fn current(&self) -> Arc<LiveConfig> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that wakes on every applied change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<LiveConfig>> {
+        self.rx.clone()
+    }
+}
+
+/// Loads the config (retrying until the source answers), then keeps it current in a
+/// background task until `shutdown` fires.
+pub async fn start(
+    source: Arc<dyn ConfigSource>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (ConfigHandle, JoinHandle<()>) {
+    let mut delay = Duration::from_millis(100);
+    let snapshot = loop {
+        match source.load().await {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(error = %e, "cannot load live config; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {},
+                    _ = shutdown.cancelled() => break Snapshot::default(),
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let mut config = LiveConfig::default();
+    let revision = fold_snapshot(&mut config, &snapshot);
+    info!(
+        revision,
+        keys = snapshot.entries.len(),
+        "live config loaded"
+    );
+    let (tx, rx) = watch::channel(Arc::new(config));
+    let task = tokio::spawn(run(source, tx, revision, shutdown));
+    (ConfigHandle { rx }, task)
+}
+
+/// Replaces `config` with a snapshot's content; answers the snapshot's revision.
+fn fold_snapshot(config: &mut LiveConfig, snapshot: &Snapshot) -> i64 {
+    let mut fresh = LiveConfig::default();
+    for (key, value, rev) in &snapshot.entries {
+        // A value refused now keeps the value in force before the reload, if any.
+        match parse(key, Some(value)) {
+            Ok(s) => {
+                fresh.apply(s, *rev);
+            }
+            Err(r) => {
+                reject(&r.key, &r.reason);
+                carry_over(&mut fresh, config, key);
+            }
+        }
+    }
+    fresh.revision = snapshot.revision;
+    *config = fresh;
+    snapshot.revision
+}
+
+/// Keeps the old value of `key` (which failed to parse) in `fresh`.
+fn carry_over(fresh: &mut LiveConfig, old: &LiveConfig, key: &str) {
+    let parts: Vec<&str> = key.split('/').collect();
+    if let [section, subject, field] = parts[..] {
+        match (section, field) {
+            ("queues", _) => {
+                if let Some(f) = old.families.get(subject) {
+                    let slot = fresh.families.entry(subject.to_owned()).or_default();
+                    match field {
+                        "count" => slot.count = f.count,
+                        "visibility_ms" => slot.visibility_ms = f.visibility_ms,
+                        "merge_window_ms" => slot.merge_window_ms = f.merge_window_ms,
+                        _ => {}
+                    }
+                }
+            }
+            ("handlers", _) => {
+                if let Some(h) = old.handlers.get(subject) {
+                    let slot = fresh.handlers.entry(subject.to_owned()).or_default();
+                    match field {
+                        "rate_per_s" => slot.rate_per_s = h.rate_per_s,
+                        "concurrency" => slot.concurrency = h.concurrency,
+                        "budget" => slot.budget = h.budget.clone(),
+                        _ => {}
+                    }
+                }
+            }
+            ("budgets", "rate_per_s") => {
+                if let Some(b) = old.budgets.get(subject) {
+                    fresh
+                        .budgets
+                        .entry(subject.to_owned())
+                        .or_default()
+                        .rate_per_s = b.rate_per_s;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn reject(key: &str, reason: &str) {
+    warn!(
+        key,
+        reason, "config value refused; the last good value stays in force"
+    );
+    metrics::counter!(m::CONFIG_REJECTED, "key" => key.to_owned()).increment(1);
+}
+
+/// Applies one change; answers whether the config changed.
+fn apply(config: &mut LiveConfig, change: &Change) -> bool {
+    let (key, value, revision) = match change {
+        Change::Put {
+            key,
+            value,
+            revision,
+        } => (key, Some(value.as_str()), *revision),
+        Change::Delete { key, revision } => (key, None, *revision),
+    };
+    config.revision = config.revision.max(revision);
+    match parse(key, value) {
+        Ok(setting) => {
+            let before = config.clone();
+            config.apply(setting, revision);
+            let changed = {
+                let mut a = before;
+                a.revision = config.revision;
+                a != *config
+            };
+            if changed {
+                info!(
+                    key,
+                    value = value.unwrap_or("<deleted>"),
+                    revision,
+                    "config change applied"
+                );
+                metrics::counter!(m::CONFIG_APPLIED).increment(1);
+            }
+            changed
+        }
+        Err(r) => {
+            reject(&r.key, &r.reason);
+            false
+        }
+    }
+}
+
+async fn run(
+    source: Arc<dyn ConfigSource>,
+    tx: watch::Sender<Arc<LiveConfig>>,
+    mut last: i64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut config = (**tx.borrow()).clone();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut rx = tokio::select! {
+            w = source.watch(last) => match w {
+                Ok(rx) => rx,
+                Err(e) => {
+                    warn!(error = %e, last_revision = last, "config watch failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {},
+                        _ = shutdown.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => m,
+                _ = shutdown.cancelled() => return,
+            };
+            match msg {
+                Some(Ok(WatchMsg::Changes(changes))) => {
+                    delay = Duration::from_millis(100);
+                    let mut changed = false;
+                    for c in &changes {
+                        changed |= apply(&mut config, c);
+                        last = last.max(c.revision());
+                    }
+                    if changed {
+                        tx.send_replace(Arc::new(config.clone()));
+                    }
+                }
+                Some(Ok(WatchMsg::Progress(rev))) => {
+                    delay = Duration::from_millis(100);
+                    last = last.max(rev);
+                }
+                Some(Ok(WatchMsg::Compacted)) => {
+                    warn!(last_revision = last, "config history compacted; reloading");
+                    match source.load().await {
+                        Ok(s) => {
+                            last = fold_snapshot(&mut config, &s);
+                            tx.send_replace(Arc::new(config.clone()));
+                        }
+                        Err(e) => warn!(error = %e, "config reload failed; retrying"),
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, last_revision = last, "config watch broke; resuming");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}

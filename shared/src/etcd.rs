@@ -1,0 +1,66 @@
+//! Connecting to etcd: endpoints, credentials and the options every chime process
+//! uses. The client is cheap to clone (one HTTP/2 channel balanced over endpoints).
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::error::{Error, Result};
+
+/// Where etcd is and how to log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpec {
+    /// `http://host:port` endpoints (several for a cluster).
+    pub endpoints: Vec<String>,
+    /// User name, when etcd has authentication on.
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<String>,
+}
+
+impl EtcdSpec {
+    /// Parses `url[,url…]`.
+    pub fn parse(endpoints: &str) -> Result<Self> {
+        let endpoints: Vec<String> = endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Error::invalid("etcd_endpoints", "is empty"));
+        }
+        for e in &endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(Error::invalid(
+                    "etcd_endpoints",
+                    format!("{e:?} is not an http(s):// URL"),
+                ));
+            }
+        }
+        Ok(Self {
+            endpoints,
+            user: None,
+            password: None,
+        })
+    }
+
+    /// Connects. Keep-alive pings detect a dead server on long watches; no request
+    /// timeout is set because watches are long-lived streams.
+    pub async fn connect(&self) -> Result<Client> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        if let (Some(u), Some(p)) = (&self.user, &self.password) {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
+    }
+}
+
+impl From<etcd_client::Error> for Error {
+    fn from(e: etcd_client::Error) -> Self {
+        Error::Unavailable(format!("etcd: {e}"))
+    }
+}
