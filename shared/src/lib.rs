@@ -15,6 +15,7 @@ pub mod error;
 pub mod etcd;
 pub mod limits;
 pub mod queue;
+pub mod ratelimit;
 pub mod redis_conn;
 pub mod telemetry;
 
