@@ -168,7 +168,7 @@ struct ItemLine {
 /// Connects to the configured Redis store.
 pub async fn connect(store: &StoreArgs) -> Result<RedisStore> {
     let mut cfg: ClientConfig = config::load(store.config.as_deref(), config::chime_env())?;
-    store.apply(&mut cfg.redis, &mut cfg.queue);
+    store.apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
     init_logging(&cfg.log.format, "warn");
     let conn = RedisConn::connect(&cfg.redis.spec()?)
         .await

@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use chime_shared::config::source::EtcdSource;
+use chime_shared::config::watcher;
 use chime_shared::queue::redis_store::RedisStore;
+use chime_shared::ratelimit::RedisLimiter;
 use chime_shared::redis_conn::RedisConn;
-use chime_worker::{ItemHandler, Worker};
+use chime_worker::{ItemHandler, Live, Worker};
 use tracing::info;
 
 use crate::config::{self, WorkerConfig};
@@ -51,7 +54,8 @@ pub struct WorkerArgs {
 /// Builds the configuration: file, then environment, then flags.
 pub fn resolve(args: &WorkerArgs) -> Result<WorkerConfig> {
     let mut cfg: WorkerConfig = config::load(args.store.config.as_deref(), config::chime_env())?;
-    args.store.apply(&mut cfg.redis, &mut cfg.queue);
+    args.store
+        .apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
     if let Some(v) = &args.worker_id {
         cfg.worker_id = v.clone();
     }
@@ -90,13 +94,33 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let conn = RedisConn::connect(&cfg.redis.spec()?)
         .await
         .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
-    let store = Arc::new(RedisStore::open(conn, layout.clone()).await?);
+    let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
+    let stop_watch = tokio_util::sync::CancellationToken::new();
+    let live = match cfg.etcd.spec()? {
+        Some(spec) => {
+            let client = spec
+                .connect()
+                .await
+                .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
+            let source = Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()));
+            let (handle, _task) = watcher::start(source, stop_watch.clone()).await;
+            Some(Live {
+                config: handle,
+                family: layout.family.clone(),
+                limiter: Some(Arc::new(RedisLimiter::new(conn, layout.prefix.clone()))),
+            })
+        }
+        None => None,
+    };
 
     let recorder = match cfg.handlers.record_file.as_str() {
         "" => None,
         path => Some(Recorder::open(path)?),
     };
     let mut builder = Worker::builder(store).options(cfg.consumer.options());
+    if let Some(live) = live {
+        builder = builder.live(live);
+    }
     if !cfg.worker_id.is_empty() {
         builder = builder.worker_id(cfg.worker_id.clone());
     }
@@ -125,6 +149,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     info!(worker_id = worker.id(), prefix = %layout.prefix, family = %layout.family,
           queues = layout.count, handlers = ?cfg.handlers.enabled, "chime worker starting");
     let report = worker.run(shutdown_signal()).await?;
+    stop_watch.cancel();
     info!(
         handled = report.handled,
         handed_back = report.handed_back,

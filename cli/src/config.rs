@@ -47,6 +47,53 @@ impl RedisSection {
     }
 }
 
+/// Where live settings are (etcd). Without endpoints, a process runs on its own
+/// config alone: no live resize, no rate limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdSection {
+    /// Comma-separated `http://host:port` endpoints; empty means no etcd.
+    pub endpoints: String,
+    /// Key prefix of the live settings.
+    pub prefix: String,
+    /// User name, when etcd has authentication on.
+    pub user: String,
+    /// Password of `user`.
+    pub password: String,
+}
+
+impl Default for EtcdSection {
+    fn default() -> Self {
+        Self {
+            endpoints: String::new(),
+            prefix: chime_shared::config::DEFAULT_PREFIX.into(),
+            user: String::new(),
+            password: String::new(),
+        }
+    }
+}
+
+impl EtcdSection {
+    /// The connection spec, when endpoints are set.
+    pub fn spec(&self) -> Result<Option<chime_shared::etcd::EtcdSpec>> {
+        if self.endpoints.trim().is_empty() {
+            return Ok(None);
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            bail!(
+                "invalid etcd.prefix {:?}: must start and end with '/'",
+                self.prefix
+            );
+        }
+        let mut spec = chime_shared::etcd::EtcdSpec::parse(&self.endpoints)?;
+        if !self.user.is_empty() {
+            spec.user = Some(self.user.clone());
+            spec.password = Some(self.password.clone());
+        }
+        Ok(Some(spec))
+    }
+}
+
 /// Which queues.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -55,7 +102,8 @@ pub struct QueueSection {
     pub prefix: String,
     /// Queue family.
     pub family: String,
-    /// Number of queues N; producers and workers must agree on it.
+    /// Number of queues N when the family is new (afterwards the layout in Redis,
+    /// changed through etcd, decides).
     pub count: u32,
 }
 
@@ -191,6 +239,8 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Redis.
     pub redis: RedisSection,
+    /// Live settings.
+    pub etcd: EtcdSection,
     /// Queues.
     pub queue: QueueSection,
     /// Consumer tuning.
@@ -207,6 +257,8 @@ pub struct WorkerConfig {
 pub struct ClientConfig {
     /// Redis.
     pub redis: RedisSection,
+    /// Live settings.
+    pub etcd: EtcdSection,
     /// Queues.
     pub queue: QueueSection,
     /// Logging.

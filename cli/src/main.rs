@@ -4,6 +4,7 @@
 //! future to the library crates.
 
 mod bench;
+mod cmd_config;
 mod cmd_dev;
 mod cmd_queue;
 mod cmd_worker;
@@ -31,6 +32,8 @@ enum Command {
     Worker(cmd_worker::WorkerArgs),
     /// Produce and inspect delayed items.
     Queue(cmd_queue::QueueArgs),
+    /// Read and change live settings in etcd.
+    Config(cmd_config::ConfigArgs),
     /// Benchmarks; each prints one JSON line of results on stdout.
     Bench(bench::BenchArgs),
 }
@@ -50,14 +53,25 @@ pub struct StoreArgs {
     /// Queue family.
     #[arg(long)]
     pub family: Option<String>,
-    /// Number of queues N (must match the workers').
+    /// Number of queues N for a new family (afterwards the layout in Redis decides).
     #[arg(long)]
     pub queues: Option<u32>,
+    /// etcd endpoints (comma-separated) for live settings.
+    #[arg(long)]
+    pub etcd_endpoints: Option<String>,
 }
 
 impl StoreArgs {
     /// Applies the flags that are set on top of file and environment values.
-    pub fn apply(&self, redis: &mut config::RedisSection, queue: &mut config::QueueSection) {
+    pub fn apply(
+        &self,
+        redis: &mut config::RedisSection,
+        queue: &mut config::QueueSection,
+        etcd: &mut config::EtcdSection,
+    ) {
+        if let Some(e) = &self.etcd_endpoints {
+            etcd.endpoints = e.clone();
+        }
         if let Some(u) = &self.redis_url {
             redis.url = u.clone();
         }
@@ -123,6 +137,7 @@ fn main() -> std::process::ExitCode {
             Command::Dev(a) => cmd_dev::run(a).await,
             Command::Worker(a) => cmd_worker::run(a).await,
             Command::Queue(a) => cmd_queue::run(a).await,
+            Command::Config(a) => cmd_config::run(a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

@@ -174,7 +174,11 @@ impl RateLimiter for MemoryLimiter {
                 last_ms: now,
                 ..Bucket::default()
             });
-            let r = if b.cap > 0.0 && b.cap < share { b.cap } else { share };
+            let r = if b.cap > 0.0 && b.cap < share {
+                b.cap
+            } else {
+                share
+            };
             let dt = (now - b.last_ms).max(0.0) / 1000.0;
             let capacity = (r * burst).max(1.0);
             b.tokens += r * dt;
@@ -198,7 +202,10 @@ impl RateLimiter for MemoryLimiter {
             (b, granted)
         });
         let Some((b, mut granted)) = b else {
-            return Ok(Grant { granted: 0, wait_ms: 1 });
+            return Ok(Grant {
+                granted: 0,
+                wait_ms: 1,
+            });
         };
         let tokens = b.tokens;
         if granted < want as f64 && spare_ok {
@@ -207,7 +214,9 @@ impl RateLimiter for MemoryLimiter {
             st.spare -= extra;
         }
         let wait = if granted < want as f64 {
-            ((want as f64 - granted - tokens) / mine_rate * 1000.0).ceil().max(0.0)
+            ((want as f64 - granted - tokens) / mine_rate * 1000.0)
+                .ceil()
+                .max(0.0)
         } else {
             0.0
         };

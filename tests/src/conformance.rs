@@ -601,7 +601,11 @@ pub async fn finish_resize(store: &Store) -> Result<u64> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut moved = 0;
     while store.layout().in_transition() {
-        ensure!(std::time::Instant::now() < deadline, "resize never finished: {:?}", store.layout());
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "resize never finished: {:?}",
+            store.layout()
+        );
         for q in 0..store.queue_count() {
             if !store.wants_migration(q) {
                 continue;
@@ -627,7 +631,11 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
         .map(|i| NewItem::new(format!("r{i}"), "h", later + i % 7).key(format!("user:{i}")))
         .collect();
     items.push(NewItem::new("m1", "h", later).key("user:m").merge_key("m"));
-    items.push(NewItem::new("m2", "h", later + 100).key("user:m").merge_key("m"));
+    items.push(
+        NewItem::new("m2", "h", later + 100)
+            .key("user:m")
+            .merge_key("m"),
+    );
     items.push(NewItem::new("dead", "h", now).key("user:d").max_attempts(1));
     store.enqueue(items).await?;
     // Make one dead letter.
@@ -636,23 +644,37 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
     let fail = Settlement {
         id: "dead".into(),
         token: d.items[0].token,
-        outcome: Outcome::Retry { delay_ms: 0, error: "x".into() },
+        outcome: Outcome::Retry {
+            delay_ms: 0,
+            error: "x".into(),
+        },
     };
     assert_eq!(store.settle(d.queue, vec![fail]).await?, [true]);
 
     let before = store.layout();
     let grown = store.apply_layout(QUEUES + 5, before.revision + 1).await?;
-    ensure!(grown.count == QUEUES + 5 && grown.epoch > before.epoch, "{grown:?}");
+    ensure!(
+        grown.count == QUEUES + 5 && grown.epoch > before.epoch,
+        "{grown:?}"
+    );
     // An older revision changes nothing.
     let same = store.apply_layout(2, before.revision).await?;
     ensure!(same.count == QUEUES + 5, "older revision applied: {same:?}");
     // Lookups work mid-resize; a duplicate enqueue is still a duplicate.
-    ensure!(store.get(&ItemRef::with_key("user:3", "r3")).await?.is_some());
+    ensure!(
+        store
+            .get(&ItemRef::with_key("user:3", "r3"))
+            .await?
+            .is_some()
+    );
     let dup = store
         .enqueue(vec![NewItem::new("r5", "h", later).key("user:5")])
         .await?;
     ensure!(dup == [EnqueueOutcome::Duplicate], "{dup:?}");
-    assert_eq!(store.cancel(&ItemRef::with_key("user:7", "r7")).await?, CancelOutcome::Cancelled);
+    assert_eq!(
+        store.cancel(&ItemRef::with_key("user:7", "r7")).await?,
+        CancelOutcome::Cancelled
+    );
     finish_resize(&store).await?;
     let shrunk = store.apply_layout(2, grown.revision + 1).await?;
     ensure!(shrunk.count == 2, "{shrunk:?}");
@@ -661,7 +683,11 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
         .enqueue(vec![NewItem::new("new", "h", later).key("user:new")])
         .await?;
     finish_resize(&store).await?;
-    ensure!(store.queue_count() == 2, "removed queues still polled: {}", store.queue_count());
+    ensure!(
+        store.queue_count() == 2,
+        "removed queues still polled: {}",
+        store.queue_count()
+    );
     // Everything is in its current home.
     let layout = store.layout();
     for i in (0..200).filter(|i| *i != 7) {
@@ -669,9 +695,18 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
             .get(&ItemRef::with_key(format!("user:{i}"), format!("r{i}")))
             .await?
             .with_context(|| format!("r{i} lost"))?;
-        ensure!(v.queue == layout.home(&format!("user:{i}")), "r{i} misplaced");
+        ensure!(
+            v.queue == layout.home(&format!("user:{i}")),
+            "r{i} misplaced"
+        );
     }
-    ensure!(store.get(&ItemRef::with_key("user:7", "r7")).await?.is_none(), "cancelled item came back");
+    ensure!(
+        store
+            .get(&ItemRef::with_key("user:7", "r7"))
+            .await?
+            .is_none(),
+        "cancelled item came back"
+    );
     let dead = store.dead_letters(10).await?;
     ensure!(dead.len() == 1 && dead[0].item.id == "dead", "{dead:?}");
     // Each fires once, never early, and the merge group is still one delivery.
@@ -686,7 +721,11 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
                     merged += 1;
                 }
                 for c in &d.items {
-                    ensure!(c.item.id.starts_with('m') || p.now_ms >= c.item.due_at_ms, "{} early", c.item.id);
+                    ensure!(
+                        c.item.id.starts_with('m') || p.now_ms >= c.item.due_at_ms,
+                        "{} early",
+                        c.item.id
+                    );
                     ensure!(seen.insert(c.item.id.clone()), "{} twice", c.item.id);
                 }
             }

@@ -275,6 +275,105 @@ impl RedisServer {
     }
 }
 
+/// A real single-member `etcd` on free loopback ports, with its own data dir. It can
+/// be stopped and started again on the same ports and data (restart tests).
+#[derive(Debug)]
+pub struct EtcdServer {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+    proc: Option<Proc>,
+    dir: Arc<TestDir>,
+    starts: u32,
+}
+
+impl EtcdServer {
+    /// Starts one and waits until it answers (fails after 15 s).
+    pub async fn start() -> Result<Self> {
+        let dir = Arc::new(TestDir::new("etcd")?);
+        let (client_port, peer_port) = (free_port()?, free_port()?);
+        let mut me = Self {
+            endpoint: format!("http://127.0.0.1:{client_port}"),
+            client_port,
+            peer_port,
+            proc: None,
+            dir,
+            starts: 0,
+        };
+        me.start_again().await?;
+        Ok(me)
+    }
+
+    /// Starts the (stopped) server again with the same ports and data.
+    pub async fn start_again(&mut self) -> Result<()> {
+        let bin = find_binary("etcd", "apt-get install etcd-server")?;
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(bin);
+        cmd.args(["--name", "chime-test"])
+            .args([
+                "--data-dir",
+                &self.dir.path().join("data").to_string_lossy(),
+            ])
+            .args(["--listen-client-urls", &self.endpoint])
+            .args(["--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("chime-test={peer}")])
+            .args(["--log-level", "warn"]);
+        self.starts += 1;
+        let name = format!("etcd-{}-{}", self.client_port, self.starts);
+        self.proc = Some(Proc::spawn(&name, cmd, self.dir.path())?);
+        let endpoint = self.endpoint.clone();
+        wait_until("etcd to answer", Duration::from_secs(15), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let Ok(Ok(mut c)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    etcd_client::Client::connect([endpoint.as_str()], None),
+                )
+                .await
+                else {
+                    return false;
+                };
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), c.get("health-probe", None)).await,
+                    Ok(Ok(_))
+                )
+            }
+        })
+        .await
+    }
+
+    /// Kills the server (SIGKILL); its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// A client.
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect([self.endpoint.as_str()], None).await?)
+    }
+
+    /// Runs `etcdctl put key value` against this server, as an operator would.
+    pub fn etcdctl_put(&self, key: &str, value: &str) -> Result<()> {
+        let bin = find_binary("etcdctl", "apt-get install etcd-client")?;
+        let out = Command::new(bin)
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint, "put", key, value])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl put {key} {value}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Path of the `chime` binary of this build profile, built on first use.
 ///
 /// Integration tests in this crate cannot get `CARGO_BIN_EXE_chime` (the binary lives

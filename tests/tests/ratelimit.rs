@@ -11,7 +11,13 @@ use chime_shared::ratelimit::{MemoryLimiter, Policy, RateLimiter, RedisLimiter};
 use chime_tests::RedisServer;
 
 /// Greedy clients of `handler` for `secs`; answers items granted.
-async fn drive(l: Arc<dyn RateLimiter>, p: Policy, handler: &'static str, clients: usize, secs: f64) -> u64 {
+async fn drive(
+    l: Arc<dyn RateLimiter>,
+    p: Policy,
+    handler: &'static str,
+    clients: usize,
+    secs: f64,
+) -> u64 {
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let (l, p) = (l.clone(), p.clone());
@@ -23,7 +29,8 @@ async fn drive(l: Arc<dyn RateLimiter>, p: Policy, handler: &'static str, client
                         Ok(g) => {
                             got += g.granted;
                             if g.granted < 4 {
-                                tokio::time::sleep(Duration::from_millis(g.wait_ms.clamp(1, 50))).await;
+                                tokio::time::sleep(Duration::from_millis(g.wait_ms.clamp(1, 50)))
+                                    .await;
                             }
                         }
                         Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -55,7 +62,10 @@ async fn rate_holds_across_clients(l: Arc<dyn RateLimiter>) -> Result<()> {
         cap_per_s: 0.0,
     };
     let got = drive(l, p, "solo", 3, 3.0).await as f64;
-    ensure!((810.0..=990.0).contains(&got), "granted {got} in 3 s at 300/s");
+    ensure!(
+        (810.0..=990.0).contains(&got),
+        "granted {got} in 3 s at 300/s"
+    );
     Ok(())
 }
 
@@ -63,8 +73,15 @@ async fn two_handlers_split_a_budget(l: Arc<dyn RateLimiter>) -> Result<()> {
     let a = tokio::spawn(drive(l.clone(), budget(400.0, 0.0), "a", 2, 3.0));
     let b = tokio::spawn(drive(l.clone(), budget(400.0, 0.0), "b", 2, 3.0));
     let (a, b) = (a.await? as f64, b.await? as f64);
-    ensure!((1_080.0..=1_320.0).contains(&(a + b)), "total {} at 400/s for 3 s", a + b);
-    ensure!((a / (a + b) - 0.5).abs() < 0.08, "unequal split: a {a}, b {b}");
+    ensure!(
+        (1_080.0..=1_320.0).contains(&(a + b)),
+        "total {} at 400/s for 3 s",
+        a + b
+    );
+    ensure!(
+        (a / (a + b) - 0.5).abs() < 0.08,
+        "unequal split: a {a}, b {b}"
+    );
     Ok(())
 }
 
@@ -72,14 +89,23 @@ async fn capped_handler_leaves_the_rest(l: Arc<dyn RateLimiter>) -> Result<()> {
     let small = tokio::spawn(drive(l.clone(), budget(400.0, 40.0), "small", 1, 3.0));
     let big = tokio::spawn(drive(l.clone(), budget(400.0, 0.0), "big", 2, 3.0));
     let (small, big) = (small.await? as f64, big.await? as f64);
-    ensure!((100.0..=135.0).contains(&small), "capped handler got {small} (cap 40/s)");
-    ensure!(big >= 3.0 * 360.0 * 0.9, "the big handler got only {big} of the rest");
+    ensure!(
+        (100.0..=135.0).contains(&small),
+        "capped handler got {small} (cap 40/s)"
+    );
+    ensure!(
+        big >= 3.0 * 360.0 * 0.9,
+        "the big handler got only {big} of the rest"
+    );
     Ok(())
 }
 
 async fn redis() -> Result<(Arc<dyn RateLimiter>, RedisServer)> {
     let server = RedisServer::start().await?;
-    Ok((Arc::new(RedisLimiter::new(server.conn().await?, "rl")), server))
+    Ok((
+        Arc::new(RedisLimiter::new(server.conn().await?, "rl")),
+        server,
+    ))
 }
 
 fn memory() -> Arc<dyn RateLimiter> {

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::handler::ItemContext;
+use crate::live::{self, Gate, Knobs, Live};
 use crate::{Registered, WorkerError};
 
 /// How the consumer behaves. Defaults suit a reminder workload; every field is in
@@ -144,7 +145,9 @@ struct SettleMsg {
 #[derive(Debug)]
 struct Slot {
     reg: Registered,
-    limit: Option<Arc<Semaphore>>,
+    gate: Gate,
+    /// One rate-limit request at a time per handler (see `live::throttle`).
+    rate_turn: tokio::sync::Mutex<()>,
 }
 
 /// The running consumer of one worker.
@@ -165,6 +168,8 @@ pub struct Consumer {
     settle_rx: Mutex<Option<mpsc::UnboundedReceiver<SettleMsg>>>,
     handled: AtomicU64,
     handed_back: AtomicU64,
+    live: Option<Live>,
+    knobs: Knobs,
 }
 
 impl Consumer {
@@ -173,16 +178,27 @@ impl Consumer {
         worker_id: String,
         handlers: HashMap<String, Registered>,
         opts: ConsumerOptions,
+        live: Option<Live>,
     ) -> Arc<Self> {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let handlers = handlers
             .into_iter()
             .map(|(name, reg)| {
-                let limit = reg.concurrency.map(|n| Arc::new(Semaphore::new(n)));
-                (name, Slot { reg, limit })
+                let gate = Gate::new(reg.concurrency);
+                let rate_turn = tokio::sync::Mutex::new(());
+                (
+                    name,
+                    Slot {
+                        reg,
+                        gate,
+                        rate_turn,
+                    },
+                )
             })
             .collect();
         Arc::new(Self {
+            knobs: Knobs::new(opts.visibility_ms, opts.merge_window_ms),
+            live,
             permits: Arc::new(Semaphore::new(opts.max_in_flight)),
             known: Mutex::new(vec![Known::Unknown; store.queue_count() as usize]),
             store,
@@ -213,6 +229,7 @@ impl Consumer {
         let done = CancellationToken::new();
         let settler = tokio::spawn(self.clone().settler(rx, done.clone()));
         let extender = tokio::spawn(self.clone().extender(done.clone()));
+        let watcher = tokio::spawn(self.clone().follow_config(done.clone()));
         let pollers: Vec<JoinHandle<()>> = (0..self.opts.pollers)
             .map(|i| tokio::spawn(self.clone().poller(i)))
             .collect();
@@ -247,6 +264,7 @@ impl Consumer {
         done.cancel();
         let _ = settler.await;
         let _ = extender.await;
+        let _ = watcher.await;
         let report = DrainReport {
             handled: self.handled.load(Ordering::Relaxed),
             handed_back: self.handed_back.load(Ordering::Relaxed),
@@ -274,6 +292,7 @@ impl Consumer {
             match self.claim_next().await {
                 Ok(Claim::Got(lease)) => {
                     self.drain_queue(&lease, permit).await;
+                    self.migrate(&lease).await;
                     if let Err(e) = self.store.release(&lease).await {
                         store_error("release", &e);
                     }
@@ -321,6 +340,7 @@ impl Consumer {
                 Known::At { seen_ms, next_due } => {
                     local - seen_ms >= self.opts.idle_sleep_max_ms as i64
                         || next_due.is_some_and(|t| t <= now)
+                        || self.store.wants_migration(q)
                 }
             })
             .collect()
@@ -373,9 +393,9 @@ impl Consumer {
             let want = permit.num_permits() as u32;
             let opts = PopOptions {
                 max_items: want,
-                visibility_ms: self.opts.visibility_ms,
+                visibility_ms: self.knobs.visibility(),
                 lease_ttl_ms: self.opts.lease_ttl_ms,
-                merge_window_ms: self.opts.merge_window_ms,
+                merge_window_ms: self.knobs.merge_window(),
             };
             let popped = match self.store.pop(lease, opts).await {
                 Ok(p) => p,
@@ -401,6 +421,72 @@ impl Consumer {
                 Ok(p) => p,
                 Err(_) => return,
             };
+        }
+    }
+
+    /// While a resize is in progress, moves misplaced items out of the leased queue
+    /// (a few pages per turn, so due items elsewhere are not kept waiting).
+    async fn migrate(&self, lease: &Lease) {
+        const STEPS_PER_TURN: usize = 20;
+        for _ in 0..STEPS_PER_TURN {
+            if !self.store.wants_migration(lease.queue) || self.stop_claiming.is_cancelled() {
+                return;
+            }
+            match self.store.migrate(lease, self.opts.batch).await {
+                Ok(step) if step.clean => return,
+                Ok(_) => {}
+                Err(Error::StaleLease { .. }) => return,
+                Err(e) => {
+                    store_error("migrate", &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Follows the live config (layout, knobs, concurrency) and re-reads the layout
+    /// every two seconds, so a resize reaches this worker even without etcd.
+    async fn follow_config(self: Arc<Self>, done: CancellationToken) {
+        let mut seen = self.store.layout();
+        live::log_layout(&self.worker_id, &seen);
+        let mut rx = self.live.as_ref().map(|l| l.config.subscribe());
+        let mut applied: Option<(u32, i64)> = None;
+        loop {
+            if let (Some(live), Some(rx)) = (&self.live, rx.as_mut()) {
+                let config = rx.borrow_and_update().clone();
+                let mut gates = self.handlers.iter().map(|(n, s)| (n, &s.gate));
+                let count = live::apply_knobs(&config, &live.family, &self.knobs, &mut gates);
+                if count.is_some() && count != applied {
+                    if let Some((n, rev)) = count {
+                        match self.store.apply_layout(n, rev).await {
+                            Ok(_) => applied = count,
+                            Err(e) => store_error("apply_layout", &e),
+                        }
+                    }
+                }
+            }
+            let layout = self.store.layout();
+            if layout != seen {
+                live::log_layout(&self.worker_id, &layout);
+                seen = layout;
+            }
+            let changed = async {
+                match rx.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.changed().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = changed => {},
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    if let Err(e) = self.store.refresh_layout().await {
+                        store_error("refresh_layout", &e);
+                    }
+                }
+                _ = done.cancelled() => return,
+            }
         }
     }
 
@@ -524,13 +610,17 @@ impl Consumer {
         items: Vec<chime_shared::queue::Item>,
     ) -> Outcome {
         let attempt = items[0].attempt;
-        let _slot_permit = match &slot.limit {
-            Some(sem) => tokio::select! {
-                p = sem.clone().acquire_owned() => p.ok(),
-                _ = self.abandon.cancelled() => return Outcome::Release,
-            },
-            None => None,
+        let _slot_permit = tokio::select! {
+            p = slot.gate.enter() => p,
+            _ = self.abandon.cancelled() => return Outcome::Release,
         };
+        if let Some(live) = &self.live {
+            let n = items.len() as u64;
+            live::throttle(live, &slot.rate_turn, &items[0].handler, n, &self.abandon).await;
+            if self.abandon.is_cancelled() {
+                return Outcome::Release;
+            }
+        }
         let ctx = ItemContext {
             items,
             cancel: self.abandon.child_token(),
@@ -632,8 +722,8 @@ impl Consumer {
     /// Every third of the visibility timeout, pushes the deadline of every item this
     /// worker holds, so a slow handler is not redelivered while it runs.
     async fn extender(self: Arc<Self>, done: CancellationToken) {
-        let every = Duration::from_millis((self.opts.visibility_ms / 3).max(50));
         loop {
+            let every = Duration::from_millis((self.knobs.visibility() / 3).max(50));
             tokio::select! {
                 _ = tokio::time::sleep(every) => {},
                 _ = done.cancelled() => return,
@@ -643,7 +733,7 @@ impl Consumer {
                 by_queue.entry(*q).or_default().push((id.clone(), *tok));
             }
             for (q, items) in by_queue {
-                if let Err(e) = self.store.extend(q, &items, self.opts.visibility_ms).await {
+                if let Err(e) = self.store.extend(q, &items, self.knobs.visibility()).await {
                     store_error("extend", &e);
                 }
             }

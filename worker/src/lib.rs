@@ -30,6 +30,7 @@
 pub mod consumer;
 pub mod error;
 pub mod handler;
+pub mod live;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +42,7 @@ use chime_shared::queue::DelayStore;
 pub use consumer::{ConsumerOptions, DrainReport};
 pub use error::WorkerError;
 pub use handler::{HandlerError, ItemContext, ItemHandler};
+pub use live::Live;
 
 /// A handler and its concurrency cap.
 #[derive(Clone)]
@@ -64,10 +66,18 @@ pub struct WorkerBuilder {
     worker_id: String,
     handlers: HashMap<String, Registered>,
     options: ConsumerOptions,
+    live: Option<Live>,
     errors: Vec<WorkerError>,
 }
 
 impl WorkerBuilder {
+    /// Follows live settings (queue count, visibility, merge window, concurrency,
+    /// rate limits) of queue family `live.family`.
+    pub fn live(mut self, live: Live) -> Self {
+        self.live = Some(live);
+        self
+    }
+
     /// Sets the worker's stable id (a pod name, not an IP). Defaults to the host name.
     pub fn worker_id(mut self, id: impl Into<String>) -> Self {
         self.worker_id = id.into();
@@ -130,6 +140,7 @@ impl WorkerBuilder {
             worker_id: self.worker_id,
             handlers: self.handlers,
             options: self.options,
+            live: self.live,
         })
     }
 }
@@ -141,6 +152,7 @@ pub struct Worker {
     worker_id: String,
     handlers: HashMap<String, Registered>,
     options: ConsumerOptions,
+    live: Option<Live>,
 }
 
 impl Worker {
@@ -151,6 +163,7 @@ impl Worker {
             worker_id: default_worker_id(),
             handlers: HashMap::new(),
             options: ConsumerOptions::default(),
+            live: None,
             errors: Vec::new(),
         }
     }
@@ -163,9 +176,15 @@ impl Worker {
     /// Consumes until `shutdown` completes, then drains (see
     /// [`consumer::Consumer::run`]) and answers what the drain did.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<DrainReport, WorkerError> {
-        consumer::Consumer::new(self.store, self.worker_id, self.handlers, self.options)
-            .run(shutdown)
-            .await
+        consumer::Consumer::new(
+            self.store,
+            self.worker_id,
+            self.handlers,
+            self.options,
+            self.live,
+        )
+        .run(shutdown)
+        .await
     }
 }
 

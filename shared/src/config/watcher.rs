@@ -20,15 +20,18 @@ use crate::telemetry as m;
 #[derive(Debug, Clone)]
 pub struct ConfigHandle {
     rx: watch::Receiver<Arc<LiveConfig>>,
+    /// For a fixed config: the sender, kept so receivers never see "closed".
+    _fixed: Option<Arc<watch::Sender<Arc<LiveConfig>>>>,
 }
 
 impl ConfigHandle {
     /// A handle on a fixed config (no watching); for processes without etcd.
     pub fn fixed(config: LiveConfig) -> Self {
         let (tx, rx) = watch::channel(Arc::new(config));
-        // Keep the sender alive forever: receivers then never see "closed".
-        std::mem::forget(tx);
-        Self { rx }
+        Self {
+            rx,
+            _fixed: Some(Arc::new(tx)),
+        }
     }
 
     /// The config in force now.
@@ -71,7 +74,7 @@ pub async fn start(
     );
     let (tx, rx) = watch::channel(Arc::new(config));
     let task = tokio::spawn(run(source, tx, revision, shutdown));
-    (ConfigHandle { rx }, task)
+    (ConfigHandle { rx, _fixed: None }, task)
 }
 
 /// Replaces `config` with a snapshot's content; answers the snapshot's revision.

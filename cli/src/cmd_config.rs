@@ -1,0 +1,103 @@
+//! `chime config get|set|delete|list`: live settings in etcd. `set` checks the value
+//! the way every process will (so a refused value never reaches etcd from here);
+//! `etcdctl put` works too, and a bad value written that way is refused by the
+//! processes, which keep the last good one.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use chime_shared::config::source::{ConfigSource, EtcdSource};
+use chime_shared::config::{self as live, LiveConfig};
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::config::{self, ClientConfig};
+use crate::{StoreArgs, init_logging};
+
+/// `chime config` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(subcommand)]
+    cmd: ConfigCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Print one setting (key relative to the prefix, e.g. queues/default/count).
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// Check and write one setting.
+    Set {
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+    },
+    /// Delete one setting (back to the default).
+    Delete {
+        /// Key.
+        key: String,
+    },
+    /// Print every setting and the settings in force.
+    List,
+}
+
+/// Runs a `chime config` subcommand.
+pub async fn run(args: ConfigArgs) -> Result<()> {
+    let mut cfg: ClientConfig = config::load(args.store.config.as_deref(), config::chime_env())?;
+    args.store
+        .apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
+    init_logging(&cfg.log.format, "warn");
+    let Some(spec) = cfg.etcd.spec()? else {
+        bail!(
+            "no etcd configured: give --etcd-endpoints (or etcd.endpoints, CHIME_ETCD_ENDPOINTS)"
+        );
+    };
+    let client = spec
+        .connect()
+        .await
+        .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
+    let source: Arc<dyn ConfigSource> = Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()));
+    let out = match args.cmd {
+        ConfigCmd::Get { key } => {
+            let snap = source.load().await?;
+            match snap.entries.iter().find(|(k, _, _)| *k == key) {
+                Some((k, v, rev)) => json!({ "key": k, "value": v, "revision": rev }),
+                None => bail!("{key} is not set"),
+            }
+        }
+        ConfigCmd::Set { key, value } => {
+            live::parse(&key, Some(&value)).map_err(|r| anyhow::anyhow!("invalid {r}"))?;
+            let revision = source.put(&key, value.trim()).await?;
+            json!({ "key": key, "value": value.trim(), "revision": revision })
+        }
+        ConfigCmd::Delete { key } => {
+            live::parse(&key, None).map_err(|r| anyhow::anyhow!("invalid {r}"))?;
+            let revision = source.delete(&key).await?;
+            json!({ "key": key, "deleted": true, "revision": revision })
+        }
+        ConfigCmd::List => {
+            let snap = source.load().await?;
+            let mut in_force = LiveConfig::default();
+            let mut refused = Vec::new();
+            for (k, v, rev) in &snap.entries {
+                match live::parse(k, Some(v)) {
+                    Ok(s) => in_force.apply(s, *rev),
+                    Err(r) => refused.push(json!({ "key": r.key, "value": v, "reason": r.reason })),
+                }
+            }
+            let entries: Vec<_> = snap
+                .entries
+                .iter()
+                .map(|(k, v, rev)| json!({ "key": k, "value": v, "revision": rev }))
+                .collect();
+            json!({ "revision": snap.revision, "entries": entries, "refused": refused, "in_force": in_force })
+        }
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
