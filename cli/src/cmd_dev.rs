@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 use chime_shared::clock::{SystemClock, system_now_ms};
+use chime_shared::config::source::MemorySource;
+use chime_shared::config::watcher;
 use chime_shared::queue::memory_store::MemoryStore;
 use chime_shared::queue::{CancelOutcome, DelayStore, NewItem};
-use chime_worker::{ConsumerOptions, HandlerError, ItemContext, Worker};
+use chime_shared::ratelimit::MemoryLimiter;
+use chime_worker::{ConsumerOptions, HandlerError, ItemContext, Live, Worker};
 use tokio_util::sync::CancellationToken;
 
 use crate::{init_logging, shutdown_signal};
@@ -87,6 +90,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  stop     Ctrl-C");
 
     let stop = CancellationToken::new();
+    // Live settings in memory (etcd's stand-in), watched like etcd would be.
+    let source = Arc::new(MemorySource::default());
+    let (config, _watch) = watcher::start(source, stop.clone()).await;
+    let live = Live {
+        config,
+        family: "default".into(),
+        limiter: Some(Arc::new(MemoryLimiter::new(Arc::new(SystemClock)))),
+    };
     let opts = ConsumerOptions {
         pollers: 2,
         retry_base_ms: 200,
@@ -99,6 +110,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .worker_id(format!("dev-worker-{i}"))
             .handler("remind", remind)
             .options(opts.clone())
+            .live(live.clone())
             .build()?;
         let stop = stop.clone();
         workers.push(tokio::spawn(async move {

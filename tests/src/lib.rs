@@ -47,7 +47,9 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // Tests that fail by returning an error do not panic here: set
+        // CHIME_KEEP_TEST_DIRS=1 to keep every directory and its logs.
+        if std::thread::panicking() || std::env::var_os("CHIME_KEEP_TEST_DIRS").is_some() {
             eprintln!("test files kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
@@ -362,7 +364,7 @@ impl EtcdServer {
         let bin = find_binary("etcdctl", "apt-get install etcd-client")?;
         let out = Command::new(bin)
             .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint, "put", key, value])
+            .args(["--endpoints", &self.endpoint, "put", "--", key, value])
             .output()?;
         if !out.status.success() {
             bail!(

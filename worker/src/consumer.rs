@@ -456,12 +456,12 @@ impl Consumer {
                 let config = rx.borrow_and_update().clone();
                 let mut gates = self.handlers.iter().map(|(n, s)| (n, &s.gate));
                 let count = live::apply_knobs(&config, &live.family, &self.knobs, &mut gates);
-                if count.is_some() && count != applied {
-                    if let Some((n, rev)) = count {
-                        match self.store.apply_layout(n, rev).await {
-                            Ok(_) => applied = count,
-                            Err(e) => store_error("apply_layout", &e),
-                        }
+                if let Some((n, rev)) = count
+                    && count != applied
+                {
+                    match self.store.apply_layout(n, rev).await {
+                        Ok(_) => applied = count,
+                        Err(e) => store_error("apply_layout", &e),
                     }
                 }
             }

@@ -136,7 +136,7 @@ fn rate(key: &str, raw: &str) -> Result<f64, Rejection> {
         .trim()
         .parse()
         .map_err(|_| reject(format!("{raw:?} is not a number of items per second")))?;
-    if !v.is_finite() || v < 0.001 || v > MAX_RATE_PER_S {
+    if !v.is_finite() || !(0.001..=MAX_RATE_PER_S).contains(&v) {
         return Err(reject(format!(
             "{raw} is outside 0.001..={MAX_RATE_PER_S} items per second (delete the key for no limit)"
         )));

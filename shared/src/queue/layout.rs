@@ -79,6 +79,48 @@ impl Layout {
     }
 }
 
+/// Keeps `store`'s layout in step with the live config of `family` until
+/// `shutdown`: applies each queue count as it changes, and re-reads the layout every
+/// two seconds (another process may have applied a change first). For processes that
+/// place items but run no worker (producers, benchmarks); workers do this in their
+/// own config loop.
+pub async fn follow(
+    store: std::sync::Arc<dyn super::DelayStore>,
+    config: crate::config::watcher::ConfigHandle,
+    family: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut rx = config.subscribe();
+    let mut applied = None;
+    loop {
+        let count = rx.borrow_and_update().family(&family).count;
+        if let Some((n, rev)) = count
+            && count != applied
+        {
+            match store.apply_layout(n, rev).await {
+                Ok(l) => {
+                    applied = count;
+                    tracing::info!(
+                        epoch = l.epoch,
+                        count = l.count,
+                        revision = rev,
+                        applied_at_ms = crate::clock::system_now_ms(),
+                        "queue layout applied"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "applying the queue count failed"),
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                let _ = store.refresh_layout().await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,47 +145,5 @@ mod tests {
         }
         assert_eq!(Layout::initial(4).homes("x"), vec![queue_for("x", 4)]);
         assert!(!Layout::initial(4).in_transition());
-    }
-}
-
-/// Keeps `store`'s layout in step with the live config of `family` until
-/// `shutdown`: applies each queue count as it changes, and re-reads the layout every
-/// two seconds (another process may have applied a change first). For processes that
-/// place items but run no worker (producers, benchmarks); workers do this in their
-/// own config loop.
-pub async fn follow(
-    store: std::sync::Arc<dyn super::DelayStore>,
-    config: crate::config::watcher::ConfigHandle,
-    family: String,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut rx = config.subscribe();
-    let mut applied = None;
-    loop {
-        let count = rx.borrow_and_update().family(&family).count;
-        if count.is_some() && count != applied {
-            if let Some((n, rev)) = count {
-                match store.apply_layout(n, rev).await {
-                    Ok(l) => {
-                        applied = count;
-                        tracing::info!(
-                            epoch = l.epoch,
-                            count = l.count,
-                            revision = rev,
-                            applied_at_ms = crate::clock::system_now_ms(),
-                            "queue layout applied"
-                        );
-                    }
-                    Err(e) => tracing::warn!(error = %e, "applying the queue count failed"),
-                }
-            }
-        }
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
-                let _ = store.refresh_layout().await;
-            }
-            _ = shutdown.cancelled() => return,
-        }
     }
 }

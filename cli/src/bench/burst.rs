@@ -1,0 +1,194 @@
+//! `chime bench burst`: the coupon-reminder case. N items all due at one instant T0,
+//! drained by W separate `chime worker` processes with a recording no-op handler.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use chime_shared::queue::redis_store::RedisStore;
+use chime_shared::queue::{DelayStore, NewItem, QueueLayout};
+use chime_shared::redis_conn::{RedisConn, RedisSpec};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use super::{Workers, cleanup, count_lines, quantile, read_records};
+
+/// `chime bench burst` arguments.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BurstArgs {
+    /// Redis URL (or comma-separated cluster seeds).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Items in the burst.
+    #[arg(long, default_value_t = 100_000)]
+    items: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Queues N.
+    #[arg(long, default_value_t = 8)]
+    queues: u32,
+    /// Most items per pop.
+    #[arg(long, default_value_t = 500)]
+    batch: u32,
+    /// Pollers per worker.
+    #[arg(long, default_value_t = 2)]
+    pollers: usize,
+    /// Most items each worker holds at once.
+    #[arg(long, default_value_t = 4_096)]
+    max_in_flight: usize,
+    /// Payload size of each item, bytes.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// Time from the start of the enqueue to T0, ms (0: sized to the burst).
+    #[arg(long, default_value_t = 0)]
+    lead_ms: i64,
+    /// Keep the workers' record files and logs (their directory is printed).
+    #[arg(long)]
+    keep_files: bool,
+}
+
+pub(crate) async fn run(a: BurstArgs) -> Result<()> {
+    if a.items == 0 || a.workers == 0 {
+        bail!("invalid --items/--workers: both must be at least 1");
+    }
+    let prefix = format!("bench{:08x}", fastrand::u32(..));
+    let layout = QueueLayout::new(&prefix, "default", a.queues)?;
+    let conn = RedisConn::connect(&RedisSpec::parse(&a.redis_url)?)
+        .await
+        .with_context(|| format!("connecting to {}", a.redis_url))?;
+    let store = Arc::new(RedisStore::open(conn.clone(), layout).await?);
+    let dir = std::env::temp_dir().join(format!("chime-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    // Workers first: they idle until T0, then drain.
+    let args: Vec<String> = [
+        "--redis-url",
+        &a.redis_url,
+        "--prefix",
+        &prefix,
+        "--queues",
+        &a.queues.to_string(),
+        "--batch",
+        &a.batch.to_string(),
+        "--pollers",
+        &a.pollers.to_string(),
+        "--max-in-flight",
+        &a.max_in_flight.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut workers = Workers::spawn(&dir, a.workers, &args, &[])?;
+
+    let lead = if a.lead_ms > 0 {
+        a.lead_ms
+    } else {
+        2_000 + (a.items as i64) / 40
+    };
+    let t0 = store.now_ms().await? + lead;
+    let payload = bytes::Bytes::from(vec![b'x'; a.payload_bytes]);
+    eprintln!(
+        "bench burst: {} items due at T0 (in {lead} ms), {} workers, {} queues, prefix {prefix}",
+        a.items, a.workers, a.queues
+    );
+
+    // Enqueue in chunks, a few chunks in flight at once (each is pipelined inside).
+    let started = Instant::now();
+    let chunk = 10_000usize;
+    let chunks = a.items.div_ceil(chunk);
+    let mut done = 0usize;
+    let mut stream = futures_util::stream::iter((0..chunks).map(|c| {
+        let store = store.clone();
+        let payload = payload.clone();
+        let n = a.items;
+        async move {
+            let items: Vec<NewItem> = (c * chunk..((c + 1) * chunk).min(n))
+                .map(|i| {
+                    NewItem::new(format!("b{i}"), "noop", t0)
+                        .key(format!("u{i}"))
+                        .payload(payload.clone())
+                })
+                .collect();
+            let len = items.len();
+            store.enqueue(items).await.map(|_| len)
+        }
+    }))
+    .buffer_unordered(4);
+    while let Some(r) = stream.next().await {
+        done += r?;
+        if done % (a.items / 10).max(chunk) < chunk || done == a.items {
+            eprintln!("  enqueued {done}/{}", a.items);
+        }
+    }
+    let enqueue_s = started.elapsed().as_secs_f64();
+    let after = store.now_ms().await?;
+    if after > t0 {
+        eprintln!(
+            "  warning: enqueue finished {} ms after T0; raise --lead-ms",
+            after - t0
+        );
+    }
+
+    // Wait for the drain: nothing pending or in flight, and every item recorded.
+    let deadline = Instant::now() + Duration::from_secs(60 + (a.items / 5_000) as u64);
+    let mut peak_rss_kib = 0u64;
+    loop {
+        peak_rss_kib = peak_rss_kib.max(workers.check(&dir)?);
+        let stats = store.stats().await?;
+        let left: u64 = stats.iter().map(|s| s.pending + s.in_flight).sum();
+        if left == 0 && count_lines(&workers.records)? >= a.items {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "burst not drained in time: {left} items left; see {}",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    workers.stop();
+
+    // Score.
+    let handled = read_records(&workers.records)?;
+    let mut lags: Vec<i64> = Vec::with_capacity(a.items);
+    let (mut first, mut last, mut lost, mut duplicates) = (i64::MAX, i64::MIN, 0usize, 0usize);
+    for i in 0..a.items {
+        match handled.get(&format!("b{i}")) {
+            None => lost += 1,
+            Some(h) => {
+                duplicates += h.len() - 1;
+                lags.push(h[0].handled_ms - h[0].due_ms);
+                first = first.min(h[0].handled_ms);
+                last = last.max(h[0].handled_ms);
+            }
+        }
+    }
+    lags.sort_unstable();
+    let drain_s = ((last - t0) as f64 / 1000.0).max(1e-3);
+    cleanup(&conn, &prefix).await?;
+    if a.keep_files {
+        eprintln!("  files kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let out = json!({
+        "bench": "burst",
+        "items": a.items,
+        "workers": a.workers,
+        "queues": a.queues,
+        "batch": a.batch,
+        "enqueue_per_s": (a.items as f64 / enqueue_s).round(),
+        "drain_per_s": (a.items as f64 / drain_s).round(),
+        "lag_p50_ms": quantile(&lags, 0.50),
+        "lag_p99_ms": quantile(&lags, 0.99),
+        "lag_max_ms": lags.last().copied().unwrap_or(0),
+        "first_after_t0_ms": if first == i64::MAX { 0 } else { first - t0 },
+        "lost": lost,
+        "duplicates": duplicates,
+        "worker_peak_rss_mib": (peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+    });
+    println!("{out}");
+    Ok(())
+}

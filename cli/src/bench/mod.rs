@@ -1,0 +1,211 @@
+//! `chime bench …`: benchmarks that print one JSON line of results on stdout
+//! (progress goes to stderr). Each uses its own key prefix and cleans up after
+//! itself; worker processes are real `chime worker` processes started from this
+//! binary.
+
+mod burst;
+mod resize;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chime_shared::redis_conn::RedisConn;
+
+/// `chime bench` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    cmd: BenchCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BenchCmd {
+    /// N items due at one instant, drained by W worker processes.
+    Burst(burst::BurstArgs),
+    /// Items enqueued continuously while the queue count changes in etcd.
+    Resize(resize::ResizeArgs),
+}
+
+/// Runs a benchmark.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    crate::init_logging("text", "warn");
+    match args.cmd {
+        BenchCmd::Burst(a) => burst::run(a).await,
+        BenchCmd::Resize(a) => resize::run(a).await,
+    }
+}
+
+/// Worker processes started by a benchmark, each with a record file and a log.
+pub(crate) struct Workers {
+    children: Vec<Child>,
+    pub(crate) records: Vec<PathBuf>,
+    pub(crate) logs: Vec<PathBuf>,
+}
+
+impl Workers {
+    /// Starts `n` `chime worker` processes with the `noop` handler recording into
+    /// `dir`; `args` and `env` are added to each.
+    pub(crate) fn spawn(
+        dir: &Path,
+        n: usize,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut w = Workers {
+            children: Vec::new(),
+            records: Vec::new(),
+            logs: Vec::new(),
+        };
+        for i in 0..n {
+            let rec = dir.join(format!("w{i}.rec"));
+            let log_path = dir.join(format!("w{i}.log"));
+            let log = std::fs::File::create(&log_path)?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("worker")
+                .args(args)
+                .args(["--handlers", "noop", "--worker-id", &format!("bench-w{i}")])
+                .arg("--record-file")
+                .arg(&rec)
+                .env("RUST_LOG", "warn,chime_worker::live=info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            w.children
+                .push(cmd.spawn().context("spawning chime worker")?);
+            w.records.push(rec);
+            w.logs.push(log_path);
+        }
+        Ok(w)
+    }
+
+    /// Fails if a worker has exited; answers the largest peak RSS (KiB) so far.
+    pub(crate) fn check(&mut self, dir: &Path) -> Result<u64> {
+        let mut peak = 0;
+        for c in &mut self.children {
+            if let Ok(Some(status)) = c.try_wait() {
+                anyhow::bail!("a worker exited early ({status}); see {}", dir.display());
+            }
+            peak = peak.max(vm_hwm_kib(c.id()).unwrap_or(0));
+        }
+        Ok(peak)
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 30 s).
+    pub(crate) fn stop(&mut self) {
+        for c in &self.children {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for c in &mut self.children {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One handled item from a record file.
+pub(crate) struct Handled {
+    pub(crate) due_ms: i64,
+    pub(crate) handled_ms: i64,
+}
+
+/// Reads every record file: item id → each time it was handled.
+pub(crate) fn read_records(files: &[PathBuf]) -> Result<HashMap<String, Vec<Handled>>> {
+    let mut out: HashMap<String, Vec<Handled>> = HashMap::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in text.lines() {
+            let mut p = line.split(' ');
+            let (Some(id), Some(due), Some(handled)) = (p.next(), p.next(), p.next()) else {
+                continue;
+            };
+            let (Ok(due_ms), Ok(handled_ms)) = (due.parse(), handled.parse()) else {
+                continue;
+            };
+            out.entry(id.to_owned())
+                .or_default()
+                .push(Handled { due_ms, handled_ms });
+        }
+    }
+    Ok(out)
+}
+
+/// Lines in all record files.
+pub(crate) fn count_lines(files: &[PathBuf]) -> Result<usize> {
+    let mut n = 0;
+    for f in files {
+        if f.exists() {
+            n += std::fs::read(f)?.iter().filter(|b| **b == b'\n').count();
+        }
+    }
+    Ok(n)
+}
+
+/// The `p` quantile of sorted values.
+pub(crate) fn quantile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Deletes every Redis key of the benchmark's prefix.
+pub(crate) async fn cleanup(conn: &RedisConn, prefix: &str) -> Result<()> {
+    let mut conn = conn.clone();
+    for pattern in [format!("{{{prefix}:*"), format!("{prefix}:*")] {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            for k in keys {
+                let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut conn).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(())
+}
