@@ -228,3 +228,35 @@ async fn two_handlers_in_one_budget_each_get_half() -> Result<()> {
     );
     Ok(())
 }
+
+/// Growing N spreads a backlog due an hour from now over the new queues long before
+/// it falls due, then retires the old layout.
+#[tokio::test]
+async fn growing_spreads_a_far_future_backlog() -> Result<()> {
+    let dir = TestDir::new("spread")?;
+    let redis = RedisServer::start().await?;
+    let etcd = EtcdServer::start().await?;
+    let store = redis.store("sp", 2).await?;
+    let now = store.now_ms().await?;
+    let items: Vec<NewItem> = (0..20_000)
+        .map(|i| NewItem::new(format!("f{i}"), "noop", now + 3_600_000).key(format!("u{i}")))
+        .collect();
+    store.enqueue(items).await?;
+    let flags = ["--queues", "2", "--handlers", "noop", "--etcd-endpoints", &etcd.endpoint];
+    let (_a, _) = spawn_worker(dir.path(), "a", &redis, "sp", &flags, &[])?;
+    let (_b, _) = spawn_worker(dir.path(), "b", &redis, "sp", &flags, &[])?;
+    etcd.etcdctl_put("/chime/queues/default/count", "8")?;
+    wait_until("the resize to complete", Duration::from_secs(60), || async {
+        store.refresh_layout().await.map(|l| l.count == 8 && !l.in_transition()).unwrap_or(false)
+    })
+    .await?;
+    let stats = store.stats().await?;
+    ensure!(stats.len() == 8);
+    let total: u64 = stats.iter().map(|s| s.pending).sum();
+    ensure!(total == 20_000, "{total} pending of 20000: {stats:?}");
+    for s in &stats {
+        ensure!((1_800..=3_200).contains(&s.pending), "queue {} holds {}", s.queue, s.pending);
+        ensure!(s.moving == 0 && s.in_flight == 0);
+    }
+    Ok(())
+}
