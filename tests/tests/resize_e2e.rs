@@ -242,20 +242,40 @@ async fn growing_spreads_a_far_future_backlog() -> Result<()> {
         .map(|i| NewItem::new(format!("f{i}"), "noop", now + 3_600_000).key(format!("u{i}")))
         .collect();
     store.enqueue(items).await?;
-    let flags = ["--queues", "2", "--handlers", "noop", "--etcd-endpoints", &etcd.endpoint];
+    let flags = [
+        "--queues",
+        "2",
+        "--handlers",
+        "noop",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+    ];
     let (_a, _) = spawn_worker(dir.path(), "a", &redis, "sp", &flags, &[])?;
     let (_b, _) = spawn_worker(dir.path(), "b", &redis, "sp", &flags, &[])?;
     etcd.etcdctl_put("/chime/queues/default/count", "8")?;
-    wait_until("the resize to complete", Duration::from_secs(60), || async {
-        store.refresh_layout().await.map(|l| l.count == 8 && !l.in_transition()).unwrap_or(false)
-    })
+    wait_until(
+        "the resize to complete",
+        Duration::from_secs(60),
+        || async {
+            store
+                .refresh_layout()
+                .await
+                .map(|l| l.count == 8 && !l.in_transition())
+                .unwrap_or(false)
+        },
+    )
     .await?;
     let stats = store.stats().await?;
     ensure!(stats.len() == 8);
     let total: u64 = stats.iter().map(|s| s.pending).sum();
     ensure!(total == 20_000, "{total} pending of 20000: {stats:?}");
     for s in &stats {
-        ensure!((1_800..=3_200).contains(&s.pending), "queue {} holds {}", s.queue, s.pending);
+        ensure!(
+            (1_800..=3_200).contains(&s.pending),
+            "queue {} holds {}",
+            s.queue,
+            s.pending
+        );
         ensure!(s.moving == 0 && s.in_flight == 0);
     }
     Ok(())
