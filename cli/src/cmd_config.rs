@@ -84,7 +84,7 @@ pub async fn run(args: ConfigArgs) -> Result<()> {
             let snap = source.load().await?;
             let mut in_force = LiveConfig::default();
             let mut refused = Vec::new();
-            for (k, v, rev) in &snap.entries {
+            for (k, v, rev) in snap.entries.iter().filter(|e| !live::is_internal(&e.0)) {
                 match live::parse(k, Some(v)) {
                     Ok(s) => in_force.apply(s, *rev),
                     Err(r) => refused.push(json!({ "key": r.key, "value": v, "reason": r.reason })),
@@ -93,6 +93,7 @@ pub async fn run(args: ConfigArgs) -> Result<()> {
             let entries: Vec<_> = snap
                 .entries
                 .iter()
+                .filter(|e| !live::is_internal(&e.0))
                 .map(|(k, v, rev)| json!({ "key": k, "value": v, "revision": rev }))
                 .collect();
             json!({ "revision": snap.revision, "entries": entries, "refused": refused, "in_force": in_force })

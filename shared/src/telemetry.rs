@@ -34,3 +34,11 @@ pub const CONFIG_REJECTED: &str = "chime_config_rejected_total";
 pub const LAYOUT_APPLIED: &str = "chime_queue_layout_changes_total";
 /// Items moved between queues by a resize.
 pub const ITEMS_MIGRATED: &str = "chime_items_migrated_total";
+/// Workers connected to this coordinator.
+pub const CONNECTED_WORKERS: &str = "chime_connected_workers";
+/// Seconds between a job's scheduled instant and its fire.
+pub const TRIGGER_LAG_SECONDS: &str = "chime_trigger_lag_seconds";
+/// Job fires (label `outcome`: fired, skipped).
+pub const JOB_FIRES: &str = "chime_job_fires_total";
+/// Shard results reported by workers (label `status`).
+pub const RUN_RESULTS: &str = "chime_run_results_total";

@@ -152,6 +152,17 @@ fn name(key: &str, what: &str, raw: &str) -> Result<String, Rejection> {
     Ok(raw.to_owned())
 }
 
+/// Top-level sections under the prefix that hold chime's own state (job
+/// definitions, leader election), not settings; the config watcher skips them.
+pub const INTERNAL_SECTIONS: [&str; 2] = ["jobs", "election"];
+
+/// Whether `key` (relative to the prefix) belongs to an internal section.
+pub fn is_internal(key: &str) -> bool {
+    INTERNAL_SECTIONS
+        .iter()
+        .any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with('/')))
+}
+
 /// Parses one key (relative to the prefix) and its value; `value = None` is a
 /// deletion. Unknown keys and bad values are rejections naming the key.
 pub fn parse(key: &str, value: Option<&str>) -> Result<Setting, Rejection> {

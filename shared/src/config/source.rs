@@ -67,6 +67,15 @@ pub struct Snapshot {
 /// A stream of watch messages; an `Err` (then the end) means the watch broke.
 pub type WatchRx = mpsc::Receiver<Result<WatchMsg>>;
 
+/// What a conditional write expects of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key's last write must be this revision.
+    Revision(i64),
+}
+
 /// A store of live settings.
 #[async_trait]
 pub trait ConfigSource: Send + Sync + std::fmt::Debug {
@@ -78,6 +87,11 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, value: &str) -> Result<i64>;
     /// Deletes `key`; answers the revision.
     async fn delete(&self, key: &str) -> Result<i64>;
+    /// One key's value and the revision of its last write.
+    async fn get(&self, key: &str) -> Result<Option<(String, i64)>>;
+    /// Writes `value` at `key` only if the key is as `expect` says; answers the
+    /// revision of the write, or `None` when the condition failed (nothing written).
+    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>>;
 }
 
 /// Settings in etcd under a prefix.
@@ -204,6 +218,34 @@ impl ConfigSource for EtcdSource {
         let resp = c.delete(format!("{}{key}", self.prefix), None).await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
+
+    async fn get(&self, key: &str) -> Result<Option<(String, i64)>> {
+        let mut c = self.client.clone();
+        let resp = c.get(format!("{}{key}", self.prefix), None).await?;
+        Ok(resp.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.mod_revision(),
+            )
+        }))
+    }
+
+    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let full = format!("{}{key}", self.prefix);
+        let cond = match expect {
+            Expect::Absent => Compare::version(full.as_str(), CompareOp::Equal, 0),
+            Expect::Revision(r) => Compare::mod_revision(full.as_str(), CompareOp::Equal, r),
+        };
+        let txn = Txn::new()
+            .when([cond])
+            .and_then([TxnOp::put(full.as_str(), value, None)]);
+        let mut c = self.client.clone();
+        let resp = c.txn(txn).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -325,5 +367,34 @@ impl ConfigSource for MemorySource {
     async fn delete(&self, key: &str) -> Result<i64> {
         let key = key.to_owned();
         Ok(self.record(|revision| Change::Delete { key, revision }))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<(String, i64)>> {
+        Ok(self.lock().entries.get(key).cloned())
+    }
+
+    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>> {
+        // Check and write under one lock so no other write slips in between.
+        let mut st = self.lock();
+        let current = st.entries.get(key).map(|e| e.1);
+        let ok = match expect {
+            Expect::Absent => current.is_none(),
+            Expect::Revision(r) => current == Some(r),
+        };
+        if !ok {
+            return Ok(None);
+        }
+        st.revision += 1;
+        let revision = st.revision;
+        let c = Change::Put {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            revision,
+        };
+        st.entries
+            .insert(key.to_owned(), (value.to_owned(), revision));
+        st.history.push(c.clone());
+        let _ = self.tx.send(c);
+        Ok(Some(revision))
     }
 }

@@ -80,7 +80,11 @@ pub async fn start(
 /// Replaces `config` with a snapshot's content; answers the snapshot's revision.
 fn fold_snapshot(config: &mut LiveConfig, snapshot: &Snapshot) -> i64 {
     let mut fresh = LiveConfig::default();
-    for (key, value, rev) in &snapshot.entries {
+    for (key, value, rev) in snapshot
+        .entries
+        .iter()
+        .filter(|e| !super::is_internal(&e.0))
+    {
         // A value refused now keeps the value in force before the reload, if any.
         match parse(key, Some(value)) {
             Ok(s) => {

@@ -1,0 +1,298 @@
+//! Runs in progress: what workers report, deadlines, retries with backoff, kills,
+//! and what happens when a run ends (history, buffered fires, fixed-delay ticks,
+//! child jobs).
+
+use tracing::{debug, info};
+
+use super::workers::ToWorker;
+use super::{Engine, ShardKey, ShardOutcome, Timer};
+use crate::error::{CoordError, Result};
+use crate::model::{RunRecord, RunState};
+
+/// Log lines kept per shard.
+const LOG_TAIL: usize = 20;
+/// Longest log line kept.
+const LOG_LINE: usize = 4 * 1024;
+/// Largest output kept.
+const OUTPUT: usize = 64 * 1024;
+
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+impl Engine {
+    /// The shard `key` names, if it is the current attempt and not finished.
+    fn current(&mut self, key: &ShardKey) -> Option<&mut crate::model::ShardRecord> {
+        self.runs
+            .get_mut(&key.run_id)
+            .and_then(|r| r.shards.get_mut(key.shard as usize))
+            .filter(|s| s.attempt == key.attempt && !s.state.is_final())
+    }
+
+    pub(super) fn started(&mut self, worker: &str, _session: u64, key: ShardKey, at_ms: i64) {
+        if let Some(s) = self.current(&key).filter(|s| s.worker_id == worker) {
+            s.started_at_ms = at_ms;
+        }
+    }
+
+    pub(super) fn log_line(&mut self, key: ShardKey, line: String) {
+        if let Some(s) = self.current(&key) {
+            s.log_tail.push(clip(&line, LOG_LINE));
+            if s.log_tail.len() > LOG_TAIL {
+                s.log_tail.remove(0);
+            }
+        }
+    }
+
+    pub(super) async fn shard_result(
+        &mut self,
+        worker: &str,
+        _session: u64,
+        key: ShardKey,
+        outcome: ShardOutcome,
+    ) {
+        let now = self.now();
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.running.remove(&(key.run_id.clone(), key.shard));
+        }
+        let Some(job) = self.runs.get(&key.run_id).map(|r| r.job.clone()) else {
+            return;
+        };
+        let (retries, backoff) = self
+            .jobs
+            .get(&job)
+            .map_or((0, 0), |j| (j.spec.retries, j.spec.retry_backoff_ms));
+        let Some(s) = self.current(&key).filter(|s| s.worker_id == worker) else {
+            debug!(run_id = %key.run_id, shard = key.shard, attempt = key.attempt, worker, "stale result ignored");
+            return;
+        };
+        metrics::counter!(chime_shared::telemetry::RUN_RESULTS, "status" => match &outcome {
+            ShardOutcome::Succeeded(_) => "succeeded",
+            ShardOutcome::Failed(_) => "failed",
+            ShardOutcome::Cancelled(_) => "cancelled",
+        })
+        .increment(1);
+        match outcome {
+            ShardOutcome::Succeeded(out) => {
+                s.state = RunState::Succeeded;
+                s.output = clip(&out, OUTPUT);
+                s.finished_at_ms = now;
+            }
+            ShardOutcome::Failed(err) => {
+                s.failures += 1;
+                s.error = clip(&err, OUTPUT);
+                if s.failures <= retries {
+                    s.state = RunState::Pending;
+                    let delay = backoff.saturating_mul(1 << (s.failures - 1).min(20)) as i64;
+                    debug!(run_id = %key.run_id, shard = key.shard, delay, "shard failed; retrying");
+                    self.schedule(
+                        now + delay,
+                        Timer::Retry {
+                            run_id: key.run_id.clone(),
+                            shard: key.shard,
+                        },
+                    );
+                } else {
+                    s.state = RunState::Failed;
+                    s.finished_at_ms = now;
+                }
+            }
+            ShardOutcome::Cancelled(why) => {
+                // Not cancelled by us (we mark those final first): the worker gave it
+                // up while draining. Someone else takes it.
+                info!(run_id = %key.run_id, shard = key.shard, worker, why, "shard handed back");
+                self.assign_shard(&key.run_id, key.shard, Some(worker.to_owned()), false);
+                return;
+            }
+        }
+        self.maybe_finish(&key.run_id).await;
+    }
+
+    /// A shard's deadline passed: cancel it on its worker, then retry or time out.
+    pub(super) fn deadline(&mut self, key: ShardKey) {
+        let now = self.now();
+        let Some(job) = self.runs.get(&key.run_id).map(|r| r.job.clone()) else {
+            return;
+        };
+        let (retries, backoff) = self
+            .jobs
+            .get(&job)
+            .map_or((0, 0), |j| (j.spec.retries, j.spec.retry_backoff_ms));
+        let Some(s) = self.current(&key).filter(|s| s.state == RunState::Running) else {
+            return;
+        };
+        let worker = s.worker_id.clone();
+        s.failures += 1;
+        s.error = "timed out".into();
+        let retry = s.failures <= retries;
+        if retry {
+            s.state = RunState::Pending;
+        } else {
+            s.state = RunState::TimedOut;
+            s.finished_at_ms = now;
+        }
+        let failures = s.failures;
+        info!(run_id = %key.run_id, shard = key.shard, worker = %worker, retry, "shard timed out");
+        self.send(&worker, ToWorker::Cancel(key.clone(), "timeout".into()));
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.running.remove(&(key.run_id.clone(), key.shard));
+        }
+        if retry {
+            let delay = backoff.saturating_mul(1 << (failures - 1).min(20)) as i64;
+            self.schedule(
+                now + delay,
+                Timer::Retry {
+                    run_id: key.run_id,
+                    shard: key.shard,
+                },
+            );
+        } else {
+            let run_id = key.run_id.clone();
+            // Finishing needs the async path for children; a timer-driven end has no
+            // children to fire (a timed-out run did not succeed).
+            self.finish_sync(&run_id);
+        }
+    }
+
+    /// A failed shard's backoff passed: assign it again, preferring another worker.
+    pub(super) fn retry(&mut self, run_id: &str, shard: u32) {
+        let prev = self
+            .runs
+            .get(run_id)
+            .and_then(|r| r.shards.get(shard as usize))
+            .filter(|s| s.state == RunState::Pending)
+            .map(|s| s.worker_id.clone());
+        if let Some(prev) = prev {
+            self.assign_shard(run_id, shard, Some(prev), true);
+            if let Some(r) = self.runs.get(run_id) {
+                self.save(r);
+            }
+        }
+    }
+
+    /// Cancels every unfinished shard of a run (kill, or covered by a newer run).
+    pub(super) fn cancel_run(&mut self, run_id: &str, why: &str) {
+        let now = self.now();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let mut stop = Vec::new();
+        for s in run.shards.iter_mut().filter(|s| !s.state.is_final()) {
+            if s.state == RunState::Running {
+                stop.push((
+                    s.worker_id.clone(),
+                    ShardKey {
+                        run_id: run_id.to_owned(),
+                        shard: s.index,
+                        attempt: s.attempt,
+                    },
+                ));
+            }
+            s.state = RunState::Cancelled;
+            s.finished_at_ms = now;
+            s.error = why.to_owned();
+        }
+        run.note = why.to_owned();
+        for (w, key) in stop {
+            self.send(&w, ToWorker::Cancel(key.clone(), why.to_owned()));
+            if let Some(ws) = self.workers.get_mut(&w) {
+                ws.running.remove(&(key.run_id.clone(), key.shard));
+            }
+        }
+        self.finish_sync(run_id);
+    }
+
+    pub(super) fn kill(&mut self, run_id: &str) -> Result<RunRecord> {
+        let run = self
+            .runs
+            .get(run_id)
+            .cloned()
+            .ok_or_else(|| CoordError::NotFound(format!("run {run_id:?} in progress")))?;
+        info!(run_id, job = %run.job, "run killed");
+        self.cancel_run(run_id, "killed");
+        Ok(self.last_seen(run_id).unwrap_or(run))
+    }
+
+    fn last_seen(&self, run_id: &str) -> Option<RunRecord> {
+        self.runs.get(run_id).cloned()
+    }
+
+    /// Ends the run if every shard is final; fires children of a successful run.
+    async fn maybe_finish(&mut self, run_id: &str) {
+        if let Some((job, parent)) = self.finish_sync(run_id) {
+            for child in self
+                .jobs
+                .get(&job)
+                .map(|j| j.spec.children.clone())
+                .unwrap_or_default()
+            {
+                if self.jobs.contains_key(&child) {
+                    let now = self.now();
+                    let id = format!("{child}@c{now}-{:04x}", fastrand::u16(..));
+                    info!(parent = %parent, child = %child, "firing child job");
+                    self.start_run(&child, now, "child", None, parent.clone(), id);
+                }
+            }
+        } else if let Some(r) = self.runs.get(run_id) {
+            self.save(r);
+        }
+    }
+
+    /// Ends the run if every shard is final (history, overlap buffer, fixed delay).
+    /// Answers `(job, run_id)` when it ended successfully (children to fire).
+    pub(super) fn finish_sync(&mut self, run_id: &str) -> Option<(String, String)> {
+        let now = self.now();
+        let run = self.runs.get_mut(run_id)?;
+        if !run.shards.iter().all(|s| s.state.is_final()) {
+            return None;
+        }
+        let states: Vec<RunState> = run.shards.iter().map(|s| s.state).collect();
+        run.state = if states.iter().all(|s| *s == RunState::Succeeded) {
+            RunState::Succeeded
+        } else if states.contains(&RunState::Cancelled) {
+            RunState::Cancelled
+        } else if states.contains(&RunState::TimedOut) {
+            RunState::TimedOut
+        } else {
+            RunState::Failed
+        };
+        run.finished_at_ms = now;
+        let run = self.runs.remove(run_id)?;
+        self.save(&run);
+        debug!(run_id, state = ?run.state, "run finished");
+        let mut buffered = None;
+        if let Some(j) = self.jobs.get_mut(&run.job) {
+            j.running.remove(run_id);
+            if j.running.is_empty() {
+                buffered = j.buffered.take();
+            }
+            if let crate::schedule::Compiled::Delay { delay_ms } = j.compiled {
+                if !j.spec.paused {
+                    let at = now + delay_ms;
+                    j.next_fire = Some(at);
+                    let generation = j.generation;
+                    let job = run.job.clone();
+                    self.schedule(
+                        at,
+                        Timer::Fire {
+                            job,
+                            at,
+                            generation,
+                        },
+                    );
+                }
+            }
+        }
+        if let Some((at, id)) = buffered {
+            self.start_run(&run.job, at, "buffered", None, String::new(), id);
+        }
+        (run.state == RunState::Succeeded).then(|| (run.job.clone(), run.run_id.clone()))
+    }
+}

@@ -1,0 +1,605 @@
+//! The gRPC edge: the worker gateway (sessions) and the admin API. Handlers are
+//! thin: they convert between `chime_shared::proto` and the domain, and call the
+//! engine or the job store. This is the only module that sees generated types.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chime_shared::clock::Clock;
+use chime_shared::proto as pb;
+use pb::coordinator_message::Kind as Out;
+use pb::worker_message::Kind as In;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::engine::workers_api::{ToWorker, WorkerHello};
+use crate::engine::{EngineHandle, ShardKey, ShardOutcome, TriggerState};
+use crate::error::CoordError;
+use crate::model::{
+    JobSpec, Misfire, Overlap, Routing, RunRecord, RunState, Schedule, ShardRecord, WorkerView,
+};
+use crate::store::{JobStore, RunStore, StoredJob};
+
+/// The gRPC router with both services.
+pub fn server(
+    engine: EngineHandle,
+    jobs: JobStore,
+    runs: Arc<dyn RunStore>,
+    clock: Arc<dyn Clock>,
+) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(pb::worker_gateway_server::WorkerGatewayServer::new(
+            Gateway {
+                engine: engine.clone(),
+            },
+        ))
+        .add_service(pb::admin_server::AdminServer::new(AdminApi {
+            engine,
+            jobs,
+            runs,
+            clock,
+        }))
+}
+
+/// The worker gateway.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    engine: EngineHandle,
+}
+
+fn shard_key(r: Option<pb::RunRef>) -> Result<ShardKey, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("invalid run: missing"))?;
+    Ok(ShardKey {
+        run_id: r.run_id,
+        shard: r.shard_index,
+        attempt: r.attempt,
+    })
+}
+
+fn run_ref(k: &ShardKey) -> pb::RunRef {
+    pb::RunRef {
+        run_id: k.run_id.clone(),
+        shard_index: k.shard,
+        attempt: k.attempt,
+    }
+}
+
+fn to_proto(msg: ToWorker) -> pb::CoordinatorMessage {
+    let kind = match msg {
+        ToWorker::Assign(a) => Out::Assign(pb::Assign {
+            run: Some(run_ref(&a.key)),
+            fire_id: a.fire_id,
+            job: a.job,
+            handler: a.handler,
+            params: a.params,
+            shard_params: a.shard_params,
+            shard_index: a.key.shard,
+            shard_total: a.shard_total,
+            deadline_ms: a.deadline_ms,
+            scheduled_at_ms: a.scheduled_at_ms,
+        }),
+        ToWorker::Cancel(k, reason) => Out::Cancel(pb::Cancel {
+            run: Some(run_ref(&k)),
+            reason,
+        }),
+    };
+    pb::CoordinatorMessage { kind: Some(kind) }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_gateway_server::WorkerGateway for Gateway {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??;
+        let Some(pb::WorkerMessage {
+            kind: Some(In::Register(reg)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "invalid session: the first message must be Register",
+            ));
+        };
+        let hello = WorkerHello {
+            worker_id: reg.worker_id,
+            group: reg.group,
+            handlers: reg.handlers,
+            capacity: reg.capacity.max(1),
+            labels: reg.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            running: reg
+                .running
+                .into_iter()
+                .map(|r| ShardKey {
+                    run_id: r.run_id,
+                    shard: r.shard_index,
+                    attempt: r.attempt,
+                })
+                .collect(),
+        };
+        let worker = hello.worker_id.clone();
+        let (to_worker, mut from_engine) = mpsc::channel::<ToWorker>(4096);
+        let (out, out_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(4096);
+        let accepted = match self.engine.register(hello, to_worker).await {
+            Ok(a) => a,
+            Err(CoordError::NotLeader { leader }) => {
+                let _ = out
+                    .send(Ok(pb::CoordinatorMessage {
+                        kind: Some(Out::NotLeader(pb::NotLeader { leader })),
+                    }))
+                    .await;
+                return Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let _ = out
+            .send(Ok(pb::CoordinatorMessage {
+                kind: Some(Out::Registered(pb::Registered {
+                    worker_id: worker.clone(),
+                    heartbeat_interval_ms: accepted.heartbeat_interval_ms as u32,
+                    coordinator: accepted.coordinator,
+                })),
+            }))
+            .await;
+        // Engine -> worker. Ends when the engine drops the session's sender (the
+        // worker was replaced or declared dead), which ends the response stream.
+        let fwd = out.clone();
+        tokio::spawn(async move {
+            while let Some(m) = from_engine.recv().await {
+                if fwd.send(Ok(to_proto(m))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Worker -> engine, until the stream ends.
+        let engine = self.engine.clone();
+        let session = accepted.session;
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(worker_id = %worker, error = %e, "session stream error");
+                        break;
+                    }
+                };
+                let r = match msg.kind {
+                    Some(In::Heartbeat(h)) => {
+                        let running = h
+                            .running
+                            .into_iter()
+                            .map(|r| ShardKey {
+                                run_id: r.run_id,
+                                shard: r.shard_index,
+                                attempt: r.attempt,
+                            })
+                            .collect();
+                        engine.heartbeat(&worker, session, running).await
+                    }
+                    Some(In::RunStarted(s)) => match shard_key(s.run) {
+                        Ok(k) => engine.started(&worker, session, k, s.started_at_ms).await,
+                        Err(_) => Ok(()),
+                    },
+                    Some(In::RunLog(l)) => match shard_key(l.run) {
+                        Ok(k) => engine.log(k, l.line).await,
+                        Err(_) => Ok(()),
+                    },
+                    Some(In::RunResult(r)) => {
+                        let outcome = match pb::RunStatus::try_from(r.status) {
+                            Ok(pb::RunStatus::Succeeded) => ShardOutcome::Succeeded(r.output),
+                            Ok(pb::RunStatus::Cancelled) => ShardOutcome::Cancelled(r.error),
+                            _ => ShardOutcome::Failed(if r.error.is_empty() {
+                                "failed".into()
+                            } else {
+                                r.error
+                            }),
+                        };
+                        match shard_key(r.run) {
+                            Ok(k) => engine.result(&worker, session, k, outcome).await,
+                            Err(_) => Ok(()),
+                        }
+                    }
+                    Some(In::Draining(_)) => engine.draining(&worker, session).await,
+                    Some(In::Register(_)) | None => {
+                        warn!(worker_id = %worker, "unexpected message in a session; ignored");
+                        Ok(())
+                    }
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+            let _ = engine.closed(&worker, session).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    engine: EngineHandle,
+    jobs: JobStore,
+    runs: Arc<dyn RunStore>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Proto job -> domain job (validation happens in the store).
+pub fn job_from_proto(j: pb::Job) -> Result<(JobSpec, i64), CoordError> {
+    let schedule = match j.schedule.and_then(|s| s.kind) {
+        Some(pb::schedule::Kind::Cron(c)) => Schedule::Cron {
+            expr: c.expr,
+            time_zone: c.time_zone,
+        },
+        Some(pb::schedule::Kind::FixedRate(r)) => Schedule::FixedRate {
+            every_ms: r.every_ms,
+        },
+        Some(pb::schedule::Kind::FixedDelay(d)) => Schedule::FixedDelay {
+            delay_ms: d.delay_ms,
+        },
+        Some(pb::schedule::Kind::Once(o)) => Schedule::Once { at_ms: o.at_ms },
+        Some(pb::schedule::Kind::Manual(_)) => Schedule::Manual,
+        None => return Err(CoordError::invalid("schedule", "is missing")),
+    };
+    let routing = match pb::Routing::try_from(j.routing)
+        .map_err(|_| CoordError::invalid("routing", "unknown value"))?
+    {
+        pb::Routing::Unspecified | pb::Routing::RoundRobin => Routing::RoundRobin,
+        pb::Routing::ShardingBroadcast => Routing::ShardingBroadcast,
+        pb::Routing::Random => Routing::Random,
+        pb::Routing::ConsistentHash => Routing::ConsistentHash,
+        pb::Routing::LeastRecentlyUsed => Routing::LeastRecentlyUsed,
+        pb::Routing::LeastLoaded => Routing::LeastLoaded,
+        pb::Routing::Failover => Routing::Failover,
+        pb::Routing::BusyOver => Routing::BusyOver,
+        pb::Routing::First => Routing::First,
+        pb::Routing::Last => Routing::Last,
+    };
+    let overlap = match pb::Overlap::try_from(j.overlap)
+        .map_err(|_| CoordError::invalid("overlap", "unknown value"))?
+    {
+        pb::Overlap::Unspecified | pb::Overlap::Allow => Overlap::Allow,
+        pb::Overlap::Skip => Overlap::Skip,
+        pb::Overlap::BufferOne => Overlap::BufferOne,
+        pb::Overlap::CancelRunning => Overlap::CancelRunning,
+    };
+    let misfire = match pb::Misfire::try_from(j.misfire)
+        .map_err(|_| CoordError::invalid("misfire", "unknown value"))?
+    {
+        pb::Misfire::Unspecified | pb::Misfire::FireOnce => Misfire::FireOnce,
+        pb::Misfire::Skip => Misfire::Skip,
+        pb::Misfire::FireAll => Misfire::FireAll,
+    };
+    Ok((
+        JobSpec {
+            name: j.name,
+            group: j.group,
+            handler: j.handler,
+            schedule,
+            routing,
+            shard_count: j.shard_count,
+            shard_params: j.shard_params,
+            hash_param: j.hash_param,
+            params: j.params,
+            overlap,
+            misfire,
+            catch_up_window_ms: j.catch_up_window_ms,
+            timeout_ms: j.timeout_ms,
+            retries: j.retries,
+            retry_backoff_ms: j.retry_backoff_ms,
+            children: j.children,
+            paused: j.paused,
+            start_at_ms: j.start_at_ms,
+            end_at_ms: j.end_at_ms,
+            jitter_ms: j.jitter_ms,
+            created_at_ms: 0,
+        },
+        j.version,
+    ))
+}
+
+/// Domain job -> proto job.
+pub fn job_to_proto(j: &StoredJob, state: TriggerState) -> pb::Job {
+    let s = &j.spec;
+    let schedule = match &s.schedule {
+        Schedule::Cron { expr, time_zone } => pb::schedule::Kind::Cron(pb::CronSchedule {
+            expr: expr.clone(),
+            time_zone: time_zone.clone(),
+        }),
+        Schedule::FixedRate { every_ms } => pb::schedule::Kind::FixedRate(pb::FixedRate {
+            every_ms: *every_ms,
+        }),
+        Schedule::FixedDelay { delay_ms } => pb::schedule::Kind::FixedDelay(pb::FixedDelay {
+            delay_ms: *delay_ms,
+        }),
+        Schedule::Once { at_ms } => pb::schedule::Kind::Once(pb::Once { at_ms: *at_ms }),
+        Schedule::Manual => pb::schedule::Kind::Manual(pb::Manual {}),
+    };
+    let routing = match s.routing {
+        Routing::ShardingBroadcast => pb::Routing::ShardingBroadcast,
+        Routing::RoundRobin => pb::Routing::RoundRobin,
+        Routing::Random => pb::Routing::Random,
+        Routing::ConsistentHash => pb::Routing::ConsistentHash,
+        Routing::LeastRecentlyUsed => pb::Routing::LeastRecentlyUsed,
+        Routing::LeastLoaded => pb::Routing::LeastLoaded,
+        Routing::Failover => pb::Routing::Failover,
+        Routing::BusyOver => pb::Routing::BusyOver,
+        Routing::First => pb::Routing::First,
+        Routing::Last => pb::Routing::Last,
+    };
+    let overlap = match s.overlap {
+        Overlap::Allow => pb::Overlap::Allow,
+        Overlap::Skip => pb::Overlap::Skip,
+        Overlap::BufferOne => pb::Overlap::BufferOne,
+        Overlap::CancelRunning => pb::Overlap::CancelRunning,
+    };
+    let misfire = match s.misfire {
+        Misfire::Skip => pb::Misfire::Skip,
+        Misfire::FireOnce => pb::Misfire::FireOnce,
+        Misfire::FireAll => pb::Misfire::FireAll,
+    };
+    pb::Job {
+        name: s.name.clone(),
+        group: s.group.clone(),
+        handler: s.handler.clone(),
+        schedule: Some(pb::Schedule {
+            kind: Some(schedule),
+        }),
+        routing: routing as i32,
+        shard_count: s.shard_count,
+        shard_params: s.shard_params.clone(),
+        hash_param: s.hash_param.clone(),
+        params: s.params.clone(),
+        overlap: overlap as i32,
+        misfire: misfire as i32,
+        catch_up_window_ms: s.catch_up_window_ms,
+        timeout_ms: s.timeout_ms,
+        retries: s.retries,
+        retry_backoff_ms: s.retry_backoff_ms,
+        children: s.children.clone(),
+        paused: s.paused,
+        start_at_ms: s.start_at_ms,
+        end_at_ms: s.end_at_ms,
+        jitter_ms: s.jitter_ms,
+        next_fire_ms: state.next_fire_ms.unwrap_or(0),
+        last_fire_ms: state.last_fire_ms.unwrap_or(0),
+        version: j.version,
+    }
+}
+
+fn state_to_proto(s: RunState) -> i32 {
+    (match s {
+        RunState::Pending => pb::RunState::Pending,
+        RunState::Running => pb::RunState::Running,
+        RunState::Succeeded => pb::RunState::Succeeded,
+        RunState::Failed => pb::RunState::Failed,
+        RunState::Cancelled => pb::RunState::Cancelled,
+        RunState::TimedOut => pb::RunState::TimedOut,
+        RunState::Skipped => pb::RunState::Skipped,
+    }) as i32
+}
+
+fn shard_to_proto(s: &ShardRecord) -> pb::Shard {
+    pb::Shard {
+        index: s.index,
+        total: s.total,
+        worker_id: s.worker_id.clone(),
+        attempt: s.attempt,
+        state: state_to_proto(s.state),
+        started_at_ms: s.started_at_ms,
+        finished_at_ms: s.finished_at_ms,
+        output: s.output.clone(),
+        error: s.error.clone(),
+        log_tail: s.log_tail.clone(),
+        shard_params: s.shard_params.clone(),
+    }
+}
+
+/// Domain run -> proto run.
+pub fn run_to_proto(r: &RunRecord) -> pb::Run {
+    pb::Run {
+        run_id: r.run_id.clone(),
+        fire_id: r.fire_id.clone(),
+        job: r.job.clone(),
+        cause: r.cause.clone(),
+        scheduled_at_ms: r.scheduled_at_ms,
+        fired_at_ms: r.fired_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        state: state_to_proto(r.state),
+        params: r.params.clone(),
+        shards: r.shards.iter().map(shard_to_proto).collect(),
+        parent_run_id: r.parent_run_id.clone(),
+        note: r.note.clone(),
+    }
+}
+
+fn worker_to_proto(w: WorkerView) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        worker_id: w.worker_id,
+        group: w.group,
+        handlers: w.handlers,
+        capacity: w.capacity,
+        running: w.running,
+        labels: w.labels.into_iter().collect(),
+        connected_at_ms: w.connected_at_ms,
+        last_heartbeat_ms: w.last_heartbeat_ms,
+        draining: w.draining,
+    }
+}
+
+impl AdminApi {
+    async fn view(&self, j: StoredJob) -> Result<pb::Job, Status> {
+        let state = self
+            .engine
+            .states()
+            .await?
+            .remove(&j.spec.name)
+            .unwrap_or_default();
+        Ok(job_to_proto(&j, state))
+    }
+
+    /// Tells the engine at once (the store watch would tell it a moment later).
+    async fn changed(&self, j: &StoredJob) {
+        let _ = self.engine.job_put(j.clone()).await;
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn create_job(
+        &self,
+        req: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = req
+            .into_inner()
+            .job
+            .ok_or_else(|| Status::invalid_argument("invalid job: missing"))?;
+        let (spec, _) = job_from_proto(job)?;
+        let stored = self.jobs.create(spec, self.clock.now_ms()).await?;
+        self.changed(&stored).await;
+        Ok(Response::new(self.view(stored).await?))
+    }
+
+    async fn update_job(
+        &self,
+        req: Request<pb::UpdateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = req
+            .into_inner()
+            .job
+            .ok_or_else(|| Status::invalid_argument("invalid job: missing"))?;
+        let (spec, version) = job_from_proto(job)?;
+        let stored = self.jobs.update(spec, version).await?;
+        self.changed(&stored).await;
+        Ok(Response::new(self.view(stored).await?))
+    }
+
+    async fn delete_job(
+        &self,
+        req: Request<pb::JobRef>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let name = req.into_inner().name;
+        self.jobs.delete(&name).await?;
+        let _ = self.engine.job_deleted(&name).await;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
+    async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let j = self.jobs.get(&req.into_inner().name).await?;
+        Ok(Response::new(self.view(j).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let group = req.into_inner().group;
+        let (mut all, _) = self.jobs.list().await?;
+        all.retain(|j| group.is_empty() || j.spec.group == group);
+        all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        let states = self.engine.states().await?;
+        let jobs = all
+            .iter()
+            .map(|j| job_to_proto(j, states.get(&j.spec.name).copied().unwrap_or_default()))
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn pause_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let j = self
+            .jobs
+            .modify(&req.into_inner().name, |s| s.paused = true)
+            .await?;
+        self.changed(&j).await;
+        Ok(Response::new(self.view(j).await?))
+    }
+
+    async fn resume_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let j = self
+            .jobs
+            .modify(&req.into_inner().name, |s| s.paused = false)
+            .await?;
+        self.changed(&j).await;
+        Ok(Response::new(self.view(j).await?))
+    }
+
+    async fn trigger_job(
+        &self,
+        req: Request<pb::TriggerJobRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let r = req.into_inner();
+        let params = (!r.params.is_empty()).then_some(r.params);
+        let run = self.engine.trigger(&r.name, params).await?;
+        Ok(Response::new(run_to_proto(&run)))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1_000) } as usize;
+        let mut runs = self.runs.list_runs(&r.job, limit).await?;
+        // The engine's copy of a run in progress is the freshest.
+        for run in runs.iter_mut().filter(|x| !x.state.is_final()) {
+            if let Some(live) = self.engine.active_run(&run.run_id).await? {
+                *run = live;
+            }
+        }
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(run_to_proto).collect(),
+        }))
+    }
+
+    async fn get_run(&self, req: Request<pb::RunId>) -> Result<Response<pb::Run>, Status> {
+        let id = req.into_inner().run_id;
+        if let Some(live) = self.engine.active_run(&id).await? {
+            return Ok(Response::new(run_to_proto(&live)));
+        }
+        let run = self
+            .runs
+            .get_run(&id)
+            .await?
+            .ok_or_else(|| CoordError::NotFound(format!("run {id:?}")))?;
+        Ok(Response::new(run_to_proto(&run)))
+    }
+
+    async fn kill_run(&self, req: Request<pb::RunId>) -> Result<Response<pb::Run>, Status> {
+        let run = self.engine.kill(&req.into_inner().run_id).await?;
+        Ok(Response::new(run_to_proto(&run)))
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let group = req.into_inner().group;
+        let workers = self
+            .engine
+            .workers()
+            .await?
+            .into_iter()
+            .filter(|w| group.is_empty() || w.group == group)
+            .map(worker_to_proto)
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers,
+            leader: String::new(),
+        }))
+    }
+}

@@ -1,0 +1,275 @@
+//! When a job fires next. Cron schedules are parsed once ([`Compiled`]) and
+//! evaluated in the job's IANA time zone with croner, which follows Vixie cron across
+//! DST changes (a tick in a spring-forward gap fires once at the first valid time; a
+//! tick in a fall-back overlap fires once). Times are Unix milliseconds throughout.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use croner::Cron;
+use croner::parser::{CronParser, Seconds};
+
+use crate::error::{CoordError, Result};
+use crate::model::{JobSpec, MIN_PERIOD_MS, Schedule};
+
+/// A schedule ready to evaluate.
+#[derive(Debug, Clone)]
+pub enum Compiled {
+    /// Parsed cron and its zone.
+    Cron(Box<Cron>, Tz),
+    /// Fixed rate: period and anchor.
+    Rate { every_ms: i64, anchor_ms: i64 },
+    /// Fixed delay: computed from run ends by the engine.
+    Delay { delay_ms: i64 },
+    /// One instant.
+    Once(i64),
+    /// Never by itself.
+    Manual,
+}
+
+fn parse_cron(expr: &str) -> Result<Cron> {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| CoordError::invalid("schedule.cron", format!("{expr:?}: {e}")))
+}
+
+fn parse_tz(tz: &str) -> Result<Tz> {
+    if tz.is_empty() {
+        return Ok(Tz::UTC);
+    }
+    Tz::from_str(tz).map_err(|_| {
+        CoordError::invalid(
+            "schedule.time_zone",
+            format!("{tz:?} is not an IANA time zone"),
+        )
+    })
+}
+
+/// Checks a schedule; errors name the field.
+pub fn validate(s: &Schedule) -> Result<()> {
+    match s {
+        Schedule::Cron { expr, time_zone } => {
+            let cron = parse_cron(expr)?;
+            let tz = parse_tz(time_zone)?;
+            // Must fire at all (e.g. not "0 0 30 2 *").
+            let probe = tz
+                .timestamp_millis_opt(0)
+                .single()
+                .unwrap_or_else(|| Tz::UTC.timestamp_millis_opt(0).unwrap());
+            if cron.find_next_occurrence(&probe, false).is_err() {
+                return Err(CoordError::invalid(
+                    "schedule.cron",
+                    format!("{expr:?} never fires"),
+                ));
+            }
+            Ok(())
+        }
+        Schedule::FixedRate { every_ms } if *every_ms < MIN_PERIOD_MS => Err(CoordError::invalid(
+            "schedule.every_ms",
+            format!("{every_ms} is below the floor of {MIN_PERIOD_MS} ms"),
+        )),
+        Schedule::FixedDelay { delay_ms } if *delay_ms < MIN_PERIOD_MS => Err(CoordError::invalid(
+            "schedule.delay_ms",
+            format!("{delay_ms} is below the floor of {MIN_PERIOD_MS} ms"),
+        )),
+        Schedule::Once { at_ms } => {
+            chime_shared::limits::check_due("schedule.at_ms", *at_ms).map_err(CoordError::from)
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Compiled {
+    /// Compiles a (validated) job's schedule.
+    pub fn of(job: &JobSpec) -> Result<Self> {
+        Ok(match &job.schedule {
+            Schedule::Cron { expr, time_zone } => {
+                Compiled::Cron(Box::new(parse_cron(expr)?), parse_tz(time_zone)?)
+            }
+            Schedule::FixedRate { every_ms } => Compiled::Rate {
+                every_ms: (*every_ms).max(1) as i64,
+                anchor_ms: if job.start_at_ms > 0 {
+                    job.start_at_ms
+                } else {
+                    job.created_at_ms
+                },
+            },
+            Schedule::FixedDelay { delay_ms } => Compiled::Delay {
+                delay_ms: *delay_ms as i64,
+            },
+            Schedule::Once { at_ms } => Compiled::Once(*at_ms),
+            Schedule::Manual => Compiled::Manual,
+        })
+    }
+
+    /// The first tick strictly after `after_ms`, ignoring the job's bounds.
+    fn raw_next(&self, after_ms: i64) -> Option<i64> {
+        match self {
+            Compiled::Cron(cron, tz) => {
+                let at: DateTime<Tz> = Utc
+                    .timestamp_millis_opt(after_ms)
+                    .single()?
+                    .with_timezone(tz);
+                cron.find_next_occurrence(&at, false)
+                    .ok()
+                    .map(|t| t.timestamp_millis())
+            }
+            Compiled::Rate {
+                every_ms,
+                anchor_ms,
+            } => {
+                if after_ms < *anchor_ms {
+                    Some(*anchor_ms)
+                } else {
+                    Some(anchor_ms + ((after_ms - anchor_ms) / every_ms + 1) * every_ms)
+                }
+            }
+            Compiled::Once(at) => (*at > after_ms).then_some(*at),
+            Compiled::Delay { .. } | Compiled::Manual => None,
+        }
+    }
+
+    /// The first tick of `job` strictly after `after_ms`, within its start/end bounds.
+    pub fn next_after(&self, job: &JobSpec, after_ms: i64) -> Option<i64> {
+        let from = if job.start_at_ms > 0 {
+            after_ms.max(job.start_at_ms - 1)
+        } else {
+            after_ms
+        };
+        let t = self.raw_next(from)?;
+        (job.end_at_ms == 0 || t <= job.end_at_ms).then_some(t)
+    }
+
+    /// Every tick in `(from_ms, to_ms]`, at most `limit` of them (oldest first), and
+    /// whether there were more.
+    pub fn ticks_between(
+        &self,
+        job: &JobSpec,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> (Vec<i64>, bool) {
+        let mut out = Vec::new();
+        let mut t = from_ms;
+        while let Some(n) = self.next_after(job, t) {
+            if n > to_ms {
+                return (out, false);
+            }
+            if out.len() == limit {
+                return (out, true);
+            }
+            out.push(n);
+            t = n;
+        }
+        (out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::job;
+
+    fn ms(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+    }
+
+    fn cron(expr: &str, tz: &str) -> JobSpec {
+        JobSpec {
+            schedule: Schedule::Cron {
+                expr: expr.into(),
+                time_zone: tz.into(),
+            },
+            ..job("c")
+        }
+    }
+
+    #[test]
+    fn cron_with_seconds_in_utc() {
+        let j = cron("*/15 * * * * *", "");
+        let c = Compiled::of(&j).unwrap();
+        let t0 = ms("2026-01-01T00:00:07Z");
+        assert_eq!(c.next_after(&j, t0), Some(ms("2026-01-01T00:00:15Z")));
+        assert_eq!(
+            c.next_after(&j, ms("2026-01-01T00:00:15Z")),
+            Some(ms("2026-01-01T00:00:30Z"))
+        );
+        let (ticks, more) = c.ticks_between(&j, t0, ms("2026-01-01T00:01:00Z"), 10);
+        assert_eq!(ticks.len(), 4);
+        assert!(!more);
+    }
+
+    #[test]
+    fn dst_spring_forward_and_fall_back_in_berlin() {
+        // 02:30 local does not exist on 2026-03-29 in Europe/Berlin: fires once, at 03:00.
+        let j = cron("0 30 2 * * *", "Europe/Berlin");
+        let c = Compiled::of(&j).unwrap();
+        let next = c.next_after(&j, ms("2026-03-28T12:00:00Z")).unwrap();
+        assert_eq!(next, ms("2026-03-29T01:00:00Z"), "03:00 CEST = 01:00Z");
+        // 02:30 happens twice on 2026-10-25: fires once.
+        let a = c.next_after(&j, ms("2026-10-24T12:00:00Z")).unwrap();
+        let b = c.next_after(&j, a).unwrap();
+        assert_eq!(a, ms("2026-10-25T00:30:00Z"), "first 02:30 (CEST)");
+        assert_eq!(b, ms("2026-10-26T01:30:00Z"), "next day, CET");
+    }
+
+    #[test]
+    fn fixed_rate_aligns_on_anchor_and_bounds_apply() {
+        let mut j = JobSpec {
+            schedule: Schedule::FixedRate { every_ms: 1_000 },
+            ..job("r")
+        };
+        j.created_at_ms = 10_500;
+        let c = Compiled::of(&j).unwrap();
+        assert_eq!(c.next_after(&j, 0), Some(10_500));
+        assert_eq!(c.next_after(&j, 10_500), Some(11_500));
+        assert_eq!(c.next_after(&j, 11_499), Some(11_500));
+        j.end_at_ms = 12_000;
+        assert_eq!(c.next_after(&j, 11_500), None);
+        let once = JobSpec {
+            schedule: Schedule::Once { at_ms: 5_000 },
+            ..job("o")
+        };
+        let c = Compiled::of(&once).unwrap();
+        assert_eq!(c.next_after(&once, 4_999), Some(5_000));
+        assert_eq!(c.next_after(&once, 5_000), None);
+    }
+
+    #[test]
+    fn bad_schedules_name_the_field() {
+        for (s, f) in [
+            (
+                Schedule::Cron {
+                    expr: "nope".into(),
+                    time_zone: String::new(),
+                },
+                "schedule.cron",
+            ),
+            (
+                Schedule::Cron {
+                    expr: "0 0 30 2 *".into(),
+                    time_zone: String::new(),
+                },
+                "schedule.cron",
+            ),
+            (
+                Schedule::Cron {
+                    expr: "* * * * *".into(),
+                    time_zone: "Nowhere/X".into(),
+                },
+                "schedule.time_zone",
+            ),
+            (Schedule::FixedRate { every_ms: 0 }, "schedule.every_ms"),
+            (Schedule::FixedDelay { delay_ms: 1 }, "schedule.delay_ms"),
+            (Schedule::Once { at_ms: -1 }, "schedule.at_ms"),
+        ] {
+            match validate(&s) {
+                Err(CoordError::InvalidArgument { field, .. }) => assert_eq!(field, f, "{s:?}"),
+                other => panic!("{s:?}: {other:?}"),
+            }
+        }
+    }
+}

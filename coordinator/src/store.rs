@@ -1,0 +1,494 @@
+//! Where the coordinator keeps things.
+//!
+//! - **Jobs** ([`JobStore`]): definitions as JSON under `<prefix>jobs/<name>` in a
+//!   [`ConfigSource`] (etcd in production, memory for `chime dev`), with the etcd
+//!   revision of the last write as the job's version (updates are compare-and-set).
+//! - **Runs and fires** ([`RunStore`]): run history with retention by count and age,
+//!   the fire records that make each fire happen once, and the trigger state (last
+//!   instant fired per job) — in Redis (one hash tag `{p:sched}`) or in memory.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use async_trait::async_trait;
+use chime_shared::config::source::{ConfigSource, Expect};
+use chime_shared::redis_conn::RedisConn;
+
+use crate::error::{CoordError, Result};
+use crate::model::{JobSpec, RunRecord};
+
+/// A job with its store version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredJob {
+    /// The definition.
+    pub spec: JobSpec,
+    /// Revision of its last write.
+    pub version: i64,
+}
+
+/// Job definitions in a key-value source, under `jobs/`.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    kv: Arc<dyn ConfigSource>,
+}
+
+fn key(name: &str) -> String {
+    format!("jobs/{name}")
+}
+
+fn decode(value: &str, version: i64) -> Result<StoredJob> {
+    let spec: JobSpec = serde_json::from_str(value)
+        .map_err(|e| CoordError::Unavailable(format!("stored job is unreadable: {e}")))?;
+    Ok(StoredJob { spec, version })
+}
+
+impl JobStore {
+    /// Jobs in `kv` (whose prefix is the deployment's, e.g. `/chime/`).
+    pub fn new(kv: Arc<dyn ConfigSource>) -> Self {
+        Self { kv }
+    }
+
+    /// The underlying source (the engine watches it).
+    pub fn source(&self) -> Arc<dyn ConfigSource> {
+        self.kv.clone()
+    }
+
+    /// Every job, and the revision read at.
+    pub async fn list(&self) -> Result<(Vec<StoredJob>, i64)> {
+        let snap = self.kv.load().await?;
+        let mut out = Vec::new();
+        for (k, v, rev) in &snap.entries {
+            if let Some(name) = k.strip_prefix("jobs/") {
+                match decode(v, *rev) {
+                    Ok(j) => out.push(j),
+                    Err(e) => tracing::warn!(job = name, error = %e, "skipping an unreadable job"),
+                }
+            }
+        }
+        Ok((out, snap.revision))
+    }
+
+    /// One job.
+    pub async fn get(&self, name: &str) -> Result<StoredJob> {
+        let (v, rev) = self
+            .kv
+            .get(&key(name))
+            .await?
+            .ok_or_else(|| CoordError::NotFound(format!("job {name:?}")))?;
+        decode(&v, rev)
+    }
+
+    /// Stores a new job (its `created_at_ms` is set to `now_ms`).
+    pub async fn create(&self, mut spec: JobSpec, now_ms: i64) -> Result<StoredJob> {
+        spec.validate()?;
+        spec.created_at_ms = now_ms;
+        let text =
+            serde_json::to_string(&spec).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+        match self
+            .kv
+            .put_if(&key(&spec.name), &text, Expect::Absent)
+            .await?
+        {
+            Some(version) => Ok(StoredJob { spec, version }),
+            None => Err(CoordError::AlreadyExists(spec.name)),
+        }
+    }
+
+    /// Replaces a job if `version` is still its current one.
+    pub async fn update(&self, mut spec: JobSpec, version: i64) -> Result<StoredJob> {
+        spec.validate()?;
+        let current = self.get(&spec.name).await?;
+        spec.created_at_ms = current.spec.created_at_ms;
+        let text =
+            serde_json::to_string(&spec).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+        match self
+            .kv
+            .put_if(&key(&spec.name), &text, Expect::Revision(version))
+            .await?
+        {
+            Some(version) => Ok(StoredJob { spec, version }),
+            None => Err(CoordError::Conflict(format!(
+                "job {:?} changed since version {version} (now {})",
+                spec.name, current.version
+            ))),
+        }
+    }
+
+    /// Read-modify-write of one job, retried on conflicts (pause, resume).
+    pub async fn modify(&self, name: &str, f: impl Fn(&mut JobSpec)) -> Result<StoredJob> {
+        for _ in 0..5 {
+            let mut j = self.get(name).await?;
+            f(&mut j.spec);
+            match self.update(j.spec, j.version).await {
+                Err(CoordError::Conflict(_)) => continue,
+                other => return other,
+            }
+        }
+        Err(CoordError::Conflict(format!("job {name:?} keeps changing")))
+    }
+
+    /// Deletes a job.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        self.get(name).await?;
+        self.kv.delete(&key(name)).await?;
+        Ok(())
+    }
+}
+
+/// What a fire record answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FireAnswer {
+    /// Recorded: go ahead.
+    Recorded,
+    /// This fire id was recorded before (a duplicate): do not fire.
+    Duplicate,
+    /// The caller's fencing token is stale (a deposed leader): do not fire.
+    Fenced,
+}
+
+/// Run history, fire records and trigger state.
+#[async_trait]
+pub trait RunStore: Send + Sync + std::fmt::Debug {
+    /// Records fires `(fire_id, job, instant)` atomically with the fencing token:
+    /// each answer says whether that fire may go ahead. Also advances each job's
+    /// last fired instant.
+    async fn record_fires(
+        &self,
+        fence: i64,
+        fires: &[(String, String, i64)],
+    ) -> Result<Vec<FireAnswer>>;
+    /// Installs a new leader's fencing token (only if newer than the stored one).
+    async fn install_fence(&self, fence: i64) -> Result<bool>;
+    /// Last fired instant per job.
+    async fn trigger_state(&self) -> Result<HashMap<String, i64>>;
+    /// Saves (creates or replaces) a run.
+    async fn save_run(&self, run: &RunRecord) -> Result<()>;
+    /// One run.
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
+    /// Runs of `job` (all jobs when empty), newest first.
+    async fn list_runs(&self, job: &str, limit: usize) -> Result<Vec<RunRecord>>;
+}
+
+/// How much history to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Runs kept per job.
+    pub per_job: usize,
+    /// Runs older than this expire, seconds.
+    pub max_age_s: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            per_job: 200,
+            max_age_s: 7 * 86_400,
+        }
+    }
+}
+
+/// Fires are remembered this long (a fire id older than this could fire again only
+/// if its tick came round again, which it cannot).
+const FIRE_MEMORY_S: u64 = 3 * 86_400;
+
+static FIRES: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+-- KEYS[1] fence STRING, KEYS[2] last HASH job -> instant, KEYS[3] fired prefix.
+-- ARGV = fence, ttl_s, then (fire_id, job, instant) triples. Answers per fire
+-- 1 recorded, 0 duplicate, or {-1} when the fence is stale.
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < cur then return { -1 } end
+local out = {}
+for i = 3, #ARGV, 3 do
+  local ok = redis.call('SET', KEYS[3] .. ARGV[i], '1', 'NX', 'EX', ARGV[2])
+  if ok then
+    out[#out + 1] = 1
+    local last = tonumber(redis.call('HGET', KEYS[2], ARGV[i + 1]) or '0')
+    if tonumber(ARGV[i + 2]) > last then redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]) end
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"#,
+    )
+});
+
+static FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});
+
+static SAVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+-- KEYS[1] run STRING, KEYS[2] job index ZSET, KEYS[3] all-runs ZSET.
+-- ARGV = run id, json, fired at, ttl_s, keep per job, run key prefix.
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+local keep = tonumber(ARGV[5])
+local n = redis.call('ZCARD', KEYS[2])
+if n > keep then
+  local old = redis.call('ZRANGE', KEYS[2], 0, n - keep - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - keep - 1)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('DEL', ARGV[6] .. id)
+  end
+end
+local oldest = tonumber(ARGV[3]) - tonumber(ARGV[4]) * 1000
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', oldest)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', oldest)
+return 1
+"#,
+    )
+});
+
+/// Runs and fires in Redis. All keys share the hash tag `{<prefix>:sched}`.
+#[derive(Debug, Clone)]
+pub struct RedisRunStore {
+    conn: RedisConn,
+    tag: String,
+    retention: Retention,
+}
+
+impl RedisRunStore {
+    /// A store under `prefix`.
+    pub fn new(conn: RedisConn, prefix: &str, retention: Retention) -> Self {
+        Self {
+            conn,
+            tag: format!("{{{prefix}:sched}}"),
+            retention,
+        }
+    }
+}
+
+#[async_trait]
+impl RunStore for RedisRunStore {
+    async fn record_fires(
+        &self,
+        fence: i64,
+        fires: &[(String, String, i64)],
+    ) -> Result<Vec<FireAnswer>> {
+        let mut out = Vec::with_capacity(fires.len());
+        for chunk in fires.chunks(500) {
+            let mut inv = FIRES.prepare_invoke();
+            inv.key(format!("{}:fence", self.tag))
+                .key(format!("{}:last", self.tag))
+                .key(format!("{}:fired:", self.tag))
+                .arg(fence)
+                .arg(FIRE_MEMORY_S);
+            for (id, job, at) in chunk {
+                inv.arg(id).arg(job).arg(at);
+            }
+            let mut conn = self.conn.clone();
+            let answers: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            if answers == [-1] {
+                out.extend(std::iter::repeat_n(FireAnswer::Fenced, chunk.len()));
+                continue;
+            }
+            out.extend(answers.into_iter().map(|a| {
+                if a == 1 {
+                    FireAnswer::Recorded
+                } else {
+                    FireAnswer::Duplicate
+                }
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn install_fence(&self, fence: i64) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let ok: i64 = FENCE
+            .key(format!("{}:fence", self.tag))
+            .arg(fence)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn trigger_state(&self) -> Result<HashMap<String, i64>> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("HGETALL")
+            .arg(format!("{}:last", self.tag))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    async fn save_run(&self, run: &RunRecord) -> Result<()> {
+        let json =
+            serde_json::to_string(run).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = SAVE
+            .key(format!("{}:run:{}", self.tag, run.run_id))
+            .key(format!("{}:runs:{}", self.tag, run.job))
+            .key(format!("{}:runs", self.tag))
+            .arg(&run.run_id)
+            .arg(json)
+            .arg(run.fired_at_ms)
+            .arg(self.retention.max_age_s)
+            .arg(self.retention.per_job)
+            .arg(format!("{}:run:", self.tag))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        let mut conn = self.conn.clone();
+        let v: Option<String> = redis::cmd("GET")
+            .arg(format!("{}:run:{run_id}", self.tag))
+            .query_async(&mut conn)
+            .await?;
+        v.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| CoordError::Unavailable(format!("stored run: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn list_runs(&self, job: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        let index = if job.is_empty() {
+            format!("{}:runs", self.tag)
+        } else {
+            format!("{}:runs:{job}", self.tag)
+        };
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(index)
+            .arg(0)
+            .arg(limit.max(1) as i64 - 1)
+            .query_async(&mut conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|i| format!("{}:run:{i}", self.tag))
+            .collect();
+        let vals: Vec<Option<String>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(vals
+            .into_iter()
+            .flatten()
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect())
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemRuns {
+    fence: i64,
+    fired: HashMap<String, ()>,
+    last: HashMap<String, i64>,
+    runs: HashMap<String, RunRecord>,
+    by_job: BTreeMap<String, VecDeque<String>>,
+    all: VecDeque<String>,
+}
+
+/// Runs and fires in memory (`chime dev`, tests).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryRunStore {
+    state: Arc<Mutex<MemRuns>>,
+    retention: Retention,
+}
+
+impl MemoryRunStore {
+    /// A store keeping `retention`.
+    pub fn new(retention: Retention) -> Self {
+        Self {
+            state: Arc::default(),
+            retention,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemRuns> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryRunStore {
+    async fn record_fires(
+        &self,
+        fence: i64,
+        fires: &[(String, String, i64)],
+    ) -> Result<Vec<FireAnswer>> {
+        let mut st = self.lock();
+        if fence < st.fence {
+            return Ok(vec![FireAnswer::Fenced; fires.len()]);
+        }
+        Ok(fires
+            .iter()
+            .map(|(id, job, at)| {
+                if st.fired.insert(id.clone(), ()).is_some() {
+                    return FireAnswer::Duplicate;
+                }
+                let last = st.last.entry(job.clone()).or_insert(0);
+                *last = (*last).max(*at);
+                FireAnswer::Recorded
+            })
+            .collect())
+    }
+
+    async fn install_fence(&self, fence: i64) -> Result<bool> {
+        let mut st = self.lock();
+        if fence < st.fence {
+            return Ok(false);
+        }
+        st.fence = fence;
+        Ok(true)
+    }
+
+    async fn trigger_state(&self) -> Result<HashMap<String, i64>> {
+        Ok(self.lock().last.clone())
+    }
+
+    async fn save_run(&self, run: &RunRecord) -> Result<()> {
+        let mut st = self.lock();
+        if st.runs.insert(run.run_id.clone(), run.clone()).is_none() {
+            let keep = self.retention.per_job;
+            let ids = st.by_job.entry(run.job.clone()).or_default();
+            ids.push_back(run.run_id.clone());
+            let mut dropped = Vec::new();
+            while ids.len() > keep {
+                dropped.extend(ids.pop_front());
+            }
+            st.all.push_back(run.run_id.clone());
+            for d in dropped {
+                st.runs.remove(&d);
+                st.all.retain(|x| *x != d);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        Ok(self.lock().runs.get(run_id).cloned())
+    }
+
+    async fn list_runs(&self, job: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        let st = self.lock();
+        let ids: Vec<&String> = if job.is_empty() {
+            st.all.iter().rev().take(limit).collect()
+        } else {
+            st.by_job
+                .get(job)
+                .map(|v| v.iter().rev().take(limit).collect())
+                .unwrap_or_default()
+        };
+        Ok(ids
+            .into_iter()
+            .filter_map(|i| st.runs.get(i).cloned())
+            .collect())
+    }
+}

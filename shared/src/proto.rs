@@ -1,0 +1,8 @@
+//! The generated gRPC types and stubs of `proto/chime/v1` (worker sessions and the
+//! admin API). Import them as `chime_shared::proto`; convert to domain types at the
+//! edge that receives them, so domain code never touches generated types.
+
+// Generated code: not ours to lint or document.
+#![allow(missing_docs, clippy::all, missing_debug_implementations)]
+
+tonic::include_proto!("chime.v1");
