@@ -106,7 +106,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     };
     let mut workers = Vec::new();
     for i in 1..=2 {
-        let w = Worker::builder(store.clone())
+        let w = Worker::builder()
+            .delay_store(store.clone())
             .worker_id(format!("dev-worker-{i}"))
             .handler("remind", remind)
             .options(opts.clone())

@@ -10,10 +10,11 @@ use chime_shared::config::watcher;
 use chime_shared::queue::redis_store::RedisStore;
 use chime_shared::ratelimit::RedisLimiter;
 use chime_shared::redis_conn::RedisConn;
-use chime_worker::{ItemHandler, Live, Worker};
+use chime_worker::{ItemHandler, JobHandler, Live, SessionOptions, Worker};
 use tracing::info;
 
 use crate::config::{self, WorkerConfig};
+use crate::handlers::jobs::{JobRecorder, RecordedJob};
 use crate::handlers::{self, HttpHandler, Recorded, Recorder};
 use crate::{StoreArgs, init_logging, shutdown_signal};
 
@@ -34,6 +35,18 @@ pub struct WorkerArgs {
     /// Append `id due_ms handled_ms attempt` per handled item to this file.
     #[arg(long)]
     record_file: Option<PathBuf>,
+    /// Coordinator endpoints (comma-separated) to run job shards for.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Worker group for job shards.
+    #[arg(long)]
+    group: Option<String>,
+    /// Append one line per finished job shard to this file.
+    #[arg(long)]
+    job_record_file: Option<PathBuf>,
+    /// Do not consume delayed items (job shards only; no Redis needed).
+    #[arg(long)]
+    no_queue: bool,
     /// Concurrent pollers.
     #[arg(long)]
     pollers: Option<usize>,
@@ -83,6 +96,15 @@ pub fn resolve(args: &WorkerArgs) -> Result<WorkerConfig> {
     if let Some(v) = &args.log_format {
         cfg.log.format = v.clone();
     }
+    if let Some(v) = &args.coordinator {
+        cfg.coordinator.endpoints = v.clone();
+    }
+    if let Some(v) = &args.group {
+        cfg.coordinator.group = v.clone();
+    }
+    if let Some(v) = &args.job_record_file {
+        cfg.coordinator.record_file = v.to_string_lossy().into_owned();
+    }
     Ok(cfg)
 }
 
@@ -90,63 +112,108 @@ pub fn resolve(args: &WorkerArgs) -> Result<WorkerConfig> {
 pub async fn run(args: WorkerArgs) -> Result<()> {
     let cfg = resolve(&args)?;
     init_logging(&cfg.log.format, &cfg.log.level);
+    let worker_id = if cfg.worker_id.is_empty() {
+        chime_worker::default_worker_id()
+    } else {
+        cfg.worker_id.clone()
+    };
     let layout = cfg.queue.layout()?;
-    let conn = RedisConn::connect(&cfg.redis.spec()?)
-        .await
-        .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
-    let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
     let stop_watch = tokio_util::sync::CancellationToken::new();
-    let live = match cfg.etcd.spec()? {
-        Some(spec) => {
+    let mut builder = Worker::builder()
+        .worker_id(worker_id.clone())
+        .options(cfg.consumer.options());
+    if cfg.handlers.enabled.is_empty() {
+        bail!("invalid handlers.enabled: register at least one of noop, log, http, sleep, fail");
+    }
+    if !args.no_queue {
+        let conn = RedisConn::connect(&cfg.redis.spec()?)
+            .await
+            .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+        let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
+        builder = builder.delay_store(store);
+        if let Some(spec) = cfg.etcd.spec()? {
             let client = spec
                 .connect()
                 .await
                 .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
             let source = Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()));
             let (handle, _task) = watcher::start(source, stop_watch.clone()).await;
-            Some(Live {
+            builder = builder.live(Live {
                 config: handle,
                 family: layout.family.clone(),
                 limiter: Some(Arc::new(RedisLimiter::new(conn, layout.prefix.clone()))),
-            })
+            });
         }
-        None => None,
-    };
-
-    let recorder = match cfg.handlers.record_file.as_str() {
-        "" => None,
-        path => Some(Recorder::open(path)?),
-    };
-    let mut builder = Worker::builder(store).options(cfg.consumer.options());
-    if let Some(live) = live {
-        builder = builder.live(live);
-    }
-    if !cfg.worker_id.is_empty() {
-        builder = builder.worker_id(cfg.worker_id.clone());
-    }
-    if cfg.handlers.enabled.is_empty() {
-        bail!("invalid handlers.enabled: register at least one of noop, log, http, sleep");
-    }
-    for name in &cfg.handlers.enabled {
-        let h: Arc<dyn ItemHandler> = match name.as_str() {
-            "noop" => Arc::new(handlers::noop),
-            "log" => Arc::new(handlers::log),
-            "sleep" => Arc::new(handlers::sleep),
-            "http" => Arc::new(HttpHandler::new(
-                &cfg.handlers.http_url,
-                cfg.handlers.http_timeout_ms,
-            )?),
-            other => bail!(
-                "invalid handlers.enabled: unknown built-in handler {other:?} (known: noop, log, http, sleep)"
-            ),
+        let recorder = match cfg.handlers.record_file.as_str() {
+            "" => None,
+            path => Some(Recorder::open(path)?),
         };
-        builder = match &recorder {
-            Some(r) => builder.handler(name, Recorded::new(h, r.clone())),
-            None => builder.shared_handler(name, h),
+        for name in &cfg.handlers.enabled {
+            let h: Arc<dyn ItemHandler> = match name.as_str() {
+                "noop" => Arc::new(handlers::noop),
+                "log" => Arc::new(handlers::log),
+                "sleep" => Arc::new(handlers::sleep),
+                "fail" => Arc::new(handlers::jobs::fail_item),
+                "http" => Arc::new(HttpHandler::new(
+                    &cfg.handlers.http_url,
+                    cfg.handlers.http_timeout_ms,
+                )?),
+                other => bail!(
+                    "invalid handlers.enabled: unknown built-in handler {other:?} (known: noop, log, http, sleep, fail)"
+                ),
+            };
+            builder = match &recorder {
+                Some(r) => builder.handler(name, Recorded::new(h, r.clone())),
+                None => builder.shared_handler(name, h),
+            };
+        }
+    }
+    let link = &cfg.coordinator;
+    if !link.endpoints.trim().is_empty() {
+        let recorder = match link.record_file.as_str() {
+            "" => None,
+            path => Some(JobRecorder::open(path, &worker_id)?),
         };
+        for name in &cfg.handlers.enabled {
+            let h: Arc<dyn JobHandler> = match name.as_str() {
+                "noop" => Arc::new(handlers::jobs::noop),
+                "log" => Arc::new(handlers::jobs::log),
+                "sleep" => Arc::new(handlers::jobs::sleep),
+                "fail" => Arc::new(handlers::jobs::fail),
+                _ => continue,
+            };
+            builder = match &recorder {
+                Some(r) => builder.job_handler(
+                    name,
+                    RecordedJob {
+                        inner: h,
+                        recorder: r.clone(),
+                    },
+                ),
+                None => builder.shared_job_handler(name, h),
+            };
+        }
+        let labels = link
+            .labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        builder = builder.coordinator(SessionOptions {
+            endpoints: link
+                .endpoints
+                .split(',')
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            group: link.group.clone(),
+            capacity: link.capacity.max(1),
+            labels,
+            drain_timeout_ms: link.drain_timeout_ms,
+        });
     }
     let worker = builder.build()?;
-    info!(worker_id = worker.id(), prefix = %layout.prefix, family = %layout.family,
+    info!(worker_id = worker.id(), prefix = %layout.prefix, family = %layout.family, coordinator = %cfg.coordinator.endpoints,
           queues = layout.count, handlers = ?cfg.handlers.enabled, "chime worker starting");
     let report = worker.run(shutdown_signal()).await?;
     stop_watch.cancel();

@@ -190,7 +190,8 @@ impl ConsumerSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandlersSection {
-    /// Built-in handlers to register: any of `noop`, `log`, `http`, `sleep`.
+    /// Built-in handlers to register (for delayed items and for job shards): any of
+    /// `noop`, `log`, `http`, `sleep`, `fail`.
     pub enabled: Vec<String>,
     /// Where the `http` handler POSTs each delivery as JSON.
     pub http_url: String,
@@ -207,6 +208,38 @@ impl Default for HandlersSection {
             enabled: vec!["noop".into(), "log".into()],
             http_url: String::new(),
             http_timeout_ms: 5_000,
+            record_file: String::new(),
+        }
+    }
+}
+
+/// The worker's coordinator session (job shards).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorLink {
+    /// Comma-separated coordinator gRPC endpoints (`http://host:port`); empty: run
+    /// no job shards.
+    pub endpoints: String,
+    /// Worker group.
+    pub group: String,
+    /// Shards run at once (a routing hint for the coordinator).
+    pub capacity: u32,
+    /// Labels, `k=v` comma-separated.
+    pub labels: String,
+    /// On shutdown, how long running shards may finish, ms.
+    pub drain_timeout_ms: u64,
+    /// When set, every finished shard appends a line to this file (tests, benches).
+    pub record_file: String,
+}
+
+impl Default for CoordinatorLink {
+    fn default() -> Self {
+        Self {
+            endpoints: String::new(),
+            group: "default".into(),
+            capacity: 16,
+            labels: String::new(),
+            drain_timeout_ms: 25_000,
             record_file: String::new(),
         }
     }
@@ -247,8 +280,56 @@ pub struct WorkerConfig {
     pub consumer: ConsumerSection,
     /// Built-in handlers.
     pub handlers: HandlersSection,
+    /// The coordinator session.
+    pub coordinator: CoordinatorLink,
     /// Logging.
     pub log: LogSection,
+}
+
+/// `chime coordinator`'s configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Redis (run history, fire records).
+    pub redis: RedisSection,
+    /// etcd (job definitions, live settings, leader election).
+    pub etcd: EtcdSection,
+    /// The coordinator itself.
+    pub coordinator: CoordinatorSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// The coordinator's own settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSection {
+    /// gRPC listen address (workers and the admin API).
+    pub grpc_addr: String,
+    /// Address workers and peers should use for this coordinator (default: the
+    /// listen address, with 127.0.0.1 for an unspecified host).
+    pub advertise: String,
+    /// Key prefix in Redis.
+    pub prefix: String,
+    /// Heartbeat interval told to workers, ms.
+    pub heartbeat_interval_ms: u64,
+    /// Runs kept per job.
+    pub history_per_job: usize,
+    /// Runs older than this are dropped, seconds.
+    pub history_max_age_s: u64,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "0.0.0.0:7070".into(),
+            advertise: String::new(),
+            prefix: "chime".into(),
+            heartbeat_interval_ms: 2_000,
+            history_per_job: 200,
+            history_max_age_s: 7 * 86_400,
+        }
+    }
 }
 
 /// `chime queue …`'s configuration (producer and operator side).
@@ -261,6 +342,8 @@ pub struct ClientConfig {
     pub etcd: EtcdSection,
     /// Queues.
     pub queue: QueueSection,
+    /// Coordinator endpoints for `chime job|runs|workers` (comma-separated).
+    pub coordinator: String,
     /// Logging.
     pub log: LogSection,
 }

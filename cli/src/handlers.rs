@@ -147,3 +147,131 @@ impl ItemHandler for Recorded {
             .map_err(|e| HandlerError::new(format!("recording failed: {e}")))
     }
 }
+
+/// Built-in job handlers, and an item handler that always fails (tests).
+pub mod jobs {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chime_shared::clock::system_now_ms;
+    use chime_worker::{HandlerError, ItemContext, JobContext, JobHandler};
+    use tracing::info;
+
+    /// The number in `text` (plain, or the `key` field of a JSON object).
+    fn number(text: &str, key: &str) -> Option<u64> {
+        let t = text.trim();
+        t.parse().ok().or_else(|| {
+            serde_json::from_str::<serde_json::Value>(t)
+                .ok()?
+                .get(key)?
+                .as_u64()
+        })
+    }
+
+    /// Succeeds at once.
+    pub async fn noop(_ctx: JobContext) -> Result<String, HandlerError> {
+        Ok(String::new())
+    }
+
+    /// Logs the shard and succeeds.
+    pub async fn log(ctx: JobContext) -> Result<String, HandlerError> {
+        info!(run_id = %ctx.run_id, job = %ctx.job, shard = ctx.shard_index, total = ctx.shard_total,
+              attempt = ctx.attempt, lag_ms = system_now_ms() - ctx.scheduled_at_ms, "shard running");
+        ctx.log(format!(
+            "shard {}/{} running",
+            ctx.shard_index, ctx.shard_total
+        ));
+        Ok(format!("shard {}/{}", ctx.shard_index, ctx.shard_total))
+    }
+
+    /// Sleeps `sleep_ms` (shard params, else params: a number or `{"sleep_ms": n}`;
+    /// default 100) and succeeds; stops when cancelled.
+    pub async fn sleep(ctx: JobContext) -> Result<String, HandlerError> {
+        let ms = number(&ctx.shard_params, "sleep_ms")
+            .or_else(|| number(&ctx.params, "sleep_ms"))
+            .unwrap_or(100);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(format!("slept {ms} ms")),
+            _ = ctx.cancellation().cancelled() => Err(HandlerError::new("cancelled")),
+        }
+    }
+
+    /// Fails while the attempt is at most `fail_attempts` of the params (default:
+    /// always), then succeeds.
+    pub async fn fail(ctx: JobContext) -> Result<String, HandlerError> {
+        let until = number(&ctx.params, "fail_attempts").unwrap_or(u64::MAX);
+        if u64::from(ctx.attempt) <= until {
+            return Err(HandlerError::new(format!(
+                "failing on purpose (attempt {})",
+                ctx.attempt
+            )));
+        }
+        Ok(format!("succeeded on attempt {}", ctx.attempt))
+    }
+
+    /// The item handler that always fails.
+    pub async fn fail_item(_ctx: ItemContext) -> Result<(), HandlerError> {
+        Err(HandlerError::new("failing on purpose"))
+    }
+
+    /// Appends one line per finished shard: `job run_id shard total attempt
+    /// started_ms finished_ms status worker scheduled_ms`.
+    #[derive(Debug)]
+    pub struct JobRecorder {
+        file: std::fs::File,
+        worker: String,
+    }
+
+    impl JobRecorder {
+        /// Opens (creates, appends to) `path`.
+        pub fn open(path: &str, worker: &str) -> anyhow::Result<Arc<Self>> {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("invalid coordinator.record_file {path:?}: {e}"))?;
+            Ok(Arc::new(Self {
+                file,
+                worker: worker.to_owned(),
+            }))
+        }
+    }
+
+    /// Wraps a job handler to record each finished shard.
+    pub struct RecordedJob {
+        /// The handler.
+        pub inner: Arc<dyn JobHandler>,
+        /// Where to record.
+        pub recorder: Arc<JobRecorder>,
+    }
+
+    #[async_trait]
+    impl JobHandler for RecordedJob {
+        async fn run(&self, ctx: JobContext) -> Result<String, HandlerError> {
+            let started = system_now_ms();
+            let r = self.inner.run(ctx.clone()).await;
+            let status = match &r {
+                Ok(_) => "succeeded",
+                Err(_) if ctx.cancellation().is_cancelled() => "cancelled",
+                Err(_) => "failed",
+            };
+            let line = format!(
+                "{} {} {} {} {} {} {} {} {} {}\n",
+                ctx.job,
+                ctx.run_id,
+                ctx.shard_index,
+                ctx.shard_total,
+                ctx.attempt,
+                started,
+                system_now_ms(),
+                status,
+                self.recorder.worker,
+                ctx.scheduled_at_ms
+            );
+            let _ = (&self.recorder.file).write_all(line.as_bytes());
+            r
+        }
+    }
+}

@@ -5,7 +5,9 @@
 
 mod bench;
 mod cmd_config;
+mod cmd_coordinator;
 mod cmd_dev;
+mod cmd_job;
 mod cmd_queue;
 mod cmd_worker;
 mod config;
@@ -28,8 +30,17 @@ struct Cli {
 enum Command {
     /// Run everything in one process on the embedded in-memory store, with a demo.
     Dev(cmd_dev::DevArgs),
-    /// Run a generic worker (built-in handlers noop, log, http) against Redis.
+    /// Run a coordinator: fires jobs, serves workers and the admin API.
+    Coordinator(cmd_coordinator::CoordinatorArgs),
+    /// Run a generic worker (built-in handlers noop, log, http, sleep, fail) for
+    /// delayed items and job shards.
     Worker(cmd_worker::WorkerArgs),
+    /// Create, change and fire jobs.
+    Job(cmd_job::JobArgs),
+    /// Runs of jobs.
+    Runs(cmd_job::RunsArgs),
+    /// Workers connected to the coordinator.
+    Workers(cmd_job::WorkersArgs),
     /// Produce and inspect delayed items.
     Queue(cmd_queue::QueueArgs),
     /// Read and change live settings in etcd.
@@ -137,7 +148,11 @@ fn main() -> std::process::ExitCode {
     let result: Result<()> = runtime.block_on(async move {
         match cli.command {
             Command::Dev(a) => cmd_dev::run(a).await,
+            Command::Coordinator(a) => cmd_coordinator::run(a).await,
             Command::Worker(a) => cmd_worker::run(a).await,
+            Command::Job(a) => cmd_job::run_job(a).await,
+            Command::Runs(a) => cmd_job::run_runs(a).await,
+            Command::Workers(a) => cmd_job::run_workers(a).await,
             Command::Queue(a) => cmd_queue::run(a).await,
             Command::Config(a) => cmd_config::run(a).await,
             Command::Bench(a) => bench::run(a).await,

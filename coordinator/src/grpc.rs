@@ -603,3 +603,65 @@ impl pb::admin_server::Admin for AdminApi {
         }))
     }
 }
+
+fn state_from_proto(s: i32) -> RunState {
+    match pb::RunState::try_from(s) {
+        Ok(pb::RunState::Running) => RunState::Running,
+        Ok(pb::RunState::Succeeded) => RunState::Succeeded,
+        Ok(pb::RunState::Failed) => RunState::Failed,
+        Ok(pb::RunState::Cancelled) => RunState::Cancelled,
+        Ok(pb::RunState::TimedOut) => RunState::TimedOut,
+        Ok(pb::RunState::Skipped) => RunState::Skipped,
+        _ => RunState::Pending,
+    }
+}
+
+/// Proto run -> domain run (for clients that print runs).
+pub fn run_from_proto(r: pb::Run) -> RunRecord {
+    RunRecord {
+        run_id: r.run_id,
+        fire_id: r.fire_id,
+        job: r.job,
+        cause: r.cause,
+        scheduled_at_ms: r.scheduled_at_ms,
+        fired_at_ms: r.fired_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        state: state_from_proto(r.state),
+        params: r.params,
+        shards: r
+            .shards
+            .into_iter()
+            .map(|s| ShardRecord {
+                index: s.index,
+                total: s.total,
+                worker_id: s.worker_id,
+                attempt: s.attempt,
+                failures: 0,
+                state: state_from_proto(s.state),
+                started_at_ms: s.started_at_ms,
+                finished_at_ms: s.finished_at_ms,
+                output: s.output,
+                error: s.error,
+                log_tail: s.log_tail,
+                shard_params: s.shard_params,
+            })
+            .collect(),
+        parent_run_id: r.parent_run_id,
+        note: r.note,
+    }
+}
+
+/// Proto worker -> domain view.
+pub fn worker_from_proto(w: pb::WorkerInfo) -> WorkerView {
+    WorkerView {
+        worker_id: w.worker_id,
+        group: w.group,
+        handlers: w.handlers,
+        capacity: w.capacity,
+        running: w.running,
+        labels: w.labels.into_iter().collect(),
+        connected_at_ms: w.connected_at_ms,
+        last_heartbeat_ms: w.last_heartbeat_ms,
+        draining: w.draining,
+    }
+}

@@ -3,7 +3,8 @@
 //! ```no_run
 //! # async fn demo(store: std::sync::Arc<dyn chime_shared::queue::DelayStore>) -> Result<(), chime_worker::WorkerError> {
 //! use chime_worker::{ItemContext, HandlerError, Worker};
-//! let worker = Worker::builder(store)
+//! let worker = Worker::builder()
+//!     .delay_store(store)
 //!     .worker_id("pod-a")
 //!     .handler("coupon.remind", |ctx: ItemContext| async move {
 //!         for item in ctx.items() {
@@ -17,11 +18,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! What it owns: the handler registry ([`handler`]), and the queue consumer
-//! ([`consumer`]): pollers that claim queues and pop due items, a bounded number of
-//! items in the worker's hands (backpressure: memory stays flat whatever the backlog),
-//! per-handler concurrency caps, visibility extension while handlers run, batched
-//! settling, and the drain on shutdown.
+//! What it owns: the handler registries ([`handler`] for delayed items, [`jobs`] for
+//! job shards), the queue consumer ([`consumer`]: pollers that claim queues and pop
+//! due items, a bounded number of items in the worker's hands — backpressure: memory
+//! stays flat whatever the backlog —, per-handler concurrency caps, visibility
+//! extension while handlers run, batched settling), the coordinator session
+//! ([`session`]: register, heartbeat, run assigned shards, follow the leader), and
+//! the drain on shutdown.
 //!
 //! Architecture invariant: the worker never binds a port, reads a config file or
 //! installs a logger; the binary does. It reaches Redis only through
@@ -30,7 +33,9 @@
 pub mod consumer;
 pub mod error;
 pub mod handler;
+pub mod jobs;
 pub mod live;
+pub mod session;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,7 +47,9 @@ use chime_shared::queue::DelayStore;
 pub use consumer::{ConsumerOptions, DrainReport};
 pub use error::WorkerError;
 pub use handler::{HandlerError, ItemContext, ItemHandler};
+pub use jobs::{JobContext, JobHandler};
 pub use live::Live;
+pub use session::SessionOptions;
 
 /// A handler and its concurrency cap.
 #[derive(Clone)]
@@ -62,15 +69,43 @@ impl std::fmt::Debug for Registered {
 /// Builds a [`Worker`].
 #[derive(Debug)]
 pub struct WorkerBuilder {
-    store: Arc<dyn DelayStore>,
+    store: Option<Arc<dyn DelayStore>>,
     worker_id: String,
     handlers: HashMap<String, Registered>,
+    job_handlers: HashMap<String, Arc<dyn JobHandler>>,
+    session: Option<SessionOptions>,
     options: ConsumerOptions,
     live: Option<Live>,
     errors: Vec<WorkerError>,
 }
 
 impl WorkerBuilder {
+    /// Consumes delayed items from `store` (needed for item handlers).
+    pub fn delay_store(mut self, store: Arc<dyn DelayStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Connects to the coordinator to run job shards (needed for job handlers).
+    pub fn coordinator(mut self, session: SessionOptions) -> Self {
+        self.session = Some(session);
+        self
+    }
+
+    /// Registers `handler` for job shards whose handler name is `name`.
+    pub fn job_handler(self, name: &str, handler: impl JobHandler) -> Self {
+        self.shared_job_handler(name, Arc::new(handler))
+    }
+
+    /// Registers an already shared job handler for `name`.
+    pub fn shared_job_handler(mut self, name: &str, handler: Arc<dyn JobHandler>) -> Self {
+        if let Err(e) = limits::check_handler("job handler", name) {
+            self.errors.push(WorkerError::Config(e.to_string()));
+        }
+        self.job_handlers.insert(name.to_owned(), handler);
+        self
+    }
+
     /// Follows live settings (queue count, visibility, merge window, concurrency,
     /// rate limits) of queue family `live.family`.
     pub fn live(mut self, live: Live) -> Self {
@@ -129,8 +164,29 @@ impl WorkerBuilder {
         if let Some(e) = self.errors.pop() {
             return Err(e);
         }
-        if self.handlers.is_empty() {
+        if self.handlers.is_empty() && self.job_handlers.is_empty() {
             return Err(WorkerError::Config("no handler registered".into()));
+        }
+        if !self.handlers.is_empty() && self.store.is_none() {
+            return Err(WorkerError::Config(
+                "item handlers need a delay store".into(),
+            ));
+        }
+        if !self.job_handlers.is_empty() {
+            match &self.session {
+                None => {
+                    return Err(WorkerError::Config(
+                        "job handlers need a coordinator".into(),
+                    ));
+                }
+                Some(s) if s.endpoints.is_empty() => {
+                    return Err(WorkerError::Config(
+                        "invalid coordinator: no endpoint".into(),
+                    ));
+                }
+                Some(s) => limits::check_handler("group", &s.group)
+                    .map_err(|e| WorkerError::Config(e.to_string()))?,
+            }
         }
         limits::check_text("worker_id", &self.worker_id, 253)
             .map_err(|e| WorkerError::Config(e.to_string()))?;
@@ -139,6 +195,8 @@ impl WorkerBuilder {
             store: self.store,
             worker_id: self.worker_id,
             handlers: self.handlers,
+            job_handlers: self.job_handlers,
+            session: self.session,
             options: self.options,
             live: self.live,
         })
@@ -148,20 +206,24 @@ impl WorkerBuilder {
 /// A configured worker; [`Worker::run`] consumes until shutdown and drains.
 #[derive(Debug)]
 pub struct Worker {
-    store: Arc<dyn DelayStore>,
+    store: Option<Arc<dyn DelayStore>>,
     worker_id: String,
     handlers: HashMap<String, Registered>,
+    job_handlers: HashMap<String, Arc<dyn JobHandler>>,
+    session: Option<SessionOptions>,
     options: ConsumerOptions,
     live: Option<Live>,
 }
 
 impl Worker {
-    /// Starts building a worker over `store`.
-    pub fn builder(store: Arc<dyn DelayStore>) -> WorkerBuilder {
+    /// Starts building a worker.
+    pub fn builder() -> WorkerBuilder {
         WorkerBuilder {
-            store,
+            store: None,
             worker_id: default_worker_id(),
             handlers: HashMap::new(),
+            job_handlers: HashMap::new(),
+            session: None,
             options: ConsumerOptions::default(),
             live: None,
             errors: Vec::new(),
@@ -173,18 +235,43 @@ impl Worker {
         &self.worker_id
     }
 
-    /// Consumes until `shutdown` completes, then drains (see
-    /// [`consumer::Consumer::run`]) and answers what the drain did.
+    /// Works until `shutdown` completes, then drains, in this order:
+    /// 1. mark draining: stop claiming queues, and tell the coordinator (no new
+    ///    shards);
+    /// 2. finish in-flight items and shards within the drain timeout;
+    /// 3. hand back what is still running (items due again now; shards cancelled,
+    ///    which the coordinator gives to another worker);
+    /// 4. record every outcome, release leases, stop.
+    ///
+    /// The consumer and the session each follow these steps on the same signal.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<DrainReport, WorkerError> {
-        consumer::Consumer::new(
-            self.store,
-            self.worker_id,
-            self.handlers,
-            self.options,
-            self.live,
-        )
-        .run(shutdown)
-        .await
+        let stop = tokio_util::sync::CancellationToken::new();
+        let consumer = self.store.map(|store| {
+            let c = consumer::Consumer::new(
+                store,
+                self.worker_id.clone(),
+                self.handlers,
+                self.options,
+                self.live,
+            );
+            let stop = stop.clone();
+            tokio::spawn(async move { c.run(stop.cancelled_owned()).await })
+        });
+        let session = self.session.map(|opts| {
+            let s = session::Session::new(self.worker_id.clone(), self.job_handlers, opts);
+            tokio::spawn(s.run(stop.clone()))
+        });
+        shutdown.await;
+        stop.cancel();
+        if let Some(s) = session {
+            let _ = s.await;
+        }
+        match consumer {
+            Some(c) => c
+                .await
+                .map_err(|e| WorkerError::Config(format!("consumer task failed: {e}")))?,
+            None => Ok(DrainReport::default()),
+        }
     }
 }
 

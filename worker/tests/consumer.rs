@@ -64,7 +64,8 @@ async fn in_flight_is_bounded_and_concurrency_capped() -> Result<()> {
         batch: 20,
         ..ConsumerOptions::default()
     };
-    let worker = Worker::builder(store.clone())
+    let worker = Worker::builder()
+        .delay_store(store.clone())
         .worker_id("w")
         .handler("slow", move |_ctx: ItemContext| {
             let g = g.clone();
@@ -122,7 +123,8 @@ async fn merged_delivery_retries_and_panics() -> Result<()> {
     let merged = Arc::new(std::sync::Mutex::new(Vec::new()));
     let flaky_calls = Arc::new(AtomicUsize::new(0));
     let (m, f) = (merged.clone(), flaky_calls.clone());
-    let worker = Worker::builder(store.clone())
+    let worker = Worker::builder()
+        .delay_store(store.clone())
         .handler("merge", move |ctx: ItemContext| {
             let m = m.clone();
             async move {
@@ -190,16 +192,18 @@ async fn merged_delivery_retries_and_panics() -> Result<()> {
 /// Bad settings are refused naming the field.
 #[test]
 fn builder_refuses_bad_settings() {
-    let e = Worker::builder(store()).build().unwrap_err();
+    let e = Worker::builder().delay_store(store()).build().unwrap_err();
     assert!(e.to_string().contains("no handler registered"), "{e}");
-    let e = Worker::builder(store())
+    let e = Worker::builder()
+        .delay_store(store())
         .handler("bad name", |_c: ItemContext| async {
             Ok::<(), HandlerError>(())
         })
         .build()
         .unwrap_err();
     assert!(e.to_string().contains("invalid handler"), "{e}");
-    let e = Worker::builder(store())
+    let e = Worker::builder()
+        .delay_store(store())
         .handler("h", |_c: ItemContext| async { Ok::<(), HandlerError>(()) })
         .options(ConsumerOptions {
             batch: 0,
@@ -211,7 +215,8 @@ fn builder_refuses_bad_settings() {
         matches!(e, WorkerError::Config(ref m) if m.contains("invalid batch")),
         "{e}"
     );
-    let e = Worker::builder(store())
+    let e = Worker::builder()
+        .delay_store(store())
         .handler("h", |_c: ItemContext| async { Ok::<(), HandlerError>(()) })
         .handler_concurrency("other", 3)
         .build()

@@ -174,10 +174,11 @@ impl Engine {
         if !self.jobs.contains_key(job) {
             return Err(CoordError::NotFound(format!("job {job:?}")));
         }
-        if let Some(p) = &params {
-            if p.len() > crate::model::MAX_PARAMS_BYTES {
-                return Err(CoordError::invalid("params", "is larger than 64 KiB"));
-            }
+        if params
+            .as_ref()
+            .is_some_and(|p| p.len() > crate::model::MAX_PARAMS_BYTES)
+        {
+            return Err(CoordError::invalid("params", "is larger than 64 KiB"));
         }
         let now = self.now();
         let run_id = format!("{job}@m{now}-{:04x}", fastrand::u16(..));

@@ -273,21 +273,21 @@ impl Engine {
             if j.running.is_empty() {
                 buffered = j.buffered.take();
             }
-            if let crate::schedule::Compiled::Delay { delay_ms } = j.compiled {
-                if !j.spec.paused {
-                    let at = now + delay_ms;
-                    j.next_fire = Some(at);
-                    let generation = j.generation;
-                    let job = run.job.clone();
-                    self.schedule(
+            if let crate::schedule::Compiled::Delay { delay_ms } = j.compiled
+                && !j.spec.paused
+            {
+                let at = now + delay_ms;
+                j.next_fire = Some(at);
+                let generation = j.generation;
+                let job = run.job.clone();
+                self.schedule(
+                    at,
+                    Timer::Fire {
+                        job,
                         at,
-                        Timer::Fire {
-                            job,
-                            at,
-                            generation,
-                        },
-                    );
-                }
+                        generation,
+                    },
+                );
             }
         }
         if let Some((at, id)) = buffered {

@@ -1,0 +1,147 @@
+//! `chime coordinator`: fires jobs and serves the worker gateway and the admin API
+//! (gRPC). Job definitions live in etcd (in memory without etcd, for trying it out);
+//! run history and fire records in Redis. Stops on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chime_coordinator::engine::EngineOptions;
+use chime_coordinator::store::{JobStore, RedisRunStore, Retention};
+use chime_shared::clock::SystemClock;
+use chime_shared::config::source::{ConfigSource, EtcdSource, MemorySource};
+use chime_shared::redis_conn::RedisConn;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{self, CoordinatorConfig};
+use crate::{init_logging, shutdown_signal};
+
+/// `chime coordinator` flags; each overrides the config file and `CHIME_*`.
+#[derive(Debug, clap::Args)]
+pub struct CoordinatorArgs {
+    /// Config file (TOML).
+    #[arg(long, env = "CHIME_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long)]
+    grpc_addr: Option<String>,
+    /// Address workers should use for this coordinator.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Redis URL.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// etcd endpoints (comma-separated).
+    #[arg(long)]
+    etcd_endpoints: Option<String>,
+    /// Key prefix in Redis.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Heartbeat interval told to workers, ms.
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+/// The address workers use: the advertised one, else the bound one with 127.0.0.1
+/// for an unspecified host.
+pub fn advertise_for(bound: SocketAddr, configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let ip = if bound.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        bound.ip().to_string()
+    };
+    format!("{ip}:{}", bound.port())
+}
+
+/// Runs the coordinator until a signal.
+pub async fn run(args: CoordinatorArgs) -> Result<()> {
+    let mut cfg: CoordinatorConfig = config::load(args.config.as_deref(), config::chime_env())?;
+    let c = &mut cfg.coordinator;
+    if let Some(v) = args.grpc_addr {
+        c.grpc_addr = v;
+    }
+    if let Some(v) = args.advertise {
+        c.advertise = v;
+    }
+    if let Some(v) = args.prefix {
+        c.prefix = v;
+    }
+    if let Some(v) = args.heartbeat_interval_ms {
+        c.heartbeat_interval_ms = v;
+    }
+    if let Some(v) = args.redis_url {
+        cfg.redis.url = v;
+    }
+    if let Some(v) = args.etcd_endpoints {
+        cfg.etcd.endpoints = v;
+    }
+    if let Some(v) = args.log_format {
+        cfg.log.format = v;
+    }
+    init_logging(&cfg.log.format, &cfg.log.level);
+    chime_shared::limits::check_handler("coordinator.prefix", &cfg.coordinator.prefix)?;
+    if !(100..=60_000).contains(&cfg.coordinator.heartbeat_interval_ms) {
+        anyhow::bail!("invalid coordinator.heartbeat_interval_ms: must be within 100..=60000");
+    }
+    let conn = RedisConn::connect(&cfg.redis.spec()?)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+    let runs = Arc::new(RedisRunStore::new(
+        conn,
+        &cfg.coordinator.prefix,
+        Retention {
+            per_job: cfg.coordinator.history_per_job.max(1),
+            max_age_s: cfg.coordinator.history_max_age_s.max(60),
+        },
+    ));
+    let source: Arc<dyn ConfigSource> = match cfg.etcd.spec()? {
+        Some(spec) => {
+            let client = spec
+                .connect()
+                .await
+                .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
+            Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()))
+        }
+        None => {
+            warn!("no etcd configured: job definitions live in memory and are lost on restart");
+            Arc::new(MemorySource::default())
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.coordinator.grpc_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding coordinator.grpc_addr {}",
+                cfg.coordinator.grpc_addr
+            )
+        })?;
+    let advertise = advertise_for(listener.local_addr()?, &cfg.coordinator.advertise);
+    info!(grpc = %listener.local_addr()?, advertise = %advertise, "chime coordinator listening");
+    let deps = chime_coordinator::Deps {
+        jobs: JobStore::new(source),
+        runs,
+        clock: Arc::new(SystemClock),
+        options: EngineOptions {
+            heartbeat_interval_ms: cfg.coordinator.heartbeat_interval_ms,
+            dead_after_beats: 3,
+            advertise,
+        },
+    };
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal.cancel();
+    });
+    chime_coordinator::serve(deps, listener, stop).await?;
+    info!("chime coordinator stopped");
+    Ok(())
+}

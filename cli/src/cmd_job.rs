@@ -1,0 +1,492 @@
+//! `chime job …`, `chime runs …`, `chime workers`: the admin API from the command
+//! line. Every command prints JSON; refused input exits non-zero with the
+//! coordinator's error, which names the field.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use chime_coordinator::grpc::{job_from_proto, run_from_proto, worker_from_proto};
+use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
+use chime_shared::proto as pb;
+use clap::Subcommand;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::{self, ClientConfig};
+use crate::init_logging;
+
+type Client = pb::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// Where the coordinator is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordArgs {
+    /// Config file (TOML).
+    #[arg(long, env = "CHIME_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator gRPC endpoint(s), comma-separated.
+    #[arg(long)]
+    coordinator: Option<String>,
+}
+
+async fn connect(a: &CoordArgs) -> Result<Client> {
+    let mut cfg: ClientConfig = config::load(a.config.as_deref(), config::chime_env())?;
+    if let Some(c) = &a.coordinator {
+        cfg.coordinator = c.clone();
+    }
+    init_logging(&cfg.log.format, "warn");
+    let endpoints: Vec<String> = if cfg.coordinator.trim().is_empty() {
+        vec!["http://127.0.0.1:7070".into()]
+    } else {
+        cfg.coordinator
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let mut last = None;
+    for e in &endpoints {
+        match Client::connect(e.clone()).await {
+            Ok(c) => return Ok(c.max_decoding_message_size(16 * 1024 * 1024)),
+            Err(err) => {
+                last = Some(anyhow::anyhow!(
+                    "connecting to the coordinator at {e}: {err}"
+                ))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no coordinator endpoint")))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+/// A job as printed: the definition and its trigger state.
+#[derive(Serialize)]
+struct JobOut {
+    #[serde(flatten)]
+    spec: JobSpec,
+    version: i64,
+    next_fire_ms: i64,
+    last_fire_ms: i64,
+}
+
+fn job_out(j: pb::Job) -> Result<JobOut> {
+    let (next, last) = (j.next_fire_ms, j.last_fire_ms);
+    let (spec, version) = job_from_proto(j)?;
+    Ok(JobOut {
+        spec,
+        version,
+        next_fire_ms: next,
+        last_fire_ms: last,
+    })
+}
+
+/// The parts of a job definition given on the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobFlags {
+    /// Worker group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Handler.
+    #[arg(long)]
+    handler: Option<String>,
+    /// Cron expression (6 fields with seconds, or 5).
+    #[arg(long, group = "sched")]
+    cron: Option<String>,
+    /// IANA time zone of the cron expression.
+    #[arg(long)]
+    tz: Option<String>,
+    /// Fixed rate, ms.
+    #[arg(long, group = "sched")]
+    every_ms: Option<u64>,
+    /// Fixed delay after each run, ms.
+    #[arg(long, group = "sched")]
+    delay_ms: Option<u64>,
+    /// Once, at this Unix ms.
+    #[arg(long, group = "sched")]
+    at_ms: Option<i64>,
+    /// Manual only.
+    #[arg(long, group = "sched")]
+    manual: bool,
+    /// Routing: sharding-broadcast, round-robin, random, consistent-hash,
+    /// least-recently-used, least-loaded, failover, busy-over, first, last.
+    #[arg(long)]
+    routing: Option<String>,
+    /// Sharding broadcast: a fixed number of shards (default: one per live worker).
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Per-shard params, comma-separated (one per shard).
+    #[arg(long, value_delimiter = ',')]
+    shard_params: Option<Vec<String>>,
+    /// Consistent hash: the params field to hash.
+    #[arg(long)]
+    hash_param: Option<String>,
+    /// Params (text, often JSON).
+    #[arg(long)]
+    params: Option<String>,
+    /// Overlap: allow, skip, buffer-one, cancel-running.
+    #[arg(long)]
+    overlap: Option<String>,
+    /// Misfire: skip, fire-once, fire-all.
+    #[arg(long)]
+    misfire: Option<String>,
+    /// Fire-all misfire: how far back, ms.
+    #[arg(long)]
+    catch_up_window_ms: Option<u64>,
+    /// Per-shard timeout, ms.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Retries of a failed shard.
+    #[arg(long)]
+    retries: Option<u32>,
+    /// First retry backoff, ms.
+    #[arg(long)]
+    retry_backoff_ms: Option<u64>,
+    /// Child jobs fired on success, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    children: Option<Vec<String>>,
+    /// No fire before this Unix ms.
+    #[arg(long)]
+    start_at_ms: Option<i64>,
+    /// No fire after this Unix ms.
+    #[arg(long)]
+    end_at_ms: Option<i64>,
+    /// Random delay of each fire, ms.
+    #[arg(long)]
+    jitter_ms: Option<u64>,
+    /// Create paused.
+    #[arg(long)]
+    paused: bool,
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, v: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.replace('-', "_")))
+        .map_err(|_| anyhow::anyhow!("invalid {field}: {v:?}"))
+}
+
+impl JobFlags {
+    fn apply(&self, j: &mut JobSpec) -> Result<()> {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { j.$f = v.clone(); } )* };
+        }
+        set!(group, handler, hash_param, params, shard_params, children);
+        set!(
+            catch_up_window_ms,
+            timeout_ms,
+            retries,
+            retry_backoff_ms,
+            start_at_ms,
+            end_at_ms,
+            jitter_ms
+        );
+        if let Some(n) = self.shards {
+            j.shard_count = n;
+        }
+        if let Some(c) = &self.cron {
+            j.schedule = Schedule::Cron {
+                expr: c.clone(),
+                time_zone: self.tz.clone().unwrap_or_default(),
+            };
+        } else if let (Some(tz), Schedule::Cron { time_zone, .. }) = (&self.tz, &mut j.schedule) {
+            *time_zone = tz.clone();
+        }
+        if let Some(v) = self.every_ms {
+            j.schedule = Schedule::FixedRate { every_ms: v };
+        }
+        if let Some(v) = self.delay_ms {
+            j.schedule = Schedule::FixedDelay { delay_ms: v };
+        }
+        if let Some(v) = self.at_ms {
+            j.schedule = Schedule::Once { at_ms: v };
+        }
+        if self.manual {
+            j.schedule = Schedule::Manual;
+        }
+        if let Some(r) = &self.routing {
+            j.routing = parse_enum::<Routing>("routing", r)?;
+        }
+        if let Some(o) = &self.overlap {
+            j.overlap = parse_enum::<Overlap>("overlap", o)?;
+        }
+        if let Some(m) = &self.misfire {
+            j.misfire = parse_enum::<Misfire>("misfire", m)?;
+        }
+        if self.paused {
+            j.paused = true;
+        }
+        Ok(())
+    }
+}
+
+/// `chime job` arguments.
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    coord: CoordArgs,
+    #[command(subcommand)]
+    cmd: JobCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// Create a job from flags or a JSON file.
+    Create {
+        /// Job name.
+        #[arg(long, required_unless_present = "file")]
+        name: Option<String>,
+        /// The job as JSON (the stored form).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        flags: JobFlags,
+    },
+    /// Change some fields of a job.
+    Update {
+        /// Job name.
+        name: String,
+        #[command(flatten)]
+        flags: JobFlags,
+    },
+    /// Every job.
+    List {
+        /// Only this group.
+        #[arg(long, default_value = "")]
+        group: String,
+    },
+    /// One job.
+    Get {
+        /// Job name.
+        name: String,
+    },
+    /// Stop firing a job.
+    Pause {
+        /// Job name.
+        name: String,
+    },
+    /// Fire a paused job again from its next tick.
+    Resume {
+        /// Job name.
+        name: String,
+    },
+    /// Fire a job now.
+    Trigger {
+        /// Job name.
+        name: String,
+        /// Params for this fire.
+        #[arg(long, default_value = "")]
+        params: String,
+    },
+    /// Delete a job.
+    Delete {
+        /// Job name.
+        name: String,
+    },
+}
+
+fn to_pb(spec: &JobSpec, version: i64) -> pb::Job {
+    let stored = chime_coordinator::store::StoredJob {
+        spec: spec.clone(),
+        version,
+    };
+    chime_coordinator::grpc::job_to_proto(&stored, Default::default())
+}
+
+/// Runs a `chime job` subcommand.
+pub async fn run_job(a: JobArgs) -> Result<()> {
+    let mut c = connect(&a.coord).await?;
+    let out = match a.cmd {
+        JobCmd::Create { name, file, flags } => {
+            let mut spec: JobSpec = match &file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("parsing {}", f.display()))?
+                }
+                None => JobSpec {
+                    name: name.clone().unwrap_or_default(),
+                    group: "default".into(),
+                    handler: String::new(),
+                    schedule: Schedule::Manual,
+                    routing: Routing::RoundRobin,
+                    shard_count: 0,
+                    shard_params: vec![],
+                    hash_param: String::new(),
+                    params: String::new(),
+                    overlap: Overlap::Allow,
+                    misfire: Misfire::FireOnce,
+                    catch_up_window_ms: 0,
+                    timeout_ms: 0,
+                    retries: 0,
+                    retry_backoff_ms: 1_000,
+                    children: vec![],
+                    paused: false,
+                    start_at_ms: 0,
+                    end_at_ms: 0,
+                    jitter_ms: 0,
+                    created_at_ms: 0,
+                },
+            };
+            if let Some(n) = name {
+                spec.name = n;
+            }
+            flags.apply(&mut spec)?;
+            let j = c
+                .create_job(pb::CreateJobRequest {
+                    job: Some(to_pb(&spec, 0)),
+                })
+                .await
+                .map_err(status)?;
+            serde_json::to_value(job_out(j.into_inner())?)?
+        }
+        JobCmd::Update { name, flags } => {
+            let cur = c
+                .get_job(pb::JobRef { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let (mut spec, version) = job_from_proto(cur)?;
+            flags.apply(&mut spec)?;
+            let j = c
+                .update_job(pb::UpdateJobRequest {
+                    job: Some(to_pb(&spec, version)),
+                })
+                .await
+                .map_err(status)?;
+            serde_json::to_value(job_out(j.into_inner())?)?
+        }
+        JobCmd::List { group } => {
+            let jobs = c
+                .list_jobs(pb::ListJobsRequest { group })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .jobs;
+            let out: Result<Vec<JobOut>> = jobs.into_iter().map(job_out).collect();
+            serde_json::to_value(out?)?
+        }
+        JobCmd::Get { name } => serde_json::to_value(job_out(
+            c.get_job(pb::JobRef { name })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        )?)?,
+        JobCmd::Pause { name } => serde_json::to_value(job_out(
+            c.pause_job(pb::JobRef { name })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        )?)?,
+        JobCmd::Resume { name } => serde_json::to_value(job_out(
+            c.resume_job(pb::JobRef { name })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        )?)?,
+        JobCmd::Trigger { name, params } => {
+            let r = c
+                .trigger_job(pb::TriggerJobRequest { name, params })
+                .await
+                .map_err(status)?
+                .into_inner();
+            serde_json::to_value(run_from_proto(r))?
+        }
+        JobCmd::Delete { name } => {
+            c.delete_job(pb::JobRef { name: name.clone() })
+                .await
+                .map_err(status)?;
+            json!({ "deleted": name })
+        }
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// `chime runs` arguments.
+#[derive(Debug, clap::Args)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    coord: CoordArgs,
+    #[command(subcommand)]
+    cmd: Option<RunsCmd>,
+    /// List runs of this job (default: all jobs).
+    #[arg(long, default_value = "")]
+    job: String,
+    /// Most runs to list.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCmd {
+    /// One run with its shards.
+    Get {
+        /// Run id.
+        run_id: String,
+    },
+    /// Cancel every unfinished shard of a run.
+    Kill {
+        /// Run id.
+        run_id: String,
+    },
+}
+
+/// Runs `chime runs`.
+pub async fn run_runs(a: RunsArgs) -> Result<()> {
+    let mut c = connect(&a.coord).await?;
+    let out = match a.cmd {
+        None => {
+            let runs = c
+                .list_runs(pb::ListRunsRequest {
+                    job: a.job,
+                    limit: a.limit,
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .runs;
+            serde_json::to_value(runs.into_iter().map(run_from_proto).collect::<Vec<_>>())?
+        }
+        Some(RunsCmd::Get { run_id }) => serde_json::to_value(run_from_proto(
+            c.get_run(pb::RunId { run_id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ))?,
+        Some(RunsCmd::Kill { run_id }) => serde_json::to_value(run_from_proto(
+            c.kill_run(pb::RunId { run_id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ))?,
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// `chime workers` arguments.
+#[derive(Debug, clap::Args)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    coord: CoordArgs,
+    /// Only this group.
+    #[arg(long, default_value = "")]
+    group: String,
+}
+
+/// Runs `chime workers`.
+pub async fn run_workers(a: WorkersArgs) -> Result<()> {
+    let mut c = connect(&a.coord).await?;
+    let r = c
+        .list_workers(pb::ListWorkersRequest { group: a.group })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let workers: Vec<_> = r.workers.into_iter().map(worker_from_proto).collect();
+    println!(
+        "{}",
+        serde_json::to_string(&json!({ "leader": r.leader, "workers": workers }))?
+    );
+    Ok(())
+}

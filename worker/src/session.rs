@@ -1,0 +1,397 @@
+//! The worker's session with the coordinator: register, heartbeat, run assigned
+//! shards, report results, follow the leader, drain.
+//!
+//! Shards run in their own tasks and outlive the stream: when the stream breaks
+//! (a coordinator restart, a leader change), the session reconnects — to the
+//! leader a follower names — registers again listing the shards it still runs, and
+//! sends the results of shards that ended while it was away. Nothing a handler
+//! finished is lost to a reconnect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chime_shared::clock::system_now_ms;
+use chime_shared::proto as pb;
+use pb::coordinator_message::Kind as Out;
+use pb::worker_message::Kind as In;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::jobs::{JobContext, JobHandler};
+
+/// Where the coordinator is and how this worker presents itself.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Coordinator gRPC endpoints (`http://host:port`); a follower redirects to the
+    /// leader.
+    pub endpoints: Vec<String>,
+    /// Worker group.
+    pub group: String,
+    /// Shards this worker runs at once (a routing hint for the coordinator).
+    pub capacity: u32,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// On shutdown, how long running shards may finish before they are cancelled
+    /// (and handed to another worker), ms.
+    pub drain_timeout_ms: u64,
+}
+
+type Key = (String, u32, u32);
+
+#[derive(Debug)]
+struct Running {
+    cancel: CancellationToken,
+}
+
+/// A worker's session (see the module doc).
+#[derive(Debug)]
+pub(crate) struct Session {
+    worker_id: String,
+    handlers: HashMap<String, Arc<dyn JobHandler>>,
+    opts: SessionOptions,
+    running: Mutex<HashMap<Key, Running>>,
+}
+
+impl std::fmt::Debug for dyn JobHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobHandler")
+    }
+}
+
+fn key_of(r: &pb::RunRef) -> Key {
+    (r.run_id.clone(), r.shard_index, r.attempt)
+}
+
+fn run_ref(k: &Key) -> pb::RunRef {
+    pb::RunRef {
+        run_id: k.0.clone(),
+        shard_index: k.1,
+        attempt: k.2,
+    }
+}
+
+fn msg(kind: In) -> pb::WorkerMessage {
+    pb::WorkerMessage { kind: Some(kind) }
+}
+
+/// How one connection ended.
+enum Ended {
+    /// Drained and done.
+    Done,
+    /// Go to this endpoint next (a follower named the leader).
+    Redirect(String),
+    /// The stream broke; reconnect.
+    Broken,
+}
+
+impl Session {
+    pub(crate) fn new(
+        worker_id: String,
+        handlers: HashMap<String, Arc<dyn JobHandler>>,
+        opts: SessionOptions,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            worker_id,
+            handlers,
+            opts,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs until `stop` fires and the drain is done.
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        // Messages from shard tasks (started, log lines, results).
+        let (task_tx, mut task_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
+        // Results not yet sent to a coordinator.
+        let mut unsent: Vec<pb::WorkerMessage> = Vec::new();
+        let mut next = 0usize;
+        let mut redirect: Option<String> = None;
+        let mut backoff = Duration::from_millis(100);
+        let drain_deadline = Arc::new(Mutex::new(None::<tokio::time::Instant>));
+        loop {
+            let endpoint = redirect.take().unwrap_or_else(|| {
+                let e = self.opts.endpoints[next % self.opts.endpoints.len()].clone();
+                next += 1;
+                e
+            });
+            match self
+                .clone()
+                .connect(
+                    &endpoint,
+                    &stop,
+                    &task_tx,
+                    &mut task_rx,
+                    &mut unsent,
+                    &drain_deadline,
+                )
+                .await
+            {
+                Ended::Done => return,
+                Ended::Redirect(to) => {
+                    info!(to = %to, "coordinator is not the leader; following");
+                    redirect = Some(to);
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Ended::Broken => {}
+            }
+            if stop.is_cancelled() && self.running().is_empty() && task_rx.is_empty() {
+                // Nothing left to report to anyone.
+                if !unsent.is_empty() {
+                    warn!(
+                        results = unsent.len(),
+                        "stopping with results no coordinator received"
+                    );
+                }
+                return;
+            }
+            // While away, keep results (drop progress messages).
+            while let Ok(m) = task_rx.try_recv() {
+                if matches!(m.kind, Some(In::RunResult(_))) {
+                    unsent.push(m);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {},
+                _ = stop.cancelled(), if self.running().is_empty() => {},
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One connection: register, then serve until it ends.
+    async fn connect(
+        self: Arc<Self>,
+        endpoint: &str,
+        stop: &CancellationToken,
+        task_tx: &mpsc::UnboundedSender<pb::WorkerMessage>,
+        task_rx: &mut mpsc::UnboundedReceiver<pb::WorkerMessage>,
+        unsent: &mut Vec<pb::WorkerMessage>,
+        drain_deadline: &Arc<Mutex<Option<tokio::time::Instant>>>,
+    ) -> Ended {
+        let channel = match tonic::transport::Endpoint::from_shared(endpoint.to_owned()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_secs(5)),
+            Err(e) => {
+                warn!(endpoint, error = %e, "bad coordinator endpoint");
+                return Ended::Broken;
+            }
+        };
+        let channel = match channel.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(endpoint, error = %e, "cannot reach the coordinator");
+                return Ended::Broken;
+            }
+        };
+        let mut client = pb::worker_gateway_client::WorkerGatewayClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(4096);
+        let running: Vec<pb::RunRef> = self.running().keys().map(run_ref).collect();
+        let mut handlers: Vec<String> = self.handlers.keys().cloned().collect();
+        handlers.sort();
+        let _ = tx
+            .send(msg(In::Register(pb::Register {
+                worker_id: self.worker_id.clone(),
+                group: self.opts.group.clone(),
+                handlers,
+                capacity: self.opts.capacity,
+                labels: self.opts.labels.clone().into_iter().collect(),
+                running,
+            })))
+            .await;
+        let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(endpoint, error = %e, "session refused");
+                return Ended::Broken;
+            }
+        };
+        let interval = match inbound.message().await {
+            Ok(Some(pb::CoordinatorMessage {
+                kind: Some(Out::Registered(r)),
+            })) => {
+                info!(endpoint, coordinator = %r.coordinator, "registered with the coordinator");
+                Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(100)))
+            }
+            Ok(Some(pb::CoordinatorMessage {
+                kind: Some(Out::NotLeader(n)),
+            })) => {
+                return if n.leader.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ended::Broken
+                } else if n.leader.starts_with("http") {
+                    Ended::Redirect(n.leader)
+                } else {
+                    Ended::Redirect(format!("http://{}", n.leader))
+                };
+            }
+            other => {
+                warn!(endpoint, answer = ?other.err(), "registration failed");
+                return Ended::Broken;
+            }
+        };
+        // Results that ended while we were away.
+        for m in unsent.drain(..) {
+            if tx.send(m).await.is_err() {
+                return Ended::Broken;
+            }
+        }
+        let mut beat = tokio::time::interval(interval);
+        let mut told_draining = false;
+        loop {
+            let deadline = *drain_deadline.lock().unwrap_or_else(|p| p.into_inner());
+            if told_draining && self.running().is_empty() && task_rx.is_empty() {
+                info!("drained: every shard reported");
+                return Ended::Done;
+            }
+            tokio::select! {
+                _ = beat.tick() => {
+                    let running = self.running().keys().map(run_ref).collect();
+                    if tx.send(msg(In::Heartbeat(pb::Heartbeat { running }))).await.is_err() {
+                        return Ended::Broken;
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(pb::CoordinatorMessage { kind: Some(Out::Assign(a)) })) => {
+                        self.clone().start(a, task_tx.clone());
+                    }
+                    Ok(Some(pb::CoordinatorMessage { kind: Some(Out::Cancel(c)) })) => {
+                        if let Some(r) = c.run.as_ref()
+                            && let Some(run) = self.running().get(&key_of(r))
+                        {
+                            info!(run_id = %r.run_id, shard = r.shard_index, reason = %c.reason, "cancelling shard");
+                            run.cancel.cancel();
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        warn!(endpoint, "coordinator session ended; reconnecting");
+                        return Ended::Broken;
+                    }
+                },
+                Some(m) = task_rx.recv() => {
+                    let is_result = matches!(m.kind, Some(In::RunResult(_)));
+                    if let Err(e) = tx.send(m).await {
+                        if is_result {
+                            unsent.push(e.0);
+                        }
+                        return Ended::Broken;
+                    }
+                }
+                _ = stop.cancelled(), if !told_draining => {
+                    // Drain step 1 and 2: stop taking work, and tell the coordinator.
+                    told_draining = true;
+                    *drain_deadline.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(tokio::time::Instant::now() + Duration::from_millis(self.opts.drain_timeout_ms));
+                    info!(running = self.running().len(), "draining: no new shards");
+                    if tx.send(msg(In::Draining(pb::Draining {}))).await.is_err() {
+                        return Ended::Broken;
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if deadline.is_some() && !self.running().is_empty() => {
+                    // Drain step 3: what still runs is given up; the coordinator hands
+                    // it to another worker.
+                    warn!(running = self.running().len(), "drain timeout: cancelling running shards");
+                    for r in self.running().values() {
+                        r.cancel.cancel();
+                    }
+                    *drain_deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+            }
+        }
+    }
+
+    /// Starts one assigned shard in its own task.
+    fn start(self: Arc<Self>, a: pb::Assign, out: mpsc::UnboundedSender<pb::WorkerMessage>) {
+        let Some(r) = a.run.clone() else { return };
+        let key = key_of(&r);
+        let received_ms = system_now_ms();
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running();
+            if running.contains_key(&key) {
+                return; // an assignment we already run (sent again after a reconnect)
+            }
+            running.insert(
+                key.clone(),
+                Running {
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let handler = self.handlers.get(&a.handler).cloned();
+        tokio::spawn(async move {
+            let started = system_now_ms();
+            let _ = out.send(msg(In::RunStarted(pb::RunStarted {
+                run: Some(r.clone()),
+                started_at_ms: started,
+            })));
+            let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+            let ctx = JobContext {
+                run_id: r.run_id.clone(),
+                fire_id: a.fire_id.clone(),
+                job: a.job.clone(),
+                params: a.params.clone(),
+                shard_params: a.shard_params.clone(),
+                shard_index: a.shard_index,
+                shard_total: a.shard_total,
+                attempt: r.attempt,
+                scheduled_at_ms: a.scheduled_at_ms,
+                deadline_ms: a.deadline_ms,
+                cancel: cancel.clone(),
+                log: log_tx,
+            };
+            let logs = {
+                let (out, r) = (out.clone(), r.clone());
+                tokio::spawn(async move {
+                    while let Some(line) = log_rx.recv().await {
+                        let _ = out.send(msg(In::RunLog(pb::RunLog {
+                            run: Some(r.clone()),
+                            line,
+                            at_ms: system_now_ms(),
+                        })));
+                    }
+                })
+            };
+            let result = match handler {
+                None => Err(crate::HandlerError::new(format!(
+                    "no job handler {:?} on this worker",
+                    a.handler
+                ))),
+                Some(h) => tokio::select! {
+                    r = h.run(ctx) => r,
+                    _ = cancel.cancelled() => Err(crate::HandlerError::new("cancelled")),
+                },
+            };
+            let _ = logs.await;
+            let (status, output, error) = match result {
+                Ok(o) => (pb::RunStatus::Succeeded, o, String::new()),
+                Err(_) if cancel.is_cancelled() => (
+                    pb::RunStatus::Cancelled,
+                    String::new(),
+                    "cancelled".to_owned(),
+                ),
+                Err(e) => (pb::RunStatus::Failed, String::new(), e.message),
+            };
+            self.running().remove(&key);
+            debug!(run_id = %r.run_id, shard = r.shard_index, ?status, wait_ms = started - received_ms, "shard done");
+            let _ = out.send(msg(In::RunResult(pb::RunResult {
+                run: Some(r),
+                status: status as i32,
+                output,
+                error,
+                started_at_ms: started,
+                finished_at_ms: system_now_ms(),
+            })));
+        });
+    }
+}
