@@ -501,3 +501,202 @@ pub fn run_chime(args: &[&str]) -> Result<(i32, String, String)> {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// A coordinator process with its workers, on real Redis and etcd.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Redis.
+    pub redis: RedisServer,
+    /// etcd.
+    pub etcd: EtcdServer,
+    /// `http://127.0.0.1:<port>` of the coordinator.
+    pub coordinator: String,
+    /// Coordinator process.
+    pub coord: Proc,
+    /// Worker processes by id.
+    pub workers: Vec<(String, Proc)>,
+    /// The job record file every worker appends to.
+    pub records: PathBuf,
+    /// Files of this cluster.
+    pub dir: Arc<TestDir>,
+    port: u16,
+}
+
+/// One finished shard, as a worker recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// Job.
+    pub job: String,
+    /// Run id.
+    pub run_id: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Shards in the run.
+    pub total: u32,
+    /// Assignment number.
+    pub attempt: u32,
+    /// Handler start (worker clock).
+    pub started_ms: i64,
+    /// Handler end.
+    pub finished_ms: i64,
+    /// succeeded, failed or cancelled.
+    pub status: String,
+    /// Worker.
+    pub worker: String,
+    /// Scheduled instant of the fire.
+    pub scheduled_ms: i64,
+}
+
+impl Cluster {
+    /// Redis, etcd, a coordinator and `workers` workers (`w1`…) with the built-in
+    /// handlers; waits until every worker is registered.
+    pub async fn start(workers: usize) -> Result<Self> {
+        let dir = Arc::new(TestDir::new("cluster")?);
+        let redis = RedisServer::start_in(dir.clone()).await?;
+        let etcd = EtcdServer::start().await?;
+        let port = free_port()?;
+        let coord = Self::spawn_coordinator(&dir, &redis, &etcd, port, 1)?;
+        let mut c = Self {
+            coordinator: format!("http://127.0.0.1:{port}"),
+            redis,
+            etcd,
+            coord,
+            workers: Vec::new(),
+            records: dir.path().join("jobs.rec"),
+            dir,
+            port,
+        };
+        for i in 1..=workers {
+            c.add_worker(&format!("w{i}"))?;
+        }
+        c.wait_workers(workers).await?;
+        Ok(c)
+    }
+
+    fn spawn_coordinator(
+        dir: &TestDir,
+        redis: &RedisServer,
+        etcd: &EtcdServer,
+        port: u16,
+        n: u32,
+    ) -> Result<Proc> {
+        let addr = format!("127.0.0.1:{port}");
+        let cmd = chime_cmd(&[
+            "coordinator",
+            "--grpc-addr",
+            &addr,
+            "--redis-url",
+            &redis.url,
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--heartbeat-interval-ms",
+            "500",
+        ])?;
+        Proc::spawn(&format!("coordinator-{n}"), cmd, dir.path())
+    }
+
+    /// Kills the coordinator (SIGKILL).
+    pub fn kill_coordinator(&mut self) {
+        self.coord.kill9();
+    }
+
+    /// Starts the coordinator again on the same port.
+    pub fn restart_coordinator(&mut self, n: u32) -> Result<()> {
+        self.coord = Self::spawn_coordinator(&self.dir, &self.redis, &self.etcd, self.port, n)?;
+        Ok(())
+    }
+
+    /// Starts worker `id` (job shards only).
+    pub fn add_worker(&mut self, id: &str) -> Result<()> {
+        let rec = self.records.to_string_lossy().into_owned();
+        let cmd = chime_cmd(&[
+            "worker",
+            "--no-queue",
+            "--coordinator",
+            &self.coordinator,
+            "--worker-id",
+            id,
+            "--handlers",
+            "noop,log,sleep,fail",
+            "--job-record-file",
+            &rec,
+        ])?;
+        let p = Proc::spawn(&format!("worker-{id}"), cmd, self.dir.path())?;
+        self.workers.push((id.to_owned(), p));
+        Ok(())
+    }
+
+    /// The worker process `id`.
+    pub fn worker(&mut self, id: &str) -> Option<&mut Proc> {
+        self.workers
+            .iter_mut()
+            .find(|(w, _)| w == id)
+            .map(|(_, p)| p)
+    }
+
+    /// Waits until `n` workers are registered.
+    pub async fn wait_workers(&self, n: usize) -> Result<()> {
+        wait_until(
+            &format!("{n} workers registered"),
+            Duration::from_secs(30),
+            || async {
+                self.admin(&["workers"])
+                    .map(|v| v["workers"].as_array().map_or(0, Vec::len) == n)
+                    .unwrap_or(false)
+            },
+        )
+        .await
+    }
+
+    /// Runs an admin command (`job …`, `runs …`, `workers`) against this
+    /// coordinator and parses its JSON; a non-zero exit is an error with stderr.
+    pub fn admin(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        let at = if args[0] == "workers" {
+            1
+        } else {
+            1.min(args.len())
+        };
+        all.insert(at, "--coordinator");
+        all.insert(at + 1, &self.coordinator);
+        let (code, out, err) = run_chime(&all)?;
+        if code != 0 {
+            bail!("chime {}: {}", args.join(" "), err.trim());
+        }
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
+    /// Every finished shard recorded so far.
+    pub fn records(&self) -> Vec<JobRecord> {
+        std::fs::read_to_string(&self.records)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                if f.len() != 10 {
+                    return None;
+                }
+                Some(JobRecord {
+                    job: f[0].to_owned(),
+                    run_id: f[1].to_owned(),
+                    shard: f[2].parse().ok()?,
+                    total: f[3].parse().ok()?,
+                    attempt: f[4].parse().ok()?,
+                    started_ms: f[5].parse().ok()?,
+                    finished_ms: f[6].parse().ok()?,
+                    status: f[7].to_owned(),
+                    worker: f[8].to_owned(),
+                    scheduled_ms: f[9].parse().ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records of `job`.
+    pub fn records_of(&self, job: &str) -> Vec<JobRecord> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.job == job)
+            .collect()
+    }
+}

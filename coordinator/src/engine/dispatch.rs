@@ -255,7 +255,7 @@ impl Engine {
                 }
                 Overlap::CancelRunning => {
                     for r in running {
-                        self.cancel_run(&r, &format!("covered by the newer run {run_id}"));
+                        let _ = self.cancel_run(&r, &format!("covered by the newer run {run_id}"));
                     }
                 }
             }

@@ -177,12 +177,11 @@ impl Engine {
         }
     }
 
-    /// Cancels every unfinished shard of a run (kill, or covered by a newer run).
-    pub(super) fn cancel_run(&mut self, run_id: &str, why: &str) {
+    /// Cancels every unfinished shard of a run (kill, or covered by a newer run);
+    /// answers the finished run.
+    pub(super) fn cancel_run(&mut self, run_id: &str, why: &str) -> Option<RunRecord> {
         let now = self.now();
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
+        let run = self.runs.get_mut(run_id)?;
         let mut stop = Vec::new();
         for s in run.shards.iter_mut().filter(|s| !s.state.is_final()) {
             if s.state == RunState::Running {
@@ -206,7 +205,7 @@ impl Engine {
                 ws.running.remove(&(key.run_id.clone(), key.shard));
             }
         }
-        self.finish_sync(run_id);
+        self.finish_sync(run_id)
     }
 
     pub(super) fn kill(&mut self, run_id: &str) -> Result<RunRecord> {
@@ -216,17 +215,14 @@ impl Engine {
             .cloned()
             .ok_or_else(|| CoordError::NotFound(format!("run {run_id:?} in progress")))?;
         info!(run_id, job = %run.job, "run killed");
-        self.cancel_run(run_id, "killed");
-        Ok(self.last_seen(run_id).unwrap_or(run))
-    }
-
-    fn last_seen(&self, run_id: &str) -> Option<RunRecord> {
-        self.runs.get(run_id).cloned()
+        Ok(self.cancel_run(run_id, "killed").unwrap_or(run))
     }
 
     /// Ends the run if every shard is final; fires children of a successful run.
     async fn maybe_finish(&mut self, run_id: &str) {
-        if let Some((job, parent)) = self.finish_sync(run_id) {
+        let finished = self.finish_sync(run_id);
+        if let Some(done) = finished.filter(|r| r.state == RunState::Succeeded) {
+            let (job, parent) = (done.job, done.run_id);
             for child in self
                 .jobs
                 .get(&job)
@@ -241,13 +237,14 @@ impl Engine {
                 }
             }
         } else if let Some(r) = self.runs.get(run_id) {
+            // Not finished: save the progress.
             self.save(r);
         }
     }
 
     /// Ends the run if every shard is final (history, overlap buffer, fixed delay).
-    /// Answers `(job, run_id)` when it ended successfully (children to fire).
-    pub(super) fn finish_sync(&mut self, run_id: &str) -> Option<(String, String)> {
+    /// Answers the finished run.
+    pub(super) fn finish_sync(&mut self, run_id: &str) -> Option<RunRecord> {
         let now = self.now();
         let run = self.runs.get_mut(run_id)?;
         if !run.shards.iter().all(|s| s.state.is_final()) {
@@ -293,6 +290,6 @@ impl Engine {
         if let Some((at, id)) = buffered {
             self.start_run(&run.job, at, "buffered", None, String::new(), id);
         }
-        (run.state == RunState::Succeeded).then(|| (run.job.clone(), run.run_id.clone()))
+        Some(run)
     }
 }
