@@ -4,6 +4,7 @@
 //! binary.
 
 mod burst;
+mod cron;
 mod resize;
 
 use std::collections::HashMap;
@@ -27,6 +28,8 @@ enum BenchCmd {
     Burst(burst::BurstArgs),
     /// Items enqueued continuously while the queue count changes in etcd.
     Resize(resize::ResizeArgs),
+    /// Many jobs firing every second under one coordinator.
+    Cron(cron::CronArgs),
 }
 
 /// Runs a benchmark.
@@ -35,6 +38,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     match args.cmd {
         BenchCmd::Burst(a) => burst::run(a).await,
         BenchCmd::Resize(a) => resize::run(a).await,
+        BenchCmd::Cron(a) => cron::run(a).await,
     }
 }
 

@@ -1,0 +1,231 @@
+//! `chime bench cron`: J jobs firing every second on W worker processes under one
+//! coordinator process, for S seconds. Reports fires, missed ticks, duplicates and the
+//! trigger lag (handler start on the worker − scheduled instant).
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chime_shared::clock::system_now_ms;
+use chime_shared::proto as pb;
+use serde_json::json;
+
+use super::quantile;
+
+/// `chime bench cron` arguments.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CronArgs {
+    /// Redis URL.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// etcd endpoints.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: String,
+    /// Jobs, each firing every second.
+    #[arg(long, default_value_t = 1_000)]
+    jobs: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Keep the files (their directory is printed).
+    #[arg(long)]
+    keep_files: bool,
+}
+
+struct Kids(Vec<std::process::Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub(crate) async fn run(a: CronArgs) -> Result<()> {
+    if a.jobs == 0 || a.workers == 0 || a.seconds == 0 {
+        bail!("invalid arguments: jobs, workers and seconds must be at least 1");
+    }
+    let prefix = format!("bench{:08x}", fastrand::u32(..));
+    let etcd_prefix = format!("/{prefix}/");
+    let dir = std::env::temp_dir().join(format!("chime-bench-cron-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut kids = Kids(Vec::new());
+    let log = std::fs::File::create(dir.join("coordinator.log"))?;
+    kids.0.push(
+        Command::new(&exe)
+            .args([
+                "coordinator",
+                "--grpc-addr",
+                &format!("127.0.0.1:{port}"),
+                "--redis-url",
+                &a.redis_url,
+            ])
+            .args(["--etcd-endpoints", &a.etcd_endpoints, "--prefix", &prefix])
+            .env("CHIME_ETCD_PREFIX", &etcd_prefix)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning the coordinator")?,
+    );
+    let records = dir.join("jobs.rec");
+    for i in 0..a.workers {
+        let log = std::fs::File::create(dir.join(format!("w{i}.log")))?;
+        kids.0.push(
+            Command::new(&exe)
+                .args([
+                    "worker",
+                    "--no-queue",
+                    "--coordinator",
+                    &endpoint,
+                    "--worker-id",
+                    &format!("bench-w{i}"),
+                ])
+                .args(["--handlers", "noop", "--job-record-file"])
+                .arg(&records)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("spawning a worker")?,
+        );
+    }
+    // Wait for the coordinator and every worker.
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = pb::admin_client::AdminClient::connect(endpoint.clone()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = client.context("the coordinator did not come up")?;
+    for _ in 0..200 {
+        let n = client
+            .list_workers(pb::ListWorkersRequest::default())
+            .await?
+            .into_inner()
+            .workers
+            .len();
+        if n == a.workers {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "bench cron: creating {} jobs (every second), {} workers",
+        a.jobs, a.workers
+    );
+    for i in 0..a.jobs {
+        let job = pb::Job {
+            name: format!("cron-{i}"),
+            group: "default".into(),
+            handler: "noop".into(),
+            schedule: Some(pb::Schedule {
+                kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule {
+                    expr: "* * * * * *".into(),
+                    time_zone: String::new(),
+                })),
+            }),
+            routing: pb::Routing::RoundRobin as i32,
+            ..Default::default()
+        };
+        client
+            .create_job(pb::CreateJobRequest { job: Some(job) })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        if (i + 1) % 200 == 0 {
+            eprintln!("  created {}/{}", i + 1, a.jobs);
+        }
+    }
+    // Measure whole seconds from the next-but-one second on.
+    let start = (system_now_ms() / 1000 + 2) * 1000;
+    let end = start + a.seconds as i64 * 1000;
+    eprintln!("  measuring {} s", a.seconds);
+    tokio::time::sleep(Duration::from_millis(
+        (end - system_now_ms() + 1_500).max(0) as u64,
+    ))
+    .await;
+    drop(kids);
+
+    // Score: each (job, tick) in [start, end) should be there exactly once.
+    let text = std::fs::read_to_string(&records).unwrap_or_default();
+    let mut seen: HashMap<(String, i64), u32> = HashMap::new();
+    let mut lags = Vec::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.len() != 10 {
+            continue;
+        }
+        let (Ok(started), Ok(sched)) = (f[5].parse::<i64>(), f[9].parse::<i64>()) else {
+            continue;
+        };
+        if sched < start || sched >= end {
+            continue;
+        }
+        let n = seen.entry((f[0].to_owned(), sched)).or_default();
+        *n += 1;
+        if *n == 1 {
+            lags.push(started - sched);
+        }
+    }
+    let expected = a.jobs * a.seconds as usize;
+    let fires = seen.len();
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    lags.sort_unstable();
+    let mut c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
+        .connect()
+        .await?;
+    c.delete(
+        etcd_prefix.as_str(),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await?;
+    let conn = chime_shared::redis_conn::RedisConn::connect(
+        &chime_shared::redis_conn::RedisSpec::parse(&a.redis_url)?,
+    )
+    .await?;
+    let mut rc = conn.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}:*"))
+        .query_async(&mut rc)
+        .await?;
+    for k in keys {
+        let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut rc).await?;
+    }
+    if a.keep_files {
+        eprintln!("  files kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "cron",
+            "jobs": a.jobs,
+            "workers": a.workers,
+            "seconds": a.seconds,
+            "fires": fires,
+            "expected": expected,
+            "missed": expected.saturating_sub(fires),
+            "duplicates": duplicates,
+            "trigger_lag_p50_ms": quantile(&lags, 0.5),
+            "trigger_lag_p99_ms": quantile(&lags, 0.99),
+            "trigger_lag_max_ms": lags.last().copied().unwrap_or(0),
+        })
+    );
+    Ok(())
+}
