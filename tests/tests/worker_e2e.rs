@@ -197,13 +197,15 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
             r.id,
             r.attempt
         );
-        // Redelivered within the visibility timeout (+ the 300 ms handler, + slack).
-        let by = killed_at + visibility + 300 + 1_500;
+        // Redelivered within the visibility timeout: the handler (300 ms) started by
+        // then, give or take a consumer's idle look (≤ 1 s) and a loaded machine.
+        let started = r.handled_ms - 300;
+        let by = killed_at + visibility + 2_500;
         ensure!(
-            r.handled_ms <= by,
-            "{} handled {} ms after the kill",
+            started <= by,
+            "{} redelivered {} ms after the kill",
             r.id,
-            r.handled_ms - killed_at
+            started - killed_at
         );
     }
     let b_ids: HashSet<&str> = recs_b.iter().map(|r| r.id.as_str()).collect();

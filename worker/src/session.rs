@@ -41,6 +41,9 @@ pub struct SessionOptions {
 
 type Key = (String, u32, u32);
 
+/// How long a cancelled handler may take to return before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Debug)]
 struct Running {
     cancel: CancellationToken,
@@ -367,10 +370,21 @@ impl Session {
                     "no job handler {:?} on this worker",
                     a.handler
                 ))),
-                Some(h) => tokio::select! {
-                    r = h.run(ctx) => r,
-                    _ = cancel.cancelled() => Err(crate::HandlerError::new("cancelled")),
-                },
+                Some(h) => {
+                    let run = h.run(ctx);
+                    tokio::pin!(run);
+                    tokio::select! {
+                        r = &mut run => r,
+                        _ = cancel.cancelled() => {
+                            // The handler sees the token too: give it a moment to stop
+                            // on its own (and clean up) before it is dropped.
+                            match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                                Ok(r) => r,
+                                Err(_) => Err(crate::HandlerError::new("cancelled")),
+                            }
+                        }
+                    }
+                }
             };
             let _ = logs.await;
             let (status, output, error) = match result {
