@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chime_coordinator::engine::EngineOptions;
+use chime_coordinator::leader::ElectionOptions;
 use chime_coordinator::store::{JobStore, RedisRunStore, Retention};
 use chime_shared::clock::SystemClock;
 use chime_shared::config::source::{ConfigSource, EtcdSource, MemorySource};
@@ -42,6 +43,9 @@ pub struct CoordinatorArgs {
     /// Heartbeat interval told to workers, ms.
     #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
+    /// Leader lease TTL, seconds.
+    #[arg(long)]
+    election_ttl_s: Option<u64>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -77,6 +81,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(v) = args.heartbeat_interval_ms {
         c.heartbeat_interval_ms = v;
     }
+    if let Some(v) = args.election_ttl_s {
+        c.election_ttl_s = v;
+    }
     if let Some(v) = args.redis_url {
         cfg.redis.url = v;
     }
@@ -102,17 +109,28 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
             max_age_s: cfg.coordinator.history_max_age_s.max(60),
         },
     ));
-    let source: Arc<dyn ConfigSource> = match cfg.etcd.spec()? {
+    if !(1..=60).contains(&cfg.coordinator.election_ttl_s) {
+        anyhow::bail!("invalid coordinator.election_ttl_s: must be within 1..=60");
+    }
+    let (source, etcd): (Arc<dyn ConfigSource>, Option<etcd_client::Client>) = match cfg
+        .etcd
+        .spec()?
+    {
         Some(spec) => {
             let client = spec
                 .connect()
                 .await
                 .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
-            Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()))
+            (
+                Arc::new(EtcdSource::new(client.clone(), cfg.etcd.prefix.clone())),
+                Some(client),
+            )
         }
         None => {
-            warn!("no etcd configured: job definitions live in memory and are lost on restart");
-            Arc::new(MemorySource::default())
+            warn!(
+                "no etcd configured: one coordinator, job definitions in memory (lost on restart)"
+            );
+            (Arc::new(MemorySource::default()), None)
         }
     };
     let listener = tokio::net::TcpListener::bind(&cfg.coordinator.grpc_addr)
@@ -132,8 +150,18 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         options: EngineOptions {
             heartbeat_interval_ms: cfg.coordinator.heartbeat_interval_ms,
             dead_after_beats: 3,
-            advertise,
+            advertise: advertise.clone(),
         },
+        election: etcd.map(|client| {
+            (
+                client,
+                ElectionOptions {
+                    name: format!("{}election/coordinator", cfg.etcd.prefix),
+                    advertise,
+                    ttl_s: cfg.coordinator.election_ttl_s as i64,
+                },
+            )
+        }),
     };
     let stop = CancellationToken::new();
     let signal = stop.clone();

@@ -317,6 +317,8 @@ pub struct CoordinatorSection {
     pub history_per_job: usize,
     /// Runs older than this are dropped, seconds.
     pub history_max_age_s: u64,
+    /// Leader lease TTL, seconds: a dead leader is replaced within about this long.
+    pub election_ttl_s: u64,
 }
 
 impl Default for CoordinatorSection {
@@ -328,6 +330,7 @@ impl Default for CoordinatorSection {
             heartbeat_interval_ms: 2_000,
             history_per_job: 200,
             history_max_age_s: 7 * 86_400,
+            election_ttl_s: 5,
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::Shared;
 use crate::engine::workers_api::{ToWorker, WorkerHello};
 use crate::engine::{EngineHandle, ShardKey, ShardOutcome, TriggerState};
 use crate::error::CoordError;
@@ -27,31 +28,34 @@ use crate::store::{JobStore, RunStore, StoredJob};
 
 /// The gRPC router with both services.
 pub fn server(
-    engine: EngineHandle,
+    shared: Arc<Shared>,
     jobs: JobStore,
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
 ) -> tonic::transport::server::Router {
+    // Short keep-alives: a worker whose coordinator froze (or the other way round)
+    // notices within seconds, not minutes.
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(Duration::from_secs(3)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(pb::worker_gateway_server::WorkerGatewayServer::new(
             Gateway {
-                engine: engine.clone(),
+                shared: shared.clone(),
             },
         ))
         .add_service(pb::admin_server::AdminServer::new(AdminApi {
-            engine,
+            shared,
             jobs,
             runs,
             clock,
+            leader: Arc::default(),
         }))
 }
 
 /// The worker gateway.
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    engine: EngineHandle,
+    shared: Arc<Shared>,
 }
 
 fn shard_key(r: Option<pb::RunRef>) -> Result<ShardKey, Status> {
@@ -134,7 +138,14 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
         let worker = hello.worker_id.clone();
         let (to_worker, mut from_engine) = mpsc::channel::<ToWorker>(4096);
         let (out, out_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(4096);
-        let accepted = match self.engine.register(hello, to_worker).await {
+        let current = self.shared.current();
+        let registered = match &current.engine {
+            Some(engine) => engine.register(hello, to_worker).await,
+            None => Err(CoordError::NotLeader {
+                leader: current.leader.clone(),
+            }),
+        };
+        let accepted = match registered {
             Ok(a) => a,
             Err(CoordError::NotLeader { leader }) => {
                 let _ = out
@@ -166,7 +177,9 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
             }
         });
         // Worker -> engine, until the stream ends.
-        let engine = self.engine.clone();
+        let Some(engine) = current.engine else {
+            return Err(Status::unavailable("not the leader"));
+        };
         let session = accepted.session;
         tokio::spawn(async move {
             loop {
@@ -230,13 +243,17 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
     }
 }
 
-/// The admin API.
+type LeaderClient = pb::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// The admin API. On a follower, every call goes to the leader (reads too, so they
+/// show its trigger state); without a known leader, reads are answered locally.
 #[derive(Debug, Clone)]
 pub struct AdminApi {
-    engine: EngineHandle,
+    shared: Arc<Shared>,
     jobs: JobStore,
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
+    leader: Arc<tokio::sync::Mutex<Option<(String, LeaderClient)>>>,
 }
 
 /// Proto job -> domain job (validation happens in the store).
@@ -443,20 +460,60 @@ fn worker_to_proto(w: WorkerView) -> pb::WorkerInfo {
 }
 
 impl AdminApi {
+    /// The engine, on the leader.
+    fn engine(&self) -> Result<EngineHandle, Status> {
+        let c = self.shared.current();
+        c.engine
+            .ok_or_else(|| CoordError::NotLeader { leader: c.leader }.into())
+    }
+
+    /// A client of the leader, when this coordinator follows a known one.
+    async fn forward(&self) -> Result<Option<LeaderClient>, Status> {
+        let c = self.shared.current();
+        if c.engine.is_some() || c.leader.is_empty() {
+            return Ok(None);
+        }
+        let mut cached = self.leader.lock().await;
+        if let Some((addr, client)) = cached.as_ref()
+            && *addr == c.leader
+        {
+            return Ok(Some(client.clone()));
+        }
+        let url = if c.leader.starts_with("http") {
+            c.leader.clone()
+        } else {
+            format!("http://{}", c.leader)
+        };
+        let client = LeaderClient::connect(url).await.map_err(|e| {
+            Status::unavailable(format!("cannot reach the leader {}: {e}", c.leader))
+        })?;
+        *cached = Some((c.leader, client.clone()));
+        Ok(Some(client))
+    }
+
     async fn view(&self, j: StoredJob) -> Result<pb::Job, Status> {
-        let state = self
-            .engine
-            .states()
-            .await?
-            .remove(&j.spec.name)
-            .unwrap_or_default();
+        let state = match self.shared.current().engine {
+            Some(e) => e.states().await?.remove(&j.spec.name).unwrap_or_default(),
+            None => TriggerState::default(),
+        };
         Ok(job_to_proto(&j, state))
     }
 
     /// Tells the engine at once (the store watch would tell it a moment later).
     async fn changed(&self, j: &StoredJob) {
-        let _ = self.engine.job_put(j.clone()).await;
+        if let Some(e) = self.shared.current().engine {
+            let _ = e.job_put(j.clone()).await;
+        }
     }
+}
+
+/// On a follower with a known leader, answers the call from the leader.
+macro_rules! forward {
+    ($self:ident, $req:ident, $method:ident) => {
+        if let Some(mut c) = $self.forward().await? {
+            return c.$method(Request::new($req.into_inner())).await;
+        }
+    };
 }
 
 #[tonic::async_trait]
@@ -465,6 +522,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        forward!(self, req, create_job);
         let job = req
             .into_inner()
             .job
@@ -479,6 +537,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::UpdateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        forward!(self, req, update_job);
         let job = req
             .into_inner()
             .job
@@ -493,13 +552,17 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::JobRef>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        forward!(self, req, delete_job);
         let name = req.into_inner().name;
         self.jobs.delete(&name).await?;
-        let _ = self.engine.job_deleted(&name).await;
+        if let Some(e) = self.shared.current().engine {
+            let _ = e.job_deleted(&name).await;
+        }
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        forward!(self, req, get_job);
         let j = self.jobs.get(&req.into_inner().name).await?;
         Ok(Response::new(self.view(j).await?))
     }
@@ -508,11 +571,15 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        forward!(self, req, list_jobs);
         let group = req.into_inner().group;
         let (mut all, _) = self.jobs.list().await?;
         all.retain(|j| group.is_empty() || j.spec.group == group);
         all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        let states = self.engine.states().await?;
+        let states = match self.shared.current().engine {
+            Some(e) => e.states().await?,
+            None => Default::default(),
+        };
         let jobs = all
             .iter()
             .map(|j| job_to_proto(j, states.get(&j.spec.name).copied().unwrap_or_default()))
@@ -521,6 +588,7 @@ impl pb::admin_server::Admin for AdminApi {
     }
 
     async fn pause_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        forward!(self, req, pause_job);
         let j = self
             .jobs
             .modify(&req.into_inner().name, |s| s.paused = true)
@@ -530,6 +598,7 @@ impl pb::admin_server::Admin for AdminApi {
     }
 
     async fn resume_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        forward!(self, req, resume_job);
         let j = self
             .jobs
             .modify(&req.into_inner().name, |s| s.paused = false)
@@ -542,9 +611,10 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::TriggerJobRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        forward!(self, req, trigger_job);
         let r = req.into_inner();
         let params = (!r.params.is_empty()).then_some(r.params);
-        let run = self.engine.trigger(&r.name, params).await?;
+        let run = self.engine()?.trigger(&r.name, params).await?;
         Ok(Response::new(run_to_proto(&run)))
     }
 
@@ -552,13 +622,16 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        forward!(self, req, list_runs);
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1_000) } as usize;
         let mut runs = self.runs.list_runs(&r.job, limit).await?;
         // The engine's copy of a run in progress is the freshest.
-        for run in runs.iter_mut().filter(|x| !x.state.is_final()) {
-            if let Some(live) = self.engine.active_run(&run.run_id).await? {
-                *run = live;
+        if let Some(e) = self.shared.current().engine {
+            for run in runs.iter_mut().filter(|x| !x.state.is_final()) {
+                if let Some(live) = e.active_run(&run.run_id).await? {
+                    *run = live;
+                }
             }
         }
         Ok(Response::new(pb::ListRunsResponse {
@@ -567,8 +640,11 @@ impl pb::admin_server::Admin for AdminApi {
     }
 
     async fn get_run(&self, req: Request<pb::RunId>) -> Result<Response<pb::Run>, Status> {
+        forward!(self, req, get_run);
         let id = req.into_inner().run_id;
-        if let Some(live) = self.engine.active_run(&id).await? {
+        if let Some(e) = self.shared.current().engine
+            && let Some(live) = e.active_run(&id).await?
+        {
             return Ok(Response::new(run_to_proto(&live)));
         }
         let run = self
@@ -580,7 +656,8 @@ impl pb::admin_server::Admin for AdminApi {
     }
 
     async fn kill_run(&self, req: Request<pb::RunId>) -> Result<Response<pb::Run>, Status> {
-        let run = self.engine.kill(&req.into_inner().run_id).await?;
+        forward!(self, req, kill_run);
+        let run = self.engine()?.kill(&req.into_inner().run_id).await?;
         Ok(Response::new(run_to_proto(&run)))
     }
 
@@ -588,18 +665,22 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        forward!(self, req, list_workers);
         let group = req.into_inner().group;
-        let workers = self
-            .engine
-            .workers()
-            .await?
-            .into_iter()
-            .filter(|w| group.is_empty() || w.group == group)
-            .map(worker_to_proto)
-            .collect();
+        let current = self.shared.current();
+        let workers = match current.engine {
+            Some(e) => e
+                .workers()
+                .await?
+                .into_iter()
+                .filter(|w| group.is_empty() || w.group == group)
+                .map(worker_to_proto)
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Response::new(pb::ListWorkersResponse {
             workers,
-            leader: String::new(),
+            leader: current.leader,
         }))
     }
 }

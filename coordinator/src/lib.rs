@@ -1,35 +1,43 @@
-//! `chime-coordinator`: fires jobs and hands their shards to workers.
+//! `chime-coordinator`: fires jobs and hands their shards to workers; several
+//! replicas elect one leader through etcd.
 //!
 //! - [`model`]: jobs, runs, shards (the domain; no generated types).
 //! - [`schedule`]: cron (seconds, time zones, DST), fixed rate/delay, once, manual.
-//! - [`store`]: job definitions (etcd or memory), run history and fire records
-//!   (Redis or memory).
-//! - [`engine`]: the one task that owns scheduling state: triggers, routing, shard
-//!   assignment, results, retries, timeouts, failover, overlap and misfire policies.
-//! - [`grpc`]: the worker gateway and the admin API, thin adapters over the engine
-//!   and the job store.
+//! - [`store`]: job definitions (etcd or memory), run history, fire records and the
+//!   fencing token (Redis or memory).
+//! - [`engine`]: the one task that owns scheduling state on the leader.
+//! - [`leader`]: election and fencing.
+//! - [`grpc`]: the worker gateway and the admin API, thin adapters; followers send
+//!   workers to the leader and forward admin calls to it.
 //!
 //! [`serve`] is what the binary calls: it takes a bound listener, built stores and
-//! a shutdown future. Architecture invariant: nothing here reads config files,
-//! binds ports by itself or installs a logger.
+//! a shutdown token. Architecture invariant: nothing here reads config files, binds
+//! ports by itself or installs a logger.
 
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod leader;
 pub mod model;
 pub mod schedule;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use chime_shared::clock::Clock;
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 pub use error::{CoordError, Result};
 
+use engine::EngineHandle;
+use leader::Role;
+
 /// What a coordinator needs to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Deps {
     /// Job definitions.
     pub jobs: store::JobStore,
@@ -37,30 +45,181 @@ pub struct Deps {
     pub runs: Arc<dyn store::RunStore>,
     /// Time.
     pub clock: Arc<dyn Clock>,
-    /// Engine settings.
+    /// Engine settings (`advertise` is this coordinator's address).
     pub options: engine::EngineOptions,
+    /// Leader election; `None` runs a single coordinator that always leads.
+    pub election: Option<(etcd_client::Client, leader::ElectionOptions)>,
+}
+
+impl std::fmt::Debug for Deps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps")
+            .field("options", &self.options)
+            .field("election", &self.election.as_ref().map(|e| &e.1))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who leads, as the gRPC edge sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Current {
+    /// The engine, on the leader.
+    pub engine: Option<EngineHandle>,
+    /// The leader's address (ours when leading; empty while unknown).
+    pub leader: String,
+    /// The leader's fencing token (0 when not leading).
+    pub fence: i64,
+}
+
+/// Shared by the gRPC services and the leadership loop.
+#[derive(Debug, Default)]
+pub struct Shared {
+    current: RwLock<Current>,
+}
+
+impl Shared {
+    /// Who leads now.
+    pub fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, c: Current) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
 }
 
 /// Runs a coordinator on `listener` (gRPC: worker gateway and admin API) until
-/// `shutdown` fires.
+/// `shutdown` is cancelled; a leader hands leadership over on the way out.
 pub async fn serve(deps: Deps, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    let (engine, task) = engine::start(
+    let shared = Arc::new(Shared::default());
+    let server = grpc::server(
+        shared.clone(),
+        deps.jobs.clone(),
+        deps.runs.clone(),
+        deps.clock.clone(),
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stop_grpc = CancellationToken::new();
+    let grpc_stop = stop_grpc.clone();
+    let grpc = tokio::spawn(async move {
+        server
+            .serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await })
+            .await
+    });
+    let resign = Arc::new(Notify::new());
+    let election_stop = CancellationToken::new();
+    let mut roles = match &deps.election {
+        Some((client, opts)) => leader::spawn(
+            client.clone(),
+            opts.clone(),
+            resign.clone(),
+            election_stop.clone(),
+        ),
+        None => watch::channel(Role::Leader { fence: 1 }).1,
+    };
+    let mut engine: Option<(
+        CancellationToken,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )> = None;
+    loop {
+        let role = roles.borrow_and_update().clone();
+        match role {
+            Role::Leader { fence } if engine.is_none() => match start_engine(&deps, fence).await {
+                Ok((handle, stop, lost, task)) => {
+                    shared.set(Current {
+                        engine: Some(handle),
+                        leader: deps.options.advertise.clone(),
+                        fence,
+                    });
+                    engine = Some((stop, lost, task));
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot start as leader; resigning");
+                    resign.notify_one();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
+            Role::Leader { .. } => {}
+            Role::Follower { leader } => {
+                if let Some((stop, _, task)) = engine.take() {
+                    info!("no longer the leader: stopping the engine");
+                    stop.cancel();
+                    let _ = task.await;
+                }
+                shared.set(Current {
+                    engine: None,
+                    leader,
+                    fence: 0,
+                });
+            }
+        }
+        let lost = engine.as_ref().map(|e| e.1.clone()).unwrap_or_default();
+        tokio::select! {
+            r = roles.changed() => if r.is_err() { break },
+            _ = lost.cancelled(), if engine.is_some() => {
+                // A newer leader fenced us out: stop now, then campaign again.
+                if let Some((stop, _, task)) = engine.take() {
+                    stop.cancel();
+                    let _ = task.await;
+                }
+                shared.set(Current { engine: None, leader: String::new(), fence: 0 });
+                resign.notify_one();
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // Shutdown: stop firing, hand leadership over, then stop serving.
+    if let Some((stop, _, task)) = engine.take() {
+        stop.cancel();
+        let _ = task.await;
+    }
+    shared.set(Current::default());
+    election_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_grpc.cancel();
+    match grpc.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CoordError::Unavailable(format!("grpc server: {e}"))),
+        Err(e) => Err(CoordError::Unavailable(format!("grpc server task: {e}"))),
+    }
+}
+
+type Started = (
+    EngineHandle,
+    CancellationToken,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Installs the fence, then starts the engine.
+async fn start_engine(deps: &Deps, fence: i64) -> Result<Started> {
+    if !deps.runs.install_fence(fence).await? {
+        return Err(CoordError::Conflict(format!(
+            "a newer fencing token than {fence} is installed"
+        )));
+    }
+    let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
+    let (handle, task) = engine::start(
         deps.jobs.clone(),
         deps.runs.clone(),
         deps.clock.clone(),
         deps.options.clone(),
-        0,
-        shutdown.clone(),
+        fence,
+        lost.clone(),
+        stop.clone(),
     )
     .await?;
-    let server = grpc::server(engine, deps.jobs, deps.runs, deps.clock);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let stop = shutdown.clone();
-    server
-        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-        .await
-        .map_err(|e| CoordError::Unavailable(format!("grpc server: {e}")))?;
-    shutdown.cancel();
-    let _ = task.await;
-    Ok(())
+    info!(fence, "leading: engine started");
+    metrics::gauge!(chime_shared::telemetry::IS_LEADER).set(1.0);
+    let stop2 = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = task.await;
+        let _ = stop2;
+        metrics::gauge!(chime_shared::telemetry::IS_LEADER).set(0.0);
+    });
+    Ok((handle, stop, lost, task))
 }

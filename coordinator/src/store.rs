@@ -146,17 +146,30 @@ pub enum FireAnswer {
     Fenced,
 }
 
+/// One fire to record: its id, job, scheduled instant, and the run it starts (with
+/// the workers its shards go to), saved in the same step so that a new leader finds
+/// the run if this one dies right after.
+#[derive(Debug, Clone)]
+pub struct FireRecord {
+    /// `<job>@<instant>` or a manual fire's id.
+    pub fire_id: String,
+    /// Job.
+    pub job: String,
+    /// Scheduled instant.
+    pub at: i64,
+    /// The run as planned.
+    pub run: RunRecord,
+}
+
 /// Run history, fire records and trigger state.
 #[async_trait]
 pub trait RunStore: Send + Sync + std::fmt::Debug {
-    /// Records fires `(fire_id, job, instant)` atomically with the fencing token:
-    /// each answer says whether that fire may go ahead. Also advances each job's
-    /// last fired instant.
-    async fn record_fires(
-        &self,
-        fence: i64,
-        fires: &[(String, String, i64)],
-    ) -> Result<Vec<FireAnswer>>;
+    /// Records fires atomically with the fencing token: each answer says whether
+    /// that fire may go ahead. A recorded fire also saves its planned run and
+    /// advances its job's last fired instant.
+    async fn record_fires(&self, fence: i64, fires: &[FireRecord]) -> Result<Vec<FireAnswer>>;
+    /// Runs not finished yet (a new leader adopts them).
+    async fn active_runs(&self) -> Result<Vec<RunRecord>>;
     /// Installs a new leader's fencing token (only if newer than the stored one).
     async fn install_fence(&self, fence: i64) -> Result<bool>;
     /// Last fired instant per job.
@@ -194,18 +207,26 @@ const FIRE_MEMORY_S: u64 = 3 * 86_400;
 static FIRES: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
--- KEYS[1] fence STRING, KEYS[2] last HASH job -> instant, KEYS[3] fired prefix.
--- ARGV = fence, ttl_s, then (fire_id, job, instant) triples. Answers per fire
--- 1 recorded, 0 duplicate, or {-1} when the fence is stale.
+-- KEYS[1] fence STRING, KEYS[2] last HASH job -> instant, KEYS[3] all-runs ZSET,
+-- KEYS[4] active-runs ZSET. ARGV = fence, fire ttl_s, run ttl_s, key prefix, then
+-- per fire: fire id, job, instant, run id, fired at, run json, final (0/1).
+-- Answers per fire 1 recorded, 0 duplicate, or {-1} when the fence is stale.
+-- Every key shares one hash tag (one Cluster slot).
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) < cur then return { -1 } end
+local p = ARGV[4]
 local out = {}
-for i = 3, #ARGV, 3 do
-  local ok = redis.call('SET', KEYS[3] .. ARGV[i], '1', 'NX', 'EX', ARGV[2])
+for i = 5, #ARGV, 7 do
+  local ok = redis.call('SET', p .. 'fired:' .. ARGV[i], '1', 'NX', 'EX', ARGV[2])
   if ok then
     out[#out + 1] = 1
-    local last = tonumber(redis.call('HGET', KEYS[2], ARGV[i + 1]) or '0')
-    if tonumber(ARGV[i + 2]) > last then redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]) end
+    local job, at, run = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local last = tonumber(redis.call('HGET', KEYS[2], job) or '0')
+    if tonumber(at) > last then redis.call('HSET', KEYS[2], job, at) end
+    redis.call('SET', p .. 'run:' .. run, ARGV[i + 5], 'EX', ARGV[3])
+    redis.call('ZADD', p .. 'runs:' .. job, ARGV[i + 4], run)
+    redis.call('ZADD', KEYS[3], ARGV[i + 4], run)
+    if ARGV[i + 6] == '0' then redis.call('ZADD', KEYS[4], ARGV[i + 4], run) end
   else
     out[#out + 1] = 0
   end
@@ -229,11 +250,17 @@ return 1
 static SAVE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
--- KEYS[1] run STRING, KEYS[2] job index ZSET, KEYS[3] all-runs ZSET.
--- ARGV = run id, json, fired at, ttl_s, keep per job, run key prefix.
+-- KEYS[1] run STRING, KEYS[2] job index ZSET, KEYS[3] all-runs ZSET, KEYS[4]
+-- active-runs ZSET. ARGV = run id, json, fired at, ttl_s, keep per job, run key
+-- prefix, final (0/1).
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+if ARGV[7] == '1' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+end
 local keep = tonumber(ARGV[5])
 local n = redis.call('ZCARD', KEYS[2])
 if n > keep then
@@ -273,21 +300,28 @@ impl RedisRunStore {
 
 #[async_trait]
 impl RunStore for RedisRunStore {
-    async fn record_fires(
-        &self,
-        fence: i64,
-        fires: &[(String, String, i64)],
-    ) -> Result<Vec<FireAnswer>> {
+    async fn record_fires(&self, fence: i64, fires: &[FireRecord]) -> Result<Vec<FireAnswer>> {
         let mut out = Vec::with_capacity(fires.len());
-        for chunk in fires.chunks(500) {
+        for chunk in fires.chunks(200) {
             let mut inv = FIRES.prepare_invoke();
             inv.key(format!("{}:fence", self.tag))
                 .key(format!("{}:last", self.tag))
-                .key(format!("{}:fired:", self.tag))
+                .key(format!("{}:runs", self.tag))
+                .key(format!("{}:active", self.tag))
                 .arg(fence)
-                .arg(FIRE_MEMORY_S);
-            for (id, job, at) in chunk {
-                inv.arg(id).arg(job).arg(at);
+                .arg(FIRE_MEMORY_S)
+                .arg(self.retention.max_age_s)
+                .arg(format!("{}:", self.tag));
+            for f in chunk {
+                let json = serde_json::to_string(&f.run)
+                    .map_err(|e| CoordError::Unavailable(e.to_string()))?;
+                inv.arg(&f.fire_id)
+                    .arg(&f.job)
+                    .arg(f.at)
+                    .arg(&f.run.run_id)
+                    .arg(f.run.fired_at_ms)
+                    .arg(json)
+                    .arg(if f.run.state.is_final() { "1" } else { "0" });
             }
             let mut conn = self.conn.clone();
             let answers: Vec<i64> = inv.invoke_async(&mut conn).await?;
@@ -303,6 +337,32 @@ impl RunStore for RedisRunStore {
                 }
             }));
         }
+        Ok(out)
+    }
+
+    async fn active_runs(&self) -> Result<Vec<RunRecord>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{}:active", self.tag))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|i| format!("{}:run:{i}", self.tag))
+                .collect();
+            let vals: Vec<Option<String>> =
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+            out.extend(
+                vals.into_iter()
+                    .flatten()
+                    .filter_map(|t| serde_json::from_str::<RunRecord>(&t).ok()),
+            );
+        }
+        out.retain(|r| !r.state.is_final());
         Ok(out)
     }
 
@@ -332,12 +392,14 @@ impl RunStore for RedisRunStore {
             .key(format!("{}:run:{}", self.tag, run.run_id))
             .key(format!("{}:runs:{}", self.tag, run.job))
             .key(format!("{}:runs", self.tag))
+            .key(format!("{}:active", self.tag))
             .arg(&run.run_id)
             .arg(json)
             .arg(run.fired_at_ms)
             .arg(self.retention.max_age_s)
             .arg(self.retention.per_job)
             .arg(format!("{}:run:", self.tag))
+            .arg(if run.state.is_final() { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         Ok(())
@@ -418,25 +480,38 @@ impl MemoryRunStore {
 
 #[async_trait]
 impl RunStore for MemoryRunStore {
-    async fn record_fires(
-        &self,
-        fence: i64,
-        fires: &[(String, String, i64)],
-    ) -> Result<Vec<FireAnswer>> {
-        let mut st = self.lock();
-        if fence < st.fence {
-            return Ok(vec![FireAnswer::Fenced; fires.len()]);
-        }
-        Ok(fires
-            .iter()
-            .map(|(id, job, at)| {
-                if st.fired.insert(id.clone(), ()).is_some() {
-                    return FireAnswer::Duplicate;
+    async fn record_fires(&self, fence: i64, fires: &[FireRecord]) -> Result<Vec<FireAnswer>> {
+        let mut out = Vec::with_capacity(fires.len());
+        {
+            let mut st = self.lock();
+            if fence < st.fence {
+                return Ok(vec![FireAnswer::Fenced; fires.len()]);
+            }
+            for f in fires {
+                if st.fired.insert(f.fire_id.clone(), ()).is_some() {
+                    out.push(FireAnswer::Duplicate);
+                    continue;
                 }
-                let last = st.last.entry(job.clone()).or_insert(0);
-                *last = (*last).max(*at);
-                FireAnswer::Recorded
-            })
+                let last = st.last.entry(f.job.clone()).or_insert(0);
+                *last = (*last).max(f.at);
+                out.push(FireAnswer::Recorded);
+            }
+        }
+        for (f, a) in fires.iter().zip(&out) {
+            if *a == FireAnswer::Recorded {
+                self.save_run(&f.run).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn active_runs(&self) -> Result<Vec<RunRecord>> {
+        Ok(self
+            .lock()
+            .runs
+            .values()
+            .filter(|r| !r.state.is_final())
+            .cloned()
             .collect())
     }
 

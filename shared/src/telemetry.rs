@@ -42,3 +42,5 @@ pub const TRIGGER_LAG_SECONDS: &str = "chime_trigger_lag_seconds";
 pub const JOB_FIRES: &str = "chime_job_fires_total";
 /// Shard results reported by workers (label `status`).
 pub const RUN_RESULTS: &str = "chime_run_results_total";
+/// 1 on the leading coordinator, 0 elsewhere.
+pub const IS_LEADER: &str = "chime_coordinator_leader";

@@ -44,6 +44,9 @@ type Key = (String, u32, u32);
 /// How long a cancelled handler may take to return before it is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
+/// Results are sent again to every coordinator registered with within this window.
+const RESEND_WINDOW: Duration = Duration::from_secs(60);
+
 #[derive(Debug)]
 struct Running {
     cancel: CancellationToken,
@@ -56,6 +59,8 @@ pub(crate) struct Session {
     handlers: HashMap<String, Arc<dyn JobHandler>>,
     opts: SessionOptions,
     running: Mutex<HashMap<Key, Running>>,
+    /// Results sent in the last [`RESEND_WINDOW`].
+    recent: Mutex<std::collections::VecDeque<(std::time::Instant, pb::WorkerMessage)>>,
 }
 
 impl std::fmt::Debug for dyn JobHandler {
@@ -101,11 +106,36 @@ impl Session {
             handlers,
             opts,
             running: Mutex::new(HashMap::new()),
+            recent: Mutex::default(),
         })
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::VecDeque<(std::time::Instant, pb::WorkerMessage)>,
+    > {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a result for re-sending after a reconnect.
+    fn remember(&self, m: &pb::WorkerMessage) {
+        if matches!(m.kind, Some(In::RunResult(_))) {
+            let mut r = self.recent();
+            while r
+                .front()
+                .is_some_and(|(at, _)| at.elapsed() >= RESEND_WINDOW)
+                || r.len() >= 10_000
+            {
+                r.pop_front();
+            }
+            r.push_back((std::time::Instant::now(), m.clone()));
+        }
     }
 
     /// Runs until `stop` fires and the drain is done.
@@ -180,9 +210,12 @@ impl Session {
         drain_deadline: &Arc<Mutex<Option<tokio::time::Instant>>>,
     ) -> Ended {
         let channel = match tonic::transport::Endpoint::from_shared(endpoint.to_owned()) {
+            // Short keep-alives: a frozen coordinator is noticed within seconds.
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(3))
-                .http2_keep_alive_interval(Duration::from_secs(5)),
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true),
             Err(e) => {
                 warn!(endpoint, error = %e, "bad coordinator endpoint");
                 return Ended::Broken;
@@ -241,8 +274,21 @@ impl Session {
                 return Ended::Broken;
             }
         };
+        // Results of the last minute go again: a new leader may have adopted those
+        // shards from a record older than their end (it ignores what it knows).
+        let recent: Vec<pb::WorkerMessage> = {
+            let mut r = self.recent();
+            r.retain(|(at, _)| at.elapsed() < RESEND_WINDOW);
+            r.iter().map(|(_, m)| m.clone()).collect()
+        };
+        for m in recent {
+            if tx.send(m).await.is_err() {
+                return Ended::Broken;
+            }
+        }
         // Results that ended while we were away.
         for m in unsent.drain(..) {
+            self.remember(&m);
             if tx.send(m).await.is_err() {
                 return Ended::Broken;
             }
@@ -282,6 +328,7 @@ impl Session {
                 },
                 Some(m) = task_rx.recv() => {
                     let is_result = matches!(m.kind, Some(In::RunResult(_)));
+                    self.remember(&m);
                     if let Err(e) = tx.send(m).await {
                         if is_result {
                             unsent.push(e.0);

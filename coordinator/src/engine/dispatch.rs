@@ -1,5 +1,9 @@
-//! Firing: the fire record (each fire once), overlap and misfire policies, creating
-//! runs and shards, and routing shards to workers.
+//! Firing. Every fire is decided first (*plan*: the overlap policy, the run, which
+//! worker each shard goes to), then recorded in one store call together with the
+//! planned run (which refuses a duplicate fire id and a deposed leader), and only
+//! then carried out (*apply*: assignments sent). A leader that dies after the record
+//! leaves a run a new leader adopts; one that dies before leaves nothing, and the
+//! tick is a misfire for the next leader. Also: misfire policies and routing.
 
 use chime_shared::queue::fnv1a64;
 use tracing::{debug, info, warn};
@@ -8,55 +12,158 @@ use super::workers::{Assignment, ToWorker};
 use super::{Engine, ShardKey, Timer};
 use crate::error::{CoordError, Result};
 use crate::model::{Misfire, Overlap, Routing, RunRecord, RunState, ShardRecord};
-use crate::store::FireAnswer;
+use crate::store::{FireAnswer, FireRecord};
 
 /// The fire id of a scheduled tick.
 pub(crate) fn fire_id(job: &str, at: i64) -> String {
     format!("{job}@{at}")
 }
 
+/// What a fire will do, decided before it is recorded.
+#[derive(Debug)]
+pub(super) enum Plan {
+    /// Start `run` (shards planned), after cancelling the `cover`ed runs.
+    Start { run: RunRecord, cover: Vec<String> },
+    /// Recorded as skipped.
+    Skip(RunRecord),
+    /// Kept as the job's one waiting fire.
+    Buffer(RunRecord),
+}
+
+impl Plan {
+    fn run(&self) -> &RunRecord {
+        match self {
+            Plan::Start { run, .. } | Plan::Skip(run) | Plan::Buffer(run) => run,
+        }
+    }
+}
+
+/// A fire to plan.
+pub(super) struct Fire {
+    pub(super) job: String,
+    pub(super) at: i64,
+    pub(super) cause: &'static str,
+    pub(super) params: Option<String>,
+    pub(super) parent: String,
+    pub(super) run_id: String,
+    pub(super) fire_id: String,
+}
+
+impl Fire {
+    /// A scheduled (or misfired) tick.
+    pub(super) fn tick(job: &str, at: i64, cause: &'static str) -> Self {
+        let id = fire_id(job, at);
+        Self {
+            job: job.to_owned(),
+            at,
+            cause,
+            params: None,
+            parent: String::new(),
+            run_id: id.clone(),
+            fire_id: id,
+        }
+    }
+}
+
+fn bare_run(f: &Fire, now: i64, state: RunState, note: &str) -> RunRecord {
+    RunRecord {
+        run_id: f.run_id.clone(),
+        fire_id: f.fire_id.clone(),
+        job: f.job.clone(),
+        cause: f.cause.to_owned(),
+        scheduled_at_ms: f.at,
+        fired_at_ms: now,
+        finished_at_ms: if state.is_final() { now } else { 0 },
+        state,
+        params: f.params.clone().unwrap_or_default(),
+        shards: Vec::new(),
+        parent_run_id: f.parent.clone(),
+        note: note.to_owned(),
+    }
+}
+
 impl Engine {
-    /// Fires due ticks `(job, tick)`: records them all in one call (which refuses
-    /// duplicates and a deposed leader), then starts a run for each recorded one and
-    /// schedules each job's next tick.
-    pub(super) async fn fire_ticks(&mut self, ticks: Vec<(String, i64)>, cause: &str) {
+    /// Fires due ticks: plans each, records them all in one call, applies the
+    /// recorded ones, and schedules each job's next tick.
+    pub(super) async fn fire_ticks(&mut self, ticks: Vec<(String, i64)>) {
         for (job, at) in &ticks {
             self.schedule_next(job, *at);
         }
-        let records: Vec<(String, String, i64)> = ticks
+        let fires = ticks
+            .into_iter()
+            .map(|(j, at)| Fire::tick(&j, at, "scheduled"))
+            .collect();
+        self.fire_many(fires).await;
+    }
+
+    /// Plans, records and applies fires; answers each fire's run (None when not
+    /// recorded: a duplicate, a store failure, or a stale fence).
+    pub(super) async fn fire_many(&mut self, fires: Vec<Fire>) -> Vec<Option<RunRecord>> {
+        if self.fenced_out {
+            return fires.iter().map(|_| None).collect();
+        }
+        let plans: Vec<Option<Plan>> = fires.into_iter().map(|f| self.plan(f)).collect();
+        let records: Vec<FireRecord> = plans
             .iter()
-            .map(|(j, at)| (fire_id(j, *at), j.clone(), *at))
+            .flatten()
+            .map(|p| FireRecord {
+                fire_id: p.run().fire_id.clone(),
+                job: p.run().job.clone(),
+                at: p.run().scheduled_at_ms,
+                run: p.run().clone(),
+            })
             .collect();
         let answers = match self.run_store.record_fires(self.fence, &records).await {
             Ok(a) => a,
             Err(e) => {
                 // Without the record a fire could happen twice (or, for a deposed
-                // leader, at all); skipping it shows up as a misfire of the next
-                // leader or restart instead.
-                warn!(error = %e, fires = ticks.len(), "cannot record fires; not firing them");
-                return;
+                // leader, at all): do not fire. The next leader or restart reports
+                // the ticks as misfires.
+                warn!(error = %e, fires = records.len(), "cannot record fires; not firing them");
+                return plans.iter().map(|_| None).collect();
             }
         };
-        for ((job, at), answer) in ticks.into_iter().zip(answers) {
-            match answer {
+        let mut answers = answers.into_iter();
+        let mut out = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let Some(plan) = plan else {
+                out.push(None);
+                continue;
+            };
+            match answers.next().unwrap_or(FireAnswer::Duplicate) {
                 FireAnswer::Recorded => {
-                    if let Some(j) = self.jobs.get_mut(&job) {
-                        j.last_fire = Some(j.last_fire.map_or(at, |l| l.max(at)));
+                    let run = plan.run().clone();
+                    if let Some(j) = self.jobs.get_mut(&run.job)
+                        && run.cause != "manual"
+                        && run.cause != "child"
+                    {
+                        j.last_fire = Some(
+                            j.last_fire
+                                .map_or(run.scheduled_at_ms, |l| l.max(run.scheduled_at_ms)),
+                        );
                     }
-                    let now = self.now();
                     metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
-                        .record((now - at).max(0) as f64 / 1000.0);
-                    self.fire(&job, at, cause, None, String::new());
+                        .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
+                    self.apply(plan);
+                    out.push(Some(run));
                 }
-                FireAnswer::Duplicate => debug!(job = %job, at, "fire already recorded; skipping"),
+                FireAnswer::Duplicate => {
+                    debug!(fire_id = %plan.run().fire_id, "fire already recorded; skipping");
+                    self.unplan(&plan);
+                    out.push(None);
+                }
                 FireAnswer::Fenced => {
                     if !self.fenced_out {
                         warn!("fencing token is stale: another coordinator leads; not firing");
+                        self.lost.cancel();
                     }
                     self.fenced_out = true;
+                    self.unplan(&plan);
+                    out.push(None);
                 }
             }
         }
+        out
     }
 
     /// Schedules the tick after `after` (time-based schedules only).
@@ -114,38 +221,24 @@ impl Engine {
             self.report_skipped(
                 job,
                 &skip,
-                &format!("missed tick(s), misfire policy {policy:?}"),
-            );
+                &format!("missed tick, misfire policy {policy:?}"),
+            )
+            .await;
         }
         if !fire.is_empty() {
-            let fires = fire.into_iter().map(|t| (job.to_owned(), t)).collect();
-            self.fire_ticks_once(fires).await;
+            self.fire_many(
+                fire.into_iter()
+                    .map(|t| Fire::tick(job, t, "misfire"))
+                    .collect(),
+            )
+            .await;
         }
     }
 
-    /// Records and fires misfired ticks without scheduling further ticks.
-    async fn fire_ticks_once(&mut self, ticks: Vec<(String, i64)>) {
-        let records: Vec<(String, String, i64)> = ticks
-            .iter()
-            .map(|(j, at)| (fire_id(j, *at), j.clone(), *at))
-            .collect();
-        let Ok(answers) = self.run_store.record_fires(self.fence, &records).await else {
-            warn!("cannot record misfired ticks; not firing them");
-            return;
-        };
-        for ((job, at), a) in ticks.into_iter().zip(answers) {
-            if a == FireAnswer::Recorded {
-                if let Some(j) = self.jobs.get_mut(&job) {
-                    j.last_fire = Some(j.last_fire.map_or(at, |l| l.max(at)));
-                }
-                self.fire(&job, at, "misfire", None, String::new());
-            }
-        }
-    }
-
-    /// Reports skipped ticks in the run history: one run per tick for the latest
-    /// hundred, and one summary run for the rest.
-    fn report_skipped(&mut self, job: &str, ticks: &[i64], why: &str) {
+    /// Reports skipped ticks in the run history (recorded like fires, so a tick is
+    /// never both skipped and fired): one run per tick for the latest hundred, and
+    /// one summary run for the rest.
+    async fn report_skipped(&mut self, job: &str, ticks: &[i64], why: &str) {
         let now = self.now();
         let cut = ticks.len().saturating_sub(100);
         if cut > 0 {
@@ -154,16 +247,25 @@ impl Engine {
                 ticks[0],
                 ticks[cut - 1]
             );
-            self.save(&skipped_run(
-                job,
-                &format!("{job}@skipped-{}-{}", ticks[0], ticks[cut - 1]),
-                ticks[cut - 1],
-                now,
-                &note,
-            ));
+            let mut f = Fire::tick(job, ticks[cut - 1], "misfire");
+            f.run_id = format!("{job}@skipped-{}-{}", ticks[0], ticks[cut - 1]);
+            f.fire_id = f.run_id.clone();
+            self.save(&bare_run(&f, now, RunState::Skipped, &note));
         }
-        for t in &ticks[cut..] {
-            self.save(&skipped_run(job, &fire_id(job, *t), *t, now, why));
+        let records: Vec<FireRecord> = ticks[cut..]
+            .iter()
+            .map(|t| {
+                let f = Fire::tick(job, *t, "misfire");
+                FireRecord {
+                    fire_id: f.fire_id.clone(),
+                    job: job.to_owned(),
+                    at: *t,
+                    run: bare_run(&f, now, RunState::Skipped, why),
+                }
+            })
+            .collect();
+        if let Err(e) = self.run_store.record_fires(self.fence, &records).await {
+            warn!(error = %e, "cannot record skipped ticks");
         }
         metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped")
             .increment(ticks.len() as u64);
@@ -181,124 +283,99 @@ impl Engine {
             return Err(CoordError::invalid("params", "is larger than 64 KiB"));
         }
         let now = self.now();
-        let run_id = format!("{job}@m{now}-{:04x}", fastrand::u16(..));
-        Ok(self.fire_with_id(job, now, "manual", params, String::new(), run_id))
-    }
-
-    /// Starts a run of `job` for tick `at`, applying the overlap policy.
-    pub(super) fn fire(
-        &mut self,
-        job: &str,
-        at: i64,
-        cause: &str,
-        params: Option<String>,
-        parent: String,
-    ) {
-        let run_id = fire_id(job, at);
-        self.fire_with_id(job, at, cause, params, parent, run_id);
-    }
-
-    fn fire_with_id(
-        &mut self,
-        job: &str,
-        at: i64,
-        cause: &str,
-        params: Option<String>,
-        parent: String,
-        run_id: String,
-    ) -> RunRecord {
-        let now = self.now();
-        let Some(j) = self.jobs.get_mut(job) else {
-            return skipped_run(job, &run_id, at, now, "job deleted");
+        let id = format!("{job}@m{now}-{:04x}", fastrand::u16(..));
+        let fire = Fire {
+            job: job.to_owned(),
+            at: now,
+            cause: "manual",
+            params,
+            parent: String::new(),
+            run_id: id.clone(),
+            fire_id: id,
         };
+        self.fire_many(vec![fire])
+            .await
+            .pop()
+            .flatten()
+            .ok_or_else(|| CoordError::Unavailable("the fire could not be recorded".into()))
+    }
+
+    /// Decides what a fire does (no side effect but routing counters).
+    fn plan(&mut self, f: Fire) -> Option<Plan> {
+        let now = self.now();
+        let j = self.jobs.get_mut(&f.job)?;
         let running: Vec<String> = j.running.iter().cloned().collect();
+        let mut cover = Vec::new();
         if !running.is_empty() {
             match j.spec.overlap {
                 Overlap::Allow => {}
                 Overlap::Skip => {
-                    let r = skipped_run(
-                        job,
-                        &run_id,
-                        at,
+                    return Some(Plan::Skip(bare_run(
+                        &f,
                         now,
+                        RunState::Skipped,
                         "skipped: the previous run is still going",
-                    );
-                    self.save(&r);
-                    metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped")
-                        .increment(1);
-                    return r;
+                    )));
+                }
+                Overlap::BufferOne if j.buffered.is_some() => {
+                    return Some(Plan::Skip(bare_run(
+                        &f,
+                        now,
+                        RunState::Skipped,
+                        "skipped: one fire is already waiting",
+                    )));
                 }
                 Overlap::BufferOne => {
-                    if j.buffered.is_none() {
-                        j.buffered = Some((at, run_id.clone()));
-                        let mut r = skipped_run(
-                            job,
-                            &run_id,
-                            at,
-                            now,
-                            "buffered until the running run ends",
-                        );
-                        r.state = RunState::Pending;
-                        return r;
-                    }
-                    let r = skipped_run(
-                        job,
-                        &run_id,
-                        at,
-                        now,
-                        "skipped: one fire is already waiting",
-                    );
-                    self.save(&r);
-                    metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped")
-                        .increment(1);
-                    return r;
+                    return Some(Plan::Buffer(bare_run(&f, now, RunState::Pending, BUFFERED)));
                 }
-                Overlap::CancelRunning => {
-                    for r in running {
-                        let _ = self.cancel_run(&r, &format!("covered by the newer run {run_id}"));
-                    }
-                }
+                Overlap::CancelRunning => cover = running,
             }
         }
-        self.start_run(job, at, cause, params, parent, run_id)
+        let (job, params) = (f.job.clone(), f.params.clone());
+        Some(Plan::Start {
+            run: self.plan_run(&job, f, params, now),
+            cover,
+        })
     }
 
-    /// Creates the run and its shards, and assigns them.
-    pub(super) fn start_run(
-        &mut self,
-        job: &str,
-        at: i64,
-        cause: &str,
-        params: Option<String>,
-        parent: String,
-        run_id: String,
-    ) -> RunRecord {
-        let now = self.now();
-        let Some(j) = self.jobs.get_mut(job) else {
-            return skipped_run(job, &run_id, at, now, "job deleted");
+    /// The run of a fire with its shards and the worker each goes to.
+    fn plan_run(&mut self, job: &str, f: Fire, params: Option<String>, now: i64) -> RunRecord {
+        let spec = match self.jobs.get(job) {
+            Some(j) => j.spec.clone(),
+            None => return bare_run(&f, now, RunState::Skipped, "job deleted"),
         };
-        let spec = j.spec.clone();
-        j.running.insert(run_id.clone());
+        let workers = self.candidates(&spec.group, &spec.handler, None);
         let total = if spec.routing == Routing::ShardingBroadcast {
             if spec.shard_count > 0 {
                 spec.shard_count
             } else {
-                self.candidates(&spec.group, &spec.handler, None)
-                    .len()
-                    .max(1) as u32
+                workers.len().max(1) as u32
             }
         } else {
             1
         };
-        let shards = (0..total)
-            .map(|i| ShardRecord {
+        let mut run = bare_run(&f, now, RunState::Pending, "");
+        run.params = params.unwrap_or(spec.params.clone());
+        for i in 0..total {
+            let worker = if spec.routing == Routing::ShardingBroadcast {
+                // Stable spread: shard i goes to the i-th live worker (by id), wrapping.
+                (!workers.is_empty()).then(|| workers[i as usize % workers.len()].clone())
+            } else {
+                self.pick(&spec, &run.job, &run.params, None)
+            };
+            let running = worker.is_some();
+            run.shards.push(ShardRecord {
                 index: i,
                 total,
-                worker_id: String::new(),
-                attempt: 0,
+                worker_id: worker.unwrap_or_default(),
+                attempt: u32::from(running),
                 failures: 0,
-                state: RunState::Pending,
-                started_at_ms: 0,
+                state: if running {
+                    RunState::Running
+                } else {
+                    RunState::Pending
+                },
+                started_at_ms: if running { now } else { 0 },
                 finished_at_ms: 0,
                 output: String::new(),
                 error: String::new(),
@@ -308,45 +385,77 @@ impl Engine {
                     .get(i as usize)
                     .cloned()
                     .unwrap_or_default(),
-            })
-            .collect();
-        let run = RunRecord {
-            run_id: run_id.clone(),
-            fire_id: if cause == "manual" {
-                run_id.clone()
-            } else {
-                fire_id(job, at)
-            },
-            job: job.to_owned(),
-            cause: cause.to_owned(),
-            scheduled_at_ms: at,
-            fired_at_ms: now,
-            finished_at_ms: 0,
-            state: RunState::Pending,
-            params: params.unwrap_or(spec.params),
-            shards,
-            parent_run_id: parent,
-            note: String::new(),
-        };
-        metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "fired").increment(1);
-        debug!(run_id = %run_id, job, shards = total, cause, "run started");
-        self.runs.insert(run_id.clone(), run);
-        if spec.routing == Routing::ShardingBroadcast {
-            // Stable spread: shard i goes to the i-th live worker (by id), wrapping.
-            let workers: Vec<String> = self.candidates(&spec.group, &spec.handler, None);
-            for i in 0..total {
-                let target =
-                    (!workers.is_empty()).then(|| workers[i as usize % workers.len()].clone());
-                self.assign_to(&run_id, i, target);
+            });
+        }
+        if run.shards.iter().any(|s| s.state == RunState::Running) {
+            run.state = RunState::Running;
+        }
+        run
+    }
+
+    /// Undoes what planning reserved (nothing but routing counters, which stay).
+    fn unplan(&mut self, _plan: &Plan) {}
+
+    /// Carries out a recorded plan.
+    pub(super) fn apply(&mut self, plan: Plan) {
+        match plan {
+            Plan::Skip(run) => {
+                debug!(run_id = %run.run_id, note = %run.note, "fire skipped");
+                metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped")
+                    .increment(1);
             }
-        } else {
-            self.assign_shard(&run_id, 0, None, false);
+            Plan::Buffer(run) => {
+                if let Some(j) = self.jobs.get_mut(&run.job) {
+                    j.buffered = Some((run.scheduled_at_ms, run.run_id));
+                }
+            }
+            Plan::Start { run, cover } => {
+                for r in cover {
+                    let _ =
+                        self.cancel_run(&r, &format!("covered by the newer run {}", run.run_id));
+                }
+                metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "fired")
+                    .increment(1);
+                debug!(run_id = %run.run_id, shards = run.shards.len(), cause = %run.cause, "run started");
+                self.start_planned(run);
+            }
         }
-        let r = self.runs.get(&run_id).cloned();
-        if let Some(r) = &r {
-            self.save(r);
+    }
+
+    /// Takes a planned run in and sends its assignments.
+    pub(super) fn start_planned(&mut self, run: RunRecord) {
+        let run_id = run.run_id.clone();
+        if let Some(j) = self.jobs.get_mut(&run.job) {
+            j.running.insert(run_id.clone());
         }
-        r.unwrap_or_else(|| skipped_run(job, &run_id, at, now, "vanished"))
+        let shards: Vec<(u32, bool)> = run
+            .shards
+            .iter()
+            .map(|s| (s.index, s.state == RunState::Running))
+            .collect();
+        self.runs.insert(run_id.clone(), run);
+        for (i, running) in shards {
+            if running {
+                self.send_assignment(&run_id, i);
+            } else {
+                self.wait_for_worker(&run_id, i);
+            }
+        }
+    }
+
+    /// Starts a buffered fire now that the job's previous run ended.
+    pub(super) async fn start_buffered(&mut self, job: &str, at: i64, run_id: String) {
+        let now = self.now();
+        let mut f = Fire::tick(job, at, "buffered");
+        f.run_id = run_id.clone();
+        f.fire_id = run_id;
+        let run = self.plan_run(job, f, None, now);
+        // The fire was recorded when it was buffered; save the run before it goes
+        // out, so a new leader adopts it rather than starting it again.
+        if let Err(e) = self.run_store.save_run(&run).await {
+            warn!(run_id = %run.run_id, error = %e, "cannot save the buffered run; starting it anyway");
+        }
+        self.start_planned(run);
     }
 
     /// Live, not draining workers of `group` that run `handler`, by id.
@@ -368,78 +477,59 @@ impl Engine {
             .collect()
     }
 
-    /// Picks a worker for one shard by the job's routing (preferring not to use
-    /// `avoid`, e.g. the worker whose attempt failed) and assigns it.
-    pub(super) fn assign_shard(
+    /// A worker for one shard by the job's routing, preferring not to use `avoid`.
+    fn pick(
         &mut self,
-        run_id: &str,
-        shard: u32,
-        avoid: Option<String>,
-        _retry: bool,
-    ) {
-        let Some(run) = self.runs.get(run_id) else {
-            return;
-        };
-        let Some(j) = self.jobs.get(&run.job) else {
-            self.assign_to(run_id, shard, None);
-            return;
-        };
-        let spec = &j.spec;
-        let mut cands = self.candidates(&spec.group, &spec.handler, avoid.as_deref());
+        spec: &crate::model::JobSpec,
+        job: &str,
+        params: &str,
+        avoid: Option<&str>,
+    ) -> Option<String> {
+        let mut cands = self.candidates(&spec.group, &spec.handler, avoid);
         if cands.is_empty() {
             cands = self.candidates(&spec.group, &spec.handler, None);
         }
-        let pick = if cands.is_empty() {
-            None
-        } else {
-            let n = cands.len();
-            Some(match spec.routing {
-                Routing::ShardingBroadcast => {
-                    // A takeover or retry: the least loaded other worker.
-                    self.least_loaded(&cands)
-                }
-                Routing::RoundRobin => {
-                    let rr = self.jobs.get_mut(&run.job).map_or(0, |j| {
-                        j.rr += 1;
-                        j.rr - 1
-                    });
-                    cands[(rr % n as u64) as usize].clone()
-                }
-                Routing::Random => cands[fastrand::usize(..n)].clone(),
-                Routing::ConsistentHash => {
-                    let key = hash_key(&run.params, &spec.hash_param);
-                    // Rendezvous hashing: stable while the worker set is.
-                    cands
-                        .iter()
-                        .max_by_key(|w| fnv1a64(format!("{key}\u{1}{w}").as_bytes()))
-                        .cloned()
-                        .unwrap_or_default()
-                }
-                Routing::LeastRecentlyUsed => cands
+        if cands.is_empty() {
+            return None;
+        }
+        let n = cands.len();
+        Some(match spec.routing {
+            // A takeover or retry of a broadcast shard: the least loaded worker.
+            Routing::ShardingBroadcast | Routing::LeastLoaded => self.least_loaded(&cands),
+            Routing::RoundRobin => {
+                let rr = self.jobs.get_mut(job).map_or(0, |j| {
+                    j.rr += 1;
+                    j.rr - 1
+                });
+                cands[(rr % n as u64) as usize].clone()
+            }
+            Routing::Random => cands[fastrand::usize(..n)].clone(),
+            Routing::ConsistentHash => {
+                let key = hash_key(params, &spec.hash_param);
+                // Rendezvous hashing: stable while the worker set is.
+                cands
                     .iter()
-                    .min_by_key(|w| self.workers.get(*w).map_or(0, |s| s.last_assigned_ms))
-                    .cloned()
-                    .unwrap_or_default(),
-                Routing::LeastLoaded => self.least_loaded(&cands),
-                Routing::Failover | Routing::First => cands[0].clone(),
-                Routing::Last => cands[n - 1].clone(),
-                Routing::BusyOver => {
-                    let job = run.job.clone();
-                    cands
-                        .iter()
-                        .find(|w| {
-                            self.workers.get(*w).is_some_and(|s| {
-                                !s.running
-                                    .iter()
-                                    .any(|(r, _)| self.runs.get(r).is_some_and(|x| x.job == job))
-                            })
-                        })
-                        .cloned()
-                        .unwrap_or_else(|| cands[0].clone())
-                }
-            })
-        };
-        self.assign_to(run_id, shard, pick);
+                    .max_by_key(|w| fnv1a64(format!("{key}\u{1}{w}").as_bytes()))
+                    .cloned()?
+            }
+            Routing::LeastRecentlyUsed => cands
+                .iter()
+                .min_by_key(|w| self.workers.get(*w).map_or(0, |s| s.last_assigned_ms))
+                .cloned()?,
+            Routing::Failover | Routing::First => cands[0].clone(),
+            Routing::Last => cands[n - 1].clone(),
+            Routing::BusyOver => cands
+                .iter()
+                .find(|w| {
+                    self.workers.get(*w).is_some_and(|s| {
+                        !s.running
+                            .iter()
+                            .any(|(r, _)| self.runs.get(r).is_some_and(|x| x.job == job))
+                    })
+                })
+                .cloned()
+                .unwrap_or_else(|| cands[0].clone()),
+        })
     }
 
     fn least_loaded(&self, cands: &[String]) -> String {
@@ -455,46 +545,78 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Sends shard `shard` of `run_id` to `worker` as a new assignment, or leaves it
-    /// pending when there is no worker (or the send fails).
-    pub(super) fn assign_to(&mut self, run_id: &str, shard: u32, worker: Option<String>) {
-        let now = self.now();
-        let Some(run) = self.runs.get_mut(run_id) else {
+    /// Gives shard `shard` of a run in progress to a (new) worker by the job's
+    /// routing, preferring not to use `avoid`: a retry, a takeover, or a shard that
+    /// was waiting for a worker. A new assignment number each time.
+    pub(super) fn assign_shard(&mut self, run_id: &str, shard: u32, avoid: Option<String>) {
+        let Some(run) = self.runs.get(run_id) else {
             return;
         };
-        let Some(s) = run.shards.get_mut(shard as usize) else {
+        let (job, params) = (run.job.clone(), run.params.clone());
+        let worker = match self.jobs.get(&job).map(|j| j.spec.clone()) {
+            Some(spec) => self.pick(&spec, &job, &params, avoid.as_deref()),
+            None => None,
+        };
+        let now = self.now();
+        let Some(s) = self
+            .runs
+            .get_mut(run_id)
+            .and_then(|r| r.shards.get_mut(shard as usize))
+        else {
             return;
         };
         if s.state.is_final() {
             return;
         }
         let previous = std::mem::take(&mut s.worker_id);
+        match worker {
+            Some(w) => {
+                s.attempt += 1;
+                s.worker_id = w;
+                s.state = RunState::Running;
+                s.started_at_ms = now;
+            }
+            None => s.state = RunState::Pending,
+        }
+        let placed = s.state == RunState::Running;
         if let Some(p) = self.workers.get_mut(&previous) {
             p.running.remove(&(run_id.to_owned(), shard));
         }
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
-        let s = &mut run.shards[shard as usize];
-        let Some(worker) = worker else {
-            s.state = RunState::Pending;
-            self.pending.insert((run_id.to_owned(), shard));
-            self.schedule(now + 1_000, Timer::Pending);
-            return;
-        };
-        s.attempt += 1;
-        s.worker_id = worker.clone();
-        s.state = RunState::Running;
-        s.started_at_ms = now;
-        if run.state == RunState::Pending {
-            run.state = RunState::Running;
+        if let Some(r) = self.runs.get_mut(run_id)
+            && r.state == RunState::Pending
+            && placed
+        {
+            r.state = RunState::Running;
         }
+        if placed {
+            self.send_assignment(run_id, shard);
+        } else {
+            self.wait_for_worker(run_id, shard);
+        }
+    }
+
+    fn wait_for_worker(&mut self, run_id: &str, shard: u32) {
+        let now = self.now();
+        self.pending.insert((run_id.to_owned(), shard));
+        self.schedule(now + 1_000, Timer::Pending);
+    }
+
+    /// Sends the current attempt of a shard to its worker (and arms its deadline).
+    pub(super) fn send_assignment(&mut self, run_id: &str, shard: u32) {
+        let now = self.now();
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let Some(s) = run.shards.get(shard as usize) else {
+            return;
+        };
         let timeout = self.jobs.get(&run.job).map_or(0, |j| j.spec.timeout_ms) as i64;
         let key = ShardKey {
             run_id: run_id.to_owned(),
             shard,
             attempt: s.attempt,
         };
+        let worker = s.worker_id.clone();
         let a = Assignment {
             key: key.clone(),
             fire_id: run.fire_id.clone(),
@@ -512,16 +634,16 @@ impl Engine {
         };
         self.pending.remove(&(run_id.to_owned(), shard));
         if !self.send(&worker, ToWorker::Assign(a)) {
-            warn!(worker_id = %worker, run_id, shard, "assignment could not be sent; retrying elsewhere");
+            warn!(worker_id = %worker, run_id, shard, "assignment could not be sent; placing it elsewhere");
             if let Some(s) = self
                 .runs
                 .get_mut(run_id)
                 .and_then(|r| r.shards.get_mut(shard as usize))
             {
+                s.state = RunState::Pending;
                 s.worker_id.clear();
             }
-            self.pending.insert((run_id.to_owned(), shard));
-            self.schedule(now + 1_000, Timer::Pending);
+            self.wait_for_worker(run_id, shard);
             return;
         }
         if let Some(w) = self.workers.get_mut(&worker) {
@@ -535,6 +657,12 @@ impl Engine {
 
     /// Tries again to place shards that had no worker.
     pub(super) fn place_pending(&mut self) {
+        if self.now() < self.adopt_until {
+            // Right after taking over, workers may still report shards they run.
+            let at = self.adopt_until;
+            self.schedule(at, Timer::Pending);
+            return;
+        }
         let pending: Vec<(String, u32)> = self.pending.iter().cloned().collect();
         for (run_id, shard) in pending {
             let waiting = self
@@ -543,13 +671,16 @@ impl Engine {
                 .and_then(|r| r.shards.get(shard as usize))
                 .is_some_and(|s| s.state == RunState::Pending && s.worker_id.is_empty());
             if waiting {
-                self.assign_shard(&run_id, shard, None, false);
+                self.assign_shard(&run_id, shard, None);
             } else {
                 self.pending.remove(&(run_id, shard));
             }
         }
     }
 }
+
+/// The note of a buffered fire's run record.
+pub(crate) const BUFFERED: &str = "buffered until the running run ends";
 
 /// The value consistent hashing hashes: the top-level JSON field `param` of the
 /// params, or the whole params.
@@ -565,21 +696,4 @@ fn hash_key(params: &str, param: &str) -> String {
             other => other.to_string(),
         })
         .unwrap_or_default()
-}
-
-fn skipped_run(job: &str, run_id: &str, at: i64, now: i64, note: &str) -> RunRecord {
-    RunRecord {
-        run_id: run_id.to_owned(),
-        fire_id: run_id.to_owned(),
-        job: job.to_owned(),
-        cause: "scheduled".into(),
-        scheduled_at_ms: at,
-        fired_at_ms: now,
-        finished_at_ms: now,
-        state: RunState::Skipped,
-        params: String::new(),
-        shards: Vec::new(),
-        parent_run_id: String::new(),
-        note: note.to_owned(),
-    }
 }

@@ -9,6 +9,7 @@
 //! the fire path (the fire record, which makes each fire happen once) are awaited;
 //! run history is written by a background task that coalesces snapshots.
 
+mod adopt;
 mod dispatch;
 mod runs;
 mod workers;
@@ -248,6 +249,14 @@ enum Timer {
     Sweep,
     /// Try to place pending shards.
     Pending,
+    /// Start a buffered fire (its job's previous run ended).
+    Buffered {
+        job: String,
+        at: i64,
+        run_id: String,
+    },
+    /// An adopted shard's worker had time to report it; take it over if it did not.
+    Adopt(ShardKey),
 }
 
 #[derive(Debug)]
@@ -290,16 +299,23 @@ pub(crate) struct Engine {
     history: mpsc::UnboundedSender<RunRecord>,
     fence: i64,
     fenced_out: bool,
+    /// Cancelled when a fire record says another coordinator leads.
+    lost: CancellationToken,
+    /// Until then, shards of adopted runs wait for their workers to report them.
+    adopt_until: i64,
 }
 
-/// Starts the engine: loads jobs and trigger state (handling misfires), then runs
-/// until `shutdown`. Answers its handle and task.
+/// Starts the engine of a leader with fencing token `fence`: loads jobs, trigger
+/// state and the runs a previous leader left in progress (adopting them), handles
+/// missed ticks, then runs until `shutdown`. `lost` is cancelled if a fire record
+/// shows that another coordinator leads. Answers its handle and task.
 pub async fn start(
     jobs: JobStore,
     run_store: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
     opts: EngineOptions,
     fence: i64,
+    lost: CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(4096);
@@ -318,12 +334,24 @@ pub async fn start(
         history,
         fence,
         fenced_out: false,
+        lost,
+        adopt_until: 0,
     };
     let (stored, revision) = jobs.list().await?;
     let last = engine.run_store.trigger_state().await?;
+    let active = engine.run_store.active_runs().await?;
+    // Jobs first (without their missed ticks), then the runs in progress, then the
+    // missed ticks: overlap policies see the adopted runs.
+    let mut missed = Vec::new();
     for j in stored {
         let name = j.spec.name.clone();
-        engine.put_job(j, last.get(&name).copied(), true).await;
+        if let Some(ticks) = engine.put_job(j, last.get(&name).copied(), true) {
+            missed.push((name, ticks));
+        }
+    }
+    engine.adopt(active);
+    for (name, ticks) in missed {
+        engine.misfire(&name, ticks).await;
     }
     engine.schedule(engine.now() + 1_000, Timer::Sweep);
     let handle = EngineHandle { tx };
@@ -395,10 +423,12 @@ impl Engine {
                     self.schedule(now + 1_000, Timer::Sweep);
                 }
                 Timer::Pending => self.place_pending(),
+                Timer::Buffered { job, at, run_id } => self.start_buffered(&job, at, run_id).await,
+                Timer::Adopt(key) => self.adopt_deadline(key),
             }
         }
         if !fires.is_empty() {
-            self.fire_ticks(fires, "scheduled").await;
+            self.fire_ticks(fires).await;
         }
     }
 
@@ -414,7 +444,9 @@ impl Engine {
             Cmd::Result(w, s, key, outcome) => self.shard_result(&w, s, key, outcome).await,
             Cmd::Draining(w, s) => self.draining(&w, s),
             Cmd::Closed(w, s) => self.closed(&w, s),
-            Cmd::JobPut(j) => self.put_job(j, None, false).await,
+            Cmd::JobPut(j) => {
+                self.put_job(j, None, false);
+            }
             Cmd::JobDeleted(name) => {
                 if self.jobs.remove(&name).is_some() {
                     info!(job = %name, "job deleted");
@@ -453,22 +485,22 @@ impl Engine {
         }
     }
 
-    /// Adds or replaces a job. At startup (`startup`), ticks missed since `last`
-    /// are handled by the job's misfire policy.
-    async fn put_job(&mut self, stored: StoredJob, last: Option<i64>, startup: bool) {
+    /// Adds or replaces a job. At startup (`startup`), answers the ticks missed since
+    /// `last`, for the job's misfire policy.
+    fn put_job(&mut self, stored: StoredJob, last: Option<i64>, startup: bool) -> Option<Vec<i64>> {
         let name = stored.spec.name.clone();
         if self
             .jobs
             .get(&name)
             .is_some_and(|j| j.version >= stored.version)
         {
-            return;
+            return None;
         }
         let compiled = match Compiled::of(&stored.spec) {
             Ok(c) => c,
             Err(e) => {
                 warn!(job = %name, error = %e, "stored job has an invalid schedule; not scheduling it");
-                return;
+                return None;
             }
         };
         let now = self.now();
@@ -527,9 +559,7 @@ impl Engine {
             );
         }
         self.jobs.insert(name.clone(), state);
-        if !misfired.is_empty() {
-            self.misfire(&name, misfired).await;
-        }
+        (!misfired.is_empty()).then_some(misfired)
     }
 
     fn worker_views(&self) -> Vec<WorkerView> {

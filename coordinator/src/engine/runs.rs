@@ -108,7 +108,7 @@ impl Engine {
                 // Not cancelled by us (we mark those final first): the worker gave it
                 // up while draining. Someone else takes it.
                 info!(run_id = %key.run_id, shard = key.shard, worker, why, "shard handed back");
-                self.assign_shard(&key.run_id, key.shard, Some(worker.to_owned()), false);
+                self.assign_shard(&key.run_id, key.shard, Some(worker.to_owned()));
                 return;
             }
         }
@@ -170,7 +170,7 @@ impl Engine {
             .filter(|s| s.state == RunState::Pending)
             .map(|s| s.worker_id.clone());
         if let Some(prev) = prev {
-            self.assign_shard(run_id, shard, Some(prev), true);
+            self.assign_shard(run_id, shard, Some(prev));
             if let Some(r) = self.runs.get(run_id) {
                 self.save(r);
             }
@@ -233,7 +233,16 @@ impl Engine {
                     let now = self.now();
                     let id = format!("{child}@c{now}-{:04x}", fastrand::u16(..));
                     info!(parent = %parent, child = %child, "firing child job");
-                    self.start_run(&child, now, "child", None, parent.clone(), id);
+                    let fire = super::dispatch::Fire {
+                        job: child.clone(),
+                        at: now,
+                        cause: "child",
+                        params: None,
+                        parent: parent.clone(),
+                        run_id: id.clone(),
+                        fire_id: id,
+                    };
+                    self.fire_many(vec![fire]).await;
                 }
             }
         } else if let Some(r) = self.runs.get(run_id) {
@@ -287,8 +296,9 @@ impl Engine {
                 );
             }
         }
-        if let Some((at, id)) = buffered {
-            self.start_run(&run.job, at, "buffered", None, String::new(), id);
+        if let Some((at, run_id)) = buffered {
+            let job = run.job.clone();
+            self.schedule(now, Timer::Buffered { job, at, run_id });
         }
         Some(run)
     }

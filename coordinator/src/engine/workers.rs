@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::{Engine, ShardKey, WorkerState};
 use crate::error::{CoordError, Result};
+use crate::model::RunState;
 
 /// A worker's registration (the domain form of `Register`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,14 +94,30 @@ impl Engine {
         let session = self.sessions;
         let mut running = std::collections::HashSet::new();
         for k in &hello.running {
-            if self
+            let Some(s) = self
                 .runs
-                .get(&k.run_id)
-                .and_then(|r| r.shards.get(k.shard as usize))
-                .is_some_and(|s| {
-                    s.worker_id == hello.worker_id && s.attempt == k.attempt && !s.state.is_final()
-                })
-            {
+                .get_mut(&k.run_id)
+                .and_then(|r| r.shards.get_mut(k.shard as usize))
+            else {
+                continue;
+            };
+            if s.state.is_final() {
+                continue;
+            }
+            let ours = s.worker_id == hello.worker_id && s.attempt == k.attempt;
+            // A newer attempt than the record knows (a previous leader sent it and
+            // died before saving), or a shard the record shows waiting: the worker
+            // runs it, so it is the worker's.
+            let adopt =
+                k.attempt > s.attempt || (s.state == RunState::Pending && s.worker_id.is_empty());
+            if ours || adopt {
+                if adopt {
+                    info!(run_id = %k.run_id, shard = k.shard, attempt = k.attempt, worker_id = %hello.worker_id, "adopting a shard the worker reports");
+                    s.worker_id = hello.worker_id.clone();
+                    s.attempt = k.attempt;
+                    s.state = RunState::Running;
+                    self.pending.remove(&(k.run_id.clone(), k.shard));
+                }
                 running.insert((k.run_id.clone(), k.shard));
             }
         }
@@ -202,7 +219,7 @@ impl Engine {
                 .is_some_and(|s| !s.state.is_final() && s.worker_id == from);
             if unfinished {
                 info!(run_id = %run_id, shard, from, "shard taken over");
-                self.assign_shard(&run_id, shard, Some(from.to_owned()), false);
+                self.assign_shard(&run_id, shard, Some(from.to_owned()));
             }
         }
     }

@@ -1,0 +1,87 @@
+//! Taking over from a previous leader: the runs it left in progress (saved with
+//! each fire and each change) are adopted. A shard it had given to a worker stays
+//! with that worker if the worker reports it when it registers here (within the
+//! adoption grace); otherwise it is taken over. Shards waiting for a worker are
+//! placed after the grace, once workers had their chance to report what they run.
+
+use tracing::info;
+
+use super::dispatch::BUFFERED;
+use super::{Engine, ShardKey, Timer};
+use crate::model::{RunRecord, RunState};
+
+impl Engine {
+    /// How long adopted shards wait for their workers to report them.
+    fn adopt_grace_ms(&self) -> i64 {
+        (self.opts.heartbeat_interval_ms * u64::from(self.opts.dead_after_beats)) as i64 + 2_000
+    }
+
+    /// Adopts the runs a previous leader left in progress.
+    pub(super) fn adopt(&mut self, runs: Vec<RunRecord>) {
+        if runs.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let grace = self.adopt_grace_ms();
+        self.adopt_until = now + grace;
+        info!(
+            runs = runs.len(),
+            grace_ms = grace,
+            "adopting runs in progress"
+        );
+        for run in runs {
+            let run_id = run.run_id.clone();
+            if run.shards.is_empty() && run.note == BUFFERED {
+                if let Some(j) = self.jobs.get_mut(&run.job) {
+                    j.buffered = Some((run.scheduled_at_ms, run_id));
+                }
+                continue;
+            }
+            if let Some(j) = self.jobs.get_mut(&run.job) {
+                j.running.insert(run_id.clone());
+            }
+            for s in &run.shards {
+                match s.state {
+                    RunState::Running => self.schedule(
+                        now + grace,
+                        Timer::Adopt(ShardKey {
+                            run_id: run_id.clone(),
+                            shard: s.index,
+                            attempt: s.attempt,
+                        }),
+                    ),
+                    RunState::Pending => {
+                        self.pending.insert((run_id.clone(), s.index));
+                    }
+                    _ => {}
+                }
+            }
+            self.runs.insert(run_id, run);
+        }
+        self.schedule(now + grace, Timer::Pending);
+    }
+
+    /// The grace of an adopted shard ended: unless its worker reported it, another
+    /// worker takes it.
+    pub(super) fn adopt_deadline(&mut self, key: ShardKey) {
+        let Some(s) = self
+            .runs
+            .get(&key.run_id)
+            .and_then(|r| r.shards.get(key.shard as usize))
+        else {
+            return;
+        };
+        if s.state != RunState::Running || s.attempt != key.attempt {
+            return;
+        }
+        let worker = s.worker_id.clone();
+        let reported = self
+            .workers
+            .get(&worker)
+            .is_some_and(|w| w.running.contains(&(key.run_id.clone(), key.shard)));
+        if !reported {
+            info!(run_id = %key.run_id, shard = key.shard, worker = %worker, "adopted shard not reported by its worker; taking it over");
+            self.assign_shard(&key.run_id, key.shard, Some(worker));
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Leader election through etcd: every coordinator campaigns for one election key
+//! with a lease (TTL, default 5 s) kept alive every third of the TTL. The winner's
+//! election revision is its **fencing token**: it is installed in Redis before the
+//! engine starts, and every fire record carries it, so a deposed leader that wakes
+//! up (GC pause, SIGSTOP, partition) cannot fire — its token is older.
+//!
+//! A leader that cannot renew its lease for a whole TTL (etcd down, partition) steps
+//! down by itself: by then etcd may have expired the lease and elected someone else.
+//! Followers learn the leader's address from the election and tell workers.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ResignOptions};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// This coordinator's role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Leads, with this fencing token.
+    Leader {
+        /// Election revision of our leader key.
+        fence: i64,
+    },
+    /// Follows `leader` (`host:port`, empty while unknown).
+    Follower {
+        /// The leader's advertised address.
+        leader: String,
+    },
+}
+
+/// Election settings.
+#[derive(Debug, Clone)]
+pub struct ElectionOptions {
+    /// The election key, e.g. `/chime/election/coordinator`.
+    pub name: String,
+    /// This coordinator's advertised address (the election value).
+    pub advertise: String,
+    /// Lease TTL, seconds.
+    pub ttl_s: i64,
+}
+
+/// Campaigns until `shutdown`; answers the role as it changes. Notify `resign` to
+/// give up leadership (the engine saw a newer fence, or it could not start); this
+/// coordinator then campaigns again.
+pub fn spawn(
+    client: Client,
+    opts: ElectionOptions,
+    resign: std::sync::Arc<Notify>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Role> {
+    let (tx, rx) = watch::channel(Role::Follower {
+        leader: String::new(),
+    });
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match term(&client, &opts, &tx, &resign, &shutdown).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    warn!(error = %e, "election: etcd call failed; retrying");
+                    tx.send_replace(Role::Follower {
+                        leader: String::new(),
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {},
+                        _ = shutdown.cancelled() => {},
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// One lease: campaign, lead until the lease is lost or we resign.
+async fn term(
+    client: &Client,
+    opts: &ElectionOptions,
+    tx: &watch::Sender<Role>,
+    resign: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<(), etcd_client::Error> {
+    let mut c = client.clone();
+    let lease = c.lease_grant(opts.ttl_s, None).await?.id();
+    let lost = CancellationToken::new();
+    let keeper = tokio::spawn(keep_alive(client.clone(), lease, opts.ttl_s, lost.clone()));
+    // While not leading, tell everyone who does.
+    let watching = CancellationToken::new();
+    let follower = tokio::spawn(follow(
+        client.clone(),
+        opts.name.clone(),
+        tx.clone(),
+        watching.clone(),
+    ));
+    let campaign = async {
+        let mut c = client.clone();
+        c.campaign(opts.name.as_str(), opts.advertise.as_str(), lease)
+            .await
+    };
+    let won = tokio::select! {
+        r = campaign => Some(r?),
+        _ = lost.cancelled() => None,
+        _ = shutdown.cancelled() => None,
+    };
+    watching.cancel();
+    let _ = follower.await;
+    if let Some(resp) = won {
+        let key = resp.leader().cloned();
+        let fence = key.as_ref().map_or(0, |k| k.rev());
+        info!(fence, advertise = %opts.advertise, "elected leader");
+        tx.send_replace(Role::Leader { fence });
+        tokio::select! {
+            _ = lost.cancelled() => warn!("leader lease lost; stepping down"),
+            _ = resign.notified() => info!("resigning leadership"),
+            _ = shutdown.cancelled() => info!("shutting down: handing over leadership"),
+        }
+        tx.send_replace(Role::Follower {
+            leader: String::new(),
+        });
+        if let Some(k) = key {
+            let mut c = client.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.resign(Some(ResignOptions::new().with_leader(k))),
+            )
+            .await;
+        }
+    }
+    keeper.abort();
+    let mut c = client.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
+    Ok(())
+}
+
+/// Renews the lease every third of the TTL; cancels `lost` when no renewal
+/// succeeded for a whole TTL.
+async fn keep_alive(client: Client, lease: i64, ttl_s: i64, lost: CancellationToken) {
+    let ttl = Duration::from_secs(ttl_s.max(1) as u64);
+    let every = ttl / 3;
+    let mut last_ok = tokio::time::Instant::now();
+    let mut stream = None;
+    loop {
+        if last_ok.elapsed() >= ttl {
+            lost.cancel();
+            return;
+        }
+        if stream.is_none() {
+            let mut c = client.clone();
+            if let Ok(Ok(s)) = tokio::time::timeout(every, c.lease_keep_alive(lease)).await {
+                stream = Some(s);
+            }
+        }
+        if let Some((keeper, replies)) = stream.as_mut() {
+            let ok = tokio::time::timeout(every, async {
+                keeper.keep_alive().await?;
+                replies.message().await
+            })
+            .await;
+            match ok {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(Some(_))) => {
+                    // TTL 0: the lease is gone.
+                    lost.cancel();
+                    return;
+                }
+                _ => stream = None,
+            }
+        }
+        tokio::time::sleep(every.saturating_sub(last_ok.elapsed().min(every))).await;
+    }
+}
+
+/// Publishes the current leader's address every 500 ms until `stop`.
+async fn follow(client: Client, name: String, tx: watch::Sender<Role>, stop: CancellationToken) {
+    let mut c = client;
+    while !stop.is_cancelled() {
+        let leader =
+            match tokio::time::timeout(Duration::from_secs(1), c.leader(name.as_str())).await {
+                Ok(Ok(r)) => r
+                    .kv()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+        tx.send_if_modified(|role| {
+            let next = Role::Follower {
+                leader: leader.clone(),
+            };
+            if *role != next && !matches!(role, Role::Leader { .. }) {
+                *role = next;
+                true
+            } else {
+                false
+            }
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+            _ = stop.cancelled() => return,
+        }
+    }
+}
