@@ -442,6 +442,7 @@ pub fn run_to_proto(r: &RunRecord) -> pb::Run {
         shards: r.shards.iter().map(shard_to_proto).collect(),
         parent_run_id: r.parent_run_id.clone(),
         note: r.note.clone(),
+        fence: r.fence,
     }
 }
 
@@ -729,6 +730,7 @@ pub fn run_from_proto(r: pb::Run) -> RunRecord {
             .collect(),
         parent_run_id: r.parent_run_id,
         note: r.note,
+        fence: r.fence,
     }
 }
 

@@ -340,6 +340,9 @@ pub struct RunRecord {
     pub parent_run_id: String,
     /// Why skipped or cancelled.
     pub note: String,
+    /// Fencing token of the leader that fired it.
+    #[serde(default)]
+    pub fence: i64,
 }
 
 /// A connected worker as the admin API shows it.

@@ -502,24 +502,26 @@ pub fn run_chime(args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
-/// A coordinator process with its workers, on real Redis and etcd.
+/// Coordinator processes (one or several electing a leader) with their workers, on
+/// real Redis and etcd.
 #[derive(Debug)]
 pub struct Cluster {
     /// Redis.
     pub redis: RedisServer,
     /// etcd.
     pub etcd: EtcdServer,
-    /// `http://127.0.0.1:<port>` of the coordinator.
+    /// `http://127.0.0.1:<port>` of the first coordinator (admin calls reach the
+    /// leader through it).
     pub coordinator: String,
-    /// Coordinator process.
-    pub coord: Proc,
+    /// Coordinator processes: port and process (None while stopped).
+    pub coords: Vec<(u16, Option<Proc>)>,
     /// Worker processes by id.
     pub workers: Vec<(String, Proc)>,
     /// The job record file every worker appends to.
     pub records: PathBuf,
     /// Files of this cluster.
     pub dir: Arc<TestDir>,
-    port: u16,
+    spawned: u32,
 }
 
 /// One finished shard, as a worker recorded it.
@@ -548,24 +550,34 @@ pub struct JobRecord {
 }
 
 impl Cluster {
-    /// Redis, etcd, a coordinator and `workers` workers (`w1`…) with the built-in
+    /// Redis, etcd, one coordinator and `workers` workers (`w1`…) with the built-in
     /// handlers; waits until every worker is registered.
     pub async fn start(workers: usize) -> Result<Self> {
+        Self::start_ha(1, workers).await
+    }
+
+    /// Like [`Cluster::start`] with `coordinators` coordinators electing a leader.
+    pub async fn start_ha(coordinators: usize, workers: usize) -> Result<Self> {
         let dir = Arc::new(TestDir::new("cluster")?);
         let redis = RedisServer::start_in(dir.clone()).await?;
         let etcd = EtcdServer::start().await?;
-        let port = free_port()?;
-        let coord = Self::spawn_coordinator(&dir, &redis, &etcd, port, 1)?;
+        let mut coords = Vec::new();
+        for _ in 0..coordinators {
+            coords.push((free_port()?, None));
+        }
         let mut c = Self {
-            coordinator: format!("http://127.0.0.1:{port}"),
+            coordinator: format!("http://127.0.0.1:{}", coords[0].0),
             redis,
             etcd,
-            coord,
+            coords,
             workers: Vec::new(),
             records: dir.path().join("jobs.rec"),
             dir,
-            port,
+            spawned: 0,
         };
+        for i in 0..coordinators {
+            c.start_coordinator(i)?;
+        }
         for i in 1..=workers {
             c.add_worker(&format!("w{i}"))?;
         }
@@ -573,37 +585,84 @@ impl Cluster {
         Ok(c)
     }
 
-    fn spawn_coordinator(
-        dir: &TestDir,
-        redis: &RedisServer,
-        etcd: &EtcdServer,
-        port: u16,
-        n: u32,
-    ) -> Result<Proc> {
+    /// Starts (again) coordinator `i` on its port.
+    pub fn start_coordinator(&mut self, i: usize) -> Result<()> {
+        self.spawned += 1;
+        let port = self.coords[i].0;
         let addr = format!("127.0.0.1:{port}");
         let cmd = chime_cmd(&[
             "coordinator",
             "--grpc-addr",
             &addr,
             "--redis-url",
-            &redis.url,
+            &self.redis.url,
             "--etcd-endpoints",
-            &etcd.endpoint,
+            &self.etcd.endpoint,
             "--heartbeat-interval-ms",
             "500",
+            "--election-ttl-s",
+            "3",
         ])?;
-        Proc::spawn(&format!("coordinator-{n}"), cmd, dir.path())
-    }
-
-    /// Kills the coordinator (SIGKILL).
-    pub fn kill_coordinator(&mut self) {
-        self.coord.kill9();
-    }
-
-    /// Starts the coordinator again on the same port.
-    pub fn restart_coordinator(&mut self, n: u32) -> Result<()> {
-        self.coord = Self::spawn_coordinator(&self.dir, &self.redis, &self.etcd, self.port, n)?;
+        self.coords[i].1 = Some(Proc::spawn(
+            &format!("coordinator-{i}-{}", self.spawned),
+            cmd,
+            self.dir.path(),
+        )?);
         Ok(())
+    }
+
+    /// Kills coordinator `i` (SIGKILL).
+    pub fn kill_coordinator_at(&mut self, i: usize) {
+        if let Some(mut p) = self.coords[i].1.take() {
+            p.kill9();
+        }
+    }
+
+    /// Kills the (first) coordinator (SIGKILL).
+    pub fn kill_coordinator(&mut self) {
+        self.kill_coordinator_at(0);
+    }
+
+    /// Starts the first coordinator again.
+    pub fn restart_coordinator(&mut self, _n: u32) -> Result<()> {
+        self.start_coordinator(0)
+    }
+
+    /// Every coordinator endpoint.
+    pub fn endpoints(&self) -> String {
+        self.coords
+            .iter()
+            .map(|(p, _)| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the coordinator that leads now, as the live ones report it.
+    pub fn leader_index(&self) -> Option<usize> {
+        for (port, p) in &self.coords {
+            if p.is_none() {
+                continue;
+            }
+            let url = format!("http://127.0.0.1:{port}");
+            let Ok((0, out, _)) = run_chime(&["workers", "--coordinator", &url]) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(out.trim()).ok()?;
+            let leader = v["leader"].as_str().unwrap_or_default().to_owned();
+            if leader.is_empty() {
+                continue;
+            }
+            return self
+                .coords
+                .iter()
+                .position(|(p, _)| leader.ends_with(&format!(":{p}")));
+        }
+        None
+    }
+
+    /// The coordinator process `i`.
+    pub fn coordinator_proc(&mut self, i: usize) -> Option<&mut Proc> {
+        self.coords[i].1.as_mut()
     }
 
     /// Starts worker `id` (job shards only).

@@ -5,6 +5,7 @@
 
 mod burst;
 mod cron;
+mod failover;
 mod resize;
 
 use std::collections::HashMap;
@@ -30,6 +31,8 @@ enum BenchCmd {
     Resize(resize::ResizeArgs),
     /// Many jobs firing every second under one coordinator.
     Cron(cron::CronArgs),
+    /// Jobs firing every second while the leader coordinator is killed again and again.
+    Failover(failover::FailoverArgs),
 }
 
 /// Runs a benchmark.
@@ -39,6 +42,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         BenchCmd::Burst(a) => burst::run(a).await,
         BenchCmd::Resize(a) => resize::run(a).await,
         BenchCmd::Cron(a) => cron::run(a).await,
+        BenchCmd::Failover(a) => failover::run(a).await,
     }
 }
 

@@ -79,6 +79,7 @@ fn bare_run(f: &Fire, now: i64, state: RunState, note: &str) -> RunRecord {
         shards: Vec::new(),
         parent_run_id: f.parent.clone(),
         note: note.to_owned(),
+        fence: 0,
     }
 }
 
@@ -102,7 +103,14 @@ impl Engine {
         if self.fenced_out {
             return fires.iter().map(|_| None).collect();
         }
-        let plans: Vec<Option<Plan>> = fires.into_iter().map(|f| self.plan(f)).collect();
+        let mut plans: Vec<Option<Plan>> = fires.into_iter().map(|f| self.plan(f)).collect();
+        for p in plans.iter_mut().flatten() {
+            match p {
+                Plan::Start { run, .. } | Plan::Skip(run) | Plan::Buffer(run) => {
+                    run.fence = self.fence
+                }
+            }
+        }
         let records: Vec<FireRecord> = plans
             .iter()
             .flatten()
@@ -252,15 +260,18 @@ impl Engine {
             f.fire_id = f.run_id.clone();
             self.save(&bare_run(&f, now, RunState::Skipped, &note));
         }
+        let fence = self.fence;
         let records: Vec<FireRecord> = ticks[cut..]
             .iter()
             .map(|t| {
                 let f = Fire::tick(job, *t, "misfire");
+                let mut run = bare_run(&f, now, RunState::Skipped, why);
+                run.fence = fence;
                 FireRecord {
                     fire_id: f.fire_id.clone(),
                     job: job.to_owned(),
                     at: *t,
-                    run: bare_run(&f, now, RunState::Skipped, why),
+                    run,
                 }
             })
             .collect();
@@ -355,6 +366,7 @@ impl Engine {
             1
         };
         let mut run = bare_run(&f, now, RunState::Pending, "");
+        run.fence = self.fence;
         run.params = params.unwrap_or(spec.params.clone());
         for i in 0..total {
             let worker = if spec.routing == Routing::ShardingBroadcast {

@@ -1,0 +1,362 @@
+//! `chime bench failover`: C coordinator processes electing a leader, W workers, J
+//! jobs firing every second; the leader is `kill -9`ed every interval (and started
+//! again as a follower). Reports how long each failover took (kill → first shard
+//! started by the new leader), duplicate executions, and ticks neither fired nor
+//! reported as skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chime_shared::clock::system_now_ms;
+use chime_shared::proto as pb;
+use serde_json::json;
+
+use super::quantile;
+
+/// `chime bench failover` arguments.
+#[derive(Debug, clap::Args)]
+pub(crate) struct FailoverArgs {
+    /// Redis URL.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// etcd endpoints.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: String,
+    /// Coordinator processes.
+    #[arg(long, default_value_t = 3)]
+    coordinators: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Leader kills.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
+    /// Jobs, each firing every second.
+    #[arg(long, default_value_t = 100)]
+    jobs: usize,
+    /// Time between kills, ms.
+    #[arg(long, default_value_t = 20_000)]
+    interval_ms: u64,
+    /// Leader lease TTL, seconds.
+    #[arg(long, default_value_t = 5)]
+    election_ttl_s: u64,
+    /// Keep the files (their directory is printed).
+    #[arg(long)]
+    keep_files: bool,
+}
+
+struct Procs {
+    exe: PathBuf,
+    dir: PathBuf,
+    coords: Vec<(u16, Option<Child>)>,
+    workers: Vec<Child>,
+    spawned: usize,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self
+            .coords
+            .iter_mut()
+            .filter_map(|c| c.1.as_mut())
+            .chain(self.workers.iter_mut())
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(
+    exe: &Path,
+    dir: &Path,
+    name: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env("RUST_LOG", "warn,chime_coordinator=info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().with_context(|| format!("spawning {name}"))
+}
+
+impl Procs {
+    fn start_coordinator(
+        &mut self,
+        i: usize,
+        a: &FailoverArgs,
+        prefix: &str,
+        etcd_prefix: &str,
+    ) -> Result<()> {
+        let port = self.coords[i].0;
+        self.spawned += 1;
+        let args: Vec<String> = [
+            "coordinator",
+            "--grpc-addr",
+            &format!("127.0.0.1:{port}"),
+            "--redis-url",
+            &a.redis_url,
+            "--etcd-endpoints",
+            &a.etcd_endpoints,
+            "--prefix",
+            prefix,
+            "--election-ttl-s",
+            &a.election_ttl_s.to_string(),
+            "--heartbeat-interval-ms",
+            "1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = spawn(
+            &self.exe,
+            &self.dir,
+            &format!("coordinator-{i}-{}", self.spawned),
+            &args,
+            &[("CHIME_ETCD_PREFIX", etcd_prefix)],
+        )?;
+        self.coords[i].1 = Some(child);
+        Ok(())
+    }
+}
+
+async fn admin(
+    endpoints: &[String],
+) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    for _ in 0..100 {
+        for e in endpoints {
+            if let Ok(c) = pb::admin_client::AdminClient::connect(e.clone()).await {
+                return Ok(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("no coordinator came up")
+}
+
+/// The leader's address as any live coordinator sees it.
+async fn leader(endpoints: &[String]) -> Option<String> {
+    for e in endpoints {
+        if let Ok(mut c) = pb::admin_client::AdminClient::connect(e.clone()).await
+            && let Ok(r) = c.list_workers(pb::ListWorkersRequest::default()).await
+        {
+            let l = r.into_inner().leader;
+            if !l.is_empty() {
+                return Some(l);
+            }
+        }
+    }
+    None
+}
+
+pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
+    if a.coordinators < 2 || a.workers == 0 || a.jobs == 0 {
+        bail!("invalid arguments: at least 2 coordinators, 1 worker and 1 job");
+    }
+    let prefix = format!("bench{:08x}", fastrand::u32(..));
+    let etcd_prefix = format!("/{prefix}/");
+    let dir = std::env::temp_dir().join(format!("chime-bench-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut p = Procs {
+        exe: std::env::current_exe()?,
+        dir: dir.clone(),
+        coords: Vec::new(),
+        workers: Vec::new(),
+        spawned: 0,
+    };
+    for _ in 0..a.coordinators {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        p.coords.push((port, None));
+    }
+    for i in 0..a.coordinators {
+        p.start_coordinator(i, &a, &prefix, &etcd_prefix)?;
+    }
+    let endpoints: Vec<String> = p
+        .coords
+        .iter()
+        .map(|(port, _)| format!("http://127.0.0.1:{port}"))
+        .collect();
+    let records = dir.join("jobs.rec");
+    for i in 0..a.workers {
+        let args: Vec<String> = [
+            "worker",
+            "--no-queue",
+            "--coordinator",
+            &endpoints.join(","),
+            "--worker-id",
+            &format!("bench-w{i}"),
+            "--handlers",
+            "noop",
+            "--job-record-file",
+            &records.to_string_lossy(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        p.workers
+            .push(spawn(&p.exe, &dir, &format!("w{i}"), &args, &[])?);
+    }
+    let mut client = admin(&endpoints).await?;
+    for _ in 0..300 {
+        if let Ok(r) = client.list_workers(pb::ListWorkersRequest::default()).await
+            && r.into_inner().workers.len() == a.workers
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "bench failover: {} coordinators, {} workers, {} jobs every second, {} kills",
+        a.coordinators, a.workers, a.jobs, a.kills
+    );
+    for i in 0..a.jobs {
+        let job = pb::Job {
+            name: format!("fo-{i}"),
+            group: "default".into(),
+            handler: "noop".into(),
+            schedule: Some(pb::Schedule {
+                kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule {
+                    expr: "* * * * * *".into(),
+                    time_zone: String::new(),
+                })),
+            }),
+            ..Default::default()
+        };
+        client
+            .create_job(pb::CreateJobRequest { job: Some(job) })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    }
+    let start = (system_now_ms() / 1000 + 2) * 1000;
+    let mut kills = Vec::new();
+    for k in 0..a.kills {
+        let at = start + (k as i64 + 1) * a.interval_ms as i64;
+        tokio::time::sleep(Duration::from_millis((at - system_now_ms()).max(0) as u64)).await;
+        let Some(l) = leader(&endpoints).await else {
+            eprintln!("  no leader known at kill {k}; skipping it");
+            continue;
+        };
+        let Some(i) = p
+            .coords
+            .iter()
+            .position(|(port, _)| l.ends_with(&format!(":{port}")))
+        else {
+            continue;
+        };
+        let t = system_now_ms();
+        if let Some(mut c) = p.coords[i].1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        eprintln!("  killed the leader {l} (kill {})", k + 1);
+        kills.push(t);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        p.start_coordinator(i, &a, &prefix, &etcd_prefix)?;
+    }
+    tokio::time::sleep(Duration::from_millis(a.interval_ms / 2)).await;
+    let end = system_now_ms() - 3_000;
+
+    // Every tick in the window must be in the run history, fired or skipped.
+    let mut client = admin(&endpoints).await?;
+    let mut missed = 0usize;
+    let mut skipped = 0usize;
+    let mut fired_ids: HashSet<String> = HashSet::new();
+    for i in 0..a.jobs {
+        let name = format!("fo-{i}");
+        let runs = client
+            .list_runs(pb::ListRunsRequest {
+                job: name.clone(),
+                limit: 1_000,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+            .into_inner()
+            .runs;
+        let by_fire: HashMap<String, i32> =
+            runs.iter().map(|r| (r.fire_id.clone(), r.state)).collect();
+        let mut t = start;
+        while t < end {
+            match by_fire.get(&format!("{name}@{t}")) {
+                None => missed += 1,
+                Some(s) if *s == pb::RunState::Skipped as i32 => skipped += 1,
+                Some(_) => {
+                    fired_ids.insert(format!("{name}@{t}"));
+                }
+            }
+            t += 1_000;
+        }
+    }
+    drop(p);
+
+    // Executions: each fire at most once; failover = kill -> first shard started after it.
+    let text = std::fs::read_to_string(&records).unwrap_or_default();
+    let mut executions: HashMap<(String, String), u32> = HashMap::new();
+    let mut starts = Vec::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.len() != 10 {
+            continue;
+        }
+        *executions
+            .entry((f[1].to_owned(), f[2].to_owned()))
+            .or_default() += 1;
+        if let Ok(s) = f[5].parse::<i64>() {
+            starts.push(s);
+        }
+    }
+    starts.sort_unstable();
+    let duplicates: u32 = executions.values().map(|n| n - 1).sum();
+    let mut failovers: Vec<i64> = kills
+        .iter()
+        .filter_map(|k| starts.iter().find(|s| **s > *k).map(|s| s - k))
+        .collect();
+    failovers.sort_unstable();
+    let mut c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
+        .connect()
+        .await?;
+    c.delete(
+        etcd_prefix.as_str(),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await?;
+    let conn = chime_shared::redis_conn::RedisConn::connect(
+        &chime_shared::redis_conn::RedisSpec::parse(&a.redis_url)?,
+    )
+    .await?;
+    super::cleanup(&conn, &prefix).await?;
+    if a.keep_files {
+        eprintln!("  files kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "failover",
+            "coordinators": a.coordinators,
+            "workers": a.workers,
+            "jobs": a.jobs,
+            "kills": kills.len(),
+            "failover_p50_ms": quantile(&failovers, 0.5),
+            "failover_max_ms": failovers.last().copied().unwrap_or(0),
+            "duplicates": duplicates,
+            "missed_unreported": missed,
+            "fired": fired_ids.len(),
+            "skipped_reported": skipped,
+            "ticks": (end - start) / 1_000 * a.jobs as i64,
+        })
+    );
+    Ok(())
+}
