@@ -26,30 +26,33 @@ use crate::model::{
 };
 use crate::store::{JobStore, RunStore, StoredJob};
 
-/// The gRPC router with both services.
-pub fn server(
+/// The admin API service over these stores.
+pub fn admin_api(
     shared: Arc<Shared>,
     jobs: JobStore,
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
-) -> tonic::transport::server::Router {
+) -> AdminApi {
+    AdminApi {
+        shared,
+        jobs,
+        runs,
+        clock,
+        leader: Arc::default(),
+    }
+}
+
+/// The gRPC router: the worker gateway and `admin`.
+pub fn server(shared: Arc<Shared>, admin: AdminApi) -> tonic::transport::server::Router {
     // Short keep-alives: a worker whose coordinator froze (or the other way round)
     // notices within seconds, not minutes.
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(3)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(pb::worker_gateway_server::WorkerGatewayServer::new(
-            Gateway {
-                shared: shared.clone(),
-            },
+            Gateway { shared },
         ))
-        .add_service(pb::admin_server::AdminServer::new(AdminApi {
-            shared,
-            jobs,
-            runs,
-            clock,
-            leader: Arc::default(),
-        }))
+        .add_service(pb::admin_server::AdminServer::new(admin))
 }
 
 /// The worker gateway.

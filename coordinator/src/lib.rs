@@ -95,12 +95,13 @@ impl Shared {
 /// `shutdown` is cancelled; a leader hands leadership over on the way out.
 pub async fn serve(deps: Deps, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let shared = Arc::new(Shared::default());
-    let server = grpc::server(
+    let admin = grpc::admin_api(
         shared.clone(),
         deps.jobs.clone(),
         deps.runs.clone(),
         deps.clock.clone(),
     );
+    let server = grpc::server(shared.clone(), admin.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();

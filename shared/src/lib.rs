@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod etcd;
 pub mod limits;
+pub mod ops;
 pub mod proto;
 pub mod queue;
 pub mod ratelimit;

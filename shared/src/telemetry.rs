@@ -1,6 +1,6 @@
 //! Metric names, in one place so the worker, the coordinator, the console and the
-//! docs agree on them. Recording goes through the `metrics` facade; the binary
-//! installs the Prometheus exporter.
+//! docs agree on them (`describe` registers their help texts). Recording goes
+//! through the `metrics` facade; `ops::metrics` installs the Prometheus exporter.
 
 /// Items stored by enqueue (label `handler`).
 pub const ITEMS_ENQUEUED: &str = "chime_items_enqueued_total";
@@ -44,3 +44,67 @@ pub const JOB_FIRES: &str = "chime_job_fires_total";
 pub const RUN_RESULTS: &str = "chime_run_results_total";
 /// 1 on the leading coordinator, 0 elsewhere.
 pub const IS_LEADER: &str = "chime_coordinator_leader";
+/// Items waiting per queue (label `queue`), sampled.
+pub const QUEUE_DEPTH: &str = "chime_queue_depth";
+/// Items in flight per queue (label `queue`), sampled.
+pub const QUEUE_IN_FLIGHT: &str = "chime_queue_in_flight";
+/// Dead letters per queue (label `queue`), sampled.
+pub const QUEUE_DEAD: &str = "chime_queue_dead_letters";
+
+/// Registers the help text of every metric.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(ITEMS_ENQUEUED, "Delayed items stored by enqueue.");
+    describe_counter!(ITEMS_FIRED, "Delayed items handed to a handler.");
+    describe_counter!(
+        ITEMS_ACKED,
+        "Delayed items acknowledged after their handler succeeded."
+    );
+    describe_counter!(
+        ITEMS_RETRIED,
+        "Delayed items whose handler failed and that will be retried."
+    );
+    describe_counter!(
+        ITEMS_DEAD_LETTERED,
+        "Delayed items that failed their last attempt."
+    );
+    describe_counter!(
+        ITEMS_RELEASED,
+        "Delayed items handed back by a draining worker."
+    );
+    describe_histogram!(
+        FIRE_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "Due time to handler start of delayed items."
+    );
+    describe_counter!(QUEUE_CLAIMS, "Queue leases taken.");
+    describe_counter!(
+        LEASE_CONFLICTS,
+        "Queue claims refused: another consumer held the lease."
+    );
+    describe_counter!(
+        STALE_LEASES,
+        "Pops refused because the consumer's lease had expired."
+    );
+    describe_counter!(
+        STALE_SETTLEMENTS,
+        "Settlements refused because the delivery was stale."
+    );
+    describe_counter!(STORE_ERRORS, "Failed store calls.");
+    describe_counter!(CONFIG_APPLIED, "Live config changes applied.");
+    describe_counter!(CONFIG_REJECTED, "Live config values refused.");
+    describe_counter!(LAYOUT_APPLIED, "Queue layout changes (resizes) applied.");
+    describe_counter!(ITEMS_MIGRATED, "Items moved between queues by a resize.");
+    describe_gauge!(CONNECTED_WORKERS, "Workers connected to this coordinator.");
+    describe_histogram!(
+        TRIGGER_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "Scheduled instant to fire of jobs."
+    );
+    describe_counter!(JOB_FIRES, "Job fires by outcome (fired, skipped).");
+    describe_counter!(RUN_RESULTS, "Shard results reported by workers, by status.");
+    describe_gauge!(IS_LEADER, "1 on the leading coordinator.");
+    describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");
+    describe_gauge!(QUEUE_IN_FLIGHT, "Items in flight per queue.");
+    describe_gauge!(QUEUE_DEAD, "Dead letters per queue.");
+}

@@ -257,6 +257,7 @@ impl DelayStore for MemoryStore {
 
     async fn enqueue(&self, items: Vec<NewItem>) -> Result<Vec<EnqueueOutcome>> {
         validate_batch(&items)?;
+        let handlers: Vec<String> = items.iter().map(|i| i.handler.clone()).collect();
         let mut st = self.lock();
         let mut out = Vec::with_capacity(items.len());
         for it in items {
@@ -290,6 +291,8 @@ impl DelayStore for MemoryStore {
             q.make_pending(&it.id, it.due_at_ms);
             out.push(EnqueueOutcome::Created);
         }
+        drop(st);
+        super::count_enqueued(handlers.iter().map(String::as_str), &out);
         Ok(out)
     }
 

@@ -628,3 +628,19 @@ impl QueueLayout {
         Ok(layout)
     }
 }
+
+/// Counts created items per handler in `chime_items_enqueued_total`.
+pub(crate) fn count_enqueued<'a>(
+    handlers: impl Iterator<Item = &'a str>,
+    outcomes: &[EnqueueOutcome],
+) {
+    let mut per: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for (h, o) in handlers.zip(outcomes) {
+        if *o == EnqueueOutcome::Created {
+            *per.entry(h).or_default() += 1;
+        }
+    }
+    for (h, n) in per {
+        metrics::counter!(crate::telemetry::ITEMS_ENQUEUED, "handler" => h.to_owned()).increment(n);
+    }
+}

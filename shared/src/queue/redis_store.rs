@@ -419,6 +419,10 @@ impl DelayStore for RedisStore {
         for _ in 0..5 {
             let layout = self.current_layout();
             match self.try_enqueue(&layout, &items).await {
+                Ok(out) => {
+                    super::count_enqueued(items.iter().map(|i| i.handler.as_str()), &out);
+                    return Ok(out);
+                }
                 Err(Error::StaleLayout { epoch }) => {
                     // Chunks that went through answered `Created`; retrying them
                     // would answer `Duplicate`. That is only possible for items a
