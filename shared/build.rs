@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    // The descriptor set feeds gRPC server reflection (grpcurl, Postman).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("chime_descriptor.bin"))
         .build_server(true)
         .build_client(true)
         .compile_protos(&protos, &["../proto"])?;

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use chime_shared::config as live;
 use chime_shared::config::source::{ConfigSource, EtcdSource};
-use chime_shared::config::{self as live, LiveConfig};
 use clap::Subcommand;
 use serde_json::json;
 
@@ -80,24 +80,7 @@ pub async fn run(args: ConfigArgs) -> Result<()> {
             let revision = source.delete(&key).await?;
             json!({ "key": key, "deleted": true, "revision": revision })
         }
-        ConfigCmd::List => {
-            let snap = source.load().await?;
-            let mut in_force = LiveConfig::default();
-            let mut refused = Vec::new();
-            for (k, v, rev) in snap.entries.iter().filter(|e| !live::is_internal(&e.0)) {
-                match live::parse(k, Some(v)) {
-                    Ok(s) => in_force.apply(s, *rev),
-                    Err(r) => refused.push(json!({ "key": r.key, "value": v, "reason": r.reason })),
-                }
-            }
-            let entries: Vec<_> = snap
-                .entries
-                .iter()
-                .filter(|e| !live::is_internal(&e.0))
-                .map(|(k, v, rev)| json!({ "key": k, "value": v, "revision": rev }))
-                .collect();
-            json!({ "revision": snap.revision, "entries": entries, "refused": refused, "in_force": in_force })
-        }
+        ConfigCmd::List => serde_json::to_value(live::listing(&source.load().await?))?,
     };
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

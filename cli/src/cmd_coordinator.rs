@@ -8,15 +8,19 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chime_coordinator::engine::EngineOptions;
+use chime_coordinator::grpc::Auth;
 use chime_coordinator::leader::ElectionOptions;
 use chime_coordinator::store::{JobStore, RedisRunStore, Retention};
+use chime_shared::auth::Tokens;
 use chime_shared::clock::SystemClock;
 use chime_shared::config::source::{ConfigSource, EtcdSource, MemorySource};
+use chime_shared::queue::DelayStore;
+use chime_shared::queue::redis_store::RedisStore;
 use chime_shared::redis_conn::RedisConn;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{self, CoordinatorConfig};
+use crate::config::{self, AuthSection, CoordinatorConfig};
 use crate::{init_logging, shutdown_signal};
 
 /// `chime coordinator` flags; each overrides the config file and `CHIME_*`.
@@ -28,6 +32,18 @@ pub struct CoordinatorArgs {
     /// gRPC listen address.
     #[arg(long)]
     grpc_addr: Option<String>,
+    /// HTTP listen address (console, API, probes, metrics); empty for none.
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// File of admin tokens, one per line.
+    #[arg(long)]
+    admin_token_file: Option<String>,
+    /// File of worker tokens, one per line.
+    #[arg(long)]
+    worker_token_file: Option<String>,
+    /// Accept calls without a token where no token file is set (laptops only).
+    #[arg(long)]
+    allow_unauthenticated: bool,
     /// Address workers should use for this coordinator.
     #[arg(long)]
     advertise: Option<String>,
@@ -65,6 +81,32 @@ pub fn advertise_for(bound: SocketAddr, configured: &str) -> String {
     format!("{ip}:{}", bound.port())
 }
 
+/// The token sets of `[auth]`; refuses to run open unless asked to.
+pub fn auth(a: &AuthSection) -> Result<Auth> {
+    let load = |file: &str, key: &str| -> Result<Option<Arc<Tokens>>> {
+        if file.trim().is_empty() {
+            if a.allow_unauthenticated {
+                return Ok(None);
+            }
+            anyhow::bail!(
+                "invalid auth.{key}: not set. Give a file of tokens (one per line), or set \
+                 auth.allow_unauthenticated = true (--allow-unauthenticated, \
+                 CHIME_AUTH_ALLOW_UNAUTHENTICATED=true) to run without authentication"
+            );
+        }
+        let t = Tokens::from_file(file.trim()).with_context(|| format!("auth.{key}"))?;
+        Ok(Some(Arc::new(t)))
+    };
+    let auth = Auth {
+        admin: load(&a.admin_token_file, "admin_token_file")?,
+        worker: load(&a.worker_token_file, "worker_token_file")?,
+    };
+    if auth.admin.is_none() || auth.worker.is_none() {
+        warn!("authentication is off for some callers (auth.allow_unauthenticated)");
+    }
+    Ok(auth)
+}
+
 /// Runs the coordinator until a signal.
 pub async fn run(args: CoordinatorArgs) -> Result<()> {
     let mut cfg: CoordinatorConfig = config::load(args.config.as_deref(), config::chime_env())?;
@@ -72,6 +114,19 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(v) = args.grpc_addr {
         c.grpc_addr = v;
     }
+    if let Some(v) = args.http_addr {
+        c.http_addr = v;
+    }
+    if let Some(v) = args.admin_token_file {
+        cfg.auth.admin_token_file = v;
+    }
+    if let Some(v) = args.worker_token_file {
+        cfg.auth.worker_token_file = v;
+    }
+    if args.allow_unauthenticated {
+        cfg.auth.allow_unauthenticated = true;
+    }
+    let c = &mut cfg.coordinator;
     if let Some(v) = args.advertise {
         c.advertise = v;
     }
@@ -94,6 +149,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         cfg.log.format = v;
     }
     init_logging(&cfg.log.format, &cfg.log.level);
+    let auth = auth(&cfg.auth)?;
     chime_shared::limits::check_handler("coordinator.prefix", &cfg.coordinator.prefix)?;
     if !(100..=60_000).contains(&cfg.coordinator.heartbeat_interval_ms) {
         anyhow::bail!("invalid coordinator.heartbeat_interval_ms: must be within 100..=60000");
@@ -102,7 +158,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
     let runs = Arc::new(RedisRunStore::new(
-        conn,
+        conn.clone(),
         &cfg.coordinator.prefix,
         Retention {
             per_job: cfg.coordinator.history_per_job.max(1),
@@ -112,6 +168,8 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     if !(1..=60).contains(&cfg.coordinator.election_ttl_s) {
         anyhow::bail!("invalid coordinator.election_ttl_s: must be within 1..=60");
     }
+    let queues: Arc<dyn DelayStore> =
+        Arc::new(RedisStore::open(conn.clone(), cfg.queue.layout()?).await?);
     let (source, etcd): (Arc<dyn ConfigSource>, Option<etcd_client::Client>) = match cfg
         .etcd
         .spec()?
@@ -142,8 +200,21 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
             )
         })?;
     let advertise = advertise_for(listener.local_addr()?, &cfg.coordinator.advertise);
-    info!(grpc = %listener.local_addr()?, advertise = %advertise, "chime coordinator listening");
+    let http = match cfg.coordinator.http_addr.trim() {
+        "" => None,
+        addr => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding coordinator.http_addr {addr}"))?,
+        ),
+    };
+    let http_bound = http.as_ref().and_then(|l| l.local_addr().ok());
+    info!(grpc = %listener.local_addr()?, http = ?http_bound, advertise = %advertise, "chime coordinator listening");
+    let config = etcd.is_some().then(|| source.clone());
     let deps = chime_coordinator::Deps {
+        queues: Some(queues),
+        config,
+        auth,
         jobs: JobStore::new(source),
         runs,
         clock: Arc::new(SystemClock),
@@ -169,7 +240,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         shutdown_signal().await;
         signal.cancel();
     });
-    chime_coordinator::serve(deps, listener, stop).await?;
+    chime_coordinator::serve(deps, listener, http, stop).await?;
     info!("chime coordinator stopped");
     Ok(())
 }

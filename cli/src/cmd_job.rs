@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use chime_coordinator::grpc::{job_from_proto, run_from_proto, worker_from_proto};
 use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
+use chime_shared::auth::Bearer;
 use chime_shared::proto as pb;
 use clap::Subcommand;
 use serde::Serialize;
@@ -15,7 +16,9 @@ use serde_json::json;
 use crate::config::{self, ClientConfig};
 use crate::init_logging;
 
-type Client = pb::admin_client::AdminClient<tonic::transport::Channel>;
+type Client = pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
 
 /// Where the coordinator is.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,6 +29,9 @@ pub struct CoordArgs {
     /// Coordinator gRPC endpoint(s), comma-separated.
     #[arg(long)]
     coordinator: Option<String>,
+    /// File holding the admin token (or set CHIME_ADMIN_TOKEN).
+    #[arg(long)]
+    token_file: Option<String>,
 }
 
 async fn connect(a: &CoordArgs) -> Result<Client> {
@@ -33,7 +39,11 @@ async fn connect(a: &CoordArgs) -> Result<Client> {
     if let Some(c) = &a.coordinator {
         cfg.coordinator = c.clone();
     }
+    if let Some(f) = &a.token_file {
+        cfg.admin_token_file = f.clone();
+    }
     init_logging(&cfg.log.format, "warn");
+    let bearer = admin_bearer(&cfg)?;
     let endpoints: Vec<String> = if cfg.coordinator.trim().is_empty() {
         vec!["http://127.0.0.1:7070".into()]
     } else {
@@ -45,8 +55,18 @@ async fn connect(a: &CoordArgs) -> Result<Client> {
     };
     let mut last = None;
     for e in &endpoints {
-        match Client::connect(e.clone()).await {
-            Ok(c) => return Ok(c.max_decoding_message_size(16 * 1024 * 1024)),
+        let channel = match tonic::transport::Endpoint::from_shared(e.clone()) {
+            Ok(ep) => ep.connect().await,
+            Err(err) => {
+                last = Some(anyhow::anyhow!("invalid coordinator endpoint {e:?}: {err}"));
+                continue;
+            }
+        };
+        match channel {
+            Ok(ch) => {
+                return Ok(pb::admin_client::AdminClient::with_interceptor(ch, bearer)
+                    .max_decoding_message_size(16 * 1024 * 1024));
+            }
             Err(err) => {
                 last = Some(anyhow::anyhow!(
                     "connecting to the coordinator at {e}: {err}"
@@ -55,6 +75,16 @@ async fn connect(a: &CoordArgs) -> Result<Client> {
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no coordinator endpoint")))
+}
+
+/// The admin token of `cfg`: `admin_token_file`, else `admin_token`.
+pub fn admin_bearer(cfg: &ClientConfig) -> Result<Bearer> {
+    let token = match cfg.admin_token_file.trim() {
+        "" => cfg.admin_token.clone(),
+        f => chime_shared::auth::read_client_token(std::path::Path::new(f))
+            .context("admin_token_file")?,
+    };
+    Ok(Bearer::new(Some(&token))?)
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {

@@ -3,10 +3,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use chime_shared::config::source::EtcdSource;
 use chime_shared::config::watcher;
+use chime_shared::ops;
+use chime_shared::queue::DelayStore;
 use chime_shared::queue::redis_store::RedisStore;
 use chime_shared::ratelimit::RedisLimiter;
 use chime_shared::redis_conn::RedisConn;
@@ -44,6 +47,12 @@ pub struct WorkerArgs {
     /// Append one line per finished job shard to this file.
     #[arg(long)]
     job_record_file: Option<PathBuf>,
+    /// File holding the worker token the coordinator asks for.
+    #[arg(long)]
+    token_file: Option<String>,
+    /// HTTP listen address of /livez, /readyz and /metrics; empty for none.
+    #[arg(long)]
+    http_addr: Option<String>,
     /// Do not consume delayed items (job shards only; no Redis needed).
     #[arg(long)]
     no_queue: bool,
@@ -102,10 +111,34 @@ pub fn resolve(args: &WorkerArgs) -> Result<WorkerConfig> {
     if let Some(v) = &args.group {
         cfg.coordinator.group = v.clone();
     }
+    if let Some(v) = &args.token_file {
+        cfg.coordinator.token_file = v.clone();
+    }
+    if let Some(v) = &args.http_addr {
+        cfg.http_addr = v.clone();
+    }
     if let Some(v) = &args.job_record_file {
         cfg.coordinator.record_file = v.to_string_lossy().into_owned();
     }
     Ok(cfg)
+}
+
+/// Ready when not draining and the delay store (if any) answers.
+fn readiness(store: Option<Arc<dyn DelayStore>>, draining: Arc<AtomicBool>) -> ops::Readiness {
+    Arc::new(move || {
+        let (store, draining) = (store.clone(), draining.load(Ordering::Relaxed));
+        Box::pin(async move {
+            let store_ok = match &store {
+                None => Ok(()),
+                Some(s) => s.now_ms().await.map(|_| ()),
+            };
+            let details = serde_json::json!({
+                "draining": draining,
+                "store": match &store_ok { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+            });
+            (!draining && store_ok.is_ok(), details)
+        })
+    })
 }
 
 /// Runs the worker until a signal, then drains.
@@ -119,6 +152,10 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     };
     let layout = cfg.queue.layout()?;
     let stop_watch = tokio_util::sync::CancellationToken::new();
+    // Ready while the store answers and the worker is not draining; a draining
+    // worker leaves the Service's endpoints at once but keeps answering /livez.
+    let draining = Arc::new(AtomicBool::new(false));
+    let mut probe_store: Option<Arc<dyn DelayStore>> = None;
     let mut builder = Worker::builder()
         .worker_id(worker_id.clone())
         .options(cfg.consumer.options());
@@ -130,6 +167,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             .await
             .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
         let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
+        probe_store = Some(store.clone());
         builder = builder.delay_store(store);
         if let Some(spec) = cfg.etcd.spec()? {
             let client = spec
@@ -210,13 +248,42 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             capacity: link.capacity.max(1),
             labels,
             drain_timeout_ms: link.drain_timeout_ms,
+            token: match link.token_file.trim() {
+                "" => None,
+                f => Some(
+                    chime_shared::auth::read_client_token(std::path::Path::new(f))
+                        .context("coordinator.token_file")?,
+                ),
+            },
         });
     }
     let worker = builder.build()?;
     info!(worker_id = worker.id(), prefix = %layout.prefix, family = %layout.family, coordinator = %cfg.coordinator.endpoints,
           queues = layout.count, handlers = ?cfg.handlers.enabled, "chime worker starting");
-    let report = worker.run(shutdown_signal()).await?;
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    let http = match cfg.http_addr.trim() {
+        "" => None,
+        addr => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding http_addr {addr}"))?;
+            info!(http = %l.local_addr()?, "probes and metrics listening");
+            let router = ops::router(readiness(probe_store, draining.clone()));
+            Some(tokio::spawn(ops::serve(l, router, stop_http.clone())))
+        }
+    };
+    let signal = draining.clone();
+    let report = worker
+        .run(async move {
+            shutdown_signal().await;
+            signal.store(true, Ordering::Relaxed);
+        })
+        .await?;
     stop_watch.cancel();
+    stop_http.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
+    }
     info!(
         handled = report.handled,
         handed_back = report.handed_back,

@@ -230,6 +230,9 @@ pub struct CoordinatorLink {
     pub drain_timeout_ms: u64,
     /// When set, every finished shard appends a line to this file (tests, benches).
     pub record_file: String,
+    /// File holding the worker token (the first token in it) the coordinator
+    /// asks for; empty: connect without one.
+    pub token_file: String,
 }
 
 impl Default for CoordinatorLink {
@@ -241,6 +244,7 @@ impl Default for CoordinatorLink {
             labels: String::new(),
             drain_timeout_ms: 25_000,
             record_file: String::new(),
+            token_file: String::new(),
         }
     }
 }
@@ -265,11 +269,13 @@ impl Default for LogSection {
 }
 
 /// `chime worker`'s configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Stable worker id (a pod name); empty means `HOSTNAME`.
     pub worker_id: String,
+    /// HTTP listen address of `/livez`, `/readyz` and `/metrics`; empty: none.
+    pub http_addr: String,
     /// Redis.
     pub redis: RedisSection,
     /// Live settings.
@@ -286,6 +292,38 @@ pub struct WorkerConfig {
     pub log: LogSection,
 }
 
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: String::new(),
+            http_addr: "0.0.0.0:9090".into(),
+            redis: RedisSection::default(),
+            etcd: EtcdSection::default(),
+            queue: QueueSection::default(),
+            consumer: ConsumerSection::default(),
+            handlers: HandlersSection::default(),
+            coordinator: CoordinatorLink::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+/// Who may call the coordinator. Tokens live in files (a Kubernetes Secret mounted
+/// as files), one per line; several lines are several valid tokens, which is how a
+/// token rotates without a restart. A changed file is picked up within a second.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// File of the admin tokens (console, `chime job|runs|workers`).
+    pub admin_token_file: String,
+    /// File of the worker tokens (worker sessions). Separate from the admin
+    /// tokens, so a worker's token cannot change jobs.
+    pub worker_token_file: String,
+    /// Accept calls without a token where no token file is set. For trying chime
+    /// on a laptop; a coordinator with neither refuses to start.
+    pub allow_unauthenticated: bool,
+}
+
 /// `chime coordinator`'s configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -296,6 +334,10 @@ pub struct CoordinatorConfig {
     pub etcd: EtcdSection,
     /// The coordinator itself.
     pub coordinator: CoordinatorSection,
+    /// Tokens.
+    pub auth: AuthSection,
+    /// The delay queues the console shows (same prefix and family as the workers').
+    pub queue: QueueSection,
     /// Logging.
     pub log: LogSection,
 }
@@ -306,6 +348,9 @@ pub struct CoordinatorConfig {
 pub struct CoordinatorSection {
     /// gRPC listen address (workers and the admin API).
     pub grpc_addr: String,
+    /// HTTP listen address (web console, JSON API, `/livez`, `/readyz`,
+    /// `/metrics`); empty: no HTTP.
+    pub http_addr: String,
     /// Address workers and peers should use for this coordinator (default: the
     /// listen address, with 127.0.0.1 for an unspecified host).
     pub advertise: String,
@@ -325,6 +370,7 @@ impl Default for CoordinatorSection {
     fn default() -> Self {
         Self {
             grpc_addr: "0.0.0.0:7070".into(),
+            http_addr: "0.0.0.0:8080".into(),
             advertise: String::new(),
             prefix: "chime".into(),
             heartbeat_interval_ms: 2_000,
@@ -347,6 +393,11 @@ pub struct ClientConfig {
     pub queue: QueueSection,
     /// Coordinator endpoints for `chime job|runs|workers` (comma-separated).
     pub coordinator: String,
+    /// Admin token for `chime job|runs|workers` (`CHIME_ADMIN_TOKEN`); prefer
+    /// `admin_token_file`.
+    pub admin_token: String,
+    /// File holding the admin token (the first token in it).
+    pub admin_token_file: String,
     /// Logging.
     pub log: LogSection,
 }

@@ -10,7 +10,7 @@ pub enum CoordError {
     /// Refused input; `field` names it. Nothing was stored.
     #[error("invalid {field}: {reason}")]
     InvalidArgument {
-        /// Field path, e.g. `schedule.cron`.
+        /// Field path, e.g. `schedule.expr`.
         field: String,
         /// Why.
         reason: String,
@@ -71,11 +71,22 @@ impl From<redis::RedisError> for CoordError {
     }
 }
 
+/// gRPC metadata key carrying the field an `InvalidArgument` names.
+pub const FIELD_METADATA: &str = "chime-field";
+
 impl From<CoordError> for tonic::Status {
     fn from(e: CoordError) -> Self {
         let msg = e.to_string();
         match e {
-            CoordError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
+            CoordError::InvalidArgument { field, .. } => {
+                // The field also travels as metadata, so a client (the console's
+                // JSON API among them) can point at it without parsing the message.
+                let mut s = tonic::Status::invalid_argument(msg);
+                if let Ok(v) = field.parse() {
+                    s.metadata_mut().insert(FIELD_METADATA, v);
+                }
+                s
+            }
             CoordError::NotFound(_) => tonic::Status::not_found(msg),
             CoordError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             CoordError::Conflict(_) => tonic::Status::failed_precondition(msg),

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chime_shared::auth::{self, Tokens};
 use chime_shared::clock::Clock;
 use chime_shared::proto as pb;
 use pb::coordinator_message::Kind as Out;
@@ -42,17 +43,85 @@ pub fn admin_api(
     }
 }
 
-/// The gRPC router: the worker gateway and `admin`.
-pub fn server(shared: Arc<Shared>, admin: AdminApi) -> tonic::transport::server::Router {
+/// Who may call what: `None` lets anyone in (`auth.allow_unauthenticated`).
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    /// Tokens of the admin API (console, CLI).
+    pub admin: Option<Arc<Tokens>>,
+    /// Tokens workers present when they open a session.
+    pub worker: Option<Arc<Tokens>>,
+}
+
+/// Whether `headers`' `authorization` value holds one of `tokens` (always true
+/// without tokens).
+pub fn authorized(tokens: &Option<Arc<Tokens>>, header: Option<&str>) -> bool {
+    match tokens {
+        None => true,
+        Some(t) => header
+            .and_then(auth::bearer)
+            .is_some_and(|tok| t.verify(tok)),
+    }
+}
+
+/// An interceptor refusing calls without one of `tokens`.
+fn require(
+    tokens: Option<Arc<Tokens>>,
+    what: &'static str,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if authorized(&tokens, header) {
+            Ok(req)
+        } else {
+            Err(CoordError::Unauthenticated(format!("missing or unknown {what} token")).into())
+        }
+    }
+}
+
+/// The gRPC router: the worker gateway, `admin`, the standard health service and
+/// server reflection (so `grpcurl` and friends work without the proto files).
+pub async fn server(
+    shared: Arc<Shared>,
+    admin: AdminApi,
+    auth: Auth,
+) -> tonic::transport::server::Router {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // A coordinator serves both services whether it leads or not: a follower
+    // redirects workers and forwards admin calls, so it is healthy either way.
+    health
+        .set_serving::<pb::worker_gateway_server::WorkerGatewayServer<Gateway>>()
+        .await;
+    health
+        .set_serving::<pb::admin_server::AdminServer<AdminApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .ok();
     // Short keep-alives: a worker whose coordinator froze (or the other way round)
     // notices within seconds, not minutes.
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(3)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
-        .add_service(pb::worker_gateway_server::WorkerGatewayServer::new(
-            Gateway { shared },
-        ))
-        .add_service(pb::admin_server::AdminServer::new(admin))
+        .add_service(health_service)
+        .add_service(
+            pb::worker_gateway_server::WorkerGatewayServer::with_interceptor(
+                Gateway { shared },
+                require(auth.worker, "worker"),
+            ),
+        )
+        .add_service(pb::admin_server::AdminServer::with_interceptor(
+            admin,
+            require(auth.admin, "admin"),
+        ));
+    match reflection {
+        Some(r) => router.add_service(r),
+        None => router,
+    }
 }
 
 /// The worker gateway.
@@ -515,7 +584,13 @@ impl AdminApi {
 macro_rules! forward {
     ($self:ident, $req:ident, $method:ident) => {
         if let Some(mut c) = $self.forward().await? {
-            return c.$method(Request::new($req.into_inner())).await;
+            // The caller's token goes along: the leader checks it again.
+            let token = $req.metadata().get("authorization").cloned();
+            let mut fwd = Request::new($req.into_inner());
+            if let Some(t) = token {
+                fwd.metadata_mut().insert("authorization", t);
+            }
+            return c.$method(fwd).await;
         }
     };
 }

@@ -17,6 +17,7 @@
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod leader;
 pub mod model;
 pub mod schedule;
@@ -26,6 +27,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chime_shared::clock::Clock;
+use chime_shared::config::source::ConfigSource;
+use chime_shared::queue::DelayStore;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +52,13 @@ pub struct Deps {
     pub options: engine::EngineOptions,
     /// Leader election; `None` runs a single coordinator that always leads.
     pub election: Option<(etcd_client::Client, leader::ElectionOptions)>,
+    /// The delay store, for the console's queue pages and the queue gauges the
+    /// leader samples (`None`: neither).
+    pub queues: Option<Arc<dyn DelayStore>>,
+    /// Live settings, for the console's config page (`None`: not shown).
+    pub config: Option<Arc<dyn ConfigSource>>,
+    /// Who may call the admin API and open worker sessions.
+    pub auth: grpc::Auth,
 }
 
 impl std::fmt::Debug for Deps {
@@ -91,9 +101,19 @@ impl Shared {
     }
 }
 
-/// Runs a coordinator on `listener` (gRPC: worker gateway and admin API) until
-/// `shutdown` is cancelled; a leader hands leadership over on the way out.
-pub async fn serve(deps: Deps, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+/// How often the leader samples queue depths into the gauges.
+const QUEUE_SAMPLE: Duration = Duration::from_secs(5);
+
+/// Runs a coordinator until `shutdown` is cancelled: gRPC (worker gateway, admin
+/// API, health, reflection) on `grpc_listener`, and when given, HTTP (console, JSON
+/// API, `/livez`, `/readyz`, `/metrics`) on `http_listener`. A leader hands
+/// leadership over on the way out.
+pub async fn serve(
+    deps: Deps,
+    grpc_listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let shared = Arc::new(Shared::default());
     let admin = grpc::admin_api(
         shared.clone(),
@@ -101,8 +121,8 @@ pub async fn serve(deps: Deps, listener: TcpListener, shutdown: CancellationToke
         deps.runs.clone(),
         deps.clock.clone(),
     );
-    let server = grpc::server(shared.clone(), admin.clone());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = grpc::server(shared.clone(), admin.clone(), deps.auth.clone()).await;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
     let grpc = tokio::spawn(async move {
@@ -110,6 +130,24 @@ pub async fn serve(deps: Deps, listener: TcpListener, shutdown: CancellationToke
             .serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await })
             .await
     });
+    // HTTP stops with gRPC, after leadership is handed over, so probes and the
+    // console keep answering during the hand-over.
+    let http = http_listener.map(|l| {
+        let state = http::HttpState {
+            admin: admin.clone(),
+            shared: shared.clone(),
+            queues: deps.queues.clone(),
+            config: deps.config.clone(),
+            tokens: deps.auth.admin.clone(),
+            this: deps.options.advertise.clone(),
+            clock: deps.clock.clone(),
+        };
+        let router = http::router(state, readiness(shared.clone(), deps.clone()));
+        tokio::spawn(chime_shared::ops::serve(l, router, stop_grpc.clone()))
+    });
+    if let Some(q) = deps.queues.clone() {
+        tokio::spawn(sample_queues(q, shared.clone(), stop_grpc.clone()));
+    }
     let resign = Arc::new(Notify::new());
     let election_stop = CancellationToken::new();
     let mut roles = match &deps.election {
@@ -182,10 +220,62 @@ pub async fn serve(deps: Deps, listener: TcpListener, shutdown: CancellationToke
     election_stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop_grpc.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
+    }
     match grpc.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(CoordError::Unavailable(format!("grpc server: {e}"))),
         Err(e) => Err(CoordError::Unavailable(format!("grpc server task: {e}"))),
+    }
+}
+
+/// Ready when the leader is known (this replica or another) and the run store
+/// answers: a replica that cannot reach Redis or has no leader cannot serve.
+fn readiness(shared: Arc<Shared>, deps: Deps) -> chime_shared::ops::Readiness {
+    Arc::new(move || {
+        let shared = shared.clone();
+        let runs = deps.runs.clone();
+        Box::pin(async move {
+            let c = shared.current();
+            let store = runs.ping().await;
+            let ok = !c.leader.is_empty() && store.is_ok();
+            let details = serde_json::json!({
+                "leader": c.leader,
+                "is_leader": c.engine.is_some(),
+                "run_store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+            });
+            (ok, details)
+        })
+    })
+}
+
+/// On the leader, samples every queue's depth, in-flight and dead-letter counts
+/// into gauges (one sampler per cluster, so the sums add up).
+async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: CancellationToken) {
+    use chime_shared::telemetry as m;
+    let mut tick = tokio::time::interval(QUEUE_SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if shared.current().engine.is_none() {
+            continue;
+        }
+        match q.stats().await {
+            Ok(stats) => {
+                for s in stats {
+                    let queue = s.queue.to_string();
+                    metrics::gauge!(m::QUEUE_DEPTH, "queue" => queue.clone()).set(s.pending as f64);
+                    metrics::gauge!(m::QUEUE_IN_FLIGHT, "queue" => queue.clone())
+                        .set(s.in_flight as f64);
+                    metrics::gauge!(m::QUEUE_DEAD, "queue" => queue).set(s.dead as f64);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot sample queue depths"),
+        }
     }
 }
 

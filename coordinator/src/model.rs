@@ -426,7 +426,7 @@ pub(crate) mod tests {
                 },
                 ..job("x")
             }),
-            "schedule.cron"
+            "schedule.expr"
         );
         assert_eq!(
             field(JobSpec {

@@ -33,7 +33,7 @@ fn parse_cron(expr: &str) -> Result<Cron> {
         .seconds(Seconds::Optional)
         .build()
         .parse(expr)
-        .map_err(|e| CoordError::invalid("schedule.cron", format!("{expr:?}: {e}")))
+        .map_err(|e| CoordError::invalid("schedule.expr", format!("{expr:?}: {e}")))
 }
 
 fn parse_tz(tz: &str) -> Result<Tz> {
@@ -61,7 +61,7 @@ pub fn validate(s: &Schedule) -> Result<()> {
                 .unwrap_or_else(|| Tz::UTC.timestamp_millis_opt(0).unwrap());
             if cron.find_next_occurrence(&probe, false).is_err() {
                 return Err(CoordError::invalid(
-                    "schedule.cron",
+                    "schedule.expr",
                     format!("{expr:?} never fires"),
                 ));
             }
@@ -246,14 +246,14 @@ mod tests {
                     expr: "nope".into(),
                     time_zone: String::new(),
                 },
-                "schedule.cron",
+                "schedule.expr",
             ),
             (
                 Schedule::Cron {
                     expr: "0 0 30 2 *".into(),
                     time_zone: String::new(),
                 },
-                "schedule.cron",
+                "schedule.expr",
             ),
             (
                 Schedule::Cron {

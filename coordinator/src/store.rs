@@ -180,6 +180,10 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// Runs of `job` (all jobs when empty), newest first.
     async fn list_runs(&self, job: &str, limit: usize) -> Result<Vec<RunRecord>>;
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How much history to keep.
@@ -374,6 +378,17 @@ impl RunStore for RedisRunStore {
             .invoke_async(&mut conn)
             .await?;
         Ok(ok == 1)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        // A read of the fence key: it lives on the node that holds every
+        // scheduling key, which is the node that must answer.
+        let _: Option<i64> = redis::cmd("GET")
+            .arg(format!("{}:fence", self.tag))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     async fn trigger_state(&self) -> Result<HashMap<String, i64>> {

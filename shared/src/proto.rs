@@ -6,3 +6,6 @@
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
 tonic::include_proto!("chime.v1");
+
+/// The encoded descriptors of every chime proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("chime_descriptor");

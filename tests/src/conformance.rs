@@ -575,14 +575,21 @@ pub async fn invalid_input_stores_nothing(store: Store) -> Result<()> {
 /// Stats count pending, due, in-flight and dead items per queue.
 pub async fn stats_count_states(store: Store) -> Result<()> {
     let now = store.now_ms().await?;
+    // 5 due now, 3 due in 30 s (soon), 12 in 10 minutes.
+    let due = |i: i32| match i {
+        0..5 => now,
+        5..8 => now + 30_000,
+        _ => now + 600_000,
+    };
     let items: Vec<NewItem> = (0..20)
-        .map(|i| NewItem::new(format!("s{i}"), "h", if i < 5 { now } else { now + 60_000 }))
+        .map(|i| NewItem::new(format!("s{i}"), "h", due(i)))
         .collect();
     store.enqueue(items).await?;
     let st = store.stats().await?;
     assert_eq!(st.len() as u32, store.queue_count());
     assert_eq!(st.iter().map(|s| s.pending).sum::<u64>(), 20);
     assert_eq!(st.iter().map(|s| s.due_now).sum::<u64>(), 5);
+    assert_eq!(st.iter().map(|s| s.due_soon).sum::<u64>(), 8);
     assert!(st.iter().filter_map(|s| s.next_due_ms).all(|d| d >= now));
     let mut popped = 0;
     for q in 0..store.queue_count() {

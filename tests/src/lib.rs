@@ -425,6 +425,8 @@ fn build_chime() -> Result<PathBuf> {
 pub fn chime_cmd(args: &[&str]) -> Result<Command> {
     let mut cmd = Command::new(chime_bin()?);
     cmd.args(args);
+    // The harness's own switch, not a chime setting (chime refuses unknown CHIME_*).
+    cmd.env_remove("CHIME_KEEP_TEST_DIRS");
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
@@ -483,6 +485,10 @@ pub fn spawn_worker(
         "--record-file".into(),
         record.to_string_lossy().into_owned(),
     ];
+    if !extra.contains(&"--http-addr") {
+        // Probes on an ephemeral port: several workers share this host.
+        args.extend(["--http-addr".into(), "127.0.0.1:0".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut cmd = chime_cmd(&argv)?;
@@ -521,8 +527,17 @@ pub struct Cluster {
     pub records: PathBuf,
     /// Files of this cluster.
     pub dir: Arc<TestDir>,
+    /// HTTP ports (console, API, metrics) of the coordinators, by index.
+    pub http_ports: Vec<u16>,
+    /// The admin token (in `admin.token`); workers use `worker.token`.
+    pub admin_token: String,
     spawned: u32,
 }
+
+/// The admin token every test cluster uses.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The worker token every test cluster uses.
+pub const WORKER_TOKEN: &str = "test-worker-token-0123456789";
 
 /// One finished shard, as a worker recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -562,10 +577,16 @@ impl Cluster {
         let redis = RedisServer::start_in(dir.clone()).await?;
         let etcd = EtcdServer::start().await?;
         let mut coords = Vec::new();
+        let mut http_ports = Vec::new();
         for _ in 0..coordinators {
             coords.push((free_port()?, None));
+            http_ports.push(free_port()?);
         }
+        std::fs::write(dir.path().join("admin.token"), format!("{ADMIN_TOKEN}\n"))?;
+        std::fs::write(dir.path().join("worker.token"), format!("{WORKER_TOKEN}\n"))?;
         let mut c = Self {
+            http_ports,
+            admin_token: ADMIN_TOKEN.to_owned(),
             coordinator: format!("http://127.0.0.1:{}", coords[0].0),
             redis,
             etcd,
@@ -590,10 +611,19 @@ impl Cluster {
         self.spawned += 1;
         let port = self.coords[i].0;
         let addr = format!("127.0.0.1:{port}");
+        let http = format!("127.0.0.1:{}", self.http_ports[i]);
+        let admin = self.dir.path().join("admin.token");
+        let worker = self.dir.path().join("worker.token");
         let cmd = chime_cmd(&[
             "coordinator",
             "--grpc-addr",
             &addr,
+            "--http-addr",
+            &http,
+            "--admin-token-file",
+            &admin.to_string_lossy(),
+            "--worker-token-file",
+            &worker.to_string_lossy(),
             "--redis-url",
             &self.redis.url,
             "--etcd-endpoints",
@@ -668,9 +698,14 @@ impl Cluster {
     /// Starts worker `id` (job shards only).
     pub fn add_worker(&mut self, id: &str) -> Result<()> {
         let rec = self.records.to_string_lossy().into_owned();
+        let token = self.dir.path().join("worker.token");
         let cmd = chime_cmd(&[
             "worker",
             "--no-queue",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--token-file",
+            &token.to_string_lossy(),
             "--coordinator",
             &self.coordinator,
             "--worker-id",
@@ -718,7 +753,14 @@ impl Cluster {
         };
         all.insert(at, "--coordinator");
         all.insert(at + 1, &self.coordinator);
-        let (code, out, err) = run_chime(&all)?;
+        let out = chime_cmd(&all)?
+            .env("CHIME_ADMIN_TOKEN", &self.admin_token)
+            .output()?;
+        let (code, out, err) = (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
         if code != 0 {
             bail!("chime {}: {}", args.join(" "), err.trim());
         }

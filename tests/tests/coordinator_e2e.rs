@@ -764,7 +764,7 @@ async fn schedules_pause_and_bad_input() -> Result<()> {
                 "--cron",
                 "61 * * * * *",
             ],
-            "schedule.cron",
+            "schedule.expr",
         ),
         (
             vec![

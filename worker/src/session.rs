@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chime_shared::auth::Bearer;
 use chime_shared::clock::system_now_ms;
 use chime_shared::proto as pb;
 use pb::coordinator_message::Kind as Out;
@@ -37,6 +38,8 @@ pub struct SessionOptions {
     /// On shutdown, how long running shards may finish before they are cancelled
     /// (and handed to another worker), ms.
     pub drain_timeout_ms: u64,
+    /// The worker token presented to the coordinator (none: no header).
+    pub token: Option<String>,
 }
 
 type Key = (String, u32, u32);
@@ -243,8 +246,18 @@ impl Session {
                 running,
             })))
             .await;
-        let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+        let mut call = tonic::Request::new(ReceiverStream::new(rx));
+        match Bearer::new(self.opts.token.as_deref()) {
+            Ok(b) => b.apply(call.metadata_mut()),
+            Err(e) => warn!(error = %e, "worker token not usable; connecting without it"),
+        }
+        let mut inbound = match client.session(call).await {
             Ok(r) => r.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                // Retried like any refusal (the token file may be fixed), but loudly.
+                tracing::error!(endpoint, error = %e.message(), "the coordinator refused this worker's token");
+                return Ended::Broken;
+            }
             Err(e) => {
                 warn!(endpoint, error = %e, "session refused");
                 return Ended::Broken;

@@ -72,6 +72,8 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
                 &a.redis_url,
             ])
             .args(["--etcd-endpoints", &a.etcd_endpoints, "--prefix", &prefix])
+            // A throwaway loopback cluster: no tokens, HTTP on an ephemeral port.
+            .args(["--allow-unauthenticated", "--http-addr", "127.0.0.1:0"])
             .env("CHIME_ETCD_PREFIX", &etcd_prefix)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -93,7 +95,13 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
                     "--worker-id",
                     &format!("bench-w{i}"),
                 ])
-                .args(["--handlers", "noop", "--job-record-file"])
+                .args([
+                    "--handlers",
+                    "noop",
+                    "--http-addr",
+                    "127.0.0.1:0",
+                    "--job-record-file",
+                ])
                 .arg(&records)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())

@@ -114,6 +114,10 @@ impl Procs {
             &a.election_ttl_s.to_string(),
             "--heartbeat-interval-ms",
             "1000",
+            // A throwaway loopback cluster: no tokens, HTTP on an ephemeral port.
+            "--allow-unauthenticated",
+            "--http-addr",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -199,6 +203,8 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
             &format!("bench-w{i}"),
             "--handlers",
             "noop",
+            "--http-addr",
+            "127.0.0.1:0",
             "--job-record-file",
             &records.to_string_lossy(),
         ]

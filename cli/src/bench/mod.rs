@@ -73,7 +73,9 @@ impl Workers {
             let log_path = dir.join(format!("w{i}.log"));
             let log = std::fs::File::create(&log_path)?;
             let mut cmd = Command::new(&exe);
+            // Probes on an ephemeral port: several workers share this host.
             cmd.arg("worker")
+                .args(["--http-addr", "127.0.0.1:0"])
                 .args(args)
                 .args(["--handlers", "noop", "--worker-id", &format!("bench-w{i}")])
                 .arg("--record-file")

@@ -270,9 +270,137 @@ impl LiveConfig {
     }
 }
 
+/// A key pattern operators can set, for help texts and the console.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct KnownKey {
+    /// The key, with `<family>`/`<name>` placeholders.
+    pub pattern: &'static str,
+    /// Accepted values.
+    pub range: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+/// Every settable key (the table at the top of this module, as data).
+pub const KNOWN_KEYS: [KnownKey; 7] = [
+    KnownKey {
+        pattern: "queues/<family>/count",
+        range: "1..=4096",
+        doc: "number of queues N of a family; changing it resizes live, nothing lost or doubled",
+    },
+    KnownKey {
+        pattern: "queues/<family>/visibility_ms",
+        range: "100..=86400000",
+        doc: "how long a popped item stays invisible before it is delivered again",
+    },
+    KnownKey {
+        pattern: "queues/<family>/merge_window_ms",
+        range: "0..=86400000",
+        doc: "items with one merge key due within this window fire as one",
+    },
+    KnownKey {
+        pattern: "handlers/<name>/rate_per_s",
+        range: "0.001..=1000000",
+        doc: "global rate limit of a handler across every worker (items/s)",
+    },
+    KnownKey {
+        pattern: "handlers/<name>/concurrency",
+        range: "1..=100000",
+        doc: "items of this handler running at once on one worker",
+    },
+    KnownKey {
+        pattern: "handlers/<name>/budget",
+        range: "a budget name",
+        doc: "the handler shares that budget's rate with the other handlers in it",
+    },
+    KnownKey {
+        pattern: "budgets/<name>/rate_per_s",
+        range: "0.001..=1000000",
+        doc: "a rate shared equally by the handlers in the budget (items/s)",
+    },
+];
+
+/// One stored setting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Key, relative to the prefix.
+    pub key: String,
+    /// Value as stored.
+    pub value: String,
+    /// Revision of its last write.
+    pub revision: i64,
+}
+
+/// A stored value the processes refuse (they keep the previous good one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    /// Key.
+    pub key: String,
+    /// Value as stored.
+    pub value: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+/// Every setting of a snapshot, what the processes refuse, and what is in force.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listing {
+    /// The store revision read.
+    pub revision: i64,
+    /// Every stored setting.
+    pub entries: Vec<Entry>,
+    /// Stored values that are refused.
+    pub refused: Vec<Refused>,
+    /// The settings in force.
+    pub in_force: LiveConfig,
+}
+
+/// Lists the settings of `snapshot` (internal sections left out).
+pub fn listing(snapshot: &source::Snapshot) -> Listing {
+    let mut out = Listing {
+        revision: snapshot.revision,
+        entries: Vec::new(),
+        refused: Vec::new(),
+        in_force: LiveConfig::default(),
+    };
+    for (k, v, rev) in snapshot.entries.iter().filter(|e| !is_internal(&e.0)) {
+        out.entries.push(Entry {
+            key: k.clone(),
+            value: v.clone(),
+            revision: *rev,
+        });
+        match parse(k, Some(v)) {
+            Ok(s) => out.in_force.apply(s, *rev),
+            Err(r) => out.refused.push(Refused {
+                key: r.key,
+                value: v.clone(),
+                reason: r.reason,
+            }),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listing_separates_refused_values() {
+        let snap = source::Snapshot {
+            entries: vec![
+                ("queues/default/count".into(), "16".into(), 5),
+                ("queues/default/visibility_ms".into(), "-3".into(), 6),
+                ("jobs/nightly".into(), "{}".into(), 7),
+            ],
+            revision: 7,
+        };
+        let l = listing(&snap);
+        assert_eq!(l.entries.len(), 2);
+        assert_eq!(l.refused.len(), 1);
+        assert_eq!(l.refused[0].key, "queues/default/visibility_ms");
+        assert_eq!(l.in_force.family("default").count, Some((16, 5)));
+    }
 
     #[test]
     fn parses_every_key() {

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 
 use super::codec::{self, Body};
 use super::{
-    CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
-    ItemState, ItemView, Layout, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped,
+    CancelOutcome, Claimed, DUE_SOON_MS, DelayStore, Delivery, DeliveryToken, EnqueueOutcome,
+    ItemRef, ItemState, ItemView, Layout, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped,
     QueueStats, RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
 };
 use crate::clock::Clock;
@@ -562,6 +562,11 @@ impl DelayStore for MemoryStore {
                 queue: i as u32,
                 pending: q.due.len() as u64,
                 due_now: q.due.iter().take_while(|(s, _)| *s <= now).count() as u64,
+                due_soon: q
+                    .due
+                    .iter()
+                    .take_while(|(s, _)| *s <= now + DUE_SOON_MS)
+                    .count() as u64,
                 in_flight: q.run.len() as u64,
                 dead: q.dead.len() as u64,
                 next_due_ms: q.due.first().map(|x| x.0),

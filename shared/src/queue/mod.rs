@@ -407,6 +407,9 @@ pub struct Settlement {
     pub outcome: Outcome,
 }
 
+/// The horizon of [`QueueStats::due_soon`], ms.
+pub const DUE_SOON_MS: i64 = 60_000;
+
 /// Counts for one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
@@ -416,6 +419,8 @@ pub struct QueueStats {
     pub pending: u64,
     /// Pending items already due.
     pub due_now: u64,
+    /// Pending items due within [`DUE_SOON_MS`] (including those due now).
+    pub due_soon: u64,
     /// Items handed to consumers and not yet settled.
     pub in_flight: u64,
     /// Dead letters.

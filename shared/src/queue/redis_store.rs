@@ -25,9 +25,9 @@ use super::codec::{self, Body};
 use super::layout::Layout;
 use super::redis_migrate::Passes;
 use super::{
-    CancelOutcome, Claimed, DelayStore, Delivery, DeliveryToken, EnqueueOutcome, ItemRef,
-    ItemState, ItemView, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped, QueueLayout,
-    QueueStats, RescheduleOutcome, Settlement, new_lease_token, validate_batch,
+    CancelOutcome, Claimed, DUE_SOON_MS, DelayStore, Delivery, DeliveryToken, EnqueueOutcome,
+    ItemRef, ItemState, ItemView, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped,
+    QueueLayout, QueueStats, RescheduleOutcome, Settlement, new_lease_token, validate_batch,
 };
 use crate::error::{Error, Result};
 use crate::redis_conn::RedisConn;
@@ -658,8 +658,9 @@ impl DelayStore for RedisStore {
 
     async fn stats(&self) -> Result<Vec<QueueStats>> {
         let calls = (0..self.queue_count()).map(|q| async move {
-            let parts = array(self.run(&STATS, q, Vec::new()).await?, "stats")?;
-            if parts.len() != 6 {
+            let horizon = DUE_SOON_MS.to_string().into_bytes();
+            let parts = array(self.run(&STATS, q, vec![horizon]).await?, "stats")?;
+            if parts.len() != 7 {
                 return Err(Error::Corrupt("stats: unexpected answer".into()));
             }
             let next = int(&parts[4], "stats")?;
@@ -671,6 +672,7 @@ impl DelayStore for RedisStore {
                 dead: int(&parts[3], "stats")? as u64,
                 next_due_ms: (next >= 0).then_some(next),
                 moving: int(&parts[5], "stats")? as u64,
+                due_soon: int(&parts[6], "stats")? as u64,
             })
         });
         try_join_all(calls).await

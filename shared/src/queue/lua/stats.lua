@@ -1,4 +1,5 @@
--- STATS: answers {pending, due now, in flight, dead, next due or -1, moving}.
+-- STATS: answers {pending, due now, in flight, dead, next due or -1, moving,
+-- due within ARGV[1] ms}.
 local now = now_ms()
 local h = redis.call('ZRANGE', K_DUE, 0, 0, 'WITHSCORES')
 local nd = -1
@@ -10,4 +11,5 @@ return {
   redis.call('ZCARD', K_DEAD),
   nd,
   redis.call('ZCARD', K_MOVING),
+  redis.call('ZCOUNT', K_DUE, '-inf', num(now + tonumber(ARGV[1]))),
 }

@@ -1,0 +1,794 @@
+//! The coordinator's HTTP side: the web console (three static files compiled into
+//! the binary, so nothing is built or fetched at run time), its JSON API (the
+//! contract is `docs/http-api.md`), and the ops endpoints `/livez`, `/readyz` and
+//! `/metrics` from `chime_shared::ops`.
+//!
+//! The API handlers are thin. Job, run and worker calls go through the same
+//! [`AdminApi`] the gRPC admin service is, in process, so a follower forwards them to
+//! the leader exactly as it forwards gRPC calls (the caller's token goes along).
+//! Queue and config calls read the delay store and the live-settings source
+//! directly: any replica can answer those. JSON is converted from and to the domain
+//! types here and nowhere else.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chime_shared::clock::Clock;
+use chime_shared::config::source::ConfigSource;
+use chime_shared::config::{self as live};
+use chime_shared::ops;
+use chime_shared::proto as pb;
+use chime_shared::queue::{DelayStore, ItemRef};
+use pb::admin_server::Admin;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+use crate::Shared;
+use crate::engine::TriggerState;
+use crate::error::FIELD_METADATA;
+use crate::grpc::{
+    AdminApi, authorized, job_from_proto, job_to_proto, run_from_proto, worker_from_proto,
+};
+use crate::model::{JobSpec, RunRecord};
+use crate::store::StoredJob;
+use chime_shared::auth::Tokens;
+
+/// The console's files, embedded at build time.
+const INDEX_HTML: &str = include_str!("../console/index.html");
+const APP_JS: &str = include_str!("../console/app.js");
+const APP_CSS: &str = include_str!("../console/app.css");
+
+/// Largest JSON body the API reads (a job with 64 KiB params and shard params fits).
+const MAX_BODY_BYTES: usize = 512 * 1024;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The admin API (forwards to the leader on a follower).
+    pub admin: AdminApi,
+    /// Who leads.
+    pub shared: Arc<Shared>,
+    /// The delay store, when the console shows queues.
+    pub queues: Option<Arc<dyn DelayStore>>,
+    /// The live-settings source, when the console shows config.
+    pub config: Option<Arc<dyn ConfigSource>>,
+    /// Admin tokens (`None`: no login).
+    pub tokens: Option<Arc<Tokens>>,
+    /// This replica's address.
+    pub this: String,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("this", &self.this)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The whole HTTP router: console, API, ops endpoints.
+pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
+    let api = Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/jobs", get(list_jobs).post(create_job))
+        .route(
+            "/api/jobs/{name}",
+            get(get_job).put(update_job).delete(delete_job),
+        )
+        .route("/api/jobs/{name}/pause", post(pause_job))
+        .route("/api/jobs/{name}/resume", post(resume_job))
+        .route("/api/jobs/{name}/trigger", post(trigger_job))
+        .route("/api/runs", get(list_runs))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/kill", post(kill_run))
+        .route("/api/workers", get(list_workers))
+        .route("/api/queues", get(queues))
+        .route("/api/queues/dead", get(dead_letters))
+        .route("/api/queues/dead/requeue", post(requeue))
+        .route(
+            "/api/config",
+            get(get_config).put(put_config).delete(delete_config),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route(
+            "/",
+            get(|| async { file("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { file("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/app.css",
+            get(|| async { file("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route("/api/session", get(session))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
+        .with_state(state)
+        .merge(ops::router(ready))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+fn file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            // The console only talks to its own origin.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// An API failure, answered as `{"error": {code, message, field?}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_argument",
+            message: format!("invalid {field}: {}", message.into()),
+            field: Some(field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut err = json!({ "code": self.code, "message": self.message });
+        if let Some(f) = self.field {
+            err["field"] = Value::String(f);
+        }
+        (self.status, axum::Json(json!({ "error": err }))).into_response()
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        let (status, code) = match s.code() {
+            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            Code::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Code::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
+            Code::FailedPrecondition | Code::Aborted => (StatusCode::CONFLICT, "conflict"),
+            Code::Unavailable | Code::DeadlineExceeded => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let field = (code == "invalid_argument").then(|| {
+            s.metadata()
+                .get(FIELD_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| field_of_message(s.message()))
+                .unwrap_or_else(|| "body".into())
+        });
+        Self {
+            status,
+            code,
+            message: s.message().to_owned(),
+            field,
+        }
+    }
+}
+
+impl From<chime_shared::Error> for ApiError {
+    fn from(e: chime_shared::Error) -> Self {
+        match e {
+            chime_shared::Error::InvalidArgument { field, reason } => Self::invalid(field, reason),
+            other => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// `invalid <field>: …` → `<field>`.
+fn field_of_message(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("invalid ")?;
+    let (field, _) = rest.split_once(':')?;
+    (!field.is_empty() && !field.contains(' ')).then(|| field.to_owned())
+}
+
+type ApiResult<T = axum::Json<Value>> = Result<T, ApiError>;
+
+fn ok(v: impl Serialize) -> ApiResult {
+    serde_json::to_value(v)
+        .map(axum::Json)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if authorized(&st.tokens, header) {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "missing or unknown admin token (Authorization: Bearer <token>)",
+        )
+        .into_response()
+    }
+}
+
+/// A gRPC request carrying the HTTP caller's token (for forwarding to the leader).
+fn call<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    ok(json!({
+        "auth_required": st.tokens.is_some(),
+        "authenticated": st.tokens.is_some() && authorized(&st.tokens, header),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+// ---- jobs ----
+
+/// A job as the API answers it.
+#[derive(Serialize)]
+struct JobOut {
+    #[serde(flatten)]
+    spec: JobSpec,
+    version: i64,
+    next_fire_ms: Option<i64>,
+    last_fire_ms: Option<i64>,
+}
+
+fn job_out(j: pb::Job) -> Result<JobOut, ApiError> {
+    let next_fire_ms = (j.next_fire_ms != 0).then_some(j.next_fire_ms);
+    let last_fire_ms = (j.last_fire_ms != 0).then_some(j.last_fire_ms);
+    let (spec, version) = job_from_proto(j).map_err(Status::from)?;
+    Ok(JobOut {
+        spec,
+        version,
+        next_fire_ms,
+        last_fire_ms,
+    })
+}
+
+/// Fields the API answers but does not take.
+const ANSWER_ONLY: [&str; 3] = ["version", "next_fire_ms", "last_fire_ms"];
+
+/// A job from a JSON body; errors name the field (`schedule.expr`, `retries`, …).
+fn job_in(body: &[u8]) -> Result<(JobSpec, i64), ApiError> {
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    };
+    let version = obj.get("version").and_then(Value::as_i64).unwrap_or(0);
+    for k in ANSWER_ONLY {
+        obj.remove(k);
+    }
+    obj.remove("created_at_ms");
+    let spec: JobSpec = serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names a missing or unknown field in the message, at the path of the
+        // object that lacks or has it.
+        let named = ["missing field `", "unknown field `", "unknown variant `"]
+            .iter()
+            .find_map(|p| inner.strip_prefix(p))
+            .and_then(|r| r.split_once('`'))
+            .map(|(name, _)| name.to_owned());
+        let field = match (path.as_str(), named) {
+            (".", Some(n)) if !inner.starts_with("unknown variant") => n,
+            (p, Some(n)) if inner.starts_with("missing field") => format!("{p}.{n}"),
+            (".", None) => "body".to_owned(),
+            (p, _) => p.to_owned(),
+        };
+        ApiError::invalid(field, inner)
+    })?;
+    Ok((spec, version))
+}
+
+fn proto_job(spec: JobSpec, version: i64) -> pb::Job {
+    job_to_proto(&StoredJob { spec, version }, TriggerState::default())
+}
+
+#[derive(Deserialize)]
+struct GroupQuery {
+    #[serde(default)]
+    group: String,
+}
+
+async fn list_jobs(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<GroupQuery>,
+) -> ApiResult {
+    let jobs = st
+        .admin
+        .list_jobs(call(&headers, pb::ListJobsRequest { group: q.group }))
+        .await?
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(job_out)
+        .collect::<Result<Vec<_>, _>>()?;
+    ok(json!({ "jobs": jobs }))
+}
+
+async fn create_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, axum::Json<Value>)> {
+    let (spec, _) = job_in(&body)?;
+    let req = pb::CreateJobRequest {
+        job: Some(proto_job(spec, 0)),
+    };
+    let j = st.admin.create_job(call(&headers, req)).await?.into_inner();
+    Ok((StatusCode::CREATED, ok(job_out(j)?)?))
+}
+
+async fn get_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let j = st
+        .admin
+        .get_job(call(&headers, pb::JobRef { name }))
+        .await?;
+    ok(job_out(j.into_inner())?)
+}
+
+async fn update_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let (spec, version) = job_in(&body)?;
+    if spec.name != name {
+        return Err(ApiError::invalid(
+            "name",
+            format!("{:?} does not match the path's {name:?}", spec.name),
+        ));
+    }
+    let req = pb::UpdateJobRequest {
+        job: Some(proto_job(spec, version)),
+    };
+    let j = st.admin.update_job(call(&headers, req)).await?;
+    ok(job_out(j.into_inner())?)
+}
+
+async fn delete_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    st.admin
+        .delete_job(call(&headers, pb::JobRef { name }))
+        .await?;
+    ok(json!({}))
+}
+
+async fn pause_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let j = st
+        .admin
+        .pause_job(call(&headers, pb::JobRef { name }))
+        .await?;
+    ok(job_out(j.into_inner())?)
+}
+
+async fn resume_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let j = st
+        .admin
+        .resume_job(call(&headers, pb::JobRef { name }))
+        .await?;
+    ok(job_out(j.into_inner())?)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TriggerIn {
+    #[serde(default)]
+    params: String,
+}
+
+async fn trigger_job(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let input: TriggerIn = if body.iter().all(u8::is_ascii_whitespace) {
+        TriggerIn::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("params", e.to_string()))?
+    };
+    let req = pb::TriggerJobRequest {
+        name,
+        params: input.params,
+    };
+    let run = st.admin.trigger_job(call(&headers, req)).await?;
+    ok(run_from_proto(run.into_inner()))
+}
+
+// ---- runs and workers ----
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    #[serde(default)]
+    job: String,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn recent_runs(
+    st: &HttpState,
+    headers: &HeaderMap,
+    job: String,
+    limit: u32,
+) -> ApiResult<Vec<RunRecord>> {
+    let runs = st
+        .admin
+        .list_runs(call(headers, pb::ListRunsRequest { job, limit }))
+        .await?;
+    Ok(runs
+        .into_inner()
+        .runs
+        .into_iter()
+        .map(run_from_proto)
+        .collect())
+}
+
+async fn list_runs(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<RunsQuery>,
+) -> ApiResult {
+    let runs = recent_runs(&st, &headers, q.job, q.limit.unwrap_or(50)).await?;
+    ok(json!({ "runs": runs }))
+}
+
+async fn get_run(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+) -> ApiResult {
+    let r = st
+        .admin
+        .get_run(call(&headers, pb::RunId { run_id }))
+        .await?;
+    ok(run_from_proto(r.into_inner()))
+}
+
+async fn kill_run(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+) -> ApiResult {
+    let r = st
+        .admin
+        .kill_run(call(&headers, pb::RunId { run_id }))
+        .await?;
+    ok(run_from_proto(r.into_inner()))
+}
+
+async fn list_workers(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
+    let w = st
+        .admin
+        .list_workers(call(&headers, pb::ListWorkersRequest::default()))
+        .await?
+        .into_inner();
+    let workers: Vec<_> = w.workers.into_iter().map(worker_from_proto).collect();
+    ok(json!({ "workers": workers, "leader": w.leader }))
+}
+
+/// p50, p99 and max of `xs` (nulls when empty).
+fn spread(mut xs: Vec<i64>) -> Value {
+    if xs.is_empty() {
+        return json!({ "p50": null, "p99": null, "max": null });
+    }
+    xs.sort_unstable();
+    let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize];
+    json!({ "p50": at(0.5), "p99": at(0.99), "max": xs[xs.len() - 1] })
+}
+
+async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
+    let current = st.shared.current();
+    let w = st
+        .admin
+        .list_workers(call(&headers, pb::ListWorkersRequest::default()))
+        .await?
+        .into_inner();
+    let jobs = st
+        .admin
+        .list_jobs(call(&headers, pb::ListJobsRequest::default()))
+        .await?
+        .into_inner()
+        .jobs;
+    let runs = recent_runs(&st, &headers, String::new(), 20).await?;
+    let lags = runs
+        .iter()
+        .filter(|r| r.cause == "scheduled" && r.fired_at_ms > 0 && r.scheduled_at_ms > 0)
+        .map(|r| r.fired_at_ms - r.scheduled_at_ms)
+        .collect();
+    let queues = match &st.queues {
+        None => json!({ "available": false }),
+        Some(q) => match q.stats().await {
+            Ok(s) => json!({
+                "available": true,
+                "count": s.len(),
+                "pending": s.iter().map(|x| x.pending).sum::<u64>(),
+                "due_now": s.iter().map(|x| x.due_now).sum::<u64>(),
+                "in_flight": s.iter().map(|x| x.in_flight).sum::<u64>(),
+                "dead": s.iter().map(|x| x.dead).sum::<u64>(),
+                "oldest_due_ms": s.iter().filter_map(|x| x.next_due_ms).min(),
+            }),
+            Err(e) => json!({ "available": false, "reason": e.to_string() }),
+        },
+    };
+    let workers: Vec<_> = w.workers.into_iter().map(worker_from_proto).collect();
+    ok(json!({
+        "now_ms": st.clock.now_ms(),
+        "this": st.this,
+        "leader": w.leader,
+        "is_leader": current.engine.is_some(),
+        "fence": current.fence,
+        "workers": workers,
+        "jobs": {
+            "total": jobs.len(),
+            "paused": jobs.iter().filter(|j| j.paused).count(),
+        },
+        "queues": queues,
+        "recent_runs": runs,
+        "trigger_lag_ms": spread(lags),
+    }))
+}
+
+// ---- queues ----
+
+fn store(st: &HttpState) -> ApiResult<&Arc<dyn DelayStore>> {
+    st.queues.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this coordinator has no delay store configured ([queue] and [redis])",
+        )
+    })
+}
+
+async fn queues(State(st): State<HttpState>) -> ApiResult {
+    let Some(q) = &st.queues else {
+        return ok(json!({
+            "available": false,
+            "reason": "this coordinator has no delay store configured",
+        }));
+    };
+    let stats = q.stats().await?;
+    let layout = q.layout();
+    ok(json!({
+        "available": true,
+        "now_ms": q.now_ms().await?,
+        "count": layout.count,
+        "layout": layout,
+        "queues": stats,
+    }))
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+async fn dead_letters(State(st): State<HttpState>, Query(q): Query<LimitQuery>) -> ApiResult {
+    let items = store(&st)?
+        .dead_letters(q.limit.unwrap_or(100).min(1_000))
+        .await?;
+    ok(json!({ "items": items }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequeueIn {
+    #[serde(default)]
+    items: Vec<ItemRefIn>,
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemRefIn {
+    key: String,
+    id: String,
+}
+
+/// Most dead letters one requeue call moves.
+const MAX_REQUEUE: usize = 100_000;
+
+async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+    let input: RequeueIn =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("items", e.to_string()))?;
+    if input.all == !input.items.is_empty() {
+        return Err(ApiError::invalid("items", "give either items or all: true"));
+    }
+    let refs: Vec<ItemRef> = input
+        .items
+        .into_iter()
+        .map(|i| ItemRef::with_key(i.key, i.id))
+        .collect();
+    let n = store(&st)?.requeue_dead(&refs, MAX_REQUEUE).await?;
+    ok(json!({ "requeued": n }))
+}
+
+// ---- config ----
+
+fn source(st: &HttpState) -> ApiResult<&Arc<dyn ConfigSource>> {
+    st.config.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this coordinator has no etcd configured",
+        )
+    })
+}
+
+async fn get_config(State(st): State<HttpState>) -> ApiResult {
+    let Some(src) = &st.config else {
+        return ok(json!({ "available": false, "reason": "no etcd configured" }));
+    };
+    let mut v = serde_json::to_value(live::listing(&src.load().await?)).unwrap_or_default();
+    v["available"] = Value::Bool(true);
+    v["known_keys"] = serde_json::to_value(live::KNOWN_KEYS).unwrap_or_default();
+    ok(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingIn {
+    key: String,
+    value: String,
+}
+
+async fn put_config(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+    let input: SettingIn =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let value = input.value.trim();
+    // Checked the way every process will check it, so a refused value never
+    // reaches etcd from here.
+    live::parse(&input.key, Some(value)).map_err(|r| ApiError::invalid(r.key, r.reason))?;
+    let revision = source(&st)?.put(&input.key, value).await?;
+    ok(json!({ "key": input.key, "value": value, "revision": revision }))
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    key: String,
+}
+
+async fn delete_config(State(st): State<HttpState>, Query(q): Query<KeyQuery>) -> ApiResult {
+    live::parse(&q.key, None).map_err(|r| ApiError::invalid(r.key, r.reason))?;
+    let src = source(&st)?;
+    if src.get(&q.key).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{} is not set", q.key),
+        ));
+    }
+    let revision = src.delete(&q.key).await?;
+    ok(json!({ "key": q.key, "deleted": true, "revision": revision }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_json_errors_name_the_field() {
+        let e = job_in(br#"{"name":"a","group":"g","handler":"h","schedule":{"kind":"cron"}}"#)
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("schedule.expr"), "{e:?}");
+        let e = job_in(br#"{"name":"a","handler":"h","schedule":{"kind":"manual"}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("group"), "{e:?}");
+        let e = job_in(
+            br#"{"name":"a","group":"g","handler":"h","schedule":{"kind":"manual"},"retires":3}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("retires"), "{e:?}");
+        let e = job_in(
+            br#"{"name":"a","group":"g","handler":"h","schedule":{"kind":"manual"},"retries":"x"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("retries"), "{e:?}");
+        let e = job_in(br#"{"name":"a","group":"g","handler":"h","schedule":{"kind":"hourly"}}"#)
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("schedule.kind"), "{e:?}");
+        let e = job_in(b"[1]").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("body"), "{e:?}");
+        let (spec, version) = job_in(
+            br#"{"name":"a","group":"g","handler":"h","schedule":{"kind":"fixed_rate","every_ms":500},
+                 "version":7,"next_fire_ms":null,"last_fire_ms":3}"#,
+        )
+        .unwrap();
+        assert_eq!((spec.name.as_str(), version), ("a", 7));
+    }
+
+    #[test]
+    fn status_field_falls_back_to_the_message() {
+        assert_eq!(
+            field_of_message("invalid schedule.expr: bad"),
+            Some("schedule.expr".into())
+        );
+        assert_eq!(field_of_message("invalid job: missing"), Some("job".into()));
+        assert_eq!(field_of_message("nope"), None);
+    }
+
+    #[test]
+    fn spread_of_lags() {
+        assert_eq!(
+            spread(vec![]),
+            json!({ "p50": null, "p99": null, "max": null })
+        );
+        assert_eq!(
+            spread(vec![5, 1, 3]),
+            json!({ "p50": 3, "p99": 5, "max": 5 })
+        );
+    }
+}

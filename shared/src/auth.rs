@@ -1,0 +1,260 @@
+//! Bearer tokens: who may use the admin API (console, CLI) and who may connect as a
+//! worker. Two separate token sets, so a leaked worker token cannot change jobs.
+//!
+//! A token file holds one token per line (blank lines and `#` comments ignored).
+//! Several lines are several valid tokens, which is how tokens rotate without a
+//! restart: add the new token, roll the clients, remove the old one. The file is
+//! re-read when its modification time changes (checked at most once a second), so a
+//! Kubernetes Secret update reaches a running process.
+//!
+//! Comparison is constant-time in the token's content, so response timing does not
+//! leak how much of a guess was right.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::error::{Error, Result};
+
+/// Shortest token accepted from a file.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Longest token accepted (a header longer than this is refused unread).
+pub const MAX_TOKEN_LEN: usize = 512;
+/// How often a token file's modification time is looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// A set of accepted tokens, fixed or read from a file.
+#[derive(Debug)]
+pub struct Tokens {
+    file: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    tokens: Vec<Vec<u8>>,
+    modified: Option<SystemTime>,
+    checked: Instant,
+}
+
+fn parse(text: &str, origin: &str) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if t.len() < MIN_TOKEN_LEN || t.len() > MAX_TOKEN_LEN {
+            return Err(Error::invalid(
+                origin,
+                format!(
+                    "line {}: a token must be {MIN_TOKEN_LEN}..={MAX_TOKEN_LEN} characters",
+                    n + 1
+                ),
+            ));
+        }
+        if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid(
+                origin,
+                format!(
+                    "line {}: a token has no spaces or control characters",
+                    n + 1
+                ),
+            ));
+        }
+        out.push(t.as_bytes().to_vec());
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(origin, "holds no token"));
+    }
+    Ok(out)
+}
+
+fn read(path: &Path) -> Result<(Vec<Vec<u8>>, Option<SystemTime>)> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::invalid(&origin, format!("cannot read the token file: {e}")))?;
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    Ok((parse(&text, &origin)?, modified))
+}
+
+/// Equal in constant time over `presented`'s length (and independent of where the
+/// first difference is).
+fn same(expected: &[u8], presented: &[u8]) -> bool {
+    let mut diff = (expected.len() != presented.len()) as u8;
+    for (i, b) in presented.iter().enumerate() {
+        diff |= b ^ expected.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+impl Tokens {
+    /// Tokens from a file (see the module docs); an unreadable or empty file, or a
+    /// short token, is an error naming the file.
+    pub fn from_file(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let (tokens, modified) = read(&path)?;
+        Ok(Self {
+            file: Some(path),
+            state: Mutex::new(State {
+                tokens,
+                modified,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// One fixed token (`chime dev`, tests). No length rule: it is the caller's.
+    pub fn fixed(token: impl Into<String>) -> Self {
+        Self {
+            file: None,
+            state: Mutex::new(State {
+                tokens: vec![token.into().into_bytes()],
+                modified: None,
+                checked: Instant::now(),
+            }),
+        }
+    }
+
+    /// Whether `presented` is one of the tokens. A file that changed is re-read
+    /// first; a file that became unreadable or invalid keeps the last good tokens
+    /// (an operator's typo must not lock everyone out), and says so in the log.
+    pub fn verify(&self, presented: &str) -> bool {
+        if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
+            return false;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.file
+            && st.checked.elapsed() >= RECHECK
+        {
+            st.checked = Instant::now();
+            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            if modified != st.modified {
+                match read(path) {
+                    Ok((tokens, modified)) => {
+                        tracing::info!(file = %path.display(), tokens = tokens.len(), "token file reloaded");
+                        st.tokens = tokens;
+                        st.modified = modified;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token file changed but is not usable; keeping the previous tokens");
+                        st.modified = modified;
+                    }
+                }
+            }
+        }
+        // Every token is compared, so timing does not tell which one matched.
+        st.tokens
+            .iter()
+            .fold(false, |hit, t| same(t, presented.as_bytes()) | hit)
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header value.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A tonic interceptor adding `authorization: Bearer <token>` to every call (no
+/// header without a token).
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    /// Presents `token` (none: calls go without).
+    pub fn new(token: Option<&str>) -> Result<Self> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(Self(None)),
+            Some(t) => format!("Bearer {t}")
+                .parse()
+                .map(|v| Self(Some(v)))
+                .map_err(|_| Error::invalid("token", "holds characters a header cannot carry")),
+        }
+    }
+
+    /// Adds the header to `metadata`.
+    pub fn apply(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        if let Some(v) = &self.0 {
+            metadata.insert("authorization", v.clone());
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        self.apply(req.metadata_mut());
+        Ok(req)
+    }
+}
+
+/// Reads a client's token file (the first token in it), for the CLI and workers.
+pub fn read_client_token(path: &Path) -> Result<String> {
+    let (tokens, _) = read(path)?;
+    Ok(String::from_utf8(tokens[0].clone()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_equality_is_equality() {
+        assert!(same(b"abcdef", b"abcdef"));
+        assert!(!same(b"abcdef", b"abcdeg"));
+        assert!(!same(b"abcdef", b"abcde"));
+        assert!(!same(b"abcde", b"abcdef"));
+        assert!(!same(b"", b"a"));
+    }
+
+    #[test]
+    fn bearer_header() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("abc"), None);
+    }
+
+    #[test]
+    fn file_tokens_rotate_and_bad_files_keep_the_last_good_set() {
+        let dir = std::env::temp_dir().join(format!("chime-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("tokens");
+        std::fs::write(&f, "# admin\nold-token-0123456789\n").unwrap();
+        let t = Tokens::from_file(&f).unwrap();
+        assert!(t.verify("old-token-0123456789"));
+        assert!(!t.verify("new-token-0123456789"));
+        assert!(!t.verify(""));
+        // Rotation: both valid, then only the new one.
+        let bump = |text: &str, secs: u64| {
+            std::fs::write(&f, text).unwrap();
+            let when = SystemTime::now() + Duration::from_secs(secs);
+            std::fs::File::options()
+                .write(true)
+                .open(&f)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+            t.state.lock().unwrap().checked = Instant::now() - RECHECK;
+        };
+        bump("old-token-0123456789\nnew-token-0123456789\n", 10);
+        assert!(t.verify("old-token-0123456789") && t.verify("new-token-0123456789"));
+        bump("new-token-0123456789\n", 20);
+        assert!(!t.verify("old-token-0123456789"));
+        assert!(t.verify("new-token-0123456789"));
+        // A broken file keeps the previous set.
+        bump("short\n", 30);
+        assert!(t.verify("new-token-0123456789"));
+        // Bad files are refused at start, naming the file.
+        std::fs::write(&f, "\n# nothing\n").unwrap();
+        let e = Tokens::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("tokens") && e.contains("no token"), "{e}");
+        std::fs::write(&f, "short\n").unwrap();
+        let e = Tokens::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
