@@ -1,0 +1,339 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* ---------------------------------------------------------------- names */}}
+
+{{/* The chart name (nameOverride wins). */}}
+{{- define "chime.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The base name of every resource: fullnameOverride, else the release name when it
+already contains the chart name, else "<release>-<chart>". Truncated so that the
+longest suffix ("-coordinator-headless", 21 characters) still fits in 63.
+*/}}
+{{- define "chime.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 42 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 42 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 42 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chime.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "chime.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "chime.coordinator.fullname" -}}{{ include "chime.fullname" . }}-coordinator{{- end -}}
+{{- define "chime.coordinator.headless" -}}{{ include "chime.fullname" . }}-coordinator-headless{{- end -}}
+{{- define "chime.worker.fullname" -}}{{ include "chime.fullname" . }}-worker{{- end -}}
+{{- define "chime.worker.metrics" -}}{{ include "chime.fullname" . }}-worker-metrics{{- end -}}
+{{- define "chime.redis.fullname" -}}{{ include "chime.fullname" . }}-redis{{- end -}}
+{{- define "chime.etcd.fullname" -}}{{ include "chime.fullname" . }}-etcd{{- end -}}
+{{- define "chime.configName" -}}{{ include "chime.fullname" . }}-config{{- end -}}
+{{- define "chime.secretName" -}}{{ include "chime.fullname" . }}{{- end -}}
+{{/* Pods labelled "<fullname>-client: true" may reach the coordinators when networkPolicy.allowExternal is false. */}}
+{{- define "chime.clientLabel" -}}{{ include "chime.fullname" . }}-client{{- end -}}
+
+{{- define "chime.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "chime.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- labels */}}
+
+{{/* Kubernetes recommended labels plus commonLabels. Call with (dict "ctx" $ "component" "worker"). */}}
+{{- define "chime.labels" -}}
+{{- $ctx := .ctx -}}
+helm.sh/chart: {{ include "chime.chart" $ctx }}
+{{ include "chime.selectorLabels" . }}
+app.kubernetes.io/version: {{ $ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
+app.kubernetes.io/part-of: chime
+{{- with $ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Immutable selector labels. Call with (dict "ctx" $ "component" "worker"). */}}
+{{- define "chime.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chime.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{/* metadata.annotations of every resource (commonAnnotations), with a leading newline or nothing. */}}
+{{- define "chime.annotations" -}}
+{{- with .Values.commonAnnotations -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- images */}}
+
+{{/* registry/repository:tag or @digest. Call with (dict "image" .Values.image "global" .Values.global "default" "0.1.0"). */}}
+{{- define "chime.imageRef" -}}
+{{- $registry := .image.registry -}}
+{{- if and .global .global.imageRegistry -}}{{- $registry = .global.imageRegistry -}}{{- end -}}
+{{- $repo := .image.repository -}}
+{{- if $registry -}}{{- $repo = printf "%s/%s" $registry .image.repository -}}{{- end -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repo .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (toString (default .default .image.tag)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chime.image" -}}
+{{- include "chime.imageRef" (dict "image" .Values.image "global" .Values.global "default" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* imagePullSecrets of a pod, from global and the image's own list. Call with (dict "ctx" $ "secrets" list). */}}
+{{- define "chime.imagePullSecrets" -}}
+{{- $names := list -}}
+{{- range .ctx.Values.global.imagePullSecrets }}{{- $names = append $names . -}}{{- end -}}
+{{- range .secrets }}{{- $names = append $names . -}}{{- end -}}
+{{- if $names -}}
+imagePullSecrets:
+{{- range ($names | uniq) }}
+  - name: {{ . }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- scheduling */}}
+
+{{/* Pod anti-affinity preset. Call with (dict "ctx" $ "component" "worker" "preset" "soft"). */}}
+{{- define "chime.antiAffinity" -}}
+{{- if eq .preset "soft" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "chime.selectorLabels" (dict "ctx" .ctx "component" .component) | nindent 12 }}
+{{- else if eq .preset "hard" -}}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - topologyKey: kubernetes.io/hostname
+      labelSelector:
+        matchLabels:
+          {{- include "chime.selectorLabels" (dict "ctx" .ctx "component" .component) | nindent 10 }}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- stores */}}
+
+{{/* Redis URL(s) without the password. */}}
+{{- define "chime.redis.url" -}}
+{{- if .Values.redis.bundled.enabled -}}
+{{- printf "redis://%s.%s.svc.%s:6379/0" (include "chime.redis.fullname" .) (include "chime.namespace" .) .Values.clusterDomain -}}
+{{- else -}}
+{{- .Values.redis.external.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chime.redis.hasPassword" -}}
+{{- if or .Values.redis.auth.existingSecret .Values.redis.auth.password -}}true{{- end -}}
+{{- end -}}
+
+{{- define "chime.redis.secretName" -}}
+{{- default (include "chime.secretName" .) .Values.redis.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "chime.redis.secretKey" -}}
+{{- if .Values.redis.auth.existingSecret -}}{{ .Values.redis.auth.existingSecretPasswordKey }}{{- else -}}redis-password{{- end -}}
+{{- end -}}
+
+{{/*
+The Redis URL with "[user]:$(REDIS_PASSWORD)@" after each scheme: Kubernetes expands
+$(REDIS_PASSWORD) from the env var defined before it, so the password never lands in
+the ConfigMap.
+*/}}
+{{- define "chime.redis.urlWithPassword" -}}
+{{- $auth := printf "${1}%s:$(REDIS_PASSWORD)@" .Values.redis.auth.username -}}
+{{- regexReplaceAll "(rediss?://)" (include "chime.redis.url" .) $auth -}}
+{{- end -}}
+
+{{- define "chime.etcd.endpoints" -}}
+{{- if .Values.etcd.bundled.enabled -}}
+{{- printf "http://%s.%s.svc.%s:2379" (include "chime.etcd.fullname" .) (include "chime.namespace" .) .Values.clusterDomain -}}
+{{- else -}}
+{{- .Values.etcd.external.endpoints -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chime.etcd.hasPassword" -}}
+{{- if and .Values.etcd.auth.username (or .Values.etcd.auth.existingSecret .Values.etcd.auth.password) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "chime.etcd.secretName" -}}
+{{- default (include "chime.secretName" .) .Values.etcd.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "chime.etcd.secretKey" -}}
+{{- if .Values.etcd.auth.existingSecret -}}{{ .Values.etcd.auth.existingSecretPasswordKey }}{{- else -}}etcd-password{{- end -}}
+{{- end -}}
+
+{{/* Env vars that carry the store passwords from Secrets (nothing when there are none). */}}
+{{- define "chime.storeEnv" -}}
+{{- if include "chime.redis.hasPassword" . -}}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chime.redis.secretName" . }}
+      key: {{ include "chime.redis.secretKey" . }}
+- name: CHIME_REDIS_URL
+  value: {{ include "chime.redis.urlWithPassword" . | quote }}
+{{ end -}}
+{{- if include "chime.etcd.hasPassword" . -}}
+- name: CHIME_ETCD_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chime.etcd.secretName" . }}
+      key: {{ include "chime.etcd.secretKey" . }}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- coordinator addresses */}}
+
+{{- define "chime.grpcScheme" -}}{{ if .Values.tls.enabled }}https{{ else }}http{{ end }}{{- end -}}
+
+{{/* The stable DNS name of coordinator pod N's host (without the port). Call with (dict "ctx" $ "pod" "name-0"). */}}
+{{- define "chime.coordinator.podHost" -}}
+{{- printf "%s.%s.%s.svc.%s" .pod (include "chime.coordinator.headless" .ctx) (include "chime.namespace" .ctx) .ctx.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* Every coordinator's gRPC endpoint, comma-separated: workers try each and follow the leader redirect. */}}
+{{- define "chime.coordinator.endpoints" -}}
+{{- $eps := list -}}
+{{- range $i := until (int .Values.coordinator.replicaCount) -}}
+{{- $host := include "chime.coordinator.podHost" (dict "ctx" $ "pod" (printf "%s-%d" (include "chime.coordinator.fullname" $) $i)) -}}
+{{- $eps = append $eps (printf "%s://%s:%d" (include "chime.grpcScheme" $) $host (int $.Values.coordinator.containerPorts.grpc)) -}}
+{{- end -}}
+{{- join "," $eps -}}
+{{- end -}}
+
+{{/* The client Service's gRPC endpoint (any coordinator; followers forward admin calls). */}}
+{{- define "chime.coordinator.clientEndpoint" -}}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "chime.grpcScheme" .) (include "chime.coordinator.fullname" .) (include "chime.namespace" .) .Values.clusterDomain (int .Values.coordinator.service.ports.grpc) -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- worker grace period */}}
+
+{{/* Longest drain of a worker, whole seconds rounded up. */}}
+{{- define "chime.worker.drainSeconds" -}}
+{{- $ms := max (int64 .Values.worker.consumer.drainTimeoutMs) (int64 .Values.worker.drainTimeoutMs) -}}
+{{- div (add $ms 999) 1000 -}}
+{{- end -}}
+
+{{/* The worker pods' terminationGracePeriodSeconds: preStop + drain + margin, unless set. */}}
+{{- define "chime.worker.terminationGracePeriodSeconds" -}}
+{{- if not (eq (toString .Values.worker.terminationGracePeriodSeconds) "") -}}
+{{- int64 .Values.worker.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (int64 .Values.worker.preStopSleepSeconds) (int64 (include "chime.worker.drainSeconds" .)) (int64 .Values.worker.terminationGraceMarginSeconds) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- secrets and volumes */}}
+
+{{- define "chime.tokenSecretName" -}}
+{{- default (include "chime.secretName" .) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The chart's own Secret is needed when it holds at least one key. */}}
+{{- define "chime.needsSecret" -}}
+{{- if or (and .Values.auth.enabled (not .Values.auth.existingSecret)) (and .Values.redis.auth.password (not .Values.redis.auth.existingSecret)) (and .Values.etcd.auth.username .Values.etcd.auth.password (not .Values.etcd.auth.existingSecret)) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+A value of the chart's Secret, base64: the value given, else the one already in the
+cluster (lookup, so upgrades keep generated tokens), else a new random one.
+Call with (dict "ctx" $ "key" "admin-token" "value" .Values.auth.adminToken).
+*/}}
+{{- define "chime.secretValue" -}}
+{{- if .value -}}
+{{- .value | toString | b64enc -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" (include "chime.namespace" .ctx) (include "chime.secretName" .ctx) -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- index $existing.data .key -}}
+{{- else -}}
+{{- randAlphaNum 40 | b64enc -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Checksums that roll the pods when their configuration or secrets change. */}}
+{{- define "chime.checksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- TOML */}}
+
+{{/* A TOML string (JSON strings are valid TOML basic strings). */}}
+{{- define "chime.toml.str" -}}{{ toString . | toJson }}{{- end -}}
+
+{{/* k=v,k2=v2 from a map, sorted by key. */}}
+{{- define "chime.kvList" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := . -}}{{- $pairs = append $pairs (printf "%s=%s" $k (toString $v)) -}}{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
+
+{{/* Peers that may reach the coordinators and the metrics ports besides this release's pods (networkPolicy.allowExternal false). */}}
+{{- define "chime.networkPolicy.extraPeers" -}}
+- podSelector:
+    matchLabels:
+      {{ include "chime.clientLabel" . }}: "true"
+{{- if .Values.networkPolicy.ingressNSMatchLabels }}
+- namespaceSelector:
+    matchLabels:
+      {{- toYaml .Values.networkPolicy.ingressNSMatchLabels | nindent 6 }}
+  {{- with .Values.networkPolicy.ingressNSPodMatchLabels }}
+  podSelector:
+    matchLabels:
+      {{- toYaml . | nindent 6 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- validation */}}
+
+{{/* Refuses value combinations the schema cannot express. */}}
+{{- define "chime.validateValues" -}}
+{{- if and .Values.etcd.bundled.enabled (or .Values.etcd.auth.username .Values.etcd.auth.existingSecret) -}}
+{{- fail "etcd.auth is for an external etcd: the bundled etcd (etcd.bundled.enabled) runs without authentication" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret naming the coordinator Services)" -}}
+{{- end -}}
+{{- if and .Values.tests.enabled (not (has .Values.tests.handler .Values.worker.handlers)) -}}
+{{- fail (printf "tests.handler %q is not among worker.handlers: the helm test's run would never start" .Values.tests.handler) -}}
+{{- end -}}
+{{- if not (eq (toString .Values.worker.terminationGracePeriodSeconds) "") -}}
+{{- $min := add (int64 .Values.worker.preStopSleepSeconds) (int64 (include "chime.worker.drainSeconds" .)) -}}
+{{- if le (int64 .Values.worker.terminationGracePeriodSeconds) $min -}}
+{{- fail (printf "worker.terminationGracePeriodSeconds must exceed preStopSleepSeconds + the longest drain timeout (%d s), or a draining worker is killed" $min) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

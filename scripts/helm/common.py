@@ -1,0 +1,132 @@
+"""What check.py and smoke.py share: where the chart is, how it is rendered with Helm's
+own engine (helm-python-sdk), and which configuration keys the chime binary reads.
+
+The key tables mirror cli/src/config.rs (every struct there is `deny_unknown_fields`,
+so a key the binary does not know stops the process). PENDING lists the keys of
+features the chart exposes before the binary has them (TLS, issue 10): the smoke test
+drops them, one by one and saying so, when the binary at hand refuses them; any other
+key it refuses fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "chime"
+
+_STORES: dict[str, set[str]] = {
+    "redis": {"url", "cluster", "response_timeout_ms"},
+    "etcd": {"endpoints", "prefix", "user", "password"},
+    "log": {"format", "level"},
+}
+
+# Config keys per process: section -> fields ("" is the top level).
+KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
+    "coordinator": {
+        **_STORES,
+        "coordinator": {
+            "grpc_addr", "advertise", "prefix", "heartbeat_interval_ms", "history_per_job",
+            "history_max_age_s", "election_ttl_s", "http_addr",
+        },
+        "auth": {"admin_token_file", "worker_token_file", "allow_unauthenticated"},
+        "queue": {"prefix", "family", "count"},
+        "tls": {"cert_file", "key_file", "client_ca_file"},
+    },
+    "worker": {
+        **_STORES,
+        "": {"worker_id", "http_addr"},
+        "queue": {"prefix", "family", "count"},
+        "consumer": {
+            "pollers", "batch", "max_in_flight", "visibility_ms", "lease_ttl_ms",
+            "merge_window_ms", "idle_sleep_max_ms", "drain_timeout_ms", "retry_base_ms",
+            "retry_max_ms",
+        },
+        "handlers": {"enabled", "http_url", "http_timeout_ms", "record_file"},
+        "coordinator": {
+            "endpoints", "group", "capacity", "labels", "drain_timeout_ms", "record_file",
+            "token_file",
+        },
+    },
+}
+
+# Keys of features being added to the binary: (section, field), field None = whole section.
+PENDING: dict[str, set[tuple[str, str | None]]] = {
+    "coordinator": {("tls", None)},
+    "worker": {("tls", None)},
+}
+
+
+def env_names(process: str) -> set[str]:
+    """Every CHIME_* variable the process accepts (CHIME_CONFIG names the file)."""
+    names = {"CHIME_CONFIG"}
+    for section, fields in KNOWN_KEYS[process].items():
+        for f in fields:
+            names.add("CHIME_" + (f"{section}_{f}" if section else f).upper())
+    return names
+
+
+def need_modules() -> None:
+    """Imports the two PyPI packages or exits with how to install them."""
+    try:
+        import helm_python  # noqa: F401
+        import kubernetes_validate  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError as e:
+        sys.exit(
+            f"{e}: run scripts/helm/run.sh, or pip install helm-python-sdk kubernetes-validate"
+        )
+
+
+def load_values_file(path: Path) -> dict[str, Any]:
+    import helm_python as helm
+
+    return helm.values_from_yaml(path.read_text())
+
+
+def render(values: dict[str, Any], *, name: str = "chime", namespace: str = "chime") -> dict[str, str]:
+    """Renders the chart as `helm install` would (schema checked); template path -> text."""
+    import helm_python as helm
+
+    with helm.Chart.load(os.fspath(CHART)) as chart:
+        return chart.render(values, name=name, namespace=namespace, is_install=True)
+
+
+def objects(rendered: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(template path, object) for every non-empty YAML document rendered."""
+    import yaml
+
+    for path in sorted(rendered):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(rendered[path]):
+            if doc:
+                yield path, doc
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
+    if obj.get("kind") == "Pod":
+        return obj["spec"]
+    if obj.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return obj["spec"]["template"]["spec"]
+    return None
+
+
+def pod_labels(obj: dict[str, Any]) -> dict[str, str]:
+    if obj.get("kind") == "Pod":
+        return obj["metadata"].get("labels", {})
+    return obj["spec"]["template"]["metadata"].get("labels", {})
+
+
+def find(objs: list[dict[str, Any]], kind: str, component: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for o in objs:
+        if o.get("kind") != kind:
+            continue
+        labels = o["metadata"].get("labels", {})
+        if component is None or labels.get("app.kubernetes.io/component") == component:
+            out.append(o)
+    return out
