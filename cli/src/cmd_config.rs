@@ -44,10 +44,23 @@ enum ConfigCmd {
     },
     /// Print every setting and the settings in force.
     List,
+    /// Print the documented default configuration file of a process
+    /// (coordinator, worker or client); needs no server.
+    Example {
+        /// coordinator, worker or client.
+        process: String,
+    },
 }
 
 /// Runs a `chime config` subcommand.
 pub async fn run(args: ConfigArgs) -> Result<()> {
+    if let ConfigCmd::Example { process } = &args.cmd {
+        let Some((_, text)) = config::EXAMPLES.iter().find(|e| e.0 == process) else {
+            bail!("unknown process {process:?}: coordinator, worker or client");
+        };
+        print!("{text}");
+        return Ok(());
+    }
     let mut cfg: ClientConfig = config::load(args.store.config.as_deref(), config::chime_env())?;
     args.store
         .apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
@@ -81,6 +94,7 @@ pub async fn run(args: ConfigArgs) -> Result<()> {
             json!({ "key": key, "deleted": true, "revision": revision })
         }
         ConfigCmd::List => serde_json::to_value(live::listing(&source.load().await?))?,
+        ConfigCmd::Example { .. } => unreachable!("answered above"),
     };
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

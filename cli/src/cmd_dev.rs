@@ -1,19 +1,31 @@
-//! `chime dev`: chime in one process with nothing to install. The embedded in-memory
-//! delay store, two in-process workers, and a demo producer that schedules coupon
-//! reminders a few seconds ahead (some for the same user close together, so they
-//! merge; some cancelled) and prints each one as it fires.
+//! `chime dev`: chime in one process with nothing to install. A coordinator (the
+//! real one, with its gRPC gateway, web console and JSON API, on in-memory job and
+//! run stores), two workers connected to it over gRPC and sharing the embedded
+//! in-memory delay store, and a demo: a sharded cron job every 5 s, and a producer
+//! that schedules coupon reminders a few seconds ahead (some for the same user close
+//! together, so they merge; some cancelled). Each shard and reminder is printed as
+//! it fires.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
-use chime_shared::clock::{SystemClock, system_now_ms};
+use anyhow::{Context, Result};
+use chime_coordinator::Deps;
+use chime_coordinator::engine::EngineOptions;
+use chime_coordinator::grpc::Auth;
+use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
+use chime_coordinator::store::{JobStore, MemoryRunStore};
+use chime_shared::auth::Tokens;
+use chime_shared::clock::{Clock, SystemClock, system_now_ms};
 use chime_shared::config::source::MemorySource;
 use chime_shared::config::watcher;
 use chime_shared::queue::memory_store::MemoryStore;
 use chime_shared::queue::{CancelOutcome, DelayStore, NewItem};
 use chime_shared::ratelimit::MemoryLimiter;
-use chime_worker::{ConsumerOptions, HandlerError, ItemContext, Live, Worker};
+use chime_worker::{
+    ConsumerOptions, HandlerError, ItemContext, JobContext, Live, SessionOptions, Worker,
+};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{init_logging, shutdown_signal};
@@ -30,6 +42,15 @@ pub struct DevArgs {
     /// Stop by itself after this many seconds (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     exit_after_s: u64,
+    /// Console and JSON API address (another free port when taken).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: String,
+    /// gRPC address of the in-process coordinator (another free port when taken).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    grpc_addr: String,
+    /// Require this admin token in the console and the admin API.
+    #[arg(long)]
+    admin_token: Option<String>,
 }
 
 /// Formats Unix milliseconds as `HH:MM:SS.mmm` (UTC).
@@ -70,33 +91,170 @@ async fn remind(ctx: ItemContext) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// Binds `addr`, or any free port on the same host when it is taken (a second
+/// `chime dev`, another program on 8080): a first run must not fail on a port.
+async fn bind_or_any(addr: &str, what: &str) -> Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let host = addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+            let l = TcpListener::bind((host, 0))
+                .await
+                .with_context(|| format!("binding {what} on {host}"))?;
+            println!(
+                "  note     {addr} is taken; {what} uses {} instead",
+                l.local_addr()?
+            );
+            Ok(l)
+        }
+        Err(e) => Err(e).with_context(|| format!("binding {what} {addr}")),
+    }
+}
+
+/// The demo's sharded report: each shard "scans" its slice of orders, logging as
+/// it goes (the lines reach the run's log tail in the console).
+async fn report(ctx: JobContext, worker: String) -> Result<String, HandlerError> {
+    let started = system_now_ms();
+    let orders = 500 + fastrand::u32(0..1_500);
+    ctx.log(format!(
+        "scanning orders of slice {}/{}",
+        ctx.shard_index, ctx.shard_total
+    ));
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..600))) => {}
+        _ = ctx.cancellation().cancelled() => return Err(HandlerError::new("cancelled")),
+    }
+    ctx.log(format!("{orders} orders, {} unpaid", orders / 17));
+    println!(
+        "[{}] SHARD     {} {}/{} on {} ({} orders, lag {} ms)",
+        clock(system_now_ms()),
+        ctx.job,
+        ctx.shard_index,
+        ctx.shard_total,
+        worker,
+        orders,
+        started - ctx.scheduled_at_ms
+    );
+    Ok(format!("{orders} orders scanned"))
+}
+
+/// Echoes its params: for jobs created in the console.
+async fn echo(ctx: JobContext, worker: String) -> Result<String, HandlerError> {
+    let line = format!(
+        "{} shard {}/{} params {:?}",
+        ctx.job, ctx.shard_index, ctx.shard_total, ctx.params
+    );
+    ctx.log(line.clone());
+    println!(
+        "[{}] SHARD     {line} on {}",
+        clock(system_now_ms()),
+        worker
+    );
+    Ok(format!("echo: {}", ctx.params))
+}
+
+/// The demo's sharded job.
+fn demo_job() -> JobSpec {
+    JobSpec {
+        name: "demo-report".into(),
+        group: DEMO_GROUP.into(),
+        handler: "demo.report".into(),
+        schedule: Schedule::Cron {
+            expr: "*/5 * * * * *".into(),
+            time_zone: String::new(),
+        },
+        routing: Routing::ShardingBroadcast,
+        shard_count: 4,
+        shard_params: Vec::new(),
+        hash_param: String::new(),
+        params: String::new(),
+        overlap: Overlap::Skip,
+        misfire: Misfire::Skip,
+        catch_up_window_ms: 0,
+        timeout_ms: 10_000,
+        retries: 1,
+        retry_backoff_ms: 500,
+        children: Vec::new(),
+        paused: false,
+        start_at_ms: 0,
+        end_at_ms: 0,
+        jitter_ms: 0,
+        created_at_ms: 0,
+    }
+}
+
+/// The workers' group in the demo.
+const DEMO_GROUP: &str = "demo";
+
 /// Runs the embedded demo until Ctrl-C (or `--exit-after-s`).
 pub async fn run(args: DevArgs) -> Result<()> {
     init_logging("text", "warn");
-    let store: Arc<dyn DelayStore> = Arc::new(MemoryStore::new(args.queues, Arc::new(SystemClock)));
+    let clock_src: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store: Arc<dyn DelayStore> = Arc::new(MemoryStore::new(args.queues, clock_src.clone()));
+    // Jobs and live settings in memory (etcd's stand-in), watched like etcd would be.
+    let source = Arc::new(MemorySource::default());
+    let grpc = bind_or_any(&args.grpc_addr, "gRPC").await?;
+    let http = bind_or_any(&args.http_addr, "the console").await?;
+    let grpc_at = grpc.local_addr()?;
+    let http_at = http.local_addr()?;
     println!("chime dev: everything in one process, nothing to install");
+    match &args.admin_token {
+        Some(_) => {
+            println!("  console  http://{http_at}/  (log in with the --admin-token you gave)")
+        }
+        None => println!("  console  http://{http_at}/  (no login; --admin-token T requires one)"),
+    }
+    println!("  gRPC     {grpc_at}  (try: chime workers --coordinator http://{grpc_at})");
     println!(
-        "  store    embedded in-memory delay queue, {} queues",
+        "  store    embedded in-memory delay queue, {} queues; jobs and settings in memory",
         args.queues
     );
     println!(
-        "  workers  dev-worker-1, dev-worker-2 with handler \"remind\" (prints each reminder)"
+        "  workers  dev-worker-1, dev-worker-2 in group \"{DEMO_GROUP}\": job handlers demo.report, demo.echo; item handler \"remind\""
     );
+    println!("  demo     job \"demo-report\": 4 shards every 5 s, spread over both workers");
     println!(
-        "  demo     a coupon reminder every {} ms, due 2-6 s ahead; reminders for one user",
+        "           a coupon reminder every {} ms, due 2-6 s ahead; reminders for one user",
         args.demo_interval_ms
     );
     println!("           due within 60 s of each other are merged; some are cancelled");
     println!("  stop     Ctrl-C");
 
     let stop = CancellationToken::new();
-    // Live settings in memory (etcd's stand-in), watched like etcd would be.
-    let source = Arc::new(MemorySource::default());
+    let stop_coord = CancellationToken::new();
+    let jobs = JobStore::new(source.clone());
+    let deps = Deps {
+        jobs: jobs.clone(),
+        runs: Arc::new(MemoryRunStore::default()),
+        clock: clock_src.clone(),
+        options: EngineOptions {
+            heartbeat_interval_ms: 1_000,
+            dead_after_beats: 3,
+            advertise: grpc_at.to_string(),
+        },
+        election: None,
+        queues: Some(store.clone()),
+        config: Some(source.clone()),
+        auth: Auth {
+            admin: args.admin_token.clone().map(|t| Arc::new(Tokens::fixed(t))),
+            worker: None,
+        },
+    };
+    let coordinator = tokio::spawn(chime_coordinator::serve(
+        deps,
+        grpc,
+        Some(http),
+        stop_coord.clone(),
+    ));
+    jobs.create(demo_job(), clock_src.now_ms())
+        .await
+        .context("creating the demo job")?;
+
     let (config, _watch) = watcher::start(source, stop.clone()).await;
     let live = Live {
         config,
         family: "default".into(),
-        limiter: Some(Arc::new(MemoryLimiter::new(Arc::new(SystemClock)))),
+        limiter: Some(Arc::new(MemoryLimiter::new(clock_src.clone()))),
     };
     let opts = ConsumerOptions {
         pollers: 2,
@@ -106,10 +264,22 @@ pub async fn run(args: DevArgs) -> Result<()> {
     };
     let mut workers = Vec::new();
     for i in 1..=2 {
+        let id = format!("dev-worker-{i}");
+        let (id1, id2) = (id.clone(), id.clone());
         let w = Worker::builder()
             .delay_store(store.clone())
-            .worker_id(format!("dev-worker-{i}"))
+            .worker_id(id)
             .handler("remind", remind)
+            .job_handler("demo.report", move |ctx| report(ctx, id1.clone()))
+            .job_handler("demo.echo", move |ctx| echo(ctx, id2.clone()))
+            .coordinator(SessionOptions {
+                endpoints: vec![format!("http://{grpc_at}")],
+                group: DEMO_GROUP.into(),
+                capacity: 8,
+                labels: Default::default(),
+                drain_timeout_ms: 2_000,
+                token: None,
+            })
             .options(opts.clone())
             .live(live.clone())
             .build()?;
@@ -135,11 +305,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
         _ = shutdown_signal() => {},
         _ = timer => {},
     }
+    // Workers drain first (telling the coordinator), then the coordinator stops.
     stop.cancel();
     let _ = producer.await;
     for w in workers {
         w.await??;
     }
+    stop_coord.cancel();
+    coordinator.await??;
     println!("chime dev: stopped");
     Ok(())
 }

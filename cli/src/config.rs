@@ -402,6 +402,14 @@ pub struct ClientConfig {
     pub log: LogSection,
 }
 
+/// The documented default file of each process (`chime config example <process>`);
+/// a test fails when one drifts from the structs above.
+pub const EXAMPLES: [(&str, &str); 3] = [
+    ("coordinator", include_str!("../config/coordinator.toml")),
+    ("worker", include_str!("../config/worker.toml")),
+    ("client", include_str!("../config/client.toml")),
+];
+
 /// Loads `T` from the optional file, then overlays `CHIME_*` variables from `env`.
 pub fn load<T>(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<T>
 where
@@ -520,6 +528,54 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// Every `a.b.c` key path of a TOML table.
+    fn paths(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                let p = format!("{prefix}{k}");
+                if v.is_table() {
+                    paths(v, &format!("{p}."), out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+    }
+
+    fn same_as_defaults<T>(name: &str)
+    where
+        T: DeserializeOwned + Serialize + Default + PartialEq + std::fmt::Debug,
+    {
+        let text = EXAMPLES.iter().find(|e| e.0 == name).unwrap().1;
+        let parsed: T = toml::from_str(text)
+            .unwrap_or_else(|e| panic!("cli/config/{name}.toml does not parse: {e}"));
+        assert_eq!(
+            parsed,
+            T::default(),
+            "cli/config/{name}.toml states other values than the defaults in the code"
+        );
+        let (mut in_file, mut in_code) = (Vec::new(), Vec::new());
+        paths(&toml::from_str(text).unwrap(), "", &mut in_file);
+        paths(
+            &toml::Value::try_from(T::default()).unwrap(),
+            "",
+            &mut in_code,
+        );
+        in_file.sort();
+        in_code.sort();
+        assert_eq!(
+            in_file, in_code,
+            "cli/config/{name}.toml must list exactly the keys of the code"
+        );
+    }
+
+    #[test]
+    fn example_files_match_the_code() {
+        same_as_defaults::<CoordinatorConfig>("coordinator");
+        same_as_defaults::<WorkerConfig>("worker");
+        same_as_defaults::<ClientConfig>("client");
     }
 
     #[test]

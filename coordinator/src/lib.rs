@@ -150,6 +150,9 @@ pub async fn serve(
     }
     let resign = Arc::new(Notify::new());
     let election_stop = CancellationToken::new();
+    // Without an election this coordinator always leads; the sender is held until
+    // the function returns, because a dropped sender reads as "leadership over".
+    let (_always, always_leader) = watch::channel(Role::Leader { fence: 1 });
     let mut roles = match &deps.election {
         Some((client, opts)) => leader::spawn(
             client.clone(),
@@ -157,7 +160,7 @@ pub async fn serve(
             resign.clone(),
             election_stop.clone(),
         ),
-        None => watch::channel(Role::Leader { fence: 1 }).1,
+        None => always_leader,
     };
     let mut engine: Option<(
         CancellationToken,
