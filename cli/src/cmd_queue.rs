@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use chime_shared::queue::redis_store::RedisStore;
-use chime_shared::queue::{DEFAULT_MAX_ATTEMPTS, DelayStore, ItemRef, NewItem};
+use chime_shared::queue::{DEFAULT_MAX_ATTEMPTS, DelayStore, ItemRef, ItemSpec, NewItem};
 use chime_shared::redis_conn::RedisConn;
 use clap::Subcommand;
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::{self, ClientConfig};
@@ -145,26 +144,6 @@ enum DeadCmd {
     },
 }
 
-/// One line of an enqueue file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ItemLine {
-    id: String,
-    handler: String,
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    due_at_ms: Option<i64>,
-    #[serde(default)]
-    in_ms: Option<i64>,
-    #[serde(default)]
-    payload: Option<String>,
-    #[serde(default)]
-    max_attempts: Option<u32>,
-    #[serde(default)]
-    merge_key: Option<String>,
-}
-
 /// Connects to the configured Redis store.
 pub async fn connect(store: &StoreArgs) -> Result<RedisStore> {
     let mut cfg: ClientConfig = config::load(store.config.as_deref(), config::chime_env())?;
@@ -276,14 +255,8 @@ async fn enqueue(store: &dyn DelayStore, e: EnqueueArgs) -> Result<serde_json::V
             continue;
         }
         lines = n + 1;
-        let l: ItemLine = serde_json::from_str(&line).with_context(|| format!("line {lines}"))?;
-        let due = l.due_at_ms.unwrap_or(now + l.in_ms.unwrap_or(0));
-        let mut item = NewItem::new(l.id, l.handler, due)
-            .max_attempts(l.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS));
-        item.key = l.key;
-        item.merge_key = l.merge_key;
-        item.payload = l.payload.unwrap_or_default().into();
-        chunk.push(item);
+        let l: ItemSpec = serde_json::from_str(&line).with_context(|| format!("line {lines}"))?;
+        chunk.push(l.into_item(now));
         if chunk.len() >= e.chunk.max(1) {
             for o in flush(std::mem::take(&mut chunk), lines).await? {
                 count(o, &mut created, &mut duplicates);

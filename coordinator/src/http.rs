@@ -24,7 +24,7 @@ use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
 use chime_shared::ops;
 use chime_shared::proto as pb;
-use chime_shared::queue::{DelayStore, ItemRef};
+use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, NewItem, validate_batch};
 use pb::admin_server::Admin;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -92,6 +92,7 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/runs/{id}/kill", post(kill_run))
         .route("/api/workers", get(list_workers))
         .route("/api/queues", get(queues))
+        .route("/api/queues/items", post(enqueue))
         .route("/api/queues/dead", get(dead_letters))
         .route("/api/queues/dead/requeue", post(requeue))
         .route(
@@ -629,6 +630,33 @@ async fn queues(State(st): State<HttpState>) -> ApiResult {
         "layout": layout,
         "queues": stats,
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueIn {
+    items: Vec<ItemSpec>,
+}
+
+/// Producers in any language: enqueue items over HTTP (same checks and limits as
+/// every other producer path).
+async fn enqueue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let input: EnqueueIn = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "items".to_owned()
+        } else {
+            path
+        };
+        ApiError::invalid(field, e.into_inner().to_string())
+    })?;
+    let q = store(&st)?;
+    let now = q.now_ms().await?;
+    let items: Vec<NewItem> = input.items.into_iter().map(|i| i.into_item(now)).collect();
+    validate_batch(&items)?;
+    let outcomes = q.enqueue(items).await?;
+    ok(json!({ "outcomes": outcomes }))
 }
 
 #[derive(Deserialize)]

@@ -498,6 +498,65 @@ pub fn spawn_worker(
     Ok((Proc::spawn(name, cmd, dir)?, record))
 }
 
+/// One HTTP call to a chime process: `method` `url` with an optional bearer token
+/// and JSON body; answers the status and the body (JSON, or a JSON string of the
+/// text when it is not JSON).
+pub async fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut req = client.request(method.parse()?, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("{method} {url}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await?;
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    Ok((status, v))
+}
+
+/// The sum of every sample of `metric` (any labels) in Prometheus text, or `None`
+/// when no sample has that name. `name{…}` matches the labels given.
+pub fn metric_sum(text: &str, metric: &str) -> Option<f64> {
+    let (name, labels) = match metric.split_once('{') {
+        Some((n, l)) => (n, l.trim_end_matches('}')),
+        None => (metric, ""),
+    };
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (sname, slabels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if sname != name
+            || !labels
+                .split(',')
+                .all(|l| l.is_empty() || slabels.contains(l))
+        {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
 /// Runs `chime` to completion; answers (exit code, stdout, stderr).
 pub fn run_chime(args: &[&str]) -> Result<(i32, String, String)> {
     let out = chime_cmd(args)?.output()?;

@@ -132,6 +132,50 @@ impl NewItem {
     }
 }
 
+/// An item as JSON producers write it (a line of `chime queue enqueue --file`, an
+/// element of the HTTP API's `items`): due at `due_at_ms`, or `in_ms` from now.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemSpec {
+    /// Item id.
+    pub id: String,
+    /// Handler name.
+    pub handler: String,
+    /// Routing key (default: the id).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Due time, Unix ms.
+    #[serde(default)]
+    pub due_at_ms: Option<i64>,
+    /// Due this many ms from now (when `due_at_ms` is absent; 0 by default).
+    #[serde(default)]
+    pub in_ms: Option<i64>,
+    /// Payload text.
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// Attempts before dead-lettering.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Merge key.
+    #[serde(default)]
+    pub merge_key: Option<String>,
+}
+
+impl ItemSpec {
+    /// The item, with `now_ms` resolving `in_ms` (not validated yet).
+    pub fn into_item(self, now_ms: i64) -> NewItem {
+        let due = self
+            .due_at_ms
+            .unwrap_or(now_ms.saturating_add(self.in_ms.unwrap_or(0)));
+        let mut item = NewItem::new(self.id, self.handler, due)
+            .max_attempts(self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS));
+        item.key = self.key;
+        item.merge_key = self.merge_key;
+        item.payload = self.payload.unwrap_or_default().into();
+        item
+    }
+}
+
 /// Validates a batch, naming the index of the first bad item (`items[3].payload`).
 pub fn validate_batch(items: &[NewItem]) -> Result<()> {
     if items.len() > limits::MAX_BATCH_ITEMS {
