@@ -68,6 +68,9 @@
         if (k === 'class') el.className = v;
         else if (k === 'text') el.textContent = v;
         else if (k === 'dataset') Object.assign(el.dataset, v);
+        // Through the CSSOM: the coordinator's Content-Security-Policy refuses
+        // inline style attributes.
+        else if (k === 'style') Object.assign(el.style, v);
         else if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
         else if (PROPS.has(k)) el[k] = v;
         else if (v === false) continue;
@@ -241,10 +244,13 @@
     try {
       s = await api('GET', '/api/session', undefined, { noAuthRedirect: true });
     } catch (e) {
-      showLogin(`Cannot reach the coordinator: ${errText(e)}`, true);
-      setTimeout(() => { if (!state.ready) checkSession(); }, REFRESH_MS);
+      const boot = $('#boot');
+      boot.hidden = false;
+      boot.textContent = `Cannot reach the coordinator (${errText(e)}); retrying…`;
+      setTimeout(() => checkSession(message), REFRESH_MS);
       return;
     }
+    $('#boot').hidden = true;
     state.session = s;
     if (s.auth_required && !s.authenticated) {
       if (state.token) {
@@ -364,6 +370,7 @@
     const root = $('#view');
     root.replaceChildren();
     root.dataset.view = route.section;
+    delete root.dataset.loaded;
     const view = route.make(root, gen) || {};
     view.gen = gen;
     state.view = view;
@@ -394,6 +401,8 @@
 
   function tick() {
     if (!state.ready || document.hidden) return;
+    const now = Date.now();
+    for (const el of $$('.time[data-ms] .rel')) el.textContent = relative(Number(el.parentNode.dataset.ms), now);
     const view = state.view;
     const editing = anyDialogOpen() || (view && view.editing && view.editing());
     const rs = $('#refresh-state');
@@ -438,20 +447,21 @@
     s.classList.toggle('is-error', !!isError);
   }
 
-  // A message shown above the view; `later` keeps it for the next navigation.
+  // A message shown above the view now (flash) or after the next navigation
+  // (flashNext); it stays until the view changes.
   function flash(kind, ...content) {
     state.flash = { kind, content };
-    renderFlash(true);
+    renderFlash();
   }
 
   function flashNext(kind, ...content) {
     state.flash = { kind, content };
   }
 
-  function renderFlash(keep) {
+  function renderFlash() {
     const f = $('#flash');
     const msg = state.flash;
-    if (!keep) state.flash = null;
+    state.flash = null;
     if (!msg) {
       f.hidden = true;
       f.replaceChildren();
@@ -461,7 +471,6 @@
     f.className = `flash flash-${msg.kind}`;
     fill(f, h('span', { class: 'flash-text' }, msg.content),
       h('button', { type: 'button', class: 'btn-link flash-close', 'aria-label': 'Dismiss', onclick: () => { f.hidden = true; } }, '×'));
-    if (keep) state.flash = null;
   }
 
   // ---------------------------------------------------------------- dialogs
@@ -504,7 +513,7 @@
     });
     document.body.appendChild(dlg);
     dlg.showModal();
-    const first = $('textarea, input', body instanceof Node ? dlg : dlg);
+    const first = $('textarea, input', dlg);
     if (first) first.focus();
     return dlg;
   }
@@ -539,7 +548,7 @@
     fill(t.tbody, runs.map((r) => {
       const shards = r.shards || [];
       const done = shards.filter((s) => FINAL_STATES.has(s.state)).length;
-      return h('tr', { 'data-run': r.run_id, 'data-job': r.job, 'data-cause': r.cause, 'data-state': r.state, 'data-testid': 'run-row', class: 'clickable', onclick: (ev) => { if (!ev.target.closest('a')) location.hash = runHref(r.run_id); } },
+      return h('tr', { 'data-run': r.run_id, 'data-job': r.job, 'data-cause': r.cause, 'data-state': r.state, 'data-scheduled-ms': r.scheduled_at_ms, 'data-testid': 'run-row', class: 'clickable', onclick: (ev) => { if (!ev.target.closest('a')) location.hash = runHref(r.run_id); } },
         h('td', null, h('a', { href: runHref(r.run_id), 'data-testid': 'run-link', title: r.run_id }, r.job)),
         h('td', null, h('span', { class: `cause cause-${r.cause}`, 'data-testid': 'run-cause' }, r.cause)),
         h('td', null, stateBadge(r.state, 'run-state')),
@@ -606,7 +615,7 @@
               h('td', null, w.group),
               h('td', { class: 'handlers' }, (w.handlers || []).map((x) => h('code', { class: 'chip' }, x))),
               h('td', null, h('div', { class: 'load', title: `${w.running}/${cap} running (${pct}%)` },
-                h('div', { class: 'load-bar' }, h('div', { class: `load-fill${pct >= 90 ? ' hot' : ''}`, style: `width:${pct}%` })),
+                h('div', { class: 'load-bar' }, h('div', { class: `load-fill${pct >= 90 ? ' hot' : ''}`, style: { width: `${pct}%` } })),
                 h('span', { class: 'load-text' }, `${w.running ?? 0}/${cap}`))),
               h('td', { class: age !== null && age > 6000 ? 'warn-text' : null, title: isSet(w.last_heartbeat_ms) ? fullDate(w.last_heartbeat_ms) : '' }, age === null ? '—' : `${span(Math.max(0, age))} ago`),
               h('td', null, timeEl(w.connected_at_ms)),
@@ -716,7 +725,7 @@
   function jobFormView(root, gen, name) {
     const isNew = name === null;
     let version = null;
-    let dirty = false;
+    let gone = false;
     const inputs = {}; // path -> element
     const summary = h('div', { id: 'job-errors', class: 'form-errors', role: 'alert', 'data-testid': 'job-errors', hidden: true });
 
@@ -828,7 +837,6 @@
     }
     for (const p of ['schedule.kind', 'routing', 'misfire']) inputs[p].addEventListener('change', syncVisibility);
     form.addEventListener('input', (ev) => {
-      dirty = true;
       const p = ev.target.dataset && ev.target.dataset.field;
       if (p) clearFieldError(p);
     });
@@ -862,7 +870,6 @@
       inputs.children.value = (j.children || []).join(', ');
       for (const el of Object.values(inputs)) el.dispatchEvent(new Event('input'));
       syncVisibility();
-      dirty = false;
     }
 
     // Reads the form into a Job body; local errors are [path, message] pairs.
@@ -1022,7 +1029,6 @@
         if (isNew) saved = await api('POST', '/api/jobs', body);
         else saved = await api('PUT', `/api/jobs/${enc(name)}`, Object.assign(body, { version }));
         if (!current(gen)) return;
-        dirty = false;
         flashNext('ok', `${isNew ? 'Created' : 'Saved'} job `, h('a', { href: jobHref(saved.name || body.name) }, saved.name || body.name), '.');
         location.hash = '#/jobs';
       } catch (e) {
@@ -1064,21 +1070,23 @@
       return { editing: () => true };
     }
     return {
-      editing: () => true,
+      // Until the job is loaded the view retries; afterwards it never overwrites
+      // what is typed.
+      editing: () => version !== null || gone,
       async refresh() {
-        if (version !== null) return; // loaded once; never overwrite what is typed
+        if (version !== null || gone) return;
         try {
           await load();
           form.dataset.ready = 'true';
         } catch (e) {
           if (e.code === 'not_found') {
+            gone = true;
             fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Job not found')), section(null, h('p', null, `There is no job named ${name}. `, h('a', { href: '#/jobs' }, 'Back to jobs'))));
             return;
           }
           throw e;
         }
       },
-      get dirty() { return dirty; },
     };
   }
 
@@ -1258,9 +1266,11 @@
       });
     });
 
-    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')),
+    const notice = h('div', { class: 'notice', hidden: true, 'data-testid': 'queues-unavailable' });
+    const content = h('div', null,
       h('section', { class: 'panel' }, h('h2', null, 'Delayed item queues'), summary, t.el),
       h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, h('div', { class: 'toolbar' }, reqSel, reqAll)), dead.el));
+    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')), notice, content);
 
     const n = (v) => h('td', { class: 'num' }, String(v ?? 0));
 
@@ -1268,17 +1278,23 @@
       async refresh() {
         const q = await api('GET', '/api/queues');
         if (!current(gen)) return;
+        notice.hidden = q.available !== false;
+        content.hidden = q.available === false;
         if (q.available === false) {
-          summary.textContent = `No delay store on this coordinator: ${q.reason || 'not configured'}.`;
-          fill(t.tbody, emptyRow(t, 'Not available.'));
-          fill(dead.tbody, emptyRow(dead, 'Not available.'));
+          notice.textContent = `Delayed items are not available on this coordinator: ${q.reason || 'no delay store configured'}.`;
           items = [];
           updateButtons();
           return;
         }
         const now = q.now_ms || Date.now();
         const qs = q.queues || [];
-        summary.textContent = `Family ${q.family || 'default'} · ${q.count ?? qs.length} queues`;
+        const layout = q.layout || {};
+        const draining = (layout.draining || []).map((d) => (Array.isArray(d) ? d[1] : d.count)).filter((c) => c !== undefined);
+        summary.textContent = [
+          `${q.family ? `Family ${q.family} · ` : ''}${q.count ?? qs.length} queues`,
+          layout.epoch ? `layout epoch ${layout.epoch}` : null,
+          draining.length ? `resizing: items still moving from ${draining.join(', ')} queue layout(s)` : null,
+        ].filter(Boolean).join(' · ');
         const tot = qs.reduce((a, s) => {
           for (const k of ['pending', 'due_now', 'due_soon', 'in_flight', 'dead']) a[k] += s[k] || 0;
           return a;
@@ -1373,7 +1389,8 @@
         await view.refresh();
       } catch (e) {
         if (e.status === 401) return;
-        if (e.code === 'invalid_argument' && (e.field === 'key' || (e.field && e.field !== key && e.field !== 'value' && e.field !== 'body' && !e.field.includes('/')))) setErr(keyIn, keyErr, e.message);
+        const aboutKey = e.field === 'key' || /unknown key|invalid name/i.test(e.message) || (e.field && e.field !== key && e.field !== 'value' && e.field !== 'body' && !e.field.includes('/'));
+        if (e.code === 'invalid_argument' && aboutKey) setErr(keyIn, keyErr, e.message);
         else if (e.code === 'invalid_argument') setErr(valIn, valErr, e.message);
         else flash('error', `Not saved: ${errText(e)}`);
       } finally {
@@ -1396,13 +1413,13 @@
       });
     }
 
-    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Config ', revision)),
-      notice,
+    const content = h('div', null,
       h('section', { class: 'panel' }, h('h2', null, 'Set a value'), h('p', { class: 'muted' }, 'Written to etcd; every coordinator and worker picks it up live. A bad value is refused and nothing is written.'), form),
       section('Entries', entries.el),
       section('Refused values', h('p', { class: 'muted' }, 'Values found in etcd that are not in force (the last good value stays).'), refused.el),
       section('Known keys', known.el),
       h('section', { class: 'panel' }, h('details', null, h('summary', null, 'Settings in force'), inForce)));
+    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Config ', revision)), notice, content);
 
     const view = {
       editing: () => form.contains(document.activeElement) || keyIn.value !== '' || valIn.value !== '',
@@ -1412,12 +1429,11 @@
         if (c.available === false) {
           notice.hidden = false;
           notice.textContent = `Live config is not available on this coordinator: ${c.reason || 'no etcd configured'}.`;
-          form.hidden = true;
-          for (const x of [entries, refused, known]) fill(x.tbody, emptyRow(x, 'Not available.'));
+          content.hidden = true;
           return;
         }
         notice.hidden = true;
-        form.hidden = false;
+        content.hidden = false;
         revision.textContent = c.revision !== undefined ? `(revision ${c.revision})` : '';
         const es = c.entries || [];
         entryKeys = es.map((e) => e.key);

@@ -1,0 +1,373 @@
+// Headless-Chromium test of the chime web console.
+//
+// Drives the system Chromium (Debian's /usr/bin/chromium) with playwright-core; no
+// browser download. Every wait has a deadline; no blind sleeps.
+//
+//   CONSOLE_URL     console address, e.g. http://127.0.0.1:18080/ (required)
+//   ADMIN_TOKEN     admin token ('' when the coordinator runs without auth)
+//   CHROMIUM_PATH   default /usr/bin/chromium
+//   SCREENSHOT_DIR  optional: console-overview.png, console-jobs.png, console-run.png
+//                   (and console-failure.png when a step fails), 1280x800
+//   JOB_NAME        default browser-job
+//
+// Fails on an uncaught page exception or a Content-Security-Policy violation; other
+// browser console errors (e.g. the expected 400 of the refused create) are logged.
+//
+// Prints one JSON line on success and exits 0; on failure prints which step failed
+// and why, and exits 1.
+
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+
+const CONSOLE_URL = process.env.CONSOLE_URL || '';
+const TOKEN = process.env.ADMIN_TOKEN || '';
+const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const SHOTS = process.env.SCREENSHOT_DIR || '';
+const JOB = process.env.JOB_NAME || 'browser-job';
+const TOTAL_DEADLINE_MS = 240_000;
+const started = Date.now();
+
+const consoleErrors = [];
+const pageErrors = [];
+const cspViolations = [];
+let browser = null;
+let page = null;
+let currentStep = 'start';
+
+function log(msg) {
+  process.stderr.write(`[browser-test +${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}\n`);
+}
+
+async function fail(message) {
+  process.stderr.write(`\nFAIL in step "${currentStep}": ${message}\n`);
+  if (consoleErrors.length) process.stderr.write(`browser console errors:\n  ${consoleErrors.join('\n  ')}\n`);
+  if (pageErrors.length) process.stderr.write(`uncaught page exceptions:\n  ${pageErrors.join('\n  ')}\n`);
+  if (page) {
+    try {
+      process.stderr.write(`page url: ${page.url()}\n`);
+      if (SHOTS) {
+        await page.screenshot({ path: path.join(SHOTS, 'console-failure.png'), fullPage: true, timeout: 5000 });
+        process.stderr.write(`screenshot: ${path.join(SHOTS, 'console-failure.png')}\n`);
+      }
+    } catch (_) {
+      // best effort
+    }
+  }
+  if (browser) await browser.close().catch(() => {});
+  process.exit(1);
+}
+
+const watchdog = setTimeout(() => {
+  fail(`the whole test took longer than ${TOTAL_DEADLINE_MS / 1000} s`);
+}, TOTAL_DEADLINE_MS);
+
+async function step(name, fn) {
+  currentStep = name;
+  const t0 = Date.now();
+  log(`step: ${name}`);
+  try {
+    const r = await fn();
+    if (pageErrors.length) throw new Error(`the page threw: ${pageErrors[0]}`);
+    if (cspViolations.length) throw new Error(`the page broke the coordinator's Content-Security-Policy: ${cspViolations[0]}`);
+    log(`  ok (${Date.now() - t0} ms)`);
+    return r;
+  } catch (e) {
+    await fail(e && e.message ? e.message : String(e));
+    return undefined;
+  }
+}
+
+function check(cond, message) {
+  if (!cond) throw new Error(message);
+}
+
+// Polls `probe` until it returns a truthy value or the deadline passes.
+async function waitUntil(what, probe, timeoutMs, intervalMs = 250) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() >= deadline) {
+      const detail = last instanceof Error ? ` (last error: ${last.message})` : '';
+      throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what}${detail}`);
+    }
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
+
+async function visible(selector, what, timeoutMs = 10_000) {
+  try {
+    await page.locator(selector).first().waitFor({ state: 'visible', timeout: timeoutMs });
+  } catch (_) {
+    throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what} (${selector}) to be visible`);
+  }
+  return page.locator(selector).first();
+}
+
+async function hidden(selector, what, timeoutMs = 10_000) {
+  try {
+    await page.locator(selector).first().waitFor({ state: 'hidden', timeout: timeoutMs });
+  } catch (_) {
+    throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what} (${selector}) to go away`);
+  }
+}
+
+// The HTTP API, called from the test itself (not through the page).
+async function apiCall(method, p, body) {
+  const headers = { Accept: 'application/json' };
+  if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const url = new URL(p, CONSOLE_URL);
+  let resp;
+  try {
+    resp = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: AbortSignal.timeout(10_000) });
+  } catch (e) {
+    throw new Error(`${method} ${url} failed: ${e.cause ? e.cause.message || e.cause.code : e.message}`);
+  }
+  const text = await resp.text();
+  let json = null;
+  try {
+    json = text ? JSON.parse(text) : null;
+  } catch (_) {
+    json = null;
+  }
+  return { status: resp.status, json, text };
+}
+
+async function shot(name) {
+  if (!SHOTS) return;
+  const file = path.join(SHOTS, name);
+  await page.screenshot({ path: file, fullPage: false, timeout: 10_000 });
+  log(`  screenshot ${file}`);
+}
+
+async function nav(section) {
+  await page.locator(`#nav-${section}`).click();
+  await waitUntil(`the ${section} view`, () => page.evaluate((s) => {
+    const v = document.querySelector('#view');
+    return v.dataset.view === s && v.dataset.loaded === 'true';
+  }, section), 10_000, 100);
+}
+
+const jobRow = `tr[data-job="${JOB}"]`;
+let createdAtMs = 0; // runs of an earlier job of the same name stay in the history
+
+async function main() {
+  if (!CONSOLE_URL) {
+    process.stderr.write('CONSOLE_URL is not set (e.g. http://127.0.0.1:18080/)\n');
+    process.exit(2);
+  }
+  if (SHOTS) mkdirSync(SHOTS, { recursive: true });
+  const summary = { ok: false, url: CONSOLE_URL, job: JOB };
+
+  await step('launch chromium', async () => {
+    browser = await chromium.launch({
+      executablePath: CHROMIUM_PATH,
+      headless: true,
+      timeout: 30_000,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    });
+    const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    page = await context.newPage();
+    page.setDefaultTimeout(10_000);
+    page.on('console', (msg) => {
+      if (msg.type() === 'error') {
+        const text = `${msg.text()}${msg.location() && msg.location().url ? ` (${msg.location().url})` : ''}`;
+        consoleErrors.push(text);
+        if (/Content Security Policy/i.test(text)) cspViolations.push(text);
+        log(`  browser console error: ${text}`);
+      }
+    });
+    page.on('pageerror', (err) => {
+      pageErrors.push(String(err && err.stack ? err.stack : err));
+      log(`  UNCAUGHT page exception: ${err}`);
+    });
+    summary.chromium = browser.version();
+  });
+
+  await step('clean up a job left by an earlier run', async () => {
+    const r = await apiCall('GET', `/api/jobs/${encodeURIComponent(JOB)}`);
+    if (r.status === 200) {
+      const d = await apiCall('DELETE', `/api/jobs/${encodeURIComponent(JOB)}`);
+      check(d.status === 200, `DELETE /api/jobs/${JOB} answered ${d.status}: ${d.text}`);
+      log(`  deleted a leftover ${JOB}`);
+    } else {
+      check(r.status === 404, `GET /api/jobs/${JOB} answered ${r.status}: ${r.text}`);
+    }
+  });
+
+  await step('1. open the console and log in', async () => {
+    const session = await apiCall('GET', '/api/session');
+    check(session.status === 200 && session.json, `GET /api/session answered ${session.status}: ${session.text}`);
+    await page.goto(CONSOLE_URL, { waitUntil: 'domcontentloaded', timeout: 15_000 });
+    if (session.json.auth_required) {
+      check(TOKEN, 'the coordinator requires a token but ADMIN_TOKEN is empty');
+      await visible('#login-token', 'the login form');
+      // A wrong token is refused with a message, and the form stays.
+      await page.locator('#login-token').fill(`${TOKEN}-wrong`);
+      await page.locator('#login-submit').click();
+      const msg = await visible('#login-message', 'the refused-token message');
+      check(/refused|wrong|invalid/i.test(await msg.innerText()), `unexpected login message: ${await msg.innerText()}`);
+      await page.locator('#login-token').fill(TOKEN);
+      await page.locator('#login-submit').click();
+    }
+    await visible('#topbar', 'the top bar after login');
+    await hidden('#login', 'the login form');
+    await waitUntil('the overview to load', () => page.evaluate(() => document.querySelector('#view').dataset.loaded === 'true'), 10_000, 100);
+    summary.auth_required = !!session.json.auth_required;
+  });
+
+  await step('2. a bad cron expression is refused next to its input', async () => {
+    await nav('jobs');
+    await page.locator('#job-new').click();
+    await visible('#job-form', 'the job form');
+    await page.locator('#job-name').fill(JOB);
+    await page.locator('#job-group').fill('demo');
+    await page.locator('#job-handler').fill('demo.echo');
+    await page.locator('#job-schedule-kind').selectOption('cron');
+    await page.locator('#job-schedule-expr').fill('not a cron');
+    await page.locator('#job-routing').selectOption('sharding_broadcast');
+    await page.locator('#job-shard-count').fill('2');
+    await page.locator('#job-params').fill('hello');
+    await page.locator('#job-save').click();
+
+    const err = await visible('[data-field-wrap="schedule.expr"] [data-error-for="schedule.expr"]', 'the error next to the cron expression input');
+    const errText = (await err.innerText()).trim();
+    check(errText.length > 0, 'the cron field error is empty');
+    // It sits in the same field block as the cron input, which is marked invalid.
+    const sameWrap = await page.evaluate(() => {
+      const input = document.querySelector('#job-schedule-expr');
+      const e = document.querySelector('[data-error-for="schedule.expr"]');
+      return input.closest('[data-field-wrap]') === e.closest('[data-field-wrap]') && input.classList.contains('invalid');
+    });
+    check(sameWrap, 'the cron error is not next to the cron input, or the input is not marked invalid');
+    await visible('#job-errors', 'the error summary at the top of the form');
+    // Nothing else changed: still on the form, with what was typed.
+    check(page.url().endsWith('#/jobs/new'), `the console left the form: ${page.url()}`);
+    check((await page.locator('#job-name').inputValue()) === JOB, 'the name input lost its value');
+    check((await page.locator('#job-params').inputValue()) === 'hello', 'the params input lost its value');
+    const otherErrors = await page.locator('[data-testid="field-error"]:visible').count();
+    check(otherErrors === 1, `expected exactly one field error, saw ${otherErrors}`);
+    const r = await apiCall('GET', `/api/jobs/${encodeURIComponent(JOB)}`);
+    check(r.status === 404, `GET /api/jobs/${JOB} after the refused create answered ${r.status} (want 404): ${r.text}`);
+    check(r.json && r.json.error && r.json.error.code === 'not_found', `404 body is not a not_found error: ${r.text}`);
+    summary.cron_error = errText;
+  });
+
+  await step('3. fix the cron expression and create the job', async () => {
+    await page.locator('#job-schedule-expr').fill('*/2 * * * * *');
+    await hidden('[data-error-for="schedule.expr"]', 'the cron error once the input changes', 5_000);
+    createdAtMs = Date.now();
+    await page.locator('#job-save').click();
+    await waitUntil('the jobs list after creating', () => page.url().endsWith('#/jobs'), 10_000, 100);
+    const row = await visible(jobRow, `the ${JOB} row in the jobs list`);
+    const text = await row.innerText();
+    check(text.includes('demo') && text.includes('demo.echo'), `the ${JOB} row lacks its group or handler: ${text}`);
+    const r = await apiCall('GET', `/api/jobs/${encodeURIComponent(JOB)}`);
+    check(r.status === 200, `GET /api/jobs/${JOB} answered ${r.status}: ${r.text}`);
+    const j = r.json;
+    check(j.group === 'demo' && j.handler === 'demo.echo', `stored group/handler: ${j.group}/${j.handler}`);
+    check(j.schedule && j.schedule.kind === 'cron' && j.schedule.expr === '*/2 * * * * *', `stored schedule: ${JSON.stringify(j.schedule)}`);
+    check(j.routing === 'sharding_broadcast' && j.shard_count === 2, `stored routing/shards: ${j.routing}/${j.shard_count}`);
+    check(j.params === 'hello' && j.paused === false, `stored params/paused: ${JSON.stringify(j.params)}/${j.paused}`);
+  });
+
+  await step('4. a scheduled run succeeds on 2 shards', async () => {
+    await nav('runs');
+    await page.locator('#runs-filter-job').fill(JOB);
+    await page.locator('#runs-filter-job').press('Enter');
+    await waitUntil('the runs page filtered by job', () => decodeURIComponent(page.url()).endsWith(`#/runs?job=${JOB}`), 5_000, 100);
+    const rows = `tr[data-run][data-job="${JOB}"][data-cause="scheduled"][data-state="succeeded"]`;
+    const runId = await waitUntil(`a succeeded scheduled run of ${JOB} on the runs page`, () => page.$$eval(rows,
+      (trs, since) => (trs.find((tr) => Number(tr.dataset.scheduledMs) >= since) || {}).dataset?.run, createdAtMs - 1000), 30_000);
+    await page.locator(`tr[data-run="${runId.replace(/"/g, '\\"')}"] [data-testid="run-link"]`).click();
+    await waitUntil('the run page', () => page.evaluate(() => document.querySelector('#view').dataset.loaded === 'true' && document.querySelectorAll('[data-testid="shard-row"]').length > 0), 10_000, 100);
+    const badge = page.locator('.page-head [data-testid="run-state"]');
+    check((await badge.getAttribute('data-state')) === 'succeeded', `run badge state: ${await badge.getAttribute('data-state')}`);
+    const shards = await page.$$eval('[data-testid="shard-row"]', (rows) => rows.map((r) => ({
+      index: r.dataset.shard,
+      state: r.dataset.state,
+      label: r.cells[0].innerText.trim(),
+      worker: r.querySelector('[data-testid="shard-worker"]').innerText.trim(),
+    })));
+    check(shards.length === 2, `expected 2 shards, saw ${shards.length}: ${JSON.stringify(shards)}`);
+    for (const s of shards) {
+      check(s.state === 'succeeded', `shard ${s.index} is ${s.state}`);
+      check(s.worker && s.worker !== '—', `shard ${s.index} has no worker id`);
+      check(/^[01]\/2$/.test(s.label), `shard label ${s.label} is not index/2`);
+    }
+    const logs = await page.$$eval('[data-testid="shard-log"]', (pres) => pres.map((p) => p.innerText));
+    check(logs.some((l) => l.includes('hello')), `no shard log tail mentions the params "hello": ${JSON.stringify(logs)}`);
+    await shot('console-run.png');
+    summary.scheduled_run = runId;
+    summary.shards = shards;
+  });
+
+  await step('5. trigger with params from the jobs page; the manual run succeeds', async () => {
+    await nav('jobs');
+    await visible(jobRow, `the ${JOB} row`);
+    await page.locator(`${jobRow} [data-action="trigger"]`).click();
+    await visible('#trigger-dialog', 'the trigger dialog');
+    await page.locator('#trigger-params').fill('manual-1');
+    await page.locator('#trigger-dialog-submit').click();
+    await hidden('#trigger-dialog', 'the trigger dialog');
+    const link = await visible('[data-testid="flash-run-link"]', 'the link to the triggered run');
+    const runId = await link.getAttribute('data-run');
+    check(runId, 'the triggered run link has no run id');
+    await nav('runs');
+    await page.locator('#runs-filter-job').fill(JOB);
+    await page.locator('#runs-filter-job').press('Enter');
+    const sel = `tr[data-run="${runId.replace(/"/g, '\\"')}"]`;
+    await visible(sel, `the manual run ${runId} on the runs page`, 10_000);
+    check((await page.locator(sel).getAttribute('data-cause')) === 'manual', `run ${runId} cause is ${await page.locator(sel).getAttribute('data-cause')}`);
+    await visible(`${sel}[data-state="succeeded"]`, `the manual run ${runId} to succeed`, 30_000);
+    await page.locator(`${sel} [data-testid="run-link"]`).click();
+    const params = await visible('[data-testid="run-params"]', 'the params of the manual run');
+    check((await params.innerText()).trim() === 'manual-1', `manual run params: ${await params.innerText()}`);
+    await waitUntil('the manual run shards to show', async () => (await page.locator('[data-testid="shard-row"][data-state="succeeded"]').count()) >= 1, 10_000, 100);
+    summary.manual_run = runId;
+  });
+
+  await step('6. pause the job; screenshots', async () => {
+    await nav('jobs');
+    await visible(jobRow, `the ${JOB} row`);
+    await page.locator(`${jobRow} [data-action="pause"]`).click();
+    await visible(`${jobRow} [data-testid="paused-marker"]`, 'the paused marker');
+    check((await page.locator(jobRow).getAttribute('data-paused')) === 'true', 'the row is not marked paused');
+    await visible(`${jobRow} [data-action="resume"]`, 'the Resume action');
+    const r = await apiCall('GET', `/api/jobs/${encodeURIComponent(JOB)}`);
+    check(r.status === 200 && r.json.paused === true, `the API does not show the job paused: ${r.text}`);
+    await shot('console-jobs.png');
+
+    await nav('overview');
+    await visible('[data-testid="worker-row"]', 'a worker on the overview', 10_000);
+    const workers = await page.$$eval('[data-testid="worker-row"]', (rows) => rows.map((r) => r.dataset.worker));
+    const leader = await page.locator('#leader-badge').innerText();
+    check(!/…/.test(leader), `the leader badge never filled: ${leader}`);
+    await visible('[data-testid="card-lag"]', 'the fire lag card');
+    await shot('console-overview.png');
+    summary.workers = workers;
+    summary.leader_badge = leader;
+  });
+
+  await step('7. no uncaught page exceptions', async () => {
+    check(pageErrors.length === 0, `the page threw ${pageErrors.length} uncaught exception(s)`);
+    check(cspViolations.length === 0, `${cspViolations.length} Content-Security-Policy violation(s)`);
+  });
+
+  clearTimeout(watchdog);
+  await browser.close();
+  summary.ok = true;
+  summary.console_errors = consoleErrors.length;
+  summary.elapsed_ms = Date.now() - started;
+  process.stdout.write(`${JSON.stringify(summary)}\n`);
+}
+
+main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
