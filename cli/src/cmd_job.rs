@@ -5,12 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use chime_coordinator::grpc::{job_from_proto, run_from_proto, worker_from_proto};
+use chime_coordinator::grpc::{
+    JobView, job_from_proto, job_view, run_from_proto, worker_from_proto,
+};
 use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
 use chime_shared::auth::Bearer;
 use chime_shared::proto as pb;
 use clap::Subcommand;
-use serde::Serialize;
 use serde_json::json;
 
 use crate::config::{self, ClientConfig};
@@ -91,25 +92,8 @@ fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
-/// A job as printed: the definition and its trigger state.
-#[derive(Serialize)]
-struct JobOut {
-    #[serde(flatten)]
-    spec: JobSpec,
-    version: i64,
-    next_fire_ms: i64,
-    last_fire_ms: i64,
-}
-
-fn job_out(j: pb::Job) -> Result<JobOut> {
-    let (next, last) = (j.next_fire_ms, j.last_fire_ms);
-    let (spec, version) = job_from_proto(j)?;
-    Ok(JobOut {
-        spec,
-        version,
-        next_fire_ms: next,
-        last_fire_ms: last,
-    })
+fn job_out(j: pb::Job) -> Result<JobView> {
+    Ok(job_view(j)?)
 }
 
 /// The parts of a job definition given on the command line.
@@ -393,7 +377,7 @@ pub async fn run_job(a: JobArgs) -> Result<()> {
                 .map_err(status)?
                 .into_inner()
                 .jobs;
-            let out: Result<Vec<JobOut>> = jobs.into_iter().map(job_out).collect();
+            let out: Result<Vec<JobView>> = jobs.into_iter().map(job_out).collect();
             serde_json::to_value(out?)?
         }
         JobCmd::Get { name } => serde_json::to_value(job_out(

@@ -396,10 +396,38 @@ pub fn job_from_proto(j: pb::Job) -> Result<(JobSpec, i64), CoordError> {
             start_at_ms: j.start_at_ms,
             end_at_ms: j.end_at_ms,
             jitter_ms: j.jitter_ms,
-            created_at_ms: 0,
+            created_at_ms: j.created_at_ms,
         },
         j.version,
     ))
+}
+
+/// A job as clients show it (CLI, console API): the definition, its store
+/// version and its trigger state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobView {
+    /// The definition.
+    #[serde(flatten)]
+    pub spec: JobSpec,
+    /// Store version (send it back to update).
+    pub version: i64,
+    /// Next fire, Unix ms (none when not scheduled or unknown).
+    pub next_fire_ms: Option<i64>,
+    /// Last scheduled instant fired, Unix ms.
+    pub last_fire_ms: Option<i64>,
+}
+
+/// Proto job -> the view clients print.
+pub fn job_view(j: pb::Job) -> Result<JobView, CoordError> {
+    let next_fire_ms = (j.next_fire_ms != 0).then_some(j.next_fire_ms);
+    let last_fire_ms = (j.last_fire_ms != 0).then_some(j.last_fire_ms);
+    let (spec, version) = job_from_proto(j)?;
+    Ok(JobView {
+        spec,
+        version,
+        next_fire_ms,
+        last_fire_ms,
+    })
 }
 
 /// Domain job -> proto job.
@@ -468,6 +496,7 @@ pub fn job_to_proto(j: &StoredJob, state: TriggerState) -> pb::Job {
         next_fire_ms: state.next_fire_ms.unwrap_or(0),
         last_fire_ms: state.last_fire_ms.unwrap_or(0),
         version: j.version,
+        created_at_ms: s.created_at_ms,
     }
 }
 

@@ -34,7 +34,7 @@ use crate::Shared;
 use crate::engine::TriggerState;
 use crate::error::FIELD_METADATA;
 use crate::grpc::{
-    AdminApi, authorized, job_from_proto, job_to_proto, run_from_proto, worker_from_proto,
+    AdminApi, JobView, authorized, job_to_proto, job_view, run_from_proto, worker_from_proto,
 };
 use crate::model::{JobSpec, RunRecord};
 use crate::store::StoredJob;
@@ -278,26 +278,8 @@ async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
 
 // ---- jobs ----
 
-/// A job as the API answers it.
-#[derive(Serialize)]
-struct JobOut {
-    #[serde(flatten)]
-    spec: JobSpec,
-    version: i64,
-    next_fire_ms: Option<i64>,
-    last_fire_ms: Option<i64>,
-}
-
-fn job_out(j: pb::Job) -> Result<JobOut, ApiError> {
-    let next_fire_ms = (j.next_fire_ms != 0).then_some(j.next_fire_ms);
-    let last_fire_ms = (j.last_fire_ms != 0).then_some(j.last_fire_ms);
-    let (spec, version) = job_from_proto(j).map_err(Status::from)?;
-    Ok(JobOut {
-        spec,
-        version,
-        next_fire_ms,
-        last_fire_ms,
-    })
+fn job_out(j: pb::Job) -> Result<JobView, ApiError> {
+    Ok(job_view(j).map_err(Status::from)?)
 }
 
 /// Fields the API answers but does not take.
@@ -693,7 +675,7 @@ const MAX_REQUEUE: usize = 100_000;
 async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
     let input: RequeueIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid("items", e.to_string()))?;
-    if input.all == !input.items.is_empty() {
+    if input.all != input.items.is_empty() {
         return Err(ApiError::invalid("items", "give either items or all: true"));
     }
     let refs: Vec<ItemRef> = input

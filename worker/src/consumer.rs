@@ -32,7 +32,7 @@ use futures_util::future::join_all;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::handler::ItemContext;
 use crate::live::{self, Gate, Knobs, Live};
@@ -527,7 +527,12 @@ impl Consumer {
             metrics::histogram!(m::FIRE_LAG_SECONDS, "handler" => handler.clone()).record(lag_s);
             metrics::counter!(m::ITEMS_FIRED, "handler" => handler)
                 .increment(delivery.items.len() as u64);
-            tokio::spawn(self.clone().run_delivery(delivery, p));
+            // Every log line of the delivery, the handler's own included, names
+            // the item (the first one of a merged delivery, and how many).
+            let span = tracing::info_span!("item", item_id = %delivery.items[0].item.id,
+                                           key = %delivery.items[0].item.key,
+                                           merged = delivery.items.len(), queue = delivery.queue);
+            tokio::spawn(self.clone().run_delivery(delivery, p).instrument(span));
         }
     }
 

@@ -19,7 +19,7 @@ use pb::worker_message::Kind as In;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::jobs::{JobContext, JobHandler};
 
@@ -392,7 +392,10 @@ impl Session {
             );
         }
         let handler = self.handlers.get(&a.handler).cloned();
-        tokio::spawn(async move {
+        // Every log line of the shard, the handler's own included, names the run.
+        let span = tracing::info_span!("shard", run_id = %r.run_id, fire_id = %a.fire_id,
+                                       job = %a.job, shard = r.shard_index, attempt = r.attempt);
+        let shard = async move {
             let started = system_now_ms();
             let _ = out.send(msg(In::RunStarted(pb::RunStarted {
                 run: Some(r.clone()),
@@ -466,6 +469,7 @@ impl Session {
                 started_at_ms: started,
                 finished_at_ms: system_now_ms(),
             })));
-        });
+        };
+        tokio::spawn(shard.instrument(span));
     }
 }
