@@ -358,17 +358,46 @@ async fn create_job(
     Ok((StatusCode::CREATED, ok(job_out(j)?)?))
 }
 
-async fn get_job(
-    State(st): State<HttpState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult {
-    let j = st
-        .admin
-        .get_job(call(&headers, pb::JobRef { name }))
-        .await?;
-    ok(job_out(j.into_inner())?)
+/// A handler calling one `JobRef -> Job` admin method (`/api/jobs/{name}[/…]`).
+macro_rules! job_ref_call {
+    ($handler:ident, $method:ident) => {
+        async fn $handler(
+            State(st): State<HttpState>,
+            headers: HeaderMap,
+            Path(name): Path<String>,
+        ) -> ApiResult {
+            let j = st
+                .admin
+                .$method(call(&headers, pb::JobRef { name }))
+                .await?;
+            ok(job_out(j.into_inner())?)
+        }
+    };
 }
+
+job_ref_call!(get_job, get_job);
+job_ref_call!(pause_job, pause_job);
+job_ref_call!(resume_job, resume_job);
+
+/// A handler calling one `RunId -> Run` admin method (`/api/runs/{id}[/…]`).
+macro_rules! run_id_call {
+    ($handler:ident, $method:ident) => {
+        async fn $handler(
+            State(st): State<HttpState>,
+            headers: HeaderMap,
+            Path(run_id): Path<String>,
+        ) -> ApiResult {
+            let r = st
+                .admin
+                .$method(call(&headers, pb::RunId { run_id }))
+                .await?;
+            ok(run_from_proto(r.into_inner()))
+        }
+    };
+}
+
+run_id_call!(get_run, get_run);
+run_id_call!(kill_run, kill_run);
 
 async fn update_job(
     State(st): State<HttpState>,
@@ -399,30 +428,6 @@ async fn delete_job(
         .delete_job(call(&headers, pb::JobRef { name }))
         .await?;
     ok(json!({}))
-}
-
-async fn pause_job(
-    State(st): State<HttpState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult {
-    let j = st
-        .admin
-        .pause_job(call(&headers, pb::JobRef { name }))
-        .await?;
-    ok(job_out(j.into_inner())?)
-}
-
-async fn resume_job(
-    State(st): State<HttpState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult {
-    let j = st
-        .admin
-        .resume_job(call(&headers, pb::JobRef { name }))
-        .await?;
-    ok(job_out(j.into_inner())?)
 }
 
 #[derive(Deserialize, Default)]
@@ -486,30 +491,6 @@ async fn list_runs(
 ) -> ApiResult {
     let runs = recent_runs(&st, &headers, q.job, q.limit.unwrap_or(50)).await?;
     ok(json!({ "runs": runs }))
-}
-
-async fn get_run(
-    State(st): State<HttpState>,
-    headers: HeaderMap,
-    Path(run_id): Path<String>,
-) -> ApiResult {
-    let r = st
-        .admin
-        .get_run(call(&headers, pb::RunId { run_id }))
-        .await?;
-    ok(run_from_proto(r.into_inner()))
-}
-
-async fn kill_run(
-    State(st): State<HttpState>,
-    headers: HeaderMap,
-    Path(run_id): Path<String>,
-) -> ApiResult {
-    let r = st
-        .admin
-        .kill_run(call(&headers, pb::RunId { run_id }))
-        .await?;
-    ok(run_from_proto(r.into_inner()))
 }
 
 async fn list_workers(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {

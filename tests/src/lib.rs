@@ -733,10 +733,9 @@ impl Cluster {
                 continue;
             }
             let url = format!("http://127.0.0.1:{port}");
-            let Ok((0, out, _)) = run_chime(&["workers", "--coordinator", &url]) else {
+            let Ok(v) = self.admin_at(&url, &["workers"]) else {
                 continue;
             };
-            let v: serde_json::Value = serde_json::from_str(out.trim()).ok()?;
             let leader = v["leader"].as_str().unwrap_or_default().to_owned();
             if leader.is_empty() {
                 continue;
@@ -804,6 +803,11 @@ impl Cluster {
     /// Runs an admin command (`job …`, `runs …`, `workers`) against this
     /// coordinator and parses its JSON; a non-zero exit is an error with stderr.
     pub fn admin(&self, args: &[&str]) -> Result<serde_json::Value> {
+        self.admin_at(&self.coordinator, args)
+    }
+
+    /// Like [`Cluster::admin`], against the coordinator at `url`.
+    pub fn admin_at(&self, url: &str, args: &[&str]) -> Result<serde_json::Value> {
         let mut all: Vec<&str> = args.to_vec();
         let at = if args[0] == "workers" {
             1
@@ -811,7 +815,7 @@ impl Cluster {
             1.min(args.len())
         };
         all.insert(at, "--coordinator");
-        all.insert(at + 1, &self.coordinator);
+        all.insert(at + 1, url);
         let out = chime_cmd(&all)?
             .env("CHIME_ADMIN_TOKEN", &self.admin_token)
             .output()?;
