@@ -286,7 +286,7 @@ fn job_out(j: pb::Job) -> Result<JobView, ApiError> {
 const ANSWER_ONLY: [&str; 3] = ["version", "next_fire_ms", "last_fire_ms"];
 
 /// A job from a JSON body; errors name the field (`schedule.expr`, `retries`, …).
-fn job_in(body: &[u8]) -> Result<(JobSpec, i64), ApiError> {
+pub fn job_in(body: &[u8]) -> Result<(JobSpec, i64), ApiError> {
     let mut v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
     let Some(obj) = v.as_object_mut() else {
