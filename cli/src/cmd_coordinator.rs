@@ -165,6 +165,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
             max_age_s: cfg.coordinator.history_max_age_s.max(60),
         },
     ));
+    if !(100..=86_400_000).contains(&cfg.coordinator.min_period_ms) {
+        anyhow::bail!("invalid coordinator.min_period_ms: must be within 100..=86400000");
+    }
     if !(1..=60).contains(&cfg.coordinator.election_ttl_s) {
         anyhow::bail!("invalid coordinator.election_ttl_s: must be within 1..=60");
     }
@@ -215,7 +218,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         queues: Some(queues),
         config,
         auth,
-        jobs: JobStore::new(source),
+        jobs: JobStore::new(source).with_min_period_ms(cfg.coordinator.min_period_ms),
         runs,
         clock: Arc::new(SystemClock),
         options: EngineOptions {

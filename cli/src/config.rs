@@ -364,6 +364,8 @@ pub struct CoordinatorSection {
     pub history_max_age_s: u64,
     /// Leader lease TTL, seconds: a dead leader is replaced within about this long.
     pub election_ttl_s: u64,
+    /// No job may fire more often than this, ms (cron, fixed rate, fixed delay).
+    pub min_period_ms: u64,
 }
 
 impl Default for CoordinatorSection {
@@ -377,6 +379,7 @@ impl Default for CoordinatorSection {
             history_per_job: 200,
             history_max_age_s: 7 * 86_400,
             election_ttl_s: 5,
+            min_period_ms: 1_000,
         }
     }
 }

@@ -15,6 +15,7 @@ use pb::worker_message::Kind as In;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -81,6 +82,10 @@ fn require(
     }
 }
 
+/// Largest gRPC message the coordinator decodes (a job with 64 KiB params and
+/// 64 KiB of shard params, a register with many running shards, fit many times).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// The gRPC router: the worker gateway, `admin`, the standard health service and
 /// server reflection (so `grpcurl` and friends work without the proto files).
 pub async fn server(
@@ -108,14 +113,13 @@ pub async fn server(
         .http2_keepalive_interval(Some(Duration::from_secs(3)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(health_service)
-        .add_service(
-            pb::worker_gateway_server::WorkerGatewayServer::with_interceptor(
-                Gateway { shared },
-                require(auth.worker, "worker"),
-            ),
-        )
-        .add_service(pb::admin_server::AdminServer::with_interceptor(
-            admin,
+        .add_service(InterceptedService::new(
+            pb::worker_gateway_server::WorkerGatewayServer::new(Gateway { shared })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            require(auth.worker, "worker"),
+        ))
+        .add_service(InterceptedService::new(
+            pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
             require(auth.admin, "admin"),
         ));
     match reflection {

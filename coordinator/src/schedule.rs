@@ -82,6 +82,33 @@ pub fn validate(s: &Schedule) -> Result<()> {
     }
 }
 
+/// The shortest gap between two fires of `job`'s schedule: its period for fixed
+/// rate and delay, and for cron the shortest gap among its next `samples` ticks
+/// after `from_ms` (a cron expression's gaps repeat, so a few hundred ticks find the
+/// shortest in practice). `None` for one-shot and manual jobs.
+pub fn min_gap_ms(job: &JobSpec, from_ms: i64, samples: usize) -> Result<Option<u64>> {
+    Ok(match &job.schedule {
+        Schedule::FixedRate { every_ms } => Some(*every_ms),
+        Schedule::FixedDelay { delay_ms } => Some(*delay_ms),
+        Schedule::Once { .. } | Schedule::Manual => None,
+        Schedule::Cron { .. } => {
+            let c = Compiled::of(job)?;
+            let mut best: Option<u64> = None;
+            let mut prev = match c.raw_next(from_ms) {
+                Some(t) => t,
+                None => return Ok(None),
+            };
+            for _ in 0..samples {
+                let Some(t) = c.raw_next(prev) else { break };
+                let gap = (t - prev).max(0) as u64;
+                best = Some(best.map_or(gap, |b| b.min(gap)));
+                prev = t;
+            }
+            best
+        }
+    })
+}
+
 impl Compiled {
     /// Compiles a (validated) job's schedule.
     pub fn of(job: &JobSpec) -> Result<Self> {
@@ -185,6 +212,26 @@ mod tests {
             },
             ..job("c")
         }
+    }
+
+    #[test]
+    fn min_gap_of_each_kind() {
+        let t0 = ms("2026-03-01T00:00:00Z");
+        let gap = |j: &JobSpec| min_gap_ms(j, t0, 512).unwrap();
+        assert_eq!(gap(&cron("*/15 * * * * *", "")), Some(15_000));
+        assert_eq!(gap(&cron("0 0 * * * *", "")), Some(3_600_000));
+        // Twice a day, one second apart: the shortest gap is the one that counts.
+        assert_eq!(gap(&cron("0,1 0 3 * * *", "")), Some(1_000));
+        let rate = JobSpec {
+            schedule: Schedule::FixedRate { every_ms: 250 },
+            ..job("r")
+        };
+        assert_eq!(gap(&rate), Some(250));
+        let manual = JobSpec {
+            schedule: Schedule::Manual,
+            ..job("m")
+        };
+        assert_eq!(gap(&manual), None);
     }
 
     #[test]

@@ -30,7 +30,11 @@ pub struct StoredJob {
 #[derive(Debug, Clone)]
 pub struct JobStore {
     kv: Arc<dyn ConfigSource>,
+    min_period_ms: u64,
 }
+
+/// Ticks looked at to find a cron expression's shortest gap.
+const GAP_SAMPLES: usize = 512;
 
 fn key(name: &str) -> String {
     format!("jobs/{name}")
@@ -45,7 +49,40 @@ fn decode(value: &str, version: i64) -> Result<StoredJob> {
 impl JobStore {
     /// Jobs in `kv` (whose prefix is the deployment's, e.g. `/chime/`).
     pub fn new(kv: Arc<dyn ConfigSource>) -> Self {
-        Self { kv }
+        Self {
+            kv,
+            min_period_ms: crate::model::MIN_PERIOD_MS,
+        }
+    }
+
+    /// Refuses schedules firing more often than every `ms` (the operator's floor,
+    /// `coordinator.min_period_ms`; never below [`crate::model::MIN_PERIOD_MS`]).
+    pub fn with_min_period_ms(mut self, ms: u64) -> Self {
+        self.min_period_ms = ms.max(crate::model::MIN_PERIOD_MS);
+        self
+    }
+
+    /// Checks `spec`'s schedule against the floor, naming the schedule's field.
+    fn check_floor(&self, spec: &JobSpec, now_ms: i64) -> Result<()> {
+        let Some(gap) = crate::schedule::min_gap_ms(spec, now_ms, GAP_SAMPLES)? else {
+            return Ok(());
+        };
+        if gap >= self.min_period_ms {
+            return Ok(());
+        }
+        let field = match spec.schedule {
+            crate::model::Schedule::FixedRate { .. } => "schedule.every_ms",
+            crate::model::Schedule::FixedDelay { .. } => "schedule.delay_ms",
+            _ => "schedule.expr",
+        };
+        Err(CoordError::invalid(
+            field,
+            format!(
+                "fires every {gap} ms at times, more often than this cluster's floor of {} ms \
+                 (coordinator.min_period_ms)",
+                self.min_period_ms
+            ),
+        ))
     }
 
     /// The underlying source (the engine watches it).
@@ -81,6 +118,7 @@ impl JobStore {
     /// Stores a new job (its `created_at_ms` is set to `now_ms`).
     pub async fn create(&self, mut spec: JobSpec, now_ms: i64) -> Result<StoredJob> {
         spec.validate()?;
+        self.check_floor(&spec, now_ms)?;
         spec.created_at_ms = now_ms;
         let text =
             serde_json::to_string(&spec).map_err(|e| CoordError::Unavailable(e.to_string()))?;
@@ -98,6 +136,11 @@ impl JobStore {
     pub async fn update(&self, mut spec: JobSpec, version: i64) -> Result<StoredJob> {
         spec.validate()?;
         let current = self.get(&spec.name).await?;
+        // Only a changed schedule meets the floor: a job stored under a lower floor
+        // can still be paused, resumed and edited otherwise.
+        if spec.schedule != current.spec.schedule {
+            self.check_floor(&spec, current.spec.created_at_ms.max(0))?;
+        }
         spec.created_at_ms = current.spec.created_at_ms;
         let text =
             serde_json::to_string(&spec).map_err(|e| CoordError::Unavailable(e.to_string()))?;

@@ -590,6 +590,9 @@ pub struct Cluster {
     pub http_ports: Vec<u16>,
     /// The admin token (in `admin.token`); workers use `worker.token`.
     pub admin_token: String,
+    /// `coordinator.min_period_ms` of coordinators started from now on (tests fire
+    /// jobs every few hundred ms; production's floor is 1 s).
+    pub min_period_ms: u64,
     spawned: u32,
 }
 
@@ -646,6 +649,7 @@ impl Cluster {
         let mut c = Self {
             http_ports,
             admin_token: ADMIN_TOKEN.to_owned(),
+            min_period_ms: 100,
             coordinator: format!("http://127.0.0.1:{}", coords[0].0),
             redis,
             etcd,
@@ -692,6 +696,11 @@ impl Cluster {
             "--election-ttl-s",
             "3",
         ])?;
+        let mut cmd = cmd;
+        cmd.env(
+            "CHIME_COORDINATOR_MIN_PERIOD_MS",
+            self.min_period_ms.to_string(),
+        );
         self.coords[i].1 = Some(Proc::spawn(
             &format!("coordinator-{i}-{}", self.spawned),
             cmd,

@@ -1,0 +1,219 @@
+//! Every input limit answers `invalid_argument` naming the field and stores nothing:
+//! names (length, characters), params, shards, the schedule floor, item payloads,
+//! ids, batches, and the gRPC message size. Real Redis, etcd and coordinator.
+
+use anyhow::{Result, ensure};
+use chime_shared::auth::Bearer;
+use chime_shared::proto as pb;
+use chime_tests::{ADMIN_TOKEN, Cluster, http};
+use serde_json::{Value, json};
+
+fn job(overrides: Value) -> Value {
+    let mut j = json!({ "name": "ok", "group": "g", "handler": "noop",
+                        "schedule": { "kind": "manual" } });
+    for (k, v) in overrides.as_object().into_iter().flatten() {
+        j[k] = v.clone();
+    }
+    j
+}
+
+async fn refused(api: &str, path: &str, body: Value, field: &str) -> Result<()> {
+    let (code, b) = http(
+        "POST",
+        &format!("{api}{path}"),
+        Some(ADMIN_TOKEN),
+        Some(body),
+    )
+    .await?;
+    ensure!(
+        code == 400 && b["error"]["code"] == "invalid_argument" && b["error"]["field"] == field,
+        "{path} expected invalid {field}, got {code} {b}"
+    );
+    Ok(())
+}
+
+async fn nothing_stored(api: &str) -> Result<()> {
+    let (_, jobs) = http("GET", &format!("{api}/api/jobs"), Some(ADMIN_TOKEN), None).await?;
+    ensure!(
+        jobs["jobs"].as_array().is_some_and(Vec::is_empty),
+        "jobs stored: {jobs}"
+    );
+    let (_, q) = http("GET", &format!("{api}/api/queues"), Some(ADMIN_TOKEN), None).await?;
+    let pending: u64 = q["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["pending"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(pending == 0, "items stored: {q}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_limit_names_its_field_and_stores_nothing() -> Result<()> {
+    let mut c = Cluster::start(0).await?;
+    // A cluster whose operators allow no job to fire more often than every 5 s.
+    c.kill_coordinator();
+    c.min_period_ms = 5_000;
+    c.start_coordinator(0)?;
+    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
+    chime_tests::wait_until(
+        "the coordinator is back",
+        std::time::Duration::from_secs(20),
+        || async {
+            matches!(
+                http("GET", &format!("{api}/readyz"), None, None).await,
+                Ok((200, _))
+            )
+        },
+    )
+    .await?;
+
+    let cases = [
+        (job(json!({ "name": "x".repeat(129) })), "name"),
+        (job(json!({ "name": "no spaces" })), "name"),
+        (job(json!({ "group": "" })), "group"),
+        (job(json!({ "handler": "bad/handler" })), "handler"),
+        (
+            job(json!({ "params": "p".repeat(64 * 1024 + 1) })),
+            "params",
+        ),
+        (
+            job(json!({ "routing": "sharding_broadcast", "shard_count": 10_001 })),
+            "shard_count",
+        ),
+        (
+            job(json!({ "schedule": { "kind": "cron", "expr": "*/2 * * * * *" } })),
+            "schedule.expr",
+        ),
+        (
+            job(json!({ "schedule": { "kind": "fixed_rate", "every_ms": 1_000 } })),
+            "schedule.every_ms",
+        ),
+        (
+            job(json!({ "schedule": { "kind": "fixed_delay", "delay_ms": 50 } })),
+            "schedule.delay_ms",
+        ),
+        (
+            job(json!({ "schedule": { "kind": "cron", "expr": "0 0 30 2 *" } })),
+            "schedule.expr",
+        ),
+        (job(json!({ "retries": 101 })), "retries"),
+    ];
+    for (body, field) in cases {
+        refused(&api, "/api/jobs", body, field).await?;
+    }
+    // At the floor is fine (and the cron floor looks at the shortest gap).
+    let (code, b) = http(
+        "POST",
+        &format!("{api}/api/jobs"),
+        Some(ADMIN_TOKEN),
+        Some(job(
+            json!({ "name": "slow", "schedule": { "kind": "cron", "expr": "*/5 * * * * *" } }),
+        )),
+    )
+    .await?;
+    ensure!(code == 201, "{code} {b}");
+    let (code, _) = http(
+        "DELETE",
+        &format!("{api}/api/jobs/slow"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    ensure!(code == 200);
+
+    let item = |extra: Value| {
+        let mut i = json!({ "id": "i", "handler": "noop" });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            i[k] = v.clone();
+        }
+        json!({ "items": [{ "id": "fine", "handler": "noop" }, i] })
+    };
+    let item_cases = [
+        (
+            item(json!({ "payload": "x".repeat(64 * 1024 + 1) })),
+            "items[1].payload",
+        ),
+        (item(json!({ "id": "i".repeat(513) })), "items[1].id"),
+        (item(json!({ "handler": "has space" })), "items[1].handler"),
+        (item(json!({ "max_attempts": 0 })), "items[1].max_attempts"),
+        (
+            item(json!({ "due_at_ms": 253_402_300_800_000i64 })),
+            "items[1].due_at_ms",
+        ),
+        (
+            item(json!({ "merge_key": "m".repeat(513) })),
+            "items[1].merge_key",
+        ),
+    ];
+    for (body, field) in item_cases {
+        refused(&api, "/api/queues/items", body, field).await?;
+    }
+    let many: Vec<Value> = (0..100_001)
+        .map(|i| json!({ "id": i.to_string(), "handler": "h" }))
+        .collect();
+    let (code, b) = http(
+        "POST",
+        &format!("{api}/api/queues/items"),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "items": many })),
+    )
+    .await?;
+    // Over the body limit before the batch limit: refused either way, nothing stored.
+    ensure!(
+        code == 413 || (code == 400 && b["error"]["field"] == "items"),
+        "{code} {b}"
+    );
+    nothing_stored(&api).await?;
+
+    // gRPC: a message over the size limit is refused before it is decoded.
+    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
+        .connect()
+        .await?;
+    let mut admin =
+        pb::admin_client::AdminClient::with_interceptor(channel, Bearer::new(Some(ADMIN_TOKEN))?)
+            .max_encoding_message_size(64 * 1024 * 1024);
+    let mut j = pb::Job {
+        name: "huge".into(),
+        group: "g".into(),
+        handler: "noop".into(),
+        ..Default::default()
+    };
+    j.schedule = Some(pb::Schedule {
+        kind: Some(pb::schedule::Kind::Manual(pb::Manual {})),
+    });
+    j.shard_params = vec!["x".repeat(1024 * 1024); 5];
+    let e = admin
+        .create_job(pb::CreateJobRequest { job: Some(j) })
+        .await
+        .expect_err("a 5 MiB message was accepted");
+    ensure!(
+        e.message().contains("too large") || e.message().contains("limit"),
+        "{e:?}"
+    );
+    // A field-level refusal over gRPC carries the field as metadata too.
+    let mut j = pb::Job {
+        name: "bad name".into(),
+        group: "g".into(),
+        handler: "noop".into(),
+        ..Default::default()
+    };
+    j.schedule = Some(pb::Schedule {
+        kind: Some(pb::schedule::Kind::Manual(pb::Manual {})),
+    });
+    let e = admin
+        .create_job(pb::CreateJobRequest { job: Some(j) })
+        .await
+        .expect_err("bad name accepted");
+    ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
+    ensure!(
+        e.metadata()
+            .get("chime-field")
+            .and_then(|v| v.to_str().ok())
+            == Some("name"),
+        "{e:?}"
+    );
+    nothing_stored(&api).await?;
+    Ok(())
+}
