@@ -214,7 +214,15 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     let http_bound = http.as_ref().and_then(|l| l.local_addr().ok());
     info!(grpc = %listener.local_addr()?, http = ?http_bound, advertise = %advertise, "chime coordinator listening");
     let config = etcd.is_some().then(|| source.clone());
+    let tls = cfg.tls.server();
+    if tls.enabled() {
+        tls.check()?;
+    } else if !cfg.tls.client_ca_file.is_empty() || !cfg.tls.key_file.is_empty() {
+        anyhow::bail!("invalid tls.cert_file: required with tls.key_file or tls.client_ca_file");
+    }
     let deps = chime_coordinator::Deps {
+        tls,
+        peer_tls: cfg.tls.peer(),
         queues: Some(queues),
         config,
         auth,

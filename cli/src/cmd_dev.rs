@@ -235,6 +235,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
         election: None,
         queues: Some(store.clone()),
         config: Some(source.clone()),
+        tls: Default::default(),
+        peer_tls: None,
         auth: Auth {
             admin: args.admin_token.clone().map(|t| Arc::new(Tokens::fixed(t))),
             worker: None,
@@ -279,6 +281,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 labels: Default::default(),
                 drain_timeout_ms: 2_000,
                 token: None,
+                tls: Default::default(),
             })
             .options(opts.clone())
             .live(live.clone())

@@ -56,10 +56,16 @@ async fn connect(a: &CoordArgs) -> Result<Client> {
     };
     let mut last = None;
     for e in &endpoints {
-        let channel = match tonic::transport::Endpoint::from_shared(e.clone()) {
+        let tls = chime_shared::tls::ClientTls {
+            ca_file: cfg.tls_ca_file.clone(),
+            cert_file: cfg.tls_cert_file.clone(),
+            key_file: cfg.tls_key_file.clone(),
+            domain: cfg.tls_domain.clone(),
+        };
+        let channel = match chime_shared::tls::endpoint(e, &tls, "") {
             Ok(ep) => ep.connect().await,
             Err(err) => {
-                last = Some(anyhow::anyhow!("invalid coordinator endpoint {e:?}: {err}"));
+                last = Some(anyhow::anyhow!("coordinator endpoint {e:?}: {err}"));
                 continue;
             }
         };
@@ -69,9 +75,12 @@ async fn connect(a: &CoordArgs) -> Result<Client> {
                     .max_decoding_message_size(16 * 1024 * 1024));
             }
             Err(err) => {
-                last = Some(anyhow::anyhow!(
-                    "connecting to the coordinator at {e}: {err}"
-                ))
+                // tonic's top-level message is just "transport error": the
+                // cause (refused, certificate not trusted, …) is in the chain.
+                last = Some(
+                    anyhow::Error::new(err)
+                        .context(format!("connecting to the coordinator at {e}")),
+                )
             }
         }
     }

@@ -248,6 +248,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             capacity: link.capacity.max(1),
             labels,
             drain_timeout_ms: link.drain_timeout_ms,
+            tls: link.tls(),
             token: match link.token_file.trim() {
                 "" => None,
                 f => Some(
@@ -269,7 +270,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 .with_context(|| format!("binding http_addr {addr}"))?;
             info!(http = %l.local_addr()?, "probes and metrics listening");
             let router = ops::router(readiness(probe_store, draining.clone()));
-            Some(tokio::spawn(ops::serve(l, router, stop_http.clone())))
+            Some(tokio::spawn(ops::serve(l, router, None, stop_http.clone())))
         }
     };
     let signal = draining.clone();

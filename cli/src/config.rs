@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use chime_shared::queue::QueueLayout;
 use chime_shared::redis_conn::RedisSpec;
+use chime_shared::tls::ClientTls;
 use chime_worker::ConsumerOptions;
 
 /// Where Redis is.
@@ -26,6 +27,12 @@ pub struct RedisSection {
     pub cluster: bool,
     /// How long one Redis request may take, in milliseconds.
     pub response_timeout_ms: u64,
+    /// `rediss://` URLs: CA of the server certificate (PEM); empty: system roots.
+    pub tls_ca_file: String,
+    /// `rediss://` URLs: client certificate (PEM), when Redis requires one.
+    pub tls_cert_file: String,
+    /// Its private key (PEM).
+    pub tls_key_file: String,
 }
 
 impl Default for RedisSection {
@@ -34,6 +41,9 @@ impl Default for RedisSection {
             url: "redis://127.0.0.1:6379".into(),
             cluster: false,
             response_timeout_ms: 10_000,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -43,6 +53,12 @@ impl RedisSection {
     pub fn spec(&self) -> Result<RedisSpec> {
         let mut spec = RedisSpec::parse(&self.url)?.cluster(self.cluster);
         spec.response_timeout_ms = self.response_timeout_ms;
+        spec.tls = ClientTls {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            domain: String::new(),
+        };
         Ok(spec)
     }
 }
@@ -60,6 +76,12 @@ pub struct EtcdSection {
     pub user: String,
     /// Password of `user`.
     pub password: String,
+    /// `https://` endpoints: CA of the server certificate (PEM); empty: system roots.
+    pub tls_ca_file: String,
+    /// `https://` endpoints: client certificate (PEM), when etcd requires one.
+    pub tls_cert_file: String,
+    /// Its private key (PEM).
+    pub tls_key_file: String,
 }
 
 impl Default for EtcdSection {
@@ -69,6 +91,9 @@ impl Default for EtcdSection {
             prefix: chime_shared::config::DEFAULT_PREFIX.into(),
             user: String::new(),
             password: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -90,6 +115,12 @@ impl EtcdSection {
             spec.user = Some(self.user.clone());
             spec.password = Some(self.password.clone());
         }
+        spec.tls = ClientTls {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            domain: String::new(),
+        };
         Ok(Some(spec))
     }
 }
@@ -233,6 +264,26 @@ pub struct CoordinatorLink {
     /// File holding the worker token (the first token in it) the coordinator
     /// asks for; empty: connect without one.
     pub token_file: String,
+    /// `https://` endpoints: CA of the coordinators' certificate; empty: system roots.
+    pub tls_ca_file: String,
+    /// Client certificate, when the coordinators require one (mutual TLS).
+    pub tls_cert_file: String,
+    /// Its private key.
+    pub tls_key_file: String,
+    /// Name to check the coordinators' certificate against, when not the URL's host.
+    pub tls_domain: String,
+}
+
+impl CoordinatorLink {
+    /// The session's TLS files.
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            domain: self.tls_domain.clone(),
+        }
+    }
 }
 
 impl Default for CoordinatorLink {
@@ -245,6 +296,10 @@ impl Default for CoordinatorLink {
             drain_timeout_ms: 25_000,
             record_file: String::new(),
             token_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_domain: String::new(),
         }
     }
 }
@@ -324,6 +379,61 @@ pub struct AuthSection {
     pub allow_unauthenticated: bool,
 }
 
+/// TLS of the coordinator's gRPC and HTTP listeners.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// Certificate chain (PEM); empty: no TLS.
+    pub cert_file: String,
+    /// Private key (PEM).
+    pub key_file: String,
+    /// When set, gRPC clients (workers, CLI, peers) must present a certificate
+    /// signed by this CA: mutual TLS. The console's HTTP listener does not ask
+    /// browsers for one.
+    pub client_ca_file: String,
+    /// CA of the other coordinators' certificates, to verify the leader when
+    /// forwarding admin calls; empty: `client_ca_file`, else the system roots.
+    pub ca_file: String,
+}
+
+impl TlsSection {
+    /// The listeners' files.
+    pub fn server(&self) -> chime_shared::tls::ServerTls {
+        chime_shared::tls::ServerTls {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            client_ca_file: self.client_ca_file.clone(),
+        }
+    }
+
+    /// How this coordinator dials its peers: their CA, and its own certificate
+    /// when peers require one. `None` without TLS.
+    pub fn peer(&self) -> Option<ClientTls> {
+        if self.cert_file.is_empty() {
+            return None;
+        }
+        let mtls = !self.client_ca_file.is_empty();
+        Some(ClientTls {
+            ca_file: if self.ca_file.is_empty() {
+                self.client_ca_file.clone()
+            } else {
+                self.ca_file.clone()
+            },
+            cert_file: if mtls {
+                self.cert_file.clone()
+            } else {
+                String::new()
+            },
+            key_file: if mtls {
+                self.key_file.clone()
+            } else {
+                String::new()
+            },
+            domain: String::new(),
+        })
+    }
+}
+
 /// `chime coordinator`'s configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -336,6 +446,8 @@ pub struct CoordinatorConfig {
     pub coordinator: CoordinatorSection,
     /// Tokens.
     pub auth: AuthSection,
+    /// TLS.
+    pub tls: TlsSection,
     /// The delay queues the console shows (same prefix and family as the workers').
     pub queue: QueueSection,
     /// Logging.
@@ -401,6 +513,14 @@ pub struct ClientConfig {
     pub admin_token: String,
     /// File holding the admin token (the first token in it).
     pub admin_token_file: String,
+    /// `https://` coordinators: their CA; empty: system roots.
+    pub tls_ca_file: String,
+    /// Client certificate, when the coordinators require one.
+    pub tls_cert_file: String,
+    /// Its private key.
+    pub tls_key_file: String,
+    /// Name to check the coordinators' certificate against, when not the URL's host.
+    pub tls_domain: String,
     /// Logging.
     pub log: LogSection,
 }

@@ -134,6 +134,8 @@ pub async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // One TLS crypto provider for every client and listener in the process.
+    chime_shared::tls::install_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chime_shared::auth::{self, Tokens};
 use chime_shared::clock::Clock;
 use chime_shared::proto as pb;
+use chime_shared::tls::ClientTls;
 use pb::coordinator_message::Kind as Out;
 use pb::worker_message::Kind as In;
 use tokio::sync::mpsc;
@@ -34,12 +35,14 @@ pub fn admin_api(
     jobs: JobStore,
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
+    peer_tls: Option<ClientTls>,
 ) -> AdminApi {
     AdminApi {
         shared,
         jobs,
         runs,
         clock,
+        peer_tls,
         leader: Arc::default(),
     }
 }
@@ -92,7 +95,8 @@ pub async fn server(
     shared: Arc<Shared>,
     admin: AdminApi,
     auth: Auth,
-) -> tonic::transport::server::Router {
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::server::Router, CoordError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // A coordinator serves both services whether it leads or not: a follower
     // redirects workers and forwards admin calls, so it is healthy either way.
@@ -109,7 +113,13 @@ pub async fn server(
         .ok();
     // Short keep-alives: a worker whose coordinator froze (or the other way round)
     // notices within seconds, not minutes.
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| CoordError::invalid("tls.cert_file", e))?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(3)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(health_service)
@@ -122,10 +132,10 @@ pub async fn server(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
             require(auth.admin, "admin"),
         ));
-    match reflection {
+    Ok(match reflection {
         Some(r) => router.add_service(r),
         None => router,
-    }
+    })
 }
 
 /// The worker gateway.
@@ -329,6 +339,8 @@ pub struct AdminApi {
     jobs: JobStore,
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
+    /// TLS for forwarding to the leader (when the cluster speaks TLS).
+    peer_tls: Option<ClientTls>,
     leader: Arc<tokio::sync::Mutex<Option<(String, LeaderClient)>>>,
 }
 
@@ -585,14 +597,20 @@ impl AdminApi {
         {
             return Ok(Some(client.clone()));
         }
-        let url = if c.leader.starts_with("http") {
-            c.leader.clone()
-        } else {
-            format!("http://{}", c.leader)
+        // Peers speak TLS when this coordinator does (they share one config).
+        let (url, tls) = match &self.peer_tls {
+            _ if c.leader.starts_with("http") => (c.leader.clone(), self.peer_tls.clone()),
+            Some(t) => (format!("https://{}", c.leader), Some(t.clone())),
+            None => (format!("http://{}", c.leader), None),
         };
-        let client = LeaderClient::connect(url).await.map_err(|e| {
+        let endpoint = chime_shared::tls::endpoint(&url, &tls.unwrap_or_default(), "tls.")
+            .map_err(|e| {
+                Status::unavailable(format!("cannot reach the leader {}: {e}", c.leader))
+            })?;
+        let channel = endpoint.connect().await.map_err(|e| {
             Status::unavailable(format!("cannot reach the leader {}: {e}", c.leader))
         })?;
+        let client = LeaderClient::new(channel);
         *cached = Some((c.leader, client.clone()));
         Ok(Some(client))
     }

@@ -59,6 +59,10 @@ pub struct Deps {
     pub config: Option<Arc<dyn ConfigSource>>,
     /// Who may call the admin API and open worker sessions.
     pub auth: grpc::Auth,
+    /// TLS of both listeners (off when no certificate is given).
+    pub tls: chime_shared::tls::ServerTls,
+    /// TLS to reach the leader when forwarding admin calls (set with `tls`).
+    pub peer_tls: Option<chime_shared::tls::ClientTls>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -120,8 +124,14 @@ pub async fn serve(
         deps.jobs.clone(),
         deps.runs.clone(),
         deps.clock.clone(),
+        deps.peer_tls.clone(),
     );
-    let server = grpc::server(shared.clone(), admin.clone(), deps.auth.clone()).await;
+    let (grpc_tls, http_tls) = if deps.tls.enabled() {
+        (Some(deps.tls.tonic()?), Some(deps.tls.rustls(false)?))
+    } else {
+        (None, None)
+    };
+    let server = grpc::server(shared.clone(), admin.clone(), deps.auth.clone(), grpc_tls).await?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
@@ -143,7 +153,12 @@ pub async fn serve(
             clock: deps.clock.clone(),
         };
         let router = http::router(state, readiness(shared.clone(), deps.clone()));
-        tokio::spawn(chime_shared::ops::serve(l, router, stop_grpc.clone()))
+        tokio::spawn(chime_shared::ops::serve(
+            l,
+            router,
+            http_tls,
+            stop_grpc.clone(),
+        ))
     });
     if let Some(q) = deps.queues.clone() {
         tokio::spawn(sample_queues(q, shared.clone(), stop_grpc.clone()));

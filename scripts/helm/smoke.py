@@ -314,9 +314,12 @@ class Proc:
         cmd = list(self.ctr.get("command", [])) + list(self.ctr.get("args", []))
         if not cmd:
             raise SmokeError(f"{self.component}: no command")
+        argv = [self.localize(a) for a in cmd]
+        # The binary is substituted after localizing: its real path may lie under a
+        # mount path of the pod (a clone in /tmp, which the pod mounts as emptyDir).
         if cmd[0] == IMAGE_BINARY:
-            cmd[0] = str(self.chime)
-        return [self.localize(a) for a in cmd]
+            argv[0] = str(self.chime)
+        return argv
 
     def build_env(self) -> dict[str, str]:
         """The container's env from the manifest (localized) over a minimal base env."""

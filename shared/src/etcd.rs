@@ -6,6 +6,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions};
 
 use crate::error::{Error, Result};
+use crate::tls::ClientTls;
 
 /// Where etcd is and how to log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub struct EtcdSpec {
     pub user: Option<String>,
     /// Password of `user`.
     pub password: Option<String>,
+    /// TLS files for `https://` endpoints.
+    pub tls: ClientTls,
 }
 
 impl EtcdSpec {
@@ -42,6 +45,7 @@ impl EtcdSpec {
             endpoints,
             user: None,
             password: None,
+            tls: ClientTls::default(),
         })
     }
 
@@ -54,6 +58,9 @@ impl EtcdSpec {
             .with_keep_alive_while_idle(true);
         if let (Some(u), Some(p)) = (&self.user, &self.password) {
             opts = opts.with_user(u.clone(), p.clone());
+        }
+        if self.endpoints.iter().any(|e| e.starts_with("https://")) {
+            opts = opts.with_tls(self.tls.tonic("etcd.")?);
         }
         Ok(Client::connect(&self.endpoints, Some(opts)).await?)
     }

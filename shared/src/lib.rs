@@ -21,5 +21,6 @@ pub mod queue;
 pub mod ratelimit;
 pub mod redis_conn;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::{Error, Result};

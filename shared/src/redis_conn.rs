@@ -14,6 +14,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::error::{Error, Result};
+use crate::tls::ClientTls;
 
 /// Where Redis is: one URL (standalone) or several seed URLs of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub struct RedisSpec {
     pub cluster: bool,
     /// How long one request may take before it fails.
     pub response_timeout_ms: u64,
+    /// TLS files for `rediss://` URLs (CA, client certificate).
+    pub tls: ClientTls,
 }
 
 impl RedisSpec {
@@ -53,6 +56,7 @@ impl RedisSpec {
             cluster: urls.len() > 1,
             urls,
             response_timeout_ms: 10_000,
+            tls: ClientTls::default(),
         })
     }
 
@@ -61,6 +65,38 @@ impl RedisSpec {
         self.cluster = self.cluster || yes;
         self
     }
+}
+
+/// The certificates of `rediss://` connections, when any file is set (otherwise
+/// the system roots and no client certificate).
+fn certificates(tls: &ClientTls) -> Result<Option<redis::TlsCertificates>> {
+    if tls.ca_file.is_empty() && tls.cert_file.is_empty() {
+        return Ok(None);
+    }
+    let read = |setting: &str, path: &str| {
+        std::fs::read(path).map_err(|e| Error::invalid(setting, format!("cannot read {path}: {e}")))
+    };
+    let root_cert = match tls.ca_file.as_str() {
+        "" => None,
+        f => Some(read("redis.tls_ca_file", f)?),
+    };
+    let client_tls = match (tls.cert_file.as_str(), tls.key_file.as_str()) {
+        ("", _) => None,
+        (_, "") => {
+            return Err(Error::invalid(
+                "redis.tls_key_file",
+                "is required with redis.tls_cert_file",
+            ));
+        }
+        (c, k) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", c)?,
+            client_key: read("redis.tls_key_file", k)?,
+        }),
+    };
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
 /// A connection to standalone Redis or to a Redis Cluster.
@@ -85,14 +121,21 @@ impl RedisConn {
     /// Connects; fails fast if the first connection cannot be made.
     pub async fn connect(spec: &RedisSpec) -> Result<Self> {
         let timeout = Duration::from_millis(spec.response_timeout_ms);
+        let certs = certificates(&spec.tls)?;
         if spec.cluster {
-            let client = ClusterClient::builder(spec.urls.clone())
+            let mut builder = ClusterClient::builder(spec.urls.clone())
                 .response_timeout(timeout)
-                .connection_timeout(Duration::from_secs(5))
-                .build()?;
+                .connection_timeout(Duration::from_secs(5));
+            if let Some(c) = certs {
+                builder = builder.certs(c);
+            }
+            let client = builder.build()?;
             Ok(RedisConn::Cluster(client.get_async_connection().await?))
         } else {
-            let client = redis::Client::open(spec.urls[0].as_str())?;
+            let client = match certs {
+                Some(c) => redis::Client::build_with_tls(spec.urls[0].as_str(), c)?,
+                None => redis::Client::open(spec.urls[0].as_str())?,
+            };
             let config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(timeout))
                 .set_connection_timeout(Some(Duration::from_secs(5)))

@@ -498,6 +498,113 @@ pub fn spawn_worker(
     Ok((Proc::spawn(name, cmd, dir)?, record))
 }
 
+/// PEM files of a throwaway PKI (made with the `openssl` CLI): a CA, a server
+/// certificate for `localhost` and `127.0.0.1` (also usable as a client
+/// certificate, as coordinators present theirs to peers), a client certificate,
+/// and a second CA that signed none of them.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// Server certificate and key.
+    pub server_cert: PathBuf,
+    /// Key of `server_cert`.
+    pub server_key: PathBuf,
+    /// Client certificate and key (signed by `ca`).
+    pub client_cert: PathBuf,
+    /// Key of `client_cert`.
+    pub client_key: PathBuf,
+    /// A CA unrelated to the certificates above.
+    pub rogue_ca: PathBuf,
+}
+
+/// Makes [`TlsFiles`] in `dir`.
+pub fn tls_files(dir: &Path) -> Result<TlsFiles> {
+    let openssl = find_binary("openssl", "apt-get install openssl")?;
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "rogue"] {
+        let (key, crt, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.crt"),
+            format!("/CN=chime test {ca}"),
+        );
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
+        a.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+        a.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+        run(&a)?;
+    }
+    for (name, eku) in [
+        ("server", "serverAuth,clientAuth"),
+        ("client", "clientAuth"),
+    ] {
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage={eku}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+            ),
+        )?;
+        let mut a = vec!["req"];
+        a.extend(ec);
+        let (key, csr, crt, ext, subj) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+            format!("/CN={name}"),
+        );
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        run(&a)?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ])?;
+    }
+    Ok(TlsFiles {
+        ca: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+        rogue_ca: dir.join("rogue.crt"),
+    })
+}
+
 /// One HTTP call to a chime process: `method` `url` with an optional bearer token
 /// and JSON body; answers the status and the body (JSON, or a JSON string of the
 /// text when it is not JSON).

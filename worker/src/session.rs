@@ -40,6 +40,8 @@ pub struct SessionOptions {
     pub drain_timeout_ms: u64,
     /// The worker token presented to the coordinator (none: no header).
     pub token: Option<String>,
+    /// TLS for `https://` endpoints (CA, client certificate for mutual TLS).
+    pub tls: chime_shared::tls::ClientTls,
 }
 
 type Key = (String, u32, u32);
@@ -86,6 +88,19 @@ fn run_ref(k: &Key) -> pb::RunRef {
 
 fn msg(kind: In) -> pb::WorkerMessage {
     pb::WorkerMessage { kind: Some(kind) }
+}
+
+/// An error and its causes, `: `-joined (tonic's own message is only "transport
+/// error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 /// How one connection ended.
@@ -212,7 +227,7 @@ impl Session {
         unsent: &mut Vec<pb::WorkerMessage>,
         drain_deadline: &Arc<Mutex<Option<tokio::time::Instant>>>,
     ) -> Ended {
-        let channel = match tonic::transport::Endpoint::from_shared(endpoint.to_owned()) {
+        let channel = match chime_shared::tls::endpoint(endpoint, &self.opts.tls, "coordinator.") {
             // Short keep-alives: a frozen coordinator is noticed within seconds.
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(3))
@@ -227,7 +242,15 @@ impl Session {
         let channel = match channel.connect().await {
             Ok(c) => c,
             Err(e) => {
-                debug!(endpoint, error = %e, "cannot reach the coordinator");
+                // A refused handshake is a configuration error (wrong CA, missing
+                // client certificate) an operator must see; a coordinator that is
+                // down is routine while another takes over.
+                let chain = error_chain(&e);
+                if chain.contains("certificate") || chain.contains("tls") || chain.contains("TLS") {
+                    warn!(endpoint, error = %chain, "TLS handshake with the coordinator failed");
+                } else {
+                    debug!(endpoint, error = %chain, "cannot reach the coordinator");
+                }
                 return Ended::Broken;
             }
         };
@@ -279,7 +302,13 @@ impl Session {
                 } else if n.leader.starts_with("http") {
                     Ended::Redirect(n.leader)
                 } else {
-                    Ended::Redirect(format!("http://{}", n.leader))
+                    // The leader is named host:port; reach it the way this one was.
+                    let scheme = if endpoint.starts_with("https://") {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    Ended::Redirect(format!("{scheme}://{}", n.leader))
                 };
             }
             other => {
