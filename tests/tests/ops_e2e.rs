@@ -347,3 +347,44 @@ async fn console_and_admin_api_need_the_admin_token() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn admin_tokens_rotate_without_a_restart() -> Result<()> {
+    let c = Cluster::start(1).await?;
+    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
+    let new = "rotated-admin-token-0123456789";
+    let works = |token: &'static str| {
+        let url = format!("{api}/api/jobs");
+        async move { matches!(http("GET", &url, Some(token), None).await, Ok((200, _))) }
+    };
+    ensure!(works(ADMIN_TOKEN).await && !works(new).await);
+    // The worker token is no admin token, over gRPC either.
+    let out = chime_tests::chime_cmd(&["workers", "--coordinator", &c.coordinator])?
+        .env("CHIME_ADMIN_TOKEN", WORKER_TOKEN)
+        .output()?;
+    ensure!(!out.status.success(), "the worker token listed workers");
+    // Rotation: both tokens for a while, then only the new one.
+    let file = c.dir.path().join("admin.token");
+    std::fs::write(&file, format!("{ADMIN_TOKEN}\n{new}\n"))?;
+    wait_until("the new token works", Duration::from_secs(10), || {
+        works(new)
+    })
+    .await?;
+    ensure!(
+        works(ADMIN_TOKEN).await,
+        "the old token stopped working too early"
+    );
+    std::fs::write(&file, format!("# rotated\n{new}\n"))?;
+    wait_until(
+        "the old token is refused",
+        Duration::from_secs(10),
+        || async { !works(ADMIN_TOKEN).await },
+    )
+    .await?;
+    ensure!(works(new).await);
+    // A broken file keeps the last good tokens (checked past the 1 s re-read).
+    std::fs::write(&file, "short\n")?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    ensure!(works(new).await, "a broken token file locked everyone out");
+    Ok(())
+}
