@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "chime"
 
 _STORES: dict[str, set[str]] = {
-    "redis": {"url", "cluster", "response_timeout_ms"},
-    "etcd": {"endpoints", "prefix", "user", "password"},
+    "redis": {"url", "cluster", "response_timeout_ms", "tls_ca_file", "tls_cert_file", "tls_key_file"},
+    "etcd": {"endpoints", "prefix", "user", "password", "tls_ca_file", "tls_cert_file", "tls_key_file"},
     "log": {"format", "level"},
 }
 
@@ -30,11 +30,11 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
         **_STORES,
         "coordinator": {
             "grpc_addr", "advertise", "prefix", "heartbeat_interval_ms", "history_per_job",
-            "history_max_age_s", "election_ttl_s", "http_addr",
+            "history_max_age_s", "election_ttl_s", "http_addr", "min_period_ms",
         },
         "auth": {"admin_token_file", "worker_token_file", "allow_unauthenticated"},
         "queue": {"prefix", "family", "count"},
-        "tls": {"cert_file", "key_file", "client_ca_file"},
+        "tls": {"cert_file", "key_file", "client_ca_file", "ca_file"},
     },
     "worker": {
         **_STORES,
@@ -48,15 +48,15 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
         "handlers": {"enabled", "http_url", "http_timeout_ms", "record_file"},
         "coordinator": {
             "endpoints", "group", "capacity", "labels", "drain_timeout_ms", "record_file",
-            "token_file",
+            "token_file", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_domain",
         },
     },
 }
 
 # Keys of features being added to the binary: (section, field), field None = whole section.
 PENDING: dict[str, set[tuple[str, str | None]]] = {
-    "coordinator": {("tls", None)},
-    "worker": {("tls", None)},
+    "coordinator": set(),
+    "worker": set(),
 }
 
 
