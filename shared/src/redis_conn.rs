@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::error::{Error, Result};
@@ -146,6 +147,89 @@ impl RedisConn {
             ))
         }
     }
+}
+
+impl RedisConn {
+    /// Every key matching `pattern`, on every master of a cluster (a plain `SCAN`
+    /// reaches one node only). For tools and clean-ups, not hot paths.
+    pub async fn scan_match(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        match self {
+            RedisConn::Single(c) => {
+                let mut c = c.clone();
+                let mut cursor = 0;
+                loop {
+                    let v: Value = scan_cmd(cursor, pattern).query_async(&mut c).await?;
+                    cursor = scan_page(v, &mut out)?;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+            RedisConn::Cluster(c) => {
+                let mut c = c.clone();
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut c)
+                    .await?;
+                for (host, port) in masters(&nodes)? {
+                    let at =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                    let mut cursor = 0;
+                    loop {
+                        let v = c
+                            .route_command(scan_cmd(cursor, pattern), at.clone())
+                            .await?;
+                        cursor = scan_page(v, &mut out)?;
+                        if cursor == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+fn scan_cmd(cursor: u64, pattern: &str) -> Cmd {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000);
+    cmd
+}
+
+/// Adds a `SCAN` answer's keys to `out`; answers the next cursor.
+fn scan_page(v: Value, out: &mut Vec<String>) -> Result<u64> {
+    let (next, keys): (u64, Vec<String>) =
+        redis::from_redis_value(v).map_err(|e| Error::Corrupt(format!("SCAN: {e}")))?;
+    out.extend(keys);
+    Ok(next)
+}
+
+/// `host:port` of every master that is not failing, from `CLUSTER NODES`.
+fn masters(nodes: &str) -> Result<Vec<(String, u16)>> {
+    let mut out = Vec::new();
+    for line in nodes.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 3 || !f[2].contains("master") || f[2].contains("fail") {
+            continue;
+        }
+        let addr = f[1].split('@').next().unwrap_or_default();
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            continue;
+        };
+        let port = port
+            .parse()
+            .map_err(|_| Error::Corrupt(format!("CLUSTER NODES: bad address {addr}")))?;
+        out.push((host.to_owned(), port));
+    }
+    Ok(out)
 }
 
 impl ConnectionLike for RedisConn {

@@ -376,6 +376,271 @@ impl EtcdServer {
     }
 }
 
+/// A port whose Redis Cluster bus port (+10000) is free too.
+fn free_cluster_port() -> Result<u16> {
+    for _ in 0..100 {
+        let p = free_port()?;
+        if p < 55_000 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("no free port pair for a Redis Cluster node")
+}
+
+/// A real Redis Cluster on loopback ports: `masters` masters (slots split evenly by
+/// `redis-cli --cluster create`), each with `replicas` replicas, no persistence.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// Comma-separated `redis://` seed URLs of every node (chime's cluster form).
+    pub seeds: String,
+    /// Ports of the nodes, with their processes (None once killed).
+    pub nodes: Vec<(u16, Option<Proc>)>,
+    dir: Arc<TestDir>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node reports
+    /// `cluster_state:ok` (fails after 30 s).
+    pub async fn start(masters: usize, replicas: usize) -> Result<Self> {
+        let dir = Arc::new(TestDir::new("redis-cluster")?);
+        let bin = find_binary("redis-server", "apt-get install redis-server")?;
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let port = free_cluster_port()?;
+            let d = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&d)?;
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                // Fail over within a couple of seconds of a master dying.
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--dir", &d.to_string_lossy()]);
+            nodes.push((
+                port,
+                Some(Proc::spawn(&format!("redis-{port}"), cmd, dir.path())?),
+            ));
+        }
+        for (port, _) in &nodes {
+            let url = format!("redis://127.0.0.1:{port}");
+            let client = redis::Client::open(url.as_str())?;
+            wait_until(
+                "a cluster node to answer PING",
+                Duration::from_secs(10),
+                || {
+                    let client = client.clone();
+                    async move {
+                        match client.get_multiplexed_async_connection().await {
+                            Ok(mut c) => redis::cmd("PING")
+                                .query_async::<String>(&mut c)
+                                .await
+                                .is_ok(),
+                            Err(_) => false,
+                        }
+                    }
+                },
+            )
+            .await?;
+        }
+        let cli = find_binary("redis-cli", "apt-get install redis-tools")?;
+        let mut create = Command::new(cli);
+        create.args(["--cluster", "create"]);
+        for (port, _) in &nodes {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let me = Self {
+            seeds: nodes
+                .iter()
+                .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            nodes,
+            dir,
+        };
+        me.wait_ok(Duration::from_secs(30)).await?;
+        Ok(me)
+    }
+
+    /// `CLUSTER INFO` of the node on `port`.
+    pub async fn info(port: u16) -> Result<String> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}").as_str())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        Ok(redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut c)
+            .await?)
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`.
+    pub async fn wait_ok(&self, timeout: Duration) -> Result<()> {
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|(_, p)| p.is_some())
+            .map(|(port, _)| *port)
+            .collect();
+        wait_until("cluster_state:ok on every node", timeout, || {
+            let ports = ports.clone();
+            async move {
+                for p in ports {
+                    match Self::info(p).await {
+                        Ok(i) if i.contains("cluster_state:ok") => {}
+                        _ => return false,
+                    }
+                }
+                true
+            }
+        })
+        .await
+    }
+
+    /// Ports of the nodes that are masters now, as `CLUSTER NODES` on a live node
+    /// says.
+    pub async fn masters(&self) -> Result<Vec<u16>> {
+        let port = self
+            .nodes
+            .iter()
+            .find(|(_, p)| p.is_some())
+            .map(|(p, _)| *p)
+            .context("no live node")?;
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}").as_str())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
+            .await?;
+        Ok(nodes
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.len() > 2 && f[2].contains("master") && !f[2].contains("fail")
+            })
+            .filter_map(|l| {
+                l.split(' ')
+                    .nth(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// Kills the node on `port` (SIGKILL).
+    pub fn kill(&mut self, port: u16) {
+        if let Some((_, p)) = self.nodes.iter_mut().find(|(q, _)| *q == port)
+            && let Some(mut proc) = p.take()
+        {
+            proc.kill9();
+        }
+    }
+
+    /// Files of this cluster.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A real 3-member etcd cluster on loopback ports.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    /// Comma-separated `http://` client endpoints of the members.
+    pub endpoints: String,
+    /// Member processes.
+    pub members: Vec<Proc>,
+    _dir: Arc<TestDir>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers through every
+    /// endpoint (fails after 30 s).
+    pub async fn start(n: usize) -> Result<Self> {
+        let dir = Arc::new(TestDir::new("etcd-cluster")?);
+        let bin = find_binary("etcd", "apt-get install etcd-server")?;
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let (c, p) = (
+                format!("http://127.0.0.1:{client}"),
+                format!("http://127.0.0.1:{peer}"),
+            );
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--name", &format!("m{i}")])
+                .args([
+                    "--data-dir",
+                    &dir.path().join(format!("m{i}")).to_string_lossy(),
+                ])
+                .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+                .args([
+                    "--listen-peer-urls",
+                    &p,
+                    "--initial-advertise-peer-urls",
+                    &p,
+                ])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "chime-test"])
+                .args(["--log-level", "warn"]);
+            members.push(Proc::spawn(&format!("etcd-m{i}"), cmd, dir.path())?);
+        }
+        let endpoints: Vec<String> = ports
+            .iter()
+            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .collect();
+        for e in &endpoints {
+            let e = e.clone();
+            wait_until("an etcd member to answer", Duration::from_secs(30), || {
+                let e = e.clone();
+                async move {
+                    let Ok(Ok(mut c)) = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        etcd_client::Client::connect([e.as_str()], None),
+                    )
+                    .await
+                    else {
+                        return false;
+                    };
+                    matches!(
+                        tokio::time::timeout(
+                            Duration::from_secs(2),
+                            c.put("health-probe", "1", None)
+                        )
+                        .await,
+                        Ok(Ok(_))
+                    )
+                }
+            })
+            .await?;
+        }
+        Ok(Self {
+            endpoints: endpoints.join(","),
+            members,
+            _dir: dir,
+        })
+    }
+}
+
 /// Path of the `chime` binary of this build profile, built on first use.
 ///
 /// Integration tests in this crate cannot get `CARGO_BIN_EXE_chime` (the binary lives

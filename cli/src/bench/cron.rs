@@ -207,11 +207,7 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
     )
     .await?;
     let mut rc = conn.clone();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{prefix}:*"))
-        .query_async(&mut rc)
-        .await?;
-    for k in keys {
+    for k in conn.scan_match(&format!("{{{prefix}:*")).await? {
         let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut rc).await?;
     }
     if a.keep_files {

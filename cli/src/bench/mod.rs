@@ -196,25 +196,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 /// Deletes every Redis key of the benchmark's prefix.
 pub(crate) async fn cleanup(conn: &RedisConn, prefix: &str) -> Result<()> {
-    let mut conn = conn.clone();
+    let mut c = conn.clone();
     for pattern in [format!("{{{prefix}:*"), format!("{prefix}:*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            for k in keys {
-                let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut conn).await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+        for k in conn.scan_match(&pattern).await? {
+            let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut c).await?;
         }
     }
     Ok(())
