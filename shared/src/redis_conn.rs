@@ -133,10 +133,22 @@ impl RedisConn {
             let client = builder.build()?;
             Ok(RedisConn::Cluster(client.get_async_connection().await?))
         } else {
-            let client = match certs {
+            let client = match certs.clone() {
                 Some(c) => redis::Client::build_with_tls(spec.urls[0].as_str(), c)?,
                 None => redis::Client::open(spec.urls[0].as_str())?,
             };
+            // One URL may still name a cluster node: then talk the cluster protocol,
+            // so a single seed is enough in every setting.
+            if cluster_enabled(&client).await? {
+                let mut builder = ClusterClient::builder(spec.urls.clone())
+                    .response_timeout(timeout)
+                    .connection_timeout(Duration::from_secs(5));
+                if let Some(c) = certs {
+                    builder = builder.certs(c);
+                }
+                let cluster = builder.build()?;
+                return Ok(RedisConn::Cluster(cluster.get_async_connection().await?));
+            }
             let config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(timeout))
                 .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -191,6 +203,58 @@ impl RedisConn {
         out.sort();
         out.dedup();
         Ok(out)
+    }
+}
+
+/// Whether the server behind `client` runs in cluster mode (`INFO cluster`).
+async fn cluster_enabled(client: &redis::Client) -> Result<bool> {
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| Error::Unavailable("redis: connection timed out".into()))??;
+    // A server that refuses INFO (renamed command, ACL) is taken as standalone.
+    let info: Option<String> = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut c)
+        .await
+        .ok();
+    Ok(info.is_some_and(|i| i.contains("cluster_enabled:1")))
+}
+
+impl RedisConn {
+    /// `INFO <section>` of every master (one entry, the server, when standalone),
+    /// as `(host:port, text)`. For benchmarks and diagnostics.
+    pub async fn info_per_master(&self, section: &str) -> Result<Vec<(String, String)>> {
+        match self {
+            RedisConn::Single(c) => {
+                let mut c = c.clone();
+                let text: String = redis::cmd("INFO").arg(section).query_async(&mut c).await?;
+                Ok(vec![("server".into(), text)])
+            }
+            RedisConn::Cluster(c) => {
+                let mut c = c.clone();
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut c)
+                    .await?;
+                let mut out = Vec::new();
+                for (host, port) in masters(&nodes)? {
+                    let addr = format!("{host}:{port}");
+                    let at =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                    let mut cmd = redis::cmd("INFO");
+                    cmd.arg(section);
+                    let v = c.route_command(cmd, at).await?;
+                    let text: String = redis::from_redis_value(v)
+                        .map_err(|e| Error::Corrupt(format!("INFO: {e}")))?;
+                    out.push((addr, text));
+                }
+                out.sort();
+                Ok(out)
+            }
+        }
     }
 }
 

@@ -411,7 +411,12 @@ impl RedisCluster {
             std::fs::create_dir_all(&d)?;
             let mut cmd = Command::new(&bin);
             cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-announce-ip",
+                    "127.0.0.1",
+                ])
                 .args(["--cluster-config-file", "nodes.conf"])
                 // Fail over within a couple of seconds of a master dying.
                 .args(["--cluster-node-timeout", "2000"])

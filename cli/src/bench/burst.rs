@@ -11,7 +11,7 @@ use chime_shared::redis_conn::{RedisConn, RedisSpec};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{Workers, cleanup, count_lines, quantile, read_records};
+use super::{Workers, cleanup, count_lines, quantile, read_records, redis_cpu};
 
 /// `chime bench burst` arguments.
 #[derive(Debug, clap::Args)]
@@ -58,6 +58,7 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to {}", a.redis_url))?;
     let store = Arc::new(RedisStore::open(conn.clone(), layout).await?);
+    let cpu_before = redis_cpu(&conn).await?;
     let dir = std::env::temp_dir().join(format!("chime-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
@@ -149,6 +150,18 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     workers.stop();
+    // Redis CPU per master over enqueue + drain: what scaling out spreads.
+    let cpu_after = redis_cpu(&conn).await?;
+    let redis_cpu_s: Vec<f64> = cpu_after
+        .iter()
+        .map(|(addr, after)| {
+            let before = cpu_before
+                .iter()
+                .find(|(a, _)| a == addr)
+                .map_or(0.0, |b| b.1);
+            ((after - before) * 100.0).round() / 100.0
+        })
+        .collect();
 
     // Score.
     let handled = read_records(&workers.records)?;
@@ -188,6 +201,8 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         "lost": lost,
         "duplicates": duplicates,
         "worker_peak_rss_mib": (peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+        "redis_masters": redis_cpu_s.len(),
+        "redis_cpu_s_per_master": redis_cpu_s,
     });
     println!("{out}");
     Ok(())

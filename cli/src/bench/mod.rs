@@ -194,6 +194,21 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) each Redis master has used so far, by address.
+pub(crate) async fn redis_cpu(conn: &RedisConn) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for (addr, info) in conn.info_per_master("cpu").await? {
+        let field = |name: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        out.push((addr, field("used_cpu_user:") + field("used_cpu_sys:")));
+    }
+    Ok(out)
+}
+
 /// Deletes every Redis key of the benchmark's prefix.
 pub(crate) async fn cleanup(conn: &RedisConn, prefix: &str) -> Result<()> {
     let mut c = conn.clone();
