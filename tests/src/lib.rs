@@ -743,11 +743,23 @@ pub fn spawn_worker(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Result<(Proc, PathBuf)> {
+    spawn_worker_at(dir, name, &redis.url, prefix, extra, env)
+}
+
+/// Like [`spawn_worker`], against Redis at `redis_url` (a cluster's seeds too).
+pub fn spawn_worker_at(
+    dir: &Path,
+    name: &str,
+    redis_url: &str,
+    prefix: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Proc, PathBuf)> {
     let record = dir.join(format!("{name}.rec"));
     let mut args: Vec<String> = vec![
         "worker".into(),
         "--redis-url".into(),
-        redis.url.clone(),
+        redis_url.to_owned(),
         "--prefix".into(),
         prefix.into(),
         "--worker-id".into(),
