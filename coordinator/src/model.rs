@@ -166,6 +166,8 @@ pub const MAX_SHARDS: u32 = 10_000;
 pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
 /// Shortest period between two fires of one job, ms (cron and fixed rate).
 pub const MIN_PERIOD_MS: u64 = 100;
+/// Longest fixed rate or delay, ms (366 days; longer is a cron job).
+pub const MAX_PERIOD_MS: u64 = 366 * 86_400_000;
 /// Most child jobs.
 pub const MAX_CHILDREN: usize = 32;
 
@@ -234,6 +236,12 @@ impl JobSpec {
         }
         if self.catch_up_window_ms > 7 * 86_400_000 {
             return Err(CoordError::invalid("catch_up_window_ms", "is above 7 days"));
+        }
+        for (field, ms) in [
+            ("start_at_ms", self.start_at_ms),
+            ("end_at_ms", self.end_at_ms),
+        ] {
+            lim(limits::check_due(field, ms))?;
         }
         if self.end_at_ms != 0 && self.end_at_ms < self.start_at_ms {
             return Err(CoordError::invalid("end_at_ms", "is before start_at_ms"));

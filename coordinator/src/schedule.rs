@@ -11,7 +11,7 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 
 use crate::error::{CoordError, Result};
-use crate::model::{JobSpec, MIN_PERIOD_MS, Schedule};
+use crate::model::{JobSpec, MAX_PERIOD_MS, MIN_PERIOD_MS, Schedule};
 
 /// A schedule ready to evaluate.
 #[derive(Debug, Clone)]
@@ -28,7 +28,22 @@ pub enum Compiled {
     Manual,
 }
 
+/// Refuses list syntax croner accepts but cannot schedule: an empty element
+/// (`0 , * * * *`, `1,,2`) makes it search forever for a matching minute.
+fn check_cron_lists(expr: &str) -> Result<()> {
+    for (i, field) in expr.split_whitespace().enumerate() {
+        if field.split(',').any(str::is_empty) {
+            return Err(CoordError::invalid(
+                "schedule.expr",
+                format!("{expr:?}: field {} has an empty list element", i + 1),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn parse_cron(expr: &str) -> Result<Cron> {
+    check_cron_lists(expr)?;
     CronParser::builder()
         .seconds(Seconds::Optional)
         .build()
@@ -46,6 +61,18 @@ fn parse_tz(tz: &str) -> Result<Tz> {
             format!("{tz:?} is not an IANA time zone"),
         )
     })
+}
+
+/// A fixed period within `MIN_PERIOD_MS..=MAX_PERIOD_MS` (the ceiling keeps tick
+/// arithmetic far from overflow).
+fn period(field: &str, ms: u64) -> Result<()> {
+    if !(MIN_PERIOD_MS..=MAX_PERIOD_MS).contains(&ms) {
+        return Err(CoordError::invalid(
+            field,
+            format!("{ms} is outside {MIN_PERIOD_MS}..={MAX_PERIOD_MS} ms"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a schedule; errors name the field.
@@ -67,14 +94,8 @@ pub fn validate(s: &Schedule) -> Result<()> {
             }
             Ok(())
         }
-        Schedule::FixedRate { every_ms } if *every_ms < MIN_PERIOD_MS => Err(CoordError::invalid(
-            "schedule.every_ms",
-            format!("{every_ms} is below the floor of {MIN_PERIOD_MS} ms"),
-        )),
-        Schedule::FixedDelay { delay_ms } if *delay_ms < MIN_PERIOD_MS => Err(CoordError::invalid(
-            "schedule.delay_ms",
-            format!("{delay_ms} is below the floor of {MIN_PERIOD_MS} ms"),
-        )),
+        Schedule::FixedRate { every_ms } => period("schedule.every_ms", *every_ms),
+        Schedule::FixedDelay { delay_ms } => period("schedule.delay_ms", *delay_ms),
         Schedule::Once { at_ms } => {
             chime_shared::limits::check_due("schedule.at_ms", *at_ms).map_err(CoordError::from)
         }
@@ -151,7 +172,10 @@ impl Compiled {
                 if after_ms < *anchor_ms {
                     Some(*anchor_ms)
                 } else {
-                    Some(anchor_ms + ((after_ms - anchor_ms) / every_ms + 1) * every_ms)
+                    // Checked: a stored job from before the bounds existed must not
+                    // take the engine down.
+                    let steps = (after_ms.checked_sub(*anchor_ms)? / every_ms).checked_add(1)?;
+                    anchor_ms.checked_add(steps.checked_mul(*every_ms)?)
                 }
             }
             Compiled::Once(at) => (*at > after_ms).then_some(*at),
@@ -212,6 +236,40 @@ mod tests {
             },
             ..job("c")
         }
+    }
+
+    /// Inputs the fuzzer found (fuzz/corpus: formerly crashes and hangs).
+    #[test]
+    fn fuzz_finds_are_refused() {
+        for expr in [
+            "0 , * * * *",
+            "0 0 , * * *",
+            ", 0 2 * * *",
+            "1,,2 * * * * *",
+            "0 1, * * *",
+        ] {
+            let e = validate(&Schedule::Cron {
+                expr: expr.into(),
+                time_zone: String::new(),
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("empty list element"), "{expr}: {e}");
+        }
+        for every_ms in [1u64 << 63, i64::MAX as u64, MAX_PERIOD_MS + 1] {
+            assert!(validate(&Schedule::FixedRate { every_ms }).is_err());
+            assert!(validate(&Schedule::FixedDelay { delay_ms: every_ms }).is_err());
+        }
+        let far = JobSpec {
+            start_at_ms: 8_210_266_876_799_999,
+            ..cron("0 0 0 * * *", "Asia/Tokyo")
+        };
+        assert!(far.validate().is_err());
+        // A stored job past the checks still cannot overflow the rate arithmetic.
+        let c = Compiled::Rate {
+            every_ms: i64::MAX,
+            anchor_ms: 1,
+        };
+        assert_eq!(c.raw_next(i64::MAX - 1), None);
     }
 
     #[test]

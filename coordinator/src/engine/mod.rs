@@ -496,10 +496,16 @@ impl Engine {
         {
             return None;
         }
-        let compiled = match Compiled::of(&stored.spec) {
+        // Jobs reach the store through the API (validated) or `etcdctl put` (not):
+        // validate again, so a hand-written job cannot take the engine down.
+        let compiled = match stored
+            .spec
+            .validate()
+            .and_then(|()| Compiled::of(&stored.spec))
+        {
             Ok(c) => c,
             Err(e) => {
-                warn!(job = %name, error = %e, "stored job has an invalid schedule; not scheduling it");
+                warn!(job = %name, error = %e, "stored job is invalid; not scheduling it");
                 return None;
             }
         };
