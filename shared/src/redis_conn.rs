@@ -123,15 +123,19 @@ impl RedisConn {
     pub async fn connect(spec: &RedisSpec) -> Result<Self> {
         let timeout = Duration::from_millis(spec.response_timeout_ms);
         let certs = certificates(&spec.tls)?;
-        if spec.cluster {
+        let cluster = |certs: Option<redis::TlsCertificates>| async move {
             let mut builder = ClusterClient::builder(spec.urls.clone())
                 .response_timeout(timeout)
                 .connection_timeout(Duration::from_secs(5));
             if let Some(c) = certs {
                 builder = builder.certs(c);
             }
-            let client = builder.build()?;
-            Ok(RedisConn::Cluster(client.get_async_connection().await?))
+            Ok::<_, Error>(RedisConn::Cluster(
+                builder.build()?.get_async_connection().await?,
+            ))
+        };
+        if spec.cluster {
+            cluster(certs).await
         } else {
             let client = match certs.clone() {
                 Some(c) => redis::Client::build_with_tls(spec.urls[0].as_str(), c)?,
@@ -140,14 +144,7 @@ impl RedisConn {
             // One URL may still name a cluster node: then talk the cluster protocol,
             // so a single seed is enough in every setting.
             if cluster_enabled(&client).await? {
-                let mut builder = ClusterClient::builder(spec.urls.clone())
-                    .response_timeout(timeout)
-                    .connection_timeout(Duration::from_secs(5));
-                if let Some(c) = certs {
-                    builder = builder.certs(c);
-                }
-                let cluster = builder.build()?;
-                return Ok(RedisConn::Cluster(cluster.get_async_connection().await?));
+                return cluster(certs).await;
             }
             let config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(timeout))

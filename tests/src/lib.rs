@@ -201,6 +201,39 @@ impl Drop for Proc {
     }
 }
 
+/// Waits until the Redis server at `url` answers PING (fails after 10 s).
+async fn wait_ping(url: &str) -> Result<()> {
+    let client = redis::Client::open(url)?;
+    wait_until(
+        "redis-server to answer PING",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Items pending in every queue, as the coordinator's API at `api` reports them.
+pub async fn pending_items(api: &str) -> Result<u64> {
+    let (_, q) = http("GET", &format!("{api}/api/queues"), Some(ADMIN_TOKEN), None).await?;
+    Ok(q["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["pending"].as_u64().unwrap_or(0))
+        .sum())
+}
+
 /// A real `redis-server` on a free loopback port, with no persistence.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -231,24 +264,7 @@ impl RedisServer {
             .args(["--dir", &dir.path().to_string_lossy()]);
         let proc = Proc::spawn(&format!("redis-{port}"), cmd, dir.path())?;
         let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str())?;
-        wait_until(
-            "redis-server to answer PING",
-            Duration::from_secs(10),
-            || {
-                let client = client.clone();
-                async move {
-                    match client.get_multiplexed_async_connection().await {
-                        Ok(mut c) => redis::cmd("PING")
-                            .query_async::<String>(&mut c)
-                            .await
-                            .is_ok(),
-                        Err(_) => false,
-                    }
-                }
-            },
-        )
-        .await?;
+        wait_ping(&url).await?;
         Ok(Self {
             url,
             port,
@@ -428,25 +444,7 @@ impl RedisCluster {
             ));
         }
         for (port, _) in &nodes {
-            let url = format!("redis://127.0.0.1:{port}");
-            let client = redis::Client::open(url.as_str())?;
-            wait_until(
-                "a cluster node to answer PING",
-                Duration::from_secs(10),
-                || {
-                    let client = client.clone();
-                    async move {
-                        match client.get_multiplexed_async_connection().await {
-                            Ok(mut c) => redis::cmd("PING")
-                                .query_async::<String>(&mut c)
-                                .await
-                                .is_ok(),
-                            Err(_) => false,
-                        }
-                    }
-                },
-            )
-            .await?;
+            wait_ping(&format!("redis://127.0.0.1:{port}")).await?;
         }
         let cli = find_binary("redis-cli", "apt-get install redis-tools")?;
         let mut create = Command::new(cli);

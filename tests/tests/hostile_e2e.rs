@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use chime_tests::{ADMIN_TOKEN, Cluster, http, wait_until};
+use chime_tests::{ADMIN_TOKEN, Cluster, http, pending_items, wait_until};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -85,7 +85,7 @@ async fn thrower(port: u16, http_port: bool, stop: CancellationToken, made: Arc<
         let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
         if fastrand::bool() {
             // Sometimes a reset instead of a close.
-            let _ = s.set_linger(Some(Duration::ZERO));
+            let _ = s.set_zero_linger();
         }
     }
 }
@@ -133,13 +133,7 @@ async fn snapshot(c: &Cluster, api: &str) -> Result<Value> {
         .map(|j| json!({ "name": j["name"], "version": j["version"], "paused": j["paused"] }))
         .collect();
     let (_, cfg) = http("GET", &format!("{api}/api/config"), tok, None).await?;
-    let (_, q) = http("GET", &format!("{api}/api/queues"), tok, None).await?;
-    let pending: u64 = q["queues"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["pending"].as_u64().unwrap_or(0))
-        .sum();
+    let pending = pending_items(api).await?;
     let workers = c.admin(&["workers"])?["workers"]
         .as_array()
         .map_or(0, Vec::len);

@@ -5,7 +5,7 @@
 use anyhow::{Result, ensure};
 use chime_shared::auth::Bearer;
 use chime_shared::proto as pb;
-use chime_tests::{ADMIN_TOKEN, Cluster, http};
+use chime_tests::{ADMIN_TOKEN, Cluster, http, pending_items};
 use serde_json::{Value, json};
 
 fn job(overrides: Value) -> Value {
@@ -38,14 +38,8 @@ async fn nothing_stored(api: &str) -> Result<()> {
         jobs["jobs"].as_array().is_some_and(Vec::is_empty),
         "jobs stored: {jobs}"
     );
-    let (_, q) = http("GET", &format!("{api}/api/queues"), Some(ADMIN_TOKEN), None).await?;
-    let pending: u64 = q["queues"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["pending"].as_u64().unwrap_or(0))
-        .sum();
-    ensure!(pending == 0, "items stored: {q}");
+    let pending = pending_items(api).await?;
+    ensure!(pending == 0, "{pending} items stored");
     Ok(())
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use chime_tests::{
-    ADMIN_TOKEN, Cluster, WORKER_TOKEN, free_port, http, metric_sum, run_chime, spawn_worker,
-    wait_until,
+    ADMIN_TOKEN, Cluster, WORKER_TOKEN, free_port, http, metric_sum, pending_items, run_chime,
+    spawn_worker, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -239,14 +239,8 @@ async fn console_and_admin_api_need_the_admin_token() -> Result<()> {
         code == 400 && body["error"]["field"] == "items[1].payload",
         "{code} {body}"
     );
-    let (_, q) = http("GET", &format!("{api}/api/queues"), Some(ADMIN_TOKEN), None).await?;
-    let pending: u64 = q["queues"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["pending"].as_u64().unwrap_or(0))
-        .sum();
-    ensure!(pending == 0, "a refused batch stored items: {q}");
+    let pending = pending_items(&api).await?;
+    ensure!(pending == 0, "a refused batch stored {pending} items");
     let (code, body) = http(
         "PUT",
         &format!("{api}/api/config"),
