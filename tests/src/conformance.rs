@@ -325,6 +325,53 @@ pub async fn merge_delivers_once_at_earliest(store: Store) -> Result<()> {
     Ok(())
 }
 
+/// A merge group is never cut at the capacity boundary: when it does not fit behind
+/// what a pop already took it waits, whole, for the next pop; only a group larger
+/// than a whole request is delivered in pieces.
+pub async fn merge_group_is_never_cut_at_capacity(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let t0 = now + 200;
+    let key = "user:cap";
+    let one = |id: &str, due: i64| NewItem::new(id, "remind", due).key(key);
+    let mk = |id: &str, due: i64| one(id, due).merge_key("c");
+    store
+        .enqueue(vec![
+            one("solo", t0),
+            mk("g1", t0 + 1),
+            mk("g2", t0 + 2),
+            mk("g3", t0 + 3),
+        ])
+        .await?;
+    wait_store_time(&store, t0 + 3).await?;
+    let r = ItemRef::with_key(key, "solo");
+    let cap = |n: u32| PopOptions {
+        max_items: n,
+        ..opts()
+    };
+    // Room for 3: "solo" and then a group of 3 that does not fit; it stays whole.
+    let p = pop_for(&store, &r, cap(3)).await?;
+    assert_eq!(ids(&p), ["solo"], "deliveries {:?}", p.deliveries);
+    ack(&store, &p.deliveries[0]).await?;
+    let p = pop_for(&store, &r, cap(3)).await?;
+    assert_eq!(p.deliveries.len(), 1, "deliveries {:?}", ids(&p));
+    assert_eq!(ids(&p), ["g1", "g2", "g3"]);
+    ack(&store, &p.deliveries[0]).await?;
+    // A group larger than the whole request: delivered in request-sized pieces.
+    let t1 = store.now_ms().await? + 100;
+    store
+        .enqueue(vec![mk("h1", t1), mk("h2", t1 + 1), mk("h3", t1 + 2)])
+        .await?;
+    wait_store_time(&store, t1 + 2).await?;
+    let p = pop_for(&store, &r, cap(2)).await?;
+    assert_eq!(ids(&p), ["h1", "h2"]);
+    assert_eq!(p.deliveries.len(), 1);
+    ack(&store, &p.deliveries[0]).await?;
+    let p = pop_for(&store, &r, cap(2)).await?;
+    assert_eq!(ids(&p), ["h3"]);
+    ack(&store, &p.deliveries[0]).await?;
+    Ok(())
+}
+
 /// No item is handed out before its due time by the store's clock.
 pub async fn never_fires_before_due(store: Store) -> Result<()> {
     let now = store.now_ms().await?;
@@ -755,6 +802,7 @@ macro_rules! conformance_suite {
             resubscribe_fires_once,
             reschedule_earlier_and_later,
             merge_delivers_once_at_earliest,
+            merge_group_is_never_cut_at_capacity,
             never_fires_before_due,
             visibility_timeout_redelivers,
             extend_keeps_item_in_flight,

@@ -147,18 +147,30 @@ async fn every_limit_names_its_field_and_stores_nothing() -> Result<()> {
     let many: Vec<Value> = (0..100_001)
         .map(|i| json!({ "id": i.to_string(), "handler": "h" }))
         .collect();
-    let (code, b) = http(
+    // Over the body limit (512 KiB) long before the batch limit. The server answers
+    // 413 once it has read 512 KiB and closes the connection, so a client still
+    // writing the rest may meet the reset before it reads the answer: both are a
+    // refusal, and either way nothing is stored.
+    match http(
         "POST",
         &format!("{api}/api/queues/items"),
         Some(ADMIN_TOKEN),
         Some(json!({ "items": many })),
     )
-    .await?;
-    // Over the body limit before the batch limit: refused either way, nothing stored.
-    ensure!(
-        code == 413 || (code == 400 && b["error"]["field"] == "items"),
-        "{code} {b}"
-    );
+    .await
+    {
+        Ok((code, b)) => ensure!(
+            code == 413 || (code == 400 && b["error"]["field"] == "items"),
+            "{code} {b}"
+        ),
+        Err(e) => {
+            let chain = format!("{e:#}").to_lowercase();
+            ensure!(
+                chain.contains("broken pipe") || chain.contains("connection reset"),
+                "oversized body: {chain}"
+            );
+        }
+    }
     nothing_stored(&api).await?;
 
     // gRPC: a message over the size limit is refused before it is decoded.

@@ -315,9 +315,19 @@ impl Consumer {
         }
     }
 
-    /// Permits to ask for: up to a batch, at least one.
+    /// Permits to ask for: up to a batch, at least `min_pop`.
     fn want(&self) -> u32 {
-        (self.permits.available_permits() as u32).clamp(1, self.opts.batch)
+        (self.permits.available_permits() as u32).clamp(self.min_pop(), self.opts.batch)
+    }
+
+    /// The least capacity a pop asks for: a whole batch, or all of `max_in_flight`
+    /// when that is smaller. A pop never cuts a merge group at its capacity
+    /// boundary but does cut a group larger than what it asked for; asking for a
+    /// batch at least means only groups larger than a batch are ever split, however
+    /// busy this worker is. Under saturation the poller therefore waits until a
+    /// batch of capacity is free, which is also when popping pays.
+    fn min_pop(&self) -> u32 {
+        self.opts.batch.min(self.opts.max_in_flight as u32)
     }
 
     async fn pause(&self, d: Duration) {
@@ -417,7 +427,10 @@ impl Consumer {
             }
             // Keep going only with capacity at hand; otherwise let the lease go.
             let more = (self.permits.available_permits() as u32).min(self.opts.batch);
-            permit = match self.permits.clone().try_acquire_many_owned(more.max(1)) {
+            if more < self.min_pop() {
+                return;
+            }
+            permit = match self.permits.clone().try_acquire_many_owned(more) {
                 Ok(p) => p,
                 Err(_) => return,
             };

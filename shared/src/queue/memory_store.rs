@@ -414,29 +414,37 @@ impl DelayStore for MemoryStore {
             if picked.len() >= limit {
                 break;
             }
-            if !taken.insert(id.clone()) {
+            if taken.contains(&id) {
                 continue;
             }
-            groups += 1;
-            picked.push((id.clone(), groups));
             let class = q.recs.get(&id).map(|r| r.class.clone()).unwrap_or_default();
-            if !class.is_empty() {
+            let mates: Vec<String> = if class.is_empty() {
+                Vec::new()
+            } else {
                 let lo = (class.clone(), i64::MIN, String::new());
                 let hi = (class.clone(), score + window + 1, String::new());
-                let mates: Vec<String> = q
-                    .mki
+                q.mki
                     .range(lo..hi)
                     .map(|(_, _, m)| m.clone())
+                    .filter(|m| *m != id && !taken.contains(m))
                     .take(limit)
-                    .collect();
-                for m in mates {
-                    if picked.len() >= limit {
-                        break;
-                    }
-                    if taken.insert(m.clone()) {
-                        picked.push((m, groups));
-                    }
+                    .collect()
+            };
+            // A group is never cut at the capacity boundary: when it does not fit
+            // behind the deliveries already picked, it waits whole for the next pop.
+            // Only a group larger than the whole request is delivered in pieces.
+            if !picked.is_empty() && picked.len() + 1 + mates.len() > limit {
+                break;
+            }
+            taken.insert(id.clone());
+            groups += 1;
+            picked.push((id, groups));
+            for m in mates {
+                if picked.len() >= limit {
+                    break;
                 }
+                taken.insert(m.clone());
+                picked.push((m, groups));
             }
         }
         let deadline = now + opts.visibility_ms.max(1) as i64;

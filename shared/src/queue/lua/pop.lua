@@ -56,27 +56,35 @@ if #due > 0 then
       if #picked >= limit then break end
       local id = ids[i]
       if not taken[id] then
+        local class = classes[i]
+        local score = tonumber(due[2 * i])
+        local mates, prefix = {}, false
+        if class then
+          prefix = class .. '\1'
+          local p = #prefix + 18
+          local members = redis.call('ZRANGEBYLEX', K_MKI, '[' .. prefix,
+            '[' .. prefix .. pad(score + window) .. '\1\255', 'LIMIT', 0, limit + 1)
+          for _, member in ipairs(members) do
+            local mid = string.sub(member, p)
+            if mid ~= id and not taken[mid] then mates[#mates + 1] = { mid, member } end
+          end
+        end
+        -- A group is never cut at the capacity boundary: when it does not fit behind
+        -- the deliveries already picked, it waits whole for the next pop. Only a
+        -- group larger than the whole request is delivered in pieces.
+        if #picked > 0 and #picked + 1 + #mates > limit then break end
         taken[id] = true
         groups = groups + 1
         picked[#picked + 1] = id
         group[#picked] = groups
-        local class = classes[i]
         if class then
-          local score = tonumber(due[2 * i])
           mkm[#mkm + 1] = mki_member(class, score, id)
-          local prefix = class .. '\1'
-          local mates = redis.call('ZRANGEBYLEX', K_MKI, '[' .. prefix,
-            '[' .. prefix .. pad(score + window) .. '\1\255', 'LIMIT', 0, limit)
-          local p = #prefix + 18
-          for _, member in ipairs(mates) do
+          for _, m in ipairs(mates) do
             if #picked >= limit then break end
-            local mid = string.sub(member, p)
-            if not taken[mid] then
-              taken[mid] = true
-              picked[#picked + 1] = mid
-              group[#picked] = groups
-              mkm[#mkm + 1] = member
-            end
+            taken[m[1]] = true
+            picked[#picked + 1] = m[1]
+            group[#picked] = groups
+            mkm[#mkm + 1] = m[2]
           end
         end
       end
