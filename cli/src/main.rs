@@ -11,6 +11,7 @@ mod cmd_job;
 mod cmd_queue;
 mod cmd_worker;
 mod config;
+mod demo;
 mod handlers;
 
 use std::path::PathBuf;
@@ -47,6 +48,10 @@ enum Command {
     Config(cmd_config::ConfigArgs),
     /// Benchmarks; each prints one JSON line of results on stdout.
     Bench(bench::BenchArgs),
+    /// The marketing-push scenarios end to end on real processes with a fake push
+    /// provider (coupon-reminder, mass-push, push-platform, segment-notify); each
+    /// prints one JSON line of results and fails when an invariant does not hold.
+    Demo(demo::DemoArgs),
 }
 
 /// Options every command that talks to Redis shares.
@@ -158,6 +163,7 @@ fn main() -> std::process::ExitCode {
             Command::Queue(a) => cmd_queue::run(a).await,
             Command::Config(a) => cmd_config::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Demo(a) => demo::run(a).await,
         }
     });
     match result {
