@@ -328,27 +328,13 @@ pub async fn run_job(a: JobArgs) -> Result<()> {
                         .with_context(|| format!("parsing {}", f.display()))?
                 }
                 None => JobSpec {
-                    name: name.clone().unwrap_or_default(),
-                    group: "default".into(),
-                    handler: String::new(),
-                    schedule: Schedule::Manual,
-                    routing: Routing::RoundRobin,
-                    shard_count: 0,
-                    shard_params: vec![],
-                    hash_param: String::new(),
-                    params: String::new(),
-                    overlap: Overlap::Allow,
-                    misfire: Misfire::FireOnce,
-                    catch_up_window_ms: 0,
-                    timeout_ms: 0,
-                    retries: 0,
                     retry_backoff_ms: 1_000,
-                    children: vec![],
-                    paused: false,
-                    start_at_ms: 0,
-                    end_at_ms: 0,
-                    jitter_ms: 0,
-                    created_at_ms: 0,
+                    ..JobSpec::new(
+                        name.clone().unwrap_or_default(),
+                        "default",
+                        "",
+                        Schedule::Manual,
+                    )
                 },
             };
             if let Some(n) = name {

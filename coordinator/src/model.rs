@@ -172,6 +172,39 @@ pub const MAX_PERIOD_MS: u64 = 366 * 86_400_000;
 pub const MAX_CHILDREN: usize = 32;
 
 impl JobSpec {
+    /// A job with every optional field at its stored default (the values a JSON
+    /// definition that leaves them out gets).
+    pub fn new(
+        name: impl Into<String>,
+        group: impl Into<String>,
+        handler: impl Into<String>,
+        schedule: Schedule,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            group: group.into(),
+            handler: handler.into(),
+            schedule,
+            routing: Routing::default(),
+            shard_count: 0,
+            shard_params: vec![],
+            hash_param: String::new(),
+            params: String::new(),
+            overlap: Overlap::default(),
+            misfire: Misfire::default(),
+            catch_up_window_ms: 0,
+            timeout_ms: 0,
+            retries: 0,
+            retry_backoff_ms: 0,
+            children: vec![],
+            paused: false,
+            start_at_ms: 0,
+            end_at_ms: 0,
+            jitter_ms: 0,
+            created_at_ms: 0,
+        }
+    }
+
     /// Checks every field; errors name it. Does not look at other jobs.
     pub fn validate(&self) -> Result<()> {
         let lim = |r: chime_shared::Result<()>| r.map_err(CoordError::from);
@@ -381,32 +414,15 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn job(name: &str) -> JobSpec {
-        JobSpec {
-            name: name.into(),
-            group: "g".into(),
-            handler: "h".into(),
-            schedule: Schedule::Cron {
+        JobSpec::new(
+            name,
+            "g",
+            "h",
+            Schedule::Cron {
                 expr: "*/5 * * * * *".into(),
                 time_zone: String::new(),
             },
-            routing: Routing::RoundRobin,
-            shard_count: 0,
-            shard_params: vec![],
-            hash_param: String::new(),
-            params: String::new(),
-            overlap: Overlap::Allow,
-            misfire: Misfire::FireOnce,
-            catch_up_window_ms: 0,
-            timeout_ms: 0,
-            retries: 0,
-            retry_backoff_ms: 0,
-            children: vec![],
-            paused: false,
-            start_at_ms: 0,
-            end_at_ms: 0,
-            jitter_ms: 0,
-            created_at_ms: 0,
-        }
+        )
     }
 
     fn field(j: JobSpec) -> String {

@@ -183,7 +183,8 @@ pub(crate) fn quantile(sorted: &[i64], p: f64) -> i64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
+/// Peak resident set (VmHWM) of `pid` in KiB, from /proc.
+pub(crate) fn vm_hwm_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()

@@ -375,7 +375,7 @@ impl Demo {
     pub(crate) fn worker_peak_rss_kib(&self) -> u64 {
         self.workers
             .iter()
-            .filter_map(|c| vm_hwm_kib(c.id()))
+            .filter_map(|c| crate::bench::vm_hwm_kib(c.id()))
             .max()
             .unwrap_or(0)
     }
@@ -489,17 +489,6 @@ fn terminate(children: &mut [&mut Child]) {
         let _ = c.kill();
         let _ = c.wait();
     }
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Creates a manual sharding-broadcast job with `shards` shards (0: one per live

@@ -15,7 +15,7 @@ pub mod proto;
 pub mod schedule_json;
 pub mod worker_session;
 
-use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
+use chime_coordinator::model::{JobSpec, Schedule};
 use chime_coordinator::schedule::{Compiled, min_gap_ms};
 use chime_shared::queue::fnv1a64;
 
@@ -99,29 +99,7 @@ pub fn bucket(n: usize) -> String {
 
 /// A job around `schedule` with every other field at its default.
 pub fn job_with(schedule: Schedule) -> JobSpec {
-    JobSpec {
-        name: "fuzz".into(),
-        group: "g".into(),
-        handler: "h".into(),
-        schedule,
-        routing: Routing::RoundRobin,
-        shard_count: 0,
-        shard_params: vec![],
-        hash_param: String::new(),
-        params: String::new(),
-        overlap: Overlap::Allow,
-        misfire: Misfire::FireOnce,
-        catch_up_window_ms: 0,
-        timeout_ms: 0,
-        retries: 0,
-        retry_backoff_ms: 0,
-        children: vec![],
-        paused: false,
-        start_at_ms: 0,
-        end_at_ms: 0,
-        jitter_ms: 0,
-        created_at_ms: 0,
-    }
+    JobSpec::new("fuzz", "g", "h", schedule)
 }
 
 /// Ticks `ticks_between` is asked for; the engine asks for 10,000 at startup, which
