@@ -125,8 +125,8 @@ pub(crate) async fn run(c: Common) -> Result<()> {
         .await?;
     let tuning = WorkerTuning {
         concurrency: 64,
-        // Room for a whole burst: a pop that fills the worker's capacity may split
-        // the last merge group it takes.
+        // Room for a whole burst of reminders due in the same second, so the burst
+        // is popped in big batches while the provider calls run.
         max_in_flight: (p.users as usize / 10).max(8_000),
         batch: 2_000,
     };
