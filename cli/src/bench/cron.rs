@@ -194,22 +194,15 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
     let fires = seen.len();
     let duplicates: u32 = seen.values().map(|n| n - 1).sum();
     lags.sort_unstable();
-    let mut c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
+    let c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
         .connect()
         .await?;
-    c.delete(
-        etcd_prefix.as_str(),
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
+    super::cleanup_etcd(&c, &etcd_prefix).await?;
     let conn = chime_shared::redis_conn::RedisConn::connect(
         &chime_shared::redis_conn::RedisSpec::parse(&a.redis_url)?,
     )
     .await?;
-    let mut rc = conn.clone();
-    for k in conn.scan_match(&format!("{{{prefix}:*")).await? {
-        let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut rc).await?;
-    }
+    super::cleanup(&conn, &prefix).await?;
     if a.keep_files {
         eprintln!("  files kept in {}", dir.display());
     } else {

@@ -329,14 +329,10 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         .filter_map(|k| starts.iter().find(|s| **s > *k).map(|s| s - k))
         .collect();
     failovers.sort_unstable();
-    let mut c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
+    let c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
         .connect()
         .await?;
-    c.delete(
-        etcd_prefix.as_str(),
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
+    super::cleanup_etcd(&c, &etcd_prefix).await?;
     let conn = chime_shared::redis_conn::RedisConn::connect(
         &chime_shared::redis_conn::RedisSpec::parse(&a.redis_url)?,
     )

@@ -220,3 +220,15 @@ pub(crate) async fn cleanup(conn: &RedisConn, prefix: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Deletes every etcd key under `prefix` (a run's jobs and live settings).
+pub(crate) async fn cleanup_etcd(client: &etcd_client::Client, prefix: &str) -> Result<()> {
+    client
+        .clone()
+        .delete(
+            prefix,
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+    Ok(())
+}

@@ -269,12 +269,7 @@ pub(crate) async fn run(a: ResizeArgs) -> Result<()> {
     }
     lat.sort_unstable();
     cleanup(&conn, &prefix).await?;
-    let mut c = client.clone();
-    c.delete(
-        etcd_prefix.as_str(),
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
+    super::cleanup_etcd(&client, &etcd_prefix).await?;
     if a.keep_files {
         eprintln!("  files kept in {}", dir.display());
     } else {

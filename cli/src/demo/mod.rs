@@ -443,19 +443,8 @@ impl Demo {
     }
 
     async fn cleanup(&mut self) -> Result<()> {
-        let mut c = self.conn.clone();
-        for pattern in [format!("{{{}:*", self.prefix), format!("{}:*", self.prefix)] {
-            for k in self.conn.scan_match(&pattern).await? {
-                let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut c).await?;
-            }
-        }
-        self.etcd
-            .delete(
-                self.etcd_prefix().as_str(),
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await?;
-        Ok(())
+        crate::bench::cleanup(&self.conn, &self.prefix).await?;
+        crate::bench::cleanup_etcd(&self.etcd, &self.etcd_prefix()).await
     }
 }
 
