@@ -181,11 +181,7 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
     lags.sort_unstable();
     let drain_s = ((last - t0) as f64 / 1000.0).max(1e-3);
     cleanup(&conn, &prefix).await?;
-    if a.keep_files {
-        eprintln!("  files kept in {}", dir.display());
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    super::keep_or_remove(&dir, a.keep_files);
     let out = json!({
         "bench": "burst",
         "items": a.items,

@@ -329,20 +329,15 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         .filter_map(|k| starts.iter().find(|s| **s > *k).map(|s| s - k))
         .collect();
     failovers.sort_unstable();
-    let c = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
-        .connect()
-        .await?;
-    super::cleanup_etcd(&c, &etcd_prefix).await?;
-    let conn = chime_shared::redis_conn::RedisConn::connect(
-        &chime_shared::redis_conn::RedisSpec::parse(&a.redis_url)?,
+    super::tear_down(
+        &a.redis_url,
+        &a.etcd_endpoints,
+        &prefix,
+        &etcd_prefix,
+        &dir,
+        a.keep_files,
     )
     .await?;
-    super::cleanup(&conn, &prefix).await?;
-    if a.keep_files {
-        eprintln!("  files kept in {}", dir.display());
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     println!(
         "{}",
         json!({

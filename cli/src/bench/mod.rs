@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chime_shared::redis_conn::RedisConn;
+use chime_shared::redis_conn::{RedisConn, RedisSpec};
 
 /// `chime bench` arguments.
 #[derive(Debug, clap::Args)]
@@ -218,6 +218,35 @@ pub(crate) async fn cleanup(conn: &RedisConn, prefix: &str) -> Result<()> {
             let _: i64 = redis::cmd("UNLINK").arg(k).query_async(&mut c).await?;
         }
     }
+    Ok(())
+}
+
+/// Keeps a run's files (and says where) or deletes them.
+pub(crate) fn keep_or_remove(dir: &std::path::Path, keep: bool) {
+    if keep {
+        eprintln!("  files kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Ends a run that used a coordinator: deletes its Redis keys (`prefix`) and etcd
+/// keys (`etcd_prefix`), then its files unless kept.
+pub(crate) async fn tear_down(
+    redis_url: &str,
+    etcd_endpoints: &str,
+    prefix: &str,
+    etcd_prefix: &str,
+    dir: &std::path::Path,
+    keep_files: bool,
+) -> Result<()> {
+    let etcd = chime_shared::etcd::EtcdSpec::parse(etcd_endpoints)?
+        .connect()
+        .await?;
+    cleanup_etcd(&etcd, etcd_prefix).await?;
+    let conn = RedisConn::connect(&RedisSpec::parse(redis_url)?).await?;
+    cleanup(&conn, prefix).await?;
+    keep_or_remove(dir, keep_files);
     Ok(())
 }
 

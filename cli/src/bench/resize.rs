@@ -270,11 +270,7 @@ pub(crate) async fn run(a: ResizeArgs) -> Result<()> {
     lat.sort_unstable();
     cleanup(&conn, &prefix).await?;
     super::cleanup_etcd(&client, &etcd_prefix).await?;
-    if a.keep_files {
-        eprintln!("  files kept in {}", dir.display());
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    super::keep_or_remove(&dir, a.keep_files);
     let out = json!({
         "bench": "resize",
         "items": a.items,

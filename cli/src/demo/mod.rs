@@ -431,11 +431,7 @@ impl Demo {
         if let Err(e) = cleaned {
             eprintln!("  clean-up failed: {e:#}");
         }
-        if self.common.keep_files || !failures.is_empty() {
-            eprintln!("  files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        crate::bench::keep_or_remove(&self.dir, self.common.keep_files || !failures.is_empty());
         if !failures.is_empty() {
             bail!("demo {}: {}", self.name, failures.join("; "));
         }
