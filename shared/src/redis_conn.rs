@@ -177,11 +177,7 @@ impl RedisConn {
             }
             RedisConn::Cluster(c) => {
                 let mut c = c.clone();
-                let nodes: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut c)
-                    .await?;
-                for (host, port) in masters(&nodes)? {
+                for (host, port) in master_addrs(&mut c).await? {
                     let at =
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
                     let mut cursor = 0;
@@ -232,12 +228,8 @@ impl RedisConn {
             }
             RedisConn::Cluster(c) => {
                 let mut c = c.clone();
-                let nodes: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut c)
-                    .await?;
                 let mut out = Vec::new();
-                for (host, port) in masters(&nodes)? {
+                for (host, port) in master_addrs(&mut c).await? {
                     let addr = format!("{host}:{port}");
                     let at =
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
@@ -274,6 +266,12 @@ fn scan_page(v: Value, out: &mut Vec<String>) -> Result<u64> {
 }
 
 /// `host:port` of every master that is not failing, from `CLUSTER NODES`.
+/// The masters of the cluster behind `c`, as `(host, port)`, from `CLUSTER NODES`.
+async fn master_addrs(c: &mut ClusterConnection) -> Result<Vec<(String, u16)>> {
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(c).await?;
+    masters(&nodes)
+}
+
 fn masters(nodes: &str) -> Result<Vec<(String, u16)>> {
     let mut out = Vec::new();
     for line in nodes.lines() {
