@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
-use chime_shared::config::source::{ConfigSource, Expect};
+use chime_shared::config::source::{ConfigSource, Expect, Snapshot};
 use chime_shared::redis_conn::RedisConn;
 
 use crate::error::{CoordError, Result};
@@ -40,13 +40,14 @@ fn key(name: &str) -> String {
     format!("jobs/{name}")
 }
 
-fn decode(value: &str, version: i64) -> Result<StoredJob> {
-    let spec: JobSpec = serde_json::from_str(value)
-        .map_err(|e| CoordError::Unavailable(format!("stored job is unreadable: {e}")))?;
-    Ok(StoredJob { spec, version })
-}
-
 impl JobStore {
+    /// A stored job definition at `version`.
+    pub fn decode(value: &str, version: i64) -> Result<StoredJob> {
+        let spec: JobSpec = serde_json::from_str(value)
+            .map_err(|e| CoordError::Unavailable(format!("stored job is unreadable: {e}")))?;
+        Ok(StoredJob { spec, version })
+    }
+
     /// Jobs in `kv` (whose prefix is the deployment's, e.g. `/chime/`).
     pub fn new(kv: Arc<dyn ConfigSource>) -> Self {
         Self {
@@ -93,16 +94,22 @@ impl JobStore {
     /// Every job, and the revision read at.
     pub async fn list(&self) -> Result<(Vec<StoredJob>, i64)> {
         let snap = self.kv.load().await?;
+        Ok((Self::jobs_in(&snap), snap.revision))
+    }
+
+    /// The readable jobs of a snapshot of the deployment's prefix (an unreadable one
+    /// is logged and skipped).
+    pub fn jobs_in(snap: &Snapshot) -> Vec<StoredJob> {
         let mut out = Vec::new();
         for (k, v, rev) in &snap.entries {
             if let Some(name) = k.strip_prefix("jobs/") {
-                match decode(v, *rev) {
+                match Self::decode(v, *rev) {
                     Ok(j) => out.push(j),
                     Err(e) => tracing::warn!(job = name, error = %e, "skipping an unreadable job"),
                 }
             }
         }
-        Ok((out, snap.revision))
+        out
     }
 
     /// One job.
@@ -112,7 +119,7 @@ impl JobStore {
             .get(&key(name))
             .await?
             .ok_or_else(|| CoordError::NotFound(format!("job {name:?}")))?;
-        decode(&v, rev)
+        Self::decode(&v, rev)
     }
 
     /// Stores a new job (its `created_at_ms` is set to `now_ms`).

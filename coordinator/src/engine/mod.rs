@@ -628,85 +628,57 @@ fn spawn_history_writer(
     tx
 }
 
-/// Follows job definitions in the store and tells the engine.
-fn spawn_job_watcher(
-    jobs: JobStore,
-    mut last: i64,
-    engine: EngineHandle,
-    shutdown: CancellationToken,
-) {
-    use chime_shared::config::source::{Change, WatchMsg};
-    tokio::spawn(async move {
-        let source = jobs.source();
-        loop {
-            let mut rx = tokio::select! {
-                w = source.watch(last) => match w {
-                    Ok(rx) => rx,
-                    Err(e) => {
-                        warn!(error = %e, "job watch failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
-            };
-            loop {
-                let msg = tokio::select! {
-                    m = rx.recv() => m,
-                    _ = shutdown.cancelled() => return,
-                };
-                match msg {
-                    Some(Ok(WatchMsg::Changes(changes))) => {
-                        for c in changes {
-                            last = last.max(c.revision());
-                            match c {
-                                Change::Put {
-                                    key,
-                                    value,
-                                    revision,
-                                } => {
-                                    if let Some(name) = key.strip_prefix("jobs/") {
-                                        match serde_json::from_str::<JobSpec>(&value) {
-                                            Ok(spec) => {
-                                                let _ = engine
-                                                    .job_put(StoredJob {
-                                                        spec,
-                                                        version: revision,
-                                                    })
-                                                    .await;
-                                            }
-                                            Err(e) => {
-                                                warn!(job = name, error = %e, "unreadable job written to the store")
-                                            }
+/// Follows job definitions in the store and tells the engine, in revision order.
+fn spawn_job_watcher(jobs: JobStore, last: i64, engine: EngineHandle, shutdown: CancellationToken) {
+    use chime_shared::config::follow::{Followed, follow};
+    use chime_shared::config::source::Change;
+    tokio::spawn(follow(jobs.source(), last, "jobs", shutdown, move |f| {
+        let engine = engine.clone();
+        async move {
+            match f {
+                Followed::Changes(changes) => {
+                    for c in changes {
+                        match c {
+                            Change::Put {
+                                key,
+                                value,
+                                revision,
+                            } => {
+                                if let Some(name) = key.strip_prefix("jobs/") {
+                                    match JobStore::decode(&value, revision) {
+                                        Ok(job) => {
+                                            let _ = engine.job_put(job).await;
+                                        }
+                                        Err(e) => {
+                                            warn!(job = name, error = %e, "unreadable job written to the store")
                                         }
                                     }
                                 }
-                                Change::Delete { key, .. } => {
-                                    if let Some(name) = key.strip_prefix("jobs/") {
-                                        let _ = engine.job_deleted(name).await;
-                                    }
+                            }
+                            Change::Delete { key, .. } => {
+                                if let Some(name) = key.strip_prefix("jobs/") {
+                                    let _ = engine.job_deleted(name).await;
                                 }
                             }
                         }
                     }
-                    Some(Ok(WatchMsg::Progress(r))) => last = last.max(r),
-                    Some(Ok(WatchMsg::Compacted)) => {
-                        if let Ok((all, rev)) = jobs.list().await {
-                            for j in all {
-                                let _ = engine.job_put(j).await;
+                }
+                // After a compaction: the engine's jobs become exactly the stored
+                // ones, including deletions the watch never reported.
+                Followed::Reloaded(snapshot) => {
+                    let stored = JobStore::jobs_in(&snapshot);
+                    if let Ok(held) = engine.states().await {
+                        for name in held.keys() {
+                            if !stored.iter().any(|j| &j.spec.name == name) {
+                                let _ = engine.job_deleted(name).await;
                             }
-                            last = rev;
                         }
-                        break;
                     }
-                    Some(Err(e)) => {
-                        warn!(error = %e, "job watch broke; resuming");
-                        break;
+                    for j in stored {
+                        let _ = engine.job_put(j).await;
                     }
-                    None => break,
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    });
+    }));
 }

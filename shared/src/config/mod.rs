@@ -16,6 +16,7 @@
 //! leaves the last good one in force. [`watcher`] keeps a [`LiveConfig`] current from
 //! a [`source::ConfigSource`] (etcd, or memory for `chime dev` and tests).
 
+pub mod follow;
 pub mod source;
 pub mod watcher;
 

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::source::{Change, ConfigSource, Snapshot, WatchMsg};
+use super::follow::{Followed, follow};
+use super::source::{Change, ConfigSource, Snapshot};
 use super::{LiveConfig, parse};
 use crate::telemetry as m;
 
@@ -191,70 +192,27 @@ fn apply(config: &mut LiveConfig, change: &Change) -> bool {
 async fn run(
     source: Arc<dyn ConfigSource>,
     tx: watch::Sender<Arc<LiveConfig>>,
-    mut last: i64,
+    last: i64,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut config = (**tx.borrow()).clone();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let mut rx = tokio::select! {
-            w = source.watch(last) => match w {
-                Ok(rx) => rx,
-                Err(e) => {
-                    warn!(error = %e, last_revision = last, "config watch failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {},
-                        _ = shutdown.cancelled() => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                    continue;
+    follow(source, last, "config", shutdown, |f| {
+        match f {
+            Followed::Changes(changes) => {
+                let mut changed = false;
+                for c in &changes {
+                    changed |= apply(&mut config, c);
                 }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        loop {
-            let msg = tokio::select! {
-                m = rx.recv() => m,
-                _ = shutdown.cancelled() => return,
-            };
-            match msg {
-                Some(Ok(WatchMsg::Changes(changes))) => {
-                    delay = Duration::from_millis(100);
-                    let mut changed = false;
-                    for c in &changes {
-                        changed |= apply(&mut config, c);
-                        last = last.max(c.revision());
-                    }
-                    if changed {
-                        tx.send_replace(Arc::new(config.clone()));
-                    }
+                if changed {
+                    tx.send_replace(Arc::new(config.clone()));
                 }
-                Some(Ok(WatchMsg::Progress(rev))) => {
-                    delay = Duration::from_millis(100);
-                    last = last.max(rev);
-                }
-                Some(Ok(WatchMsg::Compacted)) => {
-                    warn!(last_revision = last, "config history compacted; reloading");
-                    match source.load().await {
-                        Ok(s) => {
-                            last = fold_snapshot(&mut config, &s);
-                            tx.send_replace(Arc::new(config.clone()));
-                        }
-                        Err(e) => warn!(error = %e, "config reload failed; retrying"),
-                    }
-                    break;
-                }
-                Some(Err(e)) => {
-                    warn!(error = %e, last_revision = last, "config watch broke; resuming");
-                    break;
-                }
-                None => break,
+            }
+            Followed::Reloaded(s) => {
+                fold_snapshot(&mut config, &s);
+                tx.send_replace(Arc::new(config.clone()));
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {},
-            _ = shutdown.cancelled() => return,
-        }
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
+        std::future::ready(())
+    })
+    .await;
 }
