@@ -155,3 +155,144 @@ async fn watcher_resumes_after_etcd_restart() -> Result<()> {
     stop.cancel();
     Ok(())
 }
+
+/// A source over etcd whose watches the test can cut and hold back: the stand-in
+/// for a coordinator that lost its etcd connection for longer than the history it
+/// would resume from survived.
+#[derive(Debug)]
+struct Cuttable {
+    inner: Arc<EtcdSource>,
+    /// Watches opened so far.
+    opened: std::sync::atomic::AtomicUsize,
+    /// Cancelling it ends the open watch with an error.
+    cut: std::sync::Mutex<CancellationToken>,
+    /// New watches wait while this is false.
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl ConfigSource for Cuttable {
+    async fn load(&self) -> chime_shared::error::Result<chime_shared::config::source::Snapshot> {
+        self.inner.load().await
+    }
+    async fn watch(
+        &self,
+        after: i64,
+    ) -> chime_shared::error::Result<chime_shared::config::source::WatchRx> {
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+        let mut inner = self.inner.watch(after).await?;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let cut = self.cut.lock().expect("cut lock").clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = inner.recv() => match m {
+                        Some(m) => if tx.send(m).await.is_err() { return },
+                        None => return,
+                    },
+                    _ = cut.cancelled() => {
+                        let _ = tx.send(Err(chime_shared::error::Error::Unavailable("cut by the test".into()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+    async fn put(&self, key: &str, value: &str) -> chime_shared::error::Result<i64> {
+        self.inner.put(key, value).await
+    }
+    async fn delete(&self, key: &str) -> chime_shared::error::Result<i64> {
+        self.inner.delete(key).await
+    }
+    async fn get(&self, key: &str) -> chime_shared::error::Result<Option<(String, i64)>> {
+        self.inner.get(key).await
+    }
+    async fn put_if(
+        &self,
+        key: &str,
+        value: &str,
+        expect: chime_shared::config::source::Expect,
+    ) -> chime_shared::error::Result<Option<i64>> {
+        self.inner.put_if(key, value, expect).await
+    }
+}
+
+/// The coordinator's job watcher loses etcd while a job is deleted and another
+/// created, and etcd compacts the history it would resume from: it reloads, and the
+/// engine then holds exactly the stored jobs (the deleted one gone, the new one there).
+#[tokio::test]
+async fn job_watcher_reloads_deletions_after_compaction() -> Result<()> {
+    use chime_coordinator::engine::{self, EngineOptions};
+    use chime_coordinator::model::{JobSpec, Schedule};
+    use chime_coordinator::store::{JobStore, MemoryRunStore, Retention};
+    use chime_shared::clock::Clock;
+    use std::sync::atomic::Ordering;
+
+    let etcd = EtcdServer::start().await?;
+    let inner = Arc::new(EtcdSource::new(etcd.client().await?, "/chime/"));
+    let src = Arc::new(Cuttable {
+        inner,
+        opened: 0.into(),
+        cut: std::sync::Mutex::new(CancellationToken::new()),
+        open: tokio::sync::watch::Sender::new(true),
+    });
+    let jobs = JobStore::new(src.clone());
+    let every = |name: &str| JobSpec::new(name, "g", "h", Schedule::FixedRate { every_ms: 60_000 });
+    let now = chime_shared::clock::SystemClock.now_ms();
+    jobs.create(every("kept"), now).await?;
+    jobs.create(every("deleted"), now).await?;
+    let stop = CancellationToken::new();
+    let (h, _task) = engine::start(
+        jobs.clone(),
+        Arc::new(MemoryRunStore::new(Retention::default())),
+        Arc::new(chime_shared::clock::SystemClock),
+        EngineOptions::default(),
+        1,
+        CancellationToken::new(),
+        stop.clone(),
+    )
+    .await?;
+    let names = || async {
+        let mut n: Vec<String> = h.states().await.unwrap_or_default().into_keys().collect();
+        n.sort();
+        n
+    };
+    ensure!(names().await == ["deleted", "kept"], "{:?}", names().await);
+    wait_until("the job watch opened", Duration::from_secs(10), || async {
+        src.opened.load(Ordering::SeqCst) >= 1
+    })
+    .await?;
+
+    // Cut the watch and hold it back while the jobs change and etcd compacts.
+    src.open.send_replace(false);
+    src.cut.lock().unwrap().cancel();
+    jobs.delete("deleted").await?;
+    jobs.create(every("created"), now).await?;
+    let mut client = etcd.client().await?;
+    let rev = client
+        .get("/chime/jobs/created", None)
+        .await?
+        .header()
+        .context("no header")?
+        .revision();
+    client.compact(rev, None).await?;
+    *src.cut.lock().unwrap() = CancellationToken::new();
+    src.open.send_replace(true);
+
+    wait_until(
+        "the engine holds exactly the stored jobs",
+        Duration::from_secs(15),
+        || async { names().await == ["created", "kept"] },
+    )
+    .await?;
+    ensure!(
+        src.opened.load(Ordering::SeqCst) >= 2,
+        "the watch was never reopened"
+    );
+    stop.cancel();
+    Ok(())
+}
