@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "../proto/chime/v1/worker.proto",
         "../proto/chime/v1/admin.proto",
+        "../proto/chime/v1/queue.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

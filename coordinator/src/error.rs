@@ -33,6 +33,10 @@ pub enum CoordError {
     /// The caller is not allowed to do this.
     #[error("{0}")]
     Unauthenticated(String),
+    /// This coordinator was not set up for the call (no delay store); another
+    /// coordinator, or a config change, is needed.
+    #[error("{0}")]
+    NotConfigured(String),
     /// A store (etcd, Redis) failed; retrying may help.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -92,6 +96,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::Conflict(_) => tonic::Status::failed_precondition(msg),
             CoordError::NotLeader { .. } => tonic::Status::unavailable(msg),
             CoordError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            CoordError::NotConfigured(_) => tonic::Status::failed_precondition(msg),
             CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
         }
     }

@@ -22,9 +22,9 @@ use axum::routing::{get, post};
 use chime_shared::clock::Clock;
 use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
-use chime_shared::ops;
 use chime_shared::proto as pb;
 use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, NewItem, validate_batch};
+use chime_shared::{limits, ops};
 use pb::admin_server::Admin;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -629,7 +629,11 @@ struct LimitQuery {
 
 async fn dead_letters(State(st): State<HttpState>, Query(q): Query<LimitQuery>) -> ApiResult {
     let items = store(&st)?
-        .dead_letters(q.limit.unwrap_or(100).min(1_000))
+        .dead_letters(
+            q.limit
+                .unwrap_or(limits::DEFAULT_DEAD_LETTER_LIST)
+                .min(limits::MAX_DEAD_LETTER_LIST),
+        )
         .await?;
     ok(json!({ "items": items }))
 }
@@ -650,9 +654,6 @@ struct ItemRefIn {
     id: String,
 }
 
-/// Most dead letters one requeue call moves.
-const MAX_REQUEUE: usize = 100_000;
-
 async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
     let input: RequeueIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid("items", e.to_string()))?;
@@ -664,7 +665,9 @@ async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
         .into_iter()
         .map(|i| ItemRef::with_key(i.key, i.id))
         .collect();
-    let n = store(&st)?.requeue_dead(&refs, MAX_REQUEUE).await?;
+    let n = store(&st)?
+        .requeue_dead(&refs, limits::MAX_REQUEUE_ITEMS)
+        .await?;
     ok(json!({ "requeued": n }))
 }
 

@@ -7,8 +7,8 @@
 //!   fencing token (Redis or memory).
 //! - [`engine`]: the one task that owns scheduling state on the leader.
 //! - [`leader`]: election and fencing.
-//! - [`grpc`]: the worker gateway and the admin API, thin adapters; followers send
-//!   workers to the leader and forward admin calls to it.
+//! - [`grpc`]: the worker gateway, the admin API and the delay-queue API, thin
+//!   adapters; followers send workers to the leader and forward admin calls to it.
 //!
 //! [`serve`] is what the binary calls: it takes a bound listener, built stores and
 //! a shutdown token. Architecture invariant: nothing here reads config files, binds
@@ -131,7 +131,15 @@ pub async fn serve(
     } else {
         (None, None)
     };
-    let server = grpc::server(shared.clone(), admin.clone(), deps.auth.clone(), grpc_tls).await?;
+    let queue = grpc::queue::QueueApi::new(deps.queues.clone());
+    let server = grpc::server(
+        shared.clone(),
+        admin.clone(),
+        queue,
+        deps.auth.clone(),
+        grpc_tls,
+    )
+    .await?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();

@@ -15,6 +15,12 @@ pub const MAX_ATTEMPTS: u32 = 100;
 pub const MAX_DUE_AT_MS: i64 = 253_402_300_799_999;
 /// Most items accepted in one enqueue call.
 pub const MAX_BATCH_ITEMS: usize = 100_000;
+/// Dead letters listed when a call does not say how many.
+pub const DEFAULT_DEAD_LETTER_LIST: usize = 100;
+/// Most dead letters one listing call returns.
+pub const MAX_DEAD_LETTER_LIST: usize = 1_000;
+/// Most dead letters one requeue call moves.
+pub const MAX_REQUEUE_ITEMS: usize = 100_000;
 
 /// Checks an identifier-like string: non-empty, at most `max` bytes, no control
 /// characters (they would break the store's key and index encodings and logs).

@@ -1,5 +1,5 @@
-//! The generated gRPC types and stubs of `proto/chime/v1` (worker sessions and the
-//! admin API). Import them as `chime_shared::proto`; convert to domain types at the
+//! The generated gRPC types and stubs of `proto/chime/v1` (worker sessions, the
+//! admin API and the delay queue). Import them as `chime_shared::proto`; convert to domain types at the
 //! edge that receives them, so domain code never touches generated types.
 
 // Generated code: not ours to lint or document.

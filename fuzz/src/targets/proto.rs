@@ -5,15 +5,19 @@
 //! `JobRef`, `TriggerJobRequest`, `ListJobsRequest`, `ListRunsRequest`, `RunId`,
 //! `ListWorkersRequest`), and the admin answers a follower decodes when it forwards
 //! a call to the leader (`Job`, `Run`, `DeleteJobResponse`, `ListJobsResponse`,
-//! `ListRunsResponse`, `ListWorkersResponse`, `WorkerInfo`). A decoded message must
+//! `ListRunsResponse`, `ListWorkersResponse`, `WorkerInfo`), and the delay-queue
+//! requests (`EnqueueRequest`, `ItemRef`, `RescheduleItemRequest`,
+//! `ListDeadLettersRequest`, `RequeueDeadLettersRequest`). A decoded message must
 //! re-encode to bytes of its `encoded_len` that decode to the same message. Jobs go
 //! through `job_from_proto` / `job_view` and then the `schedule_json` target's checks
 //! (round trips, validate, compile, next fire times); runs and workers through
-//! `run_from_proto` / `worker_from_proto`.
+//! `run_from_proto` / `worker_from_proto`; queue requests through `items_from_proto` /
+//! `ref_from_proto`, whose accepted items must pass every item check.
 
 use std::fmt::Debug;
 
 use chime_coordinator::CoordError;
+use chime_coordinator::grpc::queue::{items_from_proto, ref_from_proto};
 use chime_coordinator::grpc::{
     job_from_proto, job_view, run_from_proto, run_to_proto, worker_from_proto,
 };
@@ -27,7 +31,7 @@ use crate::Target;
 /// The target.
 pub const TARGET: Target = Target {
     name: "proto",
-    about: "gRPC messages a coordinator decodes: worker stream, admin requests and forwarded answers",
+    about: "gRPC messages a coordinator decodes: worker stream, admin and queue requests, forwarded answers",
     run,
     dictionary,
 };
@@ -143,7 +147,56 @@ fn run(input: &[u8]) -> u64 {
         decoded += 1;
         let _ = worker_from_proto(w);
     }
-    signal(&[worker, &job, &bucket(decoded)])
+    let queue = queue_requests(input, &mut decoded);
+    signal(&[worker, &job, queue, &bucket(decoded)])
+}
+
+/// The store's clock in queue checks: a fixed instant, so runs replay.
+const NOW_MS: i64 = 1_767_225_600_000;
+
+/// The delay-queue requests: what the edge accepts must be what the stores accept.
+fn queue_requests(input: &[u8], decoded: &mut usize) -> &'static str {
+    let mut outcome = "none";
+    if let Some(r) = decode::<pb::EnqueueRequest>(input, "EnqueueRequest") {
+        *decoded += 1;
+        let n = r.items.len();
+        outcome = match items_from_proto(r, NOW_MS) {
+            Ok(items) => {
+                assert_eq!(items.len(), n, "an accepted batch lost or gained items");
+                for it in &items {
+                    if let Err(e) = it.validate() {
+                        panic!("accepted an item the store refuses: {e}");
+                    }
+                }
+                "enqueue-ok"
+            }
+            Err(CoordError::InvalidArgument { .. }) => "enqueue-invalid",
+            Err(e) => panic!("enqueue conversion failed with a non-input error: {e}"),
+        };
+    }
+    if let Some(r) = decode::<pb::ItemRef>(input, "ItemRef") {
+        *decoded += 1;
+        if let Ok(r) = ref_from_proto(Some(r), "item") {
+            assert!(
+                !r.id.is_empty() && !r.key.is_empty(),
+                "an empty reference was accepted"
+            );
+        }
+    }
+    if let Some(r) = decode::<pb::RescheduleItemRequest>(input, "RescheduleItemRequest") {
+        *decoded += 1;
+        let _ = ref_from_proto(r.item, "item");
+    }
+    *decoded += usize::from(
+        decode::<pb::ListDeadLettersRequest>(input, "ListDeadLettersRequest").is_some(),
+    );
+    if let Some(r) = decode::<pb::RequeueDeadLettersRequest>(input, "RequeueDeadLettersRequest") {
+        *decoded += 1;
+        for (i, item) in r.items.into_iter().enumerate() {
+            let _ = ref_from_proto(Some(item), &format!("items[{i}]"));
+        }
+    }
+    outcome
 }
 
 /// A varint, as the wire has it.
@@ -367,6 +420,61 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
         version: 42,
         created_at_ms: 1_690_000_000_000,
     };
+    let item = |id: &str, key: &str, due_at_ms, in_ms| pb::NewItem {
+        id: id.into(),
+        key: key.into(),
+        handler: "push".into(),
+        due_at_ms,
+        in_ms,
+        payload: b"{\"coupon\":7}".to_vec(),
+        max_attempts: 0,
+        merge_key: String::new(),
+    };
+    out.push((
+        "enqueue".into(),
+        pb::EnqueueRequest {
+            items: vec![
+                item("r-1", "user-42", 1_767_225_660_000, 0),
+                pb::NewItem {
+                    merge_key: "coupon".into(),
+                    max_attempts: 5,
+                    ..item("r-2", "user-42", 0, 60_000)
+                },
+                item("r-3", "", 0, 0),
+            ],
+        }
+        .encode_to_vec(),
+    ));
+    out.push((
+        "item-ref".into(),
+        pb::ItemRef {
+            key: "user-42".into(),
+            id: "r-1".into(),
+        }
+        .encode_to_vec(),
+    ));
+    out.push((
+        "reschedule".into(),
+        pb::RescheduleItemRequest {
+            item: Some(pb::ItemRef {
+                key: "user-42".into(),
+                id: "r-1".into(),
+            }),
+            due_at_ms: 1_767_225_700_000,
+        }
+        .encode_to_vec(),
+    ));
+    out.push((
+        "requeue".into(),
+        pb::RequeueDeadLettersRequest {
+            items: vec![pb::ItemRef {
+                key: String::new(),
+                id: "r-3".into(),
+            }],
+            all: false,
+        }
+        .encode_to_vec(),
+    ));
     out.push((
         "update-full".into(),
         pb::UpdateJobRequest {

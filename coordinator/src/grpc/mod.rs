@@ -1,6 +1,9 @@
-//! The gRPC edge: the worker gateway (sessions) and the admin API. Handlers are
-//! thin: they convert between `chime_shared::proto` and the domain, and call the
-//! engine or the job store. This is the only module that sees generated types.
+//! The gRPC edge: the worker gateway (sessions), the admin API and ([`queue`]) the
+//! delay queue. Handlers are thin: they convert between `chime_shared::proto` and the
+//! domain, and call the engine, the job store or the delay store. With `http.rs`,
+//! this is the only place that sees generated types.
+
+pub mod queue;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -89,11 +92,13 @@ fn require(
 /// 64 KiB of shard params, a register with many running shards, fit many times).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// The gRPC router: the worker gateway, `admin`, the standard health service and
-/// server reflection (so `grpcurl` and friends work without the proto files).
+/// The gRPC router: the worker gateway, `admin`, `queue`, the standard health
+/// service and server reflection (so `grpcurl` and friends work without the proto
+/// files).
 pub async fn server(
     shared: Arc<Shared>,
     admin: AdminApi,
+    queue: queue::QueueApi,
     auth: Auth,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<tonic::transport::server::Router, CoordError> {
@@ -105,6 +110,9 @@ pub async fn server(
         .await;
     health
         .set_serving::<pb::admin_server::AdminServer<AdminApi>>()
+        .await;
+    health
+        .set_serving::<pb::queue_server::QueueServer<queue::QueueApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -130,6 +138,12 @@ pub async fn server(
         ))
         .add_service(InterceptedService::new(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            require(auth.admin.clone(), "admin"),
+        ))
+        // Producers hold the admin token: enqueueing and cancelling items changes
+        // stored state as much as a job does.
+        .add_service(InterceptedService::new(
+            pb::queue_server::QueueServer::new(queue).max_decoding_message_size(MAX_MESSAGE_BYTES),
             require(auth.admin, "admin"),
         ));
     Ok(match reflection {

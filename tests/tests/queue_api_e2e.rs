@@ -1,0 +1,265 @@
+//! The delay queue over gRPC (`chime.v1.Queue`), as a producer in another language
+//! would use it: a real coordinator on real Redis and etcd, a real `chime worker`
+//! consuming the queues. Enqueue (created, duplicate), get, reschedule, cancel,
+//! counts, dead letters and requeue; every refusal names its field and stores
+//! nothing; the worker token opens nothing here.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use chime_shared::auth::Bearer;
+use chime_shared::proto as pb;
+use chime_tests::{ADMIN_TOKEN, Cluster, WORKER_TOKEN, read_records, spawn_worker, wait_until};
+use pb::queue_client::QueueClient;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Client = QueueClient<InterceptedService<Channel, Bearer>>;
+
+async fn client(c: &Cluster, token: &str) -> Result<Client> {
+    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
+        .connect()
+        .await?;
+    Ok(QueueClient::with_interceptor(
+        channel,
+        Bearer::new(Some(token))?,
+    ))
+}
+
+fn item(id: &str, key: &str, handler: &str) -> pb::NewItem {
+    pb::NewItem {
+        id: id.into(),
+        key: key.into(),
+        handler: handler.into(),
+        ..Default::default()
+    }
+}
+
+fn iref(key: &str, id: &str) -> pb::ItemRef {
+    pb::ItemRef {
+        key: key.into(),
+        id: id.into(),
+    }
+}
+
+async fn state(q: &mut Client, key: &str, id: &str) -> Result<Option<pb::ItemView>> {
+    match q.get_item(iref(key, id)).await {
+        Ok(v) => Ok(Some(v.into_inner())),
+        Err(s) if s.code() == Code::NotFound => Ok(None),
+        Err(s) => Err(s.into()),
+    }
+}
+
+/// An `InvalidArgument` whose `chime-field` metadata names `field`.
+fn names_field(r: Result<impl std::fmt::Debug, tonic::Status>, field: &str) -> Result<()> {
+    let s = r.err().context("accepted")?;
+    ensure!(s.code() == Code::InvalidArgument, "{s:?}");
+    let got = s
+        .metadata()
+        .get("chime-field")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    ensure!(got == field, "expected field {field}, got {got:?}: {s:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Result<()> {
+    let c = Cluster::start(0).await?;
+    let (mut worker, records) = spawn_worker(
+        c.dir.path(),
+        "queue-worker",
+        &c.redis,
+        "chime",
+        &["--handlers", "noop", "--etcd-endpoints", &c.etcd.endpoint],
+        &[("CHIME_CONSUMER_RETRY_BASE_MS", "50")],
+    )?;
+    let mut q = client(&c, ADMIN_TOKEN).await?;
+
+    // The worker token opens nothing here.
+    let mut stranger = client(&c, WORKER_TOKEN).await?;
+    let e = stranger
+        .enqueue(pb::EnqueueRequest {
+            items: vec![item("x", "", "noop")],
+        })
+        .await
+        .expect_err("the worker token enqueued");
+    ensure!(e.code() == Code::Unauthenticated, "{e:?}");
+
+    // Refusals name the field; one bad item refuses the whole batch.
+    let big = pb::NewItem {
+        payload: vec![b'x'; 64 * 1024 + 1],
+        ..item("too-big", "", "noop")
+    };
+    names_field(
+        q.enqueue(pb::EnqueueRequest {
+            items: vec![item("fine", "", "noop"), big],
+        })
+        .await,
+        "items[1].payload",
+    )?;
+    names_field(
+        q.enqueue(pb::EnqueueRequest {
+            items: vec![pb::NewItem {
+                due_at_ms: 1,
+                in_ms: 1,
+                ..item("both", "", "noop")
+            }],
+        })
+        .await,
+        "items[0].in_ms",
+    )?;
+    names_field(
+        q.enqueue(pb::EnqueueRequest {
+            items: vec![item("h", "", "bad handler")],
+        })
+        .await,
+        "items[0].handler",
+    )?;
+    names_field(
+        q.enqueue(pb::EnqueueRequest { items: vec![] }).await,
+        "items",
+    )?;
+    names_field(q.get_item(iref("", "")).await, "item.id")?;
+    ensure!(
+        state(&mut q, "", "fine").await?.is_none(),
+        "a refused batch stored an item"
+    );
+
+    // Enqueue: a reminder for user 42 an hour ahead, and one due in 60 s.
+    let now = q
+        .queue_stats(pb::QueueStatsRequest {})
+        .await?
+        .into_inner()
+        .now_ms;
+    let later = pb::NewItem {
+        due_at_ms: now + 3_600_000,
+        payload: b"{\"coupon\":7}".to_vec(),
+        merge_key: "coupons".into(),
+        ..item("remind-7", "user-42", "noop")
+    };
+    let soon = pb::NewItem {
+        in_ms: 60_000,
+        ..item("remind-8", "user-42", "noop")
+    };
+    let out = q
+        .enqueue(pb::EnqueueRequest {
+            items: vec![later.clone(), soon],
+        })
+        .await?
+        .into_inner();
+    let created = pb::EnqueueOutcome::Created as i32;
+    let duplicate = pb::EnqueueOutcome::Duplicate as i32;
+    ensure!(out.outcomes == [created, created], "{out:?}");
+    // Idempotent on the id while the item exists.
+    let again = q
+        .enqueue(pb::EnqueueRequest { items: vec![later] })
+        .await?
+        .into_inner();
+    ensure!(again.outcomes == [duplicate], "{again:?}");
+
+    let v = state(&mut q, "user-42", "remind-7")
+        .await?
+        .context("remind-7 not found")?;
+    ensure!(
+        v.state == pb::ItemState::Pending as i32
+            && v.due_at_ms == now + 3_600_000
+            && v.payload == b"{\"coupon\":7}"
+            && v.merge_key == "coupons"
+            && v.max_attempts == 3
+            && v.key == "user-42",
+        "{v:?}"
+    );
+    let stats = q.queue_stats(pb::QueueStatsRequest {}).await?.into_inner();
+    let pending: u64 = stats.queues.iter().map(|s| s.pending).sum();
+    ensure!(stats.count > 0 && pending == 2, "{stats:?}");
+
+    // Reschedule remind-8 to now: the worker fires it.
+    let r = q
+        .reschedule_item(pb::RescheduleItemRequest {
+            item: Some(iref("user-42", "remind-8")),
+            due_at_ms: now,
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        r.outcome == pb::RescheduleOutcome::Rescheduled as i32,
+        "{r:?}"
+    );
+    wait_until("remind-8 fired", Duration::from_secs(15), || async {
+        read_records(&records).iter().any(|r| r.id == "remind-8")
+    })
+    .await?;
+    ensure!(state(&mut q, "user-42", "remind-8").await?.is_none());
+    // Fired: the id may be enqueued again (re-subscribe); cancel it this time.
+    let re = q
+        .enqueue(pb::EnqueueRequest {
+            items: vec![pb::NewItem {
+                in_ms: 3_600_000,
+                ..item("remind-8", "user-42", "noop")
+            }],
+        })
+        .await?
+        .into_inner();
+    ensure!(re.outcomes == [created], "{re:?}");
+
+    // Cancel: once, then it is gone.
+    for id in ["remind-7", "remind-8"] {
+        let r = q.cancel_item(iref("user-42", id)).await?.into_inner();
+        ensure!(r.outcome == pb::CancelOutcome::Cancelled as i32, "{r:?}");
+    }
+    let r = q
+        .cancel_item(iref("user-42", "remind-7"))
+        .await?
+        .into_inner();
+    ensure!(r.outcome == pb::CancelOutcome::NotFound as i32, "{r:?}");
+    ensure!(state(&mut q, "user-42", "remind-7").await?.is_none());
+
+    // Dead letters: an item for a handler no worker has, one attempt.
+    q.enqueue(pb::EnqueueRequest {
+        items: vec![pb::NewItem {
+            max_attempts: 1,
+            ..item("orphan", "", "nobody")
+        }],
+    })
+    .await?;
+    wait_until("orphan dead-lettered", Duration::from_secs(15), || async {
+        let mut q = q.clone();
+        q.list_dead_letters(pb::ListDeadLettersRequest { limit: 0 })
+            .await
+            .is_ok_and(|l| l.into_inner().items.iter().any(|i| i.id == "orphan"))
+    })
+    .await?;
+    let dead = state(&mut q, "", "orphan").await?.context("orphan gone")?;
+    ensure!(
+        dead.state == pb::ItemState::Dead as i32 && dead.last_error.contains("nobody"),
+        "{dead:?}"
+    );
+    names_field(
+        q.requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            items: vec![],
+            all: false,
+        })
+        .await,
+        "items",
+    )?;
+    // With no worker left, the requeued item stays where requeue put it.
+    worker.kill9();
+    let n = q
+        .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            items: vec![iref("", "orphan")],
+            all: false,
+        })
+        .await?
+        .into_inner();
+    ensure!(n.requeued == 1, "{n:?}");
+    let back = state(&mut q, "", "orphan")
+        .await?
+        .context("requeued orphan")?;
+    ensure!(
+        back.state == pb::ItemState::Pending as i32 && back.attempts == 0,
+        "{back:?}"
+    );
+    Ok(())
+}
