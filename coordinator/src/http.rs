@@ -93,6 +93,9 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/workers", get(list_workers))
         .route("/api/queues", get(queues))
         .route("/api/queues/items", post(enqueue))
+        .route("/api/queues/item", get(get_item))
+        .route("/api/queues/item/cancel", post(cancel_item))
+        .route("/api/queues/item/reschedule", post(reschedule_item))
         .route("/api/queues/dead", get(dead_letters))
         .route("/api/queues/dead/requeue", post(requeue))
         .route(
@@ -622,6 +625,55 @@ async fn enqueue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
     ok(json!({ "outcomes": outcomes }))
 }
 
+/// One item, by the key it was enqueued with (absent: the id) and its id.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemIn {
+    id: String,
+    #[serde(default)]
+    key: String,
+    /// Reschedule only.
+    #[serde(default)]
+    due_at_ms: Option<i64>,
+}
+
+impl ItemIn {
+    fn from_body(body: &[u8]) -> ApiResult<Self> {
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid("item", e.to_string()))
+    }
+
+    fn item_ref(self) -> ApiResult<ItemRef> {
+        Ok(ItemRef::checked("item", self.key, self.id)?)
+    }
+}
+
+async fn get_item(State(st): State<HttpState>, Query(q): Query<ItemIn>) -> ApiResult {
+    let r = q.item_ref()?;
+    match store(&st)?.get(&r).await? {
+        Some(v) => ok(v),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("item {:?} (key {:?}) not found", r.id, r.key),
+        )),
+    }
+}
+
+async fn cancel_item(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+    let r = ItemIn::from_body(&body)?.item_ref()?;
+    ok(json!({ "outcome": store(&st)?.cancel(&r).await? }))
+}
+
+async fn reschedule_item(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+    let input = ItemIn::from_body(&body)?;
+    let due = input
+        .due_at_ms
+        .ok_or_else(|| ApiError::invalid("due_at_ms", "missing"))?;
+    limits::check_due("due_at_ms", due)?;
+    let r = input.item_ref()?;
+    ok(json!({ "outcome": store(&st)?.reschedule(&r, due).await? }))
+}
+
 #[derive(Deserialize)]
 struct LimitQuery {
     limit: Option<usize>,
@@ -650,6 +702,7 @@ struct RequeueIn {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ItemRefIn {
+    #[serde(default)]
     key: String,
     id: String,
 }
@@ -660,11 +713,12 @@ async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
     if input.all != input.items.is_empty() {
         return Err(ApiError::invalid("items", "give either items or all: true"));
     }
-    let refs: Vec<ItemRef> = input
+    let refs = input
         .items
         .into_iter()
-        .map(|i| ItemRef::with_key(i.key, i.id))
-        .collect();
+        .enumerate()
+        .map(|(n, i)| ItemRef::checked(&format!("items[{n}]"), i.key, i.id))
+        .collect::<Result<Vec<_>, _>>()?;
     let n = store(&st)?
         .requeue_dead(&refs, limits::MAX_REQUEUE_ITEMS)
         .await?;

@@ -1,16 +1,20 @@
 //! The delay queue over gRPC (`chime.v1.Queue`), as a producer in another language
 //! would use it: a real coordinator on real Redis and etcd, a real `chime worker`
 //! consuming the queues. Enqueue (created, duplicate), get, reschedule, cancel,
-//! counts, dead letters and requeue; every refusal names its field and stores
-//! nothing; the worker token opens nothing here.
+//! counts, dead letters and requeue; the JSON API's get, reschedule and cancel on the
+//! same items; every refusal names its field and stores nothing; the worker token
+//! opens nothing here.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use chime_shared::auth::Bearer;
 use chime_shared::proto as pb;
-use chime_tests::{ADMIN_TOKEN, Cluster, WORKER_TOKEN, read_records, spawn_worker, wait_until};
+use chime_tests::{
+    ADMIN_TOKEN, Cluster, WORKER_TOKEN, http, read_records, spawn_worker, wait_until,
+};
 use pb::queue_client::QueueClient;
+use serde_json::json;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -171,6 +175,48 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
             && v.key == "user-42",
         "{v:?}"
     );
+    // The JSON API sees and moves the same item.
+    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
+    let (code, b) = http(
+        "GET",
+        &format!("{api}/api/queues/item?key=user-42&id=remind-7"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    ensure!(code == 200 && b["item"]["id"] == "remind-7", "{code} {b}");
+    let (code, b) = http(
+        "POST",
+        &format!("{api}/api/queues/item/reschedule"),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "key": "user-42", "id": "remind-7", "due_at_ms": now + 7_200_000 })),
+    )
+    .await?;
+    ensure!(code == 200 && b["outcome"] == "rescheduled", "{code} {b}");
+    let v = state(&mut q, "user-42", "remind-7")
+        .await?
+        .context("moved")?;
+    ensure!(v.due_at_ms == now + 7_200_000, "{v:?}");
+    let (code, b) = http(
+        "POST",
+        &format!("{api}/api/queues/item/cancel"),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "id": "never-enqueued" })),
+    )
+    .await?;
+    ensure!(code == 200 && b["outcome"] == "not_found", "{code} {b}");
+    let (code, b) = http(
+        "GET",
+        &format!("{api}/api/queues/item?id="),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    ensure!(
+        code == 400 && b["error"]["field"] == "item.id",
+        "{code} {b}"
+    );
+
     let stats = q.queue_stats(pb::QueueStatsRequest {}).await?.into_inner();
     let pending: u64 = stats.queues.iter().map(|s| s.pending).sum();
     ensure!(stats.count > 0 && pending == 2, "{stats:?}");

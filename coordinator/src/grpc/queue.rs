@@ -76,15 +76,10 @@ pub fn items_from_proto(req: pb::EnqueueRequest, now_ms: i64) -> Result<Vec<NewI
     Ok(items)
 }
 
-/// A proto reference → a domain one (an empty key means the id), checked.
+/// A proto reference → a checked domain one (an empty key means the id).
 pub fn ref_from_proto(r: Option<pb::ItemRef>, field: &str) -> Result<ItemRef, CoordError> {
     let r = r.ok_or_else(|| CoordError::invalid(field, "missing"))?;
-    limits::check_text(&format!("{field}.id"), &r.id, limits::MAX_ID_BYTES)?;
-    if r.key.is_empty() {
-        return Ok(ItemRef::new(r.id));
-    }
-    limits::check_text(&format!("{field}.key"), &r.key, limits::MAX_ID_BYTES)?;
-    Ok(ItemRef::with_key(r.key, r.id))
+    Ok(ItemRef::checked(field, r.key, r.id)?)
 }
 
 /// A stored item → its proto view.

@@ -220,6 +220,17 @@ impl ItemRef {
             id: id.into(),
         }
     }
+
+    /// A reference as a caller wrote it (an empty key means the id), checked
+    /// against [`limits`]; errors name `<field>.id` or `<field>.key`.
+    pub fn checked(field: &str, key: String, id: String) -> Result<Self> {
+        limits::check_text(&format!("{field}.id"), &id, limits::MAX_ID_BYTES)?;
+        if key.is_empty() {
+            return Ok(Self::new(id));
+        }
+        limits::check_text(&format!("{field}.key"), &key, limits::MAX_ID_BYTES)?;
+        Ok(Self::with_key(key, id))
+    }
 }
 
 /// A stored item as a consumer or an operator sees it.
