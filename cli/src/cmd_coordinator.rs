@@ -41,6 +41,9 @@ pub struct CoordinatorArgs {
     /// File of worker tokens, one per line.
     #[arg(long)]
     worker_token_file: Option<String>,
+    /// File of producer tokens (they open only the delay queue), one per line.
+    #[arg(long)]
+    producer_token_file: Option<String>,
     /// Accept calls without a token where no token file is set (laptops only).
     #[arg(long)]
     allow_unauthenticated: bool,
@@ -100,6 +103,14 @@ pub fn auth(a: &AuthSection) -> Result<Auth> {
     let auth = Auth {
         admin: load(&a.admin_token_file, "admin_token_file")?,
         worker: load(&a.worker_token_file, "worker_token_file")?,
+        // Optional: without it the queue takes admin tokens only, so an empty file
+        // setting never opens anything.
+        producer: match a.producer_token_file.trim() {
+            "" => None,
+            file => Some(Arc::new(
+                Tokens::from_file(file).context("auth.producer_token_file")?,
+            )),
+        },
     };
     if auth.admin.is_none() || auth.worker.is_none() {
         warn!("authentication is off for some callers (auth.allow_unauthenticated)");
@@ -122,6 +133,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     }
     if let Some(v) = args.worker_token_file {
         cfg.auth.worker_token_file = v;
+    }
+    if let Some(v) = args.producer_token_file {
+        cfg.auth.producer_token_file = v;
     }
     if args.allow_unauthenticated {
         cfg.auth.allow_unauthenticated = true;

@@ -240,6 +240,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         auth: Auth {
             admin: args.admin_token.clone().map(|t| Arc::new(Tokens::fixed(t))),
             worker: None,
+            producer: None,
         },
     };
     let coordinator = tokio::spawn(chime_coordinator::serve(

@@ -374,6 +374,10 @@ pub struct AuthSection {
     /// File of the worker tokens (worker sessions). Separate from the admin
     /// tokens, so a worker's token cannot change jobs.
     pub worker_token_file: String,
+    /// File of the producer tokens: they open only the delay queue (the
+    /// `chime.v1.Queue` gRPC service and the JSON API's item calls), for services that
+    /// enqueue and cancel items. Empty: none (admin tokens still open the queue).
+    pub producer_token_file: String,
     /// Accept calls without a token where no token file is set. For trying chime
     /// on a laptop; a coordinator with neither refuses to start.
     pub allow_unauthenticated: bool,

@@ -61,6 +61,8 @@ pub struct HttpState {
     pub config: Option<Arc<dyn ConfigSource>>,
     /// Admin tokens (`None`: no login).
     pub tokens: Option<Arc<Tokens>>,
+    /// Who may use the item calls (admin or producer tokens).
+    pub auth: crate::grpc::Auth,
     /// This replica's address.
     pub this: String,
     /// Time.
@@ -92,10 +94,6 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/runs/{id}/kill", post(kill_run))
         .route("/api/workers", get(list_workers))
         .route("/api/queues", get(queues))
-        .route("/api/queues/items", post(enqueue))
-        .route("/api/queues/item", get(get_item))
-        .route("/api/queues/item/cancel", post(cancel_item))
-        .route("/api/queues/item/reschedule", post(reschedule_item))
         .route("/api/queues/dead", get(dead_letters))
         .route("/api/queues/dead/requeue", post(requeue))
         .route(
@@ -103,6 +101,17 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
             get(get_config).put(put_config).delete(delete_config),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    // What a producer service needs, and nothing more: its token opens these only.
+    let items = Router::new()
+        .route("/api/queues/items", post(enqueue))
+        .route("/api/queues/item", get(get_item))
+        .route("/api/queues/item/cancel", post(cancel_item))
+        .route("/api/queues/item/reschedule", post(reschedule_item))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_producer,
+        ));
+    let api = api.merge(items);
     Router::new()
         .route(
             "/",
@@ -250,6 +259,23 @@ async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) ->
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             "missing or unknown admin token (Authorization: Bearer <token>)",
+        )
+        .into_response()
+    }
+}
+
+async fn require_producer(State(st): State<HttpState>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if st.auth.may_produce(header) {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "missing or unknown producer or admin token (Authorization: Bearer <token>)",
         )
         .into_response()
     }

@@ -157,6 +157,7 @@ pub async fn serve(
             queues: deps.queues.clone(),
             config: deps.config.clone(),
             tokens: deps.auth.admin.clone(),
+            auth: deps.auth.clone(),
             this: deps.options.advertise.clone(),
             clock: deps.clock.clone(),
         };

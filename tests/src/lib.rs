@@ -987,6 +987,8 @@ pub struct Cluster {
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// The worker token every test cluster uses.
 pub const WORKER_TOKEN: &str = "test-worker-token-0123456789";
+/// The producer token every test cluster uses (opens only the delay queue).
+pub const PRODUCER_TOKEN: &str = "test-producer-token-0123456789";
 
 /// One finished shard, as a worker recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1033,6 +1035,10 @@ impl Cluster {
         }
         std::fs::write(dir.path().join("admin.token"), format!("{ADMIN_TOKEN}\n"))?;
         std::fs::write(dir.path().join("worker.token"), format!("{WORKER_TOKEN}\n"))?;
+        std::fs::write(
+            dir.path().join("producer.token"),
+            format!("{PRODUCER_TOKEN}\n"),
+        )?;
         let mut c = Self {
             http_ports,
             admin_token: ADMIN_TOKEN.to_owned(),
@@ -1064,6 +1070,7 @@ impl Cluster {
         let http = format!("127.0.0.1:{}", self.http_ports[i]);
         let admin = self.dir.path().join("admin.token");
         let worker = self.dir.path().join("worker.token");
+        let producer = self.dir.path().join("producer.token");
         let cmd = chime_cmd(&[
             "coordinator",
             "--grpc-addr",
@@ -1074,6 +1081,8 @@ impl Cluster {
             &admin.to_string_lossy(),
             "--worker-token-file",
             &worker.to_string_lossy(),
+            "--producer-token-file",
+            &producer.to_string_lossy(),
             "--redis-url",
             &self.redis.url,
             "--etcd-endpoints",

@@ -2,8 +2,8 @@
 //! would use it: a real coordinator on real Redis and etcd, a real `chime worker`
 //! consuming the queues. Enqueue (created, duplicate), get, reschedule, cancel,
 //! counts, dead letters and requeue; the JSON API's get, reschedule and cancel on the
-//! same items; every refusal names its field and stores nothing; the worker token
-//! opens nothing here.
+//! same items; every refusal names its field and stores nothing; the producer token
+//! opens the queue and nothing else, the worker token not even that.
 
 use std::time::Duration;
 
@@ -11,7 +11,8 @@ use anyhow::{Context, Result, ensure};
 use chime_shared::auth::Bearer;
 use chime_shared::proto as pb;
 use chime_tests::{
-    ADMIN_TOKEN, Cluster, WORKER_TOKEN, http, read_records, spawn_worker, wait_until,
+    ADMIN_TOKEN, Cluster, PRODUCER_TOKEN, WORKER_TOKEN, http, read_records, spawn_worker,
+    wait_until,
 };
 use pb::queue_client::QueueClient;
 use serde_json::json;
@@ -89,6 +90,48 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
         })
         .await
         .expect_err("the worker token enqueued");
+    ensure!(e.code() == Code::Unauthenticated, "{e:?}");
+
+    // The producer token opens the queue (gRPC and the JSON API's item calls) and
+    // nothing else.
+    let mut producer = client(&c, PRODUCER_TOKEN).await?;
+    let out = producer
+        .enqueue(pb::EnqueueRequest {
+            items: vec![pb::NewItem {
+                in_ms: 3_600_000,
+                ..item("from-producer", "", "noop")
+            }],
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        out.outcomes == [pb::EnqueueOutcome::Created as i32],
+        "{out:?}"
+    );
+    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
+    let (code, b) = http(
+        "POST",
+        &format!("{api}/api/queues/item/cancel"),
+        Some(PRODUCER_TOKEN),
+        Some(json!({ "id": "from-producer" })),
+    )
+    .await?;
+    ensure!(code == 200 && b["outcome"] == "cancelled", "{code} {b}");
+    for path in ["/api/jobs", "/api/queues/dead", "/api/config"] {
+        let (code, b) = http("GET", &format!("{api}{path}"), Some(PRODUCER_TOKEN), None).await?;
+        ensure!(code == 401, "the producer token opened {path}: {code} {b}");
+    }
+    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
+        .connect()
+        .await?;
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        Bearer::new(Some(PRODUCER_TOKEN))?,
+    );
+    let e = admin
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect_err("the producer token listed jobs");
     ensure!(e.code() == Code::Unauthenticated, "{e:?}");
 
     // Refusals name the field; one bad item refuses the whole batch.
@@ -176,7 +219,6 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
         "{v:?}"
     );
     // The JSON API sees and moves the same item.
-    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
     let (code, b) = http(
         "GET",
         &format!("{api}/api/queues/item?key=user-42&id=remind-7"),

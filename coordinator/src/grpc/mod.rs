@@ -57,6 +57,22 @@ pub struct Auth {
     pub admin: Option<Arc<Tokens>>,
     /// Tokens workers present when they open a session.
     pub worker: Option<Arc<Tokens>>,
+    /// Tokens that open only the delay queue (`chime.v1.Queue`, the JSON API's item
+    /// calls), for producer services. `None` means there are none: the queue then
+    /// takes the admin tokens only (it never makes the queue open).
+    pub producer: Option<Arc<Tokens>>,
+}
+
+impl Auth {
+    /// Whether `header` may use the delay queue: an admin token, or a producer one.
+    pub fn may_produce(&self, header: Option<&str>) -> bool {
+        authorized(&self.admin, header)
+            || self.producer.as_ref().is_some_and(|t| {
+                header
+                    .and_then(auth::bearer)
+                    .is_some_and(|tok| t.verify(tok))
+            })
+    }
 }
 
 /// Whether `headers`' `authorization` value holds one of `tokens` (always true
@@ -84,6 +100,24 @@ fn require(
             Ok(req)
         } else {
             Err(CoordError::Unauthenticated(format!("missing or unknown {what} token")).into())
+        }
+    }
+}
+
+/// An interceptor refusing calls that may not use the delay queue.
+fn require_producer(auth: Auth) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if auth.may_produce(header) {
+            Ok(req)
+        } else {
+            Err(
+                CoordError::Unauthenticated("missing or unknown producer or admin token".into())
+                    .into(),
+            )
         }
     }
 }
@@ -134,17 +168,17 @@ pub async fn server(
         .add_service(InterceptedService::new(
             pb::worker_gateway_server::WorkerGatewayServer::new(Gateway { shared })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth.worker, "worker"),
+            require(auth.worker.clone(), "worker"),
         ))
         .add_service(InterceptedService::new(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
             require(auth.admin.clone(), "admin"),
         ))
-        // Producers hold the admin token: enqueueing and cancelling items changes
-        // stored state as much as a job does.
+        // Producers hold a producer token (or the admin one): it opens the delay
+        // queue and nothing else.
         .add_service(InterceptedService::new(
             pb::queue_server::QueueServer::new(queue).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth.admin, "admin"),
+            require_producer(auth),
         ));
     Ok(match reflection {
         Some(r) => router.add_service(r),
