@@ -38,6 +38,9 @@ impl Plan {
     }
 }
 
+/// Fires recorded in one store call before they are applied (see `fire_many`).
+const RECORD_SLICE: usize = 100;
+
 /// A fire to plan.
 pub(super) struct Fire {
     pub(super) job: String,
@@ -99,6 +102,11 @@ impl Engine {
 
     /// Plans, records and applies fires; answers each fire's run (None when not
     /// recorded: a duplicate, a store failure, or a stale fence).
+    ///
+    /// Fires are recorded and applied a slice at a time, so the first fires of a
+    /// big batch (a thousand jobs on the same second) reach their workers while
+    /// later slices are still being recorded, instead of all waiting for the last
+    /// record. Each fire is still recorded before it is dispatched.
     pub(super) async fn fire_many(&mut self, fires: Vec<Fire>) -> Vec<Option<RunRecord>> {
         if self.fenced_out {
             return fires.iter().map(|_| None).collect();
@@ -111,67 +119,82 @@ impl Engine {
                 }
             }
         }
-        let records: Vec<FireRecord> = plans
-            .iter()
-            .flatten()
-            .map(|p| FireRecord {
-                fire_id: p.run().fire_id.clone(),
-                job: p.run().job.clone(),
-                at: p.run().scheduled_at_ms,
-                run: p.run().clone(),
-            })
-            .collect();
-        let answers = match self.run_store.record_fires(self.fence, &records).await {
-            Ok(a) => a,
-            Err(e) => {
-                // Without the record a fire could happen twice (or, for a deposed
-                // leader, at all): do not fire. The next leader or restart reports
-                // the ticks as misfires.
-                warn!(error = %e, fires = records.len(), "cannot record fires; not firing them");
-                return plans.iter().map(|_| None).collect();
-            }
-        };
-        let mut answers = answers.into_iter();
         let mut out = Vec::with_capacity(plans.len());
-        for plan in plans {
-            let Some(plan) = plan else {
-                out.push(None);
+        let mut plans = plans.into_iter().peekable();
+        while plans.peek().is_some() {
+            let slice: Vec<Option<Plan>> = plans.by_ref().take(RECORD_SLICE).collect();
+            if self.fenced_out {
+                out.extend(slice.iter().map(|_| None));
                 continue;
+            }
+            let records: Vec<FireRecord> = slice
+                .iter()
+                .flatten()
+                .map(|p| FireRecord {
+                    fire_id: p.run().fire_id.clone(),
+                    job: p.run().job.clone(),
+                    at: p.run().scheduled_at_ms,
+                    run: p.run().clone(),
+                })
+                .collect();
+            let answers = match self.run_store.record_fires(self.fence, &records).await {
+                Ok(a) => a,
+                Err(e) => {
+                    // Without the record a fire could happen twice (or, for a deposed
+                    // leader, at all): do not fire this slice or the rest. The next
+                    // leader or restart reports the ticks as misfires.
+                    let left = slice.len() + plans.len();
+                    warn!(error = %e, fires = left, "cannot record fires; not firing them");
+                    out.extend((0..left).map(|_| None));
+                    return out;
+                }
             };
-            match answers.next().unwrap_or(FireAnswer::Duplicate) {
-                FireAnswer::Recorded => {
-                    let run = plan.run().clone();
-                    if let Some(j) = self.jobs.get_mut(&run.job)
-                        && run.cause != "manual"
-                        && run.cause != "child"
-                    {
-                        j.last_fire = Some(
-                            j.last_fire
-                                .map_or(run.scheduled_at_ms, |l| l.max(run.scheduled_at_ms)),
-                        );
-                    }
-                    metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
-                        .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
-                    self.apply(plan);
-                    out.push(Some(run));
-                }
-                FireAnswer::Duplicate => {
-                    debug!(fire_id = %plan.run().fire_id, "fire already recorded; skipping");
-                    self.unplan(&plan);
+            let mut answers = answers.into_iter();
+            for plan in slice {
+                let Some(plan) = plan else {
                     out.push(None);
-                }
-                FireAnswer::Fenced => {
-                    if !self.fenced_out {
-                        warn!("fencing token is stale: another coordinator leads; not firing");
-                        self.lost.cancel();
-                    }
-                    self.fenced_out = true;
-                    self.unplan(&plan);
-                    out.push(None);
-                }
+                    continue;
+                };
+                out.push(self.settle_fire(plan, answers.next()));
             }
         }
         out
+    }
+
+    /// Applies one planned fire by what its record answered.
+    fn settle_fire(&mut self, plan: Plan, answer: Option<FireAnswer>) -> Option<RunRecord> {
+        match answer.unwrap_or(FireAnswer::Duplicate) {
+            FireAnswer::Recorded => {
+                let run = plan.run().clone();
+                if let Some(j) = self.jobs.get_mut(&run.job)
+                    && run.cause != "manual"
+                    && run.cause != "child"
+                {
+                    j.last_fire = Some(
+                        j.last_fire
+                            .map_or(run.scheduled_at_ms, |l| l.max(run.scheduled_at_ms)),
+                    );
+                }
+                metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
+                    .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
+                self.apply(plan);
+                Some(run)
+            }
+            FireAnswer::Duplicate => {
+                debug!(fire_id = %plan.run().fire_id, "fire already recorded; skipping");
+                self.unplan(&plan);
+                None
+            }
+            FireAnswer::Fenced => {
+                if !self.fenced_out {
+                    warn!("fencing token is stale: another coordinator leads; not firing");
+                    self.lost.cancel();
+                }
+                self.fenced_out = true;
+                self.unplan(&plan);
+                None
+            }
+        }
     }
 
     /// Schedules the tick after `after` (time-based schedules only).
