@@ -457,21 +457,22 @@ def check_rollout(r: Report) -> None:
                 out[o["metadata"]["name"]] = o["spec"]["template"]["metadata"]["annotations"]
         return out
 
-    fixed = {"auth": {"adminToken": "a" * 32, "workerToken": "w" * 32}}
+    fixed = {"auth": {"adminToken": "a" * 32, "workerToken": "w" * 32, "producerToken": "p" * 32}}
     base = checksums(fixed)
     again = checksums(fixed)
     changed_cfg = checksums({**fixed, "config": {"logLevel": "debug"}})
-    changed_sec = checksums({"auth": {"adminToken": "b" * 32, "workerToken": "w" * 32}})
+    changed_sec = checksums({"auth": {"adminToken": "b" * 32, "workerToken": "w" * 32, "producerToken": "p" * 32}})
     for name in base:
         r.check(base[name] == again[name], f"rollout: {name} checksums differ between identical renders")
         r.check(base[name]["checksum/config"] != changed_cfg[name]["checksum/config"], f"rollout: {name} ignores a config change")
         r.check(base[name]["checksum/secret"] != changed_sec[name]["checksum/secret"], f"rollout: {name} ignores a token change")
-    # Generated tokens: 40 random characters, different for admin and worker.
+    # Generated tokens: 40 random characters, different for admin, worker and producer.
     sec = [o for _, o in objects(common.render({}, namespace=NAMESPACE)) if o["kind"] == "Secret"]
     if r.check(len(sec) == 1, "default values render one Secret"):
         d = {k: base64.b64decode(v).decode() for k, v in sec[0]["data"].items()}
-        r.check(set(d) == {"admin-token", "worker-token"}, "Secret holds the two tokens")
-        r.check(len(d.get("admin-token", "")) == 40 and d.get("admin-token") != d.get("worker-token"), "generated tokens")
+        r.check(set(d) == {"admin-token", "worker-token", "producer-token"}, "Secret holds the three tokens")
+        tokens = [d.get(k, "") for k in ("admin-token", "worker-token", "producer-token")]
+        r.check(all(len(t) == 40 for t in tokens) and len(set(tokens)) == 3, "generated tokens")
     print(f"  {len(base)} workloads roll on config and token changes")
 
 

@@ -32,7 +32,7 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
             "grpc_addr", "advertise", "prefix", "heartbeat_interval_ms", "history_per_job",
             "history_max_age_s", "election_ttl_s", "http_addr", "min_period_ms",
         },
-        "auth": {"admin_token_file", "worker_token_file", "allow_unauthenticated"},
+        "auth": {"admin_token_file", "worker_token_file", "producer_token_file", "allow_unauthenticated"},
         "queue": {"prefix", "family", "count"},
         "tls": {"cert_file", "key_file", "client_ca_file", "ca_file"},
     },
