@@ -33,12 +33,9 @@ use tonic::{Code, Status};
 use crate::Shared;
 use crate::engine::TriggerState;
 use crate::error::FIELD_METADATA;
-use crate::grpc::{
-    AdminApi, JobView, authorized, job_to_proto, job_view, run_from_proto, worker_from_proto,
-};
+use crate::grpc::{AdminApi, JobView, job_to_proto, job_view, run_from_proto, worker_from_proto};
 use crate::model::{JobSpec, RunRecord};
 use crate::store::StoredJob;
-use chime_shared::auth::Tokens;
 
 /// The console's files, embedded at build time.
 const INDEX_HTML: &str = include_str!("../console/index.html");
@@ -59,9 +56,8 @@ pub struct HttpState {
     pub queues: Option<Arc<dyn DelayStore>>,
     /// The live-settings source, when the console shows config.
     pub config: Option<Arc<dyn ConfigSource>>,
-    /// Admin tokens (`None`: no login).
-    pub tokens: Option<Arc<Tokens>>,
-    /// Who may use the item calls (admin or producer tokens).
+    /// Who may call what (admin tokens for the API and console, producer tokens
+    /// for the item calls too; no admin tokens: no login).
     pub auth: crate::grpc::Auth,
     /// This replica's address.
     pub this: String,
@@ -248,34 +244,34 @@ fn ok(v: impl Serialize) -> ApiResult {
 }
 
 async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if authorized(&st.tokens, header) {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "missing or unknown admin token (Authorization: Bearer <token>)",
-        )
-        .into_response()
-    }
+    gate(st.auth.may_administer(bearer_of(&req)), "admin", req, next).await
 }
 
 async fn require_producer(State(st): State<HttpState>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
+    gate(
+        st.auth.may_produce(bearer_of(&req)),
+        "producer or admin",
+        req,
+        next,
+    )
+    .await
+}
+
+fn bearer_of(req: &Request) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if st.auth.may_produce(header) {
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Passes the request on when `allowed`, else answers 401 naming the token `what`.
+async fn gate(allowed: bool, what: &str, req: Request, next: Next) -> Response {
+    if allowed {
         next.run(req).await
     } else {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
-            "missing or unknown producer or admin token (Authorization: Bearer <token>)",
+            format!("missing or unknown {what} token (Authorization: Bearer <token>)"),
         )
         .into_response()
     }
@@ -299,8 +295,8 @@ async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     ok(json!({
-        "auth_required": st.tokens.is_some(),
-        "authenticated": st.tokens.is_some() && authorized(&st.tokens, header),
+        "auth_required": st.auth.admin.is_some(),
+        "authenticated": st.auth.admin.is_some() && st.auth.may_administer(header),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -156,7 +156,6 @@ pub async fn serve(
             shared: shared.clone(),
             queues: deps.queues.clone(),
             config: deps.config.clone(),
-            tokens: deps.auth.admin.clone(),
             auth: deps.auth.clone(),
             this: deps.options.advertise.clone(),
             clock: deps.clock.clone(),

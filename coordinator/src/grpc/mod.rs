@@ -64,14 +64,21 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Whether `header` may use the delay queue: an admin token, or a producer one.
-    pub fn may_produce(&self, header: Option<&str>) -> bool {
+    /// Whether `header` may use the admin API (and everything else but sessions).
+    pub fn may_administer(&self, header: Option<&str>) -> bool {
         authorized(&self.admin, header)
-            || self.producer.as_ref().is_some_and(|t| {
-                header
-                    .and_then(auth::bearer)
-                    .is_some_and(|tok| t.verify(tok))
-            })
+    }
+
+    /// Whether `header` may open a worker session.
+    pub fn may_work(&self, header: Option<&str>) -> bool {
+        authorized(&self.worker, header)
+    }
+
+    /// Whether `header` may use the delay queue: an admin token, or a producer one
+    /// (no producer tokens configured opens nothing by itself).
+    pub fn may_produce(&self, header: Option<&str>) -> bool {
+        self.may_administer(header)
+            || (self.producer.is_some() && authorized(&self.producer, header))
     }
 }
 
@@ -86,9 +93,11 @@ pub fn authorized(tokens: &Option<Arc<Tokens>>, header: Option<&str>) -> bool {
     }
 }
 
-/// An interceptor refusing calls without one of `tokens`.
+/// An interceptor refusing calls whose `authorization` header `allowed` refuses;
+/// `what` names the token the caller lacks.
 fn require(
-    tokens: Option<Arc<Tokens>>,
+    auth: Auth,
+    allowed: fn(&Auth, Option<&str>) -> bool,
     what: &'static str,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
@@ -96,7 +105,7 @@ fn require(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if authorized(&tokens, header) {
+        if allowed(&auth, header) {
             Ok(req)
         } else {
             Err(CoordError::Unauthenticated(format!("missing or unknown {what} token")).into())
@@ -104,22 +113,19 @@ fn require(
     }
 }
 
-/// An interceptor refusing calls that may not use the delay queue.
-fn require_producer(auth: Auth) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |req: Request<()>| {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if auth.may_produce(header) {
-            Ok(req)
+/// A worker's result → the shard it names and how it ended (an unknown status is a
+/// failure).
+pub fn outcome_from_proto(r: pb::RunResult) -> (Option<pb::RunRef>, ShardOutcome) {
+    let outcome = match pb::RunStatus::try_from(r.status) {
+        Ok(pb::RunStatus::Succeeded) => ShardOutcome::Succeeded(r.output),
+        Ok(pb::RunStatus::Cancelled) => ShardOutcome::Cancelled(r.error),
+        _ => ShardOutcome::Failed(if r.error.is_empty() {
+            "failed".into()
         } else {
-            Err(
-                CoordError::Unauthenticated("missing or unknown producer or admin token".into())
-                    .into(),
-            )
-        }
-    }
+            r.error
+        }),
+    };
+    (r.run, outcome)
 }
 
 /// Largest gRPC message the coordinator decodes (a job with 64 KiB params and
@@ -168,17 +174,17 @@ pub async fn server(
         .add_service(InterceptedService::new(
             pb::worker_gateway_server::WorkerGatewayServer::new(Gateway { shared })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth.worker.clone(), "worker"),
+            require(auth.clone(), Auth::may_work, "worker"),
         ))
         .add_service(InterceptedService::new(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth.admin.clone(), "admin"),
+            require(auth.clone(), Auth::may_administer, "admin"),
         ))
         // Producers hold a producer token (or the admin one): it opens the delay
         // queue and nothing else.
         .add_service(InterceptedService::new(
             pb::queue_server::QueueServer::new(queue).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require_producer(auth),
+            require(auth, Auth::may_produce, "producer or admin"),
         ));
     Ok(match reflection {
         Some(r) => router.add_service(r),
@@ -347,16 +353,8 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
                         Err(_) => Ok(()),
                     },
                     Some(In::RunResult(r)) => {
-                        let outcome = match pb::RunStatus::try_from(r.status) {
-                            Ok(pb::RunStatus::Succeeded) => ShardOutcome::Succeeded(r.output),
-                            Ok(pb::RunStatus::Cancelled) => ShardOutcome::Cancelled(r.error),
-                            _ => ShardOutcome::Failed(if r.error.is_empty() {
-                                "failed".into()
-                            } else {
-                                r.error
-                            }),
-                        };
-                        match shard_key(r.run) {
+                        let (run, outcome) = outcome_from_proto(r);
+                        match shard_key(run) {
                             Ok(k) => engine.result(&worker, session, k, outcome).await,
                             Err(_) => Ok(()),
                         }

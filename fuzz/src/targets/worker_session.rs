@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chime_coordinator::engine::workers_api::{ToWorker, WorkerHello};
-use chime_coordinator::engine::{self, EngineOptions, ShardKey, ShardOutcome};
+use chime_coordinator::engine::{self, EngineOptions, ShardKey};
+use chime_coordinator::grpc::outcome_from_proto;
 use chime_coordinator::http::job_in;
 use chime_coordinator::model::{JobSpec, Routing, Schedule};
 use chime_coordinator::store::{JobStore, MemoryRunStore, Retention, StoredJob};
@@ -292,17 +293,9 @@ async fn drive(
                 None => Ok(()),
             },
             Some(In::RunResult(r)) => {
-                // The gateway's mapping of a status.
-                let outcome = match pb::RunStatus::try_from(r.status) {
-                    Ok(pb::RunStatus::Succeeded) => ShardOutcome::Succeeded(r.output),
-                    Ok(pb::RunStatus::Cancelled) => ShardOutcome::Cancelled(r.error),
-                    _ => ShardOutcome::Failed(if r.error.is_empty() {
-                        "failed".into()
-                    } else {
-                        r.error
-                    }),
-                };
-                match resolve(r.run, &known) {
+                // The gateway's own mapping of a status.
+                let (run, outcome) = outcome_from_proto(r);
+                match resolve(run, &known) {
                     Some(k) => handle.result(&worker, sess, k, outcome).await,
                     None => Ok(()),
                 }
