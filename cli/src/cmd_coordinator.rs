@@ -65,6 +65,9 @@ pub struct CoordinatorArgs {
     /// Leader lease TTL, seconds.
     #[arg(long)]
     election_ttl_s: Option<u64>,
+    /// Plan and record scheduled ticks this long before their instant, ms.
+    #[arg(long)]
+    prepare_ahead_ms: Option<u64>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -153,6 +156,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(v) = args.election_ttl_s {
         c.election_ttl_s = v;
     }
+    if let Some(v) = args.prepare_ahead_ms {
+        c.prepare_ahead_ms = v;
+    }
     if let Some(v) = args.redis_url {
         cfg.redis.url = v;
     }
@@ -184,6 +190,12 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     }
     if !(1..=60).contains(&cfg.coordinator.election_ttl_s) {
         anyhow::bail!("invalid coordinator.election_ttl_s: must be within 1..=60");
+    }
+    if cfg.coordinator.prepare_ahead_ms > chime_coordinator::engine::MAX_PREPARE_AHEAD_MS {
+        anyhow::bail!(
+            "invalid coordinator.prepare_ahead_ms: must be within 0..={}",
+            chime_coordinator::engine::MAX_PREPARE_AHEAD_MS
+        );
     }
     let queues: Arc<dyn DelayStore> =
         Arc::new(RedisStore::open(conn.clone(), cfg.queue.layout()?).await?);
@@ -247,6 +259,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
             heartbeat_interval_ms: cfg.coordinator.heartbeat_interval_ms,
             dead_after_beats: 3,
             advertise: advertise.clone(),
+            prepare_ahead_ms: cfg.coordinator.prepare_ahead_ms,
         },
         election: etcd.map(|client| {
             (

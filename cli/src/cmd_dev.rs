@@ -231,6 +231,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             heartbeat_interval_ms: 1_000,
             dead_after_beats: 3,
             advertise: grpc_at.to_string(),
+            ..EngineOptions::default()
         },
         election: None,
         queues: Some(store.clone()),

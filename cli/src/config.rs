@@ -482,6 +482,9 @@ pub struct CoordinatorSection {
     pub election_ttl_s: u64,
     /// No job may fire more often than this, ms (cron, fixed rate, fixed delay).
     pub min_period_ms: u64,
+    /// Scheduled ticks are planned and recorded this long before their instant, so
+    /// only the assignments go out at the instant, ms (0..=1000; 0: at the instant).
+    pub prepare_ahead_ms: u64,
 }
 
 impl Default for CoordinatorSection {
@@ -496,6 +499,7 @@ impl Default for CoordinatorSection {
             history_max_age_s: 7 * 86_400,
             election_ttl_s: 5,
             min_period_ms: 1_000,
+            prepare_ahead_ms: chime_coordinator::engine::DEFAULT_PREPARE_AHEAD_MS,
         }
     }
 }

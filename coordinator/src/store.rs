@@ -222,6 +222,9 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
     async fn active_runs(&self) -> Result<Vec<RunRecord>>;
     /// Installs a new leader's fencing token (only if newer than the stored one).
     async fn install_fence(&self, fence: i64) -> Result<bool>;
+    /// Whether `fence` is still the newest leader's token (checked before fires
+    /// recorded ahead of their instant go out).
+    async fn fence_holds(&self, fence: i64) -> Result<bool>;
     /// Last fired instant per job.
     async fn trigger_state(&self) -> Result<HashMap<String, i64>>;
     /// Saves (creates or replaces) a run.
@@ -430,6 +433,15 @@ impl RunStore for RedisRunStore {
         Ok(ok == 1)
     }
 
+    async fn fence_holds(&self, fence: i64) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let cur: Option<i64> = redis::cmd("GET")
+            .arg(format!("{}:fence", self.tag))
+            .query_async(&mut conn)
+            .await?;
+        Ok(fence >= cur.unwrap_or(0))
+    }
+
     async fn ping(&self) -> Result<()> {
         let mut conn = self.conn.clone();
         // A read of the fence key: it lives on the node that holds every
@@ -587,6 +599,10 @@ impl RunStore for MemoryRunStore {
         }
         st.fence = fence;
         Ok(true)
+    }
+
+    async fn fence_holds(&self, fence: i64) -> Result<bool> {
+        Ok(fence >= self.lock().fence)
     }
 
     async fn trigger_state(&self) -> Result<HashMap<String, i64>> {

@@ -31,6 +31,7 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
         "coordinator": {
             "grpc_addr", "advertise", "prefix", "heartbeat_interval_ms", "history_per_job",
             "history_max_age_s", "election_ttl_s", "http_addr", "min_period_ms",
+            "prepare_ahead_ms",
         },
         "auth": {"admin_token_file", "worker_token_file", "producer_token_file", "allow_unauthenticated"},
         "queue": {"prefix", "family", "count"},

@@ -3,6 +3,9 @@
 //! with that worker if the worker reports it when it registers here (within the
 //! adoption grace); otherwise it is taken over. Shards waiting for a worker are
 //! placed after the grace, once workers had their chance to report what they run.
+//! A run the previous leader recorded ahead of its instant (never sent) is adopted
+//! like any other and goes out after the grace, which is longer than any lead, and
+//! never before its instant.
 
 use tracing::info;
 
@@ -23,7 +26,9 @@ impl Engine {
         }
         let now = self.now();
         let grace = self.adopt_grace_ms();
-        self.adopt_until = now + grace;
+        // Never before an adopted run's instant (a fire prepared ahead).
+        let latest = runs.iter().map(|r| r.scheduled_at_ms).max().unwrap_or(now);
+        self.adopt_until = (now + grace).max(latest);
         info!(
             runs = runs.len(),
             grace_ms = grace,
@@ -40,10 +45,11 @@ impl Engine {
             if let Some(j) = self.jobs.get_mut(&run.job) {
                 j.running.insert(run_id.clone());
             }
+            let until = (now + grace).max(run.scheduled_at_ms);
             for s in &run.shards {
                 match s.state {
                     RunState::Running => self.schedule(
-                        now + grace,
+                        until,
                         Timer::Adopt(ShardKey {
                             run_id: run_id.clone(),
                             shard: s.index,
@@ -58,7 +64,8 @@ impl Engine {
             }
             self.runs.insert(run_id, run);
         }
-        self.schedule(now + grace, Timer::Pending);
+        let until = self.adopt_until;
+        self.schedule(until, Timer::Pending);
     }
 
     /// The grace of an adopted shard ended: unless its worker reported it, another

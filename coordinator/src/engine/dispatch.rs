@@ -4,6 +4,19 @@
 //! then carried out (*apply*: assignments sent). A leader that dies after the record
 //! leaves a run a new leader adopts; one that dies before leaves nothing, and the
 //! tick is a misfire for the next leader. Also: misfire policies and routing.
+//!
+//! Scheduled ticks are *prepared*: planned and recorded `prepare_ahead_ms` before
+//! their instant, so that at the instant only the assignments go out (recording a
+//! thousand fires of one second takes tens of milliseconds of Redis). A tick is
+//! prepared only when its job has nothing running or waiting, so the overlap policy
+//! decided ahead can only be wrong if a run starts in between (a manual trigger or
+//! a child fire): *go* applies the policy again then. At the instant, go checks the
+//! fencing token once more (a leader deposed in between sends nothing; the new one
+//! adopts the recorded runs, and sends them no earlier than their instant), drops
+//! fires whose job was paused or deleted meanwhile (recorded as skipped), and moves
+//! shards whose planned worker left to another.
+
+use std::collections::HashMap;
 
 use chime_shared::queue::fnv1a64;
 use tracing::{debug, info, warn};
@@ -89,15 +102,314 @@ fn bare_run(f: &Fire, now: i64, state: RunState, note: &str) -> RunRecord {
 impl Engine {
     /// Fires due ticks: plans each, records them all in one call, applies the
     /// recorded ones, and schedules each job's next tick.
-    pub(super) async fn fire_ticks(&mut self, ticks: Vec<(String, i64)>) {
-        for (job, at) in &ticks {
-            self.schedule_next(job, *at);
+    pub(super) async fn fire_ticks(&mut self, ticks: Vec<(String, i64, bool)>) {
+        for (job, at, rearm) in &ticks {
+            if *rearm {
+                self.schedule_next(job, *at);
+            }
         }
         let fires = ticks
             .into_iter()
-            .map(|(j, at)| Fire::tick(&j, at, "scheduled"))
+            .map(|(j, at, _)| Fire::tick(&j, at, "scheduled"))
             .collect();
         self.fire_many(fires).await;
+    }
+
+    /// Arms tick `at` of `job` (plus up to `jitter_ms`): ahead of it to be prepared
+    /// when there is time for that, else at the instant.
+    pub(super) fn arm_tick(&mut self, job: &str, at: i64, generation: u64, jitter_ms: u64) {
+        let jitter = if jitter_ms > 0 {
+            fastrand::u64(0..=jitter_ms) as i64
+        } else {
+            0
+        };
+        let go_at = at + jitter;
+        let lead = self.opts.prepare_ahead_ms as i64;
+        let job = job.to_owned();
+        if lead > 0 && go_at - lead > self.now() {
+            self.schedule(
+                go_at - lead,
+                Timer::Prepare {
+                    job,
+                    at,
+                    go_at,
+                    generation,
+                },
+            );
+        } else {
+            self.schedule(
+                go_at,
+                Timer::Fire {
+                    job,
+                    at,
+                    generation,
+                    rearm: true,
+                },
+            );
+        }
+    }
+
+    /// Prepares ticks ahead of their instant: each job's next tick is armed, and
+    /// the fire is planned and recorded now and sent at the instant (`go_prepared`).
+    /// A job with a run going or waiting (or another prepared fire) is fired at the
+    /// instant instead, where its overlap policy sees what runs then.
+    pub(super) async fn prepare_ticks(&mut self, ticks: Vec<(String, i64, i64, u64)>) {
+        let mut go_at = HashMap::new();
+        let mut fires = Vec::new();
+        for (job, at, go, generation) in ticks {
+            self.schedule_next(&job, at);
+            let idle = self.jobs.get(&job).is_some_and(|j| {
+                j.running.is_empty() && j.buffered.is_none() && j.prepared.is_none()
+            });
+            if idle && !self.fenced_out {
+                go_at.insert(fire_id(&job, at), (go, generation));
+                fires.push(Fire::tick(&job, at, "scheduled"));
+            } else {
+                self.schedule(
+                    go,
+                    Timer::Fire {
+                        job,
+                        at,
+                        generation,
+                        rearm: false,
+                    },
+                );
+            }
+        }
+        let plans = fires
+            .into_iter()
+            .map(|f| {
+                let (go, _) = go_at[&f.fire_id];
+                self.plan(f).map(|mut p| {
+                    // Times as they will be when it goes out.
+                    if let Plan::Start { run, .. } = &mut p {
+                        run.fired_at_ms = go;
+                        for s in run.shards.iter_mut().filter(|s| s.started_at_ms > 0) {
+                            s.started_at_ms = go;
+                        }
+                    }
+                    p
+                })
+            })
+            .collect();
+        self.record_plans(plans, move |e, plan, answer| {
+            let (go, generation) = go_at[&plan.run().fire_id];
+            e.settle_prepared(plan, answer, go, generation)
+        })
+        .await;
+    }
+
+    /// Keeps a prepared fire by what its record answered.
+    fn settle_prepared(
+        &mut self,
+        plan: Plan,
+        answer: Option<FireAnswer>,
+        go_at: i64,
+        generation: u64,
+    ) -> Option<RunRecord> {
+        let Plan::Start { run, .. } = plan else {
+            // Planned for an idle job, so always a start; anything else fires at
+            // the instant the ordinary way.
+            let run = plan.run();
+            let (job, at) = (run.job.clone(), run.scheduled_at_ms);
+            self.schedule(
+                go_at,
+                Timer::Fire {
+                    job,
+                    at,
+                    generation,
+                    rearm: false,
+                },
+            );
+            return None;
+        };
+        match answer {
+            Some(FireAnswer::Recorded) => {
+                self.note_fired(&run);
+                if let Some(j) = self.jobs.get_mut(&run.job) {
+                    j.prepared = Some(run.run_id.clone());
+                }
+                let run_id = run.run_id.clone();
+                self.prepared.insert(run_id.clone(), run.clone());
+                self.schedule(go_at, Timer::Go(run_id));
+                Some(run)
+            }
+            // Not recorded (the store failed): try the ordinary way at the instant.
+            None => {
+                let (job, at) = (run.job.clone(), run.scheduled_at_ms);
+                self.schedule(
+                    go_at,
+                    Timer::Fire {
+                        job,
+                        at,
+                        generation,
+                        rearm: false,
+                    },
+                );
+                None
+            }
+            Some(other) => self.settle_fire(
+                Plan::Start {
+                    run,
+                    cover: Vec::new(),
+                },
+                Some(other),
+            ),
+        }
+    }
+
+    /// The instant of prepared runs came: unless the fencing token went stale
+    /// meanwhile, each goes out (see `go_one`).
+    pub(super) async fn go_prepared(&mut self, run_ids: Vec<String>) {
+        let mut ready = Vec::with_capacity(run_ids.len());
+        for id in run_ids {
+            if let Some(run) = self.prepared.remove(&id) {
+                if let Some(j) = self.jobs.get_mut(&run.job) {
+                    j.prepared = None;
+                }
+                ready.push(run);
+            }
+        }
+        if ready.is_empty() || self.fenced_out {
+            return;
+        }
+        match self.run_store.fence_holds(self.fence).await {
+            Ok(true) => {
+                for run in ready {
+                    self.go_one(run);
+                }
+            }
+            Ok(false) => {
+                // The runs stay recorded: the newer leader adopts and sends them.
+                warn!(
+                    runs = ready.len(),
+                    "fencing token is stale: another coordinator leads; not sending prepared fires"
+                );
+                self.fenced_out = true;
+                self.lost.cancel();
+            }
+            Err(e) => {
+                // Unsure who leads: ask again shortly (late rather than twice).
+                warn!(error = %e, runs = ready.len(), "cannot check the fencing token; retrying");
+                let retry = self.now() + 100;
+                for run in ready {
+                    let id = run.run_id.clone();
+                    if let Some(j) = self.jobs.get_mut(&run.job) {
+                        j.prepared = Some(id.clone());
+                    }
+                    self.prepared.insert(id.clone(), run);
+                    self.schedule(retry, Timer::Go(id));
+                }
+            }
+        }
+    }
+
+    /// Sends one prepared run, after what changed since it was planned: its job
+    /// paused or deleted (dropped as skipped), a run started meanwhile (the overlap
+    /// policy again), a planned worker gone (the shard goes to another).
+    fn go_one(&mut self, mut run: RunRecord) {
+        let now = self.now();
+        let Some(j) = self.jobs.get_mut(&run.job) else {
+            self.end_prepared(
+                run,
+                RunState::Skipped,
+                "skipped: the job was deleted before the fire went out",
+            );
+            return;
+        };
+        if j.spec.paused {
+            self.end_prepared(
+                run,
+                RunState::Skipped,
+                "skipped: the job was paused before the fire went out",
+            );
+            return;
+        }
+        let mut cover = Vec::new();
+        if !j.running.is_empty() {
+            match j.spec.overlap {
+                Overlap::Allow => {}
+                Overlap::Skip => {
+                    self.end_prepared(
+                        run,
+                        RunState::Skipped,
+                        "skipped: the previous run is still going",
+                    );
+                    return;
+                }
+                Overlap::BufferOne if j.buffered.is_some() => {
+                    self.end_prepared(
+                        run,
+                        RunState::Skipped,
+                        "skipped: one fire is already waiting",
+                    );
+                    return;
+                }
+                Overlap::BufferOne => {
+                    j.buffered = Some((run.scheduled_at_ms, run.run_id.clone()));
+                    run.shards.clear();
+                    run.state = RunState::Pending;
+                    run.note = BUFFERED.to_owned();
+                    self.save(&run);
+                    return;
+                }
+                Overlap::CancelRunning => cover = j.running.iter().cloned().collect(),
+            }
+        }
+        run.fired_at_ms = now;
+        let mut moved = Vec::new();
+        for s in run
+            .shards
+            .iter_mut()
+            .filter(|s| s.state == RunState::Running)
+        {
+            if self.workers.get(&s.worker_id).is_some_and(|w| !w.draining) {
+                s.started_at_ms = now;
+            } else {
+                s.state = RunState::Pending;
+                s.worker_id.clear();
+                s.started_at_ms = 0;
+                moved.push(s.index);
+            }
+        }
+        metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
+            .record((now - run.scheduled_at_ms).max(0) as f64 / 1000.0);
+        let run_id = run.run_id.clone();
+        self.apply(Plan::Start { run, cover });
+        if !moved.is_empty() {
+            for shard in moved {
+                self.assign_shard(&run_id, shard, None);
+            }
+            if let Some(r) = self.runs.get(&run_id) {
+                self.save(r);
+            }
+        }
+    }
+
+    /// Takes a prepared run back before its instant (kill): ends it as `state`.
+    pub(super) fn drop_prepared(
+        &mut self,
+        run_id: &str,
+        state: RunState,
+        note: &str,
+    ) -> Option<RunRecord> {
+        let run = self.prepared.remove(run_id)?;
+        if let Some(j) = self.jobs.get_mut(&run.job) {
+            j.prepared = None;
+        }
+        Some(self.end_prepared(run, state, note))
+    }
+
+    /// Ends a prepared run that will not go out, in the history.
+    fn end_prepared(&mut self, mut run: RunRecord, state: RunState, note: &str) -> RunRecord {
+        debug!(run_id = %run.run_id, note, "prepared fire not sent");
+        run.state = state;
+        run.note = note.to_owned();
+        run.finished_at_ms = self.now();
+        run.shards.clear();
+        self.save(&run);
+        metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped").increment(1);
+        run
     }
 
     /// Plans, records and applies fires; answers each fire's run (None when not
@@ -111,7 +423,18 @@ impl Engine {
         if self.fenced_out {
             return fires.iter().map(|_| None).collect();
         }
-        let mut plans: Vec<Option<Plan>> = fires.into_iter().map(|f| self.plan(f)).collect();
+        let plans: Vec<Option<Plan>> = fires.into_iter().map(|f| self.plan(f)).collect();
+        self.record_plans(plans, Self::settle_fire).await
+    }
+
+    /// Records planned fires a slice at a time and hands each to `settle` with its
+    /// answer (None: the store failed, so it is not recorded); answers what `settle`
+    /// answers, in order.
+    async fn record_plans(
+        &mut self,
+        mut plans: Vec<Option<Plan>>,
+        mut settle: impl FnMut(&mut Self, Plan, Option<FireAnswer>) -> Option<RunRecord> + Send,
+    ) -> Vec<Option<RunRecord>> {
         for p in plans.iter_mut().flatten() {
             match p {
                 Plan::Start { run, .. } | Plan::Skip(run) | Plan::Buffer(run) => {
@@ -141,11 +464,12 @@ impl Engine {
                 Ok(a) => a,
                 Err(e) => {
                     // Without the record a fire could happen twice (or, for a deposed
-                    // leader, at all): do not fire this slice or the rest. The next
-                    // leader or restart reports the ticks as misfires.
+                    // leader, at all): settle this slice and the rest as unrecorded.
                     let left = slice.len() + plans.len();
                     warn!(error = %e, fires = left, "cannot record fires; not firing them");
-                    out.extend((0..left).map(|_| None));
+                    for plan in slice.into_iter().chain(plans.by_ref()) {
+                        out.push(plan.and_then(|p| settle(self, p, None)));
+                    }
                     return out;
                 }
             };
@@ -155,26 +479,21 @@ impl Engine {
                     out.push(None);
                     continue;
                 };
-                out.push(self.settle_fire(plan, answers.next()));
+                // A short answer list counts as duplicates: never fire unrecorded.
+                let answer = answers.next().unwrap_or(FireAnswer::Duplicate);
+                out.push(settle(self, plan, Some(answer)));
             }
         }
         out
     }
 
-    /// Applies one planned fire by what its record answered.
+    /// Applies one planned fire by what its record answered (None: not recorded,
+    /// so not fired).
     fn settle_fire(&mut self, plan: Plan, answer: Option<FireAnswer>) -> Option<RunRecord> {
         match answer.unwrap_or(FireAnswer::Duplicate) {
             FireAnswer::Recorded => {
                 let run = plan.run().clone();
-                if let Some(j) = self.jobs.get_mut(&run.job)
-                    && run.cause != "manual"
-                    && run.cause != "child"
-                {
-                    j.last_fire = Some(
-                        j.last_fire
-                            .map_or(run.scheduled_at_ms, |l| l.max(run.scheduled_at_ms)),
-                    );
-                }
+                self.note_fired(&run);
                 metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
                     .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
                 self.apply(plan);
@@ -197,6 +516,19 @@ impl Engine {
         }
     }
 
+    /// A scheduled tick was recorded: it is its job's last fired instant.
+    fn note_fired(&mut self, run: &RunRecord) {
+        if let Some(j) = self.jobs.get_mut(&run.job)
+            && run.cause != "manual"
+            && run.cause != "child"
+        {
+            j.last_fire = Some(
+                j.last_fire
+                    .map_or(run.scheduled_at_ms, |l| l.max(run.scheduled_at_ms)),
+            );
+        }
+    }
+
     /// Schedules the tick after `after` (time-based schedules only).
     fn schedule_next(&mut self, job: &str, after: i64) {
         let Some(j) = self.jobs.get_mut(job) else {
@@ -208,20 +540,8 @@ impl Engine {
         }
         j.next_fire = j.compiled.next_after(&j.spec, after);
         if let Some(at) = j.next_fire {
-            let jitter = if j.spec.jitter_ms > 0 {
-                fastrand::u64(0..=j.spec.jitter_ms) as i64
-            } else {
-                0
-            };
-            let generation = j.generation;
-            self.schedule(
-                at + jitter,
-                Timer::Fire {
-                    job: job.to_owned(),
-                    at,
-                    generation,
-                },
-            );
+            let (generation, jitter_ms) = (j.generation, j.spec.jitter_ms);
+            self.arm_tick(job, at, generation, jitter_ms);
         }
     }
 

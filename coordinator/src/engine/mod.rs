@@ -67,7 +67,20 @@ pub struct EngineOptions {
     pub dead_after_beats: u32,
     /// This coordinator's gRPC address, as workers should reach it.
     pub advertise: String,
+    /// Scheduled ticks are planned and recorded this long before their instant, so
+    /// that at the instant only the assignments go out (0: record at the instant).
+    /// At most [`MAX_PREPARE_AHEAD_MS`], which stays below any adoption grace.
+    pub prepare_ahead_ms: u64,
 }
+
+/// The longest `prepare_ahead_ms`. A new leader adopting a fire recorded ahead
+/// sends it no earlier than its adoption grace (at least 2 s) and its instant.
+pub const MAX_PREPARE_AHEAD_MS: u64 = 1_000;
+
+/// The default `prepare_ahead_ms`: ahead enough to record a thousand fires of one
+/// second on a small machine (about 40 ms), short enough that routing decided
+/// ahead is still fresh at the instant.
+pub const DEFAULT_PREPARE_AHEAD_MS: u64 = 250;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -75,6 +88,7 @@ impl Default for EngineOptions {
             heartbeat_interval_ms: 2_000,
             dead_after_beats: 3,
             advertise: String::new(),
+            prepare_ahead_ms: DEFAULT_PREPARE_AHEAD_MS,
         }
     }
 }
@@ -235,12 +249,24 @@ impl EngineHandle {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    /// Fire `job` for tick `at` (generation guards against stale timers).
+    /// Fire `job` for tick `at` (generation guards against stale timers); `rearm`:
+    /// arm the job's next tick too (not when this is a prepared tick's fallback,
+    /// whose next tick is armed already).
     Fire {
         job: String,
         at: i64,
         generation: u64,
+        rearm: bool,
     },
+    /// Plan and record `job`'s tick `at` ahead of `go_at` (its instant with jitter).
+    Prepare {
+        job: String,
+        at: i64,
+        go_at: i64,
+        generation: u64,
+    },
+    /// Send the assignments of a run recorded ahead (its instant came).
+    Go(String),
     /// A shard's deadline.
     Deadline(ShardKey),
     /// A failed shard's retry.
@@ -269,6 +295,8 @@ struct JobState {
     last_fire: Option<i64>,
     running: BTreeSet<String>,
     buffered: Option<(i64, String)>,
+    /// A fire recorded ahead whose instant has not come (its run id).
+    prepared: Option<String>,
     rr: u64,
 }
 
@@ -295,6 +323,10 @@ pub(crate) struct Engine {
     timer_seq: u64,
     sessions: u64,
     pending: BTreeSet<(String, u32)>,
+    /// Runs recorded ahead of their instant, not sent yet, by run id. Kept out of
+    /// `runs` on purpose: nothing that reacts to workers (deaths, heartbeats,
+    /// placement) may send them early.
+    prepared: HashMap<String, RunRecord>,
     run_store: Arc<dyn RunStore>,
     history: mpsc::UnboundedSender<RunRecord>,
     fence: i64,
@@ -330,6 +362,7 @@ pub async fn start(
         timer_seq: 0,
         sessions: 0,
         pending: BTreeSet::new(),
+        prepared: HashMap::new(),
         run_store,
         history,
         fence,
@@ -395,6 +428,8 @@ impl Engine {
     async fn due(&mut self) {
         let now = self.now();
         let mut fires = Vec::new();
+        let mut early = Vec::new();
+        let mut go = Vec::new();
         while let Some(Reverse((at, _, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -407,15 +442,23 @@ impl Engine {
                     job,
                     at,
                     generation,
+                    rearm,
                 } => {
-                    if self
-                        .jobs
-                        .get(&job)
-                        .is_some_and(|j| j.generation == generation && !j.spec.paused)
-                    {
-                        fires.push((job, at));
+                    if self.tick_is_live(&job, generation) {
+                        fires.push((job, at, rearm));
                     }
                 }
+                Timer::Prepare {
+                    job,
+                    at,
+                    go_at,
+                    generation,
+                } => {
+                    if self.tick_is_live(&job, generation) {
+                        early.push((job, at, go_at, generation));
+                    }
+                }
+                Timer::Go(run_id) => go.push(run_id),
                 Timer::Deadline(key) => self.deadline(key),
                 Timer::Retry { run_id, shard } => self.retry(&run_id, shard),
                 Timer::Sweep => {
@@ -427,9 +470,23 @@ impl Engine {
                 Timer::Adopt(key) => self.adopt_deadline(key),
             }
         }
+        // Fires whose instant is now first, then the ones prepared ahead.
+        if !go.is_empty() {
+            self.go_prepared(go).await;
+        }
         if !fires.is_empty() {
             self.fire_ticks(fires).await;
         }
+        if !early.is_empty() {
+            self.prepare_ticks(early).await;
+        }
+    }
+
+    /// Whether a tick armed under `generation` of `job` still stands.
+    fn tick_is_live(&self, job: &str, generation: u64) -> bool {
+        self.jobs
+            .get(job)
+            .is_some_and(|j| j.generation == generation && !j.spec.paused)
     }
 
     async fn handle(&mut self, cmd: Cmd) {
@@ -480,7 +537,8 @@ impl Engine {
                 let _ = reply.send(s);
             }
             Cmd::ActiveRun(id, reply) => {
-                let _ = reply.send(self.runs.get(&id).cloned());
+                let run = self.runs.get(&id).or(self.prepared.get(&id));
+                let _ = reply.send(run.cloned());
             }
         }
     }
@@ -523,6 +581,7 @@ impl Engine {
             last_fire,
             running: prev.as_ref().map(|p| p.running.clone()).unwrap_or_default(),
             buffered: prev.as_ref().and_then(|p| p.buffered.clone()),
+            prepared: prev.as_ref().and_then(|p| p.prepared.clone()),
             rr: prev.as_ref().map_or(0, |p| p.rr),
         };
         let mut misfired = Vec::new();
@@ -549,22 +608,11 @@ impl Engine {
                     .next_after(&state.spec, now.max(last_fire.unwrap_or(i64::MIN))),
             };
         }
-        if let Some(at) = state.next_fire {
-            let jitter = if state.spec.jitter_ms > 0 {
-                fastrand::u64(0..=state.spec.jitter_ms) as i64
-            } else {
-                0
-            };
-            self.schedule(
-                at + jitter,
-                Timer::Fire {
-                    job: name.clone(),
-                    at,
-                    generation,
-                },
-            );
-        }
+        let (next, jitter_ms) = (state.next_fire, state.spec.jitter_ms);
         self.jobs.insert(name.clone(), state);
+        if let Some(at) = next {
+            self.arm_tick(&name, at, generation, jitter_ms);
+        }
         (!misfired.is_empty()).then_some(misfired)
     }
 

@@ -209,6 +209,12 @@ impl Engine {
     }
 
     pub(super) fn kill(&mut self, run_id: &str) -> Result<RunRecord> {
+        if let Some(run) =
+            self.drop_prepared(run_id, RunState::Cancelled, "killed before it went out")
+        {
+            info!(run_id, job = %run.job, "run killed before its instant");
+            return Ok(run);
+        }
         let run = self
             .runs
             .get(run_id)
@@ -274,6 +280,7 @@ impl Engine {
         self.save(&run);
         debug!(run_id, state = ?run.state, "run finished");
         let mut buffered = None;
+        let mut delay_next = None;
         if let Some(j) = self.jobs.get_mut(&run.job) {
             j.running.remove(run_id);
             if j.running.is_empty() {
@@ -284,17 +291,11 @@ impl Engine {
             {
                 let at = now + delay_ms;
                 j.next_fire = Some(at);
-                let generation = j.generation;
-                let job = run.job.clone();
-                self.schedule(
-                    at,
-                    Timer::Fire {
-                        job,
-                        at,
-                        generation,
-                    },
-                );
+                delay_next = Some((at, j.generation));
             }
+        }
+        if let Some((at, generation)) = delay_next {
+            self.arm_tick(&run.job, at, generation, 0);
         }
         if let Some((at, run_id)) = buffered {
             let job = run.job.clone();
