@@ -528,7 +528,13 @@ impl Engine {
                         (
                             n.clone(),
                             TriggerState {
-                                next_fire_ms: j.next_fire,
+                                // A tick prepared ahead is next until it goes out.
+                                next_fire_ms: j
+                                    .prepared
+                                    .as_ref()
+                                    .and_then(|id| self.prepared.get(id))
+                                    .map(|r| r.scheduled_at_ms)
+                                    .or(j.next_fire),
                                 last_fire_ms: j.last_fire,
                             },
                         )
