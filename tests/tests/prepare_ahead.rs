@@ -3,7 +3,9 @@
 //! (a pause, a kill, a run started meanwhile, a worker leaving, a deposed leader, a
 //! leader dying) is honoured at the instant. The engine runs in-process; its run
 //! store is the memory one or a real redis-server (the fencing and adoption cases
-//! run on both); workers are session channels, so every assignment is seen.
+//! run on both); workers are session channels, so every assignment is seen. Also:
+//! a new leader's own fires are not held back by the adoption grace of the runs it
+//! took over.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -401,5 +403,39 @@ async fn a_planned_worker_that_left_is_replaced() -> Result<()> {
         bail!("the worker that left was sent {a:?}");
     }
     leader.stop.cancel();
+    Ok(())
+}
+
+/// A new leader adopting runs waits for their workers to report them, but its own
+/// new fires (here a manual trigger before any worker registered) go to the first
+/// worker that registers, not after the adoption grace.
+#[tokio::test]
+async fn a_new_leaders_own_fires_do_not_wait_for_the_adoption_grace() -> Result<()> {
+    let rig = Rig::memory();
+    let at = now() + IN_MS;
+    rig.once("adopted", at, Overlap::Allow).await?;
+    let mut manual = JobSpec::new("manual", "g", "noop", Schedule::Manual);
+    manual.overlap = Overlap::Allow;
+    rig.jobs.create(manual, now()).await?;
+    let first = rig.leader(1, 2_000).await?;
+    let id = format!("adopted@{at}");
+    rig.recorded(&id, Duration::from_secs(5)).await?;
+    first.stop.cancel();
+    first.task.await?;
+
+    // Heartbeats of 2 s: the adoption grace is 3 beats + 2 s = 8 s.
+    let started = now();
+    let second = rig.leader(2, 2_000).await?;
+    let run = second.handle.trigger("manual", None).await?;
+    ensure!(run.shards[0].state == RunState::Pending, "{run:?}");
+    let mut w = Worker::join(&second, "w1").await?;
+    let (a, arrived) = w.assignment().await?;
+    ensure!(a.key.run_id == run.run_id, "{a:?}");
+    ensure!(
+        arrived - started < 4_000,
+        "the leader's own run waited {} ms, as if adopted",
+        arrived - started
+    );
+    second.stop.cancel();
     Ok(())
 }

@@ -31,6 +31,9 @@ pub(crate) struct CronArgs {
     /// Measured seconds.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// The coordinator's `coordinator.prepare_ahead_ms` (default: its own default).
+    #[arg(long)]
+    prepare_ahead_ms: Option<u64>,
     /// Keep the files (their directory is printed).
     #[arg(long)]
     keep_files: bool,
@@ -74,6 +77,11 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
             .args(["--etcd-endpoints", &a.etcd_endpoints, "--prefix", &prefix])
             // A throwaway loopback cluster: no tokens, HTTP on an ephemeral port.
             .args(["--allow-unauthenticated", "--http-addr", "127.0.0.1:0"])
+            .args(
+                a.prepare_ahead_ms
+                    .map(|ms| vec!["--prepare-ahead-ms".to_owned(), ms.to_string()])
+                    .unwrap_or_default(),
+            )
             .env("CHIME_ETCD_PREFIX", &etcd_prefix)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -210,6 +218,7 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
             "jobs": a.jobs,
             "workers": a.workers,
             "seconds": a.seconds,
+            "prepare_ahead_ms": a.prepare_ahead_ms,
             "fires": fires,
             "expected": expected,
             "missed": expected.saturating_sub(fires),

@@ -1012,14 +1012,24 @@ impl Engine {
 
     /// Tries again to place shards that had no worker.
     pub(super) fn place_pending(&mut self) {
-        if self.now() < self.adopt_until {
-            // Right after taking over, workers may still report shards they run.
+        // Right after taking over, workers may still report shards of adopted runs
+        // they run: those wait for the grace. This leader's own runs (a misfire
+        // fired at startup before any worker registered) need not.
+        let adopting = self.now() < self.adopt_until;
+        if adopting {
             let at = self.adopt_until;
             self.schedule(at, Timer::Pending);
-            return;
         }
         let pending: Vec<(String, u32)> = self.pending.iter().cloned().collect();
         for (run_id, shard) in pending {
+            if adopting
+                && self
+                    .runs
+                    .get(&run_id)
+                    .is_some_and(|r| r.fence != self.fence)
+            {
+                continue;
+            }
             let waiting = self
                 .runs
                 .get(&run_id)

@@ -645,6 +645,11 @@ impl Engine {
     }
 }
 
+/// How long the history writer gathers run snapshots before writing them, ms. A
+/// leader that dies meanwhile loses nothing: each fire's run is recorded with the
+/// fire, and workers send the results of the last minute again to the next leader.
+const HISTORY_COALESCE_MS: u64 = 200;
+
 /// Writes run snapshots to the run store, latest per run, in the background.
 fn spawn_history_writer(
     store: Arc<dyn RunStore>,
@@ -667,6 +672,13 @@ fn spawn_history_writer(
                     return;
                 }
             };
+            // Let snapshots gather first: a short run's start and end then cost one
+            // write, and the writes of a burst of fires land after the burst went
+            // out instead of competing with it for Redis and the CPU.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(HISTORY_COALESCE_MS)) => {}
+                _ = shutdown.cancelled() => {}
+            }
             let mut batch: HashMap<String, RunRecord> = HashMap::new();
             batch.insert(first.run_id.clone(), first);
             while let Ok(r) = rx.try_recv() {
