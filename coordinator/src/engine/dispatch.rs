@@ -207,24 +207,8 @@ impl Engine {
         go_at: i64,
         generation: u64,
     ) -> Option<RunRecord> {
-        let Plan::Start { run, .. } = plan else {
-            // Planned for an idle job, so always a start; anything else fires at
-            // the instant the ordinary way.
-            let run = plan.run();
-            let (job, at) = (run.job.clone(), run.scheduled_at_ms);
-            self.schedule(
-                go_at,
-                Timer::Fire {
-                    job,
-                    at,
-                    generation,
-                    rearm: false,
-                },
-            );
-            return None;
-        };
-        match answer {
-            Some(FireAnswer::Recorded) => {
+        match (plan, answer) {
+            (Plan::Start { run, .. }, Some(FireAnswer::Recorded)) => {
                 self.note_fired(&run);
                 if let Some(j) = self.jobs.get_mut(&run.job) {
                     j.prepared = Some(run.run_id.clone());
@@ -235,7 +219,8 @@ impl Engine {
                 Some(run)
             }
             // Not recorded (the store failed): try the ordinary way at the instant.
-            None => {
+            (plan, None) => {
+                let run = plan.run();
                 let (job, at) = (run.job.clone(), run.scheduled_at_ms);
                 self.schedule(
                     go_at,
@@ -248,13 +233,9 @@ impl Engine {
                 );
                 None
             }
-            Some(other) => self.settle_fire(
-                Plan::Start {
-                    run,
-                    cover: Vec::new(),
-                },
-                Some(other),
-            ),
+            // A duplicate, a stale fence, or a recorded skip or buffer (which an idle
+            // job's plan never is): as any fire.
+            (plan, answer) => self.settle_fire(plan, answer),
         }
     }
 
