@@ -137,16 +137,21 @@ impl Engine {
                 },
             );
         } else {
-            self.schedule(
-                go_at,
-                Timer::Fire {
-                    job,
-                    at,
-                    generation,
-                    rearm: true,
-                },
-            );
+            self.fire_at(go_at, job, at, generation, true);
         }
+    }
+
+    /// Arms the ordinary fire (record, then send) of tick `at` of `job` at `go_at`.
+    fn fire_at(&mut self, go_at: i64, job: String, at: i64, generation: u64, rearm: bool) {
+        self.schedule(
+            go_at,
+            Timer::Fire {
+                job,
+                at,
+                generation,
+                rearm,
+            },
+        );
     }
 
     /// Prepares ticks ahead of their instant: each job's next tick is armed, and
@@ -165,15 +170,7 @@ impl Engine {
                 go_at.insert(fire_id(&job, at), (go, generation));
                 fires.push(Fire::tick(&job, at, "scheduled"));
             } else {
-                self.schedule(
-                    go,
-                    Timer::Fire {
-                        job,
-                        at,
-                        generation,
-                        rearm: false,
-                    },
-                );
+                self.fire_at(go, job, at, generation, false);
             }
         }
         let plans = fires
@@ -221,15 +218,12 @@ impl Engine {
             // Not recorded (the store failed): try the ordinary way at the instant.
             (plan, None) => {
                 let run = plan.run();
-                let (job, at) = (run.job.clone(), run.scheduled_at_ms);
-                self.schedule(
+                self.fire_at(
                     go_at,
-                    Timer::Fire {
-                        job,
-                        at,
-                        generation,
-                        rearm: false,
-                    },
+                    run.job.clone(),
+                    run.scheduled_at_ms,
+                    generation,
+                    false,
                 );
                 None
             }
