@@ -300,37 +300,21 @@ impl Engine {
             );
             return;
         }
-        let mut cover = Vec::new();
-        if !j.running.is_empty() {
-            match j.spec.overlap {
-                Overlap::Allow => {}
-                Overlap::Skip => {
-                    self.end_prepared(
-                        run,
-                        RunState::Skipped,
-                        "skipped: the previous run is still going",
-                    );
-                    return;
-                }
-                Overlap::BufferOne if j.buffered.is_some() => {
-                    self.end_prepared(
-                        run,
-                        RunState::Skipped,
-                        "skipped: one fire is already waiting",
-                    );
-                    return;
-                }
-                Overlap::BufferOne => {
-                    j.buffered = Some((run.scheduled_at_ms, run.run_id.clone()));
-                    run.shards.clear();
-                    run.state = RunState::Pending;
-                    run.note = BUFFERED.to_owned();
-                    self.save(&run);
-                    return;
-                }
-                Overlap::CancelRunning => cover = j.running.iter().cloned().collect(),
+        let cover = match overlap_call(j) {
+            OverlapCall::Start { cover } => cover,
+            OverlapCall::Skip(note) => {
+                self.end_prepared(run, RunState::Skipped, note);
+                return;
             }
-        }
+            OverlapCall::Buffer => {
+                j.buffered = Some((run.scheduled_at_ms, run.run_id.clone()));
+                run.shards.clear();
+                run.state = RunState::Pending;
+                run.note = BUFFERED.to_owned();
+                self.save(&run);
+                return;
+            }
+        };
         run.fired_at_ms = now;
         let mut moved = Vec::new();
         for s in run
@@ -632,34 +616,15 @@ impl Engine {
     /// Decides what a fire does (no side effect but routing counters).
     fn plan(&mut self, f: Fire) -> Option<Plan> {
         let now = self.now();
-        let j = self.jobs.get_mut(&f.job)?;
-        let running: Vec<String> = j.running.iter().cloned().collect();
-        let mut cover = Vec::new();
-        if !running.is_empty() {
-            match j.spec.overlap {
-                Overlap::Allow => {}
-                Overlap::Skip => {
-                    return Some(Plan::Skip(bare_run(
-                        &f,
-                        now,
-                        RunState::Skipped,
-                        "skipped: the previous run is still going",
-                    )));
-                }
-                Overlap::BufferOne if j.buffered.is_some() => {
-                    return Some(Plan::Skip(bare_run(
-                        &f,
-                        now,
-                        RunState::Skipped,
-                        "skipped: one fire is already waiting",
-                    )));
-                }
-                Overlap::BufferOne => {
-                    return Some(Plan::Buffer(bare_run(&f, now, RunState::Pending, BUFFERED)));
-                }
-                Overlap::CancelRunning => cover = running,
+        let cover = match overlap_call(self.jobs.get(&f.job)?) {
+            OverlapCall::Start { cover } => cover,
+            OverlapCall::Skip(note) => {
+                return Some(Plan::Skip(bare_run(&f, now, RunState::Skipped, note)));
             }
-        }
+            OverlapCall::Buffer => {
+                return Some(Plan::Buffer(bare_run(&f, now, RunState::Pending, BUFFERED)));
+            }
+        };
         let (job, params) = (f.job.clone(), f.params.clone());
         Some(Plan::Start {
             run: self.plan_run(&job, f, params, now),
@@ -1016,6 +981,35 @@ impl Engine {
                 self.pending.remove(&(run_id, shard));
             }
         }
+    }
+}
+
+/// What a job's overlap policy makes of a new fire, given what the job runs now.
+enum OverlapCall {
+    /// Start it, after cancelling these runs (`cancel-running`).
+    Start { cover: Vec<String> },
+    /// Skip it, with this note.
+    Skip(&'static str),
+    /// Keep it as the job's one waiting fire.
+    Buffer,
+}
+
+/// The overlap policy of `j` applied to a new fire (at planning, and again when a
+/// fire prepared ahead goes out).
+fn overlap_call(j: &super::JobState) -> OverlapCall {
+    if j.running.is_empty() {
+        return OverlapCall::Start { cover: Vec::new() };
+    }
+    match j.spec.overlap {
+        Overlap::Allow => OverlapCall::Start { cover: Vec::new() },
+        Overlap::Skip => OverlapCall::Skip("skipped: the previous run is still going"),
+        Overlap::BufferOne if j.buffered.is_some() => {
+            OverlapCall::Skip("skipped: one fire is already waiting")
+        }
+        Overlap::BufferOne => OverlapCall::Buffer,
+        Overlap::CancelRunning => OverlapCall::Start {
+            cover: j.running.iter().cloned().collect(),
+        },
     }
 }
 
