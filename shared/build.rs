@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../proto/chime/v1/worker.proto",
         "../proto/chime/v1/admin.proto",
         "../proto/chime/v1/queue.proto",
+        "../proto/chime/v1/delivery.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

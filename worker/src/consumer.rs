@@ -14,17 +14,24 @@
 //! Idle pollers do not spin: each pop reports when its queue next needs attention,
 //! and pollers sleep until the earliest such instant, never longer than
 //! `idle_sleep_max_ms` (what a queue learns about new items is at most that stale).
+//!
+//! A delivery runs on one of the worker's own handlers, or — when the worker has a
+//! [`Hub`] — on a subscriber in another process that runs its handler. A delivery
+//! nobody here serves is parked in its queue (`Outcome::Park`: no attempt counted)
+//! and every pop names the handlers served here, so the store hands parked items
+//! back to the first worker that serves them. A worker whose only handlers are
+//! remote and that has no subscriber does not claim queues at all.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chime_shared::clock::system_now_ms;
 use chime_shared::queue::{
-    DelayStore, Delivery, DeliveryToken, Lease, Outcome, PopOptions, Popped, Settlement,
+    DelayStore, Delivery, DeliveryToken, Item, Lease, Outcome, PopOptions, Popped, Settlement,
 };
 use chime_shared::{Error, telemetry as m};
 use futures_util::FutureExt;
@@ -34,7 +41,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::handler::ItemContext;
+use crate::delivery::{Hub, Remote, Verdict};
+use crate::handler::{ItemContext, ItemHandler};
 use crate::live::{self, Gate, Knobs, Live};
 use crate::{Registered, WorkerError};
 
@@ -142,12 +150,32 @@ struct SettleMsg {
     _permit: OwnedSemaphorePermit,
 }
 
+/// What runs one handler name on this worker, with its live limits.
 #[derive(Debug)]
 struct Slot {
-    reg: Registered,
+    /// The handler in this process; `None`: subscribers of the hub run it.
+    local: Option<Arc<dyn ItemHandler>>,
     gate: Gate,
     /// One rate-limit request at a time per handler (see `live::throttle`).
     rate_turn: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(local: Option<Arc<dyn ItemHandler>>, concurrency: Option<usize>) -> Arc<Self> {
+        Arc::new(Self {
+            local,
+            gate: Gate::new(concurrency),
+            rate_turn: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// The handlers a pop names as served (see [`PopOptions::serves`]), rebuilt when
+/// the hub's subscriptions change.
+#[derive(Debug)]
+struct Served {
+    hub_version: u64,
+    names: Arc<[String]>,
 }
 
 /// The running consumer of one worker.
@@ -155,7 +183,14 @@ struct Slot {
 pub struct Consumer {
     store: Arc<dyn DelayStore>,
     worker_id: Arc<str>,
-    handlers: HashMap<String, Slot>,
+    /// Local handlers from the start; remote ones added as deliveries need them.
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    /// Names of the local handlers, sorted.
+    local_names: Vec<String>,
+    hub: Option<Arc<Hub>>,
+    served: Mutex<Served>,
+    /// The hub version the pollers' view of the queues was formed under.
+    looked_under: AtomicU64,
     opts: ConsumerOptions,
     permits: Arc<Semaphore>,
     in_flight: Mutex<HashMap<(u32, String), DeliveryToken>>,
@@ -179,31 +214,30 @@ impl Consumer {
         handlers: HashMap<String, Registered>,
         opts: ConsumerOptions,
         live: Option<Live>,
+        hub: Option<Arc<Hub>>,
     ) -> Arc<Self> {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let handlers = handlers
+        let mut local_names: Vec<String> = handlers.keys().cloned().collect();
+        local_names.sort();
+        let slots = handlers
             .into_iter()
-            .map(|(name, reg)| {
-                let gate = Gate::new(reg.concurrency);
-                let rate_turn = tokio::sync::Mutex::new(());
-                (
-                    name,
-                    Slot {
-                        reg,
-                        gate,
-                        rate_turn,
-                    },
-                )
-            })
+            .map(|(name, reg)| (name, Slot::new(Some(reg.handler), reg.concurrency)))
             .collect();
         Arc::new(Self {
+            served: Mutex::new(Served {
+                hub_version: u64::MAX,
+                names: local_names.clone().into(),
+            }),
+            local_names,
+            hub,
+            looked_under: AtomicU64::new(0),
+            slots: RwLock::new(slots),
             knobs: Knobs::new(opts.visibility_ms, opts.merge_window_ms),
             live,
             permits: Arc::new(Semaphore::new(opts.max_in_flight)),
             known: Mutex::new(vec![Known::Unknown; store.queue_count() as usize]),
             store,
             worker_id: worker_id.into(),
-            handlers,
             opts,
             in_flight: Mutex::new(HashMap::new()),
             offset_ms: AtomicI64::new(0),
@@ -281,6 +315,11 @@ impl Consumer {
     async fn poller(self: Arc<Self>, idx: usize) {
         debug!(poller = idx, "poller started");
         while !self.stop_claiming.is_cancelled() {
+            // Nothing to run items on (remote handlers only, no subscriber yet):
+            // claim nothing, so items stay due (not parked) until someone serves.
+            if !self.wait_for_a_handler().await {
+                return;
+            }
             // Capacity first: never hold a lease we cannot use.
             let permit = tokio::select! {
                 p = self.permits.clone().acquire_many_owned(self.want()) => match p {
@@ -315,6 +354,73 @@ impl Consumer {
         }
     }
 
+    /// Waits until some handler runs here (always true with local handlers); false
+    /// when claiming stopped meanwhile.
+    async fn wait_for_a_handler(&self) -> bool {
+        let Some(hub) = self.hub.as_ref().filter(|_| self.local_names.is_empty()) else {
+            return true;
+        };
+        loop {
+            let changed = hub.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !hub.served().is_empty() {
+                return true;
+            }
+            tokio::select! {
+                _ = changed => {},
+                // A safety net: a missed notification costs a second, not forever.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                _ = self.stop_claiming.cancelled() => return false,
+            }
+        }
+    }
+
+    /// The handlers this worker serves now: its own and its subscribers'.
+    fn serves(&self) -> Arc<[String]> {
+        let Some(hub) = &self.hub else {
+            return lock(&self.served).names.clone();
+        };
+        let version = hub.version();
+        let mut s = lock(&self.served);
+        if s.hub_version != version {
+            let mut names: Vec<String> = self.local_names.clone();
+            names.extend(hub.served().iter().cloned());
+            names.sort();
+            names.dedup();
+            *s = Served {
+                hub_version: version,
+                names: names.into(),
+            };
+        }
+        s.names.clone()
+    }
+
+    /// The slot of `handler`: a local one, or a remote one made on first use (with
+    /// the live concurrency setting in force).
+    fn slot(&self, handler: &str) -> Option<Arc<Slot>> {
+        if let Some(s) = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(handler)
+        {
+            return Some(s.clone());
+        }
+        self.hub.as_ref()?;
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let slot = slots
+            .entry(handler.to_owned())
+            .or_insert_with(|| Slot::new(None, None))
+            .clone();
+        if let Some(live) = &self.live {
+            let c = live.config.current();
+            slot.gate
+                .resize(c.handler(handler).concurrency.map(|c| c as usize));
+        }
+        Some(slot)
+    }
+
     /// Permits to ask for: up to a batch, at least `min_pop`.
     fn want(&self) -> u32 {
         (self.permits.available_permits() as u32).clamp(self.min_pop(), self.opts.batch)
@@ -330,10 +436,19 @@ impl Consumer {
         self.opts.batch.min(self.opts.max_in_flight as u32)
     }
 
+    /// Sleeps `d`, or less when claiming stops or a subscriber joins or leaves (a
+    /// newly served handler may have items waiting).
     async fn pause(&self, d: Duration) {
+        let changed = async {
+            match &self.hub {
+                Some(h) => h.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(d) => {},
             _ = self.stop_claiming.cancelled() => {},
+            _ = changed => {},
         }
     }
 
@@ -344,6 +459,14 @@ impl Consumer {
         let (local, now) = (system_now_ms(), self.store_now());
         let mut known = lock(&self.known);
         known.resize(n as usize, Known::Unknown);
+        // A handler newly served here may have items waiting in any queue: look at
+        // every queue now rather than after the idle sleep.
+        if let Some(hub) = &self.hub {
+            let v = hub.version();
+            if self.looked_under.swap(v, Ordering::Relaxed) != v {
+                known.fill(Known::Unknown);
+            }
+        }
         (0..n)
             .filter(|&q| match known[q as usize] {
                 Known::Unknown => true,
@@ -406,6 +529,7 @@ impl Consumer {
                 visibility_ms: self.knobs.visibility(),
                 lease_ttl_ms: self.opts.lease_ttl_ms,
                 merge_window_ms: self.knobs.merge_window(),
+                serves: self.serves(),
             };
             let popped = match self.store.pop(lease, opts).await {
                 Ok(p) => p,
@@ -467,8 +591,11 @@ impl Consumer {
         loop {
             if let (Some(live), Some(rx)) = (&self.live, rx.as_mut()) {
                 let config = rx.borrow_and_update().clone();
-                let mut gates = self.handlers.iter().map(|(n, s)| (n, &s.gate));
-                let count = live::apply_knobs(&config, &live.family, &self.knobs, &mut gates);
+                let count = {
+                    let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+                    let mut gates = slots.iter().map(|(n, s)| (n, &s.gate));
+                    live::apply_knobs(&config, &live.family, &self.knobs, &mut gates)
+                };
                 if let Some((n, rev)) = count
                     && count != applied
                 {
@@ -562,15 +689,14 @@ impl Consumer {
         let attempt = items[0].attempt;
         let last_attempt = items.iter().all(|i| i.attempt >= i.max_attempts);
         let item_id = items[0].id.clone();
-        let outcome = match self.handlers.get(&handler) {
-            None => Outcome::Retry {
-                delay_ms: self.backoff(attempt),
-                error: format!(
-                    "no handler {handler:?} registered on worker {}",
-                    self.worker_id
-                ),
-            },
-            Some(slot) => self.call(slot, queue, items).await,
+        let outcome = match self.slot(&handler) {
+            Some(slot) if slot.local.is_some() => self.call(&slot, queue, items).await,
+            Some(slot) if self.hub.as_ref().is_some_and(|h| h.serves(&handler)) => {
+                self.call_remote(&slot, queue, items).await
+            }
+            // Nobody here runs it: it waits in its queue for a worker that does,
+            // without an attempt counted.
+            _ => Outcome::Park,
         };
         match &outcome {
             Outcome::Ack => {
@@ -593,6 +719,11 @@ impl Consumer {
             Outcome::Release => {
                 self.handed_back.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::ITEMS_RELEASED, "handler" => handler.clone())
+                    .increment(tokens.len() as u64);
+            }
+            Outcome::Park => {
+                debug!(item_id = %item_id, %handler, "no handler here; parked until one is served");
+                metrics::counter!(m::ITEMS_PARKED, "handler" => handler.clone())
                     .increment(tokens.len() as u64);
             }
         }
@@ -619,33 +750,88 @@ impl Consumer {
         });
     }
 
-    /// Waits for the handler's concurrency slot, runs it, and maps its result to an
-    /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
-    async fn call(
-        &self,
-        slot: &Slot,
-        queue: u32,
-        items: Vec<chime_shared::queue::Item>,
-    ) -> Outcome {
-        let attempt = items[0].attempt;
-        let _slot_permit = tokio::select! {
+    /// Waits for the handler's concurrency slot and its rate limit; false when the
+    /// drain gave up meanwhile (hand the items back).
+    async fn admit(&self, slot: &Slot, items: &[Item]) -> Option<Option<OwnedSemaphorePermit>> {
+        let permit = tokio::select! {
             p = slot.gate.enter() => p,
-            _ = self.abandon.cancelled() => return Outcome::Release,
+            _ = self.abandon.cancelled() => return None,
         };
         if let Some(live) = &self.live {
             let n = items.len() as u64;
             live::throttle(live, &slot.rate_turn, &items[0].handler, n, &self.abandon).await;
             if self.abandon.is_cancelled() {
-                return Outcome::Release;
+                return None;
             }
         }
+        Some(permit)
+    }
+
+    /// Runs a delivery on a subscriber of the hub (after the same concurrency and
+    /// rate limits as a local handler) and maps its verdict to an outcome.
+    async fn call_remote(&self, slot: &Slot, queue: u32, items: Vec<Item>) -> Outcome {
+        let (attempt, handler) = (items[0].attempt, items[0].handler.clone());
+        let Some(hub) = &self.hub else {
+            return Outcome::Park;
+        };
+        let Some(_slot_permit) = self.admit(slot, &items).await else {
+            return Outcome::Release;
+        };
+        let remote = hub.deliver(&handler, items, queue, &self.abandon).await;
+        let label = match &remote {
+            Remote::Settled(Verdict::Ack) => "ack",
+            Remote::Settled(Verdict::Fail { .. }) => "fail",
+            Remote::Settled(Verdict::Release) => "release",
+            Remote::TimedOut { .. } => "timeout",
+            Remote::Gone { .. } => "gone",
+            Remote::Abandoned => "abandoned",
+            Remote::NoSubscriber => "parked",
+        };
+        metrics::counter!(m::DELIVERIES, "handler" => handler, "outcome" => label).increment(1);
+        match remote {
+            Remote::Settled(Verdict::Ack) => Outcome::Ack,
+            Remote::Settled(Verdict::Fail {
+                error,
+                retry_after_ms,
+            }) => Outcome::Retry {
+                delay_ms: retry_after_ms.unwrap_or_else(|| self.backoff(attempt)),
+                error,
+            },
+            Remote::Settled(Verdict::Release) | Remote::Abandoned => Outcome::Release,
+            Remote::TimedOut {
+                subscriber,
+                after_ms,
+            } => Outcome::Retry {
+                delay_ms: self.backoff(attempt),
+                error: format!("not settled within {after_ms} ms by subscriber {subscriber}"),
+            },
+            // The subscriber may have crashed on it: a failed attempt (so a poison
+            // item ends as a dead letter), retried at once elsewhere.
+            Remote::Gone { subscriber } => Outcome::Retry {
+                delay_ms: 0,
+                error: format!("subscriber {subscriber} went away with the delivery unsettled"),
+            },
+            Remote::NoSubscriber => Outcome::Park,
+        }
+    }
+
+    /// Waits for the handler's concurrency slot, runs it, and maps its result to an
+    /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
+    async fn call(&self, slot: &Slot, queue: u32, items: Vec<Item>) -> Outcome {
+        let attempt = items[0].attempt;
+        let Some(handler) = slot.local.clone() else {
+            return Outcome::Park;
+        };
+        let Some(_slot_permit) = self.admit(slot, &items).await else {
+            return Outcome::Release;
+        };
         let ctx = ItemContext {
             items,
             cancel: self.abandon.child_token(),
             worker_id: self.worker_id.clone(),
             queue,
         };
-        let run = AssertUnwindSafe(slot.reg.handler.handle(ctx)).catch_unwind();
+        let run = AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
         tokio::select! {
             biased;
             r = run => match r {
