@@ -141,7 +141,6 @@ class Cluster:
                              "--log-level", "warn"])
         wait_until("redis", 10, lambda: _port_open(self.redis_port))
         wait_until("etcd", 20, lambda: _port_open(cport))
-        self.prefix = f"t{os.getpid()}"
         self.tokens: Dict[str, Path] = {}
         if tokens:
             for kind in ("admin", "worker", "producer"):
@@ -159,7 +158,7 @@ class Cluster:
         grpc_port, http_port = free_port(), free_port()
         argv = [self.chime, "coordinator", "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr",
                 f"127.0.0.1:{http_port}", "--advertise", f"127.0.0.1:{grpc_port}", "--redis-url", self.redis_url,
-                "--etcd-endpoints", self.etcd_url, "--prefix", self.prefix, "--heartbeat-interval-ms",
+                "--etcd-endpoints", self.etcd_url, "--heartbeat-interval-ms",
                 str(heartbeat_ms), "--election-ttl-s", "2"]
         if self.tokens:
             argv += ["--admin-token-file", str(self.tokens["admin"]), "--worker-token-file",
@@ -171,6 +170,20 @@ class Cluster:
         wait_until(f"{name} listening", 20, lambda: _port_open(grpc_port) or (not p.running() and _dead(p)))
         self.coordinators.append(url)
         return p
+
+    def start_worker(self, name: str, extra: Sequence[str] = ()) -> "ChimeWorker":
+        """A `chime worker` with no built-in handler serving the delivery service."""
+        port = free_port()
+        argv = [self.chime, "worker", "--redis-url", self.redis_url, "--etcd-endpoints",
+                self.etcd_url, "--worker-id", name, "--handlers", "none", "--deliveries-addr",
+                f"127.0.0.1:{port}", "--http-addr", "127.0.0.1:0"]
+        if self.tokens:
+            argv += ["--token-file", str(self.tokens["worker"])]
+        else:
+            argv += ["--deliveries-allow-unauthenticated"]
+        p = self._spawn(name, [*argv, *extra])
+        wait_until(f"{name} serving deliveries", 20, lambda: _port_open(port) or (not p.running() and _dead(p)))
+        return ChimeWorker(p, f"http://127.0.0.1:{port}")
 
     def cli(self, *args: str, check: bool = True) -> str:
         """Runs a `chime` admin command against the coordinators; answers stdout."""
@@ -189,6 +202,12 @@ class Cluster:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+class ChimeWorker:
+    def __init__(self, proc: Proc, deliveries: str):
+        self.proc = proc
+        self.deliveries = deliveries
 
 
 def _dead(p: Proc) -> bool:

@@ -369,6 +369,7 @@ class _Stream:
         self.worker_id = ""
         self.held: Dict[int, ItemContext] = {}
         self.closed = False
+        self.subscribed = False
         self.draining = False
         self.emptied = asyncio.Event()
         self._out: "asyncio.Queue[Optional[pb.SubscribeRequest]]" = asyncio.Queue()
@@ -455,7 +456,6 @@ class Subscriber:
         self._handlers = dict(handlers)
         self._opts = opts
         self._runners = _Runners(self._run_one)
-        self._stream: Optional[_Stream] = None
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -472,7 +472,7 @@ class Subscriber:
         channel = open_channel(self._opts.endpoint, self._opts.credentials)
         try:
             while not self._stopping.is_set():
-                ok = await self._one_stream(channel, backoff)
+                ok = await self._one_stream(channel)
                 if self._stopping.is_set():
                     break
                 if ok:
@@ -486,7 +486,7 @@ class Subscriber:
             await self._runners.close()
             await channel.close(None)
 
-    async def _one_stream(self, channel: grpc.aio.Channel, backoff: Backoff) -> bool:
+    async def _one_stream(self, channel: grpc.aio.Channel) -> bool:
         """One stream from subscribe to its end; True when it was subscribed."""
         o = self._opts
         try:
@@ -502,8 +502,6 @@ class Subscriber:
             )(None, metadata=md)
         )
         stream = _Stream(call, o)
-        self._stream = stream
-        subscribed = False
         stopper = asyncio.get_running_loop().create_task(self._drain_on_stop(stream))
         try:
             stream.send(
@@ -519,18 +517,17 @@ class Subscriber:
             while True:
                 m = await call.read()
                 if m is EOF:
-                    if not subscribed or not stream.draining:
+                    if not stream.draining:
                         log.info("delivery stream to %s ended", o.endpoint.url)
-                    return subscribed
+                    return stream.subscribed
                 assert isinstance(m, pb.SubscribeResponse)
                 kind = m.WhichOneof("kind")
                 if kind == "deliver":
                     self._dispatch(stream, m.deliver.deliveries)
                 elif kind == "subscribed":
                     s = m.subscribed
-                    subscribed = True
+                    stream.subscribed = True
                     stream.worker_id = s.worker_id
-                    backoff.reset()
                     log.info(
                         "subscribed to %s (chime worker %s, family %s, credit %d, settle timeout %d ms): %s",
                         o.endpoint.url, s.worker_id, s.family, s.credit, s.settle_timeout_ms,
@@ -554,17 +551,23 @@ class Subscriber:
             elif e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise err from None
             elif e.code() == grpc.StatusCode.CANCELLED and stream.closed:
-                pass  # we cancelled it (drain over)
+                pass  # we cancelled it: the drain is over
             else:
                 log.warning("delivery stream to %s broke: %s", o.endpoint.url, err)
-            return subscribed
+            return stream.subscribed
+        except asyncio.CancelledError:
+            if not stream.closed:
+                raise
+            return stream.subscribed  # we cancelled the call: the drain is over
         finally:
             stopper.cancel()
             stream.close(self._runners)
-            self._stream = None
 
     async def _drain_on_stop(self, stream: _Stream) -> None:
         await self._stopping.wait()
+        if not stream.subscribed:
+            stream.close(self._runners)  # nothing held, nothing to settle
+            return
         stream.draining = True
         stream.send(pb.SubscribeRequest(drain=pb.Drain()))
         if stream.held:

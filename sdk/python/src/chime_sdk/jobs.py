@@ -363,15 +363,16 @@ class Session:
         d = self._drain_deadline
         return d is not None and asyncio.get_running_loop().time() > d + CANCEL_GRACE_S + extra_s
 
+    async def _stopped_idle(self) -> None:
+        """Returns once stopping with no shard running: nothing left to tell anyone
+        (results not sent yet are the exception; callers check `_unsent`)."""
+        await self._stopping.wait()
+        await self._idle.wait()
+
     async def _pause(self, seconds: float) -> None:
         """The reconnect backoff; a stop with nothing running ends it at once."""
-
-        async def stopped_idle() -> None:
-            await self._stopping.wait()
-            await self._idle.wait()
-
         try:
-            await asyncio.wait_for(stopped_idle(), seconds)
+            await asyncio.wait_for(self._stopped_idle(), seconds)
         except asyncio.TimeoutError:
             pass
 
@@ -412,7 +413,9 @@ class Session:
                     )
                 )
             )
-            first = await asyncio.wait_for(call.read(), REGISTER_TIMEOUT_S)
+            first = await self._answer(call)
+            if first is None:
+                return False  # stopped while waiting, with nothing to report
             if first is EOF:
                 log.warning("coordinator %s closed the session without answering", endpoint.url)
                 return False
@@ -489,6 +492,28 @@ class Session:
             for t in tasks:
                 t.cancel()
             call.cancel()
+
+    async def _answer(
+        self, call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]
+    ) -> Optional[object]:
+        """The answer to `Register` (raises TimeoutError after REGISTER_TIMEOUT_S);
+        None when the worker stopped meanwhile with nothing to report."""
+        read = asyncio.ensure_future(call.read())
+        idle = asyncio.ensure_future(self._stopped_idle())
+        try:
+            done, _ = await asyncio.wait([read, idle], timeout=REGISTER_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if read in done:
+                return read.result()
+            if idle in done and self._unsent() == 0:
+                return None
+            if idle in done:
+                return await asyncio.wait_for(read, REGISTER_TIMEOUT_S)
+            raise asyncio.TimeoutError()
+        finally:
+            idle.cancel()
+            if not read.done():
+                read.cancel()
 
     async def _read(self, call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]) -> None:
         while True:

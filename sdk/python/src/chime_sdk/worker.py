@@ -223,11 +223,13 @@ class Worker:
         await self._task
 
     def run_forever(self) -> None:
-        """Runs in a new event loop until SIGTERM or SIGINT, then drains and returns.
-        A second signal stops at once, without waiting for the drain."""
-        asyncio.run(self._main())
+        """`asyncio.run(worker.main())`: the whole program's entry point."""
+        asyncio.run(self.main())
 
-    async def _main(self) -> None:
+    async def main(self) -> None:
+        """Runs until SIGTERM or SIGINT, then drains and returns. A second signal
+        stops at once without waiting for the drain, raising KeyboardInterrupt.
+        (Signal handlers need the main thread; elsewhere it is `run()`.)"""
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(self.run())
         signals = 0
@@ -251,6 +253,7 @@ class Worker:
         except asyncio.CancelledError:
             if signals < 2:
                 raise
+            raise KeyboardInterrupt from None
         finally:
             if installed:
                 for sig in (signal.SIGTERM, signal.SIGINT):
