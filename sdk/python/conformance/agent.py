@@ -109,7 +109,7 @@ def item_handler(rec: Records) -> Callable[[ItemContext], Awaitable[None]]:
         payload = ctx.items[0].payload.decode("utf-8", "replace")
         ids = [i.id for i in ctx.items]
         attempts = [i.attempt for i in ctx.items]
-        if payload == "hold":
+        if payload == "hold" or (payload == "hold-once" and ctx.attempt == 1):
             rec.write("held", handler=ctx.handler, ids=ids, attempts=attempts)
             await asyncio.Event().wait()  # until a drain gives up on it (then released)
         if payload.startswith("sleep:"):
@@ -283,7 +283,7 @@ def main() -> int:
     b.add_argument("--deliveries", required=True)
     b.add_argument("--record", required=True)
     b.add_argument("--token-file")
-    b.add_argument("--credit", type=int, default=1024)
+    b.add_argument("--credit", type=int, default=64)
     b.add_argument("--handler", default="bench")
     a = p.parse_args()
     logging.basicConfig(

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 REPO = Path(__file__).resolve().parents[3]
 T = TypeVar("T")
@@ -148,6 +147,7 @@ class Cluster:
                 p.write_text(f"{kind}-token-{os.getpid()}-0123456789\n")
                 self.tokens[kind] = p
         self.coordinators: List[str] = []
+        self.workers: List[ChimeWorker] = []
 
     def _spawn(self, name: str, argv: Sequence[str]) -> Proc:
         p = Proc(name, argv, self.dir)
@@ -159,7 +159,7 @@ class Cluster:
         argv = [self.chime, "coordinator", "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr",
                 f"127.0.0.1:{http_port}", "--advertise", f"127.0.0.1:{grpc_port}", "--redis-url", self.redis_url,
                 "--etcd-endpoints", self.etcd_url, "--heartbeat-interval-ms",
-                str(heartbeat_ms), "--election-ttl-s", "2"]
+                str(heartbeat_ms), "--election-ttl-s", "3"]
         if self.tokens:
             argv += ["--admin-token-file", str(self.tokens["admin"]), "--worker-token-file",
                      str(self.tokens["worker"]), "--producer-token-file", str(self.tokens["producer"])]
@@ -183,21 +183,24 @@ class Cluster:
             argv += ["--deliveries-allow-unauthenticated"]
         p = self._spawn(name, [*argv, *extra])
         wait_until(f"{name} serving deliveries", 20, lambda: _port_open(port) or (not p.running() and _dead(p)))
-        return ChimeWorker(p, f"http://127.0.0.1:{port}")
+        w = ChimeWorker(p, f"http://127.0.0.1:{port}")
+        self.workers.append(w)
+        return w
 
-    def cli(self, *args: str, check: bool = True) -> str:
-        """Runs a `chime` admin command against the coordinators; answers stdout."""
-        argv = [self.chime, args[0], "--coordinator", ",".join(self.coordinators)]
+    def cli(self, *args: str, at: Optional[str] = None) -> str:
+        """Runs a `chime` admin command against the coordinators (or the one `at`);
+        answers stdout."""
+        argv = [self.chime, args[0], "--coordinator", at or ",".join(self.coordinators)]
         if self.tokens:
             argv += ["--token-file", str(self.tokens["admin"])]
         argv += list(args[1:])
         r = subprocess.run(argv, capture_output=True, text=True, env=child_env(), timeout=30)
-        if check and r.returncode != 0:
+        if r.returncode != 0:
             raise AssertionError(f"chime {' '.join(args)} failed ({r.returncode}): {r.stderr or r.stdout}")
         return r.stdout
 
-    def cli_json(self, *args: str) -> object:
-        return json.loads(self.cli(*args))
+    def cli_json(self, *args: str, at: Optional[str] = None) -> Any:
+        return json.loads(self.cli(*args, at=at))
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -217,8 +220,28 @@ def _dead(p: Proc) -> bool:
 def python_agent(dir: Path, name: str, args: Sequence[str]) -> Proc:
     """Starts the conformance agent (this interpreter) as a process."""
     agent = REPO / "sdk" / "python" / "conformance" / "agent.py"
-    env = child_env()
-    return Proc(name, [sys.executable, str(agent), *args], dir, env=env)
+    return Proc(name, [sys.executable, str(agent), *args], dir)
 
 
-__all__ = ["Cluster", "Proc", "free_port", "wait_until", "python_agent", "signal"]
+class Agent:
+    """A conformance agent in `run` mode and its record file."""
+
+    def __init__(self, c: Cluster, name: str, args: Sequence[str]):
+        self.name = name
+        self.record = c.dir / f"{name}.jsonl"
+        self.proc = python_agent(c.dir, name, ["run", "--record", str(self.record), *args])
+        c.procs.append(self.proc)
+
+    def records(self) -> List[Dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        out = []
+        for line in self.record.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass  # a line being written
+        return out
+
+    def all(self, kind: str) -> List[Dict[str, Any]]:
+        return [r for r in self.records() if r["kind"] == kind]
