@@ -8,16 +8,19 @@ A missing binary fails these tests with what to install; they are never skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from chime_sdk import NewItem, SyncQueueClient
+from chime_sdk import ItemState, NewItem, SyncQueueClient
 
-from cluster import Agent, Cluster, python_agent, wait_until
+from cluster import Agent, Cluster, Proc, python_agent, wait_until
 
 LONG = 30.0
 
@@ -158,7 +161,7 @@ def test_items_acked_once_never_early(cluster: Cluster) -> None:
         for r in a.all("item"):
             for k, i in enumerate(r["ids"]):
                 assert r["at_ms"] >= due[i] and r["attempts"][k] == 1 and r["payloads"][k] == f"p{i[1:]}", r
-        wait_until("the queues to empty", LONG, lambda: q.stats().pending + q.stats().in_flight == 0)
+        wait_until("every item deleted", LONG, lambda: all(q.get(i) is None for i in due))
 
 
 def test_item_retry_then_dead_letter(cluster: Cluster) -> None:
@@ -216,13 +219,22 @@ def test_items_wait_for_a_subscriber(cluster: Cluster) -> None:
 def test_item_drain_acks_running_deliveries_then_exits_0(cluster: Cluster) -> None:
     c = cluster
     a = items_agent(c, "id1", "t.drain")
+    # Subscribed first: items popped for a handler nobody subscribes are parked (and
+    # briefly in flight while the chime worker parks them).
+    wait_until("the agent subscribed", LONG, lambda: "subscribed to" in a.proc.log())
     with queue(c) as q:
         q.enqueue([NewItem(f"s{i}", "t.drain", payload="sleep:1500") for i in range(10)])
-        wait_until("10 in flight", LONG, lambda: q.stats().in_flight == 10)
+        ids = [f"s{i}" for i in range(10)]
+
+        def all_in_flight() -> bool:
+            views = [q.get(i) for i in ids]
+            return all(v is not None and v.state is ItemState.IN_FLIGHT for v in views)
+
+        wait_until("10 in flight", LONG, all_in_flight)
         a.proc.signal(signal.SIGTERM)
         assert exits(a) == 0, a.proc.log()
         assert acked(a) == {f"s{i}": 1 for i in range(10)} and len(a.all("drained")) == 1
-        wait_until("the acks stored", LONG, lambda: q.stats().in_flight == 0)
+        wait_until("the acks stored", LONG, lambda: all(q.get(i) is None for i in ids))
 
 
 def test_refused_token_is_visible_and_nothing_runs(cluster: Cluster, tmp_path: Path) -> None:
@@ -280,3 +292,115 @@ def test_job_follows_a_new_leader(tmp_path: Path) -> None:
         assert run["shards"][0]["output"] == "done"
     finally:
         c.stop()
+
+
+# --- the examples --------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_example(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    p = Proc("quickstart", [sys.executable, str(EXAMPLES / "quickstart.py"), "--coordinator", c.coordinators[0],
+                            "--deliveries", c.workers[0].deliveries, "--token-file", str(c.tokens["worker"]),
+                            "--producer-token-file", str(c.tokens["producer"])], tmp_path)
+    assert p.wait(LONG) == 0, p.log()
+    out = p.log()
+    assert out.count(" got hello-") == 3 and "merged into one delivery" in out, out
+
+
+def test_report_job_example(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    p = Proc("report", [sys.executable, str(EXAMPLES / "report_job.py"), "--coordinator", c.coordinators[0],
+                        "--group", "g-report", "--token-file", str(c.tokens["worker"])], tmp_path)
+    c.procs.append(p)
+    wait_workers(c, "g-report", 1)
+    c.cli("job", "create", "--name", "j-report", "--group", "g-report", "--manual", "--handler", "demo.report",
+          "--routing", "sharding-broadcast", "--shards", "2")
+    run = run_in(c, trigger(c, "j-report", '{"batch": 20000}'), "succeeded")
+    assert sorted(s["output"] for s in run["shards"]) == ["50000 users", "50000 users"], run
+    p.signal(signal.SIGTERM)
+    assert p.wait(LONG) == 0, p.log()
+
+
+class FakeProvider:
+    """A push provider on a thread: `POST` with `{"messages", "users"}`, 20 ms latency,
+    every `fail_every`-th request answered 503; records what it accepted."""
+
+    def __init__(self, fail_every: int = 7):
+        self.accepted: List[Dict[str, Any]] = []
+        self.answered_503 = 0
+        self.requests = 0
+        self._fail_every = fail_every
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.port = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    if not await reader.readline():
+                        return
+                    length = 0
+                    while True:
+                        h = await reader.readline()
+                        if h in (b"\r\n", b""):
+                            break
+                        k, _, v = h.partition(b":")
+                        if k.strip().lower() == b"content-length":
+                            length = int(v)
+                    body = json.loads(await reader.readexactly(length))
+                    self.requests += 1
+                    await asyncio.sleep(0.02)
+                    if self.requests % self._fail_every == 0:
+                        self.answered_503 += 1
+                        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                    else:
+                        self.accepted.append(body)
+                        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+
+        async def serve() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            started.set()
+            await server.serve_forever()
+
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(serve(),), daemon=True)
+        self._thread.start()
+        started.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/push"
+
+
+def test_coupon_reminder_example_pushes_each_reminder_once(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    provider = FakeProvider()
+    p = Proc("coupon", [sys.executable, str(EXAMPLES / "coupon_reminder.py"), provider.url, "--deliveries",
+                        c.workers[0].deliveries, "--token-file", str(c.tokens["worker"])], tmp_path)
+    c.procs.append(p)
+    wait_until("the example subscribed", LONG, lambda: "subscribed to" in p.log())
+    with queue(c) as q:
+        now = store_now(q)
+        # 400 users with one reminder, 100 with two close together (merged into one push).
+        items = [NewItem(f"c1:u{u}", "coupon.remind", key=f"u{u}", merge_key=f"u{u}", due_at_ms=now + 200)
+                 for u in range(500)]
+        items += [NewItem(f"c2:u{u}", "coupon.remind", key=f"u{u}", merge_key=f"u{u}", due_at_ms=now + 300)
+                  for u in range(100)]
+        q.enqueue(items)
+    wait_until("every reminder pushed", LONG,
+               lambda: sum(len(b["messages"]) for b in provider.accepted) >= 600)
+    pushed: Dict[str, int] = {}
+    for b in provider.accepted:
+        for m in b["messages"]:
+            pushed[m] = pushed.get(m, 0) + 1
+            assert b["users"] == [int(m.split(":u")[1])], b
+    assert len(pushed) == 600 and set(pushed.values()) == {1}
+    assert sum(1 for b in provider.accepted if len(b["messages"]) == 2) == 100
+    assert provider.answered_503 > 0  # and they were retried: every reminder got through
+    p.signal(signal.SIGTERM)
+    assert p.wait(LONG) == 0, p.log()

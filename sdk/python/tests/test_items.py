@@ -343,3 +343,28 @@ def test_stop_before_the_subscription_is_answered_returns_at_once() -> None:
         await srv.stop()
 
     run(scenario())
+
+
+def test_deliveries_in_transit_when_draining_are_run_before_closing() -> None:
+    """The chime worker may have sent deliveries before it read our Drain: they are
+    run and settled before our side closes (nothing else marks their end)."""
+
+    async def h(ctx: ItemContext) -> None:
+        await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        srv, w, task = await start({"h": h})
+        s = await srv.stream()
+        await s.next("subscribe")
+        s.send(subscribed())
+        await asyncio.sleep(0.05)
+        w.stop()
+        await s.next("drain")
+        s.send(deliver(delivery(5, "late")))
+        await eventually("the half-close", s.ended.is_set)
+        assert settled(s)["acks"] == [5]
+        s.end()
+        await task
+        await srv.stop()
+
+    run(scenario())

@@ -23,6 +23,12 @@ CHANNEL_OPTIONS: Sequence[Tuple[str, Any]] = (
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC's own reconnect backoff grows to 2 minutes; a coordinator back after a
+    # restart (or a new leader) must be reached within a second, because a new
+    # leader hands the shards of workers that did not come back to others after a
+    # short grace.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
     # Messages are at most 4 MiB each way (delivery.proto); the default receive
     # limit is exactly 4 MiB, so leave room for framing.
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -111,7 +117,7 @@ class Backoff:
     """Exponential reconnect delay with ±20 % jitter (so many subscribers that lost
     the same server do not come back in lockstep)."""
 
-    def __init__(self, first_s: float = 0.1, max_s: float = 2.0):
+    def __init__(self, first_s: float = 0.1, max_s: float = 1.0):
         self._first = first_s
         self._max = max_s
         self._next = first_s

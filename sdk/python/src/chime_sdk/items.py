@@ -44,6 +44,12 @@ log = logging.getLogger("chime_sdk.items")
 SUBSCRIBE = "/chime.v1.Deliveries/Subscribe"
 HANDLER_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+# After a drain settled everything, how long no new delivery must arrive before the
+# stream is closed (see `_drain_on_stop`).
+DRAIN_QUIET_S = 0.1
+# How long handlers cancelled at the drain timeout may take to unwind.
+CANCEL_GRACE_S = 2.0
+
 # A Failure's error is kept cut to 4 KiB by the chime worker; cutting it here too
 # keeps a batch of failures far below the 4 MiB message limit.
 _MAX_ERROR_BYTES = 4096
@@ -371,7 +377,8 @@ class _Stream:
         self.closed = False
         self.subscribed = False
         self.draining = False
-        self.emptied = asyncio.Event()
+        self.emptied = asyncio.Event()  # set when a drain finds `held` empty
+        self.arrived = asyncio.Event()  # set when deliveries arrive during a drain
         self._out: "asyncio.Queue[Optional[pb.SubscribeRequest]]" = asyncio.Queue()
         threshold = max(1, min(opts.max_batch, opts.credit // 4))
         self.settler = _Settler(self.send, opts.flush_interval_ms / 1000.0, threshold)
@@ -570,30 +577,49 @@ class Subscriber:
             return
         stream.draining = True
         stream.send(pb.SubscribeRequest(drain=pb.Drain()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._opts.drain_timeout_ms / 1000.0
         if stream.held:
             log.info("draining: %d deliveries running", len(stream.held))
-            stream.emptied.clear()
-            try:
-                await asyncio.wait_for(stream.emptied.wait(), self._opts.drain_timeout_ms / 1000.0)
-            except asyncio.TimeoutError:
-                log.warning("drain timeout: releasing %d deliveries", len(stream.held))
-                for ctx in list(stream.held.values()):
-                    ctx._request_cancel()
-                    self._runners.cancel(ctx)
-                    if ctx._runner is None:
-                        stream.release(ctx)  # never started; its runner will skip it
-                # Cancelled handlers release as they unwind; give them a moment.
+        while True:
+            if stream.held:
+                stream.emptied.clear()
                 try:
-                    await asyncio.wait_for(stream.emptied.wait(), 2.0)
+                    await asyncio.wait_for(stream.emptied.wait(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
-                    for ctx in list(stream.held.values()):
-                        stream.release(ctx)
+                    await self._give_up(stream)
+                    break
+            # Deliveries the chime worker sent before it read our Drain may still be
+            # on the way, and nothing marks their end (the stream ends only after we
+            # close our side): run them too, and close after a short quiet spell.
+            stream.arrived.clear()
+            try:
+                await asyncio.wait_for(stream.arrived.wait(), DRAIN_QUIET_S)
+            except asyncio.TimeoutError:
+                break
         stream.finish_writing()
         # The chime worker ends the stream once it has our settlements; do not wait
         # for a peer that went silent.
         await asyncio.sleep(5.0)
         log.warning("delivery stream did not end 5 s after the drain; closing it")
         stream.close(self._runners)
+
+    async def _give_up(self, stream: _Stream) -> None:
+        """The drain timeout passed: cancels the handlers still running (they
+        release their deliveries as they unwind) and releases the rest."""
+        log.warning("drain timeout: releasing %d deliveries", len(stream.held))
+        for ctx in list(stream.held.values()):
+            ctx._request_cancel()
+            self._runners.cancel(ctx)
+            if ctx._runner is None:
+                stream.release(ctx)  # never started; its runner will skip it
+        if stream.held:
+            stream.emptied.clear()
+            try:
+                await asyncio.wait_for(stream.emptied.wait(), CANCEL_GRACE_S)
+            except asyncio.TimeoutError:
+                for ctx in list(stream.held.values()):
+                    stream.release(ctx)  # a handler that ignores its cancellation
 
     def _dispatch(self, stream: _Stream, deliveries: Sequence[pb.Delivery]) -> None:
         held = stream.held
@@ -612,6 +638,8 @@ class Subscriber:
             )
             held[ctx.delivery_id] = ctx
             submit(ctx)
+        if stream.draining:
+            stream.arrived.set()
 
     async def _run_one(self, ctx: ItemContext) -> None:
         stream = ctx._stream

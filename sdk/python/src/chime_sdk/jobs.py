@@ -8,7 +8,8 @@ worker's `session.rs`, which this module follows:
   gives, listing the running shards;
 * a follower answers `NotLeader` with the leader's bare `host:port`, dialed with
   the scheme of the endpoint that answered; otherwise the endpoints are tried in
-  turn, with a backoff (100 ms doubling to 2 s) after a failure;
+  turn, with a backoff (100 ms doubling to 1 s: a new leader gives the shards of
+  workers that did not come back to others after a grace of a few seconds);
 * each `Assign` runs its handler in its own task: `RunStarted`, `RunLog` lines, and
   exactly one `RunResult` per (run, shard, attempt). Shards outlive the stream:
   after a reconnect the worker registers with them, and re-sends the results of the
