@@ -368,3 +368,18 @@ def test_deliveries_in_transit_when_draining_are_run_before_closing() -> None:
         await srv.stop()
 
     run(scenario())
+
+
+def test_async_with_stops_even_when_the_block_ends_at_once() -> None:
+    async def h(ctx: ItemContext) -> None:
+        return None
+
+    async def scenario() -> None:
+        srv = await deliveries_server()
+        w = Worker(deliveries=srv.url)
+        w.add_item_handler("h", h)
+        async with w:
+            pass  # stop() before run() even started
+        await srv.stop()
+
+    run(scenario())

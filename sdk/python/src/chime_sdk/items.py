@@ -15,8 +15,8 @@ Throughput is the point of the design:
   (I/O) get a runner each while handlers that return at once are run back to back by
   one runner. Each handler runs inside its runner's task for its whole life, so
   `asyncio.current_task()`, `asyncio.timeout()` and task groups behave as in any task.
-* Settlements are batched: one `Settle` per flush interval (5 ms by default), or at
-  once when a quarter of the credit (at most `max_batch`) is waiting.
+* Settlements are batched: one `Settle` per 5 ms, or at once when a quarter of the
+  credit (at most 512) is waiting.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import re
-import socket
 import time
 from typing import Awaitable, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set
 
@@ -44,14 +42,20 @@ log = logging.getLogger("chime_sdk.items")
 SUBSCRIBE = "/chime.v1.Deliveries/Subscribe"
 HANDLER_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+# Settlements wait at most this long to go out together in one `Settle`…
+SETTLE_FLUSH_S = 0.005
+# …or go at once when a quarter of the credit, capped at this, is waiting (a batch
+# of failures with 4 KiB errors stays far below the 4 MiB message limit).
+SETTLE_MAX_BATCH = 512
+
 # After a drain settled everything, how long no new delivery must arrive before the
 # stream is closed (see `_drain_on_stop`).
 DRAIN_QUIET_S = 0.1
 # How long handlers cancelled at the drain timeout may take to unwind.
 CANCEL_GRACE_S = 2.0
 
-# A Failure's error is kept cut to 4 KiB by the chime worker; cutting it here too
-# keeps a batch of failures far below the 4 MiB message limit.
+# A Failure's error is kept cut to 4 KiB by the chime worker; it is cut here too,
+# for the message limit.
 _MAX_ERROR_BYTES = 4096
 
 
@@ -195,35 +199,30 @@ ItemHandler = Callable[[ItemContext], Awaitable[None]]
 
 
 class SubscriberOptions:
-    """How the item side subscribes (see `Worker` for the meaning of each)."""
+    """How the item side subscribes (see `Worker` for the meaning of each);
+    `subscriber` names this process in the chime worker's logs."""
 
     def __init__(
         self,
         endpoint: Endpoint,
         token: Token,
+        subscriber: str,
         credit: int = 64,
         settle_timeout_ms: int = 0,
         drain_timeout_ms: int = 10_000,
-        subscriber: Optional[str] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
-        flush_interval_ms: float = 5.0,
-        max_batch: int = 1024,
     ):
         if not 1 <= credit <= 10_000:
             raise ValueError(f"credit {credit}: must be 1..10000")
         if settle_timeout_ms != 0 and not 1_000 <= settle_timeout_ms <= 3_600_000:
             raise ValueError(f"settle_timeout_ms {settle_timeout_ms}: must be 0 or 1000..3600000")
-        if flush_interval_ms <= 0 or max_batch < 1:
-            raise ValueError("flush_interval_ms and max_batch must be positive")
         self.endpoint = endpoint
         self.token = token
+        self.subscriber = subscriber[:253]
         self.credit = credit
         self.settle_timeout_ms = settle_timeout_ms
         self.drain_timeout_ms = drain_timeout_ms
-        self.subscriber = (subscriber or f"{socket.gethostname()}/{os.getpid()}")[:253]
         self.credentials = credentials
-        self.flush_interval_ms = flush_interval_ms
-        self.max_batch = max_batch
 
 
 class _Settler:
@@ -380,8 +379,8 @@ class _Stream:
         self.emptied = asyncio.Event()  # set when a drain finds `held` empty
         self.arrived = asyncio.Event()  # set when deliveries arrive during a drain
         self._out: "asyncio.Queue[Optional[pb.SubscribeRequest]]" = asyncio.Queue()
-        threshold = max(1, min(opts.max_batch, opts.credit // 4))
-        self.settler = _Settler(self.send, opts.flush_interval_ms / 1000.0, threshold)
+        threshold = max(1, min(SETTLE_MAX_BATCH, opts.credit // 4))
+        self.settler = _Settler(self.send, SETTLE_FLUSH_S, threshold)
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def send(self, m: pb.SubscribeRequest) -> None:

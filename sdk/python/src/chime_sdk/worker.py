@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import threading
@@ -107,6 +108,7 @@ class Worker:
             SubscriberOptions(
                 self._deliveries,
                 self._token,
+                f"{self.worker_id}/{os.getpid()}",
                 credit=credit,
                 settle_timeout_ms=settle_timeout_ms,
                 drain_timeout_ms=drain_timeout_ms,
@@ -209,7 +211,6 @@ class Worker:
 
     async def __aenter__(self) -> "Worker":
         self._task = asyncio.ensure_future(self.run())
-        await asyncio.sleep(0)  # let it start, so an early stop() reaches it
         return self
 
     async def __aexit__(
