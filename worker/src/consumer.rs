@@ -644,6 +644,16 @@ impl Consumer {
         };
     }
 
+    /// Notes that `queue` will have something due at `at` (store clock): an item
+    /// this worker sent back (a retry, a release), so the pollers look again then
+    /// rather than after their idle sleep.
+    fn expect(&self, queue: u32, at: i64) {
+        let mut known = lock(&self.known);
+        if let Some(Known::At { next_due, .. }) = known.get_mut(queue as usize) {
+            *next_due = Some(next_due.map_or(at, |t| t.min(at)));
+        }
+    }
+
     fn dispatch(self: &Arc<Self>, popped: Popped, mut permit: OwnedSemaphorePermit) {
         let now = popped.now_ms;
         for delivery in popped.deliveries {
@@ -732,6 +742,13 @@ impl Consumer {
             for (id, _) in &tokens {
                 map.remove(&(queue, id.clone()));
             }
+        }
+        match &outcome {
+            Outcome::Retry { delay_ms, .. } if !last_attempt => {
+                self.expect(queue, self.store_now() + *delay_ms as i64);
+            }
+            Outcome::Release => self.expect(queue, self.store_now()),
+            _ => {}
         }
         let settlements = tokens
             .into_iter()

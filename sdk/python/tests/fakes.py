@@ -169,6 +169,11 @@ def deliver(*ds: dpb.Delivery) -> dpb.SubscribeResponse:
     return dpb.SubscribeResponse(deliver=dpb.Deliver(deliveries=list(ds)))
 
 
+def drained() -> Any:
+    """The chime worker's answer to a `Drain`."""
+    return dpb.SubscribeResponse(drained=dpb.Drained())
+
+
 def subscribed(credit: int = 64) -> dpb.SubscribeResponse:
     return dpb.SubscribeResponse(
         subscribed=dpb.Subscribed(worker_id="cw-1", family="default", credit=credit, settle_timeout_ms=30_000)

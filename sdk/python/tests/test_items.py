@@ -14,7 +14,7 @@ from chime_sdk import HandlerError, ItemContext, Worker
 from chime_sdk._proto import delivery_pb2 as pb
 from chime_sdk.items import _Settler
 
-from fakes import FakeServer, deliver, deliveries_server, delivery, eventually, subscribed
+from fakes import FakeServer, deliver, deliveries_server, delivery, drained, eventually, subscribed
 
 Handler = Callable[[ItemContext], Awaitable[None]]
 
@@ -75,6 +75,7 @@ def test_subscribe_ack_fail_and_context() -> None:
         assert merged.items[0].merge_key == "mk" and merged.items[0].max_attempts == 3
         w.stop()
         await s.next("drain")
+        s.send(drained())
         await eventually("the half-close", s.ended.is_set)
         s.end()
         await task
@@ -187,6 +188,7 @@ def test_drain_finishes_running_handlers_then_releases_the_rest() -> None:
         await asyncio.sleep(0.02)
         w.stop()
         await s.next("drain")
+        s.send(drained())
         await eventually("the stuck one released", lambda: settled(s)["releases"] == [2], timeout_s=3)
         assert settled(s)["acks"] == [1]
         await eventually("the half-close after the settlements", s.ended.is_set)
@@ -347,7 +349,7 @@ def test_stop_before_the_subscription_is_answered_returns_at_once() -> None:
 
 def test_deliveries_in_transit_when_draining_are_run_before_closing() -> None:
     """The chime worker may have sent deliveries before it read our Drain: they are
-    run and settled before our side closes (nothing else marks their end)."""
+    run and settled before our side closes (`Drained` marks their end)."""
 
     async def h(ctx: ItemContext) -> None:
         await asyncio.sleep(0.02)
@@ -361,6 +363,7 @@ def test_deliveries_in_transit_when_draining_are_run_before_closing() -> None:
         w.stop()
         await s.next("drain")
         s.send(deliver(delivery(5, "late")))
+        s.send(drained())
         await eventually("the half-close", s.ended.is_set)
         assert settled(s)["acks"] == [5]
         s.end()

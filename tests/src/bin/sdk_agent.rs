@@ -243,7 +243,7 @@ async fn item(rec: Records, ctx: ItemContext) -> Result<(), HandlerError> {
                "payloads": items.iter().map(|i| String::from_utf8_lossy(&i.payload).into_owned()).collect::<Vec<_>>(),
                "merged": ctx.is_merged(), "outcome": outcome})
     };
-    if first == "hold" {
+    if first == "hold" || (first == "hold-once" && items[0].attempt == 1) {
         rec.write(
             "held",
             json!({"handler": handler, "ids": ids,

@@ -213,9 +213,12 @@ impl Subscription {
         let mut extend = tokio::time::interval(settle_timeout / 3);
         extend.tick().await;
         let mut draining = false;
+        // The worker's `Drained` came: nothing more will be delivered. Without it
+        // (the drain timed out first), a delivery could still be on its way.
+        let mut drained = false;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
-            if draining && lock(&running).is_empty() && verdict_rx.is_empty() {
+            if draining && drained && lock(&running).is_empty() && verdict_rx.is_empty() {
                 // Everything settled: closing our side ends the stream.
                 drop(tx);
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -234,6 +237,10 @@ impl Subscription {
                     }
                     Ok(Some(pb::SubscribeResponse { kind: Some(Out::Refused(r)) })) => {
                         debug!(ids = ?r.delivery_ids, reason = %r.reason, "settlements refused");
+                    }
+                    Ok(Some(pb::SubscribeResponse { kind: Some(Out::Drained(_)) })) => {
+                        debug!("drain acknowledged: no more deliveries on this stream");
+                        drained = true;
                     }
                     Ok(Some(pb::SubscribeResponse { kind: Some(Out::Closing(c)) })) => {
                         info!(reason = %c.reason, "the chime worker is draining; finishing what we hold");
@@ -287,6 +294,7 @@ impl Subscription {
                     warn!(running = lock(&running).len(), "drain timeout: handing back running deliveries");
                     abandon.cancel();
                     drain_deadline = None;
+                    drained = true;
                 }
             }
         }

@@ -188,6 +188,8 @@ pub enum Outgoing {
         /// Why.
         reason: String,
     },
+    /// The subscriber's `Drain` is in force: nothing more will be delivered.
+    Drained,
     /// The worker is draining.
     Closing {
         /// Settlements are taken until then (worker clock, Unix ms).
@@ -270,6 +272,19 @@ impl Subscriber {
         lock(&self.out)
             .as_ref()
             .is_some_and(|tx| tx.send(msg).is_ok())
+    }
+
+    /// Queues a delivery unless the subscriber drains (checked under the same lock
+    /// that queues `Drained`, so no delivery ever follows it) or its stream ended.
+    fn send_delivery(&self, d: OutDelivery) -> Sent {
+        let out = lock(&self.out);
+        if self.draining.load(Ordering::Relaxed) {
+            return Sent::Draining(d);
+        }
+        match out.as_ref() {
+            Some(tx) if tx.send(Outgoing::Deliver(d)).is_ok() => Sent::Yes,
+            _ => Sent::Closed,
+        }
     }
 
     /// Ends deliveries this stream holds; answers the ids it does not hold (unknown,
@@ -447,7 +462,15 @@ impl Hub {
     /// credit goes elsewhere or is parked.
     pub fn drain(&self, sub: &Arc<Subscriber>) {
         let mut st = self.state();
-        sub.draining.store(true, Ordering::Relaxed);
+        {
+            // Under the stream's lock: every delivery queued before `Drained` is
+            // sent before it, and none after (see `send_delivery`).
+            let out = lock(&sub.out);
+            sub.draining.store(true, Ordering::Relaxed);
+            if let Some(tx) = out.as_ref() {
+                let _ = tx.send(Outgoing::Drained);
+            }
+        }
         Self::reroute(&mut st, &sub.handlers);
         Self::recompute(&mut st);
     }
@@ -519,46 +542,69 @@ impl Hub {
     pub(crate) async fn deliver(
         self: &Arc<Self>,
         handler: &str,
-        items: Vec<Item>,
+        mut items: Vec<Item>,
         queue: u32,
         abandon: &CancellationToken,
     ) -> Remote {
-        let sub = {
-            let rx = {
-                let mut st = self.state();
-                match Self::pick(&mut st, handler) {
-                    Pick::Got(s) => Ok(s),
-                    Pick::None => return Remote::NoSubscriber,
-                    Pick::Busy => {
-                        let (tx, rx) = oneshot::channel();
-                        st.by_handler
-                            .entry(handler.to_owned())
-                            .or_default()
-                            .waiters
-                            .push_back(tx);
-                        Err(rx)
-                    }
-                }
-            };
-            match rx {
+        loop {
+            let sub = match self.take_credit(handler, abandon).await {
                 Ok(s) => s,
-                Err(rx) => tokio::select! {
-                    got = rx => match got {
-                        Ok(Some(s)) => s,
-                        // Every subscriber of the handler left or is draining.
-                        Ok(None) | Err(_) => return Remote::NoSubscriber,
-                    },
-                    // Dropping the receiver: whoever would have handed credit to it
-                    // sees the send fail and gives the credit to the next waiter.
-                    _ = abandon.cancelled() => return Remote::Abandoned,
-                },
+                Err(r) => return r,
+            };
+            match self.hand_over(&sub, handler, items, queue, abandon).await {
+                Ok(r) => return r,
+                // It began draining between our pick and the send: pick again.
+                Err(back) => items = back,
+            }
+        }
+    }
+
+    /// One credit of a subscriber of `handler`, waiting for one if all are busy.
+    async fn take_credit(
+        &self,
+        handler: &str,
+        abandon: &CancellationToken,
+    ) -> Result<Arc<Subscriber>, Remote> {
+        let rx = {
+            let mut st = self.state();
+            match Self::pick(&mut st, handler) {
+                Pick::Got(s) => return Ok(s),
+                Pick::None => return Err(Remote::NoSubscriber),
+                Pick::Busy => {
+                    let (tx, rx) = oneshot::channel();
+                    st.by_handler
+                        .entry(handler.to_owned())
+                        .or_default()
+                        .waiters
+                        .push_back(tx);
+                    rx
+                }
             }
         };
-        // From here the delivery holds one credit of `sub`, returned on every path.
-        let _credit = CreditGuard {
-            hub: self,
-            sub: &sub,
-        };
+        tokio::select! {
+            got = rx => match got {
+                Ok(Some(s)) => Ok(s),
+                // Every subscriber of the handler left or is draining.
+                Ok(None) | Err(_) => Err(Remote::NoSubscriber),
+            },
+            // Dropping the receiver: whoever would have handed credit to it sees
+            // the send fail and gives the credit to the next waiter.
+            _ = abandon.cancelled() => Err(Remote::Abandoned),
+        }
+    }
+
+    /// Sends the delivery down `sub`'s stream (holding one of its credits, returned
+    /// on every path) and waits for its end. Answers the items back when `sub`
+    /// began draining before the send.
+    async fn hand_over(
+        &self,
+        sub: &Arc<Subscriber>,
+        handler: &str,
+        items: Vec<Item>,
+        queue: u32,
+        abandon: &CancellationToken,
+    ) -> Result<Remote, Vec<Item>> {
+        let _credit = CreditGuard { hub: self, sub };
         let id = sub.next_delivery.fetch_add(1, Ordering::Relaxed);
         let deadline = Arc::new(AtomicI64::new(
             system_now_ms() + i64::from(sub.settle_timeout_ms),
@@ -571,39 +617,46 @@ impl Hub {
                 deadline_ms: deadline.clone(),
             },
         );
-        let sent = sub.send(Outgoing::Deliver(OutDelivery {
+        let sent = sub.send_delivery(OutDelivery {
             id,
             handler: handler.to_owned(),
             items,
             queue,
             settle_deadline_ms: deadline.load(Ordering::Relaxed),
-        }));
-        if !sent {
-            lock(&sub.pending).remove(&id);
-            return Remote::Gone {
-                subscriber: sub.name.clone(),
-            };
+        });
+        match sent {
+            Sent::Yes => {}
+            Sent::Draining(d) => {
+                lock(&sub.pending).remove(&id);
+                return Err(d.items);
+            }
+            Sent::Closed => {
+                lock(&sub.pending).remove(&id);
+                return Ok(Remote::Gone {
+                    subscriber: sub.name.clone(),
+                });
+            }
         }
         loop {
             let wait = deadline.load(Ordering::Relaxed) - system_now_ms();
             tokio::select! {
-                v = &mut rx => return match v {
+                v = &mut rx => return Ok(match v {
                     Ok(v) => Remote::Settled(v),
                     Err(_) => Remote::Gone { subscriber: sub.name.clone() },
-                },
+                }),
                 _ = tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)) => {
                     // An extension may have moved the deadline while we slept.
                     if deadline.load(Ordering::Relaxed) <= system_now_ms() {
                         lock(&sub.pending).remove(&id);
-                        return Remote::TimedOut {
+                        return Ok(Remote::TimedOut {
                             subscriber: sub.name.clone(),
                             after_ms: u64::from(sub.settle_timeout_ms),
-                        };
+                        });
                     }
                 }
                 _ = abandon.cancelled() => {
                     lock(&sub.pending).remove(&id);
-                    return Remote::Abandoned;
+                    return Ok(Remote::Abandoned);
                 }
             }
         }
@@ -700,6 +753,12 @@ impl Hub {
         sub.held.fetch_sub(1, Ordering::Relaxed);
         Self::feed(&mut st, sub);
     }
+}
+
+enum Sent {
+    Yes,
+    Draining(OutDelivery),
+    Closed,
 }
 
 enum Pick {
@@ -877,6 +936,34 @@ mod tests {
         assert!(!kept.is_finished(), "extended delivery timed out");
         assert!(sub.settle([(kept_id, Verdict::Ack)]).is_empty());
         assert_eq!(kept.await.unwrap(), Remote::Settled(Verdict::Ack));
+    }
+
+    #[tokio::test]
+    async fn nothing_follows_drained_and_the_rest_go_elsewhere() {
+        let hub = Hub::new(HubOptions::default());
+        let (a, mut ra) = hub.subscribe(spec(&["h"], 5)).unwrap();
+        let (b, mut rb) = hub.subscribe(spec(&["h"], 5)).unwrap();
+        hub.drain(&a);
+        assert!(matches!(ra.recv().await, Some(Outgoing::Drained)));
+        let never = CancellationToken::new();
+        for i in 0..3 {
+            let (h, n) = (hub.clone(), never.clone());
+            tokio::spawn(async move {
+                h.deliver("h", vec![item(&format!("d{i}"), "h")], 0, &n)
+                    .await
+            });
+        }
+        for _ in 0..3 {
+            delivery_id(rb.recv().await);
+        }
+        assert!(ra.try_recv().is_err(), "a delivery followed Drained");
+        // When the last accepting subscriber drains too, the handler is not served.
+        hub.drain(&b);
+        assert!(hub.served().is_empty());
+        assert_eq!(
+            hub.deliver("h", vec![item("x", "h")], 0, &never).await,
+            Remote::NoSubscriber
+        );
     }
 
     #[tokio::test]

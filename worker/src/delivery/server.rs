@@ -208,6 +208,7 @@ async fn write(
                 delivery_ids: ids,
                 reason,
             }),
+            Outgoing::Drained => Out::Drained(pb::Drained {}),
             Outgoing::Closing { deadline_ms } => Out::Closing(pb::Closing {
                 reason: "the chime worker is draining (shutting down)".into(),
                 deadline_ms,

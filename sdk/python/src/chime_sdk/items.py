@@ -48,9 +48,6 @@ SETTLE_FLUSH_S = 0.005
 # of failures with 4 KiB errors stays far below the 4 MiB message limit).
 SETTLE_MAX_BATCH = 512
 
-# After a drain settled everything, how long no new delivery must arrive before the
-# stream is closed (see `_drain_on_stop`).
-DRAIN_QUIET_S = 0.1
 # How long handlers cancelled at the drain timeout may take to unwind.
 CANCEL_GRACE_S = 2.0
 
@@ -378,6 +375,7 @@ class _Stream:
         self.draining = False
         self.emptied = asyncio.Event()  # set when a drain finds `held` empty
         self.arrived = asyncio.Event()  # set when deliveries arrive during a drain
+        self.drained = asyncio.Event()  # set when the worker answers our Drain
         self._out: "asyncio.Queue[Optional[pb.SubscribeRequest]]" = asyncio.Queue()
         threshold = max(1, min(SETTLE_MAX_BATCH, opts.credit // 4))
         self.settler = _Settler(self.send, SETTLE_FLUSH_S, threshold)
@@ -539,6 +537,9 @@ class Subscriber:
                         o.endpoint.url, s.worker_id, s.family, s.credit, s.settle_timeout_ms,
                         ", ".join(sorted(self._handlers)),
                     )
+                elif kind == "drained":
+                    stream.drained.set()
+                    stream.arrived.set()
                 elif kind == "refused":
                     log.warning(
                         "chime worker refused settling %d deliveries: %s",
@@ -580,22 +581,24 @@ class Subscriber:
         deadline = loop.time() + self._opts.drain_timeout_ms / 1000.0
         if stream.held:
             log.info("draining: %d deliveries running", len(stream.held))
-        while True:
+        # Deliveries the chime worker sent before it read our Drain may still be on
+        # the way; its `Drained` answer comes after the last of them. Run them too,
+        # and close once everything is settled and `Drained` has arrived.
+        while not (stream.drained.is_set() and not stream.held):
+            left = max(0.0, deadline - loop.time())
             if stream.held:
                 stream.emptied.clear()
                 try:
-                    await asyncio.wait_for(stream.emptied.wait(), max(0.0, deadline - loop.time()))
+                    await asyncio.wait_for(stream.emptied.wait(), left)
                 except asyncio.TimeoutError:
                     await self._give_up(stream)
                     break
-            # Deliveries the chime worker sent before it read our Drain may still be
-            # on the way, and nothing marks their end (the stream ends only after we
-            # close our side): run them too, and close after a short quiet spell.
-            stream.arrived.clear()
-            try:
-                await asyncio.wait_for(stream.arrived.wait(), DRAIN_QUIET_S)
-            except asyncio.TimeoutError:
-                break
+            else:
+                stream.arrived.clear()
+                try:
+                    await asyncio.wait_for(stream.arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
         stream.finish_writing()
         # The chime worker ends the stream once it has our settlements; do not wait
         # for a peer that went silent.

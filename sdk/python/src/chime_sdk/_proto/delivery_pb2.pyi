@@ -71,16 +71,18 @@ class Drain(_message.Message):
     def __init__(self) -> None: ...
 
 class SubscribeResponse(_message.Message):
-    __slots__ = ("subscribed", "deliver", "refused", "closing")
+    __slots__ = ("subscribed", "deliver", "refused", "closing", "drained")
     SUBSCRIBED_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     CLOSING_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
     subscribed: Subscribed
     deliver: Deliver
     refused: Refused
     closing: Closing
-    def __init__(self, subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., deliver: _Optional[_Union[Deliver, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., closing: _Optional[_Union[Closing, _Mapping]] = ...) -> None: ...
+    drained: Drained
+    def __init__(self, subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., deliver: _Optional[_Union[Deliver, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., closing: _Optional[_Union[Closing, _Mapping]] = ..., drained: _Optional[_Union[Drained, _Mapping]] = ...) -> None: ...
 
 class Subscribed(_message.Message):
     __slots__ = ("worker_id", "family", "credit", "settle_timeout_ms")
@@ -139,6 +141,10 @@ class Refused(_message.Message):
     delivery_ids: _containers.RepeatedScalarFieldContainer[int]
     reason: str
     def __init__(self, delivery_ids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Drained(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Closing(_message.Message):
     __slots__ = ("reason", "deadline_ms")

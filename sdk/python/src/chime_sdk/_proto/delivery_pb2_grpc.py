@@ -66,9 +66,10 @@ class DeliveriesStub(object):
     counts as a failed attempt ("not settled within …") and its credit is freed.
     Settling or extending a delivery the stream does not hold (unknown, already
     settled, timed out) changes nothing and is answered with `Refused`.
-    5. The app stops by sending `Drain`: it gets no new delivery, settles (or
-    releases) what it holds, and closes its side; the worker then ends the
-    stream OK. When the chime worker itself drains (SIGTERM) it sends `Closing`
+    5. The app stops by sending `Drain`: the worker answers `Drained`, after which
+    nothing more is delivered on the stream (deliveries sent before it still
+    arrive before it); the app settles (or releases) what it holds, and closes
+    its side; the worker then ends the stream OK. When the chime worker itself drains (SIGTERM) it sends `Closing`
     and keeps accepting settlements until the deadline it names; deliveries
     still unsettled then are handed back, and the stream ends OK.
     If the stream breaks (the app crashed, the network failed), every delivery it
@@ -141,9 +142,10 @@ class DeliveriesServicer(object):
     counts as a failed attempt ("not settled within …") and its credit is freed.
     Settling or extending a delivery the stream does not hold (unknown, already
     settled, timed out) changes nothing and is answered with `Refused`.
-    5. The app stops by sending `Drain`: it gets no new delivery, settles (or
-    releases) what it holds, and closes its side; the worker then ends the
-    stream OK. When the chime worker itself drains (SIGTERM) it sends `Closing`
+    5. The app stops by sending `Drain`: the worker answers `Drained`, after which
+    nothing more is delivered on the stream (deliveries sent before it still
+    arrive before it); the app settles (or releases) what it holds, and closes
+    its side; the worker then ends the stream OK. When the chime worker itself drains (SIGTERM) it sends `Closing`
     and keeps accepting settlements until the deadline it names; deliveries
     still unsettled then are handed back, and the stream ends OK.
     If the stream breaks (the app crashed, the network failed), every delivery it
@@ -226,9 +228,10 @@ class Deliveries(object):
     counts as a failed attempt ("not settled within …") and its credit is freed.
     Settling or extending a delivery the stream does not hold (unknown, already
     settled, timed out) changes nothing and is answered with `Refused`.
-    5. The app stops by sending `Drain`: it gets no new delivery, settles (or
-    releases) what it holds, and closes its side; the worker then ends the
-    stream OK. When the chime worker itself drains (SIGTERM) it sends `Closing`
+    5. The app stops by sending `Drain`: the worker answers `Drained`, after which
+    nothing more is delivered on the stream (deliveries sent before it still
+    arrive before it); the app settles (or releases) what it holds, and closes
+    its side; the worker then ends the stream OK. When the chime worker itself drains (SIGTERM) it sends `Closing`
     and keeps accepting settlements until the deadline it names; deliveries
     still unsettled then are handed back, and the stream ends OK.
     If the stream breaks (the app crashed, the network failed), every delivery it
