@@ -38,7 +38,7 @@ from typing import Any
 sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import CHART, KNOWN_KEYS, find, objects, pod_labels, pod_spec  # noqa: E402
+from common import CHART, KNOWN_KEYS, chime_process, config_arg, containers, find, objects, pod_labels, pod_spec  # noqa: E402
 
 NAMESPACE = "chime-ci"
 KUBE_VERSIONS = ["1.30"]  # plus the newest schemas kubernetes-validate ships
@@ -145,7 +145,8 @@ def values_table() -> str:
             for part in m.group(1).split("."):
                 node = node[part]
             default = json.dumps(node, separators=(",", ":"))
-            desc = m.group(2).replace("|", "\\|")
+            # "<fullname>" would be an HTML tag to Markdown.
+            desc = m.group(2).replace("|", "\\|").replace("<", "\\<")
             lines.append(f"| `{m.group(1)}` | {desc} | `{default}` |")
     return "\n".join(lines).strip() + "\n"
 
@@ -167,6 +168,41 @@ def check_readme(r: Report) -> None:
         readme_with_table(text) == text,
         "README.md values table is stale: python3 scripts/helm/check.py --write-readme",
     )
+
+
+# ------------------------------------------------------------------ example files
+
+# Files of the ci/ value sets that are verbatim copies of repository files (the example
+# app's script in a ConfigMap): value set -> (key under sidecarApp.files, source).
+EXAMPLE_FILES: dict[str, tuple[str, str]] = {
+    "ci/sidecar-app-values.yaml": ("coupon_reminder.py", "sdk/python/examples/coupon_reminder.py"),
+}
+
+
+def with_example(text: str, key: str, content: str) -> str:
+    """The values file with the block scalar of `key` (under sidecarApp.files) replaced."""
+    lines = text.splitlines(keepends=True)
+    head = [i for i, line in enumerate(lines) if line.rstrip() == f"    {key}: |"]
+    if len(head) != 1:
+        raise ValueError(f"no single line '    {key}: |' to put the file under")
+    end = head[0] + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end].startswith("      ")):
+        end += 1
+    block = "".join(f"      {line}" if line.strip() else "\n" for line in content.splitlines(keepends=True))
+    return "".join(lines[: head[0] + 1]) + block + "".join(lines[end:])
+
+
+def check_examples(r: Report) -> None:
+    import yaml
+
+    print("example files in the ci/ value sets")
+    for vs, (key, src) in EXAMPLE_FILES.items():
+        text = (CHART / vs).read_text()
+        want = (common.REPO / src).read_text()
+        got = ((yaml.safe_load(text) or {}).get("sidecarApp", {}).get("files") or {}).get(key)
+        r.check(got == want, f"{vs}: sidecarApp.files[{key!r}] is not a copy of {src}: python3 scripts/helm/check.py --write-example")
+        r.check(with_example(text, key, want) == text, f"{vs}: --write-example would change {key}")
+        print(f"  {vs}: {key} = {src} ({len(want.splitlines())} lines)")
 
 
 # ------------------------------------------------------------------ one value set
@@ -243,7 +279,9 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
         c(spec.get("securityContext", {}).get("runAsNonRoot") is True, f"{name}: runAsNonRoot")
         vols = {v["name"]: v for v in spec.get("volumes", [])}
         claims = {t["metadata"]["name"] for t in o["spec"].get("volumeClaimTemplates", [])} if kind == "StatefulSet" else set()
-        for ctr in spec.get("containers", []):
+        port_names = [p["name"] for ct in containers(spec) for p in ct.get("ports", []) if "name" in p]
+        c(len(port_names) == len(set(port_names)), f"{name}: container port names repeat across the pod: {port_names}")
+        for ctr in containers(spec):
             cn = f"{name}/{ctr['name']}"
             sc = ctr.get("securityContext", {})
             c(sc.get("readOnlyRootFilesystem") is True, f"{cn}: readOnlyRootFilesystem")
@@ -253,9 +291,11 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
             c(bool(res.get("requests")) and bool(res.get("limits")), f"{cn}: resources requests and limits")
             for m in ctr.get("volumeMounts", []):
                 c(m["name"] in vols or m["name"] in claims, f"{cn}: mounts unknown volume {m['name']}")
+            proc = chime_process(ctr)
             for e in ctr.get("env", []):
-                if e["name"].startswith("CHIME_") and kind != "Pod":
-                    proc = ctr["name"]
+                # Only a chime process reads CHIME_* variables as its configuration (the
+                # helm test's CLI takes CHIME_TLS_*; an app's CHIME_DELIVERIES is its own).
+                if e["name"].startswith("CHIME_") and proc is not None:
                     c(e["name"] in common.env_names(proc), f"{cn}: {e['name']} is no {proc} config key")
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
@@ -269,23 +309,39 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
                 sn = v["secret"]["secretName"]
                 c(("Secret", sn) in names or sn in existing_secrets(merged), f"{name}: volume of unknown Secret {sn}")
 
-    config = find(objs, "ConfigMap", "config")
-    c(len(config) == 1, "exactly one ConfigMap")
+    c(len(find(objs, "ConfigMap", "config")) == 1, "exactly one ConfigMap of the coordinators and workers")
+    # Every config file a chime container reads (--config, through its ConfigMap
+    # volume) is valid TOML with only keys that process knows; key -> parsed TOML.
     tomls: dict[str, dict[str, Any]] = {}
-    for key, text in (config[0]["data"] if config else {}).items():
-        proc = key.removesuffix(".toml")
-        try:
-            tomls[proc] = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            c(False, f"ConfigMap {key}: invalid TOML: {e}")
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
             continue
-        for section, body in tomls[proc].items():
-            if isinstance(body, dict):
-                c(section in KNOWN_KEYS[proc], f"{key}: unknown section [{section}]")
-                for f in body:
-                    c(f in KNOWN_KEYS[proc].get(section, set()), f"{key}: unknown key {section}.{f}")
-            else:
-                c(section in KNOWN_KEYS[proc].get("", set()), f"{key}: unknown top-level key {section}")
+        for ctr in containers(spec):
+            proc = chime_process(ctr)
+            if proc is None:
+                continue
+            cn = f"{o['kind']}/{o['metadata']['name']}/{ctr['name']}"
+            text = mounted_file(objs, spec, ctr, config_arg(ctr) or "")
+            if not c(text is not None, f"{cn}: --config {config_arg(ctr)} is no file of a rendered ConfigMap"):
+                continue
+            key = Path(config_arg(ctr) or "").name
+            try:
+                doc = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                c(False, f"{cn}: {key}: invalid TOML: {e}")
+                continue
+            tomls[key.removesuffix(".toml")] = doc
+            for section, body in doc.items():
+                if isinstance(body, dict):
+                    c(section in KNOWN_KEYS[proc], f"{key}: unknown section [{section}]")
+                    for f in body:
+                        c(f in KNOWN_KEYS[proc].get(section, set()), f"{key}: unknown key {section}.{f}")
+                else:
+                    c(section in KNOWN_KEYS[proc].get("", set()), f"{key}: unknown top-level key {section}")
+    for cm in find(objs, "ConfigMap", "config"):
+        for key in cm["data"]:
+            c(key.removesuffix(".toml") in tomls, f"ConfigMap {cm['metadata']['name']}: {key} is read by no chime container")
 
     # Coordinators.
     sts = [o for o in find(objs, "StatefulSet", "coordinator")]
@@ -324,6 +380,7 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
             pre_s = int(pre[-1]) if pre and pre[-1].isdigit() else 0
             grace = spec.get("terminationGracePeriodSeconds", 30)
             c(grace > pre_s + drain_s, f"worker grace {grace}s does not exceed preStop {pre_s}s + drain {drain_s}s")
+            pool_rules(c, merged, objs, d, ctr, w)
         hpa = find(objs, "HorizontalPodAutoscaler", "worker")
         if merged["worker"]["autoscaling"]["enabled"]:
             c(len(hpa) == 1 and "replicas" not in d["spec"], "HPA present and Deployment leaves replicas to it")
@@ -332,6 +389,12 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
         else:
             c(not hpa, "no HPA when autoscaling is off")
 
+    # The app with a chime worker sidecar.
+    apps = find(objs, "Deployment", "app")
+    c(len(apps) == (1 if merged["sidecarApp"]["enabled"] else 0), "one app Deployment exactly when sidecarApp.enabled")
+    for a in apps:
+        sidecar_app_rules(c, merged, objs, a, tomls)
+
     # Every Service reaches pods, on ports they have.
     workloads = [o for o in objs if pod_spec(o) is not None and o["kind"] != "Pod"]
     for svc in find(objs, "Service"):
@@ -339,7 +402,7 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
         targets = [w for w in workloads if selector_matches(sel, pod_labels(w))]
         c(len(targets) == 1, f"Service/{svc['metadata']['name']} selects one workload")
         for w in targets:
-            ports = {p["name"]: p["containerPort"] for ct in pod_spec(w)["containers"] for p in ct.get("ports", [])}
+            ports = {p["name"]: p["containerPort"] for ct in containers(pod_spec(w)) for p in ct.get("ports", [])}
             for p in svc["spec"]["ports"]:
                 tp = p.get("targetPort", p["port"])
                 c(tp in ports or tp in ports.values(), f"Service/{svc['metadata']['name']} port {p['name']} -> {tp}")
@@ -358,6 +421,14 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
         for s in svcs:
             pnames = {p["name"] for p in s["spec"]["ports"]}
             c(all(e["port"] in pnames for e in sm["spec"]["endpoints"]), f"ServiceMonitor {sm['metadata']['name']} port")
+    # Bundled stores admit every pod that runs a chime worker or coordinator.
+    for store in ("redis", "etcd"):
+        for np_ in [n for n in find(objs, "NetworkPolicy", store)]:
+            peers = [f.get("podSelector", {}).get("matchLabels", {}) for rule in np_["spec"]["ingress"] for f in rule.get("from", [])]
+            for w in workloads:
+                if any(chime_process(ct) for ct in containers(pod_spec(w))):
+                    c(any(selector_matches(p, pod_labels(w)) for p in peers),
+                      f"NetworkPolicy/{np_['metadata']['name']} shuts out {w['kind']}/{w['metadata']['name']}, which uses the {store}")
 
     # helm test.
     tests = find(objs, "Pod", "test")
@@ -366,6 +437,134 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
         for t in tests:
             c(t["metadata"].get("annotations", {}).get("helm.sh/hook") == "test", "test Pod is a test hook")
             c(t["spec"].get("restartPolicy") == "Never", "test Pod restartPolicy Never")
+
+
+def mounted_file(objs: list[dict[str, Any]], spec: dict[str, Any], ctr: dict[str, Any], path: str) -> str | None:
+    """The content of `path` in a container, when a ConfigMap volume provides it."""
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in ctr.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/") + "/"
+        v = vols.get(m["name"], {})
+        if not path.startswith(mp) or "configMap" not in v:
+            continue
+        rel = path[len(mp):]
+        cms = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == v["configMap"]["name"]]
+        if not cms:
+            return None
+        items = v["configMap"].get("items") or [{"key": k, "path": k} for k in cms[0].get("data", {})]
+        for it in items:
+            if it["path"] == rel:
+                return cms[0].get("data", {}).get(it["key"])
+    return None
+
+
+def secret_file(spec: dict[str, Any], ctr: dict[str, Any], path: str) -> tuple[str, str] | None:
+    """(Secret name, key) behind a file path in a container, when a Secret volume provides it."""
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in ctr.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/") + "/"
+        v = vols.get(m["name"], {})
+        if not path.startswith(mp) or "secret" not in v:
+            continue
+        rel = path[len(mp):]
+        for it in v["secret"].get("items", []):
+            if it["path"] == rel:
+                return v["secret"]["secretName"], it["key"]
+        if not v["secret"].get("items"):
+            return v["secret"]["secretName"], rel
+    return None
+
+
+def pool_rules(c: Any, merged: dict[str, Any], objs: list[dict[str, Any]], d: dict[str, Any], ctr: dict[str, Any], w: dict[str, Any]) -> None:
+    """worker.deliveries.enabled: the workers serve the delivery service behind a ClusterIP Service."""
+    spec = d["spec"]["template"]["spec"]
+    svc_name = f"{d['metadata']['name'].removesuffix('-worker')}-deliveries"
+    svcs = [s for s in find(objs, "Service") if s["metadata"]["name"] == svc_name]
+    if not merged["worker"]["deliveries"]["enabled"]:
+        c("deliveries" not in w, "worker.toml has no [deliveries] when worker.deliveries.enabled is false")
+        c(not svcs, f"no Service {svc_name} when worker.deliveries.enabled is false")
+        return
+    dl = w.get("deliveries", {})
+    port = {p["name"]: p["containerPort"] for p in ctr.get("ports", [])}.get("deliveries")
+    c(dl.get("listen_addr") == f"0.0.0.0:{port}", f"pool: deliveries.listen_addr {dl.get('listen_addr')!r} is not 0.0.0.0:<the container port named deliveries ({port})>")
+    if merged["auth"]["enabled"]:
+        tok = dl.get("token_file", "")
+        c(secret_file(spec, ctr, tok) is not None and secret_file(spec, ctr, tok)[1] == "worker-token",
+          f"pool: deliveries.token_file {tok!r} is not the worker token mounted from a Secret")
+        c(dl.get("allow_unauthenticated") is False, "pool: auth on, yet deliveries.allow_unauthenticated")
+    else:
+        c(dl.get("allow_unauthenticated") is True, "pool: auth off needs deliveries.allow_unauthenticated")
+    for f in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        if dl.get(f):
+            c(secret_file(spec, ctr, dl[f]) is not None, f"pool: deliveries.{f} {dl[f]!r} is no mounted Secret file")
+    c(len(svcs) == 1 and svcs[0]["spec"].get("type") == "ClusterIP", f"pool: a ClusterIP Service {svc_name}")
+    c(ctr.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", "pool: readiness stays GET /readyz")
+    nps = [n for n in find(objs, "NetworkPolicy", "worker")]
+    if merged["networkPolicy"]["enabled"]:
+        c(len(nps) == 1 and any(p.get("port") == port for rule in nps[0]["spec"]["ingress"] for p in rule.get("ports", [])),
+          f"pool: the workers' NetworkPolicy lets in port {port}")
+
+
+def sidecar_app_rules(c: Any, merged: dict[str, Any], objs: list[dict[str, Any]], a: dict[str, Any], tomls: dict[str, dict[str, Any]]) -> None:
+    """sidecarApp.enabled: an app container and a chime worker sidecar wired to each other."""
+    va = merged["sidecarApp"]
+    name = f"Deployment/{a['metadata']['name']}"
+    spec = a["spec"]["template"]["spec"]
+    by_name = {ct["name"]: ct for ct in containers(spec)}
+    app, side = by_name.get("app"), by_name.get("chime-worker")
+    if not c(app is not None and side is not None, f"{name}: containers app and chime-worker"):
+        return
+    native = [ct["name"] for ct in spec.get("initContainers", []) if common.is_sidecar(ct)]
+    if va["sidecar"]["native"]:
+        c(native == ["chime-worker"] and spec["initContainers"][-1] is side,
+          f"{name}: the sidecar is the last init container, with restartPolicy Always (native)")
+        c("startupProbe" in side, f"{name}: a native sidecar needs a startup probe, or the app starts before it serves")
+    else:
+        c(not native and side in spec["containers"], f"{name}: sidecar.native false: the sidecar is a regular container")
+    c(chime_process(side) == "worker", f"{name}: the sidecar runs chime worker")
+    probes_ok(c, a, side)
+    annotations = a["spec"]["template"]["metadata"].get("annotations", {})
+    c("checksum/config" in annotations and "checksum/secret" in annotations, f"{name}: checksum annotations")
+    cfg = tomls.get(Path(config_arg(side) or "").name.removesuffix(".toml"))
+    if not c(cfg is not None, f"{name}: the sidecar's config file"):
+        return
+    dl = cfg.get("deliveries", {})
+    listen = dl.get("listen_addr", "")
+    c(re.fullmatch(r"127\.0\.0\.1:\d+", listen) is not None, f"{name}: the sidecar listens on loopback only, not {listen!r}")
+    c(cfg.get("handlers", {}).get("enabled") == [], f"{name}: the sidecar registers no built-in handler")
+    c(not cfg.get("coordinator", {}).get("endpoints"), f"{name}: the sidecar opens no coordinator session")
+    w = tomls.get("worker", {})
+    for section in ("redis", "etcd"):
+        c(cfg.get(section) == w.get(section), f"{name}: the sidecar's [{section}] differs from the workers'")
+    c(cfg["queue"]["prefix"] == w.get("queue", {}).get("prefix"), f"{name}: the sidecar's queue prefix differs from the workers'")
+    store_env = ("REDIS_PASSWORD", "CHIME_REDIS_URL", "CHIME_ETCD_PASSWORD")
+    for d in find(objs, "Deployment", "worker"):
+        wenv = [e for e in d["spec"]["template"]["spec"]["containers"][0].get("env", []) if e["name"] in store_env]
+        senv = [e for e in side.get("env", []) if e["name"] in store_env]
+        c(senv == wenv, f"{name}: the sidecar's store credentials {senv} differ from the workers' {wenv}")
+    app_env = {e["name"]: e.get("value") for e in app.get("env", [])}
+    c(app_env.get("CHIME_DELIVERIES") == f"http://{listen}", f"{name}: app CHIME_DELIVERIES {app_env.get('CHIME_DELIVERIES')!r} is not http://{listen}")
+    tok_app = app_env.get("CHIME_DELIVERIES_TOKEN_FILE")
+    if merged["auth"]["enabled"]:
+        tok = dl.get("token_file", "")
+        c(tok_app == tok, f"{name}: app CHIME_DELIVERIES_TOKEN_FILE {tok_app!r} is not the sidecar's deliveries.token_file {tok!r}")
+        s_side, s_app = secret_file(spec, side, tok), secret_file(spec, app, tok_app or "")
+        c(s_side is not None and s_side == s_app and s_side[1] == "worker-token",
+          f"{name}: the sidecar and the app do not both mount the worker token at {tok}")
+    else:
+        c(tok_app == "" and dl.get("allow_unauthenticated") is True, f"{name}: auth off: no token, allow_unauthenticated")
+    # Termination: the sidecar outlives the app's drain, and the grace period covers both.
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    side_drain = cfg["consumer"]["drain_timeout_ms"] / 1000
+    c(grace > va["drainSeconds"] + side_drain, f"{name}: grace {grace}s does not exceed the app's drain {va['drainSeconds']}s + the sidecar's {side_drain}s")
+    if not va["sidecar"]["native"]:
+        pre = side.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_s = int(pre[-1]) if pre and pre[-1].isdigit() else 0
+        c(pre_s >= va["drainSeconds"], f"{name}: the sidecar's preStop ({pre_s}s) ends before the app's drain ({va['drainSeconds']}s)")
+    files = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-files")
+             and o["metadata"]["labels"].get("app.kubernetes.io/component") == "app"]
+    if va["files"]:
+        c(len(files) == 1 and files[0]["data"] == va["files"], f"{name}: the files ConfigMap holds sidecarApp.files verbatim")
 
 
 def probes_ok(c: Any, workload: dict[str, Any], ctr: dict[str, Any]) -> None:
@@ -397,6 +596,7 @@ def existing_secrets(v: dict[str, Any]) -> set[str]:
         s for s in (
             v["auth"]["existingSecret"], v["redis"]["auth"]["existingSecret"],
             v["etcd"]["auth"]["existingSecret"], v["tls"]["existingSecret"],
+            v["worker"]["deliveries"]["tls"]["existingSecret"],
         ) if s
     }
 
@@ -421,6 +621,7 @@ def check_value_set(r: Report, label: str, values: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ values that must be refused
 
+_APP = {"enabled": True, "image": {"repository": "app", "tag": "1"}}
 REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("typo in a key", {"worker": {"handlrs": ["noop"]}}, "additional properties"),
     ("zero coordinators", {"coordinator": {"replicaCount": 0}}, "minimum"),
@@ -432,6 +633,14 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("grace period shorter than the drain", {"worker": {"terminationGracePeriodSeconds": 20}}, "terminationGracePeriodSeconds"),
     ("TLS without a certificate", {"tls": {"enabled": True}}, "tls.existingSecret"),
     ("etcd auth with the bundled etcd", {"etcd": {"bundled": {"enabled": True}, "auth": {"username": "u"}}}, "bundled"),
+    ("a delivery pool without the queue", {"worker": {"deliveries": {"enabled": True}, "queue": {"enabled": False}}}, "worker.queue.enabled"),
+    ("a delivery settle timeout over an hour", {"worker": {"deliveries": {"settleTimeoutMs": 3600001}}}, "maximum"),
+    ("an app without an image", {"sidecarApp": {"enabled": True}}, "sidecarApp.image.repository"),
+    ("an app image without a tag", {"sidecarApp": {"enabled": True, "image": {"repository": "app"}}}, "sidecarApp.image.tag"),
+    ("an app name that is no DNS label", {"sidecarApp": {"name": "Coupon_Reminder"}}, "name"),
+    ("an app port that is the sidecar's", {"sidecarApp": {**_APP, "ports": [{"containerPort": 7071}]}}, "sidecarApp.ports"),
+    ("an app grace period shorter than both drains",
+     {"sidecarApp": {**_APP, "terminationGracePeriodSeconds": 20}}, "sidecarApp.terminationGracePeriodSeconds"),
 ]
 
 
@@ -443,7 +652,44 @@ def check_refusals(r: Report) -> None:
             r.check(False, f"refusal: {what} was accepted")
         except Exception as e:
             r.check(needle in str(e), f"refusal: {what}: error does not mention {needle!r}: {e}")
-    print(f"  {len(REFUSED)} bad value sets refused")
+    # Native sidecars need Kubernetes 1.29 (restartPolicy on an init container); an
+    # older API server would drop the field and the pod would wait on its sidecar
+    # forever. Only lint takes a Kubernetes version, and in lint mode Helm logs a
+    # template's fail instead of failing: the log is what tells.
+    for kube, values, refused in (
+        ("v1.28.9", {"sidecarApp": _APP}, True),
+        ("v1.29.0", {"sidecarApp": _APP}, False),
+        ("v1.28.9", {"sidecarApp": {**_APP, "sidecar": {"native": False}}}, False),
+    ):
+        fails = lint_fails(values, kube)
+        what = f"native={values['sidecarApp'].get('sidecar', {}).get('native', True)} on Kubernetes {kube}"
+        if refused:
+            r.check(any("sidecarApp.sidecar.native" in f for f in fails), f"refusal: {what} was accepted")
+        else:
+            r.check(not fails, f"{what} was refused: {fails}")
+    print(f"  {len(REFUSED) + 1} bad value sets refused (one on Kubernetes 1.28)")
+
+
+def lint_fails(values: dict[str, Any], kube_version: str) -> list[str]:
+    """The messages of the chart's `fail` calls under `helm lint --kube-version` (Helm
+    logs them on the process' stderr in lint mode)."""
+    import os
+    import tempfile
+
+    import helm_python as helm
+
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=kube_version)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        log = f.read().decode(errors="replace")
+    return sorted(set(re.findall(r'funcMap fail message="(.*)"', log)))
 
 
 def check_rollout(r: Report) -> None:
@@ -453,19 +699,29 @@ def check_rollout(r: Report) -> None:
         objs = [o for _, o in objects(common.render(values, namespace=NAMESPACE))]
         out = {}
         for o in objs:
-            if o["kind"] in ("StatefulSet", "Deployment") and o["metadata"]["labels"]["app.kubernetes.io/component"] in ("coordinator", "worker"):
+            if o["kind"] in ("StatefulSet", "Deployment") and o["metadata"]["labels"]["app.kubernetes.io/component"] in ("coordinator", "worker", "app"):
                 out[o["metadata"]["name"]] = o["spec"]["template"]["metadata"]["annotations"]
         return out
 
-    fixed = {"auth": {"adminToken": "a" * 32, "workerToken": "w" * 32, "producerToken": "p" * 32}}
+    fixed = {
+        "auth": {"adminToken": "a" * 32, "workerToken": "w" * 32, "producerToken": "p" * 32},
+        "sidecarApp": {**_APP, "files": {"main.py": "print('hello')\n"}},
+    }
     base = checksums(fixed)
     again = checksums(fixed)
     changed_cfg = checksums({**fixed, "config": {"logLevel": "debug"}})
-    changed_sec = checksums({"auth": {"adminToken": "b" * 32, "workerToken": "w" * 32, "producerToken": "p" * 32}})
+    changed_sec = checksums({**fixed, "auth": {"adminToken": "b" * 32, "workerToken": "x" * 32, "producerToken": "p" * 32}})
+    changed_files = checksums({**fixed, "sidecarApp": {**fixed["sidecarApp"], "files": {"main.py": "print('bye')\n"}}})
+    r.check(len(base) == 3, f"rollout: expected coordinators, workers and the app, got {sorted(base)}")
     for name in base:
         r.check(base[name] == again[name], f"rollout: {name} checksums differ between identical renders")
         r.check(base[name]["checksum/config"] != changed_cfg[name]["checksum/config"], f"rollout: {name} ignores a config change")
         r.check(base[name]["checksum/secret"] != changed_sec[name]["checksum/secret"], f"rollout: {name} ignores a token change")
+    app = [n for n in base if n.endswith("-app")]
+    for name in app:
+        r.check(base[name]["checksum/config"] != changed_files[name]["checksum/config"], f"rollout: {name} ignores a change of sidecarApp.files")
+    for name in set(base) - set(app):
+        r.check(base[name] == changed_files[name], f"rollout: {name} rolls on a change of the app's files")
     # Generated tokens: 40 random characters, different for admin, worker and producer.
     sec = [o for _, o in objects(common.render({}, namespace=NAMESPACE)) if o["kind"] == "Secret"]
     if r.check(len(sec) == 1, "default values render one Secret"):
@@ -480,6 +736,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--values-table", action="store_true", help="print the README values table and exit")
     ap.add_argument("--write-readme", action="store_true", help="rewrite the values table in helm/chime/README.md and exit")
+    ap.add_argument("--write-example", action="store_true", help="copy the example files into the ci/ value sets and exit")
     args = ap.parse_args()
     common.need_modules()
     if args.values_table:
@@ -490,6 +747,12 @@ def main() -> int:
         path.write_text(readme_with_table(path.read_text()))
         print(f"wrote the values table of {path}")
         return 0
+    if args.write_example:
+        for vs, (key, src) in EXAMPLE_FILES.items():
+            path = CHART / vs
+            path.write_text(with_example(path.read_text(), key, (common.REPO / src).read_text()))
+            print(f"wrote {src} into {path}")
+        return 0
 
     import helm_python as helm
     import kubernetes_validate.utils as kvu
@@ -498,6 +761,7 @@ def main() -> int:
     r = Report()
     check_values_docs(r)
     check_readme(r)
+    check_examples(r)
     sets = [("default", {})] + [
         (f"ci/{p.name}", common.load_values_file(p)) for p in sorted((CHART / "ci").glob("*.yaml"))
     ]
