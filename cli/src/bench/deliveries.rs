@@ -157,7 +157,10 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("subscribers did not join within 60 s; see {}", dir.display());
+            bail!(
+                "subscribers did not join within 60 s; see {}",
+                dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -194,7 +197,10 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("burst not drained in time: {left} items left; see {}", dir.display());
+            bail!(
+                "burst not drained in time: {left} items left; see {}",
+                dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

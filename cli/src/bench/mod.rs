@@ -268,7 +268,10 @@ pub(crate) async fn enqueue_burst(
     let secs = started.elapsed().as_secs_f64();
     let after = store.now_ms().await?;
     if after > t0 {
-        eprintln!("  warning: enqueue finished {} ms after T0; raise --lead-ms", after - t0);
+        eprintln!(
+            "  warning: enqueue finished {} ms after T0; raise --lead-ms",
+            after - t0
+        );
     }
     Ok(secs)
 }
