@@ -604,7 +604,7 @@ PRODUCER = r"""
 import sys, time
 from chime_sdk import NewItem, SyncQueueClient
 cmd, url, token_file, item_id, key = sys.argv[1:6]
-with SyncQueueClient(url, token_file=token_file) as q:
+with SyncQueueClient(url, token_file=token_file or None) as q:  # "": auth off
     if cmd == "enqueue":
         handler, in_ms = sys.argv[6], int(sys.argv[7])
         print(q.enqueue([NewItem(item_id, handler, key=key, merge_key=key, in_ms=in_ms, payload="smoke")])[0].value)

@@ -440,7 +440,7 @@ allow_unauthenticated = true
 {{- fail "sidecarApp.image.tag or sidecarApp.image.digest is required: pin the app's image" -}}
 {{- end -}}
 {{- if and .sidecar.native (not (semverCompare ">=1.29.0-0" $.Capabilities.KubeVersion.Version)) -}}
-{{- fail (printf "sidecarApp.sidecar.native needs Kubernetes >= 1.29 (native sidecars; this cluster is %s): set sidecarApp.sidecar.native=false" $.Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "sidecarApp.sidecar.native needs Kubernetes >= 1.29 (native sidecars; this cluster is %s): set sidecarApp.sidecar.native=false (helm template: pass --kube-version)" $.Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- if eq (int .sidecar.deliveriesPort) (int .sidecar.containerPorts.http) -}}
 {{- fail "sidecarApp.sidecar.deliveriesPort and sidecarApp.sidecar.containerPorts.http must differ" -}}
