@@ -705,9 +705,11 @@ def run(args: argparse.Namespace) -> None:
             pod = f"{rel.app['metadata']['name']}-7c6d5b8f9-smoke"
             side = Proc(rel, rel.app, pod, root, chime, container="chime-worker")
             stub = PushStub()
+            # The image's `python` is the SDK venv's; the push provider is the stub.
             venv_bin = str(Path(python).parent)
+            pushes_to = any(e["name"] == PUSH_URL_ENV for e in rel_env(rel.app, "app"))
             app = Proc(rel, rel.app, pod, root, chime, container="app", path=f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
-                       env_override={PUSH_URL_ENV: stub.url} if any(e["name"] == PUSH_URL_ENV for e in rel_env(rel.app, "app")) else {})
+                       env_override={PUSH_URL_ENV: stub.url} if pushes_to else {})
             chimes.append(side)
             replicas = rel.app["spec"].get("replicas", 1)
             skipped = [c["name"] for c in pod_spec(rel.app).get("initContainers", []) if not common.is_sidecar(c)]
@@ -739,7 +741,7 @@ def run(args: argparse.Namespace) -> None:
             app.start()
             log("app pod: app started")
 
-        check_probes(rel, chimes, args)
+        check_probes(rel, chimes)
         run_helm_test(rel, root, chime, grpc, args)
 
         # Clients outside the release: the coordinators' client Service (gRPC), tokens
@@ -805,7 +807,7 @@ def write_token(rel: Release, root: Path, key: str) -> str | None:
     return str(f)
 
 
-def check_probes(rel: Release, procs: list[Proc], args: argparse.Namespace) -> None:
+def check_probes(rel: Release, procs: list[Proc]) -> None:
     """Probes, on the ports and paths the manifests name, and /metrics on the probes' port."""
     auth_on = "admin-token" in str(rel.test["spec"].get("volumes", []))
     for p in procs:
