@@ -81,7 +81,8 @@ class Token:
         if value is not None and file is not None:
             raise ValueError("give a token or a token file, not both")
         self._value = value.strip() if value is not None else None
-        self._file = Path(file) if file is not None else None
+        # An empty path means "no file" (as in a `${VAR:-}` expansion of a pod spec).
+        self._file = Path(file) if file is not None and str(file) != "" else None
         if self._file is not None:
             self.get()  # fail now, at construction, on a missing or empty file
 

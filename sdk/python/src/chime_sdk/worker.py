@@ -52,7 +52,9 @@ class Worker:
     shards it runs at once (a routing hint), `labels` free-form.
 
     Item side: `deliveries` is the delivery service of a chime worker
-    (`http://127.0.0.1:7071` for a sidecar), or None. `credit` is the most
+    (`http://127.0.0.1:7071` for a sidecar), or None. Unset, it is read from the
+    environment variable `CHIME_DELIVERIES` (what the Helm chart's sidecar app pod
+    sets), and `token_file` from `CHIME_DELIVERIES_TOKEN_FILE`. `credit` is the most
     deliveries held at once (1–10,000: the concurrency of item handlers),
     `settle_timeout_ms` how long one may run before it counts as failed unless the
     handler calls `ctx.extend()` (0: the chime worker's default, 30 s).
@@ -82,6 +84,10 @@ class Worker:
         drain_timeout_ms: int = 10_000,
         credentials: Optional[grpc.ChannelCredentials] = None,
     ):
+        if deliveries is None:
+            deliveries = os.environ.get("CHIME_DELIVERIES") or None
+            if deliveries and token is None and token_file is None:
+                token_file = os.environ.get("CHIME_DELIVERIES_TOKEN_FILE") or None
         if isinstance(coordinator, str):
             coordinator = [c for c in coordinator.split(",") if c.strip()]
         self._endpoints = [parse_endpoint(c) for c in coordinator or []]
