@@ -264,7 +264,7 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., fire_id: _Optional[str] = ..., job: _Optional[str] = ..., cause: _Optional[str] = ..., scheduled_at_ms: _Optional[int] = ..., fired_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., params: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., parent_run_id: _Optional[str] = ..., note: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
 
 class Shard(_message.Message):
-    __slots__ = ("index", "total", "worker_id", "attempt", "state", "started_at_ms", "finished_at_ms", "output", "error", "log_tail", "shard_params")
+    __slots__ = ("index", "total", "worker_id", "attempt", "state", "started_at_ms", "finished_at_ms", "output", "error", "log_tail", "shard_params", "failures")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,7 @@ class Shard(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
     SHARD_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     index: int
     total: int
     worker_id: str
@@ -287,7 +288,8 @@ class Shard(_message.Message):
     error: str
     log_tail: _containers.RepeatedScalarFieldContainer[str]
     shard_params: str
-    def __init__(self, index: _Optional[int] = ..., total: _Optional[int] = ..., worker_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., output: _Optional[str] = ..., error: _Optional[str] = ..., log_tail: _Optional[_Iterable[str]] = ..., shard_params: _Optional[str] = ...) -> None: ...
+    failures: int
+    def __init__(self, index: _Optional[int] = ..., total: _Optional[int] = ..., worker_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., output: _Optional[str] = ..., error: _Optional[str] = ..., log_tail: _Optional[_Iterable[str]] = ..., shard_params: _Optional[str] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("group",)
