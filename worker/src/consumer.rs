@@ -158,15 +158,71 @@ struct Slot {
     gate: Gate,
     /// One rate-limit request at a time per handler (see `live::throttle`).
     rate_turn: tokio::sync::Mutex<()>,
+    meters: Meters,
 }
 
 impl Slot {
-    fn new(local: Option<Arc<dyn ItemHandler>>, concurrency: Option<usize>) -> Arc<Self> {
+    fn new(
+        name: &str,
+        local: Option<Arc<dyn ItemHandler>>,
+        concurrency: Option<usize>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             local,
             gate: Gate::new(concurrency),
             rate_turn: tokio::sync::Mutex::new(()),
+            meters: Meters::new(name),
         })
+    }
+}
+
+/// The metrics of one handler, registered once: a labelled `counter!` per delivery
+/// would allocate its label and look it up in the registry every time.
+#[derive(Debug)]
+struct Meters {
+    fired: metrics::Counter,
+    lag: metrics::Histogram,
+    acked: metrics::Counter,
+    retried: metrics::Counter,
+    dead: metrics::Counter,
+    released: metrics::Counter,
+    parked: metrics::Counter,
+    /// `chime_deliveries_total` by outcome, in [`REMOTE_OUTCOMES`] order.
+    remote: Vec<metrics::Counter>,
+}
+
+/// The `outcome` labels of `chime_deliveries_total`.
+const REMOTE_OUTCOMES: [&str; 7] = [
+    "ack",
+    "fail",
+    "release",
+    "timeout",
+    "gone",
+    "abandoned",
+    "parked",
+];
+
+impl Meters {
+    fn new(handler: &str) -> Self {
+        let h = handler.to_owned();
+        Self {
+            fired: metrics::counter!(m::ITEMS_FIRED, "handler" => h.clone()),
+            lag: metrics::histogram!(m::FIRE_LAG_SECONDS, "handler" => h.clone()),
+            acked: metrics::counter!(m::ITEMS_ACKED, "handler" => h.clone()),
+            retried: metrics::counter!(m::ITEMS_RETRIED, "handler" => h.clone()),
+            dead: metrics::counter!(m::ITEMS_DEAD_LETTERED, "handler" => h.clone()),
+            released: metrics::counter!(m::ITEMS_RELEASED, "handler" => h.clone()),
+            parked: metrics::counter!(m::ITEMS_PARKED, "handler" => h.clone()),
+            remote: REMOTE_OUTCOMES
+                .iter()
+                .map(|o| metrics::counter!(m::DELIVERIES, "handler" => h.clone(), "outcome" => *o))
+                .collect(),
+        }
+    }
+
+    fn remote(&self, outcome: &str) -> Option<&metrics::Counter> {
+        let i = REMOTE_OUTCOMES.iter().position(|o| *o == outcome)?;
+        self.remote.get(i)
     }
 }
 
@@ -221,7 +277,10 @@ impl Consumer {
         local_names.sort();
         let slots = handlers
             .into_iter()
-            .map(|(name, reg)| (name, Slot::new(Some(reg.handler), reg.concurrency)))
+            .map(|(name, reg)| {
+                let slot = Slot::new(&name, Some(reg.handler), reg.concurrency);
+                (name, slot)
+            })
             .collect();
         Arc::new(Self {
             served: Mutex::new(Served {
@@ -396,8 +455,9 @@ impl Consumer {
         s.names.clone()
     }
 
-    /// The slot of `handler`: a local one, or a remote one made on first use (with
-    /// the live concurrency setting in force).
+    /// The slot of `handler`: a local one, or a remote one made on first use while a
+    /// subscriber of the hub serves it (with the live concurrency setting in force;
+    /// a name nobody serves makes no slot, so garbage handler names cost nothing).
     fn slot(&self, handler: &str) -> Option<Arc<Slot>> {
         if let Some(s) = self
             .slots
@@ -407,11 +467,13 @@ impl Consumer {
         {
             return Some(s.clone());
         }
-        self.hub.as_ref()?;
+        if !self.hub.as_ref()?.serves(handler) {
+            return None;
+        }
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         let slot = slots
             .entry(handler.to_owned())
-            .or_insert_with(|| Slot::new(None, None))
+            .or_insert_with(|| Slot::new(handler, None, None))
             .clone();
         if let Some(live) = &self.live {
             let c = live.config.current();
@@ -672,22 +734,18 @@ impl Consumer {
                     map.insert((delivery.queue, c.item.id.clone()), c.token);
                 }
             }
-            let handler = delivery.items[0].item.handler.clone();
-            let lag_s = (now - delivery.items[0].item.due_at_ms).max(0) as f64 / 1000.0;
-            metrics::histogram!(m::FIRE_LAG_SECONDS, "handler" => handler.clone()).record(lag_s);
-            metrics::counter!(m::ITEMS_FIRED, "handler" => handler)
-                .increment(delivery.items.len() as u64);
-            // Every log line of the delivery, the handler's own included, names
-            // the item (the first one of a merged delivery, and how many).
-            let span = tracing::info_span!("item", item_id = %delivery.items[0].item.id,
-                                           key = %delivery.items[0].item.key,
-                                           merged = delivery.items.len(), queue = delivery.queue);
-            tokio::spawn(self.clone().run_delivery(delivery, p).instrument(span));
+            tokio::spawn(self.clone().run_delivery(delivery, p, now));
         }
     }
 
     /// Runs one delivery's handler and queues its settlement (with its capacity).
-    async fn run_delivery(self: Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    /// `now_ms` is the store's clock at the pop.
+    async fn run_delivery(
+        self: Arc<Self>,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+        now_ms: i64,
+    ) {
         let queue = delivery.queue;
         let mut tokens = Vec::with_capacity(delivery.items.len());
         let mut items = Vec::with_capacity(delivery.items.len());
@@ -699,42 +757,56 @@ impl Consumer {
         let attempt = items[0].attempt;
         let last_attempt = items.iter().all(|i| i.attempt >= i.max_attempts);
         let item_id = items[0].id.clone();
-        let outcome = match self.slot(&handler) {
-            Some(slot) if slot.local.is_some() => self.call(&slot, queue, items).await,
-            Some(slot) if self.hub.as_ref().is_some_and(|h| h.serves(&handler)) => {
-                self.call_remote(&slot, queue, items).await
+        let n = tokens.len() as u64;
+        let slot = self.slot(&handler);
+        let runs = slot
+            .as_ref()
+            .filter(|s| s.local.is_some() || self.hub.as_ref().is_some_and(|h| h.serves(&handler)));
+        if let Some(s) = runs {
+            s.meters.fired.increment(n);
+            s.meters
+                .lag
+                .record((now_ms - items[0].due_at_ms).max(0) as f64 / 1000.0);
+        }
+        let outcome = match runs {
+            Some(slot) if slot.local.is_some() => {
+                // Every log line of the delivery, the handler's own included, names
+                // the item (the first one of a merged delivery, and how many).
+                let span = tracing::info_span!("item", item_id = %item_id, key = %items[0].key,
+                                               merged = items.len(), queue);
+                self.call(slot, queue, items).instrument(span).await
             }
+            Some(slot) => self.call_remote(slot, queue, items).await,
             // Nobody here runs it: it waits in its queue for a worker that does,
             // without an attempt counted.
-            _ => Outcome::Park,
+            None => Outcome::Park,
+        };
+        let meter = |pick: fn(&Meters) -> &metrics::Counter, name: &'static str| match &slot {
+            Some(s) => pick(&s.meters).increment(n),
+            None => metrics::counter!(name, "handler" => handler.clone()).increment(n),
         };
         match &outcome {
             Outcome::Ack => {
-                metrics::counter!(m::ITEMS_ACKED, "handler" => handler.clone())
-                    .increment(tokens.len() as u64);
+                meter(|m| &m.acked, m::ITEMS_ACKED);
                 self.handled.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Retry { error, .. } => {
                 self.handled.fetch_add(1, Ordering::Relaxed);
                 if last_attempt {
                     warn!(item_id = %item_id, %handler, attempt, %error, "last attempt failed; dead-lettering");
-                    metrics::counter!(m::ITEMS_DEAD_LETTERED, "handler" => handler.clone())
-                        .increment(tokens.len() as u64);
+                    meter(|m| &m.dead, m::ITEMS_DEAD_LETTERED);
                 } else {
                     debug!(item_id = %item_id, %handler, attempt, %error, "handler failed; will retry");
-                    metrics::counter!(m::ITEMS_RETRIED, "handler" => handler.clone())
-                        .increment(tokens.len() as u64);
+                    meter(|m| &m.retried, m::ITEMS_RETRIED);
                 }
             }
             Outcome::Release => {
                 self.handed_back.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::ITEMS_RELEASED, "handler" => handler.clone())
-                    .increment(tokens.len() as u64);
+                meter(|m| &m.released, m::ITEMS_RELEASED);
             }
             Outcome::Park => {
                 debug!(item_id = %item_id, %handler, "no handler here; parked until one is served");
-                metrics::counter!(m::ITEMS_PARKED, "handler" => handler.clone())
-                    .increment(tokens.len() as u64);
+                meter(|m| &m.parked, m::ITEMS_PARKED);
             }
         }
         {
@@ -804,7 +876,9 @@ impl Consumer {
             Remote::Abandoned => "abandoned",
             Remote::NoSubscriber => "parked",
         };
-        metrics::counter!(m::DELIVERIES, "handler" => handler, "outcome" => label).increment(1);
+        if let Some(c) = slot.meters.remote(label) {
+            c.increment(1);
+        }
         match remote {
             Remote::Settled(Verdict::Ack) => Outcome::Ack,
             Remote::Settled(Verdict::Fail {

@@ -29,6 +29,9 @@ use super::{Verdict, wire};
 use crate::handler::{HandlerError, ItemContext};
 use crate::{Registered, consumer::DrainReport};
 
+/// HTTP/2 flow-control window of the subscription (stream and connection).
+const WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
 /// Where the items come from and how many this process takes at once.
 #[derive(Debug, Clone)]
 pub struct SubscriberOptions {
@@ -133,7 +136,12 @@ impl Subscription {
     /// One stream: subscribe, run deliveries, settle, drain on `stop`.
     async fn stream(self: Arc<Self>, endpoint: &str, stop: &CancellationToken) -> Ended {
         let channel = match chime_shared::tls::endpoint(endpoint, &self.opts.tls, "deliveries.") {
+            // A window large enough for a whole credit of deliveries in flight: with
+            // HTTP/2's default 64 KiB the worker would stall every few hundred
+            // deliveries waiting for our window update (a round trip each time).
             Ok(e) => e
+                .initial_stream_window_size(Some(WINDOW_BYTES))
+                .initial_connection_window_size(Some(WINDOW_BYTES))
                 .connect_timeout(Duration::from_secs(3))
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
@@ -257,6 +265,8 @@ impl Subscription {
                     }
                 },
                 Some(first) = verdict_rx.recv() => {
+                    // Handlers finishing together settle in one message.
+                    tokio::task::yield_now().await;
                     let mut batch = vec![first];
                     while batch.len() < 4_096 {
                         match verdict_rx.try_recv() {

@@ -186,6 +186,10 @@ async fn write(
     while let Some(first) = next.take() {
         let kind = match first {
             Outgoing::Deliver(d) => {
+                // Deliveries are handed over by many tasks woken together (a pop's
+                // worth, or the credit a settlement freed): let them queue up, so one
+                // message carries many.
+                tokio::task::yield_now().await;
                 let mut bytes = wire::approx_bytes(&d);
                 let mut batch = vec![wire::delivery_to_proto(d)];
                 while batch.len() < BATCH_DELIVERIES && bytes < BATCH_BYTES {
@@ -266,7 +270,10 @@ pub async fn serve(
         // A subscriber that vanished without closing (a frozen pod, a cut network)
         // is noticed within seconds, and what it held is redelivered.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // Settlements of a whole credit arrive without waiting for window updates.
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024));
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)

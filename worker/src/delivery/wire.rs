@@ -73,7 +73,7 @@ pub fn delivery_to_proto(d: OutDelivery) -> pb::Delivery {
                 id: i.id,
                 key: i.key,
                 due_at_ms: i.due_at_ms,
-                payload: i.payload.into(),
+                payload: i.payload,
                 attempt: i.attempt,
                 max_attempts: i.max_attempts,
                 merge_key: i.merge_key.unwrap_or_default(),
