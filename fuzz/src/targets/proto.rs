@@ -12,7 +12,11 @@
 //! through `job_from_proto` / `job_view` and then the `schedule_json` target's checks
 //! (round trips, validate, compile, next fire times); runs and workers through
 //! `run_from_proto` / `worker_from_proto`; queue requests through `items_from_proto` /
-//! `ref_from_proto`, whose accepted items must pass every item check.
+//! `ref_from_proto`, whose accepted items must pass every item check. A chime
+//! worker's delivery service decodes `SubscribeRequest`: each goes through the
+//! one conversion (`delivery::wire`) into a real `Hub`, which must accept only valid
+//! subscriptions, bound what it keeps (errors cut, retry delays capped), and answer
+//! settlements and extensions of deliveries it never sent with a refusal.
 
 use std::fmt::Debug;
 
@@ -31,7 +35,7 @@ use crate::Target;
 /// The target.
 pub const TARGET: Target = Target {
     name: "proto",
-    about: "gRPC messages a coordinator decodes: worker stream, admin and queue requests, forwarded answers",
+    about: "gRPC messages a coordinator or a delivery service decodes: worker stream, admin, queue and subscriber requests, forwarded answers",
     run,
     dictionary,
 };
@@ -148,7 +152,106 @@ fn run(input: &[u8]) -> u64 {
         let _ = worker_from_proto(w);
     }
     let queue = queue_requests(input, &mut decoded);
-    signal(&[worker, &job, queue, &bucket(decoded)])
+    let delivery = match decode::<pb::SubscribeRequest>(input, "SubscribeRequest") {
+        Some(m) => {
+            decoded += 1;
+            on_subscribe_request(m)
+        }
+        None => "none",
+    };
+    signal(&[worker, &job, queue, delivery, &bucket(decoded)])
+}
+
+/// One message of a subscriber's stream, into a real hub.
+fn on_subscribe_request(m: pb::SubscribeRequest) -> &'static str {
+    use chime_shared::Error;
+    use chime_worker::delivery::{self, Hub, HubOptions, SubscribeSpec, Verdict, wire};
+    use pb::subscribe_request::Kind;
+    let hub = Hub::new(HubOptions {
+        worker_id: "fuzz".into(),
+        family: "default".into(),
+        settle_timeout_ms: 30_000,
+    });
+    let valid = SubscribeSpec {
+        handlers: vec!["h".into()],
+        credit: 4,
+        name: "fuzz".into(),
+        settle_timeout_ms: 0,
+    };
+    let Ok((sub, _out)) = hub.subscribe(valid) else {
+        panic!("a valid subscription was refused");
+    };
+    match m.kind {
+        None => "sub-empty",
+        Some(Kind::Subscribe(s)) => {
+            let spec = wire::spec_from_proto(s, "peer".into());
+            match hub.subscribe(spec.clone()) {
+                Ok((other, _o)) => {
+                    assert!(
+                        spec.handlers
+                            .iter()
+                            .all(|h| chime_shared::limits::check_handler("h", h).is_ok())
+                            && (1..=delivery::MAX_CREDIT).contains(&spec.credit),
+                        "accepted a bad subscription: {spec:?}"
+                    );
+                    for h in &spec.handlers {
+                        assert!(hub.serves(h), "a subscribed handler is not served: {h}");
+                    }
+                    hub.unsubscribe(&other);
+                    "subscribe-ok"
+                }
+                Err(Error::InvalidArgument { field, .. }) => {
+                    assert!(field.starts_with("subscribe"), "refusal names {field}");
+                    "subscribe-invalid"
+                }
+                Err(e) => panic!("subscribe failed with a non-input error: {e}"),
+            }
+        }
+        Some(Kind::Settle(s)) => {
+            let verdicts = wire::verdicts_from_proto(s);
+            for (_, v) in &verdicts {
+                if let Verdict::Fail {
+                    error,
+                    retry_after_ms,
+                } = v
+                {
+                    assert!(error.len() <= delivery::MAX_ERROR_BYTES, "error kept uncut");
+                    assert!(
+                        retry_after_ms.is_none_or(|ms| ms <= delivery::MAX_RETRY_AFTER_MS),
+                        "retry delay kept uncapped"
+                    );
+                }
+            }
+            let n = verdicts.len();
+            let refused = sub.settle(verdicts);
+            assert_eq!(refused.len(), n, "settled a delivery never sent");
+            "settle"
+        }
+        Some(Kind::Extend(e)) => {
+            let refused = sub.extend(&e.delivery_ids, e.extend_ms);
+            assert_eq!(
+                refused.len(),
+                e.delivery_ids.len(),
+                "extended a delivery never sent"
+            );
+            "extend"
+        }
+        Some(Kind::Credit(c)) => {
+            let ok = hub.set_credit(&sub, c.credit).is_ok();
+            assert_eq!(
+                ok,
+                (1..=delivery::MAX_CREDIT).contains(&c.credit),
+                "credit {}",
+                c.credit
+            );
+            if ok { "credit-ok" } else { "credit-invalid" }
+        }
+        Some(Kind::Drain(_)) => {
+            hub.drain(&sub);
+            assert!(!hub.serves("h"), "a draining subscriber still serves");
+            "drain"
+        }
+    }
 }
 
 /// The store's clock in queue checks: a fixed instant, so runs replay.
@@ -280,6 +383,43 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
     };
     // Zero bytes: every message type, all fields at their defaults.
     let mut out: Vec<(String, Vec<u8>)> = vec![("empty".into(), Vec::new())];
+    {
+        use pb::subscribe_request::Kind as S;
+        let sub = |k: S| pb::SubscribeRequest { kind: Some(k) }.encode_to_vec();
+        out.push((
+            "subscriber-subscribe".into(),
+            sub(S::Subscribe(pb::Subscribe {
+                handlers: vec!["coupon.remind".into(), "push".into()],
+                credit: 64,
+                subscriber: "app-1:42".into(),
+                settle_timeout_ms: 30_000,
+            })),
+        ));
+        out.push((
+            "subscriber-settle".into(),
+            sub(S::Settle(pb::Settle {
+                acks: vec![1, 2, 3],
+                failures: vec![pb::Failure {
+                    delivery_id: 4,
+                    error: "provider answered 503".into(),
+                    retry_after_ms: Some(200),
+                }],
+                releases: vec![5],
+            })),
+        ));
+        out.push((
+            "subscriber-extend".into(),
+            sub(S::Extend(pb::Extend {
+                delivery_ids: vec![7, 8],
+                extend_ms: 60_000,
+            })),
+        ));
+        out.push((
+            "subscriber-credit".into(),
+            sub(S::Credit(pb::Credit { credit: 128 })),
+        ));
+        out.push(("subscriber-drain".into(), sub(S::Drain(pb::Drain {}))));
+    }
     let worker = |k: W| pb::WorkerMessage { kind: Some(k) }.encode_to_vec();
     out.push((
         "worker-register".into(),
