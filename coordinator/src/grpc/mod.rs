@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::Shared;
-use crate::engine::workers_api::{ToWorker, WorkerHello};
+use crate::engine::workers_api::{EndReason, ToWorker, WorkerHello};
 use crate::engine::{EngineHandle, ShardKey, ShardOutcome, TriggerState};
 use crate::error::CoordError;
 use crate::model::{
@@ -233,8 +233,37 @@ fn to_proto(msg: ToWorker) -> pb::CoordinatorMessage {
             run: Some(run_ref(&k)),
             reason,
         }),
+        ToWorker::End(why) => {
+            let (reason, detail) = end_reason(why);
+            Out::SessionEnded(pb::SessionEnded {
+                reason: reason as i32,
+                detail: detail.to_owned(),
+            })
+        }
     };
     pb::CoordinatorMessage { kind: Some(kind) }
+}
+
+/// Why a session ended, for the wire.
+fn end_reason(why: EndReason) -> (pb::SessionEndReason, &'static str) {
+    use pb::SessionEndReason as R;
+    match why {
+        EndReason::DeclaredDead => (
+            R::DeclaredDead,
+            "declared dead: heartbeats missed; its shards went to other workers",
+        ),
+        EndReason::Replaced => (
+            R::Replaced,
+            "replaced by a newer session with the same worker id",
+        ),
+        EndReason::Drained => (R::Drained, "drained: every result arrived"),
+        EndReason::LeadershipEnded => (
+            R::LeadershipEnded,
+            "this coordinator stopped leading; reconnect to the next leader",
+        ),
+        // Never sent: the worker closed the stream itself.
+        EndReason::WorkerClosed => (R::Unspecified, "the worker closed the stream"),
+    }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
@@ -263,7 +292,7 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
             worker_id: reg.worker_id,
             group: reg.group,
             handlers: reg.handlers,
-            capacity: reg.capacity.max(1),
+            capacity: reg.capacity,
             labels: reg.labels.into_iter().collect::<BTreeMap<_, _>>(),
             running: reg
                 .running
@@ -306,12 +335,14 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
                 })),
             }))
             .await;
-        // Engine -> worker. Ends when the engine drops the session's sender (the
-        // worker was replaced or declared dead), which ends the response stream.
+        // Engine -> worker. Ends after the engine's `End` (the session was
+        // replaced, declared dead or drained, or the engine stopped), which ends the
+        // response stream.
         let fwd = out.clone();
         tokio::spawn(async move {
             while let Some(m) = from_engine.recv().await {
-                if fwd.send(Ok(to_proto(m))).await.is_err() {
+                let last = matches!(m, ToWorker::End(_));
+                if fwd.send(Ok(to_proto(m))).await.is_err() || last {
                     return;
                 }
             }
