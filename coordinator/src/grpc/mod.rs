@@ -954,3 +954,94 @@ pub fn worker_from_proto(w: pb::WorkerInfo) -> WorkerView {
         draining: w.draining,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use chime_shared::clock::SystemClock;
+    use chime_shared::config::source::MemorySource;
+    use pb::admin_server::Admin;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::engine::{EngineOptions, ShardOutcome};
+    use crate::store::{MemoryRunStore, Retention};
+
+    /// A run that ends leaves the engine before its history write lands (the
+    /// writer gathers writes for 200 ms); GetRun must then read the snapshot on its
+    /// way to the store, not the store's older copy: once SUCCEEDED, always.
+    #[tokio::test]
+    async fn get_run_never_goes_back_after_a_run_ends() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let jobs = JobStore::new(Arc::new(MemorySource::default()));
+        jobs.create(
+            JobSpec::new("m", "g", "h", Schedule::Manual),
+            clock.now_ms(),
+        )
+        .await
+        .unwrap();
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        assert!(runs.install_fence(1).await.unwrap());
+        let stop = CancellationToken::new();
+        let (engine, _task) = crate::engine::start(
+            jobs.clone(),
+            runs.clone(),
+            clock.clone(),
+            EngineOptions::default(),
+            1,
+            CancellationToken::new(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let shared = Arc::new(Shared::default());
+        shared.set(crate::Current {
+            engine: Some(engine.clone()),
+            leader: "here".into(),
+            fence: 1,
+        });
+        let api = admin_api(shared, jobs, runs.clone(), clock, None);
+        let (tx, mut rx) = mpsc::channel(8);
+        let hello = WorkerHello {
+            worker_id: "w1".into(),
+            group: "g".into(),
+            handlers: vec!["h".into()],
+            capacity: 1,
+            labels: BTreeMap::new(),
+            running: vec![],
+        };
+        let session = engine.register(hello, tx).await.unwrap().session;
+        let run = engine.trigger("m", None).await.unwrap();
+        let Some(ToWorker::Assign(a)) = rx.recv().await else {
+            panic!("no assignment");
+        };
+        engine
+            .result("w1", session, a.key, ShardOutcome::Succeeded("done".into()))
+            .await
+            .unwrap();
+        let id = run.run_id.clone();
+        let state = || async {
+            api.get_run(Request::new(pb::RunId { run_id: id.clone() }))
+                .await
+                .unwrap()
+                .into_inner()
+                .state
+        };
+        // Through the write and well after it: succeeded at every read.
+        let until = Instant::now() + Duration::from_millis(600);
+        let mut reads = 0;
+        while Instant::now() < until {
+            assert_eq!(
+                state().await,
+                pb::RunState::Succeeded as i32,
+                "read {reads}"
+            );
+            reads += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stored = runs.get_run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(stored.state, RunState::Succeeded, "the write landed");
+        stop.cancel();
+    }
+}
