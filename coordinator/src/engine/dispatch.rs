@@ -259,7 +259,13 @@ impl Machine {
                 // Without the record a fire could happen twice (or, for a deposed
                 // leader, at all): settle this slice and the rest as unrecorded.
                 let left = slice.len() + rec.plans.len();
-                warn!(error = %e, fires = left, "cannot record fires; not firing them");
+                if matches!(rec.settle, Settle::Fire) {
+                    warn!(error = %e, fires = left, "cannot record fires; not firing them");
+                    metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "unrecorded")
+                        .increment(left as u64);
+                } else {
+                    warn!(error = %e, fires = left, "cannot record fires ahead; firing them at their instant");
+                }
                 let rest: Vec<Option<Plan>> = rec.plans.drain(..).collect();
                 for plan in slice.into_iter().chain(rest) {
                     let run = plan.and_then(|p| self.settle(&rec.settle, p, None));
@@ -890,7 +896,7 @@ impl Machine {
             .filter(|(id, w)| {
                 !w.draining
                     && w.hello.group == spec.group
-                    && w.hello.handlers.iter().any(|h| *h == spec.handler)
+                    && w.hello.handlers.contains(&spec.handler)
                     && Some(id.as_str()) != exclude
             })
             .map(|(id, _)| id.clone())

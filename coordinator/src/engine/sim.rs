@@ -386,8 +386,7 @@ impl World {
 
     fn run(&mut self) -> Result<(), String> {
         let mut same = 0;
-        loop {
-            let Some(t) = self.next_event() else { break };
+        while let Some(t) = self.next_event() {
             if t >= self.end {
                 break;
             }
@@ -602,7 +601,7 @@ impl World {
                         msg: msg.clone(),
                     });
                     if !stale {
-                        self.to_worker(&worker, l.term, session, msg);
+                        self.send_to_worker(&worker, l.term, session, msg);
                     }
                 }
                 Effect::End { session, reason } => {
@@ -610,7 +609,7 @@ impl World {
                         && !stale
                         && reason != EndReason::WorkerClosed
                     {
-                        self.to_worker(&worker, l.term, session, ToWorker::End(reason));
+                        self.send_to_worker(&worker, l.term, session, ToWorker::End(reason));
                     }
                 }
                 Effect::Save(run) => l.history.push_back((self.now + HISTORY_MS, run)),
@@ -803,7 +802,7 @@ impl World {
     }
 
     /// Puts `msg` in the inbox of `worker`, if that session is still its own.
-    fn to_worker(&mut self, worker: &str, term: u64, session: u64, msg: ToWorker) {
+    fn send_to_worker(&mut self, worker: &str, term: u64, session: u64, msg: ToWorker) {
         if let Some(w) = self.workers.get_mut(worker)
             && w.conn == Some((term, session))
             && !matches!(w.up, Up::Down(_))
