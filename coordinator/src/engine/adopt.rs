@@ -78,9 +78,34 @@ impl Machine {
         self.arm_pending(until);
     }
 
+    /// A worker connects while none was: the workers could not reach this leader
+    /// until now (they may know only a coordinator that is down), so they get the
+    /// whole grace again to report what they ran for the runs it adopted. Else a
+    /// shard whose worker finished it, but comes back a moment after another
+    /// worker, would run twice.
+    pub(super) fn grace_restarts(&mut self) {
+        let until = self.now + self.adopt_grace_ms();
+        if self.runs.adopt_until > 0 && until > self.runs.adopt_until {
+            self.runs.adopt_until = until;
+            self.arm_pending(until);
+        }
+    }
+
     /// The grace of an adopted shard ended: unless its worker reported it, another
-    /// worker takes it.
+    /// worker takes it. While no worker is connected, or within a grace of the
+    /// first one connecting (see [`Machine::grace_restarts`]), it waits on: its
+    /// own worker may still come back with it, or with its result.
     pub(super) fn adopt_deadline(&mut self, key: ShardKey) {
+        let now = self.now;
+        if now < self.runs.adopt_until || self.workers.live.is_empty() {
+            let at = if now < self.runs.adopt_until {
+                self.runs.adopt_until
+            } else {
+                now + self.adopt_grace_ms()
+            };
+            self.timers.schedule(at, Timer::Adopt(key));
+            return;
+        }
         let Some(s) = self
             .runs
             .active

@@ -1163,7 +1163,13 @@ impl World {
 
     /// Every session with leader `term` breaks; its workers reconnect.
     fn disconnect(&mut self, term: u64) {
-        let soon = self.now + self.rng.i64(100..600);
+        // Now and then the workers cannot reach the next leader for a while (they
+        // know only the coordinator that went away).
+        let soon = if self.rng.u32(..4) == 0 {
+            self.now + self.rng.i64(2_000..9_000)
+        } else {
+            self.now + self.rng.i64(100..600)
+        };
         for w in self.workers.values_mut() {
             if w.conn.is_some_and(|(t, _)| t == term) {
                 w.conn = None;

@@ -448,6 +448,32 @@ fn adopted_shard_nobody_reports_is_taken_over_after_the_grace() {
 }
 
 #[test]
+fn adopted_shards_wait_for_workers_that_could_not_reach_the_new_leader() {
+    let mut r = Rig::new(opts());
+    r.start(vec![manual("a")]);
+    r.join("w1", 10);
+    let run = r.trigger("a").unwrap();
+    let key = r.assigns("w1")[0].1.key.clone();
+    // w1 finishes; its result never reaches the leader, which dies. The workers
+    // know only the dead coordinator: none reaches the next leader for 10 s.
+    let start = r.now + 1_000;
+    let mut next = Rig::on(r.store.clone(), opts(), 2, start);
+    next.start(vec![manual("a")]);
+    next.advance(10_000);
+    next.join("w2", 10);
+    next.live_for(3_000);
+    assert!(
+        next.all_assigns().is_empty(),
+        "w1 gets the grace to come back"
+    );
+    next.join("w1", 10);
+    next.succeed("w1", &key);
+    next.live_for(10_000);
+    assert!(next.all_assigns().is_empty(), "{:?}", next.all_assigns());
+    assert_eq!(next.stored(&run.run_id).unwrap().state, RunState::Succeeded);
+}
+
+#[test]
 fn adopted_prepared_fire_goes_out_once_after_the_grace_and_its_instant() {
     let (r, id) = prepared();
     let start = r.now;

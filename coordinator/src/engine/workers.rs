@@ -182,6 +182,9 @@ impl Machine {
                 .collect();
             self.take_over(&hello.worker_id, lost);
         }
+        if self.workers.live.is_empty() {
+            self.grace_restarts();
+        }
         info!(worker_id = %hello.worker_id, group = %hello.group, handlers = ?hello.handlers, capacity = hello.capacity, session, "worker registered");
         self.workers.live.insert(
             hello.worker_id.clone(),
