@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../proto/chime/v1/worker.proto",
         "../proto/chime/v1/admin.proto",
         "../proto/chime/v1/queue.proto",
+        "../proto/chime/v1/delivery.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
@@ -14,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("chime_descriptor.bin"))
+        // Payloads handed to subscribers share the popped item's buffer instead of
+        // being copied into a Vec for every delivery.
+        .bytes(".chime.v1.DeliveredItem.payload")
         .build_server(true)
         .build_client(true)
         .compile_protos(&protos, &["../proto"])?;

@@ -22,8 +22,10 @@ use chime_shared::config::watcher;
 use chime_shared::queue::memory_store::MemoryStore;
 use chime_shared::queue::{CancelOutcome, DelayStore, NewItem};
 use chime_shared::ratelimit::MemoryLimiter;
+use chime_worker::delivery::server::{self, Access};
 use chime_worker::{
-    ConsumerOptions, HandlerError, ItemContext, JobContext, Live, SessionOptions, Worker,
+    ConsumerOptions, HandlerError, Hub, HubOptions, ItemContext, JobContext, Live, SessionOptions,
+    Worker,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +50,10 @@ pub struct DevArgs {
     /// gRPC address of the in-process coordinator (another free port when taken).
     #[arg(long, default_value = "127.0.0.1:7070")]
     grpc_addr: String,
+    /// Address of the delivery service (`chime.v1.Deliveries`) apps in any language
+    /// subscribe to (another free port when taken).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    deliveries_addr: String,
     /// Require this admin token in the console and the admin API.
     #[arg(long)]
     admin_token: Option<String>,
@@ -195,7 +201,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let source = Arc::new(MemorySource::default());
     let grpc = bind_or_any(&args.grpc_addr, "gRPC").await?;
     let http = bind_or_any(&args.http_addr, "the console").await?;
+    let deliveries = bind_or_any(&args.deliveries_addr, "the delivery service").await?;
     let grpc_at = grpc.local_addr()?;
+    let deliveries_at = deliveries.local_addr()?;
     let http_at = http.local_addr()?;
     println!("chime dev: everything in one process, nothing to install");
     match &args.admin_token {
@@ -205,6 +213,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         None => println!("  console  http://{http_at}/  (no login; --admin-token T requires one)"),
     }
     println!("  gRPC     {grpc_at}  (try: chime workers --coordinator http://{grpc_at})");
+    println!(
+        "  items    {deliveries_at}  (chime.v1.Deliveries: subscribe handlers from any language, no token)"
+    );
     println!(
         "  store    embedded in-memory delay queue, {} queues; jobs and settings in memory",
         args.queues
@@ -266,6 +277,23 @@ pub async fn run(args: DevArgs) -> Result<()> {
         drain_timeout_ms: 2_000,
         ..ConsumerOptions::default()
     };
+    // Both workers hand items of handlers they do not have to the apps subscribed
+    // here (sdk/python/examples/quickstart.py, say).
+    let hub = Hub::new(HubOptions {
+        worker_id: "dev-workers".into(),
+        family: "default".into(),
+        settle_timeout_ms: 30_000,
+    });
+    let serving = {
+        let hub = hub.clone();
+        tokio::spawn(server::serve(
+            deliveries,
+            hub.clone(),
+            Access::Open,
+            None,
+            async move { hub.stopped().await },
+        ))
+    };
     let mut workers = Vec::new();
     for i in 1..=2 {
         let id = format!("dev-worker-{i}");
@@ -287,6 +315,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             })
             .options(opts.clone())
             .live(live.clone())
+            .deliveries(hub.clone())
             .build()?;
         let stop = stop.clone();
         workers.push(tokio::spawn(async move {
@@ -316,6 +345,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     for w in workers {
         w.await??;
     }
+    hub.shutdown();
+    serving.await??;
     stop_coord.cancel();
     coordinator.await??;
     println!("chime dev: stopped");

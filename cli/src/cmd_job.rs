@@ -25,13 +25,15 @@ type Client = pb::admin_client::AdminClient<
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordArgs {
     /// Config file (TOML).
-    #[arg(long, env = "CHIME_CONFIG")]
+    #[arg(long, env = "CHIME_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Coordinator gRPC endpoint(s), comma-separated.
-    #[arg(long)]
+    /// Coordinator gRPC endpoint(s), comma-separated (`http://host:port`, or a bare
+    /// `host:port`); before or after the subcommand.
+    #[arg(long, global = true)]
     coordinator: Option<String>,
-    /// File holding the admin token (or set CHIME_ADMIN_TOKEN).
-    #[arg(long)]
+    /// File holding the admin token (or set CHIME_ADMIN_TOKEN); before or after the
+    /// subcommand.
+    #[arg(long, global = true)]
     token_file: Option<String>,
 }
 

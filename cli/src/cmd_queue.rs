@@ -179,6 +179,8 @@ pub async fn run(args: QueueArgs) -> Result<()> {
                 "due_now": total(|s| s.due_now),
                 "in_flight": total(|s| s.in_flight),
                 "dead": total(|s| s.dead),
+                "waiting": total(|s| s.waiting),
+                "waiting_by_handler": store.waiting_by_handler().await?,
                 "per_queue": stats,
             })
         }

@@ -1,5 +1,6 @@
 //! `chime worker`: a generic worker process against Redis, with the built-in
-//! handlers. Drains on SIGTERM/SIGINT.
+//! handlers, and optionally the delivery service (`chime.v1.Deliveries`) through
+//! which apps in any language run their own item handlers. Drains on SIGTERM/SIGINT.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +14,8 @@ use chime_shared::queue::DelayStore;
 use chime_shared::queue::redis_store::RedisStore;
 use chime_shared::ratelimit::RedisLimiter;
 use chime_shared::redis_conn::RedisConn;
-use chime_worker::{ItemHandler, JobHandler, Live, SessionOptions, Worker};
+use chime_worker::delivery::server::{self, Access};
+use chime_worker::{Hub, HubOptions, ItemHandler, JobHandler, Live, SessionOptions, Worker};
 use tracing::info;
 
 use crate::config::{self, WorkerConfig};
@@ -29,9 +31,20 @@ pub struct WorkerArgs {
     /// Stable worker id (defaults to HOSTNAME).
     #[arg(long)]
     worker_id: Option<String>,
-    /// Built-in handlers to register, comma-separated: noop, log, http, sleep.
+    /// Built-in handlers to register, comma-separated: noop, log, http, sleep, fail;
+    /// `none` for none.
     #[arg(long, value_delimiter = ',')]
     handlers: Option<Vec<String>>,
+    /// Serve the delivery service (`chime.v1.Deliveries`) on this address
+    /// (`127.0.0.1:7071` for a sidecar); empty: off.
+    #[arg(long)]
+    deliveries_addr: Option<String>,
+    /// File of the tokens subscribers present; default: `--token-file`'s.
+    #[arg(long)]
+    deliveries_token_file: Option<String>,
+    /// Accept subscribers without a token (a laptop only).
+    #[arg(long)]
+    deliveries_allow_unauthenticated: bool,
     /// URL the `http` handler POSTs to.
     #[arg(long)]
     http_url: Option<String>,
@@ -82,7 +95,20 @@ pub fn resolve(args: &WorkerArgs) -> Result<WorkerConfig> {
         cfg.worker_id = v.clone();
     }
     if let Some(v) = &args.handlers {
-        cfg.handlers.enabled = v.clone();
+        cfg.handlers.enabled = v
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty() && h != "none")
+            .collect();
+    }
+    if let Some(v) = &args.deliveries_addr {
+        cfg.deliveries.listen_addr = v.clone();
+    }
+    if let Some(v) = &args.deliveries_token_file {
+        cfg.deliveries.token_file = v.clone();
+    }
+    if args.deliveries_allow_unauthenticated {
+        cfg.deliveries.allow_unauthenticated = true;
     }
     if let Some(v) = &args.http_url {
         cfg.handlers.http_url = v.clone();
@@ -141,6 +167,52 @@ fn readiness(store: Option<Arc<dyn DelayStore>>, draining: Arc<AtomicBool>) -> o
     })
 }
 
+/// Binds the delivery service and serves it until the hub shuts down (after the
+/// worker's drain).
+async fn start_deliveries(
+    cfg: &WorkerConfig,
+    hub: Arc<Hub>,
+) -> Result<tokio::task::JoinHandle<Result<(), chime_worker::WorkerError>>> {
+    let d = &cfg.deliveries;
+    let token_file = match (d.token_file.trim(), cfg.coordinator.token_file.trim()) {
+        ("", "") => None,
+        ("", f) | (f, _) => Some(f.to_owned()),
+    };
+    let access = match token_file {
+        Some(f) => Access::Tokens(Arc::new(
+            chime_shared::auth::Tokens::from_file(&f).context("deliveries.token_file")?,
+        )),
+        None if d.allow_unauthenticated => {
+            tracing::warn!(
+                "the delivery service accepts subscribers without a token (deliveries.allow_unauthenticated)"
+            );
+            Access::Open
+        }
+        None => bail!(
+            "invalid deliveries.token_file: the delivery service needs a token file (deliveries.token_file or coordinator.token_file), or deliveries.allow_unauthenticated = true"
+        ),
+    };
+    let tls = d.tls();
+    let tls = if tls.enabled() {
+        tls.check()?;
+        Some(tls.tonic()?)
+    } else {
+        None
+    };
+    let addr = d.listen_addr.trim();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding deliveries.listen_addr {addr}"))?;
+    info!(deliveries = %listener.local_addr()?, tls = tls.is_some(), "delivery service listening");
+    let stopped = {
+        let hub = hub.clone();
+        async move { hub.stopped().await }
+    };
+    Ok(tokio::spawn(server::serve(
+        listener, hub, access, tls, stopped,
+    )))
+}
+
 /// Runs the worker until a signal, then drains.
 pub async fn run(args: WorkerArgs) -> Result<()> {
     let cfg = resolve(&args)?;
@@ -159,8 +231,26 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let mut builder = Worker::builder()
         .worker_id(worker_id.clone())
         .options(cfg.consumer.options());
-    if cfg.handlers.enabled.is_empty() {
-        bail!("invalid handlers.enabled: register at least one of noop, log, http, sleep, fail");
+    let serving = !cfg.deliveries.listen_addr.trim().is_empty();
+    if cfg.handlers.enabled.is_empty() && !serving {
+        bail!(
+            "invalid handlers.enabled: register at least one of noop, log, http, sleep, fail (or serve deliveries.listen_addr)"
+        );
+    }
+    if serving && args.no_queue {
+        bail!(
+            "invalid deliveries.listen_addr: the delivery service needs the queue (drop --no-queue)"
+        );
+    }
+    let hub = serving.then(|| {
+        Hub::new(HubOptions {
+            worker_id: worker_id.clone(),
+            family: layout.family.clone(),
+            settle_timeout_ms: cfg.deliveries.settle_timeout_ms,
+        })
+    });
+    if let Some(h) = &hub {
+        builder = builder.deliveries(h.clone());
     }
     if !args.no_queue {
         let conn = RedisConn::connect(&cfg.redis.spec()?)
@@ -259,6 +349,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         });
     }
     let worker = builder.build()?;
+    // Bound before the worker runs, so a taken port fails the start, not later.
+    let deliveries = match &hub {
+        None => None,
+        Some(h) => Some(start_deliveries(&cfg, h.clone()).await?),
+    };
     info!(worker_id = worker.id(), prefix = %layout.prefix, family = %layout.family, coordinator = %cfg.coordinator.endpoints,
           queues = layout.count, handlers = ?cfg.handlers.enabled, "chime worker starting");
     let stop_http = tokio_util::sync::CancellationToken::new();
@@ -284,6 +379,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     stop_http.cancel();
     if let Some(h) = http {
         let _ = h.await;
+    }
+    if let Some(d) = deliveries {
+        d.await??;
     }
     info!(
         handled = report.handled,

@@ -141,6 +141,9 @@ pub async fn shutdown_signal() {
 fn main() -> std::process::ExitCode {
     // One TLS crypto provider for every client and listener in the process.
     chime_shared::tls::install_provider();
+    // The metrics recorder before anything registers a metric: handles taken
+    // earlier would stay no-ops.
+    chime_shared::ops::metrics();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

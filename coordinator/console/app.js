@@ -597,6 +597,7 @@
             : card('Delayed items', 'card-queues', `${q.pending ?? 0} pending`,
               `${q.count ?? '?'} queues · ${q.due_now ?? 0} due now · ${q.in_flight ?? 0} in flight · `,
               h('span', { class: q.dead ? 'warn-text' : null }, `${q.dead ?? 0} dead`),
+              q.waiting ? h('span', { class: 'warn-text', 'data-testid': 'overview-waiting' }, ` · ${q.waiting} waiting for a handler`) : null,
               isSet(q.oldest_due_ms) ? h('span', null, ' · oldest due ', relative(q.oldest_due_ms, o.now_ms || Date.now())) : null),
           card('Fire lag', 'card-lag', lag.p50 === null || lag.p50 === undefined ? h('span', { class: 'muted' }, 'no runs yet') : `p50 ${msText(lag.p50)}`,
             lag.p99 === null || lag.p99 === undefined ? null : `p99 ${msText(lag.p99)} · max ${msText(lag.max)}`));
@@ -1217,7 +1218,9 @@
     const summary = h('p', { class: 'muted', 'data-testid': 'queues-summary' });
     const t = table('queues-table', [
       { label: 'Queue', attrs: { class: 'num' } }, { label: 'Pending', attrs: { class: 'num' } }, { label: 'Due now', attrs: { class: 'num' } },
-      { label: 'Due soon (60 s)', attrs: { class: 'num' } }, { label: 'In flight', attrs: { class: 'num' } }, { label: 'Dead', attrs: { class: 'num' } }, 'Next due']);
+      { label: 'Due soon (60 s)', attrs: { class: 'num' } }, { label: 'In flight', attrs: { class: 'num' } }, { label: 'Dead', attrs: { class: 'num' } },
+      { label: 'Waiting for a handler', attrs: { class: 'num', title: 'due, but no worker that popped them had a subscriber for their handler' } }, 'Next due']);
+    const waitingLine = h('p', { class: 'muted', 'data-testid': 'queues-waiting' });
     const selectAll = h('input', { type: 'checkbox', 'aria-label': 'Select all', 'data-testid': 'dead-select-all' });
     const dead = table('dead-table', [{ label: selectAll, attrs: { class: 'check-col' } }, 'Item', 'Key', 'Handler', { label: 'Queue', attrs: { class: 'num' } }, 'Due at', 'Attempts', 'Last error', 'Payload']);
     const reqSel = h('button', { type: 'button', class: 'btn', id: 'dead-requeue-selected', 'data-testid': 'dead-requeue-selected', disabled: true }, 'Requeue selected');
@@ -1268,7 +1271,7 @@
 
     const notice = h('div', { class: 'notice', hidden: true, 'data-testid': 'queues-unavailable' });
     const content = h('div', null,
-      h('section', { class: 'panel' }, h('h2', null, 'Delayed item queues'), summary, t.el),
+      h('section', { class: 'panel' }, h('h2', null, 'Delayed item queues'), summary, waitingLine, t.el),
       h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, h('div', { class: 'toolbar' }, reqSel, reqAll)), dead.el));
     fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')), notice, content);
 
@@ -1296,16 +1299,21 @@
           draining.length ? `resizing: items still moving from ${draining.join(', ')} queue layout(s)` : null,
         ].filter(Boolean).join(' · ');
         const tot = qs.reduce((a, s) => {
-          for (const k of ['pending', 'due_now', 'due_soon', 'in_flight', 'dead']) a[k] += s[k] || 0;
+          for (const k of ['pending', 'due_now', 'due_soon', 'in_flight', 'dead', 'waiting']) a[k] += s[k] || 0;
           return a;
-        }, { pending: 0, due_now: 0, due_soon: 0, in_flight: 0, dead: 0 });
+        }, { pending: 0, due_now: 0, due_soon: 0, in_flight: 0, dead: 0, waiting: 0 });
+        const byHandler = Object.entries(q.waiting_by_handler || {});
+        waitingLine.textContent = byHandler.length
+          ? `Waiting for a handler (no subscriber yet): ${byHandler.map(([hd, c]) => `${hd} ${c}`).join(', ')}`
+          : '';
         fill(t.tbody,
           qs.length ? qs.map((s) => h('tr', { 'data-queue': s.queue, 'data-testid': 'queue-row' },
             n(s.queue), n(s.pending), n(s.due_now), n(s.due_soon), n(s.in_flight),
             h('td', { class: `num${s.dead ? ' warn-text' : ''}` }, String(s.dead ?? 0)),
+            h('td', { class: `num${s.waiting ? ' warn-text' : ''}` }, String(s.waiting ?? 0)),
             h('td', null, isSet(s.next_due_ms) ? h('span', { title: fullDate(s.next_due_ms) }, relative(s.next_due_ms, now)) : h('span', { class: 'muted' }, '—'),
               s.moving ? h('span', { class: 'badge badge-info', title: 'items moving after a resize' }, ` moving ${s.moving}`) : null))) : emptyRow(t, 'No queues.'),
-          qs.length ? h('tr', { class: 'totals' }, h('td', null, 'all'), n(tot.pending), n(tot.due_now), n(tot.due_soon), n(tot.in_flight), n(tot.dead), h('td')) : null);
+          qs.length ? h('tr', { class: 'totals' }, h('td', null, 'all'), n(tot.pending), n(tot.due_now), n(tot.due_soon), n(tot.in_flight), n(tot.dead), n(tot.waiting), h('td')) : null);
 
         const d = await api('GET', '/api/queues/dead?limit=100');
         if (!current(gen)) return;

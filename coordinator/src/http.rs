@@ -567,6 +567,7 @@ async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult 
                 "due_now": s.iter().map(|x| x.due_now).sum::<u64>(),
                 "in_flight": s.iter().map(|x| x.in_flight).sum::<u64>(),
                 "dead": s.iter().map(|x| x.dead).sum::<u64>(),
+                "waiting": s.iter().map(|x| x.waiting).sum::<u64>(),
                 "oldest_due_ms": s.iter().filter_map(|x| x.next_due_ms).min(),
             }),
             Err(e) => json!({ "available": false, "reason": e.to_string() }),
@@ -617,6 +618,7 @@ async fn queues(State(st): State<HttpState>) -> ApiResult {
         "count": layout.count,
         "layout": layout,
         "queues": stats,
+        "waiting_by_handler": q.waiting_by_handler().await?,
     }))
 }
 

@@ -276,8 +276,8 @@ fn readiness(shared: Arc<Shared>, deps: Deps) -> chime_shared::ops::Readiness {
     })
 }
 
-/// On the leader, samples every queue's depth, in-flight and dead-letter counts
-/// into gauges (one sampler per cluster, so the sums add up).
+/// On the leader, samples every queue's depth, in-flight, dead-letter and
+/// waiting-for-a-handler counts into gauges (one sampler per cluster, so the sums add up).
 async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: CancellationToken) {
     use chime_shared::telemetry as m;
     let mut tick = tokio::time::interval(QUEUE_SAMPLE);
@@ -297,7 +297,8 @@ async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: Cancel
                     metrics::gauge!(m::QUEUE_DEPTH, "queue" => queue.clone()).set(s.pending as f64);
                     metrics::gauge!(m::QUEUE_IN_FLIGHT, "queue" => queue.clone())
                         .set(s.in_flight as f64);
-                    metrics::gauge!(m::QUEUE_DEAD, "queue" => queue).set(s.dead as f64);
+                    metrics::gauge!(m::QUEUE_DEAD, "queue" => queue.clone()).set(s.dead as f64);
+                    metrics::gauge!(m::QUEUE_WAITING, "queue" => queue).set(s.waiting as f64);
                 }
             }
             Err(e) => warn!(error = %e, "cannot sample queue depths"),

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "chime"
+# Where the chime image (the Dockerfile at the root) installs the binary.
+IMAGE_BINARY = "/usr/local/bin/chime"
 
 _STORES: dict[str, set[str]] = {
     "redis": {"url", "cluster", "response_timeout_ms", "tls_ca_file", "tls_cert_file", "tls_key_file"},
@@ -50,6 +52,10 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
         "coordinator": {
             "endpoints", "group", "capacity", "labels", "drain_timeout_ms", "record_file",
             "token_file", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_domain",
+        },
+        "deliveries": {
+            "listen_addr", "token_file", "allow_unauthenticated", "settle_timeout_ms",
+            "tls_cert_file", "tls_key_file", "tls_client_ca_file",
         },
     },
 }
@@ -113,6 +119,33 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
         return obj["spec"]
     if obj.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
         return obj["spec"]["template"]["spec"]
+    return None
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every container of a pod spec: init containers (native sidecars among them) first."""
+    return list(spec.get("initContainers", [])) + list(spec.get("containers", []))
+
+
+def is_sidecar(ctr: dict[str, Any]) -> bool:
+    """A Kubernetes native sidecar: an init container that keeps running."""
+    return ctr.get("restartPolicy") == "Always"
+
+
+def chime_process(ctr: dict[str, Any]) -> str | None:
+    """"worker" or "coordinator" for a container running the chime image's binary."""
+    cmd = list(ctr.get("command", [])) + list(ctr.get("args", []))
+    if len(cmd) >= 2 and cmd[0] == IMAGE_BINARY and cmd[1] in KNOWN_KEYS:
+        return cmd[1]
+    return None
+
+
+def config_arg(ctr: dict[str, Any]) -> str | None:
+    """The path after --config in a container's command line."""
+    cmd = list(ctr.get("command", [])) + list(ctr.get("args", []))
+    for i, a in enumerate(cmd[:-1]):
+        if a == "--config":
+            return cmd[i + 1]
     return None
 
 

@@ -3,15 +3,18 @@
 #   1. scripts/helm/check.py: helm lint --strict, render with Helm's own engine for the
 #      default values and helm/chime/ci/*.yaml, validate every object against the
 #      Kubernetes API schemas, and the chart's own rules;
-#   2. scripts/helm/smoke.py: the rendered coordinator and worker run as local processes
-#      (the chime binary) against a redis-server and an etcd started here on free
-#      ports, and the helm test's script runs a job to success.
+#   2. scripts/helm/smoke.py: the rendered coordinator and worker, and the app pod of
+#      helm/chime/ci/sidecar-app-values.yaml (its chime worker sidecar and the Python
+#      SDK's coupon reminder), run as local processes against a redis-server and an etcd
+#      started here on free ports; the helm test's script runs a job to success, and
+#      items reach apps through the workers' pool and through the app's sidecar.
 #
 #   scripts/helm/run.sh [path/to/chime]        (default: target/debug/chime)
 #
 # Needs python3 (3.11+, for tomllib), redis-server and etcd; installs python3/pip from
 # apt when missing (as root, or through sudo). The two PyPI packages, pinned below, go
-# to target/helm-pydeps (pip --target: works with Debian's externally managed Python).
+# to target/helm-pydeps (pip --target: works with Debian's externally managed Python);
+# the Python SDK comes from target/sdk-python-venv, else target/helm-sdk-venv is made.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -47,8 +50,24 @@ export PYTHONDONTWRITEBYTECODE=1
 echo "=== helm chart: lint, render, Kubernetes schemas (check.py)"
 "$py" scripts/helm/check.py
 
-echo "=== helm chart: rendered coordinator and worker against real Redis and etcd (smoke.py)"
+echo "=== helm chart: rendered coordinator, worker and app pod against real Redis and etcd (smoke.py)"
 [ -x "$chime" ] || { echo "run.sh: no chime binary at $chime (cargo build -p chime)" >&2; exit 1; }
+
+# The Python SDK (sdk/python) runs the example app of ci/sidecar-app-values.yaml and a
+# subscriber of the workers' pool: target/sdk-python-venv when it has the SDK (the
+# SDK's own CI makes it), else a venv made here with `pip install -e sdk/python`.
+sdk_py=target/sdk-python-venv/bin/python
+if ! env -u PYTHONPATH "$sdk_py" -c 'import chime_sdk' >/dev/null 2>&1; then
+  venv=${CHIME_HELM_SDK_VENV:-$PWD/target/helm-sdk-venv}
+  sdk_py=$venv/bin/python
+  want="$("$py" -c 'import sys; print(sys.version.split()[0])') $(sha256sum sdk/python/pyproject.toml | cut -d' ' -f1)"
+  if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$want" ] || ! env -u PYTHONPATH "$sdk_py" -c 'import chime_sdk' >/dev/null 2>&1; then
+    rm -rf "$venv"
+    "$py" -m venv "$venv" 2>/dev/null || { apt_install python3-venv; "$py" -m venv "$venv"; }
+    env -u PYTHONPATH "$venv/bin/pip" install --quiet --disable-pip-version-check -e sdk/python
+    echo "$want" > "$venv/.installed"
+  fi
+fi
 etcd_bin=$(command -v etcd || echo /usr/bin/etcd)
 command -v redis-server >/dev/null 2>&1 || { echo "run.sh: redis-server is not installed" >&2; exit 1; }
 [ -x "$etcd_bin" ] || { echo "run.sh: etcd is not installed" >&2; exit 1; }
@@ -100,6 +119,7 @@ else
 fi
 
 if ! "$py" scripts/helm/smoke.py --chime "$chime" \
+    --python "$sdk_py" -f helm/chime/ci/sidecar-app-values.yaml \
     --redis-url "redis://127.0.0.1:$redis_port" --redis-password "$redis_password" \
     --etcd-endpoints "http://127.0.0.1:$etcd_port" "${etcd_auth[@]}"; then
   echo "--- redis-server log"; tail -n 20 "$tmp/redis.log" || true

@@ -2,46 +2,69 @@
 """Runs the Helm chart's wiring against the real chime binary, without Kubernetes.
 
 Renders helm/chime with Helm's own engine for one coordinator and one worker against
-the Redis and etcd given on the command line, then starts, as local processes, exactly
-what the rendered manifests would start in pods:
+the Redis and etcd given on the command line (plus any --values files, e.g.
+helm/chime/ci/sidecar-app-values.yaml), then starts, as local processes, exactly what
+the rendered manifests would start in pods:
 
   * command, args and env of the coordinator StatefulSet's and the worker Deployment's
-    containers (downward-API fields become local values: pod name, namespace,
-    127.0.0.1; secretKeyRef/configMapKeyRef are read from the rendered Secret and
-    ConfigMap; $(VAR) references expanded as the kubelet does);
-  * their volumes: the rendered ConfigMap's TOML files and the Secret's token files
-    are written to a temporary directory, and every mount path in args, env and the
-    config files is pointed there;
+    containers, and of the app pod's chime worker sidecar and app container when
+    sidecarApp is rendered (downward-API fields become local values: pod name,
+    namespace, 127.0.0.1; secretKeyRef/configMapKeyRef are read from the rendered
+    Secret and ConfigMap; $(VAR) references in env, command and args expanded as the
+    kubelet does);
+  * their volumes: the rendered ConfigMaps' files and the Secret's token files are
+    written to a temporary directory per container, and every mount path in args, env
+    and the config files is pointed there;
   * store passwords (--redis-password, --etcd-user/--etcd-password) go the chart's
     way: values -> the chart's Secret -> secretKeyRef env -> CHIME_REDIS_URL
     ($(REDIS_PASSWORD) expanded into the URL) and CHIME_ETCD_PASSWORD;
   * the image's binary path (/usr/local/bin/chime, checked against the Dockerfile)
-    becomes --chime;
+    becomes --chime; the app image's `python` is --python (a venv with the SDK of
+    sdk/python installed: the example's init container that pip-installs it is not
+    run), and the push provider outside the release (the example's PUSH_URL) is a
+    stub HTTP server here;
   * cluster DNS names become 127.0.0.1 ports: a pod name under a headless Service or
     a Service name, with a port, is resolved through the rendered Services (port ->
     targetPort -> the selected pods' container port) to the port picked for that
     process; a name that leads to no rendered object fails the test, so does a
-    listen address that no containerPort declares.
+    listen address that no containerPort declares. Loopback addresses stay inside
+    their pod: the app's 127.0.0.1:7071 and its sidecar's are one local port.
 
-Then it checks the HTTP probes of both containers (GET /livez, /readyz, /metrics on
-the ports the probes name), runs the helm test Pod's own script (it creates a manual
-job, triggers it and waits for its run to succeed through the chime CLI), and stops
-the worker and the coordinator with SIGTERM, each of which must exit 0 within the
-pod's terminationGracePeriodSeconds. Everything started is killed at the end.
+Then it checks the HTTP probes of every chime container (GET /livez, /readyz,
+/metrics on the ports the probes name), runs the helm test Pod's own script (it
+creates a manual job, triggers it and waits for its run to succeed through the chime
+CLI), and proves both ways an app gets its items:
+
+  * the pool (worker.deliveries.enabled, always switched on here): the Python SDK's
+    quickstart subscribes at the URL NOTES.txt gives (the Service
+    <release>-deliveries), enqueues three reminders through the coordinators' Queue
+    API with the producer token, and must receive them all;
+  * the sidecar (when sidecarApp is rendered): an item of the app's handler enqueued
+    through the coordinator must reach the app, which POSTs it to the stub push
+    provider, and must then be acked (gone from the queue).
+
+Last, everything stops with SIGTERM in Kubernetes' order, each within its pod's
+terminationGracePeriodSeconds and exiting 0: the app, then its sidecar (a native
+sidecar is stopped after the app's containers), then the worker and the coordinator.
+Everything started is killed at the end.
 
 With auth on (the default), it also checks that an admin call without the token is
-refused. Keys of features the binary does not have yet ([tls]: see common.PENDING)
-are dropped from the config, with a note, when the binary refuses them; anything
-else it refuses fails.
+refused. Keys of features the binary does not have yet (see common.PENDING) are
+dropped from the config, with a note, when the binary refuses them; anything else it
+refuses fails.
 
     python3 scripts/helm/smoke.py --redis-url redis://127.0.0.1:6379 \\
-        --etcd-endpoints http://127.0.0.1:2379 --chime target/debug/chime
+        --etcd-endpoints http://127.0.0.1:2379 --chime target/debug/chime \\
+        --python target/sdk-python-venv/bin/python -f helm/chime/ci/sidecar-app-values.yaml
 """
+
 
 from __future__ import annotations
 
 import argparse
 import base64
+import http.server
+import json
 import os
 import re
 import secrets
@@ -51,22 +74,24 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import PENDING, REPO, find, objects, pod_labels, pod_spec  # noqa: E402
+from common import IMAGE_BINARY, PENDING, REPO, chime_process, containers, find, objects, pod_labels, pod_spec  # noqa: E402
 
 NAMESPACE = "chime-smoke"
 RELEASE = "chime"
-IMAGE_BINARY = "/usr/local/bin/chime"
 STARTUP_S = 4.0  # a process still running after this long accepted its configuration
+APP_HANDLER = "coupon.remind"  # the example app's handler (ci/sidecar-app-values.yaml)
+PUSH_URL_ENV = "PUSH_URL"  # the example app's push provider, outside the release
 
 
 class SmokeError(Exception):
@@ -93,6 +118,22 @@ def wait_tcp(host: str, port: int, timeout: float, what: str) -> None:
             if time.monotonic() > deadline:
                 raise SmokeError(f"{what} at {host}:{port} did not accept connections in {timeout:.0f}s")
             time.sleep(0.2)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, alive: Callable[[], str | None] = lambda: None) -> Any:
+    """Polls `cond` until it returns something truthy; fails after `timeout` s, or
+    at once when `alive` names a process that died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        dead = alive()
+        if dead:
+            raise SmokeError(f"{what}: {dead}")
+        if time.monotonic() > deadline:
+            raise SmokeError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -128,29 +169,37 @@ def drop_key(text: str, section: str, field: str | None) -> str:
 
 
 class Release:
-    def __init__(self, objs: list[dict[str, Any]]) -> None:
+    def __init__(self, objs: list[dict[str, Any]], external: set[str]) -> None:
         self.objs = objs
+        # Addresses outside the cluster (the stores given on the command line): kept.
+        self.external = external
         self.ports: dict[tuple[str, int], int] = {}  # (component, containerPort) -> local port
+        self.loopback: dict[tuple[str, int], int] = {}  # (component, port bound to 127.0.0.1) -> local port
         coord = find(objs, "StatefulSet", "coordinator")
         worker = find(objs, "Deployment", "worker")
         test = find(objs, "Pod", "test")
-        if len(coord) != 1 or len(worker) != 1 or len(test) != 1:
-            raise SmokeError("expected one coordinator StatefulSet, one worker Deployment and one test Pod")
+        app = find(objs, "Deployment", "app")
+        if len(coord) != 1 or len(worker) != 1 or len(test) != 1 or len(app) > 1:
+            raise SmokeError("expected one coordinator StatefulSet, one worker Deployment, one test Pod and at most one app Deployment")
         self.coordinator, self.worker, self.test = coord[0], worker[0], test[0]
-        for w, comp in ((self.coordinator, "coordinator"), (self.worker, "worker")):
-            for ctr in pod_spec(w)["containers"]:
+        self.app = app[0] if app else None
+        for w in [self.coordinator, self.worker] + ([self.app] if self.app else []):
+            for ctr in containers(pod_spec(w)):
                 for p in ctr.get("ports", []):
-                    self.ports[(comp, p["containerPort"])] = free_port()
+                    self.ports[(self.component(w), p["containerPort"])] = free_port()
 
     def component(self, w: dict[str, Any]) -> str:
         return w["metadata"]["labels"]["app.kubernetes.io/component"]
 
     def container_port(self, w: dict[str, Any], port: int | str) -> int:
-        for ctr in pod_spec(w)["containers"]:
+        for ctr in containers(pod_spec(w)):
             for p in ctr.get("ports", []):
                 if port in (p["containerPort"], p.get("name")):
                     return p["containerPort"]
         raise SmokeError(f"{w['kind']}/{w['metadata']['name']} has no container port {port}")
+
+    def local_port(self, w: dict[str, Any], port: int | str) -> int:
+        return self.ports[(self.component(w), self.container_port(w, port))]
 
     def workload_of_service(self, svc: dict[str, Any]) -> dict[str, Any]:
         sel = svc["spec"].get("selector", {})
@@ -205,7 +254,21 @@ class Release:
         return self.ports[(self.component(w), cport)]
 
     def localize(self, text: str, component: str) -> str:
-        """Cluster DNS names and 0.0.0.0 listen addresses -> 127.0.0.1 and local ports."""
+        """Pod-local loopback ports, cluster DNS names and 0.0.0.0 listen addresses ->
+        127.0.0.1 and local ports (one pass each, loopback first: the others produce
+        loopback addresses)."""
+        def loop(m: re.Match[str]) -> str:
+            if m.group(0) in self.external or f"127.0.0.1:{m.group(1)}" in self.external:
+                return m.group(0)
+            port = int(m.group(1))
+            key = (component, port)
+            if key not in self.loopback:
+                # A port the pod also declares is reached on loopback too.
+                self.loopback[key] = self.ports.get(key) or free_port()
+            return f"127.0.0.1:{self.loopback[key]}"
+
+        text = re.sub(r"(?<![\w.])(?:127\.0\.0\.1|localhost):(\d+)", loop, text)
+
         def dns(m: re.Match[str]) -> str:
             return f"127.0.0.1:{self.resolve(m.group(1), int(m.group(2)))}"
 
@@ -245,28 +308,39 @@ class Release:
         return cm["data"][key]
 
 
-# ------------------------------------------------------------------ a pod as a process
+# ------------------------------------------------------------------ a container as a process
 
 
 class Proc:
-    def __init__(self, rel: Release, workload: dict[str, Any], pod_name: str, root: Path, chime: Path) -> None:
+    def __init__(
+        self, rel: Release, workload: dict[str, Any], pod_name: str, root: Path, chime: Path, *,
+        container: str | None = None, path: str = "", env_override: dict[str, str] | None = None,
+    ) -> None:
         self.rel = rel
         self.workload = workload
         self.component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         self.pod = pod_name
-        self.dir = root / self.component
+        self.spec = pod_spec(workload)
+        ctrs = containers(self.spec) if container else self.spec["containers"][:1]
+        found = [c for c in ctrs if container is None or c["name"] == container]
+        if not found:
+            raise SmokeError(f"{self.component}: no container {container}")
+        self.ctr = found[0]
+        self.label = f"{self.component}/{self.ctr['name']}" if container else self.component
+        self.process = chime_process(self.ctr)  # "worker", "coordinator" or None (not chime)
+        self.dir = root / self.label.replace("/", "-")
         self.dir.mkdir(parents=True)
         self.chime = chime
-        self.spec = pod_spec(workload)
-        self.ctr = self.spec["containers"][0]
+        self.path = path or f"{chime.parent}:/usr/local/bin:/usr/bin:/bin"
+        self.env_override = env_override or {}
         self.mounts: dict[str, Path] = {}
         self.config_files: list[Path] = []
         self.popen: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "output.log"
         self.dropped: list[str] = []
         self.materialize_volumes()
-        self.argv = self.build_argv()
         self.env = self.build_env()
+        self.argv = self.build_argv()
 
     def materialize_volumes(self) -> None:
         vols = {v["name"]: v for v in self.spec.get("volumes", [])}
@@ -280,12 +354,13 @@ class Proc:
             if "configMap" in v:
                 cm = self.rel.object("ConfigMap", v["configMap"]["name"])
                 if cm is None:
-                    raise SmokeError(f"{self.component}: volume {m['name']}: ConfigMap not rendered")
+                    raise SmokeError(f"{self.label}: volume {m['name']}: ConfigMap not rendered")
                 items = v["configMap"].get("items") or [{"key": k, "path": k} for k in cm["data"]]
                 for it in items:
                     f = d / it["path"]
                     f.write_text(cm["data"][it["key"]])
-                    self.config_files.append(f)
+                    if f.suffix == ".toml":
+                        self.config_files.append(f)
             elif "secret" in v:
                 name = v["secret"]["secretName"]
                 s = self.rel.object("Secret", name)
@@ -296,13 +371,13 @@ class Proc:
                     f.write_bytes(self.rel.secret_value(name, k))
                     f.chmod(0o440)
             else:
-                raise SmokeError(f"{self.component}: volume {m['name']}: unsupported volume type")
-        # Config files may name other mounts (token files): point them here too.
+                raise SmokeError(f"{self.label}: volume {m['name']}: unsupported volume type")
+        # Config files may name other mounts (token files) and addresses: point them here too.
         for f in self.config_files:
             f.write_text(self.localize(f.read_text()))
 
     def localize(self, text: str) -> str:
-        """Mount paths -> their local directories (one pass), then cluster names -> ports."""
+        """Mount paths -> their local directories (one pass), then addresses -> local ports."""
         if self.mounts:
             alt = "|".join(re.escape(m) for m in sorted(self.mounts, key=len, reverse=True))
             text = re.sub(
@@ -310,11 +385,21 @@ class Proc:
             )
         return self.rel.localize(text, self.component)
 
+    @staticmethod
+    def expand(text: str, env: dict[str, str]) -> str:
+        """$(VAR) -> the variable as the manifest gives it, the kubelet's way ($$ escapes)."""
+        return re.sub(
+            r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+            lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+            text,
+        )
+
     def build_argv(self) -> list[str]:
         cmd = list(self.ctr.get("command", [])) + list(self.ctr.get("args", []))
         if not cmd:
-            raise SmokeError(f"{self.component}: no command")
-        argv = [self.localize(a) for a in cmd]
+            raise SmokeError(f"{self.label}: no command")
+        # Expanded as in the pod, then localized (once: localizing is not idempotent).
+        argv = [self.localize(self.expand(a, self.raw_env)) for a in cmd]
         # The binary is substituted after localizing: its real path may lie under a
         # mount path of the pod (a clone in /tmp, which the pod mounts as emptyDir).
         if cmd[0] == IMAGE_BINARY:
@@ -323,35 +408,37 @@ class Proc:
 
     def build_env(self) -> dict[str, str]:
         """The container's env from the manifest (localized) over a minimal base env."""
-        base: dict[str, str] = {
-            "PATH": f"{self.chime.parent}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(self.dir),
-            "HOSTNAME": self.pod,
-        }
+        base: dict[str, str] = {"PATH": self.path, "HOME": str(self.dir), "HOSTNAME": self.pod}
         for k in ("RUST_LOG", "RUST_BACKTRACE", "LANG", "TZ"):
             if k in os.environ:
                 base[k] = os.environ[k]
         env: dict[str, str] = {}
+        raw_env: dict[str, str] = {}  # as in the pod, before localizing
         for e in self.ctr.get("env", []):
             name = e["name"]
+            if name in self.env_override:
+                env[name] = raw_env[name] = self.env_override[name]
+                continue
             if "value" in e:
-                value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+                raw = self.expand(e["value"], raw_env)
             else:
                 src = e["valueFrom"]
                 if "fieldRef" in src:
-                    value = {
+                    raw = {
                         "metadata.name": self.pod,
                         "metadata.namespace": NAMESPACE,
                         "status.podIP": "127.0.0.1",
                         "spec.nodeName": "localhost",
                     }[src["fieldRef"]["fieldPath"]]
                 elif "secretKeyRef" in src:
-                    value = self.rel.secret_value(src["secretKeyRef"]["name"], src["secretKeyRef"]["key"]).decode()
+                    raw = self.rel.secret_value(src["secretKeyRef"]["name"], src["secretKeyRef"]["key"]).decode()
                 elif "configMapKeyRef" in src:
-                    value = self.rel.configmap_value(src["configMapKeyRef"]["name"], src["configMapKeyRef"]["key"])
+                    raw = self.rel.configmap_value(src["configMapKeyRef"]["name"], src["configMapKeyRef"]["key"])
                 else:
-                    raise SmokeError(f"{self.component}: env {name}: unsupported valueFrom")
-            env[name] = self.localize(value)
+                    raise SmokeError(f"{self.label}: env {name}: unsupported valueFrom")
+            raw_env[name] = raw
+            env[name] = self.localize(raw)
+        self.raw_env = raw_env
         return {**base, **env}
 
     def start(self) -> None:
@@ -362,12 +449,17 @@ class Proc:
         )
 
     def start_tolerant(self) -> None:
-        """Starts; when the binary refuses a pending key or flag, drops it and retries."""
+        """Starts a chime process; when the binary refuses a pending key or flag, drops
+        it and retries. Accepted once it answers its startup probe, or still runs after
+        STARTUP_S."""
+        probe = self.probe_port("startupProbe") or self.probe_port("livenessProbe")
         for _ in range(10):
             self.log_path.write_bytes(b"")
             self.start()
             deadline = time.monotonic() + STARTUP_S
             while time.monotonic() < deadline and self.popen.poll() is None:
+                if probe and http_get(f"http://127.0.0.1:{probe[1]}{probe[0]}")[0] == 200:
+                    return
                 time.sleep(0.1)
             if self.popen.poll() is None:
                 return
@@ -377,13 +469,13 @@ class Proc:
                 continue
             m = re.search(r"unexpected argument '(--[A-Za-z0-9-]+)'", out)
             if m:
-                raise SmokeError(f"{self.component}: the binary refuses flag {m.group(1)}:\n{tail(out)}")
-            raise SmokeError(f"{self.component} exited with {self.popen.returncode} at start:\n{tail(out)}")
-        raise SmokeError(f"{self.component}: still refusing its configuration after dropping {self.dropped}")
+                raise SmokeError(f"{self.label}: the binary refuses flag {m.group(1)}:\n{tail(out)}")
+            raise SmokeError(f"{self.label} exited with {self.popen.returncode} at start:\n{tail(out)}")
+        raise SmokeError(f"{self.label}: still refusing its configuration after dropping {self.dropped}")
 
     def drop_pending(self, name: str) -> bool:
         matches = [
-            (sec, field) for sec, field in PENDING[self.component]
+            (sec, field) for sec, field in PENDING.get(self.process or "", set())
             if field == name or (field is None and sec == name)
         ]
         if not matches:
@@ -395,7 +487,7 @@ class Proc:
                 if new != text:
                     key = f"{sec}.{field}" if field and sec else (field or f"[{sec}]")
                     self.dropped.append(key)
-                    log(f"note: this chime binary does not know {self.component} config key {key} yet (pending feature): dropped for this run")
+                    log(f"note: this chime binary does not know {self.process} config key {key} yet (pending feature): dropped for this run")
                     text = new
             f.write_text(text)
         return True
@@ -403,13 +495,19 @@ class Proc:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def died(self) -> str | None:
+        """Why waiting on this process is pointless: it exited (with its last lines)."""
+        if self.popen is not None and self.popen.poll() is not None:
+            return f"{self.label} exited with {self.popen.returncode}:\n{tail(self.log_path.read_text(errors='replace'))}"
+        return None
+
     def stop(self, timeout: float) -> tuple[int | None, float]:
         """SIGTERM, then wait up to `timeout` s: (exit code or None, seconds taken)."""
         assert self.popen is not None
         t0 = time.monotonic()
         self.popen.send_signal(signal.SIGTERM)
         try:
-            code = self.popen.wait(timeout=timeout)
+            code = self.popen.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
             code = None
         return code, time.monotonic() - t0
@@ -428,8 +526,14 @@ class Proc:
         p = self.ctr.get(probe)
         if not p or "httpGet" not in p:
             return None
-        cport = self.rel.container_port(self.workload, p["httpGet"]["port"])
-        return p["httpGet"]["path"], self.rel.ports[(self.component, cport)]
+        return p["httpGet"]["path"], self.rel.local_port(self.workload, p["httpGet"]["port"])
+
+    def file_of(self, mount_path_file: str) -> Path:
+        """Where a file the container sees at `mount_path_file` lies here."""
+        local = Path(self.localize(mount_path_file))
+        if not local.is_file():
+            raise SmokeError(f"{self.label}: {mount_path_file} is not mounted (looked at {local})")
+        return local
 
 
 def tail(text: str, n: int = 25) -> str:
@@ -444,6 +548,92 @@ def dockerfile_binary() -> str | None:
     return m.group(1) if m else None
 
 
+def grace_and_prestop(p: Proc) -> tuple[int, int]:
+    grace = p.spec.get("terminationGracePeriodSeconds", 30)
+    pre = p.ctr.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    return grace, int(pre[-1]) if pre and pre[-1].isdigit() else 0
+
+
+# ------------------------------------------------------------------ the push provider stub
+
+
+class PushStub:
+    """The example app's push provider: records each POSTed JSON body, answers 200."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the app's client expects
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                try:
+                    doc: Any = json.loads(body)
+                except ValueError:
+                    doc = {"unparsed": body.decode(errors="replace")}
+                with stub.lock:
+                    stub.bodies.append(doc)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/push"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def pushes_of(self, item_id: str) -> list[Any]:
+        with self.lock:
+            return [b for b in self.bodies if item_id in (b.get("messages") or [])]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# A producer through the coordinators' Queue API (chime.v1.Queue), with the Python SDK:
+#   enqueue <url> <token file> <id> <key> <handler> <in_ms>   -> prints the outcome
+#   wait-gone <url> <token file> <id> <key> <timeout s>       -> exit 0 once the item is gone
+PRODUCER = r"""
+import sys, time
+from chime_sdk import NewItem, SyncQueueClient
+cmd, url, token_file, item_id, key = sys.argv[1:6]
+with SyncQueueClient(url, token_file=token_file or None) as q:  # "": auth off
+    if cmd == "enqueue":
+        handler, in_ms = sys.argv[6], int(sys.argv[7])
+        print(q.enqueue([NewItem(item_id, handler, key=key, merge_key=key, in_ms=in_ms, payload="smoke")])[0].value)
+    else:
+        deadline = time.monotonic() + float(sys.argv[6])
+        while True:
+            view = q.get((item_id, key))
+            if view is None:
+                print("gone")
+                sys.exit(0)
+            if time.monotonic() > deadline:
+                print(f"still there: {view}")
+                sys.exit(1)
+            time.sleep(0.1)
+"""
+
+
+def python_run(python: str, args: list[str], timeout: float, what: str) -> str:
+    try:
+        # Not this script's PYTHONPATH (run.sh's helm deps): the SDK's venv as it is.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        res = subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise SmokeError(f"{what}: still running after {timeout:.0f}s: {e.stdout!r} {e.stderr!r}")
+    if res.returncode != 0:
+        raise SmokeError(f"{what}: exit {res.returncode}:\n{tail(res.stdout + res.stderr)}")
+    return res.stdout
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -456,11 +646,20 @@ def run(args: argparse.Namespace) -> None:
     in_image = dockerfile_binary()
     if in_image is not None and in_image != IMAGE_BINARY:
         raise SmokeError(f"the Dockerfile installs the binary at {in_image}, the manifests run {IMAGE_BINARY}")
+    python = str(Path(args.python).absolute()) if args.python else ""
+    if python:
+        res = subprocess.run([python, "-c", "import chime_sdk; print(chime_sdk.__file__)"], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        if res.returncode != 0:
+            raise SmokeError(f"--python {python} cannot import chime_sdk (pip install -e sdk/python):\n{tail(res.stderr)}")
+        log(f"python SDK: {python} ({res.stdout.strip()})")
 
-    for url, what in ((args.redis_url.split(",")[0], "Redis"), (args.etcd_endpoints.split(",")[0], "etcd")):
+    external: set[str] = set()
+    for url, what in [(u, "Redis") for u in args.redis_url.split(",")] + [(u, "etcd") for u in args.etcd_endpoints.split(",")]:
         u = urllib.parse.urlsplit(url)
         if u.hostname and u.port:
             wait_tcp(u.hostname, u.port, 30, what)
+            external.add(f"{u.hostname}:{u.port}")
 
     tag = secrets.token_hex(3)
     values: dict[str, Any] = {
@@ -476,119 +675,278 @@ def run(args: argparse.Namespace) -> None:
     if args.etcd_user:
         values["etcd"]["auth"] = {"username": args.etcd_user, "password": args.etcd_password}
     for f in args.values:
-        extra = common.load_values_file(Path(f))
-        values = deep_merge(values, extra)
+        values = deep_merge(values, common.load_values_file(Path(f)))
+        log(f"values: {f}")
+    if python:
+        # The pool is checked in the same run: the workers serve deliveries too (a
+        # values file that leaves the queue to the app's sidecars is overridden; the
+        # two then share the family, which the delivery contract allows: an item
+        # popped where its handler has no subscriber is parked, not lost).
+        pool = {"worker": {"queue": {"enabled": True}, "deliveries": {"enabled": True}}}
+        log("overlay: worker.queue.enabled=true, worker.deliveries.enabled=true (the pool, checked in this run)")
+        values = deep_merge(values, pool)
     rendered = common.render(values, name=RELEASE, namespace=NAMESPACE)
-    rel = Release([o for _, o in objects(rendered)])
+    rel = Release([o for _, o in objects(rendered)], external)
     log(f"rendered {len(rel.objs)} objects; key prefix smoke-{tag}, etcd prefix /chime-smoke-{tag}/")
+    if rel.app is not None and not python:
+        raise SmokeError("sidecarApp is rendered but no --python with the SDK was given to run the app")
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chime-helm-smoke-"))
     root.mkdir(parents=True, exist_ok=True)
     procs: list[Proc] = []
+    stub: PushStub | None = None
     ok = False
     try:
         coord = Proc(rel, rel.coordinator, f"{rel.coordinator['metadata']['name']}-0", root, chime)
         worker = Proc(rel, rel.worker, f"{rel.worker['metadata']['name']}-5d8f7c9b4-smoke", root, chime)
-        for p in (coord, worker):
-            log(f"{p.component}: {' '.join(p.argv)}")
+        chimes = [coord, worker]
+        side = app = None
+        if rel.app is not None:
+            pod = f"{rel.app['metadata']['name']}-7c6d5b8f9-smoke"
+            side = Proc(rel, rel.app, pod, root, chime, container="chime-worker")
+            stub = PushStub()
+            # The image's `python` is the SDK venv's; the push provider is the stub.
+            venv_bin = str(Path(python).parent)
+            pushes_to = any(e["name"] == PUSH_URL_ENV for e in rel_env(rel.app, "app"))
+            app = Proc(rel, rel.app, pod, root, chime, container="app", path=f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
+                       env_override={PUSH_URL_ENV: stub.url} if pushes_to else {})
+            chimes.append(side)
+            replicas = rel.app["spec"].get("replicas", 1)
+            skipped = [c["name"] for c in pod_spec(rel.app).get("initContainers", []) if not common.is_sidecar(c)]
+            log(f"app pod {pod} (1 of {replicas}): containers chime-worker and app"
+                + (f"; init container(s) {', '.join(skipped)} not run: the SDK comes from {python}" if skipped else ""))
+            if PUSH_URL_ENV in app.env_override:
+                log(f"app: the push provider ({PUSH_URL_ENV}) is a local stub: {stub.url}")
+        for p in chimes + ([app] if app else []):
+            log(f"{p.label}: {' '.join(p.argv)}")
             for k, v in sorted(p.env.items()):
-                if k.startswith("CHIME_") or k in ("POD_NAME", "POD_NAMESPACE"):
+                if k.startswith("CHIME_") or k in ("POD_NAME", "POD_NAMESPACE", PUSH_URL_ENV, "PYTHONPATH"):
                     shown = "***" if "PASSWORD" in k else re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", v)
-                    log(f"{p.component}:   {k}={shown}")
+                    log(f"{p.label}:   {k}={shown}")
         procs += [coord]
         coord.start_tolerant()
-        grpc = rel.ports[("coordinator", rel.container_port(rel.coordinator, "grpc"))]
+        grpc = rel.local_port(rel.coordinator, "grpc")
         wait_tcp("127.0.0.1", grpc, 30, "coordinator gRPC")
         log(f"coordinator up: gRPC 127.0.0.1:{grpc}")
         procs += [worker]
         worker.start_tolerant()
         log("worker up")
+        if side is not None and app is not None:
+            # A native sidecar is started, and must pass its startup probe, before the
+            # app container starts; a regular one starts with it (the app retries).
+            procs += [side]
+            side.start_tolerant()
+            log("app pod: chime-worker sidecar up")
+            procs += [app]
+            app.start()
+            log("app pod: app started")
 
-        # Probes, on the ports and paths the manifests name.
-        auth_on = "admin-token" in str(rel.test["spec"].get("volumes", []))
-        for p in (coord, worker):
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                pp = p.probe_port(probe)
-                if pp is None:
-                    continue
-                path, port = pp
-                deadline = time.monotonic() + 60
-                while True:
-                    code, body = http_get(f"http://127.0.0.1:{port}{path}")
-                    if code == 200:
-                        break
-                    if time.monotonic() > deadline or not p.running():
-                        raise SmokeError(f"{p.component} {probe} GET {path}: {code} {body[:200]}")
-                    time.sleep(0.5)
-                log(f"{p.component} {probe}: GET {path} -> 200")
-            # What the ServiceMonitors scrape: the container port named http, /metrics.
-            http_port = rel.ports[(p.component, rel.container_port(p.workload, "http"))]
-            code, body = http_get(f"http://127.0.0.1:{http_port}/metrics")
-            if code != 200:
-                raise SmokeError(f"{p.component} GET /metrics: {code} {body[:200]}")
-            log(f"{p.component}: GET /metrics -> 200 ({body.count('# TYPE')} metric families)")
-            if p is coord:
-                # The console (NOTES.txt sends users to /); with auth on it may ask for the token.
-                code, body = http_get(f"http://127.0.0.1:{http_port}/")
-                if not (code == 200 or (auth_on and code in (401, 403))):
-                    raise SmokeError(f"coordinator console GET /: {code} {body[:200]}")
-                log(f"coordinator: GET / (console) -> {code}")
+        check_probes(rel, chimes)
+        run_helm_test(rel, root, chime, grpc, args)
 
-        # The helm test Pod's own script, as the Pod would run it.
-        test = Proc(rel, rel.test, rel.test["metadata"]["name"], root, chime)
-        bindir = root / "test" / "bin"
-        bindir.mkdir()
-        (bindir / "chime").symlink_to(chime)
-        test.env["PATH"] = f"{bindir}:/usr/local/bin:/usr/bin:/bin"
-        log(f"helm test pod: {test.argv[0]} {test.argv[1]} <script of {len(test.argv[-1].splitlines())} lines>")
-        try:
-            res = subprocess.run(
-                test.argv, env=test.env, cwd=test.dir, stdin=subprocess.DEVNULL,
-                capture_output=True, text=True, timeout=args.timeout + 30,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise SmokeError(f"helm test script still running after {args.timeout + 30}s: {e.stdout!r}")
-        for line in (res.stdout + res.stderr).rstrip().splitlines():
-            print(f"  test| {line}")
-        if res.returncode != 0 or "PASS" not in res.stdout:
-            raise SmokeError(f"helm test script exited {res.returncode}")
-        log("helm test script passed: a manual job was created, triggered and its run succeeded")
+        # Clients outside the release: the coordinators' client Service (gRPC), tokens
+        # from the chart's Secret.
+        producer_token = write_token(rel, root, "producer-token")
+        worker_token = write_token(rel, root, "worker-token")
+        client_svc = rel.service(rel.coordinator["metadata"]["name"])
+        grpc_port = next(p["port"] for p in client_svc["spec"]["ports"] if p["name"] == "grpc")
+        coordinator_url = rel.localize(f"http://{client_svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{grpc_port}", "client")
+        if python:
+            check_pool(rel, python, coordinator_url, worker_token, producer_token)
+        if side is not None and app is not None and stub is not None:
+            check_sidecar_delivery(rel, side, app, stub, python, coordinator_url, producer_token, tag)
 
-        # With auth on, the token is what let the test in: a call without it is refused.
-        if auth_on:
-            env = {k: v for k, v in test.env.items() if k != "CHIME_ADMIN_TOKEN"}
-            res = subprocess.run(
-                [str(chime), "workers", "--coordinator", f"http://127.0.0.1:{grpc}"],
-                env=env, capture_output=True, text=True, timeout=30,
-            )
-            if res.returncode == 0:
-                raise SmokeError("auth is on, yet an admin call without a token was accepted")
-            log(f"auth: an admin call without the token is refused ({res.stderr.strip().splitlines()[-1][:120]})")
-
-        # Graceful stops within the pods' grace periods.
+        # Stopping, in Kubernetes' order: the app pod's regular containers, then its
+        # native sidecar (or, not native, the sidecar after its preStop wait); then
+        # the worker and the coordinator.
+        if side is not None and app is not None:
+            stop_app_pod(side, app)
         for p in (worker, coord):
-            grace = p.spec.get("terminationGracePeriodSeconds", 30)
-            pre = p.ctr.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-            pre_s = int(pre[-1]) if pre and pre[-1].isdigit() else 0
+            grace, pre_s = grace_and_prestop(p)
             code, took = p.stop(grace - pre_s)
             if code != 0:
                 raise SmokeError(
-                    f"{p.component}: SIGTERM -> exit {code} after {took:.1f}s (grace {grace}s, preStop {pre_s}s)\n"
+                    f"{p.label}: SIGTERM -> exit {code} after {took:.1f}s (grace {grace}s, preStop {pre_s}s)\n"
                     + tail(p.log_path.read_text(errors="replace"))
                 )
-            log(f"{p.component}: SIGTERM -> exit 0 in {took:.1f}s (grace {grace}s - preStop {pre_s}s)")
+            log(f"{p.label}: SIGTERM -> exit 0 in {took:.1f}s (grace {grace}s - preStop {pre_s}s)")
         ok = True
     finally:
         for p in reversed(procs):
             p.kill()
+        if stub is not None:
+            stub.close()
         if not ok:
             for p in procs:
                 if p.log_path.exists():
-                    print(f"--- {p.component} log (last lines) ---\n{tail(p.log_path.read_text(errors='replace'), 40)}")
+                    print(f"--- {p.label} log (last lines) ---\n{tail(p.log_path.read_text(errors='replace'), 40)}")
         if args.keep or not ok:
             log(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def rel_env(w: dict[str, Any], container: str) -> list[dict[str, Any]]:
+    return next((c.get("env", []) for c in containers(pod_spec(w)) if c["name"] == container), [])
+
+
+def chart_secret(rel: Release) -> dict[str, Any] | None:
+    """The chart's own Secret (tokens, store passwords), when it renders one."""
+    return next(iter(find(rel.objs, "Secret")), None)
+
+
+def write_token(rel: Release, root: Path, key: str) -> str | None:
+    """A token of the chart's Secret as a file, as a client pod would mount it (None
+    when the Secret has no such key: auth off)."""
+    secret = chart_secret(rel)
+    if secret is None or key not in secret.get("data", {}):
+        return None
+    f = root / "client-tokens" / key
+    f.parent.mkdir(exist_ok=True)
+    f.write_bytes(rel.secret_value(secret["metadata"]["name"], key))
+    return str(f)
+
+
+def check_probes(rel: Release, procs: list[Proc]) -> None:
+    """Probes, on the ports and paths the manifests name, and /metrics on the probes' port."""
+    auth_on = "admin-token" in str(rel.test["spec"].get("volumes", []))
+    for p in procs:
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            pp = p.probe_port(probe)
+            if pp is None:
+                continue
+            path, port = pp
+            wait_for(lambda: http_get(f"http://127.0.0.1:{port}{path}")[0] == 200, 60,
+                     f"{p.label} {probe} GET {path} never answered 200", p.died)
+            log(f"{p.label} {probe}: GET {path} -> 200")
+        # What the ServiceMonitors scrape (the port named http; a sidecar's probe port).
+        live = p.probe_port("livenessProbe")
+        http_port = rel.local_port(p.workload, "http") if p.component != "app" else (live[1] if live else 0)
+        code, body = http_get(f"http://127.0.0.1:{http_port}/metrics")
+        if code != 200:
+            raise SmokeError(f"{p.label} GET /metrics: {code} {body[:200]}")
+        log(f"{p.label}: GET /metrics -> 200 ({body.count('# TYPE')} metric families)")
+        if p.component == "coordinator":
+            # The console (NOTES.txt sends users to /); with auth on it may ask for the token.
+            code, body = http_get(f"http://127.0.0.1:{http_port}/")
+            if not (code == 200 or (auth_on and code in (401, 403))):
+                raise SmokeError(f"coordinator console GET /: {code} {body[:200]}")
+            log(f"coordinator: GET / (console) -> {code}")
+
+
+def run_helm_test(rel: Release, root: Path, chime: Path, grpc: int, args: argparse.Namespace) -> None:
+    """The helm test Pod's own script, as the Pod would run it."""
+    test = Proc(rel, rel.test, rel.test["metadata"]["name"], root, chime)
+    bindir = root / "test" / "bin"
+    bindir.mkdir()
+    (bindir / "chime").symlink_to(chime)
+    test.env["PATH"] = f"{bindir}:/usr/local/bin:/usr/bin:/bin"
+    log(f"helm test pod: {test.argv[0]} {test.argv[1]} <script of {len(test.argv[-1].splitlines())} lines>")
+    try:
+        res = subprocess.run(
+            test.argv, env=test.env, cwd=test.dir, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=args.timeout + 30,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise SmokeError(f"helm test script still running after {args.timeout + 30}s: {e.stdout!r}")
+    for line in (res.stdout + res.stderr).rstrip().splitlines():
+        print(f"  test| {line}")
+    if res.returncode != 0 or "PASS" not in res.stdout:
+        raise SmokeError(f"helm test script exited {res.returncode}")
+    log("helm test script passed: a manual job was created, triggered and its run succeeded")
+
+    # With auth on, the token is what let the test in: a call without it is refused.
+    if "admin-token" in str(rel.test["spec"].get("volumes", [])):
+        env = {k: v for k, v in test.env.items() if k != "CHIME_ADMIN_TOKEN"}
+        res = subprocess.run(
+            [str(chime), "workers", "--coordinator", f"http://127.0.0.1:{grpc}"],
+            env=env, capture_output=True, text=True, timeout=30,
+        )
+        if res.returncode == 0:
+            raise SmokeError("auth is on, yet an admin call without a token was accepted")
+        log(f"auth: an admin call without the token is refused ({res.stderr.strip().splitlines()[-1][:120]})")
+
+
+def check_pool(rel: Release, python: str, coordinator_url: str, worker_token: str | None, producer_token: str | None) -> None:
+    """The workers' delivery service, reached the way NOTES.txt tells an app: the
+    Service <release>-deliveries. The SDK's quickstart subscribes there, enqueues three
+    reminders through the coordinators' Queue API and exits 0 once all arrived."""
+    svc = next((s for s in find(rel.objs, "Service") if s["metadata"]["name"].endswith("-deliveries")), None)
+    if svc is None:
+        raise SmokeError("worker.deliveries.enabled rendered no <release>-deliveries Service")
+    url = f"http://{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
+    local = rel.localize(url, "client")
+    cmd = [str(REPO / "sdk/python/examples/quickstart.py"), "--coordinator", coordinator_url, "--deliveries", local, "--timeout-s", "30"]
+    if worker_token:
+        cmd += ["--token-file", worker_token]
+    if producer_token:
+        cmd += ["--producer-token-file", producer_token]
+    log(f"pool: sdk/python/examples/quickstart.py subscribes at {url} (-> {local})")
+    t0 = time.monotonic()
+    out = python_run(python, cmd, 60, "pool: the quickstart against the workers' delivery service")
+    for line in out.rstrip().splitlines():
+        print(f"  pool| {line}")
+    if "every reminder arrived" not in out:
+        raise SmokeError("pool: the quickstart did not report every reminder")
+    log(f"pool: three reminders enqueued through the coordinator reached a subscriber of the pool in {time.monotonic() - t0:.1f}s")
+
+
+def check_sidecar_delivery(rel: Release, side: Proc, app: Proc, stub: PushStub, python: str, coordinator_url: str,
+                           producer_token: str | None, tag: str) -> None:
+    """An item of the app's handler, enqueued through the coordinator, reaches the app
+    (which POSTs it to the push provider) through its sidecar, and is acked."""
+    deliveries = app.env.get("CHIME_DELIVERIES", "")
+    if not deliveries:
+        raise SmokeError("app: no CHIME_DELIVERIES in the rendered env")
+    # The app must have subscribed before an item can reach it; its sidecar logs nothing
+    # per subscriber, so the item's arrival is the proof. Both must still run.
+    for p in (side, app):
+        if not p.running():
+            raise SmokeError(p.died() or f"{p.label} is not running")
+    item_id, key = f"coupon:smoke-{tag}:u42", "u42"
+    args = ["-c", PRODUCER, "enqueue", coordinator_url, producer_token or "", item_id, key, APP_HANDLER, "300"]
+    outcome = python_run(python, args, 30, "sidecar: enqueue through the coordinator").strip()
+    if outcome != "created":
+        raise SmokeError(f"sidecar: enqueue of {item_id} answered {outcome!r}")
+    t0 = time.monotonic()
+    log(f"sidecar: enqueued {item_id} (handler {APP_HANDLER}, key {key}, due in 300 ms) through the coordinator's Queue API")
+
+    def died() -> str | None:
+        return side.died() or app.died()
+
+    pushes = wait_for(lambda: stub.pushes_of(item_id), 30, f"sidecar: {item_id} never reached the app (no push of it)", died)
+    log(f"sidecar: the app pushed {pushes[0]} {time.monotonic() - t0:.1f}s after the enqueue (via {deliveries} -> {side.label})")
+    if pushes[0].get("users") != [42]:
+        raise SmokeError(f"sidecar: the push names users {pushes[0].get('users')}, not [42]: {pushes[0]}")
+    python_run(python, ["-c", PRODUCER, "wait-gone", coordinator_url, producer_token or "", item_id, key, "15"], 30,
+               f"sidecar: {item_id} was pushed but not acked (still in the queue)")
+    log(f"sidecar: {item_id} acked (gone from the queue); pushes of it: {len(stub.pushes_of(item_id))}")
+
+
+def stop_app_pod(side: Proc, app: Proc) -> None:
+    grace, _ = grace_and_prestop(app)
+    native = side.ctr.get("restartPolicy") == "Always"
+    _, side_pre = grace_and_prestop(side)
+    t0 = time.monotonic()
+    # The app drains first: SIGTERM, within the grace period.
+    code, took = app.stop(grace)
+    if code != 0:
+        raise SmokeError(f"{app.label}: SIGTERM -> exit {code} after {took:.1f}s (grace {grace}s)\n"
+                         + tail(app.log_path.read_text(errors="replace")))
+    log(f"{app.label}: SIGTERM -> drained and exited 0 in {took:.1f}s")
+    if not side.running():
+        raise SmokeError(side.died() or f"{side.label} stopped before the app")
+    if not native and took > side_pre:
+        raise SmokeError(f"{app.label} took {took:.1f}s to drain, longer than the sidecar's preStop ({side_pre}s)")
+    # Then the sidecar: after the app exited (native), or after its preStop wait (here:
+    # at once, the wait only matters while the app still drains).
+    left = grace - (time.monotonic() - t0)
+    code, took = side.stop(left)
+    if code != 0:
+        raise SmokeError(f"{side.label}: SIGTERM -> exit {code} after {took:.1f}s ({left:.1f}s of the grace left)\n"
+                         + tail(side.log_path.read_text(errors="replace")))
+    log(f"{side.label}: SIGTERM after the app's exit -> exit 0 in {took:.1f}s; app pod done in "
+        f"{time.monotonic() - t0:.1f}s of its {grace}s grace ({'native sidecar' if native else 'sidecar preStop ' + str(side_pre) + 's'})")
 
 
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -606,6 +964,7 @@ def main() -> int:
     ap.add_argument("--etcd-user", default="", help="etcd user (etcd authentication on)")
     ap.add_argument("--etcd-password", default="", help="password of --etcd-user (goes through the chart's Secret)")
     ap.add_argument("--chime", default=str(REPO / "target" / "debug" / "chime"), help="the chime binary")
+    ap.add_argument("--python", default="", help="a python with the SDK (pip install -e sdk/python): runs the app and the pool's subscriber; without it, neither is checked")
     ap.add_argument("--values", "-f", action="append", default=[], help="extra values file (repeatable)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds the test waits for its run")
     ap.add_argument("--workdir", help="directory for config files and logs (default: a new temporary one)")
@@ -618,7 +977,10 @@ def main() -> int:
     except SmokeError as e:
         print(f"smoke.py: FAILED: {e}", file=sys.stderr)
         return 1
-    print(f"smoke.py: OK in {time.monotonic() - t0:.1f}s: chart-rendered coordinator and worker ran a job to success and stopped cleanly")
+    what = "coordinator and worker ran a job to success"
+    if args.python:
+        what += ", served items to an app through the pool" + (" and through an app pod's sidecar" if args.values else "")
+    print(f"smoke.py: OK in {time.monotonic() - t0:.1f}s: chart-rendered {what}, and stopped cleanly")
     return 0
 
 

@@ -50,6 +50,16 @@ pub const QUEUE_DEPTH: &str = "chime_queue_depth";
 pub const QUEUE_IN_FLIGHT: &str = "chime_queue_in_flight";
 /// Dead letters per queue (label `queue`), sampled.
 pub const QUEUE_DEAD: &str = "chime_queue_dead_letters";
+/// Items waiting for a handler per queue (label `queue`), sampled.
+pub const QUEUE_WAITING: &str = "chime_items_waiting";
+/// Items parked by this worker because no subscriber ran their handler (label
+/// `handler`).
+pub const ITEMS_PARKED: &str = "chime_items_parked_total";
+/// Subscriber streams open on this worker's delivery service.
+pub const DELIVERY_SUBSCRIBERS: &str = "chime_delivery_subscribers";
+/// Deliveries handed to subscribers, by how they ended (labels `handler`,
+/// `outcome`: ack, fail, release, timeout, gone, abandoned).
+pub const DELIVERIES: &str = "chime_deliveries_total";
 
 /// Registers the help text of every metric.
 pub fn describe() {
@@ -110,4 +120,17 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");
     describe_gauge!(QUEUE_IN_FLIGHT, "Items in flight per queue.");
     describe_gauge!(QUEUE_DEAD, "Dead letters per queue.");
+    describe_gauge!(QUEUE_WAITING, "Items waiting for a handler per queue.");
+    describe_counter!(
+        ITEMS_PARKED,
+        "Items parked because no subscriber ran their handler."
+    );
+    describe_gauge!(
+        DELIVERY_SUBSCRIBERS,
+        "Subscriber streams open on this worker's delivery service."
+    );
+    describe_counter!(
+        DELIVERIES,
+        "Deliveries handed to subscribers, by how they ended."
+    );
 }

@@ -179,8 +179,19 @@ impl ClientTls {
     }
 }
 
-/// A tonic endpoint for `url`, with TLS when the URL is `https://`.
+/// A tonic endpoint for `url`, with TLS when the URL is `https://`. A bare
+/// `host:port` (how the protos name coordinators: `NotLeader.leader`,
+/// `Registered.coordinator`) is dialled with `https://` when a CA or a client
+/// certificate is configured, `http://` otherwise.
 pub fn endpoint(url: &str, tls: &ClientTls, prefix: &str) -> Result<tonic::transport::Endpoint> {
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else if tls.ca_file.is_empty() && tls.cert_file.is_empty() {
+        format!("http://{url}")
+    } else {
+        format!("https://{url}")
+    };
+    let url = url.as_str();
     let ep = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| Error::invalid(format!("{prefix}endpoints"), format!("{url:?}: {e}")))?;
     if url.starts_with("https://") {

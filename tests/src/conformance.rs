@@ -29,7 +29,30 @@ fn opts() -> PopOptions {
         visibility_ms: 30_000,
         lease_ttl_ms: 5_000,
         merge_window_ms: 1_000,
+        serves: Arc::from(Vec::new()),
     }
+}
+
+/// [`opts`] for a consumer that serves `handlers`.
+fn serving(handlers: &[&str]) -> PopOptions {
+    PopOptions {
+        serves: handlers.iter().map(|h| (*h).to_owned()).collect(),
+        ..opts()
+    }
+}
+
+/// Settles every item of `d` with `outcome`.
+async fn settle_all(store: &Store, d: &Delivery, outcome: Outcome) -> Result<Vec<bool>> {
+    let s = d
+        .items
+        .iter()
+        .map(|c| Settlement {
+            id: c.item.id.clone(),
+            token: c.token,
+            outcome: outcome.clone(),
+        })
+        .collect();
+    Ok(store.settle(d.queue, s).await?)
 }
 
 /// Waits until the store's clock reads at least `t`.
@@ -418,10 +441,10 @@ pub async fn visibility_timeout_redelivers(store: Store) -> Result<()> {
         visibility_ms: 200,
         ..opts()
     };
-    let p1 = pop_for(&store, &r, short).await?;
+    let p1 = pop_for(&store, &r, short.clone()).await?;
     let first = only(&p1)?.clone();
     assert_eq!(first.items[0].item.attempt, 1);
-    let p = pop_for(&store, &r, short).await?;
+    let p = pop_for(&store, &r, short.clone()).await?;
     assert!(p.deliveries.is_empty(), "redelivered before the deadline");
     wait_store_time(&store, p1.now_ms + 200).await?;
     let p2 = pop_for(&store, &r, short).await?;
@@ -448,7 +471,7 @@ pub async fn extend_keeps_item_in_flight(store: Store) -> Result<()> {
         visibility_ms: 300,
         ..opts()
     };
-    let p = pop_for(&store, &r, short).await?;
+    let p = pop_for(&store, &r, short.clone()).await?;
     let d = only(&p)?.clone();
     let tok = vec![(d.items[0].item.id.clone(), d.items[0].token)];
     assert_eq!(store.extend(d.queue, &tok, 10_000).await?, 1);
@@ -553,6 +576,96 @@ pub async fn release_does_not_count_attempt(store: Store) -> Result<()> {
         assert_eq!(store.settle(d.queue, vec![s]).await?, [true]);
     }
     assert!(store.dead_letters(10).await?.is_empty());
+    Ok(())
+}
+
+/// An item parked because its consumer does not serve its handler waits without an
+/// attempt counted, out of reach of pops that do not serve it, and goes out (merge
+/// groups whole) to the first pop that serves its handler; stats count it.
+pub async fn parked_items_wait_for_their_handler(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let a = NewItem::new("pa", "h1", now).key("user:p").max_attempts(1);
+    let b1 = NewItem::new("pb1", "h2", now).key("user:p").merge_key("m");
+    let b2 = NewItem::new("pb2", "h2", now + 100)
+        .key("user:p")
+        .merge_key("m");
+    let r = a.item_ref();
+    store.enqueue(vec![a, b1, b2]).await?;
+    let p = pop_for(&store, &r, opts()).await?;
+    ensure!(p.deliveries.len() == 2, "{:?}", ids(&p));
+    for d in &p.deliveries {
+        assert_eq!(
+            settle_all(&store, d, Outcome::Park).await?,
+            vec![true; d.items.len()]
+        );
+    }
+    let v = store.get(&r).await?.context("pa lost")?;
+    ensure!(
+        matches!(v.state, ItemState::Waiting { due_score_ms } if due_score_ms == now),
+        "{v:?}"
+    );
+    ensure!(v.item.attempt == 0, "a park counted an attempt: {v:?}");
+    let st = store.stats().await?;
+    ensure!(st.iter().map(|s| s.waiting).sum::<u64>() == 3, "{st:?}");
+    ensure!(st.iter().map(|s| s.pending).sum::<u64>() == 0, "{st:?}");
+    let by = store.waiting_by_handler().await?;
+    ensure!(
+        by.get("h1") == Some(&1) && by.get("h2") == Some(&2) && by.len() == 2,
+        "{by:?}"
+    );
+    // Pops that do not serve the handlers get nothing, and see nothing due.
+    let p = pop_for(&store, &r, serving(&["other"])).await?;
+    ensure!(p.deliveries.is_empty() && p.next_due_ms.is_none(), "{p:?}");
+    // A pop serving h2 takes the merge group whole, at its first attempt.
+    let p = pop_for(&store, &r, serving(&["h2"])).await?;
+    let d = only(&p)?.clone();
+    ensure!(ids(&p) == ["pb1", "pb2"], "{:?}", ids(&p));
+    ensure!(d.items.iter().all(|c| c.item.attempt == 1), "{d:?}");
+    ack(&store, &d).await?;
+    // h1's item, parked with max_attempts 1, still gets its one attempt.
+    let p = pop_for(&store, &r, serving(&["h0", "h1"])).await?;
+    let d = only(&p)?.clone();
+    ensure!(ids(&p) == ["pa"] && d.items[0].item.attempt == 1, "{p:?}");
+    ack(&store, &d).await?;
+    let st = store.stats().await?;
+    ensure!(st.iter().map(|s| s.waiting).sum::<u64>() == 0, "{st:?}");
+    ensure!(store.waiting_by_handler().await?.is_empty());
+    Ok(())
+}
+
+/// A waiting item can be found, cancelled, and rescheduled (which makes it pending
+/// at the new time).
+pub async fn waiting_items_cancel_and_reschedule(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let x = NewItem::new("wx", "h", now).key("user:w");
+    let y = NewItem::new("wy", "h", now).key("user:w");
+    let (rx, ry) = (x.item_ref(), y.item_ref());
+    store.enqueue(vec![x, y]).await?;
+    let p = pop_for(&store, &rx, opts()).await?;
+    for d in &p.deliveries {
+        settle_all(&store, d, Outcome::Park).await?;
+    }
+    assert_eq!(store.cancel(&rx).await?, CancelOutcome::Cancelled);
+    ensure!(
+        store.get(&rx).await?.is_none(),
+        "cancelled item still there"
+    );
+    assert_eq!(store.cancel(&rx).await?, CancelOutcome::NotFound);
+    let later = store.now_ms().await? + 300;
+    assert_eq!(
+        store.reschedule(&ry, later).await?,
+        RescheduleOutcome::Rescheduled
+    );
+    let v = store.get(&ry).await?.context("wy lost")?;
+    ensure!(
+        matches!(v.state, ItemState::Pending { due_score_ms } if due_score_ms == later),
+        "{v:?}"
+    );
+    wait_store_time(&store, later).await?;
+    let p = pop_for(&store, &ry, opts()).await?;
+    ensure!(ids(&p) == ["wy"], "{:?}", ids(&p));
+    let st = store.stats().await?;
+    ensure!(st.iter().map(|s| s.waiting).sum::<u64>() == 0, "{st:?}");
     Ok(())
 }
 
@@ -691,6 +804,13 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
             .merge_key("m"),
     );
     items.push(NewItem::new("dead", "h", now).key("user:d").max_attempts(1));
+    // Make one item wait for its handler (before anything else is due).
+    store
+        .enqueue(vec![NewItem::new("wait", "hw", now).key("user:wait")])
+        .await?;
+    let p = pop_for(&store, &ItemRef::with_key("user:wait", "wait"), opts()).await?;
+    ensure!(ids(&p) == ["wait"], "{:?}", ids(&p));
+    settle_all(&store, only(&p)?, Outcome::Park).await?;
     store.enqueue(items).await?;
     // Make one dead letter.
     let p = pop_for(&store, &ItemRef::with_key("user:d", "dead"), opts()).await?;
@@ -763,6 +883,14 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
     );
     let dead = store.dead_letters(10).await?;
     ensure!(dead.len() == 1 && dead[0].item.id == "dead", "{dead:?}");
+    let w = store
+        .get(&ItemRef::with_key("user:wait", "wait"))
+        .await?
+        .context("waiting item lost")?;
+    ensure!(
+        matches!(w.state, ItemState::Waiting { .. }) && w.queue == layout.home("user:wait"),
+        "waiting item not moved as waiting: {w:?}"
+    );
     // Each fires once, never early, and the merge group is still one delivery.
     wait_store_time(&store, later + 7).await?;
     let mut seen = std::collections::HashSet::new();
@@ -787,6 +915,17 @@ pub async fn resize_keeps_every_item(store: Store) -> Result<()> {
     }
     ensure!(seen.len() == 199 + 2 + 1, "fired {} of 202", seen.len());
     ensure!(merged == 1, "merge group split by the move");
+    let p = pop_for(
+        &store,
+        &ItemRef::with_key("user:wait", "wait"),
+        serving(&["hw"]),
+    )
+    .await?;
+    ensure!(
+        ids(&p) == ["wait"],
+        "waiting item not served: {:?}",
+        ids(&p)
+    );
     Ok(())
 }
 
@@ -808,6 +947,8 @@ macro_rules! conformance_suite {
             extend_keeps_item_in_flight,
             retry_then_dead_letter_then_requeue,
             release_does_not_count_attempt,
+            parked_items_wait_for_their_handler,
+            waiting_items_cancel_and_reschedule,
             expired_lease_cannot_pop,
             invalid_input_stores_nothing,
             stats_count_states,

@@ -14,9 +14,14 @@ use serde_json::Value;
 /// Runs `chime demo <scenario> --scale small` against fresh servers within
 /// `deadline`; answers its result line.
 async fn demo(scenario: &str, deadline: Duration) -> Result<Value> {
+    demo_with(scenario, &[], deadline).await
+}
+
+/// Like [`demo`] with `extra` flags, run from the repository root.
+async fn demo_with(scenario: &str, extra: &[&str], deadline: Duration) -> Result<Value> {
     let redis = RedisServer::start().await?;
     let etcd = EtcdServer::start().await?;
-    let cmd = chime_cmd(&[
+    let mut args = vec![
         "demo",
         scenario,
         "--scale",
@@ -25,7 +30,10 @@ async fn demo(scenario: &str, deadline: Duration) -> Result<Value> {
         &redis.url,
         "--etcd-endpoints",
         &etcd.endpoint,
-    ])?;
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = chime_cmd(&args)?;
+    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
     let out = tokio::time::timeout(deadline, cmd.output())
@@ -68,30 +76,48 @@ fn num(v: &Value, path: &[&str]) -> f64 {
 #[tokio::test]
 async fn demo_coupon_reminder_fires_every_reminder_in_its_minute() -> Result<()> {
     let v = demo("coupon-reminder", Duration::from_secs(150)).await?;
+    coupon_reminder_holds(&v)
+}
+
+/// The same day with the reminder handler in Python: each worker process is a
+/// `chime worker` serving the delivery service and the Python SDK's coupon
+/// reminder subscribed to it.
+#[tokio::test]
+async fn demo_coupon_reminder_with_the_handler_in_python() -> Result<()> {
+    let python = chime_tests::sdk::python_env()?;
+    let python = python.to_string_lossy();
+    let v = demo_with(
+        "coupon-reminder",
+        &["--handler-sdk", "python", "--python", &python],
+        Duration::from_secs(150),
+    )
+    .await?;
+    ensure!(v["handler_sdk"] == "python", "{v}");
+    coupon_reminder_holds(&v)
+}
+
+fn coupon_reminder_holds(v: &Value) -> Result<()> {
     for field in ["lost", "duplicated", "late", "early", "fired_after_cancel"] {
-        ensure!(int(&v, &[field]) == 0, "{field}: {v}");
+        ensure!(int(v, &[field]) == 0, "{field}: {v}");
     }
-    ensure!(int(&v, &["users"]) == 20_000, "{v}");
+    ensure!(int(v, &["users"]) == 20_000, "{v}");
     ensure!(
-        int(&v, &["cancelled"]) > 1_000 && int(&v, &["resubscribed"]) > 100,
+        int(v, &["cancelled"]) > 1_000 && int(v, &["resubscribed"]) > 100,
         "the day must cancel and re-subscribe: {v}"
     );
-    let merged = int(&v, &["merged"]);
+    let merged = int(v, &["merged"]);
     ensure!(
-        merged > 500 && merged == int(&v, &["merged_expected"]),
+        merged > 500 && merged == int(v, &["merged_expected"]),
         "merges: {v}"
     );
+    ensure!(int(v, &["fired"]) == int(v, &["reminders_expected"]), "{v}");
     ensure!(
-        int(&v, &["fired"]) == int(&v, &["reminders_expected"]),
-        "{v}"
-    );
-    ensure!(
-        int(&v, &["coupons_reminded"]) == int(&v, &["coupons_expected"]),
+        int(v, &["coupons_reminded"]) == int(v, &["coupons_expected"]),
         "{v}"
     );
     // Fired right at the due instant, well inside the reminder's window.
-    ensure!(int(&v, &["lag_after_due_ms", "max"]) < 5_000, "{v}");
-    ensure!(num(&v, &["wall_s"]) < 90.0, "{v}");
+    ensure!(int(v, &["lag_after_due_ms", "max"]) < 5_000, "{v}");
+    ensure!(num(v, &["wall_s"]) < 90.0, "{v}");
     Ok(())
 }
 

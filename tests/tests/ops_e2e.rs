@@ -64,7 +64,8 @@ async fn metrics_name_what_happened() -> Result<()> {
     c.workers.push(("qw2".into(), w2));
     c.wait_workers(2).await?;
 
-    // Items: 20 that succeed, 3 that fail twice and die, 5 far in the future.
+    // Items: 20 that succeed, 3 that fail twice and die, 5 far in the future, 2 for
+    // a handler no worker has (they wait for one).
     let mut items: Vec<Value> = (0..20)
         .map(|i| json!({ "id": format!("ok{i}"), "handler": "noop" }))
         .collect();
@@ -74,6 +75,7 @@ async fn metrics_name_what_happened() -> Result<()> {
     items.extend(
         (0..5).map(|i| json!({ "id": format!("later{i}"), "handler": "noop", "in_ms": 3_600_000 })),
     );
+    items.extend((0..2).map(|i| json!({ "id": format!("stray{i}"), "handler": "nobody" })));
     let (code, body) = http(
         "POST",
         &format!("{api}/api/queues/items"),
@@ -99,12 +101,15 @@ async fn metrics_name_what_happened() -> Result<()> {
 
     // Wait until the dead letters are sampled on the leader.
     wait_until(
-        "3 dead letters in the gauges",
+        "3 dead letters and 2 waiting items in the gauges",
         Duration::from_secs(30),
         || async {
             scrape(c.http_ports[0])
                 .await
-                .map(|t| metric_sum(&t, "chime_queue_dead_letters") == Some(3.0))
+                .map(|t| {
+                    metric_sum(&t, "chime_queue_dead_letters") == Some(3.0)
+                        && metric_sum(&t, "chime_items_waiting") == Some(2.0)
+                })
                 .unwrap_or(false)
         },
     )
@@ -162,6 +167,7 @@ async fn metrics_name_what_happened() -> Result<()> {
         "chime_items_acked_total",
         "chime_items_retried_total",
         "chime_items_dead_lettered_total",
+        "chime_items_parked_total",
         "chime_fire_lag_seconds_count",
         "chime_queue_claims_total",
         "chime_lease_conflicts_total",

@@ -77,7 +77,12 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
         "queue-worker",
         &c.redis,
         "chime",
-        &["--handlers", "noop", "--etcd-endpoints", &c.etcd.endpoint],
+        &[
+            "--handlers",
+            "noop,fail",
+            "--etcd-endpoints",
+            &c.etcd.endpoint,
+        ],
         &[("CHIME_CONSUMER_RETRY_BASE_MS", "50")],
     )?;
     let mut q = client(&c, ADMIN_TOKEN).await?;
@@ -304,11 +309,30 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
     ensure!(r.outcome == pb::CancelOutcome::NotFound as i32, "{r:?}");
     ensure!(state(&mut q, "user-42", "remind-7").await?.is_none());
 
-    // Dead letters: an item for a handler no worker has, one attempt.
+    // An item for a handler no worker has waits for one, no attempt counted.
+    q.enqueue(pb::EnqueueRequest {
+        items: vec![item("stray", "", "nobody")],
+    })
+    .await?;
+    wait_until("stray waiting", Duration::from_secs(15), || async {
+        let mut q = q.clone();
+        state(&mut q, "", "stray").await.is_ok_and(|v| {
+            v.is_some_and(|v| v.state == pb::ItemState::Waiting as i32 && v.attempts == 0)
+        })
+    })
+    .await?;
+    let stats = q.queue_stats(pb::QueueStatsRequest {}).await?.into_inner();
+    ensure!(
+        stats.waiting_by_handler.get("nobody") == Some(&1)
+            && stats.queues.iter().map(|c| c.waiting).sum::<u64>() == 1,
+        "{stats:?}"
+    );
+
+    // Dead letters: an item whose handler fails, one attempt.
     q.enqueue(pb::EnqueueRequest {
         items: vec![pb::NewItem {
             max_attempts: 1,
-            ..item("orphan", "", "nobody")
+            ..item("orphan", "", "fail")
         }],
     })
     .await?;
@@ -321,7 +345,7 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
     .await?;
     let dead = state(&mut q, "", "orphan").await?.context("orphan gone")?;
     ensure!(
-        dead.state == pb::ItemState::Dead as i32 && dead.last_error.contains("nobody"),
+        dead.state == pb::ItemState::Dead as i32 && dead.last_error.contains("failing on purpose"),
         "{dead:?}"
     );
     names_field(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use chime_shared::clock::system_now_ms;
-use chime_shared::queue::{DelayStore, ItemRef, NewItem};
+use chime_shared::queue::{DelayStore, ItemRef, ItemState, NewItem};
 use chime_tests::{RedisServer, TestDir, read_records, run_chime, spawn_worker, wait_until};
 
 async fn left(store: &dyn DelayStore) -> Result<(u64, u64)> {
@@ -330,10 +330,11 @@ async fn drain_timeout_hands_items_back() -> Result<()> {
     Ok(())
 }
 
-/// An item for a handler no worker has is retried with backoff, then dead-lettered
-/// with an error naming the handler; the CLI lists and requeues it.
+/// An item for a handler no worker has waits (no attempt counted, shown by `chime
+/// queue stats`); one whose handler keeps failing is retried with backoff, then
+/// dead-lettered with the handler's error; the CLI lists and requeues it.
 #[tokio::test]
-async fn unknown_handler_dead_letters_and_cli_requeues() -> Result<()> {
+async fn unknown_handler_waits_failing_handler_dead_letters_and_cli_requeues() -> Result<()> {
     let dir = TestDir::new("dead")?;
     let redis = RedisServer::start().await?;
     let store = redis.store("dl", 2).await?;
@@ -353,23 +354,25 @@ async fn unknown_handler_dead_letters_and_cli_requeues() -> Result<()> {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         run_chime(&argv)
     };
-    let (code, out, err) = run(with(&[
-        "enqueue",
-        "--id",
-        "x1",
-        "--handler",
-        "nobody",
-        "--max-attempts",
-        "2",
-    ]))?;
-    ensure!(code == 0, "enqueue failed: {err}");
-    ensure!(out.contains("\"created\""), "{out}");
+    for (id, handler) in [("x1", "fail"), ("orphan", "nobody")] {
+        let (code, out, err) = run(with(&[
+            "enqueue",
+            "--id",
+            id,
+            "--handler",
+            handler,
+            "--max-attempts",
+            "2",
+        ]))?;
+        ensure!(code == 0, "enqueue failed: {err}");
+        ensure!(out.contains("\"created\""), "{out}");
+    }
     let (_w, _) = spawn_worker(
         dir.path(),
         "w",
         &redis,
         "dl",
-        &["--queues", "2", "--handlers", "noop"],
+        &["--queues", "2", "--handlers", "noop,fail"],
         &[("CHIME_CONSUMER_RETRY_BASE_MS", "50")],
     )?;
     wait_until("x1 dead-lettered", Duration::from_secs(15), || async {
@@ -380,12 +383,25 @@ async fn unknown_handler_dead_letters_and_cli_requeues() -> Result<()> {
             .unwrap_or(false)
     })
     .await?;
+    // The orphan waits for a worker with its handler, charged nothing.
+    wait_until("the orphan waiting", Duration::from_secs(15), || async {
+        store.get(&ItemRef::new("orphan")).await.is_ok_and(|v| {
+            v.is_some_and(|v| matches!(v.state, ItemState::Waiting { .. }) && v.item.attempt == 0)
+        })
+    })
+    .await?;
+    let (code, out, _) = run(with(&["stats"]))?;
+    let stats: serde_json::Value = serde_json::from_str(out.trim())?;
+    ensure!(
+        code == 0 && stats["waiting"] == 1 && stats["waiting_by_handler"]["nobody"] == 1,
+        "{stats}"
+    );
     let (code, out, _) = run(with(&["dead-letter", "list"]))?;
     ensure!(code == 0);
     let list: serde_json::Value = serde_json::from_str(out.trim())?;
     let err_text = list[0]["last_error"].as_str().unwrap_or_default();
     ensure!(
-        err_text.contains("no handler \"nobody\""),
+        err_text.contains("failing on purpose"),
         "last_error: {err_text}"
     );
     ensure!(list[0]["item"]["attempt"] == 2, "{list}");

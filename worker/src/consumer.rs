@@ -14,17 +14,24 @@
 //! Idle pollers do not spin: each pop reports when its queue next needs attention,
 //! and pollers sleep until the earliest such instant, never longer than
 //! `idle_sleep_max_ms` (what a queue learns about new items is at most that stale).
+//!
+//! A delivery runs on one of the worker's own handlers, or — when the worker has a
+//! [`Hub`] — on a subscriber in another process that runs its handler. A delivery
+//! nobody here serves is parked in its queue (`Outcome::Park`: no attempt counted)
+//! and every pop names the handlers served here, so the store hands parked items
+//! back to the first worker that serves them. A worker whose only handlers are
+//! remote and that has no subscriber does not claim queues at all.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chime_shared::clock::system_now_ms;
 use chime_shared::queue::{
-    DelayStore, Delivery, DeliveryToken, Lease, Outcome, PopOptions, Popped, Settlement,
+    DelayStore, Delivery, DeliveryToken, Item, Lease, Outcome, PopOptions, Popped, Settlement,
 };
 use chime_shared::{Error, telemetry as m};
 use futures_util::FutureExt;
@@ -34,7 +41,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::handler::ItemContext;
+use crate::delivery::{Hub, Remote, Verdict};
+use crate::handler::{ItemContext, ItemHandler};
 use crate::live::{self, Gate, Knobs, Live};
 use crate::{Registered, WorkerError};
 
@@ -142,12 +150,88 @@ struct SettleMsg {
     _permit: OwnedSemaphorePermit,
 }
 
+/// What runs one handler name on this worker, with its live limits.
 #[derive(Debug)]
 struct Slot {
-    reg: Registered,
+    /// The handler in this process; `None`: subscribers of the hub run it.
+    local: Option<Arc<dyn ItemHandler>>,
     gate: Gate,
     /// One rate-limit request at a time per handler (see `live::throttle`).
     rate_turn: tokio::sync::Mutex<()>,
+    meters: Meters,
+}
+
+impl Slot {
+    fn new(
+        name: &str,
+        local: Option<Arc<dyn ItemHandler>>,
+        concurrency: Option<usize>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            local,
+            gate: Gate::new(concurrency),
+            rate_turn: tokio::sync::Mutex::new(()),
+            meters: Meters::new(name),
+        })
+    }
+}
+
+/// The metrics of one handler, registered once: a labelled `counter!` per delivery
+/// would allocate its label and look it up in the registry every time.
+#[derive(Debug)]
+struct Meters {
+    fired: metrics::Counter,
+    lag: metrics::Histogram,
+    acked: metrics::Counter,
+    retried: metrics::Counter,
+    dead: metrics::Counter,
+    released: metrics::Counter,
+    parked: metrics::Counter,
+    /// `chime_deliveries_total` by outcome, in [`REMOTE_OUTCOMES`] order.
+    remote: Vec<metrics::Counter>,
+}
+
+/// The `outcome` labels of `chime_deliveries_total`.
+const REMOTE_OUTCOMES: [&str; 7] = [
+    "ack",
+    "fail",
+    "release",
+    "timeout",
+    "gone",
+    "abandoned",
+    "parked",
+];
+
+impl Meters {
+    fn new(handler: &str) -> Self {
+        let h = handler.to_owned();
+        Self {
+            fired: metrics::counter!(m::ITEMS_FIRED, "handler" => h.clone()),
+            lag: metrics::histogram!(m::FIRE_LAG_SECONDS, "handler" => h.clone()),
+            acked: metrics::counter!(m::ITEMS_ACKED, "handler" => h.clone()),
+            retried: metrics::counter!(m::ITEMS_RETRIED, "handler" => h.clone()),
+            dead: metrics::counter!(m::ITEMS_DEAD_LETTERED, "handler" => h.clone()),
+            released: metrics::counter!(m::ITEMS_RELEASED, "handler" => h.clone()),
+            parked: metrics::counter!(m::ITEMS_PARKED, "handler" => h.clone()),
+            remote: REMOTE_OUTCOMES
+                .iter()
+                .map(|o| metrics::counter!(m::DELIVERIES, "handler" => h.clone(), "outcome" => *o))
+                .collect(),
+        }
+    }
+
+    fn remote(&self, outcome: &str) -> Option<&metrics::Counter> {
+        let i = REMOTE_OUTCOMES.iter().position(|o| *o == outcome)?;
+        self.remote.get(i)
+    }
+}
+
+/// The handlers a pop names as served (see [`PopOptions::serves`]), rebuilt when
+/// the hub's subscriptions change.
+#[derive(Debug)]
+struct Served {
+    hub_version: u64,
+    names: Arc<[String]>,
 }
 
 /// The running consumer of one worker.
@@ -155,7 +239,14 @@ struct Slot {
 pub struct Consumer {
     store: Arc<dyn DelayStore>,
     worker_id: Arc<str>,
-    handlers: HashMap<String, Slot>,
+    /// Local handlers from the start; remote ones added as deliveries need them.
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    /// Names of the local handlers, sorted.
+    local_names: Vec<String>,
+    hub: Option<Arc<Hub>>,
+    served: Mutex<Served>,
+    /// The hub version the pollers' view of the queues was formed under.
+    looked_under: AtomicU64,
     opts: ConsumerOptions,
     permits: Arc<Semaphore>,
     in_flight: Mutex<HashMap<(u32, String), DeliveryToken>>,
@@ -179,31 +270,33 @@ impl Consumer {
         handlers: HashMap<String, Registered>,
         opts: ConsumerOptions,
         live: Option<Live>,
+        hub: Option<Arc<Hub>>,
     ) -> Arc<Self> {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let handlers = handlers
+        let mut local_names: Vec<String> = handlers.keys().cloned().collect();
+        local_names.sort();
+        let slots = handlers
             .into_iter()
             .map(|(name, reg)| {
-                let gate = Gate::new(reg.concurrency);
-                let rate_turn = tokio::sync::Mutex::new(());
-                (
-                    name,
-                    Slot {
-                        reg,
-                        gate,
-                        rate_turn,
-                    },
-                )
+                let slot = Slot::new(&name, Some(reg.handler), reg.concurrency);
+                (name, slot)
             })
             .collect();
         Arc::new(Self {
+            served: Mutex::new(Served {
+                hub_version: u64::MAX,
+                names: local_names.clone().into(),
+            }),
+            local_names,
+            hub,
+            looked_under: AtomicU64::new(0),
+            slots: RwLock::new(slots),
             knobs: Knobs::new(opts.visibility_ms, opts.merge_window_ms),
             live,
             permits: Arc::new(Semaphore::new(opts.max_in_flight)),
             known: Mutex::new(vec![Known::Unknown; store.queue_count() as usize]),
             store,
             worker_id: worker_id.into(),
-            handlers,
             opts,
             in_flight: Mutex::new(HashMap::new()),
             offset_ms: AtomicI64::new(0),
@@ -281,6 +374,11 @@ impl Consumer {
     async fn poller(self: Arc<Self>, idx: usize) {
         debug!(poller = idx, "poller started");
         while !self.stop_claiming.is_cancelled() {
+            // Nothing to run items on (remote handlers only, no subscriber yet):
+            // claim nothing, so items stay due (not parked) until someone serves.
+            if !self.wait_for_a_handler().await {
+                return;
+            }
             // Capacity first: never hold a lease we cannot use.
             let permit = tokio::select! {
                 p = self.permits.clone().acquire_many_owned(self.want()) => match p {
@@ -315,6 +413,76 @@ impl Consumer {
         }
     }
 
+    /// Waits until some handler runs here (always true with local handlers); false
+    /// when claiming stopped meanwhile.
+    async fn wait_for_a_handler(&self) -> bool {
+        let Some(hub) = self.hub.as_ref().filter(|_| self.local_names.is_empty()) else {
+            return true;
+        };
+        loop {
+            let changed = hub.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !hub.served().is_empty() {
+                return true;
+            }
+            tokio::select! {
+                _ = changed => {},
+                // A safety net: a missed notification costs a second, not forever.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                _ = self.stop_claiming.cancelled() => return false,
+            }
+        }
+    }
+
+    /// The handlers this worker serves now: its own and its subscribers'.
+    fn serves(&self) -> Arc<[String]> {
+        let Some(hub) = &self.hub else {
+            return lock(&self.served).names.clone();
+        };
+        let version = hub.version();
+        let mut s = lock(&self.served);
+        if s.hub_version != version {
+            let mut names: Vec<String> = self.local_names.clone();
+            names.extend(hub.served().iter().cloned());
+            names.sort();
+            names.dedup();
+            *s = Served {
+                hub_version: version,
+                names: names.into(),
+            };
+        }
+        s.names.clone()
+    }
+
+    /// The slot of `handler`: a local one, or a remote one made on first use while a
+    /// subscriber of the hub serves it (with the live concurrency setting in force;
+    /// a name nobody serves makes no slot, so garbage handler names cost nothing).
+    fn slot(&self, handler: &str) -> Option<Arc<Slot>> {
+        if let Some(s) = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(handler)
+        {
+            return Some(s.clone());
+        }
+        if !self.hub.as_ref()?.serves(handler) {
+            return None;
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let slot = slots
+            .entry(handler.to_owned())
+            .or_insert_with(|| Slot::new(handler, None, None))
+            .clone();
+        if let Some(live) = &self.live {
+            let c = live.config.current();
+            slot.gate
+                .resize(c.handler(handler).concurrency.map(|c| c as usize));
+        }
+        Some(slot)
+    }
+
     /// Permits to ask for: up to a batch, at least `min_pop`.
     fn want(&self) -> u32 {
         (self.permits.available_permits() as u32).clamp(self.min_pop(), self.opts.batch)
@@ -330,10 +498,19 @@ impl Consumer {
         self.opts.batch.min(self.opts.max_in_flight as u32)
     }
 
+    /// Sleeps `d`, or less when claiming stops or a subscriber joins or leaves (a
+    /// newly served handler may have items waiting).
     async fn pause(&self, d: Duration) {
+        let changed = async {
+            match &self.hub {
+                Some(h) => h.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(d) => {},
             _ = self.stop_claiming.cancelled() => {},
+            _ = changed => {},
         }
     }
 
@@ -344,6 +521,14 @@ impl Consumer {
         let (local, now) = (system_now_ms(), self.store_now());
         let mut known = lock(&self.known);
         known.resize(n as usize, Known::Unknown);
+        // A handler newly served here may have items waiting in any queue: look at
+        // every queue now rather than after the idle sleep.
+        if let Some(hub) = &self.hub {
+            let v = hub.version();
+            if self.looked_under.swap(v, Ordering::Relaxed) != v {
+                known.fill(Known::Unknown);
+            }
+        }
         (0..n)
             .filter(|&q| match known[q as usize] {
                 Known::Unknown => true,
@@ -406,6 +591,7 @@ impl Consumer {
                 visibility_ms: self.knobs.visibility(),
                 lease_ttl_ms: self.opts.lease_ttl_ms,
                 merge_window_ms: self.knobs.merge_window(),
+                serves: self.serves(),
             };
             let popped = match self.store.pop(lease, opts).await {
                 Ok(p) => p,
@@ -467,8 +653,11 @@ impl Consumer {
         loop {
             if let (Some(live), Some(rx)) = (&self.live, rx.as_mut()) {
                 let config = rx.borrow_and_update().clone();
-                let mut gates = self.handlers.iter().map(|(n, s)| (n, &s.gate));
-                let count = live::apply_knobs(&config, &live.family, &self.knobs, &mut gates);
+                let count = {
+                    let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+                    let mut gates = slots.iter().map(|(n, s)| (n, &s.gate));
+                    live::apply_knobs(&config, &live.family, &self.knobs, &mut gates)
+                };
                 if let Some((n, rev)) = count
                     && count != applied
                 {
@@ -517,6 +706,16 @@ impl Consumer {
         };
     }
 
+    /// Notes that `queue` will have something due at `at` (store clock): an item
+    /// this worker sent back (a retry, a release), so the pollers look again then
+    /// rather than after their idle sleep.
+    fn expect(&self, queue: u32, at: i64) {
+        let mut known = lock(&self.known);
+        if let Some(Known::At { next_due, .. }) = known.get_mut(queue as usize) {
+            *next_due = Some(next_due.map_or(at, |t| t.min(at)));
+        }
+    }
+
     fn dispatch(self: &Arc<Self>, popped: Popped, mut permit: OwnedSemaphorePermit) {
         let now = popped.now_ms;
         for delivery in popped.deliveries {
@@ -535,22 +734,18 @@ impl Consumer {
                     map.insert((delivery.queue, c.item.id.clone()), c.token);
                 }
             }
-            let handler = delivery.items[0].item.handler.clone();
-            let lag_s = (now - delivery.items[0].item.due_at_ms).max(0) as f64 / 1000.0;
-            metrics::histogram!(m::FIRE_LAG_SECONDS, "handler" => handler.clone()).record(lag_s);
-            metrics::counter!(m::ITEMS_FIRED, "handler" => handler)
-                .increment(delivery.items.len() as u64);
-            // Every log line of the delivery, the handler's own included, names
-            // the item (the first one of a merged delivery, and how many).
-            let span = tracing::info_span!("item", item_id = %delivery.items[0].item.id,
-                                           key = %delivery.items[0].item.key,
-                                           merged = delivery.items.len(), queue = delivery.queue);
-            tokio::spawn(self.clone().run_delivery(delivery, p).instrument(span));
+            tokio::spawn(self.clone().run_delivery(delivery, p, now));
         }
     }
 
     /// Runs one delivery's handler and queues its settlement (with its capacity).
-    async fn run_delivery(self: Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    /// `now_ms` is the store's clock at the pop.
+    async fn run_delivery(
+        self: Arc<Self>,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+        now_ms: i64,
+    ) {
         let queue = delivery.queue;
         let mut tokens = Vec::with_capacity(delivery.items.len());
         let mut items = Vec::with_capacity(delivery.items.len());
@@ -562,38 +757,56 @@ impl Consumer {
         let attempt = items[0].attempt;
         let last_attempt = items.iter().all(|i| i.attempt >= i.max_attempts);
         let item_id = items[0].id.clone();
-        let outcome = match self.handlers.get(&handler) {
-            None => Outcome::Retry {
-                delay_ms: self.backoff(attempt),
-                error: format!(
-                    "no handler {handler:?} registered on worker {}",
-                    self.worker_id
-                ),
-            },
-            Some(slot) => self.call(slot, queue, items).await,
+        let n = tokens.len() as u64;
+        let slot = self.slot(&handler);
+        let runs = slot
+            .as_ref()
+            .filter(|s| s.local.is_some() || self.hub.as_ref().is_some_and(|h| h.serves(&handler)));
+        if let Some(s) = runs {
+            s.meters.fired.increment(n);
+            s.meters
+                .lag
+                .record((now_ms - items[0].due_at_ms).max(0) as f64 / 1000.0);
+        }
+        let outcome = match runs {
+            Some(slot) if slot.local.is_some() => {
+                // Every log line of the delivery, the handler's own included, names
+                // the item (the first one of a merged delivery, and how many).
+                let span = tracing::info_span!("item", item_id = %item_id, key = %items[0].key,
+                                               merged = items.len(), queue);
+                self.call(slot, queue, items).instrument(span).await
+            }
+            Some(slot) => self.call_remote(slot, queue, items).await,
+            // Nobody here runs it: it waits in its queue for a worker that does,
+            // without an attempt counted.
+            None => Outcome::Park,
+        };
+        let meter = |pick: fn(&Meters) -> &metrics::Counter, name: &'static str| match &slot {
+            Some(s) => pick(&s.meters).increment(n),
+            None => metrics::counter!(name, "handler" => handler.clone()).increment(n),
         };
         match &outcome {
             Outcome::Ack => {
-                metrics::counter!(m::ITEMS_ACKED, "handler" => handler.clone())
-                    .increment(tokens.len() as u64);
+                meter(|m| &m.acked, m::ITEMS_ACKED);
                 self.handled.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Retry { error, .. } => {
                 self.handled.fetch_add(1, Ordering::Relaxed);
                 if last_attempt {
                     warn!(item_id = %item_id, %handler, attempt, %error, "last attempt failed; dead-lettering");
-                    metrics::counter!(m::ITEMS_DEAD_LETTERED, "handler" => handler.clone())
-                        .increment(tokens.len() as u64);
+                    meter(|m| &m.dead, m::ITEMS_DEAD_LETTERED);
                 } else {
                     debug!(item_id = %item_id, %handler, attempt, %error, "handler failed; will retry");
-                    metrics::counter!(m::ITEMS_RETRIED, "handler" => handler.clone())
-                        .increment(tokens.len() as u64);
+                    meter(|m| &m.retried, m::ITEMS_RETRIED);
                 }
             }
             Outcome::Release => {
                 self.handed_back.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::ITEMS_RELEASED, "handler" => handler.clone())
-                    .increment(tokens.len() as u64);
+                meter(|m| &m.released, m::ITEMS_RELEASED);
+            }
+            Outcome::Park => {
+                debug!(item_id = %item_id, %handler, "no handler here; parked until one is served");
+                meter(|m| &m.parked, m::ITEMS_PARKED);
             }
         }
         {
@@ -601,6 +814,13 @@ impl Consumer {
             for (id, _) in &tokens {
                 map.remove(&(queue, id.clone()));
             }
+        }
+        match &outcome {
+            Outcome::Retry { delay_ms, .. } if !last_attempt => {
+                self.expect(queue, self.store_now() + *delay_ms as i64);
+            }
+            Outcome::Release => self.expect(queue, self.store_now()),
+            _ => {}
         }
         let settlements = tokens
             .into_iter()
@@ -619,33 +839,90 @@ impl Consumer {
         });
     }
 
-    /// Waits for the handler's concurrency slot, runs it, and maps its result to an
-    /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
-    async fn call(
-        &self,
-        slot: &Slot,
-        queue: u32,
-        items: Vec<chime_shared::queue::Item>,
-    ) -> Outcome {
-        let attempt = items[0].attempt;
-        let _slot_permit = tokio::select! {
+    /// Waits for the handler's concurrency slot and its rate limit; false when the
+    /// drain gave up meanwhile (hand the items back).
+    async fn admit(&self, slot: &Slot, items: &[Item]) -> Option<Option<OwnedSemaphorePermit>> {
+        let permit = tokio::select! {
             p = slot.gate.enter() => p,
-            _ = self.abandon.cancelled() => return Outcome::Release,
+            _ = self.abandon.cancelled() => return None,
         };
         if let Some(live) = &self.live {
             let n = items.len() as u64;
             live::throttle(live, &slot.rate_turn, &items[0].handler, n, &self.abandon).await;
             if self.abandon.is_cancelled() {
-                return Outcome::Release;
+                return None;
             }
         }
+        Some(permit)
+    }
+
+    /// Runs a delivery on a subscriber of the hub (after the same concurrency and
+    /// rate limits as a local handler) and maps its verdict to an outcome.
+    async fn call_remote(&self, slot: &Slot, queue: u32, items: Vec<Item>) -> Outcome {
+        let (attempt, handler) = (items[0].attempt, items[0].handler.clone());
+        let Some(hub) = &self.hub else {
+            return Outcome::Park;
+        };
+        let Some(_slot_permit) = self.admit(slot, &items).await else {
+            return Outcome::Release;
+        };
+        let remote = hub.deliver(&handler, items, queue, &self.abandon).await;
+        let label = match &remote {
+            Remote::Settled(Verdict::Ack) => "ack",
+            Remote::Settled(Verdict::Fail { .. }) => "fail",
+            Remote::Settled(Verdict::Release) => "release",
+            Remote::TimedOut { .. } => "timeout",
+            Remote::Gone { .. } => "gone",
+            Remote::Abandoned => "abandoned",
+            Remote::NoSubscriber => "parked",
+        };
+        if let Some(c) = slot.meters.remote(label) {
+            c.increment(1);
+        }
+        match remote {
+            Remote::Settled(Verdict::Ack) => Outcome::Ack,
+            Remote::Settled(Verdict::Fail {
+                error,
+                retry_after_ms,
+            }) => Outcome::Retry {
+                delay_ms: retry_after_ms.unwrap_or_else(|| self.backoff(attempt)),
+                error,
+            },
+            Remote::Settled(Verdict::Release) | Remote::Abandoned => Outcome::Release,
+            Remote::TimedOut {
+                subscriber,
+                after_ms,
+            } => Outcome::Retry {
+                delay_ms: self.backoff(attempt),
+                error: format!("not settled within {after_ms} ms by subscriber {subscriber}"),
+            },
+            // The subscriber may have crashed on it: a failed attempt (so a poison
+            // item ends as a dead letter), retried at once elsewhere.
+            Remote::Gone { subscriber } => Outcome::Retry {
+                delay_ms: 0,
+                error: format!("subscriber {subscriber} went away with the delivery unsettled"),
+            },
+            Remote::NoSubscriber => Outcome::Park,
+        }
+    }
+
+    /// Waits for the handler's concurrency slot, runs it, and maps its result to an
+    /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
+    async fn call(&self, slot: &Slot, queue: u32, items: Vec<Item>) -> Outcome {
+        let attempt = items[0].attempt;
+        let Some(handler) = slot.local.clone() else {
+            return Outcome::Park;
+        };
+        let Some(_slot_permit) = self.admit(slot, &items).await else {
+            return Outcome::Release;
+        };
         let ctx = ItemContext {
             items,
             cancel: self.abandon.child_token(),
             worker_id: self.worker_id.clone(),
             queue,
         };
-        let run = AssertUnwindSafe(slot.reg.handler.handle(ctx)).catch_unwind();
+        let run = AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
         tokio::select! {
             biased;
             r = run => match r {

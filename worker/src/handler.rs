@@ -101,6 +101,12 @@ impl From<std::io::Error> for HandlerError {
     }
 }
 
+impl std::fmt::Debug for dyn ItemHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ItemHandler")
+    }
+}
+
 /// Processes deliveries of one handler name. Implemented for async closures
 /// `Fn(ItemContext) -> impl Future<Output = Result<(), HandlerError>>`.
 #[async_trait]

@@ -31,10 +31,12 @@
 //! `chime_shared::queue::DelayStore`.
 
 pub mod consumer;
+pub mod delivery;
 pub mod error;
 pub mod handler;
 pub mod jobs;
 pub mod live;
+pub mod producer;
 pub mod session;
 
 use std::collections::HashMap;
@@ -45,6 +47,8 @@ use chime_shared::limits;
 use chime_shared::queue::DelayStore;
 
 pub use consumer::{ConsumerOptions, DrainReport};
+pub use delivery::client::SubscriberOptions;
+pub use delivery::{Hub, HubOptions};
 pub use error::WorkerError;
 pub use handler::{HandlerError, ItemContext, ItemHandler};
 pub use jobs::{JobContext, JobHandler};
@@ -76,6 +80,8 @@ pub struct WorkerBuilder {
     session: Option<SessionOptions>,
     options: ConsumerOptions,
     live: Option<Live>,
+    hub: Option<Arc<Hub>>,
+    subscriber: Option<SubscriberOptions>,
     errors: Vec<WorkerError>,
 }
 
@@ -83,6 +89,22 @@ impl WorkerBuilder {
     /// Consumes delayed items from `store` (needed for item handlers).
     pub fn delay_store(mut self, store: Arc<dyn DelayStore>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Hands deliveries of handlers this worker does not run itself to the
+    /// subscribers of `hub` (apps in other processes, over `chime.v1.Deliveries`).
+    /// Needs a delay store.
+    pub fn deliveries(mut self, hub: Arc<Hub>) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// Runs the item handlers on items a chime worker delivers over
+    /// `chime.v1.Deliveries` (a sidecar or a pool), instead of consuming a delay
+    /// store in this process.
+    pub fn subscribe(mut self, opts: SubscriberOptions) -> Self {
+        self.subscriber = Some(opts);
         self
     }
 
@@ -164,13 +186,45 @@ impl WorkerBuilder {
         if let Some(e) = self.errors.pop() {
             return Err(e);
         }
-        if self.handlers.is_empty() && self.job_handlers.is_empty() {
+        if self.handlers.is_empty() && self.job_handlers.is_empty() && self.hub.is_none() {
             return Err(WorkerError::Config("no handler registered".into()));
         }
-        if !self.handlers.is_empty() && self.store.is_none() {
-            return Err(WorkerError::Config(
-                "item handlers need a delay store".into(),
-            ));
+        match (&self.store, &self.subscriber) {
+            (Some(_), Some(_)) => {
+                return Err(WorkerError::Config(
+                    "item handlers run on a delay store or on a subscription, not both".into(),
+                ));
+            }
+            (None, None) if !self.handlers.is_empty() => {
+                return Err(WorkerError::Config(
+                    "item handlers need a delay store or a subscription".into(),
+                ));
+            }
+            (None, _) if self.hub.is_some() => {
+                return Err(WorkerError::Config(
+                    "serving deliveries needs a delay store".into(),
+                ));
+            }
+            (None, Some(_)) if self.handlers.is_empty() => {
+                return Err(WorkerError::Config(
+                    "a subscription needs at least one item handler".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(s) = &self.subscriber {
+            if s.endpoints.is_empty() {
+                return Err(WorkerError::Config(
+                    "invalid subscribe.endpoints: no endpoint".into(),
+                ));
+            }
+            if !(1..=delivery::MAX_CREDIT).contains(&s.credit) {
+                return Err(WorkerError::Config(format!(
+                    "invalid subscribe.credit: {} is outside 1..={}",
+                    s.credit,
+                    delivery::MAX_CREDIT
+                )));
+            }
         }
         if !self.job_handlers.is_empty() {
             match &self.session {
@@ -199,6 +253,8 @@ impl WorkerBuilder {
             session: self.session,
             options: self.options,
             live: self.live,
+            hub: self.hub,
+            subscriber: self.subscriber,
         })
     }
 }
@@ -213,6 +269,8 @@ pub struct Worker {
     session: Option<SessionOptions>,
     options: ConsumerOptions,
     live: Option<Live>,
+    hub: Option<Arc<Hub>>,
+    subscriber: Option<SubscriberOptions>,
 }
 
 impl Worker {
@@ -226,6 +284,8 @@ impl Worker {
             session: None,
             options: ConsumerOptions::default(),
             live: None,
+            hub: None,
+            subscriber: None,
             errors: Vec::new(),
         }
     }
@@ -236,42 +296,70 @@ impl Worker {
     }
 
     /// Works until `shutdown` completes, then drains, in this order:
-    /// 1. mark draining: stop claiming queues, and tell the coordinator (no new
-    ///    shards);
+    /// 1. mark draining: stop claiming queues, tell the coordinator (no new shards)
+    ///    and the subscribers of the hub (`Closing`), or tell the chime worker this
+    ///    process subscribes to (`Drain`);
     /// 2. finish in-flight items and shards within the drain timeout;
     /// 3. hand back what is still running (items due again now; shards cancelled,
     ///    which the coordinator gives to another worker);
-    /// 4. record every outcome, release leases, stop.
+    /// 4. record every outcome, release leases, end the subscribers' streams, stop.
     ///
-    /// The consumer and the session each follow these steps on the same signal.
+    /// The consumer, the subscription and the session each follow these steps on
+    /// the same signal.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<DrainReport, WorkerError> {
         let stop = tokio_util::sync::CancellationToken::new();
+        let drain_timeout_ms = self.options.drain_timeout_ms;
+        let (local, remote) = match self.subscriber {
+            Some(opts) => (HashMap::new(), Some((self.handlers, opts))),
+            None => (self.handlers, None),
+        };
         let consumer = self.store.map(|store| {
             let c = consumer::Consumer::new(
                 store,
                 self.worker_id.clone(),
-                self.handlers,
+                local,
                 self.options,
                 self.live,
+                self.hub.clone(),
             );
             let stop = stop.clone();
             tokio::spawn(async move { c.run(stop.cancelled_owned()).await })
+        });
+        let subscription = remote.map(|(handlers, opts)| {
+            let s = delivery::client::Subscription::new(handlers, opts);
+            tokio::spawn(s.run(stop.clone()))
         });
         let session = self.session.map(|opts| {
             let s = session::Session::new(self.worker_id.clone(), self.job_handlers, opts);
             tokio::spawn(s.run(stop.clone()))
         });
         shutdown.await;
+        // 1. Subscribers hear it first: they keep settling what they hold.
+        if let Some(hub) = &self.hub {
+            hub.close(chime_shared::clock::system_now_ms() + drain_timeout_ms as i64);
+        }
         stop.cancel();
         if let Some(s) = session {
             let _ = s.await;
         }
-        match consumer {
+        let mut report = match consumer {
             Some(c) => c
                 .await
-                .map_err(|e| WorkerError::Config(format!("consumer task failed: {e}")))?,
-            None => Ok(DrainReport::default()),
+                .map_err(|e| WorkerError::Config(format!("consumer task failed: {e}")))??,
+            None => DrainReport::default(),
+        };
+        // 4. Nothing is held any more: end the subscribers' streams.
+        if let Some(hub) = &self.hub {
+            hub.shutdown();
         }
+        if let Some(s) = subscription {
+            let r = s
+                .await
+                .map_err(|e| WorkerError::Config(format!("subscription task failed: {e}")))?;
+            report.handled += r.handled;
+            report.handed_back += r.handed_back;
+        }
+        Ok(report)
     }
 }
 

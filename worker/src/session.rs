@@ -166,6 +166,7 @@ impl Session {
         let mut next = 0usize;
         let mut redirect: Option<String> = None;
         let mut backoff = Duration::from_millis(100);
+        let mut redirects = 0u32;
         let drain_deadline = Arc::new(Mutex::new(None::<tokio::time::Instant>));
         loop {
             let endpoint = redirect.take().unwrap_or_else(|| {
@@ -188,11 +189,21 @@ impl Session {
                 Ended::Done => return,
                 Ended::Redirect(to) => {
                     info!(to = %to, "coordinator is not the leader; following");
+                    // A restarted coordinator can name a stale leader (even itself)
+                    // until the old lease runs out: follow at once the first time,
+                    // then with the usual backoff, never in a tight loop.
+                    redirects += 1;
+                    if redirects > 1 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {},
+                            _ = stop.cancelled(), if self.running().is_empty() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
                     redirect = Some(to);
-                    backoff = Duration::from_millis(100);
                     continue;
                 }
-                Ended::Broken => {}
+                Ended::Broken => redirects = 0,
             }
             if stop.is_cancelled() && self.running().is_empty() && task_rx.is_empty() {
                 // Nothing left to report to anyone.
@@ -347,6 +358,14 @@ impl Session {
         loop {
             let deadline = *drain_deadline.lock().unwrap_or_else(|p| p.into_inner());
             if told_draining && self.running().is_empty() && task_rx.is_empty() {
+                // Close our side and wait for the coordinator to end the stream:
+                // returning at once would drop the call with the last results still
+                // in its send buffer.
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
                 info!("drained: every shard reported");
                 return Ended::Done;
             }
@@ -527,9 +546,11 @@ impl Session {
                 Err(e) => (pb::RunStatus::Failed, String::new(), e.message),
             };
             debug!(run_id = %r.run_id, shard = r.shard_index, ?status, wait_ms = started - received_ms, "shard done");
-            // The result is queued before the shard leaves `running`: a heartbeat
-            // in between still lists it (the coordinator takes a shard missing from
-            // heartbeats to be lost), and a drain waits for the result.
+            // The result is queued before the shard leaves `running`, under its lock:
+            // a drain that sees nothing running and nothing queued has sent it, and
+            // a heartbeat in between still lists the shard (the coordinator takes a
+            // shard missing from two heartbeats to be lost).
+            let mut running = self.running();
             let _ = out.send(msg(In::RunResult(pb::RunResult {
                 run: Some(r),
                 status: status as i32,
@@ -538,7 +559,7 @@ impl Session {
                 started_at_ms: started,
                 finished_at_ms: system_now_ms(),
             })));
-            self.running().remove(&key);
+            running.remove(&key);
         };
         tokio::spawn(shard.instrument(span));
     }

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use chime_shared::queue::redis_store::RedisStore;
-use chime_shared::queue::{DelayStore, NewItem, QueueLayout};
+use chime_shared::queue::{DelayStore, QueueLayout};
 use chime_shared::redis_conn::{RedisConn, RedisSpec};
-use futures_util::StreamExt;
 use serde_json::json;
 
 use super::{Workers, cleanup, count_lines, quantile, read_records, redis_cpu};
@@ -94,42 +93,7 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         a.items, a.workers, a.queues
     );
 
-    // Enqueue in chunks, a few chunks in flight at once (each is pipelined inside).
-    let started = Instant::now();
-    let chunk = 10_000usize;
-    let chunks = a.items.div_ceil(chunk);
-    let mut done = 0usize;
-    let mut stream = futures_util::stream::iter((0..chunks).map(|c| {
-        let store = store.clone();
-        let payload = payload.clone();
-        let n = a.items;
-        async move {
-            let items: Vec<NewItem> = (c * chunk..((c + 1) * chunk).min(n))
-                .map(|i| {
-                    NewItem::new(format!("b{i}"), "noop", t0)
-                        .key(format!("u{i}"))
-                        .payload(payload.clone())
-                })
-                .collect();
-            let len = items.len();
-            store.enqueue(items).await.map(|_| len)
-        }
-    }))
-    .buffer_unordered(4);
-    while let Some(r) = stream.next().await {
-        done += r?;
-        if done % (a.items / 10).max(chunk) < chunk || done == a.items {
-            eprintln!("  enqueued {done}/{}", a.items);
-        }
-    }
-    let enqueue_s = started.elapsed().as_secs_f64();
-    let after = store.now_ms().await?;
-    if after > t0 {
-        eprintln!(
-            "  warning: enqueue finished {} ms after T0; raise --lead-ms",
-            after - t0
-        );
-    }
+    let enqueue_s = super::enqueue_burst(&store, a.items, t0, "noop", payload).await?;
 
     // Wait for the drain: nothing pending or in flight, and every item recorded.
     let deadline = Instant::now() + Duration::from_secs(60 + (a.items / 5_000) as u64);
@@ -165,21 +129,8 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
 
     // Score.
     let handled = read_records(&workers.records)?;
-    let mut lags: Vec<i64> = Vec::with_capacity(a.items);
-    let (mut first, mut last, mut lost, mut duplicates) = (i64::MAX, i64::MIN, 0usize, 0usize);
-    for i in 0..a.items {
-        match handled.get(&format!("b{i}")) {
-            None => lost += 1,
-            Some(h) => {
-                duplicates += h.len() - 1;
-                lags.push(h[0].handled_ms - h[0].due_ms);
-                first = first.min(h[0].handled_ms);
-                last = last.max(h[0].handled_ms);
-            }
-        }
-    }
-    lags.sort_unstable();
-    let drain_s = ((last - t0) as f64 / 1000.0).max(1e-3);
+    let sc = super::score(&handled, a.items);
+    let drain_s = ((sc.last - t0) as f64 / 1000.0).max(1e-3);
     cleanup(&conn, &prefix).await?;
     super::keep_or_remove(&dir, a.keep_files);
     let out = json!({
@@ -190,12 +141,13 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         "batch": a.batch,
         "enqueue_per_s": (a.items as f64 / enqueue_s).round(),
         "drain_per_s": (a.items as f64 / drain_s).round(),
-        "lag_p50_ms": quantile(&lags, 0.50),
-        "lag_p99_ms": quantile(&lags, 0.99),
-        "lag_max_ms": lags.last().copied().unwrap_or(0),
-        "first_after_t0_ms": if first == i64::MAX { 0 } else { first - t0 },
-        "lost": lost,
-        "duplicates": duplicates,
+        "lag_p50_ms": quantile(&sc.lags, 0.50),
+        "lag_p99_ms": quantile(&sc.lags, 0.99),
+        "lag_max_ms": sc.lags.last().copied().unwrap_or(0),
+        "first_after_t0_ms": if sc.first == i64::MAX { 0 } else { sc.first - t0 },
+        "lost": sc.lost,
+        "duplicates": sc.duplicates,
+        "early": sc.early,
         "worker_peak_rss_mib": (peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
         "redis_masters": redis_cpu_s.len(),
         "redis_cpu_s_per_master": redis_cpu_s,

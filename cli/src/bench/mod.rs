@@ -5,6 +5,7 @@
 
 mod burst;
 mod cron;
+mod deliveries;
 mod failover;
 mod resize;
 
@@ -33,6 +34,8 @@ enum BenchCmd {
     Cron(cron::CronArgs),
     /// Jobs firing every second while the leader coordinator is killed again and again.
     Failover(failover::FailoverArgs),
+    /// N items due at one instant, run by SDK subscribers over the delivery service.
+    Deliveries(deliveries::DeliveriesArgs),
 }
 
 /// Runs a benchmark.
@@ -43,6 +46,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         BenchCmd::Resize(a) => resize::run(a).await,
         BenchCmd::Cron(a) => cron::run(a).await,
         BenchCmd::Failover(a) => failover::run(a).await,
+        BenchCmd::Deliveries(a) => deliveries::run(a).await,
     }
 }
 
@@ -63,15 +67,10 @@ impl Workers {
         env: &[(&str, &str)],
     ) -> Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut w = Workers {
-            children: Vec::new(),
-            records: Vec::new(),
-            logs: Vec::new(),
-        };
+        let mut cmds = Vec::new();
+        let mut records = Vec::new();
         for i in 0..n {
             let rec = dir.join(format!("w{i}.rec"));
-            let log_path = dir.join(format!("w{i}.log"));
-            let log = std::fs::File::create(&log_path)?;
             let mut cmd = Command::new(&exe);
             // Probes on an ephemeral port: several workers share this host.
             cmd.arg("worker")
@@ -80,19 +79,44 @@ impl Workers {
                 .args(["--handlers", "noop", "--worker-id", &format!("bench-w{i}")])
                 .arg("--record-file")
                 .arg(&rec)
-                .env("RUST_LOG", "warn,chime_worker::live=info")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
+                .env("RUST_LOG", "warn,chime_worker::live=info");
             for (k, v) in env {
                 cmd.env(k, v);
             }
+            cmds.push((format!("w{i}"), cmd));
+            records.push(rec);
+        }
+        Self::start(dir, cmds, records)
+    }
+
+    /// Starts `cmds` (name, command), each logging to `dir/<name>.log`; `records`
+    /// are the files their handlers write.
+    pub(crate) fn start(
+        dir: &Path,
+        cmds: Vec<(String, Command)>,
+        records: Vec<PathBuf>,
+    ) -> Result<Self> {
+        let mut w = Workers {
+            children: Vec::new(),
+            records,
+            logs: Vec::new(),
+        };
+        for (name, mut cmd) in cmds {
+            let log_path = dir.join(format!("{name}.log"));
+            let log = std::fs::File::create(&log_path)?;
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
             w.children
-                .push(cmd.spawn().context("spawning chime worker")?);
-            w.records.push(rec);
+                .push(cmd.spawn().with_context(|| format!("spawning {name}"))?);
             w.logs.push(log_path);
         }
         Ok(w)
+    }
+
+    /// Process ids, in start order.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
     }
 
     /// Fails if a worker has exited; answers the largest peak RSS (KiB) so far.
@@ -162,6 +186,94 @@ pub(crate) fn read_records(files: &[PathBuf]) -> Result<HashMap<String, Vec<Hand
         }
     }
     Ok(out)
+}
+
+/// How a burst of items `b0…b{n-1}` was handled, from the handlers' own records.
+pub(crate) struct Score {
+    /// Handler start minus due time of each item's first handling, sorted, ms.
+    pub(crate) lags: Vec<i64>,
+    /// First and last handling, Unix ms (`i64::MAX`/`MIN` when nothing ran).
+    pub(crate) first: i64,
+    pub(crate) last: i64,
+    /// Items never handled.
+    pub(crate) lost: usize,
+    /// Handlings beyond the first.
+    pub(crate) duplicates: usize,
+    /// Items handled before their due time.
+    pub(crate) early: usize,
+}
+
+/// Scores the burst `b0…b{n-1}` against the records.
+pub(crate) fn score(handled: &HashMap<String, Vec<Handled>>, n: usize) -> Score {
+    let mut s = Score {
+        lags: Vec::with_capacity(n),
+        first: i64::MAX,
+        last: i64::MIN,
+        lost: 0,
+        duplicates: 0,
+        early: 0,
+    };
+    for i in 0..n {
+        match handled.get(&format!("b{i}")) {
+            None => s.lost += 1,
+            Some(h) => {
+                s.duplicates += h.len() - 1;
+                s.early += h.iter().filter(|x| x.handled_ms < x.due_ms).count();
+                s.lags.push(h[0].handled_ms - h[0].due_ms);
+                s.first = s.first.min(h[0].handled_ms);
+                s.last = s.last.max(h[0].handled_ms);
+            }
+        }
+    }
+    s.lags.sort_unstable();
+    s
+}
+
+/// Enqueues items `b0…b{n-1}` (keys `u<i>`) for `handler`, all due at `t0`, in
+/// chunks of 10,000 with four in flight; answers the seconds it took.
+pub(crate) async fn enqueue_burst(
+    store: &std::sync::Arc<chime_shared::queue::redis_store::RedisStore>,
+    n: usize,
+    t0: i64,
+    handler: &str,
+    payload: bytes::Bytes,
+) -> Result<f64> {
+    use chime_shared::queue::{DelayStore, NewItem};
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let chunk = 10_000usize;
+    let chunks = n.div_ceil(chunk);
+    let mut done = 0usize;
+    let mut stream = futures_util::stream::iter((0..chunks).map(|c| {
+        let (store, payload) = (store.clone(), payload.clone());
+        async move {
+            let items: Vec<NewItem> = (c * chunk..((c + 1) * chunk).min(n))
+                .map(|i| {
+                    NewItem::new(format!("b{i}"), handler, t0)
+                        .key(format!("u{i}"))
+                        .payload(payload.clone())
+                })
+                .collect();
+            let len = items.len();
+            store.enqueue(items).await.map(|_| len)
+        }
+    }))
+    .buffer_unordered(4);
+    while let Some(r) = stream.next().await {
+        done += r?;
+        if done % (n / 10).max(chunk) < chunk || done == n {
+            eprintln!("  enqueued {done}/{n}");
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let after = store.now_ms().await?;
+    if after > t0 {
+        eprintln!(
+            "  warning: enqueue finished {} ms after T0; raise --lead-ms",
+            after - t0
+        );
+    }
+    Ok(secs)
 }
 
 /// Lines in all record files.

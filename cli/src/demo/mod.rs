@@ -17,7 +17,7 @@ mod push_platform;
 mod segment;
 mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,6 +102,23 @@ pub(crate) struct Common {
     /// Keep the processes' logs (their directory is printed).
     #[arg(long)]
     keep_files: bool,
+    /// Where the item handlers run: in the Rust demo workers, or (coupon-reminder)
+    /// in Python apps subscribed to `chime worker`s over the delivery service.
+    #[arg(long, value_enum, default_value = "rust")]
+    handler_sdk: HandlerSdk,
+    /// The Python interpreter with `chime-sdk` installed (`--handler-sdk python`).
+    #[arg(long, default_value = "python3")]
+    python: String,
+}
+
+/// Which SDK runs the scenario's item handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum HandlerSdk {
+    /// `chime demo worker` processes (the Rust SDK, in process).
+    Rust,
+    /// `sdk/python/examples/coupon_reminder.py`, each next to a `chime worker`
+    /// serving the delivery service (a sidecar).
+    Python,
 }
 
 impl Common {
@@ -299,6 +316,12 @@ impl Demo {
         provider_url: &str,
         tuning: &WorkerTuning,
     ) -> Result<()> {
+        if self.common.handler_sdk == HandlerSdk::Python {
+            if scenario != Scenario::CouponReminder {
+                bail!("invalid --handler-sdk: python runs the coupon-reminder handler only");
+            }
+            return self.start_python_workers(provider_url, tuning);
+        }
         let exe = std::env::current_exe()?;
         for i in 0..self.common.workers() {
             let log = std::fs::File::create(self.dir.join(format!("worker-{i}.log")))?;
@@ -329,6 +352,64 @@ impl Demo {
         Ok(())
     }
 
+    /// Per worker, a `chime worker` doing the queue work (the same tuning and live
+    /// settings as the demo worker) and the Python coupon reminder subscribed to it.
+    fn start_python_workers(&mut self, provider_url: &str, tuning: &WorkerTuning) -> Result<()> {
+        let exe = std::env::current_exe()?;
+        let example = Path::new("sdk/python/examples/coupon_reminder.py");
+        if !example.is_file() {
+            bail!(
+                "invalid --handler-sdk: {} is missing (run from the repository root)",
+                example.display()
+            );
+        }
+        for i in 0..self.common.workers() {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let log = std::fs::File::create(self.dir.join(format!("worker-{i}.log")))?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("worker")
+                .args(["--redis-url", &self.common.redis_url])
+                .args(["--etcd-endpoints", &self.common.etcd_endpoints])
+                .args(["--prefix", &self.prefix])
+                .args(["--queues", &self.queues.to_string()])
+                .args(["--worker-id", &format!("{}-w{i}", self.prefix)])
+                .args(["--max-in-flight", &tuning.max_in_flight.to_string()])
+                .args(["--batch", &tuning.batch.to_string()])
+                .args(["--handlers", "none", "--http-addr", ""])
+                .args(["--deliveries-addr", &format!("127.0.0.1:{port}")])
+                .arg("--deliveries-allow-unauthenticated")
+                .env("CHIME_ETCD_PREFIX", self.etcd_prefix())
+                // As the demo worker: quick retries within the reminder's minute.
+                .env("CHIME_CONSUMER_RETRY_BASE_MS", "200")
+                .env("CHIME_CONSUMER_RETRY_MAX_MS", "2000")
+                .env("CHIME_CONSUMER_IDLE_SLEEP_MAX_MS", "250")
+                .env("CHIME_CONSUMER_DRAIN_TIMEOUT_MS", "10000")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or("warn".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            self.workers
+                .push(cmd.spawn().context("spawning a chime worker")?);
+            let log = std::fs::File::create(self.dir.join(format!("python-{i}.log")))?;
+            let mut app = Command::new(&self.common.python);
+            app.arg(example)
+                .arg(provider_url)
+                .args(["--deliveries", &format!("http://127.0.0.1:{port}")])
+                .args(["--concurrency", &tuning.concurrency.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            self.workers
+                .push(app.spawn().context("spawning the Python coupon reminder")?);
+        }
+        Ok(())
+    }
+
     /// Waits until every worker has a session with the coordinator.
     pub(crate) async fn wait_registered(&mut self, admin: &mut Admin) -> Result<()> {
         let want = self.workers.len();
@@ -355,8 +436,8 @@ impl Demo {
         for (i, c) in self.workers.iter_mut().enumerate() {
             if let Ok(Some(status)) = c.try_wait() {
                 bail!(
-                    "worker {i} exited early ({status}); see {}",
-                    self.dir.join(format!("worker-{i}.log")).display()
+                    "worker process {i} exited early ({status}); see the logs in {}",
+                    self.dir.display()
                 );
             }
         }
@@ -421,6 +502,10 @@ impl Demo {
             head.insert("demo".into(), json!(self.name));
             head.insert("scale".into(), json!(self.common.scale.name()));
             head.insert("workers".into(), json!(self.common.workers()));
+            head.insert(
+                "handler_sdk".into(),
+                json!(format!("{:?}", self.common.handler_sdk).to_lowercase()),
+            );
             head.insert("ok".into(), json!(failures.is_empty()));
             head.insert("failures".into(), json!(failures));
             head.append(m);

@@ -618,6 +618,7 @@ fn shard_to_proto(s: &ShardRecord) -> pb::Shard {
         error: s.error.clone(),
         log_tail: s.log_tail.clone(),
         shard_params: s.shard_params.clone(),
+        failures: s.failures,
     }
 }
 
@@ -924,7 +925,7 @@ pub fn run_from_proto(r: pb::Run) -> RunRecord {
                 total: s.total,
                 worker_id: s.worker_id,
                 attempt: s.attempt,
-                failures: 0,
+                failures: s.failures,
                 state: state_from_proto(s.state),
                 started_at_ms: s.started_at_ms,
                 finished_at_ms: s.finished_at_ms,

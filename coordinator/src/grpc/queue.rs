@@ -114,6 +114,10 @@ pub fn view_to_proto(v: ItemView) -> pb::ItemView {
             out.set_state(pb::ItemState::Dead);
             out.since_ms = since_ms;
         }
+        ItemState::Waiting { due_score_ms } => {
+            out.set_state(pb::ItemState::Waiting);
+            out.due_score_ms = due_score_ms;
+        }
     }
     out
 }
@@ -191,7 +195,14 @@ impl pb::queue_server::Queue for QueueApi {
     ) -> Result<Response<pb::QueueStatsResponse>, Status> {
         let q = self.store()?;
         let stats = q.stats().await.map_err(CoordError::from)?;
+        let waiting_by_handler = q
+            .waiting_by_handler()
+            .await
+            .map_err(CoordError::from)?
+            .into_iter()
+            .collect();
         Ok(Response::new(pb::QueueStatsResponse {
+            waiting_by_handler,
             now_ms: q.now_ms().await.map_err(CoordError::from)?,
             count: q.layout().count,
             queues: stats
@@ -205,6 +216,7 @@ impl pb::queue_server::Queue for QueueApi {
                     dead: s.dead,
                     next_due_ms: s.next_due_ms.unwrap_or(0),
                     moving: s.moving,
+                    waiting: s.waiting,
                 })
                 .collect(),
         }))

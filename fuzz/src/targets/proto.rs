@@ -543,6 +543,7 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
             error: String::new(),
             log_tail: vec!["line 1".into(), "line 2".into()],
             shard_params: "a".into(),
+            failures: 0,
         }],
         parent_run_id: String::new(),
         note: String::new(),

@@ -37,6 +37,14 @@ longest suffix ("-coordinator-headless", 21 characters) still fits in 63.
 {{- define "chime.coordinator.headless" -}}{{ include "chime.fullname" . }}-coordinator-headless{{- end -}}
 {{- define "chime.worker.fullname" -}}{{ include "chime.fullname" . }}-worker{{- end -}}
 {{- define "chime.worker.metrics" -}}{{ include "chime.fullname" . }}-worker-metrics{{- end -}}
+{{/* The shared pool's delivery service (worker.deliveries.enabled). */}}
+{{- define "chime.deliveries.fullname" -}}{{ include "chime.fullname" . }}-deliveries{{- end -}}
+{{/* The app with a chime worker sidecar: "<fullname>-<name>", short enough for the "-sidecar" and "-files" ConfigMaps. */}}
+{{- define "chime.sidecarApp.fullname" -}}
+{{- printf "%s-%s" (include "chime.fullname" .) .Values.sidecarApp.name | trunc 55 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "chime.sidecarApp.sidecarConfigName" -}}{{ include "chime.sidecarApp.fullname" . }}-sidecar{{- end -}}
+{{- define "chime.sidecarApp.filesName" -}}{{ include "chime.sidecarApp.fullname" . }}-files{{- end -}}
 {{- define "chime.redis.fullname" -}}{{ include "chime.fullname" . }}-redis{{- end -}}
 {{- define "chime.etcd.fullname" -}}{{ include "chime.fullname" . }}-etcd{{- end -}}
 {{- define "chime.configName" -}}{{ include "chime.fullname" . }}-config{{- end -}}
@@ -253,6 +261,40 @@ the ConfigMap.
 {{- end -}}
 {{- end -}}
 
+{{/* ---------------------------------------------------------------- app with a sidecar */}}
+
+{{/* The sidecars' queue family: their own, else the workers' (the one the coordinators' Queue API serves). */}}
+{{- define "chime.sidecarApp.family" -}}
+{{- default .Values.worker.queue.family .Values.sidecarApp.sidecar.queueFamily -}}
+{{- end -}}
+
+{{/* What the app dials: the sidecar's delivery service on loopback. */}}
+{{- define "chime.sidecarApp.deliveriesUrl" -}}
+{{- printf "http://127.0.0.1:%d" (int .Values.sidecarApp.sidecar.deliveriesPort) -}}
+{{- end -}}
+
+{{/* The sidecar's drain, whole seconds rounded up. */}}
+{{- define "chime.sidecarApp.sidecarDrainSeconds" -}}
+{{- div (add (int64 .Values.sidecarApp.sidecar.drainTimeoutMs) 999) 1000 -}}
+{{- end -}}
+
+{{/*
+The app pods' terminationGracePeriodSeconds, unless set: the app's drain, then the
+sidecar's (Kubernetes stops a native sidecar only once the app has exited, and without
+native sidecars the sidecar's preStop waits out the app's drain), plus a margin.
+*/}}
+{{- define "chime.sidecarApp.terminationGracePeriodSeconds" -}}
+{{- if not (eq (toString .Values.sidecarApp.terminationGracePeriodSeconds) "") -}}
+{{- int64 .Values.sidecarApp.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (int64 .Values.sidecarApp.drainSeconds) (int64 (include "chime.sidecarApp.sidecarDrainSeconds" .)) (int64 .Values.sidecarApp.terminationGraceMarginSeconds) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chime.sidecarApp.image" -}}
+{{- include "chime.imageRef" (dict "image" .Values.sidecarApp.image "global" .Values.global "default" "") -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- secrets and volumes */}}
 
 {{- define "chime.tokenSecretName" -}}
@@ -289,6 +331,56 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- end -}}
 
 {{/* ---------------------------------------------------------------- TOML */}}
+
+{{/*
+The [redis], [etcd], [queue] and [consumer] sections of a chime worker's TOML: the
+workers' and the app sidecars' files share them. Call with
+(dict "ctx" $ "family" "default" "drainMs" 25000).
+*/}}
+{{- define "chime.toml.workerQueue" -}}
+{{- $v := .ctx.Values -}}
+[redis]
+url = {{ include "chime.redis.url" .ctx | include "chime.toml.str" }}
+cluster = {{ and (not $v.redis.bundled.enabled) $v.redis.external.cluster }}
+response_timeout_ms = {{ int64 $v.redis.responseTimeoutMs }}
+
+[etcd]
+endpoints = {{ include "chime.etcd.endpoints" .ctx | include "chime.toml.str" }}
+prefix = {{ include "chime.toml.str" $v.etcd.prefix }}
+{{- if $v.etcd.auth.username }}
+user = {{ include "chime.toml.str" $v.etcd.auth.username }}
+{{- end }}
+
+[queue]
+prefix = {{ include "chime.toml.str" $v.config.keyPrefix }}
+family = {{ include "chime.toml.str" .family }}
+count = {{ int64 $v.worker.queue.count }}
+
+[consumer]
+pollers = {{ int64 $v.worker.consumer.pollers }}
+batch = {{ int64 $v.worker.consumer.batch }}
+max_in_flight = {{ int64 $v.worker.consumer.maxInFlight }}
+visibility_ms = {{ int64 $v.worker.consumer.visibilityMs }}
+lease_ttl_ms = {{ int64 $v.worker.consumer.leaseTtlMs }}
+merge_window_ms = {{ int64 $v.worker.consumer.mergeWindowMs }}
+idle_sleep_max_ms = {{ int64 $v.worker.consumer.idleSleepMaxMs }}
+drain_timeout_ms = {{ int64 .drainMs }}
+retry_base_ms = {{ int64 $v.worker.consumer.retryBaseMs }}
+retry_max_ms = {{ int64 $v.worker.consumer.retryMaxMs }}
+{{- end -}}
+
+{{/*
+Who may present tokens to a delivery service: the worker token when auth is on, anyone
+otherwise (auth.enabled false sets allow_unauthenticated everywhere).
+*/}}
+{{- define "chime.toml.deliveriesAuth" -}}
+{{- if .Values.auth.enabled -}}
+token_file = "/etc/chime/secrets/worker-token"
+allow_unauthenticated = false
+{{- else -}}
+allow_unauthenticated = true
+{{- end -}}
+{{- end -}}
 
 {{/* A TOML string (JSON strings are valid TOML basic strings). */}}
 {{- define "chime.toml.str" -}}{{ toString . | toJson }}{{- end -}}
@@ -334,6 +426,36 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- $min := add (int64 .Values.worker.preStopSleepSeconds) (int64 (include "chime.worker.drainSeconds" .)) -}}
 {{- if le (int64 .Values.worker.terminationGracePeriodSeconds) $min -}}
 {{- fail (printf "worker.terminationGracePeriodSeconds must exceed preStopSleepSeconds + the longest drain timeout (%d s), or a draining worker is killed" $min) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.worker.deliveries.enabled (not .Values.worker.queue.enabled) -}}
+{{- fail "worker.deliveries.enabled needs worker.queue.enabled: the delivery service hands out the items the worker pops" -}}
+{{- end -}}
+{{- with .Values.sidecarApp -}}
+{{- if .enabled -}}
+{{- if not .image.repository -}}
+{{- fail "sidecarApp.enabled needs sidecarApp.image.repository (and a tag or digest): the app's own image" -}}
+{{- end -}}
+{{- if not (or .image.tag .image.digest) -}}
+{{- fail "sidecarApp.image.tag or sidecarApp.image.digest is required: pin the app's image" -}}
+{{- end -}}
+{{- if and .sidecar.native (not (semverCompare ">=1.29.0-0" $.Capabilities.KubeVersion.Version)) -}}
+{{- fail (printf "sidecarApp.sidecar.native needs Kubernetes >= 1.29 (native sidecars; this cluster is %s): set sidecarApp.sidecar.native=false (helm template: pass --kube-version)" $.Capabilities.KubeVersion.Version) -}}
+{{- end -}}
+{{- if eq (int .sidecar.deliveriesPort) (int .sidecar.containerPorts.http) -}}
+{{- fail "sidecarApp.sidecar.deliveriesPort and sidecarApp.sidecar.containerPorts.http must differ" -}}
+{{- end -}}
+{{- range .ports -}}
+{{- if has (int .containerPort) (list (int $.Values.sidecarApp.sidecar.deliveriesPort) (int $.Values.sidecarApp.sidecar.containerPorts.http)) -}}
+{{- fail (printf "sidecarApp.ports: port %d is the sidecar's (sidecarApp.sidecar.deliveriesPort / containerPorts.http); the containers of a pod share its ports" (int .containerPort)) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (eq (toString .terminationGracePeriodSeconds) "") -}}
+{{- $min := add (int64 .drainSeconds) (int64 (include "chime.sidecarApp.sidecarDrainSeconds" $)) -}}
+{{- if le (int64 .terminationGracePeriodSeconds) $min -}}
+{{- fail (printf "sidecarApp.terminationGracePeriodSeconds must exceed drainSeconds + the sidecar's drain (%d s), or the sidecar is killed before the app's deliveries are settled" $min) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

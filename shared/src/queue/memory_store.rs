@@ -28,6 +28,8 @@ enum Pos {
     Due(i64),
     Run(i64),
     Dead(i64),
+    /// Waiting for a consumer that serves its handler, at this due score.
+    Waiting(i64),
 }
 
 #[derive(Debug)]
@@ -50,6 +52,8 @@ struct Queue {
     dead: BTreeSet<(i64, String)>,
     /// Merge index: (merge class, pending score, id).
     mki: BTreeSet<(String, i64, String)>,
+    /// Items waiting for a handler: (handler, due score, id).
+    park: BTreeSet<(String, i64, String)>,
     recs: HashMap<String, Rec>,
     lease: Option<(String, i64)>,
 }
@@ -85,6 +89,45 @@ impl Queue {
             Pos::Dead(d) => {
                 self.dead.remove(&(d, id.to_owned()));
             }
+            Pos::Waiting(s) => {
+                self.park
+                    .remove(&(rec.body.handler.clone(), s, id.to_owned()));
+            }
+        }
+    }
+
+    /// Parks `id` (taking it out of its set) until a consumer serving its handler
+    /// pops this queue.
+    fn park(&mut self, id: &str) {
+        self.unlink(id);
+        if let Some(rec) = self.recs.get_mut(id) {
+            let score = rec.body.due_at_ms;
+            rec.pos = Pos::Waiting(score);
+            self.park
+                .insert((rec.body.handler.clone(), score, id.to_owned()));
+        }
+    }
+
+    /// Makes up to `budget` waiting items of `handlers` pending again, at their due
+    /// scores.
+    fn unpark(&mut self, handlers: &[String], mut budget: usize) {
+        for h in handlers {
+            if budget == 0 || self.park.is_empty() {
+                return;
+            }
+            let lo = (h.clone(), i64::MIN, String::new());
+            let hi = (h.clone(), i64::MAX, String::new());
+            let ids: Vec<(i64, String)> = self
+                .park
+                .range(lo..hi)
+                .take(budget)
+                .map(|(_, s, id)| (*s, id.clone()))
+                .collect();
+            budget -= ids.len();
+            for (score, id) in ids {
+                self.unlink(&id);
+                self.make_pending(&id, score);
+            }
         }
     }
 
@@ -118,6 +161,7 @@ impl Queue {
                 cancelled: rec.cancelled,
             },
             Pos::Dead(d) => ItemState::Dead { since_ms: d },
+            Pos::Waiting(s) => ItemState::Waiting { due_score_ms: s },
         };
         Some(ItemView {
             item: codec::item_from_body(id.to_owned(), rec.body.clone(), rec.attempts),
@@ -162,6 +206,9 @@ impl State {
                     }
                     Pos::Dead(d) => {
                         q.dead.insert((d, id.clone()));
+                    }
+                    Pos::Waiting(s) => {
+                        q.park.insert((rec.body.handler.clone(), s, id.clone()));
                     }
                 }
                 q.recs.insert(id, rec);
@@ -328,7 +375,7 @@ impl DelayStore for MemoryStore {
         match rec.pos {
             Pos::Run(_) => Ok(RescheduleOutcome::InFlight),
             Pos::Dead(_) => Ok(RescheduleOutcome::Dead),
-            Pos::Due(_) => {
+            Pos::Due(_) | Pos::Waiting(_) => {
                 rec.body.due_at_ms = due_at_ms;
                 q.unlink(&item.id);
                 q.make_pending(&item.id, due_at_ms);
@@ -398,8 +445,11 @@ impl DelayStore for MemoryStore {
             }
         }
 
-        // 2. Pop due items with their merge mates.
+        // 2. Items waiting for a handler this consumer serves are due again.
         let limit = opts.max_items.max(1) as usize;
+        q.unpark(&opts.serves, limit);
+
+        // 3. Pop due items with their merge mates.
         let window = opts.merge_window_ms as i64;
         let mut picked: Vec<(String, usize)> = Vec::new(); // (id, group)
         let mut groups = 0usize;
@@ -480,7 +530,7 @@ impl DelayStore for MemoryStore {
             last_group = group;
         }
 
-        // 3. Next instant this queue needs a consumer.
+        // 4. Next instant this queue needs a consumer.
         let next_due_ms = match (q.due.first(), q.run.first()) {
             (Some(a), Some(b)) => Some(a.0.min(b.0)),
             (a, b) => a.or(b).map(|x| x.0),
@@ -518,6 +568,12 @@ impl DelayStore for MemoryStore {
                         r.attempts = r.attempts.saturating_sub(1);
                     }
                     q.make_pending(&s.id, now);
+                }
+                Outcome::Park => {
+                    if let Some(r) = q.recs.get_mut(&s.id) {
+                        r.attempts = r.attempts.saturating_sub(1);
+                    }
+                    q.park(&s.id);
                 }
                 Outcome::Retry { error, .. } if attempts >= max => q.bury(&s.id, now, error),
                 Outcome::Retry { delay_ms, error } => {
@@ -579,8 +635,20 @@ impl DelayStore for MemoryStore {
                 dead: q.dead.len() as u64,
                 next_due_ms: q.due.first().map(|x| x.0),
                 moving: 0,
+                waiting: q.park.len() as u64,
             })
             .collect())
+    }
+
+    async fn waiting_by_handler(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let st = self.lock();
+        let mut out = std::collections::BTreeMap::new();
+        for q in &st.queues {
+            for (h, _, _) in &q.park {
+                *out.entry(h.clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<ItemView>> {

@@ -24,6 +24,7 @@ pub mod redis_store;
 pub use layout::Layout;
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -286,6 +287,12 @@ pub enum ItemState {
         /// When it was dead-lettered, Unix milliseconds.
         since_ms: i64,
     },
+    /// Due, but no consumer that popped it serves its handler: parked, attempt not
+    /// counted, until a consumer serving the handler pops its queue.
+    Waiting {
+        /// Its due time, Unix milliseconds.
+        due_score_ms: i64,
+    },
 }
 
 /// An item with its state, as `get` and the dead-letter listing return it.
@@ -349,7 +356,7 @@ pub struct Lease {
 }
 
 /// Parameters of one pop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PopOptions {
     /// Most items returned (merged items included).
     pub max_items: u32,
@@ -360,6 +367,10 @@ pub struct PopOptions {
     /// Items sharing routing key, handler and merge key whose due times are within
     /// this window of the earliest are delivered with it.
     pub merge_window_ms: u64,
+    /// Handlers the popping consumer serves now: items of these handlers that are
+    /// waiting for a handler ([`Outcome::Park`]) become due again first, so this pop
+    /// can take them. Empty: nothing is taken back.
+    pub serves: Arc<[String]>,
 }
 
 impl Default for PopOptions {
@@ -369,6 +380,7 @@ impl Default for PopOptions {
             visibility_ms: 30_000,
             lease_ttl_ms: 5_000,
             merge_window_ms: 60_000,
+            serves: Arc::from(Vec::new()),
         }
     }
 }
@@ -449,6 +461,10 @@ pub enum Outcome {
     },
     /// Handed back unprocessed (a draining worker): due now, the attempt not counted.
     Release,
+    /// Nobody serves the item's handler on the consumer that popped it: the item
+    /// waits, out of reach of pops, the attempt not counted, until a consumer whose
+    /// [`PopOptions::serves`] names its handler pops its queue.
+    Park,
 }
 
 /// One settled delivery.
@@ -484,6 +500,8 @@ pub struct QueueStats {
     pub next_due_ms: Option<i64>,
     /// Items a resize is moving out of this queue right now.
     pub moving: u64,
+    /// Items waiting for a consumer that serves their handler ([`Outcome::Park`]).
+    pub waiting: u64,
 }
 
 /// What one migration step on a leased queue did.
@@ -567,6 +585,9 @@ pub trait DelayStore: Send + Sync + fmt::Debug {
 
     /// Counts per queue.
     async fn stats(&self) -> Result<Vec<QueueStats>>;
+
+    /// Items waiting for a handler ([`Outcome::Park`]), per handler, over all queues.
+    async fn waiting_by_handler(&self) -> Result<std::collections::BTreeMap<String, u64>>;
 
     /// Up to `limit` dead letters across all queues.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<ItemView>>;

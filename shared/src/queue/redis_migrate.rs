@@ -2,14 +2,15 @@
 //! another queue, and finds when a queue is clean.
 //!
 //! A worker holding a queue's lease calls [`RedisStore::migrate_step`] between pops.
-//! One step reads a page of the queue (pending, in-flight or dead items, in that
-//! order) and moves the misplaced pending and dead ones in four idempotent steps:
+//! One step reads a page of the queue (pending, in-flight, dead or waiting items, in
+//! that order) and moves the misplaced pending, dead and waiting ones in four
+//! idempotent steps:
 //!
 //! 1. `MV_TAKE` on the source (fenced by the lease and the epoch): the items leave
-//!    `due`/`dead` for `moving`, recording a random move token and their target. No
+//!    `due`/`dead`/`park` for `moving`, recording a random move token and their target. No
 //!    consumer can pop them now; their records stay in the source.
 //! 2. `MV_IMPORT` on each target: stores them as they were (pending with the same
-//!    due score, or dead) and leaves a tombstone for the token, so importing twice
+//!    due score, dead, or waiting for a handler) and leaves a tombstone for the token, so importing twice
 //!    does nothing.
 //! 3. `MV_FINISH` on the source: forgets the moved items.
 //! 4. `MV_UNMARK` on each target: drops the tombstone.
@@ -41,6 +42,7 @@ enum Phase {
     Due,
     Run,
     Dead,
+    Park,
 }
 
 impl Phase {
@@ -49,7 +51,21 @@ impl Phase {
             Phase::Due => "due",
             Phase::Run => "run",
             Phase::Dead => "dead",
+            Phase::Park => "park",
         }
+    }
+}
+
+/// The item id inside a park member (`handler \x01 due \x01 id`); other sets'
+/// members are ids already.
+fn id_of(phase: Phase, member: &str) -> String {
+    match phase {
+        Phase::Park => member
+            .splitn(3, super::codec::SEP)
+            .nth(2)
+            .unwrap_or_default()
+            .to_owned(),
+        _ => member.to_owned(),
     }
 }
 
@@ -170,7 +186,7 @@ impl RedisStore {
                 pass.blocked = true;
                 last_kept = Some(member);
             } else {
-                misplaced.push((member, home));
+                misplaced.push((id_of(pass.phase, &member), home));
             }
         }
         if !misplaced.is_empty() {
@@ -190,7 +206,8 @@ impl RedisStore {
             match pass.phase {
                 Phase::Due => pass.phase = Phase::Run,
                 Phase::Run => pass.phase = Phase::Dead,
-                Phase::Dead => {
+                Phase::Dead => pass.phase = Phase::Park,
+                Phase::Park => {
                     if !pass.blocked && moving == 0 {
                         let args = vec![
                             layout.epoch.to_string().into_bytes(),

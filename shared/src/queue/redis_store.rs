@@ -1,6 +1,6 @@
 //! The production delay store on Redis (standalone or Cluster).
 //!
-//! Each queue `i` of family `f` under prefix `p` is seventeen keys sharing the hash
+//! Each queue `i` of family `f` under prefix `p` is nineteen keys sharing the hash
 //! tag `{p:f:i}`, so each queue is one Cluster slot and every script touches one slot
 //! (see `lua/common.lua` for what each key holds). Every state change is one Lua
 //! script per queue per batch, using Redis `TIME`; nothing is decided with a client's
@@ -61,6 +61,7 @@ static STATS: LazyLock<Script> = script!("lua/stats.lua");
 static DEAD: LazyLock<Script> = script!("lua/dead.lua");
 static RELEASE: LazyLock<Script> = script!("lua/release.lua");
 static LAYOUT: LazyLock<Script> = script!("lua/layout.lua");
+static WAITING: LazyLock<Script> = script!("lua/waiting.lua");
 pub(super) static MV_SCAN: LazyLock<Script> = script!("lua/mv_scan.lua");
 pub(super) static MV_TAKE: LazyLock<Script> = script!("lua/mv_take.lua");
 pub(super) static MV_PENDING: LazyLock<Script> = script!("lua/mv_pending.lua");
@@ -70,9 +71,9 @@ pub(super) static MV_FINISH: LazyLock<Script> = script!("lua/mv_finish.lua");
 pub(super) static MV_UNMARK: LazyLock<Script> = script!("lua/mv_unmark.lua");
 pub(super) static MV_CLEAN: LazyLock<Script> = script!("lua/mv_clean.lua");
 
-/// The seventeen keys of one queue, in the order the scripts expect them.
+/// The nineteen keys of one queue, in the order the scripts expect them.
 #[derive(Debug)]
-struct QueueKeys([String; 17]);
+struct QueueKeys([String; 19]);
 
 impl QueueKeys {
     fn new(layout: &QueueLayout, queue: u32) -> Self {
@@ -80,7 +81,7 @@ impl QueueKeys {
         QueueKeys(
             [
                 "due", "run", "items", "att", "dead", "mki", "lease", "cx", "err", "cls", "seq",
-                "epoch", "moving", "mvinfo", "imported", "back", "clean",
+                "epoch", "moving", "mvinfo", "imported", "back", "clean", "park", "parki",
             ]
             .map(|k| format!("{tag}:{k}")),
         )
@@ -349,7 +350,7 @@ impl RedisStore {
     }
 
     /// Builds a view from GET's answer: body, attempts, pending score, in-flight
-    /// member, deadline, dead since, last error, cancelled flag.
+    /// member, deadline, dead since, last error, cancelled flag, waiting score.
     fn parse_view(queue: u32, id: String, parts: &[Value]) -> Result<Option<ItemView>> {
         let Some(body) = bytes(&parts[0]) else {
             return Ok(None);
@@ -358,6 +359,8 @@ impl RedisStore {
         let mut attempts = codec::decode_attempts(text(&parts[1]).as_deref())?;
         let state = if let Some(s) = opt_int(&parts[2]) {
             ItemState::Pending { due_score_ms: s }
+        } else if let Some(s) = opt_int(&parts[8]) {
+            ItemState::Waiting { due_score_ms: s }
         } else if let (Some(member), Some(d)) = (text(&parts[3]), opt_int(&parts[4])) {
             attempts = codec::member_attempt(&member)?;
             ItemState::InFlight {
@@ -444,7 +447,7 @@ impl DelayStore for RedisStore {
         let found = self
             .locate(item, &GET, &args, |q, v| {
                 let parts = array(v, "get")?;
-                if parts.len() != 8 {
+                if parts.len() != 9 {
                     return Err(Error::Corrupt("get: unexpected answer".into()));
                 }
                 Ok(match Self::parse_view(q, item.id.clone(), &parts)? {
@@ -528,7 +531,7 @@ impl DelayStore for RedisStore {
     }
 
     async fn pop(&self, lease: &Lease, opts: PopOptions) -> Result<Popped> {
-        let args = vec![
+        let mut args = vec![
             lease.token.clone().into_bytes(),
             opts.max_items.max(1).to_string().into_bytes(),
             opts.visibility_ms.max(1).to_string().into_bytes(),
@@ -536,6 +539,7 @@ impl DelayStore for RedisStore {
             opts.merge_window_ms.to_string().into_bytes(),
             REAP_LIMIT.to_string().into_bytes(),
         ];
+        args.extend(opts.serves.iter().map(|h| h.clone().into_bytes()));
         let parts = array(self.run(&POP, lease.queue, args).await?, "pop")?;
         if parts.len() == 1 && text(&parts[0]).as_deref() == Some("STALE") {
             return Err(Error::StaleLease { queue: lease.queue });
@@ -623,7 +627,8 @@ impl DelayStore for RedisStore {
                 let s = &settlements[i];
                 let (mode, delay, err) = match &s.outcome {
                     Outcome::Retry { delay_ms, error } => ("r", *delay_ms, error.as_str()),
-                    _ => ("x", 0, ""),
+                    Outcome::Park => ("k", 0, ""),
+                    Outcome::Release | Outcome::Ack => ("x", 0, ""),
                 };
                 args.push(s.token.member(&s.id).into_bytes());
                 args.push(mode.as_bytes().to_vec());
@@ -660,7 +665,7 @@ impl DelayStore for RedisStore {
         let calls = (0..self.queue_count()).map(|q| async move {
             let horizon = DUE_SOON_MS.to_string().into_bytes();
             let parts = array(self.run(&STATS, q, vec![horizon]).await?, "stats")?;
-            if parts.len() != 7 {
+            if parts.len() != 8 {
                 return Err(Error::Corrupt("stats: unexpected answer".into()));
             }
             let next = int(&parts[4], "stats")?;
@@ -673,9 +678,26 @@ impl DelayStore for RedisStore {
                 next_due_ms: (next >= 0).then_some(next),
                 moving: int(&parts[5], "stats")? as u64,
                 due_soon: int(&parts[6], "stats")? as u64,
+                waiting: int(&parts[7], "stats")? as u64,
             })
         });
         try_join_all(calls).await
+    }
+
+    async fn waiting_by_handler(&self) -> Result<BTreeMap<String, u64>> {
+        let calls = (0..self.queue_count())
+            .map(|q| async move { array(self.run(&WAITING, q, Vec::new()).await?, "waiting") });
+        let mut out = BTreeMap::new();
+        for parts in try_join_all(calls).await? {
+            for pair in parts.chunks(2) {
+                let [h, n] = pair else {
+                    return Err(Error::Corrupt("waiting: unexpected answer".into()));
+                };
+                let h = text(h).ok_or_else(|| Error::Corrupt("waiting: handler".into()))?;
+                *out.entry(h).or_insert(0) += int(n, "waiting")? as u64;
+            }
+        }
+        Ok(out)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<ItemView>> {

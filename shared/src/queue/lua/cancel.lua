@@ -3,7 +3,7 @@
 local id = ARGV[1]
 if redis.call('HEXISTS', K_ITEMS, id) == 0 then return 'not_found' end
 if redis.call('ZSCORE', K_MOVING, id) then return 'moving' end
-if unpend(id) or redis.call('ZREM', K_DEAD, id) == 1 then
+if unpend(id) or redis.call('ZREM', K_DEAD, id) == 1 or unpark(id) then
   forget(id)
   return 'cancelled'
 end

@@ -23,14 +23,17 @@
 --   KEYS[16] back   STRING counts items going back from run/dead to due (a resize's
 --                          "is this queue clean" pass is void if it changed)
 --   KEYS[17] clean  STRING the epoch this queue was last found clean for
--- An item is in exactly one of due, run, dead, moving. Time is Redis TIME, never a
+--   KEYS[18] park   ZSET   items waiting for a handler (no consumer that popped them
+--                          served it), scores 0, member = handler \1 pad(due) \1 id
+--   KEYS[19] parki  HASH   id -> its park member (finding a waiting item by id)
+-- An item is in exactly one of due, run, dead, moving, park. Time is Redis TIME, never a
 -- client's.
 -- The hot path (enqueue, pop, ack, extend) uses only variadic commands and parses
 -- nothing per item; rare paths (reap, retry, cancel, reschedule) may.
 local K_DUE, K_RUN, K_ITEMS, K_ATT, K_DEAD, K_MKI, K_LEASE, K_CX, K_ERR, K_CLS, K_SEQ =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
-local K_EPOCH, K_MOVING, K_MVINFO, K_IMPORTED, K_BACK, K_CLEAN =
-  KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
+local K_EPOCH, K_MOVING, K_MVINFO, K_IMPORTED, K_BACK, K_CLEAN, K_PARK, K_PARKI =
+  KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
 
 -- Integers as plain digits (Lua's default number format switches to exponents).
 local function num(n) return string.format('%d', n) end
@@ -104,11 +107,53 @@ local function seal(epoch)
   return nil
 end
 
+-- A length-prefixed field of a body whose u32 LE length starts at byte `p`: the
+-- field and the position of the next field's length.
+local function field_at(body, p)
+  local b1, b2, b3, b4 = string.byte(body, p, p + 3)
+  local len = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+  return string.sub(body, p + 4, p + 3 + len), p + 4 + len
+end
+
 -- The routing key inside a body: after "max|due|" come a version byte and the
 -- key's u32 LE length.
 local function key_of(body)
   local p = string.find(body, '|', string.find(body, '|', 1, true) + 1, true)
-  local b1, b2, b3, b4 = string.byte(body, p + 2, p + 5)
-  local len = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
-  return string.sub(body, p + 6, p + 5 + len)
+  return (field_at(body, p + 2))
+end
+
+-- The handler inside a body: the field after the key.
+local function handler_of(body)
+  local p = string.find(body, '|', string.find(body, '|', 1, true) + 1, true)
+  local _, next = field_at(body, p + 2)
+  return (field_at(body, next))
+end
+
+-- The due time in a body's header.
+local function due_of(body)
+  return tonumber(string.match(body, '^%d+|(%-?%d+)|'))
+end
+
+-- The id and due score inside a park member (handler \1 pad(due) \1 id).
+local function parked_of(member)
+  local a = string.find(member, '\1', 1, true)
+  return string.sub(member, a + 18), tonumber(string.sub(member, a + 1, a + 16))
+end
+
+-- Parks an item (in no set): it waits for a consumer that serves its handler, at
+-- its due time.
+local function park(id, body)
+  local m = handler_of(body) .. '\1' .. pad(due_of(body)) .. '\1' .. id
+  redis.call('ZADD', K_PARK, 0, m)
+  redis.call('HSET', K_PARKI, id, m)
+end
+
+-- Takes a waiting item out of the park; answers its due score, or false.
+local function unpark(id)
+  local m = redis.call('HGET', K_PARKI, id)
+  if not m then return false end
+  redis.call('ZREM', K_PARK, m)
+  redis.call('HDEL', K_PARKI, id)
+  local _, score = parked_of(m)
+  return score
 end

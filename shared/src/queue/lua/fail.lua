@@ -1,5 +1,6 @@
 -- FAIL: ARGV = n, then per delivery: member, mode, delay_ms, error. mode 'r' = retry
 -- after delay_ms (or bury when out of attempts), 'x' = release (due now, attempt not
+-- counted), 'k' = park (waits for a consumer serving its handler, attempt not
 -- counted). Answers per delivery 1 (applied) or 0 (stale).
 local now = now_ms()
 local n = tonumber(ARGV[1])
@@ -19,6 +20,11 @@ for i = 1, n do
     elseif mode == 'x' then
       set_att(id, attempt_of(member) - 1)
       make_pending(id, now)
+      redis.call('INCR', K_BACK)
+    elseif mode == 'k' then
+      set_att(id, attempt_of(member) - 1)
+      park(id, body)
+      -- The park may land behind a resize's scan of it: void that pass.
       redis.call('INCR', K_BACK)
     else
       local a = attempt_of(member)

@@ -21,6 +21,8 @@ for i = 3, #ARGV, 7 do
     if class ~= '' then redis.call('HSET', K_CLS, id, class) end
     if kind == 'd' then
       redis.call('ZADD', K_DEAD, score, id)
+    elseif kind == 'k' then
+      park(id, body)
     else
       make_pending(id, tonumber(score))
     end

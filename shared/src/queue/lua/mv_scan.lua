@@ -1,8 +1,9 @@
--- MV_SCAN: ARGV = set ('due', 'run' or 'dead'), cursor member ('' = start), limit.
+-- MV_SCAN: ARGV = set ('due', 'run', 'dead' or 'park'), cursor member ('' = start),
+-- limit.
 -- A page of the set after the cursor, for a resize's mover: 3 fields per entry
 -- (member, routing key, score), then {back counter, moving count, clean epoch} at the
 -- end.
-local set = ({ due = K_DUE, run = K_RUN, dead = K_DEAD })[ARGV[1]]
+local set = ({ due = K_DUE, run = K_RUN, dead = K_DEAD, park = K_PARK })[ARGV[1]]
 local start = 0
 if ARGV[2] ~= '' then
   local r = redis.call('ZRANK', set, ARGV[2])
@@ -15,7 +16,7 @@ if #page > 0 then
   local ids = {}
   for i = 1, #page, 2 do
     local m = page[i]
-    if set == K_RUN then m = id_of(m) end
+    if set == K_RUN then m = id_of(m) elseif set == K_PARK then m = (parked_of(m)) end
     ids[#ids + 1] = m
   end
   local bodies = redis.call('HMGET', K_ITEMS, unpack(ids))

@@ -1,7 +1,8 @@
 -- MV_TAKE: ARGV = lease token, layout epoch, move token, then per item: id, target.
--- Fenced by the lease and the epoch. Takes pending or dead items out of reach (into
--- `moving`) and answers 7 fields per item taken: id, score, kind ('p' or 'd'), body,
--- attempts, last error, merge class ('' when none). Items popped meanwhile are left.
+-- Fenced by the lease and the epoch. Takes pending, dead or waiting items out of
+-- reach (into `moving`) and answers 7 fields per item taken: id, score, kind ('p',
+-- 'd' or 'k'), body, attempts, last error, merge class ('' when none). Items popped
+-- meanwhile are left.
 if redis.call('GET', K_LEASE) ~= ARGV[1] then return { 'STALE_LEASE' } end
 local newer = seal(ARGV[2])
 if newer then return { 'STALE', newer } end
@@ -14,7 +15,11 @@ for i = 4, #ARGV, 2 do
     unpend(id)
   else
     kind, score = 'd', redis.call('ZSCORE', K_DEAD, id)
-    if score then redis.call('ZREM', K_DEAD, id) end
+    if score then
+      redis.call('ZREM', K_DEAD, id)
+    else
+      kind, score = 'k', unpark(id)
+    end
   end
   if score then
     redis.call('ZADD', K_MOVING, score, id)

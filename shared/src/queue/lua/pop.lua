@@ -1,5 +1,5 @@
 -- POP: ARGV = lease_token, max_items, visibility_ms, lease_ttl_ms, merge_window_ms,
--- reap_limit. Fenced by the lease: answers {'STALE'} when the token is not the
+-- reap_limit, then the handlers the consumer serves. Fenced by the lease: answers {'STALE'} when the token is not the
 -- queue's lease. Otherwise answers {now, next_due_or_-1, seq, then 4 fields per item:
 -- id, group, attempt, body}; items of one group form one delivery (merged). Each
 -- delivery is member `id \1 seq \1 attempt` of the in-flight set until settled.
@@ -32,7 +32,29 @@ if #expired > 0 then
   end
 end
 
--- 2. Pop due items, earliest first. An item with a merge class takes along every
+-- 2. Unpark: items waiting for a handler this consumer serves are pending again at
+--    their due time, so this pop takes them (at most a pop's worth). Rare path.
+if #ARGV > 6 and redis.call('ZCARD', K_PARK) > 0 then
+  local budget = limit
+  for i = 7, #ARGV do
+    if budget <= 0 then break end
+    local h = ARGV[i]
+    local ms = redis.call('ZRANGEBYLEX', K_PARK, '[' .. h .. '\1', '[' .. h .. '\1\255', 'LIMIT', 0, budget)
+    if #ms > 0 then
+      redis.call('ZREM', K_PARK, unpack(ms))
+      for _, m in ipairs(ms) do
+        local id, score = parked_of(m)
+        redis.call('HDEL', K_PARKI, id)
+        make_pending(id, score)
+      end
+      -- Back to pending behind a resize's scan: that pass cannot call the queue clean.
+      redis.call('INCR', K_BACK)
+      budget = budget - #ms
+    end
+  end
+end
+
+-- 3. Pop due items, earliest first. An item with a merge class takes along every
 --    pending item of its class due within `window` after it, so they are delivered
 --    together at the earliest due time.
 local out = { now, -1, 0 }
@@ -122,7 +144,7 @@ if #due > 0 then
   if #zrun > 0 then redis.call('ZADD', K_RUN, unpack(zrun)) end
 end
 
--- 3. When does this queue next need a consumer: a pending item falls due, or an
+-- 4. When does this queue next need a consumer: a pending item falls due, or an
 --    in-flight deadline passes.
 local nd = -1
 local h = redis.call('ZRANGE', K_DUE, 0, 0, 'WITHSCORES')

@@ -1,5 +1,5 @@
 -- STATS: answers {pending, due now, in flight, dead, next due or -1, moving,
--- due within ARGV[1] ms}.
+-- due within ARGV[1] ms, waiting for a handler}.
 local now = now_ms()
 local h = redis.call('ZRANGE', K_DUE, 0, 0, 'WITHSCORES')
 local nd = -1
@@ -12,4 +12,5 @@ return {
   nd,
   redis.call('ZCARD', K_MOVING),
   redis.call('ZCOUNT', K_DUE, '-inf', num(now + tonumber(ARGV[1]))),
+  redis.call('ZCARD', K_PARK),
 }

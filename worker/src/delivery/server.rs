@@ -1,0 +1,287 @@
+//! The gRPC edge of the [`Hub`]: `chime.v1.Deliveries` served on a listener the
+//! binary binds. Each stream is two tasks: a reader that turns the subscriber's
+//! messages into hub calls, and a writer that batches what the hub sends into
+//! `Deliver` messages. Handlers here stay thin; every decision is the hub's.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chime_shared::Error;
+use chime_shared::auth::{self, Tokens};
+use chime_shared::proto as pb;
+use pb::subscribe_request::Kind as In;
+use pb::subscribe_response::Kind as Out;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Hub, MAX_DECODE_BYTES, MAX_ENCODE_BYTES, Outgoing, Subscriber, wire};
+use crate::WorkerError;
+
+/// How long a new stream may take to send `Subscribe`.
+pub const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(10);
+/// A `Deliver` message is closed at this many deliveries or bytes.
+const BATCH_DELIVERIES: usize = 512;
+const BATCH_BYTES: usize = 1024 * 1024;
+/// gRPC metadata key carrying the field an `InvalidArgument` names.
+pub const FIELD_METADATA: &str = "chime-field";
+
+/// Who may subscribe.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Callers must present one of these tokens.
+    Tokens(Arc<Tokens>),
+    /// Anyone who can reach the port (the operator said so).
+    Open,
+}
+
+/// The service (see the module doc).
+#[derive(Debug, Clone)]
+pub struct DeliveryService {
+    hub: Arc<Hub>,
+}
+
+/// The one conversion of an error to a status on this edge: a bad argument names
+/// its field (message and `chime-field` metadata).
+fn status(e: Error) -> Status {
+    match &e {
+        Error::InvalidArgument { field, .. } => {
+            let mut s = Status::invalid_argument(e.to_string());
+            if let Ok(v) = field.parse() {
+                s.metadata_mut().insert(FIELD_METADATA, v);
+            }
+            s
+        }
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
+impl DeliveryService {
+    /// The service over `hub`.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::deliveries_server::Deliveries for DeliveryService {
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown peer".into());
+        let mut inbound = req.into_inner();
+        let first = match tokio::time::timeout(SUBSCRIBE_DEADLINE, inbound.message()).await {
+            Err(_) => {
+                return Err(status(Error::invalid(
+                    "subscribe",
+                    "no Subscribe message within 10 s",
+                )));
+            }
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(m)) => m,
+        };
+        let Some(pb::SubscribeRequest {
+            kind: Some(In::Subscribe(s)),
+        }) = first
+        else {
+            return Err(status(Error::invalid(
+                "subscribe",
+                "the first message of a stream must be Subscribe",
+            )));
+        };
+        let spec = wire::spec_from_proto(s, peer);
+        let (sub, out) = self.hub.subscribe(spec).map_err(status)?;
+        let (tx, rx) = mpsc::channel(16);
+        let hello = Out::Subscribed(pb::Subscribed {
+            worker_id: self.hub.options().worker_id.clone(),
+            family: self.hub.options().family.clone(),
+            credit: sub.credit(),
+            settle_timeout_ms: sub.settle_timeout_ms(),
+        });
+        let _ = tx
+            .send(Ok(pb::SubscribeResponse { kind: Some(hello) }))
+            .await;
+        tokio::spawn(write(out, tx.clone()));
+        tokio::spawn(read(self.hub.clone(), sub, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Turns the subscriber's messages into hub calls until its stream ends (or a bad
+/// message ends it), then unsubscribes: what it still held counts as failed.
+async fn read(
+    hub: Arc<Hub>,
+    sub: Arc<Subscriber>,
+    mut inbound: Streaming<pb::SubscribeRequest>,
+    errors: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = hub.stopped() => break,
+        };
+        let kind = match msg {
+            Ok(Some(pb::SubscribeRequest { kind: Some(k) })) => k,
+            Ok(Some(pb::SubscribeRequest { kind: None })) => {
+                let _ = errors
+                    .send(Err(status(Error::invalid("kind", "an empty message"))))
+                    .await;
+                break;
+            }
+            // The subscriber closed its side (after a drain) or the stream broke.
+            Ok(None) | Err(_) => break,
+        };
+        match kind {
+            In::Settle(s) => {
+                let refused = sub.settle(wire::verdicts_from_proto(s));
+                sub.refuse(
+                    refused,
+                    "not held by this stream (unknown, already settled, or timed out)",
+                );
+            }
+            In::Extend(e) => {
+                let refused = sub.extend(&e.delivery_ids, e.extend_ms);
+                sub.refuse(
+                    refused,
+                    "not held by this stream (unknown, already settled, or timed out)",
+                );
+            }
+            In::Credit(c) => {
+                if let Err(e) = hub.set_credit(&sub, c.credit) {
+                    let _ = errors.send(Err(status(e))).await;
+                    break;
+                }
+            }
+            In::Drain(_) => hub.drain(&sub),
+            In::Subscribe(_) => {
+                let _ = errors
+                    .send(Err(status(Error::invalid(
+                        "subscribe",
+                        "this stream is already subscribed",
+                    ))))
+                    .await;
+                break;
+            }
+        }
+    }
+    hub.unsubscribe(&sub);
+}
+
+/// Sends what the hub hands this stream, deliveries batched into `Deliver`
+/// messages; ends when the hub drops the stream (unsubscribed or shut down) or the
+/// subscriber stops reading.
+async fn write(
+    mut out: mpsc::UnboundedReceiver<Outgoing>,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+) {
+    let mut next = out.recv().await;
+    while let Some(first) = next.take() {
+        let kind = match first {
+            Outgoing::Deliver(d) => {
+                // Deliveries are handed over by many tasks woken together (a pop's
+                // worth, or the credit a settlement freed): let them queue up, so one
+                // message carries many.
+                tokio::task::yield_now().await;
+                let mut bytes = wire::approx_bytes(&d);
+                let mut batch = vec![wire::delivery_to_proto(d)];
+                while batch.len() < BATCH_DELIVERIES && bytes < BATCH_BYTES {
+                    match out.try_recv() {
+                        Ok(Outgoing::Deliver(d)) => {
+                            bytes += wire::approx_bytes(&d);
+                            batch.push(wire::delivery_to_proto(d));
+                        }
+                        // Anything else goes after this batch, in order.
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Out::Deliver(pb::Deliver { deliveries: batch })
+            }
+            Outgoing::Refused { ids, reason } => Out::Refused(pb::Refused {
+                delivery_ids: ids,
+                reason,
+            }),
+            Outgoing::Drained => Out::Drained(pb::Drained {}),
+            Outgoing::Closing { deadline_ms } => Out::Closing(pb::Closing {
+                reason: "the chime worker is draining (shutting down)".into(),
+                deadline_ms,
+            }),
+        };
+        if tx
+            .send(Ok(pb::SubscribeResponse { kind: Some(kind) }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if next.is_none() {
+            next = out.recv().await;
+        }
+    }
+}
+
+/// Refuses calls without an accepted token (`authorization: Bearer <token>`).
+fn interceptor(access: Access) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| match &access {
+        Access::Open => Ok(req),
+        Access::Tokens(tokens) => {
+            let ok = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(auth::bearer)
+                .is_some_and(|t| tokens.verify(t));
+            if ok {
+                Ok(req)
+            } else {
+                Err(Status::unauthenticated(
+                    "missing or unknown token: send `authorization: Bearer <token>` with a token of the worker's deliveries.token_file",
+                ))
+            }
+        }
+    }
+}
+
+/// Serves `chime.v1.Deliveries` of `hub` on `listener` (TLS when `tls` is set)
+/// until `shutdown` completes and every stream has ended.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    access: Access,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let svc = pb::deliveries_server::DeliveriesServer::new(DeliveryService::new(hub))
+        .max_decoding_message_size(MAX_DECODE_BYTES)
+        .max_encoding_message_size(MAX_ENCODE_BYTES);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, interceptor(access));
+    let mut builder = tonic::transport::Server::builder()
+        // A subscriber that vanished without closing (a frozen pod, a cut network)
+        // is noticed within seconds, and what it held is redelivered.
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // Settlements of a whole credit arrive without waiting for window updates.
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| WorkerError::Serve(format!("deliveries TLS: {e}")))?;
+    }
+    builder
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| WorkerError::Serve(format!("delivery service stopped: {e}")))
+}
