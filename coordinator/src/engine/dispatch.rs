@@ -60,6 +60,10 @@ impl Plan {
 /// Fires recorded in one store request before they are applied (see `fire_many`).
 const RECORD_SLICE: usize = 100;
 
+/// Prepared runs sent in one step at their instant: the first assignments of a big
+/// batch leave while the core makes the next ones.
+const SEND_SLICE: usize = 50;
+
 /// A fire to plan.
 #[derive(Debug)]
 pub(super) struct Fire {
@@ -410,8 +414,10 @@ impl Machine {
     ) {
         match answer {
             Ok(true) => {
-                for run in ready {
-                    self.go_one(run);
+                // A slice per step: the driver sends each before the next is made.
+                let mut ready = ready.into_iter().peekable();
+                while ready.peek().is_some() {
+                    self.spawn(Work::Send(ready.by_ref().take(SEND_SLICE).collect()));
                 }
             }
             Ok(false) => {
@@ -457,7 +463,7 @@ impl Machine {
     /// paused or deleted (dropped as skipped), a run started meanwhile (the overlap
     /// policy again), a planned worker gone, draining or full (the shard goes to
     /// another).
-    fn go_one(&mut self, mut run: RunRecord) {
+    pub(super) fn go_one(&mut self, mut run: RunRecord) {
         let now = self.now;
         let Some(j) = self.jobs.get_mut(&run.job) else {
             self.end_prepared(

@@ -82,6 +82,8 @@ pub(crate) enum Input {
     Undelivered { session: u64, key: ShardKey },
     /// The answer to the request the machine waits for.
     Answer(Answer),
+    /// Go on with the work the last step left (see [`Machine::busy`]).
+    Continue,
 }
 
 /// What the machine asks the driver to do, in order.
@@ -286,6 +288,8 @@ pub(super) enum Work {
     Record(Recording),
     /// Prepared runs whose instant came.
     Go(Vec<String>),
+    /// A slice of prepared runs to send (the fence held).
+    Send(Vec<RunRecord>),
     /// Buffered fires whose job's previous run ended: (job, instant, run id).
     Buffered(Vec<(String, i64, String)>),
     /// A job's ticks missed before this leader started.
@@ -316,6 +320,8 @@ pub(crate) struct Machine {
     waiting: Option<Waiting>,
     /// Inputs that arrived while waiting for an answer.
     inbox: VecDeque<Input>,
+    /// A slice of sends is ready: end the step, so they go out now.
+    yield_now: bool,
 }
 
 impl Machine {
@@ -337,6 +343,7 @@ impl Machine {
             spawned: Vec::new(),
             waiting: None,
             inbox: VecDeque::new(),
+            yield_now: false,
         }
     }
 
@@ -351,7 +358,9 @@ impl Machine {
                 }
                 None => warn!("a store answer nobody waits for; ignored"),
             },
-            other if self.waiting.is_some() => self.inbox.push_back(other),
+            Input::Continue => {}
+            // Work left by the last step (a batch going out in slices) comes first.
+            other if self.waiting.is_some() || !self.work.is_empty() => self.inbox.push_back(other),
             other => {
                 self.handle(other);
                 self.absorb();
@@ -370,6 +379,14 @@ impl Machine {
     #[cfg(test)]
     pub(crate) fn is_waiting(&self) -> bool {
         self.waiting.is_some()
+    }
+
+    /// Whether the last step stopped with work left that needs no answer (the
+    /// next slice of a batch going out): the driver performs what it has, then
+    /// steps again with [`Input::Continue`] before anything else, so the first
+    /// assignments of a thousand leave without waiting for the last.
+    pub(crate) fn busy(&self) -> bool {
+        self.waiting.is_none() && !self.work.is_empty()
     }
 
     pub(super) fn effect(&mut self, e: Effect) {
@@ -394,7 +411,8 @@ impl Machine {
         }
     }
 
-    /// Runs queued work, then queued inputs, until a request waits for its answer.
+    /// Runs queued work, then queued inputs, until a request waits for its answer
+    /// or a slice of sends is ready (`yield_now`).
     fn pump(&mut self) {
         while self.waiting.is_none() {
             if let Some(w) = self.work.pop_front() {
@@ -405,6 +423,9 @@ impl Machine {
                 break;
             }
             self.absorb();
+            if std::mem::take(&mut self.yield_now) && !self.work.is_empty() {
+                break;
+            }
         }
     }
 
@@ -415,6 +436,12 @@ impl Machine {
             Work::Fire { fires, reply } => self.fire_many(fires, reply),
             Work::Record(rec) => self.record_next(rec),
             Work::Go(ids) => self.go_prepared(ids),
+            Work::Send(runs) => {
+                for run in runs {
+                    self.go_one(run);
+                }
+                self.yield_now = true;
+            }
             Work::Buffered(fires) => {
                 if !self.fenced_out {
                     let fence = self.fence;
@@ -491,6 +518,7 @@ impl Machine {
             }
             Input::Undelivered { session, key } => self.undelivered(session, key),
             Input::Answer(_) => warn!("a store answer nobody waits for; ignored"),
+            Input::Continue => {}
         }
     }
 

@@ -664,6 +664,10 @@ impl World {
                     }
                 }
             }
+            if queue.is_empty() && l.m.busy() {
+                queue.extend(l.m.step(self.now, Input::Continue));
+                self.steps += 1;
+            }
         }
         check(&l.m)
             .and_then(|()| check_capacity(&l.m, &sent))

@@ -724,3 +724,34 @@ fn inputs_arriving_during_a_store_request_wait_for_its_answer() {
     assert_eq!(kinds, vec!["assign", "reply", "end"], "{after:?}");
     assert!(!m.is_waiting());
 }
+
+#[test]
+fn a_big_batch_goes_out_in_slices_each_before_the_next_is_made() {
+    let mut r = Rig::new(opts());
+    r.start((0..120).map(|i| once(&format!("j{i}"), T0 + 1_000)).collect());
+    r.join("w1", 1_000);
+    r.advance(999);
+    assert_eq!(r.m.runs.prepared.len(), 120);
+    // By hand from here: the instant comes, the fence is checked...
+    r.now = T0 + 1_000;
+    let effects = r.m.step(r.now, Input::Timers);
+    let Some(Effect::Request(request)) = effects.into_iter().last() else {
+        panic!("the fence check first");
+    };
+    let answer = r.answer(request);
+    // ...then each step answers one slice of assignments, the rest still to come.
+    let mut slices = Vec::new();
+    let mut effects = r.m.step(r.now, Input::Answer(answer));
+    loop {
+        let sent = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Send { .. }))
+            .count();
+        slices.push(sent);
+        if !r.m.busy() {
+            break;
+        }
+        effects = r.m.step(r.now, Input::Continue);
+    }
+    assert_eq!(slices, vec![50, 50, 20]);
+}
