@@ -111,7 +111,10 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Scheduled instant to fire of jobs."
     );
-    describe_counter!(JOB_FIRES, "Job fires by outcome (fired, skipped).");
+    describe_counter!(
+        JOB_FIRES,
+        "Job fires by outcome (fired, skipped, unrecorded: the store refused the record)."
+    );
     describe_counter!(RUN_RESULTS, "Shard results reported by workers, by status.");
     describe_gauge!(IS_LEADER, "1 on the leading coordinator.");
     describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");

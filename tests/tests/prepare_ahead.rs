@@ -7,11 +7,13 @@
 //! a new leader's own fires are not held back by the adoption grace of the runs it
 //! took over.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use chime_coordinator::engine::{self, EngineHandle, EngineOptions, ShardOutcome, ToWorker};
+use chime_coordinator::engine::{
+    self, EngineHandle, EngineOptions, ShardKey, ShardOutcome, ToWorker,
+};
 use chime_coordinator::model::{JobSpec, Overlap, RunRecord, RunState, Schedule};
 use chime_coordinator::store::{JobStore, MemoryRunStore, RedisRunStore, Retention, RunStore};
 use chime_shared::clock::{Clock, SystemClock};
@@ -141,6 +143,8 @@ struct Worker {
     id: String,
     session: u64,
     rx: mpsc::Receiver<ToWorker>,
+    /// What it runs (its heartbeats list it, as a real worker's do).
+    running: Arc<Mutex<Vec<ShardKey>>>,
 }
 
 impl Worker {
@@ -160,10 +164,17 @@ impl Worker {
                 tx,
             )
             .await?;
-        // Beat like a live worker until the engine stops answering.
+        // Beat like a live worker (listing what it runs) until the engine stops
+        // answering.
+        let running: Arc<Mutex<Vec<ShardKey>>> = Arc::default();
         let (handle, worker, session) = (leader.handle.clone(), id.to_owned(), accepted.session);
+        let listed = running.clone();
         tokio::spawn(async move {
-            while handle.heartbeat(&worker, session, Vec::new()).await.is_ok() {
+            loop {
+                let keys = listed.lock().map(|r| r.clone()).unwrap_or_default();
+                if handle.heartbeat(&worker, session, keys).await.is_err() {
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
@@ -171,13 +182,19 @@ impl Worker {
             id: id.into(),
             session: accepted.session,
             rx,
+            running,
         })
     }
 
     /// The next assignment (within 10 s), with when it arrived.
     async fn assignment(&mut self) -> Result<(engine::Assignment, i64)> {
         match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
-            Ok(Some(ToWorker::Assign(a))) => Ok((a, now())),
+            Ok(Some(ToWorker::Assign(a))) => {
+                if let Ok(mut r) = self.running.lock() {
+                    r.push(a.key.clone());
+                }
+                Ok((a, now()))
+            }
             Ok(Some(other)) => bail!("{}: expected an assignment, got {other:?}", self.id),
             Ok(None) => bail!("{}: session closed", self.id),
             Err(_) => bail!("{}: no assignment within 10 s", self.id),
@@ -193,6 +210,9 @@ impl Worker {
     }
 
     async fn succeed(&self, leader: &Leader, a: &engine::Assignment) -> Result<()> {
+        if let Ok(mut r) = self.running.lock() {
+            r.retain(|k| *k != a.key);
+        }
         leader
             .handle
             .result(
@@ -297,8 +317,12 @@ async fn next_leader_sends_a_prepared_fire_once(rig: Rig) -> Result<()> {
     w.succeed(&second, &a).await?;
     rig.ended(&id, RunState::Succeeded).await?;
     w.got_nothing()?;
-    if let Ok(m) = w_first.rx.try_recv() {
-        bail!("the stopped leader sent {m:?}");
+    // The stopped leader told its session why it ended, and sent nothing else.
+    while let Ok(m) = w_first.rx.try_recv() {
+        ensure!(
+            m == ToWorker::End(engine::EndReason::LeadershipEnded),
+            "the stopped leader sent {m:?}"
+        );
     }
     second.stop.cancel();
     Ok(())

@@ -31,7 +31,8 @@ pub struct SessionOptions {
     pub endpoints: Vec<String>,
     /// Worker group.
     pub group: String,
-    /// Shards this worker runs at once (a routing hint for the coordinator).
+    /// Most shards this worker runs at once (at least 1: the coordinator refuses
+    /// 0); the coordinator never sends it more.
     pub capacity: u32,
     /// Labels.
     pub labels: BTreeMap<String, String>,
@@ -292,6 +293,12 @@ impl Session {
                 tracing::error!(endpoint, error = %e.message(), "the coordinator refused this worker's token");
                 return Ended::Broken;
             }
+            Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                // This worker's registration is wrong (e.g. capacity 0): retrying
+                // cannot help until its configuration is fixed, so say it loudly.
+                tracing::error!(endpoint, error = %e.message(), "the coordinator refused this worker's registration");
+                return Ended::Broken;
+            }
             Err(e) => {
                 warn!(endpoint, error = %e, "session refused");
                 return Ended::Broken;
@@ -373,6 +380,9 @@ impl Session {
                     Ok(Some(pb::CoordinatorMessage { kind: Some(Out::Assign(a)) })) => {
                         self.clone().start(a, task_tx.clone());
                     }
+                    Ok(Some(pb::CoordinatorMessage { kind: Some(Out::SessionEnded(e)) })) => {
+                        return self.ended(endpoint, &e, told_draining);
+                    }
                     Ok(Some(pb::CoordinatorMessage { kind: Some(Out::Cancel(c)) })) => {
                         if let Some(r) = c.run.as_ref()
                             && let Some(run) = self.running().get(&key_of(r))
@@ -417,6 +427,34 @@ impl Session {
                     }
                     *drain_deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
+            }
+        }
+    }
+
+    /// The coordinator ended the session (`SessionEnded`): says why, and whether to
+    /// reconnect. A drain it confirms is the end; anything else reconnects.
+    fn ended(&self, endpoint: &str, e: &pb::SessionEnded, draining: bool) -> Ended {
+        use pb::SessionEndReason as R;
+        let reason = R::try_from(e.reason).unwrap_or(R::Unspecified);
+        match reason {
+            R::Drained if draining && self.running().is_empty() => {
+                info!(endpoint, detail = %e.detail, "the coordinator confirmed the drain");
+                Ended::Done
+            }
+            R::Replaced => {
+                // Either this worker reconnected and the old stream is what ends
+                // here, or another process uses the same id: say which to check.
+                tracing::error!(endpoint, worker_id = %self.worker_id, detail = %e.detail,
+                    "session replaced by a newer one with the same worker id; worker ids must be unique; reconnecting");
+                Ended::Broken
+            }
+            R::DeclaredDead => {
+                warn!(endpoint, detail = %e.detail, "the coordinator declared this worker dead; reconnecting");
+                Ended::Broken
+            }
+            _ => {
+                info!(endpoint, reason = reason.as_str_name(), detail = %e.detail, "the coordinator ended the session; reconnecting");
+                Ended::Broken
             }
         }
     }
@@ -509,7 +547,9 @@ impl Session {
             };
             debug!(run_id = %r.run_id, shard = r.shard_index, ?status, wait_ms = started - received_ms, "shard done");
             // The result is queued before the shard leaves `running`, under its lock:
-            // a drain that sees nothing running and nothing queued has sent it.
+            // a drain that sees nothing running and nothing queued has sent it, and
+            // a heartbeat in between still lists the shard (the coordinator takes a
+            // shard missing from two heartbeats to be lost).
             let mut running = self.running();
             let _ = out.send(msg(In::RunResult(pb::RunResult {
                 run: Some(r),

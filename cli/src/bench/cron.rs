@@ -111,6 +111,8 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
                     "--job-record-file",
                 ])
                 .arg(&records)
+                // Room for every job at once: capacity is not what this measures.
+                .env("CHIME_COORDINATOR_CAPACITY", a.jobs.to_string())
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)

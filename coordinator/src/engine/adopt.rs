@@ -1,21 +1,22 @@
-//! Taking over from a previous leader: the runs it left in progress (saved with
-//! each fire and each change) are adopted. A shard it had given to a worker stays
-//! with that worker if the worker reports it when it registers here (within the
-//! adoption grace); otherwise it is taken over. Shards waiting for a worker are
-//! placed after the grace, once workers had their chance to report what they run.
-//! A run the previous leader recorded ahead of its instant (never sent) is adopted
-//! like any other and goes out after the grace, which is longer than any lead, and
-//! never before its instant.
+//! Taking over from a previous leader, in the core: the runs it left in progress
+//! (saved with each fire and each change) are adopted. A shard it had given to a
+//! worker stays with that worker if the worker reports it when it registers here
+//! (within the adoption grace); otherwise it is taken over. Shards waiting for a
+//! worker are placed after the grace, once workers had their chance to report what
+//! they run. A run the previous leader recorded ahead of its instant (never sent) is
+//! adopted like any other and goes out after the grace, which is longer than any
+//! lead, and never before its instant.
 
 use tracing::info;
 
+use super::ShardKey;
 use super::dispatch::BUFFERED;
-use super::{Engine, ShardKey, Timer};
+use super::machine::{Machine, Timer};
 use crate::model::{RunRecord, RunState};
 
-impl Engine {
+impl Machine {
     /// How long adopted shards wait for their workers to report them.
-    fn adopt_grace_ms(&self) -> i64 {
+    pub(super) fn adopt_grace_ms(&self) -> i64 {
         (self.opts.heartbeat_interval_ms * u64::from(self.opts.dead_after_beats)) as i64 + 2_000
     }
 
@@ -24,11 +25,11 @@ impl Engine {
         if runs.is_empty() {
             return;
         }
-        let now = self.now();
+        let now = self.now;
         let grace = self.adopt_grace_ms();
         // Never before an adopted run's instant (a fire prepared ahead).
         let latest = runs.iter().map(|r| r.scheduled_at_ms).max().unwrap_or(now);
-        self.adopt_until = (now + grace).max(latest);
+        self.runs.adopt_until = (now + grace).max(latest);
         info!(
             runs = runs.len(),
             grace_ms = grace,
@@ -48,7 +49,7 @@ impl Engine {
             let until = (now + grace).max(run.scheduled_at_ms);
             for s in &run.shards {
                 match s.state {
-                    RunState::Running => self.schedule(
+                    RunState::Running => self.timers.schedule(
                         until,
                         Timer::Adopt(ShardKey {
                             run_id: run_id.clone(),
@@ -56,23 +57,58 @@ impl Engine {
                             attempt: s.attempt,
                         }),
                     ),
+                    // Failed and waiting for its retry (whose timer died with the
+                    // previous leader): retried after the grace.
+                    RunState::Pending if !s.worker_id.is_empty() => self.timers.schedule(
+                        until,
+                        Timer::Retry {
+                            run_id: run_id.clone(),
+                            shard: s.index,
+                        },
+                    ),
                     RunState::Pending => {
-                        self.pending.insert((run_id.clone(), s.index));
+                        self.runs.pending.insert((run_id.clone(), s.index));
                     }
                     _ => {}
                 }
             }
-            self.runs.insert(run_id, run);
+            self.runs.active.insert(run_id, run);
         }
-        let until = self.adopt_until;
-        self.schedule(until, Timer::Pending);
+        let until = self.runs.adopt_until;
+        self.arm_pending(until);
+    }
+
+    /// A worker connects while none was: the workers could not reach this leader
+    /// until now (they may know only a coordinator that is down), so they get the
+    /// whole grace again to report what they ran for the runs it adopted. Else a
+    /// shard whose worker finished it, but comes back a moment after another
+    /// worker, would run twice.
+    pub(super) fn grace_restarts(&mut self) {
+        let until = self.now + self.adopt_grace_ms();
+        if self.runs.adopt_until > 0 && until > self.runs.adopt_until {
+            self.runs.adopt_until = until;
+            self.arm_pending(until);
+        }
     }
 
     /// The grace of an adopted shard ended: unless its worker reported it, another
-    /// worker takes it.
+    /// worker takes it. While no worker is connected, or within a grace of the
+    /// first one connecting (see [`Machine::grace_restarts`]), it waits on: its
+    /// own worker may still come back with it, or with its result.
     pub(super) fn adopt_deadline(&mut self, key: ShardKey) {
+        let now = self.now;
+        if now < self.runs.adopt_until || self.workers.live.is_empty() {
+            let at = if now < self.runs.adopt_until {
+                self.runs.adopt_until
+            } else {
+                now + self.adopt_grace_ms()
+            };
+            self.timers.schedule(at, Timer::Adopt(key));
+            return;
+        }
         let Some(s) = self
             .runs
+            .active
             .get(&key.run_id)
             .and_then(|r| r.shards.get(key.shard as usize))
         else {
@@ -84,8 +120,9 @@ impl Engine {
         let worker = s.worker_id.clone();
         let reported = self
             .workers
+            .live
             .get(&worker)
-            .is_some_and(|w| w.running.contains(&(key.run_id.clone(), key.shard)));
+            .is_some_and(|w| w.running.contains_key(&(key.run_id.clone(), key.shard)));
         if !reported {
             info!(run_id = %key.run_id, shard = key.shard, worker = %worker, "adopted shard not reported by its worker; taking it over");
             self.assign_shard(&key.run_id, key.shard, Some(worker));

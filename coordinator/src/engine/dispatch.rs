@@ -1,9 +1,10 @@
-//! Firing. Every fire is decided first (*plan*: the overlap policy, the run, which
-//! worker each shard goes to), then recorded in one store call together with the
-//! planned run (which refuses a duplicate fire id and a deposed leader), and only
-//! then carried out (*apply*: assignments sent). A leader that dies after the record
-//! leaves a run a new leader adopts; one that dies before leaves nothing, and the
-//! tick is a misfire for the next leader. Also: misfire policies and routing.
+//! Firing, in the core. Every fire is decided first (*plan*: the overlap policy,
+//! the run, which worker each shard goes to), then recorded in one store request
+//! together with the planned run (which refuses a duplicate fire id and a deposed
+//! leader), and only then carried out (*apply*: assignments sent). A leader that
+//! dies after the record leaves a run a new leader adopts; one that dies before
+//! leaves nothing, and the tick is a misfire for the next leader. Also: misfire
+//! policies, placing shards, and sending them.
 //!
 //! Scheduled ticks are *prepared*: planned and recorded `prepare_ahead_ms` before
 //! their instant, so that at the instant only the assignments go out (recording a
@@ -14,17 +15,22 @@
 //! fencing token once more (a leader deposed in between sends nothing; the new one
 //! adopts the recorded runs, and sends them no earlier than their instant), drops
 //! fires whose job was paused or deleted meanwhile (recorded as skipped), and moves
-//! shards whose planned worker left to another.
+//! shards whose planned worker left (or is full) to another.
+//!
+//! Shards planned for a worker count against its capacity from the plan on (they
+//! are *reserved*), so a batch of a thousand fires planned at once never plans
+//! more shards for a worker than it has room for.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 
-use chime_shared::queue::fnv1a64;
 use tracing::{debug, info, warn};
 
+use super::ShardKey;
+use super::machine::{CallId, Effect, Machine, Reply, Request, Timer, Waiting, Work};
+use super::routing::{self, Candidate};
 use super::workers::{Assignment, ToWorker};
-use super::{Engine, ShardKey, Timer};
-use crate::error::{CoordError, Result};
-use crate::model::{Misfire, Overlap, Routing, RunRecord, RunState, ShardRecord};
+use crate::error::CoordError;
+use crate::model::{JobSpec, Misfire, Overlap, Routing, RunRecord, RunState, ShardRecord};
 use crate::store::{FireAnswer, FireRecord};
 
 /// The fire id of a scheduled tick.
@@ -44,17 +50,22 @@ pub(super) enum Plan {
 }
 
 impl Plan {
-    fn run(&self) -> &RunRecord {
+    pub(super) fn run(&self) -> &RunRecord {
         match self {
             Plan::Start { run, .. } | Plan::Skip(run) | Plan::Buffer(run) => run,
         }
     }
 }
 
-/// Fires recorded in one store call before they are applied (see `fire_many`).
+/// Fires recorded in one store request before they are applied (see `fire_many`).
 const RECORD_SLICE: usize = 100;
 
+/// Prepared runs sent in one step at their instant: the first assignments of a big
+/// batch leave while the core makes the next ones.
+const SEND_SLICE: usize = 50;
+
 /// A fire to plan.
+#[derive(Debug)]
 pub(super) struct Fire {
     pub(super) job: String,
     pub(super) at: i64,
@@ -81,6 +92,27 @@ impl Fire {
     }
 }
 
+/// How recorded plans are carried out.
+#[derive(Debug)]
+pub(super) enum Settle {
+    /// At once.
+    Fire,
+    /// At their instant (fires prepared ahead): fire id → (go at, job generation).
+    Prepared(BTreeMap<String, (i64, u64)>),
+}
+
+/// Planned fires being recorded a slice at a time.
+#[derive(Debug)]
+pub(super) struct Recording {
+    /// Plans not recorded yet (None: nothing to record, e.g. the job was deleted).
+    pub(super) plans: VecDeque<Option<Plan>>,
+    pub(super) settle: Settle,
+    /// Each fire's run, in order (None: not recorded).
+    pub(super) out: Vec<Option<RunRecord>>,
+    /// The call the first fire's run answers.
+    pub(super) reply: Option<CallId>,
+}
+
 fn bare_run(f: &Fire, now: i64, state: RunState, note: &str) -> RunRecord {
     RunRecord {
         run_id: f.run_id.clone(),
@@ -99,10 +131,10 @@ fn bare_run(f: &Fire, now: i64, state: RunState, note: &str) -> RunRecord {
     }
 }
 
-impl Engine {
-    /// Fires due ticks: plans each, records them all in one call, applies the
-    /// recorded ones, and schedules each job's next tick.
-    pub(super) async fn fire_ticks(&mut self, ticks: Vec<(String, i64, bool)>) {
+impl Machine {
+    /// Fires due ticks: plans each, records them, applies the recorded ones, and
+    /// arms each job's next tick.
+    pub(super) fn fire_ticks(&mut self, ticks: Vec<(String, i64, bool)>) {
         for (job, at, rearm) in &ticks {
             if *rearm {
                 self.schedule_next(job, *at);
@@ -112,88 +144,216 @@ impl Engine {
             .into_iter()
             .map(|(j, at, _)| Fire::tick(&j, at, "scheduled"))
             .collect();
-        self.fire_many(fires).await;
-    }
-
-    /// Arms tick `at` of `job` (plus up to `jitter_ms`): ahead of it to be prepared
-    /// when there is time for that, else at the instant.
-    pub(super) fn arm_tick(&mut self, job: &str, at: i64, generation: u64, jitter_ms: u64) {
-        let jitter = if jitter_ms > 0 {
-            fastrand::u64(0..=jitter_ms) as i64
-        } else {
-            0
-        };
-        let go_at = at + jitter;
-        let lead = self.opts.prepare_ahead_ms as i64;
-        let job = job.to_owned();
-        if lead > 0 && go_at - lead > self.now() {
-            self.schedule(
-                go_at - lead,
-                Timer::Prepare {
-                    job,
-                    at,
-                    go_at,
-                    generation,
-                },
-            );
-        } else {
-            self.fire_at(go_at, job, at, generation, true);
-        }
-    }
-
-    /// Arms the ordinary fire (record, then send) of tick `at` of `job` at `go_at`.
-    fn fire_at(&mut self, go_at: i64, job: String, at: i64, generation: u64, rearm: bool) {
-        self.schedule(
-            go_at,
-            Timer::Fire {
-                job,
-                at,
-                generation,
-                rearm,
-            },
-        );
+        self.fire_many(fires, None);
     }
 
     /// Prepares ticks ahead of their instant: each job's next tick is armed, and
     /// the fire is planned and recorded now and sent at the instant (`go_prepared`).
     /// A job with a run going or waiting (or another prepared fire) is fired at the
     /// instant instead, where its overlap policy sees what runs then.
-    pub(super) async fn prepare_ticks(&mut self, ticks: Vec<(String, i64, i64, u64)>) {
-        let mut go_at = HashMap::new();
-        let mut fires = Vec::new();
+    pub(super) fn prepare_ticks(&mut self, ticks: Vec<(String, i64, i64, u64)>) {
+        let mut go_at = BTreeMap::new();
+        let mut plans = VecDeque::new();
         for (job, at, go, generation) in ticks {
             self.schedule_next(&job, at);
             let idle = self.jobs.get(&job).is_some_and(|j| {
                 j.running.is_empty() && j.buffered.is_none() && j.prepared.is_none()
             });
-            if idle && !self.fenced_out {
-                go_at.insert(fire_id(&job, at), (go, generation));
-                fires.push(Fire::tick(&job, at, "scheduled"));
-            } else {
+            if !idle || self.fenced_out {
                 self.fire_at(go, job, at, generation, false);
+                continue;
+            }
+            let f = Fire::tick(&job, at, "scheduled");
+            go_at.insert(f.fire_id.clone(), (go, generation));
+            let plan = self.plan(f).map(|mut p| {
+                // Times as they will be when it goes out.
+                if let Plan::Start { run, .. } = &mut p {
+                    run.fired_at_ms = go;
+                    for s in run.shards.iter_mut().filter(|s| s.started_at_ms > 0) {
+                        s.started_at_ms = go;
+                    }
+                }
+                p
+            });
+            plans.push_back(plan);
+        }
+        if !plans.is_empty() {
+            self.spawn(Work::Record(Recording {
+                plans,
+                settle: Settle::Prepared(go_at),
+                out: Vec::new(),
+                reply: None,
+            }));
+        }
+    }
+
+    /// Plans fires and starts recording them (see `record_next`); the first one's
+    /// run (or an error) answers `reply`.
+    ///
+    /// Fires are recorded and applied a slice at a time, so the first fires of a
+    /// big batch (a thousand jobs on the same second) reach their workers while
+    /// later slices are still being recorded, instead of all waiting for the last
+    /// record. Each fire is still recorded before it is dispatched.
+    pub(super) fn fire_many(&mut self, fires: Vec<Fire>, reply: Option<CallId>) {
+        if self.fenced_out {
+            if let Some(call) = reply {
+                self.reply_run(call, None);
+            }
+            return;
+        }
+        let plans = fires.into_iter().map(|f| self.plan(f)).collect();
+        self.spawn(Work::Record(Recording {
+            plans,
+            settle: Settle::Fire,
+            out: Vec::new(),
+            reply,
+        }));
+    }
+
+    /// Asks the store to record the next slice of `rec`, or finishes it.
+    pub(super) fn record_next(&mut self, mut rec: Recording) {
+        loop {
+            if rec.plans.is_empty() {
+                self.recording_done(rec);
+                return;
+            }
+            let n = rec.plans.len().min(RECORD_SLICE);
+            let slice: Vec<Option<Plan>> = rec.plans.drain(..n).collect();
+            if self.fenced_out {
+                for p in slice {
+                    if let Some(p) = &p {
+                        self.release(p.run());
+                    }
+                    rec.out.push(None);
+                }
+                continue;
+            }
+            let fires: Vec<FireRecord> = slice
+                .iter()
+                .flatten()
+                .map(|p| FireRecord {
+                    fire_id: p.run().fire_id.clone(),
+                    job: p.run().job.clone(),
+                    at: p.run().scheduled_at_ms,
+                    run: p.run().clone(),
+                })
+                .collect();
+            if fires.is_empty() {
+                rec.out.extend(slice.iter().map(|_| None));
+                continue;
+            }
+            let fence = self.fence;
+            self.request(
+                Request::Record { fence, fires },
+                Waiting::Record { rec, slice },
+            );
+            return;
+        }
+    }
+
+    /// The store answered the record of `slice`: settle each fire, then go on.
+    pub(super) fn record_answered(
+        &mut self,
+        mut rec: Recording,
+        slice: Vec<Option<Plan>>,
+        answer: std::result::Result<Vec<FireAnswer>, String>,
+    ) {
+        match answer {
+            Err(e) => {
+                // Without the record a fire could happen twice (or, for a deposed
+                // leader, at all): settle this slice and the rest as unrecorded.
+                let left = slice.len() + rec.plans.len();
+                if matches!(rec.settle, Settle::Fire) {
+                    warn!(error = %e, fires = left, "cannot record fires; not firing them");
+                    metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "unrecorded")
+                        .increment(left as u64);
+                } else {
+                    warn!(error = %e, fires = left, "cannot record fires ahead; firing them at their instant");
+                }
+                let rest: Vec<Option<Plan>> = rec.plans.drain(..).collect();
+                for plan in slice.into_iter().chain(rest) {
+                    let run = plan.and_then(|p| self.settle(&rec.settle, p, None));
+                    rec.out.push(run);
+                }
+                self.recording_done(rec);
+            }
+            Ok(answers) => {
+                let mut answers = answers.into_iter();
+                for plan in slice {
+                    let Some(plan) = plan else {
+                        rec.out.push(None);
+                        continue;
+                    };
+                    // A short answer list counts as duplicates: never fire unrecorded.
+                    let answer = answers.next().unwrap_or(FireAnswer::Duplicate);
+                    let run = self.settle(&rec.settle, plan, Some(answer));
+                    rec.out.push(run);
+                }
+                self.spawn(Work::Record(rec));
             }
         }
-        let plans = fires
-            .into_iter()
-            .map(|f| {
-                let (go, _) = go_at[&f.fire_id];
-                self.plan(f).map(|mut p| {
-                    // Times as they will be when it goes out.
-                    if let Plan::Start { run, .. } = &mut p {
-                        run.fired_at_ms = go;
-                        for s in run.shards.iter_mut().filter(|s| s.started_at_ms > 0) {
-                            s.started_at_ms = go;
-                        }
-                    }
-                    p
-                })
-            })
-            .collect();
-        self.record_plans(plans, move |e, plan, answer| {
-            let (go, generation) = go_at[&plan.run().fire_id];
-            e.settle_prepared(plan, answer, go, generation)
-        })
-        .await;
+    }
+
+    fn recording_done(&mut self, mut rec: Recording) {
+        if let Some(call) = rec.reply {
+            let first = if rec.out.is_empty() {
+                None
+            } else {
+                rec.out.swap_remove(0)
+            };
+            self.reply_run(call, first);
+        }
+    }
+
+    fn reply_run(&mut self, call: CallId, run: Option<RunRecord>) {
+        let r = run.ok_or_else(|| CoordError::Unavailable("the fire could not be recorded".into()));
+        self.effect(Effect::Reply(call, Reply::Run(r)));
+    }
+
+    fn settle(
+        &mut self,
+        how: &Settle,
+        plan: Plan,
+        answer: Option<FireAnswer>,
+    ) -> Option<RunRecord> {
+        match how {
+            Settle::Fire => self.settle_fire(plan, answer),
+            Settle::Prepared(go_at) => {
+                let (go, generation) = go_at
+                    .get(&plan.run().fire_id)
+                    .copied()
+                    .unwrap_or((plan.run().scheduled_at_ms, 0));
+                self.settle_prepared(plan, answer, go, generation)
+            }
+        }
+    }
+
+    /// Applies one planned fire by what its record answered (None: not recorded,
+    /// so not fired).
+    fn settle_fire(&mut self, plan: Plan, answer: Option<FireAnswer>) -> Option<RunRecord> {
+        self.release(plan.run());
+        match answer.unwrap_or(FireAnswer::Duplicate) {
+            FireAnswer::Recorded => {
+                let run = plan.run().clone();
+                self.note_fired(&run);
+                metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
+                    .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
+                self.apply(plan);
+                Some(run)
+            }
+            FireAnswer::Duplicate => {
+                debug!(fire_id = %plan.run().fire_id, "fire already recorded; skipping");
+                None
+            }
+            FireAnswer::Fenced => {
+                if !self.fenced_out {
+                    warn!("fencing token is stale: another coordinator leads; not firing");
+                    self.effect(Effect::LostLead);
+                }
+                self.fenced_out = true;
+                None
+            }
+        }
     }
 
     /// Keeps a prepared fire by what its record answered.
@@ -205,26 +365,23 @@ impl Engine {
         generation: u64,
     ) -> Option<RunRecord> {
         match (plan, answer) {
+            // Its shards stay reserved for their workers until it goes out.
             (Plan::Start { run, .. }, Some(FireAnswer::Recorded)) => {
                 self.note_fired(&run);
                 if let Some(j) = self.jobs.get_mut(&run.job) {
                     j.prepared = Some(run.run_id.clone());
                 }
                 let run_id = run.run_id.clone();
-                self.prepared.insert(run_id.clone(), run.clone());
-                self.schedule(go_at, Timer::Go(run_id));
+                self.runs.prepared.insert(run_id.clone(), run.clone());
+                self.timers.schedule(go_at, Timer::Go(run_id));
                 Some(run)
             }
             // Not recorded (the store failed): try the ordinary way at the instant.
             (plan, None) => {
+                self.release(plan.run());
                 let run = plan.run();
-                self.fire_at(
-                    go_at,
-                    run.job.clone(),
-                    run.scheduled_at_ms,
-                    generation,
-                    false,
-                );
+                let (job, at) = (run.job.clone(), run.scheduled_at_ms);
+                self.fire_at(go_at, job, at, generation, false);
                 None
             }
             // A duplicate, a stale fence, or a recorded skip or buffer (which an idle
@@ -234,24 +391,33 @@ impl Engine {
     }
 
     /// The instant of prepared runs came: unless the fencing token went stale
-    /// meanwhile, each goes out (see `go_one`).
-    pub(super) async fn go_prepared(&mut self, run_ids: Vec<String>) {
+    /// meanwhile (checked first), each goes out (see `go_one`).
+    pub(super) fn go_prepared(&mut self, run_ids: Vec<String>) {
         let mut ready = Vec::with_capacity(run_ids.len());
         for id in run_ids {
-            if let Some(run) = self.prepared.remove(&id) {
-                if let Some(j) = self.jobs.get_mut(&run.job) {
-                    j.prepared = None;
-                }
+            if let Some(run) = self.take_prepared(&id) {
                 ready.push(run);
             }
         }
         if ready.is_empty() || self.fenced_out {
             return;
         }
-        match self.run_store.fence_holds(self.fence).await {
+        let fence = self.fence;
+        self.request(Request::CheckFence { fence }, Waiting::Fence(ready));
+    }
+
+    /// The fence check before prepared runs go out answered.
+    pub(super) fn fence_answered(
+        &mut self,
+        ready: Vec<RunRecord>,
+        answer: std::result::Result<bool, String>,
+    ) {
+        match answer {
             Ok(true) => {
-                for run in ready {
-                    self.go_one(run);
+                // A slice per step: the driver sends each before the next is made.
+                let mut ready = ready.into_iter().peekable();
+                while ready.peek().is_some() {
+                    self.spawn(Work::Send(ready.by_ref().take(SEND_SLICE).collect()));
                 }
             }
             Ok(false) => {
@@ -260,30 +426,45 @@ impl Engine {
                     runs = ready.len(),
                     "fencing token is stale: another coordinator leads; not sending prepared fires"
                 );
+                if !self.fenced_out {
+                    self.effect(Effect::LostLead);
+                }
                 self.fenced_out = true;
-                self.lost.cancel();
             }
             Err(e) => {
                 // Unsure who leads: ask again shortly (late rather than twice).
                 warn!(error = %e, runs = ready.len(), "cannot check the fencing token; retrying");
-                let retry = self.now() + 100;
+                let retry = self.now + 100;
                 for run in ready {
                     let id = run.run_id.clone();
                     if let Some(j) = self.jobs.get_mut(&run.job) {
                         j.prepared = Some(id.clone());
                     }
-                    self.prepared.insert(id.clone(), run);
-                    self.schedule(retry, Timer::Go(id));
+                    self.reserve(&run);
+                    self.runs.prepared.insert(id.clone(), run);
+                    self.timers.schedule(retry, Timer::Go(id));
                 }
             }
         }
     }
 
+    /// Takes a prepared run out (its instant came, or it was killed), releasing
+    /// its reserved shards.
+    fn take_prepared(&mut self, run_id: &str) -> Option<RunRecord> {
+        let run = self.runs.prepared.remove(run_id)?;
+        if let Some(j) = self.jobs.get_mut(&run.job) {
+            j.prepared = None;
+        }
+        self.release(&run);
+        Some(run)
+    }
+
     /// Sends one prepared run, after what changed since it was planned: its job
     /// paused or deleted (dropped as skipped), a run started meanwhile (the overlap
-    /// policy again), a planned worker gone (the shard goes to another).
-    fn go_one(&mut self, mut run: RunRecord) {
-        let now = self.now();
+    /// policy again), a planned worker gone, draining or full (the shard goes to
+    /// another).
+    pub(super) fn go_one(&mut self, mut run: RunRecord) {
+        let now = self.now;
         let Some(j) = self.jobs.get_mut(&run.job) else {
             self.end_prepared(
                 run,
@@ -317,12 +498,15 @@ impl Engine {
         };
         run.fired_at_ms = now;
         let mut moved = Vec::new();
+        let mut kept: BTreeMap<String, usize> = BTreeMap::new();
         for s in run
             .shards
             .iter_mut()
             .filter(|s| s.state == RunState::Running)
         {
-            if self.workers.get(&s.worker_id).is_some_and(|w| !w.draining) {
+            let extra = kept.get(&s.worker_id).copied().unwrap_or(0);
+            if self.has_room(&s.worker_id, extra) {
+                *kept.entry(s.worker_id.clone()).or_default() += 1;
                 s.started_at_ms = now;
             } else {
                 s.state = RunState::Pending;
@@ -339,8 +523,8 @@ impl Engine {
             for shard in moved {
                 self.assign_shard(&run_id, shard, None);
             }
-            if let Some(r) = self.runs.get(&run_id) {
-                self.save(r);
+            if let Some(r) = self.runs.active.get(&run_id).cloned() {
+                self.save(&r);
             }
         }
     }
@@ -352,10 +536,7 @@ impl Engine {
         state: RunState,
         note: &str,
     ) -> Option<RunRecord> {
-        let run = self.prepared.remove(run_id)?;
-        if let Some(j) = self.jobs.get_mut(&run.job) {
-            j.prepared = None;
-        }
+        let run = self.take_prepared(run_id)?;
         Some(self.end_prepared(run, state, note))
     }
 
@@ -364,115 +545,11 @@ impl Engine {
         debug!(run_id = %run.run_id, note, "prepared fire not sent");
         run.state = state;
         run.note = note.to_owned();
-        run.finished_at_ms = self.now();
+        run.finished_at_ms = self.now;
         run.shards.clear();
         self.save(&run);
         metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped").increment(1);
         run
-    }
-
-    /// Plans, records and applies fires; answers each fire's run (None when not
-    /// recorded: a duplicate, a store failure, or a stale fence).
-    ///
-    /// Fires are recorded and applied a slice at a time, so the first fires of a
-    /// big batch (a thousand jobs on the same second) reach their workers while
-    /// later slices are still being recorded, instead of all waiting for the last
-    /// record. Each fire is still recorded before it is dispatched.
-    pub(super) async fn fire_many(&mut self, fires: Vec<Fire>) -> Vec<Option<RunRecord>> {
-        if self.fenced_out {
-            return fires.iter().map(|_| None).collect();
-        }
-        let plans: Vec<Option<Plan>> = fires.into_iter().map(|f| self.plan(f)).collect();
-        self.record_plans(plans, Self::settle_fire).await
-    }
-
-    /// Records planned fires a slice at a time and hands each to `settle` with its
-    /// answer (None: the store failed, so it is not recorded); answers what `settle`
-    /// answers, in order.
-    async fn record_plans(
-        &mut self,
-        mut plans: Vec<Option<Plan>>,
-        mut settle: impl FnMut(&mut Self, Plan, Option<FireAnswer>) -> Option<RunRecord> + Send,
-    ) -> Vec<Option<RunRecord>> {
-        for p in plans.iter_mut().flatten() {
-            match p {
-                Plan::Start { run, .. } | Plan::Skip(run) | Plan::Buffer(run) => {
-                    run.fence = self.fence
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(plans.len());
-        let mut plans = plans.into_iter().peekable();
-        while plans.peek().is_some() {
-            let slice: Vec<Option<Plan>> = plans.by_ref().take(RECORD_SLICE).collect();
-            if self.fenced_out {
-                out.extend(slice.iter().map(|_| None));
-                continue;
-            }
-            let records: Vec<FireRecord> = slice
-                .iter()
-                .flatten()
-                .map(|p| FireRecord {
-                    fire_id: p.run().fire_id.clone(),
-                    job: p.run().job.clone(),
-                    at: p.run().scheduled_at_ms,
-                    run: p.run().clone(),
-                })
-                .collect();
-            let answers = match self.run_store.record_fires(self.fence, &records).await {
-                Ok(a) => a,
-                Err(e) => {
-                    // Without the record a fire could happen twice (or, for a deposed
-                    // leader, at all): settle this slice and the rest as unrecorded.
-                    let left = slice.len() + plans.len();
-                    warn!(error = %e, fires = left, "cannot record fires; not firing them");
-                    for plan in slice.into_iter().chain(plans.by_ref()) {
-                        out.push(plan.and_then(|p| settle(self, p, None)));
-                    }
-                    return out;
-                }
-            };
-            let mut answers = answers.into_iter();
-            for plan in slice {
-                let Some(plan) = plan else {
-                    out.push(None);
-                    continue;
-                };
-                // A short answer list counts as duplicates: never fire unrecorded.
-                let answer = answers.next().unwrap_or(FireAnswer::Duplicate);
-                out.push(settle(self, plan, Some(answer)));
-            }
-        }
-        out
-    }
-
-    /// Applies one planned fire by what its record answered (None: not recorded,
-    /// so not fired).
-    fn settle_fire(&mut self, plan: Plan, answer: Option<FireAnswer>) -> Option<RunRecord> {
-        match answer.unwrap_or(FireAnswer::Duplicate) {
-            FireAnswer::Recorded => {
-                let run = plan.run().clone();
-                self.note_fired(&run);
-                metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
-                    .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
-                self.apply(plan);
-                Some(run)
-            }
-            FireAnswer::Duplicate => {
-                debug!(fire_id = %plan.run().fire_id, "fire already recorded; skipping");
-                self.unplan(&plan);
-                None
-            }
-            FireAnswer::Fenced => {
-                if !self.fenced_out {
-                    warn!("fencing token is stale: another coordinator leads; not firing");
-                    self.lost.cancel();
-                }
-                self.fenced_out = true;
-                self.unplan(&plan);
-                None
-            }
-        }
     }
 
     /// A scheduled tick was recorded: it is its job's last fired instant.
@@ -488,27 +565,11 @@ impl Engine {
         }
     }
 
-    /// Schedules the tick after `after` (time-based schedules only).
-    fn schedule_next(&mut self, job: &str, after: i64) {
-        let Some(j) = self.jobs.get_mut(job) else {
-            return;
-        };
-        if matches!(j.compiled, crate::schedule::Compiled::Delay { .. }) {
-            j.next_fire = None;
-            return;
-        }
-        j.next_fire = j.compiled.next_after(&j.spec, after);
-        if let Some(at) = j.next_fire {
-            let (generation, jitter_ms) = (j.generation, j.spec.jitter_ms);
-            self.arm_tick(job, at, generation, jitter_ms);
-        }
-    }
-
     /// Ticks no coordinator fired (found at startup), per the misfire policy.
-    pub(super) async fn misfire(&mut self, job: &str, ticks: Vec<i64>) {
+    pub(super) fn misfire(&mut self, job: &str, ticks: Vec<i64>) {
         let Some(j) = self.jobs.get(job) else { return };
         let (policy, window) = (j.spec.misfire, j.spec.catch_up_window_ms as i64);
-        let now = self.now();
+        let now = self.now;
         let (fire, skip): (Vec<i64>, Vec<i64>) = match policy {
             Misfire::Skip => (Vec::new(), ticks),
             Misfire::FireOnce => {
@@ -532,24 +593,22 @@ impl Engine {
                 job,
                 &skip,
                 &format!("missed tick, misfire policy {policy:?}"),
-            )
-            .await;
+            );
         }
         if !fire.is_empty() {
-            self.fire_many(
-                fire.into_iter()
-                    .map(|t| Fire::tick(job, t, "misfire"))
-                    .collect(),
-            )
-            .await;
+            let fires = fire
+                .into_iter()
+                .map(|t| Fire::tick(job, t, "misfire"))
+                .collect();
+            self.spawn(Work::Fire { fires, reply: None });
         }
     }
 
     /// Reports skipped ticks in the run history (recorded like fires, so a tick is
     /// never both skipped and fired): one run per tick for the latest hundred, and
     /// one summary run for the rest.
-    async fn report_skipped(&mut self, job: &str, ticks: &[i64], why: &str) {
-        let now = self.now();
+    fn report_skipped(&mut self, job: &str, ticks: &[i64], why: &str) {
+        let now = self.now;
         let cut = ticks.len().saturating_sub(100);
         if cut > 0 {
             let note = format!(
@@ -577,26 +636,29 @@ impl Engine {
                 }
             })
             .collect();
-        if let Err(e) = self.run_store.record_fires(self.fence, &records).await {
-            warn!(error = %e, "cannot record skipped ticks");
-        }
+        self.spawn(Work::RecordSkipped(records));
         metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped")
             .increment(ticks.len() as u64);
     }
 
-    /// Fires a job now (admin trigger).
-    pub(super) async fn trigger(&mut self, job: &str, params: Option<String>) -> Result<RunRecord> {
-        if !self.jobs.contains_key(job) {
-            return Err(CoordError::NotFound(format!("job {job:?}")));
-        }
-        if params
+    /// Fires a job now (admin trigger); the run answers `call`.
+    pub(super) fn trigger(&mut self, call: CallId, job: &str, params: Option<String>) {
+        let refused = if !self.jobs.contains_key(job) {
+            Some(CoordError::NotFound(format!("job {job:?}")))
+        } else if params
             .as_ref()
             .is_some_and(|p| p.len() > crate::model::MAX_PARAMS_BYTES)
         {
-            return Err(CoordError::invalid("params", "is larger than 64 KiB"));
+            Some(CoordError::invalid("params", "is larger than 64 KiB"))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.effect(Effect::Reply(call, Reply::Run(Err(e))));
+            return;
         }
-        let now = self.now();
-        let id = format!("{job}@m{now}-{:04x}", fastrand::u16(..));
+        let now = self.now;
+        let id = format!("{job}@m{now}-{:04x}", self.rng.u16(..));
         let fire = Fire {
             job: job.to_owned(),
             at: now,
@@ -606,23 +668,38 @@ impl Engine {
             run_id: id.clone(),
             fire_id: id,
         };
-        self.fire_many(vec![fire])
-            .await
-            .pop()
-            .flatten()
-            .ok_or_else(|| CoordError::Unavailable("the fire could not be recorded".into()))
+        self.spawn(Work::Fire {
+            fires: vec![fire],
+            reply: Some(call),
+        });
     }
 
-    /// Decides what a fire does (no side effect but routing counters).
+    /// Decides what a fire does (no side effect but routing counters and the
+    /// shards it reserves).
     fn plan(&mut self, f: Fire) -> Option<Plan> {
-        let now = self.now();
+        let now = self.now;
+        let fence = self.fence;
+        let fenced = |mut r: RunRecord| {
+            r.fence = fence;
+            r
+        };
         let cover = match overlap_call(self.jobs.get(&f.job)?) {
             OverlapCall::Start { cover } => cover,
             OverlapCall::Skip(note) => {
-                return Some(Plan::Skip(bare_run(&f, now, RunState::Skipped, note)));
+                return Some(Plan::Skip(fenced(bare_run(
+                    &f,
+                    now,
+                    RunState::Skipped,
+                    note,
+                ))));
             }
             OverlapCall::Buffer => {
-                return Some(Plan::Buffer(bare_run(&f, now, RunState::Pending, BUFFERED)));
+                return Some(Plan::Buffer(fenced(bare_run(
+                    &f,
+                    now,
+                    RunState::Pending,
+                    BUFFERED,
+                ))));
             }
         };
         let (job, params) = (f.job.clone(), f.params.clone());
@@ -632,18 +709,19 @@ impl Engine {
         })
     }
 
-    /// The run of a fire with its shards and the worker each goes to.
+    /// The run of a fire with its shards and the worker each goes to; the shards
+    /// it places are reserved for their workers (see [`Machine::release`]).
     fn plan_run(&mut self, job: &str, f: Fire, params: Option<String>, now: i64) -> RunRecord {
         let spec = match self.jobs.get(job) {
             Some(j) => j.spec.clone(),
             None => return bare_run(&f, now, RunState::Skipped, "job deleted"),
         };
-        let workers = self.candidates(&spec.group, &spec.handler, None);
+        let live = self.candidates(&spec, None);
         let total = if spec.routing == Routing::ShardingBroadcast {
             if spec.shard_count > 0 {
                 spec.shard_count
             } else {
-                workers.len().max(1) as u32
+                live.len().max(1) as u32
             }
         } else {
             1
@@ -653,11 +731,19 @@ impl Engine {
         run.params = params.unwrap_or(spec.params.clone());
         for i in 0..total {
             let worker = if spec.routing == Routing::ShardingBroadcast {
-                // Stable spread: shard i goes to the i-th live worker (by id), wrapping.
-                (!workers.is_empty()).then(|| workers[i as usize % workers.len()].clone())
+                // Stable spread: shard i goes to the i-th live worker (by id),
+                // wrapping; a full one gives way to the least loaded with room.
+                match live.get(i as usize % live.len().max(1)) {
+                    Some(w) if self.has_room(w, 0) => Some(w.clone()),
+                    Some(_) => self.pick(&spec, &run.job, &run.params, None),
+                    None => None,
+                }
             } else {
                 self.pick(&spec, &run.job, &run.params, None)
             };
+            if let Some(w) = &worker {
+                *self.workers.reserved.entry(w.clone()).or_default() += 1;
+            }
             let running = worker.is_some();
             run.shards.push(ShardRecord {
                 index: i,
@@ -688,8 +774,28 @@ impl Engine {
         run
     }
 
-    /// Undoes what planning reserved (nothing but routing counters, which stay).
-    fn unplan(&mut self, _plan: &Plan) {}
+    /// Counts the placed shards of a planned run against their workers' capacity.
+    pub(super) fn reserve(&mut self, run: &RunRecord) {
+        for s in run.shards.iter().filter(|s| s.state == RunState::Running) {
+            *self
+                .workers
+                .reserved
+                .entry(s.worker_id.clone())
+                .or_default() += 1;
+        }
+    }
+
+    /// Undoes [`Machine::reserve`] (the run went out, or will not).
+    pub(super) fn release(&mut self, run: &RunRecord) {
+        for s in run.shards.iter().filter(|s| s.state == RunState::Running) {
+            if let Some(n) = self.workers.reserved.get_mut(&s.worker_id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.workers.reserved.remove(&s.worker_id);
+                }
+            }
+        }
+    }
 
     /// Carries out a recorded plan.
     pub(super) fn apply(&mut self, plan: Plan) {
@@ -728,7 +834,7 @@ impl Engine {
             .iter()
             .map(|s| (s.index, s.state == RunState::Running))
             .collect();
-        self.runs.insert(run_id.clone(), run);
+        self.runs.active.insert(run_id.clone(), run);
         for (i, running) in shards {
             if running {
                 self.send_assignment(&run_id, i);
@@ -738,113 +844,141 @@ impl Engine {
         }
     }
 
+    /// The fence check before buffered fires start answered: they start if this
+    /// coordinator still leads (a buffered fire was recorded long before it goes
+    /// out, like a prepared one; a deposed leader must not send it).
+    pub(super) fn buffered_answered(
+        &mut self,
+        fires: Vec<(String, i64, String)>,
+        answer: std::result::Result<bool, String>,
+    ) {
+        match answer {
+            Ok(true) => {
+                for (job, at, run_id) in fires {
+                    self.start_buffered(&job, at, run_id);
+                }
+            }
+            Ok(false) => {
+                warn!(
+                    fires = fires.len(),
+                    "fencing token is stale: another coordinator leads; not starting buffered fires"
+                );
+                if !self.fenced_out {
+                    self.effect(Effect::LostLead);
+                }
+                self.fenced_out = true;
+            }
+            Err(e) => {
+                warn!(error = %e, fires = fires.len(), "cannot check the fencing token; retrying");
+                let retry = self.now + 100;
+                for (job, at, run_id) in fires {
+                    self.timers
+                        .schedule(retry, Timer::Buffered { job, at, run_id });
+                }
+            }
+        }
+    }
+
     /// Starts a buffered fire now that the job's previous run ended.
-    pub(super) async fn start_buffered(&mut self, job: &str, at: i64, run_id: String) {
-        let now = self.now();
+    fn start_buffered(&mut self, job: &str, at: i64, run_id: String) {
+        let now = self.now;
         let mut f = Fire::tick(job, at, "buffered");
         f.run_id = run_id.clone();
         f.fire_id = run_id;
         let run = self.plan_run(job, f, None, now);
+        self.release(&run);
         // The fire was recorded when it was buffered; save the run before it goes
         // out, so a new leader adopts it rather than starting it again.
-        if let Err(e) = self.run_store.save_run(&run).await {
-            warn!(run_id = %run.run_id, error = %e, "cannot save the buffered run; starting it anyway");
-        }
+        self.effect(Effect::SaveNow(run.clone()));
         self.start_planned(run);
     }
 
-    /// Live, not draining workers of `group` that run `handler`, by id.
-    pub(super) fn candidates(
-        &self,
-        group: &str,
-        handler: &str,
-        exclude: Option<&str>,
-    ) -> Vec<String> {
+    /// Live, not draining workers serving `spec`'s group and handler, by id (with
+    /// room or not), except `exclude`.
+    pub(super) fn candidates(&self, spec: &JobSpec, exclude: Option<&str>) -> Vec<String> {
         self.workers
+            .live
             .iter()
             .filter(|(id, w)| {
                 !w.draining
-                    && w.hello.group == group
-                    && w.hello.handlers.iter().any(|h| h == handler)
+                    && w.hello.group == spec.group
+                    && w.hello.handlers.contains(&spec.handler)
                     && Some(id.as_str()) != exclude
             })
             .map(|(id, _)| id.clone())
             .collect()
     }
 
-    /// A worker for one shard by the job's routing, preferring not to use `avoid`.
+    /// Shards `worker` runs plus shards planned for it.
+    pub(super) fn load(&self, worker: &str) -> usize {
+        self.workers.live.get(worker).map_or(0, |w| w.running.len())
+            + self.workers.reserved.get(worker).copied().unwrap_or(0) as usize
+    }
+
+    /// Whether `worker` is live, not draining, and has room for `extra` + 1 more
+    /// shards under its capacity.
+    pub(super) fn has_room(&self, worker: &str, extra: usize) -> bool {
+        self.workers
+            .live
+            .get(worker)
+            .is_some_and(|w| !w.draining && self.load(worker) + extra < w.hello.capacity as usize)
+    }
+
+    /// A worker with room for one shard of `spec` by the job's routing, preferring
+    /// not to use `avoid`.
     fn pick(
         &mut self,
-        spec: &crate::model::JobSpec,
+        spec: &JobSpec,
         job: &str,
         params: &str,
         avoid: Option<&str>,
     ) -> Option<String> {
-        let mut cands = self.candidates(&spec.group, &spec.handler, avoid);
-        if cands.is_empty() {
-            cands = self.candidates(&spec.group, &spec.handler, None);
+        let mut cands = self.with_room(spec, job, avoid);
+        if cands.is_empty() && avoid.is_some() {
+            cands = self.with_room(spec, job, None);
         }
         if cands.is_empty() {
             return None;
         }
-        let n = cands.len();
-        Some(match spec.routing {
-            // A takeover or retry of a broadcast shard: the least loaded worker.
-            Routing::ShardingBroadcast | Routing::LeastLoaded => self.least_loaded(&cands),
-            Routing::RoundRobin => {
-                let rr = self.jobs.get_mut(job).map_or(0, |j| {
-                    j.rr += 1;
-                    j.rr - 1
-                });
-                cands[(rr % n as u64) as usize].clone()
-            }
-            Routing::Random => cands[fastrand::usize(..n)].clone(),
-            Routing::ConsistentHash => {
-                let key = hash_key(params, &spec.hash_param);
-                // Rendezvous hashing: stable while the worker set is.
-                cands
-                    .iter()
-                    .max_by_key(|w| fnv1a64(format!("{key}\u{1}{w}").as_bytes()))
-                    .cloned()?
-            }
-            Routing::LeastRecentlyUsed => cands
-                .iter()
-                .min_by_key(|w| self.workers.get(*w).map_or(0, |s| s.last_assigned_ms))
-                .cloned()?,
-            Routing::Failover | Routing::First => cands[0].clone(),
-            Routing::Last => cands[n - 1].clone(),
-            Routing::BusyOver => cands
-                .iter()
-                .find(|w| {
-                    self.workers.get(*w).is_some_and(|s| {
-                        !s.running
-                            .iter()
-                            .any(|(r, _)| self.runs.get(r).is_some_and(|x| x.job == job))
-                    })
-                })
-                .cloned()
-                .unwrap_or_else(|| cands[0].clone()),
-        })
+        let rr = match spec.routing {
+            Routing::RoundRobin => self.jobs.get_mut(job).map_or(0, |j| {
+                j.rr += 1;
+                j.rr - 1
+            }),
+            _ => 0,
+        };
+        let key = match spec.routing {
+            Routing::ConsistentHash => routing::hash_key(params, &spec.hash_param),
+            _ => String::new(),
+        };
+        routing::route(spec.routing, &cands, rr, &key, &mut self.rng)
     }
 
-    fn least_loaded(&self, cands: &[String]) -> String {
-        cands
-            .iter()
-            .min_by_key(|w| {
-                (
-                    self.workers.get(*w).map_or(usize::MAX, |s| s.running.len()),
-                    (*w).clone(),
-                )
+    /// The routing candidates for `spec` that have room.
+    fn with_room(&self, spec: &JobSpec, job: &str, avoid: Option<&str>) -> Vec<Candidate> {
+        self.candidates(spec, avoid)
+            .into_iter()
+            .filter(|id| self.has_room(id, 0))
+            .map(|id| {
+                let w = &self.workers.live[&id];
+                Candidate {
+                    load: self.load(&id),
+                    last_assigned_ms: w.last_assigned_ms,
+                    runs_job: spec.routing == Routing::BusyOver
+                        && w.running
+                            .keys()
+                            .any(|(r, _)| self.runs.active.get(r).is_some_and(|x| x.job == job)),
+                    id,
+                }
             })
-            .cloned()
-            .unwrap_or_default()
+            .collect()
     }
 
     /// Gives shard `shard` of a run in progress to a (new) worker by the job's
     /// routing, preferring not to use `avoid`: a retry, a takeover, or a shard that
     /// was waiting for a worker. A new assignment number each time.
     pub(super) fn assign_shard(&mut self, run_id: &str, shard: u32, avoid: Option<String>) {
-        let Some(run) = self.runs.get(run_id) else {
+        let Some(run) = self.runs.active.get(run_id) else {
             return;
         };
         let (job, params) = (run.job.clone(), run.params.clone());
@@ -852,9 +986,10 @@ impl Engine {
             Some(spec) => self.pick(&spec, &job, &params, avoid.as_deref()),
             None => None,
         };
-        let now = self.now();
+        let now = self.now;
         let Some(s) = self
             .runs
+            .active
             .get_mut(run_id)
             .and_then(|r| r.shards.get_mut(shard as usize))
         else {
@@ -874,10 +1009,8 @@ impl Engine {
             None => s.state = RunState::Pending,
         }
         let placed = s.state == RunState::Running;
-        if let Some(p) = self.workers.get_mut(&previous) {
-            p.running.remove(&(run_id.to_owned(), shard));
-        }
-        if let Some(r) = self.runs.get_mut(run_id)
+        self.unhold(&previous, run_id, shard);
+        if let Some(r) = self.runs.active.get_mut(run_id)
             && r.state == RunState::Pending
             && placed
         {
@@ -885,27 +1018,41 @@ impl Engine {
         }
         if placed {
             self.send_assignment(run_id, shard);
+            // Saved at once (coalesced): a next leader must know this attempt, or
+            // it would start the shard again under the same number.
+            if let Some(r) = self.runs.active.get(run_id).cloned() {
+                self.save(&r);
+            }
         } else {
             self.wait_for_worker(run_id, shard);
         }
     }
 
-    fn wait_for_worker(&mut self, run_id: &str, shard: u32) {
-        let now = self.now();
-        self.pending.insert((run_id.to_owned(), shard));
-        self.schedule(now + 1_000, Timer::Pending);
+    pub(super) fn wait_for_worker(&mut self, run_id: &str, shard: u32) {
+        self.runs.pending.insert((run_id.to_owned(), shard));
+        let at = self.now + 1_000;
+        self.arm_pending(at);
+    }
+
+    /// Arms a [`Timer::Pending`] at `at` unless one fires at or before it.
+    pub(super) fn arm_pending(&mut self, at: i64) {
+        if self.runs.pending_wake.is_none_or(|w| w > at) {
+            self.runs.pending_wake = Some(at);
+            self.timers.schedule(at, Timer::Pending);
+        }
     }
 
     /// Sends the current attempt of a shard to its worker (and arms its deadline).
     pub(super) fn send_assignment(&mut self, run_id: &str, shard: u32) {
-        let now = self.now();
-        let Some(run) = self.runs.get(run_id) else {
+        let now = self.now;
+        let Some(run) = self.runs.active.get(run_id) else {
             return;
         };
         let Some(s) = run.shards.get(shard as usize) else {
             return;
         };
-        let timeout = self.jobs.get(&run.job).map_or(0, |j| j.spec.timeout_ms) as i64;
+        let job = self.jobs.get(&run.job);
+        let timeout = job.map_or(0, |j| j.spec.timeout_ms) as i64;
         let key = ShardKey {
             run_id: run_id.to_owned(),
             shard,
@@ -916,38 +1063,47 @@ impl Engine {
             key: key.clone(),
             fire_id: run.fire_id.clone(),
             job: run.job.clone(),
-            handler: self
-                .jobs
-                .get(&run.job)
-                .map(|j| j.spec.handler.clone())
-                .unwrap_or_default(),
+            handler: job.map(|j| j.spec.handler.clone()).unwrap_or_default(),
             params: run.params.clone(),
             shard_params: s.shard_params.clone(),
             shard_total: s.total,
             deadline_ms: if timeout > 0 { now + timeout } else { 0 },
             scheduled_at_ms: run.scheduled_at_ms,
         };
-        self.pending.remove(&(run_id.to_owned(), shard));
+        self.runs.pending.remove(&(run_id.to_owned(), shard));
         if !self.send(&worker, ToWorker::Assign(a)) {
             warn!(worker_id = %worker, run_id, shard, "assignment could not be sent; placing it elsewhere");
-            if let Some(s) = self
-                .runs
-                .get_mut(run_id)
-                .and_then(|r| r.shards.get_mut(shard as usize))
-            {
-                s.state = RunState::Pending;
-                s.worker_id.clear();
-            }
-            self.wait_for_worker(run_id, shard);
+            self.back_to_pending(run_id, shard);
             return;
         }
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.running.insert((run_id.to_owned(), shard));
+        if let Some(w) = self.workers.live.get_mut(&worker) {
+            w.running.insert(
+                (run_id.to_owned(), shard),
+                super::machine::Held {
+                    attempt: key.attempt,
+                    since: now,
+                    missed: 0,
+                },
+            );
             w.last_assigned_ms = now;
         }
         if timeout > 0 {
-            self.schedule(now + timeout, Timer::Deadline(key));
+            self.timers.schedule(now + timeout, Timer::Deadline(key));
         }
+    }
+
+    /// A shard whose assignment did not reach its worker waits for another.
+    pub(super) fn back_to_pending(&mut self, run_id: &str, shard: u32) {
+        if let Some(s) = self
+            .runs
+            .active
+            .get_mut(run_id)
+            .and_then(|r| r.shards.get_mut(shard as usize))
+        {
+            s.state = RunState::Pending;
+            s.worker_id.clear();
+        }
+        self.wait_for_worker(run_id, shard);
     }
 
     /// Tries again to place shards that had no worker.
@@ -955,16 +1111,17 @@ impl Engine {
         // Right after taking over, workers may still report shards of adopted runs
         // they run: those wait for the grace. This leader's own runs (a misfire
         // fired at startup before any worker registered) need not.
-        let adopting = self.now() < self.adopt_until;
+        let adopting = self.now < self.runs.adopt_until;
         if adopting {
-            let at = self.adopt_until;
-            self.schedule(at, Timer::Pending);
+            let at = self.runs.adopt_until;
+            self.arm_pending(at);
         }
-        let pending: Vec<(String, u32)> = self.pending.iter().cloned().collect();
+        let pending: Vec<(String, u32)> = self.runs.pending.iter().cloned().collect();
         for (run_id, shard) in pending {
             if adopting
                 && self
                     .runs
+                    .active
                     .get(&run_id)
                     .is_some_and(|r| r.fence != self.fence)
             {
@@ -972,13 +1129,14 @@ impl Engine {
             }
             let waiting = self
                 .runs
+                .active
                 .get(&run_id)
                 .and_then(|r| r.shards.get(shard as usize))
                 .is_some_and(|s| s.state == RunState::Pending && s.worker_id.is_empty());
             if waiting {
                 self.assign_shard(&run_id, shard, None);
             } else {
-                self.pending.remove(&(run_id, shard));
+                self.runs.pending.remove(&(run_id, shard));
             }
         }
     }
@@ -996,7 +1154,7 @@ enum OverlapCall {
 
 /// The overlap policy of `j` applied to a new fire (at planning, and again when a
 /// fire prepared ahead goes out).
-fn overlap_call(j: &super::JobState) -> OverlapCall {
+fn overlap_call(j: &super::jobs::JobState) -> OverlapCall {
     if j.running.is_empty() {
         return OverlapCall::Start { cover: Vec::new() };
     }
@@ -1015,19 +1173,3 @@ fn overlap_call(j: &super::JobState) -> OverlapCall {
 
 /// The note of a buffered fire's run record.
 pub(crate) const BUFFERED: &str = "buffered until the running run ends";
-
-/// The value consistent hashing hashes: the top-level JSON field `param` of the
-/// params, or the whole params.
-fn hash_key(params: &str, param: &str) -> String {
-    if param.is_empty() {
-        return params.to_owned();
-    }
-    serde_json::from_str::<serde_json::Value>(params)
-        .ok()
-        .and_then(|v| v.get(param).cloned())
-        .map(|v| match v {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        })
-        .unwrap_or_default()
-}

@@ -1,11 +1,13 @@
-//! Runs in progress: what workers report, deadlines, retries with backoff, kills,
-//! and what happens when a run ends (history, buffered fires, fixed-delay ticks,
-//! child jobs).
+//! Runs in progress, in the core: what workers report, deadlines, retries with
+//! backoff, kills, and what happens when a run ends (history, buffered fires,
+//! fixed-delay ticks, child jobs).
 
 use tracing::{debug, info};
 
+use super::dispatch::Fire;
+use super::machine::{Machine, Timer, Work};
 use super::workers::ToWorker;
-use super::{Engine, ShardKey, ShardOutcome, Timer};
+use super::{ShardKey, ShardOutcome};
 use crate::error::{CoordError, Result};
 use crate::model::{RunRecord, RunState};
 
@@ -27,16 +29,22 @@ fn clip(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
-impl Engine {
+/// The backoff before retry number `failures` (1-based): doubling from `first`.
+fn backoff(first: u64, failures: u32) -> i64 {
+    first.saturating_mul(1 << (failures.max(1) - 1).min(20)) as i64
+}
+
+impl Machine {
     /// The shard `key` names, if it is the current attempt and not finished.
     fn current(&mut self, key: &ShardKey) -> Option<&mut crate::model::ShardRecord> {
         self.runs
+            .active
             .get_mut(&key.run_id)
             .and_then(|r| r.shards.get_mut(key.shard as usize))
             .filter(|s| s.attempt == key.attempt && !s.state.is_final())
     }
 
-    pub(super) fn started(&mut self, worker: &str, _session: u64, key: ShardKey, at_ms: i64) {
+    pub(super) fn started(&mut self, worker: &str, key: ShardKey, at_ms: i64) {
         if let Some(s) = self.current(&key).filter(|s| s.worker_id == worker) {
             s.started_at_ms = at_ms;
         }
@@ -51,21 +59,22 @@ impl Engine {
         }
     }
 
-    pub(super) async fn shard_result(
-        &mut self,
-        worker: &str,
-        _session: u64,
-        key: ShardKey,
-        outcome: ShardOutcome,
-    ) {
-        let now = self.now();
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.running.remove(&(key.run_id.clone(), key.shard));
+    pub(super) fn shard_result(&mut self, worker: &str, key: ShardKey, outcome: ShardOutcome) {
+        let now = self.now;
+        let held = self
+            .workers
+            .live
+            .get(worker)
+            .and_then(|w| w.running.get(&(key.run_id.clone(), key.shard)))
+            .is_some_and(|h| h.attempt == key.attempt);
+        if held {
+            self.unhold(worker, &key.run_id, key.shard);
         }
-        let Some(job) = self.runs.get(&key.run_id).map(|r| r.job.clone()) else {
+        let Some(job) = self.runs.active.get(&key.run_id).map(|r| r.job.clone()) else {
             return;
         };
-        let (retries, backoff) = self
+        self.adopt_reported(worker, &key);
+        let (retries, first_backoff) = self
             .jobs
             .get(&job)
             .map_or((0, 0), |j| (j.spec.retries, j.spec.retry_backoff_ms));
@@ -90,9 +99,9 @@ impl Engine {
                 s.error = clip(&err, OUTPUT);
                 if s.failures <= retries {
                     s.state = RunState::Pending;
-                    let delay = backoff.saturating_mul(1 << (s.failures - 1).min(20)) as i64;
+                    let delay = backoff(first_backoff, s.failures);
                     debug!(run_id = %key.run_id, shard = key.shard, delay, "shard failed; retrying");
-                    self.schedule(
+                    self.timers.schedule(
                         now + delay,
                         Timer::Retry {
                             run_id: key.run_id.clone(),
@@ -112,16 +121,16 @@ impl Engine {
                 return;
             }
         }
-        self.maybe_finish(&key.run_id).await;
+        self.maybe_finish(&key.run_id);
     }
 
     /// A shard's deadline passed: cancel it on its worker, then retry or time out.
     pub(super) fn deadline(&mut self, key: ShardKey) {
-        let now = self.now();
-        let Some(job) = self.runs.get(&key.run_id).map(|r| r.job.clone()) else {
+        let now = self.now;
+        let Some(job) = self.runs.active.get(&key.run_id).map(|r| r.job.clone()) else {
             return;
         };
-        let (retries, backoff) = self
+        let (retries, first_backoff) = self
             .jobs
             .get(&job)
             .map_or((0, 0), |j| (j.spec.retries, j.spec.retry_backoff_ms));
@@ -141,12 +150,10 @@ impl Engine {
         let failures = s.failures;
         info!(run_id = %key.run_id, shard = key.shard, worker = %worker, retry, "shard timed out");
         self.send(&worker, ToWorker::Cancel(key.clone(), "timeout".into()));
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.running.remove(&(key.run_id.clone(), key.shard));
-        }
+        self.unhold(&worker, &key.run_id, key.shard);
         if retry {
-            let delay = backoff.saturating_mul(1 << (failures - 1).min(20)) as i64;
-            self.schedule(
+            let delay = backoff(first_backoff, failures);
+            self.timers.schedule(
                 now + delay,
                 Timer::Retry {
                     run_id: key.run_id,
@@ -155,9 +162,34 @@ impl Engine {
             );
         } else {
             let run_id = key.run_id.clone();
-            // Finishing needs the async path for children; a timer-driven end has no
-            // children to fire (a timed-out run did not succeed).
-            self.finish_sync(&run_id);
+            // A timed-out run did not succeed: it has no children to fire.
+            self.finish(&run_id);
+        }
+    }
+
+    /// A result (sent again after a reconnect) of an attempt newer than an adopted
+    /// run's record: the previous leader sent it and died before saving it. It is
+    /// the worker's, as when the worker lists it at registration, so its result
+    /// counts (and the shard does not run again).
+    fn adopt_reported(&mut self, worker: &str, key: &ShardKey) {
+        let fence = self.fence;
+        let Some(s) = self
+            .runs
+            .active
+            .get_mut(&key.run_id)
+            .filter(|r| r.fence != fence)
+            .and_then(|r| r.shards.get_mut(key.shard as usize))
+            .filter(|s| !s.state.is_final() && key.attempt > s.attempt)
+        else {
+            return;
+        };
+        info!(run_id = %key.run_id, shard = key.shard, attempt = key.attempt, worker, "adopting a result of an attempt the record does not know");
+        let previous = std::mem::replace(&mut s.worker_id, worker.to_owned());
+        s.attempt = key.attempt;
+        s.state = RunState::Running;
+        self.runs.pending.remove(&(key.run_id.clone(), key.shard));
+        if let Some(w) = self.workers.live.get_mut(&previous) {
+            w.running.remove(&(key.run_id.clone(), key.shard));
         }
     }
 
@@ -165,23 +197,21 @@ impl Engine {
     pub(super) fn retry(&mut self, run_id: &str, shard: u32) {
         let prev = self
             .runs
+            .active
             .get(run_id)
             .and_then(|r| r.shards.get(shard as usize))
             .filter(|s| s.state == RunState::Pending)
             .map(|s| s.worker_id.clone());
         if let Some(prev) = prev {
             self.assign_shard(run_id, shard, Some(prev));
-            if let Some(r) = self.runs.get(run_id) {
-                self.save(r);
-            }
         }
     }
 
     /// Cancels every unfinished shard of a run (kill, or covered by a newer run);
     /// answers the finished run.
     pub(super) fn cancel_run(&mut self, run_id: &str, why: &str) -> Option<RunRecord> {
-        let now = self.now();
-        let run = self.runs.get_mut(run_id)?;
+        let now = self.now;
+        let run = self.runs.active.get_mut(run_id)?;
         let mut stop = Vec::new();
         for s in run.shards.iter_mut().filter(|s| !s.state.is_final()) {
             if s.state == RunState::Running {
@@ -201,11 +231,9 @@ impl Engine {
         run.note = why.to_owned();
         for (w, key) in stop {
             self.send(&w, ToWorker::Cancel(key.clone(), why.to_owned()));
-            if let Some(ws) = self.workers.get_mut(&w) {
-                ws.running.remove(&(key.run_id.clone(), key.shard));
-            }
+            self.unhold(&w, &key.run_id, key.shard);
         }
-        self.finish_sync(run_id)
+        self.finish(run_id)
     }
 
     pub(super) fn kill(&mut self, run_id: &str) -> Result<RunRecord> {
@@ -217,6 +245,7 @@ impl Engine {
         }
         let run = self
             .runs
+            .active
             .get(run_id)
             .cloned()
             .ok_or_else(|| CoordError::NotFound(format!("run {run_id:?} in progress")))?;
@@ -225,8 +254,8 @@ impl Engine {
     }
 
     /// Ends the run if every shard is final; fires children of a successful run.
-    async fn maybe_finish(&mut self, run_id: &str) {
-        let finished = self.finish_sync(run_id);
+    fn maybe_finish(&mut self, run_id: &str) {
+        let finished = self.finish(run_id);
         if let Some(done) = finished.filter(|r| r.state == RunState::Succeeded) {
             let (job, parent) = (done.job, done.run_id);
             for child in self
@@ -236,10 +265,10 @@ impl Engine {
                 .unwrap_or_default()
             {
                 if self.jobs.contains_key(&child) {
-                    let now = self.now();
-                    let id = format!("{child}@c{now}-{:04x}", fastrand::u16(..));
+                    let now = self.now;
+                    let id = format!("{child}@c{now}-{:04x}", self.rng.u16(..));
                     info!(parent = %parent, child = %child, "firing child job");
-                    let fire = super::dispatch::Fire {
+                    let fire = Fire {
                         job: child.clone(),
                         at: now,
                         cause: "child",
@@ -248,20 +277,25 @@ impl Engine {
                         run_id: id.clone(),
                         fire_id: id,
                     };
-                    self.fire_many(vec![fire]).await;
+                    // One at a time: each child's overlap policy sees the ones
+                    // before it started.
+                    self.spawn(Work::Fire {
+                        fires: vec![fire],
+                        reply: None,
+                    });
                 }
             }
-        } else if let Some(r) = self.runs.get(run_id) {
+        } else if let Some(r) = self.runs.active.get(run_id).cloned() {
             // Not finished: save the progress.
-            self.save(r);
+            self.save(&r);
         }
     }
 
     /// Ends the run if every shard is final (history, overlap buffer, fixed delay).
     /// Answers the finished run.
-    pub(super) fn finish_sync(&mut self, run_id: &str) -> Option<RunRecord> {
-        let now = self.now();
-        let run = self.runs.get_mut(run_id)?;
+    pub(super) fn finish(&mut self, run_id: &str) -> Option<RunRecord> {
+        let now = self.now;
+        let run = self.runs.active.get_mut(run_id)?;
         if !run.shards.iter().all(|s| s.state.is_final()) {
             return None;
         }
@@ -276,7 +310,7 @@ impl Engine {
             RunState::Failed
         };
         run.finished_at_ms = now;
-        let run = self.runs.remove(run_id)?;
+        let run = self.runs.active.remove(run_id)?;
         self.save(&run);
         debug!(run_id, state = ?run.state, "run finished");
         let mut buffered = None;
@@ -299,7 +333,8 @@ impl Engine {
         }
         if let Some((at, run_id)) = buffered {
             let job = run.job.clone();
-            self.schedule(now, Timer::Buffered { job, at, run_id });
+            self.timers
+                .schedule(now, Timer::Buffered { job, at, run_id });
         }
         Some(run)
     }

@@ -1,13 +1,14 @@
-//! Worker sessions in the engine: registration, heartbeats, drains, and what
-//! happens when a worker dies (its unfinished shards go to live workers of its
-//! group, keeping their indexes).
+//! Worker sessions, in the core: registration, heartbeats (and the shards they
+//! list), drains, capacity, the end of a session and why, and what happens when a
+//! worker dies (its unfinished shards go to live workers of its group, keeping their
+//! indexes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Engine, ShardKey, WorkerState};
+use super::ShardKey;
+use super::machine::{CallId, Effect, Held, Machine, Reply, WorkerState};
 use crate::error::{CoordError, Result};
 use crate::model::RunState;
 
@@ -20,7 +21,7 @@ pub struct WorkerHello {
     pub group: String,
     /// Job handlers it runs.
     pub handlers: Vec<String>,
-    /// Most shards at once (a routing hint).
+    /// Most shards it runs at once (at least 1): a full worker is given no shard.
     pub capacity: u32,
     /// Labels.
     pub labels: BTreeMap<String, String>,
@@ -39,6 +40,22 @@ pub struct SessionAccepted {
     pub coordinator: String,
 }
 
+/// Why the coordinator ends a worker's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The worker missed its heartbeats; its shards went to other workers.
+    DeclaredDead,
+    /// A newer session registered with the same worker id.
+    Replaced,
+    /// The worker drained: it asked to, and runs nothing the coordinator waits for.
+    Drained,
+    /// This coordinator stopped leading (shutting down, lost its lease, or fenced
+    /// out by a newer leader): reconnect, and the next leader takes over.
+    LeadershipEnded,
+    /// The worker closed the stream itself (nothing is sent).
+    WorkerClosed,
+}
+
 /// What the engine sends a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToWorker {
@@ -46,6 +63,8 @@ pub enum ToWorker {
     Assign(Assignment),
     /// Stop a shard.
     Cancel(ShardKey, String),
+    /// The session ends (the last message of a session).
+    End(EndReason),
 }
 
 /// One shard to run (the domain form of `Assign`).
@@ -71,31 +90,45 @@ pub struct Assignment {
     pub scheduled_at_ms: i64,
 }
 
-impl Engine {
-    pub(super) fn register(
-        &mut self,
-        hello: WorkerHello,
-        tx: mpsc::Sender<ToWorker>,
-    ) -> Result<SessionAccepted> {
-        chime_shared::limits::check_handler("worker_id", &hello.worker_id)
-            .or_else(|_| chime_shared::limits::check_text("worker_id", &hello.worker_id, 253))?;
-        chime_shared::limits::check_handler("group", &hello.group)?;
-        if hello.handlers.len() > 1_000 {
-            return Err(CoordError::invalid("handlers", "more than 1000"));
+/// Checks a registration; errors name the field of `Register`.
+fn check(hello: &WorkerHello) -> Result<()> {
+    chime_shared::limits::check_handler("register.worker_id", &hello.worker_id).or_else(|_| {
+        chime_shared::limits::check_text("register.worker_id", &hello.worker_id, 253)
+    })?;
+    chime_shared::limits::check_handler("register.group", &hello.group)?;
+    if hello.handlers.len() > 1_000 {
+        return Err(CoordError::invalid("register.handlers", "more than 1000"));
+    }
+    for (i, h) in hello.handlers.iter().enumerate() {
+        chime_shared::limits::check_handler(&format!("register.handlers[{i}]"), h)?;
+    }
+    if hello.capacity == 0 {
+        return Err(CoordError::invalid(
+            "register.capacity",
+            "must be at least 1 (the most shards this worker runs at once)",
+        ));
+    }
+    Ok(())
+}
+
+impl Machine {
+    /// A session starts; the answer goes to `call` (before anything is sent to it).
+    pub(super) fn register(&mut self, call: CallId, hello: WorkerHello) {
+        if let Err(e) = check(&hello) {
+            self.effect(Effect::Reply(call, Reply::Registered(Err(e))));
+            return;
         }
-        for (i, h) in hello.handlers.iter().enumerate() {
-            chime_shared::limits::check_handler(&format!("handlers[{i}]"), h)?;
-        }
-        let now = self.now();
+        let now = self.now;
         // A worker that reconnects replaces its old session; shards of the old one
         // that it still runs stay with it, the others go to live workers.
-        let old = self.workers.remove(&hello.worker_id);
-        self.sessions += 1;
-        let session = self.sessions;
-        let mut running = std::collections::HashSet::new();
+        let old = self.workers.live.remove(&hello.worker_id);
+        self.workers.sessions += 1;
+        let session = self.workers.sessions;
+        let mut running = BTreeMap::new();
         for k in &hello.running {
             let Some(s) = self
                 .runs
+                .active
                 .get_mut(&k.run_id)
                 .and_then(|r| r.shards.get_mut(k.shard as usize))
             else {
@@ -106,32 +139,58 @@ impl Engine {
             }
             let ours = s.worker_id == hello.worker_id && s.attempt == k.attempt;
             // A newer attempt than the record knows (a previous leader sent it and
-            // died before saving), or a shard the record shows waiting: the worker
-            // runs it, so it is the worker's.
-            let adopt =
-                k.attempt > s.attempt || (s.state == RunState::Pending && s.worker_id.is_empty());
+            // died before saving), or the very attempt of a shard the record shows
+            // waiting for a worker: the worker runs it, so it is the worker's. An
+            // older attempt is stale (a newer one was handed out since).
+            let adopt = k.attempt > s.attempt
+                || (k.attempt == s.attempt
+                    && s.state == RunState::Pending
+                    && s.worker_id.is_empty());
             if ours || adopt {
                 if adopt {
                     info!(run_id = %k.run_id, shard = k.shard, attempt = k.attempt, worker_id = %hello.worker_id, "adopting a shard the worker reports");
+                    // Whoever the record named no longer holds it.
+                    if let Some(w) = self.workers.live.get_mut(&s.worker_id) {
+                        w.running.remove(&(k.run_id.clone(), k.shard));
+                    }
                     s.worker_id = hello.worker_id.clone();
                     s.attempt = k.attempt;
                     s.state = RunState::Running;
-                    self.pending.remove(&(k.run_id.clone(), k.shard));
+                    self.runs.pending.remove(&(k.run_id.clone(), k.shard));
                 }
-                running.insert((k.run_id.clone(), k.shard));
+                running.insert(
+                    (k.run_id.clone(), k.shard),
+                    Held {
+                        attempt: k.attempt,
+                        since: now,
+                        missed: 0,
+                    },
+                );
             }
         }
         if let Some(old) = old {
-            let lost: Vec<(String, u32)> = old.running.difference(&running).cloned().collect();
+            info!(worker_id = %hello.worker_id, old_session = old.session, session, "a newer session replaces the worker's session");
+            self.effect(Effect::End {
+                session: old.session,
+                reason: EndReason::Replaced,
+            });
+            let lost: Vec<(String, u32)> = old
+                .running
+                .keys()
+                .filter(|k| !running.contains_key(*k))
+                .cloned()
+                .collect();
             self.take_over(&hello.worker_id, lost);
         }
-        info!(worker_id = %hello.worker_id, group = %hello.group, handlers = ?hello.handlers, session, "worker registered");
-        self.workers.insert(
+        if self.workers.live.is_empty() {
+            self.grace_restarts();
+        }
+        info!(worker_id = %hello.worker_id, group = %hello.group, handlers = ?hello.handlers, capacity = hello.capacity, session, "worker registered");
+        self.workers.live.insert(
             hello.worker_id.clone(),
             WorkerState {
                 hello,
                 session,
-                tx,
                 running,
                 connected_at_ms: now,
                 last_beat_ms: now,
@@ -139,95 +198,193 @@ impl Engine {
                 draining: false,
             },
         );
-        metrics::gauge!(chime_shared::telemetry::CONNECTED_WORKERS).set(self.workers.len() as f64);
+        metrics::gauge!(chime_shared::telemetry::CONNECTED_WORKERS)
+            .set(self.workers.live.len() as f64);
+        self.effect(Effect::Reply(
+            call,
+            Reply::Registered(Ok(super::SessionAccepted {
+                session,
+                heartbeat_interval_ms: self.opts.heartbeat_interval_ms,
+                coordinator: self.opts.advertise.clone(),
+            })),
+        ));
         // New capacity: place what was waiting for a worker.
         self.place_pending();
-        Ok(SessionAccepted {
-            session,
-            heartbeat_interval_ms: self.opts.heartbeat_interval_ms,
-            coordinator: self.opts.advertise.clone(),
-        })
     }
 
     fn session_ok(&self, worker: &str, session: u64) -> bool {
         self.workers
+            .live
             .get(worker)
             .is_some_and(|w| w.session == session)
     }
 
-    pub(super) fn heartbeat(&mut self, worker: &str, session: u64, _running: Vec<ShardKey>) {
-        let now = self.now();
-        if let Some(w) = self
+    /// A heartbeat: the worker lives, and `running` lists the shards it runs. A
+    /// shard it was sent at least a heartbeat interval ago that two heartbeats in a
+    /// row leave out is lost (the worker never got it, or lost it): another worker
+    /// takes it. Two, not one: a worker may send a heartbeat between a shard's end
+    /// and its result.
+    pub(super) fn heartbeat(&mut self, worker: &str, session: u64, running: Vec<ShardKey>) {
+        let now = self.now;
+        let grace = self.opts.heartbeat_interval_ms as i64;
+        let Some(w) = self
             .workers
+            .live
             .get_mut(worker)
             .filter(|w| w.session == session)
-        {
-            w.last_beat_ms = now;
+        else {
+            return;
+        };
+        w.last_beat_ms = now;
+        let listed: BTreeSet<(&str, u32, u32)> = running
+            .iter()
+            .map(|k| (k.run_id.as_str(), k.shard, k.attempt))
+            .collect();
+        let mut lost = Vec::new();
+        for ((run_id, shard), held) in w.running.iter_mut() {
+            if listed.contains(&(run_id.as_str(), *shard, held.attempt)) {
+                held.missed = 0;
+            } else if now - held.since >= grace {
+                held.missed += 1;
+                if held.missed >= 2 {
+                    lost.push((run_id.clone(), *shard));
+                }
+            }
+        }
+        for (run_id, shard) in lost {
+            warn!(worker_id = worker, run_id = %run_id, shard, "the worker's heartbeats leave out a shard it was sent; taking it over");
+            self.take_over(worker, vec![(run_id, shard)]);
         }
     }
 
     pub(super) fn draining(&mut self, worker: &str, session: u64) {
         if let Some(w) = self
             .workers
+            .live
             .get_mut(worker)
             .filter(|w| w.session == session)
         {
             info!(worker_id = worker, "worker draining");
             w.draining = true;
         }
+        self.maybe_drained(worker);
     }
 
     pub(super) fn closed(&mut self, worker: &str, session: u64) {
         if self.session_ok(worker, session) {
             info!(worker_id = worker, "worker session closed");
-            self.worker_gone(worker);
+            self.drop_worker(worker, EndReason::WorkerClosed);
         }
     }
 
     /// Marks workers that missed their heartbeats dead.
     pub(super) fn sweep(&mut self) {
         let limit = self.opts.heartbeat_interval_ms as i64 * self.opts.dead_after_beats as i64;
-        let now = self.now();
+        let now = self.now;
         let dead: Vec<String> = self
             .workers
+            .live
             .iter()
             .filter(|(_, w)| now - w.last_beat_ms > limit)
             .map(|(id, _)| id.clone())
             .collect();
         for id in dead {
             warn!(worker_id = %id, "worker missed its heartbeats; taking its shards over");
-            self.worker_gone(&id);
+            self.drop_worker(&id, EndReason::DeclaredDead);
         }
     }
 
-    fn worker_gone(&mut self, worker: &str) {
-        let Some(w) = self.workers.remove(worker) else {
+    /// Ends `worker`'s session for `reason`; its unfinished shards go to others.
+    fn drop_worker(&mut self, worker: &str, reason: EndReason) {
+        let Some(w) = self.workers.live.remove(worker) else {
             return;
         };
-        metrics::gauge!(chime_shared::telemetry::CONNECTED_WORKERS).set(self.workers.len() as f64);
-        self.take_over(worker, w.running.into_iter().collect());
+        metrics::gauge!(chime_shared::telemetry::CONNECTED_WORKERS)
+            .set(self.workers.live.len() as f64);
+        self.effect(Effect::End {
+            session: w.session,
+            reason,
+        });
+        self.take_over(worker, w.running.into_keys().collect());
     }
 
-    /// Gives the unfinished `shards` of `from` (no longer registered) to live
-    /// workers: same index, a new assignment number, not counted as a failure.
+    /// Gives the unfinished `shards` of `from` to live workers: same index, a new
+    /// assignment number, not counted as a failure.
     fn take_over(&mut self, from: &str, shards: Vec<(String, u32)>) {
         for (run_id, shard) in shards {
             let unfinished = self
                 .runs
+                .active
                 .get(&run_id)
                 .and_then(|r| r.shards.get(shard as usize))
                 .is_some_and(|s| !s.state.is_final() && s.worker_id == from);
             if unfinished {
                 info!(run_id = %run_id, shard, from, "shard taken over");
                 self.assign_shard(&run_id, shard, Some(from.to_owned()));
+            } else {
+                self.unhold(from, &run_id, shard);
             }
         }
     }
 
-    pub(super) fn send(&mut self, worker: &str, msg: ToWorker) -> bool {
-        match self.workers.get(worker) {
-            Some(w) => w.tx.try_send(msg).is_ok(),
-            None => false,
+    /// `worker` no longer runs `shard` of `run_id`: its room may take a waiting
+    /// shard, and a draining worker may be done.
+    pub(super) fn unhold(&mut self, worker: &str, run_id: &str, shard: u32) {
+        let Some(w) = self.workers.live.get_mut(worker) else {
+            return;
+        };
+        if w.running.remove(&(run_id.to_owned(), shard)).is_none() {
+            return;
+        }
+        if !self.runs.pending.is_empty() {
+            let now = self.now;
+            self.arm_pending(now);
+        }
+        self.maybe_drained(worker);
+    }
+
+    /// Ends the session of a draining worker that runs nothing any more: telling it
+    /// so confirms that every result it owed arrived.
+    fn maybe_drained(&mut self, worker: &str) {
+        if self
+            .workers
+            .live
+            .get(worker)
+            .is_some_and(|w| w.draining && w.running.is_empty())
+        {
+            info!(worker_id = worker, "worker drained");
+            self.drop_worker(worker, EndReason::Drained);
+        }
+    }
+
+    /// An assignment did not reach session `session`: unless the shard moved on
+    /// meanwhile, it waits for another worker.
+    pub(super) fn undelivered(&mut self, session: u64, key: ShardKey) {
+        let Some(worker) = self
+            .workers
+            .live
+            .iter()
+            .find(|(_, w)| w.session == session)
+            .map(|(id, _)| id.clone())
+        else {
+            return;
+        };
+        let current = self
+            .runs
+            .active
+            .get(&key.run_id)
+            .and_then(|r| r.shards.get(key.shard as usize))
+            .is_some_and(|s| {
+                s.state == RunState::Running && s.attempt == key.attempt && s.worker_id == worker
+            });
+        if current {
+            warn!(worker_id = %worker, run_id = %key.run_id, shard = key.shard, "assignment could not be delivered; placing it elsewhere");
+            // Not `unhold`: that would place it again at once, and a full channel
+            // would then refuse it again; it waits the usual second instead.
+            if let Some(w) = self.workers.live.get_mut(&worker) {
+                w.running.remove(&(key.run_id.clone(), key.shard));
+            }
+            self.back_to_pending(&key.run_id, key.shard);
         }
     }
 }

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::Shared;
-use crate::engine::workers_api::{ToWorker, WorkerHello};
+use crate::engine::workers_api::{EndReason, ToWorker, WorkerHello};
 use crate::engine::{EngineHandle, ShardKey, ShardOutcome, TriggerState};
 use crate::error::CoordError;
 use crate::model::{
@@ -233,8 +233,37 @@ fn to_proto(msg: ToWorker) -> pb::CoordinatorMessage {
             run: Some(run_ref(&k)),
             reason,
         }),
+        ToWorker::End(why) => {
+            let (reason, detail) = end_reason(why);
+            Out::SessionEnded(pb::SessionEnded {
+                reason: reason as i32,
+                detail: detail.to_owned(),
+            })
+        }
     };
     pb::CoordinatorMessage { kind: Some(kind) }
+}
+
+/// Why a session ended, for the wire.
+fn end_reason(why: EndReason) -> (pb::SessionEndReason, &'static str) {
+    use pb::SessionEndReason as R;
+    match why {
+        EndReason::DeclaredDead => (
+            R::DeclaredDead,
+            "declared dead: heartbeats missed; its shards went to other workers",
+        ),
+        EndReason::Replaced => (
+            R::Replaced,
+            "replaced by a newer session with the same worker id",
+        ),
+        EndReason::Drained => (R::Drained, "drained: every result arrived"),
+        EndReason::LeadershipEnded => (
+            R::LeadershipEnded,
+            "this coordinator stopped leading; reconnect to the next leader",
+        ),
+        // Never sent: the worker closed the stream itself.
+        EndReason::WorkerClosed => (R::Unspecified, "the worker closed the stream"),
+    }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
@@ -263,7 +292,7 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
             worker_id: reg.worker_id,
             group: reg.group,
             handlers: reg.handlers,
-            capacity: reg.capacity.max(1),
+            capacity: reg.capacity,
             labels: reg.labels.into_iter().collect::<BTreeMap<_, _>>(),
             running: reg
                 .running
@@ -306,12 +335,14 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
                 })),
             }))
             .await;
-        // Engine -> worker. Ends when the engine drops the session's sender (the
-        // worker was replaced or declared dead), which ends the response stream.
+        // Engine -> worker. Ends after the engine's `End` (the session was
+        // replaced, declared dead or drained, or the engine stopped), which ends the
+        // response stream.
         let fwd = out.clone();
         tokio::spawn(async move {
             while let Some(m) = from_engine.recv().await {
-                if fwd.send(Ok(to_proto(m))).await.is_err() {
+                let last = matches!(m, ToWorker::End(_));
+                if fwd.send(Ok(to_proto(m))).await.is_err() || last {
                     return;
                 }
             }
@@ -922,5 +953,96 @@ pub fn worker_from_proto(w: pb::WorkerInfo) -> WorkerView {
         connected_at_ms: w.connected_at_ms,
         last_heartbeat_ms: w.last_heartbeat_ms,
         draining: w.draining,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use chime_shared::clock::SystemClock;
+    use chime_shared::config::source::MemorySource;
+    use pb::admin_server::Admin;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::engine::{EngineOptions, ShardOutcome};
+    use crate::store::{MemoryRunStore, Retention};
+
+    /// A run that ends leaves the engine before its history write lands (the
+    /// writer gathers writes for 200 ms); GetRun must then read the snapshot on its
+    /// way to the store, not the store's older copy: once SUCCEEDED, always.
+    #[tokio::test]
+    async fn get_run_never_goes_back_after_a_run_ends() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let jobs = JobStore::new(Arc::new(MemorySource::default()));
+        jobs.create(
+            JobSpec::new("m", "g", "h", Schedule::Manual),
+            clock.now_ms(),
+        )
+        .await
+        .unwrap();
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        assert!(runs.install_fence(1).await.unwrap());
+        let stop = CancellationToken::new();
+        let (engine, _task) = crate::engine::start(
+            jobs.clone(),
+            runs.clone(),
+            clock.clone(),
+            EngineOptions::default(),
+            1,
+            CancellationToken::new(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let shared = Arc::new(Shared::default());
+        shared.set(crate::Current {
+            engine: Some(engine.clone()),
+            leader: "here".into(),
+            fence: 1,
+        });
+        let api = admin_api(shared, jobs, runs.clone(), clock, None);
+        let (tx, mut rx) = mpsc::channel(8);
+        let hello = WorkerHello {
+            worker_id: "w1".into(),
+            group: "g".into(),
+            handlers: vec!["h".into()],
+            capacity: 1,
+            labels: BTreeMap::new(),
+            running: vec![],
+        };
+        let session = engine.register(hello, tx).await.unwrap().session;
+        let run = engine.trigger("m", None).await.unwrap();
+        let Some(ToWorker::Assign(a)) = rx.recv().await else {
+            panic!("no assignment");
+        };
+        engine
+            .result("w1", session, a.key, ShardOutcome::Succeeded("done".into()))
+            .await
+            .unwrap();
+        let id = run.run_id.clone();
+        let state = || async {
+            api.get_run(Request::new(pb::RunId { run_id: id.clone() }))
+                .await
+                .unwrap()
+                .into_inner()
+                .state
+        };
+        // Through the write and well after it: succeeded at every read.
+        let until = Instant::now() + Duration::from_millis(600);
+        let mut reads = 0;
+        while Instant::now() < until {
+            assert_eq!(
+                state().await,
+                pb::RunState::Succeeded as i32,
+                "read {reads}"
+            );
+            reads += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stored = runs.get_run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(stored.state, RunState::Succeeded, "the write landed");
+        stop.cancel();
     }
 }

@@ -89,7 +89,7 @@ pub fn item_from_proto(handler: &str, i: pb::DeliveredItem) -> Item {
         key: i.key,
         handler: handler.to_owned(),
         due_at_ms: i.due_at_ms,
-        payload: i.payload.into(),
+        payload: i.payload,
         max_attempts: i.max_attempts,
         merge_key: (!i.merge_key.is_empty()).then_some(i.merge_key),
         attempt: i.attempt,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hime/v1/worker.proto\x12\x08\x63hime.v1\"\x8e\x02\n\rWorkerMessage\x12&\n\x08register\x18\x01 \x01(\x0b\x32\x12.chime.v1.RegisterH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.chime.v1.HeartbeatH\x00\x12+\n\x0brun_started\x18\x03 \x01(\x0b\x32\x14.chime.v1.RunStartedH\x00\x12#\n\x07run_log\x18\x04 \x01(\x0b\x32\x10.chime.v1.RunLogH\x00\x12)\n\nrun_result\x18\x05 \x01(\x0b\x32\x13.chime.v1.RunResultH\x00\x12&\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x12.chime.v1.DrainingH\x00\x42\x06\n\x04kind\"\xd2\x01\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x10\n\x08handlers\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\r\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.chime.v1.Register.LabelsEntry\x12!\n\x07running\x18\x06 \x03(\x0b\x32\x10.chime.v1.RunRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\".\n\tHeartbeat\x12!\n\x07running\x18\x01 \x03(\x0b\x32\x10.chime.v1.RunRef\"B\n\nRunStarted\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x15\n\rstarted_at_ms\x18\x02 \x01(\x03\"D\n\x06RunLog\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x0c\n\x04line\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\"\x9d\x01\n\tRunResult\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12#\n\x06status\x18\x02 \x01(\x0e\x32\x13.chime.v1.RunStatus\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rstarted_at_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x06 \x01(\x03\"\n\n\x08\x44raining\"\xbb\x01\n\x12\x43oordinatorMessage\x12*\n\nregistered\x18\x01 \x01(\x0b\x32\x14.chime.v1.RegisteredH\x00\x12\"\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x10.chime.v1.AssignH\x00\x12\"\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x10.chime.v1.CancelH\x00\x12)\n\nnot_leader\x18\x04 \x01(\x0b\x32\x13.chime.v1.NotLeaderH\x00\x42\x06\n\x04kind\"S\n\nRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\"\xd4\x01\n\x06\x41ssign\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x0f\n\x07\x66ire_id\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x0f\n\x07handler\x18\x04 \x01(\t\x12\x0e\n\x06params\x18\x05 \x01(\t\x12\x14\n\x0cshard_params\x18\x06 \x01(\t\x12\x13\n\x0bshard_index\x18\x07 \x01(\r\x12\x13\n\x0bshard_total\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\x03\x12\x17\n\x0fscheduled_at_ms\x18\n \x01(\x03\"7\n\x06\x43\x61ncel\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\tNotLeader\x12\x0e\n\x06leader\x18\x01 \x01(\t*r\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x01\x12\x15\n\x11RUN_STATUS_FAILED\x10\x02\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x03\x32U\n\rWorkerGateway\x12\x44\n\x07Session\x12\x17.chime.v1.WorkerMessage\x1a\x1c.chime.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hime/v1/worker.proto\x12\x08\x63hime.v1\"\x8e\x02\n\rWorkerMessage\x12&\n\x08register\x18\x01 \x01(\x0b\x32\x12.chime.v1.RegisterH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.chime.v1.HeartbeatH\x00\x12+\n\x0brun_started\x18\x03 \x01(\x0b\x32\x14.chime.v1.RunStartedH\x00\x12#\n\x07run_log\x18\x04 \x01(\x0b\x32\x10.chime.v1.RunLogH\x00\x12)\n\nrun_result\x18\x05 \x01(\x0b\x32\x13.chime.v1.RunResultH\x00\x12&\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x12.chime.v1.DrainingH\x00\x42\x06\n\x04kind\"\xd2\x01\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x10\n\x08handlers\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\r\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.chime.v1.Register.LabelsEntry\x12!\n\x07running\x18\x06 \x03(\x0b\x32\x10.chime.v1.RunRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\".\n\tHeartbeat\x12!\n\x07running\x18\x01 \x03(\x0b\x32\x10.chime.v1.RunRef\"B\n\nRunStarted\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x15\n\rstarted_at_ms\x18\x02 \x01(\x03\"D\n\x06RunLog\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x0c\n\x04line\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\"\x9d\x01\n\tRunResult\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12#\n\x06status\x18\x02 \x01(\x0e\x32\x13.chime.v1.RunStatus\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rstarted_at_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x06 \x01(\x03\"\n\n\x08\x44raining\"\xec\x01\n\x12\x43oordinatorMessage\x12*\n\nregistered\x18\x01 \x01(\x0b\x32\x14.chime.v1.RegisteredH\x00\x12\"\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x10.chime.v1.AssignH\x00\x12\"\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x10.chime.v1.CancelH\x00\x12)\n\nnot_leader\x18\x04 \x01(\x0b\x32\x13.chime.v1.NotLeaderH\x00\x12/\n\rsession_ended\x18\x05 \x01(\x0b\x32\x16.chime.v1.SessionEndedH\x00\x42\x06\n\x04kind\"S\n\nRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\"\xd4\x01\n\x06\x41ssign\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x0f\n\x07\x66ire_id\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x0f\n\x07handler\x18\x04 \x01(\t\x12\x0e\n\x06params\x18\x05 \x01(\t\x12\x14\n\x0cshard_params\x18\x06 \x01(\t\x12\x13\n\x0bshard_index\x18\x07 \x01(\r\x12\x13\n\x0bshard_total\x18\x08 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\x03\x12\x17\n\x0fscheduled_at_ms\x18\n \x01(\x03\"7\n\x06\x43\x61ncel\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.chime.v1.RunRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\tNotLeader\x12\x0e\n\x06leader\x18\x01 \x01(\t\"J\n\x0cSessionEnded\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.chime.v1.SessionEndReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*r\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x01\x12\x15\n\x11RUN_STATUS_FAILED\x10\x02\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x03*\xc6\x01\n\x10SessionEndReason\x12\"\n\x1eSESSION_END_REASON_UNSPECIFIED\x10\x00\x12$\n SESSION_END_REASON_DECLARED_DEAD\x10\x01\x12\x1f\n\x1bSESSION_END_REASON_REPLACED\x10\x02\x12\x1e\n\x1aSESSION_END_REASON_DRAINED\x10\x03\x12\'\n#SESSION_END_REASON_LEADERSHIP_ENDED\x10\x04\x32U\n\rWorkerGateway\x12\x44\n\x07Session\x12\x17.chime.v1.WorkerMessage\x1a\x1c.chime.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTER_LABELSENTRY']._loaded_options = None
   _globals['_REGISTER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATUS']._serialized_start=1519
-  _globals['_RUNSTATUS']._serialized_end=1633
+  _globals['_RUNSTATUS']._serialized_start=1644
+  _globals['_RUNSTATUS']._serialized_end=1758
+  _globals['_SESSIONENDREASON']._serialized_start=1761
+  _globals['_SESSIONENDREASON']._serialized_end=1959
   _globals['_WORKERMESSAGE']._serialized_start=36
   _globals['_WORKERMESSAGE']._serialized_end=306
   _globals['_REGISTER']._serialized_start=309
@@ -54,15 +56,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINING']._serialized_start=931
   _globals['_DRAINING']._serialized_end=941
   _globals['_COORDINATORMESSAGE']._serialized_start=944
-  _globals['_COORDINATORMESSAGE']._serialized_end=1131
-  _globals['_REGISTERED']._serialized_start=1133
-  _globals['_REGISTERED']._serialized_end=1216
-  _globals['_ASSIGN']._serialized_start=1219
-  _globals['_ASSIGN']._serialized_end=1431
-  _globals['_CANCEL']._serialized_start=1433
-  _globals['_CANCEL']._serialized_end=1488
-  _globals['_NOTLEADER']._serialized_start=1490
-  _globals['_NOTLEADER']._serialized_end=1517
-  _globals['_WORKERGATEWAY']._serialized_start=1635
-  _globals['_WORKERGATEWAY']._serialized_end=1720
+  _globals['_COORDINATORMESSAGE']._serialized_end=1180
+  _globals['_REGISTERED']._serialized_start=1182
+  _globals['_REGISTERED']._serialized_end=1265
+  _globals['_ASSIGN']._serialized_start=1268
+  _globals['_ASSIGN']._serialized_end=1480
+  _globals['_CANCEL']._serialized_start=1482
+  _globals['_CANCEL']._serialized_end=1537
+  _globals['_NOTLEADER']._serialized_start=1539
+  _globals['_NOTLEADER']._serialized_end=1566
+  _globals['_SESSIONENDED']._serialized_start=1568
+  _globals['_SESSIONENDED']._serialized_end=1642
+  _globals['_WORKERGATEWAY']._serialized_start=1961
+  _globals['_WORKERGATEWAY']._serialized_end=2046
 # @@protoc_insertion_point(module_scope)

@@ -13,10 +13,23 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_SUCCEEDED: _ClassVar[RunStatus]
     RUN_STATUS_FAILED: _ClassVar[RunStatus]
     RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
+
+class SessionEndReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_END_REASON_UNSPECIFIED: _ClassVar[SessionEndReason]
+    SESSION_END_REASON_DECLARED_DEAD: _ClassVar[SessionEndReason]
+    SESSION_END_REASON_REPLACED: _ClassVar[SessionEndReason]
+    SESSION_END_REASON_DRAINED: _ClassVar[SessionEndReason]
+    SESSION_END_REASON_LEADERSHIP_ENDED: _ClassVar[SessionEndReason]
 RUN_STATUS_UNSPECIFIED: RunStatus
 RUN_STATUS_SUCCEEDED: RunStatus
 RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
+SESSION_END_REASON_UNSPECIFIED: SessionEndReason
+SESSION_END_REASON_DECLARED_DEAD: SessionEndReason
+SESSION_END_REASON_REPLACED: SessionEndReason
+SESSION_END_REASON_DRAINED: SessionEndReason
+SESSION_END_REASON_LEADERSHIP_ENDED: SessionEndReason
 
 class WorkerMessage(_message.Message):
     __slots__ = ("register", "heartbeat", "run_started", "run_log", "run_result", "draining")
@@ -112,16 +125,18 @@ class Draining(_message.Message):
     def __init__(self) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("registered", "assign", "cancel", "not_leader")
+    __slots__ = ("registered", "assign", "cancel", "not_leader", "session_ended")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     NOT_LEADER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ENDED_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: Assign
     cancel: Cancel
     not_leader: NotLeader
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., not_leader: _Optional[_Union[NotLeader, _Mapping]] = ...) -> None: ...
+    session_ended: SessionEnded
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., not_leader: _Optional[_Union[NotLeader, _Mapping]] = ..., session_ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms", "coordinator")
@@ -170,3 +185,11 @@ class NotLeader(_message.Message):
     LEADER_FIELD_NUMBER: _ClassVar[int]
     leader: str
     def __init__(self, leader: _Optional[str] = ...) -> None: ...
+
+class SessionEnded(_message.Message):
+    __slots__ = ("reason", "detail")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: SessionEndReason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[SessionEndReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -29,22 +29,34 @@ class WorkerGatewayStub(object):
     """One long-lived bidirectional stream per worker process.
 
     The conversation:
-    1. The worker opens `Session` (with its bearer token in the `authorization`
-    metadata when the coordinator requires one) and sends `Register` first.
+    1. The worker opens `Session` (with `authorization: Bearer <token>` metadata
+    when the coordinator requires a worker token) and sends `Register` first,
+    within 10 s (the stream fails with DEADLINE_EXCEEDED otherwise). A
+    `Register` the coordinator refuses fails the stream with INVALID_ARGUMENT
+    naming the field (`register.capacity`, `register.handlers[2]`, ...).
     A coordinator that is not the leader answers `NotLeader` with the leader's
     address and closes the stream; the worker reconnects there.
     2. The leader answers `Registered`, which fixes the heartbeat interval.
-    3. The worker sends `Heartbeat` every interval, listing the runs it is executing.
-    Three missed heartbeats (or the stream closing) mark the worker dead: its
-    unfinished shards go to live workers of its group, keeping their indexes.
-    4. The coordinator sends `Assign` for each shard the worker must run, and
-    `Cancel` to stop one (timeout, kill, overlap policy). The worker answers
-    each `Assign` with `RunStarted`, may send `RunLog` lines while it runs, and
-    ends with exactly one `RunResult` per (run, shard, attempt).
+    3. The worker sends `Heartbeat` every interval, listing every shard attempt it
+    is executing. Three missed heartbeats mark the worker dead (and the stream
+    closing ends the session at once): its unfinished shards go to live workers
+    of its group, keeping their indexes. A shard sent to the worker at least one
+    interval earlier that two heartbeats in a row leave out is taken to be lost
+    and given to another worker.
+    4. The coordinator sends `Assign` for each shard the worker must run, never
+    more at once than the worker's `capacity`, and `Cancel` to stop one
+    (timeout, kill, overlap policy). The worker answers each `Assign` with
+    `RunStarted`, may send `RunLog` lines while it runs, and ends with exactly
+    one `RunResult` per (run, shard, attempt).
     5. A worker shutting down sends `Draining`: it receives no new assignment,
-    finishes (or gives up) what it runs, reports the results, then closes.
-    Results of runs that finished while the stream was down are sent again after
-    the next `Registered`; the coordinator ignores duplicates.
+    finishes (or gives up) what it runs and reports the results. When it runs
+    nothing the coordinator waits for, the coordinator ends the session with
+    `SessionEnded{reason: DRAINED}`.
+    Whenever the coordinator ends a session, its last message is `SessionEnded`,
+    saying why (declared dead, replaced by a newer session with the same worker id,
+    drained, or the coordinator stopped leading). Results of runs that finished
+    while the stream was down are sent again after the next `Registered`; the
+    coordinator ignores duplicates.
     """
 
     def __init__(self, channel):
@@ -64,22 +76,34 @@ class WorkerGatewayServicer(object):
     """One long-lived bidirectional stream per worker process.
 
     The conversation:
-    1. The worker opens `Session` (with its bearer token in the `authorization`
-    metadata when the coordinator requires one) and sends `Register` first.
+    1. The worker opens `Session` (with `authorization: Bearer <token>` metadata
+    when the coordinator requires a worker token) and sends `Register` first,
+    within 10 s (the stream fails with DEADLINE_EXCEEDED otherwise). A
+    `Register` the coordinator refuses fails the stream with INVALID_ARGUMENT
+    naming the field (`register.capacity`, `register.handlers[2]`, ...).
     A coordinator that is not the leader answers `NotLeader` with the leader's
     address and closes the stream; the worker reconnects there.
     2. The leader answers `Registered`, which fixes the heartbeat interval.
-    3. The worker sends `Heartbeat` every interval, listing the runs it is executing.
-    Three missed heartbeats (or the stream closing) mark the worker dead: its
-    unfinished shards go to live workers of its group, keeping their indexes.
-    4. The coordinator sends `Assign` for each shard the worker must run, and
-    `Cancel` to stop one (timeout, kill, overlap policy). The worker answers
-    each `Assign` with `RunStarted`, may send `RunLog` lines while it runs, and
-    ends with exactly one `RunResult` per (run, shard, attempt).
+    3. The worker sends `Heartbeat` every interval, listing every shard attempt it
+    is executing. Three missed heartbeats mark the worker dead (and the stream
+    closing ends the session at once): its unfinished shards go to live workers
+    of its group, keeping their indexes. A shard sent to the worker at least one
+    interval earlier that two heartbeats in a row leave out is taken to be lost
+    and given to another worker.
+    4. The coordinator sends `Assign` for each shard the worker must run, never
+    more at once than the worker's `capacity`, and `Cancel` to stop one
+    (timeout, kill, overlap policy). The worker answers each `Assign` with
+    `RunStarted`, may send `RunLog` lines while it runs, and ends with exactly
+    one `RunResult` per (run, shard, attempt).
     5. A worker shutting down sends `Draining`: it receives no new assignment,
-    finishes (or gives up) what it runs, reports the results, then closes.
-    Results of runs that finished while the stream was down are sent again after
-    the next `Registered`; the coordinator ignores duplicates.
+    finishes (or gives up) what it runs and reports the results. When it runs
+    nothing the coordinator waits for, the coordinator ends the session with
+    `SessionEnded{reason: DRAINED}`.
+    Whenever the coordinator ends a session, its last message is `SessionEnded`,
+    saying why (declared dead, replaced by a newer session with the same worker id,
+    drained, or the coordinator stopped leading). Results of runs that finished
+    while the stream was down are sent again after the next `Registered`; the
+    coordinator ignores duplicates.
     """
 
     def Session(self, request_iterator, context):
@@ -109,22 +133,34 @@ class WorkerGateway(object):
     """One long-lived bidirectional stream per worker process.
 
     The conversation:
-    1. The worker opens `Session` (with its bearer token in the `authorization`
-    metadata when the coordinator requires one) and sends `Register` first.
+    1. The worker opens `Session` (with `authorization: Bearer <token>` metadata
+    when the coordinator requires a worker token) and sends `Register` first,
+    within 10 s (the stream fails with DEADLINE_EXCEEDED otherwise). A
+    `Register` the coordinator refuses fails the stream with INVALID_ARGUMENT
+    naming the field (`register.capacity`, `register.handlers[2]`, ...).
     A coordinator that is not the leader answers `NotLeader` with the leader's
     address and closes the stream; the worker reconnects there.
     2. The leader answers `Registered`, which fixes the heartbeat interval.
-    3. The worker sends `Heartbeat` every interval, listing the runs it is executing.
-    Three missed heartbeats (or the stream closing) mark the worker dead: its
-    unfinished shards go to live workers of its group, keeping their indexes.
-    4. The coordinator sends `Assign` for each shard the worker must run, and
-    `Cancel` to stop one (timeout, kill, overlap policy). The worker answers
-    each `Assign` with `RunStarted`, may send `RunLog` lines while it runs, and
-    ends with exactly one `RunResult` per (run, shard, attempt).
+    3. The worker sends `Heartbeat` every interval, listing every shard attempt it
+    is executing. Three missed heartbeats mark the worker dead (and the stream
+    closing ends the session at once): its unfinished shards go to live workers
+    of its group, keeping their indexes. A shard sent to the worker at least one
+    interval earlier that two heartbeats in a row leave out is taken to be lost
+    and given to another worker.
+    4. The coordinator sends `Assign` for each shard the worker must run, never
+    more at once than the worker's `capacity`, and `Cancel` to stop one
+    (timeout, kill, overlap policy). The worker answers each `Assign` with
+    `RunStarted`, may send `RunLog` lines while it runs, and ends with exactly
+    one `RunResult` per (run, shard, attempt).
     5. A worker shutting down sends `Draining`: it receives no new assignment,
-    finishes (or gives up) what it runs, reports the results, then closes.
-    Results of runs that finished while the stream was down are sent again after
-    the next `Registered`; the coordinator ignores duplicates.
+    finishes (or gives up) what it runs and reports the results. When it runs
+    nothing the coordinator waits for, the coordinator ends the session with
+    `SessionEnded{reason: DRAINED}`.
+    Whenever the coordinator ends a session, its last message is `SessionEnded`,
+    saying why (declared dead, replaced by a newer session with the same worker id,
+    drained, or the coordinator stopped leading). Results of runs that finished
+    while the stream was down are sent again after the next `Registered`; the
+    coordinator ignores duplicates.
     """
 
     @staticmethod

@@ -1,0 +1,455 @@
+//! The engine's driver: the only async part of the engine. It owns the core
+//! ([`Machine`]), the worker sessions' channels and the calls waiting for answers;
+//! turns [`Cmd`]s into inputs, sleeps until the core's next timer, and performs the
+//! effects in order: messages to sessions, store requests (whose answers it feeds
+//! back before anything else), history snapshots (written by a background task
+//! that coalesces them), answers to calls. It decides nothing.
+//!
+//! Also here: the job watcher (store changes → the engine) and the history
+//! writer, which keeps each run's latest unwritten snapshot readable so a run that
+//! just ended never reads older than it was.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chime_shared::clock::Clock;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::machine::{Answer, CallId, Effect, Input, Machine, Reply, Request};
+use super::workers::{EndReason, SessionAccepted, ToWorker};
+use super::{Cmd, EngineHandle, EngineOptions};
+use crate::error::Result;
+use crate::model::RunRecord;
+use crate::store::{JobStore, RunStore};
+
+/// Who waits for the answer to a call.
+enum Caller {
+    /// A registration: its session's channel, kept once the session is accepted.
+    Register(
+        mpsc::Sender<ToWorker>,
+        oneshot::Sender<Result<SessionAccepted>>,
+    ),
+    /// A trigger or a kill.
+    Run(oneshot::Sender<Result<RunRecord>>),
+}
+
+struct Driver {
+    machine: Machine,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn RunStore>,
+    history: History,
+    lost: CancellationToken,
+    sessions: HashMap<u64, mpsc::Sender<ToWorker>>,
+    calls: HashMap<CallId, Caller>,
+    next_call: CallId,
+}
+
+/// Starts an engine (see [`super::start`]).
+pub(super) async fn start(
+    jobs: JobStore,
+    store: Arc<dyn RunStore>,
+    clock: Arc<dyn Clock>,
+    opts: EngineOptions,
+    fence: i64,
+    lost: CancellationToken,
+    shutdown: CancellationToken,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(4096);
+    let history = History::spawn(store.clone(), shutdown.clone());
+    let (stored, revision) = jobs.list().await?;
+    let last = store.trigger_state().await?;
+    let active = store.active_runs().await?;
+    let mut driver = Driver {
+        // The engine's randomness (jitter, random routing, run ids) is seeded from
+        // the thread's generator, which tests and the fuzzer seed.
+        machine: Machine::new(opts, fence, fastrand::u64(..)),
+        clock,
+        store,
+        history,
+        lost,
+        sessions: HashMap::new(),
+        calls: HashMap::new(),
+        next_call: 0,
+    };
+    driver
+        .step(Input::Start {
+            jobs: stored,
+            last,
+            active,
+        })
+        .await;
+    let handle = EngineHandle { tx };
+    spawn_job_watcher(jobs, revision, handle.clone(), shutdown.clone());
+    let task = tokio::spawn(driver.run(rx, shutdown));
+    Ok((handle, task))
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, shutdown: CancellationToken) {
+        loop {
+            let wait = self
+                .machine
+                .next_wake()
+                .map(|at| (at - self.clock.now_ms()).max(0) as u64)
+                .unwrap_or(60_000);
+            let input = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(c) => self.input(c),
+                    None => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => Some(Input::Timers),
+            };
+            if let Some(input) = input {
+                self.step(input).await;
+            }
+        }
+        // Every worker learns why its session ends (a follower sends it on).
+        for (_, tx) in self.sessions.drain() {
+            let _ = tx.try_send(ToWorker::End(EndReason::LeadershipEnded));
+        }
+        info!("engine stopped");
+    }
+
+    fn call(&mut self, caller: Caller) -> CallId {
+        self.next_call += 1;
+        self.calls.insert(self.next_call, caller);
+        self.next_call
+    }
+
+    /// The input of a command; reads are answered here (None).
+    fn input(&mut self, cmd: Cmd) -> Option<Input> {
+        Some(match cmd {
+            Cmd::Register(hello, tx, reply) => {
+                let call = self.call(Caller::Register(tx, reply));
+                Input::Register(call, hello)
+            }
+            Cmd::Heartbeat(worker, session, running) => Input::Heartbeat {
+                worker,
+                session,
+                running,
+            },
+            Cmd::Started(worker, _session, key, at_ms) => Input::Started { worker, key, at_ms },
+            Cmd::Log(key, line) => Input::Log(key, line),
+            Cmd::Result(worker, _session, key, outcome) => Input::Result {
+                worker,
+                key,
+                outcome,
+            },
+            Cmd::Draining(worker, session) => Input::Draining { worker, session },
+            Cmd::Closed(worker, session) => Input::Closed { worker, session },
+            Cmd::JobPut(j) => Input::JobPut(j),
+            Cmd::JobDeleted(name) => Input::JobDeleted(name),
+            Cmd::Trigger(name, params, reply) => {
+                let call = self.call(Caller::Run(reply));
+                Input::Trigger(call, name, params)
+            }
+            Cmd::Kill(run_id, reply) => {
+                let call = self.call(Caller::Run(reply));
+                Input::Kill(call, run_id)
+            }
+            Cmd::Workers(reply) => {
+                let _ = reply.send(self.machine.worker_views());
+                return None;
+            }
+            Cmd::States(reply) => {
+                let _ = reply.send(self.machine.trigger_states());
+                return None;
+            }
+            Cmd::ActiveRun(id, reply) => {
+                let run = self
+                    .machine
+                    .active_run(&id)
+                    .cloned()
+                    .or_else(|| self.history.unwritten(&id));
+                let _ = reply.send(run);
+                return None;
+            }
+        })
+    }
+
+    /// Hands `input` to the core and performs what it answers, feeding store
+    /// answers (and assignments a session could not take) back until it is done.
+    async fn step(&mut self, input: Input) {
+        let mut queue: std::collections::VecDeque<Effect> =
+            self.machine.step(self.clock.now_ms(), input).into();
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Send { session, msg } => {
+                    let refused = match self.sessions.get(&session) {
+                        Some(tx) => tx.try_send(msg).err().map(|e| e.into_inner()),
+                        None => Some(msg),
+                    };
+                    if let Some(ToWorker::Assign(a)) = refused {
+                        let input = Input::Undelivered {
+                            session,
+                            key: a.key,
+                        };
+                        queue.extend(self.machine.step(self.clock.now_ms(), input));
+                    }
+                }
+                Effect::End { session, reason } => {
+                    if let Some(tx) = self.sessions.remove(&session)
+                        && reason != EndReason::WorkerClosed
+                    {
+                        let _ = tx.try_send(ToWorker::End(reason));
+                    }
+                }
+                Effect::Save(run) => self.history.save(run),
+                Effect::SaveNow(run) => self.history.save_now(run).await,
+                Effect::Reply(call, reply) => self.reply(call, reply),
+                Effect::LostLead => self.lost.cancel(),
+                Effect::Request(r) => {
+                    let answer = self.perform(r).await;
+                    queue.extend(
+                        self.machine
+                            .step(self.clock.now_ms(), Input::Answer(answer)),
+                    );
+                }
+            }
+        }
+    }
+
+    async fn perform(&self, r: Request) -> Answer {
+        match r {
+            Request::Record { fence, fires } => Answer::Record(
+                self.store
+                    .record_fires(fence, &fires)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            Request::CheckFence { fence } => Answer::Fence(
+                self.store
+                    .fence_holds(fence)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+        }
+    }
+
+    fn reply(&mut self, call: CallId, reply: Reply) {
+        match (self.calls.remove(&call), reply) {
+            (Some(Caller::Register(tx, answer)), Reply::Registered(r)) => {
+                if let Ok(a) = &r {
+                    self.sessions.insert(a.session, tx);
+                }
+                let _ = answer.send(r);
+            }
+            (Some(Caller::Run(answer)), Reply::Run(r)) => {
+                let _ = answer.send(r);
+            }
+            (_, reply) => warn!(call, ?reply, "an answer to no call; dropped"),
+        }
+    }
+}
+
+/// How long the history writer gathers run snapshots before writing them, ms. A
+/// leader that dies meanwhile loses nothing: each fire's run is recorded with the
+/// fire, and workers send the results of the last minute again to the next leader.
+const HISTORY_COALESCE_MS: u64 = 200;
+
+/// Run snapshots on their way to the store: the latest per run, readable until
+/// written (so a finished run, gone from the engine, never reads as it was before).
+/// One task writes them all, always the latest of a run, so an older snapshot
+/// never lands after a newer one.
+struct History {
+    tx: mpsc::UnboundedSender<Write>,
+    unwritten: Unwritten,
+    seq: u64,
+}
+
+type Unwritten = Arc<Mutex<HashMap<String, (u64, RunRecord)>>>;
+
+/// What the history writer is asked.
+enum Write {
+    /// Write this run's latest snapshot with the next batch.
+    Later(String),
+    /// Write it now, then say so.
+    Now(String, oneshot::Sender<()>),
+}
+
+fn lock(u: &Unwritten) -> std::sync::MutexGuard<'_, HashMap<String, (u64, RunRecord)>> {
+    u.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl History {
+    /// Starts the writer; it flushes what is queued when `shutdown` fires.
+    fn spawn(store: Arc<dyn RunStore>, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel::<Write>();
+        let unwritten: Unwritten = Arc::default();
+        tokio::spawn(write_history(store, rx, unwritten.clone(), shutdown));
+        Self {
+            tx,
+            unwritten,
+            seq: 0,
+        }
+    }
+
+    fn save(&mut self, run: RunRecord) {
+        let id = self.keep(run);
+        let _ = self.tx.send(Write::Later(id));
+    }
+
+    /// Saves `run` before returning (a buffered run before it goes out): through
+    /// the writer, so a snapshot of it still queued cannot land after this one.
+    async fn save_now(&mut self, run: RunRecord) {
+        let id = self.keep(run);
+        let (done, written) = oneshot::channel();
+        if self.tx.send(Write::Now(id, done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    fn keep(&mut self, run: RunRecord) -> String {
+        self.seq += 1;
+        let id = run.run_id.clone();
+        lock(&self.unwritten).insert(id.clone(), (self.seq, run));
+        id
+    }
+
+    /// The latest snapshot of `run_id` not written yet.
+    fn unwritten(&self, run_id: &str) -> Option<RunRecord> {
+        lock(&self.unwritten).get(run_id).map(|(_, r)| r.clone())
+    }
+}
+
+/// Writes run snapshots, latest per run, in batches gathered for
+/// [`HISTORY_COALESCE_MS`]: a short run's start and end then cost one write, and
+/// the writes of a burst of fires land after the burst went out instead of
+/// competing with it for Redis and the CPU. A `Now` is written at once (between
+/// two writes of a batch at worst).
+async fn write_history(
+    store: Arc<dyn RunStore>,
+    mut rx: mpsc::UnboundedReceiver<Write>,
+    unwritten: Unwritten,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let mut ids = BTreeSet::new();
+        let first = tokio::select! {
+            w = rx.recv() => match w { Some(w) => w, None => return },
+            _ = shutdown.cancelled() => {
+                // Flush what is queued, then stop.
+                while let Ok(w) = rx.try_recv() {
+                    match w {
+                        Write::Later(id) => { ids.insert(id); }
+                        Write::Now(id, done) => {
+                            write_one(&store, &unwritten, &id).await;
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                write_batch(&store, &unwritten, ids).await;
+                return;
+            }
+        };
+        match first {
+            Write::Later(id) => {
+                ids.insert(id);
+            }
+            Write::Now(id, done) => {
+                write_one(&store, &unwritten, &id).await;
+                let _ = done.send(());
+                continue;
+            }
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(HISTORY_COALESCE_MS);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = shutdown.cancelled() => break,
+                w = rx.recv() => match w {
+                    Some(Write::Later(id)) => { ids.insert(id); }
+                    Some(Write::Now(id, done)) => {
+                        write_one(&store, &unwritten, &id).await;
+                        let _ = done.send(());
+                    }
+                    None => break,
+                },
+            }
+        }
+        write_batch(&store, &unwritten, ids).await;
+    }
+}
+
+/// Writes the latest snapshot of each run in `ids`.
+async fn write_batch(store: &Arc<dyn RunStore>, unwritten: &Unwritten, ids: BTreeSet<String>) {
+    for id in ids {
+        write_one(store, unwritten, &id).await;
+    }
+}
+
+/// Writes the latest snapshot of `id`, then forgets it unless a newer one came
+/// meanwhile. A failed write is logged and forgotten too (the next snapshot of
+/// the run, or the next leader, writes it).
+async fn write_one(store: &Arc<dyn RunStore>, unwritten: &Unwritten, id: &str) {
+    let Some((seq, run)) = lock(unwritten).get(id).cloned() else {
+        return;
+    };
+    if let Err(e) = store.save_run(&run).await {
+        warn!(run_id = %id, error = %e, "saving run history failed");
+    }
+    let mut u = lock(unwritten);
+    if u.get(id).is_some_and(|(s, _)| *s == seq) {
+        u.remove(id);
+    }
+}
+
+/// Follows job definitions in the store and tells the engine, in revision order.
+fn spawn_job_watcher(jobs: JobStore, last: i64, engine: EngineHandle, shutdown: CancellationToken) {
+    use chime_shared::config::follow::{Followed, follow};
+    use chime_shared::config::source::Change;
+    tokio::spawn(follow(jobs.source(), last, "jobs", shutdown, move |f| {
+        let engine = engine.clone();
+        async move {
+            match f {
+                Followed::Changes(changes) => {
+                    for c in changes {
+                        match c {
+                            Change::Put {
+                                key,
+                                value,
+                                revision,
+                            } => {
+                                if let Some(name) = key.strip_prefix("jobs/") {
+                                    match JobStore::decode(&value, revision) {
+                                        Ok(job) => {
+                                            let _ = engine.job_put(job).await;
+                                        }
+                                        Err(e) => {
+                                            warn!(job = name, error = %e, "unreadable job written to the store")
+                                        }
+                                    }
+                                }
+                            }
+                            Change::Delete { key, .. } => {
+                                if let Some(name) = key.strip_prefix("jobs/") {
+                                    let _ = engine.job_deleted(name).await;
+                                }
+                            }
+                        }
+                    }
+                }
+                // After a compaction: the engine's jobs become exactly the stored
+                // ones, including deletions the watch never reported.
+                Followed::Reloaded(snapshot) => {
+                    let stored = JobStore::jobs_in(&snapshot);
+                    if let Ok(held) = engine.states().await {
+                        for name in held.keys() {
+                            if !stored.iter().any(|j| &j.spec.name == name) {
+                                let _ = engine.job_deleted(name).await;
+                            }
+                        }
+                    }
+                    for j in stored {
+                        let _ = engine.job_put(j).await;
+                    }
+                }
+            }
+        }
+    }));
+}
