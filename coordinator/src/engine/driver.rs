@@ -177,7 +177,15 @@ impl Driver {
     async fn step(&mut self, input: Input) {
         let mut queue: std::collections::VecDeque<Effect> =
             self.machine.step(self.clock.now_ms(), input).into();
-        while let Some(effect) = queue.pop_front() {
+        loop {
+            let Some(effect) = queue.pop_front() else {
+                // A batch going out in slices: this slice is sent, make the next.
+                if self.machine.busy() {
+                    queue.extend(self.machine.step(self.clock.now_ms(), Input::Continue));
+                    continue;
+                }
+                break;
+            };
             match effect {
                 Effect::Send { session, msg } => {
                     let refused = match self.sessions.get(&session) {

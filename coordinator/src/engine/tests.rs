@@ -728,7 +728,11 @@ fn inputs_arriving_during_a_store_request_wait_for_its_answer() {
 #[test]
 fn a_big_batch_goes_out_in_slices_each_before_the_next_is_made() {
     let mut r = Rig::new(opts());
-    r.start((0..120).map(|i| once(&format!("j{i}"), T0 + 1_000)).collect());
+    r.start(
+        (0..120)
+            .map(|i| once(&format!("j{i}"), T0 + 1_000))
+            .collect(),
+    );
     r.join("w1", 1_000);
     r.advance(999);
     assert_eq!(r.m.runs.prepared.len(), 120);
