@@ -10,8 +10,8 @@ use chime_coordinator::grpc::{
 };
 use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
 use chime_shared::auth::Bearer;
-use chime_shared::proto as pb;
 use clap::Subcommand;
+use proto as pb;
 use serde_json::json;
 
 use crate::config::{self, ClientConfig};

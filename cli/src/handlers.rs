@@ -114,9 +114,10 @@ impl Recorder {
         Ok(Arc::new(Self { file }))
     }
 
-    fn record(&self, ctx: &ItemContext) -> std::io::Result<()> {
+    /// Records `ctx`'s items as started at `started_ms`.
+    fn record(&self, ctx: &ItemContext, started_ms: i64) -> std::io::Result<()> {
         use std::fmt::Write as _;
-        let now = system_now_ms();
+        let now = started_ms;
         let mut buf = String::new();
         for it in ctx.items() {
             let _ = writeln!(buf, "{} {} {} {}", it.id, it.due_at_ms, now, it.attempt);
@@ -125,7 +126,8 @@ impl Recorder {
     }
 }
 
-/// Wraps a handler so successful deliveries are recorded before they are acked.
+/// Wraps a handler so successful deliveries are recorded (with the time the handler
+/// started) before they are acked.
 pub struct Recorded {
     inner: Arc<dyn ItemHandler>,
     recorder: Arc<Recorder>,
@@ -141,9 +143,12 @@ impl Recorded {
 #[async_trait]
 impl ItemHandler for Recorded {
     async fn handle(&self, ctx: ItemContext) -> Result<(), HandlerError> {
+        // The time a delivery reached its handler, taken before the handler runs: an
+        // early delivery shows as early however long the handler takes.
+        let started = system_now_ms();
         self.inner.handle(ctx.clone()).await?;
         self.recorder
-            .record(&ctx)
+            .record(&ctx, started)
             .map_err(|e| HandlerError::new(format!("recording failed: {e}")))
     }
 }

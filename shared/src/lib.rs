@@ -13,10 +13,11 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod error;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod limits;
+#[cfg(feature = "ops")]
 pub mod ops;
-pub mod proto;
 pub mod queue;
 pub mod ratelimit;
 pub mod redis_conn;

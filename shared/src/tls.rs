@@ -118,6 +118,7 @@ impl ServerTls {
 
     /// The tonic server config of the gRPC listener (client certificates required
     /// when `client_ca_file` is set).
+    #[cfg(feature = "server")]
     pub fn tonic(&self) -> Result<tonic::transport::ServerTlsConfig> {
         self.check()?;
         let identity = tonic::transport::Identity::from_pem(

@@ -4,8 +4,8 @@
 
 use anyhow::{Result, ensure};
 use chime_shared::auth::Bearer;
-use chime_shared::proto as pb;
 use chime_tests::{ADMIN_TOKEN, Cluster, http, pending_items};
+use proto as pb;
 use serde_json::{Value, json};
 
 fn job(overrides: Value) -> Value {

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use chime_shared::auth::Bearer;
-use chime_shared::proto as pb;
 use chime_tests::{
     ADMIN_TOKEN, Cluster, PRODUCER_TOKEN, WORKER_TOKEN, http, read_records, spawn_worker,
     wait_until,
 };
 use pb::queue_client::QueueClient;
+use proto as pb;
 use serde_json::json;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;

@@ -20,10 +20,10 @@
 use std::time::Duration;
 
 use chime_shared::auth::Bearer;
-use chime_shared::proto as pb;
 use chime_shared::queue::{
     CancelOutcome, EnqueueOutcome, Item, ItemRef, ItemState, ItemView, NewItem, RescheduleOutcome,
 };
+use proto as pb;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use chime_shared::auth::Bearer;
 use chime_shared::clock::system_now_ms;
-use chime_shared::proto as pb;
 use pb::coordinator_message::Kind as Out;
 use pb::worker_message::Kind as In;
+use proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

@@ -27,17 +27,17 @@ pub(crate) struct BurstArgs {
     /// Queues N.
     #[arg(long, default_value_t = 8)]
     queues: u32,
-    /// Most items per pop.
-    #[arg(long, default_value_t = 500)]
+    /// Most items per pop (the worker's default).
+    #[arg(long, default_value_t = 256)]
     batch: u32,
-    /// Pollers per worker.
+    /// Pollers per worker (the worker's default).
     #[arg(long, default_value_t = 2)]
     pollers: usize,
-    /// Most items each worker holds at once.
-    #[arg(long, default_value_t = 4_096)]
+    /// Most items each worker holds at once (the worker's default).
+    #[arg(long, default_value_t = 2_048)]
     max_in_flight: usize,
-    /// Payload size of each item, bytes.
-    #[arg(long, default_value_t = 0)]
+    /// Payload size of each item, bytes (a realistic reminder).
+    #[arg(long, default_value_t = 256)]
     payload_bytes: usize,
     /// Time from the start of the enqueue to T0, ms (0: sized to the burst).
     #[arg(long, default_value_t = 0)]
@@ -139,6 +139,9 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         "workers": a.workers,
         "queues": a.queues,
         "batch": a.batch,
+        "pollers": a.pollers,
+        "max_in_flight": a.max_in_flight,
+        "payload_bytes": a.payload_bytes,
         "enqueue_per_s": (a.items as f64 / enqueue_s).round(),
         "drain_per_s": (a.items as f64 / drain_s).round(),
         "lag_p50_ms": quantile(&sc.lags, 0.50),

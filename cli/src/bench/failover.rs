@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chime_shared::clock::system_now_ms;
-use chime_shared::proto as pb;
+use proto as pb;
 use serde_json::json;
 
 use super::quantile;

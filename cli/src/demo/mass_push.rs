@@ -190,7 +190,7 @@ pub(crate) async fn run(c: Common) -> Result<()> {
         peak_backlog = peak_backlog.max(left);
         if fanout_done_ms.is_none() {
             let run = admin
-                .get_run(chime_shared::proto::RunId {
+                .get_run(proto::RunId {
                     run_id: run_id.clone(),
                 })
                 .await?

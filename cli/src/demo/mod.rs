@@ -23,10 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use chime_shared::proto as pb;
 use chime_shared::queue::redis_store::RedisStore;
 use chime_shared::queue::{DelayStore, QueueLayout};
 use chime_shared::redis_conn::{RedisConn, RedisSpec};
+use proto as pb;
 use serde_json::{Value, json};
 
 /// `chime demo` arguments.

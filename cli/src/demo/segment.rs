@@ -211,7 +211,7 @@ async fn scan(j: JobContext, ctx: WorkerCtx) -> Result<String, HandlerError> {
 }
 
 /// Sums a field of every shard's output.
-fn shard_sum(run: &chime_shared::proto::Run, field: &str) -> u64 {
+fn shard_sum(run: &proto::Run, field: &str) -> u64 {
     run.shards
         .iter()
         .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s.output).ok())

@@ -1,5 +1,5 @@
 //! The gRPC edge: the worker gateway (sessions), the admin API and ([`queue`]) the
-//! delay queue. Handlers are thin: they convert between `chime_shared::proto` and the
+//! delay queue. Handlers are thin: they convert between `proto` and the
 //! domain, and call the engine, the job store or the delay store. With `http.rs`,
 //! this is the only place that sees generated types.
 
@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use chime_shared::auth::{self, Tokens};
 use chime_shared::clock::Clock;
-use chime_shared::proto as pb;
 use chime_shared::tls::ClientTls;
 use pb::coordinator_message::Kind as Out;
 use pb::worker_message::Kind as In;
+use proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;

@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use chime_shared::limits;
-use chime_shared::proto as pb;
 use chime_shared::queue::{
     CancelOutcome, DEFAULT_MAX_ATTEMPTS, DelayStore, EnqueueOutcome, ItemRef, ItemState, ItemView,
     NewItem, RescheduleOutcome, validate_batch,
 };
+use proto as pb;
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordError;

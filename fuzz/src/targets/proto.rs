@@ -25,8 +25,8 @@ use chime_coordinator::grpc::queue::{items_from_proto, ref_from_proto};
 use chime_coordinator::grpc::{
     job_from_proto, job_view, run_from_proto, run_to_proto, worker_from_proto,
 };
-use chime_shared::proto as pb;
 use prost::Message;
+use proto as pb;
 
 use super::schedule_json::check_job;
 use super::{bucket, coarse, signal};

@@ -31,10 +31,10 @@ use chime_coordinator::model::{JobSpec, Routing, Schedule};
 use chime_coordinator::store::{JobStore, MemoryRunStore, Retention, StoredJob};
 use chime_shared::clock::{Clock, ManualClock};
 use chime_shared::config::source::MemorySource;
-use chime_shared::proto as pb;
 use chime_shared::queue::fnv1a64;
 use pb::worker_message::Kind as In;
 use prost::Message;
+use proto as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

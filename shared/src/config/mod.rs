@@ -16,6 +16,8 @@
 //! leaves the last good one in force. [`watcher`] keeps a [`LiveConfig`] current from
 //! a [`source::ConfigSource`] (etcd, or memory for `chime dev` and tests).
 
+#[cfg(feature = "etcd")]
+mod etcd_source;
 pub mod follow;
 pub mod source;
 pub mod watcher;

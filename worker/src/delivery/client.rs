@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chime_shared::auth::Bearer;
-use chime_shared::proto as pb;
 use futures_util::FutureExt;
 use pb::subscribe_request::Kind as In;
 use pb::subscribe_response::Kind as Out;
+use proto as pb;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

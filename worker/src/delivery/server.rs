@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use chime_shared::Error;
 use chime_shared::auth::{self, Tokens};
-use chime_shared::proto as pb;
 use pb::subscribe_request::Kind as In;
 use pb::subscribe_response::Kind as Out;
+use proto as pb;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};

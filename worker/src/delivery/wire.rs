@@ -1,8 +1,8 @@
 //! The one edge between `chime.v1.Deliveries` messages and domain values: both the
 //! worker's server and the Rust subscriber convert here and nowhere else.
 
-use chime_shared::proto as pb;
 use chime_shared::queue::Item;
+use proto as pb;
 
 use super::{MAX_ERROR_BYTES, MAX_RETRY_AFTER_MS, OutDelivery, SubscribeSpec, Verdict, cut};
 

@@ -3,10 +3,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
-        "../proto/chime/v1/worker.proto",
-        "../proto/chime/v1/admin.proto",
-        "../proto/chime/v1/queue.proto",
-        "../proto/chime/v1/delivery.proto",
+        "chime/v1/worker.proto",
+        "chime/v1/admin.proto",
+        "chime/v1/queue.proto",
+        "chime/v1/delivery.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
@@ -20,6 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".chime.v1.DeliveredItem.payload")
         .build_server(true)
         .build_client(true)
-        .compile_protos(&protos, &["../proto"])?;
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }

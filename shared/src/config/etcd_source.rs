@@ -1,0 +1,164 @@
+//! [`EtcdSource`]: live settings in etcd under a prefix (the production
+//! [`ConfigSource`]). Behind the `etcd` feature, so a worker SDK user who hands the
+//! worker a config handle of their own compiles no etcd client.
+
+use async_trait::async_trait;
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::sync::mpsc;
+
+use super::source::{Change, ConfigSource, Expect, Snapshot, WatchMsg, WatchRx};
+use crate::error::{Error, Result};
+
+/// Settings in etcd under a prefix.
+#[derive(Clone)]
+pub struct EtcdSource {
+    client: etcd_client::Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSource")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdSource {
+    /// Settings under `prefix` (which should end with `/`).
+    pub fn new(client: etcd_client::Client, prefix: impl Into<String>) -> Self {
+        Self {
+            client,
+            prefix: prefix.into(),
+        }
+    }
+
+    fn relative(&self, key: &[u8]) -> Option<String> {
+        std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.prefix)
+            .map(str::to_owned)
+    }
+}
+
+#[async_trait]
+impl ConfigSource for EtcdSource {
+    async fn load(&self) -> Result<Snapshot> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let entries = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                Some((
+                    self.relative(kv.key())?,
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                ))
+            })
+            .collect();
+        Ok(Snapshot { entries, revision })
+    }
+
+    async fn watch(&self, after: i64) -> Result<WatchRx> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1)
+            .with_progress_notify();
+        let mut stream = c.watch(self.prefix.as_str(), Some(opts)).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match stream.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            if resp.compact_revision() > 0 {
+                                Ok(WatchMsg::Compacted)
+                            } else {
+                                Err(Error::Unavailable(format!(
+                                    "etcd watch cancelled: {}",
+                                    resp.cancel_reason()
+                                )))
+                            }
+                        } else if resp.events().is_empty() {
+                            Ok(WatchMsg::Progress(
+                                resp.header().map(|h| h.revision()).unwrap_or(0),
+                            ))
+                        } else {
+                            let changes = resp
+                                .events()
+                                .iter()
+                                .filter_map(|ev| {
+                                    let kv = ev.kv()?;
+                                    let key = me.relative(kv.key())?;
+                                    let revision = kv.mod_revision();
+                                    Some(match ev.event_type() {
+                                        EventType::Put => Change::Put {
+                                            key,
+                                            value: String::from_utf8_lossy(kv.value()).into_owned(),
+                                            revision,
+                                        },
+                                        EventType::Delete => Change::Delete { key, revision },
+                                    })
+                                })
+                                .collect();
+                            Ok(WatchMsg::Changes(changes))
+                        }
+                    }
+                    Ok(None) => Err(Error::Unavailable("etcd watch stream ended".into())),
+                    Err(e) => Err(e.into()),
+                };
+                let end = msg.is_err() || matches!(msg, Ok(WatchMsg::Compacted));
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn put(&self, key: &str, value: &str) -> Result<i64> {
+        let mut c = self.client.clone();
+        let resp = c.put(format!("{}{key}", self.prefix), value, None).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn delete(&self, key: &str) -> Result<i64> {
+        let mut c = self.client.clone();
+        let resp = c.delete(format!("{}{key}", self.prefix), None).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<(String, i64)>> {
+        let mut c = self.client.clone();
+        let resp = c.get(format!("{}{key}", self.prefix), None).await?;
+        Ok(resp.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.mod_revision(),
+            )
+        }))
+    }
+
+    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let full = format!("{}{key}", self.prefix);
+        let cond = match expect {
+            Expect::Absent => Compare::version(full.as_str(), CompareOp::Equal, 0),
+            Expect::Revision(r) => Compare::mod_revision(full.as_str(), CompareOp::Equal, r),
+        };
+        let txn = Txn::new()
+            .when([cond])
+            .and_then([TxnOp::put(full.as_str(), value, None)]);
+        let mut c = self.client.clone();
+        let resp = c.txn(txn).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+}

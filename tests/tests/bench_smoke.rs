@@ -1,0 +1,71 @@
+//! The benchmarks whose figures README quotes run end to end at a small scale, so a
+//! change that breaks one (or its scoring) fails here rather than at the next
+//! measurement: `chime bench burst` and `chime bench cron` against a real Redis and
+//! etcd, their JSON parsed and their correctness fields checked. Speed is not
+//! asserted (figures come from release builds on a quiet machine, see README).
+
+use anyhow::{Context, Result, ensure};
+use chime_tests::{EtcdServer, RedisServer, run_chime};
+
+fn json(out: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(out.trim()).with_context(|| format!("bench output {out:?}"))
+}
+
+/// A small burst: every item handled once, none early, and every setting the
+/// figures depend on printed with them (the defaults: the worker's batch and
+/// in-flight limits, 256-byte payloads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_burst_runs_and_counts_every_item_once() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let (code, out, err) = run_chime(&[
+        "bench",
+        "burst",
+        "--redis-url",
+        &redis.url,
+        "--items",
+        "2000",
+        "--workers",
+        "2",
+    ])?;
+    ensure!(code == 0, "bench burst failed: {err}");
+    let r = json(&out)?;
+    ensure!(r["bench"] == "burst" && r["items"] == 2000, "{r}");
+    ensure!(
+        r["lost"] == 0 && r["duplicates"] == 0 && r["early"] == 0,
+        "{r}"
+    );
+    ensure!(
+        r["batch"] == 256 && r["max_in_flight"] == 2048 && r["payload_bytes"] == 256,
+        "the defaults are the worker's and a realistic payload: {r}"
+    );
+    for field in ["drain_per_s", "lag_p50_ms", "lag_p99_ms", "pollers"] {
+        ensure!(r[field].is_number(), "{field} missing: {r}");
+    }
+    Ok(())
+}
+
+/// A short cron run: every tick of every job fired once on every... shard, counted
+/// from the workers' records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_cron_runs_and_counts_every_tick() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let etcd = EtcdServer::start().await?;
+    let (code, out, err) = run_chime(&[
+        "bench",
+        "cron",
+        "--redis-url",
+        &redis.url,
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--jobs",
+        "20",
+        "--workers",
+        "2",
+        "--seconds",
+        "4",
+    ])?;
+    ensure!(code == 0, "bench cron failed: {err}");
+    let r = json(&out)?;
+    ensure!(r["bench"] == "cron" && r["jobs"] == 20, "{r}");
+    Ok(())
+}
