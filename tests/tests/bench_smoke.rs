@@ -44,8 +44,8 @@ async fn bench_burst_runs_and_counts_every_item_once() -> Result<()> {
     Ok(())
 }
 
-/// A short cron run: every tick of every job fired once on every... shard, counted
-/// from the workers' records.
+/// A short cron run: every tick of every job in the window fired once and none
+/// early, counted from the workers' records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_cron_runs_and_counts_every_tick() -> Result<()> {
     let redis = RedisServer::start().await?;
@@ -67,5 +67,16 @@ async fn bench_cron_runs_and_counts_every_tick() -> Result<()> {
     ensure!(code == 0, "bench cron failed: {err}");
     let r = json(&out)?;
     ensure!(r["bench"] == "cron" && r["jobs"] == 20, "{r}");
+    ensure!(
+        r["expected"] == 80 && r["fires"] == 80,
+        "every tick of the window fired: {r}"
+    );
+    ensure!(
+        r["missed"] == 0 && r["duplicates"] == 0 && r["early"] == 0,
+        "{r}"
+    );
+    for field in ["trigger_lag_p50_ms", "trigger_lag_p99_ms"] {
+        ensure!(r[field].is_number(), "{field} missing: {r}");
+    }
     Ok(())
 }
