@@ -101,3 +101,104 @@ impl From<CoordError> for tonic::Status {
         }
     }
 }
+
+/// What the leader answered to a forwarded call, back in domain terms (the inverse
+/// of the conversion above, so the caller of a follower sees what the leader said:
+/// `Status::from(CoordError::from(status))` keeps code, message and field).
+impl From<tonic::Status> for CoordError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let msg = s.message().to_owned();
+        match s.code() {
+            Code::InvalidArgument => {
+                let field = s
+                    .metadata()
+                    .get(FIELD_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        let rest = msg.strip_prefix("invalid ")?;
+                        rest.split_once(':').map(|(f, _)| f.to_owned())
+                    })
+                    .unwrap_or_else(|| "request".to_owned());
+                let reason = msg
+                    .strip_prefix(&format!("invalid {field}: "))
+                    .unwrap_or(&msg)
+                    .to_owned();
+                CoordError::InvalidArgument { field, reason }
+            }
+            Code::NotFound => {
+                CoordError::NotFound(msg.strip_suffix(" not found").unwrap_or(&msg).to_owned())
+            }
+            Code::AlreadyExists => {
+                let name = msg
+                    .strip_prefix("job ")
+                    .and_then(|r| r.strip_suffix(" already exists"))
+                    .and_then(|q| serde_json::from_str::<String>(q).ok());
+                match name {
+                    Some(n) => CoordError::AlreadyExists(n),
+                    None => CoordError::Conflict(msg),
+                }
+            }
+            Code::FailedPrecondition | Code::Aborted => match msg.strip_prefix("conflict: ") {
+                Some(r) => CoordError::Conflict(r.to_owned()),
+                None => CoordError::NotConfigured(msg),
+            },
+            Code::Unauthenticated | Code::PermissionDenied => CoordError::Unauthenticated(msg),
+            _ => {
+                if let Some(leader) = msg
+                    .strip_prefix("not the leader (leader: ")
+                    .and_then(|r| r.strip_suffix(')'))
+                    .and_then(|q| serde_json::from_str::<String>(q).ok())
+                {
+                    return CoordError::NotLeader { leader };
+                }
+                CoordError::Unavailable(
+                    msg.strip_prefix("unavailable: ").unwrap_or(&msg).to_owned(),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A follower relays the leader's errors unchanged: every variant survives the
+    /// trip to `Status` and back with its message, code and field.
+    #[test]
+    fn every_error_survives_a_forward() {
+        let all = [
+            CoordError::invalid("schedule.expr", "bad: 61 is not a minute"),
+            CoordError::NotFound("job \"x\"".into()),
+            CoordError::AlreadyExists("nightly".into()),
+            CoordError::Conflict("job \"x\" changed (version 3, not 2)".into()),
+            CoordError::NotLeader {
+                leader: "10.0.0.2:7070".into(),
+            },
+            CoordError::Unauthenticated("missing or unknown admin token".into()),
+            CoordError::NotConfigured("no delay store configured".into()),
+            CoordError::Unavailable("redis: connection refused".into()),
+        ];
+        for e in all {
+            let text = e.to_string();
+            let status = tonic::Status::from(e);
+            let back = CoordError::from(status.clone());
+            assert_eq!(back.to_string(), text);
+            let again = tonic::Status::from(back);
+            assert_eq!(again.code(), status.code(), "{text}");
+            assert_eq!(again.message(), status.message());
+            assert_eq!(
+                again
+                    .metadata()
+                    .get(FIELD_METADATA)
+                    .map(|v| v.as_bytes().to_vec()),
+                status
+                    .metadata()
+                    .get(FIELD_METADATA)
+                    .map(|v| v.as_bytes().to_vec())
+            );
+        }
+    }
+}

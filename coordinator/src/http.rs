@@ -3,9 +3,10 @@
 //! contract is `docs/http-api.md`), and the ops endpoints `/livez`, `/readyz` and
 //! `/metrics` from `chime_shared::ops`.
 //!
-//! The API handlers are thin. Job, run and worker calls go through the same
-//! [`AdminApi`] the gRPC admin service is, in process, so a follower forwards them to
-//! the leader exactly as it forwards gRPC calls (the caller's token goes along).
+//! The API handlers are thin. Job, run and worker calls go to the domain
+//! [`Admin`] service the gRPC admin service wraps too, so a follower forwards them to
+//! the leader in one place (the caller's token goes along), and JSON never passes
+//! through protobuf.
 //! Queue and config calls read the delay store and the live-settings source
 //! directly: any replica can answer those. JSON is converted from and to the domain
 //! types here and nowhere else.
@@ -24,18 +25,13 @@ use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
 use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, NewItem, validate_batch};
 use chime_shared::{limits, ops};
-use pb::admin_server::Admin;
-use proto as pb;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tonic::{Code, Status};
 
 use crate::Shared;
-use crate::engine::TriggerState;
-use crate::error::FIELD_METADATA;
-use crate::grpc::{AdminApi, JobView, job_to_proto, job_view, run_from_proto, worker_from_proto};
+use crate::admin::{Admin, AdminAnswer, AdminCall, Caller, JobView};
+use crate::error::CoordError;
 use crate::model::{JobSpec, RunRecord};
-use crate::store::StoredJob;
 
 /// The console's files, embedded at build time.
 const INDEX_HTML: &str = include_str!("../console/index.html");
@@ -48,8 +44,8 @@ const MAX_BODY_BYTES: usize = 512 * 1024;
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
-    /// The admin API (forwards to the leader on a follower).
-    pub admin: AdminApi,
+    /// The admin service (forwards to the leader on a follower).
+    pub admin: Admin,
     /// Who leads.
     pub shared: Arc<Shared>,
     /// The delay store, when the console shows queues.
@@ -185,31 +181,27 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        let (status, code) = match s.code() {
-            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
-            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            Code::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Code::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
-            Code::FailedPrecondition | Code::Aborted => (StatusCode::CONFLICT, "conflict"),
-            Code::Unavailable | Code::DeadlineExceeded => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+impl From<CoordError> for ApiError {
+    fn from(e: CoordError) -> Self {
+        let message = e.to_string();
+        let (status, code, field) = match e {
+            CoordError::InvalidArgument { field, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_argument", Some(field))
             }
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            CoordError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
+            CoordError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
+            CoordError::AlreadyExists(_) => (StatusCode::CONFLICT, "already_exists", None),
+            CoordError::Conflict(_) | CoordError::NotConfigured(_) => {
+                (StatusCode::CONFLICT, "conflict", None)
+            }
+            CoordError::NotLeader { .. } | CoordError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
+            }
         };
-        let field = (code == "invalid_argument").then(|| {
-            s.metadata()
-                .get(FIELD_METADATA)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .or_else(|| field_of_message(s.message()))
-                .unwrap_or_else(|| "body".into())
-        });
         Self {
             status,
             code,
-            message: s.message().to_owned(),
+            message,
             field,
         }
     }
@@ -226,13 +218,6 @@ impl From<chime_shared::Error> for ApiError {
             ),
         }
     }
-}
-
-/// `invalid <field>: …` → `<field>`.
-fn field_of_message(msg: &str) -> Option<String> {
-    let rest = msg.strip_prefix("invalid ")?;
-    let (field, _) = rest.split_once(':')?;
-    (!field.is_empty() && !field.contains(' ')).then(|| field.to_owned())
 }
 
 type ApiResult<T = axum::Json<Value>> = Result<T, ApiError>;
@@ -277,17 +262,21 @@ async fn gate(allowed: bool, what: &str, req: Request, next: Next) -> Response {
     }
 }
 
-/// A gRPC request carrying the HTTP caller's token (for forwarding to the leader).
-fn call<T>(headers: &HeaderMap, msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-    {
-        req.metadata_mut().insert("authorization", v);
+/// The HTTP caller, with their token (for forwarding to the leader).
+fn caller(headers: &HeaderMap) -> Caller {
+    Caller {
+        authorization: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     }
-    req
+}
+
+impl HttpState {
+    /// Answers an admin call for the caller of `headers`.
+    async fn admin(&self, headers: &HeaderMap, call: AdminCall) -> ApiResult<AdminAnswer> {
+        Ok(self.admin.call(&caller(headers), call).await?)
+    }
 }
 
 async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
@@ -302,10 +291,6 @@ async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
 }
 
 // ---- jobs ----
-
-fn job_out(j: pb::Job) -> Result<JobView, ApiError> {
-    Ok(job_view(j).map_err(Status::from)?)
-}
 
 /// Fields the API answers but does not take.
 const ANSWER_ONLY: [&str; 3] = ["version", "next_fire_ms", "last_fire_ms"];
@@ -343,10 +328,6 @@ pub fn job_in(body: &[u8]) -> Result<(JobSpec, i64), ApiError> {
     Ok((spec, version))
 }
 
-fn proto_job(spec: JobSpec, version: i64) -> pb::Job {
-    job_to_proto(&StoredJob { spec, version }, TriggerState::default())
-}
-
 #[derive(Deserialize)]
 struct GroupQuery {
     #[serde(default)]
@@ -358,15 +339,10 @@ async fn list_jobs(
     headers: HeaderMap,
     Query(q): Query<GroupQuery>,
 ) -> ApiResult {
-    let jobs = st
-        .admin
-        .list_jobs(call(&headers, pb::ListJobsRequest { group: q.group }))
+    let jobs: Vec<JobView> = st
+        .admin(&headers, AdminCall::ListJobs { group: q.group })
         .await?
-        .into_inner()
-        .jobs
-        .into_iter()
-        .map(job_out)
-        .collect::<Result<Vec<_>, _>>()?;
+        .into_jobs()?;
     ok(json!({ "jobs": jobs }))
 }
 
@@ -376,53 +352,51 @@ async fn create_job(
     body: Bytes,
 ) -> ApiResult<(StatusCode, axum::Json<Value>)> {
     let (spec, _) = job_in(&body)?;
-    let req = pb::CreateJobRequest {
-        job: Some(proto_job(spec, 0)),
-    };
-    let j = st.admin.create_job(call(&headers, req)).await?.into_inner();
-    Ok((StatusCode::CREATED, ok(job_out(j)?)?))
+    let j = st
+        .admin(&headers, AdminCall::CreateJob(spec))
+        .await?
+        .into_job()?;
+    Ok((StatusCode::CREATED, ok(j)?))
 }
 
-/// A handler calling one `JobRef -> Job` admin method (`/api/jobs/{name}[/…]`).
+/// A handler making one admin call on a job by name (`/api/jobs/{name}[/…]`).
 macro_rules! job_ref_call {
-    ($handler:ident, $method:ident) => {
+    ($handler:ident, $call:ident) => {
         async fn $handler(
             State(st): State<HttpState>,
             headers: HeaderMap,
             Path(name): Path<String>,
         ) -> ApiResult {
-            let j = st
-                .admin
-                .$method(call(&headers, pb::JobRef { name }))
-                .await?;
-            ok(job_out(j.into_inner())?)
+            ok(st
+                .admin(&headers, AdminCall::$call(name))
+                .await?
+                .into_job()?)
         }
     };
 }
 
-job_ref_call!(get_job, get_job);
-job_ref_call!(pause_job, pause_job);
-job_ref_call!(resume_job, resume_job);
+job_ref_call!(get_job, GetJob);
+job_ref_call!(pause_job, PauseJob);
+job_ref_call!(resume_job, ResumeJob);
 
-/// A handler calling one `RunId -> Run` admin method (`/api/runs/{id}[/…]`).
+/// A handler making one admin call on a run by id (`/api/runs/{id}[/…]`).
 macro_rules! run_id_call {
-    ($handler:ident, $method:ident) => {
+    ($handler:ident, $call:ident) => {
         async fn $handler(
             State(st): State<HttpState>,
             headers: HeaderMap,
             Path(run_id): Path<String>,
         ) -> ApiResult {
-            let r = st
-                .admin
-                .$method(call(&headers, pb::RunId { run_id }))
-                .await?;
-            ok(run_from_proto(r.into_inner()))
+            ok(st
+                .admin(&headers, AdminCall::$call(run_id))
+                .await?
+                .into_run()?)
         }
     };
 }
 
-run_id_call!(get_run, get_run);
-run_id_call!(kill_run, kill_run);
+run_id_call!(get_run, GetRun);
+run_id_call!(kill_run, KillRun);
 
 async fn update_job(
     State(st): State<HttpState>,
@@ -437,11 +411,11 @@ async fn update_job(
             format!("{:?} does not match the path's {name:?}", spec.name),
         ));
     }
-    let req = pb::UpdateJobRequest {
-        job: Some(proto_job(spec, version)),
-    };
-    let j = st.admin.update_job(call(&headers, req)).await?;
-    ok(job_out(j.into_inner())?)
+    let j = st
+        .admin(&headers, AdminCall::UpdateJob { spec, version })
+        .await?
+        .into_job()?;
+    ok(j)
 }
 
 async fn delete_job(
@@ -449,9 +423,7 @@ async fn delete_job(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    st.admin
-        .delete_job(call(&headers, pb::JobRef { name }))
-        .await?;
+    st.admin(&headers, AdminCall::DeleteJob(name)).await?;
     ok(json!({}))
 }
 
@@ -473,12 +445,11 @@ async fn trigger_job(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid("params", e.to_string()))?
     };
-    let req = pb::TriggerJobRequest {
+    let call = AdminCall::TriggerJob {
         name,
-        params: input.params,
+        params: (!input.params.is_empty()).then_some(input.params),
     };
-    let run = st.admin.trigger_job(call(&headers, req)).await?;
-    ok(run_from_proto(run.into_inner()))
+    ok(st.admin(&headers, call).await?.into_run()?)
 }
 
 // ---- runs and workers ----
@@ -497,16 +468,10 @@ async fn recent_runs(
     job: String,
     limit: u32,
 ) -> ApiResult<Vec<RunRecord>> {
-    let runs = st
-        .admin
-        .list_runs(call(headers, pb::ListRunsRequest { job, limit }))
-        .await?;
-    Ok(runs
-        .into_inner()
-        .runs
-        .into_iter()
-        .map(run_from_proto)
-        .collect())
+    Ok(st
+        .admin(headers, AdminCall::ListRuns { job, limit })
+        .await?
+        .into_runs()?)
 }
 
 async fn list_runs(
@@ -519,13 +484,16 @@ async fn list_runs(
 }
 
 async fn list_workers(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
-    let w = st
-        .admin
-        .list_workers(call(&headers, pb::ListWorkersRequest::default()))
+    let (workers, leader) = st
+        .admin(
+            &headers,
+            AdminCall::ListWorkers {
+                group: String::new(),
+            },
+        )
         .await?
-        .into_inner();
-    let workers: Vec<_> = w.workers.into_iter().map(worker_from_proto).collect();
-    ok(json!({ "workers": workers, "leader": w.leader }))
+        .into_workers()?;
+    ok(json!({ "workers": workers, "leader": leader }))
 }
 
 /// p50, p99 and max of `xs` (nulls when empty).
@@ -540,17 +508,24 @@ fn spread(mut xs: Vec<i64>) -> Value {
 
 async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
     let current = st.shared.current();
-    let w = st
-        .admin
-        .list_workers(call(&headers, pb::ListWorkersRequest::default()))
+    let (workers, leader) = st
+        .admin(
+            &headers,
+            AdminCall::ListWorkers {
+                group: String::new(),
+            },
+        )
         .await?
-        .into_inner();
+        .into_workers()?;
     let jobs = st
-        .admin
-        .list_jobs(call(&headers, pb::ListJobsRequest::default()))
+        .admin(
+            &headers,
+            AdminCall::ListJobs {
+                group: String::new(),
+            },
+        )
         .await?
-        .into_inner()
-        .jobs;
+        .into_jobs()?;
     let runs = recent_runs(&st, &headers, String::new(), 20).await?;
     let lags = runs
         .iter()
@@ -573,17 +548,16 @@ async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult 
             Err(e) => json!({ "available": false, "reason": e.to_string() }),
         },
     };
-    let workers: Vec<_> = w.workers.into_iter().map(worker_from_proto).collect();
     ok(json!({
         "now_ms": st.clock.now_ms(),
         "this": st.this,
-        "leader": w.leader,
+        "leader": leader,
         "is_leader": current.engine.is_some(),
         "fence": current.fence,
         "workers": workers,
         "jobs": {
             "total": jobs.len(),
-            "paused": jobs.iter().filter(|j| j.paused).count(),
+            "paused": jobs.iter().filter(|j| j.spec.paused).count(),
         },
         "queues": queues,
         "recent_runs": runs,
@@ -840,16 +814,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!((spec.name.as_str(), version), ("a", 7));
-    }
-
-    #[test]
-    fn status_field_falls_back_to_the_message() {
-        assert_eq!(
-            field_of_message("invalid schedule.expr: bad"),
-            Some("schedule.expr".into())
-        );
-        assert_eq!(field_of_message("invalid job: missing"), Some("job".into()));
-        assert_eq!(field_of_message("nope"), None);
     }
 
     #[test]

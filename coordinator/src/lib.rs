@@ -7,13 +7,16 @@
 //!   fencing token (Redis or memory).
 //! - [`engine`]: the one task that owns scheduling state on the leader.
 //! - [`leader`]: election and fencing.
+//! - [`admin`]: the admin service in domain terms (jobs, runs, workers), which
+//!   forwards to the leader from a follower; the gRPC and HTTP edges both wrap it.
 //! - [`grpc`]: the worker gateway, the admin API and the delay-queue API, thin
-//!   adapters; followers send workers to the leader and forward admin calls to it.
+//!   adapters; followers send workers to the leader.
 //!
 //! [`serve`] is what the binary calls: it takes a bound listener, built stores and
 //! a shutdown token. Architecture invariant: nothing here reads config files, binds
 //! ports by itself or installs a logger.
 
+pub mod admin;
 pub mod engine;
 pub mod error;
 pub mod grpc;
@@ -152,7 +155,7 @@ pub async fn serve(
     // console keep answering during the hand-over.
     let http = http_listener.map(|l| {
         let state = http::HttpState {
-            admin: admin.clone(),
+            admin: admin.service(),
             shared: shared.clone(),
             queues: deps.queues.clone(),
             config: deps.config.clone(),

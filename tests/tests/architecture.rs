@@ -59,6 +59,7 @@ fn read(rel: &str) -> String {
 /// Domain code: the scheduling core, the models, the delay queue and its stores, live
 /// settings, the worker's consumer and hub. Paths ending in `/` are directories.
 const DOMAIN: &[&str] = &[
+    "coordinator/src/admin.rs",
     "coordinator/src/model.rs",
     "coordinator/src/schedule.rs",
     "coordinator/src/store.rs",
@@ -150,6 +151,19 @@ fn domain_files_import_no_edge_code() {
          producer.rs) convert at one place (ARCHITECTURE.md, invariants):\n{}",
         violations.join("\n")
     );
+}
+
+/// The JSON API speaks to the domain admin service directly: JSON never passes
+/// through protobuf, and the HTTP edge has no gRPC in it.
+#[test]
+fn the_http_edge_has_no_grpc_or_proto() {
+    let f = "coordinator/src/http.rs";
+    let grpc: Vec<String> = edge_imports(&read(f))
+        .into_iter()
+        .filter(|(_, e)| matches!(*e, "tonic" | "proto" | "pb"))
+        .map(|(l, e)| format!("{f}:{l} uses `{e}`"))
+        .collect();
+    assert!(grpc.is_empty(), "{}", grpc.join("\n"));
 }
 
 #[test]

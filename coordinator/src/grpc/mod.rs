@@ -24,15 +24,17 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::Shared;
+use crate::admin::{Admin, AdminAnswer, AdminCall, Caller, Forwarder};
 use crate::engine::workers_api::{EndReason, ToWorker, WorkerHello};
-use crate::engine::{EngineHandle, ShardKey, ShardOutcome, TriggerState};
+use crate::engine::{ShardKey, ShardOutcome, TriggerState};
 use crate::error::CoordError;
 use crate::model::{
     JobSpec, Misfire, Overlap, Routing, RunRecord, RunState, Schedule, ShardRecord, WorkerView,
 };
 use crate::store::{JobStore, RunStore, StoredJob};
 
-/// The admin API service over these stores.
+/// The admin service over these stores, with its gRPC edge; a follower forwards
+/// to the leader over gRPC (with `peer_tls` when the cluster speaks TLS).
 pub fn admin_api(
     shared: Arc<Shared>,
     jobs: JobStore,
@@ -40,13 +42,12 @@ pub fn admin_api(
     clock: Arc<dyn Clock>,
     peer_tls: Option<ClientTls>,
 ) -> AdminApi {
-    AdminApi {
-        shared,
-        jobs,
-        runs,
-        clock,
+    let forwarder = Arc::new(GrpcForwarder {
         peer_tls,
-        leader: Arc::default(),
+        leader: Default::default(),
+    });
+    AdminApi {
+        admin: Admin::new(shared, jobs, runs, clock, forwarder),
     }
 }
 
@@ -408,17 +409,28 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
 
 type LeaderClient = pb::admin_client::AdminClient<tonic::transport::Channel>;
 
-/// The admin API. On a follower, every call goes to the leader (reads too, so they
-/// show its trigger state); without a known leader, reads are answered locally.
+/// The gRPC edge of the admin service ([`Admin`]): converts each request to an
+/// [`AdminCall`] and the answer back, nothing more. Forwarding to the leader happens
+/// inside [`Admin`].
 #[derive(Debug, Clone)]
 pub struct AdminApi {
-    shared: Arc<Shared>,
-    jobs: JobStore,
-    runs: Arc<dyn RunStore>,
-    clock: Arc<dyn Clock>,
+    admin: Admin,
+}
+
+impl AdminApi {
+    /// The domain service this edge wraps (the HTTP edge wraps the same one).
+    pub fn service(&self) -> Admin {
+        self.admin.clone()
+    }
+}
+
+/// Reaches the leader's admin service over gRPC: the client is cached per leader
+/// address, and the caller's token goes along (the leader checks it again).
+#[derive(Debug)]
+struct GrpcForwarder {
     /// TLS for forwarding to the leader (when the cluster speaks TLS).
     peer_tls: Option<ClientTls>,
-    leader: Arc<tokio::sync::Mutex<Option<(String, LeaderClient)>>>,
+    leader: tokio::sync::Mutex<Option<(String, LeaderClient)>>,
 }
 
 /// Proto job -> domain job (validation happens in the store).
@@ -495,20 +507,7 @@ pub fn job_from_proto(j: pb::Job) -> Result<(JobSpec, i64), CoordError> {
     ))
 }
 
-/// A job as clients show it (CLI, console API): the definition, its store
-/// version and its trigger state.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct JobView {
-    /// The definition.
-    #[serde(flatten)]
-    pub spec: JobSpec,
-    /// Store version (send it back to update).
-    pub version: i64,
-    /// Next fire, Unix ms (none when not scheduled or unknown).
-    pub next_fire_ms: Option<i64>,
-    /// Last scheduled instant fired, Unix ms.
-    pub last_fire_ms: Option<i64>,
-}
+pub use crate::admin::JobView;
 
 /// Proto job -> the view clients print.
 pub fn job_view(j: pb::Job) -> Result<JobView, CoordError> {
@@ -655,73 +654,182 @@ fn worker_to_proto(w: WorkerView) -> pb::WorkerInfo {
     }
 }
 
-impl AdminApi {
-    /// The engine, on the leader.
-    fn engine(&self) -> Result<EngineHandle, Status> {
-        let c = self.shared.current();
-        c.engine
-            .ok_or_else(|| CoordError::NotLeader { leader: c.leader }.into())
-    }
-
-    /// A client of the leader, when this coordinator follows a known one.
-    async fn forward(&self) -> Result<Option<LeaderClient>, Status> {
-        let c = self.shared.current();
-        if c.engine.is_some() || c.leader.is_empty() {
-            return Ok(None);
-        }
+impl GrpcForwarder {
+    /// A client of the leader at `leader`.
+    async fn client(&self, leader: &str) -> Result<LeaderClient, CoordError> {
         let mut cached = self.leader.lock().await;
         if let Some((addr, client)) = cached.as_ref()
-            && *addr == c.leader
+            && addr == leader
         {
-            return Ok(Some(client.clone()));
+            return Ok(client.clone());
         }
         // Peers speak TLS when this coordinator does (they share one config).
         let (url, tls) = match &self.peer_tls {
-            _ if c.leader.starts_with("http") => (c.leader.clone(), self.peer_tls.clone()),
-            Some(t) => (format!("https://{}", c.leader), Some(t.clone())),
-            None => (format!("http://{}", c.leader), None),
+            _ if leader.starts_with("http") => (leader.to_owned(), self.peer_tls.clone()),
+            Some(t) => (format!("https://{leader}"), Some(t.clone())),
+            None => (format!("http://{leader}"), None),
+        };
+        let unreachable = |e: &dyn std::fmt::Display| {
+            CoordError::Unavailable(format!("cannot reach the leader {leader}: {e}"))
         };
         let endpoint = chime_shared::tls::endpoint(&url, &tls.unwrap_or_default(), "tls.")
-            .map_err(|e| {
-                Status::unavailable(format!("cannot reach the leader {}: {e}", c.leader))
-            })?;
-        let channel = endpoint.connect().await.map_err(|e| {
-            Status::unavailable(format!("cannot reach the leader {}: {e}", c.leader))
-        })?;
-        let client = LeaderClient::new(channel);
-        *cached = Some((c.leader, client.clone()));
-        Ok(Some(client))
-    }
-
-    async fn view(&self, j: StoredJob) -> Result<pb::Job, Status> {
-        let state = match self.shared.current().engine {
-            Some(e) => e.states().await?.remove(&j.spec.name).unwrap_or_default(),
-            None => TriggerState::default(),
-        };
-        Ok(job_to_proto(&j, state))
-    }
-
-    /// Tells the engine at once (the store watch would tell it a moment later).
-    async fn changed(&self, j: &StoredJob) {
-        if let Some(e) = self.shared.current().engine {
-            let _ = e.job_put(j.clone()).await;
-        }
+            .map_err(|e| unreachable(&e))?;
+        let channel = endpoint.connect().await.map_err(|e| unreachable(&e))?;
+        let client = LeaderClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        *cached = Some((leader.to_owned(), client.clone()));
+        Ok(client)
     }
 }
 
-/// On a follower with a known leader, answers the call from the leader.
-macro_rules! forward {
-    ($self:ident, $req:ident, $method:ident) => {
-        if let Some(mut c) = $self.forward().await? {
-            // The caller's token goes along: the leader checks it again.
-            let token = $req.metadata().get("authorization").cloned();
-            let mut fwd = Request::new($req.into_inner());
-            if let Some(t) = token {
-                fwd.metadata_mut().insert("authorization", t);
+/// A request carrying the caller's token.
+fn as_caller<T>(caller: &Caller, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(v) = caller.authorization.as_deref().and_then(|v| v.parse().ok()) {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+/// The caller of a gRPC request.
+fn caller_of<T>(req: &Request<T>) -> Caller {
+    Caller {
+        authorization: req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    }
+}
+
+#[async_trait::async_trait]
+impl Forwarder for GrpcForwarder {
+    async fn forward(
+        &self,
+        leader: &str,
+        caller: &Caller,
+        call: AdminCall,
+    ) -> Result<AdminAnswer, CoordError> {
+        let mut c = self.client(leader).await?;
+        let job = |j: Response<pb::Job>| job_view(j.into_inner()).map(AdminAnswer::Job);
+        let run = |r: Response<pb::Run>| AdminAnswer::Run(run_from_proto(r.into_inner()));
+        let out = match call {
+            AdminCall::CreateJob(spec) => {
+                let req = pb::CreateJobRequest {
+                    job: Some(job_to_proto(
+                        &StoredJob { spec, version: 0 },
+                        TriggerState::default(),
+                    )),
+                };
+                job(c.create_job(as_caller(caller, req)).await?)?
             }
-            return c.$method(fwd).await;
-        }
+            AdminCall::UpdateJob { spec, version } => {
+                let req = pb::UpdateJobRequest {
+                    job: Some(job_to_proto(
+                        &StoredJob { spec, version },
+                        TriggerState::default(),
+                    )),
+                };
+                job(c.update_job(as_caller(caller, req)).await?)?
+            }
+            AdminCall::DeleteJob(name) => {
+                c.delete_job(as_caller(caller, pb::JobRef { name })).await?;
+                AdminAnswer::Deleted
+            }
+            AdminCall::GetJob(name) => {
+                job(c.get_job(as_caller(caller, pb::JobRef { name })).await?)?
+            }
+            AdminCall::ListJobs { group } => {
+                let jobs = c
+                    .list_jobs(as_caller(caller, pb::ListJobsRequest { group }))
+                    .await?
+                    .into_inner()
+                    .jobs;
+                AdminAnswer::Jobs(jobs.into_iter().map(job_view).collect::<Result<_, _>>()?)
+            }
+            AdminCall::PauseJob(name) => {
+                job(c.pause_job(as_caller(caller, pb::JobRef { name })).await?)?
+            }
+            AdminCall::ResumeJob(name) => {
+                job(c.resume_job(as_caller(caller, pb::JobRef { name })).await?)?
+            }
+            AdminCall::TriggerJob { name, params } => {
+                let req = pb::TriggerJobRequest {
+                    name,
+                    params: params.unwrap_or_default(),
+                };
+                run(c.trigger_job(as_caller(caller, req)).await?)
+            }
+            AdminCall::ListRuns { job, limit } => {
+                let runs = c
+                    .list_runs(as_caller(caller, pb::ListRunsRequest { job, limit }))
+                    .await?
+                    .into_inner()
+                    .runs;
+                AdminAnswer::Runs(runs.into_iter().map(run_from_proto).collect())
+            }
+            AdminCall::GetRun(run_id) => {
+                run(c.get_run(as_caller(caller, pb::RunId { run_id })).await?)
+            }
+            AdminCall::KillRun(run_id) => {
+                run(c.kill_run(as_caller(caller, pb::RunId { run_id })).await?)
+            }
+            AdminCall::ListWorkers { group } => {
+                let w = c
+                    .list_workers(as_caller(caller, pb::ListWorkersRequest { group }))
+                    .await?
+                    .into_inner();
+                AdminAnswer::Workers {
+                    workers: w.workers.into_iter().map(worker_from_proto).collect(),
+                    leader: w.leader,
+                }
+            }
+        };
+        Ok(out)
+    }
+}
+
+impl AdminApi {
+    /// Answers `call` for the caller of `req`.
+    async fn answer<T>(&self, req: &Request<T>, call: AdminCall) -> Result<AdminAnswer, Status> {
+        Ok(self.admin.call(&caller_of(req), call).await?)
+    }
+
+    async fn job_answer<T>(
+        &self,
+        req: &Request<T>,
+        call: AdminCall,
+    ) -> Result<Response<pb::Job>, Status> {
+        let j = self.answer(req, call).await?.into_job()?;
+        Ok(Response::new(view_to_proto(&j)))
+    }
+
+    async fn run_answer<T>(
+        &self,
+        req: &Request<T>,
+        call: AdminCall,
+    ) -> Result<Response<pb::Run>, Status> {
+        let r = self.answer(req, call).await?.into_run()?;
+        Ok(Response::new(run_to_proto(&r)))
+    }
+}
+
+/// Domain job view -> proto job.
+pub fn view_to_proto(v: &JobView) -> pb::Job {
+    let stored = StoredJob {
+        spec: v.spec.clone(),
+        version: v.version,
     };
+    let state = TriggerState {
+        next_fire_ms: v.next_fire_ms,
+        last_fire_ms: v.last_fire_ms,
+    };
+    job_to_proto(&stored, state)
+}
+
+/// The job a create or update request carries.
+fn job_in(job: Option<pb::Job>) -> Result<(JobSpec, i64), Status> {
+    let job = job.ok_or_else(|| Status::invalid_argument("invalid job: missing"))?;
+    Ok(job_from_proto(job)?)
 }
 
 #[tonic::async_trait]
@@ -730,165 +838,106 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        forward!(self, req, create_job);
-        let job = req
-            .into_inner()
-            .job
-            .ok_or_else(|| Status::invalid_argument("invalid job: missing"))?;
-        let (spec, _) = job_from_proto(job)?;
-        let stored = self.jobs.create(spec, self.clock.now_ms()).await?;
-        self.changed(&stored).await;
-        Ok(Response::new(self.view(stored).await?))
+        let (spec, _) = job_in(req.get_ref().job.clone())?;
+        self.job_answer(&req, AdminCall::CreateJob(spec)).await
     }
 
     async fn update_job(
         &self,
         req: Request<pb::UpdateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        forward!(self, req, update_job);
-        let job = req
-            .into_inner()
-            .job
-            .ok_or_else(|| Status::invalid_argument("invalid job: missing"))?;
-        let (spec, version) = job_from_proto(job)?;
-        let stored = self.jobs.update(spec, version).await?;
-        self.changed(&stored).await;
-        Ok(Response::new(self.view(stored).await?))
+        let (spec, version) = job_in(req.get_ref().job.clone())?;
+        self.job_answer(&req, AdminCall::UpdateJob { spec, version })
+            .await
     }
 
     async fn delete_job(
         &self,
         req: Request<pb::JobRef>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
-        forward!(self, req, delete_job);
-        let name = req.into_inner().name;
-        self.jobs.delete(&name).await?;
-        if let Some(e) = self.shared.current().engine {
-            let _ = e.job_deleted(&name).await;
-        }
+        let name = req.get_ref().name.clone();
+        self.answer(&req, AdminCall::DeleteJob(name)).await?;
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        forward!(self, req, get_job);
-        let j = self.jobs.get(&req.into_inner().name).await?;
-        Ok(Response::new(self.view(j).await?))
+        let name = req.get_ref().name.clone();
+        self.job_answer(&req, AdminCall::GetJob(name)).await
     }
 
     async fn list_jobs(
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        forward!(self, req, list_jobs);
-        let group = req.into_inner().group;
-        let (mut all, _) = self.jobs.list().await?;
-        all.retain(|j| group.is_empty() || j.spec.group == group);
-        all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        let states = match self.shared.current().engine {
-            Some(e) => e.states().await?,
-            None => Default::default(),
-        };
-        let jobs = all
-            .iter()
-            .map(|j| job_to_proto(j, states.get(&j.spec.name).copied().unwrap_or_default()))
-            .collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        let group = req.get_ref().group.clone();
+        let jobs = self
+            .answer(&req, AdminCall::ListJobs { group })
+            .await?
+            .into_jobs()?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(view_to_proto).collect(),
+        }))
     }
 
     async fn pause_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        forward!(self, req, pause_job);
-        let j = self
-            .jobs
-            .modify(&req.into_inner().name, |s| s.paused = true)
-            .await?;
-        self.changed(&j).await;
-        Ok(Response::new(self.view(j).await?))
+        let name = req.get_ref().name.clone();
+        self.job_answer(&req, AdminCall::PauseJob(name)).await
     }
 
     async fn resume_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        forward!(self, req, resume_job);
-        let j = self
-            .jobs
-            .modify(&req.into_inner().name, |s| s.paused = false)
-            .await?;
-        self.changed(&j).await;
-        Ok(Response::new(self.view(j).await?))
+        let name = req.get_ref().name.clone();
+        self.job_answer(&req, AdminCall::ResumeJob(name)).await
     }
 
     async fn trigger_job(
         &self,
         req: Request<pb::TriggerJobRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        forward!(self, req, trigger_job);
-        let r = req.into_inner();
-        let params = (!r.params.is_empty()).then_some(r.params);
-        let run = self.engine()?.trigger(&r.name, params).await?;
-        Ok(Response::new(run_to_proto(&run)))
+        let r = req.get_ref();
+        let call = AdminCall::TriggerJob {
+            name: r.name.clone(),
+            params: (!r.params.is_empty()).then(|| r.params.clone()),
+        };
+        self.run_answer(&req, call).await
     }
 
     async fn list_runs(
         &self,
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        forward!(self, req, list_runs);
-        let r = req.into_inner();
-        let limit = if r.limit == 0 { 50 } else { r.limit.min(1_000) } as usize;
-        let mut runs = self.runs.list_runs(&r.job, limit).await?;
-        // The engine's copy of a run in progress is the freshest.
-        if let Some(e) = self.shared.current().engine {
-            for run in runs.iter_mut().filter(|x| !x.state.is_final()) {
-                if let Some(live) = e.active_run(&run.run_id).await? {
-                    *run = live;
-                }
-            }
-        }
+        let r = req.get_ref();
+        let call = AdminCall::ListRuns {
+            job: r.job.clone(),
+            limit: r.limit,
+        };
+        let runs = self.answer(&req, call).await?.into_runs()?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: runs.iter().map(run_to_proto).collect(),
         }))
     }
 
     async fn get_run(&self, req: Request<pb::RunId>) -> Result<Response<pb::Run>, Status> {
-        forward!(self, req, get_run);
-        let id = req.into_inner().run_id;
-        if let Some(e) = self.shared.current().engine
-            && let Some(live) = e.active_run(&id).await?
-        {
-            return Ok(Response::new(run_to_proto(&live)));
-        }
-        let run = self
-            .runs
-            .get_run(&id)
-            .await?
-            .ok_or_else(|| CoordError::NotFound(format!("run {id:?}")))?;
-        Ok(Response::new(run_to_proto(&run)))
+        let id = req.get_ref().run_id.clone();
+        self.run_answer(&req, AdminCall::GetRun(id)).await
     }
 
     async fn kill_run(&self, req: Request<pb::RunId>) -> Result<Response<pb::Run>, Status> {
-        forward!(self, req, kill_run);
-        let run = self.engine()?.kill(&req.into_inner().run_id).await?;
-        Ok(Response::new(run_to_proto(&run)))
+        let id = req.get_ref().run_id.clone();
+        self.run_answer(&req, AdminCall::KillRun(id)).await
     }
 
     async fn list_workers(
         &self,
         req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        forward!(self, req, list_workers);
-        let group = req.into_inner().group;
-        let current = self.shared.current();
-        let workers = match current.engine {
-            Some(e) => e
-                .workers()
-                .await?
-                .into_iter()
-                .filter(|w| group.is_empty() || w.group == group)
-                .map(worker_to_proto)
-                .collect(),
-            None => Vec::new(),
-        };
+        let group = req.get_ref().group.clone();
+        let (workers, leader) = self
+            .answer(&req, AdminCall::ListWorkers { group })
+            .await?
+            .into_workers()?;
         Ok(Response::new(pb::ListWorkersResponse {
-            workers,
-            leader: current.leader,
+            workers: workers.into_iter().map(worker_to_proto).collect(),
+            leader,
         }))
     }
 }

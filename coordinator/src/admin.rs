@@ -1,0 +1,359 @@
+//! The admin service in domain terms: jobs, runs and workers. The leader answers
+//! from its engine and stores; a follower forwards every call to the leader (reads
+//! too, so they show the leader's trigger state), and answers reads itself only
+//! while no leader is known.
+//!
+//! Both edges wrap this one service: the gRPC admin service (`grpc/`) and the JSON
+//! API (`http.rs`) each turn their own wire format into an [`AdminCall`] and the
+//! [`AdminAnswer`] back. So leader forwarding happens here, once, and JSON never
+//! passes through protobuf. Reaching the leader is the one thing this module cannot
+//! do without a wire: it asks a [`Forwarder`] (the gRPC client in `grpc/`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chime_shared::clock::Clock;
+
+use crate::Shared;
+use crate::engine::{EngineHandle, TriggerState};
+use crate::error::{CoordError, Result};
+use crate::model::{JobSpec, RunRecord, WorkerView};
+use crate::store::{JobStore, RunStore, StoredJob};
+
+/// Most runs one listing answers; 0 asks for the default.
+pub const MAX_RUNS_LISTED: u32 = 1_000;
+const DEFAULT_RUNS_LISTED: u32 = 50;
+
+/// A job as clients show it (CLI, console API): the definition, its store
+/// version and its trigger state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobView {
+    /// The definition.
+    #[serde(flatten)]
+    pub spec: JobSpec,
+    /// Store version (send it back to update).
+    pub version: i64,
+    /// Next fire, Unix ms (none when not scheduled or unknown).
+    pub next_fire_ms: Option<i64>,
+    /// Last scheduled instant fired, Unix ms.
+    pub last_fire_ms: Option<i64>,
+}
+
+impl JobView {
+    /// A stored job with its trigger state.
+    pub fn new(j: StoredJob, state: TriggerState) -> Self {
+        Self {
+            spec: j.spec,
+            version: j.version,
+            next_fire_ms: state.next_fire_ms,
+            last_fire_ms: state.last_fire_ms,
+        }
+    }
+}
+
+/// Who is calling: the `authorization` value they presented. It goes along when the
+/// call is forwarded, and the leader checks it again.
+#[derive(Clone, Default)]
+pub struct Caller {
+    /// `Bearer <token>`, as presented.
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a token.
+        f.debug_struct("Caller")
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// One admin call.
+#[derive(Debug, Clone)]
+pub enum AdminCall {
+    /// Create a job (its version is ignored).
+    CreateJob(JobSpec),
+    /// Replace a job, if it is still at `version`.
+    UpdateJob {
+        /// The new definition.
+        spec: JobSpec,
+        /// The version it replaces.
+        version: i64,
+    },
+    /// Delete a job.
+    DeleteJob(String),
+    /// One job.
+    GetJob(String),
+    /// Every job (of `group`, when not empty), by name.
+    ListJobs {
+        /// Group filter.
+        group: String,
+    },
+    /// Pause a job.
+    PauseJob(String),
+    /// Resume a job.
+    ResumeJob(String),
+    /// Fire a job now.
+    TriggerJob {
+        /// The job.
+        name: String,
+        /// Params for this run instead of the job's.
+        params: Option<String>,
+    },
+    /// Recent runs (of `job`, when not empty), newest first.
+    ListRuns {
+        /// Job filter.
+        job: String,
+        /// Most runs (0: 50; at most 1,000).
+        limit: u32,
+    },
+    /// One run.
+    GetRun(String),
+    /// Kill a run.
+    KillRun(String),
+    /// Connected workers (of `group`, when not empty).
+    ListWorkers {
+        /// Group filter.
+        group: String,
+    },
+}
+
+/// What an admin call answers.
+#[derive(Debug, Clone)]
+pub enum AdminAnswer {
+    /// A job.
+    Job(JobView),
+    /// Jobs.
+    Jobs(Vec<JobView>),
+    /// Deleted.
+    Deleted,
+    /// A run.
+    Run(RunRecord),
+    /// Runs.
+    Runs(Vec<RunRecord>),
+    /// Workers, and who leads.
+    Workers {
+        /// The workers.
+        workers: Vec<WorkerView>,
+        /// The leader's address (empty while unknown).
+        leader: String,
+    },
+}
+
+/// The answer was not of the kind its call makes (a leader of another version).
+fn mismatch(want: &str, got: &AdminAnswer) -> CoordError {
+    CoordError::Unavailable(format!("the leader answered {got:?} where {want} was due"))
+}
+
+impl AdminAnswer {
+    /// The job of a job call.
+    pub fn into_job(self) -> Result<JobView> {
+        match self {
+            Self::Job(j) => Ok(j),
+            other => Err(mismatch("a job", &other)),
+        }
+    }
+
+    /// The jobs of a listing.
+    pub fn into_jobs(self) -> Result<Vec<JobView>> {
+        match self {
+            Self::Jobs(j) => Ok(j),
+            other => Err(mismatch("jobs", &other)),
+        }
+    }
+
+    /// The run of a run call.
+    pub fn into_run(self) -> Result<RunRecord> {
+        match self {
+            Self::Run(r) => Ok(r),
+            other => Err(mismatch("a run", &other)),
+        }
+    }
+
+    /// The runs of a listing.
+    pub fn into_runs(self) -> Result<Vec<RunRecord>> {
+        match self {
+            Self::Runs(r) => Ok(r),
+            other => Err(mismatch("runs", &other)),
+        }
+    }
+
+    /// The workers and the leader of a listing.
+    pub fn into_workers(self) -> Result<(Vec<WorkerView>, String)> {
+        match self {
+            Self::Workers { workers, leader } => Ok((workers, leader)),
+            other => Err(mismatch("workers", &other)),
+        }
+    }
+}
+
+/// Reaches the leader from a follower (implemented over gRPC in `grpc/`).
+#[async_trait]
+pub trait Forwarder: Send + Sync + std::fmt::Debug {
+    /// Makes `call` on the leader at `leader` (`host:port`), as `caller`.
+    async fn forward(&self, leader: &str, caller: &Caller, call: AdminCall) -> Result<AdminAnswer>;
+}
+
+/// The admin service (cheap to clone: every part is shared).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    shared: Arc<Shared>,
+    jobs: JobStore,
+    runs: Arc<dyn RunStore>,
+    clock: Arc<dyn Clock>,
+    forwarder: Arc<dyn Forwarder>,
+}
+
+impl Admin {
+    /// The service over these stores; `forwarder` reaches the leader.
+    pub fn new(
+        shared: Arc<Shared>,
+        jobs: JobStore,
+        runs: Arc<dyn RunStore>,
+        clock: Arc<dyn Clock>,
+        forwarder: Arc<dyn Forwarder>,
+    ) -> Self {
+        Self {
+            shared,
+            jobs,
+            runs,
+            clock,
+            forwarder,
+        }
+    }
+
+    /// Answers `call`: here on the leader (or while no leader is known), from the
+    /// leader otherwise.
+    pub async fn call(&self, caller: &Caller, call: AdminCall) -> Result<AdminAnswer> {
+        let c = self.shared.current();
+        if c.engine.is_none() && !c.leader.is_empty() {
+            return self.forwarder.forward(&c.leader, caller, call).await;
+        }
+        self.local(call).await
+    }
+
+    /// The engine, on the leader.
+    fn engine(&self) -> Result<EngineHandle> {
+        let c = self.shared.current();
+        c.engine.ok_or(CoordError::NotLeader { leader: c.leader })
+    }
+
+    async fn view(&self, j: StoredJob) -> Result<JobView> {
+        let state = match self.shared.current().engine {
+            Some(e) => e.states().await?.remove(&j.spec.name).unwrap_or_default(),
+            None => TriggerState::default(),
+        };
+        Ok(JobView::new(j, state))
+    }
+
+    /// Tells the engine at once (the store watch would tell it a moment later).
+    async fn changed(&self, j: &StoredJob) {
+        if let Some(e) = self.shared.current().engine {
+            let _ = e.job_put(j.clone()).await;
+        }
+    }
+
+    async fn local(&self, call: AdminCall) -> Result<AdminAnswer> {
+        Ok(match call {
+            AdminCall::CreateJob(spec) => {
+                let stored = self.jobs.create(spec, self.clock.now_ms()).await?;
+                self.changed(&stored).await;
+                AdminAnswer::Job(self.view(stored).await?)
+            }
+            AdminCall::UpdateJob { spec, version } => {
+                let stored = self.jobs.update(spec, version).await?;
+                self.changed(&stored).await;
+                AdminAnswer::Job(self.view(stored).await?)
+            }
+            AdminCall::DeleteJob(name) => {
+                self.jobs.delete(&name).await?;
+                if let Some(e) = self.shared.current().engine {
+                    let _ = e.job_deleted(&name).await;
+                }
+                AdminAnswer::Deleted
+            }
+            AdminCall::GetJob(name) => {
+                AdminAnswer::Job(self.view(self.jobs.get(&name).await?).await?)
+            }
+            AdminCall::ListJobs { group } => {
+                let (mut all, _) = self.jobs.list().await?;
+                all.retain(|j| group.is_empty() || j.spec.group == group);
+                all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+                let states = match self.shared.current().engine {
+                    Some(e) => e.states().await?,
+                    None => Default::default(),
+                };
+                AdminAnswer::Jobs(
+                    all.into_iter()
+                        .map(|j| {
+                            let state = states.get(&j.spec.name).copied().unwrap_or_default();
+                            JobView::new(j, state)
+                        })
+                        .collect(),
+                )
+            }
+            AdminCall::PauseJob(name) => {
+                let j = self.jobs.modify(&name, |s| s.paused = true).await?;
+                self.changed(&j).await;
+                AdminAnswer::Job(self.view(j).await?)
+            }
+            AdminCall::ResumeJob(name) => {
+                let j = self.jobs.modify(&name, |s| s.paused = false).await?;
+                self.changed(&j).await;
+                AdminAnswer::Job(self.view(j).await?)
+            }
+            AdminCall::TriggerJob { name, params } => {
+                AdminAnswer::Run(self.engine()?.trigger(&name, params).await?)
+            }
+            AdminCall::ListRuns { job, limit } => {
+                let limit = match limit {
+                    0 => DEFAULT_RUNS_LISTED,
+                    n => n.min(MAX_RUNS_LISTED),
+                } as usize;
+                let mut runs = self.runs.list_runs(&job, limit).await?;
+                // The engine's copy of a run in progress is the freshest.
+                if let Some(e) = self.shared.current().engine {
+                    for run in runs.iter_mut().filter(|x| !x.state.is_final()) {
+                        if let Some(live) = e.active_run(&run.run_id).await? {
+                            *run = live;
+                        }
+                    }
+                }
+                AdminAnswer::Runs(runs)
+            }
+            AdminCall::GetRun(id) => {
+                if let Some(e) = self.shared.current().engine
+                    && let Some(live) = e.active_run(&id).await?
+                {
+                    return Ok(AdminAnswer::Run(live));
+                }
+                let run = self
+                    .runs
+                    .get_run(&id)
+                    .await?
+                    .ok_or_else(|| CoordError::NotFound(format!("run {id:?}")))?;
+                AdminAnswer::Run(run)
+            }
+            AdminCall::KillRun(id) => AdminAnswer::Run(self.engine()?.kill(&id).await?),
+            AdminCall::ListWorkers { group } => {
+                let current = self.shared.current();
+                let workers = match current.engine {
+                    Some(e) => e
+                        .workers()
+                        .await?
+                        .into_iter()
+                        .filter(|w| group.is_empty() || w.group == group)
+                        .collect(),
+                    None => Vec::new(),
+                };
+                AdminAnswer::Workers {
+                    workers,
+                    leader: current.leader,
+                }
+            }
+        })
+    }
+}
