@@ -38,6 +38,15 @@ async fn wait_run_state(c: &Cluster, id: &str, state: &str) -> Result<Value> {
     Ok(last)
 }
 
+/// The shard records of `job`, by run.
+fn runs_of(c: &Cluster, job: &str) -> BTreeMap<String, Vec<chime_tests::JobRecord>> {
+    let mut by_run: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for r in c.records_of(job) {
+        by_run.entry(r.run_id.clone()).or_default().push(r);
+    }
+    by_run
+}
+
 fn trigger(c: &Cluster, name: &str, params: &str) -> Result<String> {
     let r = c.admin(&["job", "trigger", name, "--params", params])?;
     Ok(r["run_id"].as_str().context("run_id")?.to_owned())
@@ -96,7 +105,15 @@ async fn broadcast_every_second_with_worker_failover() -> Result<()> {
             "4000",
         ],
     )?;
-    tokio::time::sleep(Duration::from_secs(14)).await;
+    // Enough ticks on 4 workers before the kill (a wait on the records, not a window).
+    wait_until("12 ticks on 4 workers", Duration::from_secs(40), || {
+        let full = runs_of(&c, "tick")
+            .values()
+            .filter(|r| r.len() == 4 && r[0].total == 4)
+            .count();
+        async move { full >= 12 }
+    })
+    .await?;
     // Kill w3 in the middle of a long run.
     let long = trigger(&c, "long", "")?;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -117,10 +134,41 @@ async fn broadcast_every_second_with_worker_failover() -> Result<()> {
         "taken-over shard finished {} ms after the kill",
         finished - killed_at
     );
-    tokio::time::sleep(Duration::from_secs(16)).await;
+    // Enough complete ticks of both jobs well after the kill, then pause both and
+    // wait for every run after the kill to finish (its records all in).
+    wait_until(
+        "6 ticks of each job after the kill",
+        Duration::from_secs(40),
+        || {
+            let n = |name: &str| {
+                runs_of(&c, name)
+                    .values()
+                    .filter(|r| {
+                        r[0].scheduled_ms > killed_at + 8_000 && r.len() as u32 == r[0].total
+                    })
+                    .count()
+            };
+            let enough = n("tick") >= 6 && n("fixed") >= 6;
+            async move { enough }
+        },
+    )
+    .await?;
     c.admin(&["job", "pause", "tick"])?;
     c.admin(&["job", "pause", "fixed"])?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until(
+        "runs after the kill to finish",
+        Duration::from_secs(10),
+        || {
+            let done = ["tick", "fixed"].iter().all(|name| {
+                runs_of(&c, name)
+                    .values()
+                    .filter(|r| r[0].scheduled_ms > killed_at + 8_000)
+                    .all(|r| r.len() as u32 == r[0].total)
+            });
+            async move { done }
+        },
+    )
+    .await?;
 
     // Every tick of `tick`: before the kill 4 shards 0..3 on 4 distinct workers;
     // after it, 3 shards on the 3 live workers.

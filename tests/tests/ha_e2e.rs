@@ -79,7 +79,12 @@ async fn frozen_leader_fires_nothing_after_it_resumes() -> Result<()> {
             "* * * * * *",
         ])?;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Firing has started (a run of every job recorded) before the freeze.
+    wait_until("every job to fire", Duration::from_secs(20), || {
+        let all = (0..5).all(|i| runs(&c, &format!("j{i}")).is_ok_and(|r| !r.is_empty()));
+        async move { all }
+    })
+    .await?;
     let old = c.leader_index().context("no leader")?;
     let old_fence = runs(&c, "j0")?
         .first()
@@ -89,11 +94,14 @@ async fn frozen_leader_fires_nothing_after_it_resumes() -> Result<()> {
         .context("leader process")?
         .signal("STOP")?;
     let stopped = chime_shared::clock::system_now_ms();
+    // The fault itself: frozen for 15 s, three lease TTLs.
     tokio::time::sleep(Duration::from_secs(15)).await;
     c.coordinator_proc(old)
         .context("leader process")?
         .signal("CONT")?;
     let resumed = chime_shared::clock::system_now_ms();
+    // What must NOT happen (the thawed leader firing) has no condition to wait on:
+    // give it 6 s, longer than its lease, to show itself.
     tokio::time::sleep(Duration::from_secs(6)).await;
     for i in 0..5 {
         let rs = runs(&c, &format!("j{i}"))?;
@@ -134,8 +142,13 @@ async fn etcd_restart_under_the_cluster() -> Result<()> {
             "* * * * * *",
         ])?;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_until("the jobs to fire", Duration::from_secs(20), || {
+        let n = c.records().len();
+        async move { n >= 5 }
+    })
+    .await?;
     c.etcd.stop();
+    // The fault itself: etcd down for 6 s, longer than the leader's lease.
     tokio::time::sleep(Duration::from_secs(6)).await;
     c.etcd.start_again().await?;
     let back = chime_shared::clock::system_now_ms();
@@ -145,6 +158,7 @@ async fn etcd_restart_under_the_cluster() -> Result<()> {
         || async { c.records().iter().any(|r| r.started_ms > back + 1_000) },
     )
     .await?;
+    // Duplicates are what must not happen: give a late second execution 3 s to show.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let dup: Vec<_> = executions(&c).into_iter().filter(|(_, n)| *n > 1).collect();
     ensure!(dup.is_empty(), "executed twice: {dup:?}");

@@ -166,7 +166,9 @@ impl Session {
         let mut next = 0usize;
         let mut redirect: Option<String> = None;
         let mut backoff = Duration::from_millis(100);
+        // Redirects in a row, and the pause before following the next one.
         let mut redirects = 0u32;
+        let mut pause = Duration::from_millis(100);
         let drain_deadline = Arc::new(Mutex::new(None::<tokio::time::Instant>));
         loop {
             let endpoint = redirect.take().unwrap_or_else(|| {
@@ -191,19 +193,28 @@ impl Session {
                     info!(to = %to, "coordinator is not the leader; following");
                     // A restarted coordinator can name a stale leader (even itself)
                     // until the old lease runs out: follow at once the first time,
-                    // then with the usual backoff, never in a tight loop.
+                    // then after a pause, never in a tight loop. The pause stays
+                    // short (at most 500 ms): while a leader is being elected this
+                    // loop is how a worker finds it, and every pause past the
+                    // election is added to the failover.
                     redirects += 1;
                     if redirects > 1 {
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {},
+                            _ = tokio::time::sleep(pause) => {},
                             _ = stop.cancelled(), if self.running().is_empty() => return,
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        pause = (pause * 2).min(Duration::from_millis(500));
                     }
+                    // A coordinator answered: the next connection failure starts
+                    // its backoff afresh.
+                    backoff = Duration::from_millis(100);
                     redirect = Some(to);
                     continue;
                 }
-                Ended::Broken => redirects = 0,
+                Ended::Broken => {
+                    redirects = 0;
+                    pause = Duration::from_millis(100);
+                }
             }
             if stop.is_cancelled() && self.running().is_empty() && task_rx.is_empty() {
                 // Nothing left to report to anyone.
