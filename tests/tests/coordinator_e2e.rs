@@ -106,12 +106,12 @@ async fn broadcast_every_second_with_worker_failover() -> Result<()> {
         ],
     )?;
     // Enough ticks on 4 workers before the kill (a wait on the records, not a window).
-    wait_until("12 ticks on 4 workers", Duration::from_secs(40), || {
+    wait_until("14 ticks on 4 workers", Duration::from_secs(40), || {
         let full = runs_of(&c, "tick")
             .values()
             .filter(|r| r.len() == 4 && r[0].total == 4)
             .count();
-        async move { full >= 12 }
+        async move { full >= 14 }
     })
     .await?;
     // Kill w3 in the middle of a long run.
@@ -148,7 +148,7 @@ async fn broadcast_every_second_with_worker_failover() -> Result<()> {
                     })
                     .count()
             };
-            let enough = n("tick") >= 6 && n("fixed") >= 6;
+            let enough = n("tick") >= 8 && n("fixed") >= 8;
             async move { enough }
         },
     )
