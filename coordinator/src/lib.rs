@@ -215,6 +215,16 @@ pub async fn serve(
                     stop.cancel();
                     let _ = task.await;
                 }
+                // A leader key with this replica's own address is a previous run of
+                // it (restarted on the same address) whose lease has not expired:
+                // nobody leads there. Unknown until this replica campaigns (not
+                // ready, nothing forwarded): forwarding to itself would recurse, a
+                // call in progress per hop, until the load shedding cut it.
+                let leader = if leader == deps.options.advertise {
+                    String::new()
+                } else {
+                    leader
+                };
                 shared.set(Current {
                     engine: None,
                     leader,
