@@ -215,16 +215,6 @@ pub async fn serve(
                     stop.cancel();
                     let _ = task.await;
                 }
-                // A leader key with this replica's own address is a previous run of
-                // it (restarted on the same address) whose lease has not expired:
-                // nobody leads there. Unknown until this replica campaigns (not
-                // ready, nothing forwarded): forwarding to itself would recurse, a
-                // call in progress per hop, until the load shedding cut it.
-                let leader = if leader == deps.options.advertise {
-                    String::new()
-                } else {
-                    leader
-                };
                 shared.set(Current {
                     engine: None,
                     leader,
@@ -272,10 +262,16 @@ fn readiness(shared: Arc<Shared>, deps: Deps) -> chime_shared::ops::Readiness {
     Arc::new(move || {
         let shared = shared.clone();
         let runs = deps.runs.clone();
+        let advertise = deps.options.advertise.clone();
         Box::pin(async move {
             let c = shared.current();
             let store = runs.ping().await;
-            let ok = !c.leader.is_empty() && store.is_ok();
+            // A follower that finds its own address in the leader key (a previous
+            // run of it, restarted before its lease expired) has no leader to
+            // forward to yet.
+            let leader_known =
+                c.engine.is_some() || (!c.leader.is_empty() && c.leader != advertise);
+            let ok = leader_known && store.is_ok();
             let details = serde_json::json!({
                 "leader": c.leader,
                 "is_leader": c.engine.is_some(),

@@ -729,11 +729,16 @@ impl AdminApi {
             .ok_or_else(|| CoordError::NotLeader { leader: c.leader }.into())
     }
 
-    /// A client of the leader, when this coordinator follows a known one.
-    async fn forward(&self) -> Result<Option<LeaderClient>, Status> {
+    /// A client of the leader, when this coordinator follows a known one. A call
+    /// another replica forwarded here is not forwarded again: this replica was named
+    /// the leader but does not lead (yet, or any more), which the caller is told.
+    async fn forward<T>(&self, req: &Request<T>) -> Result<Option<LeaderClient>, Status> {
         let c = self.shared.current();
         if c.engine.is_some() || c.leader.is_empty() {
             return Ok(None);
+        }
+        if req.metadata().contains_key(FORWARDED) {
+            return Err(CoordError::NotLeader { leader: c.leader }.into());
         }
         let mut cached = self.leader.lock().await;
         if let Some((addr, client)) = cached.as_ref()
@@ -775,16 +780,24 @@ impl AdminApi {
     }
 }
 
+/// Marks an admin call a follower forwarded. Views of who leads can be stale (a
+/// coordinator restarted on its old address finds itself in the leader key until
+/// the old lease expires), and a forwarded call that is forwarded again could go
+/// round in circles, a call in progress per hop; one hop is all a call gets.
+const FORWARDED: &str = "chime-forwarded";
+
 /// On a follower with a known leader, answers the call from the leader.
 macro_rules! forward {
     ($self:ident, $req:ident, $method:ident) => {
-        if let Some(mut c) = $self.forward().await? {
+        if let Some(mut c) = $self.forward(&$req).await? {
             // The caller's token goes along: the leader checks it again.
             let token = $req.metadata().get("authorization").cloned();
             let mut fwd = Request::new($req.into_inner());
             if let Some(t) = token {
                 fwd.metadata_mut().insert("authorization", t);
             }
+            fwd.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
             return c.$method(fwd).await;
         }
     };
@@ -1110,6 +1123,34 @@ mod tests {
         let stored = runs.get_run(&run.run_id).await.unwrap().unwrap();
         assert_eq!(stored.state, RunState::Succeeded, "the write landed");
         stop.cancel();
+    }
+
+    /// A forwarded call reaching a replica that does not lead is answered, not
+    /// forwarded again (stale views of the leader must not send calls in circles).
+    #[tokio::test]
+    async fn a_forwarded_call_is_not_forwarded_again() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let shared = Arc::new(Shared::default());
+        shared.set(crate::Current {
+            engine: None,
+            leader: "127.0.0.1:1".into(),
+            fence: 0,
+        });
+        let jobs = JobStore::new(Arc::new(MemorySource::default()));
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        let api = admin_api(shared, jobs, runs, clock, None);
+        let mut req = Request::new(pb::ListWorkersRequest::default());
+        req.metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let e = api.list_workers(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().starts_with("not the leader"), "{e:?}");
+        // Not forwarded: this one is (and finds nobody there).
+        let e = api
+            .list_workers(Request::new(pb::ListWorkersRequest::default()))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("cannot reach the leader"), "{e:?}");
     }
 
     /// The token layer on the real server: each service takes its token and
