@@ -57,6 +57,11 @@ impl JobView {
 pub struct Caller {
     /// `Bearer <token>`, as presented.
     pub authorization: Option<String>,
+    /// Another replica forwarded this call here. It is not forwarded again: views
+    /// of who leads can be stale (a coordinator restarted on its old address finds
+    /// itself in the leader key until the old lease expires), and a call forwarded
+    /// on and on would go round in circles, a call in progress per hop.
+    pub forwarded: bool,
 }
 
 impl std::fmt::Debug for Caller {
@@ -67,6 +72,7 @@ impl std::fmt::Debug for Caller {
                 "authorization",
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
+            .field("forwarded", &self.forwarded)
             .finish()
     }
 }
@@ -230,6 +236,10 @@ impl Admin {
     pub async fn call(&self, caller: &Caller, call: AdminCall) -> Result<AdminAnswer> {
         let c = self.shared.current();
         if c.engine.is_none() && !c.leader.is_empty() {
+            if caller.forwarded {
+                // Named the leader, but not leading (yet, or any more): say so.
+                return Err(CoordError::NotLeader { leader: c.leader });
+            }
             return self.forwarder.forward(&c.leader, caller, call).await;
         }
         self.local(call).await

@@ -10,16 +10,19 @@
 //! Queue and config calls read the delay store and the live-settings source
 //! directly: any replica can answer those. JSON is converted from and to the domain
 //! types here and nowhere else.
+//!
+//! Tokens and the body limit are tower layers on the router ([`http_policy`]: which
+//! token each path takes); `ops::serve` adds the layers every HTTP edge shares.
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chime_shared::auth::{self, Gate, Policy};
 use chime_shared::clock::Clock;
 use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
@@ -27,6 +30,7 @@ use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, NewItem, validate_batch
 use chime_shared::{limits, ops};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::Shared;
 use crate::admin::{Admin, AdminAnswer, AdminCall, Caller, JobView};
@@ -92,18 +96,12 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
             "/api/config",
             get(get_config).put(put_config).delete(delete_config),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-    // What a producer service needs, and nothing more: its token opens these only.
-    let items = Router::new()
+        // What a producer service needs (see `http_policy`).
         .route("/api/queues/items", post(enqueue))
         .route("/api/queues/item", get(get_item))
         .route("/api/queues/item/cancel", post(cancel_item))
-        .route("/api/queues/item/reschedule", post(reschedule_item))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_producer,
-        ));
-    let api = api.merge(items);
+        .route("/api/queues/item/reschedule", post(reschedule_item));
+    let policy = http_policy(&state.auth);
     Router::new()
         .route(
             "/",
@@ -122,7 +120,45 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .with_state(state)
         .merge(ops::router(ready))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // The body limit is tower-http's (413 past it, read or announced), so
+        // axum's own default limit is off.
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        // Outermost: a caller without the token learns nothing else, and its body
+        // is never read.
+        .layer(auth::require_token(policy, refuse as fn(&Gate) -> Response))
+}
+
+/// The item calls a producer token opens, and nothing more.
+const PRODUCER_PATHS: [&str; 4] = [
+    "/api/queues/items",
+    "/api/queues/item",
+    "/api/queues/item/cancel",
+    "/api/queues/item/reschedule",
+];
+
+/// Which token each HTTP path takes: the API an admin token, its item calls a
+/// producer or admin token. Open: the console's files, `/api/session` (the
+/// console asks whether it needs a login), the probes and `/metrics`.
+pub fn http_policy(auth: &crate::grpc::Auth) -> Policy {
+    let policy = Policy::new().exact("/api/session", Gate::open());
+    PRODUCER_PATHS
+        .into_iter()
+        .fold(policy, |p, path| p.exact(path, auth.producer_gate()))
+        .prefix("/api/", auth.admin_gate())
+}
+
+/// A refusal: 401 naming the token the caller lacks.
+fn refuse(gate: &Gate) -> Response {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        format!(
+            "missing or unknown {} token (Authorization: Bearer <token>)",
+            gate.name()
+        ),
+    )
+    .into_response()
 }
 
 fn file(content_type: &'static str, body: &'static str) -> Response {
@@ -228,40 +264,6 @@ fn ok(v: impl Serialize) -> ApiResult {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
-async fn require_admin(State(st): State<HttpState>, req: Request, next: Next) -> Response {
-    gate(st.auth.may_administer(bearer_of(&req)), "admin", req, next).await
-}
-
-async fn require_producer(State(st): State<HttpState>, req: Request, next: Next) -> Response {
-    gate(
-        st.auth.may_produce(bearer_of(&req)),
-        "producer or admin",
-        req,
-        next,
-    )
-    .await
-}
-
-fn bearer_of(req: &Request) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-}
-
-/// Passes the request on when `allowed`, else answers 401 naming the token `what`.
-async fn gate(allowed: bool, what: &str, req: Request, next: Next) -> Response {
-    if allowed {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            format!("missing or unknown {what} token (Authorization: Bearer <token>)"),
-        )
-        .into_response()
-    }
-}
-
 /// The HTTP caller, with their token (for forwarding to the leader).
 fn caller(headers: &HeaderMap) -> Caller {
     Caller {
@@ -269,6 +271,7 @@ fn caller(headers: &HeaderMap) -> Caller {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        forwarded: false,
     }
 }
 
@@ -814,6 +817,128 @@ mod tests {
         )
         .unwrap();
         assert_eq!((spec.name.as_str(), version), ("a", 7));
+    }
+
+    const ADMIN: &str = "admin-token-0123456789";
+    const PRODUCER: &str = "producer-token-0123456789";
+
+    fn app() -> Router {
+        use chime_shared::auth::Tokens;
+        use chime_shared::clock::SystemClock;
+        use chime_shared::config::source::MemorySource;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let shared = Arc::new(Shared::default());
+        let jobs = crate::store::JobStore::new(Arc::new(MemorySource::default()));
+        let runs = Arc::new(crate::store::MemoryRunStore::new(
+            crate::store::Retention::default(),
+        ));
+        let auth = crate::grpc::Auth {
+            admin: Some(Arc::new(Tokens::fixed(ADMIN))),
+            worker: None,
+            producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+        };
+        let state = HttpState {
+            admin: crate::grpc::admin_api(shared.clone(), jobs, runs, clock.clone(), None)
+                .service(),
+            shared,
+            queues: None,
+            config: None,
+            auth,
+            this: "here".into(),
+            clock,
+        };
+        router(state, Arc::new(|| Box::pin(async { (true, json!({})) })))
+    }
+
+    async fn send(
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: axum::body::Body,
+    ) -> (StatusCode, Value) {
+        use tower::ServiceExt;
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let res = app().oneshot(req.body(body).unwrap()).await.unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_api_takes_the_token_its_path_asks_for() {
+        let empty = axum::body::Body::empty;
+        for token in [None, Some(PRODUCER), Some("wrong-token-0123456789")] {
+            let (code, b) = send("GET", "/api/jobs", token, empty()).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{token:?}");
+            assert_eq!(b["error"]["code"], "unauthenticated");
+            assert_eq!(
+                b["error"]["message"],
+                "missing or unknown admin token (Authorization: Bearer <token>)"
+            );
+        }
+        let (code, _) = send("GET", "/api/jobs", Some(ADMIN), empty()).await;
+        assert_eq!(code, StatusCode::OK);
+        // The item calls: a producer or admin token; past the gate, this replica
+        // has no delay store.
+        let item = "/api/queues/item?key=k&id=i";
+        let (code, b) = send("GET", item, None, empty()).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            b["error"]["message"],
+            "missing or unknown producer or admin token (Authorization: Bearer <token>)"
+        );
+        for token in [PRODUCER, ADMIN] {
+            let (code, b) = send("GET", item, Some(token), empty()).await;
+            assert_ne!(code, StatusCode::UNAUTHORIZED, "{b}");
+        }
+        // Open: the console's login check, the files, the probes; unknown API
+        // paths are the admin's.
+        for path in ["/api/session", "/", "/livez", "/metrics"] {
+            let (code, _) = send("GET", path, None, empty()).await;
+            assert_eq!(code, StatusCode::OK, "{path}");
+        }
+        let (code, _) = send("GET", "/api/nothing", None, empty()).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        let (code, _) = send("GET", "/api/nothing", Some(ADMIN), empty()).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_limit_are_refused_with_413() {
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        let (code, _) = send(
+            "POST",
+            "/api/queues/items",
+            Some(ADMIN),
+            axum::body::Body::from(big.clone()),
+        )
+        .await;
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+        // Without a length announced: refused once the limit is read.
+        let chunks = big
+            .chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>();
+        let stream = axum::body::Body::from_stream(tokio_stream::iter(chunks));
+        let (code, _) = send("POST", "/api/queues/items", Some(ADMIN), stream).await;
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+        // A caller without the token is refused before its body is looked at.
+        let (code, _) = send(
+            "POST",
+            "/api/queues/items",
+            None,
+            axum::body::Body::from(big),
+        )
+        .await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
     }
 
     #[test]

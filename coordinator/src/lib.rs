@@ -265,10 +265,16 @@ fn readiness(shared: Arc<Shared>, deps: Deps) -> chime_shared::ops::Readiness {
     Arc::new(move || {
         let shared = shared.clone();
         let runs = deps.runs.clone();
+        let advertise = deps.options.advertise.clone();
         Box::pin(async move {
             let c = shared.current();
             let store = runs.ping().await;
-            let ok = !c.leader.is_empty() && store.is_ok();
+            // A follower that finds its own address in the leader key (a previous
+            // run of it, restarted before its lease expired) has no leader to
+            // forward to yet.
+            let leader_known =
+                c.engine.is_some() || (!c.leader.is_empty() && c.leader != advertise);
+            let ok = leader_known && store.is_ok();
             let details = serde_json::json!({
                 "leader": c.leader,
                 "is_leader": c.engine.is_some(),

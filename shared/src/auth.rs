@@ -1,5 +1,6 @@
-//! Bearer tokens: who may use the admin API (console, CLI) and who may connect as a
-//! worker. Two separate token sets, so a leaked worker token cannot change jobs.
+//! Bearer tokens: who may use the admin API (console, CLI), who may connect as a
+//! worker, who may produce items. Separate token sets, so a leaked worker token
+//! cannot change jobs.
 //!
 //! A token file holds one token per line (blank lines and `#` comments ignored).
 //! Several lines are several valid tokens, which is how tokens rotate without a
@@ -9,10 +10,19 @@
 //!
 //! Comparison is constant-time in the token's content, so response timing does not
 //! leak how much of a guess was right.
+//!
+//! Servers check tokens with one tower layer, [`require_token`], on every edge (the
+//! coordinator's gRPC and HTTP listeners, the worker's delivery service): a
+//! [`Policy`] maps request paths to the [`Gate`] guarding them, and each edge
+//! answers a refusal in its own language (a gRPC status, a JSON error). Clients
+//! present their token with [`Bearer`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+#[cfg(feature = "server")]
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use crate::error::{Error, Result};
 
@@ -197,6 +207,185 @@ pub fn read_client_token(path: &Path) -> Result<String> {
     Ok(String::from_utf8(tokens[0].clone()).unwrap_or_default())
 }
 
+/// Who may pass a [`Gate`].
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Anyone who reaches the port (no token set configured: the operator chose
+    /// `auth.allow_unauthenticated`, or the path changes nothing).
+    Open,
+    /// Whoever presents a token of any of these sets.
+    Tokens(Vec<Arc<Tokens>>),
+}
+
+impl Access {
+    /// Holders of `tokens`; `None` (no set configured) is [`Access::Open`].
+    pub fn tokens(tokens: Option<Arc<Tokens>>) -> Self {
+        match tokens {
+            None => Access::Open,
+            Some(t) => Access::Tokens(vec![t]),
+        }
+    }
+
+    /// Holders of `tokens` pass too. `None` adds nobody: a set that is not
+    /// configured never opens a gate by itself (the delay queue without producer
+    /// tokens takes the admin ones only).
+    pub fn or(self, tokens: Option<Arc<Tokens>>) -> Self {
+        match (self, tokens) {
+            (Access::Tokens(mut sets), Some(t)) => {
+                sets.push(t);
+                Access::Tokens(sets)
+            }
+            (access, _) => access,
+        }
+    }
+
+    /// Whether an `authorization` header value (`Bearer <token>`) passes.
+    pub fn admits(&self, header: Option<&str>) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Tokens(sets) => header.and_then(bearer).is_some_and(|token| {
+                // Every set is asked, so timing does not tell which one matched.
+                sets.iter().fold(false, |hit, set| set.verify(token) | hit)
+            }),
+        }
+    }
+}
+
+/// What guards a group of paths: who may pass, and the name of the token a refused
+/// caller lacks (`admin`, `worker`, `producer or admin`), for the refusal.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    name: &'static str,
+    access: Access,
+}
+
+impl Gate {
+    /// A gate `access` lets through; `name` names its token in refusals.
+    pub fn new(name: &'static str, access: Access) -> Self {
+        Self { name, access }
+    }
+
+    /// A gate everyone passes.
+    pub fn open() -> Self {
+        Self::new("", Access::Open)
+    }
+
+    /// The name of the token this gate asks for.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Who passes.
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    path: String,
+    whole: bool,
+    gate: Gate,
+}
+
+/// Request paths → the gate guarding them. Rules are tried in the order they were
+/// added and the first that matches decides; a path no rule matches is open (an
+/// edge's probes, health checks and unknown paths, which the router answers).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Arc<Vec<Rule>>,
+}
+
+impl Policy {
+    /// No rules yet: everything open.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn rule(mut self, path: String, whole: bool, gate: Gate) -> Self {
+        Arc::make_mut(&mut self.rules).push(Rule { path, whole, gate });
+        self
+    }
+
+    /// `path` exactly (query strings are not part of a path).
+    pub fn exact(self, path: impl Into<String>, gate: Gate) -> Self {
+        self.rule(path.into(), true, gate)
+    }
+
+    /// Every path starting with `prefix` (a gRPC service is `/<package>.<Service>/`).
+    pub fn prefix(self, prefix: impl Into<String>, gate: Gate) -> Self {
+        self.rule(prefix.into(), false, gate)
+    }
+
+    /// The gate guarding `path` (`None`: open).
+    pub fn gate(&self, path: &str) -> Option<&Gate> {
+        self.rules
+            .iter()
+            .find(|r| {
+                if r.whole {
+                    path == r.path
+                } else {
+                    path.starts_with(&r.path)
+                }
+            })
+            .map(|r| &r.gate)
+    }
+}
+
+/// The token check of a server edge: a request whose path a [`Policy`] gate guards
+/// goes on only with an `authorization: Bearer <token>` header the gate admits;
+/// otherwise `refuse` answers it, in the edge's language (gRPC:
+/// `tonic::Status::unauthenticated(…).into_http()`; HTTP: a JSON 401), and the
+/// service behind never sees it (nor its body, which stays unread). tower-http's
+/// request validation is the layer around it ([`require_token`]).
+#[cfg(feature = "server")]
+#[derive(Clone)]
+pub struct RequireToken<R> {
+    policy: Policy,
+    refuse: R,
+}
+
+#[cfg(feature = "server")]
+impl<R> std::fmt::Debug for RequireToken<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequireToken")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "server")]
+impl<B, R, ResBody> ValidateRequest<B> for RequireToken<R>
+where
+    R: Fn(&Gate) -> http::Response<ResBody>,
+{
+    type ResponseBody = ResBody;
+
+    fn validate(
+        &mut self,
+        req: &mut http::Request<B>,
+    ) -> std::result::Result<(), http::Response<ResBody>> {
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match self.policy.gate(req.uri().path()) {
+            Some(gate) if !gate.access.admits(header) => Err((self.refuse)(gate)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The layer checking tokens on a server edge (see [`RequireToken`]).
+#[cfg(feature = "server")]
+pub type RequireTokenLayer<R> = ValidateRequestHeaderLayer<RequireToken<R>>;
+
+/// Checks `policy` on every request, refusing with `refuse(gate)`.
+#[cfg(feature = "server")]
+pub fn require_token<R>(policy: Policy, refuse: R) -> RequireTokenLayer<R> {
+    ValidateRequestHeaderLayer::custom(RequireToken { policy, refuse })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +445,83 @@ mod tests {
         let e = Tokens::from_file(&f).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    const ADMIN: &str = "admin-token-0123456789";
+    const PRODUCER: &str = "producer-token-0123456789";
+
+    fn set(t: &str) -> Option<Arc<Tokens>> {
+        Some(Arc::new(Tokens::fixed(t)))
+    }
+
+    #[test]
+    fn access_sets_combine_as_the_coordinator_needs() {
+        let h = |t: &str| format!("Bearer {t}");
+        assert!(Access::tokens(None).admits(None));
+        let admin = Access::tokens(set(ADMIN));
+        assert!(admin.admits(Some(&h(ADMIN))));
+        assert!(!admin.admits(Some(&h(PRODUCER))));
+        assert!(!admin.admits(Some(ADMIN)), "no scheme");
+        assert!(!admin.admits(None));
+        // Admin or producer; a missing producer set adds nobody, an open admin
+        // gate stays open.
+        let queue = Access::tokens(set(ADMIN)).or(set(PRODUCER));
+        assert!(queue.admits(Some(&h(ADMIN))) && queue.admits(Some(&h(PRODUCER))));
+        assert!(!queue.admits(Some("Bearer someone-else-0123456789")));
+        let queue = Access::tokens(set(ADMIN)).or(None);
+        assert!(!queue.admits(Some(&h(PRODUCER))));
+        assert!(Access::tokens(None).or(set(PRODUCER)).admits(None));
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides_and_unmatched_paths_are_open() {
+        let p = Policy::new()
+            .exact("/api/session", Gate::open())
+            .prefix("/api/", Gate::new("admin", Access::tokens(set(ADMIN))));
+        assert!(p.gate("/api/session").is_some_and(|g| g.name().is_empty()));
+        assert_eq!(p.gate("/api/jobs").map(Gate::name), Some("admin"));
+        assert_eq!(p.gate("/api/session/x").map(Gate::name), Some("admin"));
+        assert!(p.gate("/livez").is_none());
+        assert!(p.gate("/api").is_none());
+    }
+
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn the_layer_refuses_in_the_edge_s_language_and_passes_the_rest() {
+        use tower::{Layer, ServiceExt};
+        let policy = Policy::new().prefix(
+            "/chime.v1.Admin/",
+            Gate::new("admin", Access::tokens(set(ADMIN))),
+        );
+        let refuse = |g: &Gate| {
+            http::Response::builder()
+                .status(401)
+                .body(format!("no {} token", g.name()))
+                .unwrap()
+        };
+        let svc =
+            require_token(policy, refuse).layer(tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new("handled".to_owned()))
+            }));
+        let call = |path: &str, token: Option<&str>| {
+            let mut req = http::Request::builder().uri(path);
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            svc.clone().oneshot(req.body(()).unwrap())
+        };
+        let r = call("/chime.v1.Admin/ListJobs", None).await.unwrap();
+        assert_eq!(
+            (r.status().as_u16(), r.body().as_str()),
+            (401, "no admin token")
+        );
+        let r = call("/chime.v1.Admin/ListJobs", Some(PRODUCER))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let r = call("/chime.v1.Admin/ListJobs", Some(ADMIN)).await.unwrap();
+        assert_eq!(r.body(), "handled");
+        let r = call("/grpc.health.v1.Health/Check", None).await.unwrap();
+        assert_eq!(r.body(), "handled");
     }
 }

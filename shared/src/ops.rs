@@ -2,26 +2,36 @@
 //! `/livez` (the process runs), `/readyz` (it can do its job: its own check), and
 //! `/metrics` (Prometheus text). The coordinator adds its console and JSON API to
 //! the same router.
+//!
+//! [`serve`] is how every chime HTTP listener serves a router: `axum-server` does
+//! the connections (TLS handshakes, HTTP/1.1 and HTTP/2, slow-client timeouts,
+//! graceful drain), and [`layers`] puts the tower layers every HTTP edge shares in
+//! front of the router (tracing, metrics, load shedding over a concurrency limit,
+//! a timeout per request).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::MatchedPath;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
-use crate::telemetry;
+use crate::telemetry::{self, Edge, RequestMetricsLayer};
 
 /// A readiness check: answers whether the process is ready, with details.
 pub type Readiness =
@@ -91,74 +101,186 @@ pub fn router(ready: Readiness) -> Router {
 /// Most HTTP connections open at once; one more is closed as soon as it is
 /// accepted (the listener keeps serving the others).
 pub const MAX_CONNECTIONS: usize = 1024;
-/// A TLS handshake, or a request's headers, must arrive within this; a client that
-/// opens a connection and goes quiet is dropped.
+/// Most requests handled at once over all connections of a listener; one more is
+/// answered 503 at once (load shedding) rather than queued behind the others.
+pub const MAX_IN_FLIGHT: usize = 512;
+/// A request not answered within this is answered 503 (its handler is dropped).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A TLS handshake, a connection's first request, or a request's headers must
+/// arrive within this; a client that opens a connection and goes quiet is dropped.
 const SLOW_CLIENT: Duration = Duration::from_secs(10);
 /// On shutdown, how long open connections may finish their requests.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Serves `router` on `listener` until `shutdown`: HTTP/1.1 and HTTP/2, over TLS
-/// when `tls` is given. Bounded against hostile clients: at most
-/// [`MAX_CONNECTIONS`] connections, and a handshake or a request's headers that take
-/// longer than 10 s end the connection.
+/// The `route` label of an HTTP request: the route template it matched (never the
+/// raw path, which a client chooses), or `unmatched`.
+fn route_of(_: &axum::http::Uri, extensions: &axum::http::Extensions) -> String {
+    extensions
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned()
+}
+
+/// `router` behind the layers every HTTP edge of chime shares, outermost first: a
+/// debug span per request, metrics ([`telemetry::REQUESTS`]), load shedding (503
+/// past [`MAX_IN_FLIGHT`] requests at once), and a timeout per request (503 after
+/// [`REQUEST_TIMEOUT`]). Applied per route, so metrics see the matched route;
+/// the concurrency limit is one for the whole router all the same.
+pub fn layers(router: Router) -> Router {
+    router.layer(
+        ServiceBuilder::new()
+            .layer(
+                // Failures (5xx, e.g. a probe saying "not ready") are answers, not
+                // errors of the listener: debug like the rest. Headers are never
+                // recorded (they carry tokens).
+                TraceLayer::new_for_http()
+                    .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
+                    .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                    .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+            )
+            .layer(RequestMetricsLayer::new(Edge::Http, route_of))
+            .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded: too many requests at once, retry later",
+                )
+            }))
+            .load_shed()
+            .layer(GlobalConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::SERVICE_UNAVAILABLE,
+                REQUEST_TIMEOUT,
+            )),
+    )
+}
+
+type Serving = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+
+/// Serves `router` behind [`layers`] on `listener` until `shutdown`: HTTP/1.1 and
+/// HTTP/2, over TLS when `tls` is given (its ALPN offers both). Bounded against
+/// hostile clients: at most [`MAX_CONNECTIONS`] connections, and a handshake, a
+/// first request or a request's headers that take longer than 10 s end the
+/// connection. On shutdown the listener closes at once and open connections get
+/// 5 s to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
+    let router = layers(router);
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let mut server = axum_server::Server::<SocketAddr>::from_listener(listener)
+        .handle(handle.clone())
+        .first_request_timeout(SLOW_CLIENT)
+        .accept_error_handler(|peer, e| match peer {
+            // The listener itself (out of file descriptors and the like); the
+            // server waits a moment before accepting again.
+            None => tracing::warn!(error = %e, "accept failed"),
+            // One connection: a failed handshake, or one over the cap.
+            Some(peer) => tracing::debug!(%peer, error = %e, "connection dropped"),
+        });
+    server
+        .http_builder()
         .http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(SLOW_CLIENT);
-    builder
+    server
+        .http_builder()
         .http2()
-        .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+    // axum-server has no connection cap: a connection over it gets no service,
+    // which closes it before anything is read.
+    let open = handle.clone();
+    let make = tower::service_fn(move |_: SocketAddr| {
+        let answer = if open.connection_count() >= MAX_CONNECTIONS {
+            Err(std::io::Error::other("over the connection cap"))
+        } else {
+            Ok(router.clone())
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let (builder, acceptor, watcher) = (builder.clone(), acceptor.clone(), graceful.watcher());
-        tokio::spawn(async move {
-            let _permit = permit;
-            match acceptor {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
-                Some(a) => {
-                    let Ok(Ok(tls)) = tokio::time::timeout(SLOW_CLIENT, a.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
-            }
-        });
+        std::future::ready(answer)
+    });
+    let mut serving: Serving = match tls {
+        None => Box::pin(server.serve(make)),
+        Some(config) => {
+            let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(config))
+                .handshake_timeout(SLOW_CLIENT);
+            Box::pin(server.acceptor(acceptor).serve(make))
+        }
+    };
+    tokio::select! {
+        done = &mut serving => return done,
+        _ = shutdown.cancelled() => handle.graceful_shutdown(Some(DRAIN)),
     }
-    let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
-    Ok(())
+    serving.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn ready() -> Readiness {
+        Arc::new(|| Box::pin(async { (true, serde_json::json!({})) }))
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_concurrency_limit_are_shed_with_503() {
+        // Every slot held by a request that waits until the gate closes.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let wait = gate.clone();
+        let app = layers(Router::new().route(
+            "/slow",
+            get(move || {
+                let wait = wait.clone();
+                async move {
+                    let _ = wait.acquire().await;
+                    "done"
+                }
+            }),
+        ));
+        let get = |path: &str| {
+            app.clone()
+                .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+        };
+        let held: Vec<_> = (0..MAX_IN_FLIGHT)
+            .map(|_| tokio::spawn(get("/slow")))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let shed = get("/slow").await.unwrap();
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        gate.close();
+        for h in held {
+            assert_eq!(h.await.unwrap().unwrap().status(), StatusCode::OK);
+        }
+        // The slots came back.
+        assert_eq!(get("/slow").await.unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn serves_plain_http_and_drains_on_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router(ready()), None, stop.clone()));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "still listening"
+        );
+    }
 }

@@ -1,6 +1,15 @@
 //! Metric names, in one place so the worker, the coordinator, the console and the
 //! docs agree on them (`describe` registers their help texts). Recording goes
 //! through the `metrics` facade; `ops::metrics` installs the Prometheus exporter.
+//! [`RequestMetricsLayer`] is the tower layer that counts and times the requests
+//! of every server edge (gRPC and HTTP).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tower::{Layer, Service};
 
 /// Items stored by enqueue (label `handler`).
 pub const ITEMS_ENQUEUED: &str = "chime_items_enqueued_total";
@@ -61,9 +70,24 @@ pub const DELIVERY_SUBSCRIBERS: &str = "chime_delivery_subscribers";
 /// `outcome`: ack, fail, release, timeout, gone, abandoned).
 pub const DELIVERIES: &str = "chime_deliveries_total";
 
+/// Requests a server edge answered (labels `edge`: grpc or http; `route`: the gRPC
+/// service, or the HTTP route template; `code`: the HTTP status, or for gRPC the
+/// status in the answer's head, which is where a call refused or failed before any
+/// message says it, else 0).
+pub const REQUESTS: &str = "chime_requests_total";
+/// From a request's arrival to its answer's head (labels `edge`, `route`); for a
+/// stream, until the stream is open.
+pub const REQUEST_SECONDS: &str = "chime_request_duration_seconds";
+
 /// Registers the help text of every metric.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(REQUESTS, "Requests answered, by edge, route and code.");
+    describe_histogram!(
+        REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Request arrival to the head of its answer, by edge and route."
+    );
     describe_counter!(ITEMS_ENQUEUED, "Delayed items stored by enqueue.");
     describe_counter!(ITEMS_FIRED, "Delayed items handed to a handler.");
     describe_counter!(
@@ -133,4 +157,178 @@ pub fn describe() {
         DELIVERIES,
         "Deliveries handed to subscribers, by how they ended."
     );
+}
+
+/// Which edge a [`RequestMetricsLayer`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    /// A gRPC server (the coordinator's, the worker's delivery service).
+    Grpc,
+    /// An HTTP listener (console, JSON API, probes, `/metrics`).
+    Http,
+}
+
+impl Edge {
+    fn label(self) -> &'static str {
+        match self {
+            Edge::Grpc => "grpc",
+            Edge::Http => "http",
+        }
+    }
+}
+
+/// Names a request's route for the `route` label. It must answer few distinct
+/// values whatever a client sends (a route template, a known service, `other`),
+/// never a raw path: a scanner would otherwise make a series per guess.
+pub type RouteOf = fn(&http::Uri, &http::Extensions) -> String;
+
+/// `path`'s gRPC service when it is one of `known`, else `other`.
+pub fn grpc_service<'a>(path: &str, known: &[&'a str]) -> &'a str {
+    let service = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map_or("", |(service, _)| service);
+    known
+        .iter()
+        .copied()
+        .find(|k| *k == service)
+        .unwrap_or("other")
+}
+
+/// Counts every request ([`REQUESTS`]) and times it to its answer's head
+/// ([`REQUEST_SECONDS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMetricsLayer {
+    edge: Edge,
+    route: RouteOf,
+}
+
+impl RequestMetricsLayer {
+    /// Counts `edge`'s requests by `route`.
+    pub fn new(edge: Edge, route: RouteOf) -> Self {
+        Self { edge, route }
+    }
+}
+
+impl<S> Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics {
+            inner,
+            layer: *self,
+        }
+    }
+}
+
+/// The service [`RequestMetricsLayer`] wraps around another.
+#[derive(Debug, Clone)]
+pub struct RequestMetrics<S> {
+    inner: S,
+    layer: RequestMetricsLayer,
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for RequestMetrics<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let RequestMetricsLayer { edge, route } = self.layer;
+        let route = route(req.uri(), req.extensions());
+        let started = Instant::now();
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let answer = answer.await;
+            let code = match &answer {
+                Ok(res) if edge == Edge::Grpc => res
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Ok(res) => res.status().as_str().to_owned(),
+                // The connection ends without an answer (the server's own error).
+                Err(_) => "error".to_owned(),
+            };
+            metrics::histogram!(REQUEST_SECONDS, "edge" => edge.label(), "route" => route.clone())
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!(REQUESTS, "edge" => edge.label(), "route" => route, "code" => code)
+                .increment(1);
+            answer
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KNOWN: [&str; 2] = ["chime.v1.Admin", "grpc.health.v1.Health"];
+
+    #[test]
+    fn grpc_routes_are_known_services_or_other() {
+        assert_eq!(
+            grpc_service("/chime.v1.Admin/ListJobs", &KNOWN),
+            "chime.v1.Admin"
+        );
+        assert_eq!(grpc_service("/chime.v1.Admin", &KNOWN), "other");
+        assert_eq!(grpc_service("/x.Guess/Y", &KNOWN), "other");
+        assert_eq!(grpc_service("", &KNOWN), "other");
+    }
+
+    // Renders through the Prometheus exporter, which only `ops` brings.
+    #[cfg(feature = "ops")]
+    #[test]
+    fn requests_are_counted_by_edge_route_and_code() {
+        use tower::ServiceExt;
+        fn route(uri: &http::Uri, _: &http::Extensions) -> String {
+            grpc_service(uri.path(), &KNOWN).to_owned()
+        }
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let svc = RequestMetricsLayer::new(Edge::Grpc, route).layer(tower::service_fn(
+            |req: http::Request<()>| async move {
+                let mut res = http::Response::new(());
+                if req.uri().path().ends_with("/Refused") {
+                    res.headers_mut()
+                        .insert("grpc-status", "16".parse().unwrap());
+                }
+                Ok::<_, std::convert::Infallible>(res)
+            },
+        ));
+        metrics::with_local_recorder(&recorder, || {
+            rt.block_on(async {
+                for path in [
+                    "/chime.v1.Admin/Refused",
+                    "/chime.v1.Admin/ListJobs",
+                    "/a/b",
+                ] {
+                    let req = http::Request::builder().uri(path).body(()).unwrap();
+                    svc.clone().oneshot(req).await.unwrap();
+                }
+            })
+        });
+        let text = handle.render();
+        for line in [
+            r#"chime_requests_total{edge="grpc",route="chime.v1.Admin",code="16"} 1"#,
+            r#"chime_requests_total{edge="grpc",route="chime.v1.Admin",code="0"} 1"#,
+            r#"chime_requests_total{edge="grpc",route="other",code="0"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
 }

@@ -552,7 +552,13 @@ fn the_code_map_check_catches_a_planted_violation() {
 
 /// Packages a plain worker SDK user must not compile, and (package, feature) pairs
 /// that mean an HTTP server.
-const NOT_IN_THE_SDK: &[&str] = &["axum", "axum-core", "etcd-client", "tonic-health"];
+const NOT_IN_THE_SDK: &[&str] = &[
+    "axum",
+    "axum-core",
+    "axum-server",
+    "etcd-client",
+    "tonic-health",
+];
 const SERVER_FEATURES: &[(&str, &str)] = &[
     ("hyper", "server"),
     ("hyper-util", "server"),

@@ -2,6 +2,11 @@
 //! delay queue. Handlers are thin: they convert between `proto` and the
 //! domain, and call the engine, the job store or the delay store. With `http.rs`,
 //! this is the only place that sees generated types.
+//!
+//! What every call goes through before a handler comes from tower layers on the
+//! server ([`server`]): a timeout, a per-connection concurrency limit with load
+//! shedding, tracing, metrics, and the token check ([`grpc_policy`]: which token
+//! each service takes).
 
 pub mod queue;
 
@@ -10,8 +15,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chime_shared::auth::{self, Tokens};
+use chime_shared::auth::{self, Access, Gate, Policy, RequireTokenLayer, Tokens};
 use chime_shared::clock::Clock;
+use chime_shared::telemetry::{self, Edge, RequestMetricsLayer};
 use chime_shared::tls::ClientTls;
 use pb::coordinator_message::Kind as Out;
 use pb::worker_message::Kind as In;
@@ -19,8 +25,12 @@ use proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
+use tower::layer::util::{Identity, Stack};
+use tower_http::trace::{
+    DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, GrpcMakeClassifier, TraceLayer,
+};
 use tracing::{debug, warn};
 
 use crate::Shared;
@@ -65,53 +75,79 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Whether `header` may use the admin API (and everything else but sessions).
+    /// The admin API (and everything else but sessions): admin tokens.
+    pub fn admin_gate(&self) -> Gate {
+        Gate::new("admin", Access::tokens(self.admin.clone()))
+    }
+
+    /// Worker sessions: worker tokens.
+    pub fn worker_gate(&self) -> Gate {
+        Gate::new("worker", Access::tokens(self.worker.clone()))
+    }
+
+    /// The delay queue: an admin token, or a producer one (no producer tokens
+    /// configured opens nothing by itself).
+    pub fn producer_gate(&self) -> Gate {
+        Gate::new(
+            "producer or admin",
+            Access::tokens(self.admin.clone()).or(self.producer.clone()),
+        )
+    }
+
+    /// Whether `header` may use the admin API.
     pub fn may_administer(&self, header: Option<&str>) -> bool {
-        authorized(&self.admin, header)
-    }
-
-    /// Whether `header` may open a worker session.
-    pub fn may_work(&self, header: Option<&str>) -> bool {
-        authorized(&self.worker, header)
-    }
-
-    /// Whether `header` may use the delay queue: an admin token, or a producer one
-    /// (no producer tokens configured opens nothing by itself).
-    pub fn may_produce(&self, header: Option<&str>) -> bool {
-        self.may_administer(header)
-            || (self.producer.is_some() && authorized(&self.producer, header))
+        self.admin_gate().access().admits(header)
     }
 }
 
-/// Whether `headers`' `authorization` value holds one of `tokens` (always true
-/// without tokens).
-pub fn authorized(tokens: &Option<Arc<Tokens>>, header: Option<&str>) -> bool {
-    match tokens {
-        None => true,
-        Some(t) => header
-            .and_then(auth::bearer)
-            .is_some_and(|tok| t.verify(tok)),
-    }
+/// `/<service>/`, the prefix of every method path of a gRPC service.
+fn methods_of<S: NamedService>() -> String {
+    format!("/{}/", S::NAME)
 }
 
-/// An interceptor refusing calls whose `authorization` header `allowed` refuses;
-/// `what` names the token the caller lacks.
-fn require(
-    auth: Auth,
-    allowed: fn(&Auth, Option<&str>) -> bool,
-    what: &'static str,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |req: Request<()>| {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if allowed(&auth, header) {
-            Ok(req)
-        } else {
-            Err(CoordError::Unauthenticated(format!("missing or unknown {what} token")).into())
-        }
-    }
+/// Which token each gRPC service takes: sessions a worker token, the admin API an
+/// admin token, the delay queue a producer or admin token. Health and reflection
+/// are open (they change nothing), and so are unknown paths, which tonic answers
+/// `UNIMPLEMENTED`.
+pub fn grpc_policy(auth: &Auth) -> Policy {
+    Policy::new()
+        .prefix(
+            methods_of::<pb::worker_gateway_server::WorkerGatewayServer<Gateway>>(),
+            auth.worker_gate(),
+        )
+        .prefix(
+            methods_of::<pb::admin_server::AdminServer<AdminApi>>(),
+            auth.admin_gate(),
+        )
+        // Producers hold a producer token (or the admin one): it opens the delay
+        // queue and nothing else.
+        .prefix(
+            methods_of::<pb::queue_server::QueueServer<queue::QueueApi>>(),
+            auth.producer_gate(),
+        )
+}
+
+/// The refusal of a call without the token its gate asks for: `UNAUTHENTICATED`,
+/// as a gRPC answer (HTTP 200, the status in the headers).
+fn refuse(gate: &Gate) -> http::Response<tonic::body::Body> {
+    Status::from(CoordError::Unauthenticated(format!(
+        "missing or unknown {} token",
+        gate.name()
+    )))
+    .into_http()
+}
+
+/// The services the coordinator serves, the `route` label of its gRPC metrics.
+const SERVICES: [&str; 5] = [
+    <pb::worker_gateway_server::WorkerGatewayServer<Gateway> as NamedService>::NAME,
+    <pb::admin_server::AdminServer<AdminApi> as NamedService>::NAME,
+    <pb::queue_server::QueueServer<queue::QueueApi> as NamedService>::NAME,
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+];
+
+fn route_of(uri: &http::Uri, _: &http::Extensions) -> String {
+    telemetry::grpc_service(uri.path(), &SERVICES).to_owned()
 }
 
 /// A worker's result → the shard it names and how it ended (an unknown status is a
@@ -131,7 +167,23 @@ pub fn outcome_from_proto(r: pb::RunResult) -> (Option<pb::RunRef>, ShardOutcome
 
 /// Largest gRPC message the coordinator decodes (a job with 64 KiB params and
 /// 64 KiB of shard params, a register with many running shards, fit many times).
+/// The gRPC edge's body limit: per message, since a stream's body never ends.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// A call must be answered within this (or the caller's shorter `grpc-timeout`),
+/// else `CANCELLED`. It runs until the answer's head: a session stream is bounded
+/// only until it is open (its `Register` is awaited 10 s), never for its life.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Calls one connection may have in progress at once; one more is refused
+/// `RESOURCE_EXHAUSTED` at once (load shedding) rather than queued. Open streams do
+/// not count, only calls not yet answered.
+pub const MAX_CALLS_PER_CONNECTION: usize = 256;
+
+/// The layers [`server`] adds inside tonic's own (a `Stack` names the innermost
+/// first: the token check, then metrics, then tracing).
+pub type Layers = Stack<
+    RequireTokenLayer<fn(&Gate) -> http::Response<tonic::body::Body>>,
+    Stack<RequestMetricsLayer, Stack<TraceLayer<GrpcMakeClassifier>, Identity>>,
+>;
 
 /// The gRPC router: the worker gateway, `admin`, `queue`, the standard health
 /// service and server reflection (so `grpcurl` and friends work without the proto
@@ -142,7 +194,7 @@ pub async fn server(
     queue: queue::QueueApi,
     auth: Auth,
     tls: Option<tonic::transport::ServerTlsConfig>,
-) -> Result<tonic::transport::server::Router, CoordError> {
+) -> Result<tonic::transport::server::Router<Layers>, CoordError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // A coordinator serves both services whether it leads or not: a follower
     // redirects workers and forwards admin calls, so it is healthy either way.
@@ -160,8 +212,6 @@ pub async fn server(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .ok();
-    // Short keep-alives: a worker whose coordinator froze (or the other way round)
-    // notices within seconds, not minutes.
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder
@@ -169,24 +219,40 @@ pub async fn server(
             .map_err(|e| CoordError::invalid("tls.cert_file", e))?;
     }
     let router = builder
+        // Short keep-alives: a worker whose coordinator froze (or the other way
+        // round) notices within seconds, not minutes.
         .http2_keepalive_interval(Some(Duration::from_secs(3)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        // tonic's own tower layers, outermost: the timeout (which also honours
+        // `grpc-timeout`), the concurrency limit and load shedding.
+        .timeout(CALL_TIMEOUT)
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .load_shed(true)
+        // Then, outermost first: a debug span per call (failures are answers
+        // like any other here, and headers, which carry tokens, are never
+        // recorded), metrics, and the token check.
+        .layer(
+            TraceLayer::new_for_grpc()
+                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+        .layer(RequestMetricsLayer::new(Edge::Grpc, route_of))
+        .layer(auth::require_token(
+            grpc_policy(&auth),
+            refuse as fn(&Gate) -> http::Response<tonic::body::Body>,
+        ))
         .add_service(health_service)
-        .add_service(InterceptedService::new(
+        .add_service(
             pb::worker_gateway_server::WorkerGatewayServer::new(Gateway { shared })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth.clone(), Auth::may_work, "worker"),
-        ))
-        .add_service(InterceptedService::new(
+        )
+        .add_service(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth.clone(), Auth::may_administer, "admin"),
-        ))
-        // Producers hold a producer token (or the admin one): it opens the delay
-        // queue and nothing else.
-        .add_service(InterceptedService::new(
+        )
+        .add_service(
             pb::queue_server::QueueServer::new(queue).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            require(auth, Auth::may_produce, "producer or admin"),
-        ));
+        );
     Ok(match reflection {
         Some(r) => router.add_service(r),
         None => router,
@@ -681,12 +747,21 @@ impl GrpcForwarder {
     }
 }
 
-/// A request carrying the caller's token.
+/// Marks an admin call a follower forwarded. Views of who leads can be stale (a
+/// coordinator restarted on its old address finds itself in the leader key until
+/// the old lease expires), and a forwarded call that is forwarded again could go
+/// round in circles, a call in progress per hop; one hop is all a call gets
+/// ([`Caller::forwarded`]).
+const FORWARDED: &str = "chime-forwarded";
+
+/// A request to the leader carrying the caller's token, marked forwarded.
 fn as_caller<T>(caller: &Caller, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     if let Some(v) = caller.authorization.as_deref().and_then(|v| v.parse().ok()) {
         req.metadata_mut().insert("authorization", v);
     }
+    req.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     req
 }
 
@@ -698,6 +773,7 @@ fn caller_of<T>(req: &Request<T>) -> Caller {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        forwarded: req.metadata().contains_key(FORWARDED),
     }
 }
 
@@ -1093,5 +1169,103 @@ mod tests {
         let stored = runs.get_run(&run.run_id).await.unwrap().unwrap();
         assert_eq!(stored.state, RunState::Succeeded, "the write landed");
         stop.cancel();
+    }
+
+    /// A forwarded call reaching a replica that does not lead is answered, not
+    /// forwarded again (stale views of the leader must not send calls in circles).
+    #[tokio::test]
+    async fn a_forwarded_call_is_not_forwarded_again() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let shared = Arc::new(Shared::default());
+        shared.set(crate::Current {
+            engine: None,
+            leader: "127.0.0.1:1".into(),
+            fence: 0,
+        });
+        let jobs = JobStore::new(Arc::new(MemorySource::default()));
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        let api = admin_api(shared, jobs, runs, clock, None);
+        let mut req = Request::new(pb::ListWorkersRequest::default());
+        req.metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let e = api.list_workers(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().starts_with("not the leader"), "{e:?}");
+        // Not forwarded: this one is (and finds nobody there).
+        let e = api
+            .list_workers(Request::new(pb::ListWorkersRequest::default()))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("cannot reach the leader"), "{e:?}");
+    }
+
+    /// The token layer on the real server: each service takes its token and
+    /// answers `UNAUTHENTICATED` without it (the message names the token); health is
+    /// open; unknown paths are tonic's.
+    #[tokio::test]
+    async fn each_service_takes_its_token() {
+        const ADMIN: &str = "admin-token-0123456789";
+        const WORKER: &str = "worker-token-0123456789";
+        const PRODUCER: &str = "producer-token-0123456789";
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let shared = Arc::new(Shared::default());
+        let jobs = JobStore::new(Arc::new(MemorySource::default()));
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        let admin = admin_api(shared.clone(), jobs, runs, clock, None);
+        let auth = Auth {
+            admin: Some(Arc::new(Tokens::fixed(ADMIN))),
+            worker: Some(Arc::new(Tokens::fixed(WORKER))),
+            producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+        };
+        let router = server(shared, admin, queue::QueueApi::new(None), auth, None)
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let served = tokio::spawn(router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { until.cancelled().await },
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let with = |token: Option<&str>| chime_shared::auth::Bearer::new(token).unwrap();
+        let admin =
+            |token| pb::admin_client::AdminClient::with_interceptor(channel.clone(), with(token));
+        let queue =
+            |token| pb::queue_client::QueueClient::with_interceptor(channel.clone(), with(token));
+        let workers = |token| async move {
+            admin(token)
+                .list_workers(pb::ListWorkersRequest::default())
+                .await
+        };
+        for token in [None, Some(WORKER), Some(PRODUCER)] {
+            let e = workers(token).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}");
+            assert_eq!(e.message(), "missing or unknown admin token");
+        }
+        workers(Some(ADMIN)).await.unwrap();
+        let get = |token| async move { queue(token).get_item(pb::ItemRef::default()).await };
+        for token in [None, Some(WORKER)] {
+            let e = get(token).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}");
+            assert_eq!(e.message(), "missing or unknown producer or admin token");
+        }
+        for token in [PRODUCER, ADMIN] {
+            // Past the gate: this coordinator has no delay store.
+            let e = get(Some(token)).await.unwrap_err();
+            assert_ne!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        }
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+        stop.cancel();
+        served.await.unwrap().unwrap();
     }
 }

@@ -2,20 +2,26 @@
 //! binary binds. Each stream is two tasks: a reader that turns the subscriber's
 //! messages into hub calls, and a writer that batches what the hub sends into
 //! `Deliver` messages. Handlers here stay thin; every decision is the hub's.
+//!
+//! The token check, the timeout, the concurrency limit with load shedding, tracing
+//! and metrics are the same tower layers as on the coordinator's gRPC edge.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chime_shared::Error;
-use chime_shared::auth::{self, Tokens};
+use chime_shared::auth::{self, Gate, Policy, Tokens};
+use chime_shared::telemetry::{self, Edge, RequestMetricsLayer};
 use pb::subscribe_request::Kind as In;
 use pb::subscribe_response::Kind as Out;
 use proto as pb;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use super::{Hub, MAX_DECODE_BYTES, MAX_ENCODE_BYTES, Outgoing, Subscriber, wire};
 use crate::WorkerError;
@@ -27,6 +33,13 @@ const BATCH_DELIVERIES: usize = 512;
 const BATCH_BYTES: usize = 1024 * 1024;
 /// gRPC metadata key carrying the field an `InvalidArgument` names.
 pub const FIELD_METADATA: &str = "chime-field";
+/// A call must be answered within this (or the caller's shorter `grpc-timeout`).
+/// It runs until the answer's head: a subscription is bounded only until it is
+/// open (its `Subscribe` is awaited 10 s), never for its life.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Calls one connection may have in progress at once; one more is refused
+/// `RESOURCE_EXHAUSTED` (load shedding). Open streams do not count.
+const MAX_CALLS_PER_CONNECTION: usize = 256;
 
 /// Who may subscribe.
 #[derive(Debug, Clone)]
@@ -231,26 +244,30 @@ async fn write(
     }
 }
 
-/// Refuses calls without an accepted token (`authorization: Bearer <token>`).
-fn interceptor(access: Access) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |req: Request<()>| match &access {
-        Access::Open => Ok(req),
-        Access::Tokens(tokens) => {
-            let ok = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(auth::bearer)
-                .is_some_and(|t| tokens.verify(t));
-            if ok {
-                Ok(req)
-            } else {
-                Err(Status::unauthenticated(
-                    "missing or unknown token: send `authorization: Bearer <token>` with a token of the worker's deliveries.token_file",
-                ))
-            }
-        }
-    }
+type Service = pb::deliveries_server::DeliveriesServer<DeliveryService>;
+
+/// The service takes a token unless the operator opened it.
+fn policy(access: Access) -> Policy {
+    let access = match access {
+        Access::Open => auth::Access::Open,
+        Access::Tokens(tokens) => auth::Access::Tokens(vec![tokens]),
+    };
+    Policy::new().prefix(
+        format!("/{}/", <Service as NamedService>::NAME),
+        Gate::new("deliveries", access),
+    )
+}
+
+/// The refusal of a call without an accepted token.
+fn refuse(_: &Gate) -> http::Response<tonic::body::Body> {
+    Status::unauthenticated(
+        "missing or unknown token: send `authorization: Bearer <token>` with a token of the worker's deliveries.token_file",
+    )
+    .into_http()
+}
+
+fn route_of(uri: &http::Uri, _: &http::Extensions) -> String {
+    telemetry::grpc_service(uri.path(), &[<Service as NamedService>::NAME]).to_owned()
 }
 
 /// Serves `chime.v1.Deliveries` of `hub` on `listener` (TLS when `tls` is set)
@@ -262,10 +279,9 @@ pub async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    let svc = pb::deliveries_server::DeliveriesServer::new(DeliveryService::new(hub))
+    let svc = Service::new(DeliveryService::new(hub))
         .max_decoding_message_size(MAX_DECODE_BYTES)
         .max_encoding_message_size(MAX_ENCODE_BYTES);
-    let svc = tonic::service::interceptor::InterceptedService::new(svc, interceptor(access));
     let mut builder = tonic::transport::Server::builder()
         // A subscriber that vanished without closing (a frozen pod, a cut network)
         // is noticed within seconds, and what it held is redelivered.
@@ -280,8 +296,88 @@ pub async fn serve(
             .map_err(|e| WorkerError::Serve(format!("deliveries TLS: {e}")))?;
     }
     builder
+        // tonic's own layers (outermost), then a debug span per call, metrics,
+        // and the token check: as on the coordinator's gRPC edge.
+        .timeout(CALL_TIMEOUT)
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .load_shed(true)
+        .layer(
+            TraceLayer::new_for_grpc()
+                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+        .layer(RequestMetricsLayer::new(Edge::Grpc, route_of))
+        .layer(auth::require_token(
+            policy(access),
+            refuse as fn(&Gate) -> http::Response<tonic::body::Body>,
+        ))
         .add_service(svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| WorkerError::Serve(format!("delivery service stopped: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use chime_shared::auth::Bearer;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::delivery::HubOptions;
+
+    /// The token layer on the real server: no token or a wrong one is refused
+    /// `UNAUTHENTICATED` before the stream opens; the right one subscribes.
+    #[tokio::test]
+    async fn subscriptions_take_a_token() {
+        const TOKEN: &str = "deliveries-token-0123456789";
+        let hub = Hub::new(HubOptions::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let served = tokio::spawn(serve(
+            listener,
+            hub.clone(),
+            Access::Tokens(Arc::new(Tokens::fixed(TOKEN))),
+            None,
+            async move { until.cancelled().await },
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let subscribe = |token: Option<&str>| {
+            let mut client = pb::deliveries_client::DeliveriesClient::with_interceptor(
+                channel.clone(),
+                Bearer::new(token).unwrap(),
+            );
+            async move {
+                let hello = pb::SubscribeRequest {
+                    kind: Some(In::Subscribe(pb::Subscribe {
+                        handlers: vec!["h".into()],
+                        credit: 1,
+                        ..Default::default()
+                    })),
+                };
+                client.subscribe(tokio_stream::iter(vec![hello])).await
+            }
+        };
+        for token in [None, Some("wrong-token-0123456789")] {
+            let e = subscribe(token).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}");
+            assert!(e.message().starts_with("missing or unknown token"), "{e:?}");
+        }
+        let mut stream = subscribe(Some(TOKEN)).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert!(matches!(first.kind, Some(Out::Subscribed(_))), "{first:?}");
+        drop((stream, channel));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
 }
