@@ -371,6 +371,16 @@ async fn subscriber_killed(sdk: Sdk) -> Result<()> {
     enqueue(&e, items).await?;
     wait_records(&e, "20 held", "held", 20).await?;
     wait_until("20 acked", LONG, || async { acked(&e).len() == 20 }).await?;
+    // An agent records an ack when it hands it to its SDK, which may still hold it
+    // in a settle batch; "acked" here means the worker applied it: only the 20
+    // held items are still in flight.
+    wait_until("the 20 acks applied", LONG, || async {
+        e.store
+            .stats()
+            .await
+            .is_ok_and(|s| s.iter().map(|q| q.in_flight).sum::<u64>() == 20)
+    })
+    .await?;
     e.agent_proc("a1")?.kill9();
     e.agent("a2", Role::Items, &[])?;
     wait_until("all 40 acked", LONG, || async { acked(&e).len() == 40 }).await?;
