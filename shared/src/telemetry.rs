@@ -270,6 +270,17 @@ where
     }
 }
 
+/// The trace layer of every gRPC server edge (the coordinator's, a worker's
+/// delivery service): a debug span per call. Failures are answers like any other
+/// there, and headers, which carry tokens, are never recorded.
+#[cfg(feature = "server")]
+pub fn grpc_trace() -> tower_http::trace::TraceLayer<tower_http::trace::GrpcMakeClassifier> {
+    use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
+    TraceLayer::new_for_grpc()
+        .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
+        .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+        .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,9 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use tower::layer::util::{Identity, Stack};
-use tower_http::trace::{
-    DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, GrpcMakeClassifier, TraceLayer,
-};
+use tower_http::trace::{GrpcMakeClassifier, TraceLayer};
 use tracing::{debug, warn};
 
 use crate::Shared;
@@ -231,12 +229,7 @@ pub async fn server(
         // Then, outermost first: a debug span per call (failures are answers
         // like any other here, and headers, which carry tokens, are never
         // recorded), metrics, and the token check.
-        .layer(
-            TraceLayer::new_for_grpc()
-                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
+        .layer(telemetry::grpc_trace())
         .layer(RequestMetricsLayer::new(Edge::Grpc, route_of))
         .layer(auth::require_token(
             grpc_policy(&auth),

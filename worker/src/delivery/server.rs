@@ -21,7 +21,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
-use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use super::{Hub, MAX_DECODE_BYTES, MAX_ENCODE_BYTES, Outgoing, Subscriber, wire};
 use crate::WorkerError;
@@ -301,12 +300,7 @@ pub async fn serve(
         .timeout(CALL_TIMEOUT)
         .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
         .load_shed(true)
-        .layer(
-            TraceLayer::new_for_grpc()
-                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
+        .layer(telemetry::grpc_trace())
         .layer(RequestMetricsLayer::new(Edge::Grpc, route_of))
         .layer(auth::require_token(
             policy(access),
