@@ -449,11 +449,15 @@ async fn item_drain(sdk: Sdk) -> Result<()> {
             .collect(),
     )
     .await?;
-    wait_until("10 items in flight", LONG, || async {
-        e.store
-            .stats()
-            .await
-            .is_ok_and(|s| s.iter().map(|q| q.in_flight).sum::<u64>() == 10)
+    // In flight at the chime worker is not enough: a delivery still queued in the
+    // worker's hub when the drain starts is handed back, not run. Wait until the
+    // agent's handler holds all ten.
+    wait_until("10 items in the handler", LONG, || async {
+        e.all("sleeping")
+            .iter()
+            .flat_map(|r| r["ids"].as_array().cloned().unwrap_or_default())
+            .count()
+            == 10
     })
     .await?;
     e.agent_proc("a1")?.signal("TERM")?;

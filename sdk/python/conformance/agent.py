@@ -113,6 +113,7 @@ def item_handler(rec: Records) -> Callable[[ItemContext], Awaitable[None]]:
             rec.write("held", handler=ctx.handler, ids=ids, attempts=attempts)
             await asyncio.Event().wait()  # until a drain gives up on it (then released)
         if payload.startswith("sleep:"):
+            rec.write("sleeping", handler=ctx.handler, ids=ids)
             await asyncio.sleep(int(payload[len("sleep:") :]) / 1000.0)
         fails = payload == "fail" or payload.startswith("fail-after:")
         rec.write(

@@ -262,6 +262,7 @@ async fn item(rec: Records, ctx: ItemContext) -> Result<(), HandlerError> {
         return Err(HandlerError::new("planned failure").retry_after_ms(ms));
     }
     if let Some(ms) = first.strip_prefix("sleep:") {
+        rec.write("sleeping", json!({"handler": handler, "ids": ids}));
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
     rec.write("item", fields("ack"));
