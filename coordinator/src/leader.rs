@@ -173,10 +173,35 @@ async fn keep_alive(client: Client, lease: i64, ttl_s: i64, lost: CancellationTo
     }
 }
 
-/// Publishes the current leader's address every 500 ms until `stop`.
+/// Publishes the current leader's address until `stop`: the moment etcd's election
+/// observer reports a new leader, and by asking every 500 ms besides.
+///
+/// Why both: the observer is what makes a failover fast (followers name the new
+/// leader within milliseconds of its election, and workers held by
+/// `Shared::leader_named` follow at once), but it never reports "no leader" and its
+/// stream can break; the poll covers both, and a broken observer is reopened on the
+/// next round.
 async fn follow(client: Client, name: String, tx: watch::Sender<Role>, stop: CancellationToken) {
+    let publish = |leader: String| {
+        tx.send_if_modified(|role| {
+            let next = Role::Follower { leader };
+            if *role != next && !matches!(role, Role::Leader { .. }) {
+                *role = next;
+                true
+            } else {
+                false
+            }
+        });
+    };
     let mut c = client;
+    let mut observer = None;
     while !stop.is_cancelled() {
+        if observer.is_none() {
+            observer = tokio::time::timeout(Duration::from_secs(1), c.observe(name.as_str()))
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
         let leader =
             match tokio::time::timeout(Duration::from_secs(1), c.leader(name.as_str())).await {
                 Ok(Ok(r)) => r
@@ -185,20 +210,29 @@ async fn follow(client: Client, name: String, tx: watch::Sender<Role>, stop: Can
                     .unwrap_or_default(),
                 _ => String::new(),
             };
-        tx.send_if_modified(|role| {
-            let next = Role::Follower {
-                leader: leader.clone(),
+        publish(leader);
+        let poll = tokio::time::sleep(Duration::from_millis(500));
+        tokio::pin!(poll);
+        loop {
+            let observed = async {
+                match observer.as_mut() {
+                    Some(o) => o.message().await,
+                    None => std::future::pending().await,
+                }
             };
-            if *role != next && !matches!(role, Role::Leader { .. }) {
-                *role = next;
-                true
-            } else {
-                false
+            tokio::select! {
+                _ = &mut poll => break,
+                _ = stop.cancelled() => return,
+                m = observed => match m {
+                    Ok(Some(r)) => publish(
+                        r.kv()
+                            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                            .unwrap_or_default(),
+                    ),
+                    // Ended or broken: polled until reopened next round.
+                    _ => observer = None,
+                },
             }
-        });
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {},
-            _ = stop.cancelled() => return,
         }
     }
 }

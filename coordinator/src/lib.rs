@@ -92,9 +92,22 @@ pub struct Current {
 #[derive(Debug, Default)]
 pub struct Shared {
     current: RwLock<Current>,
+    /// Bumped on every change of `current`, so a caller can wait for the next one
+    /// (see [`Shared::leader_named`]) instead of polling.
+    changes: watch::Sender<u64>,
+    /// This coordinator's advertised address.
+    this: String,
 }
 
 impl Shared {
+    /// State for a coordinator advertised as `this` (`host:port`), not leading yet.
+    pub fn new(this: impl Into<String>) -> Self {
+        Self {
+            this: this.into(),
+            ..Self::default()
+        }
+    }
+
     /// Who leads now.
     pub fn current(&self) -> Current {
         self.current
@@ -105,6 +118,32 @@ impl Shared {
 
     fn set(&self, c: Current) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = c;
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Who leads, once that is worth telling a worker: at once when this
+    /// coordinator leads or names another leader; while it knows none, or names
+    /// itself (a restarted coordinator reads its own stale key from its previous
+    /// life until that lease runs out), it waits up to `patience` for a change.
+    ///
+    /// Why wait: during an election every answer a follower can give is wrong, and
+    /// a worker told "nobody" or "me" retries after a pause. Holding the question
+    /// until the election settles answers it the moment a leader exists, which is
+    /// what keeps a failover close to the lease TTL.
+    pub async fn leader_named(&self, patience: Duration) -> Current {
+        let mut changes = self.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let c = self.current();
+            let settled = c.engine.is_some() || !(c.leader.is_empty() || c.leader == self.this);
+            if settled
+                || tokio::time::timeout_at(deadline, changes.changed())
+                    .await
+                    .is_err()
+            {
+                return c;
+            }
+        }
     }
 }
 
@@ -121,7 +160,7 @@ pub async fn serve(
     http_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new(deps.options.advertise.clone()));
     let admin = grpc::admin_api(
         shared.clone(),
         deps.jobs.clone(),
@@ -349,4 +388,68 @@ async fn start_engine(deps: &Deps, fence: i64) -> Result<Started> {
         metrics::gauge!(chime_shared::telemetry::IS_LEADER).set(0.0);
     });
     Ok((handle, stop, lost, task))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real time, short spans (tokio's paused clock would need its `test-util`
+    //! feature, which would build tokio and everything above it twice in CI).
+    use super::*;
+
+    fn follower(leader: &str) -> Current {
+        Current {
+            engine: None,
+            leader: leader.into(),
+            fence: 0,
+        }
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_worker_is_told_of_another_leader_at_once() {
+        let shared = Shared::new("me:1");
+        shared.set(follower("other:2"));
+        let c = tokio::time::timeout(Duration::from_secs(1), shared.leader_named(PATIENCE))
+            .await
+            .expect("answered without waiting");
+        assert_eq!(c.leader, "other:2");
+    }
+
+    #[tokio::test]
+    async fn no_leader_or_a_stale_self_holds_the_answer_until_the_election_settles() {
+        for stale in ["", "me:1"] {
+            let shared = Arc::new(Shared::new("me:1"));
+            shared.set(follower(stale));
+            let (held, mut answered) = tokio::sync::oneshot::channel();
+            let s = shared.clone();
+            tokio::spawn(async move {
+                let _ = held.send(s.leader_named(PATIENCE).await);
+            });
+            // No news (the same stale answer again) does not end the hold.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            shared.set(follower(stale));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(
+                answered.try_recv().is_err(),
+                "stale {stale:?}: answered early"
+            );
+            shared.set(follower("winner:3"));
+            let c = tokio::time::timeout(Duration::from_secs(1), answered)
+                .await
+                .expect("answered once a leader is named")
+                .unwrap();
+            assert_eq!(c.leader, "winner:3", "stale {stale:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_hold_ends_with_its_patience() {
+        let shared = Shared::new("me:1");
+        shared.set(follower("me:1"));
+        let t = std::time::Instant::now();
+        let c = shared.leader_named(Duration::from_millis(200)).await;
+        assert_eq!(c.leader, "me:1");
+        assert!(t.elapsed() >= Duration::from_millis(200));
+    }
 }

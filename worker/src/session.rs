@@ -297,7 +297,13 @@ impl Session {
             Ok(b) => b.apply(call.metadata_mut()),
             Err(e) => warn!(error = %e, "worker token not usable; connecting without it"),
         }
-        let mut inbound = match client.session(call).await {
+        // A follower may hold the answer while a leader is being elected (up to a
+        // few seconds); a worker told to stop with nothing running need not wait.
+        let answer = tokio::select! {
+            r = client.session(call) => r,
+            _ = stop.cancelled(), if self.running().is_empty() => return Ended::Broken,
+        };
+        let mut inbound = match answer {
             Ok(r) => r.into_inner(),
             Err(e) if e.code() == tonic::Code::Unauthenticated => {
                 // Retried like any refusal (the token file may be fixed), but loudly.

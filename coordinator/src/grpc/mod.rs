@@ -252,6 +252,11 @@ pub async fn server(
     })
 }
 
+/// How long a follower that knows no live leader holds a worker's Register for
+/// one to be elected, before it answers `NotLeader` anyway: longer than a lease
+/// runs out after a leader dies (default TTL 5 s), well short of `CALL_TIMEOUT`.
+const HOLD_FOR_A_LEADER: Duration = Duration::from_secs(6);
+
 /// The worker gateway.
 #[derive(Debug, Clone)]
 pub struct Gateway {
@@ -367,7 +372,9 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
         let worker = hello.worker_id.clone();
         let (to_worker, mut from_engine) = mpsc::channel::<ToWorker>(4096);
         let (out, out_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(4096);
-        let current = self.shared.current();
+        // A follower that cannot name a live leader holds the answer until the
+        // election settles (see `Shared::leader_named`).
+        let current = self.shared.leader_named(HOLD_FOR_A_LEADER).await;
         let registered = match &current.engine {
             Some(engine) => engine.register(hello, to_worker).await,
             None => Err(CoordError::NotLeader {

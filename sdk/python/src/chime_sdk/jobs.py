@@ -48,7 +48,8 @@ RESEND_MAX = 10_000
 # How long a cancelled handler may take to unwind at the end of a drain before its
 # shard is reported cancelled without it.
 CANCEL_GRACE_S = 2.0
-# The coordinator answers `Register` at once; a silent one is given up on.
+# The coordinator answers `Register` at once (a follower during an election holds
+# it until a leader exists, up to 6 s); a silent one is given up on.
 REGISTER_TIMEOUT_S = 10.0
 # A run log line is cut to 4 KiB by the coordinator.
 _MAX_LOG_BYTES = 4096
