@@ -97,6 +97,8 @@ pub struct Shared {
     changes: watch::Sender<u64>,
     /// This coordinator's advertised address.
     this: String,
+    /// Shutting down: nobody is held for a leader any more.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -121,6 +123,14 @@ impl Shared {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// Shutting down: a held `Register` is answered now (this coordinator is
+    /// about to stop serving; the worker asks another).
+    fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Who leads, once that is worth telling a worker: at once when this
     /// coordinator leads or names another leader; while it knows none, or names
     /// itself (a restarted coordinator reads its own stale key from its previous
@@ -135,7 +145,9 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let c = self.current();
-            let settled = c.engine.is_some() || !(c.leader.is_empty() || c.leader == self.this);
+            let settled = c.engine.is_some()
+                || !(c.leader.is_empty() || c.leader == self.this)
+                || self.closing.load(std::sync::atomic::Ordering::SeqCst);
             if settled
                 || tokio::time::timeout_at(deadline, changes.changed())
                     .await
@@ -231,6 +243,7 @@ pub async fn serve(
         CancellationToken,
         CancellationToken,
         tokio::task::JoinHandle<()>,
+        EngineHandle,
     )> = None;
     loop {
         let role = roles.borrow_and_update().clone();
@@ -238,11 +251,11 @@ pub async fn serve(
             Role::Leader { fence } if engine.is_none() => match start_engine(&deps, fence).await {
                 Ok((handle, stop, lost, task)) => {
                     shared.set(Current {
-                        engine: Some(handle),
+                        engine: Some(handle.clone()),
                         leader: deps.options.advertise.clone(),
                         fence,
                     });
-                    engine = Some((stop, lost, task));
+                    engine = Some((stop, lost, task, handle));
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot start as leader; resigning");
@@ -252,7 +265,7 @@ pub async fn serve(
             },
             Role::Leader { .. } => {}
             Role::Follower { leader } => {
-                if let Some((stop, _, task)) = engine.take() {
+                if let Some((stop, _, task, _)) = engine.take() {
                     info!("no longer the leader: stopping the engine");
                     stop.cancel();
                     let _ = task.await;
@@ -269,7 +282,7 @@ pub async fn serve(
             r = roles.changed() => if r.is_err() { break },
             _ = lost.cancelled(), if engine.is_some() => {
                 // A newer leader fenced us out: stop now, then campaign again.
-                if let Some((stop, _, task)) = engine.take() {
+                if let Some((stop, _, task, _)) = engine.take() {
                     stop.cancel();
                     let _ = task.await;
                 }
@@ -279,8 +292,11 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         }
     }
-    // Shutdown: stop firing, hand leadership over, then stop serving.
-    if let Some((stop, _, task)) = engine.take() {
+    // Shutdown: stop firing and hand the runs over (the next leader takes them at
+    // once), give up leadership, then stop serving.
+    shared.close();
+    if let Some((stop, _, task, handle)) = engine.take() {
+        let _ = handle.hand_over().await;
         stop.cancel();
         let _ = task.await;
     }
@@ -363,23 +379,26 @@ type Started = (
 
 /// Installs the fence, then starts the engine.
 async fn start_engine(deps: &Deps, fence: i64) -> Result<Started> {
-    if !deps.runs.install_fence(fence).await? {
+    let installed = deps.runs.install_fence(fence).await?;
+    if !installed.installed() {
         return Err(CoordError::Conflict(format!(
             "a newer fencing token than {fence} is installed"
         )));
     }
+    let handover = installed.hand_over();
+    let handed_over = handover.is_some();
     let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
     let (handle, task) = engine::start(
         deps.jobs.clone(),
         deps.runs.clone(),
         deps.clock.clone(),
         deps.options.clone(),
-        fence,
+        engine::Term { fence, handover },
         lost.clone(),
         stop.clone(),
     )
     .await?;
-    info!(fence, "leading: engine started");
+    info!(fence, handed_over, "leading: engine started");
     metrics::gauge!(chime_shared::telemetry::IS_LEADER).set(1.0);
     let stop2 = stop.clone();
     let task = tokio::spawn(async move {

@@ -196,6 +196,38 @@ pub enum FireAnswer {
     Fenced,
 }
 
+/// What installing a new leader's fencing token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceInstall {
+    /// A newer token is installed: this leader is stale.
+    Refused,
+    /// Installed; the previous leader left no note (it crashed, lost its lease or
+    /// there was none): what it sent is known only from the workers, so its runs
+    /// wait out the adoption grace.
+    Installed,
+    /// Installed over a leader that handed over: its runs are saved exactly as
+    /// they stand, and these (recorded ahead of their instant) were never sent.
+    HandedOver {
+        /// Run ids recorded ahead and never sent.
+        unsent: Vec<String>,
+    },
+}
+
+impl FenceInstall {
+    /// Whether the token was installed.
+    pub fn installed(&self) -> bool {
+        *self != Self::Refused
+    }
+
+    /// The hand-over the previous leader left (`None`: none).
+    pub fn hand_over(self) -> Option<Vec<String>> {
+        match self {
+            Self::HandedOver { unsent } => Some(unsent),
+            _ => None,
+        }
+    }
+}
+
 /// One fire to record: its id, job, scheduled instant, and the run it starts (with
 /// the workers its shards go to), saved in the same step so that a new leader finds
 /// the run if this one dies right after.
@@ -220,8 +252,14 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
     async fn record_fires(&self, fence: i64, fires: &[FireRecord]) -> Result<Vec<FireAnswer>>;
     /// Runs not finished yet (a new leader adopts them).
     async fn active_runs(&self) -> Result<Vec<RunRecord>>;
-    /// Installs a new leader's fencing token (only if newer than the stored one).
-    async fn install_fence(&self, fence: i64) -> Result<bool>;
+    /// Installs a new leader's fencing token (only if not older than the stored
+    /// one), taking the previous leader's hand-over note if it left one.
+    async fn install_fence(&self, fence: i64) -> Result<FenceInstall>;
+    /// A leader that stopped, with every run it had saved, leaves a note for its
+    /// successor (only while `fence` is the newest token): the runs it left are
+    /// saved exactly as they stand, and `unsent` were recorded ahead of their
+    /// instant and never sent. Answers whether the note was left.
+    async fn hand_over(&self, fence: i64, unsent: &[String]) -> Result<bool>;
     /// Whether `fence` is still the newest leader's token (checked before fires
     /// recorded ahead of their instant go out).
     async fn fence_holds(&self, fence: i64) -> Result<bool>;
@@ -267,6 +305,8 @@ static FIRES: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/fires.lua")));
 static FENCE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/fence.lua")));
+static HANDOVER: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/handover.lua")));
 static SAVE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/save_run.lua")));
 
@@ -358,11 +398,37 @@ impl RunStore for RedisRunStore {
         Ok(out)
     }
 
-    async fn install_fence(&self, fence: i64) -> Result<bool> {
+    async fn install_fence(&self, fence: i64) -> Result<FenceInstall> {
         let mut conn = self.conn.clone();
-        let ok: i64 = FENCE
+        let (ok, unsent): (i64, Option<String>) = FENCE
             .key(format!("{}:fence", self.tag))
+            .key(format!("{}:handover", self.tag))
             .arg(fence)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match (ok, unsent) {
+            (1, Some(json)) => match serde_json::from_str(&json) {
+                Ok(unsent) => FenceInstall::HandedOver { unsent },
+                // Unreadable: as if no note was left (the grace is the safe side).
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable hand-over note; adopting with the grace");
+                    FenceInstall::Installed
+                }
+            },
+            (1, None) => FenceInstall::Installed,
+            _ => FenceInstall::Refused,
+        })
+    }
+
+    async fn hand_over(&self, fence: i64, unsent: &[String]) -> Result<bool> {
+        let json =
+            serde_json::to_string(unsent).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let ok: i64 = HANDOVER
+            .key(format!("{}:fence", self.tag))
+            .key(format!("{}:handover", self.tag))
+            .arg(fence)
+            .arg(json)
             .invoke_async(&mut conn)
             .await?;
         Ok(ok == 1)
@@ -470,6 +536,8 @@ impl RunStore for RedisRunStore {
 #[derive(Debug, Default)]
 struct MemRuns {
     fence: i64,
+    /// The note of the leader that handed over: its token, its unsent runs.
+    handover: Option<(i64, Vec<String>)>,
     fired: HashMap<String, ()>,
     last: HashMap<String, i64>,
     runs: HashMap<String, RunRecord>,
@@ -535,12 +603,25 @@ impl RunStore for MemoryRunStore {
             .collect())
     }
 
-    async fn install_fence(&self, fence: i64) -> Result<bool> {
+    async fn install_fence(&self, fence: i64) -> Result<FenceInstall> {
         let mut st = self.lock();
         if fence < st.fence {
+            return Ok(FenceInstall::Refused);
+        }
+        let note = st.handover.take();
+        let previous = std::mem::replace(&mut st.fence, fence);
+        Ok(match note {
+            Some((from, unsent)) if from == previous => FenceInstall::HandedOver { unsent },
+            _ => FenceInstall::Installed,
+        })
+    }
+
+    async fn hand_over(&self, fence: i64, unsent: &[String]) -> Result<bool> {
+        let mut st = self.lock();
+        if st.fence != fence {
             return Ok(false);
         }
-        st.fence = fence;
+        st.handover = Some((fence, unsent.to_vec()));
         Ok(true)
     }
 

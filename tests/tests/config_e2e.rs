@@ -251,7 +251,10 @@ async fn job_watcher_reloads_deletions_after_compaction() -> Result<()> {
         Arc::new(MemoryRunStore::new(Retention::default())),
         Arc::new(chime_shared::clock::SystemClock),
         EngineOptions::default(),
-        1,
+        engine::Term {
+            fence: 1,
+            handover: None,
+        },
         CancellationToken::new(),
         stop.clone(),
     )

@@ -69,7 +69,7 @@ impl Rig {
     /// Starts a leader's engine with fencing token `fence` (installed first).
     async fn leader(&self, fence: i64, heartbeat_interval_ms: u64) -> Result<Leader> {
         ensure!(
-            self.runs.install_fence(fence).await?,
+            self.runs.install_fence(fence).await?.installed(),
             "fence {fence} refused"
         );
         let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
@@ -82,7 +82,10 @@ impl Rig {
                 prepare_ahead_ms: LEAD_MS,
                 ..EngineOptions::default()
             },
-            fence,
+            engine::Term {
+                fence,
+                handover: None,
+            },
             lost.clone(),
             stop.clone(),
         )
@@ -270,7 +273,10 @@ async fn deposed_leader_sends_nothing(rig: Rig) -> Result<()> {
     let mut w = Worker::join(&leader, "w1").await?;
     rig.recorded(&format!("deposed@{at}"), Duration::from_secs(5))
         .await?;
-    ensure!(rig.runs.install_fence(6).await?, "newer fence refused");
+    ensure!(
+        rig.runs.install_fence(6).await?.installed(),
+        "newer fence refused"
+    );
     wait_until(
         "the deposed leader to notice at the instant",
         Duration::from_secs(10),

@@ -6,6 +6,15 @@
 //! they run. A run the previous leader recorded ahead of its instant (never sent) is
 //! adopted like any other and goes out after the grace, which is longer than any
 //! lead, and never before its instant.
+//!
+//! Unless the previous leader handed over (it stopped on SIGTERM and left a note,
+//! `RunStore::hand_over`): then its records are exact. Shards it left waiting for
+//! a worker were never sent and are placed at once; runs it recorded ahead and
+//! never sent go out at their instant like this leader's own prepared runs. Only
+//! the shards it did send wait for their workers to report them, as after a crash
+//! (they are running already, so that wait delays nothing).
+
+use std::collections::BTreeSet;
 
 use tracing::info;
 
@@ -20,19 +29,30 @@ impl Machine {
         (self.opts.heartbeat_interval_ms * u64::from(self.opts.dead_after_beats)) as i64 + 2_000
     }
 
-    /// Adopts the runs a previous leader left in progress.
-    pub(super) fn adopt(&mut self, runs: Vec<RunRecord>) {
+    /// Adopts the runs a previous leader left in progress; `handover`: it handed
+    /// over, and these runs it recorded ahead were never sent.
+    pub(super) fn adopt(&mut self, runs: Vec<RunRecord>, handover: Option<Vec<String>>) {
         if runs.is_empty() {
             return;
         }
         let now = self.now;
         let grace = self.adopt_grace_ms();
+        let handed_over = handover.is_some();
+        let unsent: BTreeSet<String> = handover.unwrap_or_default().into_iter().collect();
         // Never before an adopted run's instant (a fire prepared ahead).
-        let latest = runs.iter().map(|r| r.scheduled_at_ms).max().unwrap_or(now);
+        let latest = runs
+            .iter()
+            .filter(|r| !unsent.contains(&r.run_id))
+            .map(|r| r.scheduled_at_ms)
+            .max()
+            .unwrap_or(now);
         self.runs.adopt_until = (now + grace).max(latest);
+        self.runs.handed_over = handed_over;
         info!(
             runs = runs.len(),
             grace_ms = grace,
+            handed_over,
+            unsent = unsent.len(),
             "adopting runs in progress"
         );
         for run in runs {
@@ -41,6 +61,19 @@ impl Machine {
                 if let Some(j) = self.jobs.get_mut(&run.job) {
                     j.buffered = Some((run.scheduled_at_ms, run_id));
                 }
+                continue;
+            }
+            if unsent.contains(&run_id) {
+                // Never sent: prepared again as this leader prepares its own, its
+                // planned workers reserved, out at its instant (`go_one` moves a
+                // shard whose planned worker is not here then).
+                let at = run.scheduled_at_ms.max(now);
+                if let Some(j) = self.jobs.get_mut(&run.job) {
+                    j.prepared = Some(run_id.clone());
+                }
+                self.reserve(&run);
+                self.runs.prepared.insert(run_id.clone(), run);
+                self.timers.schedule(at, Timer::Go(run_id));
                 continue;
             }
             if let Some(j) = self.jobs.get_mut(&run.job) {
@@ -74,7 +107,13 @@ impl Machine {
             }
             self.runs.active.insert(run_id, run);
         }
-        let until = self.runs.adopt_until;
+        // Shards left waiting for a worker: after the grace, unless they were
+        // handed over (never sent, so no worker can report them).
+        let until = if handed_over {
+            now
+        } else {
+            self.runs.adopt_until
+        };
         self.arm_pending(until);
     }
 

@@ -1110,8 +1110,9 @@ impl Machine {
     pub(super) fn place_pending(&mut self) {
         // Right after taking over, workers may still report shards of adopted runs
         // they run: those wait for the grace. This leader's own runs (a misfire
-        // fired at startup before any worker registered) need not.
-        let adopting = self.now < self.runs.adopt_until;
+        // fired at startup before any worker registered) need not, nor do shards a
+        // leader that handed over left waiting (it never sent them).
+        let adopting = self.now < self.runs.adopt_until && !self.runs.handed_over;
         if adopting {
             let at = self.runs.adopt_until;
             self.arm_pending(at);

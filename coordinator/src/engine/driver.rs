@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::machine::{Answer, CallId, Effect, Input, Machine, Reply, Request};
 use super::workers::{EndReason, SessionAccepted, ToWorker};
-use super::{Cmd, EngineHandle, EngineOptions};
+use super::{Cmd, EngineHandle, EngineOptions, Term};
 use crate::error::Result;
 use crate::model::RunRecord;
 use crate::store::{JobStore, RunStore};
@@ -53,10 +53,11 @@ pub(super) async fn start(
     store: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
     opts: EngineOptions,
-    fence: i64,
+    term: Term,
     lost: CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
+    let Term { fence, handover } = term;
     let (tx, rx) = mpsc::channel(4096);
     let history = History::spawn(store.clone(), shutdown.clone());
     let (stored, revision) = jobs.list().await?;
@@ -79,6 +80,7 @@ pub(super) async fn start(
             jobs: stored,
             last,
             active,
+            handover,
         })
         .await;
     let handle = EngineHandle { tx };
@@ -89,7 +91,7 @@ pub(super) async fn start(
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, shutdown: CancellationToken) {
-        loop {
+        let handing_over = loop {
             let wait = self
                 .machine
                 .next_wake()
@@ -97,22 +99,49 @@ impl Driver {
                 .unwrap_or(60_000);
             let input = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => break None,
                 cmd = rx.recv() => match cmd {
+                    Some(Cmd::HandOver(reply)) => break Some(reply),
                     Some(c) => self.input(c),
-                    None => break,
+                    None => break None,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => Some(Input::Timers),
             };
             if let Some(input) = input {
                 self.step(input).await;
             }
-        }
+        };
         // Every worker learns why its session ends (a follower sends it on).
         for (_, tx) in self.sessions.drain() {
             let _ = tx.try_send(ToWorker::End(EndReason::LeadershipEnded));
         }
+        if let Some(reply) = handing_over {
+            let left = self.hand_over().await;
+            let _ = reply.send(left);
+        }
         info!("engine stopped");
+    }
+
+    /// The end of a graceful stop: nothing is sent any more, so once every run
+    /// snapshot is written the records say exactly what went out; then the note
+    /// for the next leader (only while this leader's token is the newest).
+    async fn hand_over(self) -> bool {
+        let fence = self.machine.fence();
+        let unsent = self.machine.unsent_runs();
+        if self.machine.is_fenced_out() {
+            return false;
+        }
+        self.history.close().await;
+        match self.store.hand_over(fence, &unsent).await {
+            Ok(left) => {
+                info!(fence, unsent = unsent.len(), left, "handed over");
+                left
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot leave the hand-over note; the next leader adopts with the grace");
+                false
+            }
+        }
     }
 
     fn call(&mut self, caller: Caller) -> CallId {
@@ -158,6 +187,11 @@ impl Driver {
             }
             Cmd::States(reply) => {
                 let _ = reply.send(self.machine.trigger_states());
+                return None;
+            }
+            // Taken by `run` before it gets here; a hand-over is not an input.
+            Cmd::HandOver(reply) => {
+                let _ = reply.send(false);
                 return None;
             }
             Cmd::ActiveRun(id, reply) => {
@@ -268,6 +302,8 @@ struct History {
     tx: mpsc::UnboundedSender<Write>,
     unwritten: Unwritten,
     seq: u64,
+    /// The writer; it ends when `tx` is dropped, after writing what was queued.
+    writer: tokio::task::JoinHandle<()>,
 }
 
 type Unwritten = Arc<Mutex<HashMap<String, (u64, RunRecord)>>>;
@@ -289,12 +325,19 @@ impl History {
     fn spawn(store: Arc<dyn RunStore>, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::unbounded_channel::<Write>();
         let unwritten: Unwritten = Arc::default();
-        tokio::spawn(write_history(store, rx, unwritten.clone(), shutdown));
+        let writer = tokio::spawn(write_history(store, rx, unwritten.clone(), shutdown));
         Self {
             tx,
             unwritten,
             seq: 0,
+            writer,
         }
+    }
+
+    /// Writes every queued snapshot, then stops the writer.
+    async fn close(self) {
+        drop(self.tx);
+        let _ = self.writer.await;
     }
 
     fn save(&mut self, run: RunRecord) {

@@ -41,6 +41,9 @@ pub(crate) enum Input {
         jobs: Vec<StoredJob>,
         last: HashMap<String, i64>,
         active: Vec<RunRecord>,
+        /// The previous leader handed over (`FenceInstall::HandedOver`): the runs
+        /// it recorded ahead and never sent. `None`: it left no note.
+        handover: Option<Vec<String>>,
     },
     /// The earliest timer may be due (the driver slept until [`Machine::next_wake`]).
     Timers,
@@ -218,6 +221,9 @@ pub(super) struct RunBook {
     pub(super) pending_wake: Option<i64>,
     /// Until then, shards of adopted runs wait for their workers to report them.
     pub(super) adopt_until: i64,
+    /// The previous leader handed over: the shards of adopted runs it left waiting
+    /// for a worker were never sent, so they need not wait out the grace.
+    pub(super) handed_over: bool,
 }
 
 /// A shard a worker holds (as far as the engine knows).
@@ -486,7 +492,12 @@ impl Machine {
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::Start { jobs, last, active } => self.begin(jobs, last, active),
+            Input::Start {
+                jobs,
+                last,
+                active,
+                handover,
+            } => self.begin(jobs, last, active, handover),
             Input::Timers => self.due(),
             Input::Register(call, hello) => self.register(call, hello),
             Input::Heartbeat {
@@ -524,7 +535,13 @@ impl Machine {
 
     /// The leader starts: jobs first (without their missed ticks), then the runs in
     /// progress, then the missed ticks, so overlap policies see the adopted runs.
-    fn begin(&mut self, jobs: Vec<StoredJob>, last: HashMap<String, i64>, active: Vec<RunRecord>) {
+    fn begin(
+        &mut self,
+        jobs: Vec<StoredJob>,
+        last: HashMap<String, i64>,
+        active: Vec<RunRecord>,
+        handover: Option<Vec<String>>,
+    ) {
         let mut missed = Vec::new();
         for j in jobs {
             let name = j.spec.name.clone();
@@ -532,7 +549,7 @@ impl Machine {
                 missed.push((name, ticks));
             }
         }
-        self.adopt(active);
+        self.adopt(active, handover);
         for (name, ticks) in missed {
             self.spawn(Work::Misfire(name, ticks));
         }
@@ -619,6 +636,23 @@ impl Machine {
                 draining: w.draining,
             })
             .collect()
+    }
+
+    /// The runs recorded ahead of their instant and not sent yet: what a leader
+    /// that stops names in its hand-over note.
+    pub(crate) fn unsent_runs(&self) -> Vec<String> {
+        self.runs.prepared.keys().cloned().collect()
+    }
+
+    /// This leader's fencing token.
+    pub(crate) fn fence(&self) -> i64 {
+        self.fence
+    }
+
+    /// Whether a newer leader's fencing token was seen: such a leader hands nothing
+    /// over.
+    pub(crate) fn is_fenced_out(&self) -> bool {
+        self.fenced_out
     }
 
     /// Every job's trigger state, for the admin API.

@@ -140,6 +140,8 @@ pub(crate) enum Cmd {
     Workers(oneshot::Sender<Vec<WorkerView>>),
     States(oneshot::Sender<HashMap<String, TriggerState>>),
     ActiveRun(String, oneshot::Sender<Option<RunRecord>>),
+    /// Stop and hand over (see [`EngineHandle::hand_over`]).
+    HandOver(oneshot::Sender<bool>),
 }
 
 impl std::fmt::Debug for Cmd {
@@ -265,20 +267,40 @@ impl EngineHandle {
     pub async fn active_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
         self.ask(|tx| Cmd::ActiveRun(run_id.to_owned(), tx)).await
     }
+
+    /// Stops the engine for a graceful hand-over: nothing more is sent, every
+    /// session ends, every run snapshot is written, then a note tells the next
+    /// leader that the records are exact (`RunStore::hand_over`), so it takes the
+    /// runs in progress over at once instead of waiting out the adoption grace.
+    /// Answers whether the note was left (not when a newer leader was seen, or the
+    /// store failed: the next leader then adopts with the grace, as after a crash).
+    pub async fn hand_over(&self) -> Result<bool> {
+        self.ask(Cmd::HandOver).await
+    }
 }
 
-/// Starts the engine of a leader with fencing token `fence`: loads jobs, trigger
-/// state and the runs a previous leader left in progress (adopting them), handles
-/// missed ticks, then runs until `shutdown`. `lost` is cancelled if a fire record
-/// shows that another coordinator leads. Answers its handle and task.
+/// A leader's term, as its engine starts.
+#[derive(Debug, Clone, Default)]
+pub struct Term {
+    /// Its fencing token.
+    pub fence: i64,
+    /// What the previous leader handed over (`FenceInstall::HandedOver`): the runs
+    /// it recorded ahead and never sent. `None`: it left no note.
+    pub handover: Option<Vec<String>>,
+}
+
+/// Starts the engine of a leader for `term`: loads jobs, trigger state and the
+/// runs a previous leader left in progress (adopting them), handles missed ticks,
+/// then runs until `shutdown` (or a hand-over). `lost` is cancelled if a fire
+/// record shows that another coordinator leads. Answers its handle and task.
 pub async fn start(
     jobs: JobStore,
     run_store: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
     opts: EngineOptions,
-    fence: i64,
+    term: Term,
     lost: CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
-    driver::start(jobs, run_store, clock, opts, fence, lost, shutdown).await
+    driver::start(jobs, run_store, clock, opts, term, lost, shutdown).await
 }

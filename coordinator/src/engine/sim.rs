@@ -488,11 +488,15 @@ impl World {
         self.fence += 1;
         self.terms += 1;
         let fence = self.fence;
-        if !ready(self.store.install_fence(fence)).unwrap_or(false) {
+        let installed = ready(self.store.install_fence(fence)).map_err(|e| e.to_string())?;
+        if !installed.installed() {
             return Err(format!("fence {fence} refused"));
         }
+        let handover = installed.hand_over();
         let term = self.terms;
-        self.note(|| format!("leader term {term} (fence {fence}) starts"));
+        self.note(|| {
+            format!("leader term {term} (fence {fence}) starts (handed over: {handover:?})")
+        });
         let mut m = Machine::new(opts(), fence, self.seed ^ (term << 32));
         let jobs = self
             .jobs
@@ -534,7 +538,12 @@ impl World {
             calls: 0,
             registering: BTreeMap::new(),
         });
-        self.leader_input(Input::Start { jobs, last, active })?;
+        self.leader_input(Input::Start {
+            jobs,
+            last,
+            active,
+            handover,
+        })?;
         // Workers without a session reconnect now.
         for w in self.workers.values_mut() {
             if w.up == Up::Running && w.conn.is_none() && !w.draining {
@@ -1127,6 +1136,29 @@ impl World {
                     }
                     self.disconnect(term);
                     self.elect()?;
+                }
+            }
+            // The leader stops gracefully (SIGTERM, a rolling restart): between two
+            // steps, as the driver takes a hand-over, it writes every snapshot and
+            // leaves its note; the next leader is elected as soon as it resigns.
+            44..=47 => {
+                if self.leader.as_ref().is_some_and(|l| l.stalled.is_none())
+                    && let Some(mut l) = self.leader.take()
+                {
+                    let term = l.term;
+                    while let Some((_, run)) = l.history.pop_front() {
+                        let _ = ready(self.store.save_run(&run));
+                    }
+                    let unsent = l.m.unsent_runs();
+                    let left = !l.m.is_fenced_out()
+                        && ready(self.store.hand_over(l.m.fence(), &unsent)).unwrap_or(false);
+                    self.note(|| {
+                        format!(
+                            "leader term {term} hands over (note left: {left}, unsent {unsent:?})"
+                        )
+                    });
+                    self.elect_at = Some(self.now + self.rng.i64(20..300));
+                    self.disconnect(term);
                 }
             }
             // Job edits.

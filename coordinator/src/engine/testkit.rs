@@ -53,6 +53,8 @@ pub(super) struct Rig {
     sessions: HashMap<u64, String>,
     next_call: CallId,
     versions: i64,
+    /// What the previous leader handed over (read when the fence was installed).
+    handover: Option<Vec<String>>,
 }
 
 /// Engine options of the tests: 1 s heartbeats, fires prepared 250 ms ahead.
@@ -74,8 +76,10 @@ impl Rig {
     /// A leader with fencing token `fence` at `now` on `store` (the fence is
     /// installed; the leader is not started).
     pub(super) fn on(store: MemoryRunStore, opts: EngineOptions, fence: i64, now: i64) -> Self {
-        assert!(ready(store.install_fence(fence)).unwrap(), "fence {fence}");
+        let installed = ready(store.install_fence(fence)).unwrap();
+        assert!(installed.installed(), "fence {fence}");
         Self {
+            handover: installed.hand_over(),
             m: Machine::new(opts, fence, 7),
             now,
             store,
@@ -105,7 +109,13 @@ impl Rig {
             .collect();
         let last = ready(self.store.trigger_state()).unwrap();
         let active = ready(self.store.active_runs()).unwrap();
-        self.input(Input::Start { jobs, last, active });
+        let handover = self.handover.clone();
+        self.input(Input::Start {
+            jobs,
+            last,
+            active,
+            handover,
+        });
     }
 
     /// Hands `input` to the machine at `now` and performs what it answers.
@@ -358,6 +368,14 @@ impl Rig {
         self.versions += 1;
         let version = self.versions;
         self.input(Input::JobPut(StoredJob { spec, version }));
+    }
+
+    /// Stops this leader gracefully, as the driver does on a hand-over: its
+    /// snapshots are all written already (the rig saves at once), so it leaves the
+    /// note. Answers whether the note was left.
+    pub(super) fn hand_over(&mut self) -> bool {
+        let unsent = self.m.unsent_runs();
+        !self.m.is_fenced_out() && ready(self.store.hand_over(self.m.fence(), &unsent)).unwrap()
     }
 
     /// The run as the store has it.

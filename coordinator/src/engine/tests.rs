@@ -361,7 +361,7 @@ fn prepared_fire_whose_worker_left_goes_to_another_at_the_instant() {
 #[test]
 fn prepared_fire_of_a_deposed_leader_is_not_sent() {
     let (mut r, id) = prepared();
-    assert!(ready(r.store.install_fence(2)).unwrap());
+    assert!(ready(r.store.install_fence(2)).unwrap().installed());
     r.advance(500);
     assert!(r.lost, "the leader learns it lost the lead");
     assert!(r.all_assigns().is_empty());
@@ -487,6 +487,132 @@ fn adopted_prepared_fire_goes_out_once_after_the_grace_and_its_instant() {
     assert!(sent[0].0 >= start + 5_000 && sent[0].0 >= T0 + 1_000);
     assert_eq!(sent[0].2.fire_id, id);
     assert!(r.all_assigns().is_empty(), "the first leader never sent it");
+}
+
+#[test]
+fn handed_over_prepared_fire_goes_out_at_its_instant_once() {
+    let (mut r, id) = prepared();
+    assert!(r.hand_over());
+    let start = r.now + 50;
+    let mut next = Rig::on(r.store.clone(), opts(), 2, start);
+    next.start(vec![once("p", T0 + 1_000)]);
+    next.join("w1", 10);
+    next.join("w2", 10);
+    next.live_for(10_000);
+    let sent = next.all_assigns();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, T0 + 1_000, "at its instant, not after the grace");
+    assert_eq!(sent[0].2.fire_id, id);
+    assert!(r.all_assigns().is_empty(), "the first leader never sent it");
+}
+
+#[test]
+fn handed_over_every_second_job_misses_no_tick_and_doubles_none() {
+    let mut r = Rig::new(opts());
+    r.start(vec![every_second("s")]);
+    r.join("w1", 10);
+    r.live_for(2_850);
+    r.succeed_all();
+    // Stops 150 ms before T0 + 3 s, whose fire is prepared (unsent).
+    assert!(r.hand_over());
+    let mut next = Rig::on(r.store.clone(), opts(), 2, r.now + 100);
+    next.start(vec![every_second("s")]);
+    next.join("w1", 10);
+    for _ in 0..40 {
+        next.live_for(100);
+        next.succeed_all();
+    }
+    let mut at: Vec<i64> = r
+        .all_assigns()
+        .iter()
+        .chain(next.all_assigns().iter())
+        .map(|(_, _, a)| a.scheduled_at_ms)
+        .collect();
+    at.sort();
+    let ticks: Vec<i64> = (1..=6).map(|k| T0 + k * 1_000).collect();
+    assert_eq!(at, ticks, "each tick once");
+    for (sent, _, a) in next.all_assigns() {
+        assert_eq!(sent, a.scheduled_at_ms, "on time");
+    }
+}
+
+#[test]
+fn handed_over_shard_waiting_for_a_worker_is_placed_at_once() {
+    let mut r = Rig::new(opts());
+    r.start(vec![manual("a")]);
+    let run = r.trigger("a").unwrap();
+    assert!(r.all_assigns().is_empty(), "no worker yet");
+    assert!(r.hand_over());
+    let start = r.now + 100;
+    let mut next = Rig::on(r.store.clone(), opts(), 2, start);
+    next.start(vec![manual("a")]);
+    next.join("w1", 10);
+    let sent = next.all_assigns();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, start);
+    assert_eq!(sent[0].2.key.run_id, run.run_id);
+}
+
+#[test]
+fn handed_over_running_shard_still_waits_for_its_worker_and_is_never_doubled() {
+    let mut r = Rig::new(opts());
+    r.start(vec![manual("a")]);
+    r.join("w1", 10);
+    let run = r.trigger("a").unwrap();
+    let key = r.assigns("w1")[0].1.key.clone();
+    assert!(r.hand_over());
+    let start = r.now + 100;
+    let mut next = Rig::on(r.store.clone(), opts(), 2, start);
+    next.start(vec![manual("a")]);
+    // w1 comes back late (after w2) with the shard: it stays with w1.
+    next.join("w2", 10);
+    next.live_for(1_000);
+    next.join_with(WorkerHello {
+        worker_id: "w1".into(),
+        group: "g".into(),
+        handlers: vec!["h".into()],
+        capacity: 10,
+        labels: BTreeMap::new(),
+        running: vec![key.clone()],
+    })
+    .unwrap();
+    next.live_for(10_000);
+    assert!(next.all_assigns().is_empty(), "{:?}", next.all_assigns());
+    next.succeed("w1", &key);
+    assert_eq!(next.stored(&run.run_id).unwrap().state, RunState::Succeeded);
+}
+
+#[test]
+fn a_note_is_taken_once_and_only_by_the_next_leader() {
+    let (mut r, _) = prepared();
+    // A leader whose token is no longer the newest leaves no note.
+    let store = r.store.clone();
+    assert!(ready(store.install_fence(2)).unwrap().installed());
+    assert!(!r.hand_over());
+    // The next leader takes the note of the one it follows, once.
+    assert!(ready(store.hand_over(2, &["x".into()])).unwrap());
+    assert_eq!(
+        ready(store.install_fence(3)).unwrap(),
+        crate::store::FenceInstall::HandedOver {
+            unsent: vec!["x".into()]
+        }
+    );
+    assert_eq!(
+        ready(store.install_fence(4)).unwrap(),
+        crate::store::FenceInstall::Installed
+    );
+    // A note of an older leader is no hand-over to a later one.
+    assert!(ready(store.hand_over(4, &[])).unwrap());
+    assert!(ready(store.install_fence(5)).unwrap().installed());
+    assert!(ready(store.hand_over(5, &[])).unwrap());
+    assert_eq!(
+        ready(store.install_fence(3)).unwrap(),
+        crate::store::FenceInstall::Refused
+    );
+    assert_eq!(
+        ready(store.install_fence(6)).unwrap(),
+        crate::store::FenceInstall::HandedOver { unsent: vec![] }
+    );
 }
 
 #[test]
@@ -670,7 +796,7 @@ fn a_successful_run_fires_its_children() {
 fn inputs_arriving_during_a_store_request_wait_for_its_answer() {
     let mut m = Machine::new(opts(), 1, 1);
     let store = MemoryRunStore::new(Retention::default());
-    assert!(ready(store.install_fence(1)).unwrap());
+    assert!(ready(store.install_fence(1)).unwrap().installed());
     let spec = manual("w");
     let effects = m.step(
         T0,
@@ -678,6 +804,7 @@ fn inputs_arriving_during_a_store_request_wait_for_its_answer() {
             jobs: vec![crate::store::StoredJob { spec, version: 1 }],
             last: Default::default(),
             active: vec![],
+            handover: None,
         },
     );
     assert!(effects.is_empty());

@@ -1108,14 +1108,17 @@ mod tests {
         .await
         .unwrap();
         let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
-        assert!(runs.install_fence(1).await.unwrap());
+        assert!(runs.install_fence(1).await.unwrap().installed());
         let stop = CancellationToken::new();
         let (engine, _task) = crate::engine::start(
             jobs.clone(),
             runs.clone(),
             clock.clone(),
             EngineOptions::default(),
-            1,
+            crate::engine::Term {
+                fence: 1,
+                handover: None,
+            },
             CancellationToken::new(),
             stop.clone(),
         )

@@ -177,7 +177,10 @@ async fn session(input: &[u8], stop: &CancellationToken) -> Result<Seen, String>
         Arc::new(MemoryRunStore::new(Retention::default())),
         Arc::new(clock.clone()),
         EngineOptions::default(),
-        1,
+        engine::Term {
+            fence: 1,
+            handover: None,
+        },
         CancellationToken::new(),
         stop.clone(),
     )
