@@ -52,12 +52,19 @@ pub(crate) struct FailoverArgs {
     keep_files: bool,
 }
 
-struct Procs {
-    exe: PathBuf,
-    dir: PathBuf,
-    coords: Vec<(u16, Option<Child>)>,
-    workers: Vec<Child>,
-    spawned: usize,
+/// Where a benchmark's coordinators keep their state.
+pub(super) struct Stores {
+    pub(super) redis_url: String,
+    pub(super) etcd_endpoints: String,
+    pub(super) election_ttl_s: u64,
+}
+
+pub(super) struct Procs {
+    pub(super) exe: PathBuf,
+    pub(super) dir: PathBuf,
+    pub(super) coords: Vec<(u16, Option<Child>)>,
+    pub(super) workers: Vec<Child>,
+    pub(super) spawned: usize,
 }
 
 impl Drop for Procs {
@@ -74,7 +81,7 @@ impl Drop for Procs {
     }
 }
 
-fn spawn(
+pub(super) fn spawn(
     exe: &Path,
     dir: &Path,
     name: &str,
@@ -95,13 +102,15 @@ fn spawn(
 }
 
 impl Procs {
-    fn start_coordinator(
+    /// Starts coordinator `i` (again) on its port.
+    pub(super) fn start_coordinator(
         &mut self,
         i: usize,
-        a: &FailoverArgs,
+        stores: &Stores,
         prefix: &str,
         etcd_prefix: &str,
     ) -> Result<()> {
+        let a = stores;
         let port = self.coords[i].0;
         self.spawned += 1;
         let args: Vec<String> = [
@@ -138,7 +147,7 @@ impl Procs {
     }
 }
 
-async fn admin(
+pub(super) async fn admin(
     endpoints: &[String],
 ) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
     for _ in 0..100 {
@@ -153,7 +162,7 @@ async fn admin(
 }
 
 /// The leader's address as any live coordinator sees it.
-async fn leader(endpoints: &[String]) -> Option<String> {
+pub(super) async fn leader(endpoints: &[String]) -> Option<String> {
     for e in endpoints {
         if let Ok(mut c) = pb::admin_client::AdminClient::connect(e.clone()).await
             && let Ok(r) = c.list_workers(pb::ListWorkersRequest::default()).await
@@ -171,6 +180,11 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
     if a.coordinators < 2 || a.workers == 0 || a.jobs == 0 {
         bail!("invalid arguments: at least 2 coordinators, 1 worker and 1 job");
     }
+    let stores = Stores {
+        redis_url: a.redis_url.clone(),
+        etcd_endpoints: a.etcd_endpoints.clone(),
+        election_ttl_s: a.election_ttl_s,
+    };
     let prefix = format!("bench{:08x}", fastrand::u32(..));
     let etcd_prefix = format!("/{prefix}/");
     let dir = std::env::temp_dir().join(format!("chime-bench-failover-{}", std::process::id()));
@@ -189,7 +203,7 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         p.coords.push((port, None));
     }
     for i in 0..a.coordinators {
-        p.start_coordinator(i, &a, &prefix, &etcd_prefix)?;
+        p.start_coordinator(i, &stores, &prefix, &etcd_prefix)?;
     }
     let endpoints: Vec<String> = p
         .coords
@@ -279,7 +293,7 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         eprintln!("  killed the leader {l} (kill {})", k + 1);
         kills.push(t);
         tokio::time::sleep(Duration::from_millis(1_000)).await;
-        p.start_coordinator(i, &a, &prefix, &etcd_prefix)?;
+        p.start_coordinator(i, &stores, &prefix, &etcd_prefix)?;
     }
     tokio::time::sleep(Duration::from_millis(a.interval_ms / 2)).await;
     let end = system_now_ms() - 3_000;

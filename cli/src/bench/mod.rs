@@ -8,6 +8,7 @@ mod cron;
 mod deliveries;
 mod failover;
 mod resize;
+mod rolling;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ enum BenchCmd {
     Failover(failover::FailoverArgs),
     /// N items due at one instant, run by SDK subscribers over the delivery service.
     Deliveries(deliveries::DeliveriesArgs),
+    /// Jobs firing every second while every coordinator, then every worker, is
+    /// restarted gracefully (a rollout).
+    Rolling(rolling::RollingArgs),
 }
 
 /// Runs a benchmark.
@@ -47,6 +51,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         BenchCmd::Cron(a) => cron::run(a).await,
         BenchCmd::Failover(a) => failover::run(a).await,
         BenchCmd::Deliveries(a) => deliveries::run(a).await,
+        BenchCmd::Rolling(a) => rolling::run(a).await,
     }
 }
 

@@ -497,7 +497,20 @@ impl Machine {
             }
         };
         run.fired_at_ms = now;
-        let mut moved = Vec::new();
+        // Shards planned with no worker (none was connected when the run was
+        // prepared, e.g. right after an election) are placed now when no other
+        // shard waits for a worker: one may have come since, and the next
+        // placement round would make them a second late. When shards do wait (for
+        // capacity), these queue behind them.
+        let mut moved: Vec<u32> = if self.runs.pending.is_empty() {
+            run.shards
+                .iter()
+                .filter(|s| s.state == RunState::Pending && s.worker_id.is_empty())
+                .map(|s| s.index)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut kept: BTreeMap<String, usize> = BTreeMap::new();
         for s in run
             .shards

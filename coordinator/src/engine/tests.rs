@@ -359,6 +359,21 @@ fn prepared_fire_whose_worker_left_goes_to_another_at_the_instant() {
 }
 
 #[test]
+fn prepared_fire_planned_before_any_worker_goes_to_one_that_came_by_its_instant() {
+    // Right after an election the next tick is prepared before the workers are
+    // back; they are back by its instant, so it goes out then, not a round later.
+    let mut r = Rig::new(opts());
+    r.start(vec![once("p", T0 + 1_000)]);
+    r.advance(800);
+    assert!(r.stored(&fid("p", T0 + 1_000)).is_some(), "recorded ahead");
+    r.join("w1", 10);
+    r.advance(200);
+    let sent = r.all_assigns();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, T0 + 1_000);
+}
+
+#[test]
 fn prepared_fire_of_a_deposed_leader_is_not_sent() {
     let (mut r, id) = prepared();
     assert!(ready(r.store.install_fence(2)).unwrap().installed());
