@@ -35,7 +35,11 @@ class WorkerGatewayStub(object):
     `Register` the coordinator refuses fails the stream with INVALID_ARGUMENT
     naming the field (`register.capacity`, `register.handlers[2]`, ...).
     A coordinator that is not the leader answers `NotLeader` with the leader's
-    address and closes the stream; the worker reconnects there.
+    address and closes the stream; the worker reconnects there. While it knows
+    no leader, or only its own stale claim from before a restart (an election
+    is under way), it holds the answer until one is elected, up to 6 s, so a
+    worker reaches a new leader the moment it exists; a client must not time
+    out the first answer sooner than that.
     2. The leader answers `Registered`, which fixes the heartbeat interval.
     3. The worker sends `Heartbeat` every interval, listing every shard attempt it
     is executing. Three missed heartbeats mark the worker dead (and the stream
@@ -82,7 +86,11 @@ class WorkerGatewayServicer(object):
     `Register` the coordinator refuses fails the stream with INVALID_ARGUMENT
     naming the field (`register.capacity`, `register.handlers[2]`, ...).
     A coordinator that is not the leader answers `NotLeader` with the leader's
-    address and closes the stream; the worker reconnects there.
+    address and closes the stream; the worker reconnects there. While it knows
+    no leader, or only its own stale claim from before a restart (an election
+    is under way), it holds the answer until one is elected, up to 6 s, so a
+    worker reaches a new leader the moment it exists; a client must not time
+    out the first answer sooner than that.
     2. The leader answers `Registered`, which fixes the heartbeat interval.
     3. The worker sends `Heartbeat` every interval, listing every shard attempt it
     is executing. Three missed heartbeats mark the worker dead (and the stream
@@ -139,7 +147,11 @@ class WorkerGateway(object):
     `Register` the coordinator refuses fails the stream with INVALID_ARGUMENT
     naming the field (`register.capacity`, `register.handlers[2]`, ...).
     A coordinator that is not the leader answers `NotLeader` with the leader's
-    address and closes the stream; the worker reconnects there.
+    address and closes the stream; the worker reconnects there. While it knows
+    no leader, or only its own stale claim from before a restart (an election
+    is under way), it holds the answer until one is elected, up to 6 s, so a
+    worker reaches a new leader the moment it exists; a client must not time
+    out the first answer sooner than that.
     2. The leader answers `Registered`, which fixes the heartbeat interval.
     3. The worker sends `Heartbeat` every interval, listing every shard attempt it
     is executing. Three missed heartbeats mark the worker dead (and the stream
