@@ -156,17 +156,8 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
     );
     for i in 0..a.jobs {
         let job = pb::Job {
-            name: format!("cron-{i}"),
-            group: "default".into(),
-            handler: "noop".into(),
-            schedule: Some(pb::Schedule {
-                kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule {
-                    expr: "* * * * * *".into(),
-                    time_zone: String::new(),
-                })),
-            }),
             routing: pb::Routing::RoundRobin as i32,
-            ..Default::default()
+            ..super::every_second(format!("cron-{i}"))
         };
         client
             .create_job(pb::CreateJobRequest { job: Some(job) })

@@ -59,12 +59,17 @@ pub(super) struct Stores {
     pub(super) election_ttl_s: u64,
 }
 
+/// A benchmark's processes: coordinators on fixed loopback ports (restartable),
+/// workers, all killed on drop; keys under a fresh prefix, files in `dir`.
 pub(super) struct Procs {
     pub(super) exe: PathBuf,
     pub(super) dir: PathBuf,
     pub(super) coords: Vec<(u16, Option<Child>)>,
     pub(super) workers: Vec<Child>,
     pub(super) spawned: usize,
+    pub(super) stores: Stores,
+    pub(super) prefix: String,
+    pub(super) etcd_prefix: String,
 }
 
 impl Drop for Procs {
@@ -102,15 +107,46 @@ pub(super) fn spawn(
 }
 
 impl Procs {
+    /// Starts `n` coordinators on free loopback ports, under a fresh key prefix;
+    /// files go to a temporary directory named after `bench`.
+    pub(super) fn coordinators(bench: &str, stores: Stores, n: usize) -> Result<Self> {
+        let prefix = format!("bench{:08x}", fastrand::u32(..));
+        let dir = std::env::temp_dir().join(format!("chime-bench-{bench}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut p = Procs {
+            exe: std::env::current_exe()?,
+            dir,
+            coords: Vec::new(),
+            workers: Vec::new(),
+            spawned: 0,
+            stores,
+            etcd_prefix: format!("/{prefix}/"),
+            prefix,
+        };
+        for _ in 0..n {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            p.coords.push((port, None));
+        }
+        for i in 0..n {
+            p.start_coordinator(i)?;
+        }
+        Ok(p)
+    }
+
+    /// The coordinators' gRPC endpoints.
+    pub(super) fn endpoints(&self) -> Vec<String> {
+        self.coords
+            .iter()
+            .map(|(port, _)| format!("http://127.0.0.1:{port}"))
+            .collect()
+    }
+
     /// Starts coordinator `i` (again) on its port.
-    pub(super) fn start_coordinator(
-        &mut self,
-        i: usize,
-        stores: &Stores,
-        prefix: &str,
-        etcd_prefix: &str,
-    ) -> Result<()> {
-        let a = stores;
+    pub(super) fn start_coordinator(&mut self, i: usize) -> Result<()> {
+        let a = &self.stores;
+        let (prefix, etcd_prefix) = (self.prefix.as_str(), self.etcd_prefix.as_str());
         let port = self.coords[i].0;
         self.spawned += 1;
         let args: Vec<String> = [
@@ -176,6 +212,34 @@ pub(super) async fn leader(endpoints: &[String]) -> Option<String> {
     None
 }
 
+/// Skips are what the system reports: the fire ids of the skipped runs in the
+/// history of jobs `<name>0` … `<name><jobs - 1>`.
+pub(super) async fn reported_skipped(
+    endpoints: &[String],
+    name: &str,
+    jobs: usize,
+) -> Result<HashSet<String>> {
+    let mut client = admin(endpoints).await?;
+    let mut skipped = HashSet::new();
+    for i in 0..jobs {
+        let runs = client
+            .list_runs(pb::ListRunsRequest {
+                job: format!("{name}{i}"),
+                limit: 1_000,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+            .into_inner()
+            .runs;
+        skipped.extend(
+            runs.iter()
+                .filter(|r| r.state == pb::RunState::Skipped as i32)
+                .map(|r| r.fire_id.clone()),
+        );
+    }
+    Ok(skipped)
+}
+
 pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
     if a.coordinators < 2 || a.workers == 0 || a.jobs == 0 {
         bail!("invalid arguments: at least 2 coordinators, 1 worker and 1 job");
@@ -185,31 +249,9 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         etcd_endpoints: a.etcd_endpoints.clone(),
         election_ttl_s: a.election_ttl_s,
     };
-    let prefix = format!("bench{:08x}", fastrand::u32(..));
-    let etcd_prefix = format!("/{prefix}/");
-    let dir = std::env::temp_dir().join(format!("chime-bench-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut p = Procs {
-        exe: std::env::current_exe()?,
-        dir: dir.clone(),
-        coords: Vec::new(),
-        workers: Vec::new(),
-        spawned: 0,
-    };
-    for _ in 0..a.coordinators {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        p.coords.push((port, None));
-    }
-    for i in 0..a.coordinators {
-        p.start_coordinator(i, &stores, &prefix, &etcd_prefix)?;
-    }
-    let endpoints: Vec<String> = p
-        .coords
-        .iter()
-        .map(|(port, _)| format!("http://127.0.0.1:{port}"))
-        .collect();
+    let mut p = Procs::coordinators("failover", stores, a.coordinators)?;
+    let (dir, prefix, etcd_prefix) = (p.dir.clone(), p.prefix.clone(), p.etcd_prefix.clone());
+    let endpoints = p.endpoints();
     let records = dir.join("jobs.rec");
     for i in 0..a.workers {
         let args: Vec<String> = [
@@ -252,18 +294,7 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         a.coordinators, a.workers, a.jobs, a.kills
     );
     for i in 0..a.jobs {
-        let job = pb::Job {
-            name: format!("fo-{i}"),
-            group: "default".into(),
-            handler: "noop".into(),
-            schedule: Some(pb::Schedule {
-                kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule {
-                    expr: "* * * * * *".into(),
-                    time_zone: String::new(),
-                })),
-            }),
-            ..Default::default()
-        };
+        let job = super::every_second(format!("fo-{i}"));
         client
             .create_job(pb::CreateJobRequest { job: Some(job) })
             .await
@@ -293,31 +324,12 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         eprintln!("  killed the leader {l} (kill {})", k + 1);
         kills.push(t);
         tokio::time::sleep(Duration::from_millis(1_000)).await;
-        p.start_coordinator(i, &stores, &prefix, &etcd_prefix)?;
+        p.start_coordinator(i)?;
     }
     tokio::time::sleep(Duration::from_millis(a.interval_ms / 2)).await;
     let end = system_now_ms() - 3_000;
 
-    // Skips are what the system reports: the run history's skipped runs.
-    let mut client = admin(&endpoints).await?;
-    let mut reported_skipped: HashSet<String> = HashSet::new();
-    for i in 0..a.jobs {
-        let name = format!("fo-{i}");
-        let runs = client
-            .list_runs(pb::ListRunsRequest {
-                job: name.clone(),
-                limit: 1_000,
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-            .into_inner()
-            .runs;
-        reported_skipped.extend(
-            runs.iter()
-                .filter(|r| r.state == pb::RunState::Skipped as i32)
-                .map(|r| r.fire_id.clone()),
-        );
-    }
+    let reported_skipped = reported_skipped(&endpoints, "fo-", a.jobs).await?;
     drop(p);
 
     // Fires are what the workers did (independent of the system's own history):

@@ -378,3 +378,19 @@ pub(crate) async fn cleanup_etcd(client: &etcd_client::Client, prefix: &str) -> 
         .await?;
     Ok(())
 }
+
+/// A job of group `default` firing every second on the `noop` handler.
+pub(crate) fn every_second(name: String) -> proto::Job {
+    proto::Job {
+        name,
+        group: "default".into(),
+        handler: "noop".into(),
+        schedule: Some(proto::Schedule {
+            kind: Some(proto::schedule::Kind::Cron(proto::CronSchedule {
+                expr: "* * * * * *".into(),
+                time_zone: String::new(),
+            })),
+        }),
+        ..Default::default()
+    }
+}

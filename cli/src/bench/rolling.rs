@@ -10,7 +10,7 @@
 //! Delayed items are not part of this benchmark yet (see `bench burst`/`resize`
 //! for items across worker restarts).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use chime_shared::clock::system_now_ms;
 use proto as pb;
 use serde_json::json;
 
-use super::failover::{Procs, Stores, admin, leader, spawn};
+use super::failover::{Procs, Stores, admin, leader, reported_skipped, spawn};
 use super::quantile;
 
 /// `chime bench rolling` arguments.
@@ -117,31 +117,9 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
         etcd_endpoints: a.etcd_endpoints.clone(),
         election_ttl_s: a.election_ttl_s,
     };
-    let prefix = format!("bench{:08x}", fastrand::u32(..));
-    let etcd_prefix = format!("/{prefix}/");
-    let dir = std::env::temp_dir().join(format!("chime-bench-rolling-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut p = Procs {
-        exe: std::env::current_exe()?,
-        dir: dir.clone(),
-        coords: Vec::new(),
-        workers: Vec::new(),
-        spawned: 0,
-    };
-    for _ in 0..a.coordinators {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        p.coords.push((port, None));
-    }
-    for i in 0..a.coordinators {
-        p.start_coordinator(i, &stores, &prefix, &etcd_prefix)?;
-    }
-    let endpoints: Vec<String> = p
-        .coords
-        .iter()
-        .map(|(port, _)| format!("http://127.0.0.1:{port}"))
-        .collect();
+    let mut p = Procs::coordinators("rolling", stores, a.coordinators)?;
+    let (dir, prefix, etcd_prefix) = (p.dir.clone(), p.prefix.clone(), p.etcd_prefix.clone());
+    let endpoints = p.endpoints();
     let records = dir.join("jobs.rec");
     // Capacity for every shard of every job: capacity never delays a fire here.
     let capacity = (a.jobs * a.shards as usize).to_string();
@@ -155,18 +133,9 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let mut client = admin(&endpoints).await?;
     for i in 0..a.jobs {
         let job = pb::Job {
-            name: format!("ro-{i}"),
-            group: "default".into(),
-            handler: "noop".into(),
-            schedule: Some(pb::Schedule {
-                kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule {
-                    expr: "* * * * * *".into(),
-                    time_zone: String::new(),
-                })),
-            }),
             routing: pb::Routing::ShardingBroadcast as i32,
             shard_count: a.shards,
-            ..Default::default()
+            ..super::every_second(format!("ro-{i}"))
         };
         client
             .create_job(pb::CreateJobRequest { job: Some(job) })
@@ -198,7 +167,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
             if was_leader { ", the leader" } else { "" }
         );
         tokio::time::sleep(Duration::from_millis(a.down_ms)).await;
-        p.start_coordinator(i, &stores, &prefix, &etcd_prefix)?;
+        p.start_coordinator(i)?;
         tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
     }
     // Then workers, one at a time.
@@ -214,25 +183,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     // The window ends 2 s before now: every shard of it had time to finish.
     let end = system_now_ms() - 2_000;
 
-    // Skips are what the system reports: the run history's skipped runs.
-    let mut client = admin(&endpoints).await?;
-    let mut reported_skipped: HashSet<String> = HashSet::new();
-    for i in 0..a.jobs {
-        let runs = client
-            .list_runs(pb::ListRunsRequest {
-                job: format!("ro-{i}"),
-                limit: 1_000,
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-            .into_inner()
-            .runs;
-        reported_skipped.extend(
-            runs.iter()
-                .filter(|r| r.state == pb::RunState::Skipped as i32)
-                .map(|r| r.fire_id.clone()),
-        );
-    }
+    let reported_skipped = reported_skipped(&endpoints, "ro-", a.jobs).await?;
     drop(p);
 
     // What ran: one record line per finished shard (fire id, shard index, handler
