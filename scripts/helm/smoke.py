@@ -102,10 +102,19 @@ def log(msg: str) -> None:
     print(f"smoke: {msg}", flush=True)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this run: the port is closed
+    again until its process binds it, so the kernel could offer it twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_tcp(host: str, port: int, timeout: float, what: str) -> None:
@@ -697,6 +706,10 @@ def run(args: argparse.Namespace) -> None:
     stub: PushStub | None = None
     ok = False
     try:
+        # The stub binds its port now, before any port is handed out to a process
+        # that binds it later: the kernel could otherwise offer the stub one of those.
+        if rel.app is not None:
+            stub = PushStub()
         coord = Proc(rel, rel.coordinator, f"{rel.coordinator['metadata']['name']}-0", root, chime)
         worker = Proc(rel, rel.worker, f"{rel.worker['metadata']['name']}-5d8f7c9b4-smoke", root, chime)
         chimes = [coord, worker]
@@ -704,7 +717,7 @@ def run(args: argparse.Namespace) -> None:
         if rel.app is not None:
             pod = f"{rel.app['metadata']['name']}-7c6d5b8f9-smoke"
             side = Proc(rel, rel.app, pod, root, chime, container="chime-worker")
-            stub = PushStub()
+            assert stub is not None
             # The image's `python` is the SDK venv's; the push provider is the stub.
             venv_bin = str(Path(python).parent)
             pushes_to = any(e["name"] == PUSH_URL_ENV for e in rel_env(rel.app, "app"))
