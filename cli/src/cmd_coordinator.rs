@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{self, AuthSection, CoordinatorConfig};
-use crate::{init_logging, shutdown_signal};
+use crate::{connect_when_up, init_logging, shutdown_signal};
 
 /// `chime coordinator` flags; each overrides the config file and `CHIME_*`.
 #[derive(Debug, clap::Args)]
@@ -174,9 +174,8 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     if !(100..=60_000).contains(&cfg.coordinator.heartbeat_interval_ms) {
         anyhow::bail!("invalid coordinator.heartbeat_interval_ms: must be within 100..=60000");
     }
-    let conn = RedisConn::connect(&cfg.redis.spec()?)
-        .await
-        .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+    let redis_spec = cfg.redis.spec()?;
+    let conn = connect_when_up("Redis", &cfg.redis.url, || RedisConn::connect(&redis_spec)).await?;
     let runs = Arc::new(RedisRunStore::new(
         conn.clone(),
         &cfg.coordinator.prefix,
@@ -204,10 +203,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         .spec()?
     {
         Some(spec) => {
-            let client = spec
-                .connect()
-                .await
-                .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
+            let client = connect_when_up("etcd", &cfg.etcd.endpoints, || spec.connect()).await?;
             (
                 Arc::new(EtcdSource::new(client.clone(), cfg.etcd.prefix.clone())),
                 Some(client),

@@ -151,7 +151,7 @@ pub async fn connect(store: &StoreArgs) -> Result<RedisStore> {
     init_logging(&cfg.log.format, "warn");
     let conn = RedisConn::connect(&cfg.redis.spec()?)
         .await
-        .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+        .with_context(|| format!("connecting to Redis at {}", crate::redacted(&cfg.redis.url)))?;
     Ok(RedisStore::open(conn, cfg.queue.layout()?).await?)
 }
 

@@ -21,7 +21,7 @@ use tracing::info;
 use crate::config::{self, WorkerConfig};
 use crate::handlers::jobs::{JobRecorder, RecordedJob};
 use crate::handlers::{self, HttpHandler, Recorded, Recorder};
-use crate::{StoreArgs, init_logging, shutdown_signal};
+use crate::{StoreArgs, connect_when_up, init_logging, shutdown_signal};
 
 /// `chime worker` flags; each overrides the config file and `CHIME_*` variables.
 #[derive(Debug, clap::Args)]
@@ -253,17 +253,14 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         builder = builder.deliveries(h.clone());
     }
     if !args.no_queue {
-        let conn = RedisConn::connect(&cfg.redis.spec()?)
-            .await
-            .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+        let redis_spec = cfg.redis.spec()?;
+        let conn =
+            connect_when_up("Redis", &cfg.redis.url, || RedisConn::connect(&redis_spec)).await?;
         let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
         probe_store = Some(store.clone());
         builder = builder.delay_store(store);
         if let Some(spec) = cfg.etcd.spec()? {
-            let client = spec
-                .connect()
-                .await
-                .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
+            let client = connect_when_up("etcd", &cfg.etcd.endpoints, || spec.connect()).await?;
             let source = Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()));
             let (handle, _task) = watcher::start(source, stop_watch.clone()).await;
             builder = builder.live(Live {

@@ -16,7 +16,7 @@ mod handlers;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 /// chime: a distributed job scheduler (sharded cron jobs and precise delayed items).
@@ -138,6 +138,58 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// `url` with the password of its userinfo (`redis://user:secret@host`) replaced by
+/// `***`, for logs and error messages: the chart passes the Redis password inside the
+/// URL, and a pod's logs are readable by more people than its Secret.
+pub fn redacted(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s + 3 => match u[s + 3..at].find(':') {
+                Some(c) => format!("{}:***{}", &u[..s + 3 + c], &u[at..]),
+                None => u.to_string(),
+            },
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Connects to a store with `connect`, and while the store is unreachable
+/// ([`chime_shared::Error::Unavailable`]) keeps trying (200 ms doubling to 5 s, a
+/// warning each time) instead of exiting: in a Kubernetes release the stores, the
+/// coordinators and the workers start in any order, and a process that exits on a
+/// store that is still starting only earns a CrashLoopBackOff. A configuration error
+/// (bad URL, unreadable certificate) still fails at once. SIGTERM or SIGINT while
+/// waiting ends the process with status 0: nothing has started that needs a drain.
+pub async fn connect_when_up<T, F, Fut>(store: &str, address: &str, mut connect: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = chime_shared::Result<T>>,
+{
+    let address = redacted(address);
+    let mut delay = std::time::Duration::from_millis(200);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        match connect().await {
+            Ok(c) => return Ok(c),
+            Err(chime_shared::Error::Unavailable(e)) => {
+                tracing::warn!(store, address = %address, error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "store not reachable yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut stop => {
+                        tracing::info!(store, "stopped while waiting for the store");
+                        std::process::exit(0);
+                    }
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {store} at {address}")),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // One TLS crypto provider for every client and listener in the process.
     chime_shared::tls::install_provider();
@@ -175,5 +227,25 @@ fn main() -> std::process::ExitCode {
             eprintln!("chime: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_url_password_never_reaches_a_log_line() {
+        assert_eq!(
+            redacted("redis://:try-it-out@chime-redis:6379/0"),
+            "redis://:***@chime-redis:6379/0"
+        );
+        assert_eq!(
+            redacted("rediss://chime:s3cr@t@r1:6380,rediss://chime:s3cr@t@r2:6380"),
+            "rediss://chime:***@r1:6380,rediss://chime:***@r2:6380"
+        );
+        // Nothing to hide: unchanged (a user without a password, no userinfo at all).
+        assert_eq!(redacted("redis://chime@r:6379"), "redis://chime@r:6379");
+        assert_eq!(redacted("http://etcd:2379"), "http://etcd:2379");
     }
 }

@@ -94,6 +94,14 @@ def load_values_file(path: Path) -> dict[str, Any]:
     return helm.values_from_yaml(path.read_text())
 
 
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b` over `a`, maps merged key by key (as Helm merges -f files)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def render(values: dict[str, Any], *, name: str = "chime", namespace: str = "chime") -> dict[str, str]:
     """Renders the chart as `helm install` would (schema checked); template path -> text."""
     import helm_python as helm

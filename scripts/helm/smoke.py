@@ -684,7 +684,7 @@ def run(args: argparse.Namespace) -> None:
     if args.etcd_user:
         values["etcd"]["auth"] = {"username": args.etcd_user, "password": args.etcd_password}
     for f in args.values:
-        values = deep_merge(values, common.load_values_file(Path(f)))
+        values = common.deep_merge(values, common.load_values_file(Path(f)))
         log(f"values: {f}")
     if python:
         # The pool is checked in the same run: the workers serve deliveries too (a
@@ -693,7 +693,7 @@ def run(args: argparse.Namespace) -> None:
         # popped where its handler has no subscriber is parked, not lost).
         pool = {"worker": {"queue": {"enabled": True}, "deliveries": {"enabled": True}}}
         log("overlay: worker.queue.enabled=true, worker.deliveries.enabled=true (the pool, checked in this run)")
-        values = deep_merge(values, pool)
+        values = common.deep_merge(values, pool)
     rendered = common.render(values, name=RELEASE, namespace=NAMESPACE)
     rel = Release([o for _, o in objects(rendered)], external)
     log(f"rendered {len(rel.objs)} objects; key prefix smoke-{tag}, etcd prefix /chime-smoke-{tag}/")
@@ -960,13 +960,6 @@ def stop_app_pod(side: Proc, app: Proc) -> None:
                          + tail(side.log_path.read_text(errors="replace")))
     log(f"{side.label}: SIGTERM after the app's exit -> exit 0 in {took:.1f}s; app pod done in "
         f"{time.monotonic() - t0:.1f}s of its {grace}s grace ({'native sidecar' if native else 'sidecar preStop ' + str(side_pre) + 's'})")
-
-
-def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def main() -> int:

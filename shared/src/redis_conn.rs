@@ -119,8 +119,14 @@ impl std::fmt::Debug for RedisConn {
 }
 
 impl RedisConn {
-    /// Connects; fails fast if the first connection cannot be made.
+    /// Connects; fails fast if the first connection cannot be made
+    /// ([`Error::Unavailable`], worth retrying) or the URL is not one
+    /// ([`Error::InvalidArgument`] naming `redis.url`, not worth it).
     pub async fn connect(spec: &RedisSpec) -> Result<Self> {
+        let bad_url = |e: redis::RedisError| Error::InvalidArgument {
+            field: "redis.url".into(),
+            reason: e.to_string(),
+        };
         let timeout = Duration::from_millis(spec.response_timeout_ms);
         let certs = certificates(&spec.tls)?;
         let cluster = |certs: Option<redis::TlsCertificates>| async move {
@@ -131,15 +137,21 @@ impl RedisConn {
                 builder = builder.certs(c);
             }
             Ok::<_, Error>(RedisConn::Cluster(
-                builder.build()?.get_async_connection().await?,
+                builder
+                    .build()
+                    .map_err(bad_url)?
+                    .get_async_connection()
+                    .await?,
             ))
         };
         if spec.cluster {
             cluster(certs).await
         } else {
             let client = match certs.clone() {
-                Some(c) => redis::Client::build_with_tls(spec.urls[0].as_str(), c)?,
-                None => redis::Client::open(spec.urls[0].as_str())?,
+                Some(c) => {
+                    redis::Client::build_with_tls(spec.urls[0].as_str(), c).map_err(bad_url)?
+                }
+                None => redis::Client::open(spec.urls[0].as_str()).map_err(bad_url)?,
             };
             // One URL may still name a cluster node: then talk the cluster protocol,
             // so a single seed is enough in every setting.
