@@ -129,7 +129,7 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
 
     // Score.
     let handled = read_records(&workers.records)?;
-    let sc = super::score(&handled, a.items);
+    let sc = super::score(&handled, "b", a.items);
     let drain_s = ((sc.last - t0) as f64 / 1000.0).max(1e-3);
     cleanup(&conn, &prefix).await?;
     super::keep_or_remove(&dir, a.keep_files);

@@ -217,7 +217,7 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
         })
         .sum();
 
-    let sc = super::score(&read_records(&procs.records)?, a.items);
+    let sc = super::score(&read_records(&procs.records)?, "b", a.items);
     let drain_s = ((sc.last - t0) as f64 / 1000.0).max(1e-3);
     cleanup(&conn, &prefix).await?;
     super::keep_or_remove(&dir, a.keep_files);

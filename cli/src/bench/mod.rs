@@ -193,7 +193,7 @@ pub(crate) fn read_records(files: &[PathBuf]) -> Result<HashMap<String, Vec<Hand
     Ok(out)
 }
 
-/// How a burst of items `b0…b{n-1}` was handled, from the handlers' own records.
+/// How items `<prefix>0…<prefix>{n-1}` were handled, from the handlers' own records.
 pub(crate) struct Score {
     /// Handler start minus due time of each item's first handling, sorted, ms.
     pub(crate) lags: Vec<i64>,
@@ -208,8 +208,8 @@ pub(crate) struct Score {
     pub(crate) early: usize,
 }
 
-/// Scores the burst `b0…b{n-1}` against the records.
-pub(crate) fn score(handled: &HashMap<String, Vec<Handled>>, n: usize) -> Score {
+/// Scores the items `<prefix>0…<prefix>{n-1}` against the records.
+pub(crate) fn score(handled: &HashMap<String, Vec<Handled>>, prefix: &str, n: usize) -> Score {
     let mut s = Score {
         lags: Vec::with_capacity(n),
         first: i64::MAX,
@@ -219,7 +219,7 @@ pub(crate) fn score(handled: &HashMap<String, Vec<Handled>>, n: usize) -> Score 
         early: 0,
     };
     for i in 0..n {
-        match handled.get(&format!("b{i}")) {
+        match handled.get(&format!("{prefix}{i}")) {
             None => s.lost += 1,
             Some(h) => {
                 s.duplicates += h.len() - 1;

@@ -7,15 +7,22 @@
 //! from the system's history: every shard of every tick of the window must have run
 //! once, and none may start more than 1 s after its instant.
 //!
-//! Delayed items are not part of this benchmark yet (see `bench burst`/`resize`
-//! for items across worker restarts).
+//! A steady stream of delayed items flows the whole time (`--item-rate` a second,
+//! each due 0.5–3 s after it is enqueued, consumed by the same workers): every item
+//! must run once, never before its due time, from the handlers' record files.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chime_shared::clock::system_now_ms;
+use chime_shared::queue::redis_store::RedisStore;
+use chime_shared::queue::{DelayStore, NewItem, QueueLayout};
+use chime_shared::redis_conn::{RedisConn, RedisSpec};
 use proto as pb;
 use serde_json::json;
 
@@ -52,9 +59,45 @@ pub(crate) struct RollingArgs {
     /// Leader lease TTL, seconds.
     #[arg(long, default_value_t = 5)]
     election_ttl_s: u64,
+    /// Delayed items enqueued a second, all through the run (0: no items).
+    #[arg(long, default_value_t = 200)]
+    item_rate: u32,
+    /// Queues N of the items.
+    #[arg(long, default_value_t = 4)]
+    queues: u32,
     /// Keep the files (their directory is printed).
     #[arg(long)]
     keep_files: bool,
+}
+
+/// Items `r<n>` enqueued by [`produce`] while it runs.
+struct Produced {
+    count: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Enqueues `rate` items a second (a batch every 50 ms) until told to stop, each due
+/// 500–3,000 ms after Redis's clock at its enqueue.
+async fn produce(store: Arc<RedisStore>, rate: u32, out: Arc<Produced>) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut owed = 0.0f64;
+    while !out.stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        owed += f64::from(rate) / 20.0;
+        let n = owed as u64;
+        owed -= n as f64;
+        if n == 0 {
+            continue;
+        }
+        let now = store.now_ms().await?;
+        let first = out.count.load(Ordering::Relaxed);
+        let items: Vec<NewItem> = (first..first + n)
+            .map(|i| NewItem::new(format!("r{i}"), "noop", now + fastrand::i64(500..=3_000)))
+            .collect();
+        store.enqueue(items).await?;
+        out.count.store(first + n, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Sends SIGTERM and waits (up to a minute) for the process to exit.
@@ -88,10 +131,18 @@ async fn workers_registered(endpoints: &[String], n: usize) -> Result<()> {
     bail!("{n} workers did not register within 30 s")
 }
 
-fn worker_args(endpoints: &[String], i: usize, records: &std::path::Path) -> Vec<String> {
+/// A worker running job shards (recorded in `records`) and consuming the items'
+/// queues (each handled item recorded in `items`).
+fn worker_args(
+    a: &RollingArgs,
+    prefix: &str,
+    endpoints: &[String],
+    i: usize,
+    records: &Path,
+    items: &Path,
+) -> Vec<String> {
     [
         "worker",
-        "--no-queue",
         "--coordinator",
         &endpoints.join(","),
         "--worker-id",
@@ -102,6 +153,14 @@ fn worker_args(endpoints: &[String], i: usize, records: &std::path::Path) -> Vec
         "127.0.0.1:0",
         "--job-record-file",
         &records.to_string_lossy(),
+        "--redis-url",
+        &a.redis_url,
+        "--prefix",
+        prefix,
+        "--queues",
+        &a.queues.to_string(),
+        "--record-file",
+        &items.to_string_lossy(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -121,14 +180,33 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let (dir, prefix, etcd_prefix) = (p.dir.clone(), p.prefix.clone(), p.etcd_prefix.clone());
     let endpoints = p.endpoints();
     let records = dir.join("jobs.rec");
+    // One item record file per worker process (each restart writes a new one).
+    let mut item_files: Vec<PathBuf> = Vec::new();
     // Capacity for every shard of every job: capacity never delays a fire here.
     let capacity = (a.jobs * a.shards as usize).to_string();
     let env = [("CHIME_COORDINATOR_CAPACITY", capacity.as_str())];
     for i in 0..a.workers {
-        let args = worker_args(&endpoints, i, &records);
+        item_files.push(dir.join(format!("items-w{i}-0.rec")));
+        let args = worker_args(
+            &a,
+            &prefix,
+            &endpoints,
+            i,
+            &records,
+            item_files.last().unwrap_or(&records),
+        );
         p.workers
             .push(spawn(&p.exe, &dir, &format!("w{i}-0"), &args, &env)?);
     }
+    let conn = RedisConn::connect(&RedisSpec::parse(&a.redis_url)?).await?;
+    let store =
+        Arc::new(RedisStore::open(conn, QueueLayout::new(&prefix, "default", a.queues)?).await?);
+    let produced = Arc::new(Produced {
+        count: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let producer = (a.item_rate > 0)
+        .then(|| tokio::spawn(produce(store.clone(), a.item_rate, produced.clone())));
     workers_registered(&endpoints, a.workers).await?;
     let mut client = admin(&endpoints).await?;
     for i in 0..a.jobs {
@@ -175,7 +253,15 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
         terminate(&mut p.workers[i]).await?;
         eprintln!("  worker {i} stopped (SIGTERM)");
         tokio::time::sleep(Duration::from_millis(a.down_ms)).await;
-        let args = worker_args(&endpoints, i, &records);
+        item_files.push(dir.join(format!("items-w{i}-1.rec")));
+        let args = worker_args(
+            &a,
+            &prefix,
+            &endpoints,
+            i,
+            &records,
+            item_files.last().unwrap_or(&records),
+        );
         p.workers[i] = spawn(&p.exe, &dir, &format!("w{i}-1"), &args, &env)?;
         workers_registered(&endpoints, a.workers).await?;
         tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
@@ -184,7 +270,26 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let end = system_now_ms() - 2_000;
 
     let reported_skipped = reported_skipped(&endpoints, "ro-", a.jobs).await?;
+
+    // Items: stop producing, then wait until every item is handled (or 30 s after
+    // the last one fell due: what is missing then is lost).
+    produced.stop.store(true, Ordering::Relaxed);
+    if let Some(t) = producer {
+        t.await.context("producer task")??;
+    }
+    let n_items = produced.count.load(Ordering::Relaxed) as usize;
+    let deadline = std::time::Instant::now() + Duration::from_secs(33);
+    loop {
+        let handled = super::read_records(&item_files)?;
+        if (0..n_items).all(|i| handled.contains_key(&format!("r{i}")))
+            || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(p);
+    let items = super::score(&super::read_records(&item_files)?, "r", n_items);
 
     // What ran: one record line per finished shard (fire id, shard index, handler
     // start, scheduled instant).
@@ -260,7 +365,15 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
             "fire_lag_p50_ms": quantile(&lags, 0.5),
             "fire_lag_p99_ms": quantile(&lags, 0.99),
             "worst_fire_lag_ms": lags.last().copied().unwrap_or(0),
-            "items": "not measured by this benchmark",
+            "item_rate_per_s": a.item_rate,
+            "items": n_items,
+            "items_lost": items.lost,
+            "items_duplicates": items.duplicates,
+            "items_early": items.early,
+            "items_late_over_1s": items.lags.iter().filter(|l| **l > 1_000).count(),
+            "item_lag_p50_ms": quantile(&items.lags, 0.5),
+            "item_lag_p99_ms": quantile(&items.lags, 0.99),
+            "worst_item_lag_ms": items.lags.last().copied().unwrap_or(0),
         })
     );
     Ok(())
