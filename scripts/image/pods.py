@@ -331,19 +331,17 @@ class Pod:
             if not 200 <= code < 400:
                 raise PodsError(f"GET {url} -> {code}")
             return f"GET :{port}{g.get('path', '/')} -> {code}"
-        if "tcpSocket" in p:
-            port = self.port_of(ctr, p["tcpSocket"]["port"])
+        if "tcpSocket" in p or "grpc" in p:
+            # A gRPC probe is checked as far as its port accepting connections.
+            kind_of = "tcpSocket" if "tcpSocket" in p else "grpc"
+            port = self.port_of(ctr, p[kind_of]["port"])
             with socket.create_connection((self.ip, port), timeout=timeout):
-                return f"TCP :{port} open"
+                return f"{kind_of} :{port} open"
         if "exec" in p:
             res = podman("exec", self.cname(ctr), *p["exec"]["command"], check=False, timeout=timeout + 5)
             if res.returncode != 0:
                 raise PodsError(f"exec {p['exec']['command']} -> {res.returncode}")
             return f"exec {' '.join(p['exec']['command'])[:60]} -> 0"
-        if "grpc" in p:
-            port = self.port_of(ctr, p["grpc"]["port"])
-            with socket.create_connection((self.ip, port), timeout=timeout):
-                return f"gRPC :{port} open"
         raise PodsError(f"{self.name}/{ctr['name']} {kind}: unsupported probe")
 
     def check_probes(self) -> None:

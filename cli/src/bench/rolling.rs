@@ -131,17 +131,19 @@ async fn workers_registered(endpoints: &[String], n: usize) -> Result<()> {
     bail!("{n} workers did not register within 30 s")
 }
 
-/// A worker running job shards (recorded in `records`) and consuming the items'
-/// queues (each handled item recorded in `items`).
+/// Process `generation` of worker `i`: its arguments, running job shards (recorded
+/// in `records`) and consuming the items' queues (each handled item recorded in the
+/// returned file, one per process).
 fn worker_args(
     a: &RollingArgs,
     prefix: &str,
     endpoints: &[String],
     i: usize,
+    generation: u32,
     records: &Path,
-    items: &Path,
-) -> Vec<String> {
-    [
+) -> (Vec<String>, PathBuf) {
+    let items = records.with_file_name(format!("items-w{i}-{generation}.rec"));
+    let args = [
         "worker",
         "--coordinator",
         &endpoints.join(","),
@@ -164,7 +166,8 @@ fn worker_args(
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    (args, items)
 }
 
 pub(crate) async fn run(a: RollingArgs) -> Result<()> {
@@ -186,15 +189,8 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let capacity = (a.jobs * a.shards as usize).to_string();
     let env = [("CHIME_COORDINATOR_CAPACITY", capacity.as_str())];
     for i in 0..a.workers {
-        item_files.push(dir.join(format!("items-w{i}-0.rec")));
-        let args = worker_args(
-            &a,
-            &prefix,
-            &endpoints,
-            i,
-            &records,
-            item_files.last().unwrap_or(&records),
-        );
+        let (args, items) = worker_args(&a, &prefix, &endpoints, i, 0, &records);
+        item_files.push(items);
         p.workers
             .push(spawn(&p.exe, &dir, &format!("w{i}-0"), &args, &env)?);
     }
@@ -253,15 +249,8 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
         terminate(&mut p.workers[i]).await?;
         eprintln!("  worker {i} stopped (SIGTERM)");
         tokio::time::sleep(Duration::from_millis(a.down_ms)).await;
-        item_files.push(dir.join(format!("items-w{i}-1.rec")));
-        let args = worker_args(
-            &a,
-            &prefix,
-            &endpoints,
-            i,
-            &records,
-            item_files.last().unwrap_or(&records),
-        );
+        let (args, items) = worker_args(&a, &prefix, &endpoints, i, 1, &records);
+        item_files.push(items);
         p.workers[i] = spawn(&p.exe, &dir, &format!("w{i}-1"), &args, &env)?;
         workers_registered(&endpoints, a.workers).await?;
         tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
