@@ -59,9 +59,7 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("chime-bench-cron-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let exe = std::env::current_exe()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = super::free_port()?;
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut kids = Kids(Vec::new());
     let log = std::fs::File::create(dir.join("coordinator.log"))?;

@@ -120,7 +120,7 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
     let mut records = Vec::new();
     let mut worker_count = 0;
     for i in 0..a.subscribers {
-        let port = free_port()?;
+        let port = super::free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let mut w = Command::new(&exe);
         w.arg("worker")
@@ -246,10 +246,4 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

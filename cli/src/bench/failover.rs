@@ -70,6 +70,11 @@ pub(super) struct Procs {
     pub(super) stores: Stores,
     pub(super) prefix: String,
     pub(super) etcd_prefix: String,
+    /// Per coordinator, the Redis URL and etcd endpoints it uses instead of the
+    /// stores' own (`bench chaos` puts a fault proxy there); empty: the stores'.
+    pub(super) routes: Vec<(String, String)>,
+    /// Environment added to every coordinator.
+    pub(super) coord_env: Vec<(String, String)>,
 }
 
 impl Drop for Procs {
@@ -110,6 +115,16 @@ impl Procs {
     /// Starts `n` coordinators on free loopback ports, under a fresh key prefix;
     /// files go to a temporary directory named after `bench`.
     pub(super) fn coordinators(bench: &str, stores: Stores, n: usize) -> Result<Self> {
+        let mut p = Self::prepare(bench, stores, n)?;
+        for i in 0..n {
+            p.start_coordinator(i)?;
+        }
+        Ok(p)
+    }
+
+    /// [`coordinators`](Self::coordinators) without starting them: their ports,
+    /// prefix and directory are chosen.
+    pub(super) fn prepare(bench: &str, stores: Stores, n: usize) -> Result<Self> {
         let prefix = format!("bench{:08x}", fastrand::u32(..));
         let dir = std::env::temp_dir().join(format!("chime-bench-{bench}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -122,15 +137,11 @@ impl Procs {
             stores,
             etcd_prefix: format!("/{prefix}/"),
             prefix,
+            routes: Vec::new(),
+            coord_env: Vec::new(),
         };
         for _ in 0..n {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            p.coords.push((port, None));
-        }
-        for i in 0..n {
-            p.start_coordinator(i)?;
+            p.coords.push((super::free_port()?, None));
         }
         Ok(p)
     }
@@ -146,6 +157,10 @@ impl Procs {
     /// Starts coordinator `i` (again) on its port.
     pub(super) fn start_coordinator(&mut self, i: usize) -> Result<()> {
         let a = &self.stores;
+        let (redis_url, etcd_endpoints) = self.routes.get(i).map_or(
+            (a.redis_url.as_str(), a.etcd_endpoints.as_str()),
+            |(r, e)| (r.as_str(), e.as_str()),
+        );
         let (prefix, etcd_prefix) = (self.prefix.as_str(), self.etcd_prefix.as_str());
         let port = self.coords[i].0;
         self.spawned += 1;
@@ -154,9 +169,9 @@ impl Procs {
             "--grpc-addr",
             &format!("127.0.0.1:{port}"),
             "--redis-url",
-            &a.redis_url,
+            redis_url,
             "--etcd-endpoints",
-            &a.etcd_endpoints,
+            etcd_endpoints,
             "--prefix",
             prefix,
             "--election-ttl-s",
@@ -171,12 +186,14 @@ impl Procs {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut env = vec![("CHIME_ETCD_PREFIX", etcd_prefix)];
+        env.extend(self.coord_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = spawn(
             &self.exe,
             &self.dir,
             &format!("coordinator-{i}-{}", self.spawned),
             &args,
-            &[("CHIME_ETCD_PREFIX", etcd_prefix)],
+            &env,
         )?;
         self.coords[i].1 = Some(child);
         Ok(())
@@ -219,8 +236,23 @@ pub(super) async fn reported_skipped(
     name: &str,
     jobs: usize,
 ) -> Result<HashSet<String>> {
+    Ok(reported_runs(endpoints, name, jobs)
+        .await?
+        .into_iter()
+        .filter(|(_, state)| *state == pb::RunState::Skipped as i32)
+        .map(|(fire, _)| fire)
+        .collect())
+}
+
+/// The state of every run in the history of jobs `<name>0` … `<name><jobs - 1>`, by
+/// fire id (the newest 1,000 of each job).
+pub(super) async fn reported_runs(
+    endpoints: &[String],
+    name: &str,
+    jobs: usize,
+) -> Result<HashMap<String, i32>> {
     let mut client = admin(endpoints).await?;
-    let mut skipped = HashSet::new();
+    let mut out = HashMap::new();
     for i in 0..jobs {
         let runs = client
             .list_runs(pb::ListRunsRequest {
@@ -231,13 +263,9 @@ pub(super) async fn reported_skipped(
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?
             .into_inner()
             .runs;
-        skipped.extend(
-            runs.iter()
-                .filter(|r| r.state == pb::RunState::Skipped as i32)
-                .map(|r| r.fire_id.clone()),
-        );
+        out.extend(runs.into_iter().map(|r| (r.fire_id, r.state)));
     }
-    Ok(skipped)
+    Ok(out)
 }
 
 pub(crate) async fn run(a: FailoverArgs) -> Result<()> {

@@ -4,9 +4,11 @@
 //! binary.
 
 mod burst;
+mod chaos;
 mod cron;
 mod deliveries;
 mod failover;
+mod proxy;
 mod resize;
 mod rolling;
 
@@ -40,6 +42,9 @@ enum BenchCmd {
     /// Jobs firing every second while every coordinator, then every worker, is
     /// restarted gracefully (a rollout).
     Rolling(rolling::RollingArgs),
+    /// Jobs and items flowing through a seeded random schedule of faults (kills,
+    /// freezes, store restarts, partitions); fails when an invariant does.
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Runs a benchmark.
@@ -52,6 +57,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         BenchCmd::Failover(a) => failover::run(a).await,
         BenchCmd::Deliveries(a) => deliveries::run(a).await,
         BenchCmd::Rolling(a) => rolling::run(a).await,
+        BenchCmd::Chaos(a) => chaos::run(a).await,
     }
 }
 
@@ -279,6 +285,14 @@ pub(crate) async fn enqueue_burst(
         );
     }
     Ok(secs)
+}
+
+/// A free loopback port (bound and released: another process could take it before
+/// its owner binds it, which on a bench host it does not).
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Lines in all record files.

@@ -71,15 +71,31 @@ pub(crate) struct RollingArgs {
 }
 
 /// Items `r<n>` enqueued by [`produce`] while it runs.
-struct Produced {
-    count: AtomicU64,
-    stop: AtomicBool,
+pub(super) struct Produced {
+    pub(super) count: AtomicU64,
+    pub(super) stop: AtomicBool,
+    /// Redis time at which each batch was acknowledged: (first id, Unix ms), in
+    /// order (tells a lost item's enqueue time from its id).
+    pub(super) acked: std::sync::Mutex<Vec<(u64, i64)>>,
+}
+
+impl Produced {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            acked: std::sync::Mutex::new(Vec::new()),
+        })
+    }
 }
 
 /// Enqueues `rate` items a second (a batch every 50 ms) until told to stop, each due
-/// 500–3,000 ms after Redis's clock at its enqueue.
-async fn produce(store: Arc<RedisStore>, rate: u32, out: Arc<Produced>) -> Result<()> {
+/// 500–3,000 ms after Redis's clock at its enqueue. A batch that fails (Redis
+/// restarting) is sent again until Redis acknowledges it: enqueue is idempotent
+/// by id, so an item counts as produced exactly when it is known to be stored.
+pub(super) async fn produce(store: Arc<RedisStore>, rate: u32, out: Arc<Produced>) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut owed = 0.0f64;
     while !out.stop.load(Ordering::Relaxed) {
         tick.tick().await;
@@ -89,19 +105,42 @@ async fn produce(store: Arc<RedisStore>, rate: u32, out: Arc<Produced>) -> Resul
         if n == 0 {
             continue;
         }
-        let now = store.now_ms().await?;
         let first = out.count.load(Ordering::Relaxed);
-        let items: Vec<NewItem> = (first..first + n)
-            .map(|i| NewItem::new(format!("r{i}"), "noop", now + fastrand::i64(500..=3_000)))
-            .collect();
-        store.enqueue(items).await?;
+        let mut items: Option<Vec<NewItem>> = None;
+        let acked_at = loop {
+            let attempt = async {
+                if items.is_none() {
+                    let now = store.now_ms().await?;
+                    items = Some(
+                        (first..first + n)
+                            .map(|i| {
+                                NewItem::new(
+                                    format!("r{i}"),
+                                    "noop",
+                                    now + fastrand::i64(500..=3_000),
+                                )
+                            })
+                            .collect(),
+                    );
+                }
+                store.enqueue(items.clone().unwrap_or_default()).await?;
+                store.now_ms().await
+            };
+            match attempt.await {
+                Ok(t) => break t,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        if let Ok(mut a) = out.acked.lock() {
+            a.push((first, acked_at));
+        }
         out.count.store(first + n, Ordering::Relaxed);
     }
     Ok(())
 }
 
 /// Sends SIGTERM and waits (up to a minute) for the process to exit.
-async fn terminate(child: &mut Child) -> Result<()> {
+pub(super) async fn terminate(child: &mut Child) -> Result<()> {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -118,7 +157,7 @@ async fn terminate(child: &mut Child) -> Result<()> {
 }
 
 /// Waits until the leader lists `n` workers.
-async fn workers_registered(endpoints: &[String], n: usize) -> Result<()> {
+pub(super) async fn workers_registered(endpoints: &[String], n: usize) -> Result<()> {
     for _ in 0..300 {
         if let Ok(mut c) = admin(endpoints).await
             && let Ok(r) = c.list_workers(pb::ListWorkersRequest::default()).await
@@ -131,10 +170,47 @@ async fn workers_registered(endpoints: &[String], n: usize) -> Result<()> {
     bail!("{n} workers did not register within 30 s")
 }
 
-/// Process `generation` of worker `i`: its arguments, running job shards (recorded
-/// in `records`) and consuming the items' queues (each handled item recorded in the
-/// returned file, one per process).
-fn worker_args(
+/// A worker process `worker_id` of a benchmark: its arguments, running job shards
+/// (recorded in `records`) and consuming the items' `queues` (each handled item
+/// recorded in `items`).
+pub(super) fn worker_args(
+    redis_url: &str,
+    queues: u32,
+    prefix: &str,
+    endpoints: &[String],
+    worker_id: &str,
+    records: &Path,
+    items: &Path,
+) -> Vec<String> {
+    [
+        "worker",
+        "--coordinator",
+        &endpoints.join(","),
+        "--worker-id",
+        worker_id,
+        "--handlers",
+        "noop",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--job-record-file",
+        &records.to_string_lossy(),
+        "--redis-url",
+        redis_url,
+        "--prefix",
+        prefix,
+        "--queues",
+        &queues.to_string(),
+        "--record-file",
+        &items.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Process `generation` of worker `i` of this bench, and its item record file (one
+/// per process).
+fn rolling_worker(
     a: &RollingArgs,
     prefix: &str,
     endpoints: &[String],
@@ -143,31 +219,43 @@ fn worker_args(
     records: &Path,
 ) -> (Vec<String>, PathBuf) {
     let items = records.with_file_name(format!("items-w{i}-{generation}.rec"));
-    let args = [
-        "worker",
-        "--coordinator",
-        &endpoints.join(","),
-        "--worker-id",
-        &format!("roll-w{i}"),
-        "--handlers",
-        "noop",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--job-record-file",
-        &records.to_string_lossy(),
-        "--redis-url",
+    let args = worker_args(
         &a.redis_url,
-        "--prefix",
+        a.queues,
         prefix,
-        "--queues",
-        &a.queues.to_string(),
-        "--record-file",
-        &items.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        endpoints,
+        &format!("roll-w{i}"),
+        records,
+        &items,
+    );
     (args, items)
+}
+
+/// Job shards as the workers' record file has them (one line per finished shard:
+/// fire id, shard index, …, handler start, …, scheduled instant): how often each
+/// (fire id, shard) ran, and its earliest start minus its instant, ms.
+pub(super) type ShardRuns = HashMap<(String, u32), (u32, i64)>;
+
+pub(super) fn read_job_records(records: &Path) -> ShardRuns {
+    let text = std::fs::read_to_string(records).unwrap_or_default();
+    let mut out = ShardRuns::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.len() != 10 {
+            continue;
+        }
+        let (Ok(shard), Ok(started), Ok(scheduled)) = (
+            f[2].parse::<u32>(),
+            f[5].parse::<i64>(),
+            f[9].parse::<i64>(),
+        ) else {
+            continue;
+        };
+        let e = out.entry((f[1].to_owned(), shard)).or_insert((0, i64::MAX));
+        e.0 += 1;
+        e.1 = e.1.min(started - scheduled);
+    }
+    out
 }
 
 pub(crate) async fn run(a: RollingArgs) -> Result<()> {
@@ -189,7 +277,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let capacity = (a.jobs * a.shards as usize).to_string();
     let env = [("CHIME_COORDINATOR_CAPACITY", capacity.as_str())];
     for i in 0..a.workers {
-        let (args, items) = worker_args(&a, &prefix, &endpoints, i, 0, &records);
+        let (args, items) = rolling_worker(&a, &prefix, &endpoints, i, 0, &records);
         item_files.push(items);
         p.workers
             .push(spawn(&p.exe, &dir, &format!("w{i}-0"), &args, &env)?);
@@ -197,10 +285,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let conn = RedisConn::connect(&RedisSpec::parse(&a.redis_url)?).await?;
     let store =
         Arc::new(RedisStore::open(conn, QueueLayout::new(&prefix, "default", a.queues)?).await?);
-    let produced = Arc::new(Produced {
-        count: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
+    let produced = Produced::new();
     let producer = (a.item_rate > 0)
         .then(|| tokio::spawn(produce(store.clone(), a.item_rate, produced.clone())));
     workers_registered(&endpoints, a.workers).await?;
@@ -249,7 +334,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
         terminate(&mut p.workers[i]).await?;
         eprintln!("  worker {i} stopped (SIGTERM)");
         tokio::time::sleep(Duration::from_millis(a.down_ms)).await;
-        let (args, items) = worker_args(&a, &prefix, &endpoints, i, 1, &records);
+        let (args, items) = rolling_worker(&a, &prefix, &endpoints, i, 1, &records);
         item_files.push(items);
         p.workers[i] = spawn(&p.exe, &dir, &format!("w{i}-1"), &args, &env)?;
         workers_registered(&endpoints, a.workers).await?;
@@ -280,28 +365,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     drop(p);
     let items = super::score(&super::read_records(&item_files)?, "r", n_items);
 
-    // What ran: one record line per finished shard (fire id, shard index, handler
-    // start, scheduled instant).
-    let text = std::fs::read_to_string(&records).unwrap_or_default();
-    let mut executions: HashMap<(String, u32), u32> = HashMap::new();
-    let mut lag: HashMap<(String, u32), i64> = HashMap::new();
-    for l in text.lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.len() != 10 {
-            continue;
-        }
-        let (Ok(shard), Ok(started), Ok(scheduled)) = (
-            f[2].parse::<u32>(),
-            f[5].parse::<i64>(),
-            f[9].parse::<i64>(),
-        ) else {
-            continue;
-        };
-        let key = (f[1].to_owned(), shard);
-        *executions.entry(key.clone()).or_default() += 1;
-        let l = lag.entry(key).or_insert(i64::MAX);
-        *l = (*l).min(started - scheduled);
-    }
+    let shard_runs = read_job_records(&records);
     let (mut expected, mut ran, mut skipped, mut missed, mut dup) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut lags: Vec<i64> = Vec::new();
     for i in 0..a.jobs {
@@ -310,11 +374,11 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
             let id = format!("ro-{i}@{t}");
             for s in 0..a.shards {
                 expected += 1;
-                match executions.get(&(id.clone(), s)) {
-                    Some(n) => {
+                match shard_runs.get(&(id.clone(), s)) {
+                    Some((n, lag)) => {
                         ran += 1;
                         dup += u64::from(n - 1);
-                        lags.push(lag[&(id.clone(), s)]);
+                        lags.push(*lag);
                     }
                     None if reported_skipped.contains(&id) => skipped += 1,
                     None => missed += 1,
