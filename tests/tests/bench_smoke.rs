@@ -1,12 +1,12 @@
 //! The benchmarks whose figures README quotes run end to end at a small scale, so a
 //! change that breaks one (or its scoring) fails here rather than at the next
-//! measurement: `chime bench burst`, `cron` and `rolling` against a real Redis and
+//! measurement: `chime bench burst`, `cron`, `rolling` and `chaos` against a real Redis and
 //! etcd, their JSON parsed and their correctness fields checked. Speed is not
 //! asserted (figures come from release builds on a quiet machine, see README),
 //! except that a graceful restart never waits out the grace of a crash.
 
 use anyhow::{Context, Result, ensure};
-use chime_tests::{EtcdServer, RedisServer, run_chime};
+use chime_tests::{EtcdServer, RedisServer, find_binary, run_chime};
 
 fn json(out: &str) -> Result<serde_json::Value> {
     serde_json::from_str(out.trim()).with_context(|| format!("bench output {out:?}"))
@@ -131,5 +131,53 @@ async fn bench_rolling_restarts_everything_and_every_shard_and_item_runs_once() 
         r["items_lost"] == 0 && r["items_duplicates"] == 0 && r["items_early"] == 0,
         "{r}"
     );
+    Ok(())
+}
+
+/// A one-minute fault soak (`chime bench chaos`) on its own Redis (AOF) and etcd:
+/// faults back to back — every kind once (kills, SIGTERMs and freezes of workers and
+/// coordinators, Redis and etcd restarts, a coordinator cut off from each store) —
+/// while jobs fire every second and items flow; every invariant held, counted from
+/// the handlers' records. A fixed seed, so a failure here replays with the same
+/// faults (`--seed 7`).
+#[test]
+fn bench_chaos_one_minute_of_every_fault_keeps_every_invariant() -> Result<()> {
+    let redis_server = find_binary("redis-server", "apt-get install redis-server")?;
+    let etcd = find_binary("etcd", "apt-get install etcd-server")?;
+    let (code, out, err) = run_chime(&[
+        "bench",
+        "chaos",
+        "--minutes",
+        "1",
+        "--seed",
+        "7",
+        "--gap-ms",
+        "1000",
+        "--max-fault-ms",
+        "6000",
+        "--jobs",
+        "10",
+        "--redis-server",
+        &redis_server.to_string_lossy(),
+        "--etcd",
+        &etcd.to_string_lossy(),
+    ])?;
+    ensure!(code == 0, "bench chaos failed: {err}");
+    let r = json(&out)?;
+    ensure!(r["bench"] == "chaos" && r["seed"] == 7, "{r}");
+    ensure!(r["invariants_held"] == true, "{r}\n{err}");
+    let faults = r["faults"].as_object().context("faults")?;
+    ensure!(
+        faults.len() == 11,
+        "every kind of fault was injected at least once: {r}\n{err}"
+    );
+    ensure!(
+        r["missed"] == 0 && r["duplicates"] == 0 && r["early"] == 0,
+        "{r}"
+    );
+    ensure!(r["items_early"] == 0 && r["items_lost"] == 0, "{r}");
+    ensure!(r["items"].as_u64().is_some_and(|n| n >= 5_000), "{r}");
+    let expected = r["shards_expected"].as_u64().unwrap_or(0);
+    ensure!(expected >= 10 * 2 * 50, "{r}");
     Ok(())
 }

@@ -11,6 +11,9 @@
 //! - one coordinator cut off from etcd or from Redis (a [`FaultProxy`] between it and
 //!   the store stops every byte, as a partition does).
 //!
+//! Faults come in rounds of every kind once, in a seeded order; a coordinator fault
+//! hits the leader half the time.
+//!
 //! The bench owns its Redis and etcd (processes on free loopback ports, files in its
 //! directory) because it restarts them. Coordinators reach the stores through their
 //! own proxies, workers directly. Invariants come from independent records — what
@@ -638,9 +641,16 @@ pub(crate) async fn run(a: ChaosArgs) -> Result<()> {
     c.t0 = start;
     let faults_end = start + (a.minutes * 60_000.0) as i64;
     let mut injected: Vec<Injected> = Vec::new();
+    // Faults come in rounds, each every kind once in a seeded order: a run of
+    // eleven faults or more has met every kind.
+    let mut round: Vec<Fault> = Vec::new();
     loop {
+        if round.is_empty() {
+            round = Fault::ALL.to_vec();
+            rng.shuffle(&mut round);
+        }
+        let fault = round.pop().unwrap_or(Fault::WorkerKill);
         let gap = rng.u64(a.gap_ms / 2..=a.gap_ms * 3 / 2);
-        let fault = Fault::ALL[rng.usize(..Fault::ALL.len())];
         let (lead, slot) = (rng.bool(), rng.usize(..1_000));
         let down = Duration::from_millis(rng.u64(1_000..=a.max_fault_ms));
         tokio::time::sleep(Duration::from_millis(gap)).await;
