@@ -881,3 +881,88 @@ async fn schedules_pause_and_bad_input() -> Result<()> {
     ensure!(e.contains("already exists"), "{e}");
     Ok(())
 }
+
+/// A worker frozen (SIGSTOP) for longer than three heartbeats while shards are sent
+/// to it is taken for dead, and its shards run on the other worker; thawed, it reads
+/// the assignments that waited in its socket and must start none of them (found by
+/// `chime bench chaos --seed 2`: each such shard ran twice). Every (run, shard) of
+/// the job runs exactly once, and the thawed worker is back to work afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_worker_starts_no_shard_the_coordinator_gave_to_another() -> Result<()> {
+    let mut c = Cluster::start(2).await?;
+    job(
+        &c,
+        &[
+            "--name",
+            "tick",
+            "--handler",
+            "noop",
+            "--cron",
+            "* * * * * *",
+            "--routing",
+            "sharding-broadcast",
+            "--shards",
+            "2",
+        ],
+    )?;
+    let both = |c: &Cluster| {
+        runs_of(c, "tick")
+            .values()
+            .filter(|r| r.iter().any(|s| s.worker == "w2"))
+            .count()
+    };
+    wait_until(
+        "3 ticks with a shard on w2",
+        Duration::from_secs(20),
+        || {
+            let n = both(&c);
+            async move { n >= 3 }
+        },
+    )
+    .await?;
+    // Heartbeats every 500 ms: w2 is taken for dead 1.5 s into the freeze, after
+    // at least one tick was sent to it; 4 s frozen sends it more.
+    let frozen_at = chime_shared::clock::system_now_ms();
+    c.worker("w2").context("w2")?.signal("STOP")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.worker("w2").context("w2")?.signal("CONT")?;
+    let thawed_at = chime_shared::clock::system_now_ms();
+    wait_until(
+        "w2 runs shards again after the thaw",
+        Duration::from_secs(20),
+        || {
+            let n = c
+                .records_of("tick")
+                .iter()
+                .filter(|r| r.worker == "w2" && r.scheduled_ms > thawed_at + 1_000)
+                .count();
+            async move { n >= 2 }
+        },
+    )
+    .await?;
+    c.admin(&["job", "pause", "tick"])?;
+    let records = c.records_of("tick");
+    let mut seen: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+    for r in &records {
+        seen.entry((r.run_id.clone(), r.shard))
+            .or_default()
+            .push(format!("{}#{}@{}", r.worker, r.attempt, r.started_ms));
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).collect();
+    ensure!(twice.is_empty(), "shards that ran twice: {twice:?}");
+    // The shards sent to w2 while it was frozen ran on w1, as later attempts.
+    ensure!(
+        records.iter().any(|r| r.worker == "w1"
+            && r.attempt > 1
+            && r.scheduled_ms >= frozen_at - 1_000
+            && r.scheduled_ms <= thawed_at),
+        "a shard of the freeze was taken over by w1: {records:?}"
+    );
+    // w2's log says why it dropped the session.
+    let log = c.worker("w2").context("w2")?.log();
+    ensure!(
+        log.contains("could not heartbeat for three intervals"),
+        "{log}"
+    );
+    Ok(())
+}

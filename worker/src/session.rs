@@ -371,6 +371,16 @@ impl Session {
             }
         }
         let mut beat = tokio::time::interval(interval);
+        // The coordinator declares a worker dead after three missed heartbeats and
+        // gives its shards to others. A worker that could not beat for that long
+        // (the process was frozen, or its host starved it) must assume so: an
+        // `Assign` it reads afterwards may have been sent before the verdict and
+        // run elsewhere since, so it starts nothing more on this session and
+        // registers again (what it runs it reports there). The worker's own gap
+        // bounds the coordinator's (a beat arrives after it is sent), so this never
+        // keeps a shard the coordinator has handed over.
+        let stalled_after = interval * 3;
+        let mut last_beat = tokio::time::Instant::now();
         let mut told_draining = false;
         loop {
             let deadline = *drain_deadline.lock().unwrap_or_else(|p| p.into_inner());
@@ -388,6 +398,10 @@ impl Session {
             }
             tokio::select! {
                 _ = beat.tick() => {
+                    if last_beat.elapsed() > stalled_after {
+                        return self.stalled(endpoint, last_beat.elapsed());
+                    }
+                    last_beat = tokio::time::Instant::now();
                     let running = self.running().keys().map(run_ref).collect();
                     if tx.send(msg(In::Heartbeat(pb::Heartbeat { running }))).await.is_err() {
                         return Ended::Broken;
@@ -395,6 +409,9 @@ impl Session {
                 }
                 m = inbound.message() => match m {
                     Ok(Some(pb::CoordinatorMessage { kind: Some(Out::Assign(a)) })) => {
+                        if last_beat.elapsed() > stalled_after {
+                            return self.stalled(endpoint, last_beat.elapsed());
+                        }
                         self.clone().start(a, task_tx.clone());
                     }
                     Ok(Some(pb::CoordinatorMessage { kind: Some(Out::SessionEnded(e)) })) => {
@@ -446,6 +463,20 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// This worker could not heartbeat for three intervals: the session is taken
+    /// for dead (see `stalled_after`) and a new one is opened.
+    fn stalled(&self, endpoint: &str, silent: Duration) -> Ended {
+        warn!(
+            endpoint,
+            silent_ms = silent.as_millis() as u64,
+            running = self.running().len(),
+            "this worker could not heartbeat for three intervals (frozen or starved); \
+             the coordinator has taken it for dead, so it starts nothing more on this \
+             session and registers again"
+        );
+        Ended::Broken
     }
 
     /// The coordinator ended the session (`SessionEnded`): says why, and whether to

@@ -15,6 +15,10 @@ worker's `session.rs`, which this module follows:
   after a reconnect the worker registers with them, and re-sends the results of the
   last minute (a new leader may have adopted a shard from a record older than its
   end; duplicates are ignored);
+* a worker that went three heartbeat intervals without a heartbeat (the process was
+  frozen or starved) starts no `Assign` it reads afterwards on that session: the
+  coordinator has taken it for dead and given those shards to others; it
+  registers again;
 * `Cancel` sets the shard's `cancelled` event and cancels its task (the handler
   sees `asyncio.CancelledError` at its current `await`); the result is CANCELLED;
 * drain: `Draining`, shards finish within the drain timeout, the rest are
@@ -200,6 +204,10 @@ class Session:
         # The current connection's writer queue; None while disconnected (progress
         # is then dropped, and results wait in `_results`).
         self._outbox: Optional[asyncio.Queue[Optional[pb.WorkerMessage]]] = None
+        # Monotonic time of the session's last heartbeat, and how long without one
+        # means the coordinator has taken this worker for dead (three intervals).
+        self._last_beat = 0.0
+        self._stall_limit = float("inf")
         self._results: Deque[_Result] = collections.deque()
         self._stopping = asyncio.Event()
         self._drain_deadline: Optional[float] = None
@@ -451,8 +459,21 @@ class Session:
             loop = asyncio.get_running_loop()
             interval = max(100, reg.heartbeat_interval_ms) / 1000.0
 
+            # The coordinator takes a worker that missed three heartbeats for dead and
+            # gives its shards to others. A worker that could not beat for that long
+            # (frozen, starved) must assume so: an Assign it reads afterwards may run
+            # elsewhere already, so it starts nothing more on this session and
+            # registers again.
+            self._stall_limit = 3 * interval
+            self._last_beat = time.monotonic()
+            stalled = asyncio.Event()
+
             def heartbeat() -> None:
                 nonlocal beat
+                if self._stalled():
+                    stalled.set()
+                    return
+                self._last_beat = time.monotonic()
                 outbox.put_nowait(pb.WorkerMessage(heartbeat=pb.Heartbeat(running=[_ref(k) for k in self._running])))
                 beat = loop.call_later(interval, heartbeat)
 
@@ -460,7 +481,10 @@ class Session:
             reader = loop.create_task(self._read(call))
             writer = loop.create_task(self._write(call, outbox))
             drainer = loop.create_task(self._drained())
-            tasks = [reader, writer, drainer]
+            async def until_stalled() -> None:
+                await stalled.wait()
+
+            tasks = [reader, writer, drainer, loop.create_task(until_stalled())]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if drainer.done():
                 # Every shard reported: the writer sends what is queued, then closes
@@ -495,6 +519,19 @@ class Session:
                 t.cancel()
             call.cancel()
 
+    def _stalled(self) -> bool:
+        """True (and says so) when this session went three heartbeat intervals
+        without a heartbeat: the coordinator has taken the worker for dead."""
+        silent = time.monotonic() - self._last_beat
+        if silent <= self._stall_limit:
+            return False
+        log.warning(
+            "this worker could not heartbeat for %.0f ms (frozen or starved); the coordinator "
+            "has taken it for dead, so it starts nothing more on this session and registers again",
+            silent * 1000,
+        )
+        return True
+
     async def _answer(
         self, call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]
     ) -> Optional[object]:
@@ -525,6 +562,8 @@ class Session:
             assert isinstance(m, pb.CoordinatorMessage)
             kind = m.WhichOneof("kind")
             if kind == "assign":
+                if self._stalled():
+                    return
                 self._start(m.assign)
             elif kind == "cancel":
                 r = m.cancel.run

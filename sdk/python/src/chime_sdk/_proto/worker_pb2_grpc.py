@@ -46,7 +46,10 @@ class WorkerGatewayStub(object):
     closing ends the session at once): its unfinished shards go to live workers
     of its group, keeping their indexes. A shard sent to the worker at least one
     interval earlier that two heartbeats in a row leave out is taken to be lost
-    and given to another worker.
+    and given to another worker. A worker that could not send a heartbeat for
+    three intervals (its process was frozen or starved) must take itself for
+    dead: it starts no `Assign` it reads afterwards on that stream (the shard
+    may run elsewhere already), closes the stream and registers again.
     4. The coordinator sends `Assign` for each shard the worker must run, never
     more at once than the worker's `capacity`, and `Cancel` to stop one
     (timeout, kill, overlap policy). The worker answers each `Assign` with
@@ -97,7 +100,10 @@ class WorkerGatewayServicer(object):
     closing ends the session at once): its unfinished shards go to live workers
     of its group, keeping their indexes. A shard sent to the worker at least one
     interval earlier that two heartbeats in a row leave out is taken to be lost
-    and given to another worker.
+    and given to another worker. A worker that could not send a heartbeat for
+    three intervals (its process was frozen or starved) must take itself for
+    dead: it starts no `Assign` it reads afterwards on that stream (the shard
+    may run elsewhere already), closes the stream and registers again.
     4. The coordinator sends `Assign` for each shard the worker must run, never
     more at once than the worker's `capacity`, and `Cancel` to stop one
     (timeout, kill, overlap policy). The worker answers each `Assign` with
@@ -158,7 +164,10 @@ class WorkerGateway(object):
     closing ends the session at once): its unfinished shards go to live workers
     of its group, keeping their indexes. A shard sent to the worker at least one
     interval earlier that two heartbeats in a row leave out is taken to be lost
-    and given to another worker.
+    and given to another worker. A worker that could not send a heartbeat for
+    three intervals (its process was frozen or starved) must take itself for
+    dead: it starts no `Assign` it reads afterwards on that stream (the shard
+    may run elsewhere already), closes the stream and registers again.
     4. The coordinator sends `Assign` for each shard the worker must run, never
     more at once than the worker's `capacity`, and `Cancel` to stop one
     (timeout, kill, overlap policy). The worker answers each `Assign` with
