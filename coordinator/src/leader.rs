@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ResignOptions};
+use etcd_client::{Client, LeaderKey, ResignOptions};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -84,7 +84,13 @@ async fn term(
     shutdown: &CancellationToken,
 ) -> Result<(), etcd_client::Error> {
     let mut c = client.clone();
-    let lease = c.lease_grant(opts.ttl_s, None).await?.id();
+    // Bounded: a call on a connection etcd dropped without a word (a restart, a
+    // partition) could wait forever, and this candidate would never campaign again.
+    let ttl = Duration::from_secs(opts.ttl_s.max(1) as u64);
+    let lease = tokio::time::timeout(ttl, c.lease_grant(opts.ttl_s, None))
+        .await
+        .map_err(|_| etcd_client::Error::ElectError("lease grant timed out".into()))??
+        .id();
     let lost = CancellationToken::new();
     let keeper = tokio::spawn(keep_alive(client.clone(), lease, opts.ttl_s, lost.clone()));
     // While not leading, tell everyone who does.
@@ -100,15 +106,39 @@ async fn term(
         c.campaign(opts.name.as_str(), opts.advertise.as_str(), lease)
             .await
     };
+    // etcd answers a campaign once every older candidate's key is gone, and that
+    // answer can be lost: a campaign pending across an etcd restart was seen never
+    // to return while this candidate's key was already the oldest (found by
+    // `chime bench chaos --seed 3`: the election had a leader that did not know
+    // it, and nothing fired for 80 s). So the campaign is also settled by asking:
+    // when the election's leader key (the oldest) carries our lease, we won, with
+    // that key's create revision as the fence — what the campaign would answer.
+    let asked = async {
+        let mut c = client.clone();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(1), c.leader(opts.name.as_str())).await
+                && let Some(kv) = r.kv()
+                && kv.lease() == lease
+            {
+                return LeaderKey::new()
+                    .with_name(opts.name.as_str())
+                    .with_key(kv.key())
+                    .with_rev(kv.create_revision())
+                    .with_lease(lease);
+            }
+        }
+    };
     let won = tokio::select! {
-        r = campaign => Some(r?),
+        r = campaign => Some(r?.leader().cloned()),
+        k = asked => Some(Some(k)),
         _ = lost.cancelled() => None,
         _ = shutdown.cancelled() => None,
     };
     watching.cancel();
     let _ = follower.await;
-    if let Some(resp) = won {
-        let key = resp.leader().cloned();
+    if let Some(key) = won {
         let fence = key.as_ref().map_or(0, |k| k.rev());
         info!(fence, advertise = %opts.advertise, "elected leader");
         tx.send_replace(Role::Leader { fence });
