@@ -271,6 +271,19 @@ impl Machine {
                     warn!(error = %e, fires = left, "cannot record fires ahead; firing them at their instant");
                 }
                 let rest: Vec<Option<Plan>> = rec.plans.drain(..).collect();
+                if matches!(rec.settle, Settle::Fire) {
+                    // Neither fired nor in the history: kept, so they are reported
+                    // (or fired late, per the misfire policy) once the store is back.
+                    let ticks: Vec<(String, i64)> = slice
+                        .iter()
+                        .chain(rest.iter())
+                        .flatten()
+                        .map(Plan::run)
+                        .filter(|r| r.cause != "manual" && r.cause != "child")
+                        .map(|r| (r.job.clone(), r.scheduled_at_ms))
+                        .collect();
+                    self.keep_unrecorded(ticks.iter().map(|(j, t)| (j.as_str(), *t)));
+                }
                 for plan in slice.into_iter().chain(rest) {
                     let run = plan.and_then(|p| self.settle(&rec.settle, p, None));
                     rec.out.push(run);
@@ -290,6 +303,8 @@ impl Machine {
                     rec.out.push(run);
                 }
                 self.spawn(Work::Record(rec));
+                // The store records again: the ticks it could not are handled now.
+                self.misfire_unrecorded();
             }
         }
     }
@@ -578,7 +593,30 @@ impl Machine {
         }
     }
 
-    /// Ticks no coordinator fired (found at startup), per the misfire policy.
+    /// Keeps scheduled ticks the store could not record (see `Machine::unrecorded`).
+    pub(super) fn keep_unrecorded<'a>(&mut self, ticks: impl Iterator<Item = (&'a str, i64)>) {
+        for (job, at) in ticks {
+            self.unrecorded
+                .entry(job.to_owned())
+                .or_default()
+                .insert(at);
+        }
+    }
+
+    /// Applies each job's misfire policy to the ticks the store could not record.
+    fn misfire_unrecorded(&mut self) {
+        for (job, ticks) in std::mem::take(&mut self.unrecorded) {
+            warn!(
+                job,
+                ticks = ticks.len(),
+                "ticks the store could not record; handling them as missed"
+            );
+            self.misfire(&job, ticks.into_iter().collect());
+        }
+    }
+
+    /// Ticks no coordinator fired (found at startup, or not recorded while the
+    /// store was down), per the misfire policy.
     pub(super) fn misfire(&mut self, job: &str, ticks: Vec<i64>) {
         let Some(j) = self.jobs.get(job) else { return };
         let (policy, window) = (j.spec.misfire, j.spec.catch_up_window_ms as i64);

@@ -269,8 +269,9 @@ pub(super) enum Waiting {
         rec: Recording,
         slice: Vec<Option<super::dispatch::Plan>>,
     },
-    /// Skipped ticks are being recorded (the answer is only logged).
-    Skipped,
+    /// Skipped ticks are being recorded (on failure they are kept to report
+    /// later).
+    Skipped(Vec<FireRecord>),
     /// The fence is checked before these prepared runs go out.
     Fence(Vec<RunRecord>),
     /// The fence is checked before these buffered fires start.
@@ -318,6 +319,10 @@ pub(crate) struct Machine {
     pub(super) timers: Timers,
     /// A fire record or the fence check said another coordinator leads.
     pub(super) fenced_out: bool,
+    /// Scheduled ticks, by job, that were neither fired nor reported because the
+    /// store could not record them (Redis down); they go through the job's misfire
+    /// policy the next time a record succeeds, as a new leader's missed ticks do.
+    pub(super) unrecorded: BTreeMap<String, BTreeSet<i64>>,
     effects: Vec<Effect>,
     /// Work to do before the next input, in order.
     work: VecDeque<Work>,
@@ -344,6 +349,7 @@ impl Machine {
             workers: WorkerBook::default(),
             timers: Timers::default(),
             fenced_out: false,
+            unrecorded: BTreeMap::new(),
             effects: Vec::new(),
             work: VecDeque::new(),
             spawned: Vec::new(),
@@ -458,7 +464,13 @@ impl Machine {
             Work::RecordSkipped(fires) => {
                 if !self.fenced_out {
                     let fence = self.fence;
-                    self.request(Request::Record { fence, fires }, Waiting::Skipped);
+                    self.request(
+                        Request::Record {
+                            fence,
+                            fires: fires.clone(),
+                        },
+                        Waiting::Skipped(fires),
+                    );
                 }
             }
         }
@@ -469,9 +481,10 @@ impl Machine {
             (Waiting::Record { rec, slice }, Answer::Record(r)) => {
                 self.record_answered(rec, slice, r)
             }
-            (Waiting::Skipped, Answer::Record(r)) => {
+            (Waiting::Skipped(fires), Answer::Record(r)) => {
                 if let Err(e) = r {
-                    warn!(error = %e, "cannot record skipped ticks");
+                    warn!(error = %e, "cannot record skipped ticks; reporting them later");
+                    self.keep_unrecorded(fires.iter().map(|f| (f.job.as_str(), f.at)));
                 }
             }
             (Waiting::Fence(ready), Answer::Fence(r)) => self.fence_answered(ready, r),
@@ -482,7 +495,9 @@ impl Machine {
                 let wrong = "a store answer of the wrong kind".to_owned();
                 match w {
                     Waiting::Record { rec, slice } => self.record_answered(rec, slice, Err(wrong)),
-                    Waiting::Skipped => {}
+                    Waiting::Skipped(fires) => {
+                        self.keep_unrecorded(fires.iter().map(|f| (f.job.as_str(), f.at)))
+                    }
                     Waiting::Fence(ready) => self.fence_answered(ready, Err(wrong)),
                     Waiting::Buffered(fires) => self.buffered_answered(fires, Err(wrong)),
                 }

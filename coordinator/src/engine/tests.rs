@@ -901,3 +901,55 @@ fn a_big_batch_goes_out_in_slices_each_before_the_next_is_made() {
     }
     assert_eq!(slices, vec![50, 50, 20]);
 }
+
+#[test]
+fn ticks_the_store_could_not_record_follow_the_misfire_policy_once_it_records_again() {
+    // Redis is down for three ticks: they cannot be recorded, so they are neither
+    // fired nor in the history then. Once a record succeeds again, the job's
+    // misfire policy (fire-once, the default) handles them as a new leader handles
+    // missed ticks: the latest fires, the others are reported skipped — never
+    // silently missing (found by `chime bench chaos --seed 5`).
+    let mut r = Rig::new(opts());
+    r.start(vec![every_second("e")]);
+    r.join("w1", 10);
+    r.advance(1_500);
+    r.fail_records = 1_000_000;
+    for _ in 0..6 {
+        r.advance(500);
+        r.beat_all_but(&[]);
+    }
+    let outage: Vec<i64> = (1..=3).map(|i| T0 + 1_000 + i * 1_000).collect();
+    for t in &outage {
+        assert!(r.stored(&fid("e", *t)).is_none(), "{t} is not recorded");
+    }
+    r.fail_records = 0;
+    for _ in 0..4 {
+        r.advance(500);
+        r.beat_all_but(&[]);
+    }
+    let states: Vec<Option<RunState>> = outage
+        .iter()
+        .map(|t| r.stored(&fid("e", *t)).map(|x| x.state))
+        .collect();
+    assert!(states.iter().all(Option::is_some), "{states:?}");
+    let skipped = states
+        .iter()
+        .filter(|s| **s == Some(RunState::Skipped))
+        .count();
+    assert_eq!(skipped, outage.len() - 1, "{states:?}");
+    let fired: Vec<String> = r
+        .assigns("w1")
+        .into_iter()
+        .map(|(_, a)| a.fire_id)
+        .filter(|f| outage.iter().any(|t| *f == fid("e", *t)))
+        .collect();
+    assert_eq!(
+        fired,
+        vec![fid("e", outage[2])],
+        "the latest fires, late: {states:?} {:?}",
+        r.all_assigns()
+            .iter()
+            .map(|(t, _, a)| (*t, a.fire_id.clone()))
+            .collect::<Vec<_>>()
+    );
+}
