@@ -371,6 +371,11 @@ impl Session {
             }
         }
         let mut beat = tokio::time::interval(interval);
+        // After a stall, one heartbeat, not a burst of the missed ones: two beats in
+        // a row that leave out a shard still unread in the socket would tell the
+        // coordinator the shard was lost (it takes it over after two), and then the
+        // shard runs twice.
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The coordinator declares a worker dead after three missed heartbeats and
         // gives its shards to others. A worker that could not beat for that long
         // (the process was frozen, or its host starved it) must assume so: an

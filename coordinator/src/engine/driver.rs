@@ -379,22 +379,33 @@ async fn write_history(
     unwritten: Unwritten,
     shutdown: CancellationToken,
 ) {
+    // Runs whose last write failed (Redis down): written again with the next
+    // batch, or after a second if none comes. Forgetting them would leave the
+    // store saying a finished shard still runs, and the next leader would adopt
+    // and run it again (found by `chime bench chaos --seed 7`).
+    let mut retry: BTreeSet<String> = BTreeSet::new();
     loop {
-        let mut ids = BTreeSet::new();
+        let mut ids = std::mem::take(&mut retry);
         let first = tokio::select! {
             w = rx.recv() => match w { Some(w) => w, None => return },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if !ids.is_empty() => {
+                retry = write_batch(&store, &unwritten, ids).await;
+                continue;
+            }
             _ = shutdown.cancelled() => {
                 // Flush what is queued, then stop.
                 while let Ok(w) = rx.try_recv() {
                     match w {
                         Write::Later(id) => { ids.insert(id); }
                         Write::Now(id, done) => {
-                            write_one(&store, &unwritten, &id).await;
+                            if !write_one(&store, &unwritten, &id).await {
+                    ids.insert(id.clone());
+                }
                             let _ = done.send(());
                         }
                     }
                 }
-                write_batch(&store, &unwritten, ids).await;
+                let _ = write_batch(&store, &unwritten, ids).await;
                 return;
             }
         };
@@ -403,7 +414,9 @@ async fn write_history(
                 ids.insert(id);
             }
             Write::Now(id, done) => {
-                write_one(&store, &unwritten, &id).await;
+                if !write_one(&store, &unwritten, &id).await {
+                    ids.insert(id.clone());
+                }
                 let _ = done.send(());
                 continue;
             }
@@ -416,38 +429,50 @@ async fn write_history(
                 w = rx.recv() => match w {
                     Some(Write::Later(id)) => { ids.insert(id); }
                     Some(Write::Now(id, done)) => {
-                        write_one(&store, &unwritten, &id).await;
+                        if !write_one(&store, &unwritten, &id).await {
+                    ids.insert(id.clone());
+                }
                         let _ = done.send(());
                     }
                     None => break,
                 },
             }
         }
-        write_batch(&store, &unwritten, ids).await;
+        retry = write_batch(&store, &unwritten, ids).await;
     }
 }
 
-/// Writes the latest snapshot of each run in `ids`.
-async fn write_batch(store: &Arc<dyn RunStore>, unwritten: &Unwritten, ids: BTreeSet<String>) {
+/// Writes the latest snapshot of each run in `ids`; answers those that failed.
+async fn write_batch(
+    store: &Arc<dyn RunStore>,
+    unwritten: &Unwritten,
+    ids: BTreeSet<String>,
+) -> BTreeSet<String> {
+    let mut failed = BTreeSet::new();
     for id in ids {
-        write_one(store, unwritten, &id).await;
+        if !write_one(store, unwritten, &id).await {
+            failed.insert(id);
+        }
     }
+    failed
 }
 
 /// Writes the latest snapshot of `id`, then forgets it unless a newer one came
-/// meanwhile. A failed write is logged and forgotten too (the next snapshot of
-/// the run, or the next leader, writes it).
-async fn write_one(store: &Arc<dyn RunStore>, unwritten: &Unwritten, id: &str) {
+/// meanwhile. A failed write is logged and kept (answers false): the caller writes
+/// it again.
+async fn write_one(store: &Arc<dyn RunStore>, unwritten: &Unwritten, id: &str) -> bool {
     let Some((seq, run)) = lock(unwritten).get(id).cloned() else {
-        return;
+        return true;
     };
     if let Err(e) = store.save_run(&run).await {
-        warn!(run_id = %id, error = %e, "saving run history failed");
+        warn!(run_id = %id, error = %e, "saving run history failed; writing it again later");
+        return false;
     }
     let mut u = lock(unwritten);
     if u.get(id).is_some_and(|(s, _)| *s == seq) {
         u.remove(id);
     }
+    true
 }
 
 /// Follows job definitions in the store and tells the engine, in revision order.
