@@ -164,3 +164,51 @@ async fn etcd_restart_under_the_cluster() -> Result<()> {
     ensure!(dup.is_empty(), "executed twice: {dup:?}");
     Ok(())
 }
+
+/// etcd restarted while a follower campaigns, then the leader stops: the follower
+/// must take the lead. A campaign that failed with the restart once left its lease
+/// renewed and its candidate key in the election, older than any later key, so no
+/// election could end again (found by `chime bench chaos --seed 11`: nothing fired
+/// for the last 80 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_broken_by_an_etcd_restart_does_not_block_later_elections() -> Result<()> {
+    let mut c = Cluster::start_ha(2, 1).await?;
+    c.admin(&[
+        "job",
+        "create",
+        "--name",
+        "r",
+        "--handler",
+        "noop",
+        "--cron",
+        "* * * * * *",
+    ])?;
+    wait_until("the job to fire", Duration::from_secs(20), || {
+        let n = c.records().len();
+        async move { n >= 2 }
+    })
+    .await?;
+    // The follower's campaign is pending in etcd; the restart breaks it.
+    c.etcd.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.etcd.start_again().await?;
+    let back = chime_shared::clock::system_now_ms();
+    wait_until(
+        "firing to resume after etcd came back",
+        Duration::from_secs(30),
+        || async { c.records().iter().any(|r| r.started_ms > back + 1_000) },
+    )
+    .await?;
+    let leader = c.leader_index().context("no leader")?;
+    c.coordinator_proc(leader)
+        .context("leader process")?
+        .signal("TERM")?;
+    let stopped = chime_shared::clock::system_now_ms();
+    wait_until(
+        "the other coordinator to lead and fire",
+        Duration::from_secs(20),
+        || async { c.records().iter().any(|r| r.started_ms > stopped + 2_000) },
+    )
+    .await?;
+    Ok(())
+}

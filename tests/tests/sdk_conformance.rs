@@ -213,6 +213,72 @@ async fn job_leader_killed(sdk: Sdk) -> Result<()> {
     Ok(())
 }
 
+/// An agent frozen (SIGSTOP) past three heartbeats while shards are sent to it is
+/// taken for dead and its shards run on the other agent; thawed, it starts none of
+/// the shards that waited in its socket, and runs shards again afterwards. Every
+/// (run, shard) of a job firing every second runs once (found by `chime bench
+/// chaos`).
+async fn job_frozen_worker(sdk: Sdk) -> Result<()> {
+    let mut e = SdkEnv::start(sdk, 1).await?;
+    e.agent("a1", Role::Jobs, &[])?;
+    e.agent("a2", Role::Jobs, &[])?;
+    e.cluster.wait_workers(2).await?;
+    e.cluster.admin(&[
+        "job",
+        "create",
+        "--group",
+        "conformance",
+        "--name",
+        "f",
+        "--handler",
+        "conf.shard",
+        "--cron",
+        "* * * * * *",
+        "--routing",
+        "sharding-broadcast",
+        "--shards",
+        "2",
+    ])?;
+    let on_a2 = |e: &SdkEnv, after: i64| {
+        e.all("shard")
+            .iter()
+            .filter(|r| r["worker_id"] == "a2" && r["run_id"].as_str().is_some())
+            .filter(|r| {
+                r["run_id"]
+                    .as_str()
+                    .and_then(|id| id.rsplit('@').next())
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .is_some_and(|t| t > after)
+            })
+            .count()
+    };
+    wait_until("2 shards on a2", LONG, || {
+        let n = on_a2(&e, 0);
+        async move { n >= 2 }
+    })
+    .await?;
+    // Heartbeats every 500 ms: a2 is taken for dead 1.5 s into the freeze.
+    e.agent_proc("a2")?.signal("STOP")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    e.agent_proc("a2")?.signal("CONT")?;
+    let thawed = chime_shared::clock::system_now_ms();
+    wait_until("a2 runs shards again after the thaw", LONG, || {
+        let n = on_a2(&e, thawed + 1_000);
+        async move { n >= 2 }
+    })
+    .await?;
+    e.cluster.admin(&["job", "pause", "f"])?;
+    let mut seen: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for r in e.all("shard") {
+        if let (Some(id), Some(i)) = (r["run_id"].as_str(), r["shard_index"].as_u64()) {
+            *seen.entry((id.to_owned(), i)).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    ensure!(twice.is_empty(), "shards that ran twice: {twice:?}");
+    Ok(())
+}
+
 /// SIGTERM while a shard runs: the shard finishes and reports, the agent exits 0.
 async fn job_drain(sdk: Sdk) -> Result<()> {
     let mut e = SdkEnv::start(sdk, 1).await?;
@@ -585,6 +651,7 @@ scenarios!(
     job_kill,
     job_timeout,
     job_leader_killed,
+    job_frozen_worker,
     job_drain,
     item_ack,
     item_retry_dead,
