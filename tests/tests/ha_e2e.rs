@@ -125,6 +125,21 @@ async fn frozen_leader_fires_nothing_after_it_resumes() -> Result<()> {
     Ok(())
 }
 
+/// Kills etcd, keeps it down for `down`, starts it again on its data, and waits
+/// until a shard starts more than a second after it is back.
+async fn restart_etcd(c: &mut Cluster, down: Duration) -> Result<()> {
+    c.etcd.stop();
+    tokio::time::sleep(down).await;
+    c.etcd.start_again().await?;
+    let back = chime_shared::clock::system_now_ms();
+    wait_until(
+        "firing to resume after etcd came back",
+        Duration::from_secs(30),
+        || async { c.records().iter().any(|r| r.started_ms > back + 1_000) },
+    )
+    .await
+}
+
 /// etcd stopped and started again under a running cluster: nothing is doubled, and
 /// firing resumes once etcd is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,17 +162,8 @@ async fn etcd_restart_under_the_cluster() -> Result<()> {
         async move { n >= 5 }
     })
     .await?;
-    c.etcd.stop();
     // The fault itself: etcd down for 6 s, longer than the leader's lease.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    c.etcd.start_again().await?;
-    let back = chime_shared::clock::system_now_ms();
-    wait_until(
-        "firing to resume after etcd came back",
-        Duration::from_secs(30),
-        || async { c.records().iter().any(|r| r.started_ms > back + 1_000) },
-    )
-    .await?;
+    restart_etcd(&mut c, Duration::from_secs(6)).await?;
     // Duplicates are what must not happen: give a late second execution 3 s to show.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let dup: Vec<_> = executions(&c).into_iter().filter(|(_, n)| *n > 1).collect();
@@ -189,16 +195,7 @@ async fn a_campaign_broken_by_an_etcd_restart_does_not_block_later_elections() -
     })
     .await?;
     // The follower's campaign is pending in etcd; the restart breaks it.
-    c.etcd.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.etcd.start_again().await?;
-    let back = chime_shared::clock::system_now_ms();
-    wait_until(
-        "firing to resume after etcd came back",
-        Duration::from_secs(30),
-        || async { c.records().iter().any(|r| r.started_ms > back + 1_000) },
-    )
-    .await?;
+    restart_etcd(&mut c, Duration::from_millis(500)).await?;
     let leader = c.leader_index().context("no leader")?;
     c.coordinator_proc(leader)
         .context("leader process")?

@@ -43,9 +43,11 @@ use proto as pb;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::failover::{Procs, Stores, admin, leader, reported_runs, spawn};
+use super::failover::{Procs, Stores, leader, reported_runs, spawn};
 use super::proxy::FaultProxy;
-use super::rolling::{Produced, produce, read_job_records, terminate, worker_args};
+use super::rolling::{
+    Produced, create_sharded_jobs, produce, read_job_records, terminate, worker_args,
+};
 use super::{free_port, quantile};
 
 /// `chime bench chaos` arguments.
@@ -608,18 +610,7 @@ pub(crate) async fn run(a: ChaosArgs) -> Result<()> {
         RedisStore::open(conn, QueueLayout::new(&c.p.prefix, "default", a.queues)?).await?,
     );
     super::rolling::workers_registered(&endpoints, a.workers).await?;
-    let mut client = admin(&endpoints).await?;
-    for i in 0..a.jobs {
-        let job = pb::Job {
-            routing: pb::Routing::ShardingBroadcast as i32,
-            shard_count: a.shards,
-            ..super::every_second(format!("ch-{i}"))
-        };
-        client
-            .create_job(pb::CreateJobRequest { job: Some(job) })
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    }
+    create_sharded_jobs(&endpoints, "ch-", a.jobs, a.shards).await?;
     let produced = Produced::new();
     let producer = tokio::spawn(produce(store.clone(), a.item_rate, produced.clone()));
     let runs = Arc::new(Mutex::new(HashMap::new()));

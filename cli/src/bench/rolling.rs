@@ -170,6 +170,29 @@ pub(super) async fn workers_registered(endpoints: &[String], n: usize) -> Result
     bail!("{n} workers did not register within 30 s")
 }
 
+/// Creates jobs `<name>0…<name>{jobs-1>`, each firing every second in `shards`
+/// shards (sharding broadcast).
+pub(super) async fn create_sharded_jobs(
+    endpoints: &[String],
+    name: &str,
+    jobs: usize,
+    shards: u32,
+) -> Result<()> {
+    let mut client = admin(endpoints).await?;
+    for i in 0..jobs {
+        let job = pb::Job {
+            routing: pb::Routing::ShardingBroadcast as i32,
+            shard_count: shards,
+            ..super::every_second(format!("{name}{i}"))
+        };
+        client
+            .create_job(pb::CreateJobRequest { job: Some(job) })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    }
+    Ok(())
+}
+
 /// A worker process `worker_id` of a benchmark: its arguments, running job shards
 /// (recorded in `records`) and consuming the items' `queues` (each handled item
 /// recorded in `items`).
@@ -289,18 +312,7 @@ pub(crate) async fn run(a: RollingArgs) -> Result<()> {
     let producer = (a.item_rate > 0)
         .then(|| tokio::spawn(produce(store.clone(), a.item_rate, produced.clone())));
     workers_registered(&endpoints, a.workers).await?;
-    let mut client = admin(&endpoints).await?;
-    for i in 0..a.jobs {
-        let job = pb::Job {
-            routing: pb::Routing::ShardingBroadcast as i32,
-            shard_count: a.shards,
-            ..super::every_second(format!("ro-{i}"))
-        };
-        client
-            .create_job(pb::CreateJobRequest { job: Some(job) })
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    }
+    create_sharded_jobs(&endpoints, "ro-", a.jobs, a.shards).await?;
     eprintln!(
         "bench rolling: {} coordinators, {} workers, {} jobs every second in {} shards; \
          each process down {} ms, {} ms between restarts",
