@@ -13,11 +13,12 @@ apt_install() {
 }
 
 # CHIME_IMAGE_TOOL=docker|podman picks the tool; default: podman when installed, else
-# docker when installed, else podman installed from apt.
+# docker when its daemon answers, else podman installed from apt. (A docker CLI with no
+# daemon behind it, as on machines without a Docker engine, is not a tool.)
 image_tool() {
   if [ -n "${CHIME_IMAGE_TOOL:-}" ]; then echo "$CHIME_IMAGE_TOOL"; return; fi
   if command -v podman >/dev/null 2>&1; then echo podman; return; fi
-  if command -v docker >/dev/null 2>&1; then echo docker; return; fi
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then echo docker; return; fi
   apt_install podman runc catatonit uidmap fuse-overlayfs netavark aardvark-dns iptables
   echo podman
 }
