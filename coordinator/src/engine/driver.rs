@@ -529,3 +529,114 @@ fn spawn_job_watcher(jobs: JobStore, last: i64, engine: EngineHandle, shutdown: 
         }
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    //! The history writer against a store that fails its first writes (Redis down).
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::error::CoordError;
+    use crate::model::RunState;
+    use crate::store::{FenceInstall, FireAnswer, FireRecord, MemoryRunStore, Retention};
+
+    /// A memory store whose first `fail` `save_run` calls fail.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemoryRunStore,
+        fail: AtomicU32,
+    }
+
+    #[async_trait]
+    impl RunStore for Flaky {
+        async fn record_fires(&self, fence: i64, f: &[FireRecord]) -> Result<Vec<FireAnswer>> {
+            self.inner.record_fires(fence, f).await
+        }
+        async fn active_runs(&self) -> Result<Vec<RunRecord>> {
+            self.inner.active_runs().await
+        }
+        async fn install_fence(&self, fence: i64) -> Result<FenceInstall> {
+            self.inner.install_fence(fence).await
+        }
+        async fn hand_over(&self, fence: i64, unsent: &[String]) -> Result<bool> {
+            self.inner.hand_over(fence, unsent).await
+        }
+        async fn fence_holds(&self, fence: i64) -> Result<bool> {
+            self.inner.fence_holds(fence).await
+        }
+        async fn trigger_state(&self) -> Result<HashMap<String, i64>> {
+            self.inner.trigger_state().await
+        }
+        async fn save_run(&self, run: &RunRecord) -> Result<()> {
+            if self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(CoordError::Unavailable("redis: broken pipe".into()));
+            }
+            self.inner.save_run(run).await
+        }
+        async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+            self.inner.get_run(run_id).await
+        }
+        async fn list_runs(&self, job: &str, limit: usize) -> Result<Vec<RunRecord>> {
+            self.inner.list_runs(job, limit).await
+        }
+    }
+
+    /// A run snapshot Redis could not take is written again, not forgotten: a
+    /// finished shard left recorded as running would be adopted and run again by
+    /// the next leader (found by `chime bench chaos --seed 7`).
+    #[tokio::test]
+    async fn a_history_write_that_failed_is_written_again() {
+        let store = Arc::new(Flaky {
+            inner: MemoryRunStore::new(Retention::default()),
+            fail: AtomicU32::new(2),
+        });
+        let unwritten: Unwritten = Arc::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let writer = tokio::spawn(write_history(
+            store.clone(),
+            rx,
+            unwritten.clone(),
+            shutdown.clone(),
+        ));
+        let run = RunRecord {
+            run_id: "j@1000".into(),
+            fire_id: "j@1000".into(),
+            job: "j".into(),
+            cause: "scheduled".into(),
+            scheduled_at_ms: 1_000,
+            fired_at_ms: 1_000,
+            finished_at_ms: 1_200,
+            state: RunState::Succeeded,
+            params: String::new(),
+            shards: Vec::new(),
+            parent_run_id: String::new(),
+            note: String::new(),
+            fence: 1,
+        };
+        lock(&unwritten).insert(run.run_id.clone(), (1, run.clone()));
+        tx.send(Write::Later(run.run_id.clone())).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(saved)) = store.get_run(&run.run_id).await {
+                assert_eq!(saved.state, RunState::Succeeded);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the run was never written after two failed writes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(lock(&unwritten).is_empty(), "written, so no longer pending");
+        shutdown.cancel();
+        writer.await.unwrap();
+    }
+}
