@@ -1222,18 +1222,28 @@ impl Cluster {
         };
         all.insert(at, "--coordinator");
         all.insert(at + 1, url);
-        let out = chime_cmd(&all)?
-            .env("CHIME_ADMIN_TOKEN", &self.admin_token)
-            .output()?;
-        let (code, out, err) = (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-        if code != 0 {
-            bail!("chime {}: {}", args.join(" "), err.trim());
+        // A coordinator between two terms of its own (its lease lapsed on a loaded
+        // machine, and it is campaigning again) answers "not the leader" for a
+        // moment: an operator would run the command again, and so does this, for
+        // up to 10 s. Every other failure is returned at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = chime_cmd(&all)?
+                .env("CHIME_ADMIN_TOKEN", &self.admin_token)
+                .output()?;
+            let (code, out, err) = (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+            if code == 0 {
+                return Ok(serde_json::from_str(out.trim())?);
+            }
+            if !err.contains("not the leader") || Instant::now() > deadline {
+                bail!("chime {}: {}", args.join(" "), err.trim());
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(serde_json::from_str(out.trim())?)
     }
 
     /// Every finished shard recorded so far.
