@@ -25,4 +25,6 @@ echo "--- proto stubs drift check"
 echo "--- mypy --strict"
 "$venv/bin/python" -m mypy
 echo "--- pytest"
-"$venv/bin/python" -m pytest -q "$@"
+# A bound on the whole run: a test that leaves a gRPC server or thread behind can keep
+# the interpreter from exiting after the last test, and CI must fail then, not hang.
+timeout --kill-after=30 "${CHIME_PYTEST_TIMEOUT_S:-1200}" "$venv/bin/python" -m pytest -q "$@"

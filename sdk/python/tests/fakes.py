@@ -5,7 +5,7 @@ sends. No process, no port beyond an ephemeral loopback one."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Tuple, TypeVar
 
 import grpc
 import grpc.aio
@@ -15,6 +15,25 @@ from chime_sdk._proto import queue_pb2 as qpb
 from chime_sdk._proto import worker_pb2 as wpb
 
 T = TypeVar("T")
+
+# Every FakeServer a scenario started; `run` stops them whatever the scenario did. A
+# server left running (a test that failed before its `stop`) keeps gRPC's threads
+# alive and the pytest process from exiting: CI then hangs instead of failing.
+_live: List["FakeServer"] = []
+
+
+def run(coro: Awaitable[T], timeout_s: float = 30.0) -> T:
+    """Runs one scenario on a fresh event loop, failing it after `timeout_s`, and
+    stops every fake server it started before the loop closes."""
+
+    async def main() -> T:
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        finally:
+            while _live:
+                await _live.pop().stop()
+
+    return asyncio.run(main())
 
 
 async def eventually(what: str, cond: Callable[[], Optional[T]], timeout_s: float = 5.0) -> T:
@@ -72,6 +91,9 @@ class Stream:
                     self.received.append(r)
             finally:
                 self.ended.set()
+                # Like chime after a drain: once the client half-closed, the server
+                # ends the stream too (after whatever the test queued before).
+                self.end()
 
         reader = asyncio.ensure_future(pump())
         try:
@@ -99,6 +121,8 @@ class FakeServer:
         self.all: List[Stream] = []
         self.port = 0
         self.token: Optional[str] = None  # when set, calls without it are refused
+        self._stopped = False
+        _live.append(self)
 
     @property
     def url(self) -> str:
@@ -132,7 +156,9 @@ class FakeServer:
         return await asyncio.wait_for(self.streams.get(), timeout_s)
 
     async def stop(self) -> None:
-        await self.server.stop(0)
+        if not self._stopped:
+            self._stopped = True
+            await self.server.stop(0)
 
 
 async def deliveries_server() -> FakeServer:

@@ -14,13 +14,9 @@ from chime_sdk import HandlerError, ItemContext, Worker
 from chime_sdk._proto import delivery_pb2 as pb
 from chime_sdk.items import _Settler
 
-from fakes import FakeServer, deliver, deliveries_server, delivery, drained, eventually, subscribed
+from fakes import FakeServer, deliver, deliveries_server, delivery, drained, eventually, run, subscribed
 
 Handler = Callable[[ItemContext], Awaitable[None]]
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
 
 def settled(stream: Any) -> Dict[str, List[Any]]:

@@ -5,18 +5,14 @@ drain)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, List
+from typing import Any, List
 
 import grpc
 
 from chime_sdk import JobContext, Worker
 from chime_sdk._proto import worker_pb2 as pb
 
-from fakes import assign, cancel, eventually, gateway_server, registered
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+from fakes import assign, cancel, eventually, gateway_server, registered, run
 
 
 def results(stream: Any) -> List[Any]:
@@ -219,11 +215,13 @@ def test_drain_waits_for_shards_then_cancels_at_the_timeout() -> None:
         await s.next("draining")
         s.send(assign("late", "sleepy", params="0"))  # raced with our Draining: still run
         await task  # returns once every shard reported
+        # A result written is not yet a result the server read: its half-close comes
+        # after every message on the stream.
+        await eventually("the half-close", s.ended.is_set)
         by = {r.run.run_id: r for r in results(s)}
         assert by["short"].status == pb.RUN_STATUS_SUCCEEDED
         assert by["late"].status == pb.RUN_STATUS_SUCCEEDED
         assert by["long"].status == pb.RUN_STATUS_CANCELLED and by["long"].error == "drain timeout"
-        await eventually("the half-close", s.ended.is_set)
         await srv.stop()
 
     run(scenario())

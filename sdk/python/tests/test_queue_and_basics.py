@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -22,13 +22,9 @@ from chime_sdk import (
 )
 from chime_sdk._conn import Endpoint, Token, parse_endpoint, redirect_target
 
-from fakes import queue_server
+from fakes import queue_server, run
 
 SDK = Path(__file__).resolve().parents[1]
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
 
 def test_async_client_maps_requests_answers_and_errors() -> None:

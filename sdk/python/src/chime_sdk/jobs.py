@@ -490,7 +490,13 @@ class Session:
                 # Every shard reported: the writer sends what is queued, then closes
                 # our side of the stream.
                 outbox.put_nowait(None)
+                # Then wait for the coordinator to end the stream (`SessionEnded`
+                # DRAINED): cancelling the call at once resets the stream, and the
+                # coordinator loses the last results it has not read yet. A peer
+                # that went silent gets 5 s.
+                deadline = loop.time() + 5.0
                 await asyncio.wait([writer], timeout=5.0)
+                await asyncio.wait([reader], timeout=max(0.0, deadline - loop.time()))
                 log.info("drained: every shard reported")
                 return True
             for t in (reader, writer):
