@@ -44,16 +44,20 @@ pub struct ElectionOptions {
 /// Campaigns until `shutdown`; answers the role as it changes. Notify `resign` to
 /// give up leadership (the engine saw a newer fence, or it could not start); this
 /// coordinator then campaigns again.
+///
+/// The task ends after `shutdown` once it resigned and revoked its lease (each call
+/// bounded): a process that exits before awaiting it leaves its leader key in etcd,
+/// and its successor waits out the lease TTL instead of leading at once.
 pub fn spawn(
     client: Client,
     opts: ElectionOptions,
     resign: std::sync::Arc<Notify>,
     shutdown: CancellationToken,
-) -> watch::Receiver<Role> {
+) -> (watch::Receiver<Role>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Role::Follower {
         leader: String::new(),
     });
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
             match term(&client, &opts, &tx, &resign, &shutdown).await {
@@ -72,7 +76,7 @@ pub fn spawn(
             }
         }
     });
-    rx
+    (rx, task)
 }
 
 /// One lease: campaign, lead until the lease is lost or we resign.

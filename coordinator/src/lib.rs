@@ -230,14 +230,17 @@ pub async fn serve(
     // Without an election this coordinator always leads; the sender is held until
     // the function returns, because a dropped sender reads as "leadership over".
     let (_always, always_leader) = watch::channel(Role::Leader { fence: 1 });
-    let mut roles = match &deps.election {
-        Some((client, opts)) => leader::spawn(
-            client.clone(),
-            opts.clone(),
-            resign.clone(),
-            election_stop.clone(),
-        ),
-        None => always_leader,
+    let (mut roles, election) = match &deps.election {
+        Some((client, opts)) => {
+            let (roles, task) = leader::spawn(
+                client.clone(),
+                opts.clone(),
+                resign.clone(),
+                election_stop.clone(),
+            );
+            (roles, Some(task))
+        }
+        None => (always_leader, None),
     };
     let mut engine: Option<(
         CancellationToken,
@@ -302,7 +305,12 @@ pub async fn serve(
     }
     shared.set(Current::default());
     election_stop.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait for the resignation: the successor's campaign returns the moment our key
+    // is gone. Bounded (resign and revoke are 2 s each) for an etcd that is away;
+    // the key then goes with the lease TTL.
+    if let Some(task) = election {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     stop_grpc.cancel();
     if let Some(h) = http {
         let _ = h.await;

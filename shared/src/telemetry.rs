@@ -45,6 +45,9 @@ pub const LAYOUT_APPLIED: &str = "chime_queue_layout_changes_total";
 pub const ITEMS_MIGRATED: &str = "chime_items_migrated_total";
 /// Workers connected to this coordinator.
 pub const CONNECTED_WORKERS: &str = "chime_connected_workers";
+/// Assignments a worker read after their start-by time and did not start (the
+/// session stream was stalled; the coordinator runs them elsewhere).
+pub const ASSIGNMENTS_LATE: &str = "chime_assignments_late_total";
 /// Seconds between a job's scheduled instant and its fire.
 pub const TRIGGER_LAG_SECONDS: &str = "chime_trigger_lag_seconds";
 /// Job fires (label `outcome`: fired, skipped).
@@ -89,6 +92,10 @@ pub fn describe() {
         "Request arrival to the head of its answer, by edge and route."
     );
     describe_counter!(ITEMS_ENQUEUED, "Delayed items stored by enqueue.");
+    describe_counter!(
+        ASSIGNMENTS_LATE,
+        "Shard assignments read after their start-by time and left unstarted."
+    );
     describe_counter!(ITEMS_FIRED, "Delayed items handed to a handler.");
     describe_counter!(
         ITEMS_ACKED,

@@ -1163,6 +1163,13 @@ impl Cluster {
     pub fn add_worker(&mut self, id: &str) -> Result<()> {
         let rec = self.records.to_string_lossy().into_owned();
         let token = self.dir.path().join("worker.token");
+        // Every coordinator, as a deployment's Service would reach them: a worker
+        // that knows only one cannot find the next leader once that one is gone.
+        let endpoints = if self.coords.is_empty() {
+            self.coordinator.clone()
+        } else {
+            self.endpoints()
+        };
         let cmd = chime_cmd(&[
             "worker",
             "--no-queue",
@@ -1171,7 +1178,7 @@ impl Cluster {
             "--token-file",
             &token.to_string_lossy(),
             "--coordinator",
-            &self.coordinator,
+            &endpoints,
             "--worker-id",
             id,
             "--handlers",

@@ -245,12 +245,34 @@ impl SdkEnv {
 
     /// Like [`SdkEnv::agent`] with exactly `flags` (no token unless given).
     pub fn agent_with(&mut self, name: &str, role: Role, flags: &[&str]) -> Result<PathBuf> {
+        let endpoints = self.cluster.endpoints();
+        self.spawn_agent(name, role, &endpoints, flags)
+    }
+
+    /// A job agent with the worker token that reaches the coordinators only at
+    /// `endpoints` (e.g. through a fault proxy).
+    pub fn job_agent_at(&mut self, name: &str, endpoints: &str) -> Result<PathBuf> {
+        let token = self.token_file().to_string_lossy().into_owned();
+        self.spawn_agent(
+            name,
+            Role::Jobs,
+            endpoints,
+            &["--token-file", token.as_str()],
+        )
+    }
+
+    fn spawn_agent(
+        &mut self,
+        name: &str,
+        role: Role,
+        endpoints: &str,
+        flags: &[&str],
+    ) -> Result<PathBuf> {
         let record = self.cluster.dir.path().join(format!("{name}.jsonl"));
         let record_s = record.to_string_lossy().into_owned();
-        let endpoints = self.cluster.endpoints();
         let mut args = vec!["run", "--record", record_s.as_str(), "--worker-id", name];
         match role {
-            Role::Jobs => args.extend(["--coordinator", endpoints.as_str()]),
+            Role::Jobs => args.extend(["--coordinator", endpoints]),
             Role::Items => args.extend(["--deliveries", self.deliveries.as_str()]),
         }
         args.extend_from_slice(flags);

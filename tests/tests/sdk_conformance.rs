@@ -14,6 +14,12 @@ use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
 
+// The fault proxy of `chime bench chaos`, the same file: it stalls one agent's
+// session stream (`job_stalled_stream`).
+#[allow(dead_code, reason = "the suite cuts one direction only")]
+#[path = "../../cli/src/bench/proxy.rs"]
+mod proxy;
+
 fn job(e: &SdkEnv, args: &[&str]) -> Result<Value> {
     let mut all = vec!["job", "create", "--group", "conformance", "--manual"];
     all.extend_from_slice(args);
@@ -268,13 +274,90 @@ async fn job_frozen_worker(sdk: Sdk) -> Result<()> {
     })
     .await?;
     e.cluster.admin(&["job", "pause", "f"])?;
+    let twice = ran_twice(&e);
+    ensure!(twice.is_empty(), "shards that ran twice: {twice:?}");
+    Ok(())
+}
+
+/// (run, shard) pairs of the `shard` records that ran more than once.
+fn ran_twice(e: &SdkEnv) -> Vec<((String, u64), usize)> {
     let mut seen: BTreeMap<(String, u64), usize> = BTreeMap::new();
     for r in e.all("shard") {
         if let (Some(id), Some(i)) = (r["run_id"].as_str(), r["shard_index"].as_u64()) {
             *seen.entry((id.to_owned(), i)).or_default() += 1;
         }
     }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    seen.into_iter().filter(|(_, n)| *n > 1).collect()
+}
+
+/// An agent whose session stream stalls one way (the coordinator's messages held
+/// by a partition for 2.5 s; its heartbeats still arrive, leaving out the shards
+/// it never read): the coordinator takes those shards as lost and runs them on the
+/// other agent; when the held `Assign`s arrive, past their `start_by_session_ms`,
+/// the agent starts none of them. Every (run, shard) of a job firing every second
+/// runs once.
+async fn job_stalled_stream(sdk: Sdk) -> Result<()> {
+    let mut e = SdkEnv::start(sdk, 1).await?;
+    let leader: std::net::SocketAddr = e
+        .cluster
+        .coordinator
+        .trim_start_matches("http://")
+        .parse()
+        .context("coordinator address")?;
+    let proxy = proxy::FaultProxy::start(leader).await?;
+    e.agent("a1", Role::Jobs, &[])?;
+    e.job_agent_at("a2", &format!("http://127.0.0.1:{}", proxy.port))?;
+    e.cluster.wait_workers(2).await?;
+    e.cluster.admin(&[
+        "job",
+        "create",
+        "--group",
+        "conformance",
+        "--name",
+        "s",
+        "--handler",
+        "conf.shard",
+        "--cron",
+        "* * * * * *",
+        "--routing",
+        "sharding-broadcast",
+        "--shards",
+        "2",
+    ])?;
+    let on_a2_after = |e: &SdkEnv, after: i64| {
+        e.all("shard")
+            .iter()
+            .filter(|r| r["worker_id"] == "a2")
+            .filter_map(|r| {
+                r["run_id"]
+                    .as_str()?
+                    .rsplit('@')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .filter(|t| *t > after)
+            .count()
+    };
+    wait_until("2 shards on a2", LONG, || {
+        let n = on_a2_after(&e, 0);
+        async move { n >= 2 }
+    })
+    .await?;
+    // Heartbeats every 500 ms: a shard sent during the stall is taken as lost about
+    // a second after it was sent. 2.5 s: under the 3 s HTTP/2 keep-alive timeout,
+    // so the connection itself survives the stall.
+    proxy.cut_to_client();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    proxy.heal();
+    let healed = chime_shared::clock::system_now_ms();
+    wait_until("a2 runs shards again after the stall", LONG, || {
+        let n = on_a2_after(&e, healed + 1_000);
+        async move { n >= 2 }
+    })
+    .await?;
+    e.cluster.admin(&["job", "pause", "s"])?;
+    let twice = ran_twice(&e);
     ensure!(twice.is_empty(), "shards that ran twice: {twice:?}");
     Ok(())
 }
@@ -652,6 +735,7 @@ scenarios!(
     job_timeout,
     job_leader_killed,
     job_frozen_worker,
+    job_stalled_stream,
     job_drain,
     item_ack,
     item_retry_dead,

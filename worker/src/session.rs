@@ -75,6 +75,16 @@ impl std::fmt::Debug for dyn JobHandler {
     }
 }
 
+/// How far past its `start_by_session_ms` an `Assign` read now is, on the session
+/// clock that started at `session_clock`; None when it is in time (or has no limit).
+fn past_start_by(a: &pb::Assign, session_clock: tokio::time::Instant) -> Option<i64> {
+    if a.start_by_session_ms <= 0 {
+        return None;
+    }
+    let now = i64::try_from(session_clock.elapsed().as_millis()).unwrap_or(i64::MAX);
+    (now > a.start_by_session_ms).then(|| now - a.start_by_session_ms)
+}
+
 fn key_of(r: &pb::RunRef) -> Key {
     (r.run_id.clone(), r.shard_index, r.attempt)
 }
@@ -351,6 +361,10 @@ impl Session {
                 return Ended::Broken;
             }
         };
+        // The session clock `Assign.start_by_session_ms` counts on: it starts as
+        // `Registered` is read (the coordinator's starts as it accepted us, a bit
+        // earlier, so this clock runs at most that one-way delay behind).
+        let session_clock = tokio::time::Instant::now();
         // Results of the last minute go again: a new leader may have adopted those
         // shards from a record older than their end (it ignores what it knows).
         let recent: Vec<pb::WorkerMessage> = {
@@ -417,7 +431,16 @@ impl Session {
                         if last_beat.elapsed() > stalled_after {
                             return self.stalled(endpoint, last_beat.elapsed());
                         }
-                        self.clone().start(a, task_tx.clone());
+                        if let Some(late_ms) = past_start_by(&a, session_clock) {
+                            // Read too late: the coordinator may have given it to
+                            // another worker already. Left unstarted and unlisted,
+                            // it is taken as lost and runs elsewhere.
+                            warn!(run_id = ?a.run.as_ref().map(|r| &r.run_id), shard = a.shard_index, late_ms,
+                                "an assignment arrived after its start-by time (the stream was stalled); not starting it");
+                            metrics::counter!(chime_shared::telemetry::ASSIGNMENTS_LATE).increment(1);
+                        } else {
+                            self.clone().start(a, task_tx.clone());
+                        }
                     }
                     Ok(Some(pb::CoordinatorMessage { kind: Some(Out::SessionEnded(e)) })) => {
                         return self.ended(endpoint, &e, told_draining);

@@ -1110,6 +1110,14 @@ impl Machine {
             attempt: s.attempt,
         };
         let worker = s.worker_id.clone();
+        // The earliest the engine could hand the shard to another worker: its
+        // heartbeats leaving it out once the interval's grace passed (see
+        // `heartbeat`; two late beats can arrive together), or the worker declared
+        // dead. A worker that reads the `Assign` later must not start it.
+        let interval = self.opts.heartbeat_interval_ms as i64;
+        let dead_at = self.workers.live.get(&worker).map_or(now, |w| {
+            w.last_beat_ms + interval * i64::from(self.opts.dead_after_beats)
+        });
         let a = Assignment {
             key: key.clone(),
             fire_id: run.fire_id.clone(),
@@ -1120,6 +1128,7 @@ impl Machine {
             shard_total: s.total,
             deadline_ms: if timeout > 0 { now + timeout } else { 0 },
             scheduled_at_ms: run.scheduled_at_ms,
+            start_by_ms: (now + interval).min(dead_at),
         };
         self.runs.pending.remove(&(run_id.to_owned(), shard));
         if !self.send(&worker, ToWorker::Assign(a)) {

@@ -285,6 +285,29 @@ fn a_dead_workers_shard_goes_to_another_keeping_its_index() {
     assert!(done.shards.iter().all(|s| s.worker_id != "w3"));
 }
 
+/// Every `Assign` carries the instant by which the worker must start it: the
+/// earliest the engine could give the shard to another worker, one heartbeat
+/// interval after sending it (heartbeats leaving it out), or sooner when the
+/// worker is about to be declared dead. A worker that reads it later (a stalled
+/// stream) leaves it unstarted, so the shard never runs on two workers.
+#[test]
+fn an_assignment_must_start_before_the_engine_could_give_it_away() {
+    let mut r = Rig::new(opts());
+    r.start(vec![manual("a"), manual("b")]);
+    r.join("w1", 10);
+    let joined = r.now;
+    r.trigger("a").unwrap();
+    let (at, a) = r.assigns("w1").pop().unwrap();
+    assert_eq!(a.start_by_ms, at + 1_000, "one interval after sending");
+    // Silent for 2.5 s: declared dead at 3 s, so a shard sent now must start
+    // within the half second left.
+    r.advance(2_500);
+    r.trigger("b").unwrap();
+    let (at, b) = r.assigns("w1").pop().unwrap();
+    assert_eq!(at, joined + 2_500);
+    assert_eq!(b.start_by_ms, joined + 3_000, "the worker's dead line");
+}
+
 #[test]
 fn a_closed_session_hands_its_shards_over_at_once() {
     let mut r = Rig::new(opts());

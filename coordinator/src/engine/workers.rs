@@ -38,6 +38,9 @@ pub struct SessionAccepted {
     pub heartbeat_interval_ms: u64,
     /// This coordinator's address.
     pub coordinator: String,
+    /// The engine's clock when it accepted the session, Unix ms: the origin of the
+    /// session clock that `Assign.start_by_session_ms` is counted on.
+    pub accepted_at_ms: i64,
 }
 
 /// Why the coordinator ends a worker's session.
@@ -88,6 +91,11 @@ pub struct Assignment {
     pub deadline_ms: i64,
     /// Scheduled instant.
     pub scheduled_at_ms: i64,
+    /// The worker must start the shard by then, engine clock, Unix ms: the earliest
+    /// instant the engine could give it to another worker (its heartbeats leaving it
+    /// out for an interval, or the worker declared dead). A worker reading the
+    /// `Assign` later does not start it (see `Assign.start_by_session_ms`).
+    pub start_by_ms: i64,
 }
 
 /// Checks a registration; errors name the field of `Register`.
@@ -206,6 +214,7 @@ impl Machine {
                 session,
                 heartbeat_interval_ms: self.opts.heartbeat_interval_ms,
                 coordinator: self.opts.advertise.clone(),
+                accepted_at_ms: now,
             })),
         ));
         // New capacity: place what was waiting for a worker.

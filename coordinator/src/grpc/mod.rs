@@ -280,7 +280,9 @@ fn run_ref(k: &ShardKey) -> pb::RunRef {
     }
 }
 
-fn to_proto(msg: ToWorker) -> pb::CoordinatorMessage {
+/// The wire form of an engine message on a session that the engine accepted at
+/// `accepted_at_ms` (the origin of the session clock).
+fn to_proto(msg: ToWorker, accepted_at_ms: i64) -> pb::CoordinatorMessage {
     let kind = match msg {
         ToWorker::Assign(a) => Out::Assign(pb::Assign {
             run: Some(run_ref(&a.key)),
@@ -293,6 +295,8 @@ fn to_proto(msg: ToWorker) -> pb::CoordinatorMessage {
             shard_total: a.shard_total,
             deadline_ms: a.deadline_ms,
             scheduled_at_ms: a.scheduled_at_ms,
+            // At least 1: 0 means "no limit" on the wire.
+            start_by_session_ms: (a.start_by_ms - accepted_at_ms).max(1),
         }),
         ToWorker::Cancel(k, reason) => Out::Cancel(pb::Cancel {
             run: Some(run_ref(&k)),
@@ -406,10 +410,11 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
         // replaced, declared dead or drained, or the engine stopped), which ends the
         // response stream.
         let fwd = out.clone();
+        let accepted_at_ms = accepted.accepted_at_ms;
         tokio::spawn(async move {
             while let Some(m) = from_engine.recv().await {
                 let last = matches!(m, ToWorker::End(_));
-                if fwd.send(Ok(to_proto(m))).await.is_err() || last {
+                if fwd.send(Ok(to_proto(m, accepted_at_ms))).await.is_err() || last {
                     return;
                 }
             }

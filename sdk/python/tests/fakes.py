@@ -213,12 +213,13 @@ def registered(interval_ms: int = 100) -> wpb.CoordinatorMessage:
 
 
 def assign(run_id: str, handler: str, shard: int = 0, total: int = 1, attempt: int = 1,
-           params: str = "") -> wpb.CoordinatorMessage:
+           params: str = "", start_by_session_ms: int = 0) -> wpb.CoordinatorMessage:
     return wpb.CoordinatorMessage(
         assign=wpb.Assign(
             run=wpb.RunRef(run_id=run_id, shard_index=shard, attempt=attempt),
             fire_id=f"{run_id}-fire", job="job", handler=handler, params=params, shard_params="sp",
             shard_index=shard, shard_total=total, deadline_ms=99, scheduled_at_ms=42,
+            start_by_session_ms=start_by_session_ms,
         )
     )
 

@@ -105,6 +105,38 @@ def test_cancel_reaches_the_handler_and_reports_cancelled() -> None:
     run(scenario())
 
 
+def test_an_assign_read_after_its_start_by_time_is_not_started(caplog: Any) -> None:
+    ran: List[str] = []
+
+    async def h(ctx: JobContext) -> str:
+        ran.append(ctx.run_id)
+        return "x"
+
+    async def scenario() -> None:
+        srv = await gateway_server()
+        w = Worker(coordinator=srv.url, worker_id="w-1")
+        w.add_job_handler("h", h)
+        task = asyncio.ensure_future(w.run())
+        s = await srv.stream()
+        await s.next("register")
+        s.send(registered(interval_ms=10_000))
+        await asyncio.sleep(0.05)
+        # Held by a stalled stream past its start-by time (50 ms into the session):
+        # the coordinator may run it elsewhere already.
+        s.send(assign("late", "h", start_by_session_ms=20))
+        s.send(assign("in-time", "h", start_by_session_ms=60_000))
+        s.send(assign("no-limit", "h"))
+        await eventually("two results", lambda: len(results(s)) == 2)
+        assert sorted(r.run.run_id for r in results(s)) == ["in-time", "no-limit"]
+        assert [r.run.run_id for r in s.of_kind("run_started")] == ["in-time", "no-limit"]
+        assert sorted(ran) == ["in-time", "no-limit"]
+        assert "late shard 0 arrived" in caplog.text and "not starting it" in caplog.text
+        w.stop()
+        await task
+
+    run(scenario())
+
+
 def test_follows_not_leader_with_the_scheme_of_the_endpoint() -> None:
     async def h(ctx: JobContext) -> str:
         return "x"

@@ -208,6 +208,8 @@ class Session:
         # means the coordinator has taken this worker for dead (three intervals).
         self._last_beat = 0.0
         self._stall_limit = float("inf")
+        # Monotonic time the current session's `Registered` was read.
+        self._session_clock = 0.0
         self._results: Deque[_Result] = collections.deque()
         self._stopping = asyncio.Event()
         self._drain_deadline: Optional[float] = None
@@ -440,6 +442,8 @@ class Session:
                 log.warning("coordinator %s answered %s to Register", endpoint.url, kind)
                 return False
             reg = first.registered
+            # The session clock `Assign.start_by_session_ms` counts on (see _read).
+            self._session_clock = time.monotonic()
             registered = True
             backoff.reset()
             log.info(
@@ -560,6 +564,14 @@ class Session:
             if not read.done():
                 read.cancel()
 
+    def _past_start_by(self, a: pb.Assign) -> Optional[int]:
+        """How many ms past its `start_by_session_ms` an Assign read now is, on the
+        session clock started as `Registered` was read; None when in time."""
+        if a.start_by_session_ms <= 0:
+            return None
+        now_ms = int((time.monotonic() - self._session_clock) * 1000)
+        return now_ms - a.start_by_session_ms if now_ms > a.start_by_session_ms else None
+
     async def _read(self, call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]) -> None:
         while True:
             m = await call.read()
@@ -570,6 +582,17 @@ class Session:
             if kind == "assign":
                 if self._stalled():
                     return
+                late_ms = self._past_start_by(m.assign)
+                if late_ms is not None:
+                    # Read too late: the coordinator may have given it to another
+                    # worker already. Left unstarted (and out of our heartbeats),
+                    # it is taken as lost and runs elsewhere.
+                    log.warning(
+                        "assignment %s shard %d arrived %d ms after its start-by time "
+                        "(the stream was stalled); not starting it",
+                        m.assign.run.run_id, m.assign.shard_index, late_ms,
+                    )
+                    continue
                 self._start(m.assign)
             elif kind == "cancel":
                 r = m.cancel.run

@@ -52,7 +52,8 @@ class WorkerGatewayStub(object):
     may run elsewhere already), closes the stream and registers again.
     4. The coordinator sends `Assign` for each shard the worker must run, never
     more at once than the worker's `capacity`, and `Cancel` to stop one
-    (timeout, kill, overlap policy). The worker answers each `Assign` with
+    (timeout, kill, overlap policy). An `Assign` read after its
+    `start_by_session_ms` is dropped unstarted (it may run elsewhere already). The worker answers each `Assign` with
     `RunStarted`, may send `RunLog` lines while it runs, and ends with exactly
     one `RunResult` per (run, shard, attempt).
     5. A worker shutting down sends `Draining`: it receives no new assignment,
@@ -106,7 +107,8 @@ class WorkerGatewayServicer(object):
     may run elsewhere already), closes the stream and registers again.
     4. The coordinator sends `Assign` for each shard the worker must run, never
     more at once than the worker's `capacity`, and `Cancel` to stop one
-    (timeout, kill, overlap policy). The worker answers each `Assign` with
+    (timeout, kill, overlap policy). An `Assign` read after its
+    `start_by_session_ms` is dropped unstarted (it may run elsewhere already). The worker answers each `Assign` with
     `RunStarted`, may send `RunLog` lines while it runs, and ends with exactly
     one `RunResult` per (run, shard, attempt).
     5. A worker shutting down sends `Draining`: it receives no new assignment,
@@ -170,7 +172,8 @@ class WorkerGateway(object):
     may run elsewhere already), closes the stream and registers again.
     4. The coordinator sends `Assign` for each shard the worker must run, never
     more at once than the worker's `capacity`, and `Cancel` to stop one
-    (timeout, kill, overlap policy). The worker answers each `Assign` with
+    (timeout, kill, overlap policy). An `Assign` read after its
+    `start_by_session_ms` is dropped unstarted (it may run elsewhere already). The worker answers each `Assign` with
     `RunStarted`, may send `RunLog` lines while it runs, and ends with exactly
     one `RunResult` per (run, shard, attempt).
     5. A worker shutting down sends `Draining`: it receives no new assignment,
