@@ -229,13 +229,33 @@ async fn job_frozen_worker(sdk: Sdk) -> Result<()> {
     e.agent("a1", Role::Jobs, &[])?;
     e.agent("a2", Role::Jobs, &[])?;
     e.cluster.wait_workers(2).await?;
+    every_second_in_two_shards(&e, "f", "a2").await?;
+    // Heartbeats every 500 ms: a2 is taken for dead 1.5 s into the freeze.
+    e.agent_proc("a2")?.signal("STOP")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    e.agent_proc("a2")?.signal("CONT")?;
+    let thawed = chime_shared::clock::system_now_ms();
+    wait_until("a2 runs shards again after the thaw", LONG, || {
+        let n = shards_on_after(&e, "a2", thawed + 1_000);
+        async move { n >= 2 }
+    })
+    .await?;
+    e.cluster.admin(&["job", "pause", "f"])?;
+    let twice = ran_twice(&e);
+    ensure!(twice.is_empty(), "shards that ran twice: {twice:?}");
+    Ok(())
+}
+
+/// Creates job `name`: `conf.shard` every second in 2 shards (sharding broadcast);
+/// returns once agent `agent` ran 2 of them.
+async fn every_second_in_two_shards(e: &SdkEnv, name: &str, agent: &str) -> Result<()> {
     e.cluster.admin(&[
         "job",
         "create",
         "--group",
         "conformance",
         "--name",
-        "f",
+        name,
         "--handler",
         "conf.shard",
         "--cron",
@@ -245,38 +265,29 @@ async fn job_frozen_worker(sdk: Sdk) -> Result<()> {
         "--shards",
         "2",
     ])?;
-    let on_a2 = |e: &SdkEnv, after: i64| {
-        e.all("shard")
-            .iter()
-            .filter(|r| r["worker_id"] == "a2" && r["run_id"].as_str().is_some())
-            .filter(|r| {
-                r["run_id"]
-                    .as_str()
-                    .and_then(|id| id.rsplit('@').next())
-                    .and_then(|t| t.parse::<i64>().ok())
-                    .is_some_and(|t| t > after)
-            })
-            .count()
-    };
-    wait_until("2 shards on a2", LONG, || {
-        let n = on_a2(&e, 0);
+    wait_until(&format!("2 shards on {agent}"), LONG, || {
+        let n = shards_on_after(e, agent, 0);
         async move { n >= 2 }
     })
-    .await?;
-    // Heartbeats every 500 ms: a2 is taken for dead 1.5 s into the freeze.
-    e.agent_proc("a2")?.signal("STOP")?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    e.agent_proc("a2")?.signal("CONT")?;
-    let thawed = chime_shared::clock::system_now_ms();
-    wait_until("a2 runs shards again after the thaw", LONG, || {
-        let n = on_a2(&e, thawed + 1_000);
-        async move { n >= 2 }
-    })
-    .await?;
-    e.cluster.admin(&["job", "pause", "f"])?;
-    let twice = ran_twice(&e);
-    ensure!(twice.is_empty(), "shards that ran twice: {twice:?}");
-    Ok(())
+    .await
+}
+
+/// Shards agent `agent` ran of fires scheduled after `after` (Unix ms; run ids are
+/// `<job>@<instant>`).
+fn shards_on_after(e: &SdkEnv, agent: &str, after: i64) -> usize {
+    e.all("shard")
+        .iter()
+        .filter(|r| r["worker_id"] == agent)
+        .filter_map(|r| {
+            r["run_id"]
+                .as_str()?
+                .rsplit('@')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .filter(|t| *t > after)
+        .count()
 }
 
 /// (run, shard) pairs of the `shard` records that ran more than once.
@@ -308,42 +319,7 @@ async fn job_stalled_stream(sdk: Sdk) -> Result<()> {
     e.agent("a1", Role::Jobs, &[])?;
     e.job_agent_at("a2", &format!("http://127.0.0.1:{}", proxy.port))?;
     e.cluster.wait_workers(2).await?;
-    e.cluster.admin(&[
-        "job",
-        "create",
-        "--group",
-        "conformance",
-        "--name",
-        "s",
-        "--handler",
-        "conf.shard",
-        "--cron",
-        "* * * * * *",
-        "--routing",
-        "sharding-broadcast",
-        "--shards",
-        "2",
-    ])?;
-    let on_a2_after = |e: &SdkEnv, after: i64| {
-        e.all("shard")
-            .iter()
-            .filter(|r| r["worker_id"] == "a2")
-            .filter_map(|r| {
-                r["run_id"]
-                    .as_str()?
-                    .rsplit('@')
-                    .next()?
-                    .parse::<i64>()
-                    .ok()
-            })
-            .filter(|t| *t > after)
-            .count()
-    };
-    wait_until("2 shards on a2", LONG, || {
-        let n = on_a2_after(&e, 0);
-        async move { n >= 2 }
-    })
-    .await?;
+    every_second_in_two_shards(&e, "s", "a2").await?;
     // Heartbeats every 500 ms: a shard sent during the stall is taken as lost about
     // a second after it was sent. 2.5 s: under the 3 s HTTP/2 keep-alive timeout,
     // so the connection itself survives the stall.
@@ -352,7 +328,7 @@ async fn job_stalled_stream(sdk: Sdk) -> Result<()> {
     proxy.heal();
     let healed = chime_shared::clock::system_now_ms();
     wait_until("a2 runs shards again after the stall", LONG, || {
-        let n = on_a2_after(&e, healed + 1_000);
+        let n = shards_on_after(&e, "a2", healed + 1_000);
         async move { n >= 2 }
     })
     .await?;
