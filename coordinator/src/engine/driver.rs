@@ -398,9 +398,7 @@ async fn write_history(
                     match w {
                         Write::Later(id) => { ids.insert(id); }
                         Write::Now(id, done) => {
-                            if !write_one(&store, &unwritten, &id).await {
-                    ids.insert(id.clone());
-                }
+                            write_now(&store, &unwritten, id, &mut ids).await;
                             let _ = done.send(());
                         }
                     }
@@ -414,10 +412,10 @@ async fn write_history(
                 ids.insert(id);
             }
             Write::Now(id, done) => {
-                if !write_one(&store, &unwritten, &id).await {
-                    ids.insert(id.clone());
-                }
+                write_now(&store, &unwritten, id, &mut ids).await;
                 let _ = done.send(());
+                // Keep what still waits for its retry.
+                retry = ids;
                 continue;
             }
         }
@@ -429,9 +427,7 @@ async fn write_history(
                 w = rx.recv() => match w {
                     Some(Write::Later(id)) => { ids.insert(id); }
                     Some(Write::Now(id, done)) => {
-                        if !write_one(&store, &unwritten, &id).await {
-                    ids.insert(id.clone());
-                }
+                        write_now(&store, &unwritten, id, &mut ids).await;
                         let _ = done.send(());
                     }
                     None => break,
@@ -443,36 +439,62 @@ async fn write_history(
 }
 
 /// Writes the latest snapshot of each run in `ids`; answers those that failed.
+/// After the first failure the rest are not tried (answered failed, written again
+/// with them): the store is most likely down, and each attempt would wait out its
+/// timeout — and log — once per run.
 async fn write_batch(
     store: &Arc<dyn RunStore>,
     unwritten: &Unwritten,
     ids: BTreeSet<String>,
 ) -> BTreeSet<String> {
     let mut failed = BTreeSet::new();
+    let mut error = None;
     for id in ids {
-        if !write_one(store, unwritten, &id).await {
+        if error.is_none()
+            && let Err(e) = write_one(store, unwritten, &id).await
+        {
+            error = Some(e);
+        }
+        if error.is_some() {
             failed.insert(id);
         }
+    }
+    if let Some(e) = error {
+        warn!(runs = failed.len(), error = %e, "saving run history failed; writing it again later");
     }
     failed
 }
 
-/// Writes the latest snapshot of `id`, then forgets it unless a newer one came
-/// meanwhile. A failed write is logged and kept (answers false): the caller writes
-/// it again.
-async fn write_one(store: &Arc<dyn RunStore>, unwritten: &Unwritten, id: &str) -> bool {
-    let Some((seq, run)) = lock(unwritten).get(id).cloned() else {
-        return true;
-    };
-    if let Err(e) = store.save_run(&run).await {
+/// A write someone waits for, written at once; a failure is logged and `id` joins
+/// the writes to try again.
+async fn write_now(
+    store: &Arc<dyn RunStore>,
+    unwritten: &Unwritten,
+    id: String,
+    retry: &mut BTreeSet<String>,
+) {
+    if let Err(e) = write_one(store, unwritten, &id).await {
         warn!(run_id = %id, error = %e, "saving run history failed; writing it again later");
-        return false;
+        retry.insert(id);
     }
+}
+
+/// Writes the latest snapshot of `id`, then forgets it unless a newer one came
+/// meanwhile. A failed write is kept: the caller writes it again.
+async fn write_one(
+    store: &Arc<dyn RunStore>,
+    unwritten: &Unwritten,
+    id: &str,
+) -> crate::Result<()> {
+    let Some((seq, run)) = lock(unwritten).get(id).cloned() else {
+        return Ok(());
+    };
+    store.save_run(&run).await?;
     let mut u = lock(unwritten);
     if u.get(id).is_some_and(|(s, _)| *s == seq) {
         u.remove(id);
     }
-    true
+    Ok(())
 }
 
 /// Follows job definitions in the store and tells the engine, in revision order.
@@ -588,55 +610,117 @@ mod tests {
         }
     }
 
+    /// A history writer on a store whose next `fail` writes fail.
+    struct Writer {
+        store: Arc<Flaky>,
+        unwritten: Unwritten,
+        tx: mpsc::UnboundedSender<Write>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Writer {
+        fn start(fail: u32) -> Self {
+            let store = Arc::new(Flaky {
+                inner: MemoryRunStore::new(Retention::default()),
+                fail: AtomicU32::new(fail),
+            });
+            let unwritten: Unwritten = Arc::default();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(write_history(
+                store.clone(),
+                rx,
+                unwritten.clone(),
+                shutdown.clone(),
+            ));
+            Self {
+                store,
+                unwritten,
+                tx,
+                shutdown,
+                task,
+            }
+        }
+
+        /// Queues a finished run `id` for writing, now (answers when it was tried)
+        /// or with the next batch.
+        fn queue(&self, id: &str, now: bool) -> Option<oneshot::Receiver<()>> {
+            let run = RunRecord {
+                run_id: id.into(),
+                fire_id: id.into(),
+                job: "j".into(),
+                cause: "scheduled".into(),
+                scheduled_at_ms: 1_000,
+                fired_at_ms: 1_000,
+                finished_at_ms: 1_200,
+                state: RunState::Succeeded,
+                params: String::new(),
+                shards: Vec::new(),
+                parent_run_id: String::new(),
+                note: String::new(),
+                fence: 1,
+            };
+            lock(&self.unwritten).insert(id.into(), (1, run));
+            if now {
+                let (done, wait) = oneshot::channel();
+                self.tx.send(Write::Now(id.into(), done)).unwrap();
+                Some(wait)
+            } else {
+                self.tx.send(Write::Later(id.into())).unwrap();
+                None
+            }
+        }
+
+        async fn until(&self, what: &str, cond: impl AsyncFn() -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !cond().await {
+                assert!(tokio::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn written(&self, id: &str) {
+            self.until(&format!("{id} never written"), async || {
+                matches!(self.store.get_run(id).await, Ok(Some(r)) if r.state == RunState::Succeeded)
+            })
+            .await;
+        }
+
+        async fn stop(self) {
+            assert!(
+                lock(&self.unwritten).is_empty(),
+                "written, so no longer pending"
+            );
+            self.shutdown.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
     /// A run snapshot Redis could not take is written again, not forgotten: a
     /// finished shard left recorded as running would be adopted and run again by
     /// the next leader (found by `chime bench chaos --seed 7`).
     #[tokio::test]
     async fn a_history_write_that_failed_is_written_again() {
-        let store = Arc::new(Flaky {
-            inner: MemoryRunStore::new(Retention::default()),
-            fail: AtomicU32::new(2),
-        });
-        let unwritten: Unwritten = Arc::default();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let writer = tokio::spawn(write_history(
-            store.clone(),
-            rx,
-            unwritten.clone(),
-            shutdown.clone(),
-        ));
-        let run = RunRecord {
-            run_id: "j@1000".into(),
-            fire_id: "j@1000".into(),
-            job: "j".into(),
-            cause: "scheduled".into(),
-            scheduled_at_ms: 1_000,
-            fired_at_ms: 1_000,
-            finished_at_ms: 1_200,
-            state: RunState::Succeeded,
-            params: String::new(),
-            shards: Vec::new(),
-            parent_run_id: String::new(),
-            note: String::new(),
-            fence: 1,
-        };
-        lock(&unwritten).insert(run.run_id.clone(), (1, run.clone()));
-        tx.send(Write::Later(run.run_id.clone())).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(saved)) = store.get_run(&run.run_id).await {
-                assert_eq!(saved.state, RunState::Succeeded);
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the run was never written after two failed writes"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(lock(&unwritten).is_empty(), "written, so no longer pending");
-        shutdown.cancel();
-        writer.await.unwrap();
+        let w = Writer::start(2);
+        w.queue("j@1000", false);
+        w.written("j@1000").await;
+        w.stop().await;
+    }
+
+    /// A write someone waits for, arriving while failed writes wait for their
+    /// retry, does not make the writer forget them (it once did).
+    #[tokio::test]
+    async fn a_write_now_keeps_the_writes_waiting_for_their_retry() {
+        let w = Writer::start(1);
+        w.queue("j@1000", false);
+        w.until("the first write failing", async || {
+            w.store.fail.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        w.queue("j@2000", true).unwrap().await.unwrap();
+        w.written("j@2000").await;
+        w.written("j@1000").await;
+        w.stop().await;
     }
 }
