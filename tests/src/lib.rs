@@ -1165,11 +1165,7 @@ impl Cluster {
         let token = self.dir.path().join("worker.token");
         // Every coordinator, as a deployment's Service would reach them: a worker
         // that knows only one cannot find the next leader once that one is gone.
-        let endpoints = if self.coords.is_empty() {
-            self.coordinator.clone()
-        } else {
-            self.endpoints()
-        };
+        let endpoints = self.endpoints();
         let cmd = chime_cmd(&[
             "worker",
             "--no-queue",

@@ -498,9 +498,7 @@ class Session:
                 # DRAINED): cancelling the call at once resets the stream, and the
                 # coordinator loses the last results it has not read yet. A peer
                 # that went silent gets 5 s.
-                deadline = loop.time() + 5.0
-                await asyncio.wait([writer], timeout=5.0)
-                await asyncio.wait([reader], timeout=max(0.0, deadline - loop.time()))
+                await asyncio.wait([writer, reader], timeout=5.0)
                 log.info("drained: every shard reported")
                 return True
             for t in (reader, writer):
