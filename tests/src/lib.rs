@@ -726,7 +726,7 @@ pub struct Record {
     pub id: String,
     /// Its due time.
     pub due_ms: i64,
-    /// When the handler finished (worker clock).
+    /// When the handler started (worker clock; taken before it runs).
     pub handled_ms: i64,
     /// Attempt number.
     pub attempt: u32,
