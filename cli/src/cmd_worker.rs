@@ -256,7 +256,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         let redis_spec = cfg.redis.spec()?;
         let conn =
             connect_when_up("Redis", &cfg.redis.url, || RedisConn::connect(&redis_spec)).await?;
-        let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
+        let store = Arc::new(
+            RedisStore::open(conn.clone(), layout.clone())
+                .await?
+                .announced_through(redis_spec),
+        );
         probe_store = Some(store.clone());
         builder = builder.delay_store(store);
         if let Some(spec) = cfg.etcd.spec()? {

@@ -68,6 +68,30 @@ impl RedisSpec {
     }
 }
 
+impl RedisSpec {
+    /// A dedicated connection for `SUBSCRIBE` (a subscribed connection can do
+    /// nothing else, so it is never the shared one) to seed `attempt` mod the seed
+    /// count: a message published on one node of a cluster reaches subscribers on
+    /// every node, so any seed will do, and a retry tries the next.
+    pub async fn subscriber(&self, attempt: usize) -> Result<redis::aio::PubSub> {
+        let seed = attempt % self.urls.len();
+        let url = self.urls[seed].as_str();
+        let client = match certificates(&self.tls)? {
+            Some(c) => redis::Client::build_with_tls(url, c),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| Error::invalid("redis.url", e.to_string()))?;
+        let connect = client.get_async_pubsub();
+        tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            // The URL may hold a password: name the seed by its place in the list.
+            .map_err(|_| {
+                Error::Unavailable(format!("redis: subscribing at seed {seed}: timed out"))
+            })?
+            .map_err(Error::from)
+    }
+}
+
 /// The certificates of `rediss://` connections, when any file is set (otherwise
 /// the system roots and no client certificate).
 fn certificates(tls: &ClientTls) -> Result<Option<redis::TlsCertificates>> {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use chime_shared::Error;
 use chime_shared::queue::{
     CancelOutcome, DelayStore, Delivery, EnqueueOutcome, ItemRef, ItemState, NewItem, Outcome,
-    PopOptions, Popped, RescheduleOutcome, Settlement, queue_for,
+    PopOptions, Popped, RescheduleOutcome, Settlement, Wake, queue_for,
 };
 
 /// Number of queues the suite's stores are built with.
@@ -307,6 +307,80 @@ pub async fn reschedule_earlier_and_later(store: Store) -> Result<()> {
         store.reschedule(&rl, -5).await,
         Err(Error::InvalidArgument { ref field, .. }) if field == "due_at_ms"
     ));
+    Ok(())
+}
+
+/// The next announcement of `rx`, within 10 s.
+async fn next_wake(rx: &mut tokio::sync::mpsc::Receiver<Wake>) -> Result<Wake> {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .context("no announcement within 10 s")?
+        .context("the store stopped announcing")
+}
+
+/// A queue's earliest due time moving earlier is announced, by enqueue and by
+/// reschedule; a move that leaves it where it was is not. (Consumers sleep until the
+/// earliest due time they know of; an announcement is what makes them look sooner.)
+pub async fn earlier_heads_are_announced(store: Store) -> Result<()> {
+    let mut rx = store
+        .wakes()
+        .await
+        .context("this store does not announce")?;
+    // A subscription starts with "anything may have changed": from there on nothing
+    // announced is missed.
+    if let Some(first) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await? {
+        ensure!(
+            first == Wake::ALL,
+            "the first announcement is {first:?}, not Wake::ALL"
+        );
+    } else {
+        bail!("the store stopped announcing");
+    }
+    let now = store.now_ms().await?;
+    let wake = |queue: u32, due: i64| Wake {
+        queue,
+        due_at_ms: due,
+    };
+    store
+        .enqueue(vec![NewItem::new("a", "h", now + 60_000).key("k")])
+        .await?;
+    let q = store
+        .get(&NewItem::new("a", "h", 0).key("k").item_ref())
+        .await?
+        .context("a")?
+        .queue;
+    assert_eq!(
+        next_wake(&mut rx).await?,
+        wake(q, now + 60_000),
+        "first item"
+    );
+    // Later than the head: nothing to say. Earlier: said, with the new head.
+    store
+        .enqueue(vec![
+            NewItem::new("b", "h", now + 90_000).key("k"),
+            NewItem::new("c", "h", now + 80_000).key("k"),
+        ])
+        .await?;
+    store
+        .enqueue(vec![NewItem::new("d", "h", now + 30_000).key("k")])
+        .await?;
+    assert_eq!(
+        next_wake(&mut rx).await?,
+        wake(q, now + 30_000),
+        "earlier item"
+    );
+    // Duplicates change nothing.
+    store
+        .enqueue(vec![NewItem::new("b", "h", now + 1_000).key("k")])
+        .await?;
+    let b = NewItem::new("b", "h", 0).key("k").item_ref();
+    store.reschedule(&b, now + 70_000).await?;
+    store.reschedule(&b, now + 20_000).await?;
+    assert_eq!(
+        next_wake(&mut rx).await?,
+        wake(q, now + 20_000),
+        "rescheduled earlier"
+    );
     Ok(())
 }
 
@@ -940,6 +1014,7 @@ macro_rules! conformance_suite {
             cancel_after_fire_reports_in_flight,
             resubscribe_fires_once,
             reschedule_earlier_and_later,
+            earlier_heads_are_announced,
             merge_delivers_once_at_earliest,
             merge_group_is_never_cut_at_capacity,
             never_fires_before_due,

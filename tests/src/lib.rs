@@ -285,7 +285,8 @@ impl RedisServer {
             self.conn().await?,
             QueueLayout::new(prefix, "default", count)?,
         )
-        .await?)
+        .await?
+        .announced_through(RedisSpec::parse(&self.url)?))
     }
 
     /// The server process.

@@ -248,8 +248,9 @@ fn redis_calls(line: &str) -> Vec<Vec<String>> {
     out
 }
 
-/// Commands whose first argument is not a key.
-const KEYLESS: &[&str] = &["'TIME'", "'PING'"];
+/// Commands whose first argument is not a key (a `PUBLISH` channel is not a key: it
+/// has no slot, and a publish on one node of a cluster reaches every node).
+const KEYLESS: &[&str] = &["'TIME'", "'PING'", "'PUBLISH'"];
 
 /// Every violation in `script` run after `prelude` (both texts), as (line, why);
 /// lines count in `script`.

@@ -12,8 +12,11 @@ use chime_tests::conformance::{QUEUES, Store};
 
 async fn make() -> anyhow::Result<(Store, RedisCluster)> {
     let cluster = RedisCluster::start(3, 0).await?;
-    let conn = RedisConn::connect(&RedisSpec::parse(&cluster.seeds)?).await?;
-    let store = RedisStore::open(conn, QueueLayout::new("conf", "default", QUEUES)?).await?;
+    let spec = RedisSpec::parse(&cluster.seeds)?;
+    let conn = RedisConn::connect(&spec).await?;
+    let store = RedisStore::open(conn, QueueLayout::new("conf", "default", QUEUES)?)
+        .await?
+        .announced_through(spec);
     Ok((Arc::new(store), cluster))
 }
 

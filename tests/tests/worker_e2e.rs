@@ -603,3 +603,49 @@ async fn long_handler_is_extended_not_redelivered() -> Result<()> {
     ensure!(recs[0].attempt == 1, "attempt {}", recs[0].attempt);
     Ok(())
 }
+
+/// An idle worker hears of an item enqueued after its last look: with its idle
+/// sleep capped at 60 s (the most it may be), an item due 300 ms after it is enqueued still runs
+/// (within the test's 20 s deadline), because the store announced that the queue's
+/// earliest due time moved earlier. Without the announcement it would wait out the
+/// sleep.
+#[tokio::test]
+async fn an_idle_worker_runs_a_new_item_without_waiting_for_its_next_look() -> Result<()> {
+    let dir = TestDir::new("wake")?;
+    let redis = RedisServer::start().await?;
+    let store = redis.store("wk", 1).await?;
+    let (_w, rec) = spawn_worker(
+        dir.path(),
+        "w",
+        &redis,
+        "wk",
+        &["--queues", "1", "--handlers", "sleep"],
+        &[("CHIME_CONSUMER_IDLE_SLEEP_MAX_MS", "60000")],
+    )?;
+    // A first item, run: the worker has looked at the (then empty) queue and sleeps.
+    let now = store.now_ms().await?;
+    store
+        .enqueue(vec![NewItem::new("first", "sleep", now).payload("1")])
+        .await?;
+    wait_until("the first item to run", Duration::from_secs(20), || async {
+        read_records(&rec).iter().any(|r| r.id == "first")
+            && left(&store).await.map(|l| l == (0, 0)).unwrap_or(false)
+    })
+    .await?;
+    let due = store.now_ms().await? + 300;
+    store
+        .enqueue(vec![NewItem::new("second", "sleep", due).payload("1")])
+        .await?;
+    wait_until(
+        "the second item to run",
+        Duration::from_secs(20),
+        || async { read_records(&rec).iter().any(|r| r.id == "second") },
+    )
+    .await?;
+    let r = read_records(&rec)
+        .into_iter()
+        .find(|r| r.id == "second")
+        .context("second")?;
+    ensure!(r.handled_ms >= due, "ran {} ms early", due - r.handled_ms);
+    Ok(())
+}

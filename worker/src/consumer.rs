@@ -13,7 +13,10 @@
 //!
 //! Idle pollers do not spin: each pop reports when its queue next needs attention,
 //! and pollers sleep until the earliest such instant, never longer than
-//! `idle_sleep_max_ms` (what a queue learns about new items is at most that stale).
+//! `idle_sleep_max_ms`. What they learn of items enqueued meanwhile comes from the
+//! store's wakes ([`DelayStore::wakes`]: a queue's earliest due time moved earlier),
+//! which wake the pollers at once; without them (a store that does not announce, a
+//! lost announcement) a queue's view is at most `idle_sleep_max_ms` stale.
 //!
 //! A delivery runs on one of the worker's own handlers, or — when the worker has a
 //! [`Hub`] — on a subscriber in another process that runs its handler. A delivery
@@ -31,12 +34,12 @@ use std::time::Duration;
 
 use chime_shared::clock::system_now_ms;
 use chime_shared::queue::{
-    DelayStore, Delivery, DeliveryToken, Item, Lease, Outcome, PopOptions, Popped, Settlement,
+    DelayStore, Delivery, DeliveryToken, Item, Lease, Outcome, PopOptions, Popped, Settlement, Wake,
 };
 use chime_shared::{Error, telemetry as m};
 use futures_util::FutureExt;
 use futures_util::future::join_all;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
@@ -251,6 +254,14 @@ pub struct Consumer {
     permits: Arc<Semaphore>,
     in_flight: Mutex<HashMap<(u32, String), DeliveryToken>>,
     known: Mutex<Vec<Known>>,
+    /// Per queue, the earliest due time the store announced since this worker last
+    /// looked there (`i64::MAX`: none). Kept apart from `known`, which a pop that
+    /// started before the announcement overwrites with an older view.
+    hinted: Mutex<Vec<i64>>,
+    /// Bumped, and the pollers notified, on every announcement: a poller compares
+    /// the generation it started its turn under, so none sleeps through one.
+    wake_gen: AtomicU64,
+    woken: Notify,
     /// Store clock minus local clock, as seen by the last pop (ms).
     offset_ms: AtomicI64,
     stop_claiming: CancellationToken,
@@ -295,6 +306,9 @@ impl Consumer {
             live,
             permits: Arc::new(Semaphore::new(opts.max_in_flight)),
             known: Mutex::new(vec![Known::Unknown; store.queue_count() as usize]),
+            hinted: Mutex::new(vec![i64::MAX; store.queue_count() as usize]),
+            wake_gen: AtomicU64::new(0),
+            woken: Notify::new(),
             store,
             worker_id: worker_id.into(),
             opts,
@@ -323,6 +337,11 @@ impl Consumer {
         let settler = tokio::spawn(self.clone().settler(rx, done.clone()));
         let extender = tokio::spawn(self.clone().extender(done.clone()));
         let watcher = tokio::spawn(self.clone().follow_config(done.clone()));
+        let wakes = self
+            .store
+            .wakes()
+            .await
+            .map(|rx| tokio::spawn(self.clone().follow_wakes(rx, done.clone())));
         let pollers: Vec<JoinHandle<()>> = (0..self.opts.pollers)
             .map(|i| tokio::spawn(self.clone().poller(i)))
             .collect();
@@ -358,6 +377,9 @@ impl Consumer {
         let _ = settler.await;
         let _ = extender.await;
         let _ = watcher.await;
+        if let Some(w) = wakes {
+            let _ = w.await;
+        }
         let report = DrainReport {
             handled: self.handled.load(Ordering::Relaxed),
             handed_back: self.handed_back.load(Ordering::Relaxed),
@@ -374,6 +396,9 @@ impl Consumer {
     async fn poller(self: Arc<Self>, idx: usize) {
         debug!(poller = idx, "poller started");
         while !self.stop_claiming.is_cancelled() {
+            // Before this turn looks at anything: an announcement from now on ends
+            // its idle sleep.
+            let wake_gen = self.wake_gen.load(Ordering::Acquire);
             // Nothing to run items on (remote handlers only, no subscriber yet):
             // claim nothing, so items stay due (not parked) until someone serves.
             if !self.wait_for_a_handler().await {
@@ -397,17 +422,17 @@ impl Consumer {
                 }
                 Ok(Claim::AllBusy) => {
                     drop(permit);
-                    self.pause(Duration::from_millis(50)).await;
+                    self.pause(Duration::from_millis(50), None).await;
                 }
                 Ok(Claim::NothingDue) => {
                     drop(permit);
                     let wait = self.idle_wait();
-                    self.pause(wait).await;
+                    self.pause(wait, Some(wake_gen)).await;
                 }
                 Err(e) => {
                     drop(permit);
                     store_error("claim", &e);
-                    self.pause(Duration::from_millis(500)).await;
+                    self.pause(Duration::from_millis(500), None).await;
                 }
             }
         }
@@ -498,9 +523,23 @@ impl Consumer {
         self.opts.batch.min(self.opts.max_in_flight as u32)
     }
 
-    /// Sleeps `d`, or less when claiming stops or a subscriber joins or leaves (a
-    /// newly served handler may have items waiting).
-    async fn pause(&self, d: Duration) {
+    /// Sleeps `d`, or less when claiming stops, a subscriber joins or leaves (a
+    /// newly served handler may have items waiting), or — with `wake_gen`, the
+    /// generation the caller's turn started under — the store announced something
+    /// since.
+    async fn pause(&self, d: Duration, wake_gen: Option<u64>) {
+        let notified = self.woken.notified();
+        tokio::pin!(notified);
+        // Registered before the generation is compared, so an announcement between
+        // the two still ends the sleep.
+        notified.as_mut().enable();
+        let woken = async {
+            match wake_gen {
+                Some(g) if self.wake_gen.load(Ordering::Acquire) != g => {}
+                Some(_) => notified.await,
+                None => std::future::pending().await,
+            }
+        };
         let changed = async {
             match &self.hub {
                 Some(h) => h.changed().await,
@@ -511,6 +550,7 @@ impl Consumer {
             _ = tokio::time::sleep(d) => {},
             _ = self.stop_claiming.cancelled() => {},
             _ = changed => {},
+            _ = woken => {},
         }
     }
 
@@ -529,12 +569,15 @@ impl Consumer {
                 known.fill(Known::Unknown);
             }
         }
+        let mut hinted = lock(&self.hinted);
+        hinted.resize(n as usize, i64::MAX);
         (0..n)
             .filter(|&q| match known[q as usize] {
                 Known::Unknown => true,
                 Known::At { seen_ms, next_due } => {
                     local - seen_ms >= self.opts.idle_sleep_max_ms as i64
                         || next_due.is_some_and(|t| t <= now)
+                        || hinted[q as usize] <= now
                         || self.store.wants_migration(q)
                 }
             })
@@ -546,13 +589,19 @@ impl Consumer {
     fn idle_wait(&self) -> Duration {
         let (local, now) = (system_now_ms(), self.store_now());
         let cap = self.opts.idle_sleep_max_ms as i64;
-        let wait = lock(&self.known)
+        let known = lock(&self.known);
+        let hinted = lock(&self.hinted);
+        let wait = known
             .iter()
-            .map(|k| match *k {
+            .enumerate()
+            .map(|(q, k)| match *k {
                 Known::Unknown => 0,
                 Known::At { seen_ms, next_due } => {
                     let stale_in = seen_ms + cap - local;
-                    next_due.map_or(stale_in, |t| stale_in.min(t - now))
+                    let hint = hinted.get(q).map_or(i64::MAX, |h| h.saturating_sub(now));
+                    next_due
+                        .map_or(stale_in, |t| stale_in.min(t - now))
+                        .min(hint)
                 }
             })
             .min()
@@ -584,6 +633,14 @@ impl Consumer {
     /// rotates to another queue after a while so no queue waits behind a deep one.
     async fn drain_queue(self: &Arc<Self>, lease: &Lease, mut permit: OwnedSemaphorePermit) {
         const ROTATE_AFTER_BATCHES: u32 = 64;
+        // What was announced as due by now is in the store before this pop runs (a
+        // script announces what it stored), so this pop sees it; later ones stay.
+        let now = self.store_now();
+        if let Some(h) = lock(&self.hinted).get_mut(lease.queue as usize)
+            && *h <= now
+        {
+            *h = i64::MAX;
+        }
         for _ in 0..ROTATE_AFTER_BATCHES {
             let want = permit.num_permits() as u32;
             let opts = PopOptions {
@@ -714,6 +771,39 @@ impl Consumer {
         if let Some(Known::At { next_due, .. }) = known.get_mut(queue as usize) {
             *next_due = Some(next_due.map_or(at, |t| t.min(at)));
         }
+    }
+
+    /// Applies the store's announcements until the store stops making them or the
+    /// consumer stops.
+    async fn follow_wakes(self: Arc<Self>, mut rx: mpsc::Receiver<Wake>, done: CancellationToken) {
+        loop {
+            let wake = tokio::select! {
+                w = rx.recv() => w,
+                _ = done.cancelled() => return,
+            };
+            let Some(wake) = wake else {
+                debug!("the store stopped announcing; queues are looked at on the idle cap");
+                return;
+            };
+            self.on_wake(wake);
+        }
+    }
+
+    /// Notes an announcement and wakes idle pollers to act on it.
+    fn on_wake(&self, wake: Wake) {
+        if wake == Wake::ALL {
+            lock(&self.known).fill(Known::Unknown);
+        } else {
+            let mut hinted = lock(&self.hinted);
+            let q = wake.queue as usize;
+            if hinted.len() <= q {
+                // A queue of a newer layout than this worker has seen yet.
+                hinted.resize(q + 1, i64::MAX);
+            }
+            hinted[q] = hinted[q].min(wake.due_at_ms);
+        }
+        self.wake_gen.fetch_add(1, Ordering::AcqRel);
+        self.woken.notify_waiters();
     }
 
     fn dispatch(self: &Arc<Self>, popped: Popped, mut permit: OwnedSemaphorePermit) {

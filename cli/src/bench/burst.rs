@@ -10,6 +10,7 @@ use chime_shared::queue::{DelayStore, QueueLayout};
 use chime_shared::redis_conn::{RedisConn, RedisSpec};
 use serde_json::json;
 
+use super::profile::RedisProfile;
 use super::{Workers, cleanup, count_lines, quantile, read_records, redis_cpu};
 
 /// `chime bench burst` arguments.
@@ -45,6 +46,10 @@ pub(crate) struct BurstArgs {
     /// Keep the workers' record files and logs (their directory is printed).
     #[arg(long)]
     keep_files: bool,
+    /// Also time every script call through Redis's slow log (threshold 0 for the
+    /// run, restored after it; single Redis only) and print µs per item per script.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub(crate) async fn run(a: BurstArgs) -> Result<()> {
@@ -58,6 +63,7 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         .with_context(|| format!("connecting to {}", a.redis_url))?;
     let store = Arc::new(RedisStore::open(conn.clone(), layout).await?);
     let cpu_before = redis_cpu(&conn).await?;
+    let profile = RedisProfile::start(&conn, a.profile).await?;
     let dir = std::env::temp_dir().join(format!("chime-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
@@ -114,6 +120,7 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     workers.stop();
+    let profile = profile.finish(&conn, a.items).await?;
     // Redis CPU per master over enqueue + drain: what scaling out spreads.
     let cpu_after = redis_cpu(&conn).await?;
     let redis_cpu_s: Vec<f64> = cpu_after
@@ -126,6 +133,9 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
             ((after - before) * 100.0).round() / 100.0
         })
         .collect();
+
+    let redis_cpu_us_per_item =
+        (redis_cpu_s.iter().sum::<f64>() * 1e6 / a.items as f64 * 100.0).round() / 100.0;
 
     // Score.
     let handled = read_records(&workers.records)?;
@@ -154,6 +164,10 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         "worker_peak_rss_mib": (peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
         "redis_masters": redis_cpu_s.len(),
         "redis_cpu_s_per_master": redis_cpu_s,
+        // Every master's CPU over enqueue and drain (and the bench's 10 Hz progress
+        // reads), per item.
+        "redis_cpu_us_per_item": redis_cpu_us_per_item,
+        "redis_profile": profile,
     });
     println!("{out}");
     Ok(())

@@ -8,9 +8,11 @@ mod chaos;
 mod cron;
 mod deliveries;
 mod failover;
+mod profile;
 mod proxy;
 mod resize;
 mod rolling;
+mod steady;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ pub struct BenchArgs {
 enum BenchCmd {
     /// N items due at one instant, drained by W worker processes.
     Burst(burst::BurstArgs),
+    /// Items enqueued at a steady rate, each due a short random delay later.
+    Steady(steady::SteadyArgs),
     /// Items enqueued continuously while the queue count changes in etcd.
     Resize(resize::ResizeArgs),
     /// Many jobs firing every second under one coordinator.
@@ -52,6 +56,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     crate::init_logging("text", "warn");
     match args.cmd {
         BenchCmd::Burst(a) => burst::run(a).await,
+        BenchCmd::Steady(a) => steady::run(a).await,
         BenchCmd::Resize(a) => resize::run(a).await,
         BenchCmd::Cron(a) => cron::run(a).await,
         BenchCmd::Failover(a) => failover::run(a).await,

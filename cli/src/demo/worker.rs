@@ -79,10 +79,15 @@ pub(crate) struct WorkerCtx {
 pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
     crate::init_logging("text", "warn");
     let layout = QueueLayout::new(&a.prefix, "default", a.queues)?;
-    let conn = RedisConn::connect(&RedisSpec::parse(&a.redis_url)?)
+    let spec = RedisSpec::parse(&a.redis_url)?;
+    let conn = RedisConn::connect(&spec)
         .await
         .with_context(|| format!("connecting to Redis at {}", a.redis_url))?;
-    let store = Arc::new(RedisStore::open(conn.clone(), layout.clone()).await?);
+    let store = Arc::new(
+        RedisStore::open(conn.clone(), layout.clone())
+            .await?
+            .announced_through(spec),
+    );
     let client = chime_shared::etcd::EtcdSpec::parse(&a.etcd_endpoints)?
         .connect()
         .await

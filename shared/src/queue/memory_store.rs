@@ -16,7 +16,7 @@ use super::codec::{self, Body};
 use super::{
     CancelOutcome, Claimed, DUE_SOON_MS, DelayStore, Delivery, DeliveryToken, EnqueueOutcome,
     ItemRef, ItemState, ItemView, Layout, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped,
-    QueueStats, RescheduleOutcome, Settlement, new_lease_token, queue_for, validate_batch,
+    QueueStats, RescheduleOutcome, Settlement, Wake, new_lease_token, queue_for, validate_batch,
 };
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -59,6 +59,19 @@ struct Queue {
 }
 
 impl Queue {
+    /// The announcement pending items due at `due` call for: one when they would
+    /// start earlier than the earliest pending now (as `announce` in the Redis
+    /// store's `common.lua`).
+    fn wake_for(&self, queue: usize, due: i64) -> Option<Wake> {
+        self.due
+            .first()
+            .is_none_or(|(head, _)| due < *head)
+            .then_some(Wake {
+                queue: queue as u32,
+                due_at_ms: due,
+            })
+    }
+
     /// Puts `id` (in no set) into the pending set at `score`.
     fn make_pending(&mut self, id: &str, score: i64) {
         let Some(rec) = self.recs.get_mut(id) else {
@@ -223,6 +236,8 @@ impl State {
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     state: Arc<Mutex<State>>,
+    /// Subscribers of [`DelayStore::wakes`]; closed ones are dropped on the next send.
+    wake_subs: Arc<Mutex<Vec<tokio::sync::mpsc::Sender<Wake>>>>,
 }
 
 impl MemoryStore {
@@ -237,6 +252,22 @@ impl MemoryStore {
                 seq: 0,
                 layout: Layout::initial(count),
             })),
+            wake_subs: Arc::default(),
+        }
+    }
+
+    /// Sends `wakes` to every subscriber (outside the state lock).
+    fn announce(&self, wakes: Vec<Wake>) {
+        if wakes.is_empty() {
+            return;
+        }
+        let mut subs = self.wake_subs.lock().unwrap_or_else(|p| p.into_inner());
+        subs.retain(|tx| !tx.is_closed());
+        for tx in subs.iter() {
+            for w in &wakes {
+                // Full: that consumer is behind and looks soon anyway.
+                let _ = tx.try_send(*w);
+            }
         }
     }
 
@@ -307,10 +338,12 @@ impl DelayStore for MemoryStore {
         let handlers: Vec<String> = items.iter().map(|i| i.handler.clone()).collect();
         let mut st = self.lock();
         let mut out = Vec::with_capacity(items.len());
+        let mut wakes = Vec::new();
         for it in items {
             let key = it.routing_key().to_owned();
             let count = st.count();
-            let q = &mut st.queues[queue_for(&key, count) as usize];
+            let qi = queue_for(&key, count) as usize;
+            let q = &mut st.queues[qi];
             if q.recs.contains_key(&it.id) {
                 out.push(EnqueueOutcome::Duplicate);
                 continue;
@@ -335,10 +368,12 @@ impl DelayStore for MemoryStore {
                     err: None,
                 },
             );
+            wakes.extend(q.wake_for(qi, it.due_at_ms));
             q.make_pending(&it.id, it.due_at_ms);
             out.push(EnqueueOutcome::Created);
         }
         drop(st);
+        self.announce(wakes);
         super::count_enqueued(handlers.iter().map(String::as_str), &out);
         Ok(out)
     }
@@ -368,7 +403,8 @@ impl DelayStore for MemoryStore {
         crate::limits::check_due("due_at_ms", due_at_ms)?;
         let mut st = self.lock();
         let count = st.count();
-        let q = &mut st.queues[queue_for(&item.key, count) as usize];
+        let qi = queue_for(&item.key, count) as usize;
+        let q = &mut st.queues[qi];
         let Some(rec) = q.recs.get_mut(&item.id) else {
             return Ok(RescheduleOutcome::NotFound);
         };
@@ -377,11 +413,26 @@ impl DelayStore for MemoryStore {
             Pos::Dead(_) => Ok(RescheduleOutcome::Dead),
             Pos::Due(_) | Pos::Waiting(_) => {
                 rec.body.due_at_ms = due_at_ms;
+                // The head before the move, as the Redis store's script compares.
+                let wake = q.wake_for(qi, due_at_ms);
                 q.unlink(&item.id);
                 q.make_pending(&item.id, due_at_ms);
+                drop(st);
+                self.announce(wake.into_iter().collect());
                 Ok(RescheduleOutcome::Rescheduled)
             }
         }
+    }
+
+    async fn wakes(&self) -> Option<tokio::sync::mpsc::Receiver<Wake>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1_024);
+        // Nothing announced before now reaches this subscriber.
+        let _ = tx.try_send(Wake::ALL);
+        self.wake_subs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        Some(rx)
     }
 
     async fn next_claim_ticket(&self) -> Result<u64> {
@@ -682,17 +733,21 @@ impl DelayStore for MemoryStore {
                 .collect();
         }
         let mut moved = 0;
+        let mut wakes = Vec::new();
         for (qi, id) in targets {
             let q = &mut st.queues[qi];
             if let Some(rec) = q.recs.get_mut(&id)
                 && matches!(rec.pos, Pos::Dead(_))
             {
                 rec.attempts = 0;
+                wakes.extend(q.wake_for(qi, now));
                 q.unlink(&id);
                 q.make_pending(&id, now);
                 moved += 1;
             }
         }
+        drop(st);
+        self.announce(wakes);
         Ok(moved)
     }
 }

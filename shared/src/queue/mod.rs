@@ -513,6 +513,25 @@ pub struct MigrateStep {
     pub clean: bool,
 }
 
+/// A queue's earliest pending item is now earlier than before: idle consumers should
+/// look at `queue` at `due_at_ms` rather than at the end of their idle sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    /// The queue, in the layout of the process that moved the head.
+    pub queue: u32,
+    /// The new earliest due time, store clock (ms).
+    pub due_at_ms: i64,
+}
+
+impl Wake {
+    /// "Anything may have changed": sent when a subscription (re)starts, since
+    /// announcements made while it was down are gone.
+    pub const ALL: Wake = Wake {
+        queue: u32::MAX,
+        due_at_ms: i64::MIN,
+    };
+}
+
 /// The delay-queue contract. Implementations: [`redis_store::RedisStore`] (production) and
 /// [`memory_store::MemoryStore`] (`chime dev`, unit tests); both pass the conformance suite.
 #[async_trait]
@@ -559,6 +578,17 @@ pub trait DelayStore: Send + Sync + fmt::Debug {
     /// Hands out the next value of the family's shared claim counter; consumers take
     /// it mod N to pick the next queue to try, so two consumers rarely collide.
     async fn next_claim_ticket(&self) -> Result<u64>;
+
+    /// Announcements that a queue's earliest pending item moved earlier (enqueue,
+    /// reschedule, requeue; from any process), so idle consumers need not wait for
+    /// their next look. Hints only: a missed one costs latency up to a consumer's
+    /// idle cap, never an item. `None`: this store does not announce. Every
+    /// (re)subscription starts with [`Wake::ALL`] (what was announced before it is
+    /// not delivered). The channel ends when the store can no longer announce;
+    /// dropping the receiver stops the subscription.
+    async fn wakes(&self) -> Option<tokio::sync::mpsc::Receiver<Wake>> {
+        None
+    }
 
     /// Tries to take the lease on `queue`; `None` when someone else holds it.
     async fn claim(&self, queue: u32, ttl_ms: u64) -> Result<Option<Lease>>;

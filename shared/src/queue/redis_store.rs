@@ -6,7 +6,9 @@
 //! script per queue per batch, using Redis `TIME`; nothing is decided with a client's
 //! clock and no item ever exists only in a client's memory. Outside the queues there
 //! are two family keys: the claim counter `p:f:claims` (touched once per queue
-//! switch, never per item) and the layout `p:f:layout` (read when a resize happens).
+//! switch, never per item) and the layout `p:f:layout` (read when a resize happens),
+//! and one channel: `p:f:wake`, where scripts announce a queue's new earliest due
+//! time (`q due_ms`) so idle consumers need not wait for their next look.
 //!
 //! Resizes: producers place items with the current [`Layout`]; a queue refuses a
 //! producer whose layout is older than one it has seen (`STALE`), and the store then
@@ -27,10 +29,10 @@ use super::redis_migrate::Passes;
 use super::{
     CancelOutcome, Claimed, DUE_SOON_MS, DelayStore, Delivery, DeliveryToken, EnqueueOutcome,
     ItemRef, ItemState, ItemView, Lease, MigrateStep, NewItem, Outcome, PopOptions, Popped,
-    QueueLayout, QueueStats, RescheduleOutcome, Settlement, new_lease_token, validate_batch,
+    QueueLayout, QueueStats, RescheduleOutcome, Settlement, Wake, new_lease_token, validate_batch,
 };
 use crate::error::{Error, Result};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{RedisConn, RedisSpec};
 
 /// Most items per script call: keeps each script short (Redis is single-threaded, a
 /// long script stalls every client) and far below Lua's unpack limit.
@@ -71,6 +73,39 @@ pub(super) static MV_FINISH: LazyLock<Script> = script!("lua/mv_finish.lua");
 pub(super) static MV_UNMARK: LazyLock<Script> = script!("lua/mv_unmark.lua");
 pub(super) static MV_CLEAN: LazyLock<Script> = script!("lua/mv_clean.lua");
 
+/// The SHA1 of every queue script with its name (`pop`, `ack`, …): what a profile
+/// reads in `SLOWLOG` entries, which name scripts only by hash.
+pub fn script_names() -> Vec<(String, &'static str)> {
+    let all: [(&LazyLock<Script>, &'static str); 23] = [
+        (&ENQUEUE, "enqueue"),
+        (&CHECK, "check"),
+        (&POP, "pop"),
+        (&ACK, "ack"),
+        (&FAIL, "fail"),
+        (&EXTEND, "extend"),
+        (&CANCEL, "cancel"),
+        (&RESCHEDULE, "reschedule"),
+        (&GET, "get"),
+        (&REQUEUE, "requeue"),
+        (&STATS, "stats"),
+        (&DEAD, "dead"),
+        (&RELEASE, "release"),
+        (&LAYOUT, "layout"),
+        (&WAITING, "waiting"),
+        (&MV_SCAN, "mv_scan"),
+        (&MV_TAKE, "mv_take"),
+        (&MV_PENDING, "mv_pending"),
+        (&MV_IMPORT, "mv_import"),
+        (&MV_RETARGET, "mv_retarget"),
+        (&MV_FINISH, "mv_finish"),
+        (&MV_UNMARK, "mv_unmark"),
+        (&MV_CLEAN, "mv_clean"),
+    ];
+    all.iter()
+        .map(|(s, name)| (s.get_hash().to_owned(), *name))
+        .collect()
+}
+
 /// The nineteen keys of one queue, in the order the scripts expect them.
 #[derive(Debug)]
 struct QueueKeys([String; 19]);
@@ -101,6 +136,8 @@ pub struct RedisStore {
     pub(super) passes: Arc<Mutex<Passes>>,
     claims_key: String,
     layout_key: String,
+    /// Where to subscribe to the wake channel; `None`: [`DelayStore::wakes`] is.
+    wake_spec: Option<RedisSpec>,
 }
 
 /// How a lookup script answered on one queue.
@@ -120,6 +157,7 @@ impl RedisStore {
             layout: Arc::new(RwLock::new(Layout::initial(names.count))),
             keys: Arc::default(),
             passes: Arc::default(),
+            wake_spec: None,
             conn,
             names,
         };
@@ -127,6 +165,18 @@ impl RedisStore {
             .layout_call(&["apply", &store.names.count.to_string(), "0"])
             .await?;
         Ok(store)
+    }
+
+    /// Lets [`DelayStore::wakes`] subscribe to the family's wake channel over its own
+    /// connection to `spec` (consumers want this; producers and tools do not).
+    pub fn announced_through(mut self, spec: RedisSpec) -> Self {
+        self.wake_spec = Some(spec);
+        self
+    }
+
+    /// The family's wake channel.
+    fn wake_channel(&self) -> String {
+        format!("{}:{}:wake", self.names.prefix, self.names.family)
     }
 
     /// Prefix, family and the count this process seeded the layout with.
@@ -496,6 +546,14 @@ impl DelayStore for RedisStore {
         Ok(found.map_or(RescheduleOutcome::NotFound, |(_, o)| o))
     }
 
+    async fn wakes(&self) -> Option<tokio::sync::mpsc::Receiver<Wake>> {
+        let spec = self.wake_spec.clone()?;
+        // Small: a consumer that falls behind loses hints, not items.
+        let (tx, rx) = tokio::sync::mpsc::channel(1_024);
+        tokio::spawn(follow_wakes(spec, self.wake_channel(), tx));
+        Some(rx)
+    }
+
     async fn next_claim_ticket(&self) -> Result<u64> {
         let mut conn = self.conn.clone();
         let n: i64 = ::redis::cmd("INCR")
@@ -762,6 +820,57 @@ impl DelayStore for RedisStore {
 }
 
 /// `{'STALE', epoch}` from a script: the caller's layout is old.
+/// Subscribes to `channel` and forwards its announcements until `tx` is dropped;
+/// after every (re)subscription it sends [`Wake::ALL`] (what was announced while
+/// unsubscribed is gone). A broken subscription is retried every second, on the next
+/// seed.
+async fn follow_wakes(spec: RedisSpec, channel: String, tx: tokio::sync::mpsc::Sender<Wake>) {
+    use futures_util::StreamExt;
+    let mut attempt = 0usize;
+    while !tx.is_closed() {
+        let subscribed = async {
+            let mut sub = spec.subscriber(attempt).await?;
+            sub.subscribe(&channel).await?;
+            Ok::<_, Error>(sub)
+        };
+        match subscribed.await {
+            Ok(sub) => {
+                if tx.try_send(Wake::ALL).is_err() && tx.is_closed() {
+                    return;
+                }
+                let mut messages = sub.into_on_message();
+                loop {
+                    let msg = tokio::select! {
+                        m = messages.next() => m,
+                        _ = tx.closed() => return,
+                    };
+                    let Some(msg) = msg else { break };
+                    if let Some(w) = parse_wake(msg.get_payload_bytes()) {
+                        // Full: the consumer is behind and looks soon anyway.
+                        let _ = tx.try_send(w);
+                    }
+                }
+                tracing::debug!(%channel, "wake subscription ended; resubscribing");
+            }
+            Err(e) => tracing::debug!(%channel, error = %e, "cannot subscribe to wakes yet"),
+        }
+        attempt += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// `queue due_ms`, as `announce` in `lua/common.lua` publishes it.
+fn parse_wake(payload: &[u8]) -> Option<Wake> {
+    let (q, due) = std::str::from_utf8(payload).ok()?.split_once(' ')?;
+    Some(Wake {
+        queue: q.parse().ok()?,
+        due_at_ms: due.parse().ok()?,
+    })
+}
+
 pub(super) fn stale_epoch(parts: &[Value]) -> Result<()> {
     if parts.len() == 2 && text(&parts[0]).as_deref() == Some("STALE") {
         return Err(Error::StaleLayout {

@@ -66,6 +66,23 @@ local function mki_member(class, score, id)
   return class .. '\1' .. pad(score) .. '\1' .. id
 end
 
+-- The earliest due time of the pending items, false when none is.
+local function head_due()
+  local h = redis.call('ZRANGE', K_DUE, 0, 0, 'WITHSCORES')
+  if #h == 0 then return false end
+  return tonumber(h[2])
+end
+
+-- Idle consumers sleep until the earliest due time they saw (at most their idle
+-- cap). When pending items now start earlier than `before` (the head before this
+-- script), say so on the family's wake channel, `<prefix>:<family>:wake`, as
+-- `queue due_ms`: consumers then look at this queue at `due`, not at their cap.
+local function announce(before, due)
+  if before and before <= due then return end
+  local family, q = string.match(K_DUE, '^{(.*):(%d+)}:due$')
+  redis.call('PUBLISH', family .. ':wake', q .. ' ' .. num(due))
+end
+
 -- Makes an item (in no set) pending at `score`.
 local function make_pending(id, score)
   redis.call('ZADD', K_DUE, num(score), id)

@@ -1,6 +1,7 @@
 -- ENQUEUE: ARGV = layout epoch, n, then per item: id, due, merge_class, body.
 -- Answers per item 1 (created) or 0 (an item with this id exists: duplicate), or
--- {'STALE', epoch} when the producer's layout is older than this queue's.
+-- {'STALE', epoch} when the producer's layout is older than this queue's. Announces
+-- a new earliest due time (see `announce`).
 local newer = seal(ARGV[1])
 if newer then return { 'STALE', newer } end
 local n = tonumber(ARGV[2])
@@ -30,8 +31,12 @@ for i = 1, n do
   end
 end
 if #hitems > 0 then
+  -- The head before and after, rather than the earliest of the batch: nothing is
+  -- parsed per item on the hot path.
+  local before = head_due()
   redis.call('HSET', K_ITEMS, unpack(hitems))
   redis.call('ZADD', K_DUE, unpack(zdue))
+  announce(before, head_due())
 end
 if #hcls > 0 then
   redis.call('HSET', K_CLS, unpack(hcls))

@@ -1,6 +1,8 @@
 -- REQUEUE: ARGV = limit, then ids (none: the oldest `limit` dead letters). Moves dead
--- letters back to pending, due now, attempts reset. Answers how many moved.
+-- letters back to pending, due now, attempts reset. Answers how many moved, and
+-- announces them (see `announce`).
 local now = now_ms()
+local before = head_due()
 local ids = {}
 if #ARGV > 1 then
   for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
@@ -20,4 +22,5 @@ for _, id in ipairs(ids) do
     end
   end
 end
+if moved > 0 then announce(before, now) end
 return moved
