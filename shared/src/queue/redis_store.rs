@@ -827,6 +827,9 @@ impl DelayStore for RedisStore {
 async fn follow_wakes(spec: RedisSpec, channel: String, tx: tokio::sync::mpsc::Sender<Wake>) {
     use futures_util::StreamExt;
     let mut attempt = 0usize;
+    // Said once at warn level: a deployment whose Redis user may not subscribe still
+    // works, on the idle cap, and should not fill the log saying so.
+    let mut warned = false;
     while !tx.is_closed() {
         let subscribed = async {
             let mut sub = spec.subscriber(attempt).await?;
@@ -851,6 +854,12 @@ async fn follow_wakes(spec: RedisSpec, channel: String, tx: tokio::sync::mpsc::S
                     }
                 }
                 tracing::debug!(%channel, "wake subscription ended; resubscribing");
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(%channel, error = %e,
+                    "cannot subscribe to the wake channel; retrying every second (until then \
+                     queues are looked at on consumer.idle_sleep_max_ms)");
             }
             Err(e) => tracing::debug!(%channel, error = %e, "cannot subscribe to wakes yet"),
         }

@@ -80,7 +80,9 @@ end
 local function announce(before, due)
   if before and before <= due then return end
   local family, q = string.match(K_DUE, '^{(.*):(%d+)}:due$')
-  redis.call('PUBLISH', family .. ':wake', q .. ' ' .. num(due))
+  -- pcall: a user whose ACL has no channel access (Redis 7's default for new users)
+  -- still enqueues; its consumers then learn on their idle cap.
+  redis.pcall('PUBLISH', family .. ':wake', q .. ' ' .. num(due))
 end
 
 -- Makes an item (in no set) pending at `score`.
