@@ -2,7 +2,7 @@
 //! drained by W separate `chime worker` processes with a recording no-op handler.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chime_shared::queue::redis_store::RedisStore;
@@ -11,7 +11,7 @@ use chime_shared::redis_conn::{RedisConn, RedisSpec};
 use serde_json::json;
 
 use super::profile::RedisProfile;
-use super::{Workers, cleanup, count_lines, quantile, read_records, redis_cpu};
+use super::{Workers, cleanup, quantile, read_records, redis_cpu};
 
 /// `chime bench burst` arguments.
 #[derive(Debug, clap::Args)]
@@ -102,23 +102,10 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
     let enqueue_s = super::enqueue_burst(&store, a.items, t0, "noop", payload).await?;
 
     // Wait for the drain: nothing pending or in flight, and every item recorded.
-    let deadline = Instant::now() + Duration::from_secs(60 + (a.items / 5_000) as u64);
-    let mut peak_rss_kib = 0u64;
-    loop {
-        peak_rss_kib = peak_rss_kib.max(workers.check(&dir)?);
-        let stats = store.stats().await?;
-        let left: u64 = stats.iter().map(|s| s.pending + s.in_flight).sum();
-        if left == 0 && count_lines(&workers.records)? >= a.items {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "burst not drained in time: {left} items left; see {}",
-                dir.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let within = Duration::from_secs(60 + (a.items / 5_000) as u64);
+    let peak_rss_kib = workers
+        .wait_until_run(&store, a.items, within, &dir, 0)
+        .await?;
     workers.stop();
     let profile = profile.finish(&conn, a.items).await?;
     // Redis CPU per master over enqueue + drain: what scaling out spreads.

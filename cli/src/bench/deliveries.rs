@@ -15,7 +15,7 @@ use chime_shared::queue::{DelayStore, QueueLayout};
 use chime_shared::redis_conn::{RedisConn, RedisSpec};
 use serde_json::json;
 
-use super::{Workers, cleanup, count_lines, quantile, read_records, redis_cpu, vm_hwm_kib};
+use super::{Workers, cleanup, quantile, read_records, redis_cpu, vm_hwm_kib};
 
 /// Which SDK subscribes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,11 +191,9 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
                 subscriber_rss = subscriber_rss.max(rss);
             }
         }
-        let stats = store.stats().await?;
-        let left: u64 = stats.iter().map(|s| s.pending + s.in_flight).sum();
-        if left == 0 && count_lines(&procs.records)? >= a.items {
+        let Some(left) = super::left_to_run(&store, &procs.records, a.items).await? else {
             break;
-        }
+        };
         if Instant::now() > deadline {
             bail!(
                 "burst not drained in time: {left} items left; see {}",

@@ -147,6 +147,33 @@ impl Workers {
         Ok(peak)
     }
 
+    /// Waits until the `n` items are run (see [`left_to_run`]), failing when a worker
+    /// exits or `within` passes; answers the largest worker peak RSS seen (KiB),
+    /// `peak_kib` included.
+    pub(crate) async fn wait_until_run(
+        &mut self,
+        store: &chime_shared::queue::redis_store::RedisStore,
+        n: usize,
+        within: Duration,
+        dir: &Path,
+        mut peak_kib: u64,
+    ) -> Result<u64> {
+        let deadline = Instant::now() + within;
+        loop {
+            peak_kib = peak_kib.max(self.check(dir)?);
+            let Some(left) = left_to_run(store, &self.records, n).await? else {
+                return Ok(peak_kib);
+            };
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "not drained in time: {left} items left; see {}",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGTERM, then wait (SIGKILL after 30 s).
     pub(crate) fn stop(&mut self) {
         for c in &self.children {
@@ -290,6 +317,23 @@ pub(crate) async fn enqueue_burst(
         );
     }
     Ok(secs)
+}
+
+/// Items still to run: `None` once nothing is pending or in flight in `store` and
+/// the record files hold at least `n` lines; otherwise how many the store holds.
+pub(crate) async fn left_to_run(
+    store: &chime_shared::queue::redis_store::RedisStore,
+    records: &[PathBuf],
+    n: usize,
+) -> Result<Option<u64>> {
+    use chime_shared::queue::DelayStore;
+    let left: u64 = store
+        .stats()
+        .await?
+        .iter()
+        .map(|s| s.pending + s.in_flight)
+        .sum();
+    Ok((left > 0 || count_lines(records)? < n).then_some(left))
 }
 
 /// A free loopback port (bound and released: another process could take it before

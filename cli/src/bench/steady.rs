@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Workers, cleanup, count_lines, quantile, read_records, redis_cpu};
+use super::{Workers, cleanup, quantile, read_records, redis_cpu};
 
 /// `chime bench steady` arguments.
 #[derive(Debug, clap::Args)]
@@ -109,6 +109,7 @@ pub(crate) async fn run(a: SteadyArgs) -> Result<()> {
     let mut behind_max_ms = 0u128;
     let mut next_tick = tokio::time::Instant::now();
     let mut peak_rss_kib = 0u64;
+    let mut ticks = 0u64;
     while sent < total {
         let elapsed = started.elapsed();
         let target = ((elapsed.as_secs_f64() * a.rate as f64) as usize + 1).min(total);
@@ -136,7 +137,9 @@ pub(crate) async fn run(a: SteadyArgs) -> Result<()> {
         while let Some(done) = calls.try_join_next() {
             done??;
         }
-        if sent % (a.rate as usize) < (a.rate as usize / 100).max(1) {
+        ticks += 1;
+        if ticks.is_multiple_of(100) {
+            // Once a second: a worker that died fails the run now, not at the end.
             peak_rss_kib = peak_rss_kib.max(workers.check(&dir)?);
         }
         next_tick += TICK;
@@ -148,26 +151,10 @@ pub(crate) async fn run(a: SteadyArgs) -> Result<()> {
     let enqueue_s = started.elapsed().as_secs_f64();
     eprintln!("  enqueued {total} in {enqueue_s:.1} s; waiting for the last to run");
 
-    let deadline = Instant::now() + Duration::from_secs(60 + (total / 10_000) as u64);
-    loop {
-        peak_rss_kib = peak_rss_kib.max(workers.check(&dir)?);
-        let left: u64 = store
-            .stats()
-            .await?
-            .iter()
-            .map(|s| s.pending + s.in_flight)
-            .sum();
-        if left == 0 && count_lines(&workers.records)? >= total {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "not drained in time: {left} items left; see {}",
-                dir.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let within = Duration::from_secs(60 + (total / 10_000) as u64);
+    let peak_rss_kib = workers
+        .wait_until_run(&store, total, within, &dir, peak_rss_kib)
+        .await?;
     workers.stop();
     let cpu_after = redis_cpu(&conn).await?;
     let cpu_s: f64 =
