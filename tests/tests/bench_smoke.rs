@@ -1,6 +1,6 @@
 //! The benchmarks whose figures README quotes run end to end at a small scale, so a
 //! change that breaks one (or its scoring) fails here rather than at the next
-//! measurement: `chime bench burst`, `cron`, `rolling` and `chaos` against a real Redis and
+//! measurement: `chime bench burst`, `steady`, `cron`, `rolling` and `chaos` against a real Redis and
 //! etcd, their JSON parsed and their correctness fields checked. Speed is not
 //! asserted (figures come from release builds on a quiet machine, see README),
 //! except that a graceful restart never waits out the grace of a crash.
@@ -14,7 +14,7 @@ fn json(out: &str) -> Result<serde_json::Value> {
 
 /// A small burst: every item handled once, none early, and every setting the
 /// figures depend on printed with them (the defaults: the worker's batch and
-/// in-flight limits, 256-byte payloads).
+/// in-flight limits, 256-byte payloads), and Redis's CPU and profile per item.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_burst_runs_and_counts_every_item_once() -> Result<()> {
     let redis = RedisServer::start().await?;
@@ -39,7 +39,58 @@ async fn bench_burst_runs_and_counts_every_item_once() -> Result<()> {
         r["batch"] == 256 && r["max_in_flight"] == 2048 && r["payload_bytes"] == 256,
         "the defaults are the worker's and a realistic payload: {r}"
     );
-    for field in ["drain_per_s", "lag_p50_ms", "lag_p99_ms", "pollers"] {
+    for field in [
+        "drain_per_s",
+        "lag_p50_ms",
+        "lag_p99_ms",
+        "pollers",
+        "redis_cpu_us_per_item",
+    ] {
+        ensure!(r[field].is_number(), "{field} missing: {r}");
+    }
+    ensure!(
+        r["redis_profile"]["commands_us_per_item"]["evalsha"].is_number()
+            && r["redis_profile"]["lua_us_per_item"].is_number(),
+        "the Redis profile: {r}"
+    );
+    Ok(())
+}
+
+/// A short steady run: every item handled once, none early, and the rate the
+/// producer reached printed with the settings the figures depend on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_steady_runs_and_counts_every_item_once() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let (code, out, err) = run_chime(&[
+        "bench",
+        "steady",
+        "--redis-url",
+        &redis.url,
+        "--rate",
+        "500",
+        "--seconds",
+        "2",
+    ])?;
+    ensure!(code == 0, "bench steady failed: {err}");
+    let r = json(&out)?;
+    ensure!(r["bench"] == "steady" && r["items"] == 1000, "{r}");
+    ensure!(
+        r["lost"] == 0 && r["duplicates"] == 0 && r["early"] == 0,
+        "{r}"
+    );
+    ensure!(
+        r["workers"] == 2 && r["delay_min_ms"] == 100 && r["delay_max_ms"] == 1000,
+        "{r}"
+    );
+    for field in [
+        "enqueued_per_s",
+        "producer_behind_max_ms",
+        "lag_p50_ms",
+        "lag_p99_ms",
+        "lag_p999_ms",
+        "lag_max_ms",
+        "redis_cpu_us_per_item",
+    ] {
         ensure!(r[field].is_number(), "{field} missing: {r}");
     }
     Ok(())
