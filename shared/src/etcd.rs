@@ -49,12 +49,15 @@ impl EtcdSpec {
         })
     }
 
-    /// Connects. Keep-alive pings detect a dead server on long watches; no request
-    /// timeout is set because watches are long-lived streams.
+    /// Connects. Keep-alive pings detect a dead server on long watches (within 15 s);
+    /// no request timeout is set because watches are long-lived streams. The ping
+    /// interval stays above etcd's `--grpc-keepalive-min-time` (5 s by default):
+    /// etcd counts a quicker ping as abuse and, on the third, closes the connection
+    /// with `too_many_pings` (at 3 s, every idle watch broke every 12 s).
     pub async fn connect(&self) -> Result<Client> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         if let (Some(u), Some(p)) = (&self.user, &self.password) {
             opts = opts.with_user(u.clone(), p.clone());

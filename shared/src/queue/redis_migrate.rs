@@ -99,6 +99,9 @@ pub(crate) struct Passes {
     passes: HashMap<u32, Pass>,
     clean: HashSet<u32>,
     clean_epoch: u64,
+    /// Set by [`RedisStore::die_after_next_landing`]: the next move stops as a mover
+    /// killed between its imports and its finish would.
+    die_after_landing: bool,
 }
 
 /// An item record as `MV_TAKE` / `MV_PENDING` return it: id, score, kind, body,
@@ -108,6 +111,15 @@ type Record = [Value; 7];
 impl RedisStore {
     fn passes(&self) -> std::sync::MutexGuard<'_, Passes> {
         self.passes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fault injection for tests: the next move lands its items at their new home
+    /// and then fails before the source forgets them, leaving what a mover killed at
+    /// that point leaves (the items in the source's `moving` and imported at the
+    /// target).
+    #[doc(hidden)]
+    pub fn die_after_next_landing(&self) {
+        self.passes().die_after_landing = true;
     }
 
     fn note_clean(&self, epoch: u64, queue: u32) {
@@ -346,6 +358,11 @@ impl RedisStore {
         }
         if landed.is_empty() {
             return Ok(0);
+        }
+        if std::mem::take(&mut self.passes().die_after_landing) {
+            return Err(Error::Unavailable(
+                "mover stopped after landing (injected fault)".into(),
+            ));
         }
         let mut args = vec![token.as_bytes().to_vec()];
         args.extend(landed.iter().map(|i| i.clone().into_bytes()));
