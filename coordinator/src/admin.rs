@@ -82,6 +82,8 @@ impl std::fmt::Debug for Caller {
 pub enum AdminCall {
     /// Create a job (its version is ignored).
     CreateJob(JobSpec),
+    /// Create jobs, all or none (their versions are ignored).
+    CreateJobs(Vec<JobSpec>),
     /// Replace a job, if it is still at `version`.
     UpdateJob {
         /// The new definition.
@@ -259,6 +261,21 @@ impl Admin {
         Ok(JobView::new(j, state))
     }
 
+    /// Views of several jobs, asking the engine for trigger states once.
+    async fn views(&self, jobs: Vec<StoredJob>) -> Result<Vec<JobView>> {
+        let states = match self.shared.current().engine {
+            Some(e) => e.states().await?,
+            None => Default::default(),
+        };
+        Ok(jobs
+            .into_iter()
+            .map(|j| {
+                let state = states.get(&j.spec.name).copied().unwrap_or_default();
+                JobView::new(j, state)
+            })
+            .collect())
+    }
+
     /// Tells the engine at once (the store watch would tell it a moment later).
     async fn changed(&self, j: &StoredJob) {
         if let Some(e) = self.shared.current().engine {
@@ -272,6 +289,13 @@ impl Admin {
                 let stored = self.jobs.create(spec, self.clock.now_ms()).await?;
                 self.changed(&stored).await;
                 AdminAnswer::Job(self.view(stored).await?)
+            }
+            AdminCall::CreateJobs(specs) => {
+                let stored = self.jobs.create_all(specs, self.clock.now_ms()).await?;
+                for j in &stored {
+                    self.changed(j).await;
+                }
+                AdminAnswer::Jobs(self.views(stored).await?)
             }
             AdminCall::UpdateJob { spec, version } => {
                 let stored = self.jobs.update(spec, version).await?;
@@ -292,18 +316,7 @@ impl Admin {
                 let (mut all, _) = self.jobs.list().await?;
                 all.retain(|j| group.is_empty() || j.spec.group == group);
                 all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-                let states = match self.shared.current().engine {
-                    Some(e) => e.states().await?,
-                    None => Default::default(),
-                };
-                AdminAnswer::Jobs(
-                    all.into_iter()
-                        .map(|j| {
-                            let state = states.get(&j.spec.name).copied().unwrap_or_default();
-                            JobView::new(j, state)
-                        })
-                        .collect(),
-                )
+                AdminAnswer::Jobs(self.views(all).await?)
             }
             AdminCall::PauseJob(name) => {
                 let j = self.jobs.modify(&name, |s| s.paused = true).await?;

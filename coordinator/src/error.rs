@@ -50,6 +50,18 @@ impl CoordError {
             reason: reason.to_string(),
         }
     }
+
+    /// This error about one element of a list: an invalid field is named with the
+    /// element's index (`jobs[3].schedule.expr`); other errors are unchanged.
+    pub fn at(self, list: &str, index: usize) -> Self {
+        match self {
+            CoordError::InvalidArgument { field, reason } => CoordError::InvalidArgument {
+                field: format!("{list}[{index}].{field}"),
+                reason,
+            },
+            other => other,
+        }
+    }
 }
 
 impl From<chime_shared::Error> for CoordError {

@@ -33,6 +33,10 @@ pub struct JobStore {
     min_period_ms: u64,
 }
 
+/// Most jobs one [`JobStore::create_all`] stores: under etcd's default
+/// `--max-txn-ops` (128 compares and 128 writes a transaction), with room to spare.
+pub const MAX_JOBS_PER_BATCH: usize = 100;
+
 /// Ticks looked at to find a cron expression's shortest gap.
 const GAP_SAMPLES: usize = 512;
 
@@ -137,6 +141,54 @@ impl JobStore {
             Some(version) => Ok(StoredJob { spec, version }),
             None => Err(CoordError::AlreadyExists(spec.name)),
         }
+    }
+
+    /// Stores new jobs in one transaction: all of them, or (a bad definition, a name
+    /// given twice or already taken) none. At most [`MAX_JOBS_PER_BATCH`]; an
+    /// invalid field is named with the job's index (`jobs[3].schedule.expr`).
+    pub async fn create_all(&self, specs: Vec<JobSpec>, now_ms: i64) -> Result<Vec<StoredJob>> {
+        if specs.is_empty() || specs.len() > MAX_JOBS_PER_BATCH {
+            return Err(CoordError::invalid(
+                "jobs",
+                format!(
+                    "{} given; a batch holds 1 to {MAX_JOBS_PER_BATCH}",
+                    specs.len()
+                ),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut writes = Vec::with_capacity(specs.len());
+        let mut specs = specs;
+        for (i, spec) in specs.iter_mut().enumerate() {
+            spec.validate().map_err(|e| e.at("jobs", i))?;
+            self.check_floor(spec, now_ms)
+                .map_err(|e| e.at("jobs", i))?;
+            if !names.insert(spec.name.clone()) {
+                return Err(CoordError::invalid(
+                    format!("jobs[{i}].name"),
+                    format!("{:?} is given twice", spec.name),
+                ));
+            }
+            spec.created_at_ms = now_ms;
+            let text =
+                serde_json::to_string(&spec).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+            writes.push((key(&spec.name), text, Expect::Absent));
+        }
+        if let Some(version) = self.kv.put_if_all(&writes).await? {
+            return Ok(specs
+                .into_iter()
+                .map(|spec| StoredJob { spec, version })
+                .collect());
+        }
+        // Some name is taken: say which (one read per job, on this failure only).
+        for spec in &specs {
+            if self.kv.get(&key(&spec.name)).await?.is_some() {
+                return Err(CoordError::AlreadyExists(spec.name.clone()));
+            }
+        }
+        Err(CoordError::Conflict(
+            "a job of the batch was created meanwhile and deleted again".into(),
+        ))
     }
 
     /// Replaces a job if `version` is still its current one.

@@ -120,6 +120,10 @@ async fn bench_cron_runs_and_counts_every_tick() -> Result<()> {
     let r = json(&out)?;
     ensure!(r["bench"] == "cron" && r["jobs"] == 20, "{r}");
     ensure!(
+        r["jobs_created_per_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{r}"
+    );
+    ensure!(
         r["expected"] == 80 && r["fires"] == 80,
         "every tick of the window fired: {r}"
     );

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use chime_shared::config::source::{Change, ConfigSource, EtcdSource, MemorySource, WatchMsg};
+use chime_shared::config::source::{
+    Change, ConfigSource, EtcdSource, Expect, MemorySource, WatchMsg,
+};
 use chime_shared::config::watcher::{self, ConfigHandle};
 use chime_tests::{EtcdServer, wait_until};
 use tokio_util::sync::CancellationToken;
@@ -66,6 +68,28 @@ async fn source_round_trip(src: Arc<dyn ConfigSource>) -> Result<()> {
     let mut rx = src.watch(r3).await?;
     let got = next_changes(&mut rx).await?;
     ensure!(got.len() == 1 && got[0].revision() == r4, "{got:?}");
+
+    // Conditional writes: all of them in one revision, or none.
+    let absent = |k: &str, v: &str| (k.to_owned(), v.to_owned(), Expect::Absent);
+    let r5 = src
+        .put_if_all(&[absent("jobs/a", "1"), absent("jobs/b", "2")])
+        .await?
+        .context("both keys were absent")?;
+    ensure!(r5 > r4, "{r5} after {r4}");
+    ensure!(src.get("jobs/b").await? == Some(("2".into(), r5)));
+    let taken = src
+        .put_if_all(&[absent("jobs/c", "3"), absent("jobs/a", "x")])
+        .await?;
+    ensure!(taken.is_none(), "a write over a taken key: {taken:?}");
+    ensure!(src.get("jobs/c").await?.is_none(), "a refused batch wrote");
+    ensure!(src.get("jobs/a").await? == Some(("1".into(), r5)));
+    let stale = src.put_if("jobs/a", "y", Expect::Revision(r5 - 1)).await?;
+    ensure!(stale.is_none(), "a stale revision wrote: {stale:?}");
+    let r6 = src
+        .put_if("jobs/a", "y", Expect::Revision(r5))
+        .await?
+        .context("the current revision was refused")?;
+    ensure!(src.get("jobs/a").await? == Some(("y".into(), r6)) && r6 > r5);
     Ok(())
 }
 
@@ -211,13 +235,11 @@ impl ConfigSource for Cuttable {
     async fn get(&self, key: &str) -> chime_shared::error::Result<Option<(String, i64)>> {
         self.inner.get(key).await
     }
-    async fn put_if(
+    async fn put_if_all(
         &self,
-        key: &str,
-        value: &str,
-        expect: chime_shared::config::source::Expect,
+        writes: &[(String, String, chime_shared::config::source::Expect)],
     ) -> chime_shared::error::Result<Option<i64>> {
-        self.inner.put_if(key, value, expect).await
+        self.inner.put_if_all(writes).await
     }
 }
 

@@ -223,3 +223,99 @@ async fn every_limit_names_its_field_and_stores_nothing() -> Result<()> {
     nothing_stored(&api).await?;
     Ok(())
 }
+
+/// `CreateJobs` stores every job of a batch or none, through a follower as well as
+/// the leader: a bad job is named by its index, a name given twice or already taken
+/// is refused, and a refused batch leaves nothing behind.
+#[tokio::test]
+async fn create_jobs_stores_all_or_none_through_a_follower() -> Result<()> {
+    use std::time::Duration;
+    let c = Cluster::start_ha(2, 0).await?;
+    chime_tests::wait_until("a leader", Duration::from_secs(20), || {
+        let known = c.leader_index().is_some();
+        async move { known }
+    })
+    .await?;
+    let leader = c.leader_index().unwrap_or_default();
+    let follower = format!("http://127.0.0.1:{}", c.coords[1 - leader].0);
+    chime_tests::wait_until(
+        "the follower to know the leader",
+        Duration::from_secs(20),
+        || {
+            let known = c
+                .admin_at(&follower, &["workers"])
+                .is_ok_and(|v| !v["leader"].as_str().unwrap_or_default().is_empty());
+            async move { known }
+        },
+    )
+    .await?;
+    let channel = tonic::transport::Endpoint::from_shared(follower)?
+        .connect()
+        .await?;
+    let admin =
+        pb::admin_client::AdminClient::with_interceptor(channel, Bearer::new(Some(ADMIN_TOKEN))?);
+    let manual = |name: &str| pb::Job {
+        name: name.into(),
+        group: "g".into(),
+        handler: "noop".into(),
+        schedule: Some(pb::Schedule {
+            kind: Some(pb::schedule::Kind::Manual(pb::Manual {})),
+        }),
+        ..Default::default()
+    };
+    let api = format!("http://127.0.0.1:{}", c.http_ports[leader]);
+    let refused = |jobs: Vec<pb::Job>| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .create_jobs(pb::CreateJobsRequest { jobs })
+                .await
+                .map(|_| ())
+                .expect_err("a bad batch was accepted")
+        }
+    };
+    let field = |e: &tonic::Status| {
+        e.metadata()
+            .get("chime-field")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    let e = refused(vec![manual("a"), manual("b"), manual("bad name")]).await;
+    ensure!(
+        e.code() == tonic::Code::InvalidArgument && field(&e).as_deref() == Some("jobs[2].name"),
+        "{e:?}"
+    );
+    let e = refused(vec![manual("a"), manual("a")]).await;
+    ensure!(field(&e).as_deref() == Some("jobs[1].name"), "{e:?}");
+    let e = refused((0..101).map(|i| manual(&format!("j{i}"))).collect()).await;
+    ensure!(field(&e).as_deref() == Some("jobs"), "{e:?}");
+    let e = refused(Vec::new()).await;
+    ensure!(field(&e).as_deref() == Some("jobs"), "{e:?}");
+    nothing_stored(&api).await?;
+
+    let made = admin
+        .clone()
+        .create_jobs(pb::CreateJobsRequest {
+            jobs: vec![manual("c"), manual("a"), manual("b")],
+        })
+        .await?
+        .into_inner()
+        .jobs;
+    let names: Vec<&str> = made.iter().map(|j| j.name.as_str()).collect();
+    ensure!(names == ["c", "a", "b"], "{names:?}");
+    ensure!(made.iter().all(|j| j.version > 0), "{made:?}");
+
+    // One name taken: the batch is refused, naming it, and its new job not stored.
+    let e = refused(vec![manual("d"), manual("b")]).await;
+    ensure!(
+        e.code() == tonic::Code::AlreadyExists && e.message().contains("\"b\""),
+        "{e:?}"
+    );
+    let (_, jobs) = http("GET", &format!("{api}/api/jobs"), Some(ADMIN_TOKEN), None).await?;
+    ensure!(
+        jobs["jobs"].as_array().map_or(0, Vec::len) == 3,
+        "a refused batch stored something: {jobs}"
+    );
+    Ok(())
+}

@@ -803,6 +803,22 @@ impl Forwarder for GrpcForwarder {
                 };
                 job(c.create_job(as_caller(caller, req)).await?)?
             }
+            AdminCall::CreateJobs(specs) => {
+                let req = pb::CreateJobsRequest {
+                    jobs: specs
+                        .into_iter()
+                        .map(|spec| {
+                            job_to_proto(&StoredJob { spec, version: 0 }, TriggerState::default())
+                        })
+                        .collect(),
+                };
+                let jobs = c
+                    .create_jobs(as_caller(caller, req))
+                    .await?
+                    .into_inner()
+                    .jobs;
+                AdminAnswer::Jobs(jobs.into_iter().map(job_view).collect::<Result<_, _>>()?)
+            }
             AdminCall::UpdateJob { spec, version } => {
                 let req = pb::UpdateJobRequest {
                     job: Some(job_to_proto(
@@ -921,6 +937,30 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Job>, Status> {
         let (spec, _) = job_in(req.get_ref().job.clone())?;
         self.job_answer(&req, AdminCall::CreateJob(spec)).await
+    }
+
+    async fn create_jobs(
+        &self,
+        req: Request<pb::CreateJobsRequest>,
+    ) -> Result<Response<pb::CreateJobsResponse>, Status> {
+        let specs = req
+            .get_ref()
+            .jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                job_from_proto(j.clone())
+                    .map(|(spec, _)| spec)
+                    .map_err(|e| e.at("jobs", i))
+            })
+            .collect::<Result<Vec<_>, CoordError>>()?;
+        let jobs = self
+            .answer(&req, AdminCall::CreateJobs(specs))
+            .await?
+            .into_jobs()?;
+        Ok(Response::new(pb::CreateJobsResponse {
+            jobs: jobs.iter().map(view_to_proto).collect(),
+        }))
     }
 
     async fn update_job(

@@ -145,16 +145,19 @@ impl ConfigSource for EtcdSource {
         }))
     }
 
-    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>> {
+    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let full = format!("{}{key}", self.prefix);
-        let cond = match expect {
-            Expect::Absent => Compare::version(full.as_str(), CompareOp::Equal, 0),
-            Expect::Revision(r) => Compare::mod_revision(full.as_str(), CompareOp::Equal, r),
-        };
-        let txn = Txn::new()
-            .when([cond])
-            .and_then([TxnOp::put(full.as_str(), value, None)]);
+        let mut conds = Vec::with_capacity(writes.len());
+        let mut puts = Vec::with_capacity(writes.len());
+        for (key, value, expect) in writes {
+            let full = format!("{}{key}", self.prefix);
+            conds.push(match *expect {
+                Expect::Absent => Compare::version(full.as_str(), CompareOp::Equal, 0),
+                Expect::Revision(r) => Compare::mod_revision(full.as_str(), CompareOp::Equal, r),
+            });
+            puts.push(TxnOp::put(full, value.as_str(), None));
+        }
+        let txn = Txn::new().when(conds).and_then(puts);
         let mut c = self.client.clone();
         let resp = c.txn(txn).await?;
         Ok(resp

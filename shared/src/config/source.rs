@@ -91,9 +91,18 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<i64>;
     /// One key's value and the revision of its last write.
     async fn get(&self, key: &str) -> Result<Option<(String, i64)>>;
+    /// Writes every `(key, value)` in one transaction, only if each key is as its
+    /// `Expect` says; answers the revision of the write, or `None` when a condition
+    /// failed (nothing written). An etcd transaction holds at most 128 writes by
+    /// default (`--max-txn-ops`).
+    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>>;
+
     /// Writes `value` at `key` only if the key is as `expect` says; answers the
     /// revision of the write, or `None` when the condition failed (nothing written).
-    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>>;
+    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>> {
+        self.put_if_all(&[(key.to_owned(), value.to_owned(), expect)])
+            .await
+    }
 }
 
 #[derive(Debug, Default)]
@@ -221,28 +230,32 @@ impl ConfigSource for MemorySource {
         Ok(self.lock().entries.get(key).cloned())
     }
 
-    async fn put_if(&self, key: &str, value: &str, expect: Expect) -> Result<Option<i64>> {
+    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>> {
         // Check and write under one lock so no other write slips in between.
         let mut st = self.lock();
-        let current = st.entries.get(key).map(|e| e.1);
-        let ok = match expect {
-            Expect::Absent => current.is_none(),
-            Expect::Revision(r) => current == Some(r),
-        };
+        let ok = writes.iter().all(|(key, _, expect)| {
+            let current = st.entries.get(key).map(|e| e.1);
+            match expect {
+                Expect::Absent => current.is_none(),
+                Expect::Revision(r) => current == Some(*r),
+            }
+        });
         if !ok {
             return Ok(None);
         }
+        // One transaction: one revision for every write, as etcd does.
         st.revision += 1;
         let revision = st.revision;
-        let c = Change::Put {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            revision,
-        };
-        st.entries
-            .insert(key.to_owned(), (value.to_owned(), revision));
-        st.history.push(c.clone());
-        let _ = self.tx.send(c);
+        for (key, value, _) in writes {
+            let c = Change::Put {
+                key: key.clone(),
+                value: value.clone(),
+                revision,
+            };
+            st.entries.insert(key.clone(), (value.clone(), revision));
+            st.history.push(c.clone());
+            let _ = self.tx.send(c);
+        }
         Ok(Some(revision))
     }
 }

@@ -39,6 +39,11 @@ class AdminStub(object):
                 request_serializer=chime_dot_v1_dot_admin__pb2.CreateJobRequest.SerializeToString,
                 response_deserializer=chime_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.CreateJobs = channel.unary_unary(
+                '/chime.v1.Admin/CreateJobs',
+                request_serializer=chime_dot_v1_dot_admin__pb2.CreateJobsRequest.SerializeToString,
+                response_deserializer=chime_dot_v1_dot_admin__pb2.CreateJobsResponse.FromString,
+                _registered_method=True)
         self.UpdateJob = channel.unary_unary(
                 '/chime.v1.Admin/UpdateJob',
                 request_serializer=chime_dot_v1_dot_admin__pb2.UpdateJobRequest.SerializeToString,
@@ -101,6 +106,15 @@ class AdminServicer(object):
 
     def CreateJob(self, request, context):
         """Creates a job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateJobs(self, request, context):
+        """Creates up to 100 jobs at once, atomically: every one is stored, or none is (a
+        bad definition, a name taken or given twice). INVALID_ARGUMENT names the job
+        by its index (`jobs[3].schedule.cron: …`); ALREADY_EXISTS names a taken name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +205,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=chime_dot_v1_dot_admin__pb2.CreateJobRequest.FromString,
                     response_serializer=chime_dot_v1_dot_admin__pb2.Job.SerializeToString,
             ),
+            'CreateJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJobs,
+                    request_deserializer=chime_dot_v1_dot_admin__pb2.CreateJobsRequest.FromString,
+                    response_serializer=chime_dot_v1_dot_admin__pb2.CreateJobsResponse.SerializeToString,
+            ),
             'UpdateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateJob,
                     request_deserializer=chime_dot_v1_dot_admin__pb2.UpdateJobRequest.FromString,
@@ -274,6 +293,33 @@ class Admin(object):
             '/chime.v1.Admin/CreateJob',
             chime_dot_v1_dot_admin__pb2.CreateJobRequest.SerializeToString,
             chime_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chime.v1.Admin/CreateJobs',
+            chime_dot_v1_dot_admin__pb2.CreateJobsRequest.SerializeToString,
+            chime_dot_v1_dot_admin__pb2.CreateJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
