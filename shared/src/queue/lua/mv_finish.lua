@@ -8,10 +8,7 @@ for i = 2, #ARGV do
   if info and string.sub(info, 1, #token + 1) == token .. '|' then
     redis.call('ZREM', K_MOVING, id)
     redis.call('HDEL', K_MVINFO, id)
-    redis.call('HDEL', K_ITEMS, id)
-    redis.call('HDEL', K_ATT, id)
-    redis.call('HDEL', K_ERR, id)
-    redis.call('HDEL', K_CLS, id)
+    forget(id)
     n = n + 1
   end
 end

@@ -20,10 +20,7 @@ for i = 3, #ARGV, 7 do
   if body ~= '' and redis.call('ZSCORE', K_MOVING, id) then
     redis.call('ZREM', K_MOVING, id)
     redis.call('HDEL', K_MVINFO, id)
-    redis.call('HDEL', K_ITEMS, id)
-    redis.call('HDEL', K_ATT, id)
-    redis.call('HDEL', K_ERR, id)
-    redis.call('HDEL', K_CLS, id)
+    forget(id)
   end
   if body == '' or redis.call('HEXISTS', K_ITEMS, id) == 1 then
     dropped = dropped + 1
