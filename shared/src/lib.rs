@@ -21,6 +21,7 @@ pub mod ops;
 pub mod queue;
 pub mod ratelimit;
 pub mod redis_conn;
+pub mod session;
 pub mod telemetry;
 pub mod tls;
 

@@ -261,11 +261,17 @@ impl Session {
         drain_deadline: &Arc<Mutex<Option<tokio::time::Instant>>>,
     ) -> Ended {
         let channel = match chime_shared::tls::endpoint(endpoint, &self.opts.tls, "coordinator.") {
-            // Short keep-alives: a frozen coordinator is noticed within seconds.
+            // Short keep-alives: a frozen coordinator is noticed within seconds
+            // (`WORKER_NOTICES_LOSS_WITHIN_MS`, which a new leader's adoption
+            // grace counts on).
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(3))
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_millis(
+                    chime_shared::session::PING_AFTER_SILENCE_MS,
+                ))
+                .keep_alive_timeout(Duration::from_millis(
+                    chime_shared::session::PING_TIMEOUT_MS,
+                ))
                 .keep_alive_while_idle(true),
             Err(e) => {
                 warn!(endpoint, error = %e, "bad coordinator endpoint");

@@ -24,9 +24,13 @@ use super::machine::{Machine, Timer};
 use crate::model::{RunRecord, RunState};
 
 impl Machine {
-    /// How long adopted shards wait for their workers to report them.
+    /// How long adopted shards wait for their workers to report them: until a
+    /// worker of the old leader has noticed its loss (however short the heartbeat
+    /// settings: a frozen leader's workers notice through their session pings),
+    /// plus 2 s to find and register with this leader.
     pub(super) fn adopt_grace_ms(&self) -> i64 {
-        (self.opts.heartbeat_interval_ms * u64::from(self.opts.dead_after_beats)) as i64 + 2_000
+        let beats = self.opts.heartbeat_interval_ms * u64::from(self.opts.dead_after_beats);
+        beats.max(chime_shared::session::WORKER_NOTICES_LOSS_WITHIN_MS) as i64 + 2_000
     }
 
     /// Adopts the runs a previous leader left in progress; `handover`: it handed

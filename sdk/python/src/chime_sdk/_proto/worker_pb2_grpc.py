@@ -65,6 +65,13 @@ class WorkerGatewayStub(object):
     drained, or the coordinator stopped leading). Results of runs that finished
     while the stream was down are sent again after the next `Registered`; the
     coordinator ignores duplicates.
+
+    A worker must notice a coordinator that stopped answering (frozen, cut off)
+    within 5 s — HTTP/2 pings after 2 s without a frame, given up after 3 s
+    unanswered — and register again. A new leader waits at least that plus 2 s for
+    the old leader's workers to report the shards they run (and re-send the results
+    the old leader never read) before it hands those shards to others; a slower
+    worker's shards may run twice.
     """
 
     def __init__(self, channel):
@@ -120,6 +127,13 @@ class WorkerGatewayServicer(object):
     drained, or the coordinator stopped leading). Results of runs that finished
     while the stream was down are sent again after the next `Registered`; the
     coordinator ignores duplicates.
+
+    A worker must notice a coordinator that stopped answering (frozen, cut off)
+    within 5 s — HTTP/2 pings after 2 s without a frame, given up after 3 s
+    unanswered — and register again. A new leader waits at least that plus 2 s for
+    the old leader's workers to report the shards they run (and re-send the results
+    the old leader never read) before it hands those shards to others; a slower
+    worker's shards may run twice.
     """
 
     def Session(self, request_iterator, context):
@@ -185,6 +199,13 @@ class WorkerGateway(object):
     drained, or the coordinator stopped leading). Results of runs that finished
     while the stream was down are sent again after the next `Registered`; the
     coordinator ignores duplicates.
+
+    A worker must notice a coordinator that stopped answering (frozen, cut off)
+    within 5 s — HTTP/2 pings after 2 s without a frame, given up after 3 s
+    unanswered — and register again. A new leader waits at least that plus 2 s for
+    the old leader's workers to report the shards they run (and re-send the results
+    the old leader never read) before it hands those shards to others; a slower
+    worker's shards may run twice.
     """
 
     @staticmethod
