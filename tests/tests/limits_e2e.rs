@@ -288,6 +288,18 @@ async fn create_jobs_stores_all_or_none_through_a_follower() -> Result<()> {
     );
     let e = refused(vec![manual("a"), manual("a")]).await;
     ensure!(field(&e).as_deref() == Some("jobs[1].name"), "{e:?}");
+    // The floor is checked once per distinct schedule, and for each of them.
+    let every = |name: &str, every_ms: u64| pb::Job {
+        schedule: Some(pb::Schedule {
+            kind: Some(pb::schedule::Kind::FixedRate(pb::FixedRate { every_ms })),
+        }),
+        ..manual(name)
+    };
+    let e = refused(vec![every("a", 1_000), every("b", 1_000), every("c", 10)]).await;
+    ensure!(
+        field(&e).as_deref() == Some("jobs[2].schedule.every_ms"),
+        "{e:?}"
+    );
     let e = refused((0..101).map(|i| manual(&format!("j{i}"))).collect()).await;
     ensure!(field(&e).as_deref() == Some("jobs"), "{e:?}");
     let e = refused(Vec::new()).await;
