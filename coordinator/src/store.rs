@@ -146,7 +146,7 @@ impl JobStore {
     /// Stores new jobs in one transaction: all of them, or (a bad definition, a name
     /// given twice or already taken) none. At most [`MAX_JOBS_PER_BATCH`]; an
     /// invalid field is named with the job's index (`jobs[3].schedule.expr`).
-    pub async fn create_all(&self, specs: Vec<JobSpec>, now_ms: i64) -> Result<Vec<StoredJob>> {
+    pub async fn create_all(&self, mut specs: Vec<JobSpec>, now_ms: i64) -> Result<Vec<StoredJob>> {
         if specs.is_empty() || specs.len() > MAX_JOBS_PER_BATCH {
             return Err(CoordError::invalid(
                 "jobs",
@@ -162,7 +162,6 @@ impl JobStore {
         // only, and walks 512 ticks of a cron expression (about 1 ms), so jobs of a
         // batch sharing a schedule are checked once.
         let mut floor_met: Vec<crate::model::Schedule> = Vec::new();
-        let mut specs = specs;
         for (i, spec) in specs.iter_mut().enumerate() {
             spec.validate().map_err(|e| e.at("jobs", i))?;
             if !floor_met.contains(&spec.schedule) {

@@ -157,10 +157,9 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
     );
     // In batches (one etcd transaction each), one batch at a time.
     let creating = std::time::Instant::now();
-    let names: Vec<usize> = (0..a.jobs).collect();
-    for (b, chunk) in names.chunks(JOBS_PER_BATCH).enumerate() {
-        let jobs = chunk
-            .iter()
+    for first in (0..a.jobs).step_by(JOBS_PER_BATCH) {
+        let last = (first + JOBS_PER_BATCH).min(a.jobs);
+        let jobs = (first..last)
             .map(|i| pb::Job {
                 routing: pb::Routing::RoundRobin as i32,
                 ..super::every_second(format!("cron-{i}"))
@@ -170,8 +169,8 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
             .create_jobs(pb::CreateJobsRequest { jobs })
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-        if (b + 1) % 20 == 0 {
-            eprintln!("  created {}/{}", (b + 1) * JOBS_PER_BATCH, a.jobs);
+        if last.is_multiple_of(2_000) {
+            eprintln!("  created {last}/{}", a.jobs);
         }
     }
     let create_s = creating.elapsed().as_secs_f64();

@@ -114,7 +114,7 @@ class AdminServicer(object):
     def CreateJobs(self, request, context):
         """Creates up to 100 jobs at once, atomically: every one is stored, or none is (a
         bad definition, a name taken or given twice). INVALID_ARGUMENT names the job
-        by its index (`jobs[3].schedule.cron: …`); ALREADY_EXISTS names a taken name.
+        by its index (`jobs[3].schedule.expr: …`); ALREADY_EXISTS names a taken name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
