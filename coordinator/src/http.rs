@@ -537,8 +537,8 @@ async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult 
         .collect();
     let queues = match &st.queues {
         None => json!({ "available": false }),
-        Some(q) => match q.stats().await {
-            Ok(s) => json!({
+        Some(q) => match tokio::try_join!(q.stats(), q.now_ms()) {
+            Ok((s, now)) => json!({
                 "available": true,
                 "count": s.len(),
                 "pending": s.iter().map(|x| x.pending).sum::<u64>(),
@@ -547,6 +547,7 @@ async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult 
                 "dead": s.iter().map(|x| x.dead).sum::<u64>(),
                 "waiting": s.iter().map(|x| x.waiting).sum::<u64>(),
                 "oldest_due_ms": s.iter().filter_map(|x| x.next_due_ms).min(),
+                "oldest_due_age_ms": s.iter().map(|x| x.oldest_due_age_ms(now)).max().unwrap_or(0),
             }),
             Err(e) => json!({ "available": false, "reason": e.to_string() }),
         },

@@ -348,8 +348,8 @@ fn readiness(shared: Arc<Shared>, deps: Deps) -> chime_shared::ops::Readiness {
     })
 }
 
-/// On the leader, samples every queue's depth, in-flight, dead-letter and
-/// waiting-for-a-handler counts into gauges (one sampler per cluster, so the sums add up).
+/// On the leader, samples every queue's depth, in-flight, dead-letter,
+/// waiting-for-a-handler counts and oldest due age into gauges (one sampler per cluster, so the sums add up).
 async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: CancellationToken) {
     use chime_shared::telemetry as m;
     let mut tick = tokio::time::interval(QUEUE_SAMPLE);
@@ -362,10 +362,14 @@ async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: Cancel
         if shared.current().engine.is_none() {
             continue;
         }
-        match q.stats().await {
-            Ok(stats) => {
+        // The store's clock, read with the counts: the age is Redis time minus the
+        // earliest due score, as the pops see it.
+        match tokio::try_join!(q.stats(), q.now_ms()) {
+            Ok((stats, now)) => {
                 for s in stats {
                     let queue = s.queue.to_string();
+                    metrics::gauge!(m::QUEUE_OLDEST_DUE_AGE, "queue" => queue.clone())
+                        .set(s.oldest_due_age_ms(now) as f64 / 1000.0);
                     metrics::gauge!(m::QUEUE_DEPTH, "queue" => queue.clone()).set(s.pending as f64);
                     metrics::gauge!(m::QUEUE_IN_FLIGHT, "queue" => queue.clone())
                         .set(s.in_flight as f64);

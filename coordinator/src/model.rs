@@ -323,6 +323,19 @@ impl RunState {
     pub fn is_final(self) -> bool {
         !matches!(self, RunState::Pending | RunState::Running)
     }
+
+    /// Its name as stored and served (serde's snake case), for metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::TimedOut => "timed_out",
+            RunState::Skipped => "skipped",
+        }
+    }
 }
 
 /// One shard of a run.

@@ -54,6 +54,15 @@ pub const TRIGGER_LAG_SECONDS: &str = "chime_trigger_lag_seconds";
 pub const JOB_FIRES: &str = "chime_job_fires_total";
 /// Shard results reported by workers (label `status`).
 pub const RUN_RESULTS: &str = "chime_run_results_total";
+/// Runs that ended, after their retries (label `status`: succeeded, failed,
+/// timed_out, cancelled), on the leader.
+pub const RUNS_FINISHED: &str = "chime_runs_finished_total";
+/// Live workers per worker group (label `group`), on the leader; a group whose last
+/// worker left reads 0.
+pub const GROUP_WORKERS: &str = "chime_group_workers";
+/// How long each queue's earliest due item has been due, seconds (label `queue`; 0
+/// when nothing is due), sampled on the leader: the queue's lag.
+pub const QUEUE_OLDEST_DUE_AGE: &str = "chime_queue_oldest_due_age_seconds";
 /// 1 on the leading coordinator, 0 elsewhere.
 pub const IS_LEADER: &str = "chime_coordinator_leader";
 /// Items waiting per queue (label `queue`), sampled.
@@ -147,6 +156,16 @@ pub fn describe() {
         "Job fires by outcome (fired, skipped, unrecorded: the store refused the record)."
     );
     describe_counter!(RUN_RESULTS, "Shard results reported by workers, by status.");
+    describe_counter!(
+        RUNS_FINISHED,
+        "Runs that ended after their retries, by status."
+    );
+    describe_gauge!(GROUP_WORKERS, "Live workers per worker group (leader).");
+    describe_gauge!(
+        QUEUE_OLDEST_DUE_AGE,
+        metrics::Unit::Seconds,
+        "How long each queue's earliest due item has been due (leader)."
+    );
     describe_gauge!(IS_LEADER, "1 on the leading coordinator.");
     describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");
     describe_gauge!(QUEUE_IN_FLIGHT, "Items in flight per queue.");

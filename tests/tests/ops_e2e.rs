@@ -138,6 +138,8 @@ async fn metrics_name_what_happened() -> Result<()> {
         "chime_job_fires_total{outcome=\"fired\"}",
         "chime_run_results_total{status=\"succeeded\"}",
         "chime_run_results_total{status=\"failed\"}",
+        "chime_runs_finished_total{status=\"succeeded\"}",
+        "chime_runs_finished_total{status=\"failed\"}",
         "chime_trigger_lag_seconds_count",
         "chime_connected_workers",
         "chime_coordinator_leader",
@@ -156,7 +158,8 @@ async fn metrics_name_what_happened() -> Result<()> {
         "no in-flight gauge:\n{coord}"
     );
     ensure!(
-        metric_sum(&coord, "chime_connected_workers") == Some(2.0),
+        metric_sum(&coord, "chime_connected_workers") == Some(2.0)
+            && metric_sum(&coord, "chime_group_workers{group=\"default\"}") == Some(2.0),
         "{coord}"
     );
 
@@ -178,6 +181,80 @@ async fn metrics_name_what_happened() -> Result<()> {
     }
     ensure!(both("chime_items_acked_total") >= 20.0, "{a}\n{b}");
     ensure!(both("chime_items_dead_lettered_total") == 3.0, "{a}\n{b}");
+    Ok(())
+}
+
+/// A stalled queue shows in its oldest-due-age gauge until a worker drains it, and
+/// a group's live-worker gauge reads 0 (not nothing) after its last worker leaves:
+/// the two series alert rules watch.
+#[tokio::test]
+async fn queue_lag_and_group_workers_are_gauged() -> Result<()> {
+    let mut c = Cluster::start(0).await?;
+    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
+    let items: Vec<Value> = (0..3)
+        .map(|i| json!({ "id": format!("late{i}"), "handler": "noop" }))
+        .collect();
+    let (code, body) = http(
+        "POST",
+        &format!("{api}/api/queues/items"),
+        Some(ADMIN_TOKEN),
+        Some(json!({ "items": items })),
+    )
+    .await?;
+    ensure!(code == 200, "enqueue: {code} {body}");
+
+    // Nobody consumes: the age grows past 2 s (sampled every 5 s).
+    let age = |t: &str| metric_sum(t, "chime_queue_oldest_due_age_seconds").unwrap_or(0.0);
+    wait_until("a queue lag of 2 s", Duration::from_secs(30), || async {
+        scrape(c.http_ports[0]).await.is_ok_and(|t| age(&t) >= 2.0)
+    })
+    .await?;
+    let (_, overview) = http(
+        "GET",
+        &format!("{api}/api/overview"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await?;
+    ensure!(
+        overview["queues"]["oldest_due_age_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 2_000),
+        "overview: {overview}"
+    );
+
+    // A worker drains the queue: the age falls back to 0 and the group counts it.
+    let port = free_port()?;
+    let w = queue_worker(&c, "lagw", port)?;
+    c.workers.push(("lagw".into(), w));
+    c.wait_workers(1).await?;
+    wait_until(
+        "lag 0 and 1 worker in group default",
+        Duration::from_secs(30),
+        || async {
+            scrape(c.http_ports[0]).await.is_ok_and(|t| {
+                age(&t) == 0.0
+                    && metric_sum(&t, "chime_group_workers{group=\"default\"}") == Some(1.0)
+            })
+        },
+    )
+    .await?;
+    ensure!(pending_items(&api).await? == 0, "items left");
+
+    // The group's last worker leaves: its gauge reads 0.
+    let (_, mut w) = c.workers.pop().expect("the worker");
+    w.signal("TERM")?;
+    w.wait_exit(Duration::from_secs(20)).await?;
+    wait_until(
+        "0 workers in group default",
+        Duration::from_secs(20),
+        || async {
+            scrape(c.http_ports[0]).await.is_ok_and(|t| {
+                metric_sum(&t, "chime_group_workers{group=\"default\"}") == Some(0.0)
+            })
+        },
+    )
+    .await?;
     Ok(())
 }
 

@@ -259,6 +259,10 @@ pub(super) struct WorkerBook {
     /// Shards planned for a worker but not sent yet (fires being recorded, fires
     /// prepared ahead), by worker id: they count against its capacity.
     pub(super) reserved: BTreeMap<String, u32>,
+    /// Every group a worker registered in during this term (its live-worker gauge
+    /// goes to 0, not away, when its last worker leaves). Bounded by the groups
+    /// that exist: `register.group` is a checked short name.
+    pub(super) groups_seen: BTreeSet<String>,
 }
 
 /// What the machine does after the answer it waits for.

@@ -310,6 +310,8 @@ impl Machine {
             RunState::Failed
         };
         run.finished_at_ms = now;
+        metrics::counter!(chime_shared::telemetry::RUNS_FINISHED, "status" => run.state.label())
+            .increment(1);
         let run = self.runs.active.remove(run_id)?;
         self.save(&run);
         debug!(run_id, state = ?run.state, "run finished");

@@ -206,8 +206,7 @@ impl Machine {
                 draining: false,
             },
         );
-        metrics::gauge!(chime_shared::telemetry::CONNECTED_WORKERS)
-            .set(self.workers.live.len() as f64);
+        self.publish_worker_gauges();
         self.effect(Effect::Reply(
             call,
             Reply::Registered(Ok(super::SessionAccepted {
@@ -303,13 +302,38 @@ impl Machine {
         }
     }
 
+    /// Sets the live-worker gauges: all of them, and per group. A group whose last
+    /// worker left is set to 0 rather than dropped, so an alert on "fewer than N
+    /// workers in group G" sees the 0 instead of a missing series.
+    fn publish_worker_gauges(&mut self) {
+        use chime_shared::telemetry as m;
+        metrics::gauge!(m::CONNECTED_WORKERS).set(self.workers.live.len() as f64);
+        let mut by_group: BTreeMap<&str, u32> = self
+            .workers
+            .groups_seen
+            .iter()
+            .map(|g| (g.as_str(), 0))
+            .collect();
+        for w in self.workers.live.values() {
+            *by_group.entry(w.hello.group.as_str()).or_insert(0) += 1;
+        }
+        let new: Vec<String> = by_group
+            .keys()
+            .filter(|g| !self.workers.groups_seen.contains(**g))
+            .map(|g| (*g).to_owned())
+            .collect();
+        for (group, n) in by_group {
+            metrics::gauge!(m::GROUP_WORKERS, "group" => group.to_owned()).set(f64::from(n));
+        }
+        self.workers.groups_seen.extend(new);
+    }
+
     /// Ends `worker`'s session for `reason`; its unfinished shards go to others.
     fn drop_worker(&mut self, worker: &str, reason: EndReason) {
         let Some(w) = self.workers.live.remove(worker) else {
             return;
         };
-        metrics::gauge!(chime_shared::telemetry::CONNECTED_WORKERS)
-            .set(self.workers.live.len() as f64);
+        self.publish_worker_gauges();
         self.effect(Effect::End {
             session: w.session,
             reason,

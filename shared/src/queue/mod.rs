@@ -504,6 +504,16 @@ pub struct QueueStats {
     pub waiting: u64,
 }
 
+impl QueueStats {
+    /// How long the earliest pending item has been due at `now_ms` (the store's
+    /// clock), ms: 0 when nothing is due. The queue's lag as an operator sees it.
+    pub fn oldest_due_age_ms(&self, now_ms: i64) -> u64 {
+        self.next_due_ms.map_or(0, |due| {
+            u64::try_from(now_ms.saturating_sub(due)).unwrap_or(0)
+        })
+    }
+}
+
 /// What one migration step on a leased queue did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MigrateStep {
@@ -665,6 +675,25 @@ pub(crate) fn new_lease_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oldest_due_age_counts_only_what_is_due() {
+        let at = |next_due_ms| QueueStats {
+            queue: 0,
+            pending: 1,
+            due_now: 0,
+            due_soon: 0,
+            in_flight: 0,
+            dead: 0,
+            next_due_ms,
+            moving: 0,
+            waiting: 0,
+        };
+        assert_eq!(at(None).oldest_due_age_ms(10_000), 0);
+        assert_eq!(at(Some(12_000)).oldest_due_age_ms(10_000), 0, "not due yet");
+        assert_eq!(at(Some(10_000)).oldest_due_age_ms(10_000), 0);
+        assert_eq!(at(Some(7_500)).oldest_due_age_ms(10_000), 2_500);
+    }
 
     #[test]
     fn placement_is_stable_and_spread() {
