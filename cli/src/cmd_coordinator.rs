@@ -182,6 +182,8 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         Retention {
             per_job: cfg.coordinator.history_per_job.max(1),
             max_age_s: cfg.coordinator.history_max_age_s.max(60),
+            audit_entries: cfg.coordinator.audit_max_entries.max(1),
+            audit_max_age_s: cfg.coordinator.audit_max_age_s.max(60),
         },
     ));
     if !(100..=86_400_000).contains(&cfg.coordinator.min_period_ms) {

@@ -501,3 +501,50 @@ pub async fn run_workers(a: WorkersArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `chime audit` arguments.
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    coord: CoordArgs,
+    /// Most entries (at most 1,000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Only entries older than this entry id (the last `id` of the previous page).
+    #[arg(long, default_value = "")]
+    before: String,
+}
+
+/// Runs `chime audit`: the audit log, newest first, one JSON object per line (so
+/// `jq`, `grep` and `tail` work on it). `before`/`after` are JSON values.
+pub async fn run_audit(a: AuditArgs) -> Result<()> {
+    let mut c = connect(&a.coord).await?;
+    let r = c
+        .list_audit(pb::ListAuditRequest {
+            limit: a.limit,
+            before: a.before,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let json = |s: &str| {
+        (!s.is_empty())
+            .then(|| serde_json::from_str::<serde_json::Value>(s).ok())
+            .flatten()
+    };
+    for e in r.entries {
+        println!(
+            "{}",
+            serde_json::to_string(&json!({
+                "id": e.id,
+                "at_ms": e.at_ms,
+                "who": e.who,
+                "action": e.action,
+                "target": e.target,
+                "before": json(&e.before_json),
+                "after": json(&e.after_json),
+            }))?
+        );
+    }
+    Ok(())
+}

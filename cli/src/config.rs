@@ -532,6 +532,10 @@ pub struct CoordinatorSection {
     pub history_per_job: usize,
     /// Runs older than this are dropped, seconds.
     pub history_max_age_s: u64,
+    /// Audit log entries kept (about).
+    pub audit_max_entries: usize,
+    /// Audit log entries older than this are dropped, seconds.
+    pub audit_max_age_s: u64,
     /// Leader lease TTL, seconds: a dead leader is replaced within about this long.
     pub election_ttl_s: u64,
     /// No job may fire more often than this, ms (cron, fixed rate, fixed delay).
@@ -551,6 +555,8 @@ impl Default for CoordinatorSection {
             heartbeat_interval_ms: 2_000,
             history_per_job: 200,
             history_max_age_s: 7 * 86_400,
+            audit_max_entries: 100_000,
+            audit_max_age_s: 90 * 86_400,
             election_ttl_s: 5,
             min_period_ms: 1_000,
             prepare_ahead_ms: chime_coordinator::engine::DEFAULT_PREPARE_AHEAD_MS,

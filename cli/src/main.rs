@@ -42,6 +42,8 @@ enum Command {
     Runs(cmd_job::RunsArgs),
     /// Workers connected to the coordinator.
     Workers(cmd_job::WorkersArgs),
+    /// The audit log: who changed jobs, runs, live settings and dead letters.
+    Audit(cmd_job::AuditArgs),
     /// Produce and inspect delayed items.
     Queue(cmd_queue::QueueArgs),
     /// Read and change live settings in etcd.
@@ -215,6 +217,7 @@ fn main() -> std::process::ExitCode {
             Command::Job(a) => cmd_job::run_job(a).await,
             Command::Runs(a) => cmd_job::run_runs(a).await,
             Command::Workers(a) => cmd_job::run_workers(a).await,
+            Command::Audit(a) => cmd_job::run_audit(a).await,
             Command::Queue(a) => cmd_queue::run(a).await,
             Command::Config(a) => cmd_config::run(a).await,
             Command::Bench(a) => bench::run(a).await,

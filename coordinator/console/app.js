@@ -351,6 +351,7 @@
         return { section, make: (root, gen) => runView(root, gen, arg) };
       case 'queues': return { section, make: queuesView };
       case 'config': return { section, make: configView };
+      case 'audit': return { section, make: auditView };
       default: return { section: 'overview', make: overviewView };
     }
   }
@@ -1464,6 +1465,76 @@
       },
     };
     return view;
+  }
+
+  // ---------------------------------------------------------------- audit
+
+  // Who changed what: the newest 100 entries, then older pages on demand. An
+  // entry's before/after is JSON; a job shows the fields that changed.
+  function auditView(root, gen) {
+    const t = table('audit-table', ['When', 'Who', 'Action', 'Target', 'Change']);
+    const more = h('button', { type: 'button', class: 'btn', 'data-testid': 'audit-more', hidden: true }, 'Older entries');
+    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Audit log')),
+      section(null, h('p', { class: 'muted' }, 'Changes made through the coordinators: jobs, kills, live settings and dead-letter requeues, with the name of the token used (never the token). Settings written straight to etcd are not here.'), t.el, h('div', { class: 'toolbar' }, more)));
+    let shown = [];
+
+    function changed(before, after) {
+      const text = (v) => (v === undefined || v === null ? '—' : (typeof v === 'string' ? v : JSON.stringify(v)));
+      const isObj = (v) => v && typeof v === 'object' && !Array.isArray(v);
+      if (isObj(before) && isObj(after)) {
+        const keys = [...new Set([...Object.keys(before), ...Object.keys(after)])]
+          .filter((k) => JSON.stringify(before[k]) !== JSON.stringify(after[k]));
+        if (!keys.length) return h('span', { class: 'muted' }, 'no field changed');
+        return h('ul', { class: 'plain' }, keys.map((k) => h('li', { class: 'mono' }, `${k}: ${text(before[k])} → ${text(after[k])}`)));
+      }
+      if (before === undefined || before === null) return h('details', null, h('summary', null, 'after'), h('pre', { class: 'json' }, JSON.stringify(after, null, 2)));
+      if (after === undefined || after === null) return h('details', null, h('summary', null, 'before'), h('pre', { class: 'json' }, JSON.stringify(before, null, 2)));
+      return h('span', { class: 'mono' }, `${text(before)} → ${text(after)}`);
+    }
+
+    function render(now) {
+      fill(t.tbody, shown.length ? shown.map((e) => h('tr', { 'data-testid': 'audit-entry', 'data-id': e.id, 'data-action': e.action },
+        h('td', null, timeEl(e.at_ms, { now })),
+        h('td', { class: 'mono' }, e.who),
+        h('td', null, h('span', { class: 'badge badge-muted' }, e.action)),
+        h('td', { class: 'mono' }, e.action.startsWith('job.') && e.action !== 'job.delete' ? h('a', { href: jobHref(e.target) }, e.target) : (e.action === 'run.kill' ? h('a', { href: runHref(e.target) }, e.target) : e.target)),
+        h('td', null, changed(e.before, e.after)))) : emptyRow(t, 'No change recorded yet.'));
+    }
+
+    more.addEventListener('click', async () => {
+      const last = shown[shown.length - 1];
+      if (!last) return;
+      more.disabled = true;
+      try {
+        const r = await api('GET', `/api/audit?limit=100&before=${enc(last.id)}`);
+        if (!current(gen)) return;
+        const page = r.entries || [];
+        shown = shown.concat(page);
+        more.hidden = page.length < 100;
+        render(Date.now());
+      } catch (e) {
+        if (e.status !== 401) flash('error', `Cannot load older entries: ${errText(e)}`);
+      } finally {
+        more.disabled = false;
+      }
+    });
+
+    return {
+      async refresh() {
+        const r = await api('GET', '/api/audit?limit=100');
+        if (!current(gen)) return;
+        const fresh = r.entries || [];
+        // Keep older pages the operator opened: new entries go on top.
+        if (shown.length <= 100) {
+          shown = fresh;
+          more.hidden = shown.length < 100;
+        } else {
+          const have = new Set(shown.map((e) => e.id));
+          shown = fresh.filter((e) => !have.has(e.id)).concat(shown);
+        }
+        render(Date.now());
+      },
+    };
   }
 
   // ---------------------------------------------------------------- start

@@ -15,9 +15,10 @@ use async_trait::async_trait;
 use chime_shared::clock::Clock;
 
 use crate::Shared;
+use crate::audit::{Audit, Change};
 use crate::engine::{EngineHandle, TriggerState};
 use crate::error::{CoordError, Result};
-use crate::model::{JobSpec, RunRecord, WorkerView};
+use crate::model::{AuditAction, AuditEntry, JobSpec, RunRecord, WorkerView};
 use crate::store::{JobStore, RunStore, StoredJob};
 
 /// Most runs one listing answers; 0 asks for the default.
@@ -127,6 +128,13 @@ pub enum AdminCall {
         /// Group filter.
         group: String,
     },
+    /// Audit entries, newest first.
+    ListAudit {
+        /// Most entries (0: 100; at most 1,000).
+        limit: u32,
+        /// Only entries older than this entry id (empty: from the newest).
+        before: String,
+    },
 }
 
 /// What an admin call answers.
@@ -149,6 +157,8 @@ pub enum AdminAnswer {
         /// The leader's address (empty while unknown).
         leader: String,
     },
+    /// Audit entries.
+    Audit(Vec<AuditEntry>),
 }
 
 /// The answer was not of the kind its call makes (a leader of another version).
@@ -196,6 +206,14 @@ impl AdminAnswer {
             other => Err(mismatch("workers", &other)),
         }
     }
+
+    /// The entries of an audit listing.
+    pub fn into_audit(self) -> Result<Vec<AuditEntry>> {
+        match self {
+            Self::Audit(a) => Ok(a),
+            other => Err(mismatch("audit entries", &other)),
+        }
+    }
 }
 
 /// Reaches the leader from a follower (implemented over gRPC in `grpc/`).
@@ -213,16 +231,19 @@ pub struct Admin {
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
     forwarder: Arc<dyn Forwarder>,
+    audit: Audit,
 }
 
 impl Admin {
-    /// The service over these stores; `forwarder` reaches the leader.
+    /// The service over these stores; `forwarder` reaches the leader; changes are
+    /// recorded in `audit`.
     pub fn new(
         shared: Arc<Shared>,
         jobs: JobStore,
         runs: Arc<dyn RunStore>,
         clock: Arc<dyn Clock>,
         forwarder: Arc<dyn Forwarder>,
+        audit: Audit,
     ) -> Self {
         Self {
             shared,
@@ -230,7 +251,19 @@ impl Admin {
             runs,
             clock,
             forwarder,
+            audit,
         }
+    }
+
+    /// The audit log changes made through this service are recorded in (the HTTP
+    /// edge records settings and requeues there too).
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The definition of `name` now, for an entry's "before" (`None`: not there).
+    async fn before(&self, name: &str) -> Option<JobSpec> {
+        self.jobs.get(name).await.ok().map(|j| j.spec)
     }
 
     /// Answers `call`: here on the leader (or while no leader is known), from the
@@ -244,7 +277,7 @@ impl Admin {
             }
             return self.forwarder.forward(&c.leader, caller, call).await;
         }
-        self.local(call).await
+        self.local(caller, call).await
     }
 
     /// The engine, on the leader.
@@ -283,11 +316,26 @@ impl Admin {
         }
     }
 
-    async fn local(&self, call: AdminCall) -> Result<AdminAnswer> {
+    /// A change of a job's definition, recorded once it is stored.
+    async fn job_changed(
+        &self,
+        caller: &Caller,
+        action: AuditAction,
+        before: Option<JobSpec>,
+        j: &StoredJob,
+    ) {
+        self.changed(j).await;
+        let mut c = Change::new(action, &j.spec.name).after(&j.spec);
+        c.before = before.and_then(|b| serde_json::to_value(b).ok());
+        self.audit.record(caller, vec![c]).await;
+    }
+
+    async fn local(&self, caller: &Caller, call: AdminCall) -> Result<AdminAnswer> {
         Ok(match call {
             AdminCall::CreateJob(spec) => {
                 let stored = self.jobs.create(spec, self.clock.now_ms()).await?;
-                self.changed(&stored).await;
+                self.job_changed(caller, AuditAction::JobCreate, None, &stored)
+                    .await;
                 AdminAnswer::Job(self.view(stored).await?)
             }
             AdminCall::CreateJobs(specs) => {
@@ -295,18 +343,29 @@ impl Admin {
                 for j in &stored {
                     self.changed(j).await;
                 }
+                let changes = stored
+                    .iter()
+                    .map(|j| Change::new(AuditAction::JobCreate, &j.spec.name).after(&j.spec))
+                    .collect();
+                self.audit.record(caller, changes).await;
                 AdminAnswer::Jobs(self.views(stored).await?)
             }
             AdminCall::UpdateJob { spec, version } => {
+                let before = self.before(&spec.name).await;
                 let stored = self.jobs.update(spec, version).await?;
-                self.changed(&stored).await;
+                self.job_changed(caller, AuditAction::JobUpdate, before, &stored)
+                    .await;
                 AdminAnswer::Job(self.view(stored).await?)
             }
             AdminCall::DeleteJob(name) => {
+                let before = self.before(&name).await;
                 self.jobs.delete(&name).await?;
                 if let Some(e) = self.shared.current().engine {
                     let _ = e.job_deleted(&name).await;
                 }
+                let mut c = Change::new(AuditAction::JobDelete, &name);
+                c.before = before.and_then(|b| serde_json::to_value(b).ok());
+                self.audit.record(caller, vec![c]).await;
                 AdminAnswer::Deleted
             }
             AdminCall::GetJob(name) => {
@@ -319,17 +378,27 @@ impl Admin {
                 AdminAnswer::Jobs(self.views(all).await?)
             }
             AdminCall::PauseJob(name) => {
+                let before = self.before(&name).await;
                 let j = self.jobs.modify(&name, |s| s.paused = true).await?;
-                self.changed(&j).await;
+                self.job_changed(caller, AuditAction::JobPause, before, &j)
+                    .await;
                 AdminAnswer::Job(self.view(j).await?)
             }
             AdminCall::ResumeJob(name) => {
+                let before = self.before(&name).await;
                 let j = self.jobs.modify(&name, |s| s.paused = false).await?;
-                self.changed(&j).await;
+                self.job_changed(caller, AuditAction::JobResume, before, &j)
+                    .await;
                 AdminAnswer::Job(self.view(j).await?)
             }
             AdminCall::TriggerJob { name, params } => {
-                AdminAnswer::Run(self.engine()?.trigger(&name, params).await?)
+                let run = self.engine()?.trigger(&name, params.clone()).await?;
+                let c = Change::new(AuditAction::JobTrigger, &name).after(serde_json::json!({
+                    "run_id": run.run_id,
+                    "params": params,
+                }));
+                self.audit.record(caller, vec![c]).await;
+                AdminAnswer::Run(run)
             }
             AdminCall::ListRuns { job, limit } => {
                 let limit = match limit {
@@ -360,7 +429,18 @@ impl Admin {
                     .ok_or_else(|| CoordError::NotFound(format!("run {id:?}")))?;
                 AdminAnswer::Run(run)
             }
-            AdminCall::KillRun(id) => AdminAnswer::Run(self.engine()?.kill(&id).await?),
+            AdminCall::KillRun(id) => {
+                let run = self.engine()?.kill(&id).await?;
+                let c = Change::new(AuditAction::RunKill, &id).after(serde_json::json!({
+                    "job": run.job,
+                    "state": run.state,
+                }));
+                self.audit.record(caller, vec![c]).await;
+                AdminAnswer::Run(run)
+            }
+            AdminCall::ListAudit { limit, before } => {
+                AdminAnswer::Audit(self.audit.list(limit, &before).await?)
+            }
             AdminCall::ListWorkers { group } => {
                 let current = self.shared.current();
                 let workers = match current.engine {

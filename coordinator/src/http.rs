@@ -34,8 +34,9 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::Shared;
 use crate::admin::{Admin, AdminAnswer, AdminCall, Caller, JobView};
+use crate::audit::Change;
 use crate::error::CoordError;
-use crate::model::{JobSpec, RunRecord};
+use crate::model::{AuditAction, JobSpec, RunRecord};
 
 /// The console's files, embedded at build time.
 const INDEX_HTML: &str = include_str!("../console/index.html");
@@ -89,6 +90,7 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/kill", post(kill_run))
         .route("/api/workers", get(list_workers))
+        .route("/api/audit", get(list_audit))
         .route("/api/queues", get(queues))
         .route("/api/queues/dead", get(dead_letters))
         .route("/api/queues/dead/requeue", post(requeue))
@@ -486,6 +488,28 @@ async fn list_runs(
     ok(json!({ "runs": runs }))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    before: String,
+}
+
+async fn list_audit(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult {
+    let call = AdminCall::ListAudit {
+        limit: q.limit,
+        before: q.before,
+    };
+    let entries = st.admin(&headers, call).await?.into_audit()?;
+    ok(json!({ "entries": entries }))
+}
+
 async fn list_workers(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
     let (workers, leader) = st
         .admin(
@@ -709,7 +733,7 @@ struct ItemRefIn {
     id: String,
 }
 
-async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+async fn requeue(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let input: RequeueIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid("items", e.to_string()))?;
     if input.all != input.items.is_empty() {
@@ -724,6 +748,11 @@ async fn requeue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
     let n = store(&st)?
         .requeue_dead(&refs, limits::MAX_REQUEUE_ITEMS)
         .await?;
+    let change = crate::audit::requeued(&refs, n);
+    st.admin
+        .audit()
+        .record(&caller(&headers), vec![change])
+        .await;
     ok(json!({ "requeued": n }))
 }
 
@@ -756,14 +785,22 @@ struct SettingIn {
     value: String,
 }
 
-async fn put_config(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+async fn put_config(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let input: SettingIn =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
     let value = input.value.trim();
     // Checked the way every process will check it, so a refused value never
     // reaches etcd from here.
     live::parse(&input.key, Some(value)).map_err(|r| ApiError::invalid(r.key, r.reason))?;
-    let revision = source(&st)?.put(&input.key, value).await?;
+    let src = source(&st)?;
+    let before = src.get(&input.key).await?.map(|(v, _)| v);
+    let revision = src.put(&input.key, value).await?;
+    let mut change = Change::new(AuditAction::ConfigSet, &input.key).after(value);
+    change.before = before.map(serde_json::Value::String);
+    st.admin
+        .audit()
+        .record(&caller(&headers), vec![change])
+        .await;
     ok(json!({ "key": input.key, "value": value, "revision": revision }))
 }
 
@@ -772,17 +809,26 @@ struct KeyQuery {
     key: String,
 }
 
-async fn delete_config(State(st): State<HttpState>, Query(q): Query<KeyQuery>) -> ApiResult {
+async fn delete_config(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<KeyQuery>,
+) -> ApiResult {
     live::parse(&q.key, None).map_err(|r| ApiError::invalid(r.key, r.reason))?;
     let src = source(&st)?;
-    if src.get(&q.key).await?.is_none() {
+    let Some((before, _)) = src.get(&q.key).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("{} is not set", q.key),
         ));
-    }
+    };
     let revision = src.delete(&q.key).await?;
+    let change = Change::new(AuditAction::ConfigDelete, &q.key).before(before);
+    st.admin
+        .audit()
+        .record(&caller(&headers), vec![change])
+        .await;
     ok(json!({ "key": q.key, "deleted": true, "revision": revision }))
 }
 
@@ -839,8 +885,15 @@ mod tests {
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
         };
         let state = HttpState {
-            admin: crate::grpc::admin_api(shared.clone(), jobs, runs, clock.clone(), None)
-                .service(),
+            admin: crate::grpc::admin_api(
+                shared.clone(),
+                jobs,
+                runs,
+                clock.clone(),
+                &Default::default(),
+                None,
+            )
+            .service(),
             shared,
             queues: None,
             config: None,

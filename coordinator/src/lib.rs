@@ -9,6 +9,7 @@
 //! - [`leader`]: election and fencing.
 //! - [`admin`]: the admin service in domain terms (jobs, runs, workers), which
 //!   forwards to the leader from a follower; the gRPC and HTTP edges both wrap it.
+//! - [`audit`]: who changed what and when (token names, before and after).
 //! - [`grpc`]: the worker gateway, the admin API and the delay-queue API, thin
 //!   adapters; followers send workers to the leader.
 //!
@@ -17,6 +18,7 @@
 //! ports by itself or installs a logger.
 
 pub mod admin;
+pub mod audit;
 pub mod engine;
 pub mod error;
 pub mod grpc;
@@ -173,11 +175,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let shared = Arc::new(Shared::new(deps.options.advertise.clone()));
+    // Every replica exports the leader gauge from its start (0 until it leads), so
+    // "no leader" is a 0 everywhere rather than a series that is missing.
+    metrics::gauge!(chime_shared::telemetry::IS_LEADER).set(0.0);
     let admin = grpc::admin_api(
         shared.clone(),
         deps.jobs.clone(),
         deps.runs.clone(),
         deps.clock.clone(),
+        &deps.auth,
         deps.peer_tls.clone(),
     );
     let (grpc_tls, http_tls) = if deps.tls.enabled() {
@@ -185,7 +191,8 @@ pub async fn serve(
     } else {
         (None, None)
     };
-    let queue = grpc::queue::QueueApi::new(deps.queues.clone());
+    let queue =
+        grpc::queue::QueueApi::new(deps.queues.clone(), Some(admin.service().audit().clone()));
     let server = grpc::server(
         shared.clone(),
         admin.clone(),

@@ -533,3 +533,70 @@ pub(crate) mod tests {
         assert!(serde_json::from_value::<JobSpec>(v).is_err());
     }
 }
+
+/// One change to what the cluster does, as the audit log keeps it: who, when, what,
+/// before and after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Given by the store, increasing (`<ms>-<seq>`); listings page back from one.
+    #[serde(default)]
+    pub id: String,
+    /// When, Unix ms (the coordinator's clock).
+    pub at_ms: i64,
+    /// Who: the name of the token presented (see `chime_shared::auth`; never the
+    /// token), `anonymous` on a cluster without tokens.
+    pub who: String,
+    /// What was done (one of [`AuditAction`]'s names).
+    pub action: String,
+    /// What it was done to: a job name, a run id, a setting key, the dead letters.
+    pub target: String,
+    /// The state before (a job's definition, a setting's value), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<serde_json::Value>,
+    /// The state after, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
+}
+
+/// The changes the audit log records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditAction {
+    /// A job was created.
+    JobCreate,
+    /// A job's definition was replaced.
+    JobUpdate,
+    /// A job was deleted.
+    JobDelete,
+    /// A job was paused.
+    JobPause,
+    /// A job was resumed.
+    JobResume,
+    /// A job was fired by hand.
+    JobTrigger,
+    /// A run was killed.
+    RunKill,
+    /// A live setting was written.
+    ConfigSet,
+    /// A live setting was deleted (back to its default).
+    ConfigDelete,
+    /// Dead letters were sent back to their queues.
+    DeadLettersRequeue,
+}
+
+impl AuditAction {
+    /// Its name in entries: `job.create`, `run.kill`, `config.set`, ….
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditAction::JobCreate => "job.create",
+            AuditAction::JobUpdate => "job.update",
+            AuditAction::JobDelete => "job.delete",
+            AuditAction::JobPause => "job.pause",
+            AuditAction::JobResume => "job.resume",
+            AuditAction::JobTrigger => "job.trigger",
+            AuditAction::RunKill => "run.kill",
+            AuditAction::ConfigSet => "config.set",
+            AuditAction::ConfigDelete => "config.delete",
+            AuditAction::DeadLettersRequeue => "dead_letters.requeue",
+        }
+    }
+}

@@ -15,7 +15,7 @@ use chime_shared::config::source::{ConfigSource, Expect, Snapshot};
 use chime_shared::redis_conn::RedisConn;
 
 use crate::error::{CoordError, Result};
-use crate::model::{JobSpec, RunRecord};
+use crate::model::{AuditEntry, JobSpec, RunRecord};
 
 /// A job with its store version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +333,22 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<()> {
         Ok(())
     }
+    /// Appends to the audit log in one write (the store gives each entry its id),
+    /// dropping what is past the retention.
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
+    /// Audit entries, newest first: at most `limit`, older than the entry `before`
+    /// when given.
+    async fn list_audit(&self, limit: usize, before: Option<&str>) -> Result<Vec<AuditEntry>>;
+}
+
+/// Whether `id` is an audit entry id (`<ms>-<seq>`), the only thing a listing may
+/// page back from.
+pub fn is_audit_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        [ms, seq]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// How much history to keep.
@@ -342,6 +358,10 @@ pub struct Retention {
     pub per_job: usize,
     /// Runs older than this expire, seconds.
     pub max_age_s: u64,
+    /// Audit entries kept (about: Redis trims whole stream nodes).
+    pub audit_entries: usize,
+    /// Audit entries older than this are dropped, seconds.
+    pub audit_max_age_s: u64,
 }
 
 impl Default for Retention {
@@ -349,6 +369,8 @@ impl Default for Retention {
         Self {
             per_job: 200,
             max_age_s: 7 * 86_400,
+            audit_entries: 100_000,
+            audit_max_age_s: 90 * 86_400,
         }
     }
 }
@@ -589,6 +611,65 @@ impl RunStore for RedisRunStore {
             .filter_map(|t| serde_json::from_str(&t).ok())
             .collect())
     }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let key = format!("{}:audit", self.tag);
+        // A stream: ids are Redis time, increasing across coordinators; both trims
+        // are approximate (whole nodes), so they cost next to nothing per entry.
+        let max_age_ms =
+            i64::try_from(self.retention.audit_max_age_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let mut pipe = redis::pipe();
+        for e in entries {
+            let json =
+                serde_json::to_string(e).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.retention.audit_entries)
+                .arg("*")
+                .arg("e")
+                .arg(json)
+                .ignore();
+        }
+        pipe.cmd("XTRIM")
+            .arg(&key)
+            .arg("MINID")
+            .arg("~")
+            .arg(last.at_ms.saturating_sub(max_age_ms).max(0))
+            .ignore();
+        let mut conn = self.conn.clone();
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, limit: usize, before: Option<&str>) -> Result<Vec<AuditEntry>> {
+        let start = match before {
+            Some(id) if is_audit_id(id) => format!("({id}"),
+            Some(_) => return Err(CoordError::invalid("before", "not an audit entry id")),
+            None => "+".to_owned(),
+        };
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+            .arg(format!("{}:audit", self.tag))
+            .arg(start)
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let mut e: AuditEntry = serde_json::from_str(fields.get("e")?).ok()?;
+                e.id = id;
+                Some(e)
+            })
+            .collect())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -601,6 +682,10 @@ struct MemRuns {
     runs: HashMap<String, RunRecord>,
     by_job: BTreeMap<String, VecDeque<String>>,
     all: VecDeque<String>,
+    /// Oldest first.
+    audit: VecDeque<AuditEntry>,
+    /// The last audit id given: (ms, seq), so ids increase like a stream's.
+    audit_last: (i64, u64),
 }
 
 /// Runs and fires in memory (`chime dev`, tests).
@@ -727,6 +812,51 @@ impl RunStore for MemoryRunStore {
         Ok(ids
             .into_iter()
             .filter_map(|i| st.runs.get(i).cloned())
+            .collect())
+    }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        let mut st = self.lock();
+        let max_age_ms =
+            i64::try_from(self.retention.audit_max_age_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        for entry in entries {
+            let (ms, seq) = st.audit_last;
+            st.audit_last = if entry.at_ms > ms {
+                (entry.at_ms, 0)
+            } else {
+                (ms, seq + 1)
+            };
+            let mut e = entry.clone();
+            e.id = format!("{}-{}", st.audit_last.0, st.audit_last.1);
+            st.audit.push_back(e);
+            let oldest = entry.at_ms.saturating_sub(max_age_ms);
+            while st.audit.len() > self.retention.audit_entries
+                || st.audit.front().is_some_and(|e| e.at_ms < oldest)
+            {
+                st.audit.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_audit(&self, limit: usize, before: Option<&str>) -> Result<Vec<AuditEntry>> {
+        let key = |id: &str| -> Option<(i64, u64)> {
+            let (ms, seq) = id.split_once('-')?;
+            Some((ms.parse().ok()?, seq.parse().ok()?))
+        };
+        let before = match before {
+            Some(id) if is_audit_id(id) => key(id),
+            Some(_) => return Err(CoordError::invalid("before", "not an audit entry id")),
+            None => None,
+        };
+        let st = self.lock();
+        Ok(st
+            .audit
+            .iter()
+            .rev()
+            .filter(|e| before.is_none_or(|b| key(&e.id).is_some_and(|k| k < b)))
+            .take(limit.max(1))
+            .cloned()
             .collect())
     }
 }

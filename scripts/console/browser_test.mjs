@@ -357,7 +357,23 @@ async function main() {
     summary.leader_badge = leader;
   });
 
-  await step('7. no uncaught page exceptions', async () => {
+  await step('7. the audit log shows the changes made above, newest first', async () => {
+    await nav('audit');
+    await visible('[data-testid="audit-entry"]', 'an audit entry', 10_000);
+    const rows = await page.$$eval('[data-testid="audit-entry"]', (rs) => rs.map((r) => r.dataset.action));
+    // This run's create, trigger and pause (newest first); a job left by an earlier
+    // run may have added its own entries further down.
+    const i = rows.indexOf('job.pause');
+    check(i >= 0 && rows.indexOf('job.trigger', i) > i && rows.indexOf('job.create', i) > rows.indexOf('job.trigger', i),
+      `audit rows out of order: ${rows.slice(0, 8).join(', ')}`);
+    const pauseRow = page.locator('[data-testid="audit-entry"][data-action="job.pause"]').first();
+    const text = await pauseRow.innerText();
+    check(text.includes(JOB) && /paused: false → true/.test(text), `the pause entry does not show what changed: ${text}`);
+    check(!(await page.locator('#view').innerText()).includes(TOKEN), 'the token is shown in the audit log');
+    summary.audit_rows = rows.length;
+  });
+
+  await step('8. no uncaught page exceptions', async () => {
     check(pageErrors.length === 0, `the page threw ${pageErrors.length} uncaught exception(s)`);
     check(cspViolations.length === 0, `${cspViolations.length} Content-Security-Policy violation(s)`);
   });

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Checks the Helm chart helm/chime:
 #   1. scripts/helm/check.py: helm lint --strict, render with Helm's own engine for the
-#      default values and helm/chime/ci/*.yaml, validate every object against the
+#      default values and helm/chime/ci/*-values.yaml, validate every object against the
 #      Kubernetes API schemas, and the chart's own rules;
-#   2. scripts/helm/smoke.py: the rendered coordinator and worker, and the app pod of
+#   2. scripts/helm/observability.sh: the alert rules (promtool check rules, promtool
+#      test rules) and the Grafana dashboard the chart ships, and the metric names they
+#      use against shared/src/telemetry.rs (promtool from Debian's prometheus package,
+#      extracted into target/promtool, nothing installed);
+#   3. scripts/helm/smoke.py: the rendered coordinator and worker, and the app pod of
 #      helm/chime/ci/sidecar-app-values.yaml (its chime worker sidecar and the Python
 #      SDK's coupon reminder), run as local processes against a redis-server and an etcd
 #      started here on free ports; the helm test's script runs a job to success, and
@@ -49,6 +53,9 @@ export PYTHONDONTWRITEBYTECODE=1
 
 echo "=== helm chart: lint, render, Kubernetes schemas (check.py)"
 "$py" scripts/helm/check.py
+
+echo "=== helm chart: alert rules and Grafana dashboard (observability.sh)"
+PYTHON="$py" scripts/helm/observability.sh
 
 echo "=== helm chart: rendered coordinator, worker and app pod against real Redis and etcd (smoke.py)"
 [ -x "$chime" ] || { echo "run.sh: no chime binary at $chime (cargo build -p chime)" >&2; exit 1; }

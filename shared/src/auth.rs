@@ -2,9 +2,13 @@
 //! worker, who may produce items. Separate token sets, so a leaked worker token
 //! cannot change jobs.
 //!
-//! A token file holds one token per line (blank lines and `#` comments ignored).
-//! Several lines are several valid tokens, which is how tokens rotate without a
-//! restart: add the new token, roll the clients, remove the old one. The file is
+//! A token file holds one token per line (blank lines and `#` comments ignored),
+//! optionally followed by a space and the token's name (`<token> ci-deployer`): the
+//! name is who the audit log says made a change, never the token. An unnamed token
+//! is named `token-` + the first 8 hex digits of its SHA-256, which tells tokens
+//! apart without revealing them. Several lines are several valid tokens, which is how
+//! tokens rotate without a restart: add the new token, roll the clients, remove the
+//! old one. The file is
 //! re-read when its modification time changes (checked at most once a second), so a
 //! Kubernetes Secret update reaches a running process.
 //!
@@ -40,19 +44,56 @@ pub struct Tokens {
     state: Mutex<State>,
 }
 
+/// One accepted token and the name the audit log gives its holder.
+#[derive(Debug)]
+struct Token {
+    secret: Vec<u8>,
+    name: String,
+}
+
+/// Longest token name.
+pub const MAX_TOKEN_NAME_LEN: usize = 64;
+
+/// The name of an unnamed token: `token-` and the first 8 hex digits of its
+/// SHA-256 (stable across restarts and replicas; reveals nothing usable).
+pub fn fingerprint(token: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
+    let hex: String = d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("token-{hex}")
+}
+
 #[derive(Debug)]
 struct State {
-    tokens: Vec<Vec<u8>>,
+    tokens: Vec<Token>,
     modified: Option<SystemTime>,
     checked: Instant,
 }
 
-fn parse(text: &str, origin: &str) -> Result<Vec<Vec<u8>>> {
+fn parse(text: &str, origin: &str) -> Result<Vec<Token>> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
             continue;
+        }
+        let (t, name) = match line.split_once(char::is_whitespace) {
+            Some((t, name)) => (t, Some(name.trim())),
+            None => (line, None),
+        };
+        if let Some(name) = name
+            && (name.is_empty()
+                || name.len() > MAX_TOKEN_NAME_LEN
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c)))
+        {
+            return Err(Error::invalid(
+                origin,
+                format!(
+                    "line {}: a token's name is 1..={MAX_TOKEN_NAME_LEN} of A-Z a-z 0-9 . _ @ -",
+                    n + 1
+                ),
+            ));
         }
         if t.len() < MIN_TOKEN_LEN || t.len() > MAX_TOKEN_LEN {
             return Err(Error::invalid(
@@ -72,7 +113,10 @@ fn parse(text: &str, origin: &str) -> Result<Vec<Vec<u8>>> {
                 ),
             ));
         }
-        out.push(t.as_bytes().to_vec());
+        out.push(Token {
+            secret: t.as_bytes().to_vec(),
+            name: name.map_or_else(|| fingerprint(t.as_bytes()), str::to_owned),
+        });
     }
     if out.is_empty() {
         return Err(Error::invalid(origin, "holds no token"));
@@ -80,7 +124,7 @@ fn parse(text: &str, origin: &str) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-fn read(path: &Path) -> Result<(Vec<Vec<u8>>, Option<SystemTime>)> {
+fn read(path: &Path) -> Result<(Vec<Token>, Option<SystemTime>)> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::invalid(&origin, format!("cannot read the token file: {e}")))?;
@@ -116,10 +160,14 @@ impl Tokens {
 
     /// One fixed token (`chime dev`, tests). No length rule: it is the caller's.
     pub fn fixed(token: impl Into<String>) -> Self {
+        let secret = token.into().into_bytes();
         Self {
             file: None,
             state: Mutex::new(State {
-                tokens: vec![token.into().into_bytes()],
+                tokens: vec![Token {
+                    name: fingerprint(&secret),
+                    secret,
+                }],
                 modified: None,
                 checked: Instant::now(),
             }),
@@ -130,8 +178,14 @@ impl Tokens {
     /// first; a file that became unreadable or invalid keeps the last good tokens
     /// (an operator's typo must not lock everyone out), and says so in the log.
     pub fn verify(&self, presented: &str) -> bool {
+        self.name_of(presented).is_some()
+    }
+
+    /// The name of the token `presented` is (see the module docs), `None` when it is
+    /// none of them. Re-reads a changed file as [`Tokens::verify`] says.
+    pub fn name_of(&self, presented: &str) -> Option<String> {
         if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
-            return false;
+            return None;
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(path) = &self.file
@@ -156,7 +210,10 @@ impl Tokens {
         // Every token is compared, so timing does not tell which one matched.
         st.tokens
             .iter()
-            .fold(false, |hit, t| same(t, presented.as_bytes()) | hit)
+            .fold(None, |hit, t| match same(&t.secret, presented.as_bytes()) {
+                true => Some(t.name.clone()),
+                false => hit,
+            })
     }
 }
 
@@ -204,7 +261,7 @@ impl tonic::service::Interceptor for Bearer {
 /// Reads a client's token file (the first token in it), for the CLI and workers.
 pub fn read_client_token(path: &Path) -> Result<String> {
     let (tokens, _) = read(path)?;
-    Ok(String::from_utf8(tokens[0].clone()).unwrap_or_default())
+    Ok(String::from_utf8(tokens[0].secret.clone()).unwrap_or_default())
 }
 
 /// Who may pass a [`Gate`].
@@ -444,6 +501,29 @@ mod tests {
         std::fs::write(&f, "short\n").unwrap();
         let e = Tokens::from_file(&f).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
+        // Names: given, or the fingerprint; a bad name is refused.
+        std::fs::write(
+            &f,
+            "named-token-0123456789 ci-deployer\nplain-token-0123456789\n",
+        )
+        .unwrap();
+        let t = Tokens::from_file(&f).unwrap();
+        assert_eq!(
+            t.name_of("named-token-0123456789").as_deref(),
+            Some("ci-deployer")
+        );
+        let anon = t.name_of("plain-token-0123456789").unwrap();
+        assert_eq!(anon, fingerprint(b"plain-token-0123456789"));
+        assert!(anon.starts_with("token-") && anon.len() == 14 && !anon.contains("plain"));
+        assert_eq!(t.name_of("other-token-0123456789"), None);
+        assert_eq!(
+            read_client_token(&f).unwrap(),
+            "named-token-0123456789",
+            "a client reads the token, not its name"
+        );
+        std::fs::write(&f, "named-token-0123456789 bad/name\n").unwrap();
+        let e = Tokens::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("name"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -63,6 +63,8 @@ pub const GROUP_WORKERS: &str = "chime_group_workers";
 /// How long each queue's earliest due item has been due, seconds (label `queue`; 0
 /// when nothing is due), sampled on the leader: the queue's lag.
 pub const QUEUE_OLDEST_DUE_AGE: &str = "chime_queue_oldest_due_age_seconds";
+/// Audit entries a coordinator could not write (the changes they describe stand).
+pub const AUDIT_WRITE_ERRORS: &str = "chime_audit_write_errors_total";
 /// 1 on the leading coordinator, 0 elsewhere.
 pub const IS_LEADER: &str = "chime_coordinator_leader";
 /// Items waiting per queue (label `queue`), sampled.
@@ -165,6 +167,10 @@ pub fn describe() {
         QUEUE_OLDEST_DUE_AGE,
         metrics::Unit::Seconds,
         "How long each queue's earliest due item has been due (leader)."
+    );
+    describe_counter!(
+        AUDIT_WRITE_ERRORS,
+        "Audit entries that could not be written (the changes stand)."
     );
     describe_gauge!(IS_LEADER, "1 on the leading coordinator.");
     describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");

@@ -592,6 +592,16 @@ mod tests {
         async fn trigger_state(&self) -> Result<HashMap<String, i64>> {
             self.inner.trigger_state().await
         }
+        async fn append_audit(&self, e: &[crate::model::AuditEntry]) -> Result<()> {
+            self.inner.append_audit(e).await
+        }
+        async fn list_audit(
+            &self,
+            limit: usize,
+            before: Option<&str>,
+        ) -> Result<Vec<crate::model::AuditEntry>> {
+            self.inner.list_audit(limit, before).await
+        }
         async fn save_run(&self, run: &RunRecord) -> Result<()> {
             if self
                 .fail

@@ -348,6 +348,7 @@ impl World {
             store: MemoryRunStore::new(Retention {
                 per_job: 10_000,
                 max_age_s: 86_400,
+                ..Retention::default()
             }),
             fence: 0,
             terms: 0,

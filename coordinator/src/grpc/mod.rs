@@ -33,29 +33,39 @@ use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::admin::{Admin, AdminAnswer, AdminCall, Caller, Forwarder};
+use crate::audit::Audit;
 use crate::engine::workers_api::{EndReason, ToWorker, WorkerHello};
 use crate::engine::{ShardKey, ShardOutcome, TriggerState};
 use crate::error::CoordError;
 use crate::model::{
-    JobSpec, Misfire, Overlap, Routing, RunRecord, RunState, Schedule, ShardRecord, WorkerView,
+    AuditEntry, JobSpec, Misfire, Overlap, Routing, RunRecord, RunState, Schedule, ShardRecord,
+    WorkerView,
 };
 use crate::store::{JobStore, RunStore, StoredJob};
 
 /// The admin service over these stores, with its gRPC edge; a follower forwards
-/// to the leader over gRPC (with `peer_tls` when the cluster speaks TLS).
+/// to the leader over gRPC (with `peer_tls` when the cluster speaks TLS). Changes
+/// are recorded in the audit log in `runs`, naming callers from `auth`'s tokens.
 pub fn admin_api(
     shared: Arc<Shared>,
     jobs: JobStore,
     runs: Arc<dyn RunStore>,
     clock: Arc<dyn Clock>,
+    auth: &Auth,
     peer_tls: Option<ClientTls>,
 ) -> AdminApi {
     let forwarder = Arc::new(GrpcForwarder {
         peer_tls,
         leader: Default::default(),
     });
+    let audit = Audit::new(
+        runs.clone(),
+        clock.clone(),
+        auth.admin.clone(),
+        auth.producer.clone(),
+    );
     AdminApi {
-        admin: Admin::new(shared, jobs, runs, clock, forwarder),
+        admin: Admin::new(shared, jobs, runs, clock, forwarder, audit),
     }
 }
 
@@ -771,7 +781,7 @@ fn as_caller<T>(caller: &Caller, msg: T) -> Request<T> {
 }
 
 /// The caller of a gRPC request.
-fn caller_of<T>(req: &Request<T>) -> Caller {
+pub(crate) fn caller_of<T>(req: &Request<T>) -> Caller {
     Caller {
         authorization: req
             .metadata()
@@ -869,6 +879,14 @@ impl Forwarder for GrpcForwarder {
             }
             AdminCall::KillRun(run_id) => {
                 run(c.kill_run(as_caller(caller, pb::RunId { run_id })).await?)
+            }
+            AdminCall::ListAudit { limit, before } => {
+                let entries = c
+                    .list_audit(as_caller(caller, pb::ListAuditRequest { limit, before }))
+                    .await?
+                    .into_inner()
+                    .entries;
+                AdminAnswer::Audit(entries.into_iter().map(audit_from_proto).collect())
             }
             AdminCall::ListWorkers { group } => {
                 let w = c
@@ -1061,6 +1079,50 @@ impl pb::admin_server::Admin for AdminApi {
             leader,
         }))
     }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let pb::ListAuditRequest { limit, before } = req.get_ref().clone();
+        let entries = self
+            .answer(&req, AdminCall::ListAudit { limit, before })
+            .await?
+            .into_audit()?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries.into_iter().map(audit_to_proto).collect(),
+        }))
+    }
+}
+
+fn audit_to_proto(e: AuditEntry) -> pb::AuditEntry {
+    let json = |v: Option<serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_default();
+    pb::AuditEntry {
+        id: e.id,
+        at_ms: e.at_ms,
+        who: e.who,
+        action: e.action,
+        target: e.target,
+        before_json: json(e.before),
+        after_json: json(e.after),
+    }
+}
+
+fn audit_from_proto(e: pb::AuditEntry) -> AuditEntry {
+    let json = |s: String| {
+        (!s.is_empty())
+            .then(|| serde_json::from_str(&s).ok())
+            .flatten()
+    };
+    AuditEntry {
+        id: e.id,
+        at_ms: e.at_ms,
+        who: e.who,
+        action: e.action,
+        target: e.target,
+        before: json(e.before_json),
+        after: json(e.after_json),
+    }
 }
 
 fn state_from_proto(s: i32) -> RunState {
@@ -1175,7 +1237,7 @@ mod tests {
             leader: "here".into(),
             fence: 1,
         });
-        let api = admin_api(shared, jobs, runs.clone(), clock, None);
+        let api = admin_api(shared, jobs, runs.clone(), clock, &Auth::default(), None);
         let (tx, mut rx) = mpsc::channel(8);
         let hello = WorkerHello {
             worker_id: "w1".into(),
@@ -1232,7 +1294,7 @@ mod tests {
         });
         let jobs = JobStore::new(Arc::new(MemorySource::default()));
         let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
-        let api = admin_api(shared, jobs, runs, clock, None);
+        let api = admin_api(shared, jobs, runs, clock, &Auth::default(), None);
         let mut req = Request::new(pb::ListWorkersRequest::default());
         req.metadata_mut()
             .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
@@ -1259,13 +1321,13 @@ mod tests {
         let shared = Arc::new(Shared::default());
         let jobs = JobStore::new(Arc::new(MemorySource::default()));
         let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
-        let admin = admin_api(shared.clone(), jobs, runs, clock, None);
+        let admin = admin_api(shared.clone(), jobs, runs, clock, &Auth::default(), None);
         let auth = Auth {
             admin: Some(Arc::new(Tokens::fixed(ADMIN))),
             worker: Some(Arc::new(Tokens::fixed(WORKER))),
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
         };
-        let router = server(shared, admin, queue::QueueApi::new(None), auth, None)
+        let router = server(shared, admin, queue::QueueApi::new(None, None), auth, None)
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

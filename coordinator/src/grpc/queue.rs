@@ -15,6 +15,7 @@ use chime_shared::queue::{
 use proto as pb;
 use tonic::{Request, Response, Status};
 
+use crate::audit::Audit;
 use crate::error::CoordError;
 
 /// The `Queue` service over this coordinator's delay store (`None`: every call
@@ -22,12 +23,14 @@ use crate::error::CoordError;
 #[derive(Debug, Clone)]
 pub struct QueueApi {
     store: Option<Arc<dyn DelayStore>>,
+    /// Where dead-letter requeues are recorded (`None`: nowhere, in tests).
+    audit: Option<Audit>,
 }
 
 impl QueueApi {
-    /// The service over `store`.
-    pub fn new(store: Option<Arc<dyn DelayStore>>) -> Self {
-        Self { store }
+    /// The service over `store`, recording requeues in `audit`.
+    pub fn new(store: Option<Arc<dyn DelayStore>>, audit: Option<Audit>) -> Self {
+        Self { store, audit }
     }
 
     fn store(&self) -> Result<&Arc<dyn DelayStore>, CoordError> {
@@ -244,6 +247,7 @@ impl pb::queue_server::Queue for QueueApi {
         &self,
         req: Request<pb::RequeueDeadLettersRequest>,
     ) -> Result<Response<pb::RequeueDeadLettersResponse>, Status> {
+        let caller = super::caller_of(&req);
         let req = req.into_inner();
         if req.all != req.items.is_empty() {
             return Err(CoordError::invalid("items", "give either items or all: true").into());
@@ -270,6 +274,10 @@ impl pb::queue_server::Queue for QueueApi {
             .requeue_dead(&refs, limits::MAX_REQUEUE_ITEMS)
             .await
             .map_err(CoordError::from)?;
+        if let Some(a) = &self.audit {
+            a.record(&caller, vec![crate::audit::requeued(&refs, n)])
+                .await;
+        }
         Ok(Response::new(pb::RequeueDeadLettersResponse {
             requeued: n as u64,
         }))

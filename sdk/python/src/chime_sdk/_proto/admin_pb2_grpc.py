@@ -99,6 +99,11 @@ class AdminStub(object):
                 request_serializer=chime_dot_v1_dot_admin__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=chime_dot_v1_dot_admin__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/chime.v1.Admin/ListAudit',
+                request_serializer=chime_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=chime_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -197,6 +202,16 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """The audit log, newest first: who (the name of the token presented) changed
+        which job, run, live setting or dead letters, when, before and after. Entries
+        are kept per `coordinator.audit_max_entries` / `audit_max_age_s`.
+        INVALID_ARGUMENT names `limit` (over 1,000) or `before` (not an entry id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +279,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=chime_dot_v1_dot_admin__pb2.ListWorkersRequest.FromString,
                     response_serializer=chime_dot_v1_dot_admin__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=chime_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
+                    response_serializer=chime_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -617,6 +637,33 @@ class Admin(object):
             '/chime.v1.Admin/ListWorkers',
             chime_dot_v1_dot_admin__pb2.ListWorkersRequest.SerializeToString,
             chime_dot_v1_dot_admin__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chime.v1.Admin/ListAudit',
+            chime_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+            chime_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
