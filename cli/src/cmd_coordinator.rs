@@ -245,6 +245,8 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         anyhow::bail!("invalid tls.cert_file: required with tls.key_file or tls.client_ca_file");
     }
     let deps = chime_coordinator::Deps {
+        cluster: cfg.coordinator.prefix.clone(),
+        family: cfg.queue.family.clone(),
         tls,
         peer_tls: cfg.tls.peer(),
         queues: Some(queues),

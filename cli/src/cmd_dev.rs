@@ -235,6 +235,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let stop_coord = CancellationToken::new();
     let jobs = JobStore::new(source.clone());
     let deps = Deps {
+        cluster: "chime-dev".into(),
+        family: "default".into(),
         jobs: jobs.clone(),
         runs: Arc::new(MemoryRunStore::default()),
         clock: clock_src.clone(),

@@ -4,6 +4,7 @@
 //! future to the library crates.
 
 mod bench;
+mod cmd_alert;
 mod cmd_config;
 mod cmd_coordinator;
 mod cmd_dev;
@@ -48,6 +49,8 @@ enum Command {
     Queue(cmd_queue::QueueArgs),
     /// Read and change live settings in etcd.
     Config(cmd_config::ConfigArgs),
+    /// Alert rules in etcd: what to watch and where to say it.
+    Alert(cmd_alert::AlertArgs),
     /// Benchmarks; each prints one JSON line of results on stdout.
     Bench(bench::BenchArgs),
     /// The marketing-push scenarios end to end on real processes with a fake push
@@ -220,6 +223,7 @@ fn main() -> std::process::ExitCode {
             Command::Audit(a) => cmd_job::run_audit(a).await,
             Command::Queue(a) => cmd_queue::run(a).await,
             Command::Config(a) => cmd_config::run(a).await,
+            Command::Alert(a) => cmd_alert::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Demo(a) => demo::run(a).await,
         }

@@ -261,6 +261,16 @@ impl Admin {
         &self.audit
     }
 
+    /// The job store (its source also holds the alert rules).
+    pub fn jobs(&self) -> &JobStore {
+        &self.jobs
+    }
+
+    /// The run store (it also holds the alert evaluator's state).
+    pub fn runs(&self) -> &Arc<dyn RunStore> {
+        &self.runs
+    }
+
     /// The definition of `name` now, for an entry's "before" (`None`: not there).
     async fn before(&self, name: &str) -> Option<JobSpec> {
         self.jobs.get(name).await.ok().map(|j| j.spec)

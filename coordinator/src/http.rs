@@ -21,7 +21,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use chime_shared::auth::{self, Gate, Policy};
 use chime_shared::clock::Clock;
 use chime_shared::config::source::ConfigSource;
@@ -34,6 +34,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::Shared;
 use crate::admin::{Admin, AdminAnswer, AdminCall, Caller, JobView};
+use crate::alerts::rule::AlertRule;
+use crate::alerts::sink::{Notice, NoticeStatus, Sender};
 use crate::audit::Change;
 use crate::error::CoordError;
 use crate::model::{AuditAction, JobSpec, RunRecord};
@@ -64,6 +66,10 @@ pub struct HttpState {
     pub this: String,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// The alert rules this replica follows.
+    pub alerts: crate::alerts::Rules,
+    /// The queue family the coordinators watch (alert rules are checked against it).
+    pub family: String,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -91,6 +97,9 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/runs/{id}/kill", post(kill_run))
         .route("/api/workers", get(list_workers))
         .route("/api/audit", get(list_audit))
+        .route("/api/alerts", get(list_alerts))
+        .route("/api/alerts/{name}", put(put_alert).delete(delete_alert))
+        .route("/api/alerts/{name}/test", post(test_alert))
         .route("/api/queues", get(queues))
         .route("/api/queues/dead", get(dead_letters))
         .route("/api/queues/dead/requeue", post(requeue))
@@ -832,6 +841,128 @@ async fn delete_config(
     ok(json!({ "key": q.key, "deleted": true, "revision": revision }))
 }
 
+// ---- alerts ----
+
+async fn list_alerts(State(st): State<HttpState>) -> ApiResult {
+    let firing = match st.admin.runs().load_alert_state().await? {
+        Some(json) => serde_json::from_str::<crate::alerts::eval::State>(&json)
+            .map(|s| s.firing)
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    let firing: Vec<Value> = firing
+        .into_iter()
+        .flat_map(|(rule, subjects)| {
+            subjects.into_iter().map(move |(subject, f)| {
+                json!({ "rule": rule, "subject": subject, "since_ms": f.since_ms })
+            })
+        })
+        .collect();
+    ok(json!({ "rules": st.alerts.all(), "firing": firing }))
+}
+
+async fn stored_alert(st: &HttpState, name: &str) -> ApiResult<Option<AlertRule>> {
+    let got = st
+        .admin
+        .jobs()
+        .source()
+        .get(&crate::alerts::rule::key(name))
+        .await?;
+    Ok(got.and_then(|(v, _)| serde_json::from_str(&v).ok()))
+}
+
+async fn put_alert(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let rule = AlertRule::parse(&body, &st.family)?;
+    if rule.name != name {
+        return Err(ApiError::invalid(
+            "name",
+            format!("{:?} does not match the path's {name:?}", rule.name),
+        ));
+    }
+    let before = stored_alert(&st, &name).await?;
+    let json =
+        serde_json::to_string(&rule).map_err(|e| ApiError::invalid("rule", e.to_string()))?;
+    let revision = st
+        .admin
+        .jobs()
+        .source()
+        .put(&crate::alerts::rule::key(&name), &json)
+        .await?;
+    let mut change = Change::new(AuditAction::AlertPut, &name).after(rule.redacted());
+    change.before = before.and_then(|b| serde_json::to_value(b.redacted()).ok());
+    st.admin
+        .audit()
+        .record(&caller(&headers), vec![change])
+        .await;
+    ok(json!({ "rule": rule, "revision": revision }))
+}
+
+async fn delete_alert(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let Some(before) = stored_alert(&st, &name).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("alert rule {name:?} not found"),
+        ));
+    };
+    let revision = st
+        .admin
+        .jobs()
+        .source()
+        .delete(&crate::alerts::rule::key(&name))
+        .await?;
+    let change = Change::new(AuditAction::AlertDelete, &name).before(before.redacted());
+    st.admin
+        .audit()
+        .record(&caller(&headers), vec![change])
+        .await;
+    ok(json!({ "deleted": name, "revision": revision }))
+}
+
+/// Sends a test notice to each of a rule's sinks now, and says how each went (the
+/// way to check a webhook URL or an SMTP relay before an incident does).
+async fn test_alert(State(st): State<HttpState>, Path(name): Path<String>) -> ApiResult {
+    let Some(rule) = stored_alert(&st, &name).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("alert rule {name:?} not found"),
+        ));
+    };
+    let sender = Sender::new(crate::alerts::SEND_TIMEOUT)?;
+    let now = st.clock.now_ms();
+    let notice = Notice {
+        id: format!("{name}/test/{now}"),
+        rule: name.clone(),
+        status: NoticeStatus::Firing,
+        condition: rule.condition.kind().to_owned(),
+        subject: "test".into(),
+        summary: format!("test notice of alert rule {name}"),
+        details: "Sent from the chime console or API to check this sink.".into(),
+        at_ms: now,
+        cluster: st.this.clone(),
+    };
+    let mut results = Vec::new();
+    for sink in &rule.sinks {
+        let r = sender.send(sink, &notice).await;
+        results.push(json!({
+            "sink": sink.kind(),
+            "ok": r.is_ok(),
+            "error": r.err().map(|e| e.to_string()),
+        }));
+    }
+    ok(json!({ "results": results }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -898,6 +1029,8 @@ mod tests {
             queues: None,
             config: None,
             auth,
+            alerts: Default::default(),
+            family: "default".into(),
             this: "here".into(),
             clock,
         };

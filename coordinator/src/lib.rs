@@ -18,6 +18,7 @@
 //! ports by itself or installs a logger.
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod engine;
 pub mod error;
@@ -68,6 +69,10 @@ pub struct Deps {
     pub tls: chime_shared::tls::ServerTls,
     /// TLS to reach the leader when forwarding admin calls (set with `tls`).
     pub peer_tls: Option<chime_shared::tls::ClientTls>,
+    /// The deployment's name (`coordinator.prefix`), which alert notices carry.
+    pub cluster: String,
+    /// The queue family `queues` serves (queue alert rules are checked against it).
+    pub family: String,
 }
 
 impl std::fmt::Debug for Deps {
@@ -211,8 +216,12 @@ pub async fn serve(
     });
     // HTTP stops with gRPC, after leadership is handed over, so probes and the
     // console keep answering during the hand-over.
+    let family = deps.family.clone();
+    let alert_rules = alerts::Rules::default();
     let http = http_listener.map(|l| {
         let state = http::HttpState {
+            alerts: alert_rules.clone(),
+            family: family.clone(),
             admin: admin.service(),
             shared: shared.clone(),
             queues: deps.queues.clone(),
@@ -232,6 +241,27 @@ pub async fn serve(
     if let Some(q) = deps.queues.clone() {
         tokio::spawn(sample_queues(q, shared.clone(), stop_grpc.clone()));
     }
+    // Every replica follows the alert rules (the console reads them anywhere); the
+    // evaluator acts only while this replica leads.
+    tokio::spawn(alerts::follow_rules(
+        deps.jobs.source(),
+        alert_rules.clone(),
+        family.clone(),
+        stop_grpc.clone(),
+    ));
+    tokio::spawn(alerts::run(
+        alerts::AlertsDeps {
+            shared: shared.clone(),
+            jobs: deps.jobs.clone(),
+            runs: deps.runs.clone(),
+            queues: deps.queues.clone(),
+            clock: deps.clock.clone(),
+            cluster: deps.cluster.clone(),
+            family: family.clone(),
+        },
+        alert_rules.clone(),
+        stop_grpc.clone(),
+    ));
     let resign = Arc::new(Notify::new());
     let election_stop = CancellationToken::new();
     // Without an election this coordinator always leads; the sender is held until

@@ -581,6 +581,10 @@ pub enum AuditAction {
     ConfigDelete,
     /// Dead letters were sent back to their queues.
     DeadLettersRequeue,
+    /// An alert rule was created or replaced.
+    AlertPut,
+    /// An alert rule was deleted.
+    AlertDelete,
 }
 
 impl AuditAction {
@@ -597,6 +601,58 @@ impl AuditAction {
             AuditAction::ConfigSet => "config.set",
             AuditAction::ConfigDelete => "config.delete",
             AuditAction::DeadLettersRequeue => "dead_letters.requeue",
+            AuditAction::AlertPut => "alert.put",
+            AuditAction::AlertDelete => "alert.delete",
         }
+    }
+}
+
+/// A run that ended badly (failed or timed out after its retries, or a fire
+/// skipped), as the alert evaluator reads it: saved with the run's final state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunEvent {
+    /// Given by the store, increasing.
+    #[serde(default)]
+    pub id: String,
+    /// The job.
+    pub job: String,
+    /// The run.
+    pub run_id: String,
+    /// How it ended.
+    pub state: RunState,
+    /// When it ended, Unix ms.
+    pub at_ms: i64,
+    /// The first failed shard's error (or why the fire was skipped), clipped.
+    #[serde(default)]
+    pub error: String,
+}
+
+impl RunEvent {
+    /// The event of a run just saved, if its end is one alerts watch.
+    pub fn of(run: &RunRecord) -> Option<Self> {
+        if !matches!(
+            run.state,
+            RunState::Failed | RunState::TimedOut | RunState::Skipped
+        ) {
+            return None;
+        }
+        let error = run
+            .shards
+            .iter()
+            .find(|s| !s.error.is_empty())
+            .map(|s| s.error.clone())
+            .unwrap_or_else(|| run.note.clone());
+        Some(Self {
+            id: String::new(),
+            job: run.job.clone(),
+            run_id: run.run_id.clone(),
+            state: run.state,
+            at_ms: if run.finished_at_ms > 0 {
+                run.finished_at_ms
+            } else {
+                run.fired_at_ms
+            },
+            error: error.chars().take(500).collect(),
+        })
     }
 }

@@ -15,7 +15,7 @@ use chime_shared::config::source::{ConfigSource, Expect, Snapshot};
 use chime_shared::redis_conn::RedisConn;
 
 use crate::error::{CoordError, Result};
-use crate::model::{AuditEntry, JobSpec, RunRecord};
+use crate::model::{AuditEntry, JobSpec, RunEvent, RunRecord};
 
 /// A job with its store version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,7 +339,22 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
     /// Audit entries, newest first: at most `limit`, older than the entry `before`
     /// when given.
     async fn list_audit(&self, limit: usize, before: Option<&str>) -> Result<Vec<AuditEntry>>;
+    /// Runs that ended badly ([`RunEvent::of`], appended by `save_run` with the
+    /// final save), oldest first: at most `limit` after the event `after` (empty:
+    /// from the oldest kept).
+    async fn run_events(&self, after: &str, limit: usize) -> Result<Vec<RunEvent>>;
+    /// The newest run event's id (empty: none yet): where an evaluator with no
+    /// saved state starts, so it does not alert on history.
+    async fn latest_run_event(&self) -> Result<String>;
+    /// The alert evaluator's saved state (JSON), if any.
+    async fn load_alert_state(&self) -> Result<Option<String>>;
+    /// Saves the alert evaluator's state, only while `fence` is the newest leader's
+    /// token; answers whether it was saved (false: a newer leader took over).
+    async fn save_alert_state(&self, fence: i64, json: &str) -> Result<bool>;
 }
+
+/// Run events kept (about): far more than an evaluator falls behind by.
+const RUN_EVENTS_KEPT: usize = 10_000;
 
 /// Whether `id` is an audit entry id (`<ms>-<seq>`), the only thing a listing may
 /// page back from.
@@ -389,6 +404,8 @@ static HANDOVER: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/handover.lua")));
 static SAVE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/save_run.lua")));
+static SAVE_ALERTS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/save_alerts.lua")));
 
 /// Runs and fires in Redis. All keys share the hash tag `{<prefix>:sched}`.
 #[derive(Debug, Clone)]
@@ -551,12 +568,15 @@ impl RunStore for RedisRunStore {
             .key(format!("{}:runs:{}", self.tag, run.job))
             .key(format!("{}:runs", self.tag))
             .key(format!("{}:active", self.tag))
+            .key(format!("{}:events", self.tag))
             .arg(&run.run_id)
             .arg(json)
             .arg(run.fired_at_ms)
             .arg(self.retention.max_age_s)
             .arg(self.retention.per_job)
             .arg(if run.state.is_final() { "1" } else { "0" })
+            .arg(event_json(run)?)
+            .arg(RUN_EVENTS_KEPT)
             .invoke_async(&mut conn)
             .await?;
         if !trimmed.is_empty() {
@@ -670,6 +690,61 @@ impl RunStore for RedisRunStore {
             })
             .collect())
     }
+
+    async fn run_events(&self, after: &str, limit: usize) -> Result<Vec<RunEvent>> {
+        let start = if after.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("({after}")
+        };
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(format!("{}:events", self.tag))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(decode_events(rows))
+    }
+
+    async fn latest_run_event(&self) -> Result<String> {
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+            .arg(format!("{}:events", self.tag))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(id, _)| id)
+            .unwrap_or_default())
+    }
+
+    async fn load_alert_state(&self) -> Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("GET")
+            .arg(format!("{}:alerts", self.tag))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    async fn save_alert_state(&self, fence: i64, json: &str) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let saved: i64 = SAVE_ALERTS
+            .key(format!("{}:fence", self.tag))
+            .key(format!("{}:alerts", self.tag))
+            .arg(fence)
+            .arg(json)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(saved == 1)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -684,6 +759,10 @@ struct MemRuns {
     all: VecDeque<String>,
     /// Oldest first.
     audit: VecDeque<AuditEntry>,
+    /// Run events, oldest first, and the last id given.
+    events: VecDeque<RunEvent>,
+    event_seq: u64,
+    alerts: Option<String>,
     /// The last audit id given: (ms, seq), so ids increase like a stream's.
     audit_last: (i64, u64),
 }
@@ -778,6 +857,17 @@ impl RunStore for MemoryRunStore {
 
     async fn save_run(&self, run: &RunRecord) -> Result<()> {
         let mut st = self.lock();
+        if run.state.is_final()
+            && let Some(mut e) = RunEvent::of(run)
+        {
+            // Ids like a stream's (`<ms>-<seq>`), the sequence alone ordering them.
+            st.event_seq += 1;
+            e.id = format!("{}-{}", e.at_ms.max(0), st.event_seq);
+            st.events.push_back(e);
+            if st.events.len() > RUN_EVENTS_KEPT {
+                st.events.pop_front();
+            }
+        }
         if st.runs.insert(run.run_id.clone(), run.clone()).is_none() {
             let keep = self.retention.per_job;
             let ids = st.by_job.entry(run.job.clone()).or_default();
@@ -859,4 +949,60 @@ impl RunStore for MemoryRunStore {
             .cloned()
             .collect())
     }
+
+    async fn run_events(&self, after: &str, limit: usize) -> Result<Vec<RunEvent>> {
+        let after: u64 = after
+            .split('-')
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let st = self.lock();
+        Ok(st
+            .events
+            .iter()
+            .filter(|e| e.id.split('-').nth(1).and_then(|n| n.parse::<u64>().ok()) > Some(after))
+            .take(limit.max(1))
+            .cloned()
+            .collect())
+    }
+
+    async fn latest_run_event(&self) -> Result<String> {
+        Ok(self
+            .lock()
+            .events
+            .back()
+            .map(|e| e.id.clone())
+            .unwrap_or_default())
+    }
+
+    async fn load_alert_state(&self) -> Result<Option<String>> {
+        Ok(self.lock().alerts.clone())
+    }
+
+    async fn save_alert_state(&self, fence: i64, json: &str) -> Result<bool> {
+        let mut st = self.lock();
+        if st.fence != fence {
+            return Ok(false);
+        }
+        st.alerts = Some(json.to_owned());
+        Ok(true)
+    }
+}
+
+/// The event `save_run` appends with a run's final save (empty: none).
+fn event_json(run: &RunRecord) -> Result<String> {
+    match RunEvent::of(run).filter(|_| run.state.is_final()) {
+        None => Ok(String::new()),
+        Some(e) => serde_json::to_string(&e).map_err(|e| CoordError::Unavailable(e.to_string())),
+    }
+}
+
+fn decode_events(rows: Vec<(String, HashMap<String, String>)>) -> Vec<RunEvent> {
+    rows.into_iter()
+        .filter_map(|(id, fields)| {
+            let mut e: RunEvent = serde_json::from_str(fields.get("e")?).ok()?;
+            e.id = id;
+            Some(e)
+        })
+        .collect()
 }

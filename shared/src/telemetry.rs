@@ -65,6 +65,9 @@ pub const GROUP_WORKERS: &str = "chime_group_workers";
 pub const QUEUE_OLDEST_DUE_AGE: &str = "chime_queue_oldest_due_age_seconds";
 /// Audit entries a coordinator could not write (the changes they describe stand).
 pub const AUDIT_WRITE_ERRORS: &str = "chime_audit_write_errors_total";
+/// Alert notices by sink and outcome (labels `sink`: webhook, slack, dingtalk,
+/// feishu, email; `outcome`: sent, retried, dropped, suppressed).
+pub const ALERT_NOTICES: &str = "chime_alert_notices_total";
 /// 1 on the leading coordinator, 0 elsewhere.
 pub const IS_LEADER: &str = "chime_coordinator_leader";
 /// Items waiting per queue (label `queue`), sampled.
@@ -171,6 +174,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "Audit entries that could not be written (the changes stand)."
+    );
+    describe_counter!(
+        ALERT_NOTICES,
+        "Alert notices by sink and outcome (sent, retried, dropped, suppressed)."
     );
     describe_gauge!(IS_LEADER, "1 on the leading coordinator.");
     describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");

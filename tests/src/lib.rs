@@ -7,6 +7,7 @@
 //! how to install it; nothing is skipped silently.
 
 pub mod conformance;
+pub mod receivers;
 pub mod sdk;
 
 use std::future::Future;

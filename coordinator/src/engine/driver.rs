@@ -602,6 +602,22 @@ mod tests {
         ) -> Result<Vec<crate::model::AuditEntry>> {
             self.inner.list_audit(limit, before).await
         }
+        async fn run_events(
+            &self,
+            after: &str,
+            limit: usize,
+        ) -> Result<Vec<crate::model::RunEvent>> {
+            self.inner.run_events(after, limit).await
+        }
+        async fn latest_run_event(&self) -> Result<String> {
+            self.inner.latest_run_event().await
+        }
+        async fn load_alert_state(&self) -> Result<Option<String>> {
+            self.inner.load_alert_state().await
+        }
+        async fn save_alert_state(&self, fence: i64, json: &str) -> Result<bool> {
+            self.inner.save_alert_state(fence, json).await
+        }
         async fn save_run(&self, run: &RunRecord) -> Result<()> {
             if self
                 .fail

@@ -151,8 +151,25 @@ fn reject(key: &str, reason: &str) {
     metrics::counter!(m::CONFIG_REJECTED, "key" => key.to_owned()).increment(1);
 }
 
+/// What one change did to the settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// A setting changed.
+    Changed,
+    /// A setting was written with the value it had.
+    Same,
+    /// A bad value or an unknown key: refused (logged and counted).
+    Refused,
+    /// Not a setting (a job, an alert rule, the election): none of ours.
+    Internal,
+}
+
 /// Applies one change; answers whether the config changed.
 fn apply(config: &mut LiveConfig, change: &Change) -> bool {
+    apply_one(config, change) == Applied::Changed
+}
+
+fn apply_one(config: &mut LiveConfig, change: &Change) -> Applied {
     let (key, value, revision) = match change {
         Change::Put {
             key,
@@ -162,6 +179,12 @@ fn apply(config: &mut LiveConfig, change: &Change) -> bool {
         Change::Delete { key, revision } => (key, None, *revision),
     };
     config.revision = config.revision.max(revision);
+    // A job or an alert rule written under the same prefix is not a setting (it
+    // used to be refused here, as a warning and a `config_rejected` count on every
+    // worker for every job change).
+    if super::is_internal(key) {
+        return Applied::Internal;
+    }
     match parse(key, value) {
         Ok(setting) => {
             let before = config.clone();
@@ -179,12 +202,14 @@ fn apply(config: &mut LiveConfig, change: &Change) -> bool {
                     "config change applied"
                 );
                 metrics::counter!(m::CONFIG_APPLIED).increment(1);
+                Applied::Changed
+            } else {
+                Applied::Same
             }
-            changed
         }
         Err(r) => {
             reject(&r.key, &r.reason);
-            false
+            Applied::Refused
         }
     }
 }
@@ -215,4 +240,42 @@ async fn run(
         std::future::ready(())
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_and_alert_rules_under_the_prefix_are_not_settings() {
+        let mut config = LiveConfig::default();
+        for key in ["jobs/nightly", "alerts/lag", "election/coordinator/1"] {
+            let put = Change::Put {
+                key: key.into(),
+                value: "{}".into(),
+                revision: 4,
+            };
+            assert_eq!(apply_one(&mut config, &put), Applied::Internal, "{key}");
+        }
+        assert_eq!(
+            config,
+            LiveConfig {
+                revision: 4,
+                ..LiveConfig::default()
+            }
+        );
+        let count = Change::Put {
+            key: "queues/default/count".into(),
+            value: "8".into(),
+            revision: 5,
+        };
+        assert_eq!(apply_one(&mut config, &count), Applied::Changed);
+        assert_eq!(apply_one(&mut config, &count), Applied::Same);
+        let bad = Change::Put {
+            key: "queues/default/counts".into(),
+            value: "8".into(),
+            revision: 6,
+        };
+        assert_eq!(apply_one(&mut config, &bad), Applied::Refused);
+    }
 }
