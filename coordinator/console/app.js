@@ -352,6 +352,7 @@
       case 'queues': return { section, make: queuesView };
       case 'config': return { section, make: configView };
       case 'audit': return { section, make: auditView };
+      case 'alerts': return { section, make: alertsView };
       default: return { section: 'overview', make: overviewView };
     }
   }
@@ -1462,6 +1463,109 @@
           h('td', { class: 'mono' }, k.range || ''), h('td', null, k.doc || ''))) : emptyRow(known, '—'));
         fill(keyList, [...new Set([...entryKeys, ...known_.map((k) => k.pattern)])].map((k) => h('option', { value: k })));
         inForce.textContent = JSON.stringify(c.in_force ?? {}, null, 2);
+      },
+    };
+    return view;
+  }
+
+  // ---------------------------------------------------------------- alerts
+
+  // Alert rules (live in etcd), the alerts firing now, a JSON editor to put a rule,
+  // and a Test button that sends a test notice to each sink of a rule.
+  function alertsView(root, gen) {
+    const firing = table('alerts-firing', ['Rule', 'Subject', 'Since']);
+    const rules = table('alerts-rules', ['Rule', 'Condition', 'Scope', 'Sinks', 'State', { label: 'Actions', attrs: { class: 'actions' } }]);
+    const example = {
+      name: 'jobs-failing',
+      condition: { kind: 'run_failed' },
+      scope: { group: 'default' },
+      sinks: [{ kind: 'webhook', url: 'https://ops.example.com/chime', secret: 'change-me' }],
+      repeat_after_s: 0,
+    };
+    const editor = h('textarea', { id: 'alert-json', 'data-testid': 'alert-json', rows: 12, spellcheck: 'false', class: 'mono' });
+    editor.value = JSON.stringify(example, null, 2);
+    const err = h('div', { class: 'field-error', 'data-testid': 'field-error', role: 'alert', hidden: true });
+    const saveBtn = h('button', { type: 'submit', class: 'btn btn-primary', 'data-testid': 'alert-save' }, 'Save rule');
+    const form = h('form', { class: 'form', 'data-testid': 'alert-form', novalidate: true },
+      h('div', { class: 'field' }, h('label', { for: 'alert-json' }, 'Rule (JSON)'), editor, err),
+      h('div', { class: 'toolbar' }, saveBtn));
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      err.hidden = true;
+      let rule;
+      try { rule = JSON.parse(editor.value); } catch (e) {
+        err.hidden = false;
+        err.textContent = `not JSON: ${e.message}`;
+        return;
+      }
+      saveBtn.disabled = true;
+      try {
+        await api('PUT', `/api/alerts/${enc(rule.name || '')}`, rule);
+        flash('ok', `Saved alert rule ${rule.name}.`);
+        await view.refresh();
+      } catch (e) {
+        if (e.status === 401) return;
+        err.hidden = false;
+        err.textContent = e.field ? `${e.field}: ${e.message}` : errText(e);
+      } finally {
+        saveBtn.disabled = false;
+      }
+    });
+
+    async function test(name, cell) {
+      cell.textContent = 'sending…';
+      try {
+        const r = await api('POST', `/api/alerts/${enc(name)}/test`);
+        fill(cell, (r.results || []).map((x) => h('div', { class: x.ok ? 'ok-text' : 'error-text', 'data-testid': 'alert-test-result' }, `${x.sink}: ${x.ok ? 'delivered' : x.error}`)));
+      } catch (e) {
+        if (e.status !== 401) cell.textContent = errText(e);
+      }
+    }
+
+    function remove(name) {
+      confirmDialog('alert-delete-dialog', `Delete alert rule ${name}?`, 'Its alerts stop; nothing more is sent for it.', 'Delete', async () => {
+        await api('DELETE', `/api/alerts/${enc(name)}`);
+        flash('ok', `Deleted alert rule ${name}.`);
+        view.refresh().catch(() => {});
+      });
+    }
+
+    const scopeText = (s) => Object.entries(s || {}).map(([k, v]) => `${k}=${v}`).join(' ') || 'everything';
+    const condText = (c) => Object.entries(c).filter(([k]) => k !== 'kind').reduce((t, [k, v]) => `${t} ${k}=${v}`, c.kind);
+    const sinkText = (x) => {
+      let where = x.kind === 'email' ? (x.to || []).join(', ') : '';
+      if (!where && x.url) { try { where = new URL(x.url).host; } catch (_) { where = ''; } }
+      return `${x.kind}${where ? ` (${where})` : ''}`;
+    };
+
+    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Alerts')),
+      section('Firing now', firing.el),
+      section('Rules', h('p', { class: 'muted' }, 'Evaluated every second on the leader; each alert is told once when it starts and once when it resolves.'), rules.el),
+      section('Put a rule', h('p', { class: 'muted' }, 'A rule with the same name is replaced. Conditions: run_failed, fire_skipped, dead_letters {above}, queue_lag {above_ms}, workers_below {min} (scope.group), leader_changed. Sinks: webhook, slack, dingtalk, feishu, email.'), form));
+
+    const view = {
+      editing: () => form.contains(document.activeElement),
+      async refresh() {
+        const r = await api('GET', '/api/alerts');
+        if (!current(gen)) return;
+        const now = Date.now();
+        const fs = r.firing || [];
+        fill(firing.tbody, fs.length ? fs.map((f) => h('tr', { 'data-testid': 'alert-firing', 'data-rule': f.rule },
+          h('td', { class: 'mono' }, f.rule), h('td', { class: 'mono' }, f.subject), h('td', null, timeEl(f.since_ms, { now })))) : emptyRow(firing, 'Nothing fires.'));
+        const rs = r.rules || [];
+        fill(rules.tbody, rs.length ? rs.map((x) => {
+          const result = h('div', { class: 'small' });
+          return h('tr', { 'data-testid': 'alert-rule', 'data-rule': x.name },
+            h('td', { class: 'mono' }, x.name, x.description ? h('div', { class: 'muted small' }, x.description) : null),
+            h('td', { class: 'mono' }, condText(x.condition)),
+            h('td', { class: 'mono' }, scopeText(x.scope)),
+            h('td', null, (x.sinks || []).map((k) => h('div', { class: 'mono' }, sinkText(k))), result),
+            h('td', null, x.disabled ? h('span', { class: 'badge badge-muted' }, 'disabled') : h('span', { class: 'badge' }, 'on')),
+            h('td', { class: 'actions' },
+              h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'edit', onclick: () => { editor.value = JSON.stringify(x, null, 2); editor.focus(); } }, 'Edit'),
+              h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'test', onclick: () => test(x.name, result) }, 'Test'),
+              h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(x.name) }, 'Delete')));
+        }) : emptyRow(rules, 'No rule yet.'));
       },
     };
     return view;

@@ -18,6 +18,7 @@
 
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 
 const CONSOLE_URL = process.env.CONSOLE_URL || '';
@@ -357,7 +358,40 @@ async function main() {
     summary.leader_badge = leader;
   });
 
-  await step('7. the audit log shows the changes made above, newest first', async () => {
+  await step('7. an alert rule: a bad one is refused at its field, a good one is saved and its Test reaches the webhook', async () => {
+    // A local webhook receiver (this process), recording what chime posts.
+    const got = [];
+    const server = http.createServer((req, res) => {
+      let body = '';
+      req.on('data', (c) => { body += c; });
+      req.on('end', () => { got.push({ headers: req.headers, body }); res.end('{}'); });
+    });
+    await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+    const hook = `http://127.0.0.1:${server.address().port}/hook`;
+    try {
+      await nav('alerts');
+      const rule = (above) => JSON.stringify({ name: 'browser-lag', condition: { kind: 'queue_lag', above_ms: above },
+        sinks: [{ kind: 'webhook', url: hook, secret: 'browser-secret' }] }, null, 2);
+      await page.locator('#alert-json').fill(rule(5));
+      await page.locator('[data-testid="alert-save"]').click();
+      const errBox = await visible('[data-testid="alert-form"] [data-testid="field-error"]', 'the rule error');
+      check(/condition\.above_ms/.test(await errBox.innerText()), `the error does not name condition.above_ms: ${await errBox.innerText()}`);
+      await page.locator('#alert-json').fill(rule(60_000));
+      await page.locator('[data-testid="alert-save"]').click();
+      const row = '[data-testid="alert-rule"][data-rule="browser-lag"]';
+      await visible(row, 'the saved rule');
+      await page.locator(`${row} [data-action="test"]`).click();
+      const result = await visible(`${row} [data-testid="alert-test-result"]`, 'the test result', 15_000);
+      check(/webhook: delivered/.test(await result.innerText()), `test result: ${await result.innerText()}`);
+      check(got.length === 1 && /^sha256=/.test(got[0].headers['x-chime-signature'] || ''), `the webhook got ${got.length} signed posts`);
+      check(JSON.parse(got[0].body).rule === 'browser-lag', `posted: ${got[0].body}`);
+      await shot('console-alerts.png');
+    } finally {
+      server.close();
+    }
+  });
+
+  await step('8. the audit log shows the changes made above, newest first', async () => {
     await nav('audit');
     await visible('[data-testid="audit-entry"]', 'an audit entry', 10_000);
     const rows = await page.$$eval('[data-testid="audit-entry"]', (rs) => rs.map((r) => r.dataset.action));
@@ -373,7 +407,7 @@ async function main() {
     summary.audit_rows = rows.length;
   });
 
-  await step('8. no uncaught page exceptions', async () => {
+  await step('9. no uncaught page exceptions', async () => {
     check(pageErrors.length === 0, `the page threw ${pageErrors.length} uncaught exception(s)`);
     check(cspViolations.length === 0, `${cspViolations.length} Content-Security-Policy violation(s)`);
   });

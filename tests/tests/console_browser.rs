@@ -2,7 +2,8 @@
 //! (playwright-core driving Debian's `chromium`) logs in to `chime dev` with the
 //! admin token, is refused a bad cron expression at its field, creates a sharded
 //! job, sees it fire and its run succeed shard by shard, triggers it with params,
-//! and pauses it. `scripts/test` installs Chromium, Node and the npm package; a
+//! pauses it, saves an alert rule (a bad one refused at its field) whose Test
+//! reaches a local webhook, and finds its changes in the audit log. `scripts/test` installs Chromium, Node and the npm package; a
 //! missing one fails this test, it does not skip it.
 //!
 //! `UPDATE_CONSOLE_SCREENSHOTS=1` copies the screenshots into `docs/` (README).
@@ -97,6 +98,7 @@ async fn console_in_headless_chromium() -> Result<()> {
         "console-overview.png",
         "console-jobs.png",
         "console-run.png",
+        "console-alerts.png",
     ] {
         let p = shots.join(f);
         ensure!(
