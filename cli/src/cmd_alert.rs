@@ -1,7 +1,10 @@
-//! `chime alert list|get|put|delete`: alert rules in etcd (`<prefix>alerts/<name>`).
-//! `put` checks a rule the way the coordinators will (so a refused rule never
-//! reaches etcd from here) and prints the stored rule; the leader picks a change up
-//! within a second. Changes made here go straight to etcd and are not in the audit
+//! `chime alert list|get|put|apply|delete`: alert rules in etcd
+//! (`<prefix>alerts/<name>`). `put` and `apply` check rules the way the coordinators
+//! will (so a refused rule never reaches etcd from here); the leader picks a change
+//! up within a second. `apply` is the declarative form (the Helm chart's hook runs
+//! it): every rule of a file or directory, checked first, written in one etcd
+//! transaction (all or none), unchanged ones left alone, and with `--prune` the
+//! rules not given deleted. Changes made here go straight to etcd and are not in the audit
 //! log; the console and the JSON API (`PUT /api/alerts/<name>`) record theirs.
 
 use std::io::Read;
@@ -9,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use chime_coordinator::alerts::rule::{AlertRule, key};
-use chime_shared::config::source::{ConfigSource, EtcdSource};
+use chime_shared::config::source::{ConfigSource, EtcdSource, Expect};
 use clap::Subcommand;
 use serde_json::json;
 
@@ -40,11 +43,62 @@ enum AlertCmd {
         /// File holding the rule's JSON, or `-`.
         file: String,
     },
+    /// Check every rule of a JSON file (one rule or an array of rules) or of a
+    /// directory's `*.json` files, then store them in one transaction (all or none);
+    /// rules already stored as given are left alone.
+    Apply {
+        /// File or directory.
+        path: String,
+        /// Also delete the stored rules that are not given.
+        #[arg(long)]
+        prune: bool,
+    },
     /// Delete a rule.
     Delete {
         /// Rule name.
         name: String,
     },
+}
+
+/// The rules of `path`: a JSON file holding one rule or an array, or a directory
+/// of such files (`*.json`, in name order). Each is checked; a name given twice is
+/// refused.
+fn rules_at(path: &std::path::Path, family: &str) -> Result<Vec<AlertRule>> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_owned());
+    }
+    let mut rules: Vec<AlertRule> = Vec::new();
+    for f in files {
+        let text = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", f.display()))?;
+        let items = match value {
+            serde_json::Value::Array(items) => items,
+            one => vec![one],
+        };
+        for (i, item) in items.iter().enumerate() {
+            let rule = AlertRule::parse(item.to_string().as_bytes(), family)
+                .with_context(|| format!("{} (rule {i})", f.display()))?;
+            if rules.iter().any(|r| r.name == rule.name) {
+                bail!(
+                    "{} (rule {i}): the name {:?} is given twice",
+                    f.display(),
+                    rule.name
+                );
+            }
+            rules.push(rule);
+        }
+    }
+    Ok(rules)
 }
 
 /// Runs a `chime alert` subcommand.
@@ -93,6 +147,66 @@ pub async fn run(args: AlertArgs) -> Result<()> {
                 .put(&key(&rule.name), &serde_json::to_string(&rule)?)
                 .await?;
             println!("{}", json!({ "rule": rule, "revision": revision }));
+        }
+        AlertCmd::Apply { path, prune } => {
+            let rules = rules_at(std::path::Path::new(&path), &cfg.queue.family)?;
+            if rules.len() > 100 {
+                bail!(
+                    "{} rules: at most 100 in one apply (one etcd transaction)",
+                    rules.len()
+                );
+            }
+            let stored: Vec<(String, String, i64)> = source
+                .load()
+                .await?
+                .entries
+                .into_iter()
+                .filter(|(k, _, _)| k.starts_with("alerts/"))
+                .collect();
+            let (mut writes, mut unchanged, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+            for rule in &rules {
+                let k = key(&rule.name);
+                let json = serde_json::to_string(rule)?;
+                match stored.iter().find(|(sk, _, _)| *sk == k) {
+                    Some((_, v, _))
+                        if serde_json::from_str::<AlertRule>(v).ok().as_ref() == Some(rule) =>
+                    {
+                        unchanged.push(rule.name.clone());
+                    }
+                    Some((_, _, rev)) => {
+                        writes.push((k, json, Expect::Revision(*rev)));
+                        applied.push(rule.name.clone());
+                    }
+                    None => {
+                        writes.push((k, json, Expect::Absent));
+                        applied.push(rule.name.clone());
+                    }
+                }
+            }
+            let revision = if writes.is_empty() {
+                None
+            } else {
+                match source.put_if_all(&writes).await? {
+                    Some(r) => Some(r),
+                    None => {
+                        bail!("the rules changed in etcd meanwhile: nothing applied; run it again")
+                    }
+                }
+            };
+            let mut deleted = Vec::new();
+            if prune {
+                for (k, _, _) in &stored {
+                    let name = k.trim_start_matches("alerts/");
+                    if !rules.iter().any(|r| r.name == name) {
+                        source.delete(k).await?;
+                        deleted.push(name.to_owned());
+                    }
+                }
+            }
+            println!(
+                "{}",
+                json!({ "applied": applied, "unchanged": unchanged, "deleted": deleted, "revision": revision })
+            );
         }
         AlertCmd::Delete { name } => {
             if source.get(&key(&name)).await?.is_none() {

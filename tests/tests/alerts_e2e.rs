@@ -343,3 +343,91 @@ async fn failures_dead_letters_and_lag_alert_every_sink_once_across_a_leader_kil
     );
     Ok(())
 }
+
+/// Runs `chime alert …` against etcd at `endpoint`; answers (exit code, stdout, stderr).
+fn alert_cli(endpoint: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut all = vec!["alert", "--etcd-endpoints", endpoint];
+    all.extend_from_slice(args);
+    let out = chime_tests::chime_cmd(&all)?.output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `chime alert apply` is declarative: all rules or none, unchanged ones left
+/// alone, `--prune` deletes the rest; `put`, `get`, `list`, `delete` do the rest.
+#[tokio::test]
+async fn chime_alert_apply_is_all_or_none_and_idempotent() -> Result<()> {
+    let etcd = chime_tests::EtcdServer::start().await?;
+    let dir = chime_tests::TestDir::new("alert-cli")?;
+    let ep = etcd.endpoint.clone();
+    let hook = json!({ "kind": "webhook", "url": "https://ops.example.com/chime" });
+    let rule = |name: &str, above_ms: u64| {
+        json!({ "name": name, "condition": { "kind": "queue_lag", "above_ms": above_ms },
+                "sinks": [hook.clone()] })
+    };
+    let good = dir.path().join("good");
+    std::fs::create_dir_all(&good)?;
+    std::fs::write(good.join("a.json"), rule("lag-a", 5_000).to_string())?;
+    std::fs::write(
+        good.join("b.json"),
+        Value::from(vec![rule("lag-b", 6_000)]).to_string(),
+    )?;
+    std::fs::write(good.join("notes.txt"), "not a rule")?;
+
+    let (code, out, err) = alert_cli(&ep, &["apply", &good.to_string_lossy()])?;
+    ensure!(code == 0, "apply: {err}");
+    let v: Value = serde_json::from_str(out.trim())?;
+    ensure!(v["applied"] == json!(["lag-a", "lag-b"]), "{v}");
+    let (_, out, _) = alert_cli(&ep, &["apply", &good.to_string_lossy()])?;
+    let v: Value = serde_json::from_str(out.trim())?;
+    ensure!(
+        v["applied"] == json!([])
+            && v["unchanged"] == json!(["lag-a", "lag-b"])
+            && v["revision"].is_null(),
+        "a second apply changed something: {v}"
+    );
+
+    // One bad rule: refused naming the file and the field, nothing written.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        Value::from(vec![rule("lag-a", 9_000), rule("lag-c", 10)]).to_string(),
+    )?;
+    let (code, _, err) = alert_cli(&ep, &["apply", &bad.to_string_lossy()])?;
+    ensure!(
+        code != 0 && err.contains("bad.json") && err.contains("condition.above_ms"),
+        "bad apply: {code} {err}"
+    );
+    let (_, out, _) = alert_cli(&ep, &["get", "lag-a"])?;
+    let v: Value = serde_json::from_str(out.trim())?;
+    ensure!(
+        v["rule"]["condition"]["above_ms"] == 5_000,
+        "a refused apply wrote: {v}"
+    );
+
+    // A change and a prune.
+    let one = dir.path().join("one.json");
+    std::fs::write(&one, rule("lag-a", 7_000).to_string())?;
+    let (code, out, err) = alert_cli(&ep, &["apply", &one.to_string_lossy(), "--prune"])?;
+    ensure!(code == 0, "prune: {err}");
+    let v: Value = serde_json::from_str(out.trim())?;
+    ensure!(
+        v["applied"] == json!(["lag-a"]) && v["deleted"] == json!(["lag-b"]),
+        "{v}"
+    );
+    let (_, out, _) = alert_cli(&ep, &["list"])?;
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["rule"]["name"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(names == ["lag-a"], "{names:?}");
+    let (code, _, _) = alert_cli(&ep, &["delete", "lag-a"])?;
+    ensure!(code == 0);
+    let (code, _, err) = alert_cli(&ep, &["get", "lag-a"])?;
+    ensure!(code != 0 && err.contains("not found"), "{err}");
+    Ok(())
+}
