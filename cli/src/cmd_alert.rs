@@ -8,16 +8,14 @@
 //! log; the console and the JSON API (`PUT /api/alerts/<name>`) record theirs.
 
 use std::io::Read;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use chime_coordinator::alerts::rule::{AlertRule, key};
-use chime_shared::config::source::{ConfigSource, EtcdSource, Expect};
+use chime_shared::config::source::Expect;
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::config::{self, ClientConfig};
-use crate::{StoreArgs, init_logging};
+use crate::StoreArgs;
 
 /// `chime alert` arguments.
 #[derive(Debug, clap::Args)]
@@ -103,20 +101,7 @@ fn rules_at(path: &std::path::Path, family: &str) -> Result<Vec<AlertRule>> {
 
 /// Runs a `chime alert` subcommand.
 pub async fn run(args: AlertArgs) -> Result<()> {
-    let mut cfg: ClientConfig = config::load(args.store.config.as_deref(), config::chime_env())?;
-    args.store
-        .apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
-    init_logging(&cfg.log.format, "warn");
-    let Some(spec) = cfg.etcd.spec()? else {
-        bail!(
-            "no etcd configured: give --etcd-endpoints (or etcd.endpoints, CHIME_ETCD_ENDPOINTS)"
-        );
-    };
-    let client = spec
-        .connect()
-        .await
-        .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
-    let source: Arc<dyn ConfigSource> = Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()));
+    let (cfg, source) = crate::cmd_config::etcd_source(&args.store).await?;
     match args.cmd {
         AlertCmd::List => {
             let snap = source.load().await?;

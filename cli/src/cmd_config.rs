@@ -52,18 +52,13 @@ enum ConfigCmd {
     },
 }
 
-/// Runs a `chime config` subcommand.
-pub async fn run(args: ConfigArgs) -> Result<()> {
-    if let ConfigCmd::Example { process } = &args.cmd {
-        let Some((_, text)) = config::EXAMPLES.iter().find(|e| e.0 == process) else {
-            bail!("unknown process {process:?}: coordinator, worker or client");
-        };
-        print!("{text}");
-        return Ok(());
-    }
-    let mut cfg: ClientConfig = config::load(args.store.config.as_deref(), config::chime_env())?;
-    args.store
-        .apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
+/// The client config of `store` (file, env, flags) and its etcd source: what
+/// `chime config` and `chime alert` both talk to.
+pub(crate) async fn etcd_source(
+    store: &StoreArgs,
+) -> Result<(ClientConfig, Arc<dyn ConfigSource>)> {
+    let mut cfg: ClientConfig = config::load(store.config.as_deref(), config::chime_env())?;
+    store.apply(&mut cfg.redis, &mut cfg.queue, &mut cfg.etcd);
     init_logging(&cfg.log.format, "warn");
     let Some(spec) = cfg.etcd.spec()? else {
         bail!(
@@ -75,6 +70,19 @@ pub async fn run(args: ConfigArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to etcd at {}", cfg.etcd.endpoints))?;
     let source: Arc<dyn ConfigSource> = Arc::new(EtcdSource::new(client, cfg.etcd.prefix.clone()));
+    Ok((cfg, source))
+}
+
+/// Runs a `chime config` subcommand.
+pub async fn run(args: ConfigArgs) -> Result<()> {
+    if let ConfigCmd::Example { process } = &args.cmd {
+        let Some((_, text)) = config::EXAMPLES.iter().find(|e| e.0 == process) else {
+            bail!("unknown process {process:?}: coordinator, worker or client");
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    let (_, source) = etcd_source(&args.store).await?;
     let out = match args.cmd {
         ConfigCmd::Get { key } => {
             let snap = source.load().await?;

@@ -60,6 +60,17 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
     },
 }
 
+# The client commands' file (ClientConfig: chime alert|config|queue|job --config), which
+# the alert rules hook Job reads: the coordinators' own file is no client file.
+KNOWN_KEYS["client"] = {
+    **_STORES,
+    "": {
+        "coordinator", "admin_token", "admin_token_file", "tls_ca_file", "tls_cert_file",
+        "tls_key_file", "tls_domain",
+    },
+    "queue": {"prefix", "family", "count"},
+}
+
 # Keys of features being added to the binary: (section, field), field None = whole section.
 PENDING: dict[str, set[tuple[str, str | None]]] = {
     "coordinator": set(),
@@ -143,7 +154,7 @@ def is_sidecar(ctr: dict[str, Any]) -> bool:
 def chime_process(ctr: dict[str, Any]) -> str | None:
     """"worker" or "coordinator" for a container running the chime image's binary."""
     cmd = list(ctr.get("command", [])) + list(ctr.get("args", []))
-    if len(cmd) >= 2 and cmd[0] == IMAGE_BINARY and cmd[1] in KNOWN_KEYS:
+    if len(cmd) >= 2 and cmd[0] == IMAGE_BINARY and cmd[1] in ("worker", "coordinator"):
         return cmd[1]
     return None
 

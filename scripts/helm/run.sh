@@ -11,7 +11,9 @@
 #      helm/chime/ci/sidecar-app-values.yaml (its chime worker sidecar and the Python
 #      SDK's coupon reminder), run as local processes against a redis-server and an etcd
 #      started here on free ports; the helm test's script runs a job to success, and
-#      items reach apps through the workers' pool and through the app's sidecar.
+#      items reach apps through the workers' pool and through the app's sidecar; the
+#      alert rules hook Job of helm/chime/ci/alerts-values.yaml applies its rules to
+#      that etcd (twice: applied, then unchanged).
 #
 #   scripts/helm/run.sh [path/to/chime]        (default: target/debug/chime)
 #
@@ -126,7 +128,7 @@ else
 fi
 
 if ! "$py" scripts/helm/smoke.py --chime "$chime" \
-    --python "$sdk_py" -f helm/chime/ci/sidecar-app-values.yaml \
+    --python "$sdk_py" -f helm/chime/ci/sidecar-app-values.yaml -f helm/chime/ci/alerts-values.yaml \
     --redis-url "redis://127.0.0.1:$redis_port" --redis-password "$redis_password" \
     --etcd-endpoints "http://127.0.0.1:$etcd_port" "${etcd_auth[@]}"; then
   echo "--- redis-server log"; tail -n 20 "$tmp/redis.log" || true

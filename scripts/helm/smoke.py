@@ -43,6 +43,14 @@ CLI), and proves both ways an app gets its items:
     through the coordinator must reach the app, which POSTs it to the stub push
     provider, and must then be acked (gone from the queue).
 
+When the values give alert rules (alerts.*, e.g. helm/chime/ci/alerts-values.yaml),
+the post-install hook Job's script runs too, as its pod would (its ConfigMap's
+client.toml, the rules Secret's rules.json, the etcd password through the chart's
+Secret), while the coordinator runs: it must exit 0 with the rules applied (and a rule
+put by hand beforehand deleted with --prune, kept without), `chime alert list` and the
+coordinator's GET /api/alerts must show them, and a second run (the next upgrade) must
+report them unchanged.
+
 Last, everything stops with SIGTERM in Kubernetes' order, each within its pod's
 terminationGracePeriodSeconds and exiting 0: the app, then its sidecar (a native
 sidecar is stopped after the app's containers), then the worker and the coordinator.
@@ -76,6 +84,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -188,10 +197,12 @@ class Release:
         worker = find(objs, "Deployment", "worker")
         test = find(objs, "Pod", "test")
         app = find(objs, "Deployment", "app")
-        if len(coord) != 1 or len(worker) != 1 or len(test) != 1 or len(app) > 1:
-            raise SmokeError("expected one coordinator StatefulSet, one worker Deployment, one test Pod and at most one app Deployment")
+        alerts = find(objs, "Job", "alerts")
+        if len(coord) != 1 or len(worker) != 1 or len(test) != 1 or len(app) > 1 or len(alerts) > 1:
+            raise SmokeError("expected one coordinator StatefulSet, one worker Deployment, one test Pod, at most one app Deployment and one alert rules Job")
         self.coordinator, self.worker, self.test = coord[0], worker[0], test[0]
         self.app = app[0] if app else None
+        self.alerts = alerts[0] if alerts else None
         for w in [self.coordinator, self.worker] + ([self.app] if self.app else []):
             for ctr in containers(pod_spec(w)):
                 for p in ctr.get("ports", []):
@@ -646,7 +657,8 @@ def python_run(python: str, args: list[str], timeout: float, what: str) -> str:
 # ------------------------------------------------------------------ the run
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> bool:
+    """Runs the smoke test; answers whether the alert rules hook ran."""
     chime = Path(shutil.which(args.chime) or args.chime).resolve()
     if not os.access(chime, os.X_OK):
         raise SmokeError(f"no executable chime at {args.chime}")
@@ -756,6 +768,8 @@ def run(args: argparse.Namespace) -> None:
 
         check_probes(rel, chimes)
         run_helm_test(rel, root, chime, grpc, args)
+        if rel.alerts is not None:
+            run_alerts_hook(rel, root, chime, args)
 
         # Clients outside the release: the coordinators' client Service (gRPC), tokens
         # from the chart's Secret.
@@ -797,6 +811,7 @@ def run(args: argparse.Namespace) -> None:
             log(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    return rel.alerts is not None
 
 
 def rel_env(w: dict[str, Any], container: str) -> list[dict[str, Any]]:
@@ -805,7 +820,7 @@ def rel_env(w: dict[str, Any], container: str) -> list[dict[str, Any]]:
 
 def chart_secret(rel: Release) -> dict[str, Any] | None:
     """The chart's own Secret (tokens, store passwords), when it renders one."""
-    return next(iter(find(rel.objs, "Secret")), None)
+    return next(iter(find(rel.objs, "Secret", "config")), None)
 
 
 def write_token(rel: Release, root: Path, key: str) -> str | None:
@@ -878,6 +893,112 @@ def run_helm_test(rel: Release, root: Path, chime: Path, grpc: int, args: argpar
         if res.returncode == 0:
             raise SmokeError("auth is on, yet an admin call without a token was accepted")
         log(f"auth: an admin call without the token is refused ({res.stderr.strip().splitlines()[-1][:120]})")
+
+
+def _subset(given: Any, stored: Any) -> bool:
+    """Every field given is stored as given (the stored rule adds its defaults)."""
+    if isinstance(given, dict):
+        return isinstance(stored, dict) and all(k in stored and _subset(v, stored[k]) for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(stored, list) and len(given) == len(stored) and all(map(_subset, given, stored))
+    return given == stored
+
+
+def run_alerts_hook(rel: Release, root: Path, chime: Path, args: argparse.Namespace) -> None:
+    """The alert rules hook Job's script, run as its pod would (its ConfigMap's
+    client.toml, the rules Secret's rules.json, the etcd password from the chart's
+    Secret), twice, against the release's etcd while the coordinator runs: the rules
+    are applied, then unchanged; the CLI lists them, the coordinator's API serves them,
+    and a rule put by hand beforehand is deleted (--prune) or left alone."""
+    job = rel.alerts
+    assert job is not None
+    bindir = root / "alerts-bin"
+    bindir.mkdir()
+    (bindir / "chime").symlink_to(chime)
+    proc = Proc(rel, job, f"{job['metadata']['name']}-smoke", root, chime, path=f"{bindir}:/usr/local/bin:/usr/bin:/bin")
+    vol = next(v for v in pod_spec(job)["volumes"] if v["name"] == "rules")
+    rules = json.loads(rel.secret_value(vol["secret"]["secretName"], "rules.json"))
+    rules = rules if isinstance(rules, list) else [rules]
+    names = [r["name"] for r in rules]
+    prune = "--prune" in proc.argv[-1]
+    # Flags and env of a client outside the release: the etcd of the command line.
+    ctl_env = {"PATH": "/usr/bin:/bin", "HOME": str(proc.dir), "CHIME_ETCD_PREFIX": rel_etcd_prefix(rel)}
+    if args.etcd_user:
+        ctl_env.update(CHIME_ETCD_USER=args.etcd_user, CHIME_ETCD_PASSWORD=args.etcd_password)
+
+    def ctl(*a: str, stdin: str | None = None) -> str:
+        res = subprocess.run([str(chime), "alert", "--etcd-endpoints", args.etcd_endpoints, *a], env=ctl_env,
+                             input=stdin, capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise SmokeError(f"alerts: chime alert {' '.join(a)}: exit {res.returncode}: {res.stderr.strip()}")
+        return res.stdout
+
+    by_hand = {"name": "smoke-by-hand", "condition": {"kind": "leader_changed"},
+               "sinks": [{"kind": "webhook", "url": "http://127.0.0.1:9/by-hand"}]}
+    ctl("put", "-", stdin=json.dumps(by_hand))
+    log(f"alerts: put rule {by_hand['name']} by hand (chime alert put), before the hook")
+
+    def apply(run: str) -> dict[str, Any]:
+        res = subprocess.run(proc.argv, env=proc.env, cwd=proc.dir, stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=60)
+        for line in (res.stdout + res.stderr).rstrip().splitlines():
+            print(f"  alerts| {line}")
+        if res.returncode != 0:
+            raise SmokeError(f"alerts: the hook Job's script exited {res.returncode} ({run} run)")
+        outs = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+        if len(outs) != 1 or "applied" not in outs[0]:
+            raise SmokeError(f"alerts: no single JSON line of chime alert apply in the Job's output ({run} run)")
+        return outs[0]
+
+    log(f"alerts: hook Job {job['metadata']['name']}: {proc.argv[0]} {proc.argv[1]} <script of {len(proc.argv[-1].splitlines())} lines>"
+        f" applying {len(names)} rule(s){' with --prune' if prune else ''}")
+    for k in sorted(proc.env):
+        if k.startswith("CHIME_"):
+            log(f"alerts:   {k}={'***' if 'PASSWORD' in k else proc.env[k]}")
+    first = apply("first")
+    want = {"applied": names, "unchanged": [], "deleted": [by_hand["name"]] if prune else []}
+    got = {k: first.get(k) for k in want}
+    if got != want or not isinstance(first.get("revision"), int):
+        raise SmokeError(f"alerts: first run reported {first}, expected {want} and a revision")
+    stored = {}
+    for line in ctl("list").splitlines():
+        rule = json.loads(line)["rule"]
+        stored[rule["name"]] = rule
+    expect = set(names) | (set() if prune else {by_hand["name"]})
+    if set(stored) != expect:
+        raise SmokeError(f"alerts: chime alert list shows {sorted(stored)}, expected {sorted(expect)}")
+    for r in rules:
+        if not _subset(r, stored[r["name"]]):
+            raise SmokeError(f"alerts: rule {r['name']} is stored as {stored[r['name']]}, not as given: {r}")
+    log(f"alerts: applied {names} (revision {first['revision']}){'; pruned ' + by_hand['name'] if prune else '; ' + by_hand['name'] + ' left alone'};"
+        f" chime alert list shows them as given")
+    # The coordinator reads the same etcd prefix: its API serves the rules.
+    token = write_token(rel, root, "admin-token")
+    headers = {"Authorization": f"Bearer {Path(token).read_text().split()[0]}"} if token else {}
+    url = f"http://127.0.0.1:{rel.local_port(rel.coordinator, 'http')}/api/alerts"
+
+    def served() -> set[str] | None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=3) as r:
+                have = {x.get("name") for x in json.loads(r.read()).get("rules", [])}
+        except (OSError, ValueError):
+            return None
+        return have if have == expect else None
+
+    wait_for(served, 10, f"alerts: the coordinator's GET /api/alerts never listed {sorted(expect)}")
+    log("alerts: the coordinator serves them (GET /api/alerts)")
+    second = apply("second")
+    want = {"applied": [], "unchanged": names, "deleted": []}
+    got = {k: second.get(k) for k in want}
+    if got != want or second.get("revision") is not None:
+        raise SmokeError(f"alerts: second run reported {second}, expected {want} and no revision")
+    log("alerts: a second run (the next upgrade) leaves them unchanged")
+
+
+def rel_etcd_prefix(rel: Release) -> str:
+    """The etcd prefix of the release (the coordinators' [etcd] prefix)."""
+    vol = next(v for v in pod_spec(rel.coordinator)["volumes"] if v["name"] == "config")
+    return tomllib.loads(rel.configmap_value(vol["configMap"]["name"], "coordinator.toml"))["etcd"]["prefix"]
 
 
 def check_pool(rel: Release, python: str, coordinator_url: str, worker_token: str | None, producer_token: str | None) -> None:
@@ -979,13 +1100,15 @@ def main() -> int:
     common.need_modules()
     t0 = time.monotonic()
     try:
-        run(args)
+        alerts = run(args)
     except SmokeError as e:
         print(f"smoke.py: FAILED: {e}", file=sys.stderr)
         return 1
     what = "coordinator and worker ran a job to success"
     if args.python:
         what += ", served items to an app through the pool" + (" and through an app pod's sidecar" if args.values else "")
+    if alerts:
+        what += ", the alert rules hook applied its rules"
     print(f"smoke.py: OK in {time.monotonic() - t0:.1f}s: chart-rendered {what}, and stopped cleanly")
     return 0
 

@@ -1189,6 +1189,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// A `chime worker` that consumes the delay queues (prefix `chime`, one queue
+    /// for a new family, handlers noop and fail) and runs job shards for every
+    /// coordinator of this cluster, with live settings from its etcd; `extra` flags
+    /// and `env` on top. Not added to [`Cluster::workers`].
+    pub fn queue_worker(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+        let token = self.dir.path().join("worker.token");
+        let endpoints = self.endpoints();
+        let mut args = vec![
+            "--coordinator",
+            &endpoints,
+            "--token-file",
+            token.to_str().unwrap_or_default(),
+            "--etcd-endpoints",
+            &self.etcd.endpoint,
+            "--handlers",
+            "noop,fail",
+            "--queues",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let (p, _) = spawn_worker(self.dir.path(), name, &self.redis, "chime", &args, env)?;
+        Ok(p)
+    }
+
     /// The worker process `id`.
     pub fn worker(&mut self, id: &str) -> Option<&mut Proc> {
         self.workers

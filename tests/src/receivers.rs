@@ -13,6 +13,33 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// What a receiver records, shared with its connections.
+type Log<T> = Arc<Mutex<Vec<T>>>;
+
+/// Listens on a free loopback port and serves each connection with `serve`, which
+/// records into the log this answers; the task accepts until aborted.
+async fn listen<T, F, Fut>(serve: F) -> Result<(SocketAddr, Log<T>, JoinHandle<()>)>
+where
+    T: Send + 'static,
+    F: Fn(tokio::net::TcpStream, Log<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let got: Log<T> = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            // A connection that breaks off is the sender's business, not the log's.
+            let conn = serve(sock, g.clone());
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    });
+    Ok((addr, got, task))
+}
+
 /// One request an [`HttpReceiver`] got.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -43,7 +70,7 @@ impl Request {
 #[derive(Debug)]
 pub struct HttpReceiver {
     addr: SocketAddr,
-    got: Arc<Mutex<Vec<Request>>>,
+    got: Log<Request>,
     task: JoinHandle<()>,
 }
 
@@ -56,18 +83,7 @@ impl Drop for HttpReceiver {
 impl HttpReceiver {
     /// Starts one on a free port.
     pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let g = got.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                let g = g.clone();
-                tokio::spawn(async move {
-                    let _ = serve_http(sock, g).await;
-                });
-            }
-        });
+        let (addr, got, task) = listen(serve_http).await?;
         Ok(Self { addr, got, task })
     }
 
@@ -88,7 +104,7 @@ impl HttpReceiver {
     }
 }
 
-async fn serve_http(sock: tokio::net::TcpStream, got: Arc<Mutex<Vec<Request>>>) -> Result<()> {
+async fn serve_http(sock: tokio::net::TcpStream, got: Log<Request>) -> Result<()> {
     let mut r = BufReader::new(sock);
     loop {
         let mut line = String::new();
@@ -169,7 +185,7 @@ impl Mail {
 #[derive(Debug)]
 pub struct SmtpReceiver {
     addr: SocketAddr,
-    got: Arc<Mutex<Vec<Mail>>>,
+    got: Log<Mail>,
     task: JoinHandle<()>,
 }
 
@@ -182,18 +198,7 @@ impl Drop for SmtpReceiver {
 impl SmtpReceiver {
     /// Starts one on a free port.
     pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let g = got.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                let g = g.clone();
-                tokio::spawn(async move {
-                    let _ = serve_smtp(sock, g).await;
-                });
-            }
-        });
+        let (addr, got, task) = listen(serve_smtp).await?;
         Ok(Self { addr, got, task })
     }
 
@@ -208,7 +213,7 @@ impl SmtpReceiver {
     }
 }
 
-async fn serve_smtp(sock: tokio::net::TcpStream, got: Arc<Mutex<Vec<Mail>>>) -> Result<()> {
+async fn serve_smtp(sock: tokio::net::TcpStream, got: Log<Mail>) -> Result<()> {
     let mut r = BufReader::new(sock);
     r.get_mut().write_all(b"220 receiver ESMTP\r\n").await?;
     let (mut from, mut to) = (String::new(), Vec::new());

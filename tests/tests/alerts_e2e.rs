@@ -10,33 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use chime_tests::receivers::{HttpReceiver, SmtpReceiver};
-use chime_tests::{ADMIN_TOKEN, Cluster, Proc, free_port, http, spawn_worker, wait_until};
+use chime_tests::{ADMIN_TOKEN, Cluster, free_port, http, wait_until};
 use serde_json::{Value, json};
-
-/// A worker that runs job shards and consumes the queues (handlers noop, fail).
-fn queue_worker(c: &Cluster, name: &str) -> Result<Proc> {
-    let token = c.dir.path().join("worker.token");
-    let (p, _) = spawn_worker(
-        c.dir.path(),
-        name,
-        &c.redis,
-        "chime",
-        &[
-            "--coordinator",
-            &c.endpoints(),
-            "--token-file",
-            &token.to_string_lossy(),
-            "--etcd-endpoints",
-            &c.etcd.endpoint,
-            "--handlers",
-            "noop,fail",
-            "--queues",
-            "1",
-        ],
-        &[],
-    )?;
-    Ok(p)
-}
 
 /// (rule, FIRING|RESOLVED) of every notice a sink got, counted.
 type Counts = BTreeMap<(String, String), usize>;
@@ -131,7 +106,7 @@ async fn failures_dead_letters_and_lag_alert_every_sink_once_across_a_leader_kil
         smtp: SmtpReceiver::start().await?,
     };
     let refused = format!("http://127.0.0.1:{}/gone", free_port()?);
-    let w = queue_worker(&c, "qw1")?;
+    let w = c.queue_worker("qw1", &[], &[])?;
     c.workers.push(("qw1".into(), w));
     c.wait_workers(1).await?;
 
@@ -306,7 +281,7 @@ async fn failures_dead_letters_and_lag_alert_every_sink_once_across_a_leader_kil
         "the lag alert took {:?}",
         t1.elapsed()
     );
-    let w = queue_worker(&c, "qw2")?;
+    let w = c.queue_worker("qw2", &[], &[])?;
     c.workers.push(("qw2".into(), w));
     wait_until(
         "the lag's recovery at every sink",

@@ -8,36 +8,18 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use chime_tests::{
     ADMIN_TOKEN, Cluster, WORKER_TOKEN, free_port, http, metric_sum, pending_items, run_chime,
-    spawn_worker, wait_until,
+    wait_until,
 };
 use serde_json::{Value, json};
 
-/// A queue-consuming worker that also runs job shards for `c`'s coordinator, with
+/// A queue-consuming worker that also runs job shards for `c`'s coordinators, with
 /// its probes on `port`.
 fn queue_worker(c: &Cluster, name: &str, port: u16) -> Result<chime_tests::Proc> {
-    let token = c.dir.path().join("worker.token");
-    let (p, _) = spawn_worker(
-        c.dir.path(),
+    c.queue_worker(
         name,
-        &c.redis,
-        "chime",
-        &[
-            "--coordinator",
-            &c.coordinator,
-            "--token-file",
-            &token.to_string_lossy(),
-            "--etcd-endpoints",
-            &c.etcd.endpoint,
-            "--handlers",
-            "noop,fail",
-            "--queues",
-            "1",
-            "--http-addr",
-            &format!("127.0.0.1:{port}"),
-        ],
+        &["--http-addr", &format!("127.0.0.1:{port}")],
         &[("CHIME_CONSUMER_RETRY_BASE_MS", "100")],
-    )?;
-    Ok(p)
+    )
 }
 
 async fn scrape(port: u16) -> Result<String> {

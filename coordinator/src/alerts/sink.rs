@@ -7,17 +7,22 @@
 //! ([`SinkError::retryable`]). Every notice carries an `id` so a receiver can drop
 //! the duplicates that retries after an ambiguous failure produce.
 //!
-//! Email is a minimal SMTP client, meant for an internal relay on port 25 or 587
-//! that accepts mail without authentication: no STARTTLS and no AUTH in this version
-//! (both are a follow-up).
+//! Email is a small SMTP client: plain, STARTTLS (587) or implicit TLS (465), with
+//! AUTH PLAIN (or LOGIN when that is all the relay offers) once TLS is up. The
+//! certificate is checked against the webpki roots plus an optional `ca_file`; a
+//! password is never sent in clear to a host that is not loopback.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::error::{CoordError, Result};
 
@@ -42,6 +47,8 @@ const MAX_MAIL_LINE: usize = 990;
 /// Longest SMTP reply line read, and most lines of one reply.
 const MAX_SMTP_LINE: u64 = 4096;
 const MAX_SMTP_LINES: usize = 100;
+/// Longest `ca_file` path.
+const MAX_PATH: usize = 4096;
 
 /// Where a rule's notices go. JSON (internally tagged by `kind`, snake_case, unknown
 /// fields refused):
@@ -54,7 +61,10 @@ const MAX_SMTP_LINES: usize = 100;
 /// - `{"kind":"feishu","url":"https://open.feishu.cn/open-apis/bot/v2/hook/…","secret":"…"}`
 ///   (secret optional: Feishu/Lark signature check)
 /// - `{"kind":"email","smtp":"mail.example.com:25","from":"chime@example.com","to":["ops@example.com"]}`
-///   (plain SMTP to a relay that needs no authentication: no STARTTLS or AUTH yet)
+///   (plain SMTP to a relay that needs no authentication), or
+///   `{"kind":"email","smtp":"smtp.example.com:587","from":"…","to":[…],"username":"…","password":"…"}`
+///   (STARTTLS then AUTH; `tls` `none` | `starttls` | `implicit` defaults by port:
+///   587 starttls, 465 implicit, else none; `ca_file` adds roots for a private relay)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Sink {
@@ -89,13 +99,64 @@ pub enum Sink {
     },
     /// Email through an SMTP relay.
     Email {
-        /// `host:port` of the relay (`[::1]:25` for an IPv6 literal).
+        /// `host:port` of the relay (`[::1]:25` for an IPv6 literal). The host is
+        /// also the name the relay's certificate must carry.
         smtp: String,
         /// Envelope and header sender, `local@domain`.
         from: String,
         /// Recipients, 1 to 20.
         to: Vec<String>,
+        /// How the connection is secured; not written: by port (see [`EmailTls`]).
+        #[serde(default, skip_serializing_if = "EmailTls::is_auto")]
+        tls: EmailTls,
+        /// AUTH user; empty: no AUTH.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        username: String,
+        /// AUTH password (a secret: redacted, refused over a clear connection to a
+        /// host that is not loopback).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        password: String,
+        /// A PEM file of extra roots for a relay with a private CA, read at each
+        /// send; empty: the webpki roots only.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        ca_file: String,
     },
+}
+
+/// How an email sink secures its connection to the relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmailTls {
+    /// Not written: by the port, 465 `implicit`, 587 `starttls`, any other `none`
+    /// ([`EmailTls::for_port`]). Kept as written, so a rule round-trips unchanged.
+    #[default]
+    Auto,
+    /// Plain SMTP (an internal relay on 25).
+    None,
+    /// Plain at first, then `STARTTLS` before anything else is said; a relay that
+    /// does not offer it is refused, not talked to in clear.
+    Starttls,
+    /// TLS from the first byte (SMTPS, port 465).
+    Implicit,
+}
+
+impl EmailTls {
+    /// What is used with `port`: the mode as written, or for `Auto` the port's
+    /// usual one.
+    pub fn for_port(self, port: u16) -> EmailTls {
+        match self {
+            EmailTls::Auto => match port {
+                465 => EmailTls::Implicit,
+                587 => EmailTls::Starttls,
+                _ => EmailTls::None,
+            },
+            written => written,
+        }
+    }
+
+    fn is_auto(&self) -> bool {
+        *self == EmailTls::Auto
+    }
 }
 
 impl Sink {
@@ -110,8 +171,16 @@ impl Sink {
                 check_secret(&sub(field, "secret"), secret)
             }
             Sink::Slack { url } => check_url(&sub(field, "url"), url).map(|_| ()),
-            Sink::Email { smtp, from, to } => {
-                check_smtp(&sub(field, "smtp"), smtp)?;
+            Sink::Email {
+                smtp,
+                from,
+                to,
+                tls,
+                username,
+                password,
+                ca_file,
+            } => {
+                let (host, port) = check_smtp(&sub(field, "smtp"), smtp)?;
                 check_address(&sub(field, "from"), from)?;
                 if to.is_empty() || to.len() > MAX_RECIPIENTS {
                     return Err(CoordError::invalid(
@@ -121,6 +190,47 @@ impl Sink {
                 }
                 for (i, address) in to.iter().enumerate() {
                     check_address(&sub(field, &format!("to[{i}]")), address)?;
+                }
+                check_secret(&sub(field, "username"), username)?;
+                check_secret(&sub(field, "password"), password)?;
+                if username.is_empty() != password.is_empty() {
+                    let (missing, given) = if username.is_empty() {
+                        ("username", "password")
+                    } else {
+                        ("password", "username")
+                    };
+                    return Err(CoordError::invalid(
+                        sub(field, missing),
+                        format!("is required with {given}"),
+                    ));
+                }
+                let tls = tls.for_port(port);
+                if tls == EmailTls::None && !password.is_empty() && !is_loopback(host) {
+                    return Err(CoordError::invalid(
+                        sub(field, "password"),
+                        format!(
+                            "would be sent in clear to {host}: set \"tls\" to \"starttls\" or \"implicit\" \
+                             (without tls, port {port} is plain SMTP)"
+                        ),
+                    ));
+                }
+                if !ca_file.is_empty() {
+                    if tls == EmailTls::None {
+                        return Err(CoordError::invalid(
+                            sub(field, "ca_file"),
+                            format!(
+                                "is only used with TLS, and port {port} without \"tls\" is plain SMTP"
+                            ),
+                        ));
+                    }
+                    if ca_file.len() > MAX_PATH || ca_file.chars().any(char::is_control) {
+                        return Err(CoordError::invalid(
+                            sub(field, "ca_file"),
+                            format!(
+                                "must be a path of at most {MAX_PATH} bytes without control characters"
+                            ),
+                        ));
+                    }
                 }
                 Ok(())
             }
@@ -160,7 +270,23 @@ impl Sink {
                 url: redact_path(url),
                 secret: mask(secret),
             },
-            Sink::Email { .. } => self.clone(),
+            Sink::Email {
+                smtp,
+                from,
+                to,
+                tls,
+                username,
+                password,
+                ca_file,
+            } => Sink::Email {
+                smtp: smtp.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                tls: *tls,
+                username: username.clone(),
+                password: mask(password),
+                ca_file: ca_file.clone(),
+            },
         }
     }
 }
@@ -247,6 +373,11 @@ pub enum SinkError {
     /// reset, TLS handshake.
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// TLS with an SMTP relay cannot be had as configured: the relay does not offer
+    /// STARTTLS, or its certificate is not trusted or not for its name. Retrying
+    /// will not help (a connection that breaks mid-handshake is [`SinkError::Io`]).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// No answer within the sender's timeout.
     #[error("timed out after {after:?} ({during})")]
     Timeout {
@@ -278,8 +409,8 @@ pub enum SinkError {
     /// The SMTP server refused a step.
     #[error("{step} refused: {line:?}")]
     Smtp {
-        /// `SMTP greeting`, `SMTP EHLO`, `SMTP MAIL FROM`, `SMTP RCPT TO`, `SMTP DATA`,
-        /// `SMTP message`.
+        /// `SMTP greeting`, `SMTP EHLO`, `SMTP STARTTLS`, `SMTP AUTH`, `SMTP MAIL FROM`,
+        /// `SMTP RCPT TO`, `SMTP DATA`, `SMTP message`.
         step: &'static str,
         /// The reply code.
         code: u16,
@@ -290,11 +421,12 @@ pub enum SinkError {
 
 impl SinkError {
     /// Whether another attempt may succeed: 5xx, 408, 429, service throttling,
-    /// timeouts, connection and I/O errors, SMTP 4xx. Other 4xx, explicit
-    /// rejections, SMTP 5xx and unusable sinks are final.
+    /// timeouts, connection and I/O errors, SMTP 4xx (AUTH 454 included). Other 4xx,
+    /// explicit rejections, SMTP 5xx (AUTH 535 included), TLS that cannot be had and
+    /// unusable sinks are final.
     pub fn retryable(&self) -> bool {
         match self {
-            SinkError::Invalid(_) | SinkError::Rejected(_) => false,
+            SinkError::Invalid(_) | SinkError::Rejected(_) | SinkError::Tls(_) => false,
             SinkError::Connect(_)
             | SinkError::Timeout { .. }
             | SinkError::Io(_)
@@ -352,7 +484,27 @@ impl Sender {
             Sink::Slack { url } => self.slack(url, notice).await,
             Sink::Dingtalk { url, secret } => self.dingtalk(url, secret, notice).await,
             Sink::Feishu { url, secret } => self.feishu(url, secret, notice).await,
-            Sink::Email { smtp, from, to } => self.email(smtp, from, to, notice).await,
+            Sink::Email {
+                smtp,
+                from,
+                to,
+                tls,
+                username,
+                password,
+                ca_file,
+            } => {
+                let (host, port) = split_smtp(smtp)
+                    .ok_or_else(|| SinkError::Invalid(format!("smtp {smtp:?} is not host:port")))?;
+                let relay = Relay {
+                    smtp,
+                    host,
+                    tls: tls.for_port(port),
+                    username,
+                    password,
+                    ca_file,
+                };
+                self.email(&relay, from, to, notice).await
+            }
         }
     }
 
@@ -483,74 +635,174 @@ impl Sender {
 
     async fn email(
         &self,
-        smtp: &str,
+        relay: &Relay<'_>,
         from: &str,
         to: &[String],
         notice: &Notice,
     ) -> Result<(), SinkError> {
+        // The roots first: a bad ca_file is reported without a connection.
+        let tls = match relay.tls {
+            EmailTls::Starttls | EmailTls::Implicit => Some(tls_connector(relay.ca_file).await?),
+            EmailTls::None | EmailTls::Auto => None,
+        };
+        let smtp = relay.smtp;
         let stream = tokio::time::timeout(self.timeout, TcpStream::connect(smtp))
             .await
-            .map_err(|_| SinkError::Timeout {
-                during: "SMTP connect",
-                after: self.timeout,
-            })?
+            .map_err(|_| smtp_timeout("SMTP connect", self.timeout))?
             .map_err(|e| SinkError::Connect(format!("{smtp}: {e}")))?;
-        let mut session = Smtp {
-            stream: BufReader::new(stream),
-            timeout: self.timeout,
+        let Some(connector) = tls else {
+            let mut session = Smtp::new(stream, self.timeout);
+            session.expect(None, "SMTP greeting", &[220]).await?;
+            let extensions = session.hello(&self.helo).await?;
+            return session.deliver(&extensions, relay, from, to, notice).await;
         };
-        session.expect(None, "SMTP greeting", &[220]).await?;
-        let ehlo = format!("EHLO {}", self.helo);
-        let extensions = match session.expect(Some(&ehlo), "SMTP EHLO", &[250]).await {
-            Ok(reply) => reply.lines,
-            // A server from before ESMTP: say HELO, use no extension.
-            Err(SinkError::Smtp {
-                code: 500 | 502, ..
-            }) => {
-                let helo = format!("HELO {}", self.helo);
-                session.expect(Some(&helo), "SMTP HELO", &[250]).await?;
-                Vec::new()
-            }
-            Err(e) => return Err(e),
-        };
-        let eight_bit = extensions
-            .iter()
-            .any(|l| l.split_whitespace().next() == Some("8BITMIME"));
-        let mail = if eight_bit {
-            format!("MAIL FROM:<{from}> BODY=8BITMIME")
+        let stream = if relay.tls == EmailTls::Implicit {
+            self.handshake(&connector, relay, stream).await?
         } else {
-            format!("MAIL FROM:<{from}>")
-        };
-        session
-            .expect(Some(&mail), "SMTP MAIL FROM", &[250])
-            .await?;
-        // One refused recipient fails the attempt: a retry then reaches all of them
-        // again, and the Message-ID (the notice id) lets clients fold duplicates.
-        for rcpt in to {
-            let line = format!("RCPT TO:<{rcpt}>");
+            let mut session = Smtp::new(stream, self.timeout);
+            session.expect(None, "SMTP greeting", &[220]).await?;
+            let extensions = session.hello(&self.helo).await?;
+            if !has_extension(&extensions, "STARTTLS") {
+                return Err(SinkError::Tls(format!(
+                    "the relay does not offer STARTTLS ({smtp} does not list it after EHLO); \
+                     set \"tls\": \"implicit\" if it speaks TLS from the start (465), or \
+                     \"none\" for a relay without TLS"
+                )));
+            }
             session
-                .expect(Some(&line), "SMTP RCPT TO", &[250, 251])
+                .expect(Some("STARTTLS"), "SMTP STARTTLS", &[220])
                 .await?;
+            let stream = session.into_plain()?;
+            self.handshake(&connector, relay, stream).await?
+        };
+        let mut session = Smtp::new(stream, self.timeout);
+        if relay.tls == EmailTls::Implicit {
+            session.expect(None, "SMTP greeting", &[220]).await?;
         }
-        session.expect(Some("DATA"), "SMTP DATA", &[354]).await?;
-        let data = smtp_data(&email_message(
-            from,
-            to,
-            notice,
-            &chrono::Utc::now().to_rfc2822(),
-        ));
-        session.send_raw(&data, "SMTP message").await?;
-        session.expect(None, "SMTP message", &[250]).await?;
-        // Accepted: whatever QUIT meets no longer matters, and failing now would
-        // only make the caller send a duplicate.
-        let _ = session.expect(Some("QUIT"), "SMTP QUIT", &[221]).await;
-        Ok(())
+        // After STARTTLS the relay forgets what was said before (RFC 3207): EHLO
+        // again, and trust only what it lists now.
+        let extensions = session.hello(&self.helo).await?;
+        session.deliver(&extensions, relay, from, to, notice).await
+    }
+
+    /// TLS over `stream`, the certificate checked against `relay.host`.
+    async fn handshake(
+        &self,
+        connector: &TlsConnector,
+        relay: &Relay<'_>,
+        stream: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SinkError> {
+        let host = relay.host;
+        let name = ServerName::try_from(host.to_string()).map_err(|e| {
+            SinkError::Invalid(format!("smtp host {host:?} is not a TLS server name: {e}"))
+        })?;
+        tokio::time::timeout(self.timeout, connector.connect(name, stream))
+            .await
+            .map_err(|_| smtp_timeout("SMTP TLS handshake", self.timeout))?
+            .map_err(|e| {
+                // tokio-rustls wraps what rustls refused (certificate, protocol, an
+                // alert from the relay) in InvalidData; anything else is the
+                // connection breaking, which may not happen next time.
+                match e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                {
+                    Some(rustls::Error::InvalidCertificate(cause)) => {
+                        let cause = cause.to_string();
+                        // webpki does not take a CA certificate as the relay's own:
+                        // `openssl req -x509` makes one unless told CA:FALSE.
+                        let hint = if cause.contains("CaUsedAsEndEntity") {
+                            "; the relay presents a CA certificate as its own: give it \
+                             a certificate with CA:FALSE, signed by the CA in ca_file"
+                        } else if relay.ca_file.is_empty() {
+                            "; a relay with a private CA needs ca_file"
+                        } else {
+                            ""
+                        };
+                        SinkError::Tls(format!(
+                            "handshake with {host}: the relay's certificate is not \
+                             trusted: {cause}{hint}"
+                        ))
+                    }
+                    Some(tls) => SinkError::Tls(format!("handshake with {host}: {tls}")),
+                    None => SinkError::Io(format!("SMTP TLS handshake: {e}")),
+                }
+            })
     }
 }
 
-/// One SMTP conversation.
-struct Smtp {
-    stream: BufReader<TcpStream>,
+/// An email sink's relay, as one send uses it.
+struct Relay<'a> {
+    /// `host:port`.
+    smtp: &'a str,
+    /// The host part (brackets of an IPv6 literal removed).
+    host: &'a str,
+    /// Resolved: never `Auto`.
+    tls: EmailTls,
+    username: &'a str,
+    password: &'a str,
+    ca_file: &'a str,
+}
+
+/// The webpki roots, plus those in `ca_file` when set.
+async fn tls_connector(ca_file: &str) -> Result<TlsConnector, SinkError> {
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !ca_file.is_empty() {
+        let bad = |what: String| SinkError::Invalid(format!("ca_file {ca_file}: {what}"));
+        let pem = tokio::fs::read(ca_file)
+            .await
+            .map_err(|e| bad(format!("cannot read: {e}")))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad("holds no certificate".to_string()));
+        }
+    }
+    // ring, not the process default: the sink works whether or not a provider was
+    // installed (the binaries install ring too).
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| SinkError::Invalid(format!("TLS client: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Whether an EHLO reply lists `name` (a keyword, any case).
+fn has_extension(extensions: &[String], name: &str) -> bool {
+    extensions.iter().any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case(name))
+    })
+}
+
+/// The SASL mechanisms an EHLO reply lists (`AUTH PLAIN LOGIN`, or the old
+/// `AUTH=LOGIN`), upper case.
+fn auth_mechanisms(extensions: &[String]) -> Vec<String> {
+    extensions
+        .iter()
+        .filter_map(|l| {
+            let keyword = l.get(..5)?;
+            (keyword.eq_ignore_ascii_case("AUTH ") || keyword.eq_ignore_ascii_case("AUTH="))
+                .then(|| l[5..].split_whitespace().map(str::to_ascii_uppercase))
+        })
+        .flatten()
+        .collect()
+}
+
+/// One SMTP conversation, over TCP or TLS.
+struct Smtp<S> {
+    stream: BufReader<S>,
     timeout: Duration,
 }
 
@@ -563,7 +815,118 @@ struct Reply {
     last: String,
 }
 
-impl Smtp {
+impl Smtp<TcpStream> {
+    /// The connection, for the TLS handshake after `STARTTLS` was accepted. Refused
+    /// if the relay already sent more: bytes from before the handshake must not be
+    /// read as if they came over TLS (the STARTTLS command injection of
+    /// CVE-2011-0411, from the other side).
+    fn into_plain(self) -> Result<TcpStream, SinkError> {
+        if !self.stream.buffer().is_empty() {
+            return Err(SinkError::Tls(
+                "the relay sent data after its STARTTLS reply, before the handshake".into(),
+            ));
+        }
+        Ok(self.stream.into_inner())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Smtp<S> {
+    fn new(stream: S, timeout: Duration) -> Self {
+        Smtp {
+            stream: BufReader::new(stream),
+            timeout,
+        }
+    }
+
+    /// EHLO (HELO for a server from before ESMTP); the extensions the reply lists.
+    async fn hello(&mut self, helo: &str) -> Result<Vec<String>, SinkError> {
+        let ehlo = format!("EHLO {helo}");
+        match self.expect(Some(&ehlo), "SMTP EHLO", &[250]).await {
+            Ok(reply) => Ok(reply.lines),
+            // A server from before ESMTP: say HELO, use no extension.
+            Err(SinkError::Smtp {
+                code: 500 | 502, ..
+            }) => {
+                let helo = format!("HELO {helo}");
+                self.expect(Some(&helo), "SMTP HELO", &[250]).await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// AUTH when the relay has a username, then the mail, then QUIT.
+    async fn deliver(
+        &mut self,
+        extensions: &[String],
+        relay: &Relay<'_>,
+        from: &str,
+        to: &[String],
+        notice: &Notice,
+    ) -> Result<(), SinkError> {
+        if !relay.username.is_empty() {
+            self.auth(extensions, relay.username, relay.password)
+                .await?;
+        }
+        let eight_bit = has_extension(extensions, "8BITMIME");
+        let mail = if eight_bit {
+            format!("MAIL FROM:<{from}> BODY=8BITMIME")
+        } else {
+            format!("MAIL FROM:<{from}>")
+        };
+        self.expect(Some(&mail), "SMTP MAIL FROM", &[250]).await?;
+        // One refused recipient fails the attempt: a retry then reaches all of them
+        // again, and the Message-ID (the notice id) lets clients fold duplicates.
+        for rcpt in to {
+            let line = format!("RCPT TO:<{rcpt}>");
+            self.expect(Some(&line), "SMTP RCPT TO", &[250, 251])
+                .await?;
+        }
+        self.expect(Some("DATA"), "SMTP DATA", &[354]).await?;
+        let data = smtp_data(&email_message(
+            from,
+            to,
+            notice,
+            &chrono::Utc::now().to_rfc2822(),
+        ));
+        self.send_raw(&data, "SMTP message").await?;
+        self.expect(None, "SMTP message", &[250]).await?;
+        // Accepted: whatever QUIT meets no longer matters, and failing now would
+        // only make the caller send a duplicate.
+        let _ = self.expect(Some("QUIT"), "SMTP QUIT", &[221]).await;
+        Ok(())
+    }
+
+    /// AUTH PLAIN (RFC 4616), or LOGIN when the relay lists LOGIN but not PLAIN.
+    /// 235 is success; the relay's refusal (535 bad credentials, 454 try later) is
+    /// returned as is. Errors never quote what was sent.
+    async fn auth(
+        &mut self,
+        extensions: &[String],
+        username: &str,
+        password: &str,
+    ) -> Result<(), SinkError> {
+        let mechanisms = auth_mechanisms(extensions);
+        let login_only =
+            mechanisms.iter().any(|m| m == "LOGIN") && !mechanisms.iter().any(|m| m == "PLAIN");
+        if login_only {
+            self.expect(Some("AUTH LOGIN"), "SMTP AUTH", &[334]).await?;
+            self.expect(Some(&base64(username.as_bytes())), "SMTP AUTH", &[334])
+                .await?;
+            self.expect(Some(&base64(password.as_bytes())), "SMTP AUTH", &[235])
+                .await?;
+        } else {
+            let credentials = base64(format!("\0{username}\0{password}").as_bytes());
+            self.expect(
+                Some(&format!("AUTH PLAIN {credentials}")),
+                "SMTP AUTH",
+                &[235],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Sends `command` (if any), reads the reply and refuses codes not in `ok`.
     async fn expect(
         &mut self,
@@ -928,7 +1291,18 @@ fn check_secret(field: &str, secret: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_smtp(field: &str, smtp: &str) -> Result<()> {
+/// `host:port` of an email sink: the host (an IPv6 literal without its brackets)
+/// and the port, or None when it is not that shape.
+fn split_smtp(smtp: &str) -> Option<(&str, u16)> {
+    let (host, port) = match smtp.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:")?,
+        None => smtp.rsplit_once(':')?,
+    };
+    Some((host, port.parse().ok()?))
+}
+
+/// Checks `host:port`; the host and the port.
+fn check_smtp<'a>(field: &str, smtp: &'a str) -> Result<(&'a str, u16)> {
     let bad = |reason: &str| CoordError::invalid(field, format!("{reason} (want host:port)"));
     let (host, port) = match smtp.strip_prefix('[') {
         Some(rest) => {
@@ -950,9 +1324,18 @@ fn check_smtp(field: &str, smtp: &str) -> Result<()> {
         return Err(bad("the host has characters a host name cannot have"));
     }
     match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
+        Ok(p) if p > 0 => Ok((host, p)),
         _ => Err(bad("the port is not a number from 1 to 65535")),
     }
+}
+
+/// A loopback address (127.0.0.0/8, ::1) or `localhost`: where a password may go
+/// without TLS, since it never leaves the machine.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `local@domain`, ASCII, nothing that would end an SMTP path or split a header.
@@ -1140,6 +1523,7 @@ mod tests {
 
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
 
     use super::*;
 
@@ -1241,18 +1625,88 @@ mod tests {
         listener.local_addr().unwrap().port()
     }
 
-    // ---- a tiny SMTP receiver ----
+    // ---- a tiny SMTP receiver (plain, STARTTLS, implicit TLS) ----
 
     #[derive(Debug, Default, Clone)]
     struct Mail {
         commands: Vec<String>,
+        /// Per command: whether it came over TLS.
+        secure: Vec<bool>,
         rcpt: Vec<String>,
         /// The DATA section as sent (dot-stuffed, CRLF), without the final ".".
         data: String,
     }
 
+    impl Mail {
+        fn saw(&self, prefix: &str) -> bool {
+            self.commands.iter().any(|c| c.starts_with(prefix))
+        }
+    }
+
+    /// How a test relay behaves.
+    #[derive(Debug, Clone, Copy)]
+    struct TestRelay {
+        /// false: accept and say nothing.
+        greet: bool,
+        /// TLS from the first byte.
+        implicit: bool,
+        /// Whether EHLO lists STARTTLS (before TLS).
+        starttls: bool,
+        /// What `250-AUTH` lists; empty: no AUTH line.
+        mechanisms: &'static str,
+        /// The answer that ends an AUTH exchange.
+        auth_reply: &'static str,
+        rcpt_reply: &'static str,
+    }
+
+    impl TestRelay {
+        fn plain(rcpt_reply: &'static str) -> Self {
+            TestRelay {
+                greet: true,
+                implicit: false,
+                starttls: false,
+                mechanisms: "",
+                auth_reply: "235 2.7.0 ok\r\n",
+                rcpt_reply,
+            }
+        }
+
+        /// Offers STARTTLS and AUTH PLAIN LOGIN (before and after TLS: the client
+        /// must not take the offer in clear).
+        fn starttls() -> Self {
+            TestRelay {
+                starttls: true,
+                mechanisms: "PLAIN LOGIN",
+                ..TestRelay::plain("250 ok\r\n")
+            }
+        }
+    }
+
+    /// How a session (or its plain part) ended.
+    enum Ended {
+        Starttls,
+        Quit,
+        Closed,
+    }
+
     /// An SMTP server answering `rcpt_reply` to RCPT TO (`greet`: false says nothing).
     async fn smtp_receiver(greet: bool, rcpt_reply: &'static str) -> (String, Seen<Mail>) {
+        relay_receiver(
+            TestRelay {
+                greet,
+                ..TestRelay::plain(rcpt_reply)
+            },
+            None,
+        )
+        .await
+    }
+
+    /// A relay on 127.0.0.1 (TLS with `acceptor`); its address and the sessions it
+    /// had, each recorded at QUIT or when the client went away.
+    async fn relay_receiver(
+        relay: TestRelay,
+        acceptor: Option<TlsAcceptor>,
+    ) -> (String, Seen<Mail>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen: Seen<Mail> = Arc::default();
@@ -1260,52 +1714,221 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let recorded = recorded.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    if !greet {
+                    if !relay.greet {
                         tokio::time::sleep(Duration::from_secs(60)).await;
                         return;
                     }
-                    let mut r = BufReader::new(socket);
                     let mut mail = Mail::default();
-                    r.get_mut().write_all(b"220 test ESMTP\r\n").await.unwrap();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).await.unwrap() == 0 {
-                            break;
-                        }
-                        let line = line.trim_end().to_string();
-                        mail.commands.push(line.clone());
-                        let reply: &str = if line.starts_with("EHLO") {
-                            "250-test greets you\r\n250-8BITMIME\r\n250 SIZE 1000000\r\n"
-                        } else if line.starts_with("MAIL FROM:") {
-                            "250 2.1.0 ok\r\n"
-                        } else if let Some(to) = line.strip_prefix("RCPT TO:") {
-                            mail.rcpt.push(to.to_string());
-                            rcpt_reply
-                        } else if line == "DATA" {
-                            r.get_mut().write_all(b"354 go ahead\r\n").await.unwrap();
-                            loop {
-                                let mut l = String::new();
-                                r.read_line(&mut l).await.unwrap();
-                                if l == ".\r\n" {
-                                    break;
-                                }
-                                mail.data.push_str(&l);
+                    let ended = if relay.implicit {
+                        match acceptor.unwrap().accept(socket).await {
+                            Ok(tls) => {
+                                let mut r = BufReader::new(tls);
+                                serve_smtp(&mut r, &mut mail, true, relay, &recorded).await
                             }
-                            "250 2.0.0 queued\r\n"
-                        } else if line == "QUIT" {
-                            recorded.lock().unwrap().push(mail.clone());
-                            r.get_mut().write_all(b"221 bye\r\n").await.unwrap();
-                            break;
-                        } else {
-                            "502 what\r\n"
-                        };
-                        r.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                            Err(_) => Ended::Closed,
+                        }
+                    } else {
+                        let mut r = BufReader::new(socket);
+                        match serve_smtp(&mut r, &mut mail, false, relay, &recorded).await {
+                            Ended::Starttls => {
+                                assert!(r.buffer().is_empty(), "pipelined after STARTTLS");
+                                match acceptor.unwrap().accept(r.into_inner()).await {
+                                    Ok(tls) => {
+                                        let mut r = BufReader::new(tls);
+                                        serve_smtp(&mut r, &mut mail, true, relay, &recorded).await
+                                    }
+                                    Err(_) => Ended::Closed,
+                                }
+                            }
+                            ended => ended,
+                        }
+                    };
+                    if !matches!(ended, Ended::Quit) {
+                        recorded.lock().unwrap().push(mail);
                     }
                 });
             }
         });
         (addr, seen)
+    }
+
+    /// One session over `r` (`secure`: TLS is up, so no STARTTLS and a new greeting
+    /// is not due).
+    async fn serve_smtp<S: AsyncRead + AsyncWrite + Unpin>(
+        r: &mut BufReader<S>,
+        mail: &mut Mail,
+        secure: bool,
+        relay: TestRelay,
+        recorded: &Seen<Mail>,
+    ) -> Ended {
+        async fn say<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, text: &str) -> bool {
+            let s = r.get_mut();
+            s.write_all(text.as_bytes()).await.is_ok() && s.flush().await.is_ok()
+        }
+        async fn hear<S: AsyncRead + AsyncWrite + Unpin>(
+            r: &mut BufReader<S>,
+            mail: &mut Mail,
+            secure: bool,
+        ) -> Option<String> {
+            let mut line = String::new();
+            match r.read_line(&mut line).await {
+                Ok(n) if n > 0 => {
+                    let line = line.trim_end().to_string();
+                    mail.commands.push(line.clone());
+                    mail.secure.push(secure);
+                    Some(line)
+                }
+                _ => None,
+            }
+        }
+
+        let greeting = !secure || relay.implicit;
+        if greeting && !say(r, "220 test ESMTP\r\n").await {
+            return Ended::Closed;
+        }
+        loop {
+            let Some(line) = hear(r, mail, secure).await else {
+                return Ended::Closed;
+            };
+            let reply: String = if line.starts_with("EHLO") {
+                let mut reply = "250-test greets you\r\n250-8BITMIME\r\n".to_string();
+                if relay.starttls && !secure {
+                    reply.push_str("250-STARTTLS\r\n");
+                }
+                if !relay.mechanisms.is_empty() {
+                    reply.push_str(&format!("250-AUTH {}\r\n", relay.mechanisms));
+                }
+                reply + "250 SIZE 1000000\r\n"
+            } else if line == "STARTTLS" && relay.starttls && !secure {
+                return if say(r, "220 2.0.0 ready to start TLS\r\n").await {
+                    Ended::Starttls
+                } else {
+                    Ended::Closed
+                };
+            } else if line.starts_with("AUTH PLAIN ") {
+                relay.auth_reply.to_string()
+            } else if line == "AUTH LOGIN" {
+                for prompt in ["334 VXNlcm5hbWU6\r\n", "334 UGFzc3dvcmQ6\r\n"] {
+                    if !say(r, prompt).await || hear(r, mail, secure).await.is_none() {
+                        return Ended::Closed;
+                    }
+                }
+                relay.auth_reply.to_string()
+            } else if line.starts_with("MAIL FROM:") {
+                "250 2.1.0 ok\r\n".to_string()
+            } else if let Some(to) = line.strip_prefix("RCPT TO:") {
+                mail.rcpt.push(to.to_string());
+                relay.rcpt_reply.to_string()
+            } else if line == "DATA" {
+                if !say(r, "354 go ahead\r\n").await {
+                    return Ended::Closed;
+                }
+                loop {
+                    let mut l = String::new();
+                    if r.read_line(&mut l).await.unwrap_or(0) == 0 {
+                        return Ended::Closed;
+                    }
+                    if l == ".\r\n" {
+                        break;
+                    }
+                    mail.data.push_str(&l);
+                }
+                "250 2.0.0 queued\r\n".to_string()
+            } else if line == "QUIT" {
+                recorded.lock().unwrap().push(mail.clone());
+                say(r, "221 bye\r\n").await;
+                return Ended::Quit;
+            } else {
+                "502 what\r\n".to_string()
+            };
+            if !say(r, &reply).await {
+                return Ended::Closed;
+            }
+        }
+    }
+
+    /// The session a relay recorded, once it has (a failed send returns before the
+    /// relay notices the client left).
+    async fn recorded_mail(seen: &Seen<Mail>) -> Mail {
+        for _ in 0..200 {
+            if let Some(mail) = seen.lock().unwrap().pop() {
+                return mail;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the relay recorded no session");
+    }
+
+    // ---- a throwaway certificate (openssl) ----
+
+    /// A self-signed certificate for localhost and 127.0.0.1, made once per test
+    /// process with the `openssl` command; the paths of its PEM files.
+    fn test_cert() -> &'static (String, String) {
+        static CERT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+        CERT.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("chime-sink-tls-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (key, cert) = (dir.join("k.pem"), dir.join("c.pem"));
+            let output = std::process::Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=localhost",
+                ])
+                .args([
+                    "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-days",
+                    "1",
+                ])
+                // Else OpenSSL 3 marks it a CA, which webpki refuses as a server's.
+                .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "the email TLS tests need the `openssl` command line to make a \
+                         throwaway certificate, and it cannot be run: {e}"
+                    )
+                });
+            assert!(
+                output.status.success(),
+                "`openssl req` failed making the test certificate: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            (
+                cert.to_string_lossy().into_owned(),
+                key.to_string_lossy().into_owned(),
+            )
+        })
+    }
+
+    /// The server side of TLS with the throwaway certificate.
+    fn acceptor() -> TlsAcceptor {
+        let (cert, key) = test_cert();
+        let chain = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        TlsAcceptor::from(Arc::new(config))
     }
 
     // ---- helpers ----
@@ -1695,11 +2318,11 @@ mod tests {
         assert!(e.retryable());
         assert!(!e.to_string().contains("SECRET-PATH"), "{e}");
 
-        let sink = Sink::Email {
-            smtp: format!("127.0.0.1:{port}"),
-            from: "chime@example.com".into(),
-            to: vec!["ops@example.com".into()],
-        };
+        let sink = plain_email(
+            &format!("127.0.0.1:{port}"),
+            "chime@example.com",
+            &["ops@example.com"],
+        );
         let e = sender().send(&sink, &notice()).await.unwrap_err();
         assert!(matches!(e, SinkError::Connect(_)), "{e:?}");
         assert!(e.retryable());
@@ -1730,11 +2353,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
 
         let (addr, _) = smtp_receiver(false, "250 ok\r\n").await;
-        let sink = Sink::Email {
-            smtp: addr,
-            from: "chime@example.com".into(),
-            to: vec!["ops@example.com".into()],
-        };
+        let sink = plain_email(&addr, "chime@example.com", &["ops@example.com"]);
         let started = Instant::now();
         let e = sender.send(&sink, &notice()).await.unwrap_err();
         assert!(
@@ -1771,12 +2390,25 @@ mod tests {
 
     // ---- email ----
 
-    fn email_sink(smtp: String) -> Sink {
+    /// An email sink as rules had it before TLS and AUTH: no tls, no credentials.
+    fn plain_email(smtp: &str, from: &str, to: &[&str]) -> Sink {
         Sink::Email {
-            smtp,
-            from: "chime@example.com".into(),
-            to: vec!["ops@example.com".into(), "dev@example.org".into()],
+            smtp: smtp.into(),
+            from: from.into(),
+            to: to.iter().map(|s| s.to_string()).collect(),
+            tls: EmailTls::Auto,
+            username: String::new(),
+            password: String::new(),
+            ca_file: String::new(),
         }
+    }
+
+    fn email_sink(smtp: String) -> Sink {
+        plain_email(
+            &smtp,
+            "chime@example.com",
+            &["ops@example.com", "dev@example.org"],
+        )
     }
 
     /// The header lines of a DATA section (up to the blank line).
@@ -1900,6 +2532,370 @@ mod tests {
         assert!(!e.retryable());
     }
 
+    // ---- email over TLS, with AUTH ----
+
+    fn tls_email(smtp: &str, tls: EmailTls, username: &str, password: &str, ca_file: &str) -> Sink {
+        Sink::Email {
+            smtp: smtp.into(),
+            from: "chime@example.com".into(),
+            to: vec!["ops@example.com".into()],
+            tls,
+            username: username.into(),
+            password: password.into(),
+            ca_file: ca_file.into(),
+        }
+    }
+
+    /// The throwaway certificate's path, as a sink's `ca_file`.
+    fn ca_file() -> &'static str {
+        &test_cert().0
+    }
+
+    fn unbase64(text: &str) -> Vec<u8> {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut bits = 0u32;
+        let mut count = 0;
+        let mut out = Vec::new();
+        for c in text.bytes().filter(|&c| c != b'=') {
+            let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+            bits = (bits << 6) | v;
+            count += 6;
+            if count >= 8 {
+                count -= 8;
+                out.push((bits >> count) as u8);
+                bits &= (1 << count) - 1;
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn email_starttls_then_auth_plain_delivers() {
+        let (addr, seen) = relay_receiver(TestRelay::starttls(), Some(acceptor())).await;
+        let sink = tls_email(&addr, EmailTls::Starttls, "user", "pass", ca_file());
+        sender().send(&sink, &notice()).await.unwrap();
+        let mail = seen.lock().unwrap().pop().unwrap();
+
+        let steps: Vec<&str> = mail
+            .commands
+            .iter()
+            .map(|c| c.split_whitespace().take(2).last().unwrap_or(""))
+            .collect();
+        assert!(mail.commands[0].starts_with("EHLO "), "{:?}", mail.commands);
+        assert_eq!(mail.commands[1], "STARTTLS");
+        assert!(mail.commands[2].starts_with("EHLO "), "{:?}", mail.commands);
+        assert!(mail.commands[3].starts_with("AUTH PLAIN "), "{steps:?}");
+        assert!(mail.commands[4].starts_with("MAIL FROM:<chime@example.com>"));
+        // In clear: only EHLO and STARTTLS, though AUTH was offered there too.
+        assert_eq!(mail.secure[..2], [false, false]);
+        assert!(mail.secure[2..].iter().all(|&s| s), "{:?}", mail.secure);
+        let credentials = mail.commands[3].strip_prefix("AUTH PLAIN ").unwrap();
+        assert_eq!(unbase64(credentials), b"\0user\0pass");
+        assert_eq!(mail.rcpt, ["<ops@example.com>"]);
+        assert!(mail.data.contains("run r-123 failed"), "{}", mail.data);
+        assert_eq!(mail.commands.last().unwrap(), "QUIT");
+    }
+
+    #[tokio::test]
+    async fn email_auth_login_when_the_relay_offers_only_login() {
+        let relay = TestRelay {
+            mechanisms: "LOGIN",
+            ..TestRelay::starttls()
+        };
+        let (addr, seen) = relay_receiver(relay, Some(acceptor())).await;
+        let sink = tls_email(&addr, EmailTls::Starttls, "user", "pässword", ca_file());
+        sender().send(&sink, &notice()).await.unwrap();
+        let mail = seen.lock().unwrap().pop().unwrap();
+        let auth = mail
+            .commands
+            .iter()
+            .position(|c| c == "AUTH LOGIN")
+            .unwrap();
+        assert!(mail.secure[auth]);
+        assert_eq!(unbase64(&mail.commands[auth + 1]), b"user");
+        assert_eq!(unbase64(&mail.commands[auth + 2]), "pässword".as_bytes());
+        assert!(mail.commands[auth + 3].starts_with("MAIL FROM:"));
+    }
+
+    #[tokio::test]
+    async fn email_implicit_tls_delivers() {
+        let relay = TestRelay {
+            implicit: true,
+            ..TestRelay::starttls()
+        };
+        let (addr, seen) = relay_receiver(relay, Some(acceptor())).await;
+        let sink = tls_email(&addr, EmailTls::Implicit, "user", "pass", ca_file());
+        sender().send(&sink, &notice()).await.unwrap();
+        let mail = seen.lock().unwrap().pop().unwrap();
+        assert!(mail.commands[0].starts_with("EHLO "), "{:?}", mail.commands);
+        assert!(
+            mail.commands[1].starts_with("AUTH PLAIN "),
+            "{:?}",
+            mail.commands
+        );
+        assert!(!mail.saw("STARTTLS"));
+        assert!(mail.secure.iter().all(|&s| s));
+        assert!(mail.data.contains("run r-123 failed"));
+
+        // No credentials: no AUTH, delivered all the same.
+        let (addr, seen) = relay_receiver(relay, Some(acceptor())).await;
+        let sink = tls_email(&addr, EmailTls::Implicit, "", "", ca_file());
+        sender().send(&sink, &notice()).await.unwrap();
+        let mail = seen.lock().unwrap().pop().unwrap();
+        assert!(!mail.saw("AUTH"), "{:?}", mail.commands);
+        assert_eq!(mail.rcpt, ["<ops@example.com>"]);
+    }
+
+    #[tokio::test]
+    async fn email_relay_without_starttls_is_final() {
+        let relay = TestRelay {
+            starttls: false,
+            ..TestRelay::starttls()
+        };
+        let (addr, seen) = relay_receiver(relay, Some(acceptor())).await;
+        let sink = tls_email(&addr, EmailTls::Starttls, "user", "pass", ca_file());
+        let e = sender().send(&sink, &notice()).await.unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Tls(m) if m.contains("does not offer STARTTLS")),
+            "{e:?}"
+        );
+        assert!(!e.retryable());
+        let mail = recorded_mail(&seen).await;
+        assert_eq!(mail.commands.len(), 1, "{:?}", mail.commands);
+        assert!(!mail.saw("AUTH") && !mail.saw("MAIL"));
+    }
+
+    #[tokio::test]
+    async fn email_refuses_data_pipelined_before_the_handshake() {
+        // A relay (or someone in the path) that sends a reply right behind its 220
+        // to STARTTLS: read after the handshake, it would pass for the relay's.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut r = BufReader::new(socket);
+            r.get_mut().write_all(b"220 test\r\n").await.unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            r.get_mut()
+                .write_all(b"250-test\r\n250 STARTTLS\r\n")
+                .await
+                .unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            r.get_mut()
+                .write_all(b"220 go ahead\r\n250 2.0.0 injected\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let sink = tls_email(&addr, EmailTls::Starttls, "", "", ca_file());
+        let e = sender().send(&sink, &notice()).await.unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Tls(m) if m.contains("before the handshake")),
+            "{e:?}"
+        );
+        assert!(!e.retryable());
+    }
+
+    #[tokio::test]
+    async fn email_auth_refusals() {
+        for (reply, code, retryable) in [
+            (
+                "535 5.7.8 authentication credentials invalid\r\n",
+                535,
+                false,
+            ),
+            ("454 4.7.0 temporary authentication failure\r\n", 454, true),
+        ] {
+            let relay = TestRelay {
+                auth_reply: reply,
+                ..TestRelay::starttls()
+            };
+            let (addr, seen) = relay_receiver(relay, Some(acceptor())).await;
+            let sink = tls_email(&addr, EmailTls::Starttls, "user", "hunter2", ca_file());
+            let e = sender().send(&sink, &notice()).await.unwrap_err();
+            assert!(
+                matches!(&e, SinkError::Smtp { step: "SMTP AUTH", code: c, .. } if *c == code),
+                "{e:?}"
+            );
+            assert_eq!(e.retryable(), retryable, "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+            let mail = recorded_mail(&seen).await;
+            assert!(!mail.saw("MAIL"), "{:?}", mail.commands);
+        }
+    }
+
+    #[tokio::test]
+    async fn email_untrusted_certificate_is_final() {
+        for relay in [
+            TestRelay::starttls(),
+            TestRelay {
+                implicit: true,
+                ..TestRelay::starttls()
+            },
+        ] {
+            let (addr, seen) = relay_receiver(relay, Some(acceptor())).await;
+            let tls = if relay.implicit {
+                EmailTls::Implicit
+            } else {
+                EmailTls::Starttls
+            };
+            let sink = tls_email(&addr, tls, "user", "pass", "");
+            let e = sender().send(&sink, &notice()).await.unwrap_err();
+            assert!(
+                matches!(&e, SinkError::Tls(m) if m.contains("certificate") && m.contains("ca_file")),
+                "{e:?}"
+            );
+            assert!(!e.retryable());
+            let mail = recorded_mail(&seen).await;
+            assert!(!mail.saw("AUTH"), "{:?}", mail.commands);
+        }
+
+        // A ca_file that cannot be read is named, and nothing is dialed.
+        let sink = tls_email(
+            "127.0.0.1:1",
+            EmailTls::Implicit,
+            "",
+            "",
+            "/nonexistent/ca.pem",
+        );
+        let e = sender().send(&sink, &notice()).await.unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Invalid(m) if m.contains("ca_file /nonexistent/ca.pem")),
+            "{e:?}"
+        );
+        assert!(!e.retryable());
+    }
+
+    #[tokio::test]
+    async fn email_rules_without_the_new_fields_work_as_before() {
+        let (addr, seen) = smtp_receiver(true, "250 ok\r\n").await;
+        let json = format!(
+            r#"{{"kind":"email","smtp":"{addr}","from":"chime@example.com","to":["ops@example.com"]}}"#
+        );
+        let sink: Sink = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            sink,
+            plain_email(&addr, "chime@example.com", &["ops@example.com"])
+        );
+        assert_eq!(serde_json::to_string(&sink).unwrap(), json);
+        sink.check("sinks[0]").unwrap();
+        sender().send(&sink, &notice()).await.unwrap();
+        let mail = seen.lock().unwrap().pop().unwrap();
+        assert!(
+            !mail.saw("STARTTLS") && !mail.saw("AUTH"),
+            "{:?}",
+            mail.commands
+        );
+        assert!(mail.commands[1].starts_with("MAIL FROM:"));
+    }
+
+    #[test]
+    fn email_tls_defaults_by_port() {
+        for (port, tls) in [
+            (25, EmailTls::None),
+            (465, EmailTls::Implicit),
+            (587, EmailTls::Starttls),
+            (2525, EmailTls::None),
+        ] {
+            assert_eq!(EmailTls::Auto.for_port(port), tls, "{port}");
+        }
+        for written in [EmailTls::None, EmailTls::Starttls, EmailTls::Implicit] {
+            for port in [25, 465, 587] {
+                assert_eq!(written.for_port(port), written);
+            }
+        }
+    }
+
+    #[test]
+    fn check_keeps_passwords_off_clear_connections() {
+        let sink = |smtp: &str, tls, username: &str, password: &str, ca: &str| {
+            tls_email(smtp, tls, username, password, ca)
+        };
+        use EmailTls::{Auto, Implicit, None as Plain, Starttls};
+        for bad in [
+            sink("mail.example.com:25", Auto, "u", "p", ""),
+            sink("mail.example.com:587", Plain, "u", "p", ""),
+            sink("10.0.0.8:2525", Auto, "u", "p", ""),
+            sink("[2001:db8::1]:25", Auto, "u", "p", ""),
+            sink("mail.example.com:587", Auto, "u", "p\r\nQUIT", ""),
+            sink("mail.example.com:587", Auto, "u", &"p".repeat(257), ""),
+            sink("mail.example.com:587", Auto, "u", "", ""),
+        ] {
+            assert_eq!(invalid_field(&bad), "sinks[0].password", "{bad:?}");
+        }
+        let e = sink("mail.example.com:25", Auto, "u", "p", "").check("sinks[0]");
+        assert!(e.unwrap_err().to_string().contains("in clear"));
+        for bad in [
+            sink("mail.example.com:587", Auto, "", "p", ""),
+            sink("mail.example.com:587", Auto, "u\0x", "p", ""),
+        ] {
+            assert_eq!(invalid_field(&bad), "sinks[0].username", "{bad:?}");
+        }
+        for bad in [
+            sink("mail.example.com:25", Auto, "", "", "/etc/ca.pem"),
+            sink("mail.example.com:587", Plain, "", "", "/etc/ca.pem"),
+            sink("mail.example.com:587", Auto, "", "", "/etc/ca\n.pem"),
+        ] {
+            assert_eq!(invalid_field(&bad), "sinks[0].ca_file", "{bad:?}");
+        }
+        for good in [
+            sink("127.0.0.1:25", Auto, "u", "p", ""),
+            sink("127.0.0.2:2525", Plain, "u", "p", ""),
+            sink("[::1]:25", Auto, "u", "p", ""),
+            sink("localhost:25", Plain, "u", "p", ""),
+            sink("smtp.example.com:587", Auto, "AKIA", "secret", ""),
+            sink("smtp.example.com:465", Auto, "u", "p", "/etc/ca.pem"),
+            sink("relay.internal:2525", Starttls, "u", "p", "/etc/ca.pem"),
+            sink("relay.internal:2525", Implicit, "", "", ""),
+        ] {
+            good.check("sinks[0]").unwrap();
+        }
+    }
+
+    #[test]
+    fn redacted_hides_the_email_password() {
+        let sink = tls_email("smtp.example.com:587", EmailTls::Auto, "AKIA", "s3cret", "");
+        let shown = sink.redacted();
+        assert_eq!(
+            shown,
+            tls_email("smtp.example.com:587", EmailTls::Auto, "AKIA", "***", "")
+        );
+        assert!(!serde_json::to_string(&shown).unwrap().contains("s3cret"));
+    }
+
+    #[test]
+    fn email_serde_keeps_what_was_written() {
+        for json in [
+            r#"{"kind":"email","smtp":"smtp.example.com:587","from":"a@b","to":["c@d"],"username":"u","password":"p"}"#,
+            r#"{"kind":"email","smtp":"smtp.example.com:465","from":"a@b","to":["c@d"],"tls":"none"}"#,
+            r#"{"kind":"email","smtp":"r.internal:2525","from":"a@b","to":["c@d"],"tls":"starttls","ca_file":"/etc/ca.pem"}"#,
+            r#"{"kind":"email","smtp":"r.internal:2465","from":"a@b","to":["c@d"],"tls":"implicit"}"#,
+        ] {
+            let sink: Sink = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&sink).unwrap(), json);
+        }
+        let sink: Sink = serde_json::from_str(
+            r#"{"kind":"email","smtp":"m:587","from":"a@b","to":["c@d"],"tls":"auto"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            sink,
+            Sink::Email {
+                tls: EmailTls::Auto,
+                ..
+            }
+        ));
+        for json in [
+            r#"{"kind":"email","smtp":"m:25","from":"a@b","to":["c@d"],"tls":"ssl"}"#,
+            r#"{"kind":"email","smtp":"m:25","from":"a@b","to":["c@d"],"user":"u"}"#,
+        ] {
+            assert!(serde_json::from_str::<Sink>(json).is_err(), "{json}");
+        }
+    }
+
     // ---- check ----
 
     fn invalid_field(sink: &Sink) -> String {
@@ -1918,6 +2914,7 @@ mod tests {
             r#"{"kind":"feishu","url":"https://open.feishu.cn/open-apis/bot/v2/hook/abc"}"#,
             r#"{"kind":"email","smtp":"mail.example.com:25","from":"chime@example.com","to":["ops@example.com"]}"#,
             r#"{"kind":"email","smtp":"[::1]:587","from":"a@b","to":["c@d.e"]}"#,
+            r#"{"kind":"email","smtp":"email-smtp.eu-west-1.amazonaws.com:587","from":"chime@example.com","to":["oncall@example.com"],"username":"AKIAXXXX","password":"xxxx"}"#,
         ] {
             let sink: Sink = serde_json::from_str(json).unwrap();
             sink.check("sinks[0]").unwrap();
@@ -1961,11 +2958,7 @@ mod tests {
             "sinks[0].secret"
         );
 
-        let email = |smtp: &str, from: &str, to: &[&str]| Sink::Email {
-            smtp: smtp.into(),
-            from: from.into(),
-            to: to.iter().map(|s| s.to_string()).collect(),
-        };
+        let email = plain_email;
         for smtp in [
             "host",
             "host:",
@@ -2009,11 +3002,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_refuses_an_unchecked_sink() {
-        let sink = Sink::Email {
-            smtp: "127.0.0.1:25".into(),
-            from: "a@b\r\nRCPT TO:<victim@x>".into(),
-            to: vec!["c@d".into()],
-        };
+        let sink = plain_email("127.0.0.1:25", "a@b\r\nRCPT TO:<victim@x>", &["c@d"]);
         let e = sender().send(&sink, &notice()).await.unwrap_err();
         assert!(matches!(e, SinkError::Invalid(_)), "{e:?}");
         assert!(!e.retryable());
@@ -2051,10 +3040,33 @@ mod tests {
                 url: "https://open.larksuite.com/open-apis/bot/v2/hook/x".into(),
                 secret: String::new(),
             },
+            plain_email("m:25", "a@b", &["c@d"]),
             Sink::Email {
-                smtp: "m:25".into(),
+                smtp: "smtp.example.com:587".into(),
                 from: "a@b".into(),
                 to: vec!["c@d".into()],
+                tls: EmailTls::Auto,
+                username: "AKIA".into(),
+                password: "pw".into(),
+                ca_file: String::new(),
+            },
+            Sink::Email {
+                smtp: "relay.internal:2525".into(),
+                from: "a@b".into(),
+                to: vec!["c@d".into()],
+                tls: EmailTls::Starttls,
+                username: String::new(),
+                password: String::new(),
+                ca_file: "/etc/chime/relay-ca.pem".into(),
+            },
+            Sink::Email {
+                smtp: "smtp.example.com:465".into(),
+                from: "a@b".into(),
+                to: vec!["c@d".into()],
+                tls: EmailTls::None,
+                username: String::new(),
+                password: String::new(),
+                ca_file: String::new(),
             },
         ];
         for sink in sinks {

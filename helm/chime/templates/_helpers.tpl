@@ -48,6 +48,8 @@ longest suffix ("-coordinator-headless", 21 characters) still fits in 63.
 {{- define "chime.redis.fullname" -}}{{ include "chime.fullname" . }}-redis{{- end -}}
 {{- define "chime.etcd.fullname" -}}{{ include "chime.fullname" . }}-etcd{{- end -}}
 {{- define "chime.configName" -}}{{ include "chime.fullname" . }}-config{{- end -}}
+{{/* Alert rules from values (alerts.*): the hook Job, its Secret (rules.json) and ConfigMap (client.toml). */}}
+{{- define "chime.alerts.fullname" -}}{{ include "chime.fullname" . }}-alerts{{- end -}}
 {{- define "chime.secretName" -}}{{ include "chime.fullname" . }}{{- end -}}
 {{/* Pods labelled "<fullname>-client: true" may reach the coordinators when networkPolicy.allowExternal is false. */}}
 {{- define "chime.clientLabel" -}}{{ include "chime.fullname" . }}-client{{- end -}}
@@ -211,6 +213,11 @@ the ConfigMap.
 - name: CHIME_REDIS_URL
   value: {{ include "chime.redis.urlWithPassword" . | quote }}
 {{ end -}}
+{{- include "chime.etcdEnv" . -}}
+{{- end -}}
+
+{{/* The env var that carries the etcd password from a Secret (nothing without one). */}}
+{{- define "chime.etcdEnv" -}}
 {{- if include "chime.etcd.hasPassword" . -}}
 - name: CHIME_ETCD_PASSWORD
   valueFrom:
@@ -330,6 +337,50 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
 checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
 {{- end -}}
 
+{{/* ---------------------------------------------------------------- alert rules */}}
+
+{{/* "true" when the alert rules hook runs: rules given, a Secret of rules, or prune (an empty list then deletes every stored rule). */}}
+{{- define "chime.alerts.enabled" -}}
+{{- if or .Values.alerts.rules .Values.alerts.existingSecret .Values.alerts.prune -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret whose key rules.json the hook applies. */}}
+{{- define "chime.alerts.secretName" -}}
+{{- default (include "chime.alerts.fullname" .) .Values.alerts.existingSecret -}}
+{{- end -}}
+
+{{/* rules.json of the chart's own Secret: alerts.rules as JSON. */}}
+{{- define "chime.alerts.rulesJson" -}}
+{{- toPrettyJson (default (list) .Values.alerts.rules) -}}
+{{- end -}}
+
+{{/*
+The client configuration of `chime alert` (the CLI refuses the coordinators' file: its
+[auth], [tls] and [coordinator] sections are not client keys): the coordinators'
+[etcd], and their [queue], whose family the rules' scope.family must name.
+*/}}
+{{- define "chime.alerts.clientToml" -}}
+# chime client configuration of the alert rules hook, rendered by the {{ include "chime.chart" . }} chart:
+# the coordinators' etcd and queue family. The etcd password comes from
+# CHIME_ETCD_PASSWORD (a Secret), never from this file.
+
+[etcd]
+endpoints = {{ include "chime.etcd.endpoints" . | include "chime.toml.str" }}
+prefix = {{ include "chime.toml.str" .Values.etcd.prefix }}
+{{- if .Values.etcd.auth.username }}
+user = {{ include "chime.toml.str" .Values.etcd.auth.username }}
+{{- end }}
+
+[queue]
+prefix = {{ include "chime.toml.str" .Values.config.keyPrefix }}
+family = {{ include "chime.toml.str" .Values.worker.queue.family }}
+count = {{ int64 .Values.worker.queue.count }}
+
+[log]
+format = {{ include "chime.toml.str" .Values.config.logFormat }}
+level = {{ include "chime.toml.str" .Values.config.logLevel }}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- TOML */}}
 
 {{/*
@@ -427,6 +478,16 @@ allow_unauthenticated = true
 {{- if le (int64 .Values.worker.terminationGracePeriodSeconds) $min -}}
 {{- fail (printf "worker.terminationGracePeriodSeconds must exceed preStopSleepSeconds + the longest drain timeout (%d s), or a draining worker is killed" $min) -}}
 {{- end -}}
+{{- end -}}
+{{- if and .Values.alerts.rules .Values.alerts.existingSecret -}}
+{{- fail "alerts.rules and alerts.existingSecret are exclusive: give the rules in values, or in the Secret's key rules.json" -}}
+{{- end -}}
+{{- $names := list -}}
+{{- range $i, $r := .Values.alerts.rules -}}
+{{- if has $r.name $names -}}
+{{- fail (printf "alerts.rules[%d]: the name %q is given twice" $i $r.name) -}}
+{{- end -}}
+{{- $names = append $names $r.name -}}
 {{- end -}}
 {{- if and .Values.worker.deliveries.enabled (not .Values.worker.queue.enabled) -}}
 {{- fail "worker.deliveries.enabled needs worker.queue.enabled: the delivery service hands out the items the worker pops" -}}
