@@ -61,7 +61,7 @@ from typing import Any
 sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import CHART, KNOWN_KEYS, chime_process, config_arg, containers, find, objects, pod_labels, pod_spec  # noqa: E402
+from common import CHART, KNOWN_KEYS, Report, chime_process, config_arg, containers, find, objects, pod_labels, pod_spec  # noqa: E402
 
 NAMESPACE = "chime-ci"
 KUBE_VERSIONS = ["1.30"]  # plus the newest schemas kubernetes-validate ships
@@ -74,24 +74,6 @@ RECOMMENDED = (
     "app.kubernetes.io/part-of",
     "helm.sh/chart",
 )
-
-
-class Report:
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.notes: list[str] = []
-        self.checks = 0
-
-    def check(self, ok: bool, what: str) -> bool:
-        self.checks += 1
-        if not ok:
-            self.failures.append(what)
-            print(f"  FAIL {what}")
-        return ok
-
-    def note(self, what: str) -> None:
-        if what not in self.notes:
-            self.notes.append(what)
 
 
 # ------------------------------------------------------------------ values documentation

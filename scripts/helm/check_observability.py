@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 sys.dont_write_bytecode = True
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "chime"
@@ -59,20 +61,6 @@ VAR_REF = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 
 def rel(p: Path) -> str:
     return str(p.relative_to(REPO))
-
-
-class Report:
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.notes: list[str] = []
-        self.checks = 0
-
-    def check(self, ok: bool, what: str) -> bool:
-        self.checks += 1
-        if not ok:
-            self.failures.append(what)
-            print(f"  FAIL {what}")
-        return ok
 
 
 # ------------------------------------------------------------------ alert rules
@@ -325,7 +313,7 @@ def check_metric_names(r: Report, sources: dict[str, list[str]]) -> None:
     on_dashboard = {n if n in declared else re.sub(r"_(bucket|sum|count)$", "", n) for n in used.get(rel(DASHBOARD), set())}
     missing = sorted(declared - on_dashboard)
     if missing:
-        r.notes.append(f"{rel(DASHBOARD)} shows no panel of {', '.join(missing)}")
+        r.note(f"{rel(DASHBOARD)} shows no panel of {', '.join(missing)}")
     print(f"  {len(declared)} metrics declared; {', '.join(f'{w}: {len(n)}' for w, n in used.items())} names used")
 
 

@@ -183,3 +183,23 @@ def find(objs: list[dict[str, Any]], kind: str, component: str | None = None) ->
         if component is None or labels.get("app.kubernetes.io/component") == component:
             out.append(o)
     return out
+
+
+class Report:
+    """Counts checks and keeps the failures and notes of a check script."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.notes: list[str] = []
+        self.checks = 0
+
+    def check(self, ok: bool, what: str) -> bool:
+        self.checks += 1
+        if not ok:
+            self.failures.append(what)
+            print(f"  FAIL {what}")
+        return ok
+
+    def note(self, what: str) -> None:
+        if what not in self.notes:
+            self.notes.append(what)
