@@ -21,5 +21,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_protos(&protos, &["."])?;
+    // The OTLP trace export chime's spans go out by: a client only, and kept out of
+    // the descriptor set, so reflection lists only the services chime serves.
+    let otlp = "otlp/trace_export.proto";
+    println!("cargo:rerun-if-changed={otlp}");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_protos(&[otlp], &["."])?;
     Ok(())
 }

@@ -171,6 +171,8 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     init_logging(&cfg.log.format, &cfg.log.level);
     let auth = auth(&cfg.auth)?;
     chime_shared::limits::check_handler("coordinator.prefix", &cfg.coordinator.prefix)?;
+    let host = chime_worker::default_worker_id();
+    let spans = cfg.tracing.start("chime-coordinator", &host)?;
     if !(100..=60_000).contains(&cfg.coordinator.heartbeat_interval_ms) {
         anyhow::bail!("invalid coordinator.heartbeat_interval_ms: must be within 100..=60000");
     }
@@ -279,6 +281,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         signal.cancel();
     });
     chime_coordinator::serve(deps, listener, http, stop).await?;
+    if let Some(e) = spans {
+        e.shutdown().await;
+    }
     info!("chime coordinator stopped");
     Ok(())
 }

@@ -258,7 +258,7 @@ async fn enqueue(store: &dyn DelayStore, e: EnqueueArgs) -> Result<serde_json::V
         }
         lines = n + 1;
         let l: ItemSpec = serde_json::from_str(&line).with_context(|| format!("line {lines}"))?;
-        chunk.push(l.into_item(now));
+        chunk.push(l.into_item(now, &format!("line {lines}"))?);
         if chunk.len() >= e.chunk.max(1) {
             for o in flush(std::mem::take(&mut chunk), lines).await? {
                 count(o, &mut created, &mut duplicates);

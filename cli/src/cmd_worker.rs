@@ -223,6 +223,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         cfg.worker_id.clone()
     };
     let layout = cfg.queue.layout()?;
+    let spans = cfg.tracing.start("chime-worker", &worker_id)?;
     let stop_watch = tokio_util::sync::CancellationToken::new();
     // Ready while the store answers and the worker is not draining; a draining
     // worker leaves the Service's endpoints at once but keeps answering /livez.
@@ -383,6 +384,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     }
     if let Some(d) = deliveries {
         d.await??;
+    }
+    if let Some(e) = spans {
+        e.shutdown().await;
     }
     info!(
         handled = report.handled,

@@ -323,6 +323,80 @@ impl Default for LogSection {
     }
 }
 
+/// Traces: spans exported over OTLP/gRPC (see README "Traces").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSection {
+    /// OTLP/gRPC receiver of the spans (an OpenTelemetry Collector, Jaeger, Tempo),
+    /// `http://host:4317` or `https://…`; empty: no spans are made.
+    pub otlp_endpoint: String,
+    /// Metadata sent with every export, `key=value,key2=value2` (a vendor's API
+    /// key, `authorization=Bearer …`).
+    pub otlp_headers: String,
+    /// `https://` endpoints: CA of the receiver's certificate (PEM); empty: system
+    /// roots.
+    pub otlp_tls_ca_file: String,
+    /// Client certificate (PEM), when the receiver requires one.
+    pub otlp_tls_cert_file: String,
+    /// Its private key (PEM).
+    pub otlp_tls_key_file: String,
+    /// `service.name` of the spans; empty: `chime-coordinator`, `chime-worker`.
+    pub service_name: String,
+    /// Share of the traces this process starts that are sampled, 0..=1: job fires
+    /// on a coordinator. Items and shards follow the `sampled` flag of the context
+    /// they come with.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingSection {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_headers: String::new(),
+            otlp_tls_ca_file: String::new(),
+            otlp_tls_cert_file: String::new(),
+            otlp_tls_key_file: String::new(),
+            service_name: String::new(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TracingSection {
+    /// Starts the span exporter and installs this process's tracer, when an
+    /// endpoint is set. The caller flushes it with `Exporter::shutdown` on exit.
+    pub fn start(
+        &self,
+        default_service: &str,
+        instance: &str,
+    ) -> Result<Option<chime_shared::trace::otlp::Exporter>> {
+        use chime_shared::trace::otlp::{self, OtlpOptions};
+        if self.otlp_endpoint.trim().is_empty() {
+            return Ok(None);
+        }
+        let (tracer, exporter) = otlp::start(OtlpOptions {
+            endpoint: self.otlp_endpoint.clone(),
+            service_name: if self.service_name.is_empty() {
+                default_service.to_owned()
+            } else {
+                self.service_name.clone()
+            },
+            instance: instance.to_owned(),
+            headers: OtlpOptions::parse_headers("tracing.otlp_headers", &self.otlp_headers)?,
+            tls: ClientTls {
+                ca_file: self.otlp_tls_ca_file.clone(),
+                cert_file: self.otlp_tls_cert_file.clone(),
+                key_file: self.otlp_tls_key_file.clone(),
+                domain: String::new(),
+            },
+            root_sample_ratio: self.sample_ratio,
+        })?;
+        chime_shared::trace::install(tracer);
+        tracing::info!(endpoint = %self.otlp_endpoint, sample_ratio = self.sample_ratio, "exporting spans over OTLP");
+        Ok(Some(exporter))
+    }
+}
+
 /// `chime worker`'s configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -345,6 +419,8 @@ pub struct WorkerConfig {
     pub coordinator: CoordinatorLink,
     /// The delivery service apps subscribe to.
     pub deliveries: DeliveriesSection,
+    /// Traces.
+    pub tracing: TracingSection,
     /// Logging.
     pub log: LogSection,
 }
@@ -412,6 +488,7 @@ impl Default for WorkerConfig {
             handlers: HandlersSection::default(),
             coordinator: CoordinatorLink::default(),
             deliveries: DeliveriesSection::default(),
+            tracing: TracingSection::default(),
             log: LogSection::default(),
         }
     }
@@ -508,6 +585,8 @@ pub struct CoordinatorConfig {
     pub tls: TlsSection,
     /// The delay queues the console shows (same prefix and family as the workers').
     pub queue: QueueSection,
+    /// Traces.
+    pub tracing: TracingSection,
     /// Logging.
     pub log: LogSection,
 }

@@ -26,7 +26,8 @@ use chime_shared::auth::{self, Gate, Policy};
 use chime_shared::clock::Clock;
 use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
-use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, NewItem, validate_batch};
+use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, validate_batch};
+use chime_shared::trace::{TraceContext, end_enqueue_span, enqueue_span};
 use chime_shared::{limits, ops};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -641,7 +642,7 @@ struct EnqueueIn {
 
 /// Producers in any language: enqueue items over HTTP (same checks and limits as
 /// every other producer path).
-async fn enqueue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+async fn enqueue(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let mut de = serde_json::Deserializer::from_slice(&body);
     let input: EnqueueIn = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -653,11 +654,28 @@ async fn enqueue(State(st): State<HttpState>, body: Bytes) -> ApiResult {
         ApiError::invalid(field, e.into_inner().to_string())
     })?;
     let q = store(&st)?;
+    // The producer's `traceparent` header: the items join its trace through this
+    // call's span (an unreadable header is ignored, as W3C asks of receivers).
+    let parent =
+        TraceContext::from_header(headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    let span = enqueue_span(parent, "http");
+    let call = span.as_ref().map(|s| s.context).or(parent);
     let now = q.now_ms().await?;
-    let items: Vec<NewItem> = input.items.into_iter().map(|i| i.into_item(now)).collect();
+    let mut items = Vec::with_capacity(input.items.len());
+    for (index, i) in input.items.into_iter().enumerate() {
+        let mut item = i.into_item(now, &format!("items[{index}]"))?;
+        item.traceparent = item.traceparent.or(call);
+        items.push(item);
+    }
     validate_batch(&items)?;
-    let outcomes = q.enqueue(items).await?;
-    ok(json!({ "outcomes": outcomes }))
+    let n = items.len();
+    let result = q.enqueue(items).await;
+    end_enqueue_span(
+        span,
+        n,
+        result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+    );
+    ok(json!({ "outcomes": result? }))
 }
 
 /// One item, by the key it was enqueued with (absent: the id) and its id.

@@ -12,5 +12,11 @@
 
 tonic::include_proto!("chime.v1");
 
+/// OTLP trace export (`proto/otlp/trace_export.proto`): the client chime's span
+/// exporter sends with, and the messages, wire-compatible with opentelemetry-proto.
+pub mod otlp {
+    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+}
+
 /// The encoded descriptors of every chime proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("chime_descriptor");

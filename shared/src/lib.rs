@@ -24,5 +24,6 @@ pub mod redis_conn;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 
 pub use error::{Error, Result};

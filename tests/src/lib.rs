@@ -7,6 +7,7 @@
 //! how to install it; nothing is skipped silently.
 
 pub mod conformance;
+pub mod otlp;
 pub mod receivers;
 pub mod sdk;
 
@@ -983,6 +984,8 @@ pub struct Cluster {
     /// `coordinator.min_period_ms` of coordinators started from now on (tests fire
     /// jobs every few hundred ms; production's floor is 1 s).
     pub min_period_ms: u64,
+    /// Environment of every coordinator and job worker this cluster starts.
+    pub env: Vec<(String, String)>,
     spawned: u32,
 }
 
@@ -1027,6 +1030,16 @@ impl Cluster {
 
     /// Like [`Cluster::start`] with `coordinators` coordinators electing a leader.
     pub async fn start_ha(coordinators: usize, workers: usize) -> Result<Self> {
+        Self::start_with_env(coordinators, workers, &[]).await
+    }
+
+    /// Like [`Cluster::start_ha`], with `env` set for every coordinator and job
+    /// worker.
+    pub async fn start_with_env(
+        coordinators: usize,
+        workers: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = Arc::new(TestDir::new("cluster")?);
         let redis = RedisServer::start_in(dir.clone()).await?;
         let etcd = EtcdServer::start().await?;
@@ -1053,6 +1066,10 @@ impl Cluster {
             workers: Vec::new(),
             records: dir.path().join("jobs.rec"),
             dir,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             spawned: 0,
         };
         for i in 0..coordinators {
@@ -1100,6 +1117,7 @@ impl Cluster {
             "CHIME_COORDINATOR_MIN_PERIOD_MS",
             self.min_period_ms.to_string(),
         );
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.coords[i].1 = Some(Proc::spawn(
             &format!("coordinator-{i}-{}", self.spawned),
             cmd,
@@ -1184,6 +1202,8 @@ impl Cluster {
             "--job-record-file",
             &rec,
         ])?;
+        let mut cmd = cmd;
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let p = Proc::spawn(&format!("worker-{id}"), cmd, self.dir.path())?;
         self.workers.push((id.to_owned(), p));
         Ok(())

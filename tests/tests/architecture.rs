@@ -68,6 +68,7 @@ const DOMAIN: &[&str] = &[
     "shared/src/clock.rs",
     "shared/src/limits.rs",
     "shared/src/ratelimit.rs",
+    "shared/src/trace/mod.rs",
     "shared/src/config/mod.rs",
     "shared/src/config/source.rs",
     "shared/src/config/follow.rs",

@@ -48,6 +48,7 @@ use crate::delivery::{Hub, Remote, Verdict};
 use crate::handler::{ItemContext, ItemHandler};
 use crate::live::{self, Gate, Knobs, Live};
 use crate::{Registered, WorkerError};
+use chime_shared::trace::{Span, SpanKind, TraceContext};
 
 /// How the consumer behaves. Defaults suit a reminder workload; every field is in
 /// the unit its name says.
@@ -858,15 +859,22 @@ impl Consumer {
                 .lag
                 .record((now_ms - items[0].due_at_ms).max(0) as f64 / 1000.0);
         }
+        // The trace span of the delivery, when an item carries a sampled producer
+        // context; the handler (local or remote) parents its own spans on it.
+        let mut trace_span = runs.and_then(|_| delivery_span(&items, queue, &self.worker_id));
+        let trace = trace_span
+            .as_ref()
+            .map(|s| s.context)
+            .or_else(|| items.iter().find_map(|i| i.traceparent));
         let outcome = match runs {
             Some(slot) if slot.local.is_some() => {
                 // Every log line of the delivery, the handler's own included, names
                 // the item (the first one of a merged delivery, and how many).
                 let span = tracing::info_span!("item", item_id = %item_id, key = %items[0].key,
                                                merged = items.len(), queue);
-                self.call(slot, queue, items).instrument(span).await
+                self.call(slot, queue, items, trace).instrument(span).await
             }
-            Some(slot) => self.call_remote(slot, queue, items).await,
+            Some(slot) => self.call_remote(slot, queue, items, trace).await,
             // Nobody here runs it: it waits in its queue for a worker that does,
             // without an attempt counted.
             None => Outcome::Park,
@@ -898,6 +906,23 @@ impl Consumer {
                 debug!(item_id = %item_id, %handler, "no handler here; parked until one is served");
                 meter(|m| &m.parked, m::ITEMS_PARKED);
             }
+        }
+        if let Some(mut s) = trace_span.take() {
+            let label = match &outcome {
+                Outcome::Ack => "acked",
+                Outcome::Retry { error, .. } => {
+                    s.fail(error.clone());
+                    if last_attempt {
+                        "dead_lettered"
+                    } else {
+                        "retried"
+                    }
+                }
+                Outcome::Release => "released",
+                Outcome::Park => "parked",
+            };
+            s.attr("chime.outcome", label);
+            s.end();
         }
         {
             let mut map = lock(&self.in_flight);
@@ -948,7 +973,13 @@ impl Consumer {
 
     /// Runs a delivery on a subscriber of the hub (after the same concurrency and
     /// rate limits as a local handler) and maps its verdict to an outcome.
-    async fn call_remote(&self, slot: &Slot, queue: u32, items: Vec<Item>) -> Outcome {
+    async fn call_remote(
+        &self,
+        slot: &Slot,
+        queue: u32,
+        items: Vec<Item>,
+        trace: Option<TraceContext>,
+    ) -> Outcome {
         let (attempt, handler) = (items[0].attempt, items[0].handler.clone());
         let Some(hub) = &self.hub else {
             return Outcome::Park;
@@ -956,7 +987,9 @@ impl Consumer {
         let Some(_slot_permit) = self.admit(slot, &items).await else {
             return Outcome::Release;
         };
-        let remote = hub.deliver(&handler, items, queue, &self.abandon).await;
+        let remote = hub
+            .deliver_traced(&handler, items, queue, trace, &self.abandon)
+            .await;
         let label = match &remote {
             Remote::Settled(Verdict::Ack) => "ack",
             Remote::Settled(Verdict::Fail { .. }) => "fail",
@@ -998,7 +1031,13 @@ impl Consumer {
 
     /// Waits for the handler's concurrency slot, runs it, and maps its result to an
     /// outcome. A panic counts as a failure; the drain's abandon signal hands back.
-    async fn call(&self, slot: &Slot, queue: u32, items: Vec<Item>) -> Outcome {
+    async fn call(
+        &self,
+        slot: &Slot,
+        queue: u32,
+        items: Vec<Item>,
+        trace: Option<TraceContext>,
+    ) -> Outcome {
         let attempt = items[0].attempt;
         let Some(handler) = slot.local.clone() else {
             return Outcome::Park;
@@ -1011,6 +1050,7 @@ impl Consumer {
             cancel: self.abandon.child_token(),
             worker_id: self.worker_id.clone(),
             queue,
+            trace,
         };
         let run = AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
         tokio::select! {
@@ -1130,6 +1170,40 @@ enum Claim {
     Got(Lease),
     AllBusy,
     NothingDue,
+}
+
+/// The trace span of a delivery (OpenTelemetry messaging conventions), a child of
+/// the first item's sampled producer context, linked to the other items' contexts.
+/// `None` when the process exports no traces or no item carries a sampled context:
+/// items are never the root of a trace.
+fn delivery_span(items: &[Item], queue: u32, worker_id: &str) -> Option<Span> {
+    if !chime_shared::trace::tracer().enabled() {
+        return None;
+    }
+    let parent = items
+        .iter()
+        .find_map(|i| i.traceparent.filter(|t| t.sampled()))?;
+    let first = &items[0];
+    let mut s = Span::start(
+        format!("process {}", first.handler),
+        SpanKind::Consumer,
+        &parent,
+    );
+    s.attr("messaging.system", "chime")
+        .attr("messaging.operation.type", "process")
+        .attr("messaging.destination.name", first.handler.as_str())
+        .attr("messaging.message.id", first.id.as_str())
+        .attr("chime.item.key", first.key.as_str())
+        .attr("chime.queue", queue)
+        .attr("chime.attempt", first.attempt)
+        .attr("chime.items", items.len() as u32)
+        .attr("chime.worker_id", worker_id);
+    for t in items.iter().filter_map(|i| i.traceparent) {
+        if t != parent && !s.links.contains(&t) {
+            s.links.push(t);
+        }
+    }
+    Some(s)
 }
 
 fn store_error(op: &'static str, e: &Error) {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chime_shared::queue::Item;
+use chime_shared::trace::TraceContext;
 use tokio_util::sync::CancellationToken;
 
 /// The delivery a handler processes.
@@ -20,6 +21,7 @@ pub struct ItemContext {
     pub(crate) cancel: CancellationToken,
     pub(crate) worker_id: Arc<str>,
     pub(crate) queue: u32,
+    pub(crate) trace: Option<TraceContext>,
 }
 
 impl ItemContext {
@@ -47,6 +49,12 @@ impl ItemContext {
     /// Queue the delivery came from.
     pub fn queue(&self) -> u32 {
         self.queue
+    }
+    /// The chime worker's span of this delivery (a child of the producer's trace
+    /// context), when the items carry a sampled one: give it to your tracer as the
+    /// parent of the handler's own spans (`traceparent`: `to_string()`).
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        self.trace
     }
 }
 

@@ -38,9 +38,15 @@ pub struct JobContext {
     pub deadline_ms: i64,
     pub(crate) cancel: CancellationToken,
     pub(crate) log: mpsc::UnboundedSender<String>,
+    pub(crate) trace: Option<chime_shared::trace::TraceContext>,
 }
 
 impl JobContext {
+    /// This shard's trace span (a child of the fire's), when the coordinator
+    /// traces the run: the parent of the handler's own spans.
+    pub fn trace_context(&self) -> Option<chime_shared::trace::TraceContext> {
+        self.trace
+    }
     /// Fires when the shard must stop (timeout, kill, overlap policy, drain).
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel

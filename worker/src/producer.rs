@@ -107,6 +107,7 @@ impl Producer {
                     payload: i.payload.into(),
                     max_attempts: i.max_attempts,
                     merge_key: i.merge_key.unwrap_or_default(),
+                    traceparent: i.traceparent.map(|t| t.to_string()).unwrap_or_default(),
                 })
                 .collect(),
         };
@@ -212,6 +213,7 @@ fn view_from_proto(v: pb::ItemView) -> ItemView {
             max_attempts: v.max_attempts,
             merge_key: (!v.merge_key.is_empty()).then_some(v.merge_key),
             attempt: v.attempts,
+            traceparent: None,
         },
         queue: v.queue,
         state,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chime_shared::auth::Bearer;
 use chime_shared::clock::system_now_ms;
+use chime_shared::trace::{Span, SpanKind, TraceContext};
 use pb::coordinator_message::Kind as Out;
 use pb::worker_message::Kind as In;
 use proto as pb;
@@ -563,6 +564,26 @@ impl Session {
         // Every log line of the shard, the handler's own included, names the run.
         let span = tracing::info_span!("shard", run_id = %r.run_id, fire_id = %a.fire_id,
                                        job = %a.job, shard = r.shard_index, attempt = r.attempt);
+        // The shard's trace span: a child of the fire's, when the coordinator
+        // traces the run (it sent a sampled context).
+        let mut trace_span = TraceContext::from_header(Some(&a.traceparent))
+            .filter(|t| t.sampled())
+            .map(|parent| {
+                let mut s = Span::start(format!("shard {}", a.job), SpanKind::Consumer, &parent);
+                s.attr("chime.job", a.job.as_str())
+                    .attr("chime.run_id", r.run_id.as_str())
+                    .attr("chime.fire_id", a.fire_id.as_str())
+                    .attr("chime.handler", a.handler.as_str())
+                    .attr("chime.shard.index", a.shard_index)
+                    .attr("chime.shard.total", a.shard_total)
+                    .attr("chime.attempt", r.attempt)
+                    .attr("chime.worker_id", self.worker_id.as_str());
+                s
+            });
+        let trace = trace_span
+            .as_ref()
+            .map(|s| s.context)
+            .or_else(|| TraceContext::from_header(Some(&a.traceparent)));
         let shard = async move {
             let started = system_now_ms();
             let _ = out.send(msg(In::RunStarted(pb::RunStarted {
@@ -583,6 +604,7 @@ impl Session {
                 deadline_ms: a.deadline_ms,
                 cancel: cancel.clone(),
                 log: log_tx,
+                trace,
             };
             let logs = {
                 let (out, r) = (out.clone(), r.clone());
@@ -628,6 +650,13 @@ impl Session {
                 Err(e) => (pb::RunStatus::Failed, String::new(), e.message),
             };
             debug!(run_id = %r.run_id, shard = r.shard_index, ?status, wait_ms = started - received_ms, "shard done");
+            if let Some(mut s) = trace_span.take() {
+                if !error.is_empty() {
+                    s.fail(error.clone());
+                }
+                s.attr("chime.status", status.as_str_name());
+                s.end();
+            }
             // The result is queued before the shard leaves `running`, under its lock:
             // a drain that sees nothing running and nothing queued has sent it, and
             // a heartbeat in between still lists the shard (the coordinator takes a

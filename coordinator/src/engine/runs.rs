@@ -314,6 +314,7 @@ impl Machine {
             .increment(1);
         let run = self.runs.active.remove(run_id)?;
         self.save(&run);
+        record_fire_span(&run);
         debug!(run_id, state = ?run.state, "run finished");
         let mut buffered = None;
         let mut delay_next = None;
@@ -340,4 +341,37 @@ impl Machine {
         }
         Some(run)
     }
+}
+
+/// The trace span of a run's fire, recorded when the run ends: a root named by the
+/// run id (so the shards, started by whichever leader fired, are its children),
+/// from the fire to the end of the last shard.
+fn record_fire_span(run: &RunRecord) {
+    let Some(ctx) = chime_shared::trace::tracer()
+        .run_context(&run.run_id)
+        .filter(|t| t.sampled())
+    else {
+        return;
+    };
+    use chime_shared::trace::{Span, SpanKind, ms_to_ns};
+    let mut s = Span::root(
+        format!("fire {}", run.job),
+        SpanKind::Producer,
+        ctx,
+        ms_to_ns(run.fired_at_ms),
+    );
+    s.attr("chime.job", run.job.as_str())
+        .attr("chime.run_id", run.run_id.as_str())
+        .attr("chime.fire_id", run.fire_id.as_str())
+        .attr("chime.cause", run.cause.as_str())
+        .attr("chime.scheduled_at_ms", run.scheduled_at_ms)
+        .attr("chime.shard.total", run.shards.len() as u32)
+        .attr("chime.status", run.state.label());
+    if !run.parent_run_id.is_empty() {
+        s.attr("chime.parent_run_id", run.parent_run_id.as_str());
+    }
+    if matches!(run.state, RunState::Failed | RunState::TimedOut) {
+        s.fail(format!("run {}", run.state.label()));
+    }
+    s.end_at(ms_to_ns(run.finished_at_ms));
 }

@@ -295,6 +295,13 @@ fn run_ref(k: &ShardKey) -> pb::RunRef {
 fn to_proto(msg: ToWorker, accepted_at_ms: i64) -> pb::CoordinatorMessage {
     let kind = match msg {
         ToWorker::Assign(a) => Out::Assign(pb::Assign {
+            // The fire's span, named by the run id: the same for every shard and
+            // attempt, and for the leader that finishes the run (engine/runs.rs).
+            traceparent: chime_shared::trace::tracer()
+                .run_context(&a.key.run_id)
+                .filter(|t| t.sampled())
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
             run: Some(run_ref(&a.key)),
             fire_id: a.fire_id,
             job: a.job,

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use chime_shared::limits;
 use chime_shared::queue::{
     CancelOutcome, DEFAULT_MAX_ATTEMPTS, DelayStore, EnqueueOutcome, ItemRef, ItemState, ItemView,
-    NewItem, RescheduleOutcome, validate_batch,
+    NewItem, RescheduleOutcome, parse_traceparent, validate_batch,
 };
+use chime_shared::trace::{TraceContext, end_enqueue_span, enqueue_span};
 use proto as pb;
 use tonic::{Request, Response, Status};
 
@@ -46,7 +47,12 @@ impl QueueApi {
 /// clock `now_ms`. Every limit of every other producer path applies
 /// (`validate_batch`), plus the one rule only this edge has: `due_at_ms` and `in_ms`
 /// are exclusive. The first refusal names its field (`items[3].payload`).
-pub fn items_from_proto(req: pb::EnqueueRequest, now_ms: i64) -> Result<Vec<NewItem>, CoordError> {
+/// `call` is the trace context items without their own get (the `Enqueue` span).
+pub fn items_from_proto(
+    req: pb::EnqueueRequest,
+    now_ms: i64,
+    call: Option<TraceContext>,
+) -> Result<Vec<NewItem>, CoordError> {
     if req.items.is_empty() {
         return Err(CoordError::invalid("items", "no items"));
     }
@@ -73,6 +79,8 @@ pub fn items_from_proto(req: pb::EnqueueRequest, now_ms: i64) -> Result<Vec<NewI
             .max_attempts(max_attempts);
         item.key = (!i.key.is_empty()).then_some(i.key);
         item.merge_key = (!i.merge_key.is_empty()).then_some(i.merge_key);
+        item.traceparent =
+            parse_traceparent(&format!("items[{index}]"), Some(&i.traceparent))?.or(call);
         items.push(item);
     }
     validate_batch(&items)?;
@@ -132,9 +140,25 @@ impl pb::queue_server::Queue for QueueApi {
         req: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
         let q = self.store()?;
+        // The producer's trace context (`traceparent` metadata): the items join
+        // it through this call's span.
+        let parent = TraceContext::from_header(
+            req.metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut span = enqueue_span(parent, "grpc");
         let now = q.now_ms().await.map_err(CoordError::from)?;
-        let items = items_from_proto(req.into_inner(), now)?;
-        let outcomes = q.enqueue(items).await.map_err(CoordError::from)?;
+        let req = req.into_inner();
+        let n = req.items.len();
+        let items = items_from_proto(req, now, span.as_ref().map(|s| s.context).or(parent))?;
+        let result = q.enqueue(items).await.map_err(CoordError::from);
+        end_enqueue_span(
+            span.take(),
+            n,
+            result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+        );
+        let outcomes = result?;
         Ok(Response::new(pb::EnqueueResponse {
             outcomes: outcomes
                 .into_iter()

@@ -131,6 +131,7 @@ pub fn seed_bodies() -> Vec<(&'static str, Body)> {
         handler: "remind".into(),
         merge_key: Some("u1".into()),
         payload: Bytes::from_static(b"\x00\xff|payload"),
+        traceparent: None,
     };
     vec![
         ("typical", typical.clone()),
@@ -143,6 +144,7 @@ pub fn seed_bodies() -> Vec<(&'static str, Body)> {
                 handler: "h".into(),
                 merge_key: None,
                 payload: Bytes::new(),
+                traceparent: None,
             },
         ),
         (
@@ -154,6 +156,7 @@ pub fn seed_bodies() -> Vec<(&'static str, Body)> {
                 handler: "h".repeat(128),
                 merge_key: Some("m".repeat(512)),
                 payload: Bytes::from(vec![0xa5; 1024]),
+                traceparent: None,
             },
         ),
         (
@@ -165,6 +168,10 @@ pub fn seed_bodies() -> Vec<(&'static str, Body)> {
                 handler: "push.apns:v2-x_y".into(),
                 merge_key: Some("ß".into()),
                 payload: Bytes::from_static("{\"json\":true}".as_bytes()),
+                traceparent: chime_shared::trace::TraceContext::parse(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+                .ok(),
             },
         ),
         (

@@ -263,7 +263,7 @@ fn queue_requests(input: &[u8], decoded: &mut usize) -> &'static str {
     if let Some(r) = decode::<pb::EnqueueRequest>(input, "EnqueueRequest") {
         *decoded += 1;
         let n = r.items.len();
-        outcome = match items_from_proto(r, NOW_MS) {
+        outcome = match items_from_proto(r, NOW_MS, None) {
             Ok(items) => {
                 assert_eq!(items.len(), n, "an accepted batch lost or gained items");
                 for it in &items {
@@ -569,6 +569,7 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
         payload: b"{\"coupon\":7}".to_vec(),
         max_attempts: 0,
         merge_key: String::new(),
+        traceparent: String::new(),
     };
     out.push((
         "enqueue".into(),

@@ -6,9 +6,14 @@
 //!
 //! ```text
 //! <max_attempts>|<due_at_ms>|<v:u8=2><key><handler><merge_key><payload>
+//! <max_attempts>|<due_at_ms>|<v:u8=3><key><handler><merge_key><payload><traceparent>
 //! ```
 //!
-//! where each of the four binary fields is a `u32 LE` length then bytes.
+//! where each binary field is a `u32 LE` length then bytes. Version 3 adds the
+//! producer's W3C trace context; an item without one is written as version 2, so
+//! workers that predate tracing read every item enqueued without a trace context
+//! (a rolling upgrade turns tracing on only after every worker reads version 3).
+//! Lua reads only the key and the handler, the first two fields of either.
 //!
 //! Attempts never touch the body either: an in-flight delivery carries its attempt
 //! number in its member of the in-flight set (`id \x01 seq \x01 attempt`), and only
@@ -24,8 +29,12 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::queue::Item;
+use crate::trace::TraceContext;
 
-const BODY_VERSION: u8 = 2;
+/// Bodies without a trace context.
+const BODY_V2: u8 = 2;
+/// Bodies with one: a fifth field.
+const BODY_V3: u8 = 3;
 
 /// The separator inside merge classes and in-flight members.
 pub const SEP: char = '\u{1}';
@@ -45,23 +54,27 @@ pub struct Body {
     pub merge_key: Option<String>,
     /// Payload.
     pub payload: Bytes,
+    /// The producer's trace context.
+    pub traceparent: Option<TraceContext>,
 }
 
 /// Encodes a body (see the module doc for the layout).
 pub fn encode_body(b: &Body) -> Vec<u8> {
     let mk = b.merge_key.as_deref().unwrap_or("");
     let head = format!("{}|{}|", b.max_attempts, b.due_at_ms);
+    let tp = b.traceparent.map(|t| t.to_string());
     let mut out = Vec::with_capacity(
-        head.len() + 17 + b.key.len() + b.handler.len() + mk.len() + b.payload.len(),
+        head.len() + 80 + b.key.len() + b.handler.len() + mk.len() + b.payload.len(),
     );
     out.extend_from_slice(head.as_bytes());
-    out.push(BODY_VERSION);
-    for field in [
+    out.push(if tp.is_some() { BODY_V3 } else { BODY_V2 });
+    let fields = [
         b.key.as_bytes(),
         b.handler.as_bytes(),
         mk.as_bytes(),
         &b.payload,
-    ] {
+    ];
+    for field in fields.into_iter().chain(tp.as_ref().map(|t| t.as_bytes())) {
         out.extend_from_slice(&(field.len() as u32).to_le_bytes());
         out.extend_from_slice(field);
     }
@@ -84,11 +97,13 @@ pub fn decode_body(raw: &[u8]) -> Result<Body> {
     let due_at_ms = number("due_at_ms")?;
     let rest = head.next().ok_or_else(|| corrupt("no binary part"))?;
     let (&version, mut rest) = rest.split_first().ok_or_else(|| corrupt("empty"))?;
-    if version != BODY_VERSION {
-        return Err(corrupt(&format!("unknown version {version}")));
-    }
-    let mut fields: [&[u8]; 4] = [&[]; 4];
-    for f in fields.iter_mut() {
+    let count = match version {
+        BODY_V2 => 4,
+        BODY_V3 => 5,
+        _ => return Err(corrupt(&format!("unknown version {version}"))),
+    };
+    let mut fields: [&[u8]; 5] = [&[]; 5];
+    for f in fields.iter_mut().take(count) {
         if rest.len() < 4 {
             return Err(corrupt("truncated length"));
         }
@@ -106,6 +121,13 @@ pub fn decode_body(raw: &[u8]) -> Result<Body> {
     }
     let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt("field is not UTF-8"));
     let mk = text(fields[2])?;
+    let traceparent = match count {
+        5 => Some(
+            TraceContext::parse(&text(fields[4])?)
+                .map_err(|e| corrupt(&format!("traceparent: {e}")))?,
+        ),
+        _ => None,
+    };
     Ok(Body {
         max_attempts,
         due_at_ms,
@@ -113,6 +135,7 @@ pub fn decode_body(raw: &[u8]) -> Result<Body> {
         handler: text(fields[1])?,
         merge_key: (!mk.is_empty()).then_some(mk),
         payload: Bytes::copy_from_slice(fields[3]),
+        traceparent,
     })
 }
 
@@ -164,6 +187,7 @@ pub fn item_from_body(id: String, body: Body, attempt: u32) -> Item {
         max_attempts: body.max_attempts,
         merge_key: body.merge_key,
         attempt,
+        traceparent: body.traceparent,
     }
 }
 
@@ -179,6 +203,7 @@ mod tests {
             handler: "remind".into(),
             merge_key: Some("u1".into()),
             payload: Bytes::from_static(b"\x00\xff|payload"),
+            traceparent: None,
         }
     }
 
@@ -206,6 +231,30 @@ mod tests {
             );
         }
         assert!(decode_body(&raw[..raw.len() - 1]).is_err());
+        // With a trace context: version 3, a fifth field; the header Lua reads
+        // and the first two fields are where they were.
+        let traced = Body {
+            traceparent: Some(
+                TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                    .unwrap(),
+            ),
+            ..body()
+        };
+        let raw3 = encode_body(&traced);
+        assert_eq!(raw3[16], BODY_V3);
+        assert_eq!(
+            &raw3[..raw.len()],
+            &{
+                let mut r = raw.clone();
+                r[16] = BODY_V3;
+                r
+            }[..]
+        );
+        assert_eq!(decode_body(&raw3).unwrap(), traced);
+        let mut bad_tp = raw3.clone();
+        let at = bad_tp.len() - 2;
+        bad_tp[at] = b'X';
+        assert!(matches!(decode_body(&bad_tp), Err(Error::Corrupt(_))));
         let mut trailing = raw.clone();
         trailing.push(0);
         assert!(decode_body(&trailing).is_err());

@@ -359,6 +359,7 @@ impl DelayStore for MemoryStore {
                         handler: it.handler,
                         merge_key: it.merge_key,
                         payload: it.payload,
+                        traceparent: it.traceparent,
                     },
                     attempts: 0,
                     seq: None,

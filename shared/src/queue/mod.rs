@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::limits;
+use crate::trace::TraceContext;
 
 /// Default number of delivery attempts before an item is dead-lettered.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -55,6 +56,8 @@ pub struct NewItem {
     /// within the merge window of the earliest are delivered together, at the
     /// earliest due time.
     pub merge_key: Option<String>,
+    /// W3C trace context the handler's span becomes a child of.
+    pub traceparent: Option<TraceContext>,
 }
 
 impl NewItem {
@@ -68,7 +71,13 @@ impl NewItem {
             payload: Bytes::new(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             merge_key: None,
+            traceparent: None,
         }
+    }
+    /// Sets the trace context the handler's span joins (the producer's span).
+    pub fn traceparent(mut self, ctx: TraceContext) -> Self {
+        self.traceparent = Some(ctx);
+        self
     }
     /// Sets the routing key.
     pub fn key(mut self, key: impl Into<String>) -> Self {
@@ -160,11 +169,15 @@ pub struct ItemSpec {
     /// Merge key.
     #[serde(default)]
     pub merge_key: Option<String>,
+    /// W3C trace context (`traceparent`) the handler's span joins.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 impl ItemSpec {
-    /// The item, with `now_ms` resolving `in_ms` (not validated yet).
-    pub fn into_item(self, now_ms: i64) -> NewItem {
+    /// The item, with `now_ms` resolving `in_ms` (not validated yet, except the
+    /// trace context, which is parsed here: errors name `<field>.traceparent`).
+    pub fn into_item(self, now_ms: i64, field: &str) -> Result<NewItem> {
         let due = self
             .due_at_ms
             .unwrap_or(now_ms.saturating_add(self.in_ms.unwrap_or(0)));
@@ -173,7 +186,20 @@ impl ItemSpec {
         item.key = self.key;
         item.merge_key = self.merge_key;
         item.payload = self.payload.unwrap_or_default().into();
-        item
+        item.traceparent = parse_traceparent(field, self.traceparent.as_deref())?;
+        Ok(item)
+    }
+}
+
+/// An item's explicit trace context: empty or absent is none, malformed is an
+/// error naming `<field>.traceparent` (unlike a request header, which a receiver
+/// ignores when it cannot read it).
+pub fn parse_traceparent(field: &str, raw: Option<&str>) -> Result<Option<TraceContext>> {
+    match raw.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => TraceContext::parse(t)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("{field}.traceparent"), e)),
     }
 }
 
@@ -254,6 +280,22 @@ pub struct Item {
     pub merge_key: Option<String>,
     /// Delivery attempts made so far; in a delivery, the number of this attempt (1-based).
     pub attempt: u32,
+    /// The producer's trace context, if it gave one.
+    #[serde(
+        serialize_with = "serialize_traceparent",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<TraceContext>,
+}
+
+fn serialize_traceparent<S: serde::Serializer>(
+    t: &Option<TraceContext>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.collect_str(t),
+        None => s.serialize_none(),
+    }
 }
 
 fn serialize_payload<S: serde::Serializer>(

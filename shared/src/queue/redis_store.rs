@@ -292,6 +292,7 @@ impl RedisStore {
                 handler: it.handler.clone(),
                 merge_key: it.merge_key.clone(),
                 payload: it.payload.clone(),
+                traceparent: it.traceparent,
             }));
         }
         let parts = array(self.run(&ENQUEUE, queue, args).await?, "enqueue")?;

@@ -321,6 +321,7 @@ impl Subscription {
         let id = d.delivery_id;
         lock(running).insert(id);
         let handler = d.handler.clone();
+        let trace = chime_shared::trace::TraceContext::from_header(Some(&d.traceparent));
         let items: Vec<_> = d
             .items
             .into_iter()
@@ -336,7 +337,9 @@ impl Subscription {
             abandon.clone(),
         );
         let task = async move {
-            let verdict = this.run_one(&handler, d.queue, items, &abandon).await;
+            let verdict = this
+                .run_one(&handler, d.queue, items, trace, &abandon)
+                .await;
             use std::sync::atomic::Ordering::Relaxed;
             match verdict {
                 Verdict::Release => this.handed_back.fetch_add(1, Relaxed),
@@ -353,6 +356,7 @@ impl Subscription {
         handler: &str,
         queue: u32,
         items: Vec<chime_shared::queue::Item>,
+        trace: Option<chime_shared::trace::TraceContext>,
         abandon: &CancellationToken,
     ) -> Verdict {
         let Some(h) = self.handlers.get(handler) else {
@@ -371,6 +375,7 @@ impl Subscription {
             cancel: abandon.child_token(),
             worker_id: self.opts.name.clone().into(),
             queue,
+            trace,
         };
         let run = AssertUnwindSafe(h.reg.handler.handle(ctx)).catch_unwind();
         tokio::select! {

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use chime_shared::clock::system_now_ms;
 use chime_shared::queue::Item;
+use chime_shared::trace::TraceContext;
 use chime_shared::{Error, limits, telemetry as m};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -210,6 +211,8 @@ pub struct OutDelivery {
     pub queue: u32,
     /// Settle (or extend) by then, worker clock, Unix ms.
     pub settle_deadline_ms: i64,
+    /// The worker's span of this delivery, for the app's handler span to join.
+    pub traceparent: Option<TraceContext>,
 }
 
 /// One delivery a subscriber holds.
@@ -539,11 +542,25 @@ impl Hub {
     /// Hands a delivery to a subscriber of `handler` with free credit (waiting for
     /// credit if all are busy), and waits for its verdict, the settle timeout
     /// (extensions included), the subscriber's end, or `abandon`.
+    #[cfg(test)]
     pub(crate) async fn deliver(
+        self: &Arc<Self>,
+        handler: &str,
+        items: Vec<Item>,
+        queue: u32,
+        abandon: &CancellationToken,
+    ) -> Remote {
+        self.deliver_traced(handler, items, queue, None, abandon)
+            .await
+    }
+
+    /// [`Hub::deliver`], telling the subscriber the worker's span of the delivery.
+    pub(crate) async fn deliver_traced(
         self: &Arc<Self>,
         handler: &str,
         mut items: Vec<Item>,
         queue: u32,
+        trace: Option<TraceContext>,
         abandon: &CancellationToken,
     ) -> Remote {
         loop {
@@ -551,7 +568,10 @@ impl Hub {
                 Ok(s) => s,
                 Err(r) => return r,
             };
-            match self.hand_over(&sub, handler, items, queue, abandon).await {
+            match self
+                .hand_over(&sub, handler, items, queue, trace, abandon)
+                .await
+            {
                 Ok(r) => return r,
                 // It began draining between our pick and the send: pick again.
                 Err(back) => items = back,
@@ -602,6 +622,7 @@ impl Hub {
         handler: &str,
         items: Vec<Item>,
         queue: u32,
+        trace: Option<TraceContext>,
         abandon: &CancellationToken,
     ) -> Result<Remote, Vec<Item>> {
         let _credit = CreditGuard { hub: self, sub };
@@ -623,6 +644,7 @@ impl Hub {
             items,
             queue,
             settle_deadline_ms: deadline.load(Ordering::Relaxed),
+            traceparent: trace,
         });
         match sent {
             Sent::Yes => {}
@@ -818,6 +840,7 @@ mod tests {
             max_attempts: 3,
             merge_key: None,
             attempt: 1,
+            traceparent: None,
         }
     }
 

@@ -66,6 +66,7 @@ pub fn delivery_to_proto(d: OutDelivery) -> pb::Delivery {
         handler: d.handler,
         queue: d.queue,
         settle_deadline_ms: d.settle_deadline_ms,
+        traceparent: d.traceparent.map(|t| t.to_string()).unwrap_or_default(),
         items: d
             .items
             .into_iter()
@@ -93,6 +94,9 @@ pub fn item_from_proto(handler: &str, i: pb::DeliveredItem) -> Item {
         max_attempts: i.max_attempts,
         merge_key: (!i.merge_key.is_empty()).then_some(i.merge_key),
         attempt: i.attempt,
+        // The producer's context stays with the chime worker; the app joins the
+        // worker's span (`Delivery.traceparent`).
+        traceparent: None,
     }
 }
 

@@ -103,18 +103,20 @@ class Deliver(_message.Message):
     def __init__(self, deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
 
 class Delivery(_message.Message):
-    __slots__ = ("delivery_id", "handler", "items", "queue", "settle_deadline_ms")
+    __slots__ = ("delivery_id", "handler", "items", "queue", "settle_deadline_ms", "traceparent")
     DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLER_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     SETTLE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     delivery_id: int
     handler: str
     items: _containers.RepeatedCompositeFieldContainer[DeliveredItem]
     queue: int
     settle_deadline_ms: int
-    def __init__(self, delivery_id: _Optional[int] = ..., handler: _Optional[str] = ..., items: _Optional[_Iterable[_Union[DeliveredItem, _Mapping]]] = ..., queue: _Optional[int] = ..., settle_deadline_ms: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, delivery_id: _Optional[int] = ..., handler: _Optional[str] = ..., items: _Optional[_Iterable[_Union[DeliveredItem, _Mapping]]] = ..., queue: _Optional[int] = ..., settle_deadline_ms: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class DeliveredItem(_message.Message):
     __slots__ = ("id", "key", "due_at_ms", "payload", "attempt", "max_attempts", "merge_key")

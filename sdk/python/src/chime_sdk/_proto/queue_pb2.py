@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63hime/v1/queue.proto\x12\x08\x63hime.v1\"\x8f\x01\n\x07NewItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x11\n\tdue_at_ms\x18\x04 \x01(\x03\x12\r\n\x05in_ms\x18\x05 \x01(\x03\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x11\n\tmerge_key\x18\x08 \x01(\t\"2\n\x0e\x45nqueueRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.chime.v1.NewItem\"=\n\x0f\x45nqueueResponse\x12*\n\x08outcomes\x18\x01 \x03(\x0e\x32\x18.chime.v1.EnqueueOutcome\"\"\n\x07ItemRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\xaa\x02\n\x08ItemView\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x11\n\tdue_at_ms\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\r\x12\x11\n\tmerge_key\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\r\n\x05queue\x18\t \x01(\r\x12\"\n\x05state\x18\n \x01(\x0e\x32\x13.chime.v1.ItemState\x12\x14\n\x0c\x64ue_score_ms\x18\x0b \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0c \x01(\x03\x12\x11\n\tcancelled\x18\r \x01(\x08\x12\x10\n\x08since_ms\x18\x0e \x01(\x03\x12\x12\n\nlast_error\x18\x0f \x01(\t\">\n\x12\x43\x61ncelItemResponse\x12(\n\x07outcome\x18\x01 \x01(\x0e\x32\x17.chime.v1.CancelOutcome\"K\n\x15RescheduleItemRequest\x12\x1f\n\x04item\x18\x01 \x01(\x0b\x32\x11.chime.v1.ItemRef\x12\x11\n\tdue_at_ms\x18\x02 \x01(\x03\"F\n\x16RescheduleItemResponse\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.chime.v1.RescheduleOutcome\"\x13\n\x11QueueStatsRequest\"\xa7\x01\n\x0bQueueCounts\x12\r\n\x05queue\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ue_now\x18\x03 \x01(\x04\x12\x10\n\x08\x64ue_soon\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x65\x61\x64\x18\x06 \x01(\x04\x12\x13\n\x0bnext_due_ms\x18\x07 \x01(\x03\x12\x0e\n\x06moving\x18\x08 \x01(\x04\x12\x0f\n\x07waiting\x18\t \x01(\x04\"\xe3\x01\n\x12QueueStatsResponse\x12\x0e\n\x06now_ms\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12%\n\x06queues\x18\x03 \x03(\x0b\x32\x15.chime.v1.QueueCounts\x12N\n\x12waiting_by_handler\x18\x04 \x03(\x0b\x32\x32.chime.v1.QueueStatsResponse.WaitingByHandlerEntry\x1a\x37\n\x15WaitingByHandlerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\'\n\x16ListDeadLettersRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"<\n\x17ListDeadLettersResponse\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.chime.v1.ItemView\"J\n\x19RequeueDeadLettersRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.chime.v1.ItemRef\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\".\n\x1aRequeueDeadLettersResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x04*m\n\x0e\x45nqueueOutcome\x12\x1f\n\x1b\x45NQUEUE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NQUEUE_OUTCOME_CREATED\x10\x01\x12\x1d\n\x19\x45NQUEUE_OUTCOME_DUPLICATE\x10\x02*\x86\x01\n\tItemState\x12\x1a\n\x16ITEM_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12ITEM_STATE_PENDING\x10\x01\x12\x18\n\x14ITEM_STATE_IN_FLIGHT\x10\x02\x12\x13\n\x0fITEM_STATE_DEAD\x10\x03\x12\x16\n\x12ITEM_STATE_WAITING\x10\x04*\x89\x01\n\rCancelOutcome\x12\x1e\n\x1a\x43\x41NCEL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41NCEL_OUTCOME_CANCELLED\x10\x01\x12\x1c\n\x18\x43\x41NCEL_OUTCOME_IN_FLIGHT\x10\x02\x12\x1c\n\x18\x43\x41NCEL_OUTCOME_NOT_FOUND\x10\x03*\xbc\x01\n\x11RescheduleOutcome\x12\"\n\x1eRESCHEDULE_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1eRESCHEDULE_OUTCOME_RESCHEDULED\x10\x01\x12 \n\x1cRESCHEDULE_OUTCOME_IN_FLIGHT\x10\x02\x12\x1b\n\x17RESCHEDULE_OUTCOME_DEAD\x10\x03\x12 \n\x1cRESCHEDULE_OUTCOME_NOT_FOUND\x10\x04\x32\x8f\x04\n\x05Queue\x12>\n\x07\x45nqueue\x12\x18.chime.v1.EnqueueRequest\x1a\x19.chime.v1.EnqueueResponse\x12\x30\n\x07GetItem\x12\x11.chime.v1.ItemRef\x1a\x12.chime.v1.ItemView\x12=\n\nCancelItem\x12\x11.chime.v1.ItemRef\x1a\x1c.chime.v1.CancelItemResponse\x12S\n\x0eRescheduleItem\x12\x1f.chime.v1.RescheduleItemRequest\x1a .chime.v1.RescheduleItemResponse\x12G\n\nQueueStats\x12\x1b.chime.v1.QueueStatsRequest\x1a\x1c.chime.v1.QueueStatsResponse\x12V\n\x0fListDeadLetters\x12 .chime.v1.ListDeadLettersRequest\x1a!.chime.v1.ListDeadLettersResponse\x12_\n\x12RequeueDeadLetters\x12#.chime.v1.RequeueDeadLettersRequest\x1a$.chime.v1.RequeueDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63hime/v1/queue.proto\x12\x08\x63hime.v1\"\xa4\x01\n\x07NewItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x11\n\tdue_at_ms\x18\x04 \x01(\x03\x12\r\n\x05in_ms\x18\x05 \x01(\x03\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x11\n\tmerge_key\x18\x08 \x01(\t\x12\x13\n\x0btraceparent\x18\t \x01(\t\"2\n\x0e\x45nqueueRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.chime.v1.NewItem\"=\n\x0f\x45nqueueResponse\x12*\n\x08outcomes\x18\x01 \x03(\x0e\x32\x18.chime.v1.EnqueueOutcome\"\"\n\x07ItemRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\xaa\x02\n\x08ItemView\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x11\n\tdue_at_ms\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\r\x12\x11\n\tmerge_key\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\r\n\x05queue\x18\t \x01(\r\x12\"\n\x05state\x18\n \x01(\x0e\x32\x13.chime.v1.ItemState\x12\x14\n\x0c\x64ue_score_ms\x18\x0b \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0c \x01(\x03\x12\x11\n\tcancelled\x18\r \x01(\x08\x12\x10\n\x08since_ms\x18\x0e \x01(\x03\x12\x12\n\nlast_error\x18\x0f \x01(\t\">\n\x12\x43\x61ncelItemResponse\x12(\n\x07outcome\x18\x01 \x01(\x0e\x32\x17.chime.v1.CancelOutcome\"K\n\x15RescheduleItemRequest\x12\x1f\n\x04item\x18\x01 \x01(\x0b\x32\x11.chime.v1.ItemRef\x12\x11\n\tdue_at_ms\x18\x02 \x01(\x03\"F\n\x16RescheduleItemResponse\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.chime.v1.RescheduleOutcome\"\x13\n\x11QueueStatsRequest\"\xa7\x01\n\x0bQueueCounts\x12\r\n\x05queue\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ue_now\x18\x03 \x01(\x04\x12\x10\n\x08\x64ue_soon\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x65\x61\x64\x18\x06 \x01(\x04\x12\x13\n\x0bnext_due_ms\x18\x07 \x01(\x03\x12\x0e\n\x06moving\x18\x08 \x01(\x04\x12\x0f\n\x07waiting\x18\t \x01(\x04\"\xe3\x01\n\x12QueueStatsResponse\x12\x0e\n\x06now_ms\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12%\n\x06queues\x18\x03 \x03(\x0b\x32\x15.chime.v1.QueueCounts\x12N\n\x12waiting_by_handler\x18\x04 \x03(\x0b\x32\x32.chime.v1.QueueStatsResponse.WaitingByHandlerEntry\x1a\x37\n\x15WaitingByHandlerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\'\n\x16ListDeadLettersRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"<\n\x17ListDeadLettersResponse\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.chime.v1.ItemView\"J\n\x19RequeueDeadLettersRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.chime.v1.ItemRef\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\".\n\x1aRequeueDeadLettersResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x04*m\n\x0e\x45nqueueOutcome\x12\x1f\n\x1b\x45NQUEUE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NQUEUE_OUTCOME_CREATED\x10\x01\x12\x1d\n\x19\x45NQUEUE_OUTCOME_DUPLICATE\x10\x02*\x86\x01\n\tItemState\x12\x1a\n\x16ITEM_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12ITEM_STATE_PENDING\x10\x01\x12\x18\n\x14ITEM_STATE_IN_FLIGHT\x10\x02\x12\x13\n\x0fITEM_STATE_DEAD\x10\x03\x12\x16\n\x12ITEM_STATE_WAITING\x10\x04*\x89\x01\n\rCancelOutcome\x12\x1e\n\x1a\x43\x41NCEL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41NCEL_OUTCOME_CANCELLED\x10\x01\x12\x1c\n\x18\x43\x41NCEL_OUTCOME_IN_FLIGHT\x10\x02\x12\x1c\n\x18\x43\x41NCEL_OUTCOME_NOT_FOUND\x10\x03*\xbc\x01\n\x11RescheduleOutcome\x12\"\n\x1eRESCHEDULE_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1eRESCHEDULE_OUTCOME_RESCHEDULED\x10\x01\x12 \n\x1cRESCHEDULE_OUTCOME_IN_FLIGHT\x10\x02\x12\x1b\n\x17RESCHEDULE_OUTCOME_DEAD\x10\x03\x12 \n\x1cRESCHEDULE_OUTCOME_NOT_FOUND\x10\x04\x32\x8f\x04\n\x05Queue\x12>\n\x07\x45nqueue\x12\x18.chime.v1.EnqueueRequest\x1a\x19.chime.v1.EnqueueResponse\x12\x30\n\x07GetItem\x12\x11.chime.v1.ItemRef\x1a\x12.chime.v1.ItemView\x12=\n\nCancelItem\x12\x11.chime.v1.ItemRef\x1a\x1c.chime.v1.CancelItemResponse\x12S\n\x0eRescheduleItem\x12\x1f.chime.v1.RescheduleItemRequest\x1a .chime.v1.RescheduleItemResponse\x12G\n\nQueueStats\x12\x1b.chime.v1.QueueStatsRequest\x1a\x1c.chime.v1.QueueStatsResponse\x12V\n\x0fListDeadLetters\x12 .chime.v1.ListDeadLettersRequest\x1a!.chime.v1.ListDeadLettersResponse\x12_\n\x12RequeueDeadLetters\x12#.chime.v1.RequeueDeadLettersRequest\x1a$.chime.v1.RequeueDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,46 +33,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUEUESTATSRESPONSE_WAITINGBYHANDLERENTRY']._loaded_options = None
   _globals['_QUEUESTATSRESPONSE_WAITINGBYHANDLERENTRY']._serialized_options = b'8\001'
-  _globals['_ENQUEUEOUTCOME']._serialized_start=1493
-  _globals['_ENQUEUEOUTCOME']._serialized_end=1602
-  _globals['_ITEMSTATE']._serialized_start=1605
-  _globals['_ITEMSTATE']._serialized_end=1739
-  _globals['_CANCELOUTCOME']._serialized_start=1742
-  _globals['_CANCELOUTCOME']._serialized_end=1879
-  _globals['_RESCHEDULEOUTCOME']._serialized_start=1882
-  _globals['_RESCHEDULEOUTCOME']._serialized_end=2070
+  _globals['_ENQUEUEOUTCOME']._serialized_start=1514
+  _globals['_ENQUEUEOUTCOME']._serialized_end=1623
+  _globals['_ITEMSTATE']._serialized_start=1626
+  _globals['_ITEMSTATE']._serialized_end=1760
+  _globals['_CANCELOUTCOME']._serialized_start=1763
+  _globals['_CANCELOUTCOME']._serialized_end=1900
+  _globals['_RESCHEDULEOUTCOME']._serialized_start=1903
+  _globals['_RESCHEDULEOUTCOME']._serialized_end=2091
   _globals['_NEWITEM']._serialized_start=35
-  _globals['_NEWITEM']._serialized_end=178
-  _globals['_ENQUEUEREQUEST']._serialized_start=180
-  _globals['_ENQUEUEREQUEST']._serialized_end=230
-  _globals['_ENQUEUERESPONSE']._serialized_start=232
-  _globals['_ENQUEUERESPONSE']._serialized_end=293
-  _globals['_ITEMREF']._serialized_start=295
-  _globals['_ITEMREF']._serialized_end=329
-  _globals['_ITEMVIEW']._serialized_start=332
-  _globals['_ITEMVIEW']._serialized_end=630
-  _globals['_CANCELITEMRESPONSE']._serialized_start=632
-  _globals['_CANCELITEMRESPONSE']._serialized_end=694
-  _globals['_RESCHEDULEITEMREQUEST']._serialized_start=696
-  _globals['_RESCHEDULEITEMREQUEST']._serialized_end=771
-  _globals['_RESCHEDULEITEMRESPONSE']._serialized_start=773
-  _globals['_RESCHEDULEITEMRESPONSE']._serialized_end=843
-  _globals['_QUEUESTATSREQUEST']._serialized_start=845
-  _globals['_QUEUESTATSREQUEST']._serialized_end=864
-  _globals['_QUEUECOUNTS']._serialized_start=867
-  _globals['_QUEUECOUNTS']._serialized_end=1034
-  _globals['_QUEUESTATSRESPONSE']._serialized_start=1037
-  _globals['_QUEUESTATSRESPONSE']._serialized_end=1264
-  _globals['_QUEUESTATSRESPONSE_WAITINGBYHANDLERENTRY']._serialized_start=1209
-  _globals['_QUEUESTATSRESPONSE_WAITINGBYHANDLERENTRY']._serialized_end=1264
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1266
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1305
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1307
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1367
-  _globals['_REQUEUEDEADLETTERSREQUEST']._serialized_start=1369
-  _globals['_REQUEUEDEADLETTERSREQUEST']._serialized_end=1443
-  _globals['_REQUEUEDEADLETTERSRESPONSE']._serialized_start=1445
-  _globals['_REQUEUEDEADLETTERSRESPONSE']._serialized_end=1491
-  _globals['_QUEUE']._serialized_start=2073
-  _globals['_QUEUE']._serialized_end=2600
+  _globals['_NEWITEM']._serialized_end=199
+  _globals['_ENQUEUEREQUEST']._serialized_start=201
+  _globals['_ENQUEUEREQUEST']._serialized_end=251
+  _globals['_ENQUEUERESPONSE']._serialized_start=253
+  _globals['_ENQUEUERESPONSE']._serialized_end=314
+  _globals['_ITEMREF']._serialized_start=316
+  _globals['_ITEMREF']._serialized_end=350
+  _globals['_ITEMVIEW']._serialized_start=353
+  _globals['_ITEMVIEW']._serialized_end=651
+  _globals['_CANCELITEMRESPONSE']._serialized_start=653
+  _globals['_CANCELITEMRESPONSE']._serialized_end=715
+  _globals['_RESCHEDULEITEMREQUEST']._serialized_start=717
+  _globals['_RESCHEDULEITEMREQUEST']._serialized_end=792
+  _globals['_RESCHEDULEITEMRESPONSE']._serialized_start=794
+  _globals['_RESCHEDULEITEMRESPONSE']._serialized_end=864
+  _globals['_QUEUESTATSREQUEST']._serialized_start=866
+  _globals['_QUEUESTATSREQUEST']._serialized_end=885
+  _globals['_QUEUECOUNTS']._serialized_start=888
+  _globals['_QUEUECOUNTS']._serialized_end=1055
+  _globals['_QUEUESTATSRESPONSE']._serialized_start=1058
+  _globals['_QUEUESTATSRESPONSE']._serialized_end=1285
+  _globals['_QUEUESTATSRESPONSE_WAITINGBYHANDLERENTRY']._serialized_start=1230
+  _globals['_QUEUESTATSRESPONSE_WAITINGBYHANDLERENTRY']._serialized_end=1285
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1287
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1326
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1328
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1388
+  _globals['_REQUEUEDEADLETTERSREQUEST']._serialized_start=1390
+  _globals['_REQUEUEDEADLETTERSREQUEST']._serialized_end=1464
+  _globals['_REQUEUEDEADLETTERSRESPONSE']._serialized_start=1466
+  _globals['_REQUEUEDEADLETTERSRESPONSE']._serialized_end=1512
+  _globals['_QUEUE']._serialized_start=2094
+  _globals['_QUEUE']._serialized_end=2621
 # @@protoc_insertion_point(module_scope)

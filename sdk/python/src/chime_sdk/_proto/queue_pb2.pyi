@@ -54,7 +54,7 @@ RESCHEDULE_OUTCOME_DEAD: RescheduleOutcome
 RESCHEDULE_OUTCOME_NOT_FOUND: RescheduleOutcome
 
 class NewItem(_message.Message):
-    __slots__ = ("id", "key", "handler", "due_at_ms", "in_ms", "payload", "max_attempts", "merge_key")
+    __slots__ = ("id", "key", "handler", "due_at_ms", "in_ms", "payload", "max_attempts", "merge_key", "traceparent")
     ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     HANDLER_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class NewItem(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     MERGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     key: str
     handler: str
@@ -71,7 +72,8 @@ class NewItem(_message.Message):
     payload: bytes
     max_attempts: int
     merge_key: str
-    def __init__(self, id: _Optional[str] = ..., key: _Optional[str] = ..., handler: _Optional[str] = ..., due_at_ms: _Optional[int] = ..., in_ms: _Optional[int] = ..., payload: _Optional[bytes] = ..., max_attempts: _Optional[int] = ..., merge_key: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, id: _Optional[str] = ..., key: _Optional[str] = ..., handler: _Optional[str] = ..., due_at_ms: _Optional[int] = ..., in_ms: _Optional[int] = ..., payload: _Optional[bytes] = ..., max_attempts: _Optional[int] = ..., merge_key: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class EnqueueRequest(_message.Message):
     __slots__ = ("items",)

@@ -149,7 +149,7 @@ class Registered(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., coordinator: _Optional[str] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("run", "fire_id", "job", "handler", "params", "shard_params", "shard_index", "shard_total", "deadline_ms", "scheduled_at_ms", "start_by_session_ms")
+    __slots__ = ("run", "fire_id", "job", "handler", "params", "shard_params", "shard_index", "shard_total", "deadline_ms", "scheduled_at_ms", "start_by_session_ms", "traceparent")
     RUN_FIELD_NUMBER: _ClassVar[int]
     FIRE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class Assign(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     START_BY_SESSION_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     fire_id: str
     job: str
@@ -172,7 +173,8 @@ class Assign(_message.Message):
     deadline_ms: int
     scheduled_at_ms: int
     start_by_session_ms: int
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., fire_id: _Optional[str] = ..., job: _Optional[str] = ..., handler: _Optional[str] = ..., params: _Optional[str] = ..., shard_params: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_total: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., scheduled_at_ms: _Optional[int] = ..., start_by_session_ms: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., fire_id: _Optional[str] = ..., job: _Optional[str] = ..., handler: _Optional[str] = ..., params: _Optional[str] = ..., shard_params: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_total: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., scheduled_at_ms: _Optional[int] = ..., start_by_session_ms: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("run", "reason")
