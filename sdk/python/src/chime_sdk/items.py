@@ -113,6 +113,7 @@ class ItemContext:
         "queue",
         "items",
         "settle_deadline_ms",
+        "traceparent",
         "_stream",
         "_cancel_requested",
         "_cancelled",
@@ -127,6 +128,7 @@ class ItemContext:
         items: List[Item],
         settle_deadline_ms: int,
         stream: Optional["_Stream"] = None,
+        traceparent: str = "",
     ):
         self.delivery_id = delivery_id
         """Names the delivery on its stream."""
@@ -138,6 +140,11 @@ class ItemContext:
         """The items, earliest due first (more than one when merged)."""
         self.settle_deadline_ms = settle_deadline_ms
         """Settle or `extend` by this instant (the chime worker's clock, Unix ms)."""
+        self.traceparent = traceparent
+        """W3C trace context of the chime worker's span of this delivery (a child of
+        the producer's): pass it to your tracer as the parent of the handler's span
+        (OpenTelemetry: `TraceContextTextMapPropagator().extract({"traceparent":
+        ctx.traceparent})`). Empty when the items carry no sampled trace context."""
         self._stream = stream
         self._cancel_requested = False
         self._cancelled: Optional[asyncio.Event] = None
@@ -637,6 +644,7 @@ class Subscriber:
                 ],
                 d.settle_deadline_ms,
                 stream,
+                d.traceparent,
             )
             held[ctx.delivery_id] = ctx
             submit(ctx)

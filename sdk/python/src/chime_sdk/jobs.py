@@ -86,6 +86,7 @@ class JobContext:
         "attempt",
         "scheduled_at_ms",
         "deadline_ms",
+        "traceparent",
         "cancelled",
         "cancel_reason",
         "_log",
@@ -114,6 +115,9 @@ class JobContext:
         """The instant the fire was scheduled for, Unix ms."""
         self.deadline_ms: int = a.deadline_ms
         """When the coordinator cancels the shard (its clock, Unix ms; 0: never)."""
+        self.traceparent: str = a.traceparent
+        """W3C trace context of the run's fire span: make the shard's span its child.
+        Empty when the coordinator exports no traces."""
         self.cancelled = asyncio.Event()
         """Set when the shard must stop."""
         self.cancel_reason: Optional[str] = None

@@ -132,6 +132,9 @@ class NewItem:
     payload: Union[bytes, str] = b""
     max_attempts: int = 0
     merge_key: str = ""
+    traceparent: str = ""
+    """W3C trace context (the producer's current span) the handler's span joins;
+    empty: none. Malformed is refused naming `items[i].traceparent`."""
 
     def _to_proto(self) -> pb.NewItem:
         payload = self.payload.encode("utf-8") if isinstance(self.payload, str) else self.payload
@@ -144,6 +147,7 @@ class NewItem:
             payload=payload,
             max_attempts=self.max_attempts,
             merge_key=self.merge_key,
+            traceparent=self.traceparent,
         )
 
 
