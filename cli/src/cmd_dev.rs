@@ -57,6 +57,10 @@ pub struct DevArgs {
     /// Require this admin token in the console and the admin API.
     #[arg(long)]
     admin_token: Option<String>,
+    /// Export trace spans over OTLP/gRPC to this receiver (`http://127.0.0.1:4317`,
+    /// a local Jaeger or OpenTelemetry Collector); the demo's fires are traced.
+    #[arg(long, env = "CHIME_TRACING_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 /// Formats Unix milliseconds as `HH:MM:SS.mmm` (UTC).
@@ -195,6 +199,11 @@ const DEMO_GROUP: &str = "demo";
 /// Runs the embedded demo until Ctrl-C (or `--exit-after-s`).
 pub async fn run(args: DevArgs) -> Result<()> {
     init_logging("text", "warn");
+    let spans = crate::config::TracingSection {
+        otlp_endpoint: args.otlp_endpoint.clone().unwrap_or_default(),
+        ..Default::default()
+    }
+    .start("chime-dev", "dev")?;
     let clock_src: Arc<dyn Clock> = Arc::new(SystemClock);
     let store: Arc<dyn DelayStore> = Arc::new(MemoryStore::new(args.queues, clock_src.clone()));
     // Jobs and live settings in memory (etcd's stand-in), watched like etcd would be.
@@ -351,6 +360,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
     serving.await??;
     stop_coord.cancel();
     coordinator.await??;
+    if let Some(e) = spans {
+        e.shutdown().await;
+    }
     println!("chime dev: stopped");
     Ok(())
 }

@@ -788,6 +788,8 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("typo in a key", {"worker": {"handlrs": ["noop"]}}, "additional properties"),
     ("zero coordinators", {"coordinator": {"replicaCount": 0}}, "minimum"),
     ("unknown log format", {"config": {"logFormat": "xml"}}, "logFormat"),
+    ("a trace endpoint without a scheme", {"config": {"tracing": {"otlpEndpoint": "collector:4317"}}}, "otlpEndpoint"),
+    ("a trace sample ratio over 1", {"config": {"tracing": {"sampleRatio": 2}}}, "maximum"),
     ("etcd prefix without slashes", {"etcd": {"prefix": "chime"}}, "prefix"),
     ("unknown handler", {"worker": {"handlers": ["noop", "email"]}}, "handlers"),
     ("election TTL out of range", {"coordinator": {"electionTtlS": 120}}, "maximum"),

@@ -25,6 +25,10 @@ _STORES: dict[str, set[str]] = {
     "etcd": {"endpoints", "prefix", "user", "password", "tls_ca_file", "tls_cert_file", "tls_key_file"},
     "log": {"format", "level"},
 }
+_TRACING: set[str] = {
+    "otlp_endpoint", "otlp_headers", "otlp_tls_ca_file", "otlp_tls_cert_file", "otlp_tls_key_file",
+    "service_name", "sample_ratio",
+}
 
 # Config keys per process: section -> fields ("" is the top level).
 KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
@@ -38,6 +42,7 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
         "auth": {"admin_token_file", "worker_token_file", "producer_token_file", "allow_unauthenticated"},
         "queue": {"prefix", "family", "count"},
         "tls": {"cert_file", "key_file", "client_ca_file", "ca_file"},
+        "tracing": _TRACING,
     },
     "worker": {
         **_STORES,
@@ -57,6 +62,7 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
             "listen_addr", "token_file", "allow_unauthenticated", "settle_timeout_ms",
             "tls_cert_file", "tls_key_file", "tls_client_ca_file",
         },
+        "tracing": _TRACING,
     },
 }
 

@@ -179,6 +179,14 @@ pub fn describe() {
         ALERT_NOTICES,
         "Alert notices by sink and outcome (sent, retried, dropped, suppressed)."
     );
+    describe_counter!(
+        crate::trace::SPANS_EXPORTED,
+        "Trace spans sent to the OTLP receiver, by outcome (exported, failed)."
+    );
+    describe_counter!(
+        crate::trace::SPANS_DROPPED,
+        "Trace spans dropped because the export buffer was full."
+    );
     describe_gauge!(IS_LEADER, "1 on the leading coordinator.");
     describe_gauge!(QUEUE_DEPTH, "Items waiting per queue.");
     describe_gauge!(QUEUE_IN_FLIGHT, "Items in flight per queue.");

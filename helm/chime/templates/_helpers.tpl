@@ -436,6 +436,18 @@ allow_unauthenticated = true
 {{/* A TOML string (JSON strings are valid TOML basic strings). */}}
 {{- define "chime.toml.str" -}}{{ toString . | toJson }}{{- end -}}
 
+{{/* The [tracing] section of every chime process: spans over OTLP/gRPC to
+config.tracing.otlpEndpoint (none when empty). */}}
+{{- define "chime.toml.tracing" -}}
+{{- with .Values.config.tracing }}
+{{- if .otlpEndpoint }}
+[tracing]
+otlp_endpoint = {{ include "chime.toml.str" .otlpEndpoint }}
+sample_ratio = {{ .sampleRatio | float64 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* k=v,k2=v2 from a map, sorted by key. */}}
 {{- define "chime.kvList" -}}
 {{- $pairs := list -}}
