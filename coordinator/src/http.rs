@@ -27,7 +27,7 @@ use chime_shared::clock::Clock;
 use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
 use chime_shared::queue::{DelayStore, ItemRef, ItemSpec, validate_batch};
-use chime_shared::trace::{TraceContext, end_enqueue_span, enqueue_span};
+use chime_shared::trace::{call_context, end_enqueue_span, enqueue_span};
 use chime_shared::{limits, ops};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -656,8 +656,7 @@ async fn enqueue(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -
     let q = store(&st)?;
     // The producer's `traceparent` header: the items join its trace through this
     // call's span (an unreadable header is ignored, as W3C asks of receivers).
-    let parent =
-        TraceContext::from_header(headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    let parent = call_context(headers.get("traceparent").and_then(|v| v.to_str().ok()));
     let span = enqueue_span(parent, "http");
     let call = span.as_ref().map(|s| s.context).or(parent);
     let now = q.now_ms().await?;

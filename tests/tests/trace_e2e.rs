@@ -5,7 +5,8 @@
 //!   `traceparent` in gRPC metadata and in an HTTP header; an item's own
 //!   `traceparent` field parents its handler's span directly; an unsampled
 //!   context makes no span; a failing handler's span has an error status;
-//! - `fire <job>` (coordinator, a root) → `shard <job>` (worker) for each shard.
+//! - `fire <job>` (coordinator, a root) → `shard <job>` (worker) for each shard;
+//! - a coordinator without tracing stores no caller's context (rolling upgrades).
 
 use std::time::Duration;
 
@@ -240,5 +241,47 @@ async fn producer_item_handler_and_fire_shard_spans_are_linked() -> Result<()> {
     }
     indexes.sort();
     ensure!(indexes == [0, 1], "{indexes:?}");
+    Ok(())
+}
+
+/// A coordinator that exports no traces stores no caller's `traceparent` (so items
+/// keep the body format workers before tracing read, whatever producers send), but
+/// an item's own `traceparent` field is kept: only new clients set it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_without_tracing_keeps_only_explicit_item_contexts() -> Result<()> {
+    use chime_shared::queue::{DelayStore, ItemRef};
+    let c = Cluster::start(0).await?;
+    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
+        .connect()
+        .await?;
+    let mut q = pb::queue_client::QueueClient::with_interceptor(
+        channel,
+        Bearer::new(Some(PRODUCER_TOKEN))?,
+    );
+    let later = |id: &str, tp: &str| pb::NewItem {
+        id: id.into(),
+        handler: "noop".into(),
+        in_ms: 3_600_000,
+        traceparent: tp.into(),
+        ..Default::default()
+    };
+    let mut req = tonic::Request::new(pb::EnqueueRequest {
+        items: vec![later("from-metadata", ""), later("own", ITEM_OWN)],
+    });
+    req.metadata_mut()
+        .insert("traceparent", PRODUCER_GRPC.parse()?);
+    q.enqueue(req).await?;
+    let store = c.redis.store("chime", 8).await?;
+    let got = |id: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .get(&ItemRef::new(id))
+                .await?
+                .with_context(|| format!("item {id}"))
+        }
+    };
+    ensure!(got("from-metadata").await?.item.traceparent.is_none());
+    ensure!(got("own").await?.item.traceparent.map(|t| t.to_string()) == Some(ITEM_OWN.to_owned()));
     Ok(())
 }

@@ -12,7 +12,7 @@ use chime_shared::queue::{
     CancelOutcome, DEFAULT_MAX_ATTEMPTS, DelayStore, EnqueueOutcome, ItemRef, ItemState, ItemView,
     NewItem, RescheduleOutcome, parse_traceparent, validate_batch,
 };
-use chime_shared::trace::{TraceContext, end_enqueue_span, enqueue_span};
+use chime_shared::trace::{TraceContext, call_context, end_enqueue_span, enqueue_span};
 use proto as pb;
 use tonic::{Request, Response, Status};
 
@@ -142,7 +142,7 @@ impl pb::queue_server::Queue for QueueApi {
         let q = self.store()?;
         // The producer's trace context (`traceparent` metadata): the items join
         // it through this call's span.
-        let parent = TraceContext::from_header(
+        let parent = call_context(
             req.metadata()
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok()),

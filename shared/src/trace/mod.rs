@@ -351,6 +351,18 @@ impl Span {
     }
 }
 
+/// The trace context a producer's call carries (its `traceparent` header or
+/// metadata), when this process traces: a coordinator without an exporter keeps
+/// items in the body format older workers read, whatever its callers send (so an
+/// instrumented producer cannot break a rolling upgrade).
+pub fn call_context(header: Option<&str>) -> Option<TraceContext> {
+    if tracer().enabled() {
+        TraceContext::from_header(header)
+    } else {
+        None
+    }
+}
+
 /// The span of a call that stores items for a producer whose context is
 /// `parent` (`transport`: `grpc` or `http`). `None` unless this process exports
 /// traces and the parent is sampled; the items are then stored with the span's
