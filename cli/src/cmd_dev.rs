@@ -15,6 +15,7 @@ use chime_coordinator::engine::EngineOptions;
 use chime_coordinator::grpc::Auth;
 use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
 use chime_coordinator::store::{JobStore, MemoryRunStore};
+use chime_shared::activity::{self, HistoryStore, MemoryHistory};
 use chime_shared::auth::Tokens;
 use chime_shared::clock::{Clock, SystemClock, system_now_ms};
 use chime_shared::config::source::MemorySource;
@@ -233,6 +234,18 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
     let stop = CancellationToken::new();
     let stop_coord = CancellationToken::new();
+    // The console's charts: the same last hour, kept in memory (one recorder and
+    // one flusher for the coordinator and both workers of this process).
+    let history: Arc<dyn HistoryStore> = Arc::new(MemoryHistory::new(clock_src.clone()));
+    activity::enable();
+    {
+        let stop = stop_coord.clone();
+        tokio::spawn(activity::flush(
+            activity::global(),
+            history.clone(),
+            async move { stop.cancelled().await },
+        ));
+    }
     let jobs = JobStore::new(source.clone());
     let deps = Deps {
         cluster: "chime-dev".into(),
@@ -248,6 +261,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         },
         election: None,
         queues: Some(store.clone()),
+        history: Some(history),
         config: Some(source.clone()),
         tls: Default::default(),
         peer_tls: None,

@@ -433,6 +433,10 @@ impl RedisStore {
 
 #[async_trait]
 impl DelayStore for RedisStore {
+    fn family(&self) -> &str {
+        &self.names.family
+    }
+
     fn layout(&self) -> Layout {
         self.current_layout()
     }
@@ -473,7 +477,11 @@ impl DelayStore for RedisStore {
             let layout = self.current_layout();
             match self.try_enqueue(&layout, &items).await {
                 Ok(out) => {
-                    super::count_enqueued(items.iter().map(|i| i.handler.as_str()), &out);
+                    super::count_enqueued(
+                        &self.names.family,
+                        items.iter().map(|i| i.handler.as_str()),
+                        &out,
+                    );
                     return Ok(out);
                 }
                 Err(Error::StaleLayout { epoch }) => {
