@@ -222,7 +222,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         args.queues
     );
     println!(
-        "  workers  dev-worker-1, dev-worker-2 in group \"{DEMO_GROUP}\": job handlers demo.report, demo.echo; item handler \"remind\""
+        "  workers  dev-worker-1, dev-worker-2 in group \"{DEMO_GROUP}\": job handlers demo.report, demo.echo; item handlers \"remind\", \"fail\" (always fails: retries, then a dead letter)"
     );
     println!("  demo     job \"demo-report\": 4 shards every 5 s, spread over both workers");
     println!(
@@ -318,6 +318,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .delay_store(store.clone())
             .worker_id(id)
             .handler("remind", remind)
+            // Failures to look at: the console's failure charts and dead letters.
+            .handler("fail", crate::handlers::jobs::fail_item)
             .job_handler("demo.report", move |ctx| report(ctx, id1.clone()))
             .job_handler("demo.echo", move |ctx| echo(ctx, id2.clone()))
             .coordinator(SessionOptions {

@@ -609,9 +609,9 @@
       series: [['enqueued', (x) => x.enqueued_per_s], ['fired', (x) => x.fired_per_s], ['failed', (x) => x.failed_per_s]],
       fmt: (v) => `${shortNum(v)}/s`,
     },
-    lag: { title: 'Fire lag p99', series: [['p99', (x) => x.lag_p99_ms]], fmt: (v) => msText(v), unit: 'ms' },
+    lag: { title: 'Fire lag p99', series: [['p99', (x) => x.lag_p99_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 10 },
     depth: { title: 'Queue depth', series: [['pending', (x) => x.depth]], fmt: (v) => shortNum(v) },
-    age: { title: 'Oldest due age', series: [['oldest due', (x) => x.oldest_due_age_ms]], fmt: (v) => msText(v), unit: 'ms' },
+    age: { title: 'Oldest due age', series: [['oldest due', (x) => x.oldest_due_age_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 1000 },
     jobs: {
       title: 'Job runs per minute',
       series: [['fired', (x) => x.job_fires_per_min], ['failed', (x) => x.runs_failed_per_min]],
@@ -626,38 +626,63 @@
     if (e && e.status === 401) throw e;
   }
 
+  // The window the charts show (minutes), kept for this tab across pages.
+  const RANGE_KEY = 'chime.chartMinutes';
+  const RANGES = [5, 15, 60];
+  let chartMinutes = RANGES.includes(Number(sessionStorage.getItem(RANGE_KEY))) ? Number(sessionStorage.getItem(RANGE_KEY)) : 60;
+
   function chartGrid(testid, names) {
-    const el = h('div', { class: 'charts', 'data-testid': testid });
-    const note = h('p', { class: 'muted small chart-note' });
-    const wrap = h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, h('h2', null, 'Last hour'), note), el);
-    return {
+    const el = h('div', { class: `charts charts-${names.length}`, 'data-testid': testid });
+    const note = h('span', { class: 'muted small chart-note' });
+    let lastGen = null;
+    const buttons = RANGES.map((m) => h('button', {
+      type: 'button', class: 'btn btn-small', id: `chart-range-${m}`, 'data-testid': `chart-range-${m}`, 'data-minutes': m,
+      onclick: () => {
+        chartMinutes = m;
+        sessionStorage.setItem(RANGE_KEY, String(m));
+        mark();
+        if (lastGen !== null) grid.refresh(lastGen).catch(chartFailed);
+      },
+    }, m === 60 ? '1 h' : `${m} min`));
+    const mark = () => buttons.forEach((b) => b.classList.toggle('active', Number(b.dataset.minutes) === chartMinutes));
+    mark();
+    const wrap = h('section', { class: 'panel' },
+      h('div', { class: 'panel-head' }, h('h2', null, 'Activity'), h('div', { class: 'toolbar' }, note, buttons)), el);
+    const grid = {
       el: wrap,
       async refresh(gen) {
-        const x = await api('GET', '/api/history?minutes=60');
+        lastGen = gen;
+        const minutes = chartMinutes;
+        const x = await api('GET', `/api/history?minutes=${minutes}`);
         if (!current(gen)) return;
         if (x.available === false) {
           wrap.hidden = true;
           return;
         }
         wrap.hidden = false;
-        note.textContent = `family ${x.family} · 10-s buckets · runs per minute`;
+        el.dataset.minutes = String(minutes);
+        note.textContent = `family ${x.family} · last ${minutes === 60 ? 'hour' : `${minutes} min`} · 10-s buckets`;
         fill(el, names.map((n) => chart(n, CHARTS[n], x)));
       },
     };
+    return grid;
   }
 
   function chart(name, spec, x) {
     const ts = spec.minutes ? (x.minute_t || []) : (x.t || []);
     const step = spec.minutes ? 60000 : (x.bucket_ms || 10000);
     const lines = spec.series.map(([label, get]) => [label, get(x) || []]);
-    const t0 = ts.length ? ts[0] : Date.now() - 3600000;
-    const t1 = ts.length ? ts[ts.length - 1] + step : Date.now();
+    // Every chart spans the window of the 10-s buckets; per-minute points sit at
+    // their minute's middle (the first and the current minute may be partial).
+    const base = x.t || [];
+    const t0 = base.length ? base[0] : Date.now() - 3600000;
+    const t1 = base.length ? base[base.length - 1] + (x.bucket_ms || 10000) : Date.now();
     let max = 0;
     for (const [, vs] of lines) for (const v of vs) if (v !== null && v > max) max = v;
-    const top = niceMax(max);
+    const top = niceMax(Math.max(max, spec.minTop || 0));
     const W = CW - PAD.l - PAD.r;
     const H = CH - PAD.t - PAD.b;
-    const X = (t) => PAD.l + ((t + step / 2 - t0) / Math.max(1, t1 - t0)) * W;
+    const X = (t) => PAD.l + Math.min(1, Math.max(0, (t + step / 2 - t0) / Math.max(1, t1 - t0))) * W;
     const Y = (v) => PAD.t + H - (v / top) * H;
     const g = svg('svg', { viewBox: `0 0 ${CW} ${CH}`, class: 'chart-svg', role: 'img', 'aria-label': spec.title });
     // Axes: three horizontal rules (0, half, top) and the time marks.
@@ -711,8 +736,11 @@
     hit.addEventListener('mousemove', (e) => {
       const r = g.getBoundingClientRect();
       const px = ((e.clientX - r.left) / Math.max(1, r.width)) * CW;
-      const k = Math.max(0, Math.min(ts.length - 1, Math.floor(((px - PAD.l) / W) * (t1 - t0) / step)));
       if (!ts.length) return;
+      let k = 0;
+      ts.forEach((t, i) => {
+        if (Math.abs(X(t) - px) < Math.abs(X(ts[k]) - px)) k = i;
+      });
       cursor.setAttribute('x1', X(ts[k]));
       cursor.setAttribute('x2', X(ts[k]));
       cursor.setAttribute('visibility', 'visible');

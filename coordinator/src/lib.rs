@@ -427,10 +427,10 @@ async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: Cancel
                     .unwrap_or(0);
                 activity::gauge(q.family(), activity::Gauge::Depth, depth as i64);
                 activity::gauge(q.family(), activity::Gauge::OldestDueAgeMs, age as i64);
-                if let Some(engine) = shared.current().engine {
-                    if let Ok(w) = engine.workers().await {
-                        activity::gauge("", activity::Gauge::Workers, w.len() as i64);
-                    }
+                if let Some(engine) = shared.current().engine
+                    && let Ok(w) = engine.workers().await
+                {
+                    activity::gauge("", activity::Gauge::Workers, w.len() as i64);
                 }
             }
             Err(e) => warn!(error = %e, "cannot sample queue depths"),
