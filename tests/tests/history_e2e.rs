@@ -1,5 +1,6 @@
 //! The console's activity history: the two history stores answer the same cases
-//! (increments add up, gauges overwrite, old buckets expire, reads are bounded),
+//! (increments add up, gauges overwrite, old buckets expire, reads are bounded; Redis
+//! standalone and Cluster),
 //! and a real run (a coordinator, a worker, items that succeed and fail) shows in
 //! `/api/history`. Real Redis, etcd and chime processes.
 
@@ -12,7 +13,8 @@ use chime_shared::activity::{
     BUCKET_MS, Delta, HistoryStore, KEEP_BUCKETS, KEEP_MS, MemoryHistory, RedisHistory, bucket_of,
 };
 use chime_shared::clock::{SystemClock, system_now_ms};
-use chime_tests::{ADMIN_TOKEN, Cluster, RedisServer, http, wait_until};
+use chime_shared::redis_conn::{RedisConn, RedisSpec};
+use chime_tests::{ADMIN_TOKEN, Cluster, RedisCluster, RedisServer, http, wait_until};
 use serde_json::{Value, json};
 
 fn delta(add: &[(&str, i64)], set: &[(&str, i64)]) -> Delta {
@@ -102,6 +104,14 @@ async fn redis_history_passes_the_cases_and_expires_every_bucket() -> Result<()>
         ensure!(ttl > 0 && ttl <= KEEP_MS, "{k}: pttl {ttl}");
     }
     Ok(())
+}
+
+#[tokio::test]
+async fn redis_cluster_history_passes_the_cases() -> Result<()> {
+    // One hash tag for every bucket: one slot, so one pipeline reaches one master.
+    let cluster = RedisCluster::start(3, 0).await?;
+    let conn = RedisConn::connect(&RedisSpec::parse(&cluster.seeds)?).await?;
+    history_cases(&RedisHistory::new(conn, "chime")).await
 }
 
 async fn history(api: &str, query: &str) -> Result<Value> {
