@@ -1,8 +1,8 @@
 //! The console's activity history: the two history stores answer the same cases
 //! (increments add up, gauges overwrite, old buckets expire, reads are bounded; Redis
-//! standalone and Cluster),
-//! and a real run (a coordinator, a worker, items that succeed and fail) shows in
-//! `/api/history`. Real Redis, etcd and chime processes.
+//! standalone and Cluster), and a real run (a coordinator, a worker, items that
+//! succeed and fail, a failing job) shows in `/api/history`. Real Redis, etcd and
+//! chime processes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -149,6 +149,17 @@ async fn a_real_run_shows_in_the_history() -> Result<()> {
     )
     .await?;
     ensure!(code == 200, "enqueue: {code} {body}");
+    // A job whose shard always fails: fires and failed runs, counted by the leader.
+    let job = json!({ "name": "broken", "group": "default", "handler": "fail",
+                      "schedule": { "kind": "fixed_rate", "every_ms": 1000 } });
+    let (code, body) = http(
+        "POST",
+        &format!("{api}/api/jobs"),
+        Some(ADMIN_TOKEN),
+        Some(job),
+    )
+    .await?;
+    ensure!(code == 201, "create the job: {code} {body}");
 
     // The coordinator counted the enqueues, the worker the fires (26: 20 + 3 × 2),
     // acks and failures; the leader sampled depth and live workers. Closed buckets
@@ -165,6 +176,11 @@ async fn a_real_run_shows_in_the_history() -> Result<()> {
                 && total(&h, "fired") == 26
                 && total(&h, "acked") == 20
                 && total(&h, "failed") == 6
+                && total(&h, "job_fires") >= 1
+                && total(&h, "runs_failed") >= 1
+                && h["runs_failed_per_min"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|v| v.as_i64() > Some(0)))
                 && h["workers"]
                     .as_array()
                     .is_some_and(|w| w.iter().any(|v| v == 1))
