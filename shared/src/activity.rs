@@ -142,8 +142,7 @@ impl Delta {
             *self.add.entry(k).or_default() += v;
         }
         for (k, v) in other.set {
-            // What was recorded later (`self`, put back after a failed write, is
-            // older than nothing; a newer value already there wins).
+            // `other` is what a failed write put back: a gauge set since wins.
             self.set.entry(k).or_insert(v);
         }
     }
