@@ -171,10 +171,13 @@ impl Recorder {
         self.enabled.store(true, Ordering::Relaxed);
     }
 
+    fn on(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Applies `f` to the current bucket. Callers build field names before, so the
+    /// lock every poller shares is held for a map update only.
     fn with_bucket(&self, f: impl FnOnce(&mut Delta)) {
-        if !self.enabled.load(Ordering::Relaxed) {
-            return;
-        }
         let bucket = bucket_of(self.clock.now_ms());
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         f(p.entry(bucket).or_default());
@@ -187,21 +190,30 @@ impl Recorder {
 
     /// Adds `n` to `kind` of `family`.
     pub fn add(&self, family: &str, kind: Kind, n: u64) {
-        if n == 0 {
+        if n == 0 || !self.on() {
             return;
         }
-        self.with_bucket(|d| *d.add.entry(counter_field(kind, family)).or_default() += n as i64);
+        let field = counter_field(kind, family);
+        self.with_bucket(|d| *d.add.entry(field).or_default() += n as i64);
     }
 
     /// Records one fire lag of `family`.
     pub fn lag(&self, family: &str, ms: u64) {
-        self.with_bucket(|d| *d.add.entry(lag_field(lag_bin(ms), family)).or_default() += 1);
+        if !self.on() {
+            return;
+        }
+        let field = lag_field(lag_bin(ms), family);
+        self.with_bucket(|d| *d.add.entry(field).or_default() += 1);
     }
 
     /// Sets gauge `g` of `family` in the current bucket.
     pub fn gauge(&self, family: &str, g: Gauge, value: i64) {
+        if !self.on() {
+            return;
+        }
+        let field = gauge_field(g, family);
         self.with_bucket(|d| {
-            d.set.insert(gauge_field(g, family), value);
+            d.set.insert(field, value);
         });
     }
 
@@ -630,6 +642,25 @@ mod tests {
         assert_eq!(taken[&(b0 + BUCKET_MS)].add["c|enq|default"], 7);
         assert_eq!(taken[&(b0 + BUCKET_MS)].add["c|enq|other"], 1);
         assert!(r.take().is_empty(), "take empties the recorder");
+    }
+
+    #[test]
+    fn a_gauge_keeps_its_last_value_and_a_put_back_keeps_the_newer() {
+        let clock = ManualClock::new(T0);
+        let r = recorder(&clock);
+        r.gauge("default", Gauge::Depth, 5);
+        r.gauge("default", Gauge::Depth, 9);
+        r.add("default", Kind::Fired, 2);
+        let old = r.take();
+        assert_eq!(old[&bucket_of(T0)].set["g|depth|default"], 9);
+        // Meanwhile (the write failed): a newer depth, more fires.
+        r.gauge("default", Gauge::Depth, 1);
+        r.add("default", Kind::Fired, 3);
+        r.put_back(old);
+        let now = r.take();
+        let b = &now[&bucket_of(T0)];
+        assert_eq!(b.set["g|depth|default"], 1, "the newer gauge wins");
+        assert_eq!(b.add["c|fired|default"], 5, "counts add up");
     }
 
     #[test]
