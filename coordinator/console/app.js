@@ -632,6 +632,8 @@
   let chartMinutes = RANGES.includes(Number(sessionStorage.getItem(RANGE_KEY))) ? Number(sessionStorage.getItem(RANGE_KEY)) : 60;
 
   function chartGrid(testid, names) {
+    // A new page: no pointer rests on its charts yet.
+    for (const k of Object.keys(chartHover)) delete chartHover[k];
     const el = h('div', { class: `charts charts-${names.length}`, 'data-testid': testid });
     const note = h('span', { class: 'muted small chart-note' });
     let lastGen = null;
@@ -667,6 +669,9 @@
     };
     return grid;
   }
+
+  // Where the pointer rests on each chart (viewBox x), across refreshes.
+  const chartHover = {};
 
   function chart(name, spec, x) {
     const ts = spec.minutes ? (x.minute_t || []) : (x.t || []);
@@ -733,9 +738,7 @@
       lines.map(([label, vs], i) => h('span', { class: `chart-key s${i}` }, `${label} ${spec.fmt(k === null ? last(vs) : vs[k])}`)));
     show(null);
     const hit = svg('rect', { x: PAD.l, y: PAD.t, width: W, height: H, class: 'hit' });
-    hit.addEventListener('mousemove', (e) => {
-      const r = g.getBoundingClientRect();
-      const px = ((e.clientX - r.left) / Math.max(1, r.width)) * CW;
+    const pointAt = (px) => {
       if (!ts.length) return;
       let k = 0;
       ts.forEach((t, i) => {
@@ -745,12 +748,20 @@
       cursor.setAttribute('x2', X(ts[k]));
       cursor.setAttribute('visibility', 'visible');
       show(k);
+    };
+    hit.addEventListener('mousemove', (e) => {
+      const r = g.getBoundingClientRect();
+      chartHover[name] = ((e.clientX - r.left) / Math.max(1, r.width)) * CW;
+      pointAt(chartHover[name]);
     });
     hit.addEventListener('mouseleave', () => {
+      delete chartHover[name];
       cursor.setAttribute('visibility', 'hidden');
       show(null);
     });
     g.appendChild(hit);
+    // A refresh rebuilds the chart under a resting pointer: keep showing its point.
+    if (chartHover[name] !== undefined) pointAt(chartHover[name]);
     return h('div', { class: 'chart', 'data-testid': `chart-${name}`, 'data-chart': name },
       h('div', { class: 'chart-head' }, h('span', { class: 'card-title' }, spec.title), valueLine), g);
   }

@@ -412,6 +412,11 @@ async function main() {
     await page.mouse.move(box.x + box.width * 0.97, box.y + box.height * 0.5);
     const hover = await page.locator('[data-testid="chart-items-values"]').innerText();
     check(/\d\d:\d\d:\d\d/.test(hover) && /fired/.test(hover), `the hover line reads ${hover}`);
+    // The page's refresh redraws the chart; a resting pointer keeps its point.
+    await page.evaluate(() => { document.querySelector('[data-testid="chart-items"]').dataset.old = '1'; });
+    await waitUntil('a refresh to redraw the charts', () => page.evaluate(() => !document.querySelector('[data-testid="chart-items"]').dataset.old), 10_000, 100);
+    const still = await page.locator('[data-testid="chart-items-values"]').innerText();
+    check(/\d\d:\d\d:\d\d/.test(still), `after a refresh the hover line reads ${still}`);
     await page.mouse.move(0, 0);
     await shot('console-overview.png');
     summary.workers = workers;
