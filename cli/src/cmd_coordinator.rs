@@ -11,6 +11,7 @@ use chime_coordinator::engine::EngineOptions;
 use chime_coordinator::grpc::Auth;
 use chime_coordinator::leader::ElectionOptions;
 use chime_coordinator::store::{JobStore, RedisRunStore, Retention};
+use chime_shared::activity::{self, HistoryStore, RedisHistory};
 use chime_shared::auth::Tokens;
 use chime_shared::clock::SystemClock;
 use chime_shared::config::source::{ConfigSource, EtcdSource, MemorySource};
@@ -202,6 +203,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
     }
     let queues: Arc<dyn DelayStore> =
         Arc::new(RedisStore::open(conn.clone(), cfg.queue.layout()?).await?);
+    // The console's charts, under the queue prefix the workers flush to.
+    let history: Arc<dyn HistoryStore> =
+        Arc::new(RedisHistory::new(conn.clone(), &cfg.queue.layout()?.prefix));
     let (source, etcd): (Arc<dyn ConfigSource>, Option<etcd_client::Client>) = match cfg
         .etcd
         .spec()?
@@ -252,6 +256,7 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         tls,
         peer_tls: cfg.tls.peer(),
         queues: Some(queues),
+        history: Some(history.clone()),
         config,
         auth,
         jobs: JobStore::new(source).with_min_period_ms(cfg.coordinator.min_period_ms),
@@ -280,10 +285,21 @@ pub async fn run(args: CoordinatorArgs) -> Result<()> {
         shutdown_signal().await;
         signal.cancel();
     });
-    chime_coordinator::serve(deps, listener, http, stop).await?;
+    activity::enable();
+    let stop_flush = CancellationToken::new();
+    let flusher = {
+        let stop = stop_flush.clone();
+        tokio::spawn(activity::flush(activity::global(), history, async move {
+            stop.cancelled().await
+        }))
+    };
+    let served = chime_coordinator::serve(deps, listener, http, stop).await;
+    stop_flush.cancel();
+    let _ = flusher.await;
     if let Some(e) = spans {
         e.shutdown().await;
     }
+    served?;
     info!("chime coordinator stopped");
     Ok(())
 }

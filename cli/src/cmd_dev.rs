@@ -15,6 +15,7 @@ use chime_coordinator::engine::EngineOptions;
 use chime_coordinator::grpc::Auth;
 use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
 use chime_coordinator::store::{JobStore, MemoryRunStore};
+use chime_shared::activity::{self, HistoryStore, MemoryHistory};
 use chime_shared::auth::Tokens;
 use chime_shared::clock::{Clock, SystemClock, system_now_ms};
 use chime_shared::config::source::MemorySource;
@@ -230,7 +231,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         args.queues
     );
     println!(
-        "  workers  dev-worker-1, dev-worker-2 in group \"{DEMO_GROUP}\": job handlers demo.report, demo.echo; item handler \"remind\""
+        "  workers  dev-worker-1, dev-worker-2 in group \"{DEMO_GROUP}\": job handlers demo.report, demo.echo; item handlers \"remind\", \"fail\" (always fails: retries, then a dead letter)"
     );
     println!("  demo     job \"demo-report\": 4 shards every 5 s, spread over both workers");
     println!(
@@ -242,6 +243,18 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
     let stop = CancellationToken::new();
     let stop_coord = CancellationToken::new();
+    // The console's charts: the same last hour, kept in memory (one recorder and
+    // one flusher for the coordinator and both workers of this process).
+    let history: Arc<dyn HistoryStore> = Arc::new(MemoryHistory::new(clock_src.clone()));
+    activity::enable();
+    {
+        let stop = stop_coord.clone();
+        tokio::spawn(activity::flush(
+            activity::global(),
+            history.clone(),
+            async move { stop.cancelled().await },
+        ));
+    }
     let jobs = JobStore::new(source.clone());
     let deps = Deps {
         cluster: "chime-dev".into(),
@@ -257,6 +270,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         },
         election: None,
         queues: Some(store.clone()),
+        history: Some(history),
         config: Some(source.clone()),
         tls: Default::default(),
         peer_tls: None,
@@ -313,6 +327,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .delay_store(store.clone())
             .worker_id(id)
             .handler("remind", remind)
+            // Failures to look at: the console's failure charts and dead letters.
+            .handler("fail", crate::handlers::jobs::fail_item)
             .job_handler("demo.report", move |ctx| report(ctx, id1.clone()))
             .job_handler("demo.echo", move |ctx| echo(ctx, id2.clone()))
             .coordinator(SessionOptions {

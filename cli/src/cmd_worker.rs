@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
+use chime_shared::activity::{self, HistoryStore, RedisHistory};
 use chime_shared::config::source::EtcdSource;
 use chime_shared::config::watcher;
 use chime_shared::ops;
@@ -229,6 +230,8 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     // worker leaves the Service's endpoints at once but keeps answering /livez.
     let draining = Arc::new(AtomicBool::new(false));
     let mut probe_store: Option<Arc<dyn DelayStore>> = None;
+    // The console's charts: this worker's fires, acks and failures, flushed to Redis.
+    let mut history: Option<Arc<dyn HistoryStore>> = None;
     let mut builder = Worker::builder()
         .worker_id(worker_id.clone())
         .options(cfg.consumer.options());
@@ -263,6 +266,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 .announced_through(redis_spec),
         );
         probe_store = Some(store.clone());
+        history = Some(Arc::new(RedisHistory::new(conn.clone(), &layout.prefix)));
         builder = builder.delay_store(store);
         if let Some(spec) = cfg.etcd.spec()? {
             let client = connect_when_up("etcd", &cfg.etcd.endpoints, || spec.connect()).await?;
@@ -370,6 +374,14 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             Some(tokio::spawn(ops::serve(l, router, None, stop_http.clone())))
         }
     };
+    let stop_flush = tokio_util::sync::CancellationToken::new();
+    let flusher = history.map(|h| {
+        activity::enable();
+        let stop = stop_flush.clone();
+        tokio::spawn(activity::flush(activity::global(), h, async move {
+            stop.cancelled().await
+        }))
+    });
     let signal = draining.clone();
     let report = worker
         .run(async move {
@@ -379,6 +391,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .await?;
     stop_watch.cancel();
     stop_http.cancel();
+    // One last flush: what the drain settled is in the charts.
+    stop_flush.cancel();
+    if let Some(f) = flusher {
+        let _ = f.await;
+    }
     if let Some(h) = http {
         let _ = h.await;
     }

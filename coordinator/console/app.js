@@ -564,6 +564,208 @@
 
   const RUN_HEADERS = ['Job', 'Cause', 'State', 'Scheduled', 'Fired', { label: 'Duration', attrs: { class: 'num' } }, { label: 'Shards done', attrs: { class: 'num' } }];
 
+
+  // ---------------------------------------------------------------- charts
+  // The last hour from /api/history, as small SVG line charts (no library: the
+  // console has no build step and its CSP allows no outside script). Each chart
+  // is rebuilt on the page's refresh; a path carries how many points it drew
+  // (data-points) and how many were above zero (data-nonzero), which the
+  // browser test reads.
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const CW = 320; // viewBox width
+  const CH = 110; // viewBox height
+  const PAD = { l: 38, r: 8, t: 8, b: 18 };
+
+  function svg(tag, attrs, ...children) {
+    const el = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) if (v !== null && v !== undefined) el.setAttribute(k, String(v));
+    for (const c of children) if (c) el.appendChild(typeof c === 'string' ? document.createTextNode(c) : c);
+    return el;
+  }
+
+  // 1234 → "1.2k"; small rates keep a decimal.
+  function shortNum(v) {
+    if (v === null || v === undefined || !Number.isFinite(v)) return '—';
+    const a = Math.abs(v);
+    if (a >= 1e6) return `${(v / 1e6).toFixed(a >= 1e7 ? 0 : 1)}M`;
+    if (a >= 1e3) return `${(v / 1e3).toFixed(a >= 1e4 ? 0 : 1)}k`;
+    if (a >= 10 || Number.isInteger(v)) return String(Math.round(v));
+    return v.toFixed(1);
+  }
+
+  // A "nice" upper bound for the y axis: 1, 2, 5 × 10^n.
+  function niceMax(v) {
+    if (!(v > 0)) return 1;
+    const p = 10 ** Math.floor(Math.log10(v));
+    for (const m of [1, 2, 5, 10]) if (v <= m * p) return m * p;
+    return 10 * p;
+  }
+
+  // The charts each page shows: series read from the history answer.
+  const CHARTS = {
+    items: {
+      title: 'Items per second',
+      series: [['enqueued', (x) => x.enqueued_per_s], ['fired', (x) => x.fired_per_s], ['failed', (x) => x.failed_per_s]],
+      fmt: (v) => `${shortNum(v)}/s`,
+    },
+    lag: { title: 'Fire lag p99', series: [['p99', (x) => x.lag_p99_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 10 },
+    depth: { title: 'Queue depth', series: [['pending', (x) => x.depth]], fmt: (v) => shortNum(v) },
+    age: { title: 'Oldest due age', series: [['oldest due', (x) => x.oldest_due_age_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 1000 },
+    jobs: {
+      title: 'Job runs per minute',
+      series: [['fired', (x) => x.job_fires_per_min], ['failed', (x) => x.runs_failed_per_min]],
+      fmt: (v) => shortNum(v),
+      minutes: true,
+    },
+    workers: { title: 'Live workers', series: [['workers', (x) => x.workers]], fmt: (v) => shortNum(v) },
+  };
+
+  // A history that cannot be read leaves the page's other numbers shown.
+  function chartFailed(e) {
+    if (e && e.status === 401) throw e;
+  }
+
+  // The window the charts show (minutes), kept for this tab across pages.
+  const RANGE_KEY = 'chime.chartMinutes';
+  const RANGES = [5, 15, 60];
+  let chartMinutes = RANGES.includes(Number(sessionStorage.getItem(RANGE_KEY))) ? Number(sessionStorage.getItem(RANGE_KEY)) : 60;
+
+  function chartGrid(testid, names) {
+    // A new page: no pointer rests on its charts yet.
+    for (const k of Object.keys(chartHover)) delete chartHover[k];
+    const el = h('div', { class: `charts charts-${names.length}`, 'data-testid': testid });
+    const note = h('span', { class: 'muted small chart-note' });
+    let lastGen = null;
+    const buttons = RANGES.map((m) => h('button', {
+      type: 'button', class: 'btn btn-small', id: `chart-range-${m}`, 'data-testid': `chart-range-${m}`, 'data-minutes': m,
+      onclick: () => {
+        chartMinutes = m;
+        sessionStorage.setItem(RANGE_KEY, String(m));
+        mark();
+        if (lastGen !== null) grid.refresh(lastGen).catch(chartFailed);
+      },
+    }, m === 60 ? '1 h' : `${m} min`));
+    const mark = () => buttons.forEach((b) => b.classList.toggle('active', Number(b.dataset.minutes) === chartMinutes));
+    mark();
+    const wrap = h('section', { class: 'panel' },
+      h('div', { class: 'panel-head' }, h('h2', null, 'Activity'), h('div', { class: 'toolbar' }, note, buttons)), el);
+    const grid = {
+      el: wrap,
+      async refresh(gen) {
+        lastGen = gen;
+        const minutes = chartMinutes;
+        const x = await api('GET', `/api/history?minutes=${minutes}`);
+        if (!current(gen)) return;
+        if (x.available === false) {
+          wrap.hidden = true;
+          return;
+        }
+        wrap.hidden = false;
+        el.dataset.minutes = String(minutes);
+        note.textContent = `family ${x.family} · last ${minutes === 60 ? 'hour' : `${minutes} min`} · 10-s buckets`;
+        fill(el, names.map((n) => chart(n, CHARTS[n], x)));
+      },
+    };
+    return grid;
+  }
+
+  // Where the pointer rests on each chart (viewBox x), across refreshes.
+  const chartHover = {};
+
+  function chart(name, spec, x) {
+    const ts = spec.minutes ? (x.minute_t || []) : (x.t || []);
+    const step = spec.minutes ? 60000 : (x.bucket_ms || 10000);
+    const lines = spec.series.map(([label, get]) => [label, get(x) || []]);
+    // Every chart spans the window of the 10-s buckets; per-minute points sit at
+    // their minute's middle (the first and the current minute may be partial).
+    const base = x.t || [];
+    const t0 = base.length ? base[0] : Date.now() - 3600000;
+    const t1 = base.length ? base[base.length - 1] + (x.bucket_ms || 10000) : Date.now();
+    let max = 0;
+    for (const [, vs] of lines) for (const v of vs) if (v !== null && v > max) max = v;
+    const top = niceMax(Math.max(max, spec.minTop || 0));
+    const W = CW - PAD.l - PAD.r;
+    const H = CH - PAD.t - PAD.b;
+    const X = (t) => PAD.l + Math.min(1, Math.max(0, (t + step / 2 - t0) / Math.max(1, t1 - t0))) * W;
+    const Y = (v) => PAD.t + H - (v / top) * H;
+    const g = svg('svg', { viewBox: `0 0 ${CW} ${CH}`, class: 'chart-svg', role: 'img', 'aria-label': spec.title });
+    // Axes: three horizontal rules (0, half, top) and the time marks.
+    for (const f of [0, 0.5, 1]) {
+      const y = Y(top * f);
+      g.appendChild(svg('line', { x1: PAD.l, x2: CW - PAD.r, y1: y, y2: y, class: f === 0 ? 'axis' : 'grid' }));
+      g.appendChild(svg('text', { x: PAD.l - 4, y: y + 3, class: 'tick', 'text-anchor': 'end' }, spec.unit === 'ms' ? msText(top * f) : shortNum(top * f)));
+    }
+    const mins = Math.round((t1 - t0) / 60000);
+    for (const [f, label] of [[0, `−${mins} min`], [0.5, `−${Math.round(mins / 2)} min`], [1, 'now']]) {
+      g.appendChild(svg('text', { x: PAD.l + f * W, y: CH - 4, class: 'tick', 'text-anchor': f === 0 ? 'start' : f === 1 ? 'end' : 'middle' }, label));
+    }
+    lines.forEach(([label, vs], i) => {
+      let d = '';
+      let area = '';
+      let points = 0;
+      let nonzero = 0;
+      let run = [];
+      const flush = () => {
+        if (!run.length) return;
+        d += run.map(([px, py], k) => `${k ? 'L' : 'M'}${px.toFixed(1)},${py.toFixed(1)}`).join('');
+        if (i === 0) area += `M${run[0][0].toFixed(1)},${Y(0).toFixed(1)}${run.map(([px, py]) => `L${px.toFixed(1)},${py.toFixed(1)}`).join('')}L${run[run.length - 1][0].toFixed(1)},${Y(0).toFixed(1)}Z`;
+        run = [];
+      };
+      vs.forEach((v, k) => {
+        if (v === null || v === undefined || k >= ts.length) {
+          flush();
+          return;
+        }
+        points += 1;
+        if (v > 0) nonzero += 1;
+        run.push([X(ts[k]), Y(v)]);
+      });
+      flush();
+      if (area) g.appendChild(svg('path', { d: area, class: `area s${i}` }));
+      g.appendChild(svg('path', { d: d || 'M0,0', class: `line s${i}`, 'data-series': label, 'data-points': points, 'data-nonzero': nonzero }));
+    });
+    // Hover: the values at the bucket under the pointer.
+    const cursor = svg('line', { y1: PAD.t, y2: PAD.t + H, class: 'cursor', visibility: 'hidden' });
+    g.appendChild(cursor);
+    const last = (vs) => {
+      for (let k = vs.length - 1; k >= 0; k -= 1) if (vs[k] !== null && vs[k] !== undefined) return vs[k];
+      return null;
+    };
+    const valueLine = h('div', { class: 'chart-values', 'data-testid': `chart-${name}-values` });
+    const show = (k) => fill(valueLine,
+      k === null ? null : h('span', { class: 'muted' }, `${clock(ts[k])} `),
+      lines.map(([label, vs], i) => h('span', { class: `chart-key s${i}` }, `${label} ${spec.fmt(k === null ? last(vs) : vs[k])}`)));
+    show(null);
+    const hit = svg('rect', { x: PAD.l, y: PAD.t, width: W, height: H, class: 'hit' });
+    const pointAt = (px) => {
+      if (!ts.length) return;
+      let k = 0;
+      ts.forEach((t, i) => {
+        if (Math.abs(X(t) - px) < Math.abs(X(ts[k]) - px)) k = i;
+      });
+      cursor.setAttribute('x1', X(ts[k]));
+      cursor.setAttribute('x2', X(ts[k]));
+      cursor.setAttribute('visibility', 'visible');
+      show(k);
+    };
+    hit.addEventListener('mousemove', (e) => {
+      const r = g.getBoundingClientRect();
+      chartHover[name] = ((e.clientX - r.left) / Math.max(1, r.width)) * CW;
+      pointAt(chartHover[name]);
+    });
+    hit.addEventListener('mouseleave', () => {
+      delete chartHover[name];
+      cursor.setAttribute('visibility', 'hidden');
+      show(null);
+    });
+    g.appendChild(hit);
+    // A refresh rebuilds the chart under a resting pointer: keep showing its point.
+    if (chartHover[name] !== undefined) pointAt(chartHover[name]);
+    return h('div', { class: 'chart', 'data-testid': `chart-${name}`, 'data-chart': name },
+      h('div', { class: 'chart-head' }, h('span', { class: 'card-title' }, spec.title), valueLine), g);
+  }
+
   // ---------------------------------------------------------------- overview
 
   function overviewView(root, gen) {
@@ -571,9 +773,11 @@
     const workers = table('workers-table', ['Worker', 'Group', 'Handlers', 'Load', 'Last heartbeat', 'Connected', 'State']);
     const runs = table('recent-runs', RUN_HEADERS);
     const workersTitle = h('h2', null, 'Workers');
+    const charts = chartGrid('overview-charts', ['items', 'lag', 'depth', 'age', 'jobs', 'workers']);
     fill(root,
       h('div', { class: 'page-head' }, h('h1', null, 'Overview')),
       cards,
+      charts.el,
       h('section', { class: 'panel' }, workersTitle, workers.el),
       section('Recent runs', runs.el));
 
@@ -626,6 +830,7 @@
           }));
         }
         runRows(runs, o.recent_runs || []);
+        await charts.refresh(gen).catch(chartFailed);
       },
     };
   }
@@ -1275,7 +1480,8 @@
     const content = h('div', null,
       h('section', { class: 'panel' }, h('h2', null, 'Delayed item queues'), summary, waitingLine, t.el),
       h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, h('div', { class: 'toolbar' }, reqSel, reqAll)), dead.el));
-    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')), notice, content);
+    const charts = chartGrid('queues-charts', ['items', 'lag', 'depth', 'age']);
+    fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')), notice, charts.el, content);
 
     const n = (v) => h('td', { class: 'num' }, String(v ?? 0));
 
@@ -1317,6 +1523,7 @@
               s.moving ? h('span', { class: 'badge badge-info', title: 'items moving after a resize' }, ` moving ${s.moving}`) : null))) : emptyRow(t, 'No queues.'),
           qs.length ? h('tr', { class: 'totals' }, h('td', null, 'all'), n(tot.pending), n(tot.due_now), n(tot.due_soon), n(tot.in_flight), n(tot.dead), n(tot.waiting), h('td')) : null);
 
+        await charts.refresh(gen).catch(chartFailed);
         const d = await api('GET', '/api/queues/dead?limit=100');
         if (!current(gen)) return;
         items = d.items || [];

@@ -71,6 +71,8 @@ pub struct HttpState {
     pub alerts: crate::alerts::Rules,
     /// The queue family the coordinators watch (alert rules are checked against it).
     pub family: String,
+    /// The last hour of activity the console charts (`None`: no charts).
+    pub history: Option<Arc<dyn chime_shared::activity::HistoryStore>>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -101,6 +103,7 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/alerts", get(list_alerts))
         .route("/api/alerts/{name}", put(put_alert).delete(delete_alert))
         .route("/api/alerts/{name}/test", post(test_alert))
+        .route("/api/history", get(history))
         .route("/api/queues", get(queues))
         .route("/api/queues/dead", get(dead_letters))
         .route("/api/queues/dead/requeue", post(requeue))
@@ -541,6 +544,56 @@ fn spread(mut xs: Vec<i64>) -> Value {
     xs.sort_unstable();
     let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize];
     json!({ "p50": at(0.5), "p99": at(0.99), "max": xs[xs.len() - 1] })
+}
+
+/// Longest window `/api/history` answers, in minutes (what the stores keep).
+const HISTORY_MAX_MINUTES: u32 = 60;
+
+/// The charts' series: `?family=<f>&minutes=<1..=60>` (defaults: this deployment's
+/// family, 60).
+async fn history(
+    State(st): State<HttpState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult {
+    let mut family = st.family.clone();
+    let mut minutes = HISTORY_MAX_MINUTES;
+    for (k, v) in &q {
+        match k.as_str() {
+            "family" => {
+                limits::check_handler("family", v)?;
+                family = v.clone();
+            }
+            "minutes" => {
+                minutes = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|m| (1..=HISTORY_MAX_MINUTES).contains(m))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "minutes",
+                            format!("{v:?} is not a whole number within 1..={HISTORY_MAX_MINUTES}"),
+                        )
+                    })?;
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    "unknown parameter (known: family, minutes)",
+                ));
+            }
+        }
+    }
+    let Some(store) = &st.history else {
+        return ok(json!({ "available": false }));
+    };
+    let now = st.clock.now_ms();
+    let from = now - i64::from(minutes) * 60_000 - chime_shared::activity::BUCKET_MS;
+    let buckets = store.read(from, now + 1).await?;
+    let h = chime_shared::activity::History::build(&family, now, minutes, &buckets);
+    let mut v = serde_json::to_value(h)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    v["available"] = Value::Bool(true);
+    ok(v)
 }
 
 async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
@@ -1049,6 +1102,9 @@ mod tests {
             alerts: Default::default(),
             family: "default".into(),
             this: "here".into(),
+            history: Some(Arc::new(chime_shared::activity::MemoryHistory::new(
+                clock.clone(),
+            ))),
             clock,
         };
         router(state, Arc::new(|| Box::pin(async { (true, json!({})) })))
@@ -1113,6 +1169,43 @@ mod tests {
         assert_eq!(code, StatusCode::UNAUTHORIZED);
         let (code, _) = send("GET", "/api/nothing", Some(ADMIN), empty()).await;
         assert_eq!(code, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn history_takes_the_admin_token_and_names_a_bad_parameter() {
+        let empty = axum::body::Body::empty;
+        let (code, _) = send("GET", "/api/history", None, empty()).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        for (query, field) in [
+            ("minutes=0", "minutes"),
+            ("minutes=61", "minutes"),
+            ("minutes=ten", "minutes"),
+            ("family=a%7Cb", "family"),
+            ("span=5", "span"),
+        ] {
+            let (code, b) = send(
+                "GET",
+                &format!("/api/history?{query}"),
+                Some(ADMIN),
+                empty(),
+            )
+            .await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{query}: {b}");
+            assert_eq!(b["error"]["field"], field, "{query}");
+        }
+        let (code, b) = send("GET", "/api/history?minutes=5", Some(ADMIN), empty()).await;
+        assert_eq!(code, StatusCode::OK, "{b}");
+        assert_eq!(b["available"], true);
+        assert_eq!(b["family"], "default");
+        assert_eq!(
+            b["t"].as_array().map(Vec::len),
+            Some(30),
+            "5 minutes of 10-s buckets"
+        );
+        assert_eq!(
+            b["minute_t"].as_array().map(Vec::len).map(|n| n >= 5),
+            Some(true)
+        );
     }
 
     #[tokio::test]

@@ -73,6 +73,10 @@ pub struct Deps {
     pub cluster: String,
     /// The queue family `queues` serves (queue alert rules are checked against it).
     pub family: String,
+    /// The last hour of activity the console charts (`None`: no charts). The
+    /// binary flushes this process's recorder into it; the leader's sampler sets
+    /// the gauges.
+    pub history: Option<Arc<dyn chime_shared::activity::HistoryStore>>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -229,6 +233,7 @@ pub async fn serve(
             auth: deps.auth.clone(),
             this: deps.options.advertise.clone(),
             clock: deps.clock.clone(),
+            history: deps.history.clone(),
         };
         let router = http::router(state, readiness(shared.clone(), deps.clone()));
         tokio::spawn(chime_shared::ops::serve(
@@ -388,7 +393,7 @@ fn readiness(shared: Arc<Shared>, deps: Deps) -> chime_shared::ops::Readiness {
 /// On the leader, samples every queue's depth, in-flight, dead-letter,
 /// waiting-for-a-handler counts and oldest due age into gauges (one sampler per cluster, so the sums add up).
 async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: CancellationToken) {
-    use chime_shared::telemetry as m;
+    use chime_shared::{activity, telemetry as m};
     let mut tick = tokio::time::interval(QUEUE_SAMPLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -403,7 +408,7 @@ async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: Cancel
         // earliest due score, as the pops see it.
         match tokio::try_join!(q.stats(), q.now_ms()) {
             Ok((stats, now)) => {
-                for s in stats {
+                for s in &stats {
                     let queue = s.queue.to_string();
                     metrics::gauge!(m::QUEUE_OLDEST_DUE_AGE, "queue" => queue.clone())
                         .set(s.oldest_due_age_ms(now) as f64 / 1000.0);
@@ -412,6 +417,20 @@ async fn sample_queues(q: Arc<dyn DelayStore>, shared: Arc<Shared>, stop: Cancel
                         .set(s.in_flight as f64);
                     metrics::gauge!(m::QUEUE_DEAD, "queue" => queue.clone()).set(s.dead as f64);
                     metrics::gauge!(m::QUEUE_WAITING, "queue" => queue).set(s.waiting as f64);
+                }
+                // The console's charts: the family's sums, and live workers.
+                let depth = stats.iter().map(|s| s.pending).sum::<u64>();
+                let age = stats
+                    .iter()
+                    .map(|s| s.oldest_due_age_ms(now))
+                    .max()
+                    .unwrap_or(0);
+                activity::gauge(q.family(), activity::Gauge::Depth, depth as i64);
+                activity::gauge(q.family(), activity::Gauge::OldestDueAgeMs, age as i64);
+                if let Some(engine) = shared.current().engine
+                    && let Ok(w) = engine.workers().await
+                {
+                    activity::gauge("", activity::Gauge::Workers, w.len() as i64);
                 }
             }
             Err(e) => warn!(error = %e, "cannot sample queue depths"),

@@ -6,7 +6,8 @@
 //   CONSOLE_URL     console address, e.g. http://127.0.0.1:18080/ (required)
 //   ADMIN_TOKEN     admin token ('' when the coordinator runs without auth)
 //   CHROMIUM_PATH   default /usr/bin/chromium
-//   SCREENSHOT_DIR  optional: console-overview.png, console-jobs.png, console-run.png
+//   SCREENSHOT_DIR  optional: console-overview.png, console-queues.png, console-jobs.png,
+//                   console-run.png, console-alerts.png
 //                   (and console-failure.png when a step fails), 1280x800
 //   JOB_NAME        default browser-job
 //
@@ -157,6 +158,50 @@ async function nav(section) {
 }
 
 const jobRow = `tr[data-job="${JOB}"]`;
+
+// Traffic for the charts: a batch of reminders every second (3 to 12 of them, due
+// within 2.5 s) and, every third second, an item of the always-failing handler
+// (two attempts, then a dead letter), through the JSON API like any producer.
+let traffic = null;
+let trafficTicks = 0;
+let trafficErrors = 0;
+function startTraffic() {
+  const run = Date.now().toString(36);
+  traffic = setInterval(async () => {
+    const tick = trafficTicks++;
+    const n = 3 + ((tick * 7) % 10);
+    const items = Array.from({ length: n }, (_, i) => ({ id: `chart-${run}-${tick}-${i}`, handler: 'remind', in_ms: (i * 250) % 2500 }));
+    if (tick % 3 === 0) items.push({ id: `chart-${run}-${tick}-fail`, handler: 'fail', max_attempts: 2 });
+    const r = await apiCall('POST', '/api/queues/items', { items }).catch(() => ({ status: 0 }));
+    if (r.status !== 200) trafficErrors += 1;
+  }, 1000);
+}
+
+// How many points each series of a chart drew, and how many were above zero.
+async function chartPoints(grid) {
+  return page.$$eval(`[data-testid="${grid}"] path.line`, (paths) => Object.fromEntries(paths.map((p) => [
+    `${p.closest('[data-chart]').dataset.chart}.${p.dataset.series}`,
+    { points: Number(p.dataset.points), nonzero: Number(p.dataset.nonzero) },
+  ])));
+}
+
+// Waits until every `want` series ("chart.series": least non-zero points) is
+// drawn, on the 5-minute window (a test run lasts about a minute; the overview
+// waits for a minute of traffic, so its screenshot shows a filled chart).
+async function chartsFilled(grid, want) {
+  await page.locator(`[data-testid="${grid}"]`).waitFor({ state: 'attached' });
+  await page.locator('#chart-range-5').click();
+  let last = {};
+  try {
+    await waitUntil(`the ${grid} charts to draw the run`, async () => {
+      last = await chartPoints(grid);
+      return Object.entries(want).every(([k, n]) => last[k] && last[k].nonzero >= n);
+    }, 120_000, 500);
+  } catch (e) {
+    throw new Error(`${e.message}; drawn: ${JSON.stringify(last)}`);
+  }
+  return last;
+}
 let createdAtMs = 0; // runs of an earlier job of the same name stay in the history
 
 async function main() {
@@ -223,6 +268,7 @@ async function main() {
     await hidden('#login', 'the login form');
     await waitUntil('the overview to load', () => page.evaluate(() => document.querySelector('#view').dataset.loaded === 'true'), 10_000, 100);
     summary.auth_required = !!session.json.auth_required;
+    startTraffic();
   });
 
   await step('2. a bad cron expression is refused next to its input', async () => {
@@ -353,9 +399,37 @@ async function main() {
     const leader = await page.locator('#leader-badge').innerText();
     check(!/…/.test(leader), `the leader badge never filled: ${leader}`);
     await visible('[data-testid="card-lag"]', 'the fire lag card');
+    // The charts hold the run: items enqueued, fired and failed over several
+    // 10-s buckets, their lag, the sampled depth and live workers, job fires.
+    summary.overview_charts = await chartsFilled('overview-charts', {
+      'items.enqueued': 6, 'items.fired': 6, 'items.failed': 2, 'lag.p99': 4,
+      'depth.pending': 1, 'workers.workers': 4, 'jobs.fired': 1,
+    });
+    const axis = await page.$$eval('[data-testid="chart-items"] .tick', (ts) => ts.map((t) => t.textContent));
+    check(axis.includes('now') && axis.some((t) => /−5 min/.test(t)), `the time axis reads ${JSON.stringify(axis)}`);
+    // Hovering names the values of the bucket under the pointer.
+    const box = await page.locator('[data-testid="chart-items"] svg').boundingBox();
+    await page.mouse.move(box.x + box.width * 0.97, box.y + box.height * 0.5);
+    const hover = await page.locator('[data-testid="chart-items-values"]').innerText();
+    check(/\d\d:\d\d:\d\d/.test(hover) && /fired/.test(hover), `the hover line reads ${hover}`);
+    // The page's refresh redraws the chart; a resting pointer keeps its point.
+    await page.evaluate(() => { document.querySelector('[data-testid="chart-items"]').dataset.old = '1'; });
+    await waitUntil('a refresh to redraw the charts', () => page.evaluate(() => !document.querySelector('[data-testid="chart-items"]').dataset.old), 10_000, 100);
+    const still = await page.locator('[data-testid="chart-items-values"]').innerText();
+    check(/\d\d:\d\d:\d\d/.test(still), `after a refresh the hover line reads ${still}`);
+    await page.mouse.move(0, 0);
     await shot('console-overview.png');
     summary.workers = workers;
     summary.leader_badge = leader;
+  });
+
+  await step('6b. the queues page charts the same run; screenshot', async () => {
+    await nav('queues');
+    summary.queue_charts = await chartsFilled('queues-charts', {
+      'items.enqueued': 4, 'items.fired': 4, 'items.failed': 1, 'lag.p99': 1, 'depth.pending': 1,
+    });
+    await visible('[data-testid="dead-row"]', 'a dead letter of the failing handler', 30_000);
+    await shot('console-queues.png');
   });
 
   await step('7. an alert rule: a bad one is refused at its field, a good one is saved and its Test reaches the webhook', async () => {
@@ -412,6 +486,9 @@ async function main() {
     check(cspViolations.length === 0, `${cspViolations.length} Content-Security-Policy violation(s)`);
   });
 
+  clearInterval(traffic);
+  summary.traffic_ticks = trafficTicks;
+  summary.traffic_errors = trafficErrors;
   clearTimeout(watchdog);
   await browser.close();
   summary.ok = true;

@@ -9,6 +9,7 @@
 //! Architecture invariant: nothing in this crate binds a port, reads a config file or
 //! installs a logger; those belong to the `chime` binary.
 
+pub mod activity;
 pub mod auth;
 pub mod clock;
 pub mod config;

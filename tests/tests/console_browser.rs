@@ -2,7 +2,8 @@
 //! (playwright-core driving Debian's `chromium`) logs in to `chime dev` with the
 //! admin token, is refused a bad cron expression at its field, creates a sharded
 //! job, sees it fire and its run succeed shard by shard, triggers it with params,
-//! pauses it, saves an alert rule (a bad one refused at its field) whose Test
+//! pauses it, sees the overview's and queues page's charts draw the items it
+//! enqueued meanwhile (some failing), saves an alert rule (a bad one refused at its field) whose Test
 //! reaches a local webhook, and finds its changes in the audit log. `scripts/test` installs Chromium, Node and the npm package; a
 //! missing one fails this test, it does not skip it.
 //!
@@ -99,6 +100,7 @@ async fn console_in_headless_chromium() -> Result<()> {
         "console-jobs.png",
         "console-run.png",
         "console-alerts.png",
+        "console-queues.png",
     ] {
         let p = shots.join(f);
         ensure!(

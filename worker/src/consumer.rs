@@ -36,7 +36,7 @@ use chime_shared::clock::system_now_ms;
 use chime_shared::queue::{
     DelayStore, Delivery, DeliveryToken, Item, Lease, Outcome, PopOptions, Popped, Settlement, Wake,
 };
-use chime_shared::{Error, telemetry as m};
+use chime_shared::{Error, activity, telemetry as m};
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -858,6 +858,11 @@ impl Consumer {
             s.meters
                 .lag
                 .record((now_ms - items[0].due_at_ms).max(0) as f64 / 1000.0);
+            activity::add(self.store.family(), activity::Kind::Fired, n);
+            activity::lag(
+                self.store.family(),
+                (now_ms - items[0].due_at_ms).max(0) as u64,
+            );
         }
         // The trace span of the delivery, when an item carries a sampled producer
         // context; the handler (local or remote) parents its own spans on it.
@@ -886,13 +891,16 @@ impl Consumer {
         match &outcome {
             Outcome::Ack => {
                 meter(|m| &m.acked, m::ITEMS_ACKED);
+                activity::add(self.store.family(), activity::Kind::Acked, n);
                 self.handled.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Retry { error, .. } => {
                 self.handled.fetch_add(1, Ordering::Relaxed);
+                activity::add(self.store.family(), activity::Kind::Failed, n);
                 if last_attempt {
                     warn!(item_id = %item_id, %handler, attempt, %error, "last attempt failed; dead-lettering");
                     meter(|m| &m.dead, m::ITEMS_DEAD_LETTERED);
+                    activity::add(self.store.family(), activity::Kind::Dead, n);
                 } else {
                     debug!(item_id = %item_id, %handler, attempt, %error, "handler failed; will retry");
                     meter(|m| &m.retried, m::ITEMS_RETRIED);

@@ -868,6 +868,7 @@ impl Machine {
                 }
                 metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "fired")
                     .increment(1);
+                chime_shared::activity::add("", chime_shared::activity::Kind::JobFired, 1);
                 debug!(run_id = %run.run_id, shards = run.shards.len(), cause = %run.cause, "run started");
                 self.start_planned(run);
             }

@@ -312,6 +312,9 @@ impl Machine {
         run.finished_at_ms = now;
         metrics::counter!(chime_shared::telemetry::RUNS_FINISHED, "status" => run.state.label())
             .increment(1);
+        if matches!(run.state, RunState::Failed | RunState::TimedOut) {
+            chime_shared::activity::add("", chime_shared::activity::Kind::RunFailed, 1);
+        }
         let run = self.runs.active.remove(run_id)?;
         self.save(&run);
         record_fire_span(&run);

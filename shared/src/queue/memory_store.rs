@@ -375,7 +375,7 @@ impl DelayStore for MemoryStore {
         }
         drop(st);
         self.announce(wakes);
-        super::count_enqueued(handlers.iter().map(String::as_str), &out);
+        super::count_enqueued(self.family(), handlers.iter().map(String::as_str), &out);
         Ok(out)
     }
 

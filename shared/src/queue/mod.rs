@@ -591,6 +591,11 @@ pub trait DelayStore: Send + Sync + fmt::Debug {
     /// The layout this process uses now.
     fn layout(&self) -> Layout;
 
+    /// The queue family this store serves (the activity history counts per family).
+    fn family(&self) -> &str {
+        "default"
+    }
+
     /// Number of queues consumers poll: every queue of every live layout.
     fn queue_count(&self) -> u32 {
         self.layout().poll_count()
@@ -813,9 +818,15 @@ impl QueueLayout {
 
 /// Counts created items per handler in `chime_items_enqueued_total`.
 pub(crate) fn count_enqueued<'a>(
+    family: &str,
     handlers: impl Iterator<Item = &'a str>,
     outcomes: &[EnqueueOutcome],
 ) {
+    let created = outcomes
+        .iter()
+        .filter(|o| **o == EnqueueOutcome::Created)
+        .count();
+    crate::activity::add(family, crate::activity::Kind::Enqueued, created as u64);
     let mut per: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
     for (h, o) in handlers.zip(outcomes) {
         if *o == EnqueueOutcome::Created {

@@ -434,6 +434,10 @@ impl RedisStore {
 
 #[async_trait]
 impl DelayStore for RedisStore {
+    fn family(&self) -> &str {
+        &self.names.family
+    }
+
     fn layout(&self) -> Layout {
         self.current_layout()
     }
@@ -474,7 +478,11 @@ impl DelayStore for RedisStore {
             let layout = self.current_layout();
             match self.try_enqueue(&layout, &items).await {
                 Ok(out) => {
-                    super::count_enqueued(items.iter().map(|i| i.handler.as_str()), &out);
+                    super::count_enqueued(
+                        &self.names.family,
+                        items.iter().map(|i| i.handler.as_str()),
+                        &out,
+                    );
                     return Ok(out);
                 }
                 Err(Error::StaleLayout { epoch }) => {
