@@ -23,7 +23,8 @@ pub const ITEMS_RETRIED: &str = "chime_items_retried_total";
 pub const ITEMS_DEAD_LETTERED: &str = "chime_items_dead_lettered_total";
 /// Items handed back unprocessed by a draining worker.
 pub const ITEMS_RELEASED: &str = "chime_items_released_total";
-/// Seconds between an item's due time and its handler starting (label `handler`).
+/// Seconds between an item's due time and its handler starting, first attempts only
+/// (a retry waits for its backoff on purpose) (label `handler`).
 pub const FIRE_LAG_SECONDS: &str = "chime_fire_lag_seconds";
 /// Queue leases taken.
 pub const QUEUE_CLAIMS: &str = "chime_queue_claims_total";

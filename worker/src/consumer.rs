@@ -855,14 +855,14 @@ impl Consumer {
             .filter(|s| s.local.is_some() || self.hub.as_ref().is_some_and(|h| h.serves(&handler)));
         if let Some(s) = runs {
             s.meters.fired.increment(n);
-            s.meters
-                .lag
-                .record((now_ms - items[0].due_at_ms).max(0) as f64 / 1000.0);
             activity::add(self.store.family(), activity::Kind::Fired, n);
-            activity::lag(
-                self.store.family(),
-                (now_ms - items[0].due_at_ms).max(0) as u64,
-            );
+            // Fire lag is due time → first start: a retry starts after its backoff,
+            // on purpose, so its lag from the original due time is no lag.
+            if attempt == 1 {
+                let lag_ms = (now_ms - items[0].due_at_ms).max(0);
+                s.meters.lag.record(lag_ms as f64 / 1000.0);
+                activity::lag(self.store.family(), lag_ms as u64);
+            }
         }
         // The trace span of the delivery, when an item carries a sampled producer
         // context; the handler (local or remote) parents its own spans on it.
