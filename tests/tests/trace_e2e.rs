@@ -30,6 +30,21 @@ fn span_of(tp: &str) -> &str {
     &tp[36..52]
 }
 
+type Producer = pb::queue_client::QueueClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// A `chime.v1.Queue` client with the producer token.
+async fn producer(c: &Cluster) -> Result<Producer> {
+    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
+        .connect()
+        .await?;
+    Ok(pb::queue_client::QueueClient::with_interceptor(
+        channel,
+        Bearer::new(Some(PRODUCER_TOKEN))?,
+    ))
+}
+
 /// The spans of trace `trace` named `name`.
 fn named<'a>(spans: &'a [Value], trace: &str, name: &str) -> Vec<&'a Value> {
     spans
@@ -51,13 +66,7 @@ async fn producer_item_handler_and_fire_shard_spans_are_linked() -> Result<()> {
 
     // Producers: gRPC with the context in metadata (and one unsampled), an item
     // with its own context, HTTP with the context in a header.
-    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
-        .connect()
-        .await?;
-    let mut q = pb::queue_client::QueueClient::with_interceptor(
-        channel,
-        Bearer::new(Some(PRODUCER_TOKEN))?,
-    );
+    let mut q = producer(&c).await?;
     let item = |id: &str, handler: &str| pb::NewItem {
         id: id.into(),
         handler: handler.into(),
@@ -251,13 +260,7 @@ async fn producer_item_handler_and_fire_shard_spans_are_linked() -> Result<()> {
 async fn a_coordinator_without_tracing_keeps_only_explicit_item_contexts() -> Result<()> {
     use chime_shared::queue::{DelayStore, ItemRef};
     let c = Cluster::start(0).await?;
-    let channel = tonic::transport::Endpoint::from_shared(c.coordinator.clone())?
-        .connect()
-        .await?;
-    let mut q = pb::queue_client::QueueClient::with_interceptor(
-        channel,
-        Bearer::new(Some(PRODUCER_TOKEN))?,
-    );
+    let mut q = producer(&c).await?;
     let later = |id: &str, tp: &str| pb::NewItem {
         id: id.into(),
         handler: "noop".into(),

@@ -291,16 +291,9 @@ impl Span {
         start_unix_ns: u64,
     ) -> Self {
         Self {
-            context: parent.child(),
             parent_span_id: Some(parent.span_id),
             parent_remote: true,
-            name: name.into(),
-            kind,
-            start_unix_ns,
-            end_unix_ns: 0,
-            attributes: Vec::new(),
-            links: Vec::new(),
-            error: None,
+            ..Self::root(name, kind, parent.child(), start_unix_ns)
         }
     }
 
