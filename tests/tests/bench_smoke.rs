@@ -53,6 +53,40 @@ async fn bench_burst_runs_and_counts_every_item_once() -> Result<()> {
             && r["redis_profile"]["lua_us_per_item"].is_number(),
         "the Redis profile: {r}"
     );
+    ensure!(r["producer"] == "store", "{r}");
+    Ok(())
+}
+
+/// The burst enqueued through `chime.v1.Queue` on a coordinator the bench starts:
+/// every item handled once, and the producer named with its settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_burst_through_grpc_counts_every_item_once() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let (code, out, err) = run_chime(&[
+        "bench",
+        "burst",
+        "--redis-url",
+        &redis.url,
+        "--items",
+        "5000",
+        "--workers",
+        "1",
+        "--producer",
+        "grpc",
+    ])?;
+    ensure!(code == 0, "bench burst --producer grpc failed: {err}");
+    let r = json(&out)?;
+    ensure!(
+        r["items"] == 5000 && r["lost"] == 0 && r["duplicates"] == 0 && r["early"] == 0,
+        "{r}"
+    );
+    ensure!(
+        r["producer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("grpc (chime.v1.Queue")),
+        "{r}"
+    );
+    ensure!(r["enqueue_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use chime_shared::redis_conn::{RedisConn, RedisSpec};
 use serde_json::json;
 
 use super::profile::RedisProfile;
-use super::{Workers, cleanup, quantile, read_records, redis_cpu};
+use super::{Kids, Sink, Workers, cleanup, quantile, read_records, redis_cpu};
 
 /// `chime bench burst` arguments.
 #[derive(Debug, clap::Args)]
@@ -50,6 +50,20 @@ pub(crate) struct BurstArgs {
     /// run, restored after it; single Redis only) and print µs per item per script.
     #[arg(long)]
     profile: bool,
+    /// How the items are enqueued: `store` (this process writes to Redis, as the
+    /// Rust SDK does) or `grpc` (through `chime.v1.Queue` on a coordinator this
+    /// bench starts, as producers in other languages do).
+    #[arg(long, value_enum, default_value_t = ProducerKind::Store)]
+    producer: ProducerKind,
+}
+
+/// `--producer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ProducerKind {
+    /// Straight into Redis from this process.
+    Store,
+    /// Through a coordinator's `chime.v1.Queue` over gRPC.
+    Grpc,
 }
 
 pub(crate) async fn run(a: BurstArgs) -> Result<()> {
@@ -99,7 +113,30 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
         a.items, a.workers, a.queues
     );
 
-    let enqueue_s = super::enqueue_burst(&store, a.items, t0, "noop", payload).await?;
+    // The gRPC producer's coordinator is up before T0 is set: its start is not
+    // enqueue time.
+    let mut kids = Kids(Vec::new());
+    let sink = match a.producer {
+        ProducerKind::Store => Sink::Store(store.clone()),
+        ProducerKind::Grpc => {
+            let (child, endpoint) =
+                super::queue_coordinator(&dir, &a.redis_url, &prefix, a.queues).await?;
+            kids.0.push(child);
+            Sink::Grpc(
+                chime_worker::producer::Producer::connect(
+                    chime_worker::producer::ProducerOptions {
+                        endpoint,
+                        timeout: Duration::from_secs(60),
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            )
+        }
+    };
+    let t0 = t0.max(store.now_ms().await? + lead);
+    let enqueue_s = super::enqueue_burst(&store, &sink, a.items, t0, "noop", payload).await?;
+    drop(kids);
 
     // Wait for the drain: nothing pending or in flight, and every item recorded.
     let within = Duration::from_secs(60 + (a.items / 5_000) as u64);
@@ -132,6 +169,10 @@ pub(crate) async fn run(a: BurstArgs) -> Result<()> {
     super::keep_or_remove(&dir, a.keep_files);
     let out = json!({
         "bench": "burst",
+        "producer": match a.producer {
+            ProducerKind::Store => "store",
+            ProducerKind::Grpc => "grpc (chime.v1.Queue, one coordinator, 2,000 items per call, 8 calls in flight)",
+        },
         "items": a.items,
         "workers": a.workers,
         "queues": a.queues,

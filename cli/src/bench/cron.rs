@@ -11,7 +11,7 @@ use chime_shared::clock::system_now_ms;
 use proto as pb;
 use serde_json::json;
 
-use super::quantile;
+use super::{Kids, quantile};
 
 /// `chime bench cron` arguments.
 #[derive(Debug, clap::Args)]
@@ -41,17 +41,6 @@ pub(crate) struct CronArgs {
 
 /// Jobs per `CreateJobs` call (the most one call takes).
 const JOBS_PER_BATCH: usize = 100;
-
-struct Kids(Vec<std::process::Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 pub(crate) async fn run(a: CronArgs) -> Result<()> {
     if a.jobs == 0 || a.workers == 0 || a.seconds == 0 {

@@ -176,7 +176,15 @@ pub(crate) async fn run(a: DeliveriesArgs) -> Result<()> {
         a.items, a.subscribers, a.sdk, a.credit
     );
     let payload = bytes::Bytes::from(vec![b'x'; a.payload_bytes]);
-    let enqueue_s = super::enqueue_burst(&store, a.items, t0, "bench", payload).await?;
+    let enqueue_s = super::enqueue_burst(
+        &store,
+        &super::Sink::Store(store.clone()),
+        a.items,
+        t0,
+        "bench",
+        payload,
+    )
+    .await?;
 
     let deadline = Instant::now() + Duration::from_secs(60 + (a.items / 2_000) as u64);
     let (mut worker_rss, mut subscriber_rss) = (0u64, 0u64);

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use chime_shared::redis_conn::{RedisConn, RedisSpec};
 
 /// `chime bench` arguments.
@@ -272,10 +272,104 @@ pub(crate) fn score(handled: &HashMap<String, Vec<Handled>>, prefix: &str, n: us
     s
 }
 
+/// Child processes a bench started, killed (and reaped) when dropped, on every
+/// return path.
+pub(crate) struct Kids(pub(crate) Vec<std::process::Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A throwaway loopback coordinator for a bench: no etcd (jobs in memory), no
+/// tokens, no HTTP, serving the queues of `prefix` (`count` queues for a new
+/// family) on a free port, logging to `dir/coordinator.log`. Answers its process
+/// and its endpoint once it answers gRPC.
+pub(crate) async fn queue_coordinator(
+    dir: &Path,
+    redis_url: &str,
+    prefix: &str,
+    count: u32,
+) -> Result<(std::process::Child, String)> {
+    let port = free_port()?;
+    let log = std::fs::File::create(dir.join("coordinator.log"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["coordinator", "--grpc-addr", &format!("127.0.0.1:{port}")])
+        .args(["--redis-url", redis_url, "--prefix", prefix])
+        .args(["--allow-unauthenticated", "--http-addr", ""])
+        .env("CHIME_QUEUE_PREFIX", prefix)
+        .env("CHIME_QUEUE_COUNT", count.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning the coordinator")?;
+    let kids = Kids(vec![child]);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let mut kids = kids;
+            let child = kids.0.remove(0);
+            return Ok((child, endpoint));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "the coordinator did not listen within 10 s (see {})",
+        dir.join("coordinator.log").display()
+    )
+}
+
+/// How a bench's producer stores its items.
+#[derive(Debug, Clone)]
+pub(crate) enum Sink {
+    /// Straight into the Redis store, in this process (what the Rust SDK's
+    /// `RedisStore::enqueue` does).
+    Store(std::sync::Arc<chime_shared::queue::redis_store::RedisStore>),
+    /// Through a coordinator's `chime.v1.Queue` (what producers in other languages
+    /// do).
+    Grpc(chime_worker::producer::Producer),
+}
+
+impl Sink {
+    /// Items per call and calls in flight: the store takes 10,000-item pipelines;
+    /// a gRPC call carries 2,000 items (about 0.6 MB at 256-byte payloads, well
+    /// under the 4 MiB message limit) with eight in flight over one connection.
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Sink::Store(_) => (10_000, 4),
+            Sink::Grpc(_) => (2_000, 8),
+        }
+    }
+
+    async fn enqueue(&self, items: Vec<chime_shared::queue::NewItem>) -> Result<usize> {
+        use chime_shared::queue::DelayStore;
+        let len = items.len();
+        match self {
+            Sink::Store(s) => {
+                s.enqueue(items).await?;
+            }
+            Sink::Grpc(p) => {
+                p.enqueue(items).await?;
+            }
+        }
+        Ok(len)
+    }
+}
+
 /// Enqueues items `b0…b{n-1}` (keys `u<i>`) for `handler`, all due at `t0`, in
-/// chunks of 10,000 with four in flight; answers the seconds it took.
+/// chunks through `sink` ([`Sink::shape`]); answers the seconds it took.
 pub(crate) async fn enqueue_burst(
     store: &std::sync::Arc<chime_shared::queue::redis_store::RedisStore>,
+    sink: &Sink,
     n: usize,
     t0: i64,
     handler: &str,
@@ -284,11 +378,11 @@ pub(crate) async fn enqueue_burst(
     use chime_shared::queue::{DelayStore, NewItem};
     use futures_util::StreamExt;
     let started = Instant::now();
-    let chunk = 10_000usize;
+    let (chunk, in_flight) = sink.shape();
     let chunks = n.div_ceil(chunk);
     let mut done = 0usize;
     let mut stream = futures_util::stream::iter((0..chunks).map(|c| {
-        let (store, payload) = (store.clone(), payload.clone());
+        let (sink, payload) = (sink.clone(), payload.clone());
         async move {
             let items: Vec<NewItem> = (c * chunk..((c + 1) * chunk).min(n))
                 .map(|i| {
@@ -297,14 +391,14 @@ pub(crate) async fn enqueue_burst(
                         .payload(payload.clone())
                 })
                 .collect();
-            let len = items.len();
-            store.enqueue(items).await.map(|_| len)
+            sink.enqueue(items).await
         }
     }))
-    .buffer_unordered(4);
+    .buffer_unordered(in_flight);
+    let report = (n / 10).max(chunk);
     while let Some(r) = stream.next().await {
         done += r?;
-        if done % (n / 10).max(chunk) < chunk || done == n {
+        if done % report < chunk || done == n {
             eprintln!("  enqueued {done}/{n}");
         }
     }
