@@ -609,7 +609,7 @@
       series: [['enqueued', (x) => x.enqueued_per_s], ['fired', (x) => x.fired_per_s], ['failed', (x) => x.failed_per_s]],
       fmt: (v) => `${shortNum(v)}/s`,
     },
-    lag: { title: 'Fire lag p99', series: [['p99', (x) => x.lag_p99_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 10 },
+    lag: { title: 'Item lag p99', series: [['p99', (x) => x.lag_p99_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 10 },
     depth: { title: 'Queue depth', series: [['pending', (x) => x.depth]], fmt: (v) => shortNum(v) },
     age: { title: 'Oldest due age', series: [['oldest due', (x) => x.oldest_due_age_ms]], fmt: (v) => msText(v), unit: 'ms', minTop: 1000 },
     jobs: {
