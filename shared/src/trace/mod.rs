@@ -58,6 +58,10 @@ impl TraceContext {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let b = s.as_bytes();
+        // Byte positions below are char boundaries only in ASCII text.
+        if !s.is_ascii() {
+            return Err(format!("{s:?} is not a W3C traceparent (ASCII only)"));
+        }
         if b.len() < 55 {
             return Err(format!(
                 "{s:?} is not a W3C traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>)"
@@ -508,6 +512,10 @@ mod tests {
             (
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
                 "after the flags",
+            ),
+            (
+                "]🙂-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "ASCII only",
             ),
         ] {
             let e = TraceContext::parse(bad).unwrap_err();
