@@ -21,6 +21,12 @@ pub enum Sdk {
     Rust,
     /// `sdk/python` (agent: `sdk/python/conformance/agent.py`).
     Python,
+    /// `sdk/node`, TypeScript (agent: `sdk/node/conformance/agent`).
+    Node,
+    /// `sdk/go` (agent: `sdk/go/conformance/agent`).
+    Go,
+    /// `sdk/java` (agent: `sdk/java/conformance/agent`).
+    Java,
 }
 
 /// What an agent runs.
@@ -132,6 +138,45 @@ fn make_python_env() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// The agent of an SDK built by its own toolchain: `sdk/<name>/conformance/agent`,
+/// an executable that builds the SDK and its agent when they are missing or stale
+/// (under a lock, into the target dir) and then runs it. The build is run once here,
+/// before the agent is first started, so its time (and a toolchain that is missing)
+/// shows up as a clear error rather than as an agent that never registers.
+fn script_agent(sdk: Sdk) -> Result<PathBuf> {
+    /// Each SDK's build result, kept so a failed build is reported once per process.
+    type Builds = Vec<(Sdk, Result<PathBuf, String>)>;
+    static BUILT: OnceLock<std::sync::Mutex<Builds>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| anyhow!("agent build lock poisoned"))?;
+    if let Some((_, r)) = built.iter().find(|(s, _)| *s == sdk) {
+        return r.clone().map_err(|e| anyhow!(e));
+    }
+    let script = workspace().join(format!("sdk/{}/conformance/agent", sdk.name()));
+    let r = (|| {
+        if !script.is_file() {
+            return Err(format!("{} is missing", script.display()));
+        }
+        let out = Command::new(&script)
+            .arg("build")
+            .output()
+            .map_err(|e| format!("{}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} build failed: {}{}",
+                script.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(script.clone())
+    })();
+    built.push((sdk, r.clone()));
+    r.map_err(|e| anyhow!(e))
+}
+
 impl Sdk {
     /// The agent command with `args`.
     pub fn agent(self, args: &[&str]) -> Result<Command> {
@@ -142,6 +187,7 @@ impl Sdk {
                 c.arg(workspace().join("sdk/python/conformance/agent.py"));
                 c
             }
+            Sdk::Node | Sdk::Go | Sdk::Java => Command::new(script_agent(self)?),
         };
         cmd.args(args);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -155,6 +201,9 @@ impl Sdk {
         match self {
             Sdk::Rust => "rust",
             Sdk::Python => "python",
+            Sdk::Node => "node",
+            Sdk::Go => "go",
+            Sdk::Java => "java",
         }
     }
 }

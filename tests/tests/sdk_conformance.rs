@@ -693,21 +693,18 @@ async fn producer(sdk: Sdk) -> Result<()> {
     Ok(())
 }
 
+/// One module per SDK (`<sdk>::<scenario>`), each with every scenario; the scenario
+/// list is passed whole (`$list`) so the two repetitions stay independent.
 macro_rules! scenarios {
-    ($($s:ident),* $(,)?) => {
-        mod rust {
+    (sdks: { $($m:ident => $sdk:ident),* $(,)? }, scenarios: $list:tt) => {
+        $( scenarios!(@module $m, $sdk, $list); )*
+    };
+    (@module $m:ident, $sdk:ident, [$($s:ident),* $(,)?]) => {
+        mod $m {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $s() -> anyhow::Result<()> {
-                    super::$s(chime_tests::sdk::Sdk::Rust).await
-                }
-            )*
-        }
-        mod python {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $s() -> anyhow::Result<()> {
-                    super::$s(chime_tests::sdk::Sdk::Python).await
+                    super::$s(chime_tests::sdk::Sdk::$sdk).await
                 }
             )*
         }
@@ -715,20 +712,26 @@ macro_rules! scenarios {
 }
 
 scenarios!(
-    job_shards,
-    job_kill,
-    job_timeout,
-    job_leader_killed,
-    job_frozen_worker,
-    job_stalled_stream,
-    job_drain,
-    item_ack,
-    item_retry_dead,
-    item_merge,
-    item_cancel,
-    subscriber_killed,
-    waiting_for_subscriber,
-    item_drain,
-    auth_refused,
-    producer,
+    sdks: {
+        rust => Rust,
+        python => Python,
+    },
+    scenarios: [
+        job_shards,
+        job_kill,
+        job_timeout,
+        job_leader_killed,
+        job_frozen_worker,
+        job_stalled_stream,
+        job_drain,
+        item_ack,
+        item_retry_dead,
+        item_merge,
+        item_cancel,
+        subscriber_killed,
+        waiting_for_subscriber,
+        item_drain,
+        auth_refused,
+        producer,
+    ]
 );

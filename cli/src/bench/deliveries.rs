@@ -24,6 +24,12 @@ pub(crate) enum SdkKind {
     Rust,
     /// The Python SDK (`sdk/python/conformance/agent.py`).
     Python,
+    /// The TypeScript SDK (`sdk/node/conformance/agent`, which builds it first).
+    Node,
+    /// The Go SDK (`sdk/go/conformance/agent`, which builds it first).
+    Go,
+    /// The Java SDK (`sdk/java/conformance/agent`, which builds it first).
+    Java,
 }
 
 /// `chime bench deliveries` arguments.
@@ -62,6 +68,9 @@ pub(crate) struct DeliveriesArgs {
     /// The Python agent script.
     #[arg(long, default_value = "sdk/python/conformance/agent.py")]
     python_agent: PathBuf,
+    /// The checkout holding `sdk/<node|go|java>/conformance/agent`.
+    #[arg(long, default_value = ".")]
+    sdk_root: PathBuf,
     /// Keep the processes' record files and logs (their directory is printed).
     #[arg(long)]
     keep_files: bool,
@@ -96,6 +105,26 @@ fn agent(a: &DeliveriesArgs) -> Result<Command> {
             let mut c = Command::new(&a.python);
             c.arg(&a.python_agent);
             c
+        }
+        SdkKind::Node | SdkKind::Go | SdkKind::Java => {
+            let name = match a.sdk {
+                SdkKind::Node => "node",
+                SdkKind::Go => "go",
+                _ => "java",
+            };
+            let script = a.sdk_root.join(format!("sdk/{name}/conformance/agent"));
+            if !script.is_file() {
+                bail!(
+                    "invalid --sdk-root: {} is missing (run from the repository root)",
+                    script.display()
+                );
+            }
+            // Build once up front, so the build's time is not counted in the burst.
+            let st = Command::new(&script).arg("build").status()?;
+            if !st.success() {
+                bail!("{} build failed ({st})", script.display());
+            }
+            Command::new(script)
         }
     })
 }
