@@ -23,7 +23,9 @@ final class Conn {
                 .keepAliveTime(2, TimeUnit.SECONDS)
                 .keepAliveTimeout(3, TimeUnit.SECONDS)
                 .keepAliveWithoutCalls(true)
-                .maxInboundMessageSize(8 * 1024 * 1024);
+                .maxInboundMessageSize(8 * 1024 * 1024)
+                // Callbacks only queue work (never block): run them on the transport thread.
+                .directExecutor();
         if (e.secure()) {
             b.useTransportSecurity();
         } else {

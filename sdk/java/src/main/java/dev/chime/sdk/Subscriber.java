@@ -22,7 +22,6 @@ import java.util.Map;
 import java.util.TreeSet;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.ExecutionException;
-import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.ScheduledExecutorService;
 import java.util.concurrent.ScheduledFuture;
@@ -58,7 +57,7 @@ final class Subscriber {
     private final Map<String, ItemHandler> handlers;
     private final Options o;
     private final ChimeLogger log;
-    private final ExecutorService pool = Executors.newCachedThreadPool(Conn.daemons("chime-item"));
+    private final Runners pool = new Runners("chime-item");
     private final ScheduledExecutorService timer =
             Executors.newSingleThreadScheduledExecutor(Conn.daemons("chime-settle"));
     private final CompletableFuture<Void> stopped = new CompletableFuture<>();
@@ -115,7 +114,7 @@ final class Subscriber {
             }
         } finally {
             channel.shutdownNow();
-            pool.shutdownNow();
+            pool.shutdown();
             timer.shutdownNow();
         }
     }
@@ -321,7 +320,7 @@ final class Subscriber {
                             }
                             held.put(d.getDeliveryId(), ctx);
                         }
-                        pool.execute(() -> runOne(this, ctx));
+                        pool.submit(() -> runOne(this, ctx));
                     }
                     if (draining) {
                         synchronized (lock) {
