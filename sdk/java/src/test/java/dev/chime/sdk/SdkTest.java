@@ -99,7 +99,7 @@ class SdkTest {
             });
             assertTrue(one.await(5, TimeUnit.SECONDS));
         }
-        assertTrue(names.size() <= 3, "tasks one after another used " + names.size() + " threads");
+        assertTrue(names.size() <= 10, "tasks one after another used " + names.size() + " threads");
         CountDownLatch all = new CountDownLatch(20);
         CountDownLatch release = new CountDownLatch(1);
         for (int i = 0; i < 20; i++) {
