@@ -183,6 +183,9 @@ final class JobSession {
         int redirects = 0;
         try {
             while (true) {
+                if (stopping && running.isEmpty() && unsent() == 0) {
+                    return; // stopped between connections with nothing left to report
+                }
                 Endpoint endpoint;
                 if (redirectTo != null) {
                     endpoint = redirectTo;
