@@ -6,3 +6,6 @@ require (
 	google.golang.org/grpc v1.33.3
 	google.golang.org/protobuf v1.28.1
 )
+
+// Tested with golang/protobuf 1.5 (grpc 1.33 needs it for its status protos).
+require github.com/golang/protobuf v1.5.2 // indirect
