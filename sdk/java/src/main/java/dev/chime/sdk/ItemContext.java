@@ -16,6 +16,7 @@ public final class ItemContext {
     private final Subscriber.Stream stream;
     private final List<Item> items;
     private final CompletableFuture<Void> cancelled = new CompletableFuture<>();
+    private volatile boolean isCancelled;
     private Thread runner; // guarded by this
     boolean started; // guarded by this
 
@@ -95,10 +96,13 @@ public final class ItemContext {
      * to the chime worker broke); its thread is interrupted at the same time.
      */
     public boolean isCancelled() {
-        return cancelled.isDone();
+        return isCancelled;
     }
 
-    /** Completes when the handler is given up on (see {@link #isCancelled()}). */
+    /**
+     * Completes when the handler is given up on (see {@link #isCancelled()}), on a pool
+     * thread, so its dependents never run on the SDK's threads.
+     */
     public CompletableFuture<Void> cancellation() {
         return cancelled;
     }
@@ -117,19 +121,25 @@ public final class ItemContext {
 
     /** Requests cancellation; true when the handler had not started (the caller releases). */
     boolean cancel() {
-        cancelled.complete(null);
+        boolean first = !isCancelled;
+        isCancelled = true;
+        boolean notStarted;
         synchronized (this) {
-            if (runner != null) {
+            if (runner != null && first) {
                 runner.interrupt();
             }
-            return !started;
+            notStarted = !started;
         }
+        if (first) {
+            cancelled.completeAsync(() -> null);
+        }
+        return notStarted;
     }
 
     /** Binds the running thread; false when cancelled before it started. */
     synchronized boolean begin(Thread t) {
         started = true;
-        if (cancelled.isDone()) {
+        if (isCancelled) {
             return false;
         }
         runner = t;

@@ -16,6 +16,7 @@ public final class JobContext {
     private final Consumer<String> logLine;
     private final CompletableFuture<String> cancelled = new CompletableFuture<>();
     private volatile String cancelReason;
+    private volatile boolean isCancelled;
     private Thread runner; // guarded by this
 
     JobContext(Assign a, Consumer<String> logLine) {
@@ -90,7 +91,7 @@ public final class JobContext {
 
     /** True once the shard must stop. */
     public boolean isCancelled() {
-        return cancelled.isDone();
+        return isCancelled;
     }
 
     /** Why it was cancelled (kill, timeout, drain timeout, …), or null. */
@@ -98,7 +99,11 @@ public final class JobContext {
         return cancelReason;
     }
 
-    /** Completes with the reason when the shard must stop (never exceptionally). */
+    /**
+     * Completes with the reason when the shard must stop (never exceptionally). It
+     * completes on a pool thread ({@link CompletableFuture#completeAsync}), so its
+     * dependents never run on the SDK's session thread.
+     */
     public CompletableFuture<String> cancellation() {
         return cancelled;
     }
@@ -124,21 +129,22 @@ public final class JobContext {
     }
 
     void cancel(String reason) {
-        if (cancelled.isDone()) {
+        if (isCancelled) {
             return;
         }
         cancelReason = reason;
-        cancelled.complete(reason);
+        isCancelled = true;
         synchronized (this) {
             if (runner != null) {
                 runner.interrupt();
             }
         }
+        cancelled.completeAsync(() -> reason);
     }
 
     synchronized void bind(Thread t) {
         runner = t;
-        if (t != null && cancelled.isDone()) {
+        if (t != null && isCancelled) {
             t.interrupt();
         }
     }
