@@ -234,9 +234,12 @@ func (s *session) start(a *pb.Assign) {
 
 func (s *session) runShard(ctx context.Context, k runKey, sh *shard) {
 	defer sh.cancel()
-	sh.startedMs = nowMs()
+	started := nowMs()
+	s.mu.Lock()
+	sh.startedMs = started
+	s.mu.Unlock()
 	s.emit(&pb.WorkerMessage{Kind: &pb.WorkerMessage_RunStarted{RunStarted: &pb.RunStarted{
-		Run: k.ref(), StartedAtMs: sh.startedMs,
+		Run: k.ref(), StartedAtMs: started,
 	}}}, false)
 	st, output, errText := pb.RunStatus_RUN_STATUS_SUCCEEDED, "", ""
 	h := s.handlers[sh.job.Handler]
@@ -269,15 +272,15 @@ func callJob(ctx context.Context, h JobHandler, j *Job) (out string, err error) 
 }
 
 func (s *session) report(k runKey, sh *shard, st pb.RunStatus, output, errText string) {
-	m := &pb.WorkerMessage{Kind: &pb.WorkerMessage_RunResult{RunResult: &pb.RunResult{
-		Run: k.ref(), Status: st, Output: output, Error: errText,
-		StartedAtMs: sh.startedMs, FinishedAtMs: nowMs(),
-	}}}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if sh.reported {
 		return
 	}
+	m := &pb.WorkerMessage{Kind: &pb.WorkerMessage_RunResult{RunResult: &pb.RunResult{
+		Run: k.ref(), Status: st, Output: output, Error: errText,
+		StartedAtMs: sh.startedMs, FinishedAtMs: nowMs(),
+	}}}
 	sh.reported = true
 	if s.running[k] == sh {
 		delete(s.running, k)

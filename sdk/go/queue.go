@@ -102,6 +102,7 @@ type ItemRef struct {
 
 // ItemView is a stored item and its state.
 type ItemView struct {
+	// ID, Key and Handler are the item's id, routing key and handler.
 	ID, Key, Handler string
 	// DueAtMs is the scheduled due time (the latest asked for), Unix ms.
 	DueAtMs int64
