@@ -10,6 +10,16 @@ J=/usr/share/java
 
 "$SDK/conformance/agent" build
 
+# Doc comments on every public type and member, and the example compiles.
+rm -rf "$OUT/doclint" && mkdir -p "$OUT/doclint"
+javac -Xdoclint:all/protected -encoding UTF-8 --release 17 -d "$OUT/doclint" \
+  -cp "$(cat "$OUT/classpath"):$J/geronimo-annotation-1.3-spec.jar" \
+  $(find "$SDK/src/main/java" -name '*.java') "$SDK/examples/Quickstart.java" >"$OUT/doclint.log" 2>&1 || true
+if grep -E "error:|warning: no comment" "$OUT/doclint.log"; then
+  echo "java SDK: doclint failed" >&2
+  exit 1
+fi
+
 # Unit tests.
 rm -rf "$OUT/test-classes" && mkdir -p "$OUT/test-classes"
 CP="$(cat "$OUT/classpath")"
