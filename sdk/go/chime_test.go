@@ -382,3 +382,105 @@ func TestSubscriptionRefused(t *testing.T) {
 		t.Errorf("Run = %v", err)
 	}
 }
+
+type redirector struct {
+	pb.UnimplementedWorkerGatewayServer
+	leader string
+}
+
+func (r *redirector) Session(s pb.WorkerGateway_SessionServer) error {
+	if _, err := s.Recv(); err != nil {
+		return err
+	}
+	return s.Send(&pb.CoordinatorMessage{Kind: &pb.CoordinatorMessage_NotLeader{NotLeader: &pb.NotLeader{Leader: r.leader}}})
+}
+
+func TestNotLeaderRedirect(t *testing.T) {
+	g := &fakeGateway{}
+	leader := serve(t, func(s *grpc.Server) { pb.RegisterWorkerGatewayServer(s, g) })
+	follower := serve(t, func(s *grpc.Server) {
+		pb.RegisterWorkerGatewayServer(s, &redirector{leader: leader[len("http://"):]})
+	})
+	w, err := NewWorker(WithCoordinator(follower), WithSignals(false), WithLogger(DiscardLogger))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ran := make(chan struct{}, 4)
+	w.HandleJob("ok", func(ctx context.Context, j *Job) (string, error) { ran <- struct{}{}; return "", nil })
+	w.HandleJob("block", func(ctx context.Context, j *Job) (string, error) { <-ctx.Done(); return "", ctx.Err() })
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	select {
+	case <-ran:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the leader's shard never ran")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+type fakeQueue struct {
+	pb.UnimplementedQueueServer
+}
+
+func (fakeQueue) Enqueue(ctx context.Context, r *pb.EnqueueRequest) (*pb.EnqueueResponse, error) {
+	for i, it := range r.Items {
+		if it.Handler == "bad handler!" {
+			field := "items[" + string(rune('0'+i)) + "].handler"
+			_ = grpc.SetTrailer(ctx, metadata.Pairs(FieldMetadata, field))
+			return nil, status.Error(codes.InvalidArgument, field+": not a handler name")
+		}
+	}
+	out := make([]pb.EnqueueOutcome, len(r.Items))
+	for i := range out {
+		out[i] = pb.EnqueueOutcome_ENQUEUE_OUTCOME_CREATED
+	}
+	return &pb.EnqueueResponse{Outcomes: out}, nil
+}
+
+func (fakeQueue) GetItem(ctx context.Context, r *pb.ItemRef) (*pb.ItemView, error) {
+	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get("authorization")) == 0 {
+		return nil, status.Error(codes.Unauthenticated, "no token")
+	}
+	if r.Id != "p-2" {
+		return nil, status.Error(codes.NotFound, "no such item")
+	}
+	return &pb.ItemView{Id: r.Id, Key: r.Key, State: pb.ItemState_ITEM_STATE_PENDING}, nil
+}
+
+func TestQueueClient(t *testing.T) {
+	url := serve(t, func(s *grpc.Server) { pb.RegisterQueueServer(s, fakeQueue{}) })
+	ctx := context.Background()
+	anon, err := NewQueueClient(url, WithLogger(DiscardLogger))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer anon.Close()
+	if _, err := anon.Get(ctx, ItemRef{ID: "p-2"}); !errors.Is(err, ErrUnauthenticated) {
+		t.Errorf("no token: %v", err)
+	}
+	q, err := NewQueueClient(url, WithToken("tok-0123456789abcdef"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	out, err := q.Enqueue(ctx, NewItem{ID: "a", Handler: "h"}, NewItem{ID: "b", Handler: "h", DueAt: time.Now()})
+	if err != nil || len(out) != 2 || out[0] != Created {
+		t.Errorf("Enqueue = %v, %v", out, err)
+	}
+	_, err = q.Enqueue(ctx, NewItem{ID: "a", Handler: "h"}, NewItem{ID: "x", Handler: "bad handler!"})
+	var e *Error
+	if !errors.Is(err, ErrInvalidArgument) || !errors.As(err, &e) || e.Field != "items[1].handler" {
+		t.Errorf("bad input: %v", err)
+	}
+	v, err := q.Get(ctx, ItemRef{Key: "user-p", ID: "p-2"})
+	if err != nil || v.State != StatePending || v.Key != "user-p" {
+		t.Errorf("Get = %+v, %v", v, err)
+	}
+	if _, err := q.Get(ctx, ItemRef{ID: "nope"}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("missing: %v", err)
+	}
+}

@@ -1,3 +1,4 @@
+// The Go SDK of chime: module users `go get`; the offline build here is in README.md.
 module github.com/chime-scheduler/chime/sdk/go
 
 go 1.19
