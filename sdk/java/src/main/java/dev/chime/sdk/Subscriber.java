@@ -24,7 +24,6 @@ import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.ExecutionException;
 import java.util.concurrent.Executors;
 import java.util.concurrent.ScheduledExecutorService;
-import java.util.concurrent.ScheduledFuture;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
 import java.util.regex.Pattern;
@@ -33,13 +32,13 @@ import java.util.regex.Pattern;
  * The delivery conversation of delivery.proto, ported from the Python SDK's items.py:
  * subscribe with a credit, run each delivery's handler on a pooled thread (at most
  * {@code credit} at once, since the chime worker never sends more), settle it (ack,
- * fail with an optional retry delay, release on a drain timeout) in batches — one
- * {@code Settle} per 5 ms, or at once when a quarter of the credit (at most 512) is
- * waiting — and drain on stop. Reconnects with backoff when a stream breaks.
+ * fail with an optional retry delay, release on a drain timeout) in batches — sent as
+ * soon as the settler thread gets to them (what settles meanwhile joins the same
+ * {@code Settle}), or at once when a quarter of the credit (at most 512) is waiting —
+ * and drain on stop. Reconnects with backoff when a stream breaks.
  */
 final class Subscriber {
     static final Pattern HANDLER_NAME = Pattern.compile("^[A-Za-z0-9._:-]{1,128}$");
-    static final long SETTLE_FLUSH_MS = 5;
     static final int SETTLE_MAX_BATCH = 512;
     static final long CANCEL_GRACE_MS = 2000;
     static final int MAX_ERROR_BYTES = 4096;
@@ -301,7 +300,7 @@ final class Subscriber {
         private int nAcks;
         private final List<Failure> failures = new ArrayList<>();
         private final List<Long> releases = new ArrayList<>();
-        private ScheduledFuture<?> flushTimer;
+        private boolean flushQueued;
 
         @Override
         public void beforeStart(ClientCallStreamObserver<SubscribeRequest> rs) {
@@ -425,8 +424,11 @@ final class Subscriber {
                 }
                 if (nAcks + failures.size() + releases.size() >= threshold) {
                     flushLocked();
-                } else if (flushTimer == null) {
-                    flushTimer = timer.schedule(this::flush, SETTLE_FLUSH_MS, TimeUnit.MILLISECONDS);
+                } else if (!flushQueued) {
+                    // Sent as soon as the settler thread runs: what settles meanwhile joins
+                    // the same Settle (batches grow with the load, no added latency).
+                    flushQueued = true;
+                    timer.execute(this::flush);
                 }
                 if (draining && held.isEmpty()) {
                     lock.notifyAll();
@@ -441,10 +443,7 @@ final class Subscriber {
         }
 
         private void flushLocked() {
-            if (flushTimer != null) {
-                flushTimer.cancel(false);
-                flushTimer = null;
-            }
+            flushQueued = false;
             if (nAcks + failures.size() + releases.size() == 0) {
                 return;
             }
@@ -478,10 +477,6 @@ final class Subscriber {
                 return;
             }
             closed = true;
-            if (flushTimer != null) {
-                flushTimer.cancel(false);
-                flushTimer = null;
-            }
             nAcks = 0;
             failures.clear();
             releases.clear();
