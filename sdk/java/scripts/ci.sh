@@ -31,6 +31,6 @@ java -jar "$J/junit-platform-console-standalone.jar" --disable-banner --details=
 
 # The Maven build users run (offline: every repository mirrors file:///usr/share/maven-repo).
 if [ "${SKIP_MAVEN:-0}" != 1 ]; then
-  (cd "$SDK" && mvn -B -q -s settings.xml package)
+  (cd "$SDK" && mvn -B -q -Dstyle.color=never -s settings.xml package)
 fi
 echo "java SDK: ok"
