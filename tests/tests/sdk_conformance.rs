@@ -715,6 +715,7 @@ scenarios!(
     sdks: {
         rust => Rust,
         python => Python,
+        java => Java,
     },
     scenarios: [
         job_shards,

@@ -36,8 +36,11 @@ public class Quickstart {
                 .item("quickstart.remind", ctx -> {
                     long now = System.currentTimeMillis();
                     for (Item item : ctx.items()) {
-                        System.out.printf("got %s for %s: %s (attempt %d, %d ms after due)%n",
-                                item.id(), item.key(), item.text(), item.attempt(), now - item.dueAtMs());
+                        long lag = now - item.dueAtMs();
+                        String when = lag >= 0 ? lag + " ms after due"
+                                : -lag + " ms early: merged, it fires with the earliest";
+                        System.out.printf("got %s for %s: %s (attempt %d, %s)%n",
+                                item.id(), item.key(), item.text(), item.attempt(), when);
                         expected.remove(item.id());
                     }
                     if (ctx.merged()) {
