@@ -716,6 +716,7 @@ scenarios!(
         rust => Rust,
         python => Python,
         java => Java,
+        go => Go,
     },
     scenarios: [
         job_shards,
