@@ -717,6 +717,7 @@ scenarios!(
         python => Python,
         java => Java,
         go => Go,
+        node => Node,
     },
     scenarios: [
         job_shards,
