@@ -107,11 +107,8 @@ fn agent(a: &DeliveriesArgs) -> Result<Command> {
             c
         }
         SdkKind::Node | SdkKind::Go | SdkKind::Java => {
-            let name = match a.sdk {
-                SdkKind::Node => "node",
-                SdkKind::Go => "go",
-                _ => "java",
-            };
+            // The SDK's directory is its name as printed in the result (`sdk`).
+            let name = format!("{:?}", a.sdk).to_lowercase();
             let script = a.sdk_root.join(format!("sdk/{name}/conformance/agent"));
             if !script.is_file() {
                 bail!(
