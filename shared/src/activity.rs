@@ -106,9 +106,6 @@ fn counter_field(kind: Kind, family: &str) -> String {
 fn gauge_field(g: Gauge, family: &str) -> String {
     format!("g|{}|{family}", g.code())
 }
-fn lag_field(bin: u32, family: &str) -> String {
-    format!("l|{bin}|{family}")
-}
 
 /// The lag bin of `ms`.
 fn lag_bin(ms: u64) -> u32 {
@@ -193,8 +190,28 @@ impl Recorder {
         if n == 0 || !self.on() {
             return;
         }
-        let field = counter_field(kind, family);
-        self.with_bucket(|d| *d.add.entry(field).or_default() += n as i64);
+        self.bump(format_args!("c|{}|{family}", kind.code()), n as i64);
+    }
+
+    /// Adds `n` to `field` in the current bucket. The name is written into a
+    /// per-thread buffer and copied only when the bucket lacks it: a delivery records
+    /// two or three events, and an allocation each was a measurable share of the
+    /// worker's time at 100k items/s.
+    fn bump(&self, field: std::fmt::Arguments<'_>, n: i64) {
+        thread_local! {
+            static FIELD: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        FIELD.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            let _ = std::fmt::Write::write_fmt(&mut *buf, field);
+            self.with_bucket(|d| match d.add.get_mut(buf.as_str()) {
+                Some(v) => *v += n,
+                None => {
+                    d.add.insert(buf.clone(), n);
+                }
+            });
+        });
     }
 
     /// Records one fire lag of `family`.
@@ -202,8 +219,7 @@ impl Recorder {
         if !self.on() {
             return;
         }
-        let field = lag_field(lag_bin(ms), family);
-        self.with_bucket(|d| *d.add.entry(field).or_default() += 1);
+        self.bump(format_args!("l|{}|{family}", lag_bin(ms)), 1);
     }
 
     /// Sets gauge `g` of `family` in the current bucket.

@@ -3,8 +3,10 @@
 //! Flow of one item: a **poller** takes capacity (permits of the in-flight
 //! semaphore) *before* it claims a queue, so it never holds a lease it cannot use;
 //! it claims the queue picked by the shared ticket counter, pops up to its capacity,
-//! and spawns one task per delivery. The task waits for its handler's concurrency
-//! slot, runs the handler, and sends the outcome to the **settler**, which batches
+//! and spawns one task per delivery (a delivery for a subscriber of the hub whose
+//! handler has no live limit is offered to the hub instead, which ends it in a
+//! callback: no task). The task waits for its handler's concurrency slot and rate
+//! limit, runs the handler, and sends the outcome to the **settler**, which batches
 //! settlements per queue into one script call. The permits travel with the
 //! settlement and are dropped only once the store has recorded it, so the number of
 //! items a worker holds (popped, running, or awaiting settlement) never exceeds
@@ -44,7 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::delivery::{Hub, Remote, Verdict};
+use crate::delivery::{Hub, Offer, Remote, Verdict};
 use crate::handler::{ItemContext, ItemHandler};
 use crate::live::{self, Gate, Knobs, Live};
 use crate::{Registered, WorkerError};
@@ -154,9 +156,32 @@ struct SettleMsg {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A delivery between its start and its end (see [`Consumer::start`]).
+#[derive(Debug)]
+struct Started {
+    queue: u32,
+    /// Item ids and their delivery tokens, in delivery order.
+    tokens: Vec<(String, DeliveryToken)>,
+    handler: String,
+    /// Attempt of the first item.
+    attempt: u32,
+    /// Every item is on its last attempt: a failure dead-letters them.
+    last_attempt: bool,
+    /// The handler's slot, if it has one (for its meters).
+    slot: Option<Arc<Slot>>,
+    /// The slot, when a handler here or a subscriber runs it; `None`: parked.
+    runs: Option<Arc<Slot>>,
+    trace: Option<TraceContext>,
+    trace_span: Option<Span>,
+    /// The delivery's share of the in-flight capacity, until it is settled.
+    permit: OwnedSemaphorePermit,
+}
+
 /// What runs one handler name on this worker, with its live limits.
 #[derive(Debug)]
 struct Slot {
+    /// The handler name.
+    name: String,
     /// The handler in this process; `None`: subscribers of the hub run it.
     local: Option<Arc<dyn ItemHandler>>,
     gate: Gate,
@@ -172,6 +197,7 @@ impl Slot {
         concurrency: Option<usize>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            name: name.to_owned(),
             local,
             gate: Gate::new(concurrency),
             rate_turn: tokio::sync::Mutex::new(()),
@@ -248,12 +274,16 @@ pub struct Consumer {
     /// Names of the local handlers, sorted.
     local_names: Vec<String>,
     hub: Option<Arc<Hub>>,
+    /// This consumer's owner id at the hub (see [`Offer::owner`]).
+    owner: u64,
     served: Mutex<Served>,
     /// The hub version the pollers' view of the queues was formed under.
     looked_under: AtomicU64,
     opts: ConsumerOptions,
     permits: Arc<Semaphore>,
-    in_flight: Mutex<HashMap<(u32, String), DeliveryToken>>,
+    /// Queue → item id → token of every delivery popped and not yet settled (what
+    /// the extender keeps visible). Nested so a lookup borrows the id.
+    in_flight: Mutex<HashMap<u32, HashMap<String, DeliveryToken>>>,
     known: Mutex<Vec<Known>>,
     /// Per queue, the earliest due time the store announced since this worker last
     /// looked there (`i64::MAX`: none). Kept apart from `known`, which a pop that
@@ -300,6 +330,7 @@ impl Consumer {
                 names: local_names.clone().into(),
             }),
             local_names,
+            owner: hub.as_ref().map_or(0, |h| h.owner()),
             hub,
             looked_under: AtomicU64::new(0),
             slots: RwLock::new(slots),
@@ -370,6 +401,10 @@ impl Consumer {
         if !finished {
             warn!(worker_id = %self.worker_id, "drain timeout: handing back running items");
             self.abandon.cancel();
+            // Deliveries held by subscribers end `Abandoned` (handed back) now.
+            if let Some(hub) = &self.hub {
+                hub.abandon(self.owner);
+            }
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), self.permits.acquire_many(all)).await;
         }
@@ -807,6 +842,11 @@ impl Consumer {
         self.woken.notify_waiters();
     }
 
+    /// Starts every delivery of a pop. A delivery whose handler runs on a
+    /// subscriber of the hub, with no concurrency or rate limit in force, is
+    /// offered to the hub right here and ends in the hub's callback: no task, no
+    /// timer, no channel per delivery. Every other one (a local handler, a limited
+    /// handler, nobody serving it) gets a task of its own.
     fn dispatch(self: &Arc<Self>, popped: Popped, mut permit: OwnedSemaphorePermit) {
         let now = popped.now_ms;
         for delivery in popped.deliveries {
@@ -821,22 +861,54 @@ impl Consumer {
             };
             {
                 let mut map = lock(&self.in_flight);
+                let q = map.entry(delivery.queue).or_default();
                 for c in &delivery.items {
-                    map.insert((delivery.queue, c.item.id.clone()), c.token);
+                    q.insert(c.item.id.clone(), c.token);
                 }
             }
-            tokio::spawn(self.clone().run_delivery(delivery, p, now));
+            let (started, items) = self.start(delivery, p, now);
+            match (&self.hub, &started.runs) {
+                (Some(hub), Some(slot)) if slot.local.is_none() && self.unlimited(slot) => {
+                    let this = self.clone();
+                    let slot = slot.clone();
+                    hub.offer(Offer {
+                        handler: started.handler.clone(),
+                        items,
+                        queue: started.queue,
+                        trace: started.trace,
+                        owner: self.owner,
+                        done: Box::new(move |remote| {
+                            let outcome = this.remote_outcome(&slot, started.attempt, remote);
+                            this.finish(started, outcome);
+                        }),
+                    });
+                }
+                _ => {
+                    tokio::spawn(self.clone().run_delivery(started, items));
+                }
+            }
         }
     }
 
-    /// Runs one delivery's handler and queues its settlement (with its capacity).
-    /// `now_ms` is the store's clock at the pop.
-    async fn run_delivery(
-        self: Arc<Self>,
+    /// Whether a remote handler's delivery may skip admission: no concurrency cap
+    /// and no rate policy in force for it now.
+    fn unlimited(&self, slot: &Slot) -> bool {
+        slot.gate.unlimited()
+            && self
+                .live
+                .as_ref()
+                .is_none_or(|l| !live::rate_limited(l, &slot.name))
+    }
+
+    /// What every delivery does before its handler runs: takes its items apart from
+    /// their tokens, finds who runs it, counts the fire and its lag, and opens its
+    /// trace span. `now_ms` is the store's clock at the pop.
+    fn start(
+        &self,
         delivery: Delivery,
         permit: OwnedSemaphorePermit,
         now_ms: i64,
-    ) {
+    ) -> (Started, Vec<Item>) {
         let queue = delivery.queue;
         let mut tokens = Vec::with_capacity(delivery.items.len());
         let mut items = Vec::with_capacity(delivery.items.len());
@@ -847,13 +919,12 @@ impl Consumer {
         let handler = items[0].handler.clone();
         let attempt = items[0].attempt;
         let last_attempt = items.iter().all(|i| i.attempt >= i.max_attempts);
-        let item_id = items[0].id.clone();
         let n = tokens.len() as u64;
         let slot = self.slot(&handler);
         let runs = slot
-            .as_ref()
+            .clone()
             .filter(|s| s.local.is_some() || self.hub.as_ref().is_some_and(|h| h.serves(&handler)));
-        if let Some(s) = runs {
+        if let Some(s) = &runs {
             s.meters.fired.increment(n);
             activity::add(self.store.family(), activity::Kind::Fired, n);
             // Fire lag is due time → first start: a retry starts after its backoff,
@@ -866,16 +937,37 @@ impl Consumer {
         }
         // The trace span of the delivery, when an item carries a sampled producer
         // context; the handler (local or remote) parents its own spans on it.
-        let mut trace_span = runs.and_then(|_| delivery_span(&items, queue, &self.worker_id));
+        let trace_span = runs
+            .as_ref()
+            .and_then(|_| delivery_span(&items, queue, &self.worker_id));
         let trace = trace_span
             .as_ref()
             .map(|s| s.context)
             .or_else(|| items.iter().find_map(|i| i.traceparent));
-        let outcome = match runs {
+        let started = Started {
+            queue,
+            tokens,
+            handler,
+            attempt,
+            last_attempt,
+            slot,
+            runs,
+            trace,
+            trace_span,
+            permit,
+        };
+        (started, items)
+    }
+
+    /// Runs one delivery's handler (here, or on a subscriber after admission) and
+    /// ends it.
+    async fn run_delivery(self: Arc<Self>, started: Started, items: Vec<Item>) {
+        let (queue, trace) = (started.queue, started.trace);
+        let outcome = match &started.runs {
             Some(slot) if slot.local.is_some() => {
                 // Every log line of the delivery, the handler's own included, names
                 // the item (the first one of a merged delivery, and how many).
-                let span = tracing::info_span!("item", item_id = %item_id, key = %items[0].key,
+                let span = tracing::info_span!("item", item_id = %items[0].id, key = %items[0].key,
                                                merged = items.len(), queue);
                 self.call(slot, queue, items, trace).instrument(span).await
             }
@@ -884,6 +976,26 @@ impl Consumer {
             // without an attempt counted.
             None => Outcome::Park,
         };
+        self.finish(started, outcome);
+    }
+
+    /// Ends a delivery: counts its outcome, closes its span, forgets it as in
+    /// flight, and queues its settlement (with its capacity). Never waits: the
+    /// hub calls it from its callbacks.
+    fn finish(&self, started: Started, outcome: Outcome) {
+        let Started {
+            queue,
+            tokens,
+            handler,
+            attempt,
+            last_attempt,
+            slot,
+            trace_span,
+            permit,
+            ..
+        } = started;
+        let n = tokens.len() as u64;
+        let item_id = tokens[0].0.as_str();
         let meter = |pick: fn(&Meters) -> &metrics::Counter, name: &'static str| match &slot {
             Some(s) => pick(&s.meters).increment(n),
             None => metrics::counter!(name, "handler" => handler.clone()).increment(n),
@@ -898,11 +1010,11 @@ impl Consumer {
                 self.handled.fetch_add(1, Ordering::Relaxed);
                 activity::add(self.store.family(), activity::Kind::Failed, n);
                 if last_attempt {
-                    warn!(item_id = %item_id, %handler, attempt, %error, "last attempt failed; dead-lettering");
+                    warn!(item_id, %handler, attempt, %error, "last attempt failed; dead-lettering");
                     meter(|m| &m.dead, m::ITEMS_DEAD_LETTERED);
                     activity::add(self.store.family(), activity::Kind::Dead, n);
                 } else {
-                    debug!(item_id = %item_id, %handler, attempt, %error, "handler failed; will retry");
+                    debug!(item_id, %handler, attempt, %error, "handler failed; will retry");
                     meter(|m| &m.retried, m::ITEMS_RETRIED);
                 }
             }
@@ -911,11 +1023,11 @@ impl Consumer {
                 meter(|m| &m.released, m::ITEMS_RELEASED);
             }
             Outcome::Park => {
-                debug!(item_id = %item_id, %handler, "no handler here; parked until one is served");
+                debug!(item_id, %handler, "no handler here; parked until one is served");
                 meter(|m| &m.parked, m::ITEMS_PARKED);
             }
         }
-        if let Some(mut s) = trace_span.take() {
+        if let Some(mut s) = trace_span {
             let label = match &outcome {
                 Outcome::Ack => "acked",
                 Outcome::Retry { error, .. } => {
@@ -934,8 +1046,10 @@ impl Consumer {
         }
         {
             let mut map = lock(&self.in_flight);
-            for (id, _) in &tokens {
-                map.remove(&(queue, id.clone()));
+            if let Some(q) = map.get_mut(&queue) {
+                for (id, _) in &tokens {
+                    q.remove(id);
+                }
             }
         }
         match &outcome {
@@ -996,8 +1110,13 @@ impl Consumer {
             return Outcome::Release;
         };
         let remote = hub
-            .deliver_traced(&handler, items, queue, trace, &self.abandon)
+            .deliver_traced(&handler, items, queue, trace, self.owner)
             .await;
+        self.remote_outcome(slot, attempt, remote)
+    }
+
+    /// What a subscriber's end of a delivery means for its items (and counts it).
+    fn remote_outcome(&self, slot: &Slot, attempt: u32, remote: Remote) -> Outcome {
         let label = match &remote {
             Remote::Settled(Verdict::Ack) => "ack",
             Remote::Settled(Verdict::Fail { .. }) => "fail",
@@ -1161,10 +1280,11 @@ impl Consumer {
                 _ = tokio::time::sleep(every) => {},
                 _ = done.cancelled() => return,
             }
-            let mut by_queue: HashMap<u32, Vec<(String, DeliveryToken)>> = HashMap::new();
-            for ((q, id), tok) in lock(&self.in_flight).iter() {
-                by_queue.entry(*q).or_default().push((id.clone(), *tok));
-            }
+            let by_queue: Vec<(u32, Vec<(String, DeliveryToken)>)> = lock(&self.in_flight)
+                .iter()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(q, m)| (*q, m.iter().map(|(id, t)| (id.clone(), *t)).collect()))
+                .collect();
             for (q, items) in by_queue {
                 if let Err(e) = self.store.extend(q, &items, self.knobs.visibility()).await {
                     store_error("extend", &e);

@@ -43,6 +43,11 @@ impl Gate {
         }
     }
 
+    /// Whether no cap is in force.
+    pub(crate) fn unlimited(&self) -> bool {
+        lock(&self.sem).is_none()
+    }
+
     /// Waits for a slot (none needed when unlimited).
     pub(crate) async fn enter(&self) -> Option<OwnedSemaphorePermit> {
         let sem = lock(&self.sem).as_ref().map(|(s, _)| s.clone());
@@ -145,6 +150,12 @@ pub(crate) fn log_layout(worker_id: &str, layout: &chime_shared::queue::Layout) 
         applied_at_ms = system_now_ms(),
         "queue layout applied"
     );
+}
+
+/// Whether a rate policy applies to `handler` now (so its deliveries go through
+/// [`throttle`]).
+pub(crate) fn rate_limited(live: &Live, handler: &str) -> bool {
+    live.limiter.is_some() && Policy::of(&live.config.current(), handler).is_some()
 }
 
 /// Waits until `want` items of `handler` may run under its rate policy (if any).

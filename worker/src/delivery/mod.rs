@@ -10,12 +10,19 @@
 //! handler's result. A delivery whose handler has no subscriber is not run at all:
 //! the consumer parks it in its queue (`Outcome::Park`), no attempt counted.
 //!
+//! A delivery in the hub is data, not a task: [`Hub::offer`] hands it over (or
+//! queues it for credit) and returns at once, and whatever ends it — the
+//! subscriber's verdict, the sweeper finding its settle deadline passed, the
+//! stream's end, the worker's drain giving up — takes it out of the subscriber's
+//! `pending` map and calls its [`Done`] callback, exactly once. So a burst of
+//! thousands of deliveries costs map entries, not thousands of tasks each with a
+//! timer and a channel.
+//!
 //! Why one mutex over all subscribers: every decision (which subscriber, how much
 //! credit is left, who waits for credit) must see one consistent picture, the
 //! critical sections are a few map operations, and there are few subscribers per
-//! worker. Waiting for credit is a FIFO of one-shot channels per handler, so freed
-//! credit wakes exactly the delivery that gets it (no thundering herd when
-//! thousands of deliveries wait).
+//! worker. Waiting for credit is a FIFO of offers per handler, so freed credit goes
+//! to exactly the next delivery (no thundering herd when thousands wait).
 //!
 //! This module has no gRPC in it: [`server`] is the tonic edge that turns streams
 //! into [`Hub::subscribe`] calls and [`Outgoing`] values into messages, and
@@ -27,7 +34,7 @@ pub mod server;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -215,11 +222,59 @@ pub struct OutDelivery {
     pub traceparent: Option<TraceContext>,
 }
 
-/// One delivery a subscriber holds.
-#[derive(Debug)]
+/// What the hub calls, exactly once, with the end of a delivery it was offered.
+///
+/// It runs on whichever thread ended the delivery (a stream's reader, the sweeper,
+/// the drain), sometimes under the hub's lock: it must be quick and must not call
+/// back into the hub. The consumer's turns the end into a settlement right there, so
+/// a delivery in the hub is data, not a task waiting on a timer and a channel.
+pub(crate) type Done = Box<dyn FnOnce(Remote) + Send>;
+
+/// A delivery offered to the hub (see [`Hub::offer`]).
+pub(crate) struct Offer {
+    /// Handler name.
+    pub handler: String,
+    /// The items (merged ones included).
+    pub items: Vec<Item>,
+    /// The queue they came from.
+    pub queue: u32,
+    /// The worker's span of the delivery.
+    pub trace: Option<TraceContext>,
+    /// Who offered it: [`Hub::abandon`] ends that owner's deliveries only (two
+    /// consumers may share one hub, as `chime dev`'s do).
+    pub owner: u64,
+    /// Told the end.
+    pub done: Done,
+}
+
+impl std::fmt::Debug for Offer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offer")
+            .field("handler", &self.handler)
+            .field("items", &self.items.len())
+            .field("queue", &self.queue)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One delivery a subscriber holds. Whoever takes it out of the subscriber's
+/// `pending` map (a settlement, the sweeper, the stream's end, the drain) calls
+/// `done`: the map is what makes the end happen exactly once.
 struct Held {
-    verdict: oneshot::Sender<Verdict>,
-    deadline_ms: Arc<AtomicI64>,
+    done: Done,
+    owner: u64,
+    /// Settle (or extend) by then, worker clock, Unix ms; moved by `Extend`.
+    deadline_ms: i64,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("owner", &self.owner)
+            .field("deadline_ms", &self.deadline_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One subscriber stream.
@@ -277,37 +332,6 @@ impl Subscriber {
             .is_some_and(|tx| tx.send(msg).is_ok())
     }
 
-    /// Queues a delivery unless the subscriber drains (checked under the same lock
-    /// that queues `Drained`, so no delivery ever follows it) or its stream ended.
-    fn send_delivery(&self, d: OutDelivery) -> Sent {
-        let out = lock(&self.out);
-        if self.draining.load(Ordering::Relaxed) {
-            return Sent::Draining(d);
-        }
-        match out.as_ref() {
-            Some(tx) if tx.send(Outgoing::Deliver(d)).is_ok() => Sent::Yes,
-            _ => Sent::Closed,
-        }
-    }
-
-    /// Ends deliveries this stream holds; answers the ids it does not hold (unknown,
-    /// already settled, timed out), which changed nothing.
-    pub fn settle(&self, verdicts: impl IntoIterator<Item = (u64, Verdict)>) -> Vec<u64> {
-        let mut refused = Vec::new();
-        let mut pending = lock(&self.pending);
-        for (id, v) in verdicts {
-            match pending.remove(&id) {
-                // The delivery's task may have given up an instant ago (abandoned):
-                // then nobody listens, and nothing was changed either way.
-                Some(h) => {
-                    let _ = h.verdict.send(v);
-                }
-                None => refused.push(id),
-            }
-        }
-        refused
-    }
-
     /// Moves the settle deadline of held deliveries to `extend_ms` from now (0: the
     /// subscription's settle timeout); answers the ids it does not hold.
     pub fn extend(&self, ids: &[u64], extend_ms: u32) -> Vec<u64> {
@@ -317,11 +341,11 @@ impl Subscriber {
             extend_ms.min(*SETTLE_TIMEOUT_RANGE_MS.end())
         };
         let deadline = system_now_ms() + i64::from(ms);
-        let pending = lock(&self.pending);
+        let mut pending = lock(&self.pending);
         let mut refused = Vec::new();
         for id in ids {
-            match pending.get(id) {
-                Some(h) => h.deadline_ms.store(deadline, Ordering::Relaxed),
+            match pending.get_mut(id) {
+                Some(h) => h.deadline_ms = deadline,
                 None => refused.push(*id),
             }
         }
@@ -337,15 +361,26 @@ impl Subscriber {
             });
         }
     }
-}
 
-/// A delivery waiting for credit on one of its handler's subscribers.
-type Waiter = oneshot::Sender<Option<Arc<Subscriber>>>;
+    /// Takes out the held deliveries `pick` chooses (all of them, expired ones, one
+    /// owner's), so their ends can be told outside the lock.
+    fn take_held(&self, mut pick: impl FnMut(&Held) -> bool) -> Vec<Held> {
+        let mut pending = lock(&self.pending);
+        let ids: Vec<u64> = pending
+            .iter()
+            .filter(|(_, h)| pick(h))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter().filter_map(|id| pending.remove(id)).collect()
+    }
+}
 
 #[derive(Debug, Default)]
 struct HandlerSubs {
     subs: Vec<Arc<Subscriber>>,
-    waiters: VecDeque<Waiter>,
+    /// Deliveries waiting for credit on one of these subscribers, oldest first:
+    /// freed credit goes to exactly the next one (no thundering herd).
+    waiting: VecDeque<Offer>,
 }
 
 #[derive(Debug, Default)]
@@ -356,6 +391,8 @@ struct State {
     served: Arc<[String]>,
     /// Bumped whenever `served` may have changed.
     version: u64,
+    /// Owners whose drain gave up: what they offer from now on ends `Abandoned`.
+    abandoned: HashSet<u64>,
 }
 
 /// Routes deliveries to subscribers (see the module doc).
@@ -364,6 +401,7 @@ pub struct Hub {
     opts: HubOptions,
     state: Mutex<State>,
     next_sub: AtomicU64,
+    next_owner: AtomicU64,
     /// Fires when the first subscriber arrives (or any subscription changes), so an
     /// idle consumer can start claiming queues.
     changed: tokio::sync::Notify,
@@ -371,21 +409,52 @@ pub struct Hub {
     stopped: CancellationToken,
 }
 
+/// How often held deliveries are checked against their settle deadline. Settle
+/// timeouts are at least a second, so a tenth of that is late by at most 10 %.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
 impl Hub {
-    /// A hub with no subscriber yet.
+    /// A hub with no subscriber yet. Called within a Tokio runtime, it starts the
+    /// sweeper that times out unsettled deliveries (it stops with the hub).
     pub fn new(opts: HubOptions) -> Arc<Self> {
-        Arc::new(Self {
+        let hub = Arc::new(Self {
             opts,
             state: Mutex::default(),
             next_sub: AtomicU64::new(1),
+            next_owner: AtomicU64::new(1),
             changed: tokio::sync::Notify::new(),
             stopped: CancellationToken::new(),
-        })
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Weak: the sweeper must not keep a dropped hub alive.
+            let weak = Arc::downgrade(&hub);
+            let stopped = hub.stopped.clone();
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stopped.cancelled() => return,
+                    }
+                    match weak.upgrade() {
+                        Some(hub) => hub.sweep(system_now_ms()),
+                        None => return,
+                    }
+                }
+            });
+        }
+        hub
     }
 
     /// The settings subscribers are told.
     pub fn options(&self) -> &HubOptions {
         &self.opts
+    }
+
+    /// A new owner id for [`Offer::owner`] (one per consumer).
+    pub(crate) fn owner(&self) -> u64 {
+        self.next_owner.fetch_add(1, Ordering::Relaxed)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -439,6 +508,8 @@ impl Hub {
     /// attempts, deliveries waiting for its credit go to other subscribers or are
     /// parked.
     pub fn unsubscribe(&self, sub: &Arc<Subscriber>) {
+        // First: nothing more is sent to it, so no delivery lands in `pending` after
+        // it is emptied below (a send under the hub's lock sees the closed stream).
         *lock(&sub.out) = None;
         {
             let mut st = self.state();
@@ -454,10 +525,14 @@ impl Hub {
             Self::recompute(&mut st);
             metrics::gauge!(m::DELIVERY_SUBSCRIBERS).set(st.subs.len() as f64);
         }
-        // Dropping the verdict senders wakes each delivery's task with "gone".
-        let held = std::mem::take(&mut *lock(&sub.pending));
+        let held = sub.take_held(|_| true);
         tracing::info!(subscriber = %sub.name, unsettled = held.len(), "subscriber left");
-        drop(held);
+        for h in held {
+            sub.held.fetch_sub(1, Ordering::Relaxed);
+            (h.done)(Remote::Gone {
+                subscriber: sub.name.clone(),
+            });
+        }
         self.changed.notify_waiters();
     }
 
@@ -466,8 +541,7 @@ impl Hub {
     pub fn drain(&self, sub: &Arc<Subscriber>) {
         let mut st = self.state();
         {
-            // Under the stream's lock: every delivery queued before `Drained` is
-            // sent before it, and none after (see `send_delivery`).
+            // Under the stream's lock: no delivery is queued after `Drained`.
             let out = lock(&sub.out);
             sub.draining.store(true, Ordering::Relaxed);
             if let Some(tx) = out.as_ref() {
@@ -490,6 +564,33 @@ impl Hub {
         sub.credit.store(credit, Ordering::Relaxed);
         Self::feed(&mut st, sub);
         Ok(())
+    }
+
+    /// Ends the deliveries `sub` settles; answers the ids it does not hold
+    /// (unknown, already settled, timed out or abandoned), which change nothing.
+    pub fn settle(
+        &self,
+        sub: &Arc<Subscriber>,
+        verdicts: impl IntoIterator<Item = (u64, Verdict)>,
+    ) -> Vec<u64> {
+        let mut refused = Vec::new();
+        let mut ended = Vec::new();
+        {
+            let mut pending = lock(&sub.pending);
+            for (id, v) in verdicts {
+                match pending.remove(&id) {
+                    Some(h) => ended.push((h, v)),
+                    None => refused.push(id),
+                }
+            }
+        }
+        if !ended.is_empty() {
+            self.give_back(sub, ended.len() as u32);
+            for (h, v) in ended {
+                (h.done)(Remote::Settled(v));
+            }
+        }
+        refused
     }
 
     /// Tells every subscriber the worker is draining; settlements are still taken
@@ -539,148 +640,151 @@ impl Hub {
         self.changed.notified()
     }
 
-    /// Hands a delivery to a subscriber of `handler` with free credit (waiting for
-    /// credit if all are busy), and waits for its verdict, the settle timeout
-    /// (extensions included), the subscriber's end, or `abandon`.
-    #[cfg(test)]
-    pub(crate) async fn deliver(
-        self: &Arc<Self>,
-        handler: &str,
-        items: Vec<Item>,
-        queue: u32,
-        abandon: &CancellationToken,
-    ) -> Remote {
-        self.deliver_traced(handler, items, queue, None, abandon)
-            .await
+    /// Hands a delivery to the subscriber of its handler with the most free
+    /// credit, or queues it for the next credit freed; its end (verdict, settle
+    /// timeout with extensions, the subscriber's end, no subscriber, the owner's
+    /// drain giving up) reaches `offer.done`, exactly once. Never waits.
+    pub(crate) fn offer(&self, offer: Offer) {
+        let mut st = self.state();
+        if st.abandoned.contains(&offer.owner) {
+            drop(st);
+            (offer.done)(Remote::Abandoned);
+            return;
+        }
+        match Self::pick(&mut st, &offer.handler) {
+            Pick::Got(sub) => Self::hand_over(&sub, offer),
+            Pick::Busy => st
+                .by_handler
+                .entry(offer.handler.clone())
+                .or_default()
+                .waiting
+                .push_back(offer),
+            Pick::None => {
+                drop(st);
+                (offer.done)(Remote::NoSubscriber);
+            }
+        }
     }
 
-    /// [`Hub::deliver`], telling the subscriber the worker's span of the delivery.
+    /// [`Hub::offer`] as a future of its end (handlers under a concurrency or rate
+    /// limit are admitted by a task of their own, which then waits here).
     pub(crate) async fn deliver_traced(
-        self: &Arc<Self>,
-        handler: &str,
-        mut items: Vec<Item>,
-        queue: u32,
-        trace: Option<TraceContext>,
-        abandon: &CancellationToken,
-    ) -> Remote {
-        loop {
-            let sub = match self.take_credit(handler, abandon).await {
-                Ok(s) => s,
-                Err(r) => return r,
-            };
-            match self
-                .hand_over(&sub, handler, items, queue, trace, abandon)
-                .await
-            {
-                Ok(r) => return r,
-                // It began draining between our pick and the send: pick again.
-                Err(back) => items = back,
-            }
-        }
-    }
-
-    /// One credit of a subscriber of `handler`, waiting for one if all are busy.
-    async fn take_credit(
         &self,
-        handler: &str,
-        abandon: &CancellationToken,
-    ) -> Result<Arc<Subscriber>, Remote> {
-        let rx = {
-            let mut st = self.state();
-            match Self::pick(&mut st, handler) {
-                Pick::Got(s) => return Ok(s),
-                Pick::None => return Err(Remote::NoSubscriber),
-                Pick::Busy => {
-                    let (tx, rx) = oneshot::channel();
-                    st.by_handler
-                        .entry(handler.to_owned())
-                        .or_default()
-                        .waiters
-                        .push_back(tx);
-                    rx
-                }
-            }
-        };
-        tokio::select! {
-            got = rx => match got {
-                Ok(Some(s)) => Ok(s),
-                // Every subscriber of the handler left or is draining.
-                Ok(None) | Err(_) => Err(Remote::NoSubscriber),
-            },
-            // Dropping the receiver: whoever would have handed credit to it sees
-            // the send fail and gives the credit to the next waiter.
-            _ = abandon.cancelled() => Err(Remote::Abandoned),
-        }
-    }
-
-    /// Sends the delivery down `sub`'s stream (holding one of its credits, returned
-    /// on every path) and waits for its end. Answers the items back when `sub`
-    /// began draining before the send.
-    async fn hand_over(
-        &self,
-        sub: &Arc<Subscriber>,
         handler: &str,
         items: Vec<Item>,
         queue: u32,
         trace: Option<TraceContext>,
-        abandon: &CancellationToken,
-    ) -> Result<Remote, Vec<Item>> {
-        let _credit = CreditGuard { hub: self, sub };
-        let id = sub.next_delivery.fetch_add(1, Ordering::Relaxed);
-        let deadline = Arc::new(AtomicI64::new(
-            system_now_ms() + i64::from(sub.settle_timeout_ms),
-        ));
-        let (tx, mut rx) = oneshot::channel();
-        lock(&sub.pending).insert(
-            id,
-            Held {
-                verdict: tx,
-                deadline_ms: deadline.clone(),
-            },
-        );
-        let sent = sub.send_delivery(OutDelivery {
-            id,
+        owner: u64,
+    ) -> Remote {
+        let (tx, rx) = oneshot::channel();
+        self.offer(Offer {
             handler: handler.to_owned(),
             items,
             queue,
-            settle_deadline_ms: deadline.load(Ordering::Relaxed),
-            traceparent: trace,
+            trace,
+            owner,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
         });
-        match sent {
-            Sent::Yes => {}
-            Sent::Draining(d) => {
-                lock(&sub.pending).remove(&id);
-                return Err(d.items);
+        // The hub calls `done` on every path; a dropped one means the hub is gone.
+        rx.await.unwrap_or(Remote::Abandoned)
+    }
+
+    /// [`Hub::deliver_traced`] without a trace, for the tests.
+    #[cfg(test)]
+    pub(crate) async fn deliver(&self, handler: &str, items: Vec<Item>, queue: u32) -> Remote {
+        self.deliver_traced(handler, items, queue, None, 0).await
+    }
+
+    /// The drain of `owner` gave up: every delivery of its, held or waiting for
+    /// credit, ends `Abandoned` now (its items are handed back), and so does
+    /// whatever it offers later. A late settlement of one changes nothing.
+    pub(crate) fn abandon(&self, owner: u64) {
+        let (subs, waiting) = {
+            let mut st = self.state();
+            st.abandoned.insert(owner);
+            let mut waiting = Vec::new();
+            for e in st.by_handler.values_mut() {
+                for o in std::mem::take(&mut e.waiting) {
+                    if o.owner == owner {
+                        waiting.push(o);
+                    } else {
+                        e.waiting.push_back(o);
+                    }
+                }
             }
-            Sent::Closed => {
-                lock(&sub.pending).remove(&id);
-                return Ok(Remote::Gone {
+            (st.subs.values().cloned().collect::<Vec<_>>(), waiting)
+        };
+        for o in waiting {
+            (o.done)(Remote::Abandoned);
+        }
+        for sub in subs {
+            let held = sub.take_held(|h| h.owner == owner);
+            if !held.is_empty() {
+                self.give_back(&sub, held.len() as u32);
+            }
+            for h in held {
+                (h.done)(Remote::Abandoned);
+            }
+        }
+    }
+
+    /// Ends held deliveries whose settle deadline passed by `now_ms`.
+    fn sweep(&self, now_ms: i64) {
+        let subs: Vec<Arc<Subscriber>> = self.state().subs.values().cloned().collect();
+        for sub in subs {
+            let expired = sub.take_held(|h| h.deadline_ms <= now_ms);
+            if expired.is_empty() {
+                continue;
+            }
+            self.give_back(&sub, expired.len() as u32);
+            for h in expired {
+                (h.done)(Remote::TimedOut {
                     subscriber: sub.name.clone(),
+                    after_ms: u64::from(sub.settle_timeout_ms),
                 });
             }
         }
-        loop {
-            let wait = deadline.load(Ordering::Relaxed) - system_now_ms();
-            tokio::select! {
-                v = &mut rx => return Ok(match v {
-                    Ok(v) => Remote::Settled(v),
-                    Err(_) => Remote::Gone { subscriber: sub.name.clone() },
-                }),
-                _ = tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)) => {
-                    // An extension may have moved the deadline while we slept.
-                    if deadline.load(Ordering::Relaxed) <= system_now_ms() {
-                        lock(&sub.pending).remove(&id);
-                        return Ok(Remote::TimedOut {
-                            subscriber: sub.name.clone(),
-                            after_ms: u64::from(sub.settle_timeout_ms),
-                        });
-                    }
-                }
-                _ = abandon.cancelled() => {
-                    lock(&sub.pending).remove(&id);
-                    return Ok(Remote::Abandoned);
-                }
-            }
+    }
+
+    /// Sends `offer` down `sub`'s stream, one of its credits already taken; called
+    /// under the hub's lock, so `sub` cannot begin draining or leave meanwhile.
+    /// A stream that ended an instant ago (its reader saw the end before taking the
+    /// hub's lock) ends the delivery `Gone`, its credit back.
+    fn hand_over(sub: &Arc<Subscriber>, offer: Offer) {
+        let id = sub.next_delivery.fetch_add(1, Ordering::Relaxed);
+        let deadline_ms = system_now_ms() + i64::from(sub.settle_timeout_ms);
+        let Offer {
+            handler,
+            items,
+            queue,
+            trace,
+            owner,
+            done,
+        } = offer;
+        // Held before it is sent: a verdict can come back before `send` returns.
+        lock(&sub.pending).insert(
+            id,
+            Held {
+                done,
+                owner,
+                deadline_ms,
+            },
+        );
+        let sent = sub.send(Outgoing::Deliver(OutDelivery {
+            id,
+            handler,
+            items,
+            queue,
+            settle_deadline_ms: deadline_ms,
+            traceparent: trace,
+        }));
+        if !sent && let Some(h) = lock(&sub.pending).remove(&id) {
+            sub.held.fetch_sub(1, Ordering::Relaxed);
+            (h.done)(Remote::Gone {
+                subscriber: sub.name.clone(),
+            });
         }
     }
 
@@ -717,14 +821,10 @@ impl Hub {
                 let Some(e) = st.by_handler.get_mut(h) else {
                     continue;
                 };
-                while let Some(w) = e.waiters.pop_front() {
+                if let Some(o) = e.waiting.pop_front() {
                     sub.held.fetch_add(1, Ordering::Relaxed);
-                    if w.send(Some(sub.clone())).is_ok() {
-                        gave = true;
-                        break;
-                    }
-                    // That delivery was abandoned meanwhile: the credit goes on.
-                    sub.held.fetch_sub(1, Ordering::Relaxed);
+                    Self::hand_over(sub, o);
+                    gave = true;
                 }
             }
             if !gave {
@@ -733,9 +833,9 @@ impl Hub {
         }
     }
 
-    /// After subscribers of `handlers` left or began draining: waiters of a handler
-    /// nobody serves any more are told so (their items are parked); the others get
-    /// whatever credit the remaining subscribers have.
+    /// After subscribers of `handlers` left or began draining: deliveries waiting
+    /// on a handler nobody serves any more end `NoSubscriber` (their items are
+    /// parked); the others get whatever credit the remaining subscribers have.
     fn reroute(st: &mut State, handlers: &[String]) {
         for h in handlers {
             let Some(e) = st.by_handler.get_mut(h) else {
@@ -747,8 +847,8 @@ impl Hub {
                     Self::feed(st, s);
                 }
             } else {
-                for w in e.waiters.drain(..) {
-                    let _ = w.send(None);
+                for o in e.waiting.drain(..) {
+                    (o.done)(Remote::NoSubscriber);
                 }
                 if e.subs.is_empty() {
                     st.by_handler.remove(h);
@@ -769,36 +869,18 @@ impl Hub {
         st.version += 1;
     }
 
-    /// Returns one credit of `sub` and hands it on to a waiting delivery.
-    fn give_back(&self, sub: &Arc<Subscriber>) {
+    /// Returns `n` credits of `sub` and hands them on to waiting deliveries.
+    fn give_back(&self, sub: &Arc<Subscriber>, n: u32) {
         let mut st = self.state();
-        sub.held.fetch_sub(1, Ordering::Relaxed);
+        sub.held.fetch_sub(n, Ordering::Relaxed);
         Self::feed(&mut st, sub);
     }
-}
-
-enum Sent {
-    Yes,
-    Draining(OutDelivery),
-    Closed,
 }
 
 enum Pick {
     Got(Arc<Subscriber>),
     Busy,
     None,
-}
-
-/// Returns a delivery's credit however its task ends.
-struct CreditGuard<'a> {
-    hub: &'a Hub,
-    sub: &'a Arc<Subscriber>,
-}
-
-impl Drop for CreditGuard<'_> {
-    fn drop(&mut self) {
-        self.hub.give_back(self.sub);
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -872,14 +954,9 @@ mod tests {
         let hub = Hub::new(HubOptions::default());
         let (sub, mut rx) = hub.subscribe(spec(&["h"], 1)).unwrap();
         assert_eq!(&*hub.served(), ["h".to_owned()]);
-        let never = CancellationToken::new();
         let (h1, h2) = (hub.clone(), hub.clone());
-        let n1 = never.clone();
-        let first =
-            tokio::spawn(async move { h1.deliver("h", vec![item("a", "h")], 0, &n1).await });
-        let n2 = never.clone();
-        let second =
-            tokio::spawn(async move { h2.deliver("h", vec![item("b", "h")], 0, &n2).await });
+        let first = tokio::spawn(async move { h1.deliver("h", vec![item("a", "h")], 0).await });
+        let second = tokio::spawn(async move { h2.deliver("h", vec![item("b", "h")], 0).await });
         let id1 = delivery_id(rx.recv().await);
         // Credit 1: the second waits until the first is settled.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -887,15 +964,18 @@ mod tests {
             rx.try_recv().is_err(),
             "second delivery exceeded the credit"
         );
-        assert!(sub.settle([(id1, Verdict::Ack)]).is_empty());
+        assert!(hub.settle(&sub, [(id1, Verdict::Ack)]).is_empty());
         assert_eq!(first.await.unwrap(), Remote::Settled(Verdict::Ack));
         let id2 = delivery_id(rx.recv().await);
         // Settling twice, or an unknown id, changes nothing and is refused.
-        let refused = sub.settle([
-            (id2, Verdict::Release),
-            (id2, Verdict::Ack),
-            (999, Verdict::Ack),
-        ]);
+        let refused = hub.settle(
+            &sub,
+            [
+                (id2, Verdict::Release),
+                (id2, Verdict::Ack),
+                (999, Verdict::Ack),
+            ],
+        );
         assert_eq!(refused, [id2, 999]);
         assert_eq!(second.await.unwrap(), Remote::Settled(Verdict::Release));
     }
@@ -903,19 +983,15 @@ mod tests {
     #[tokio::test]
     async fn no_subscriber_and_a_gone_subscriber() {
         let hub = Hub::new(HubOptions::default());
-        let never = CancellationToken::new();
         assert_eq!(
-            hub.deliver("h", vec![item("a", "h")], 0, &never).await,
+            hub.deliver("h", vec![item("a", "h")], 0).await,
             Remote::NoSubscriber
         );
         let (sub, mut rx) = hub.subscribe(spec(&["h"], 1)).unwrap();
         let h = hub.clone();
-        let n = never.clone();
-        let held = tokio::spawn(async move { h.deliver("h", vec![item("a", "h")], 0, &n).await });
+        let held = tokio::spawn(async move { h.deliver("h", vec![item("a", "h")], 0).await });
         let h = hub.clone();
-        let n = never.clone();
-        let waiting =
-            tokio::spawn(async move { h.deliver("h", vec![item("b", "h")], 0, &n).await });
+        let waiting = tokio::spawn(async move { h.deliver("h", vec![item("b", "h")], 0).await });
         delivery_id(rx.recv().await);
         tokio::time::sleep(Duration::from_millis(20)).await;
         hub.unsubscribe(&sub);
@@ -932,13 +1008,10 @@ mod tests {
             ..HubOptions::default()
         });
         let (sub, mut rx) = hub.subscribe(spec(&["h"], 2)).unwrap();
-        let never = CancellationToken::new();
         let h = hub.clone();
-        let n = never.clone();
-        let kept = tokio::spawn(async move { h.deliver("h", vec![item("a", "h")], 0, &n).await });
+        let kept = tokio::spawn(async move { h.deliver("h", vec![item("a", "h")], 0).await });
         let h = hub.clone();
-        let n = never.clone();
-        let lapsed = tokio::spawn(async move { h.deliver("h", vec![item("b", "h")], 0, &n).await });
+        let lapsed = tokio::spawn(async move { h.deliver("h", vec![item("b", "h")], 0).await });
         // The two tasks race for the first id: find the one carrying item "a".
         let mut kept_id = 0;
         for _ in 0..2 {
@@ -957,7 +1030,7 @@ mod tests {
             "{timed_out:?}"
         );
         assert!(!kept.is_finished(), "extended delivery timed out");
-        assert!(sub.settle([(kept_id, Verdict::Ack)]).is_empty());
+        assert!(hub.settle(&sub, [(kept_id, Verdict::Ack)]).is_empty());
         assert_eq!(kept.await.unwrap(), Remote::Settled(Verdict::Ack));
     }
 
@@ -968,13 +1041,9 @@ mod tests {
         let (b, mut rb) = hub.subscribe(spec(&["h"], 5)).unwrap();
         hub.drain(&a);
         assert!(matches!(ra.recv().await, Some(Outgoing::Drained)));
-        let never = CancellationToken::new();
         for i in 0..3 {
-            let (h, n) = (hub.clone(), never.clone());
-            tokio::spawn(async move {
-                h.deliver("h", vec![item(&format!("d{i}"), "h")], 0, &n)
-                    .await
-            });
+            let h = hub.clone();
+            tokio::spawn(async move { h.deliver("h", vec![item(&format!("d{i}"), "h")], 0).await });
         }
         for _ in 0..3 {
             delivery_id(rb.recv().await);
@@ -984,24 +1053,49 @@ mod tests {
         hub.drain(&b);
         assert!(hub.served().is_empty());
         assert_eq!(
-            hub.deliver("h", vec![item("x", "h")], 0, &never).await,
+            hub.deliver("h", vec![item("x", "h")], 0).await,
             Remote::NoSubscriber
         );
     }
 
     #[tokio::test]
-    async fn abandon_returns_the_credit() {
+    async fn abandon_ends_the_owners_deliveries_and_returns_the_credit() {
         let hub = Hub::new(HubOptions::default());
         let (sub, mut rx) = hub.subscribe(spec(&["h"], 1)).unwrap();
-        let stop = CancellationToken::new();
+        let (mine, other) = (hub.owner(), hub.owner());
         let h = hub.clone();
-        let s = stop.clone();
-        let t = tokio::spawn(async move { h.deliver("h", vec![item("a", "h")], 0, &s).await });
+        let held = tokio::spawn(async move {
+            h.deliver_traced("h", vec![item("a", "h")], 0, None, mine)
+                .await
+        });
         let id = delivery_id(rx.recv().await);
-        stop.cancel();
-        assert_eq!(t.await.unwrap(), Remote::Abandoned);
+        // Credit 1: these two wait, one of each owner.
+        let h = hub.clone();
+        let waiting = tokio::spawn(async move {
+            h.deliver_traced("h", vec![item("b", "h")], 0, None, mine)
+                .await
+        });
+        let h = hub.clone();
+        let others = tokio::spawn(async move {
+            h.deliver_traced("h", vec![item("c", "h")], 0, None, other)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.abandon(mine);
+        assert_eq!(held.await.unwrap(), Remote::Abandoned);
+        assert_eq!(waiting.await.unwrap(), Remote::Abandoned);
         // A late settlement of the abandoned delivery changes nothing.
-        assert_eq!(sub.settle([(id, Verdict::Ack)]), [id]);
+        assert_eq!(hub.settle(&sub, [(id, Verdict::Ack)]), [id]);
+        // The freed credit went to the other owner's delivery.
+        let id = delivery_id(rx.recv().await);
+        assert!(hub.settle(&sub, [(id, Verdict::Ack)]).is_empty());
+        assert_eq!(others.await.unwrap(), Remote::Settled(Verdict::Ack));
         assert_eq!(sub.free(), 1);
+        // What the abandoned owner offers later ends at once.
+        assert_eq!(
+            hub.deliver_traced("h", vec![item("d", "h")], 0, None, mine)
+                .await,
+            Remote::Abandoned
+        );
     }
 }

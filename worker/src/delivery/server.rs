@@ -153,7 +153,7 @@ async fn read(
         };
         match kind {
             In::Settle(s) => {
-                let refused = sub.settle(wire::verdicts_from_proto(s));
+                let refused = hub.settle(&sub, wire::verdicts_from_proto(s));
                 sub.refuse(
                     refused,
                     "not held by this stream (unknown, already settled, or timed out)",
