@@ -223,7 +223,7 @@ fn on_subscribe_request(m: pb::SubscribeRequest) -> &'static str {
                 }
             }
             let n = verdicts.len();
-            let refused = sub.settle(verdicts);
+            let refused = hub.settle(&sub, verdicts);
             assert_eq!(refused.len(), n, "settled a delivery never sent");
             "settle"
         }
