@@ -73,6 +73,8 @@ impl Default for SubscriberOptions {
 pub(crate) struct Subscription {
     handlers: HashMap<String, Handler>,
     opts: SubscriberOptions,
+    /// `opts.name`, shared by every handler context.
+    name: Arc<str>,
     handled: std::sync::atomic::AtomicU64,
     handed_back: std::sync::atomic::AtomicU64,
 }
@@ -102,6 +104,7 @@ impl Subscription {
             .collect();
         Arc::new(Self {
             handlers,
+            name: opts.name.as_str().into(),
             opts,
             handled: Default::default(),
             handed_back: Default::default(),
@@ -310,7 +313,11 @@ impl Subscription {
         }
     }
 
-    /// Runs one delivery in its own task; its verdict goes to `verdicts`.
+    /// Runs one delivery; its verdict goes to `verdicts`. The handler is polled once
+    /// right here: one that finishes without waiting (most do, at 100k items/s)
+    /// costs no task. One that waits goes on in a task of its own; that task polls
+    /// it again at once, with its own waker, so the no-op waker of the first poll
+    /// loses no wake-up.
     fn start(
         self: &Arc<Self>,
         d: pb::Delivery,
@@ -348,7 +355,11 @@ impl Subscription {
             lock(&running).remove(&id);
             let _ = verdicts.send((id, verdict));
         };
-        tokio::spawn(task.instrument(span));
+        let mut task = Box::pin(task.instrument(span));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if task.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(task);
+        }
     }
 
     async fn run_one(
@@ -373,7 +384,7 @@ impl Subscription {
         let ctx = ItemContext {
             items,
             cancel: abandon.child_token(),
-            worker_id: self.opts.name.clone().into(),
+            worker_id: self.name.clone(),
             queue,
             trace,
         };
