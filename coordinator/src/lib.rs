@@ -210,7 +210,10 @@ pub async fn serve(
         grpc_tls,
     )
     .await?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    // TCP_NODELAY: a small message (a fire, a cancel) written while the previous
+    // one is unacknowledged would otherwise wait for the peer's delayed ACK.
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
     let grpc = tokio::spawn(async move {
