@@ -595,15 +595,17 @@ impl Consumer {
     fn candidates(&self) -> Vec<u32> {
         let n = self.store.queue_count();
         let (local, now) = (system_now_ms(), self.store_now());
+        // Asked before `known` is locked: the hub may end a delivery (and so call
+        // `expect`, which locks `known`) while it holds its own lock.
+        let hub_version = self.hub.as_ref().map(|h| h.version());
         let mut known = lock(&self.known);
         known.resize(n as usize, Known::Unknown);
         // A handler newly served here may have items waiting in any queue: look at
         // every queue now rather than after the idle sleep.
-        if let Some(hub) = &self.hub {
-            let v = hub.version();
-            if self.looked_under.swap(v, Ordering::Relaxed) != v {
-                known.fill(Known::Unknown);
-            }
+        if let Some(v) = hub_version
+            && self.looked_under.swap(v, Ordering::Relaxed) != v
+        {
+            known.fill(Known::Unknown);
         }
         let mut hinted = lock(&self.hinted);
         hinted.resize(n as usize, i64::MAX);

@@ -225,8 +225,10 @@ pub struct OutDelivery {
 /// What the hub calls, exactly once, with the end of a delivery it was offered.
 ///
 /// It runs on whichever thread ended the delivery (a stream's reader, the sweeper,
-/// the drain), sometimes under the hub's lock: it must be quick and must not call
-/// back into the hub. The consumer's turns the end into a settlement right there, so
+/// the drain), sometimes under the hub's lock (a stream that closed as a delivery
+/// was handed over, a handler nobody serves any more): it must be quick, must not
+/// call back into the hub, and may take only locks that nobody holds while calling
+/// the hub (the consumer asks the hub before it locks what `done` locks). The consumer's turns the end into a settlement right there, so
 /// a delivery in the hub is data, not a task waiting on a timer and a channel.
 pub(crate) type Done = Box<dyn FnOnce(Remote) + Send>;
 
