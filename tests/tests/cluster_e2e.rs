@@ -116,7 +116,9 @@ async fn master_killed_under_load_fails_over_and_chime_keeps_running() -> Result
     }
     let killed_at = killed_at.context("never killed a master")?;
     let back_at = back_at.context("the cluster never took writes again")?;
-    redis.wait_ok(Duration::from_secs(30)).await?;
+    // Every surviving node agrees the cluster is whole again (gossip can lag the
+    // first write the new master takes by seconds on a loaded machine).
+    redis.wait_ok(Duration::from_secs(60)).await?;
 
     // Everything acknowledged after the failover must fire; wait for it.
     let records: Vec<_> = workers.iter().map(|(_, r)| r.clone()).collect();
