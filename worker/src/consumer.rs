@@ -167,10 +167,10 @@ struct Started {
     attempt: u32,
     /// Every item is on its last attempt: a failure dead-letters them.
     last_attempt: bool,
-    /// The handler's slot, if it has one (for its meters).
+    /// The handler's slot, if it has one (its meters, and who runs it).
     slot: Option<Arc<Slot>>,
-    /// The slot, when a handler here or a subscriber runs it; `None`: parked.
-    runs: Option<Arc<Slot>>,
+    /// A handler here or a subscriber runs it (`slot` is then set); false: parked.
+    runs: bool,
     trace: Option<TraceContext>,
     trace_span: Option<Span>,
     /// The delivery's share of the in-flight capacity, until it is settled.
@@ -869,8 +869,10 @@ impl Consumer {
                 }
             }
             let (started, items) = self.start(delivery, p, now);
-            match (&self.hub, &started.runs) {
-                (Some(hub), Some(slot)) if slot.local.is_none() && self.unlimited(slot) => {
+            match (&self.hub, &started.slot) {
+                (Some(hub), Some(slot))
+                    if started.runs && slot.local.is_none() && self.unlimited(slot) =>
+                {
                     let this = self.clone();
                     let slot = slot.clone();
                     hub.offer(Offer {
@@ -924,9 +926,9 @@ impl Consumer {
         let n = tokens.len() as u64;
         let slot = self.slot(&handler);
         let runs = slot
-            .clone()
+            .as_ref()
             .filter(|s| s.local.is_some() || self.hub.as_ref().is_some_and(|h| h.serves(&handler)));
-        if let Some(s) = &runs {
+        if let Some(s) = runs {
             s.meters.fired.increment(n);
             activity::add(self.store.family(), activity::Kind::Fired, n);
             // Fire lag is due time → first start: a retry starts after its backoff,
@@ -939,9 +941,8 @@ impl Consumer {
         }
         // The trace span of the delivery, when an item carries a sampled producer
         // context; the handler (local or remote) parents its own spans on it.
-        let trace_span = runs
-            .as_ref()
-            .and_then(|_| delivery_span(&items, queue, &self.worker_id));
+        let trace_span = runs.and_then(|_| delivery_span(&items, queue, &self.worker_id));
+        let runs = runs.is_some();
         let trace = trace_span
             .as_ref()
             .map(|s| s.context)
@@ -965,7 +966,8 @@ impl Consumer {
     /// ends it.
     async fn run_delivery(self: Arc<Self>, started: Started, items: Vec<Item>) {
         let (queue, trace) = (started.queue, started.trace);
-        let outcome = match &started.runs {
+        let slot = started.slot.as_ref().filter(|_| started.runs);
+        let outcome = match slot {
             Some(slot) if slot.local.is_some() => {
                 // Every log line of the delivery, the handler's own included, names
                 // the item (the first one of a merged delivery, and how many).

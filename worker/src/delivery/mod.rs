@@ -367,13 +367,10 @@ impl Subscriber {
     /// Takes out the held deliveries `pick` chooses (all of them, expired ones, one
     /// owner's), so their ends can be told outside the lock.
     fn take_held(&self, mut pick: impl FnMut(&Held) -> bool) -> Vec<Held> {
-        let mut pending = lock(&self.pending);
-        let ids: Vec<u64> = pending
-            .iter()
-            .filter(|(_, h)| pick(h))
-            .map(|(id, _)| *id)
-            .collect();
-        ids.iter().filter_map(|id| pending.remove(id)).collect()
+        lock(&self.pending)
+            .extract_if(|_, h| pick(h))
+            .map(|(_, h)| h)
+            .collect()
     }
 }
 
