@@ -325,6 +325,15 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
     async fn trigger_state(&self) -> Result<HashMap<String, i64>>;
     /// Saves (creates or replaces) a run.
     async fn save_run(&self, run: &RunRecord) -> Result<()>;
+    /// Saves runs as `save_run` would, in order; a store may write them in one
+    /// request (the history writer's batches). After an error, any of them may be
+    /// unsaved: the caller writes them all again.
+    async fn save_runs(&self, runs: &[&RunRecord]) -> Result<()> {
+        for run in runs {
+            self.save_run(run).await?;
+        }
+        Ok(())
+    }
     /// One run.
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// Runs of `job` (all jobs when empty), newest first.
@@ -355,6 +364,13 @@ pub trait RunStore: Send + Sync + std::fmt::Debug {
 
 /// Run events kept (about): far more than an evaluator falls behind by.
 const RUN_EVENTS_KEPT: usize = 10_000;
+
+/// Fires recorded per script call (each call holds Redis for about 2 ms).
+const FIRES_CHUNK: usize = 100;
+
+/// Runs saved per script call: big enough that the call's own cost is small per
+/// run, small enough that one call holds Redis for about a millisecond.
+const SAVE_CHUNK: usize = 100;
 
 /// Whether `id` is an audit entry id (`<ms>-<seq>`), the only thing a listing may
 /// page back from.
@@ -403,7 +419,7 @@ static FENCE: LazyLock<redis::Script> =
 static HANDOVER: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/handover.lua")));
 static SAVE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("lua/save_run.lua")));
+    LazyLock::new(|| redis::Script::new(include_str!("lua/save_runs.lua")));
 static SAVE_ALERTS: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/save_alerts.lua")));
 
@@ -429,8 +445,8 @@ impl RedisRunStore {
 #[async_trait]
 impl RunStore for RedisRunStore {
     async fn record_fires(&self, fence: i64, fires: &[FireRecord]) -> Result<Vec<FireAnswer>> {
-        let mut out = Vec::with_capacity(fires.len());
-        for chunk in fires.chunks(200) {
+        let mut calls = Vec::new();
+        for chunk in fires.chunks(FIRES_CHUNK) {
             let mut inv = FIRES.prepare_invoke();
             inv.key(format!("{}:fence", self.tag))
                 .key(format!("{}:last", self.tag))
@@ -442,20 +458,41 @@ impl RunStore for RedisRunStore {
             for f in chunk {
                 let json = serde_json::to_string(&f.run)
                     .map_err(|e| CoordError::Unavailable(e.to_string()))?;
-                inv.key(format!("{}:fired:{}", self.tag, f.fire_id))
-                    .key(format!("{}:run:{}", self.tag, f.run.run_id))
+                let run_key = format!("{}:run:{}", self.tag, f.run.run_id);
+                // A tick's run id is its fire id: its run's key remembers it
+                // (fires.lua says why that is enough).
+                let own = f.run.run_id == f.fire_id;
+                let memory = if own {
+                    run_key.clone()
+                } else {
+                    format!("{}:fired:{}", self.tag, f.fire_id)
+                };
+                inv.key(memory)
+                    .key(run_key)
                     .key(format!("{}:runs:{}", self.tag, f.job))
                     .arg(&f.job)
                     .arg(f.at)
                     .arg(&f.run.run_id)
                     .arg(f.run.fired_at_ms)
                     .arg(json)
-                    .arg(if f.run.state.is_final() { "1" } else { "0" });
+                    .arg(if f.run.state.is_final() { "1" } else { "0" })
+                    .arg(if own { "1" } else { "0" });
             }
+            calls.push((chunk.len(), inv));
+        }
+        // Every chunk is sent at once over the one connection: Redis runs them
+        // back to back instead of idling a round trip between two. Each chunk is
+        // atomic on its own; an error fails the whole call, as a sequential loop's
+        // would (the caller treats every fire of it as unrecorded).
+        let answers = futures_util::future::try_join_all(calls.iter().map(|(_, inv)| {
             let mut conn = self.conn.clone();
-            let answers: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            async move { inv.invoke_async::<Vec<i64>>(&mut conn).await }
+        }))
+        .await?;
+        let mut out = Vec::with_capacity(fires.len());
+        for ((n, _), answers) in calls.iter().zip(answers) {
             if answers == [-1] {
-                out.extend(std::iter::repeat_n(FireAnswer::Fenced, chunk.len()));
+                out.extend(std::iter::repeat_n(FireAnswer::Fenced, *n));
                 continue;
             }
             out.extend(answers.into_iter().map(|a| {
@@ -560,33 +597,40 @@ impl RunStore for RedisRunStore {
     }
 
     async fn save_run(&self, run: &RunRecord) -> Result<()> {
-        let json =
-            serde_json::to_string(run).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+        self.save_runs(&[run]).await
+    }
+
+    async fn save_runs(&self, runs: &[&RunRecord]) -> Result<()> {
         let mut conn = self.conn.clone();
-        let trimmed: Vec<String> = SAVE
-            .key(format!("{}:run:{}", self.tag, run.run_id))
-            .key(format!("{}:runs:{}", self.tag, run.job))
-            .key(format!("{}:runs", self.tag))
-            .key(format!("{}:active", self.tag))
-            .key(format!("{}:events", self.tag))
-            .arg(&run.run_id)
-            .arg(json)
-            .arg(run.fired_at_ms)
-            .arg(self.retention.max_age_s)
-            .arg(self.retention.per_job)
-            .arg(if run.state.is_final() { "1" } else { "0" })
-            .arg(event_json(run)?)
-            .arg(RUN_EVENTS_KEPT)
-            .invoke_async(&mut conn)
-            .await?;
-        if !trimmed.is_empty() {
-            // Outside the script, which never builds a key name; a key this misses
-            // expires with its TTL.
-            let keys: Vec<String> = trimmed
-                .iter()
-                .map(|id| format!("{}:run:{id}", self.tag))
-                .collect();
-            let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+        for chunk in runs.chunks(SAVE_CHUNK) {
+            let mut inv = SAVE.prepare_invoke();
+            inv.key(format!("{}:runs", self.tag))
+                .key(format!("{}:active", self.tag))
+                .key(format!("{}:events", self.tag))
+                .arg(self.retention.max_age_s)
+                .arg(self.retention.per_job)
+                .arg(RUN_EVENTS_KEPT);
+            for run in chunk {
+                let json = serde_json::to_string(run)
+                    .map_err(|e| CoordError::Unavailable(e.to_string()))?;
+                inv.key(format!("{}:run:{}", self.tag, run.run_id))
+                    .key(format!("{}:runs:{}", self.tag, run.job))
+                    .arg(&run.run_id)
+                    .arg(json)
+                    .arg(run.fired_at_ms)
+                    .arg(if run.state.is_final() { "1" } else { "0" })
+                    .arg(event_json(run)?);
+            }
+            let trimmed: Vec<String> = inv.invoke_async(&mut conn).await?;
+            if !trimmed.is_empty() {
+                // Outside the script, which never builds a key name; a key this
+                // misses expires with its TTL.
+                let keys: Vec<String> = trimmed
+                    .iter()
+                    .map(|id| format!("{}:run:{id}", self.tag))
+                    .collect();
+                let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+            }
         }
         Ok(())
     }

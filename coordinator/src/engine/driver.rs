@@ -306,7 +306,10 @@ struct History {
     writer: tokio::task::JoinHandle<()>,
 }
 
-type Unwritten = Arc<Mutex<HashMap<String, (u64, RunRecord)>>>;
+/// Run id → (sequence, snapshot). A snapshot is shared, not copied, with the
+/// writer: the writer holds this lock only to take the snapshots it writes, while
+/// the engine's driver waits on it to queue the next one.
+type Unwritten = Arc<Mutex<HashMap<String, (u64, Arc<RunRecord>)>>>;
 
 /// What the history writer is asked.
 enum Write {
@@ -316,7 +319,7 @@ enum Write {
     Now(String, oneshot::Sender<()>),
 }
 
-fn lock(u: &Unwritten) -> std::sync::MutexGuard<'_, HashMap<String, (u64, RunRecord)>> {
+fn lock(u: &Unwritten) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Arc<RunRecord>)>> {
     u.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -358,13 +361,15 @@ impl History {
     fn keep(&mut self, run: RunRecord) -> String {
         self.seq += 1;
         let id = run.run_id.clone();
-        lock(&self.unwritten).insert(id.clone(), (self.seq, run));
+        lock(&self.unwritten).insert(id.clone(), (self.seq, Arc::new(run)));
         id
     }
 
     /// The latest snapshot of `run_id` not written yet.
     fn unwritten(&self, run_id: &str) -> Option<RunRecord> {
-        lock(&self.unwritten).get(run_id).map(|(_, r)| r.clone())
+        lock(&self.unwritten)
+            .get(run_id)
+            .map(|(_, r)| RunRecord::clone(r))
     }
 }
 
@@ -438,10 +443,13 @@ async fn write_history(
     }
 }
 
-/// Writes the latest snapshot of each run in `ids`; answers those that failed.
-/// After the first failure the rest are not tried (answered failed, written again
-/// with them): the store is most likely down, and each attempt would wait out its
-/// timeout — and log — once per run.
+/// Runs the history writer saves per store call.
+const WRITE_CHUNK: usize = 200;
+
+/// Writes the latest snapshot of each run in `ids`, [`WRITE_CHUNK`] runs per store
+/// call; answers those that failed. After the first failure the rest are not tried
+/// (answered failed, written again with them): the store is most likely down, and
+/// each attempt would wait out its timeout — and log — once per call.
 async fn write_batch(
     store: &Arc<dyn RunStore>,
     unwritten: &Unwritten,
@@ -449,14 +457,15 @@ async fn write_batch(
 ) -> BTreeSet<String> {
     let mut failed = BTreeSet::new();
     let mut error = None;
-    for id in ids {
+    let ids: Vec<String> = ids.into_iter().collect();
+    for chunk in ids.chunks(WRITE_CHUNK) {
         if error.is_none()
-            && let Err(e) = write_one(store, unwritten, &id).await
+            && let Err(e) = write_some(store, unwritten, chunk).await
         {
             error = Some(e);
         }
         if error.is_some() {
-            failed.insert(id);
+            failed.extend(chunk.iter().cloned());
         }
     }
     if let Some(e) = error {
@@ -486,13 +495,36 @@ async fn write_one(
     unwritten: &Unwritten,
     id: &str,
 ) -> crate::Result<()> {
-    let Some((seq, run)) = lock(unwritten).get(id).cloned() else {
-        return Ok(());
+    write_some(store, unwritten, std::slice::from_ref(&id.to_owned())).await
+}
+
+/// Writes the latest snapshots of `ids` in one store call, then forgets each one
+/// unless a newer snapshot came meanwhile (that one is written with a later
+/// batch). On failure nothing is forgotten: the caller writes them again.
+async fn write_some(
+    store: &Arc<dyn RunStore>,
+    unwritten: &Unwritten,
+    ids: &[String],
+) -> crate::Result<()> {
+    let (seqs, runs): (Vec<(&str, u64)>, Vec<Arc<RunRecord>>) = {
+        let u = lock(unwritten);
+        ids.iter()
+            .filter_map(|id| {
+                u.get(id)
+                    .map(|(seq, run)| ((id.as_str(), *seq), Arc::clone(run)))
+            })
+            .unzip()
     };
-    store.save_run(&run).await?;
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let refs: Vec<&RunRecord> = runs.iter().map(|r| &**r).collect();
+    store.save_runs(&refs).await?;
     let mut u = lock(unwritten);
-    if u.get(id).is_some_and(|(s, _)| *s == seq) {
-        u.remove(id);
+    for (id, seq) in seqs {
+        if u.get(id).is_some_and(|(s, _)| *s == seq) {
+            u.remove(id);
+        }
     }
     Ok(())
 }
@@ -687,7 +719,7 @@ mod tests {
                 note: String::new(),
                 fence: 1,
             };
-            lock(&self.unwritten).insert(id.into(), (1, run));
+            lock(&self.unwritten).insert(id.into(), (1, Arc::new(run)));
             if now {
                 let (done, wait) = oneshot::channel();
                 self.tx.send(Write::Now(id.into(), done)).unwrap();

@@ -276,8 +276,9 @@ pub(super) enum Waiting {
     /// Skipped ticks are being recorded (on failure they are kept to report
     /// later).
     Skipped(Vec<FireRecord>),
-    /// The fence is checked before these prepared runs go out.
-    Fence(Vec<RunRecord>),
+    /// The fence is checked before these prepared runs (ids; still prepared) go
+    /// out.
+    Fence(Vec<String>),
     /// The fence is checked before these buffered fires start.
     Buffered(Vec<(String, i64, String)>),
 }
@@ -299,8 +300,8 @@ pub(super) enum Work {
     Record(Recording),
     /// Prepared runs whose instant came.
     Go(Vec<String>),
-    /// A slice of prepared runs to send (the fence held).
-    Send(Vec<RunRecord>),
+    /// A slice of prepared runs (ids) to send (the fence held).
+    Send(Vec<String>),
     /// Buffered fires whose job's previous run ended: (job, instant, run id).
     Buffered(Vec<(String, i64, String)>),
     /// A job's ticks missed before this leader started.
@@ -452,10 +453,8 @@ impl Machine {
             Work::Fire { fires, reply } => self.fire_many(fires, reply),
             Work::Record(rec) => self.record_next(rec),
             Work::Go(ids) => self.go_prepared(ids),
-            Work::Send(runs) => {
-                for run in runs {
-                    self.go_one(run);
-                }
+            Work::Send(ids) => {
+                self.send_prepared(ids);
                 self.yield_now = true;
             }
             Work::Buffered(fires) => {
@@ -722,16 +721,22 @@ impl Machine {
     }
 
     /// Prepared runs whose Go timer fired and whose going out is queued behind
-    /// the request in progress (for the invariant checks).
+    /// the request in progress, waits for the fence check, or waits for its
+    /// slice to be sent (for the invariant checks).
     #[cfg(test)]
     pub(super) fn queued_go(&self) -> Vec<&String> {
+        let fence = match &self.waiting {
+            Some(Waiting::Fence(ids)) => Some(ids),
+            _ => None,
+        };
         self.work
             .iter()
             .chain(self.spawned.iter())
             .filter_map(|w| match w {
-                Work::Go(ids) => Some(ids),
+                Work::Go(ids) | Work::Send(ids) => Some(ids),
                 _ => None,
             })
+            .chain(fence)
             .flatten()
             .collect()
     }

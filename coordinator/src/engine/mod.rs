@@ -95,10 +95,12 @@ pub struct EngineOptions {
 /// sends it no earlier than its adoption grace (at least 2 s) and its instant.
 pub const MAX_PREPARE_AHEAD_MS: u64 = 1_000;
 
-/// The default `prepare_ahead_ms`: ahead enough to record a thousand fires of one
-/// second on a small machine (about 40 ms), short enough that routing decided
-/// ahead is still fresh at the instant.
-pub const DEFAULT_PREPARE_AHEAD_MS: u64 = 250;
+/// The default `prepare_ahead_ms`: ahead enough to record ten thousand fires of
+/// one second on a small machine (about 300 ms with the history writes of the
+/// second before competing), and a job whose last run still goes then gets a
+/// second look 250 ms before the instant. Routing decided ahead is checked again
+/// at the instant (a worker gone or full is replaced).
+pub const DEFAULT_PREPARE_AHEAD_MS: u64 = 600;
 
 impl Default for EngineOptions {
     fn default() -> Self {

@@ -328,6 +328,34 @@ fn a_closed_session_hands_its_shards_over_at_once() {
     assert!(!now_on.contains("w2"), "{now_on:?}");
 }
 
+#[test]
+fn a_job_busy_at_a_long_leads_look_is_looked_at_again_before_its_instant() {
+    // Prepared 800 ms ahead: at T0 + 1.2 s the run of T0 + 1 s still goes, so the
+    // tick of T0 + 2 s is looked at again 250 ms before its instant, when that
+    // run has ended: recorded ahead and sent at the instant, not recorded then.
+    let mut r = Rig::new(super::EngineOptions {
+        prepare_ahead_ms: 800,
+        ..opts()
+    });
+    r.start(vec![every_second("busy")]);
+    r.join("w1", 10);
+    r.advance(1_000);
+    let first = r.assigns("w1");
+    assert_eq!(first.len(), 1, "{first:?}");
+    r.advance(300);
+    let next = fid("busy", T0 + 2_000);
+    assert!(r.stored(&next).is_none(), "prepared while its job was busy");
+    // The run ends at T0 + 1.5 s; the second look (T0 + 1.75 s) records the tick.
+    r.advance(200);
+    r.succeed("w1", &first[0].1.key);
+    r.advance(260);
+    assert!(r.stored(&next).is_some(), "not recorded at the second look");
+    assert_eq!(r.assigns("w1").len(), 1, "sent before its instant");
+    r.advance(240);
+    let sent: Vec<i64> = r.assigns("w1").iter().map(|(at, _)| *at).collect();
+    assert_eq!(sent, vec![T0 + 1_000, T0 + 2_000]);
+}
+
 /// A job firing once at T0 + 1 s, prepared at T0 + 750 ms, on workers w1 and w2.
 fn prepared() -> (Rig, String) {
     let mut r = Rig::new(opts());
