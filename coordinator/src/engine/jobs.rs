@@ -26,7 +26,7 @@ pub(super) struct JobState {
     pub(super) buffered: Option<(i64, String)>,
     /// A fire recorded ahead whose instant has not come (its run id).
     pub(super) prepared: Option<String>,
-    /// Round-robin counter.
+    /// Round-robin counter (from an offset of the job's own, see `put_job`).
     pub(super) rr: u64,
 }
 
@@ -75,7 +75,17 @@ impl Machine {
             running: prev.as_ref().map(|p| p.running.clone()).unwrap_or_default(),
             buffered: prev.as_ref().and_then(|p| p.buffered.clone()),
             prepared: prev.as_ref().and_then(|p| p.prepared.clone()),
-            rr: prev.as_ref().map_or(0, |p| p.rr),
+            // A new job's round robin starts at an offset of its own: jobs on one
+            // schedule fire in lockstep, and from one start every job of a second
+            // would pick the same worker (the whole second on one worker, the next
+            // second on the next). The offset is the name's hash, so each
+            // coordinator (and the next leader) starts a job at the same worker;
+            // taken modulo a prime so that every bit of the hash counts (the
+            // high bits alone of names differing in one letter barely differ).
+            rr: prev.as_ref().map_or_else(
+                || chime_shared::queue::fnv1a64(name.as_bytes()) % 1_000_003,
+                |p| p.rr,
+            ),
         };
         let mut misfired = Vec::new();
         if !state.spec.paused {

@@ -329,6 +329,26 @@ fn a_closed_session_hands_its_shards_over_at_once() {
 }
 
 #[test]
+fn jobs_firing_in_lockstep_spread_over_the_workers() {
+    // Forty round-robin jobs on the same second: before each job's round robin
+    // started at an offset of its own, every one of them picked the same worker
+    // each second (the whole second on one worker).
+    let mut r = Rig::new(opts());
+    r.start((0..40).map(|i| every_second(&format!("j{i}"))).collect());
+    for w in ["w1", "w2", "w3", "w4"] {
+        r.join(w, 100);
+    }
+    r.advance(1_000);
+    for w in ["w1", "w2", "w3", "w4"] {
+        let n = r.assigns(w).len();
+        assert!(
+            (1..=20).contains(&n),
+            "{w} got {n} of the second's 40 fires"
+        );
+    }
+}
+
+#[test]
 fn a_job_busy_at_a_long_leads_look_is_looked_at_again_before_its_instant() {
     // Prepared 800 ms ahead: at T0 + 1.2 s the run of T0 + 1 s still goes, so the
     // tick of T0 + 2 s is looked at again 250 ms before its instant, when that
