@@ -321,3 +321,60 @@ async fn job_watcher_reloads_deletions_after_compaction() -> Result<()> {
     stop.cancel();
     Ok(())
 }
+
+/// A snapshot of several pages of the etcd source's load (1,000 keys) and over
+/// 5 MB (more than a gRPC client decodes in one message by default: one range
+/// read of it fails), and a key just past its prefix, which must not be read:
+/// every key comes back once, at one revision.
+async fn a_large_snapshot_loads_whole(src: Arc<dyn ConfigSource>) -> Result<()> {
+    const KEYS: usize = 5_345;
+    let pad = "x".repeat(1_000);
+    let mut last = 0;
+    let all: Vec<(String, String, Expect)> = (0..KEYS)
+        .map(|i| {
+            (
+                format!("jobs/j{i:05}"),
+                format!("v{i}-{pad}"),
+                Expect::Absent,
+            )
+        })
+        .collect();
+    // One transaction per 100 keys (etcd caps the operations of one).
+    for chunk in all.chunks(100) {
+        last = src
+            .put_if_all(chunk)
+            .await?
+            .context("the keys were absent")?;
+    }
+    let snap = src.load().await?;
+    ensure!(snap.revision >= last, "revision {} < {last}", snap.revision);
+    ensure!(snap.entries.len() == KEYS, "{} keys", snap.entries.len());
+    let mut keys: Vec<&str> = snap.entries.iter().map(|(k, _, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    ensure!(keys.len() == KEYS, "a key came back twice");
+    ensure!(
+        snap.entries.iter().all(|(k, v, _)| k
+            .strip_prefix("jobs/j")
+            .and_then(|n| n.parse::<usize>().ok())
+            == v.strip_prefix('v')
+                .and_then(|n| n.split('-').next()?.parse().ok())),
+        "a value under the wrong key"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_source_loads_a_large_snapshot_whole() -> Result<()> {
+    a_large_snapshot_loads_whole(Arc::new(MemorySource::default())).await
+}
+
+#[tokio::test]
+async fn etcd_source_loads_a_large_snapshot_whole() -> Result<()> {
+    let etcd = EtcdServer::start().await?;
+    let client = etcd.client().await?;
+    // A neighbour just past the prefix ("/chime0" sorts after "/chime/…").
+    let mut c = client.clone();
+    c.put("/chime0/other", "x", None).await?;
+    a_large_snapshot_loads_whole(Arc::new(EtcdSource::new(client, "/chime/"))).await
+}

@@ -9,6 +9,23 @@ use tokio::sync::mpsc;
 use super::source::{Change, ConfigSource, Expect, Snapshot, WatchMsg, WatchRx};
 use crate::error::{Error, Result};
 
+/// Keys per range request of [`EtcdSource::load`].
+const LOAD_PAGE: i64 = 1_000;
+
+/// The end of the range of keys starting with `prefix` (etcd's prefix rule: the
+/// prefix with its last byte below 0xff incremented; empty, or all 0xff: every
+/// key from it, `\0`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Settings in etcd under a prefix.
 #[derive(Clone)]
 pub struct EtcdSource {
@@ -43,23 +60,44 @@ impl EtcdSource {
 
 #[async_trait]
 impl ConfigSource for EtcdSource {
+    /// Reads the prefix in pages of [`LOAD_PAGE`] keys, every page at the first
+    /// page's revision, so the snapshot is one consistent revision whatever its
+    /// size. (In one response, 100,000 jobs of about 600 bytes would be a 60 MB
+    /// message, far over the 4 MiB a gRPC client decodes by default.) A compaction
+    /// past that revision between two pages fails the load; the caller loads again.
     async fn load(&self) -> Result<Snapshot> {
         let mut c = self.client.clone();
-        let resp = c
-            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let entries = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut entries = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LOAD_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = c.get(from.clone(), Some(opts)).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            entries.extend(resp.kvs().iter().filter_map(|kv| {
                 Some((
                     self.relative(kv.key())?,
                     String::from_utf8_lossy(kv.value()).into_owned(),
                     kv.mod_revision(),
                 ))
-            })
-            .collect();
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         Ok(Snapshot { entries, revision })
     }
 
@@ -163,5 +201,18 @@ impl ConfigSource for EtcdSource {
         Ok(resp
             .succeeded()
             .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"/chime/"), b"/chime0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
     }
 }
