@@ -41,6 +41,10 @@ pub(crate) struct FailoverArgs {
     /// Jobs, each firing every second.
     #[arg(long, default_value_t = 100)]
     jobs: usize,
+    /// Jobs defined besides, which do not fire during the run (a yearly cron): a
+    /// leader holds, loads and adopts them all (e.g. 100000).
+    #[arg(long, default_value_t = 0)]
+    idle_jobs: usize,
     /// Time between kills, ms.
     #[arg(long, default_value_t = 20_000)]
     interval_ms: u64,
@@ -328,6 +332,30 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     }
+    // In batches of 100 (one etcd transaction each).
+    let creating = std::time::Instant::now();
+    for first in (0..a.idle_jobs).step_by(100) {
+        let jobs = (first..(first + 100).min(a.idle_jobs))
+            .map(|i| {
+                let mut j = super::every_second(format!("idle-{i}"));
+                if let Some(pb::schedule::Kind::Cron(c)) =
+                    j.schedule.as_mut().and_then(|s| s.kind.as_mut())
+                {
+                    // New Year's midnight: never during a run.
+                    c.expr = "0 0 0 1 1 *".into();
+                }
+                j
+            })
+            .collect();
+        client
+            .create_jobs(pb::CreateJobsRequest { jobs })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        if (first + 100).is_multiple_of(10_000) {
+            eprintln!("  created {} idle jobs", first + 100);
+        }
+    }
+    let idle_jobs_per_s = a.idle_jobs as f64 / creating.elapsed().as_secs_f64().max(1e-3);
     let start = (system_now_ms() / 1000 + 2) * 1000;
     let mut kills = Vec::new();
     for k in 0..a.kills {
@@ -358,6 +386,14 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
     let end = system_now_ms() - 3_000;
 
     let reported_skipped = reported_skipped(&endpoints, "fo-", a.jobs).await?;
+    // Peak RSS of each coordinator process still running (a restarted one since
+    // its restart; the last leader has loaded every job at least once).
+    let coordinator_hwm_mib: Vec<f64> = p
+        .coords
+        .iter()
+        .filter_map(|(_, c)| c.as_ref().and_then(|c| super::vm_hwm_kib(c.id())))
+        .map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0)
+        .collect();
     drop(p);
 
     // Fires are what the workers did (independent of the system's own history):
@@ -426,6 +462,9 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
             "coordinators": a.coordinators,
             "workers": a.workers,
             "jobs": a.jobs,
+            "idle_jobs": a.idle_jobs,
+            "idle_jobs_created_per_s": idle_jobs_per_s.round(),
+            "coordinator_hwm_mib": coordinator_hwm_mib,
             "kills": kills.len(),
             "failover_p50_ms": quantile(&failovers, 0.5),
             "failover_max_ms": failovers.last().copied().unwrap_or(0),
