@@ -385,7 +385,21 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(a.interval_ms / 2)).await;
     let end = system_now_ms() - 3_000;
 
-    let reported_skipped = reported_skipped(&endpoints, "fo-", a.jobs).await?;
+    // Fires are what the workers did (independent of the system's own history):
+    // each line of the record file is one finished shard. A tick of the window is
+    // fired if a worker ran it, skipped if the history reports it skipped, and
+    // missed otherwise. Each (run, shard) must have run at most once. A tick the
+    // last killed leader recorded and never sent goes out only after the next
+    // leader's adoption grace: the count waits until no tick is missing, or 30 s.
+    let deadline = system_now_ms() + 30_000;
+    let count = loop {
+        let skipped = reported_skipped(&endpoints, "fo-", a.jobs).await?;
+        let count = Count::of(&records, &skipped, a.jobs, start, end);
+        if count.missed == 0 || system_now_ms() > deadline {
+            break count;
+        }
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+    };
     // Peak RSS of each coordinator process still running (a restarted one since
     // its restart; the last leader has loaded every job at least once).
     let coordinator_hwm_mib: Vec<f64> = p
@@ -395,50 +409,13 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         .map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0)
         .collect();
     drop(p);
-
-    // Fires are what the workers did (independent of the system's own history):
-    // each line of the record file is one finished shard. A tick of the window is
-    // fired if a worker ran it, skipped if the history reports it skipped, and
-    // missed otherwise. Each (run, shard) must have run at most once.
-    let text = std::fs::read_to_string(&records).unwrap_or_default();
-    let mut executions: HashMap<(String, String), u32> = HashMap::new();
-    let mut executed: HashSet<String> = HashSet::new();
-    // (scheduled instant, handler start) of every shard.
-    let mut starts: Vec<(i64, i64)> = Vec::new();
-    for l in text.lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.len() != 10 {
-            continue;
-        }
-        *executions
-            .entry((f[1].to_owned(), f[2].to_owned()))
-            .or_default() += 1;
-        executed.insert(f[1].to_owned());
-        if let (Ok(started), Ok(scheduled)) = (f[5].parse::<i64>(), f[9].parse::<i64>()) {
-            starts.push((scheduled, started));
-        }
-    }
-    let duplicates: u32 = executions.values().map(|n| n - 1).sum();
-    let (mut fired, mut skipped, mut missed, mut both) = (0usize, 0usize, 0usize, 0usize);
-    for i in 0..a.jobs {
-        let mut t = start;
-        while t < end {
-            let id = format!("fo-{i}@{t}");
-            match (executed.contains(&id), reported_skipped.contains(&id)) {
-                (true, false) => fired += 1,
-                (false, true) => skipped += 1,
-                (false, false) => missed += 1,
-                (true, true) => both += 1,
-            }
-            t += 1_000;
-        }
-    }
     // Failover: kill -> the first handler start of a tick scheduled after the kill
     // (a shard of an earlier tick says nothing about the new leader firing).
     let mut failovers: Vec<i64> = kills
         .iter()
         .filter_map(|k| {
-            starts
+            count
+                .starts
                 .iter()
                 .filter(|(scheduled, _)| scheduled > k)
                 .map(|(_, started)| started - k)
@@ -468,13 +445,76 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
             "kills": kills.len(),
             "failover_p50_ms": quantile(&failovers, 0.5),
             "failover_max_ms": failovers.last().copied().unwrap_or(0),
-            "duplicates": duplicates,
-            "missed_unreported": missed,
-            "fired": fired,
-            "skipped_reported": skipped,
-            "fired_and_reported_skipped": both,
-            "ticks": fired + skipped + missed + both,
+            "duplicates": count.duplicates,
+            "missed_unreported": count.missed,
+            "fired": count.fired,
+            "skipped_reported": count.skipped,
+            "fired_and_reported_skipped": count.both,
+            "ticks": count.fired + count.skipped + count.missed + count.both,
         })
     );
     Ok(())
+}
+
+/// The ticks of a window as the workers' record file and the history tell them.
+struct Count {
+    fired: usize,
+    skipped: usize,
+    missed: usize,
+    both: usize,
+    duplicates: u32,
+    /// (scheduled instant, handler start) of every shard.
+    starts: Vec<(i64, i64)>,
+}
+
+impl Count {
+    /// Counts every tick of jobs `fo-0` … in [`start`, `end`).
+    fn of(
+        records: &Path,
+        reported_skipped: &HashSet<String>,
+        jobs: usize,
+        start: i64,
+        end: i64,
+    ) -> Self {
+        let text = std::fs::read_to_string(records).unwrap_or_default();
+        let mut executions: HashMap<(String, String), u32> = HashMap::new();
+        let mut executed: HashSet<String> = HashSet::new();
+        let mut starts: Vec<(i64, i64)> = Vec::new();
+        for l in text.lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() != 10 {
+                continue;
+            }
+            *executions
+                .entry((f[1].to_owned(), f[2].to_owned()))
+                .or_default() += 1;
+            executed.insert(f[1].to_owned());
+            if let (Ok(started), Ok(scheduled)) = (f[5].parse::<i64>(), f[9].parse::<i64>()) {
+                starts.push((scheduled, started));
+            }
+        }
+        let duplicates: u32 = executions.values().map(|n| n - 1).sum();
+        let (mut fired, mut skipped, mut missed, mut both) = (0usize, 0usize, 0usize, 0usize);
+        for i in 0..jobs {
+            let mut t = start;
+            while t < end {
+                let id = format!("fo-{i}@{t}");
+                match (executed.contains(&id), reported_skipped.contains(&id)) {
+                    (true, false) => fired += 1,
+                    (false, true) => skipped += 1,
+                    (false, false) => missed += 1,
+                    (true, true) => both += 1,
+                }
+                t += 1_000;
+            }
+        }
+        Self {
+            fired,
+            skipped,
+            missed,
+            both,
+            duplicates,
+            starts,
+        }
+    }
 }
