@@ -60,9 +60,14 @@ pub(super) async fn start(
     let Term { fence, handover } = term;
     let (tx, rx) = mpsc::channel(4096);
     let history = History::spawn(store.clone(), shutdown.clone());
+    // Timed: with many jobs defined, loading them is most of a new leader's start.
+    let loading = std::time::Instant::now();
     let (stored, revision) = jobs.list().await?;
+    let listed_ms = loading.elapsed().as_millis() as u64;
     let last = store.trigger_state().await?;
     let active = store.active_runs().await?;
+    let loaded_ms = loading.elapsed().as_millis() as u64;
+    let job_count = stored.len();
     let mut driver = Driver {
         // The engine's randomness (jitter, random routing, run ids) is seeded from
         // the thread's generator, which tests and the fuzzer seed.
@@ -83,6 +88,13 @@ pub(super) async fn start(
             handover,
         })
         .await;
+    info!(
+        jobs = job_count,
+        listed_ms,
+        loaded_ms,
+        started_ms = loading.elapsed().as_millis() as u64,
+        "engine loaded its jobs"
+    );
     let handle = EngineHandle { tx };
     spawn_job_watcher(jobs, revision, handle.clone(), shutdown.clone());
     let task = tokio::spawn(driver.run(rx, shutdown));
