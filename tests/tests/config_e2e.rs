@@ -322,16 +322,22 @@ async fn job_watcher_reloads_deletions_after_compaction() -> Result<()> {
     Ok(())
 }
 
-/// A snapshot of several pages of the etcd source's load (1,000 keys) and over
-/// 5 MB (more than a gRPC client decodes in one message by default: one range
-/// read of it fails), and a key just past its prefix, which must not be read:
-/// every key comes back once, at one revision.
+/// A snapshot of several pages of the etcd source's load and over 9 MB (more than
+/// a gRPC client decodes in one message by default: one range read of it fails),
+/// and a key just past its prefix, which must not be read: every key comes back
+/// once, at one revision. Values of 1 KB, then 3 KB: the page sized from the
+/// first one's bytes per key comes back too big, and is read again at half size.
 async fn a_large_snapshot_loads_whole(src: Arc<dyn ConfigSource>) -> Result<()> {
     const KEYS: usize = 5_345;
-    let pad = "x".repeat(1_000);
+    let (small, big) = ("x".repeat(1_000), "x".repeat(3_000));
     let mut last = 0;
     let all: Vec<(String, String, Expect)> = (0..KEYS)
         .map(|i| {
+            let pad = if (1_000..3_000).contains(&i) {
+                &big
+            } else {
+                &small
+            };
             (
                 format!("jobs/j{i:05}"),
                 format!("v{i}-{pad}"),

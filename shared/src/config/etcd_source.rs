@@ -9,8 +9,26 @@ use tokio::sync::mpsc;
 use super::source::{Change, ConfigSource, Expect, Snapshot, WatchMsg, WatchRx};
 use crate::error::{Error, Result};
 
-/// Keys per range request of [`EtcdSource::load`].
+/// Keys in the first range request of [`EtcdSource::load`]; later pages are sized
+/// from the bytes per key seen so far, to about [`LOAD_PAGE_BYTES`].
 const LOAD_PAGE: i64 = 1_000;
+
+/// What a page aims at: half of the 4 MiB a gRPC client decodes by default.
+const LOAD_PAGE_BYTES: usize = 2 << 20;
+
+/// The most keys in one page.
+const LOAD_PAGE_MAX: i64 = 50_000;
+
+/// Keys in the next page, for `bytes` read in `keys` keys so far.
+fn next_page(bytes: usize, keys: usize) -> i64 {
+    let per_key = (bytes / keys.max(1)).max(1);
+    ((LOAD_PAGE_BYTES / per_key) as i64).clamp(LOAD_PAGE / 10, LOAD_PAGE_MAX)
+}
+
+/// Whether `e` is a response over the client's decode limit (a page too big).
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::OutOfRange)
+}
 
 /// The end of the range of keys starting with `prefix` (etcd's prefix rule: the
 /// prefix with its last byte below 0xff incremented; empty, or all 0xff: every
@@ -60,28 +78,45 @@ impl EtcdSource {
 
 #[async_trait]
 impl ConfigSource for EtcdSource {
-    /// Reads the prefix in pages of [`LOAD_PAGE`] keys, every page at the first
-    /// page's revision, so the snapshot is one consistent revision whatever its
-    /// size. (In one response, 100,000 jobs of about 600 bytes would be a 60 MB
-    /// message, far over the 4 MiB a gRPC client decodes by default.) A compaction
-    /// past that revision between two pages fails the load; the caller loads again.
+    /// Reads the prefix in pages, every page at the first page's revision, so the
+    /// snapshot is one consistent revision whatever its size. (In one response,
+    /// 100,000 jobs of about 600 bytes would be a 60 MB message, far over the 4
+    /// MiB a gRPC client decodes by default.) A compaction past that revision
+    /// between two pages fails the load; the caller loads again.
+    ///
+    /// Pages are as big as fit about [`LOAD_PAGE_BYTES`]: etcd 3.4 walks its whole
+    /// index of the range for every page (to count it), so pages of 1,000 keys
+    /// made a load of 100,000 keys quadratic (1.4 s, most of it etcd's CPU). A
+    /// page that still comes back over the decode limit is asked for again at
+    /// half the size.
     async fn load(&self) -> Result<Snapshot> {
         let mut c = self.client.clone();
         let end = prefix_end(self.prefix.as_bytes());
         let mut from = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
         let mut entries = Vec::new();
+        let (mut limit, mut bytes) = (LOAD_PAGE, 0usize);
         loop {
-            let mut opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(LOAD_PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = c.get(from.clone(), Some(opts)).await?;
+            let resp = match c.get(from.clone(), Some(opts)).await {
+                Ok(r) => r,
+                Err(e) if too_large(&e) && limit > 1 => {
+                    limit /= 2;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
+            bytes += resp
+                .kvs()
+                .iter()
+                .map(|kv| kv.key().len() + kv.value().len())
+                .sum::<usize>();
             entries.extend(resp.kvs().iter().filter_map(|kv| {
                 Some((
                     self.relative(kv.key())?,
@@ -94,6 +129,7 @@ impl ConfigSource for EtcdSource {
                     // The next page starts just after the last key read.
                     from = last.key().to_vec();
                     from.push(0);
+                    limit = next_page(bytes, entries.len());
                 }
                 _ => break,
             }
@@ -207,6 +243,16 @@ impl ConfigSource for EtcdSource {
 #[cfg(test)]
 mod tests {
     use super::prefix_end;
+
+    #[test]
+    fn pages_aim_at_two_mib() {
+        // 100,000 keys of 300 bytes: about 7,000 a page, not 1,000.
+        assert_eq!(super::next_page(300_000, 1_000), 6_990);
+        // Big values: smaller pages, never below 100 keys.
+        assert_eq!(super::next_page(1 << 30, 1_000), 100);
+        // Tiny values: at most 50,000 keys.
+        assert_eq!(super::next_page(1_000, 1_000), 50_000);
+    }
 
     #[test]
     fn prefix_end_is_the_first_key_past_the_prefix() {
