@@ -52,6 +52,9 @@ pub(crate) struct SteadyArgs {
     keep_files: bool,
 }
 
+/// The most items in one enqueue call of the producer.
+const CALL_MAX: usize = 10_000;
+
 /// The producer's pace: one batch per tick.
 const TICK: Duration = Duration::from_millis(10);
 
@@ -113,12 +116,16 @@ pub(crate) async fn run(a: SteadyArgs) -> Result<()> {
     while sent < total {
         let elapsed = started.elapsed();
         let target = ((elapsed.as_secs_f64() * a.rate as f64) as usize + 1).min(total);
-        if target > sent {
+        // A producer that fell behind catches up in calls of at most `CALL_MAX`
+        // items (one call of the whole backlog was refused past the store's limit
+        // of 100,000 items per call, at 150,000 items/s).
+        while target > sent {
+            let end = target.min(sent + CALL_MAX);
             let permit = slots.clone().acquire_owned().await?;
             behind_max_ms =
                 behind_max_ms.max(started.elapsed().saturating_sub(elapsed).as_millis());
             let now = system_now_ms() + offset;
-            let items: Vec<NewItem> = (sent..target)
+            let items: Vec<NewItem> = (sent..end)
                 .map(|i| {
                     let due =
                         now + a.delay_min_ms + fastrand::i64(0..=a.delay_max_ms - a.delay_min_ms);
@@ -132,7 +139,7 @@ pub(crate) async fn run(a: SteadyArgs) -> Result<()> {
                 let _permit = permit;
                 store.enqueue(items).await
             });
-            sent = target;
+            sent = end;
         }
         while let Some(done) = calls.try_join_next() {
             done??;
