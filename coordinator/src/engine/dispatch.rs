@@ -1170,7 +1170,10 @@ impl Machine {
             scheduled_at_ms: run.scheduled_at_ms,
             start_by_ms: (now + interval).min(dead_at),
         };
-        self.runs.pending.remove(&(run_id.to_owned(), shard));
+        // Checked first: the key is built (an allocation) only when a shard waits.
+        if !self.runs.pending.is_empty() {
+            self.runs.pending.remove(&(run_id.to_owned(), shard));
+        }
         if !self.send(&worker, ToWorker::Assign(a)) {
             warn!(worker_id = %worker, run_id, shard, "assignment could not be sent; placing it elsewhere");
             self.back_to_pending(run_id, shard);

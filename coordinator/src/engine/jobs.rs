@@ -116,7 +116,7 @@ impl Machine {
             };
         }
         let (next, jitter_ms) = (state.next_fire, state.spec.jitter_ms);
-        self.jobs.insert(name.clone(), state);
+        self.jobs.insert(name.clone(), Box::new(state));
         if let Some(at) = next {
             self.arm_tick(&name, at, generation, jitter_ms);
         }
