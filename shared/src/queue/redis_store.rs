@@ -15,7 +15,7 @@
 //! re-reads the layout and retries. Lookups walk every home an item may have.
 //! Moving misplaced items is in `redis_migrate.rs`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
@@ -277,27 +277,73 @@ impl RedisStore {
     }
 
     async fn enqueue_chunk(&self, epoch: u64, queue: u32, items: &[&NewItem]) -> Result<Vec<bool>> {
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + items.len() * 4);
+        // The script takes each id once per call: a repeat within the chunk is a
+        // duplicate of the first, answered here without sending it.
+        let mut seen = HashSet::with_capacity(items.len());
+        let sent: Vec<usize> = (0..items.len())
+            .filter(|&i| seen.insert(items[i].id.as_str()))
+            .collect();
+        let n = sent.len();
+        let classes: Vec<String> = sent
+            .iter()
+            .map(|&i| {
+                let it = items[i];
+                codec::merge_class(&it.handler, it.routing_key(), it.merge_key.as_deref())
+            })
+            .collect();
+        let merging = classes.iter().any(|c| !c.is_empty());
+        // Sections laid out for the script's `unpack` ranges (see enqueue.lua): ids,
+        // `due id` pairs, `id body` pairs, then the classes when any item has one.
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + n * 6);
         args.push(epoch.to_string().into_bytes());
-        args.push(items.len().to_string().into_bytes());
-        for it in items {
-            let key = it.routing_key();
+        args.push(n.to_string().into_bytes());
+        args.push(if merging {
+            b"1".to_vec()
+        } else {
+            b"0".to_vec()
+        });
+        args.extend(sent.iter().map(|&i| items[i].id.clone().into_bytes()));
+        for &i in &sent {
+            args.push(items[i].due_at_ms.to_string().into_bytes());
+            args.push(items[i].id.clone().into_bytes());
+        }
+        for &i in &sent {
+            let it = items[i];
             args.push(it.id.clone().into_bytes());
-            args.push(it.due_at_ms.to_string().into_bytes());
-            args.push(codec::merge_class(&it.handler, key, it.merge_key.as_deref()).into_bytes());
             args.push(codec::encode_body(&Body {
                 max_attempts: it.max_attempts,
                 due_at_ms: it.due_at_ms,
-                key: key.to_owned(),
+                key: it.routing_key().to_owned(),
                 handler: it.handler.clone(),
                 merge_key: it.merge_key.clone(),
                 payload: it.payload.clone(),
                 traceparent: it.traceparent,
             }));
         }
-        let parts = array(self.run(&ENQUEUE, queue, args).await?, "enqueue")?;
-        stale_epoch(&parts)?;
-        parts.iter().map(|f| Ok(int(f, "enqueue")? == 1)).collect()
+        if merging {
+            args.extend(classes.into_iter().map(String::into_bytes));
+        }
+        let answer = self.run(&ENQUEUE, queue, args).await?;
+        // `n` when every item was created, else one answer per item sent.
+        let created: Vec<bool> = match answer {
+            Value::Int(all) if all == n as i64 => vec![true; n],
+            other => {
+                let parts = array(other, "enqueue")?;
+                stale_epoch(&parts)?;
+                if parts.len() != n {
+                    return Err(Error::Corrupt("enqueue: unexpected answer".into()));
+                }
+                parts
+                    .iter()
+                    .map(|f| Ok(int(f, "enqueue")? == 1))
+                    .collect::<Result<_>>()?
+            }
+        };
+        let mut out = vec![false; items.len()];
+        for (&i, c) in sent.iter().zip(created) {
+            out[i] = c;
+        }
+        Ok(out)
     }
 
     /// Asks an old home which of `ids` exist there (sealing it for `epoch`).
@@ -611,23 +657,49 @@ impl DelayStore for RedisStore {
         if parts.len() == 1 && text(&parts[0]).as_deref() == Some("STALE") {
             return Err(Error::StaleLease { queue: lease.queue });
         }
-        if parts.len() < 3 || (parts.len() - 3) % 4 != 0 {
-            return Err(Error::Corrupt("pop: unexpected answer".into()));
+        let corrupt = || Error::Corrupt("pop: unexpected answer".into());
+        if parts.len() != 7 {
+            return Err(corrupt());
         }
         let now_ms = int(&parts[0], "pop")?;
         let next = int(&parts[1], "pop")?;
         let seq = int(&parts[2], "pop")? as u64;
+        // ids, bodies, attempts made before (empty: none), groups (empty: one delivery
+        // per item); see pop.lua.
+        let mut lists = parts.into_iter().skip(3).map(|v| array(v, "pop"));
+        let (ids, bodies, atts, groups) = (
+            lists.next().ok_or_else(corrupt)??,
+            lists.next().ok_or_else(corrupt)??,
+            lists.next().ok_or_else(corrupt)??,
+            lists.next().ok_or_else(corrupt)??,
+        );
+        if bodies.len() != ids.len()
+            || !(atts.is_empty() || atts.len() == ids.len())
+            || !(groups.is_empty() || groups.len() == ids.len())
+        {
+            return Err(corrupt());
+        }
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut last_group = -1;
         let mut undecodable = Vec::new();
-        for f in parts[3..].chunks(4) {
-            let id = text(&f[0]).ok_or_else(|| Error::Corrupt("pop: id".into()))?;
-            let group = int(&f[1], "pop")?;
+        for (k, (id, body)) in ids.iter().zip(bodies).enumerate() {
+            let id = text(id).ok_or_else(|| Error::Corrupt("pop: id".into()))?;
+            if matches!(body, Value::Nil) {
+                continue; // the id had no body: the script dropped it
+            }
+            let before = match atts.get(k) {
+                None | Some(Value::Nil) => 0,
+                Some(v) => int(v, "pop")?,
+            };
+            let group = match groups.get(k) {
+                Some(g) => int(g, "pop")?,
+                None => k as i64,
+            };
             let token = DeliveryToken {
-                attempt: int(&f[2], "pop")? as u32,
+                attempt: before as u32 + 1,
                 seq,
             };
-            let body = match bytes(&f[3]).map(codec::decode_body) {
+            let body = match bytes(&body).map(codec::decode_body) {
                 Some(Ok(b)) => b,
                 other => {
                     // Never hand an unreadable item to a handler: fail this attempt so
@@ -678,13 +750,35 @@ impl DelayStore for RedisStore {
         let (acks, fails): (Vec<usize>, Vec<usize>) =
             (0..settlements.len()).partition(|&i| settlements[i].outcome == Outcome::Ack);
         for chunk in acks.chunks(SCRIPT_BATCH) {
-            let args = chunk
-                .iter()
-                .map(|&i| settlements[i].token.member(&settlements[i].id).into_bytes())
-                .collect();
-            let answers = array(self.run(&ACK, queue, args).await?, "ack")?;
-            for (&i, a) in chunk.iter().zip(answers) {
-                out[i] = int(&a, "ack")? == 1;
+            // n, the members, then their ids (see ack.lua).
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + 2 * chunk.len());
+            args.push(chunk.len().to_string().into_bytes());
+            args.extend(
+                chunk
+                    .iter()
+                    .map(|&i| settlements[i].token.member(&settlements[i].id).into_bytes()),
+            );
+            args.extend(
+                chunk
+                    .iter()
+                    .map(|&i| settlements[i].id.clone().into_bytes()),
+            );
+            match self.run(&ACK, queue, args).await? {
+                // Every delivery was current.
+                Value::Int(all) if all == chunk.len() as i64 => {
+                    for &i in chunk {
+                        out[i] = true;
+                    }
+                }
+                other => {
+                    let answers = array(other, "ack")?;
+                    if answers.len() != chunk.len() {
+                        return Err(Error::Corrupt("ack: unexpected answer".into()));
+                    }
+                    for (&i, a) in chunk.iter().zip(answers) {
+                        out[i] = int(&a, "ack")? == 1;
+                    }
+                }
             }
         }
         for chunk in fails.chunks(SCRIPT_BATCH) {

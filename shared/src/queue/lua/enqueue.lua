@@ -1,45 +1,72 @@
--- ENQUEUE: ARGV = layout epoch, n, then per item: id, due, merge_class, body.
--- Answers per item 1 (created) or 0 (an item with this id exists: duplicate), or
--- {'STALE', epoch} when the producer's layout is older than this queue's. Announces
--- a new earliest due time (see `announce`).
+-- ENQUEUE: ARGV = layout epoch, n, c ('1' when some item has a merge class, else
+-- '0'), then four sections laid out for `unpack` ranges: the n ids; n pairs `due id`
+-- (ZADD's order); n pairs `id body` (HSET's order); when c is '1', the n merge
+-- classes ('' for none). The caller sends an id at most once per call (a repeat in
+-- one call is a duplicate it answers itself), so the common call — no duplicate, no
+-- merge class — runs no Lua per item: its Redis work is three variadic commands.
+-- Answers n when every item was created; otherwise per item 1 (created) or 0 (an item
+-- with this id exists: duplicate); or {'STALE', epoch} when the producer's layout is
+-- older than this queue's. Announces a new earliest due time (see `announce`).
 local newer = seal(ARGV[1])
 if newer then return { 'STALE', newer } end
 local n = tonumber(ARGV[2])
-local ids = {}
-for i = 1, n do ids[i] = ARGV[3 + (i - 1) * 4] end
-local existing = redis.call('HMGET', K_ITEMS, unpack(ids))
-local res, hitems, zdue, hcls, zmki, seen = {}, {}, {}, {}, {}, {}
+local merging = ARGV[3] == '1'
+-- First index of each section.
+local I, Z, H, C = 4, 4 + n, 4 + 3 * n, 4 + 5 * n
+local existing = redis.call('HMGET', K_ITEMS, unpack(ARGV, I, I + n - 1))
+local fresh = true
 for i = 1, n do
-  local b = 3 + (i - 1) * 4
-  local id = ARGV[b]
-  if existing[i] or seen[id] then
-    res[i] = 0
-  else
-    seen[id] = true
-    res[i] = 1
-    local due, class = ARGV[b + 1], ARGV[b + 2]
-    hitems[#hitems + 1] = id
-    hitems[#hitems + 1] = ARGV[b + 3]
-    zdue[#zdue + 1] = due
-    zdue[#zdue + 1] = id
-    if class ~= '' then
+  if existing[i] then
+    fresh = false
+    break
+  end
+end
+-- The head before and after, rather than the earliest of the batch: nothing is
+-- parsed per item on the hot path.
+local before = head_due()
+local res
+if fresh then
+  redis.call('HSET', K_ITEMS, unpack(ARGV, H, H + 2 * n - 1))
+  redis.call('ZADD', K_DUE, unpack(ARGV, Z, Z + 2 * n - 1))
+  res = n
+else
+  -- Rare path: some ids exist; store only the others.
+  local hitems, zdue = {}, {}
+  res = {}
+  for i = 1, n do
+    if existing[i] then
+      res[i] = 0
+    else
+      res[i] = 1
+      local id = ARGV[I + i - 1]
+      hitems[#hitems + 1] = id
+      hitems[#hitems + 1] = ARGV[H + 2 * i - 1]
+      zdue[#zdue + 1] = ARGV[Z + 2 * i - 2]
+      zdue[#zdue + 1] = id
+    end
+  end
+  if #hitems > 0 then
+    redis.call('HSET', K_ITEMS, unpack(hitems))
+    redis.call('ZADD', K_DUE, unpack(zdue))
+  end
+end
+if merging then
+  local hcls, zmki = {}, {}
+  for i = 1, n do
+    local class = ARGV[C + i - 1]
+    if class ~= '' and not existing[i] then
+      local id = ARGV[I + i - 1]
       hcls[#hcls + 1] = id
       hcls[#hcls + 1] = class
       zmki[#zmki + 1] = 0
-      zmki[#zmki + 1] = mki_member(class, tonumber(due), id)
+      zmki[#zmki + 1] = mki_member(class, tonumber(ARGV[Z + 2 * i - 2]), id)
     end
   end
+  if #hcls > 0 then
+    redis.call('HSET', K_CLS, unpack(hcls))
+    redis.call('ZADD', K_MKI, unpack(zmki))
+  end
 end
-if #hitems > 0 then
-  -- The head before and after, rather than the earliest of the batch: nothing is
-  -- parsed per item on the hot path.
-  local before = head_due()
-  redis.call('HSET', K_ITEMS, unpack(hitems))
-  redis.call('ZADD', K_DUE, unpack(zdue))
-  announce(before, head_due())
-end
-if #hcls > 0 then
-  redis.call('HSET', K_CLS, unpack(hcls))
-  redis.call('ZADD', K_MKI, unpack(zmki))
-end
+local after = head_due()
+if after then announce(before, after) end
 return res

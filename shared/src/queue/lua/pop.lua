@@ -1,8 +1,11 @@
 -- POP: ARGV = lease_token, max_items, visibility_ms, lease_ttl_ms, merge_window_ms,
 -- reap_limit, then the handlers the consumer serves. Fenced by the lease: answers {'STALE'} when the token is not the
--- queue's lease. Otherwise answers {now, next_due_or_-1, seq, then 4 fields per item:
--- id, group, attempt, body}; items of one group form one delivery (merged). Each
--- delivery is member `id \1 seq \1 attempt` of the in-flight set until settled.
+-- queue's lease. Otherwise answers {now, next_due_or_-1, seq, ids, bodies, attempts
+-- made before, groups}: ids and bodies in delivery order (a nil body: the id had none
+-- and was dropped); attempts made before per id (nil = 0), or empty when no item had
+-- any; group numbers per id, items of one group forming one delivery (merged), or
+-- empty when every item is its own delivery. Each item is member
+-- `id \1 seq \1 attempt` of the in-flight set until settled.
 if redis.call('GET', K_LEASE) ~= ARGV[1] then return { 'STALE' } end
 redis.call('PEXPIRE', K_LEASE, ARGV[4])
 local now = now_ms()
@@ -57,23 +60,25 @@ end
 -- 3. Pop due items, earliest first. An item with a merge class takes along every
 --    pending item of its class due within `window` after it, so they are delivered
 --    together at the earliest due time.
-local out = { now, -1, 0 }
 local merging = redis.call('HLEN', K_CLS) > 0
-local due
-if merging then
-  due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'WITHSCORES', 'LIMIT', 0, limit)
+-- picked: ids in delivery order; group[k]: delivery number of picked[k] (false when
+-- every item is its own delivery).
+local picked, group = {}, false
+if not merging then
+  -- The common case: the due items are the first ranks, so they leave `due` by rank
+  -- (no member is looked up) and nothing is parsed per item.
+  picked = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'LIMIT', 0, limit)
+  if #picked > 0 then redis.call('ZREMRANGEBYRANK', K_DUE, 0, #picked - 1) end
 else
-  due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'LIMIT', 0, limit)
-end
-if #due > 0 then
-  -- picked: ids in delivery order; group[k]: delivery number; mkm: merge-index members
-  local picked, group, mkm = due, false, {}
-  if merging then
+  local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', num(now), 'WITHSCORES', 'LIMIT', 0, limit)
+  if #due > 0 then
+    -- mkm: merge-index members of the picked items
+    local mkm = {}
     local ids = {}
     for i = 1, #due, 2 do ids[#ids + 1] = due[i] end
     local classes = redis.call('HMGET', K_CLS, unpack(ids))
     local taken, groups = {}, 0
-    picked, group = {}, {}
+    group = {}
     for i = 1, #ids do
       if #picked >= limit then break end
       local id = ids[i]
@@ -111,37 +116,40 @@ if #due > 0 then
         end
       end
     end
+    redis.call('ZREM', K_DUE, unpack(picked))
+    if #mkm > 0 then redis.call('ZREM', K_MKI, unpack(mkm)) end
   end
-  redis.call('ZREM', K_DUE, unpack(picked))
-  if #mkm > 0 then redis.call('ZREM', K_MKI, unpack(mkm)) end
-  local bodies = redis.call('HMGET', K_ITEMS, unpack(picked))
+end
+
+local seq, bodies, atts = 0, {}, false
+if #picked > 0 then
+  bodies = redis.call('HMGET', K_ITEMS, unpack(picked))
   -- Attempts made before (retries, reaped deliveries); none in the common case.
-  local atts = false
   if redis.call('HLEN', K_ATT) > 0 then
     atts = redis.call('HMGET', K_ATT, unpack(picked))
     redis.call('HDEL', K_ATT, unpack(picked))
   end
-  local seq = redis.call('INCR', K_SEQ)
+  seq = redis.call('INCR', K_SEQ)
   local tail = '\1' .. num(seq) .. '\1'
+  -- A first attempt's member ends in a constant: no number is formatted per item.
+  local first = tail .. '1'
   local deadline = num(now + vis)
-  local zrun = {}
-  out[3] = seq
+  local zrun, z = {}, 0
   for k = 1, #picked do
     local id = picked[k]
     if bodies[k] then
-      local a = 1
-      if atts and atts[k] then a = tonumber(atts[k]) + 1 end
-      zrun[#zrun + 1] = deadline
-      zrun[#zrun + 1] = id .. tail .. a
-      out[#out + 1] = id
-      out[#out + 1] = group and group[k] or k
-      out[#out + 1] = a
-      out[#out + 1] = bodies[k]
+      zrun[z + 1] = deadline
+      if atts and atts[k] then
+        zrun[z + 2] = id .. tail .. num(tonumber(atts[k]) + 1)
+      else
+        zrun[z + 2] = id .. first
+      end
+      z = z + 2
     else
-      forget(id) -- a pending id without a body: unreadable, drop it
+      forget(id) -- a pending id without a body: unreadable, drop it (answered nil)
     end
   end
-  if #zrun > 0 then redis.call('ZADD', K_RUN, unpack(zrun)) end
+  if z > 0 then redis.call('ZADD', K_RUN, unpack(zrun)) end
 end
 
 -- 4. When does this queue next need a consumer: a pending item falls due, or an
@@ -151,5 +159,6 @@ local h = redis.call('ZRANGE', K_DUE, 0, 0, 'WITHSCORES')
 if #h > 0 then nd = tonumber(h[2]) end
 local r = redis.call('ZRANGE', K_RUN, 0, 0, 'WITHSCORES')
 if #r > 0 and (nd < 0 or tonumber(r[2]) < nd) then nd = tonumber(r[2]) end
-out[2] = nd
-return out
+-- The tables Redis answered are answered as they are (nested arrays): nothing is
+-- copied per item to build the reply.
+return { now, nd, seq, picked, bodies, atts or {}, group or {} }
