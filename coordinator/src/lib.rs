@@ -28,6 +28,7 @@ pub mod leader;
 pub mod model;
 pub mod schedule;
 pub mod store;
+pub mod warm;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -44,6 +45,7 @@ pub use error::{CoordError, Result};
 
 use engine::EngineHandle;
 use leader::Role;
+use store::JobsAt;
 
 /// What a coordinator needs to run.
 #[derive(Clone)]
@@ -293,30 +295,38 @@ pub async fn serve(
         tokio::task::JoinHandle<()>,
         EngineHandle,
     )> = None;
+    // A follower's copy of the jobs, handed to its engine when it is elected (only
+    // where there is an election: a lone coordinator leads from the start).
+    let mut warm: Option<warm::WarmJobs> = None;
     loop {
         let role = roles.borrow_and_update().clone();
         match role {
-            Role::Leader { fence } if engine.is_none() => match start_engine(&deps, fence).await {
-                Ok((handle, stop, lost, task)) => {
-                    shared.set(Current {
-                        engine: Some(handle.clone()),
-                        leader: deps.options.advertise.clone(),
-                        fence,
-                    });
-                    engine = Some((stop, lost, task, handle));
+            Role::Leader { fence } if engine.is_none() => {
+                match start_engine(&deps, fence, warm.take().and_then(warm::WarmJobs::take)).await {
+                    Ok((handle, stop, lost, task)) => {
+                        shared.set(Current {
+                            engine: Some(handle.clone()),
+                            leader: deps.options.advertise.clone(),
+                            fence,
+                        });
+                        engine = Some((stop, lost, task, handle));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot start as leader; resigning");
+                        resign.notify_one();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, "cannot start as leader; resigning");
-                    resign.notify_one();
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            },
+            }
             Role::Leader { .. } => {}
             Role::Follower { leader } => {
                 if let Some((stop, _, task, _)) = engine.take() {
                     info!("no longer the leader: stopping the engine");
                     stop.cancel();
                     let _ = task.await;
+                }
+                if warm.is_none() && deps.election.is_some() {
+                    warm = Some(warm::WarmJobs::spawn(deps.jobs.clone(), &shutdown));
                 }
                 shared.set(Current {
                     engine: None,
@@ -448,8 +458,9 @@ type Started = (
     tokio::task::JoinHandle<()>,
 );
 
-/// Installs the fence, then starts the engine.
-async fn start_engine(deps: &Deps, fence: i64) -> Result<Started> {
+/// Installs the fence, then starts the engine (from `warm`, a follower's copy of the
+/// jobs and its revision, when there is one).
+async fn start_engine(deps: &Deps, fence: i64, warm: Option<JobsAt>) -> Result<Started> {
     let installed = deps.runs.install_fence(fence).await?;
     if !installed.installed() {
         return Err(CoordError::Conflict(format!(
@@ -459,8 +470,12 @@ async fn start_engine(deps: &Deps, fence: i64) -> Result<Started> {
     let handover = installed.hand_over();
     let handed_over = handover.is_some();
     let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
+    let jobs = match warm {
+        Some((list, revision)) => deps.jobs.preloaded(list, revision),
+        None => deps.jobs.clone(),
+    };
     let (handle, task) = engine::start(
-        deps.jobs.clone(),
+        jobs,
         deps.runs.clone(),
         deps.clock.clone(),
         deps.options.clone(),

@@ -26,11 +26,18 @@ pub struct StoredJob {
     pub version: i64,
 }
 
+/// Every job, and the revision of the source they are current at.
+pub type JobsAt = (Vec<StoredJob>, i64);
+
 /// Job definitions in a key-value source, under `jobs/`.
 #[derive(Debug, Clone)]
 pub struct JobStore {
     kv: Arc<dyn ConfigSource>,
     min_period_ms: u64,
+    /// Jobs already listed, and the revision they are current at, for the engine to
+    /// start from instead of listing ([`Self::preloaded`]). Shared by clones, taken
+    /// once.
+    preloaded: Arc<Mutex<Option<JobsAt>>>,
 }
 
 /// Most jobs one [`JobStore::create_all`] stores: under etcd's default
@@ -57,7 +64,25 @@ impl JobStore {
         Self {
             kv,
             min_period_ms: crate::model::MIN_PERIOD_MS,
+            preloaded: Arc::default(),
         }
+    }
+
+    /// This store with `jobs` at `revision` (a follower's warm copy, see
+    /// [`crate::warm`]) for the engine to start from instead of listing.
+    pub fn preloaded(&self, jobs: Vec<StoredJob>, revision: i64) -> Self {
+        Self {
+            preloaded: Arc::new(Mutex::new(Some((jobs, revision)))),
+            ..self.clone()
+        }
+    }
+
+    /// The jobs [`Self::preloaded`] gave, once.
+    pub fn take_preloaded(&self) -> Option<JobsAt> {
+        self.preloaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Refuses schedules firing more often than every `ms` (the operator's floor,
@@ -105,7 +130,7 @@ impl JobStore {
     }
 
     /// Every job, and the revision read at.
-    pub async fn list(&self) -> Result<(Vec<StoredJob>, i64)> {
+    pub async fn list(&self) -> Result<JobsAt> {
         let snap = self.kv.load().await?;
         Ok((Self::jobs_in(&snap), snap.revision))
     }

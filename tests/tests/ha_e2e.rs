@@ -214,3 +214,64 @@ async fn a_campaign_broken_by_an_etcd_restart_does_not_block_later_elections() -
     .await?;
     Ok(())
 }
+
+/// A follower keeps a copy of the jobs and its engine starts from it when elected
+/// (no list of etcd in the failover): jobs created and deleted while it followed are
+/// exactly what it fires, and its log says it started from the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_starts_from_its_warm_copy_of_the_jobs() -> Result<()> {
+    let mut c = Cluster::start_ha(2, 1).await?;
+    let create = |c: &Cluster, name: &str| {
+        c.admin(&[
+            "job",
+            "create",
+            "--name",
+            name,
+            "--handler",
+            "noop",
+            "--cron",
+            "* * * * * *",
+        ])
+    };
+    create(&c, "kept")?;
+    create(&c, "gone")?;
+    wait_until("both jobs to fire", Duration::from_secs(20), || {
+        let (k, g) = (c.records_of("kept").len(), c.records_of("gone").len());
+        async move { k >= 1 && g >= 1 }
+    })
+    .await?;
+    let old = c.leader_index().context("no leader")?;
+    let follower = 1 - old;
+    // Changes the follower only learns from its watch.
+    c.admin(&["job", "delete", "gone"])?;
+    create(&c, "added")?;
+    wait_until("the added job to fire", Duration::from_secs(20), || {
+        let n = c.records_of("added").len();
+        async move { n >= 1 }
+    })
+    .await?;
+    c.kill_coordinator_at(old);
+    let killed = chime_shared::clock::system_now_ms();
+    wait_until(
+        "the follower to lead and fire both jobs",
+        Duration::from_secs(30),
+        || {
+            let fired = |job: &str| c.records_of(job).iter().any(|r| r.started_ms > killed);
+            let both = fired("kept") && fired("added");
+            async move { both }
+        },
+    )
+    .await?;
+    let log = c.coordinator_proc(follower).context("follower")?.log();
+    let start = log
+        .lines()
+        .find(|l| l.contains("engine loaded its jobs"))
+        .context("the new leader's start is logged")?;
+    ensure!(start.contains("warm_copy=true"), "{start}");
+    ensure!(start.contains("jobs=2"), "{start}");
+    ensure!(
+        !c.records_of("gone").iter().any(|r| r.started_ms > killed),
+        "a job deleted while the follower followed fired"
+    );
+    Ok(())
+}

@@ -62,7 +62,14 @@ pub(super) async fn start(
     let history = History::spawn(store.clone(), shutdown.clone());
     // Timed: with many jobs defined, loading them is most of a new leader's start.
     let loading = std::time::Instant::now();
-    let (stored, revision) = jobs.list().await?;
+    // A follower's warm copy (see `crate::warm`) spares the list.
+    let (stored, revision, warm_copy) = match jobs.take_preloaded() {
+        Some((stored, revision)) => (stored, revision, true),
+        None => {
+            let (stored, revision) = jobs.list().await?;
+            (stored, revision, false)
+        }
+    };
     let listed_ms = loading.elapsed().as_millis() as u64;
     let last = store.trigger_state().await?;
     let active = store.active_runs().await?;
@@ -90,6 +97,7 @@ pub(super) async fn start(
         .await;
     info!(
         jobs = job_count,
+        warm_copy,
         listed_ms,
         loaded_ms,
         started_ms = loading.elapsed().as_millis() as u64,
