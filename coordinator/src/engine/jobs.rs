@@ -30,6 +30,114 @@ pub(super) struct JobState {
     pub(super) rr: u64,
 }
 
+/// How a job stood before a change, as far as [`plan`] needs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Before {
+    /// Its last fire (the engine's, or the stored trigger state at startup).
+    last_fire: Option<i64>,
+    was_paused: bool,
+    /// `Some` when the job existed: its armed next tick.
+    existing_next: Option<Option<i64>>,
+}
+
+/// What adding a job computes from its definition alone: no machine state but the
+/// time and [`Before`], so a leader's start computes it for many jobs at once (see
+/// [`plan_all`]); most of it is parsing cron expressions.
+#[derive(Debug)]
+pub(super) struct Plan {
+    compiled: Compiled,
+    /// Ticks missed since the last fire (startup only).
+    misfired: Vec<i64>,
+    next_fire: Option<i64>,
+}
+
+/// Validates and compiles `spec`, and finds its missed ticks (at `startup`) and its
+/// next one.
+pub(super) fn plan(
+    spec: &JobSpec,
+    now: i64,
+    startup: bool,
+    before: Before,
+) -> crate::error::Result<Plan> {
+    // Jobs reach the store through the API (validated) or `etcdctl put` (not):
+    // validate again, so a hand-written job cannot take the engine down.
+    spec.validate()?;
+    let compiled = Compiled::of(spec)?;
+    let Before {
+        last_fire,
+        was_paused,
+        existing_next,
+    } = before;
+    let mut plan = Plan {
+        compiled,
+        misfired: Vec::new(),
+        next_fire: None,
+    };
+    if spec.paused {
+        return Ok(plan);
+    }
+    // A resumed job starts from now; at startup, missed ticks are misfires: since the
+    // last fire, or since its creation if it never fired (else a leader dying before
+    // a new job's first tick would make the ticks until the next leader vanish
+    // without a trace).
+    let from = match (startup, last_fire) {
+        (true, Some(l)) if !was_paused => l,
+        (true, None) if spec.created_at_ms > 0 => spec.created_at_ms,
+        _ => now.max(last_fire.unwrap_or(i64::MIN)),
+    };
+    if startup && from < now {
+        let (ticks, more) = plan.compiled.ticks_between(spec, from, now, 10_000);
+        plan.misfired = ticks;
+        if more {
+            warn!(job = %spec.name, "more than 10,000 missed ticks; the oldest are dropped");
+        }
+    }
+    plan.next_fire = match (&plan.compiled, existing_next) {
+        (Compiled::Delay { delay_ms }, None) => Some(now.max(spec.start_at_ms) + delay_ms),
+        (Compiled::Delay { .. }, Some(next)) => next,
+        _ => plan
+            .compiled
+            .next_after(spec, now.max(last_fire.unwrap_or(i64::MIN))),
+    };
+    Ok(plan)
+}
+
+/// Jobs planned one per core at once from this many on (below it, threads cost more
+/// than they save).
+const PLAN_IN_PARALLEL_FROM: usize = 2_000;
+
+/// [`plan`] of each of `jobs`, new at startup, in their order; spread over the
+/// machine's cores when there are many (a pure computation, so the answers do not
+/// depend on how it was split).
+pub(super) fn plan_all(
+    jobs: &[StoredJob],
+    last: &std::collections::HashMap<String, i64>,
+    now: i64,
+) -> Vec<crate::error::Result<Plan>> {
+    let one = |j: &StoredJob| {
+        let before = Before {
+            last_fire: last.get(&j.spec.name).copied(),
+            ..Before::default()
+        };
+        plan(&j.spec, now, true, before)
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if jobs.len() < PLAN_IN_PARALLEL_FROM || cores < 2 {
+        return jobs.iter().map(one).collect();
+    }
+    let chunk = jobs.len().div_ceil(cores);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = jobs
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 impl Machine {
     /// Adds or replaces a job. At startup (`startup`), answers the ticks missed since
     /// `last`, for the job's misfire policy.
@@ -39,6 +147,18 @@ impl Machine {
         last: Option<i64>,
         startup: bool,
     ) -> Option<Vec<i64>> {
+        self.put_planned(stored, last, startup, None)
+    }
+
+    /// [`Self::put_job`] with its [`plan`] made already (by [`plan_all`], for a job
+    /// new at startup); `None`, or a job that exists after all, plans here.
+    pub(super) fn put_planned(
+        &mut self,
+        stored: StoredJob,
+        last: Option<i64>,
+        startup: bool,
+        planned: Option<crate::error::Result<Plan>>,
+    ) -> Option<Vec<i64>> {
         let name = stored.spec.name.clone();
         if self
             .jobs
@@ -47,31 +167,36 @@ impl Machine {
         {
             return None;
         }
-        // Jobs reach the store through the API (validated) or `etcdctl put` (not):
-        // validate again, so a hand-written job cannot take the engine down.
-        let compiled = match stored
-            .spec
-            .validate()
-            .and_then(|()| Compiled::of(&stored.spec))
-        {
-            Ok(c) => c,
+        let prev = self.jobs.get(&name);
+        let before = Before {
+            last_fire: prev.and_then(|p| p.last_fire).or(last),
+            was_paused: prev.is_some_and(|p| p.spec.paused),
+            existing_next: prev.map(|p| p.next_fire),
+        };
+        let planned = match planned {
+            Some(p) if prev.is_none() => p,
+            _ => plan(&stored.spec, self.now, startup, before),
+        };
+        let Plan {
+            compiled,
+            misfired,
+            next_fire,
+        } = match planned {
+            Ok(p) => p,
             Err(e) => {
                 warn!(job = %name, error = %e, "stored job is invalid; not scheduling it");
                 return None;
             }
         };
-        let now = self.now;
         let prev = self.jobs.remove(&name);
-        let last_fire = prev.as_ref().and_then(|p| p.last_fire).or(last);
         let generation = prev.as_ref().map_or(0, |p| p.generation) + 1;
-        let was_paused = prev.as_ref().is_some_and(|p| p.spec.paused);
-        let mut state = JobState {
+        let state = JobState {
             spec: stored.spec,
             version: stored.version,
             compiled,
             generation,
-            next_fire: None,
-            last_fire,
+            next_fire,
+            last_fire: before.last_fire,
             running: prev.as_ref().map(|p| p.running.clone()).unwrap_or_default(),
             buffered: prev.as_ref().and_then(|p| p.buffered.clone()),
             prepared: prev.as_ref().and_then(|p| p.prepared.clone()),
@@ -87,34 +212,6 @@ impl Machine {
                 |p| p.rr,
             ),
         };
-        let mut misfired = Vec::new();
-        if !state.spec.paused {
-            // A resumed job starts from now; at startup, missed ticks are misfires:
-            // since the last fire, or since its creation if it never fired (else a
-            // leader dying before a new job's first tick would make the ticks until
-            // the next leader vanish without a trace).
-            let from = match (startup, last_fire) {
-                (true, Some(l)) if !was_paused => l,
-                (true, None) if state.spec.created_at_ms > 0 => state.spec.created_at_ms,
-                _ => now.max(last_fire.unwrap_or(i64::MIN)),
-            };
-            if startup && from < now {
-                let (ticks, more) = state.compiled.ticks_between(&state.spec, from, now, 10_000);
-                misfired = ticks;
-                if more {
-                    warn!(job = %name, "more than 10,000 missed ticks; the oldest are dropped");
-                }
-            }
-            state.next_fire = match state.compiled {
-                Compiled::Delay { delay_ms } if prev.is_none() => {
-                    Some(now.max(state.spec.start_at_ms) + delay_ms)
-                }
-                Compiled::Delay { .. } => prev.as_ref().and_then(|p| p.next_fire),
-                _ => state
-                    .compiled
-                    .next_after(&state.spec, now.max(last_fire.unwrap_or(i64::MIN))),
-            };
-        }
         let (next, jitter_ms) = (state.next_fire, state.spec.jitter_ms);
         self.jobs.insert(name.clone(), Box::new(state));
         if let Some(at) = next {
@@ -190,5 +287,82 @@ impl Machine {
             let (generation, jitter_ms) = (j.generation, j.spec.jitter_ms);
             self.arm_tick(job, at, generation, jitter_ms);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::model::Schedule;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    /// Jobs of every kind, some with a last fire, one paused, one invalid.
+    fn jobs(n: usize) -> (Vec<StoredJob>, HashMap<String, i64>) {
+        let mut last = HashMap::new();
+        let jobs = (0..n)
+            .map(|i| {
+                let name = format!("j{i}");
+                let schedule = match i % 5 {
+                    0 => Schedule::Cron {
+                        expr: format!("{} * * * * *", i % 60),
+                        time_zone: String::new(),
+                    },
+                    1 => Schedule::Cron {
+                        expr: "*/7 * * * * *".into(),
+                        time_zone: "Asia/Shanghai".into(),
+                    },
+                    2 => Schedule::FixedRate {
+                        every_ms: 1_000 + i as u64,
+                    },
+                    3 => Schedule::FixedDelay { delay_ms: 5_000 },
+                    _ => Schedule::Once {
+                        at_ms: NOW + i as i64,
+                    },
+                };
+                let mut spec = JobSpec::new(&name, "g", "h", schedule);
+                spec.created_at_ms = NOW - 90_000;
+                spec.paused = i == 7;
+                if i == 11 {
+                    spec.schedule = Schedule::Cron {
+                        expr: "not cron".into(),
+                        time_zone: String::new(),
+                    };
+                }
+                if i % 3 == 0 {
+                    last.insert(name, NOW - 30_000 - i as i64);
+                }
+                StoredJob { spec, version: 1 }
+            })
+            .collect();
+        (jobs, last)
+    }
+
+    fn outcome(p: &crate::error::Result<Plan>) -> Option<(Vec<i64>, Option<i64>)> {
+        p.as_ref().ok().map(|p| (p.misfired.clone(), p.next_fire))
+    }
+
+    #[test]
+    fn plans_made_on_every_core_are_the_plans_made_one_by_one() {
+        let (jobs, last) = jobs(PLAN_IN_PARALLEL_FROM + 501);
+        let all = plan_all(&jobs, &last, NOW);
+        assert_eq!(all.len(), jobs.len());
+        for (j, p) in jobs.iter().zip(&all) {
+            let before = Before {
+                last_fire: last.get(&j.spec.name).copied(),
+                ..Before::default()
+            };
+            let one = plan(&j.spec, NOW, true, before);
+            assert_eq!(outcome(p), outcome(&one), "{}", j.spec.name);
+        }
+        // The cases are there: missed ticks, a paused job, an invalid one.
+        assert!(
+            all.iter()
+                .any(|p| outcome(p).is_some_and(|(m, _)| m.len() > 10))
+        );
+        assert_eq!(outcome(&all[7]).map(|(_, next)| next), Some(None));
+        assert!(all[11].is_err());
     }
 }

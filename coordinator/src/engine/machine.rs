@@ -564,9 +564,12 @@ impl Machine {
         handover: Option<Vec<String>>,
     ) {
         let mut missed = Vec::new();
-        for j in jobs {
+        // Parsing every job's schedule is most of a start with many jobs: planned
+        // first, on every core, then installed in order.
+        let plans = super::jobs::plan_all(&jobs, &last, self.now);
+        for (j, plan) in jobs.into_iter().zip(plans) {
             let name = j.spec.name.clone();
-            if let Some(ticks) = self.put_job(j, last.get(&name).copied(), true) {
+            if let Some(ticks) = self.put_planned(j, last.get(&name).copied(), true, Some(plan)) {
                 missed.push((name, ticks));
             }
         }
