@@ -45,7 +45,7 @@ pub use error::{CoordError, Result};
 
 use engine::EngineHandle;
 use leader::Role;
-use store::JobsAt;
+use store::Preloaded;
 
 /// What a coordinator needs to run.
 #[derive(Clone)]
@@ -326,7 +326,11 @@ pub async fn serve(
                     let _ = task.await;
                 }
                 if warm.is_none() && deps.election.is_some() {
-                    warm = Some(warm::WarmJobs::spawn(deps.jobs.clone(), &shutdown));
+                    warm = Some(warm::WarmJobs::spawn(
+                        deps.jobs.clone(),
+                        deps.clock.clone(),
+                        &shutdown,
+                    ));
                 }
                 shared.set(Current {
                     engine: None,
@@ -460,7 +464,7 @@ type Started = (
 
 /// Installs the fence, then starts the engine (from `warm`, a follower's copy of the
 /// jobs and its revision, when there is one).
-async fn start_engine(deps: &Deps, fence: i64, warm: Option<JobsAt>) -> Result<Started> {
+async fn start_engine(deps: &Deps, fence: i64, warm: Option<Preloaded>) -> Result<Started> {
     let installed = deps.runs.install_fence(fence).await?;
     if !installed.installed() {
         return Err(CoordError::Conflict(format!(
@@ -471,7 +475,7 @@ async fn start_engine(deps: &Deps, fence: i64, warm: Option<JobsAt>) -> Result<S
     let handed_over = handover.is_some();
     let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
     let jobs = match warm {
-        Some((list, revision)) => deps.jobs.preloaded(list, revision),
+        Some(copy) => deps.jobs.preloaded(copy),
         None => deps.jobs.clone(),
     };
     let (handle, task) = engine::start(

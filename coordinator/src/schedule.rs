@@ -224,6 +224,120 @@ pub fn min_gap_ms(job: &JobSpec, from_ms: i64, samples: usize) -> Result<Option<
     })
 }
 
+/// How a job stood before a change, as far as [`plan`] needs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Before {
+    /// Its last fire (the engine's, or the stored trigger state at startup).
+    pub last_fire: Option<i64>,
+    /// It was paused.
+    pub was_paused: bool,
+    /// `Some` when the job existed: its armed next tick.
+    pub existing_next: Option<Option<i64>>,
+}
+
+/// What adding a job computes from its definition alone: no machine state but the
+/// time and [`Before`], so a leader's start computes it for many jobs at once (see
+/// `engine::jobs::plan_all`), and a follower ahead of its election (see
+/// [`Planned`]); most of it is parsing cron expressions.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The schedule, compiled.
+    pub compiled: Compiled,
+    /// Ticks missed since the last fire (startup only).
+    pub misfired: Vec<i64>,
+    /// The next tick (none when paused, ended or never again).
+    pub next_fire: Option<i64>,
+}
+
+/// Validates and compiles `spec`, and finds its missed ticks (at `startup`) and its
+/// next one.
+pub fn plan(spec: &JobSpec, now: i64, startup: bool, before: Before) -> Result<Plan> {
+    // Jobs reach the store through the API (validated) or `etcdctl put` (not):
+    // validate again, so a hand-written job cannot take the engine down.
+    spec.validate()?;
+    let compiled = Compiled::of(spec)?;
+    let Before {
+        last_fire,
+        was_paused,
+        existing_next,
+    } = before;
+    let mut plan = Plan {
+        compiled,
+        misfired: Vec::new(),
+        next_fire: None,
+    };
+    if spec.paused {
+        return Ok(plan);
+    }
+    // A resumed job starts from now; at startup, missed ticks are misfires: since the
+    // last fire, or since its creation if it never fired (else a leader dying before
+    // a new job's first tick would make the ticks until the next leader vanish
+    // without a trace).
+    let from = match (startup, last_fire) {
+        (true, Some(l)) if !was_paused => l,
+        (true, None) if spec.created_at_ms > 0 => spec.created_at_ms,
+        _ => now.max(last_fire.unwrap_or(i64::MIN)),
+    };
+    if startup && from < now {
+        let (ticks, more) = plan.compiled.ticks_between(spec, from, now, 10_000);
+        plan.misfired = ticks;
+        if more {
+            tracing::warn!(job = %spec.name, "more than 10,000 missed ticks; the oldest are dropped");
+        }
+    }
+    plan.next_fire = match (&plan.compiled, existing_next) {
+        (Compiled::Delay { delay_ms }, None) => Some(now.max(spec.start_at_ms) + delay_ms),
+        (Compiled::Delay { .. }, Some(next)) => next,
+        _ => plan
+            .compiled
+            .next_after(spec, now.max(last_fire.unwrap_or(i64::MIN))),
+    };
+    Ok(plan)
+}
+
+/// A [`plan`] made ahead, for a start at a later instant: by a follower for its jobs
+/// as new at startup and never fired ([`Before`] empty), at `at_ms`.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The job's version it was made for.
+    pub version: i64,
+    /// When.
+    pub at_ms: i64,
+    /// The plan.
+    pub plan: Plan,
+}
+
+impl Planned {
+    /// Plans `spec` (at `version`) now, as a start would for a job that never fired;
+    /// `None` for an invalid job (the start will say why).
+    pub fn ahead(spec: &JobSpec, version: i64, now_ms: i64) -> Option<Self> {
+        let plan = plan(spec, now_ms, true, Before::default()).ok()?;
+        Some(Self {
+            version,
+            at_ms: now_ms,
+            plan,
+        })
+    }
+
+    /// This plan, if it is what [`plan`] would answer for `spec` at `version`, as new
+    /// at a start at `now_ms` with no last fire. It is when nothing about the job
+    /// changed and no tick came between: its ticks missed since creation are the same,
+    /// and its next tick (after `at_ms`) is also the first after `now_ms`. A delay
+    /// schedule's first tick counts from the start itself, so it is planned again.
+    pub fn reuse(
+        &self,
+        spec: &JobSpec,
+        version: i64,
+        last: Option<i64>,
+        now_ms: i64,
+    ) -> Option<Plan> {
+        let unchanged = self.version == version && last.is_none() && self.at_ms <= now_ms;
+        let still_ahead = spec.paused || self.plan.next_fire.is_some_and(|t| t > now_ms);
+        let timeless = !matches!(self.plan.compiled, Compiled::Delay { .. });
+        (unchanged && still_ahead && timeless).then(|| self.plan.clone())
+    }
+}
+
 impl Compiled {
     /// Compiles a (validated) job's schedule.
     pub fn of(job: &JobSpec) -> Result<Self> {

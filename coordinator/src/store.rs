@@ -29,15 +29,26 @@ pub struct StoredJob {
 /// Every job, and the revision of the source they are current at.
 pub type JobsAt = (Vec<StoredJob>, i64);
 
+/// A follower's warm copy of the jobs, handed to its engine when it is elected (see
+/// [`crate::warm`]).
+#[derive(Debug, Default)]
+pub struct Preloaded {
+    /// Every job.
+    pub jobs: Vec<StoredJob>,
+    /// The revision they are current at (the engine's job watcher resumes after it).
+    pub revision: i64,
+    /// Plans made ahead, by job name, for the start to use where they still stand.
+    pub ahead: HashMap<String, crate::schedule::Planned>,
+}
+
 /// Job definitions in a key-value source, under `jobs/`.
 #[derive(Debug, Clone)]
 pub struct JobStore {
     kv: Arc<dyn ConfigSource>,
     min_period_ms: u64,
-    /// Jobs already listed, and the revision they are current at, for the engine to
-    /// start from instead of listing ([`Self::preloaded`]). Shared by clones, taken
-    /// once.
-    preloaded: Arc<Mutex<Option<JobsAt>>>,
+    /// Jobs already listed, for the engine to start from instead of listing
+    /// ([`Self::preloaded`]). Shared by clones, taken once.
+    preloaded: Arc<Mutex<Option<Preloaded>>>,
 }
 
 /// Most jobs one [`JobStore::create_all`] stores: under etcd's default
@@ -68,17 +79,17 @@ impl JobStore {
         }
     }
 
-    /// This store with `jobs` at `revision` (a follower's warm copy, see
-    /// [`crate::warm`]) for the engine to start from instead of listing.
-    pub fn preloaded(&self, jobs: Vec<StoredJob>, revision: i64) -> Self {
+    /// This store with a follower's warm copy, for the engine to start from instead
+    /// of listing.
+    pub fn preloaded(&self, copy: Preloaded) -> Self {
         Self {
-            preloaded: Arc::new(Mutex::new(Some((jobs, revision)))),
+            preloaded: Arc::new(Mutex::new(Some(copy))),
             ..self.clone()
         }
     }
 
     /// The jobs [`Self::preloaded`] gave, once.
-    pub fn take_preloaded(&self) -> Option<JobsAt> {
+    pub fn take_preloaded(&self) -> Option<Preloaded> {
         self.preloaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())

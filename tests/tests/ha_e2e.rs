@@ -269,6 +269,7 @@ async fn a_new_leader_starts_from_its_warm_copy_of_the_jobs() -> Result<()> {
         .context("the new leader's start is logged")?;
     ensure!(start.contains("warm_copy=true"), "{start}");
     ensure!(start.contains("jobs=2"), "{start}");
+    ensure!(start.contains("planned_ahead=2"), "{start}");
     ensure!(
         !c.records_of("gone").iter().any(|r| r.started_ms > killed),
         "a job deleted while the follower followed fired"

@@ -63,13 +63,14 @@ pub(super) async fn start(
     // Timed: with many jobs defined, loading them is most of a new leader's start.
     let loading = std::time::Instant::now();
     // A follower's warm copy (see `crate::warm`) spares the list.
-    let (stored, revision, warm_copy) = match jobs.take_preloaded() {
-        Some((stored, revision)) => (stored, revision, true),
+    let (stored, revision, ahead, warm_copy) = match jobs.take_preloaded() {
+        Some(p) => (p.jobs, p.revision, p.ahead, true),
         None => {
             let (stored, revision) = jobs.list().await?;
-            (stored, revision, false)
+            (stored, revision, HashMap::new(), false)
         }
     };
+    let planned_ahead = ahead.len();
     let listed_ms = loading.elapsed().as_millis() as u64;
     let last = store.trigger_state().await?;
     let active = store.active_runs().await?;
@@ -93,11 +94,13 @@ pub(super) async fn start(
             last,
             active,
             handover,
+            ahead,
         })
         .await;
     info!(
         jobs = job_count,
         warm_copy,
+        planned_ahead,
         listed_ms,
         loaded_ms,
         started_ms = loading.elapsed().as_millis() as u64,

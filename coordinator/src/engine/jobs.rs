@@ -2,13 +2,13 @@
 //! its next tick (ahead of its instant, to be prepared, or at it), and the ticks
 //! missed before this leader started.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use tracing::warn;
 
 use super::machine::{Machine, Timer};
 use crate::model::JobSpec;
-use crate::schedule::Compiled;
+use crate::schedule::{Before, Compiled, Plan, Planned, plan};
 use crate::store::StoredJob;
 
 #[derive(Debug)]
@@ -30,93 +30,31 @@ pub(super) struct JobState {
     pub(super) rr: u64,
 }
 
-/// How a job stood before a change, as far as [`plan`] needs it.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Before {
-    /// Its last fire (the engine's, or the stored trigger state at startup).
-    last_fire: Option<i64>,
-    was_paused: bool,
-    /// `Some` when the job existed: its armed next tick.
-    existing_next: Option<Option<i64>>,
-}
-
-/// What adding a job computes from its definition alone: no machine state but the
-/// time and [`Before`], so a leader's start computes it for many jobs at once (see
-/// [`plan_all`]); most of it is parsing cron expressions.
-#[derive(Debug)]
-pub(super) struct Plan {
-    compiled: Compiled,
-    /// Ticks missed since the last fire (startup only).
-    misfired: Vec<i64>,
-    next_fire: Option<i64>,
-}
-
-/// Validates and compiles `spec`, and finds its missed ticks (at `startup`) and its
-/// next one.
-pub(super) fn plan(
-    spec: &JobSpec,
-    now: i64,
-    startup: bool,
-    before: Before,
-) -> crate::error::Result<Plan> {
-    // Jobs reach the store through the API (validated) or `etcdctl put` (not):
-    // validate again, so a hand-written job cannot take the engine down.
-    spec.validate()?;
-    let compiled = Compiled::of(spec)?;
-    let Before {
-        last_fire,
-        was_paused,
-        existing_next,
-    } = before;
-    let mut plan = Plan {
-        compiled,
-        misfired: Vec::new(),
-        next_fire: None,
-    };
-    if spec.paused {
-        return Ok(plan);
-    }
-    // A resumed job starts from now; at startup, missed ticks are misfires: since the
-    // last fire, or since its creation if it never fired (else a leader dying before
-    // a new job's first tick would make the ticks until the next leader vanish
-    // without a trace).
-    let from = match (startup, last_fire) {
-        (true, Some(l)) if !was_paused => l,
-        (true, None) if spec.created_at_ms > 0 => spec.created_at_ms,
-        _ => now.max(last_fire.unwrap_or(i64::MIN)),
-    };
-    if startup && from < now {
-        let (ticks, more) = plan.compiled.ticks_between(spec, from, now, 10_000);
-        plan.misfired = ticks;
-        if more {
-            warn!(job = %spec.name, "more than 10,000 missed ticks; the oldest are dropped");
-        }
-    }
-    plan.next_fire = match (&plan.compiled, existing_next) {
-        (Compiled::Delay { delay_ms }, None) => Some(now.max(spec.start_at_ms) + delay_ms),
-        (Compiled::Delay { .. }, Some(next)) => next,
-        _ => plan
-            .compiled
-            .next_after(spec, now.max(last_fire.unwrap_or(i64::MIN))),
-    };
-    Ok(plan)
-}
-
 /// Jobs planned one per core at once from this many on (below it, threads cost more
 /// than they save).
 const PLAN_IN_PARALLEL_FROM: usize = 2_000;
 
-/// [`plan`] of each of `jobs`, new at startup, in their order; spread over the
+/// [`plan`] of each of `jobs`, new at startup, in their order (a plan made `ahead`
+/// when it still stands, see [`Planned::reuse`]); spread over the
 /// machine's cores when there are many (a pure computation, so the answers do not
 /// depend on how it was split).
 pub(super) fn plan_all(
     jobs: &[StoredJob],
-    last: &std::collections::HashMap<String, i64>,
+    last: &HashMap<String, i64>,
+    ahead: &HashMap<String, Planned>,
     now: i64,
 ) -> Vec<crate::error::Result<Plan>> {
     let one = |j: &StoredJob| {
+        let last = last.get(&j.spec.name).copied();
+        // A plan a follower made ahead, when it still stands, spares the parse.
+        if let Some(p) = ahead
+            .get(&j.spec.name)
+            .and_then(|p| p.reuse(&j.spec, j.version, last, now))
+        {
+            return Ok(p);
+        }
         let before = Before {
-            last_fire: last.get(&j.spec.name).copied(),
+            last_fire: last,
             ..Before::default()
         };
         plan(&j.spec, now, true, before)
@@ -292,8 +230,6 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use crate::model::Schedule;
 
@@ -347,7 +283,7 @@ mod tests {
     #[test]
     fn plans_made_on_every_core_are_the_plans_made_one_by_one() {
         let (jobs, last) = jobs(PLAN_IN_PARALLEL_FROM + 501);
-        let all = plan_all(&jobs, &last, NOW);
+        let all = plan_all(&jobs, &last, &HashMap::new(), NOW);
         assert_eq!(all.len(), jobs.len());
         for (j, p) in jobs.iter().zip(&all) {
             let before = Before {
@@ -364,5 +300,79 @@ mod tests {
         );
         assert_eq!(outcome(&all[7]).map(|(_, next)| next), Some(None));
         assert!(all[11].is_err());
+    }
+
+    #[test]
+    fn plans_made_ahead_are_used_only_where_they_are_what_a_start_would_plan() {
+        let (mut jobs, last) = jobs(600);
+        // Some that tick rarely: their plans made ahead still stand at the start.
+        for (i, j) in jobs.iter_mut().enumerate().filter(|(i, _)| i % 4 == 0) {
+            j.spec.schedule = Schedule::Cron {
+                expr: format!("{} {} 3 1 6 *", i % 60, i / 60 % 60),
+                time_zone: String::new(),
+            };
+        }
+        // One changed since its plan was made.
+        let changed = "j8";
+        let ahead: HashMap<String, Planned> = jobs
+            .iter()
+            .filter_map(|j| {
+                let p = Planned::ahead(&j.spec, j.version, NOW - 20_000)?;
+                Some((j.spec.name.clone(), p))
+            })
+            .collect();
+        for j in jobs.iter_mut().filter(|j| j.spec.name == changed) {
+            j.version = 2;
+            j.spec.schedule = Schedule::FixedRate { every_ms: 1_000 };
+        }
+        let all = plan_all(&jobs, &last, &ahead, NOW);
+        let mut reused = 0;
+        for (j, p) in jobs.iter().zip(&all) {
+            let l = last.get(&j.spec.name).copied();
+            let fresh = plan(
+                &j.spec,
+                NOW,
+                true,
+                Before {
+                    last_fire: l,
+                    ..Before::default()
+                },
+            );
+            assert_eq!(outcome(p), outcome(&fresh), "{}", j.spec.name);
+            if ahead
+                .get(&j.spec.name)
+                .and_then(|a| a.reuse(&j.spec, j.version, l, NOW))
+                .is_some()
+            {
+                reused += 1;
+            }
+        }
+        // Used: the rare ones never fired and the paused one; not: anything that
+        // fired, ticked since, counts from the start (delay) or changed.
+        assert!(reused >= 100, "{reused} plans used");
+        let a = |n: &str| ahead.get(n).expect(n);
+        let job = |n: &str| jobs.iter().find(|j| j.spec.name == n).expect(n);
+        assert!(
+            a("j0")
+                .reuse(&job("j0").spec, 1, last.get("j0").copied(), NOW)
+                .is_none(),
+            "fired before"
+        );
+        assert!(
+            a("j4").reuse(&job("j4").spec, 1, None, NOW).is_some(),
+            "rare, never fired"
+        );
+        assert!(
+            a("j2").reuse(&job("j2").spec, 1, None, NOW).is_none(),
+            "ticked since"
+        );
+        assert!(
+            a("j13").reuse(&job("j13").spec, 1, None, NOW).is_none(),
+            "a delay"
+        );
+        assert!(
+            a(changed).reuse(&job(changed).spec, 2, None, NOW).is_none(),
+            "changed"
+        );
     }
 }

@@ -44,6 +44,9 @@ pub(crate) enum Input {
         /// The previous leader handed over (`FenceInstall::HandedOver`): the runs
         /// it recorded ahead and never sent. `None`: it left no note.
         handover: Option<Vec<String>>,
+        /// Plans a follower made ahead for `jobs` (see `schedule::Planned`); a start
+        /// uses those that still stand instead of planning again.
+        ahead: HashMap<String, crate::schedule::Planned>,
     },
     /// The earliest timer may be due (the driver slept until [`Machine::next_wake`]).
     Timers,
@@ -518,7 +521,8 @@ impl Machine {
                 last,
                 active,
                 handover,
-            } => self.begin(jobs, last, active, handover),
+                ahead,
+            } => self.begin(jobs, last, active, handover, &ahead),
             Input::Timers => self.due(),
             Input::Register(call, hello) => self.register(call, hello),
             Input::Heartbeat {
@@ -562,11 +566,12 @@ impl Machine {
         last: HashMap<String, i64>,
         active: Vec<RunRecord>,
         handover: Option<Vec<String>>,
+        ahead: &HashMap<String, crate::schedule::Planned>,
     ) {
         let mut missed = Vec::new();
         // Parsing every job's schedule is most of a start with many jobs: planned
         // first, on every core, then installed in order.
-        let plans = super::jobs::plan_all(&jobs, &last, self.now);
+        let plans = super::jobs::plan_all(&jobs, &last, ahead, self.now);
         for (j, plan) in jobs.into_iter().zip(plans) {
             let name = j.spec.name.clone();
             if let Some(ticks) = self.put_planned(j, last.get(&name).copied(), true, Some(plan)) {

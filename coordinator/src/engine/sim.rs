@@ -544,6 +544,7 @@ impl World {
             last,
             active,
             handover,
+            ahead: Default::default(),
         })?;
         // Workers without a session reconnect now.
         for w in self.workers.values_mut() {

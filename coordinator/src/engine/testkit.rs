@@ -115,6 +115,7 @@ impl Rig {
             last,
             active,
             handover,
+            ahead: Default::default(),
         });
     }
 

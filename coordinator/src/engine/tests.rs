@@ -892,6 +892,7 @@ fn inputs_arriving_during_a_store_request_wait_for_its_answer() {
             last: Default::default(),
             active: vec![],
             handover: None,
+            ahead: Default::default(),
         },
     );
     assert!(effects.is_empty());
