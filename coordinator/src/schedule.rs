@@ -72,6 +72,14 @@ static CRONS: LazyLock<Mutex<CronCache>> = LazyLock::new(|| {
     })
 });
 
+/// Drops every cached parse (and its memory: about 5.4 KB each). A follower calls
+/// it after planning its jobs ahead (see `crate::warm`): it has no ticks to look up,
+/// and the parses would otherwise sit in its memory when it is elected.
+pub fn drop_cached_parses() {
+    let mut c = CRONS.lock().unwrap_or_else(PoisonError::into_inner);
+    c.map = HashMap::new();
+}
+
 /// The parse of `expr`, from the cache or parsed (and cached) now.
 fn cron_of(expr: &str) -> Result<Arc<Cron>> {
     {
@@ -319,8 +327,8 @@ impl Planned {
         })
     }
 
-    /// This plan, if it is what [`plan`] would answer for `spec` at `version`, as new
-    /// at a start at `now_ms` with no last fire. It is when nothing about the job
+    /// This plan (moved out), if it is what [`plan`] would answer for `spec` at
+    /// `version`, as new at a start at `now_ms` with no last fire. It is when nothing about the job
     /// changed and no tick came between: its ticks missed since creation are the same,
     /// and its next tick (after `at_ms`) is also the first after `now_ms`. A delay
     /// schedule's first tick counts from the start itself, so it is planned again.

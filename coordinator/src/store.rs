@@ -37,8 +37,9 @@ pub struct Preloaded {
     pub jobs: Vec<StoredJob>,
     /// The revision they are current at (the engine's job watcher resumes after it).
     pub revision: i64,
-    /// Plans made ahead, by job name, for the start to use where they still stand.
-    pub ahead: HashMap<String, crate::schedule::Planned>,
+    /// Plans made ahead, one per job of `jobs` in its order (`None`: none made), for
+    /// the start to use where they still stand.
+    pub ahead: Vec<Option<crate::schedule::Planned>>,
 }
 
 /// Job definitions in a key-value source, under `jobs/`.
@@ -142,23 +143,40 @@ impl JobStore {
 
     /// Every job, and the revision read at.
     pub async fn list(&self) -> Result<JobsAt> {
-        let snap = self.kv.load().await?;
-        Ok((Self::jobs_in(&snap), snap.revision))
+        // Decoded as the pages come: the definitions' JSON is never all in memory.
+        let mut jobs = Vec::new();
+        let revision = self
+            .kv
+            .load_each(&mut |k: &str, v: &str, rev: i64| {
+                if let Some(job) = Self::job_at(k, v, rev) {
+                    jobs.push(job);
+                }
+            })
+            .await?;
+        Ok((jobs, revision))
     }
 
     /// The readable jobs of a snapshot of the deployment's prefix (an unreadable one
-    /// is logged and skipped).
-    pub fn jobs_in(snap: &Snapshot) -> Vec<StoredJob> {
-        let mut out = Vec::new();
-        for (k, v, rev) in &snap.entries {
-            if let Some(name) = k.strip_prefix("jobs/") {
-                match Self::decode(v, *rev) {
-                    Ok(j) => out.push(j),
-                    Err(e) => tracing::warn!(job = name, error = %e, "skipping an unreadable job"),
-                }
+    /// is logged and skipped). Consumed: each entry's JSON is freed once decoded, so
+    /// 100,000 jobs are never held twice over.
+    pub fn jobs_in(snap: Snapshot) -> Vec<StoredJob> {
+        snap.entries
+            .into_iter()
+            .filter_map(|(k, v, rev)| Self::job_at(&k, &v, rev))
+            .collect()
+    }
+
+    /// The job an entry of the prefix holds: `None` for another kind of key, and for
+    /// an unreadable job (logged).
+    fn job_at(key: &str, value: &str, revision: i64) -> Option<StoredJob> {
+        let name = key.strip_prefix("jobs/")?;
+        match Self::decode(value, revision) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::warn!(job = name, error = %e, "skipping an unreadable job");
+                None
             }
         }
-        out
     }
 
     /// One job.

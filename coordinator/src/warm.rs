@@ -22,7 +22,7 @@
 //! loaded yet (the follower has just started, or etcd is away) is no copy: the
 //! engine lists as before.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,26 +40,27 @@ const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// Plans whose next tick comes sooner than this are made again at a refresh.
 const REFRESH_HORIZON_MS: i64 = 60_000;
 
-/// The jobs at `revision`, and plans made ahead for them.
+/// The jobs at `revision`, each with its plan made ahead (`None`: invalid).
 #[derive(Debug, Default)]
 struct Copy {
-    jobs: BTreeMap<String, StoredJob>,
+    jobs: BTreeMap<String, (StoredJob, Option<Planned>)>,
     revision: i64,
-    ahead: HashMap<String, Planned>,
 }
 
-/// Plans `jobs` ahead at `now_ms` (invalid ones get none).
-fn plan_ahead<'a>(
-    jobs: impl Iterator<Item = &'a StoredJob>,
+/// `jobs` with their plans made ahead at `now_ms`, by name. The parses it made are
+/// dropped after it: see [`crate::schedule::drop_cached_parses`].
+fn plan_ahead(
+    jobs: impl Iterator<Item = StoredJob>,
     now_ms: i64,
-) -> Vec<(String, Planned)> {
-    jobs.filter_map(|j| {
-        Some((
-            j.spec.name.clone(),
-            Planned::ahead(&j.spec, j.version, now_ms)?,
-        ))
-    })
-    .collect()
+) -> BTreeMap<String, (StoredJob, Option<Planned>)> {
+    let out = jobs
+        .map(|j| {
+            let p = Planned::ahead(&j.spec, j.version, now_ms);
+            (j.spec.name.clone(), (j, p))
+        })
+        .collect();
+    crate::schedule::drop_cached_parses();
+    out
 }
 
 impl Copy {
@@ -80,11 +81,8 @@ impl Copy {
                             };
                             match JobStore::decode(&value, revision) {
                                 Ok(job) => {
-                                    match Planned::ahead(&job.spec, job.version, now_ms) {
-                                        Some(p) => self.ahead.insert(name.to_owned(), p),
-                                        None => self.ahead.remove(name),
-                                    };
-                                    self.jobs.insert(name.to_owned(), job);
+                                    let p = Planned::ahead(&job.spec, job.version, now_ms);
+                                    self.jobs.insert(name.to_owned(), (job, p));
                                 }
                                 // Left out, as a list leaves it out; the engine logs it
                                 // when it watches the key itself.
@@ -94,20 +92,17 @@ impl Copy {
                         Change::Delete { key, .. } => {
                             if let Some(name) = key.strip_prefix("jobs/") {
                                 self.jobs.remove(name);
-                                self.ahead.remove(name);
                             }
                         }
                     }
                 }
+                // The parses the plans made: this process has no ticks to look up.
+                crate::schedule::drop_cached_parses();
             }
             // Rare (a compaction while the watch was away): planned here, inline.
             Followed::Reloaded(snapshot) => {
                 self.revision = snapshot.revision;
-                self.jobs = JobStore::jobs_in(&snapshot)
-                    .into_iter()
-                    .map(|j| (j.spec.name.clone(), j))
-                    .collect();
-                self.ahead = plan_ahead(self.jobs.values(), now_ms).into_iter().collect();
+                self.jobs = plan_ahead(JobStore::jobs_in(snapshot).into_iter(), now_ms);
             }
         }
     }
@@ -144,24 +139,17 @@ impl WarmJobs {
                         // Planning many jobs is CPU work (about 9 µs a cron job): off
                         // the runtime's threads.
                         let now = clock.now_ms();
-                        let planned = tokio::task::spawn_blocking(move || {
-                            let ahead = plan_ahead(list.iter(), now).into_iter().collect();
-                            (list, ahead)
-                        });
-                        let Ok((list, ahead)) = planned.await else {
+                        let planned =
+                            tokio::task::spawn_blocking(move || plan_ahead(list.into_iter(), now));
+                        let Ok(jobs) = planned.await else {
                             return;
                         };
-                        let jobs = list.into_iter().map(|j| (j.spec.name.clone(), j)).collect();
                         let mut guard = task_copy.lock().unwrap_or_else(|p| p.into_inner());
                         // Taken meanwhile: the copy would only hold memory.
                         if task_stop.is_cancelled() {
                             return;
                         }
-                        *guard = Some(Copy {
-                            jobs,
-                            revision,
-                            ahead,
-                        });
+                        *guard = Some(Copy { jobs, revision });
                         break revision;
                     }
                     Err(e) => {
@@ -189,10 +177,11 @@ impl WarmJobs {
     pub fn take(self) -> Option<Preloaded> {
         self.stop.cancel();
         let copy = self.copy.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let (jobs, ahead) = copy.jobs.into_values().unzip();
         Some(Preloaded {
-            jobs: copy.jobs.into_values().collect(),
+            jobs,
             revision: copy.revision,
-            ahead: copy.ahead,
+            ahead,
         })
     }
 }
@@ -210,32 +199,32 @@ async fn refresh(copy: Arc<Mutex<Option<Copy>>>, clock: Arc<dyn Clock>, stop: Ca
         let soon: Vec<StoredJob> = {
             let guard = copy.lock().unwrap_or_else(|p| p.into_inner());
             let Some(c) = guard.as_ref() else { return };
-            c.ahead
-                .iter()
+            c.jobs
+                .values()
                 .filter(|(_, p)| {
-                    p.plan
-                        .next_fire
+                    p.as_ref()
+                        .and_then(|p| p.plan.next_fire)
                         .is_some_and(|t| t <= now + REFRESH_HORIZON_MS)
                 })
-                .filter_map(|(name, _)| c.jobs.get(name).cloned())
+                .map(|(j, _)| j.clone())
                 .collect()
         };
         if soon.is_empty() {
             continue;
         }
-        let Ok(planned) = tokio::task::spawn_blocking(move || plan_ahead(soon.iter(), now)).await
+        let Ok(planned) =
+            tokio::task::spawn_blocking(move || plan_ahead(soon.into_iter(), now)).await
         else {
             return;
         };
         let mut guard = copy.lock().unwrap_or_else(|p| p.into_inner());
         let Some(c) = guard.as_mut() else { return };
-        for (name, p) in planned {
-            // Only over a plan of the same version: a put meanwhile planned anew.
-            if c.ahead
-                .get(&name)
-                .is_some_and(|old| old.version == p.version)
+        for (name, (job, p)) in planned {
+            // Only over the same version: a put meanwhile planned anew.
+            if let Some(held) = c.jobs.get_mut(&name)
+                && held.0.version == job.version
             {
-                c.ahead.insert(name, p);
+                held.1 = p;
             }
         }
     }
@@ -312,12 +301,12 @@ mod tests {
         assert_eq!(copy.revision, now, "nothing changed since the delete");
         assert_eq!(listed, copy.jobs);
         // Each job is planned ahead, at its version; the deleted one is not.
-        let mut planned: Vec<(&str, i64)> = copy
-            .ahead
+        let planned: Vec<(&str, i64)> = copy
+            .jobs
             .iter()
-            .map(|(n, p)| (n.as_str(), p.version))
+            .zip(&copy.ahead)
+            .filter_map(|(j, p)| Some((j.spec.name.as_str(), p.as_ref()?.version)))
             .collect();
-        planned.sort();
         let versions: Vec<(&str, i64)> = copy
             .jobs
             .iter()

@@ -67,10 +67,10 @@ pub(super) async fn start(
         Some(p) => (p.jobs, p.revision, p.ahead, true),
         None => {
             let (stored, revision) = jobs.list().await?;
-            (stored, revision, HashMap::new(), false)
+            (stored, revision, Vec::new(), false)
         }
     };
-    let planned_ahead = ahead.len();
+    let planned_ahead = ahead.iter().flatten().count();
     let listed_ms = loading.elapsed().as_millis() as u64;
     let last = store.trigger_state().await?;
     let active = store.active_runs().await?;
@@ -590,7 +590,7 @@ fn spawn_job_watcher(jobs: JobStore, last: i64, engine: EngineHandle, shutdown: 
                 // After a compaction: the engine's jobs become exactly the stored
                 // ones, including deletions the watch never reported.
                 Followed::Reloaded(snapshot) => {
-                    let stored = JobStore::jobs_in(&snapshot);
+                    let stored = JobStore::jobs_in(snapshot);
                     if let Ok(held) = engine.states().await {
                         for name in held.keys() {
                             if !stored.iter().any(|j| &j.spec.name == name) {

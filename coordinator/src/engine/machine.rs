@@ -44,9 +44,10 @@ pub(crate) enum Input {
         /// The previous leader handed over (`FenceInstall::HandedOver`): the runs
         /// it recorded ahead and never sent. `None`: it left no note.
         handover: Option<Vec<String>>,
-        /// Plans a follower made ahead for `jobs` (see `schedule::Planned`); a start
-        /// uses those that still stand instead of planning again.
-        ahead: HashMap<String, crate::schedule::Planned>,
+        /// Plans a follower made ahead, one per job of `jobs` in its order (empty:
+        /// none; see `schedule::Planned`); a start uses those that still stand
+        /// instead of planning again.
+        ahead: Vec<Option<crate::schedule::Planned>>,
     },
     /// The earliest timer may be due (the driver slept until [`Machine::next_wake`]).
     Timers,
@@ -522,7 +523,7 @@ impl Machine {
                 active,
                 handover,
                 ahead,
-            } => self.begin(jobs, last, active, handover, &ahead),
+            } => self.begin(jobs, last, active, handover, ahead),
             Input::Timers => self.due(),
             Input::Register(call, hello) => self.register(call, hello),
             Input::Heartbeat {
@@ -566,7 +567,7 @@ impl Machine {
         last: HashMap<String, i64>,
         active: Vec<RunRecord>,
         handover: Option<Vec<String>>,
-        ahead: &HashMap<String, crate::schedule::Planned>,
+        ahead: Vec<Option<crate::schedule::Planned>>,
     ) {
         let mut missed = Vec::new();
         // Parsing every job's schedule is most of a start with many jobs: planned

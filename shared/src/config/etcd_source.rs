@@ -90,12 +90,21 @@ impl ConfigSource for EtcdSource {
     /// page that still comes back over the decode limit is asked for again at
     /// half the size.
     async fn load(&self) -> Result<Snapshot> {
+        let mut entries = Vec::new();
+        let revision = self
+            .load_each(&mut |k: &str, v: &str, rev: i64| {
+                entries.push((k.to_owned(), v.to_owned(), rev));
+            })
+            .await?;
+        Ok(Snapshot { entries, revision })
+    }
+
+    async fn load_each(&self, each: &mut (dyn for<'e> FnMut(&'e str, &'e str, i64) + Send)) -> Result<i64> {
         let mut c = self.client.clone();
         let end = prefix_end(self.prefix.as_bytes());
         let mut from = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
-        let mut entries = Vec::new();
-        let (mut limit, mut bytes) = (LOAD_PAGE, 0usize);
+        let (mut limit, mut bytes, mut count) = (LOAD_PAGE, 0usize, 0usize);
         loop {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if revision > 0 {
@@ -112,29 +121,24 @@ impl ConfigSource for EtcdSource {
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
-            bytes += resp
-                .kvs()
-                .iter()
-                .map(|kv| kv.key().len() + kv.value().len())
-                .sum::<usize>();
-            entries.extend(resp.kvs().iter().filter_map(|kv| {
-                Some((
-                    self.relative(kv.key())?,
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                    kv.mod_revision(),
-                ))
-            }));
+            for kv in resp.kvs() {
+                bytes += kv.key().len() + kv.value().len();
+                count += 1;
+                if let Some(k) = self.relative(kv.key()) {
+                    each(&k, &String::from_utf8_lossy(kv.value()), kv.mod_revision());
+                }
+            }
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
                     // The next page starts just after the last key read.
                     from = last.key().to_vec();
                     from.push(0);
-                    limit = next_page(bytes, entries.len());
+                    limit = next_page(bytes, count);
                 }
                 _ => break,
             }
         }
-        Ok(Snapshot { entries, revision })
+        Ok(revision)
     }
 
     async fn watch(&self, after: i64) -> Result<WatchRx> {
