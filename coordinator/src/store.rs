@@ -42,6 +42,16 @@ pub struct Preloaded {
     pub ahead: Vec<Option<crate::schedule::Planned>>,
 }
 
+/// A change of one job, read from a watch of the prefix ([`JobStore::job_change`]).
+#[derive(Debug)]
+pub enum JobChange {
+    /// Written: the job (boxed: a definition is some 300 bytes), or why it is
+    /// unreadable.
+    Put(String, Result<Box<StoredJob>>),
+    /// Deleted.
+    Deleted(String),
+}
+
 /// Job definitions in a key-value source, under `jobs/`.
 #[derive(Debug, Clone)]
 pub struct JobStore {
@@ -164,6 +174,26 @@ impl JobStore {
             .into_iter()
             .filter_map(|(k, v, rev)| Self::job_at(&k, &v, rev))
             .collect()
+    }
+
+    /// What a watched change under the prefix does to the jobs; `None` for a key
+    /// that is not a job's.
+    pub fn job_change(change: chime_shared::config::source::Change) -> Option<JobChange> {
+        use chime_shared::config::source::Change;
+        match change {
+            Change::Put {
+                key,
+                value,
+                revision,
+            } => {
+                let name = key.strip_prefix("jobs/")?.to_owned();
+                let job = Self::decode(&value, revision).map(Box::new);
+                Some(JobChange::Put(name, job))
+            }
+            Change::Delete { key, .. } => {
+                Some(JobChange::Deleted(key.strip_prefix("jobs/")?.to_owned()))
+            }
+        }
     }
 
     /// The job an entry of the prefix holds: `None` for another kind of key, and for

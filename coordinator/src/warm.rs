@@ -28,12 +28,11 @@ use std::time::Duration;
 
 use chime_shared::clock::Clock;
 use chime_shared::config::follow::{Followed, follow};
-use chime_shared::config::source::Change;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::schedule::Planned;
-use crate::store::{JobStore, Preloaded, StoredJob};
+use crate::store::{JobChange, JobStore, Preloaded, StoredJob};
 
 /// How often plans about to go stale are made again.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
@@ -70,30 +69,20 @@ impl Copy {
             Followed::Changes(changes) => {
                 for c in changes {
                     self.revision = self.revision.max(c.revision());
-                    match c {
-                        Change::Put {
-                            key,
-                            value,
-                            revision,
-                        } => {
-                            let Some(name) = key.strip_prefix("jobs/") else {
-                                continue;
-                            };
-                            match JobStore::decode(&value, revision) {
-                                Ok(job) => {
-                                    let p = Planned::ahead(&job.spec, job.version, now_ms);
-                                    self.jobs.insert(name.to_owned(), (job, p));
-                                }
-                                // Left out, as a list leaves it out; the engine logs it
-                                // when it watches the key itself.
-                                Err(e) => debug!(job = name, error = %e, "unreadable job"),
-                            }
+                    match JobStore::job_change(c) {
+                        Some(JobChange::Put(name, Ok(job))) => {
+                            let p = Planned::ahead(&job.spec, job.version, now_ms);
+                            self.jobs.insert(name, (*job, p));
                         }
-                        Change::Delete { key, .. } => {
-                            if let Some(name) = key.strip_prefix("jobs/") {
-                                self.jobs.remove(name);
-                            }
+                        // Left out, as a list leaves it out; the engine logs it when
+                        // it watches the key itself.
+                        Some(JobChange::Put(name, Err(e))) => {
+                            debug!(job = name, error = %e, "unreadable job")
                         }
+                        Some(JobChange::Deleted(name)) => {
+                            self.jobs.remove(&name);
+                        }
+                        None => {}
                     }
                 }
                 // The parses the plans made: this process has no ticks to look up.

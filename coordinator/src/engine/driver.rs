@@ -23,7 +23,7 @@ use super::workers::{EndReason, SessionAccepted, ToWorker};
 use super::{Cmd, EngineHandle, EngineOptions, Term};
 use crate::error::Result;
 use crate::model::RunRecord;
-use crate::store::{JobStore, RunStore};
+use crate::store::{JobChange, JobStore, RunStore};
 
 /// Who waits for the answer to a call.
 enum Caller {
@@ -555,35 +555,23 @@ async fn write_some(
 /// Follows job definitions in the store and tells the engine, in revision order.
 fn spawn_job_watcher(jobs: JobStore, last: i64, engine: EngineHandle, shutdown: CancellationToken) {
     use chime_shared::config::follow::{Followed, follow};
-    use chime_shared::config::source::Change;
     tokio::spawn(follow(jobs.source(), last, "jobs", shutdown, move |f| {
         let engine = engine.clone();
         async move {
             match f {
                 Followed::Changes(changes) => {
                     for c in changes {
-                        match c {
-                            Change::Put {
-                                key,
-                                value,
-                                revision,
-                            } => {
-                                if let Some(name) = key.strip_prefix("jobs/") {
-                                    match JobStore::decode(&value, revision) {
-                                        Ok(job) => {
-                                            let _ = engine.job_put(job).await;
-                                        }
-                                        Err(e) => {
-                                            warn!(job = name, error = %e, "unreadable job written to the store")
-                                        }
-                                    }
-                                }
+                        match JobStore::job_change(c) {
+                            Some(JobChange::Put(_, Ok(job))) => {
+                                let _ = engine.job_put(*job).await;
                             }
-                            Change::Delete { key, .. } => {
-                                if let Some(name) = key.strip_prefix("jobs/") {
-                                    let _ = engine.job_deleted(name).await;
-                                }
+                            Some(JobChange::Put(name, Err(e))) => {
+                                warn!(job = name, error = %e, "unreadable job written to the store")
                             }
+                            Some(JobChange::Deleted(name)) => {
+                                let _ = engine.job_deleted(&name).await;
+                            }
+                            None => {}
                         }
                     }
                 }

@@ -99,7 +99,10 @@ impl ConfigSource for EtcdSource {
         Ok(Snapshot { entries, revision })
     }
 
-    async fn load_each(&self, each: &mut (dyn for<'e> FnMut(&'e str, &'e str, i64) + Send)) -> Result<i64> {
+    async fn load_each(
+        &self,
+        each: &mut (dyn for<'e> FnMut(&'e str, &'e str, i64) + Send),
+    ) -> Result<i64> {
         let mut c = self.client.clone();
         let end = prefix_end(self.prefix.as_bytes());
         let mut from = self.prefix.as_bytes().to_vec();

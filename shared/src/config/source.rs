@@ -88,7 +88,10 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     /// revision of its last write) to `each` as it is read, and answers the revision
     /// read at. A source that reads in pages never holds the whole prefix: a reader
     /// that decodes as it goes (100,000 job definitions) keeps no second copy of it.
-    async fn load_each(&self, each: &mut (dyn for<'e> FnMut(&'e str, &'e str, i64) + Send)) -> Result<i64> {
+    async fn load_each(
+        &self,
+        each: &mut (dyn for<'e> FnMut(&'e str, &'e str, i64) + Send),
+    ) -> Result<i64> {
         let snap = self.load().await?;
         for (k, v, rev) in &snap.entries {
             each(k, v, *rev);
