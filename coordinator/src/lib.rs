@@ -474,16 +474,16 @@ async fn start_engine(deps: &Deps, fence: i64, warm: Option<Preloaded>) -> Resul
     let handover = installed.hand_over();
     let handed_over = handover.is_some();
     let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
-    let jobs = match warm {
-        Some(copy) => deps.jobs.preloaded(copy),
-        None => deps.jobs.clone(),
-    };
     let (handle, task) = engine::start(
-        jobs,
+        deps.jobs.clone(),
         deps.runs.clone(),
         deps.clock.clone(),
         deps.options.clone(),
-        engine::Term { fence, handover },
+        engine::Term {
+            fence,
+            handover,
+            warm,
+        },
         lost.clone(),
         stop.clone(),
     )

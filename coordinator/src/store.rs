@@ -57,9 +57,6 @@ pub enum JobChange {
 pub struct JobStore {
     kv: Arc<dyn ConfigSource>,
     min_period_ms: u64,
-    /// Jobs already listed, for the engine to start from instead of listing
-    /// ([`Self::preloaded`]). Shared by clones, taken once.
-    preloaded: Arc<Mutex<Option<Preloaded>>>,
 }
 
 /// Most jobs one [`JobStore::create_all`] stores: under etcd's default
@@ -86,25 +83,7 @@ impl JobStore {
         Self {
             kv,
             min_period_ms: crate::model::MIN_PERIOD_MS,
-            preloaded: Arc::default(),
         }
-    }
-
-    /// This store with a follower's warm copy, for the engine to start from instead
-    /// of listing.
-    pub fn preloaded(&self, copy: Preloaded) -> Self {
-        Self {
-            preloaded: Arc::new(Mutex::new(Some(copy))),
-            ..self.clone()
-        }
-    }
-
-    /// The jobs [`Self::preloaded`] gave, once.
-    pub fn take_preloaded(&self) -> Option<Preloaded> {
-        self.preloaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
     }
 
     /// Refuses schedules firing more often than every `ms` (the operator's floor,

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use chime_shared::clock::Clock;
 use chime_shared::config::follow::{Followed, follow};
+use chime_shared::config::source::Change;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -63,37 +64,29 @@ fn plan_ahead(
 }
 
 impl Copy {
-    /// Applies a followed change, planning what it puts (one job each: a parse).
-    fn apply(&mut self, f: Followed, now_ms: i64) {
-        match f {
-            Followed::Changes(changes) => {
-                for c in changes {
-                    self.revision = self.revision.max(c.revision());
-                    match JobStore::job_change(c) {
-                        Some(JobChange::Put(name, Ok(job))) => {
-                            let p = Planned::ahead(&job.spec, job.version, now_ms);
-                            self.jobs.insert(name, (*job, p));
-                        }
-                        // Left out, as a list leaves it out; the engine logs it when
-                        // it watches the key itself.
-                        Some(JobChange::Put(name, Err(e))) => {
-                            debug!(job = name, error = %e, "unreadable job")
-                        }
-                        Some(JobChange::Deleted(name)) => {
-                            self.jobs.remove(&name);
-                        }
-                        None => {}
-                    }
+    /// Applies followed changes, planning what they put (one job each: a parse). A
+    /// reload replaces the copy whole (see `WarmJobs::spawn`).
+    fn apply(&mut self, changes: Vec<Change>, now_ms: i64) {
+        for c in changes {
+            self.revision = self.revision.max(c.revision());
+            match JobStore::job_change(c) {
+                Some(JobChange::Put(name, Ok(job))) => {
+                    let p = Planned::ahead(&job.spec, job.version, now_ms);
+                    self.jobs.insert(name, (*job, p));
                 }
-                // The parses the plans made: this process has no ticks to look up.
-                crate::schedule::drop_cached_parses();
-            }
-            // Rare (a compaction while the watch was away): planned here, inline.
-            Followed::Reloaded(snapshot) => {
-                self.revision = snapshot.revision;
-                self.jobs = plan_ahead(JobStore::jobs_in(snapshot).into_iter(), now_ms);
+                // Left out, as a list leaves it out; the engine logs it when it
+                // watches the key itself.
+                Some(JobChange::Put(name, Err(e))) => {
+                    debug!(job = name, error = %e, "unreadable job")
+                }
+                Some(JobChange::Deleted(name)) => {
+                    self.jobs.remove(&name);
+                }
+                None => {}
             }
         }
+        // The parses the plans made: this process has no ticks to look up.
+        crate::schedule::drop_cached_parses();
     }
 }
 
@@ -152,10 +145,32 @@ impl WarmJobs {
             };
             tokio::spawn(refresh(task_copy.clone(), clock.clone(), task_stop.clone()));
             follow(jobs.source(), revision, "warm jobs", task_stop, move |f| {
-                if let Some(c) = task_copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                    c.apply(f, clock.now_ms());
+                let (copy, clock) = (task_copy.clone(), clock.clone());
+                async move {
+                    match f {
+                        // Rare (a compaction while the watch was away), and a whole
+                        // list to plan: off the runtime's threads, as the first list,
+                        // and the lock held only to put the new copy in place.
+                        Followed::Reloaded(snapshot) => {
+                            let (revision, now) = (snapshot.revision, clock.now_ms());
+                            let planned = tokio::task::spawn_blocking(move || {
+                                plan_ahead(JobStore::jobs_in(snapshot).into_iter(), now)
+                            });
+                            let Ok(jobs) = planned.await else { return };
+                            if let Some(c) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                            {
+                                *c = Copy { jobs, revision };
+                            }
+                        }
+                        // A few jobs at a time: a parse each.
+                        Followed::Changes(changes) => {
+                            if let Some(c) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                            {
+                                c.apply(changes, clock.now_ms());
+                            }
+                        }
+                    }
                 }
-                std::future::ready(())
             })
             .await;
         });

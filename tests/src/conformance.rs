@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use chime_shared::Error;
 use chime_shared::queue::{
-    CancelOutcome, DelayStore, Delivery, EnqueueOutcome, ItemRef, ItemState, NewItem, Outcome,
-    PopOptions, Popped, RescheduleOutcome, Settlement, Wake, queue_for,
+    CancelOutcome, Claimed, DelayStore, Delivery, EnqueueOutcome, ItemRef, ItemState, NewItem,
+    Outcome, PopOptions, Popped, RescheduleOutcome, Settlement, Wake, queue_for,
 };
 
 /// Number of queues the suite's stores are built with.
@@ -568,6 +568,160 @@ pub async fn extend_keeps_item_in_flight(store: Store) -> Result<()> {
     Ok(())
 }
 
+/// Items popped together are settled one by one, each only once: an extended one
+/// stays in flight alone, a double ack or an old token of a reused id settles
+/// nothing, and `get` and stats see each item that is still in flight.
+pub async fn one_pop_settles_item_by_item(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    // Ten: enough for a store that keeps small pops item by item to batch them.
+    let items: Vec<NewItem> = (0..10)
+        .map(|i| NewItem::new(format!("b{i}"), "h", now).key("one-pop"))
+        .collect();
+    let r: Vec<ItemRef> = items.iter().map(NewItem::item_ref).collect();
+    store.enqueue(items).await?;
+    let p = pop_for(&store, &r[0], opts()).await?;
+    assert_eq!(
+        ids(&p),
+        ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"]
+    );
+    let c: Vec<Claimed> = p.deliveries.iter().map(|d| d.items[0].clone()).collect();
+    let q = p.deliveries[0].queue;
+    let one = |k: usize| Delivery {
+        queue: q,
+        items: vec![c[k].clone()],
+    };
+    let in_flight = || async {
+        let st = store.stats().await?;
+        anyhow::Ok(st.iter().map(|s| s.in_flight).sum::<u64>())
+    };
+    assert_eq!(in_flight().await?, 10);
+    assert_eq!(
+        store
+            .extend(q, &[(c[1].item.id.clone(), c[1].token)], 60_000)
+            .await?,
+        1
+    );
+    assert_eq!(ack(&store, &one(0)).await?, [true]);
+    assert_eq!(ack(&store, &one(0)).await?, [false], "acked twice");
+    assert_eq!(in_flight().await?, 9);
+    let v = store.get(&r[1]).await?.context("b1 in flight")?;
+    assert!(
+        matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms >= p.now_ms + 60_000),
+        "extended: {:?}",
+        v.state
+    );
+    let v = store.get(&r[3]).await?.context("b3 in flight")?;
+    assert!(
+        matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms < p.now_ms + 60_000),
+        "b3: {:?}",
+        v.state
+    );
+    assert_eq!(v.item.attempt, 1);
+    assert_eq!(ack(&store, &one(1)).await?, [true], "the extended delivery");
+    let retry = Outcome::Retry {
+        delay_ms: 0,
+        error: "e".into(),
+    };
+    assert_eq!(settle_all(&store, &one(2), retry.clone()).await?, [true]);
+    assert_eq!(settle_all(&store, &one(2), retry).await?, [false]);
+    assert_eq!(ack(&store, &one(2)).await?, [false], "b2 is pending again");
+    let rest = Delivery {
+        queue: q,
+        items: c[3..].to_vec(),
+    };
+    assert_eq!(ack(&store, &rest).await?, [true; 7]);
+    assert_eq!(in_flight().await?, 0);
+    // b0 again, under the same id: the first delivery's token settles nothing of it.
+    let again = NewItem::new("b0", "h", now).key("one-pop");
+    assert_eq!(store.enqueue(vec![again]).await?, [EnqueueOutcome::Created]);
+    let p2 = pop_for(&store, &r[0], opts()).await?;
+    let mut got = ids(&p2);
+    got.sort();
+    assert_eq!(got, ["b0", "b2"]);
+    assert_eq!(ack(&store, &one(0)).await?, [false], "the old b0 token");
+    assert!(store.get(&r[0]).await?.is_some(), "the new b0 was settled");
+    let all: Vec<bool> = {
+        let mut out = Vec::new();
+        for d in &p2.deliveries {
+            out.extend(ack(&store, d).await?);
+        }
+        out
+    };
+    assert_eq!(all, [true, true]);
+    assert_eq!(in_flight().await?, 0);
+    Ok(())
+}
+
+/// Extending every item a pop took (as a worker extends all it holds) keeps them
+/// all in flight past their first deadline, each still settled by its own token.
+pub async fn extending_all_items_of_a_pop_keeps_them_all(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let items: Vec<NewItem> = (0..10)
+        .map(|i| NewItem::new(format!("x{i}"), "h", now).key("extend-all"))
+        .collect();
+    let r = items[0].item_ref();
+    store.enqueue(items).await?;
+    let short = PopOptions {
+        visibility_ms: 300,
+        ..opts()
+    };
+    let p = pop_for(&store, &r, short.clone()).await?;
+    assert_eq!(p.item_count(), 10);
+    let q = p.deliveries[0].queue;
+    let held: Vec<(String, chime_shared::queue::DeliveryToken)> = p
+        .deliveries
+        .iter()
+        .map(|d| (d.items[0].item.id.clone(), d.items[0].token))
+        .collect();
+    assert_eq!(store.extend(q, &held, 10_000).await?, 10);
+    wait_store_time(&store, p.now_ms + 500).await?;
+    let p2 = pop_for(&store, &r, short).await?;
+    assert!(p2.deliveries.is_empty(), "redelivered despite extension");
+    let v = store.get(&r).await?.context("in flight")?;
+    assert!(
+        matches!(v.state, ItemState::InFlight { deadline_ms, .. } if deadline_ms >= p.now_ms + 10_000),
+        "{:?}",
+        v.state
+    );
+    let mut acked = Vec::new();
+    for d in &p.deliveries {
+        acked.extend(ack(&store, d).await?);
+    }
+    assert_eq!(acked, [true; 10]);
+    let st = store.stats().await?;
+    assert_eq!(st.iter().map(|s| s.in_flight + s.pending).sum::<u64>(), 0);
+    Ok(())
+}
+
+/// When the deadline of items popped together passes, only those never settled are
+/// delivered again, each on its next attempt.
+pub async fn expired_pop_redelivers_only_unsettled_items(store: Store) -> Result<()> {
+    let now = store.now_ms().await?;
+    let items: Vec<NewItem> = (0..9)
+        .map(|i| NewItem::new(format!("e{i}"), "h", now).key("expiring"))
+        .collect();
+    let r = items[0].item_ref();
+    store.enqueue(items).await?;
+    let short = PopOptions {
+        visibility_ms: 200,
+        ..opts()
+    };
+    let p1 = pop_for(&store, &r, short.clone()).await?;
+    assert_eq!(ids(&p1).len(), 9);
+    assert_eq!(ack(&store, &p1.deliveries[0]).await?, [true]);
+    wait_store_time(&store, p1.now_ms + 200).await?;
+    let p2 = pop_for(&store, &r, short).await?;
+    assert_eq!(ids(&p2), ids(&p1)[1..]);
+    assert!(p2.deliveries.iter().all(|d| d.items[0].item.attempt == 2));
+    assert_eq!(ack(&store, &p1.deliveries[1]).await?, [false], "stale");
+    for d in &p2.deliveries {
+        assert_eq!(ack(&store, d).await?, [true]);
+    }
+    let st = store.stats().await?;
+    assert_eq!(st.iter().map(|s| s.in_flight + s.pending).sum::<u64>(), 0);
+    Ok(())
+}
+
 /// A failed item is retried after its backoff; after `max_attempts` it is
 /// dead-lettered with its last error, and requeue brings it back.
 pub async fn retry_then_dead_letter_then_requeue(store: Store) -> Result<()> {
@@ -1025,6 +1179,9 @@ macro_rules! conformance_suite {
             never_fires_before_due,
             visibility_timeout_redelivers,
             extend_keeps_item_in_flight,
+            one_pop_settles_item_by_item,
+            extending_all_items_of_a_pop_keeps_them_all,
+            expired_pop_redelivers_only_unsettled_items,
             retry_then_dead_letter_then_requeue,
             release_does_not_count_attempt,
             parked_items_wait_for_their_handler,

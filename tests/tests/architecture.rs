@@ -343,7 +343,7 @@ fn lua_violations(prelude: &str, script: &str) -> Vec<(usize, String)> {
 #[test]
 fn lua_scripts_touch_only_declared_keys() {
     // Queue scripts run after common.lua (`script!` in redis_store.rs), which
-    // declares the nineteen keys of a queue; ratelimit.lua and the coordinator's
+    // declares the twenty-one keys of a queue; ratelimit.lua and the coordinator's
     // scripts run alone.
     let common = read("shared/src/queue/lua/common.lua");
     assert!(

@@ -276,6 +276,7 @@ async fn job_watcher_reloads_deletions_after_compaction() -> Result<()> {
         engine::Term {
             fence: 1,
             handover: None,
+            warm: None,
         },
         CancellationToken::new(),
         stop.clone(),

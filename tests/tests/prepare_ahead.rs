@@ -85,6 +85,7 @@ impl Rig {
             engine::Term {
                 fence,
                 handover: None,
+                warm: None,
             },
             lost.clone(),
             stop.clone(),

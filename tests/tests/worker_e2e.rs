@@ -135,23 +135,41 @@ async fn kill9_loses_nothing_and_redelivers_within_visibility() -> Result<()> {
     .await?;
     a.kill9();
     let killed_at = system_now_ms();
-    // What a held when it died: the in-flight sets.
+    // What a held when it died: the in-flight sets. Members are `id \x01 seq \x01
+    // attempt` (a delivery of its own) or `\x02 seq` (a pop's batch: `bat` holds its
+    // ids, `bst` "count|left|bitmap" with a bit set per position that left it).
     let mut conn = redis.conn().await?;
     let mut held = HashSet::new();
     for q in 0..4 {
-        // In-flight members are `id \x01 seq`.
-        let members: Vec<String> = redis::cmd("ZRANGE")
-            .arg(format!("{{k9:default:{q}}}:run"))
+        let tag = format!("{{k9:default:{q}}}");
+        let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+            .arg(format!("{tag}:run"))
             .arg(0)
             .arg(-1)
             .query_async(&mut conn)
             .await?;
-        held.extend(
-            members
-                .iter()
-                .filter_map(|m| m.split('\u{1}').next())
-                .map(str::to_owned),
-        );
+        for m in members {
+            if let Some(seq) = m.strip_prefix(b"\x02") {
+                let (ids, state): (Vec<u8>, Vec<u8>) = redis::pipe()
+                    .cmd("HGET")
+                    .arg(format!("{tag}:bat"))
+                    .arg(seq)
+                    .cmd("HGET")
+                    .arg(format!("{tag}:bst"))
+                    .arg(seq)
+                    .query_async(&mut conn)
+                    .await?;
+                let bitmap = state.splitn(3, |&b| b == b'|').nth(2).unwrap_or_default();
+                for (p, id) in ids.split(|&b| b == 1).enumerate() {
+                    let gone = bitmap.get(p / 8).is_some_and(|b| b & (1 << (p % 8)) != 0);
+                    if !gone {
+                        held.insert(String::from_utf8(id.to_vec())?);
+                    }
+                }
+            } else if let Some(id) = m.split(|&b| b == 1).next() {
+                held.insert(String::from_utf8(id.to_vec())?);
+            }
+        }
     }
     ensure!(
         !held.is_empty() && held.len() <= 40,

@@ -57,13 +57,17 @@ pub(super) async fn start(
     lost: CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
-    let Term { fence, handover } = term;
+    let Term {
+        fence,
+        handover,
+        warm,
+    } = term;
     let (tx, rx) = mpsc::channel(4096);
     let history = History::spawn(store.clone(), shutdown.clone());
     // Timed: with many jobs defined, loading them is most of a new leader's start.
     let loading = std::time::Instant::now();
     // A follower's warm copy (see `crate::warm`) spares the list.
-    let (stored, revision, ahead, warm_copy) = match jobs.take_preloaded() {
+    let (stored, revision, ahead, warm_copy) = match warm {
         Some(p) => (p.jobs, p.revision, p.ahead, true),
         None => {
             let (stored, revision) = jobs.list().await?;

@@ -282,13 +282,16 @@ impl EngineHandle {
 }
 
 /// A leader's term, as its engine starts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Term {
     /// Its fencing token.
     pub fence: i64,
     /// What the previous leader handed over (`FenceInstall::HandedOver`): the runs
     /// it recorded ahead and never sent. `None`: it left no note.
     pub handover: Option<Vec<String>>,
+    /// A follower's warm copy of the jobs (see [`crate::warm`]) to start from
+    /// instead of listing them. `None`: list them.
+    pub warm: Option<crate::store::Preloaded>,
 }
 
 /// Starts the engine of a leader for `term`: loads jobs, trigger state and the

@@ -1232,6 +1232,7 @@ mod tests {
             crate::engine::Term {
                 fence: 1,
                 handover: None,
+                warm: None,
             },
             CancellationToken::new(),
             stop.clone(),

@@ -180,6 +180,7 @@ async fn session(input: &[u8], stop: &CancellationToken) -> Result<Seen, String>
         engine::Term {
             fence: 1,
             handover: None,
+            warm: None,
         },
         CancellationToken::new(),
         stop.clone(),

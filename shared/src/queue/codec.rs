@@ -16,7 +16,8 @@
 //! Lua reads only the key and the handler, the first two fields of either.
 //!
 //! Attempts never touch the body either: an in-flight delivery carries its attempt
-//! number in its member of the in-flight set (`id \x01 seq \x01 attempt`), and only
+//! number in its member of the in-flight set (`id \x01 seq \x01 attempt`), or is a
+//! first attempt at a position of its pop's batch (see `lua/common.lua`), and only
 //! items that leave the in-flight set unsettled (retry, reaped, handed back) get a
 //! count in the `att` hash. A first attempt that succeeds writes no count at all.
 //!

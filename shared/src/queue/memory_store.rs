@@ -568,6 +568,7 @@ impl DelayStore for MemoryStore {
             let token = DeliveryToken {
                 attempt: rec.attempts,
                 seq,
+                pos: 0,
             };
             let item = codec::item_from_body(id.clone(), rec.body.clone(), rec.attempts);
             q.run.insert((deadline, id));

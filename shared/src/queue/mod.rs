@@ -437,6 +437,10 @@ pub struct DeliveryToken {
     /// queue, so two deliveries of one id (even of two items that reused the id one
     /// after the other) never share a token.
     pub seq: u64,
+    /// Where a store that keeps a pop's first attempts as one batch put this one:
+    /// its 1-based position in batch `seq`; 0 for a delivery of its own (a retry, or
+    /// a store without batches).
+    pub pos: u32,
 }
 
 impl DeliveryToken {

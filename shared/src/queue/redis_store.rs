@@ -1,10 +1,12 @@
 //! The production delay store on Redis (standalone or Cluster).
 //!
-//! Each queue `i` of family `f` under prefix `p` is nineteen keys sharing the hash
+//! Each queue `i` of family `f` under prefix `p` is twenty-one keys sharing the hash
 //! tag `{p:f:i}`, so each queue is one Cluster slot and every script touches one slot
 //! (see `lua/common.lua` for what each key holds). Every state change is one Lua
 //! script per queue per batch, using Redis `TIME`; nothing is decided with a client's
-//! clock and no item ever exists only in a client's memory. Outside the queues there
+//! clock and no item ever exists only in a client's memory. (A large pop's bodies are
+//! read after its script with a plain `HMGET`: a read of items in flight, whose bodies
+//! stay until they are settled.) Outside the queues there
 //! are two family keys: the claim counter `p:f:claims` (touched once per queue
 //! switch, never per item) and the layout `p:f:layout` (read when a resize happens),
 //! and one channel: `p:f:wake`, where scripts announce a queue's new earliest due
@@ -39,6 +41,10 @@ use crate::redis_conn::{RedisConn, RedisSpec};
 pub(super) const SCRIPT_BATCH: usize = 500;
 /// Most expired in-flight items one pop reaps.
 const REAP_LIMIT: u32 = 500;
+/// A pop of at most this many items answers their bodies itself; a larger one leaves
+/// them to a plain `HMGET` (see pop.lua). Below it, a command of its own costs more
+/// than passing the bodies through Lua.
+const INLINE_BODIES: u32 = 32;
 /// How often a lookup retries an item a resize is moving, and for how long.
 const MOVING_RETRY: Duration = Duration::from_millis(20);
 const MOVING_RETRIES: u32 = 250;
@@ -106,9 +112,9 @@ pub fn script_names() -> Vec<(String, &'static str)> {
         .collect()
 }
 
-/// The nineteen keys of one queue, in the order the scripts expect them.
+/// The twenty-one keys of one queue, in the order the scripts expect them.
 #[derive(Debug)]
-struct QueueKeys([String; 19]);
+struct QueueKeys([String; 21]);
 
 impl QueueKeys {
     fn new(layout: &QueueLayout, queue: u32) -> Self {
@@ -116,7 +122,8 @@ impl QueueKeys {
         QueueKeys(
             [
                 "due", "run", "items", "att", "dead", "mki", "lease", "cx", "err", "cls", "seq",
-                "epoch", "moving", "mvinfo", "imported", "back", "clean", "park", "parki",
+                "epoch", "moving", "mvinfo", "imported", "back", "clean", "park", "parki", "bat",
+                "bst",
             ]
             .map(|k| format!("{tag}:{k}")),
         )
@@ -124,6 +131,55 @@ impl QueueKeys {
     fn lease(&self) -> &str {
         &self.0[6]
     }
+}
+
+/// `ACK`'s arguments for the acks `chunk` (indexes into `settlements`), and the
+/// settlement each answer is for (see ack.lua): n, g, then per batch `seq`, how many
+/// and their positions (3 bytes each, big-endian), then the members of deliveries of
+/// their own, then the ids — the batches' first, in the same order, then the others'.
+fn ack_args(settlements: &[Settlement], chunk: &[usize]) -> (Vec<Vec<u8>>, Vec<usize>) {
+    // Batches in the order first seen; a handful per call (one per pop acked from).
+    let mut batches: Vec<(u64, Vec<usize>)> = Vec::new();
+    let mut own = Vec::new();
+    for &i in chunk {
+        let t = &settlements[i].token;
+        // A position fits 3 bytes: a pop takes at most a worker's batch (≤ 5,000).
+        // One that did not could only be a forged token, and is checked as a member.
+        if t.pos == 0 || t.pos >= 1 << 24 {
+            own.push(i);
+        } else if let Some((_, b)) = batches.iter_mut().rev().find(|(s, _)| *s == t.seq) {
+            b.push(i);
+        } else {
+            batches.push((t.seq, vec![i]));
+        }
+    }
+    let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 3 * batches.len() + 2 * chunk.len());
+    args.push(chunk.len().to_string().into_bytes());
+    args.push(batches.len().to_string().into_bytes());
+    for (seq, b) in &batches {
+        args.push(seq.to_string().into_bytes());
+        args.push(b.len().to_string().into_bytes());
+        let mut packed = Vec::with_capacity(3 * b.len());
+        for &i in b {
+            packed.extend_from_slice(&settlements[i].token.pos.to_be_bytes()[1..]);
+        }
+        args.push(packed);
+    }
+    args.extend(
+        own.iter()
+            .map(|&i| settlements[i].token.member(&settlements[i].id).into_bytes()),
+    );
+    let order: Vec<usize> = batches
+        .iter()
+        .flat_map(|(_, b)| b.iter().copied())
+        .chain(own.iter().copied())
+        .collect();
+    args.extend(
+        order
+            .iter()
+            .map(|&i| settlements[i].id.clone().into_bytes()),
+    );
+    (args, order)
 }
 
 /// Delay store on Redis.
@@ -267,6 +323,24 @@ impl RedisStore {
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
+    /// The bodies of items of `queue` (a `Nil` for an id without one), read with a
+    /// plain `HMGET`: after a large pop, outside its script, because a body passing
+    /// through Lua is copied three times (reply to Lua string to reply) and an item in
+    /// flight keeps its body until its delivery is settled.
+    async fn bodies(&self, queue: u32, ids: &[Value]) -> Result<Vec<Value>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.keys(queue)?;
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(&keys.0[2]);
+        for id in ids {
+            cmd.arg(bytes(id).ok_or_else(|| Error::Corrupt("pop: id".into()))?);
+        }
+        let mut conn = self.conn.clone();
+        array(cmd.query_async(&mut conn).await?, "pop bodies")
+    }
+
     /// After a `STALE` answer: re-read the layout; it must now be at least `epoch`.
     async fn catch_up(&self, epoch: u64) -> Result<()> {
         let l = self.refresh_layout().await?;
@@ -292,9 +366,9 @@ impl RedisStore {
             })
             .collect();
         let merging = classes.iter().any(|c| !c.is_empty());
-        // Sections laid out for the script's `unpack` ranges (see enqueue.lua): ids,
-        // `due id` pairs, `id body` pairs, then the classes when any item has one.
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + n * 6);
+        // Sections of n (see enqueue.lua): ids, due times, bodies, then the classes
+        // when any item has one.
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + n * 4);
         args.push(epoch.to_string().into_bytes());
         args.push(n.to_string().into_bytes());
         args.push(if merging {
@@ -303,13 +377,12 @@ impl RedisStore {
             b"0".to_vec()
         });
         args.extend(sent.iter().map(|&i| items[i].id.clone().into_bytes()));
-        for &i in &sent {
-            args.push(items[i].due_at_ms.to_string().into_bytes());
-            args.push(items[i].id.clone().into_bytes());
-        }
+        args.extend(
+            sent.iter()
+                .map(|&i| items[i].due_at_ms.to_string().into_bytes()),
+        );
         for &i in &sent {
             let it = items[i];
-            args.push(it.id.clone().into_bytes());
             args.push(codec::encode_body(&Body {
                 max_attempts: it.max_attempts,
                 due_at_ms: it.due_at_ms,
@@ -651,6 +724,7 @@ impl DelayStore for RedisStore {
             opts.lease_ttl_ms.max(1).to_string().into_bytes(),
             opts.merge_window_ms.to_string().into_bytes(),
             REAP_LIMIT.to_string().into_bytes(),
+            INLINE_BODIES.to_string().into_bytes(),
         ];
         args.extend(opts.serves.iter().map(|h| h.clone().into_bytes()));
         let parts = array(self.run(&POP, lease.queue, args).await?, "pop")?;
@@ -658,24 +732,30 @@ impl DelayStore for RedisStore {
             return Err(Error::StaleLease { queue: lease.queue });
         }
         let corrupt = || Error::Corrupt("pop: unexpected answer".into());
-        if parts.len() != 7 {
+        if parts.len() != 8 {
             return Err(corrupt());
         }
         let now_ms = int(&parts[0], "pop")?;
         let next = int(&parts[1], "pop")?;
         let seq = int(&parts[2], "pop")? as u64;
-        // ids, bodies, attempts made before (empty: none), groups (empty: one delivery
-        // per item); see pop.lua.
+        // ids, attempts made before (empty: none), groups (empty: one delivery per
+        // item), positions in the batch (empty: item k at position k), bodies (empty:
+        // a large pop, read them here); see pop.lua.
         let mut lists = parts.into_iter().skip(3).map(|v| array(v, "pop"));
-        let (ids, bodies, atts, groups) = (
+        let (ids, atts, groups, positions, mut bodies) = (
+            lists.next().ok_or_else(corrupt)??,
             lists.next().ok_or_else(corrupt)??,
             lists.next().ok_or_else(corrupt)??,
             lists.next().ok_or_else(corrupt)??,
             lists.next().ok_or_else(corrupt)??,
         );
+        if bodies.is_empty() {
+            bodies = self.bodies(lease.queue, &ids).await?;
+        }
         if bodies.len() != ids.len()
             || !(atts.is_empty() || atts.len() == ids.len())
             || !(groups.is_empty() || groups.len() == ids.len())
+            || !(positions.is_empty() || positions.len() == ids.len())
         {
             return Err(corrupt());
         }
@@ -684,9 +764,6 @@ impl DelayStore for RedisStore {
         let mut undecodable = Vec::new();
         for (k, (id, body)) in ids.iter().zip(bodies).enumerate() {
             let id = text(id).ok_or_else(|| Error::Corrupt("pop: id".into()))?;
-            if matches!(body, Value::Nil) {
-                continue; // the id had no body: the script dropped it
-            }
             let before = match atts.get(k) {
                 None | Some(Value::Nil) => 0,
                 Some(v) => int(v, "pop")?,
@@ -695,9 +772,14 @@ impl DelayStore for RedisStore {
                 Some(g) => int(g, "pop")?,
                 None => k as i64,
             };
+            let pos = match positions.get(k) {
+                Some(p) => int(p, "pop")? as u32,
+                None => k as u32 + 1,
+            };
             let token = DeliveryToken {
                 attempt: before as u32 + 1,
                 seq,
+                pos,
             };
             let body = match bytes(&body).map(codec::decode_body) {
                 Some(Ok(b)) => b,
@@ -750,19 +832,7 @@ impl DelayStore for RedisStore {
         let (acks, fails): (Vec<usize>, Vec<usize>) =
             (0..settlements.len()).partition(|&i| settlements[i].outcome == Outcome::Ack);
         for chunk in acks.chunks(SCRIPT_BATCH) {
-            // n, the members, then their ids (see ack.lua).
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + 2 * chunk.len());
-            args.push(chunk.len().to_string().into_bytes());
-            args.extend(
-                chunk
-                    .iter()
-                    .map(|&i| settlements[i].token.member(&settlements[i].id).into_bytes()),
-            );
-            args.extend(
-                chunk
-                    .iter()
-                    .map(|&i| settlements[i].id.clone().into_bytes()),
-            );
+            let (args, order) = ack_args(&settlements, chunk);
             match self.run(&ACK, queue, args).await? {
                 // Every delivery was current.
                 Value::Int(all) if all == chunk.len() as i64 => {
@@ -775,14 +845,14 @@ impl DelayStore for RedisStore {
                     if answers.len() != chunk.len() {
                         return Err(Error::Corrupt("ack: unexpected answer".into()));
                     }
-                    for (&i, a) in chunk.iter().zip(answers) {
+                    for (&i, a) in order.iter().zip(answers) {
                         out[i] = int(&a, "ack")? == 1;
                     }
                 }
             }
         }
         for chunk in fails.chunks(SCRIPT_BATCH) {
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len() * 4);
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len() * 5);
             args.push(chunk.len().to_string().into_bytes());
             for &i in chunk {
                 let s = &settlements[i];
@@ -792,6 +862,7 @@ impl DelayStore for RedisStore {
                     Outcome::Release | Outcome::Ack => ("x", 0, ""),
                 };
                 args.push(s.token.member(&s.id).into_bytes());
+                args.push(s.token.pos.to_string().into_bytes());
                 args.push(mode.as_bytes().to_vec());
                 args.push(delay.to_string().into_bytes());
                 args.push(err.as_bytes().to_vec());
@@ -812,10 +883,15 @@ impl DelayStore for RedisStore {
     ) -> Result<usize> {
         let mut total = 0;
         for chunk in items.chunks(SCRIPT_BATCH) {
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + chunk.len());
+            // visibility, n, the members, then their positions (see extend.lua).
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 2 * chunk.len());
             args.push(visibility_ms.max(1).to_string().into_bytes());
+            args.push(chunk.len().to_string().into_bytes());
             for (id, token) in chunk {
                 args.push(token.member(id).into_bytes());
+            }
+            for (_, token) in chunk {
+                args.push(token.pos.to_string().into_bytes());
             }
             total += int(&self.run(&EXTEND, queue, args).await?, "extend")? as usize;
         }

@@ -3,8 +3,9 @@
 -- Every script runs against ONE queue; its keys share the queue's hash tag, so a
 -- script touches a single Redis Cluster slot:
 --   KEYS[1]  due    ZSET   pending item ids, score = when due (ms)
---   KEYS[2]  run    ZSET   in-flight deliveries, member = id \1 seq \1 attempt,
---                          score = visibility deadline (ms)
+--   KEYS[2]  run    ZSET   in-flight deliveries, score = visibility deadline (ms);
+--                          member = id \1 seq \1 attempt (a delivery of its own), or
+--                          \2 seq (the batch of first attempts pop `seq` made)
 --   KEYS[3]  items  HASH   id -> body ("max|due|" + binary; see codec.rs)
 --   KEYS[4]  att    HASH   id -> attempts made, for items that are not in flight and
 --                          were tried before (absent = 0; in flight, the member says)
@@ -26,6 +27,15 @@
 --   KEYS[18] park   ZSET   items waiting for a handler (no consumer that popped them
 --                          served it), scores 0, member = handler \1 pad(due) \1 id
 --   KEYS[19] parki  HASH   id -> its park member (finding a waiting item by id)
+--   KEYS[20] bat    HASH   seq -> the ids of batch `seq`, joined by \1 (position p is
+--                          the p-th id)
+--   KEYS[21] bst    HASH   seq -> "count|left|bitmap": the batch's size, how many of
+--                          its items are still in it, and a bit per position (LSB
+--                          first) set once that item left it (settled, or extended
+--                          into a delivery of its own)
+-- A batch is why a pop writes one in-flight record, not one per item, and an ack
+-- checks a bit, not a sorted-set member: an item is in flight either as a delivery of
+-- its own or at a position of a batch whose bit is clear.
 -- An item is in exactly one of due, run, dead, moving, park. Time is Redis TIME, never a
 -- client's.
 -- The hot path (enqueue, pop, ack, extend) uses only variadic commands and parses
@@ -34,6 +44,7 @@ local K_DUE, K_RUN, K_ITEMS, K_ATT, K_DEAD, K_MKI, K_LEASE, K_CX, K_ERR, K_CLS, 
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local K_EPOCH, K_MOVING, K_MVINFO, K_IMPORTED, K_BACK, K_CLEAN, K_PARK, K_PARKI =
   KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
+local K_BAT, K_BST = KEYS[20], KEYS[21]
 
 -- Integers as plain digits (Lua's default number format switches to exponents).
 local function num(n) return string.format('%d', n) end
@@ -60,6 +71,69 @@ end
 -- The attempt number carried by an in-flight member.
 local function attempt_of(member)
   return tonumber(string.match(member, '\1(%d+)$'))
+end
+
+-- The seq of an in-flight member: a batch's (\2 seq) or a delivery's (id \1 seq \1 a).
+local function seq_of(member)
+  if string.byte(member, 1) == 2 then return string.sub(member, 2) end
+  return string.match(member, '\1(%d+)\1%d+$')
+end
+
+-- A batch's state: size, items still in it, and its bitmap as a table of bytes
+-- (read in slices: `string.byte` answers on Lua's C stack).
+local function batch_state(seq)
+  local st = redis.call('HGET', K_BST, seq)
+  if not st then return false end
+  local a = string.find(st, '|', 1, true)
+  local b = string.find(st, '|', a + 1, true)
+  local bytes, len = {}, #st
+  local p = b + 1
+  while p <= len do
+    local q = math.min(p + 3999, len)
+    local slice = { string.byte(st, p, q) }
+    for i = 1, #slice do bytes[#bytes + 1] = slice[i] end
+    p = q + 1
+  end
+  return { count = tonumber(string.sub(st, 1, a - 1)), left = tonumber(string.sub(st, a + 1, b - 1)), bytes = bytes }
+end
+
+-- Whether position p of a batch state is still in the batch; when it is and `take`,
+-- takes it out (sets its bit).
+local function batch_has(state, p, take)
+  if p < 1 or p > state.count then return false end
+  local bi, m = math.floor((p - 1) / 8) + 1, 2 ^ ((p - 1) % 8)
+  local bytes = state.bytes
+  for f = #bytes + 1, bi do bytes[f] = 0 end
+  if math.floor(bytes[bi] / m) % 2 == 1 then return false end
+  if take then
+    bytes[bi] = bytes[bi] + m
+    state.left = state.left - 1
+  end
+  return true
+end
+
+-- Writes a batch state back; a batch nothing is left in is deleted with its record.
+local function batch_save(seq, state)
+  if state.left <= 0 then
+    redis.call('HDEL', K_BAT, seq)
+    redis.call('HDEL', K_BST, seq)
+    redis.call('ZREM', K_RUN, '\2' .. seq)
+    return
+  end
+  local parts, bytes = {}, state.bytes
+  for i = 1, #bytes, 4000 do
+    parts[#parts + 1] = string.char(unpack(bytes, i, math.min(i + 3999, #bytes)))
+  end
+  redis.call('HSET', K_BST, seq, string.format('%d|%d|', state.count, state.left) .. table.concat(parts))
+end
+
+-- The ids of batch `seq`, in position order (empty when it is gone).
+local function batch_ids(seq)
+  local rec = redis.call('HGET', K_BAT, seq)
+  local ids = {}
+  if not rec then return ids end
+  for id in string.gmatch(rec, '[^\1]+') do ids[#ids + 1] = id end
+  return ids
 end
 
 local function mki_member(class, score, id)

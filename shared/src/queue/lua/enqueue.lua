@@ -1,9 +1,10 @@
 -- ENQUEUE: ARGV = layout epoch, n, c ('1' when some item has a merge class, else
--- '0'), then four sections laid out for `unpack` ranges: the n ids; n pairs `due id`
--- (ZADD's order); n pairs `id body` (HSET's order); when c is '1', the n merge
--- classes ('' for none). The caller sends an id at most once per call (a repeat in
--- one call is a duplicate it answers itself), so the common call — no duplicate, no
--- merge class — runs no Lua per item: its Redis work is three variadic commands.
+-- '0'), then sections of n: the ids, their due times, their bodies, and when c is
+-- '1' their merge classes ('' for none). Each id is sent once (an id's bytes cross
+-- into Lua once, not once per command that names it); the caller sends an id at
+-- most once per call (a repeat in one call is a duplicate it answers itself), so the
+-- common call — no duplicate, no merge class — is three variadic commands and one
+-- loop that only lays out their arguments.
 -- Answers n when every item was created; otherwise per item 1 (created) or 0 (an item
 -- with this id exists: duplicate); or {'STALE', epoch} when the producer's layout is
 -- older than this queue's. Announces a new earliest due time (see `announce`).
@@ -12,7 +13,7 @@ if newer then return { 'STALE', newer } end
 local n = tonumber(ARGV[2])
 local merging = ARGV[3] == '1'
 -- First index of each section.
-local I, Z, H, C = 4, 4 + n, 4 + 3 * n, 4 + 5 * n
+local I, D, B, C = 4, 4 + n, 4 + 2 * n, 4 + 3 * n
 local existing = redis.call('HMGET', K_ITEMS, unpack(ARGV, I, I + n - 1))
 local fresh = true
 for i = 1, n do
@@ -26,8 +27,14 @@ end
 local before = head_due()
 local res
 if fresh then
-  redis.call('HSET', K_ITEMS, unpack(ARGV, H, H + 2 * n - 1))
-  redis.call('ZADD', K_DUE, unpack(ARGV, Z, Z + 2 * n - 1))
+  local hitems, zdue = {}, {}
+  for i = 0, n - 1 do
+    local id = ARGV[I + i]
+    hitems[2 * i + 1], hitems[2 * i + 2] = id, ARGV[B + i]
+    zdue[2 * i + 1], zdue[2 * i + 2] = ARGV[D + i], id
+  end
+  redis.call('HSET', K_ITEMS, unpack(hitems))
+  redis.call('ZADD', K_DUE, unpack(zdue))
   res = n
 else
   -- Rare path: some ids exist; store only the others.
@@ -40,8 +47,8 @@ else
       res[i] = 1
       local id = ARGV[I + i - 1]
       hitems[#hitems + 1] = id
-      hitems[#hitems + 1] = ARGV[H + 2 * i - 1]
-      zdue[#zdue + 1] = ARGV[Z + 2 * i - 2]
+      hitems[#hitems + 1] = ARGV[B + i - 1]
+      zdue[#zdue + 1] = ARGV[D + i - 1]
       zdue[#zdue + 1] = id
     end
   end
@@ -59,7 +66,7 @@ if merging then
       hcls[#hcls + 1] = id
       hcls[#hcls + 1] = class
       zmki[#zmki + 1] = 0
-      zmki[#zmki + 1] = mki_member(class, tonumber(ARGV[Z + 2 * i - 2]), id)
+      zmki[#zmki + 1] = mki_member(class, tonumber(ARGV[D + i - 1]), id)
     end
   end
   if #hcls > 0 then

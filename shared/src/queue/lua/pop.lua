@@ -1,11 +1,18 @@
 -- POP: ARGV = lease_token, max_items, visibility_ms, lease_ttl_ms, merge_window_ms,
--- reap_limit, then the handlers the consumer serves. Fenced by the lease: answers {'STALE'} when the token is not the
--- queue's lease. Otherwise answers {now, next_due_or_-1, seq, ids, bodies, attempts
--- made before, groups}: ids and bodies in delivery order (a nil body: the id had none
--- and was dropped); attempts made before per id (nil = 0), or empty when no item had
--- any; group numbers per id, items of one group forming one delivery (merged), or
--- empty when every item is its own delivery. Each item is member
--- `id \1 seq \1 attempt` of the in-flight set until settled.
+-- reap_limit, most bodies answered inline, then the handlers the consumer serves.
+-- Fenced by the lease: answers {'STALE'} when the token is not the queue's lease.
+-- Otherwise answers {now, next_due_or_-1, seq, ids, attempts made
+-- before, groups, positions}: ids in delivery order; attempts made before per id
+-- (nil = 0), or empty when no item had any; group numbers per id, items of one group
+-- forming one delivery (merged), or empty when every item is its own delivery;
+-- positions in the batch (see below), bodies. The bodies are in the answer only for a
+-- small pop (at most ARGV[7]); otherwise it answers an empty list and the caller
+-- reads them with a plain HMGET (an item in flight keeps its body until its
+-- delivery is settled): a body through Lua is copied three times, which outweighs a
+-- command of its own only when a pop is large.
+-- First attempts of a pop of 8 items or more are in flight as batch `seq` (one
+-- member of `run` for the pop); retries and the items of a smaller pop as members
+-- `id \1 seq \1 attempt`; until settled.
 if redis.call('GET', K_LEASE) ~= ARGV[1] then return { 'STALE' } end
 redis.call('PEXPIRE', K_LEASE, ARGV[4])
 local now = now_ms()
@@ -17,9 +24,8 @@ local expired = redis.call('ZRANGEBYSCORE', K_RUN, '-inf', num(now), 'LIMIT', 0,
 if #expired > 0 then
   redis.call('ZREM', K_RUN, unpack(expired))
   local any_cx = redis.call('SCARD', K_CX) > 0
-  for i = 1, #expired do
-    local id = id_of(expired[i])
-    local a = attempt_of(expired[i])
+  -- Attempt `a` of item `id` ran out of time.
+  local function expire(id, a)
     local body = redis.call('HGET', K_ITEMS, id)
     if not body or (any_cx and redis.call('SISMEMBER', K_CX, id) == 1) then
       forget(id)
@@ -33,13 +39,30 @@ if #expired > 0 then
       end
     end
   end
+  for i = 1, #expired do
+    local m = expired[i]
+    if string.byte(m, 1) == 2 then
+      -- A batch: each item still in it ran out of time on its first attempt.
+      local seq = string.sub(m, 2)
+      local state = batch_state(seq)
+      if state then
+        for p, id in ipairs(batch_ids(seq)) do
+          if batch_has(state, p, false) then expire(id, 1) end
+        end
+      end
+      redis.call('HDEL', K_BAT, seq)
+      redis.call('HDEL', K_BST, seq)
+    else
+      expire(id_of(m), attempt_of(m))
+    end
+  end
 end
 
 -- 2. Unpark: items waiting for a handler this consumer serves are pending again at
 --    their due time, so this pop takes them (at most a pop's worth). Rare path.
-if #ARGV > 6 and redis.call('ZCARD', K_PARK) > 0 then
+if #ARGV > 7 and redis.call('ZCARD', K_PARK) > 0 then
   local budget = limit
-  for i = 7, #ARGV do
+  for i = 8, #ARGV do
     if budget <= 0 then break end
     local h = ARGV[i]
     local ms = redis.call('ZRANGEBYLEX', K_PARK, '[' .. h .. '\1', '[' .. h .. '\1\255', 'LIMIT', 0, budget)
@@ -121,35 +144,49 @@ else
   end
 end
 
-local seq, bodies, atts = 0, {}, false
+-- First attempts go into one batch (one in-flight record for the whole pop, see
+-- common.lua); a retry is a delivery of its own. `pos`: empty when item k is at
+-- position k of the batch (the common case: nothing built per item), else per item
+-- its position, 0 for a delivery of its own.
+local seq, atts, pos = 0, false, {}
 if #picked > 0 then
-  bodies = redis.call('HMGET', K_ITEMS, unpack(picked))
   -- Attempts made before (retries, reaped deliveries); none in the common case.
   if redis.call('HLEN', K_ATT) > 0 then
     atts = redis.call('HMGET', K_ATT, unpack(picked))
     redis.call('HDEL', K_ATT, unpack(picked))
   end
   seq = redis.call('INCR', K_SEQ)
-  local tail = '\1' .. num(seq) .. '\1'
-  -- A first attempt's member ends in a constant: no number is formatted per item.
-  local first = tail .. '1'
   local deadline = num(now + vis)
-  local zrun, z = {}, 0
-  for k = 1, #picked do
-    local id = picked[k]
-    if bodies[k] then
-      zrun[z + 1] = deadline
+  local batch = picked
+  -- A few items are cheaper as members of their own than as a batch (whose record,
+  -- state and member cost a pop three writes, and each ack a state read and write).
+  local small = #picked < 8
+  if atts or small then
+    -- Retries, and small pops: members of their own.
+    local tail = '\1' .. num(seq) .. '\1'
+    local zrun = {}
+    batch = {}
+    for k = 1, #picked do
+      local id = picked[k]
+      pos[k] = 0
       if atts and atts[k] then
-        zrun[z + 2] = id .. tail .. num(tonumber(atts[k]) + 1)
+        zrun[#zrun + 1] = deadline
+        zrun[#zrun + 1] = id .. tail .. num(tonumber(atts[k]) + 1)
+      elseif small then
+        zrun[#zrun + 1] = deadline
+        zrun[#zrun + 1] = id .. tail .. '1'
       else
-        zrun[z + 2] = id .. first
+        batch[#batch + 1] = id
+        pos[k] = #batch
       end
-      z = z + 2
-    else
-      forget(id) -- a pending id without a body: unreadable, drop it (answered nil)
     end
+    if #zrun > 0 then redis.call('ZADD', K_RUN, unpack(zrun)) end
   end
-  if z > 0 then redis.call('ZADD', K_RUN, unpack(zrun)) end
+  if #batch > 0 then
+    redis.call('HSET', K_BAT, seq, table.concat(batch, '\1'))
+    redis.call('HSET', K_BST, seq, string.format('%d|%d|', #batch, #batch))
+    redis.call('ZADD', K_RUN, deadline, '\2' .. seq)
+  end
 end
 
 -- 4. When does this queue next need a consumer: a pending item falls due, or an
@@ -161,4 +198,6 @@ local r = redis.call('ZRANGE', K_RUN, 0, 0, 'WITHSCORES')
 if #r > 0 and (nd < 0 or tonumber(r[2]) < nd) then nd = tonumber(r[2]) end
 -- The tables Redis answered are answered as they are (nested arrays): nothing is
 -- copied per item to build the reply.
-return { now, nd, seq, picked, bodies, atts or {}, group or {} }
+local bodies = {}
+if #picked > 0 and #picked <= tonumber(ARGV[7]) then bodies = redis.call('HMGET', K_ITEMS, unpack(picked)) end
+return { now, nd, seq, picked, atts or {}, group or {}, pos, bodies }
