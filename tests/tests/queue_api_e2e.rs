@@ -284,7 +284,13 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
         read_records(&records).iter().any(|r| r.id == "remind-8")
     })
     .await?;
-    ensure!(state(&mut q, "user-42", "remind-8").await?.is_none());
+    // The handler writes its record before the worker acks the item: gone once
+    // the ack lands, not necessarily at the record.
+    wait_until("remind-8 acked", Duration::from_secs(15), || {
+        let mut q = q.clone();
+        async move { matches!(state(&mut q, "user-42", "remind-8").await, Ok(None)) }
+    })
+    .await?;
     // Fired: the id may be enqueued again (re-subscribe); cancel it this time.
     let re = q
         .enqueue(pb::EnqueueRequest {

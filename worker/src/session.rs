@@ -590,7 +590,6 @@ impl Session {
                 run: Some(r.clone()),
                 started_at_ms: started,
             })));
-            let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
             let ctx = JobContext {
                 run_id: r.run_id.clone(),
                 fire_id: a.fire_id.clone(),
@@ -603,20 +602,17 @@ impl Session {
                 scheduled_at_ms: a.scheduled_at_ms,
                 deadline_ms: a.deadline_ms,
                 cancel: cancel.clone(),
-                log: log_tx,
-                trace,
-            };
-            let logs = {
-                let (out, r) = (out.clone(), r.clone());
-                tokio::spawn(async move {
-                    while let Some(line) = log_rx.recv().await {
+                log: {
+                    let (out, r) = (out.clone(), r.clone());
+                    crate::jobs::LogSink(Arc::new(move |line| {
                         let _ = out.send(msg(In::RunLog(pb::RunLog {
                             run: Some(r.clone()),
                             line,
                             at_ms: system_now_ms(),
                         })));
-                    }
-                })
+                    }))
+                },
+                trace,
             };
             let result = match handler {
                 None => Err(crate::HandlerError::new(format!(
@@ -639,7 +635,6 @@ impl Session {
                     }
                 }
             };
-            let _ = logs.await;
             let (status, output, error) = match result {
                 Ok(o) => (pb::RunStatus::Succeeded, o, String::new()),
                 Err(_) if cancel.is_cancelled() => (

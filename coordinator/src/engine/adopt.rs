@@ -77,7 +77,7 @@ impl Machine {
                 }
                 self.reserve(&run);
                 self.runs.prepared.insert(run_id.clone(), run);
-                self.timers.schedule(at, Timer::Go(run_id));
+                self.timers.schedule(at, Timer::Go(vec![run_id]));
                 continue;
             }
             if let Some(j) = self.jobs.get_mut(&run.job) {

@@ -1172,13 +1172,16 @@ impl World {
             }
             40..=43 => {
                 let victim = self.leader.as_ref().and_then(|l| {
-                    let ids: Vec<&String> =
+                    // Sorted: the maps' order is not the same from one run to
+                    // the next, and a seed must replay.
+                    let mut ids: Vec<&String> =
                         l.m.runs
                             .active
                             .keys()
                             .chain(l.m.runs.prepared.keys())
                             .filter(|id| !STEADY.iter().any(|s| id.starts_with(s)))
                             .collect();
+                    ids.sort_unstable();
                     (!ids.is_empty()).then(|| ids[self.rng.usize(..ids.len())].clone())
                 });
                 if let Some(id) = victim {

@@ -4,7 +4,7 @@
 //! and keeps everything the machine sent. [`check`] states the machine's structural
 //! invariants; the unit tests and the simulation run it after every step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
@@ -467,23 +467,20 @@ pub(super) fn check(m: &Machine) -> Result<(), String> {
             m.workers.reserved, reserved
         ));
     }
-    let queued = m.queued_go();
+    let queued: BTreeSet<&String> = m.queued_go().into_iter().collect();
+    let gos: BTreeSet<&String> = timers
+        .iter()
+        .filter_map(|(_, t)| match t {
+            Timer::Go(g) => Some(g),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     for (id, r) in &m.runs.prepared {
         if m.runs.active.contains_key(id) {
             return Err(format!("{id} is both prepared and active"));
         }
-        if !queued.contains(&id)
-            && !timers
-                .iter()
-                .any(|(_, t)| matches!(t, Timer::Go(g) if g == id))
-        {
-            let gos: Vec<&String> = timers
-                .iter()
-                .filter_map(|(_, t)| match t {
-                    Timer::Go(g) => Some(g),
-                    _ => None,
-                })
-                .collect();
+        if !queued.contains(&id) && !gos.contains(&id) {
             return Err(format!(
                 "prepared {id} ({}) has no Go timer (Go timers: {gos:?})",
                 r.job

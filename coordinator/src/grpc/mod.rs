@@ -24,7 +24,6 @@ use pb::worker_message::Kind as In;
 use proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use tower::layer::util::{Identity, Stack};
@@ -391,8 +390,9 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
                 .collect(),
         };
         let worker = hello.worker_id.clone();
-        let (to_worker, mut from_engine) = mpsc::channel::<ToWorker>(4096);
-        let (out, out_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(4096);
+        // Room for a second's assignments of 10,000 jobs on two workers (the
+        // channel's blocks are allocated as they fill, not up front).
+        let (to_worker, from_engine) = mpsc::channel::<ToWorker>(8192);
         // A follower that cannot name a live leader holds the answer until the
         // election settles (see `Shared::leader_named`).
         let current = self.shared.leader_named(HOLD_FOR_A_LEADER).await;
@@ -405,37 +405,31 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
         let accepted = match registered {
             Ok(a) => a,
             Err(CoordError::NotLeader { leader }) => {
-                let _ = out
-                    .send(Ok(pb::CoordinatorMessage {
-                        kind: Some(Out::NotLeader(pb::NotLeader { leader })),
-                    }))
-                    .await;
-                return Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))));
+                // One message, then the stream ends: the worker asks the leader.
+                let not_leader = pb::CoordinatorMessage {
+                    kind: Some(Out::NotLeader(pb::NotLeader { leader })),
+                };
+                return Ok(Response::new(Box::pin(tokio_stream::once(Ok(not_leader)))));
             }
             Err(e) => return Err(e.into()),
         };
-        let _ = out
-            .send(Ok(pb::CoordinatorMessage {
-                kind: Some(Out::Registered(pb::Registered {
-                    worker_id: worker.clone(),
-                    heartbeat_interval_ms: accepted.heartbeat_interval_ms as u32,
-                    coordinator: accepted.coordinator,
-                })),
-            }))
-            .await;
-        // Engine -> worker. Ends after the engine's `End` (the session was
-        // replaced, declared dead or drained, or the engine stopped), which ends the
-        // response stream.
-        let fwd = out.clone();
-        let accepted_at_ms = accepted.accepted_at_ms;
-        tokio::spawn(async move {
-            while let Some(m) = from_engine.recv().await {
-                let last = matches!(m, ToWorker::End(_));
-                if fwd.send(Ok(to_proto(m, accepted_at_ms))).await.is_err() || last {
-                    return;
-                }
-            }
-        });
+        let registered = pb::CoordinatorMessage {
+            kind: Some(Out::Registered(pb::Registered {
+                worker_id: worker.clone(),
+                heartbeat_interval_ms: accepted.heartbeat_interval_ms as u32,
+                coordinator: accepted.coordinator,
+            })),
+        };
+        // Engine -> worker: converted as tonic reads them, with no task or channel
+        // between (each hop was a wake per assignment). Ends after the engine's
+        // `End` (the session was replaced, declared dead or drained, or the engine
+        // stopped).
+        let outbound = ToWorkerStream {
+            first: Some(registered),
+            from_engine,
+            accepted_at_ms: accepted.accepted_at_ms,
+            ended: false,
+        };
         // Worker -> engine, until the stream ends.
         let Some(engine) = current.engine else {
             return Err(Status::unavailable("not the leader"));
@@ -491,7 +485,38 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
             }
             let _ = engine.closed(&worker, session).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+/// What a session sends its worker once the engine accepted it: `Registered`,
+/// then the engine's messages in their wire form, up to and including `End`.
+struct ToWorkerStream {
+    first: Option<pb::CoordinatorMessage>,
+    from_engine: mpsc::Receiver<ToWorker>,
+    accepted_at_ms: i64,
+    ended: bool,
+}
+
+impl Stream for ToWorkerStream {
+    type Item = Result<pb::CoordinatorMessage, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(first)));
+        }
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        self.from_engine.poll_recv(cx).map(|m| {
+            m.map(|m| {
+                self.ended = matches!(m, ToWorker::End(_));
+                Ok(to_proto(m, self.accepted_at_ms))
+            })
+        })
     }
 }
 
