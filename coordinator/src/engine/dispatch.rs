@@ -386,7 +386,8 @@ impl Machine {
             FireAnswer::Recorded => {
                 let run = plan.run().clone();
                 self.note_fired(&run);
-                metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
+                self.meters
+                    .trigger_lag
                     .record((run.fired_at_ms - run.scheduled_at_ms).max(0) as f64 / 1000.0);
                 self.apply(plan);
                 Some(run)
@@ -594,7 +595,8 @@ impl Machine {
                 moved.push(s.index);
             }
         }
-        metrics::histogram!(chime_shared::telemetry::TRIGGER_LAG_SECONDS)
+        self.meters
+            .trigger_lag
             .record((now - run.scheduled_at_ms).max(0) as f64 / 1000.0);
         let run_id = run.run_id.clone();
         self.apply(Plan::Start { run, cover });
@@ -917,8 +919,7 @@ impl Machine {
                     let _ =
                         self.cancel_run(&r, &format!("covered by the newer run {}", run.run_id));
                 }
-                metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "fired")
-                    .increment(1);
+                self.meters.fired.increment(1);
                 chime_shared::activity::add("", chime_shared::activity::Kind::JobFired, 1);
                 debug!(run_id = %run.run_id, shards = run.shards.len(), cause = %run.cause, "run started");
                 self.start_planned(run);

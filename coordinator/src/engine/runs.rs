@@ -78,16 +78,17 @@ impl Machine {
             .jobs
             .get(&job)
             .map_or((0, 0), |j| (j.spec.retries, j.spec.retry_backoff_ms));
+        // Taken before the shard is borrowed; counted once the result is current.
+        let counted = match &outcome {
+            ShardOutcome::Succeeded(_) => self.meters.succeeded.clone(),
+            ShardOutcome::Failed(_) => self.meters.failed.clone(),
+            ShardOutcome::Cancelled(_) => self.meters.cancelled.clone(),
+        };
         let Some(s) = self.current(&key).filter(|s| s.worker_id == worker) else {
             debug!(run_id = %key.run_id, shard = key.shard, attempt = key.attempt, worker, "stale result ignored");
             return;
         };
-        metrics::counter!(chime_shared::telemetry::RUN_RESULTS, "status" => match &outcome {
-            ShardOutcome::Succeeded(_) => "succeeded",
-            ShardOutcome::Failed(_) => "failed",
-            ShardOutcome::Cancelled(_) => "cancelled",
-        })
-        .increment(1);
+        counted.increment(1);
         match outcome {
             ShardOutcome::Succeeded(out) => {
                 s.state = RunState::Succeeded;
@@ -310,8 +311,12 @@ impl Machine {
             RunState::Failed
         };
         run.finished_at_ms = now;
-        metrics::counter!(chime_shared::telemetry::RUNS_FINISHED, "status" => run.state.label())
-            .increment(1);
+        if run.state == RunState::Succeeded {
+            self.meters.runs_succeeded.increment(1);
+        } else {
+            metrics::counter!(chime_shared::telemetry::RUNS_FINISHED, "status" => run.state.label())
+                .increment(1);
+        }
         if matches!(run.state, RunState::Failed | RunState::TimedOut) {
             chime_shared::activity::add("", chime_shared::activity::Kind::RunFailed, 1);
         }
