@@ -592,10 +592,11 @@ impl Session {
             })));
             let ctx = JobContext {
                 run_id: r.run_id.clone(),
-                fire_id: a.fire_id.clone(),
-                job: a.job.clone(),
-                params: a.params.clone(),
-                shard_params: a.shard_params.clone(),
+                // Moved, not copied: the assignment is not read after this.
+                fire_id: a.fire_id,
+                job: a.job,
+                params: a.params,
+                shard_params: a.shard_params,
                 shard_index: a.shard_index,
                 shard_total: a.shard_total,
                 attempt: r.attempt,

@@ -920,7 +920,7 @@ impl Machine {
                         self.cancel_run(&r, &format!("covered by the newer run {}", run.run_id));
                 }
                 self.meters.fired.increment(1);
-                chime_shared::activity::add("", chime_shared::activity::Kind::JobFired, 1);
+                self.fired_in_step += 1;
                 debug!(run_id = %run.run_id, shards = run.shards.len(), cause = %run.cause, "run started");
                 self.start_planned(run);
             }
