@@ -55,6 +55,22 @@ async fn settle_all(store: &Store, d: &Delivery, outcome: Outcome) -> Result<Vec
     Ok(store.settle(d.queue, s).await?)
 }
 
+/// Acks every delivery of `ds` in turn; what each item's ack answered, in order.
+async fn ack_each(store: &Store, ds: &[Delivery]) -> Result<Vec<bool>> {
+    let mut out = Vec::new();
+    for d in ds {
+        out.extend(ack(store, d).await?);
+    }
+    Ok(out)
+}
+
+/// Nothing left pending or in flight in any queue.
+async fn nothing_left(store: &Store) -> Result<()> {
+    let st = store.stats().await?;
+    assert_eq!(st.iter().map(|s| s.in_flight + s.pending).sum::<u64>(), 0);
+    Ok(())
+}
+
 /// Waits until the store's clock reads at least `t`.
 pub async fn wait_store_time(store: &Store, t: i64) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -640,14 +656,7 @@ pub async fn one_pop_settles_item_by_item(store: Store) -> Result<()> {
     assert_eq!(got, ["b0", "b2"]);
     assert_eq!(ack(&store, &one(0)).await?, [false], "the old b0 token");
     assert!(store.get(&r[0]).await?.is_some(), "the new b0 was settled");
-    let all: Vec<bool> = {
-        let mut out = Vec::new();
-        for d in &p2.deliveries {
-            out.extend(ack(&store, d).await?);
-        }
-        out
-    };
-    assert_eq!(all, [true, true]);
+    assert_eq!(ack_each(&store, &p2.deliveries).await?, [true, true]);
     assert_eq!(in_flight().await?, 0);
     Ok(())
 }
@@ -683,14 +692,8 @@ pub async fn extending_all_items_of_a_pop_keeps_them_all(store: Store) -> Result
         "{:?}",
         v.state
     );
-    let mut acked = Vec::new();
-    for d in &p.deliveries {
-        acked.extend(ack(&store, d).await?);
-    }
-    assert_eq!(acked, [true; 10]);
-    let st = store.stats().await?;
-    assert_eq!(st.iter().map(|s| s.in_flight + s.pending).sum::<u64>(), 0);
-    Ok(())
+    assert_eq!(ack_each(&store, &p.deliveries).await?, [true; 10]);
+    nothing_left(&store).await
 }
 
 /// When the deadline of items popped together passes, only those never settled are
@@ -714,11 +717,11 @@ pub async fn expired_pop_redelivers_only_unsettled_items(store: Store) -> Result
     assert_eq!(ids(&p2), ids(&p1)[1..]);
     assert!(p2.deliveries.iter().all(|d| d.items[0].item.attempt == 2));
     assert_eq!(ack(&store, &p1.deliveries[1]).await?, [false], "stale");
-    for d in &p2.deliveries {
-        assert_eq!(ack(&store, d).await?, [true]);
-    }
-    let st = store.stats().await?;
-    assert_eq!(st.iter().map(|s| s.in_flight + s.pending).sum::<u64>(), 0);
+    assert_eq!(
+        ack_each(&store, &p2.deliveries).await?,
+        vec![true; p2.deliveries.len()]
+    );
+    nothing_left(&store).await?;
     Ok(())
 }
 
