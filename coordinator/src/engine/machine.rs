@@ -322,7 +322,6 @@ pub(super) enum Work {
     RecordSkipped(Vec<FireRecord>),
 }
 
-/// The engine's core (see the module doc).
 /// The metrics the engine records per fire and per result, registered once: a
 /// macro call looks its key up in the recorder each time, at 10,000 fires a second
 /// part of the time the last fire of an instant waits. (Taken when the machine is
@@ -356,6 +355,7 @@ impl std::fmt::Debug for Meters {
     }
 }
 
+/// The engine's core (see the module doc).
 #[derive(Debug)]
 pub(crate) struct Machine {
     pub(super) opts: EngineOptions,
