@@ -592,7 +592,8 @@ impl Session {
             })));
             let ctx = JobContext {
                 run_id: r.run_id.clone(),
-                // Moved, not copied: the assignment is not read after this.
+                // Moved, not copied: of the assignment only the handler name is
+                // read after this.
                 fire_id: a.fire_id,
                 job: a.job,
                 params: a.params,
