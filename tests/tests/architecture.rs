@@ -6,8 +6,8 @@
 //! - Every Lua script touches only keys its header (or the prelude it is run with)
 //!   declares, and builds no key name inside the script.
 //! - Every source file is named in ARCHITECTURE.md's code map.
-//! - The worker SDK's default dependency tree has no axum, no HTTP server and no
-//!   etcd client.
+//! - The worker SDK's default dependency tree has no axum, no HTTP server, no etcd
+//!   client and no allocator.
 //!
 //! Each check is a function over text, and each has a test feeding it a planted
 //! violation, so a check that silently stopped finding anything fails too.
@@ -553,13 +553,16 @@ fn the_code_map_check_catches_a_planted_violation() {
 // The worker SDK's dependency tree.
 
 /// Packages a plain worker SDK user must not compile, and (package, feature) pairs
-/// that mean an HTTP server.
+/// that mean an HTTP server. The allocator is the binary's choice: a library that
+/// set one would impose it on every program embedding the SDK.
 const NOT_IN_THE_SDK: &[&str] = &[
     "axum",
     "axum-core",
     "axum-server",
     "etcd-client",
     "tonic-health",
+    "tikv-jemallocator",
+    "tikv-jemalloc-sys",
 ];
 const SERVER_FEATURES: &[(&str, &str)] = &[
     ("hyper", "server"),
