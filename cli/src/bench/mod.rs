@@ -8,6 +8,7 @@ mod chaos;
 mod cron;
 mod deliveries;
 mod failover;
+mod floor;
 mod profile;
 mod proxy;
 mod resize;
@@ -49,6 +50,9 @@ enum BenchCmd {
     /// Jobs and items flowing through a seeded random schedule of faults (kills,
     /// freezes, store restarts, partitions); fails when an invariant does.
     Chaos(chaos::ChaosArgs),
+    /// Redis's CPU per item for the bare commands of enqueue, pop and ack (no Lua,
+    /// no guarantees): the floor `burst`'s figure is read against.
+    Floor(floor::FloorArgs),
 }
 
 /// Runs a benchmark.
@@ -63,6 +67,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         BenchCmd::Deliveries(a) => deliveries::run(a).await,
         BenchCmd::Rolling(a) => rolling::run(a).await,
         BenchCmd::Chaos(a) => chaos::run(a).await,
+        BenchCmd::Floor(a) => floor::run(a).await,
     }
 }
 
