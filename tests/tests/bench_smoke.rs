@@ -1,6 +1,6 @@
 //! The benchmarks whose figures README quotes run end to end at a small scale, so a
 //! change that breaks one (or its scoring) fails here rather than at the next
-//! measurement: `chime bench burst`, `steady`, `cron`, `rolling` and `chaos` against a real Redis and
+//! measurement: `chime bench burst`, `floor`, `steady`, `cron`, `rolling` and `chaos` against a real Redis and
 //! etcd, their JSON parsed and their correctness fields checked. Speed is not
 //! asserted (figures come from release builds on a quiet machine, see README),
 //! except that a graceful restart never waits out the grace of a crash.
@@ -54,6 +54,39 @@ async fn bench_burst_runs_and_counts_every_item_once() -> Result<()> {
         "the Redis profile: {r}"
     );
     ensure!(r["producer"] == "store", "{r}");
+    Ok(())
+}
+
+/// The floor of the bare commands moves every item through enqueue, pop and ack
+/// (the bench fails when a pop comes back short or keys are left), prints Redis's
+/// CPU per item by phase with its settings, and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_floor_moves_every_item_and_prints_each_phase() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let (code, out, err) = run_chime(&[
+        "bench",
+        "floor",
+        "--redis-url",
+        &redis.url,
+        "--items",
+        "3000",
+        "--batch",
+        "256",
+    ])?;
+    ensure!(code == 0, "bench floor failed: {err}");
+    let r = json(&out)?;
+    ensure!(r["bench"] == "floor" && r["items"] == 3000, "{r}");
+    ensure!(r["batch"] == 256 && r["payload_bytes"] == 256, "{r}");
+    ensure!(r["redis_cpu_us_per_item"].is_number(), "{r}");
+    for phase in ["enqueue", "pop", "ack"] {
+        ensure!(
+            r["redis_cpu_us_per_item_by_phase"][phase].is_number(),
+            "{phase} missing: {r}"
+        );
+    }
+    let mut c = redis.conn().await?;
+    let keys: i64 = redis::cmd("DBSIZE").query_async(&mut c).await?;
+    ensure!(keys == 0, "bench floor left {keys} keys");
     Ok(())
 }
 

@@ -87,19 +87,43 @@ pub async fn run(a: FloorArgs) -> Result<()> {
                 }
             }
             let mut c = conn.clone();
-            let _: redis::Value = p.query_async(&mut c).await?;
+            let replies: Vec<redis::Value> = p.query_async(&mut c).await?;
+            // A pop must have found its items: otherwise the figure would be the
+            // cost of an empty pop.
+            if phase == "pop" {
+                let found = |v: &redis::Value| match v {
+                    redis::Value::Array(a) => a.iter().all(|x| !matches!(x, redis::Value::Nil)),
+                    _ => false,
+                };
+                if !replies.iter().step_by(3).all(found)
+                    || !replies.iter().skip(2).step_by(3).all(found)
+                {
+                    bail!(
+                        "a pop found fewer items or bodies than it moved (a key shared with another run?)"
+                    );
+                }
+            }
         }
         let us = (cpu(&conn).await? - before) * 1e6 / a.items as f64;
         total += us;
         phases.insert(phase.to_owned(), json!(round2(us)));
     }
     let elapsed_s = started.elapsed().as_secs_f64();
+    // The ack deleted every body and the pops emptied `due`: both keys are gone.
     let mut c = conn.clone();
-    let _: i64 = redis::cmd("UNLINK")
+    let left: i64 = redis::cmd("EXISTS")
         .arg(&items_key)
         .arg(&due_key)
         .query_async(&mut c)
         .await?;
+    if left != 0 {
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(&items_key)
+            .arg(&due_key)
+            .query_async(&mut c)
+            .await?;
+        bail!("items were left after the ack phase: the phases did not move every item");
+    }
     let out = json!({
         "bench": "floor",
         "items": a.items,
