@@ -365,6 +365,18 @@ impl EtcdServer {
             }
         })
         .await
+        // The server's own words say why (a port taken meanwhile, a slow disk): a
+        // failure names them rather than only the timeout.
+        .with_context(|| {
+            let log = self.proc.as_ref().map(Proc::log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "etcd on {} did not come up; its log ends:\n{}",
+                self.endpoint,
+                tail.join("\n")
+            )
+        })
     }
 
     /// Kills the server (SIGKILL); its data stays.

@@ -160,8 +160,11 @@ struct SettleMsg {
 #[derive(Debug)]
 struct Started {
     queue: u32,
-    /// Item ids and their delivery tokens, in delivery order.
-    tokens: Vec<(String, DeliveryToken)>,
+    /// Item ids and their delivery tokens, in delivery order; shared with the
+    /// in-flight table under `key` until the delivery ends.
+    tokens: Arc<Vec<(String, DeliveryToken)>>,
+    /// The delivery's key in the in-flight table.
+    key: u64,
     handler: String,
     /// Attempt of the first item.
     attempt: u32,
@@ -281,9 +284,14 @@ pub struct Consumer {
     looked_under: AtomicU64,
     opts: ConsumerOptions,
     permits: Arc<Semaphore>,
-    /// Queue → item id → token of every delivery popped and not yet settled (what
-    /// the extender keeps visible). Nested so a lookup borrows the id.
-    in_flight: Mutex<HashMap<u32, HashMap<String, DeliveryToken>>>,
+    /// Every delivery popped and not yet settled, by a number of this worker's: its
+    /// queue and its items' ids and tokens (what the extender keeps visible). One
+    /// entry a delivery, sharing the delivery's list: no id copied or hashed per
+    /// item on the hot path, which the extender's walk every few seconds pays
+    /// instead.
+    in_flight: Mutex<HashMap<u64, (u32, Arc<Vec<(String, DeliveryToken)>>)>>,
+    /// The next key in `in_flight`.
+    next_delivery: AtomicU64,
     known: Mutex<Vec<Known>>,
     /// Per queue, the earliest due time the store announced since this worker last
     /// looked there (`i64::MAX`: none). Kept apart from `known`, which a pop that
@@ -296,7 +304,10 @@ pub struct Consumer {
     /// Store clock minus local clock, as seen by the last pop (ms).
     offset_ms: AtomicI64,
     stop_claiming: CancellationToken,
-    abandon: CancellationToken,
+    /// Fires when the drain stops waiting for handlers. In an `Arc` because every
+    /// delivery's context holds it (an `Arc` clone is one atomic add; a token's
+    /// clone takes its lock).
+    abandon: Arc<CancellationToken>,
     settle_tx: mpsc::UnboundedSender<SettleMsg>,
     settle_rx: Mutex<Option<mpsc::UnboundedReceiver<SettleMsg>>>,
     handled: AtomicU64,
@@ -345,9 +356,10 @@ impl Consumer {
             worker_id: worker_id.into(),
             opts,
             in_flight: Mutex::new(HashMap::new()),
+            next_delivery: AtomicU64::new(0),
             offset_ms: AtomicI64::new(0),
             stop_claiming: CancellationToken::new(),
-            abandon: CancellationToken::new(),
+            abandon: Arc::new(CancellationToken::new()),
             settle_tx,
             settle_rx: Mutex::new(Some(settle_rx)),
             handled: AtomicU64::new(0),
@@ -861,14 +873,8 @@ impl Consumer {
                 );
                 continue;
             };
-            {
-                let mut map = lock(&self.in_flight);
-                let q = map.entry(delivery.queue).or_default();
-                for c in &delivery.items {
-                    q.insert(c.item.id.clone(), c.token);
-                }
-            }
             let (started, items) = self.start(delivery, p, now);
+            lock(&self.in_flight).insert(started.key, (started.queue, started.tokens.clone()));
             match (&self.hub, &started.slot) {
                 (Some(hub), Some(slot))
                     if started.runs && slot.local.is_none() && self.unlimited(slot) =>
@@ -920,6 +926,7 @@ impl Consumer {
             tokens.push((c.item.id.clone(), c.token));
             items.push(c.item);
         }
+        let tokens = Arc::new(tokens);
         let handler = items[0].handler.clone();
         let attempt = items[0].attempt;
         let last_attempt = items.iter().all(|i| i.attempt >= i.max_attempts);
@@ -950,6 +957,7 @@ impl Consumer {
         let started = Started {
             queue,
             tokens,
+            key: self.next_delivery.fetch_add(1, Ordering::Relaxed),
             handler,
             attempt,
             last_attempt,
@@ -990,6 +998,7 @@ impl Consumer {
         let Started {
             queue,
             tokens,
+            key,
             handler,
             attempt,
             last_attempt,
@@ -1048,14 +1057,10 @@ impl Consumer {
             s.attr("chime.outcome", label);
             s.end();
         }
-        {
-            let mut map = lock(&self.in_flight);
-            if let Some(q) = map.get_mut(&queue) {
-                for (id, _) in &tokens {
-                    q.remove(id);
-                }
-            }
-        }
+        lock(&self.in_flight).remove(&key);
+        // The table's copy is gone, so the list is ours (the extender copies what it
+        // reads under the lock and keeps no reference).
+        let tokens = Arc::try_unwrap(tokens).unwrap_or_else(|shared| (*shared).clone());
         match &outcome {
             Outcome::Retry { delay_ms, .. } if !last_attempt => {
                 self.expect(queue, self.store_now() + *delay_ms as i64);
@@ -1176,13 +1181,7 @@ impl Consumer {
         let Some(_slot_permit) = self.admit(slot, &items).await else {
             return Outcome::Release;
         };
-        let ctx = ItemContext {
-            items,
-            cancel: self.abandon.child_token(),
-            worker_id: self.worker_id.clone(),
-            queue,
-            trace,
-        };
+        let ctx = ItemContext::new(items, &self.abandon, self.worker_id.clone(), queue, trace);
         let run = AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
         tokio::select! {
             biased;
@@ -1284,11 +1283,13 @@ impl Consumer {
                 _ = tokio::time::sleep(every) => {},
                 _ = done.cancelled() => return,
             }
-            let by_queue: Vec<(u32, Vec<(String, DeliveryToken)>)> = lock(&self.in_flight)
-                .iter()
-                .filter(|(_, m)| !m.is_empty())
-                .map(|(q, m)| (*q, m.iter().map(|(id, t)| (id.clone(), *t)).collect()))
-                .collect();
+            let mut by_queue: HashMap<u32, Vec<(String, DeliveryToken)>> = HashMap::new();
+            for (q, tokens) in lock(&self.in_flight).values() {
+                by_queue
+                    .entry(*q)
+                    .or_default()
+                    .extend(tokens.iter().map(|(id, t)| (id.clone(), *t)));
+            }
             for (q, items) in by_queue {
                 if let Err(e) = self.store.extend(q, &items, self.knobs.visibility()).await {
                     store_error("extend", &e);

@@ -7,7 +7,7 @@
 //! backoff (or dead-letters them when out of attempts).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use chime_shared::queue::Item;
@@ -18,13 +18,36 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct ItemContext {
     pub(crate) items: Vec<Item>,
-    pub(crate) cancel: CancellationToken,
+    /// The worker's token that fires when it gives up waiting for handlers.
+    pub(crate) abandon: Arc<CancellationToken>,
+    /// The handler's own token, a child of `abandon`, made the first time the
+    /// handler asks: most handlers never do, and a child token per delivery (an
+    /// allocation, and the parent's lock taken twice) was a measurable share of a
+    /// worker's time per item.
+    pub(crate) cancel: OnceLock<CancellationToken>,
     pub(crate) worker_id: Arc<str>,
     pub(crate) queue: u32,
     pub(crate) trace: Option<TraceContext>,
 }
 
 impl ItemContext {
+    /// A delivery's context; its cancellation token is made only if asked for.
+    pub(crate) fn new(
+        items: Vec<Item>,
+        abandon: &Arc<CancellationToken>,
+        worker_id: Arc<str>,
+        queue: u32,
+        trace: Option<TraceContext>,
+    ) -> Self {
+        Self {
+            items,
+            abandon: abandon.clone(),
+            cancel: OnceLock::new(),
+            worker_id,
+            queue,
+            trace,
+        }
+    }
     /// The items, earliest due first (one unless merged).
     pub fn items(&self) -> &[Item] {
         &self.items
@@ -40,7 +63,7 @@ impl ItemContext {
     /// Fires when the worker gives up waiting for this handler (drain timeout); the
     /// items are then handed back to the queue, so stop quickly and return.
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
+        self.cancel.get_or_init(|| self.abandon.child_token())
     }
     /// Id of the worker running the handler.
     pub fn worker_id(&self) -> &str {
@@ -131,5 +154,29 @@ where
 {
     async fn handle(&self, ctx: ItemContext) -> Result<(), HandlerError> {
         (self)(ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(abandon: &Arc<CancellationToken>) -> ItemContext {
+        ItemContext::new(Vec::new(), abandon, Arc::from("w"), 0, None)
+    }
+
+    /// The token made on demand fires with the worker's, whether the handler asked
+    /// for it before or after the worker gave up, and cancelling it touches no other
+    /// delivery.
+    #[test]
+    fn a_handlers_token_follows_the_workers_and_is_its_own() {
+        let abandon = Arc::new(CancellationToken::new());
+        let (early, late, other) = (ctx(&abandon), ctx(&abandon), ctx(&abandon));
+        assert!(!early.cancellation().is_cancelled());
+        early.cancellation().cancel();
+        assert!(!abandon.is_cancelled() && !other.cancellation().is_cancelled());
+        abandon.cancel();
+        assert!(other.cancellation().is_cancelled());
+        assert!(late.cancellation().is_cancelled());
     }
 }

@@ -220,7 +220,7 @@ impl Subscription {
         // a verdict for an old stream's delivery means nothing to the new one).
         let (verdict_tx, mut verdict_rx) = mpsc::unbounded_channel::<(u64, Verdict)>();
         let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let abandon = CancellationToken::new();
+        let abandon = Arc::new(CancellationToken::new());
         let mut extend = tokio::time::interval(settle_timeout / 3);
         extend.tick().await;
         let mut draining = false;
@@ -323,7 +323,7 @@ impl Subscription {
         d: pb::Delivery,
         running: &Arc<Mutex<HashSet<u64>>>,
         verdicts: &mpsc::UnboundedSender<(u64, Verdict)>,
-        abandon: &CancellationToken,
+        abandon: &Arc<CancellationToken>,
     ) {
         let id = d.delivery_id;
         lock(running).insert(id);
@@ -368,7 +368,7 @@ impl Subscription {
         queue: u32,
         items: Vec<chime_shared::queue::Item>,
         trace: Option<chime_shared::trace::TraceContext>,
-        abandon: &CancellationToken,
+        abandon: &Arc<CancellationToken>,
     ) -> Verdict {
         let Some(h) = self.handlers.get(handler) else {
             // The worker only sends what we subscribed; be safe anyway.
@@ -381,13 +381,7 @@ impl Subscription {
             },
             None => None,
         };
-        let ctx = ItemContext {
-            items,
-            cancel: abandon.child_token(),
-            worker_id: self.name.clone(),
-            queue,
-            trace,
-        };
+        let ctx = ItemContext::new(items, abandon, self.name.clone(), queue, trace);
         let run = AssertUnwindSafe(h.reg.handler.handle(ctx)).catch_unwind();
         tokio::select! {
             biased;
