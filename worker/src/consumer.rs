@@ -156,13 +156,16 @@ struct SettleMsg {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A delivery's item ids and tokens, in delivery order.
+type Tokens = Arc<Vec<(String, DeliveryToken)>>;
+
 /// A delivery between its start and its end (see [`Consumer::start`]).
 #[derive(Debug)]
 struct Started {
     queue: u32,
     /// Item ids and their delivery tokens, in delivery order; shared with the
     /// in-flight table under `key` until the delivery ends.
-    tokens: Arc<Vec<(String, DeliveryToken)>>,
+    tokens: Tokens,
     /// The delivery's key in the in-flight table.
     key: u64,
     handler: String,
@@ -289,7 +292,7 @@ pub struct Consumer {
     /// entry a delivery, sharing the delivery's list: no id copied or hashed per
     /// item on the hot path, which the extender's walk every few seconds pays
     /// instead.
-    in_flight: Mutex<HashMap<u64, (u32, Arc<Vec<(String, DeliveryToken)>>)>>,
+    in_flight: Mutex<HashMap<u64, (u32, Tokens)>>,
     /// The next key in `in_flight`.
     next_delivery: AtomicU64,
     known: Mutex<Vec<Known>>,
