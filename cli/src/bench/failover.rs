@@ -434,6 +434,21 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         })
         .collect();
     failovers.sort_unstable();
+    // The failover's two parts, from the coordinators' own logs: the kill to the
+    // next `elected leader` (the old lease running out), and that election to the
+    // first handler start of any tick (the new leader's start and first send).
+    let elections = elections(&dir)?;
+    let mut kill_to_elected_ms = Vec::new();
+    let mut elected_to_first_start_ms = Vec::new();
+    for k in &kills {
+        let Some(e) = elections.iter().copied().find(|e| e > k) else {
+            continue;
+        };
+        kill_to_elected_ms.push(e - k);
+        if let Some(first) = count.starts.iter().map(|(_, s)| *s).filter(|s| *s > e).min() {
+            elected_to_first_start_ms.push(first - e);
+        }
+    }
     super::tear_down(
         &a.redis_url,
         &a.etcd_endpoints,
@@ -457,6 +472,8 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
             "kills": kills.len(),
             "failover_p50_ms": quantile(&failovers, 0.5),
             "failover_max_ms": failovers.last().copied().unwrap_or(0),
+            "kill_to_elected_ms": kill_to_elected_ms,
+            "elected_to_first_start_ms": elected_to_first_start_ms,
             "duplicates": count.duplicates,
             "missed_unreported": count.missed,
             "fired": count.fired,
@@ -466,6 +483,33 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// When any coordinator of the run logged `elected leader` (Unix ms, sorted), from
+/// the log files in `dir`: each line starts with its RFC 3339 timestamp.
+fn elections(dir: &Path) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_coordinator_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("coordinator-") && n.ends_with(".log"));
+        if !is_coordinator_log {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            if !line.contains("elected leader") {
+                continue;
+            }
+            let stamp = line.split_whitespace().next().unwrap_or_default();
+            let at = chrono::DateTime::parse_from_rfc3339(stamp)
+                .with_context(|| format!("a timestamp in {}: {stamp:?}", path.display()))?;
+            out.push(at.timestamp_millis());
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// The ticks of a window as the workers' record file and the history tell them.
