@@ -445,7 +445,13 @@ pub(crate) async fn run(a: FailoverArgs) -> Result<()> {
             continue;
         };
         kill_to_elected_ms.push(e - k);
-        if let Some(first) = count.starts.iter().map(|(_, s)| *s).filter(|s| *s > e).min() {
+        if let Some(first) = count
+            .starts
+            .iter()
+            .map(|(_, s)| *s)
+            .filter(|s| *s > e)
+            .min()
+        {
             elected_to_first_start_ms.push(first - e);
         }
     }
