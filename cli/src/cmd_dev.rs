@@ -191,6 +191,7 @@ fn demo_job() -> JobSpec {
         end_at_ms: 0,
         jitter_ms: 0,
         created_at_ms: 0,
+        workflow: None,
     }
 }
 

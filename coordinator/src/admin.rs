@@ -123,6 +123,13 @@ pub enum AdminCall {
     GetRun(String),
     /// Kill a run.
     KillRun(String),
+    /// Start a finished workflow run again from a node.
+    RerunWorkflow {
+        /// The workflow run.
+        run_id: String,
+        /// The node it starts from.
+        node: String,
+    },
     /// Connected workers (of `group`, when not empty).
     ListWorkers {
         /// Group filter.
@@ -444,6 +451,24 @@ impl Admin {
                 let c = Change::new(AuditAction::RunKill, &id).after(serde_json::json!({
                     "job": run.job,
                     "state": run.state,
+                }));
+                self.audit.record(caller, vec![c]).await;
+                AdminAnswer::Run(run)
+            }
+            AdminCall::RerunWorkflow { run_id, node } => {
+                let engine = self.engine()?;
+                let old = match engine.active_run(&run_id).await? {
+                    Some(live) => live,
+                    None => self
+                        .runs
+                        .get_run(&run_id)
+                        .await?
+                        .ok_or_else(|| CoordError::NotFound(format!("run {run_id:?}")))?,
+                };
+                let run = engine.rerun(old, &node).await?;
+                let c = Change::new(AuditAction::RunRerun, &run_id).after(serde_json::json!({
+                    "run_id": run.run_id,
+                    "node": node,
                 }));
                 self.audit.record(caller, vec![c]).await;
                 AdminAnswer::Run(run)

@@ -98,6 +98,7 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/kill", post(kill_run))
+        .route("/api/runs/{id}/rerun", post(rerun_workflow))
         .route("/api/workers", get(list_workers))
         .route("/api/audit", get(list_audit))
         .route("/api/alerts", get(list_alerts))
@@ -415,6 +416,28 @@ macro_rules! run_id_call {
 
 run_id_call!(get_run, GetRun);
 run_id_call!(kill_run, KillRun);
+
+/// The body of `POST /api/runs/{id}/rerun`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RerunBody {
+    /// The node to start from.
+    node: String,
+}
+
+async fn rerun_workflow(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let body: RerunBody =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid("node", e.to_string()))?;
+    ok(st
+        .admin(&headers, AdminCall::RerunWorkflow { run_id, node: body.node })
+        .await?
+        .into_run()?)
+}
 
 async fn update_job(
     State(st): State<HttpState>,

@@ -2,6 +2,7 @@
 //! replicas elect one leader through etcd.
 //!
 //! - [`model`]: jobs, runs, shards (the domain; no generated types).
+//! - [`workflow`]: DAGs of jobs (definition, checks, the pure rules of a run).
 //! - [`schedule`]: cron (seconds, time zones, DST), fixed rate/delay, once, manual.
 //! - [`store`]: job definitions (etcd or memory), run history, fire records and the
 //!   fencing token (Redis or memory).
@@ -29,6 +30,7 @@ pub mod model;
 pub mod schedule;
 pub mod store;
 pub mod warm;
+pub mod workflow;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordError, Result};
 use crate::schedule;
+use crate::workflow::{NodeRecord, WorkflowSpec};
 use chime_shared::limits;
 
 /// When a job fires.
@@ -102,7 +103,8 @@ pub struct JobSpec {
     pub name: String,
     /// Worker group.
     pub group: String,
-    /// Handler name.
+    /// Handler name (empty for a workflow, whose nodes name theirs).
+    #[serde(default)]
     pub handler: String,
     /// When it fires.
     pub schedule: Schedule,
@@ -158,6 +160,10 @@ pub struct JobSpec {
     /// `start_at_ms` is 0). Set by the store.
     #[serde(default)]
     pub created_at_ms: i64,
+    /// A workflow: a fire runs this DAG of nodes instead of a handler (see
+    /// [`crate::workflow`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowSpec>,
 }
 
 /// Most shards of one run.
@@ -202,6 +208,7 @@ impl JobSpec {
             end_at_ms: 0,
             jitter_ms: 0,
             created_at_ms: 0,
+            workflow: None,
         }
     }
 
@@ -210,7 +217,24 @@ impl JobSpec {
         let lim = |r: chime_shared::Result<()>| r.map_err(CoordError::from);
         lim(limits::check_handler("name", &self.name))?;
         lim(limits::check_handler("group", &self.group))?;
-        lim(limits::check_handler("handler", &self.handler))?;
+        match &self.workflow {
+            None => lim(limits::check_handler("handler", &self.handler))?,
+            Some(wf) => {
+                if !self.handler.is_empty() {
+                    return Err(CoordError::invalid(
+                        "handler",
+                        "a workflow has no handler of its own (its nodes have)",
+                    ));
+                }
+                if self.routing != Routing::default() || self.shard_count > 0 {
+                    return Err(CoordError::invalid(
+                        "routing",
+                        "a workflow is not routed (its nodes are)",
+                    ));
+                }
+                wf.validate(self)?;
+            }
+        }
         schedule::validate(&self.schedule)?;
         if self.shard_count > MAX_SHARDS {
             return Err(CoordError::invalid(
@@ -376,7 +400,8 @@ pub struct RunRecord {
     pub fire_id: String,
     /// Job name.
     pub job: String,
-    /// scheduled, manual, misfire, child, buffered.
+    /// scheduled, manual, misfire, child, buffered, workflow (a node's run),
+    /// rerun (a workflow run started again from a node).
     pub cause: String,
     /// The scheduled instant.
     pub scheduled_at_ms: i64,
@@ -390,13 +415,23 @@ pub struct RunRecord {
     pub params: String,
     /// Shards.
     pub shards: Vec<ShardRecord>,
-    /// Parent run (child jobs).
+    /// Parent run (child jobs; a node's workflow run; a rerun's earlier run).
     pub parent_run_id: String,
     /// Why skipped or cancelled.
     pub note: String,
     /// Fencing token of the leader that fired it.
     #[serde(default)]
     pub fence: i64,
+    /// A workflow run's nodes (empty for a job's run, which has shards instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeRecord>,
+}
+
+impl RunRecord {
+    /// Whether this is a workflow run (nodes, no shards).
+    pub fn is_workflow(&self) -> bool {
+        !self.nodes.is_empty()
+    }
 }
 
 /// A connected worker as the admin API shows it.
@@ -575,6 +610,8 @@ pub enum AuditAction {
     JobTrigger,
     /// A run was killed.
     RunKill,
+    /// A workflow run was started again from a node.
+    RunRerun,
     /// A live setting was written.
     ConfigSet,
     /// A live setting was deleted (back to its default).
@@ -598,6 +635,7 @@ impl AuditAction {
             AuditAction::JobResume => "job.resume",
             AuditAction::JobTrigger => "job.trigger",
             AuditAction::RunKill => "run.kill",
+            AuditAction::RunRerun => "run.rerun",
             AuditAction::ConfigSet => "config.set",
             AuditAction::ConfigDelete => "config.delete",
             AuditAction::DeadLettersRequeue => "dead_letters.requeue",

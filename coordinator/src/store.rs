@@ -198,9 +198,47 @@ impl JobStore {
         Self::decode(&v, rev)
     }
 
+    /// A workflow's nodes that name stored jobs: each must exist (stored, or in
+    /// `batch`, the jobs created with it) and not be a workflow itself (workflows
+    /// do not nest: a cycle through two of them would never end). Errors name the
+    /// node's field.
+    async fn check_node_jobs(&self, spec: &JobSpec, batch: &[JobSpec]) -> Result<()> {
+        let Some(wf) = &spec.workflow else {
+            return Ok(());
+        };
+        for (i, n) in wf.nodes.iter().enumerate().filter(|(_, n)| !n.job.is_empty()) {
+            let field = format!("workflow.nodes[{i}].job");
+            let found = match batch.iter().find(|b| b.name == n.job) {
+                Some(b) => Some(b.clone()),
+                None => match self.get(&n.job).await {
+                    Ok(j) => Some(j.spec),
+                    Err(CoordError::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            match found {
+                None => {
+                    return Err(CoordError::invalid(
+                        field,
+                        format!("no job is named {:?}", n.job),
+                    ));
+                }
+                Some(j) if j.workflow.is_some() => {
+                    return Err(CoordError::invalid(
+                        field,
+                        format!("{:?} is a workflow; workflows do not nest", n.job),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Stores a new job (its `created_at_ms` is set to `now_ms`).
     pub async fn create(&self, mut spec: JobSpec, now_ms: i64) -> Result<StoredJob> {
         spec.validate()?;
+        self.check_node_jobs(&spec, &[]).await?;
         self.check_floor(&spec, now_ms)?;
         spec.created_at_ms = now_ms;
         let text =
@@ -234,8 +272,13 @@ impl JobStore {
         // only, and walks 512 ticks of a cron expression (about 1 ms), so jobs of a
         // batch sharing a schedule are checked once.
         let mut floor_met: Vec<crate::model::Schedule> = Vec::new();
-        for (i, spec) in specs.iter_mut().enumerate() {
+        for (i, spec) in specs.iter().enumerate() {
             spec.validate().map_err(|e| e.at("jobs", i))?;
+            self.check_node_jobs(spec, &specs)
+                .await
+                .map_err(|e| e.at("jobs", i))?;
+        }
+        for (i, spec) in specs.iter_mut().enumerate() {
             if !floor_met.contains(&spec.schedule) {
                 self.check_floor(spec, now_ms)
                     .map_err(|e| e.at("jobs", i))?;
@@ -272,6 +315,7 @@ impl JobStore {
     /// Replaces a job if `version` is still its current one.
     pub async fn update(&self, mut spec: JobSpec, version: i64) -> Result<StoredJob> {
         spec.validate()?;
+        self.check_node_jobs(&spec, &[]).await?;
         let current = self.get(&spec.name).await?;
         // Only a changed schedule meets the floor: a job stored under a lower floor
         // can still be paused, resumed and edited otherwise.

@@ -51,6 +51,7 @@ fn run(job: &str, run_id: &str, fire_id: &str, at: i64, state: RunState) -> RunR
         parent_run_id: String::new(),
         note: String::new(),
         fence: 1,
+        nodes: Vec::new(),
     }
 }
 

@@ -85,6 +85,19 @@ pub(super) struct Fire {
     pub(super) parent: String,
     pub(super) run_id: String,
     pub(super) fire_id: String,
+    /// A workflow run's nodes as they start (a rerun's); empty: from the
+    /// workflow's definition.
+    pub(super) nodes: Vec<crate::workflow::NodeRecord>,
+}
+
+/// Whether a run of this cause is a tick of its job's schedule (scheduled,
+/// misfired, buffered): only those move the job's last fired instant, and only
+/// those are kept to report when the store cannot record them.
+pub(super) fn is_tick(cause: &str) -> bool {
+    !matches!(
+        cause,
+        "manual" | "child" | super::flows::NODE_CAUSE | super::flows::RERUN_CAUSE
+    )
 }
 
 impl Fire {
@@ -99,6 +112,7 @@ impl Fire {
             parent: String::new(),
             run_id: id.clone(),
             fire_id: id,
+            nodes: Vec::new(),
         }
     }
 }
@@ -139,6 +153,7 @@ fn bare_run(f: &Fire, now: i64, state: RunState, note: &str) -> RunRecord {
         parent_run_id: f.parent.clone(),
         note: note.to_owned(),
         fence: 0,
+        nodes: Vec::new(),
     }
 }
 
@@ -312,7 +327,7 @@ impl Machine {
                         .chain(rest.iter())
                         .flatten()
                         .map(Plan::run)
-                        .filter(|r| r.cause != "manual" && r.cause != "child")
+                        .filter(|r| is_tick(&r.cause))
                         .map(|r| (r.job.clone(), r.scheduled_at_ms))
                         .collect();
                     self.keep_unrecorded(ticks.iter().map(|(j, t)| (j.as_str(), *t)));
@@ -382,6 +397,9 @@ impl Machine {
     /// so not fired).
     fn settle_fire(&mut self, plan: Plan, answer: Option<FireAnswer>) -> Option<RunRecord> {
         self.release(plan.run());
+        if plan.run().cause == super::flows::NODE_CAUSE {
+            self.node_fire_settled(plan.run(), answer);
+        }
         match answer.unwrap_or(FireAnswer::Duplicate) {
             FireAnswer::Recorded => {
                 let run = plan.run().clone();
@@ -636,8 +654,7 @@ impl Machine {
     /// A scheduled tick was recorded: it is its job's last fired instant.
     fn note_fired(&mut self, run: &RunRecord) {
         if let Some(j) = self.jobs.get_mut(&run.job)
-            && run.cause != "manual"
-            && run.cause != "child"
+            && is_tick(&run.cause)
         {
             j.last_fire = Some(
                 j.last_fire
@@ -771,6 +788,7 @@ impl Machine {
             parent: String::new(),
             run_id: id.clone(),
             fire_id: id,
+            nodes: Vec::new(),
         };
         self.spawn(Work::Fire {
             fires: vec![fire],
@@ -787,7 +805,15 @@ impl Machine {
             r.fence = fence;
             r
         };
-        let cover = match overlap_call(self.jobs.get(&f.job)?) {
+        let job = self.jobs.get(&f.job)?;
+        // A node's run always starts: the workflow as a whole has the overlap
+        // policy (a node skipped for its job's would stall the workflow).
+        let call = if f.cause == super::flows::NODE_CAUSE {
+            OverlapCall::Start { cover: Vec::new() }
+        } else {
+            overlap_call(job)
+        };
+        let cover = match call {
             OverlapCall::Start { cover } => cover,
             OverlapCall::Skip(note) => {
                 return Some(Plan::Skip(fenced(bare_run(
@@ -815,11 +841,22 @@ impl Machine {
 
     /// The run of a fire with its shards and the worker each goes to; the shards
     /// it places are reserved for their workers (see [`Machine::release`]).
-    fn plan_run(&mut self, job: &str, f: Fire, params: Option<String>, now: i64) -> RunRecord {
+    fn plan_run(&mut self, job: &str, mut f: Fire, params: Option<String>, now: i64) -> RunRecord {
         let spec = match self.jobs.get(job) {
             Some(j) => j.spec.clone(),
             None => return bare_run(&f, now, RunState::Skipped, "job deleted"),
         };
+        if let Some(wf) = &spec.workflow {
+            // No shards: its nodes start once it is recorded (`start_planned`).
+            let mut run = bare_run(&f, now, RunState::Running, "");
+            run.fence = self.fence;
+            run.params = params.unwrap_or(spec.params.clone());
+            run.nodes = match std::mem::take(&mut f.nodes) {
+                n if n.is_empty() => crate::workflow::NodeRecord::plan(&spec.name, wf),
+                n => n,
+            };
+            return run;
+        }
         let live = self.candidates(&spec, None);
         let total = if spec.routing == Routing::ShardingBroadcast {
             if spec.shard_count > 0 {
@@ -945,12 +982,16 @@ impl Machine {
             }
         }
         let run_id = run.run_id.clone();
+        let workflow = run.is_workflow();
         self.runs.active.insert(run_id.clone(), run);
         for (worker, a) in sends {
             self.deliver(worker, a);
         }
         for i in waiting {
             self.wait_for_worker(&run_id, i);
+        }
+        if workflow {
+            self.advance(&run_id);
         }
     }
 

@@ -78,6 +78,7 @@ pub(super) async fn start(
     let listed_ms = loading.elapsed().as_millis() as u64;
     let last = store.trigger_state().await?;
     let active = store.active_runs().await?;
+    let ended_nodes = ended_nodes(store.as_ref(), &active).await?;
     let loaded_ms = loading.elapsed().as_millis() as u64;
     let job_count = stored.len();
     let mut driver = Driver {
@@ -99,6 +100,7 @@ pub(super) async fn start(
             active,
             handover,
             ahead,
+            ended_nodes,
         })
         .await;
     info!(
@@ -114,6 +116,27 @@ pub(super) async fn start(
     spawn_job_watcher(jobs, revision, handle.clone(), shutdown.clone());
     let task = tokio::spawn(driver.run(rx, shutdown));
     Ok((handle, task))
+}
+
+/// The runs of the unfinished nodes of `active`'s workflow runs that are not in
+/// progress themselves, as the store has them, when they ended: a previous
+/// leader may have seen them end and died before the workflow run's snapshot
+/// said so (see `flows.rs`).
+pub(super) async fn ended_nodes(store: &dyn RunStore, active: &[RunRecord]) -> Result<Vec<RunRecord>> {
+    let live: std::collections::HashSet<&str> = active.iter().map(|r| r.run_id.as_str()).collect();
+    let mut out = Vec::new();
+    for wf in active.iter().filter(|r| r.is_workflow()) {
+        for n in wf.nodes.iter().filter(|n| !n.state.is_final()) {
+            let id = crate::workflow::node_run_id(&wf.run_id, &n.name);
+            if live.contains(id.as_str()) {
+                continue;
+            }
+            if let Some(r) = store.get_run(&id).await?.filter(|r| r.state.is_final()) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Driver {
@@ -207,6 +230,10 @@ impl Driver {
             Cmd::Kill(run_id, reply) => {
                 let call = self.call(Caller::Run(reply));
                 Input::Kill(call, run_id)
+            }
+            Cmd::Rerun(old, node, reply) => {
+                let call = self.call(Caller::Run(reply));
+                Input::Rerun(call, old, node)
             }
             Cmd::Workers(reply) => {
                 let _ = reply.send(self.machine.worker_views());
@@ -733,6 +760,7 @@ mod tests {
                 parent_run_id: String::new(),
                 note: String::new(),
                 fence: 1,
+                nodes: Vec::new(),
             };
             lock(&self.unwritten).insert(id.into(), (1, Arc::new(run)));
             if now {

@@ -128,6 +128,7 @@ impl Machine {
                 return None;
             }
         };
+        let inline_before = self.inline_jobs_of(&name);
         let prev = self.jobs.remove(&name);
         let generation = prev.as_ref().map_or(0, |p| p.generation) + 1;
         let state = JobState {
@@ -153,7 +154,11 @@ impl Machine {
             ),
         };
         let (next, jitter_ms) = (state.next_fire, state.spec.jitter_ms);
+        let workflow = state.spec.workflow.is_some();
         self.jobs.insert(name.clone(), Box::new(state));
+        if workflow || !inline_before.is_empty() {
+            self.sync_inline_jobs(&name, inline_before);
+        }
         if let Some(at) = next {
             self.arm_tick(&name, at, generation, jitter_ms);
         }

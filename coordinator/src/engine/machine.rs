@@ -48,6 +48,10 @@ pub(crate) enum Input {
         /// none; see `schedule::Planned`); a start uses those that still stand
         /// instead of planning again.
         ahead: Vec<Option<crate::schedule::Planned>>,
+        /// The ended runs of nodes that `active`'s workflow runs do not show as
+        /// ended (their snapshots are written in the background and may be
+        /// behind; see `flows.rs`).
+        ended_nodes: Vec<RunRecord>,
     },
     /// The earliest timer may be due (the driver slept until [`Machine::next_wake`]).
     Timers,
@@ -85,6 +89,9 @@ pub(crate) enum Input {
     Trigger(CallId, String, Option<String>),
     /// Kill a run (admin).
     Kill(CallId, String),
+    /// Start a finished workflow run again from a node (admin): the run as
+    /// stored, and the node.
+    Rerun(CallId, Box<RunRecord>, String),
     /// An assignment the session could not take (its channel was full or closed).
     Undelivered { session: u64, key: ShardKey },
     /// The answer to the request the machine waits for.
@@ -178,6 +185,9 @@ pub(super) enum Timer {
     },
     /// An adopted shard's worker had time to report it; take it over if it did not.
     Adopt(ShardKey),
+    /// Look at a workflow run's pending nodes again (a node's fire could not be
+    /// recorded).
+    Advance(String),
 }
 
 /// The timers, earliest first (ties in the order they were armed).
@@ -580,7 +590,8 @@ impl Machine {
                 active,
                 handover,
                 ahead,
-            } => self.begin(jobs, last, active, handover, ahead),
+                ended_nodes,
+            } => self.begin(jobs, last, active, handover, ahead, ended_nodes),
             Input::Timers => self.due(),
             Input::Register(call, hello) => self.register(call, hello),
             Input::Heartbeat {
@@ -601,10 +612,15 @@ impl Machine {
                 self.put_job(j, None, false);
             }
             Input::JobDeleted(name) => {
+                let inline = self.inline_jobs_of(&name);
                 if self.jobs.remove(&name).is_some() {
                     info!(job = %name, "job deleted");
                 }
+                if !inline.is_empty() {
+                    self.sync_inline_jobs(&name, inline);
+                }
             }
+            Input::Rerun(call, old, node) => self.rerun(call, *old, &node),
             Input::Trigger(call, name, params) => self.trigger(call, &name, params),
             Input::Kill(call, run_id) => {
                 let r = self.kill(&run_id);
@@ -625,6 +641,7 @@ impl Machine {
         active: Vec<RunRecord>,
         handover: Option<Vec<String>>,
         ahead: Vec<Option<crate::schedule::Planned>>,
+        ended_nodes: Vec<RunRecord>,
     ) {
         let mut missed = Vec::new();
         // Parsing every job's schedule is most of a start with many jobs: planned
@@ -637,6 +654,7 @@ impl Machine {
             }
         }
         self.adopt(active, handover);
+        self.reconcile_workflows(ended_nodes);
         for (name, ticks) in missed {
             self.spawn(Work::Misfire(name, ticks));
         }
@@ -689,6 +707,7 @@ impl Machine {
                 }
                 Timer::Buffered { job, at, run_id } => buffered.push((job, at, run_id)),
                 Timer::Adopt(key) => self.adopt_deadline(key),
+                Timer::Advance(run_id) => self.advance(&run_id),
             }
         }
         // Fires whose instant is now first, then the ones prepared ahead.
@@ -748,6 +767,8 @@ impl Machine {
     pub(crate) fn trigger_states(&self) -> HashMap<String, TriggerState> {
         self.jobs
             .iter()
+            // Inline nodes' jobs are the engine's own, not stored jobs.
+            .filter(|(n, _)| !crate::workflow::is_inline_job(n))
             .map(|(n, j)| {
                 (
                     n.clone(),

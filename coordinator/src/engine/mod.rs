@@ -18,17 +18,21 @@
 //! `dispatch.rs` (planning, recording and sending fires), `routing.rs` (which worker
 //! a shard goes to: a pure function), `runs.rs` (results, deadlines, retries, kill,
 //! run end), `workers.rs` (sessions, heartbeats, capacity, death, takeover),
-//! `adopt.rs` (a new leader taking over runs in progress).
+//! `adopt.rs` (a new leader taking over runs in progress), `flows.rs` (workflow
+//! runs: firing nodes, their ends, kill, reconcile after adoption, rerun).
 
 mod adopt;
 mod dispatch;
 mod driver;
+mod flows;
 mod jobs;
 mod machine;
 mod routing;
 mod runs;
 mod workers;
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -139,6 +143,7 @@ pub(crate) enum Cmd {
     JobDeleted(String),
     Trigger(String, Option<String>, oneshot::Sender<Result<RunRecord>>),
     Kill(String, oneshot::Sender<Result<RunRecord>>),
+    Rerun(Box<RunRecord>, String, oneshot::Sender<Result<RunRecord>>),
     Workers(oneshot::Sender<Vec<WorkerView>>),
     States(oneshot::Sender<HashMap<String, TriggerState>>),
     ActiveRun(String, oneshot::Sender<Option<RunRecord>>),
@@ -252,6 +257,13 @@ impl EngineHandle {
     /// Cancels every unfinished shard of a run.
     pub async fn kill(&self, run_id: &str) -> Result<RunRecord> {
         self.ask(|tx| Cmd::Kill(run_id.to_owned(), tx)).await?
+    }
+
+    /// Starts finished workflow run `old` (as stored) again from node `node`:
+    /// that node and what follows it run again, the rest keep their results.
+    pub async fn rerun(&self, old: RunRecord, node: &str) -> Result<RunRecord> {
+        self.ask(|tx| Cmd::Rerun(Box::new(old), node.to_owned(), tx))
+            .await?
     }
 
     /// Connected workers.

@@ -212,6 +212,9 @@ impl Machine {
     /// answers the finished run.
     pub(super) fn cancel_run(&mut self, run_id: &str, why: &str) -> Option<RunRecord> {
         let now = self.now;
+        if self.runs.active.get(run_id)?.is_workflow() {
+            return self.cancel_workflow(run_id, why);
+        }
         let run = self.runs.active.get_mut(run_id)?;
         let mut stop = Vec::new();
         for s in run.shards.iter_mut().filter(|s| !s.state.is_final()) {
@@ -255,7 +258,7 @@ impl Machine {
     }
 
     /// Ends the run if every shard is final; fires children of a successful run.
-    fn maybe_finish(&mut self, run_id: &str) {
+    pub(super) fn maybe_finish(&mut self, run_id: &str) {
         let finished = self.finish(run_id);
         if let Some(done) = finished.filter(|r| r.state == RunState::Succeeded) {
             let (job, parent) = (done.job, done.run_id);
@@ -277,6 +280,7 @@ impl Machine {
                         parent: parent.clone(),
                         run_id: id.clone(),
                         fire_id: id,
+                        nodes: Vec::new(),
                     };
                     // One at a time: each child's overlap policy sees the ones
                     // before it started.
@@ -297,11 +301,18 @@ impl Machine {
     pub(super) fn finish(&mut self, run_id: &str) -> Option<RunRecord> {
         let now = self.now;
         let run = self.runs.active.get_mut(run_id)?;
-        if !run.shards.iter().all(|s| s.state.is_final()) {
+        if run.is_workflow() {
+            if !run.nodes.iter().all(|n| n.state.is_final()) {
+                return None;
+            }
+            run.state = crate::workflow::final_state(&run.nodes);
+        } else if !run.shards.iter().all(|s| s.state.is_final()) {
             return None;
         }
         let states: Vec<RunState> = run.shards.iter().map(|s| s.state).collect();
-        run.state = if states.iter().all(|s| *s == RunState::Succeeded) {
+        run.state = if run.is_workflow() {
+            run.state
+        } else if states.iter().all(|s| *s == RunState::Succeeded) {
             RunState::Succeeded
         } else if states.contains(&RunState::Cancelled) {
             RunState::Cancelled
@@ -346,6 +357,9 @@ impl Machine {
             let job = run.job.clone();
             self.timers
                 .schedule(now, Timer::Buffered { job, at, run_id });
+        }
+        if run.cause == super::flows::NODE_CAUSE {
+            self.node_ended(&run);
         }
         Some(run)
     }

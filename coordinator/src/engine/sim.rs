@@ -539,12 +539,15 @@ impl World {
             calls: 0,
             registering: BTreeMap::new(),
         });
+        let ended_nodes = ready(super::driver::ended_nodes(&self.store, &active))
+            .map_err(|e| e.to_string())?;
         self.leader_input(Input::Start {
             jobs,
             last,
             active,
             handover,
             ahead: Default::default(),
+            ended_nodes,
         })?;
         // Workers without a session reconnect now.
         for w in self.workers.values_mut() {

@@ -110,12 +110,14 @@ impl Rig {
         let last = ready(self.store.trigger_state()).unwrap();
         let active = ready(self.store.active_runs()).unwrap();
         let handover = self.handover.clone();
+        let ended_nodes = ready(super::driver::ended_nodes(&self.store, &active)).unwrap();
         self.input(Input::Start {
             jobs,
             last,
             active,
             handover,
             ahead: Default::default(),
+            ended_nodes,
         });
     }
 

@@ -57,6 +57,7 @@ fn record_elsewhere(store: &MemoryRunStore, fence: i64, job: &str, at: i64, stat
         parent_run_id: String::new(),
         note: String::new(),
         fence,
+        nodes: Vec::new(),
     };
     let fires = [FireRecord {
         fire_id: fid(job, at),
@@ -893,6 +894,7 @@ fn inputs_arriving_during_a_store_request_wait_for_its_answer() {
             active: vec![],
             handover: None,
             ahead: Default::default(),
+            ended_nodes: vec![],
         },
     );
     assert!(effects.is_empty());

@@ -592,6 +592,13 @@ pub fn job_from_proto(j: pb::Job) -> Result<(JobSpec, i64), CoordError> {
         pb::Misfire::Skip => Misfire::Skip,
         pb::Misfire::FireAll => Misfire::FireAll,
     };
+    let workflow = match j.workflow_json.trim() {
+        "" => None,
+        text => Some(
+            serde_json::from_str(text)
+                .map_err(|e| CoordError::invalid("workflow_json", e))?,
+        ),
+    };
     Ok((
         JobSpec {
             name: j.name,
@@ -615,6 +622,7 @@ pub fn job_from_proto(j: pb::Job) -> Result<(JobSpec, i64), CoordError> {
             end_at_ms: j.end_at_ms,
             jitter_ms: j.jitter_ms,
             created_at_ms: j.created_at_ms,
+            workflow,
         },
         j.version,
     ))
@@ -702,6 +710,11 @@ pub fn job_to_proto(j: &StoredJob, state: TriggerState) -> pb::Job {
         last_fire_ms: state.last_fire_ms.unwrap_or(0),
         version: j.version,
         created_at_ms: s.created_at_ms,
+        workflow_json: s
+            .workflow
+            .as_ref()
+            .and_then(|w| serde_json::to_string(w).ok())
+            .unwrap_or_default(),
     }
 }
 
@@ -750,6 +763,11 @@ pub fn run_to_proto(r: &RunRecord) -> pb::Run {
         parent_run_id: r.parent_run_id.clone(),
         note: r.note.clone(),
         fence: r.fence,
+        nodes_json: if r.nodes.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&r.nodes).unwrap_or_default()
+        },
     }
 }
 
@@ -911,6 +929,10 @@ impl Forwarder for GrpcForwarder {
             }
             AdminCall::KillRun(run_id) => {
                 run(c.kill_run(as_caller(caller, pb::RunId { run_id })).await?)
+            }
+            AdminCall::RerunWorkflow { run_id, node } => {
+                let req = pb::RerunRequest { run_id, node };
+                run(c.rerun_workflow(as_caller(caller, req)).await?)
             }
             AdminCall::ListAudit { limit, before } => {
                 let entries = c
@@ -1097,6 +1119,17 @@ impl pb::admin_server::Admin for AdminApi {
         self.run_answer(&req, AdminCall::KillRun(id)).await
     }
 
+    async fn rerun_workflow(
+        &self,
+        req: Request<pb::RerunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let call = AdminCall::RerunWorkflow {
+            run_id: req.get_ref().run_id.clone(),
+            node: req.get_ref().node.clone(),
+        };
+        self.run_answer(&req, call).await
+    }
+
     async fn list_workers(
         &self,
         req: Request<pb::ListWorkersRequest>,
@@ -1202,6 +1235,8 @@ pub fn run_from_proto(r: pb::Run) -> RunRecord {
         parent_run_id: r.parent_run_id,
         note: r.note,
         fence: r.fence,
+        // Written by `run_to_proto`; a leader of another version sends none.
+        nodes: serde_json::from_str(&r.nodes_json).unwrap_or_default(),
     }
 }
 

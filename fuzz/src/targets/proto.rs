@@ -559,7 +559,24 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
         last_fire_ms: 1_767_146_400_000,
         version: 42,
         created_at_ms: 1_690_000_000_000,
+        workflow_json: String::new(),
     };
+    let flow = pb::Job {
+        name: "pipeline".into(),
+        group: "batch".into(),
+        handler: String::new(),
+        routing: pb::Routing::RoundRobin as i32,
+        shard_count: 0,
+        shard_params: vec![],
+        children: vec![],
+        paused: false,
+        workflow_json: r#"{"nodes":[{"name":"count","handler":"log"},{"name":"push","handler":"log","after":[{"node":"count"}]},{"name":"report","handler":"log","after":[{"node":"push","when":"always"}]}]}"#.into(),
+        ..full.clone()
+    };
+    out.push((
+        "create-workflow".into(),
+        pb::CreateJobRequest { job: Some(flow) }.encode_to_vec(),
+    ));
     let item = |id: &str, key: &str, due_at_ms, in_ms| pb::NewItem {
         id: id.into(),
         key: key.into(),
@@ -689,6 +706,7 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
         parent_run_id: String::new(),
         note: String::new(),
         fence: 7,
+        nodes_json: String::new(),
     };
     out.push(("run".into(), run.encode_to_vec()));
     out.push((
