@@ -646,6 +646,12 @@ impl Machine {
         run.note = note.to_owned();
         run.finished_at_ms = self.now;
         run.shards.clear();
+        // A workflow run's nodes end with it: none of them was fired.
+        for n in run.nodes.iter_mut() {
+            n.state = state;
+            n.error = note.to_owned();
+            n.finished_at_ms = self.now;
+        }
         self.save(&run);
         metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped").increment(1);
         run
@@ -1135,7 +1141,12 @@ impl Machine {
         let (job, params) = (run.job.clone(), run.params.clone());
         let worker = match self.jobs.get(&job).map(|j| j.spec.clone()) {
             Some(spec) => self.pick(&spec, &job, &params, avoid.as_deref()),
-            None => None,
+            None => {
+                // Its job was deleted: no worker will be picked for it ever, and
+                // a run waiting forever would stall a workflow it is a node of.
+                self.fail_orphan(run_id, shard);
+                return;
+            }
         };
         let now = self.now;
         let Some(s) = self
@@ -1177,6 +1188,28 @@ impl Machine {
         } else {
             self.wait_for_worker(run_id, shard);
         }
+    }
+
+    /// Ends a shard whose job was deleted as failed (it is not run again), and
+    /// its run if that was its last.
+    fn fail_orphan(&mut self, run_id: &str, shard: u32) {
+        let now = self.now;
+        let Some(s) = self
+            .runs
+            .active
+            .get_mut(run_id)
+            .and_then(|r| r.shards.get_mut(shard as usize))
+            .filter(|s| !s.state.is_final())
+        else {
+            return;
+        };
+        let previous = std::mem::take(&mut s.worker_id);
+        s.state = RunState::Failed;
+        s.error = "its job was deleted before it could run again".into();
+        s.finished_at_ms = now;
+        self.unhold(&previous, run_id, shard);
+        self.runs.pending.remove(&(run_id.to_owned(), shard));
+        self.maybe_finish(run_id);
     }
 
     pub(super) fn wait_for_worker(&mut self, run_id: &str, shard: u32) {

@@ -332,7 +332,14 @@ impl Machine {
             chime_shared::activity::add("", chime_shared::activity::Kind::RunFailed, 1);
         }
         let run = self.runs.active.remove(run_id)?;
-        self.save(&run);
+        if run.cause == super::flows::NODE_CAUSE {
+            // Written before the nodes it lets run are recorded: a next leader
+            // that finds those finds this end too, and never takes the node for
+            // one still running (see `flows.rs`).
+            self.effect(super::machine::Effect::SaveNow(run.clone()));
+        } else {
+            self.save(&run);
+        }
         record_fire_span(&run);
         debug!(run_id, state = ?run.state, "run finished");
         let mut buffered = None;

@@ -250,6 +250,56 @@ fn job(name: &str, schedule: Schedule) -> JobSpec {
     j
 }
 
+/// How often the workflow job fires.
+const FLOW_EVERY_MS: i64 = 5_000;
+
+/// A workflow every [`FLOW_EVERY_MS`]: a → (b: the `manual` job, c: sharded) →
+/// d (always), with retries and a failure edge drawn from the seed.
+fn sim_flow(rng: &mut fastrand::Rng) -> JobSpec {
+    use crate::workflow::{Edge, NodeSpec, WorkflowSpec};
+    let inline = |name: &str, after: &[(&str, &str)]| NodeSpec {
+        name: name.into(),
+        job: String::new(),
+        handler: "h".into(),
+        group: String::new(),
+        routing: Routing::RoundRobin,
+        shard_count: 0,
+        params: String::new(),
+        timeout_ms: 0,
+        retries: 0,
+        retry_backoff_ms: 200,
+        after: after
+            .iter()
+            .map(|(n, w)| Edge {
+                node: (*n).into(),
+                when: (*w).into(),
+            })
+            .collect(),
+    };
+    let mut a = inline("a", &[]);
+    a.retries = rng.u32(0..3);
+    let b = NodeSpec {
+        job: "manual".into(),
+        handler: String::new(),
+        ..inline("b", &[("a", "")])
+    };
+    let mut c = inline("c", &[("a", ["", "always"][rng.usize(..2)])]);
+    c.routing = Routing::ShardingBroadcast;
+    c.shard_count = rng.u32(1..4);
+    let d = inline("d", &[("b", "always"), ("c", "always")]);
+    let mut j = job(
+        "flow",
+        Schedule::FixedRate {
+            every_ms: FLOW_EVERY_MS as u64,
+        },
+    );
+    j.handler.clear();
+    j.workflow = Some(WorkflowSpec {
+        nodes: vec![a, b, c, d],
+    });
+    j
+}
+
 fn cron(expr: &str) -> Schedule {
     Schedule::Cron {
         expr: expr.into(),
@@ -313,8 +363,9 @@ impl World {
                 at_ms: T0 + rng.i64(2_000..25_000),
             },
         );
+        let flow = sim_flow(&mut rng);
         let mut versions = 0;
-        for j in [steady_cron, steady_rate, edit_a, edit_b, manual, once] {
+        for j in [steady_cron, steady_rate, edit_a, edit_b, manual, once, flow] {
             versions += 1;
             jobs.insert(j.name.clone(), (j, versions));
         }
@@ -325,8 +376,9 @@ impl World {
                 id.clone(),
                 SimWorker {
                     // Enough in all for the jobs' load: an overloaded world never
-                    // catches up, which is no failure of the engine's.
-                    capacity: rng.u32(3..9),
+                    // catches up, which is no failure of the engine's. (From 4:
+                    // two workers of 3 fell behind once the workflow joined.)
+                    capacity: rng.u32(4..9),
                     up: Up::Running,
                     conn: None,
                     connect_at: Some(T0 + rng.i64(0..300)),
@@ -1278,6 +1330,55 @@ impl World {
         let _ = self.leader_input(Input::JobPut(StoredJob { spec, version }));
     }
 
+    /// A workflow run that ended: every node ended; none was skipped whose edges
+    /// all held (none skipped wrongly), none that ran lacks its run (or has a run
+    /// of another state), and none ran when an edge did not hold.
+    fn check_flow(&self, r: &crate::model::RunRecord) -> Result<(), String> {
+        use crate::model::RunState;
+        use crate::workflow::{Readiness, readiness};
+        if !r.state.is_final() || r.state == RunState::Skipped || r.nodes.is_empty() {
+            return Ok(());
+        }
+        let states: BTreeMap<&str, RunState> =
+            r.nodes.iter().map(|n| (n.name.as_str(), n.state)).collect();
+        for n in &r.nodes {
+            if !n.state.is_final() {
+                return Err(format!("workflow run {} ended with node {} {:?}", r.run_id, n.name, n.state));
+            }
+            if n.state == RunState::Cancelled && r.state == RunState::Cancelled {
+                continue;
+            }
+            let verdict = readiness(n, &states);
+            match (n.state, &verdict) {
+                (RunState::Skipped, Readiness::Run) => {
+                    return Err(format!("workflow run {}: node {} skipped though its edges held", r.run_id, n.name));
+                }
+                (RunState::Skipped, _) => continue,
+                (_, Readiness::Skip(why)) => {
+                    return Err(format!("workflow run {}: node {} ran ({:?}) though {why}", r.run_id, n.name, n.state));
+                }
+                _ => {}
+            }
+            let run = ready(self.store.get_run(&n.run_id)).map_err(|e| e.to_string())?;
+            match run {
+                Some(nr) if nr.state == n.state => {}
+                // A node whose job was deleted meanwhile fails without a run.
+                None if n.state == RunState::Failed && n.error.contains("does not exist") => {}
+                other => {
+                    return Err(format!(
+                        "workflow run {}: node {} is {:?} but its run {} is {:?}",
+                        r.run_id,
+                        n.name,
+                        n.state,
+                        n.run_id,
+                        other.map(|o| o.state)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// After the heal: every steady tick recorded (or its record failed), every run
     /// they fired ended.
     fn final_checks(&mut self) -> Result<(), String> {
@@ -1300,7 +1401,17 @@ impl World {
             ticks.push(format!("steady-rate@{t}"));
             t += rate_every;
         }
+        let mut t = T0 + FLOW_EVERY_MS;
+        while t <= record_until {
+            ticks.push(format!("flow@{t}"));
+            t += FLOW_EVERY_MS;
+        }
         let finish_until = T0 + CHAOS_MS;
+        for id in ticks.iter().filter(|t| t.starts_with("flow@")) {
+            if let Some(r) = ready(self.store.get_run(id)).map_err(|e| e.to_string())? {
+                self.check_flow(&r)?;
+            }
+        }
         for id in ticks {
             let run = ready(self.store.get_run(&id)).map_err(|e| e.to_string())?;
             let at: i64 = id
