@@ -23,7 +23,9 @@
 //!
 //! After the faults stop and the world heals: every tick of the steady jobs was
 //! recorded (fired or reported skipped) unless its record failed in the store, and
-//! every run they fired ended.
+//! every run they fired ended; every workflow run that ended (a workflow job fires
+//! every 5 s) has every node ended, none skipped whose edges held and none run
+//! whose edge did not, and each node's state is its run's.
 //!
 //! `CHIME_SIM_SEED=<n>` replays one seed (and prints its trace);
 //! `CHIME_SIM_SEEDS=<n>` changes how many seeds each of the four tests runs.
