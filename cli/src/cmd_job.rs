@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use chime_coordinator::grpc::{
     JobView, job_from_proto, job_view, run_from_proto, worker_from_proto,
 };
@@ -255,21 +255,26 @@ pub struct JobArgs {
 
 #[derive(Debug, Subcommand)]
 enum JobCmd {
-    /// Create a job from flags or a JSON file.
+    /// Create a job (or a workflow) from flags or a file.
     Create {
         /// Job name.
         #[arg(long, required_unless_present = "file")]
         name: Option<String>,
-        /// The job as JSON (the stored form).
+        /// The job as JSON (the stored form), or as YAML when the file ends in
+        /// `.yaml` or `.yml`; a workflow is a job with a `workflow` field.
         #[arg(long)]
         file: Option<PathBuf>,
         #[command(flatten)]
         flags: JobFlags,
     },
-    /// Change some fields of a job.
+    /// Change some fields of a job, or replace it with a file's definition.
     Update {
         /// Job name.
         name: String,
+        /// The new definition (JSON, or YAML for `.yaml`/`.yml`); flags apply
+        /// on top of it.
+        #[arg(long)]
+        file: Option<PathBuf>,
         #[command(flatten)]
         flags: JobFlags,
     },
@@ -309,6 +314,26 @@ enum JobCmd {
     },
 }
 
+/// A job definition from a file: YAML for `.yaml`/`.yml`, JSON otherwise. A
+/// parse error names the field it stopped at (`workflow.nodes[2].after`).
+fn read_spec(path: &std::path::Path) -> Result<JobSpec> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    let parsed = if yaml {
+        serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(&text))
+            .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.path(), e.inner()))
+    } else {
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.path(), e.inner()))
+    };
+    parsed.with_context(|| format!("parsing {}", path.display()))
+}
+
 fn to_pb(spec: &JobSpec, version: i64) -> pb::Job {
     let stored = chime_coordinator::store::StoredJob {
         spec: spec.clone(),
@@ -323,12 +348,7 @@ pub async fn run_job(a: JobArgs) -> Result<()> {
     let out = match a.cmd {
         JobCmd::Create { name, file, flags } => {
             let mut spec: JobSpec = match &file {
-                Some(f) => {
-                    let text = std::fs::read_to_string(f)
-                        .with_context(|| format!("reading {}", f.display()))?;
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("parsing {}", f.display()))?
-                }
+                Some(f) => read_spec(f)?,
                 None => JobSpec {
                     retry_backoff_ms: 1_000,
                     ..JobSpec::new(
@@ -351,13 +371,23 @@ pub async fn run_job(a: JobArgs) -> Result<()> {
                 .map_err(status)?;
             serde_json::to_value(job_out(j.into_inner())?)?
         }
-        JobCmd::Update { name, flags } => {
+        JobCmd::Update { name, file, flags } => {
             let cur = c
-                .get_job(pb::JobRef { name })
+                .get_job(pb::JobRef { name: name.clone() })
                 .await
                 .map_err(status)?
                 .into_inner();
             let (mut spec, version) = job_from_proto(cur)?;
+            if let Some(f) = &file {
+                spec = read_spec(f)?;
+                if spec.name != name {
+                    bail!(
+                        "invalid name: {} defines {:?}, not {name:?}",
+                        f.display(),
+                        spec.name
+                    );
+                }
+            }
             flags.apply(&mut spec)?;
             let j = c
                 .update_job(pb::UpdateJobRequest {
@@ -436,10 +466,20 @@ enum RunsCmd {
         /// Run id.
         run_id: String,
     },
-    /// Cancel every unfinished shard of a run.
+    /// Cancel every unfinished shard of a run (of a workflow run: every node
+    /// not ended).
     Kill {
         /// Run id.
         run_id: String,
+    },
+    /// Start a finished workflow run again from a node: it and what follows it
+    /// run again, the other nodes keep their results.
+    Rerun {
+        /// The workflow run.
+        run_id: String,
+        /// The node to start from.
+        #[arg(long)]
+        node: String,
     },
 }
 
@@ -467,6 +507,12 @@ pub async fn run_runs(a: RunsArgs) -> Result<()> {
         ))?,
         Some(RunsCmd::Kill { run_id }) => serde_json::to_value(run_from_proto(
             c.kill_run(pb::RunId { run_id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ))?,
+        Some(RunsCmd::Rerun { run_id, node }) => serde_json::to_value(run_from_proto(
+            c.rerun_workflow(pb::RerunRequest { run_id, node })
                 .await
                 .map_err(status)?
                 .into_inner(),

@@ -164,14 +164,13 @@ pub mod jobs {
     use chime_worker::{HandlerError, ItemContext, JobContext, JobHandler};
     use tracing::info;
 
-    /// The number in `text` (plain, or the `key` field of a JSON object).
+    /// The number in `text` (plain, or the `key` field of a JSON object, or of its
+    /// `params` object: a workflow node's own params are there).
     fn number(text: &str, key: &str) -> Option<u64> {
         let t = text.trim();
         t.parse().ok().or_else(|| {
-            serde_json::from_str::<serde_json::Value>(t)
-                .ok()?
-                .get(key)?
-                .as_u64()
+            let v = serde_json::from_str::<serde_json::Value>(t).ok()?;
+            v.get(key).or_else(|| v.get("params")?.get(key))?.as_u64()
         })
     }
 

@@ -434,7 +434,13 @@ async fn rerun_workflow(
     let body: RerunBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid("node", e.to_string()))?;
     ok(st
-        .admin(&headers, AdminCall::RerunWorkflow { run_id, node: body.node })
+        .admin(
+            &headers,
+            AdminCall::RerunWorkflow {
+                run_id,
+                node: body.node,
+            },
+        )
         .await?
         .into_run()?)
 }

@@ -206,7 +206,12 @@ impl JobStore {
         let Some(wf) = &spec.workflow else {
             return Ok(());
         };
-        for (i, n) in wf.nodes.iter().enumerate().filter(|(_, n)| !n.job.is_empty()) {
+        for (i, n) in wf
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.job.is_empty())
+        {
             let field = format!("workflow.nodes[{i}].job");
             let found = match batch.iter().find(|b| b.name == n.job) {
                 Some(b) => Some(b.clone()),

@@ -268,7 +268,10 @@ impl WorkflowSpec {
                     ));
                 }
                 if e.node == n.name {
-                    return Err(CoordError::invalid(at("node"), "a node cannot follow itself"));
+                    return Err(CoordError::invalid(
+                        at("node"),
+                        "a node cannot follow itself",
+                    ));
                 }
                 if !seen.insert(e.node.as_str()) {
                     return Err(CoordError::invalid(
@@ -421,7 +424,10 @@ pub enum Readiness {
 pub fn readiness(node: &NodeRecord, states: &BTreeMap<&str, RunState>) -> Readiness {
     let mut skip = None;
     for e in &node.after {
-        let parent = states.get(e.node.as_str()).copied().unwrap_or(RunState::Skipped);
+        let parent = states
+            .get(e.node.as_str())
+            .copied()
+            .unwrap_or(RunState::Skipped);
         if !parent.is_final() {
             return Readiness::Wait;
         }
@@ -472,11 +478,7 @@ pub fn final_state(nodes: &[NodeRecord]) -> RunState {
 /// (`params`, as JSON when they parse, else as text), the workflow run's
 /// (`workflow`), and each parent's output by name (`parents`), the outputs cut
 /// so the whole stays within the params limit.
-pub fn node_params(
-    own: &str,
-    workflow: &str,
-    parents: &[(&str, &str)],
-) -> String {
+pub fn node_params(own: &str, workflow: &str, parents: &[(&str, &str)]) -> String {
     fn value(text: &str) -> serde_json::Value {
         if text.is_empty() {
             return serde_json::Value::Null;
@@ -625,15 +627,25 @@ mod tests {
 
     #[test]
     fn bad_definitions_are_refused_naming_the_field() {
-        let (f, r) = field(vec![node("a", &[("c", "")]), node("b", &[("a", "")]), node("c", &[("b", "")])]);
+        let (f, r) = field(vec![
+            node("a", &[("c", "")]),
+            node("b", &[("a", "")]),
+            node("c", &[("b", "")]),
+        ]);
         assert_eq!(f, "workflow.nodes");
         assert!(r.contains("cycle"), "{r}");
-        assert_eq!(field(vec![node("a", &[("zz", "")])]).0, "workflow.nodes[0].after[0].node");
+        assert_eq!(
+            field(vec![node("a", &[("zz", "")])]).0,
+            "workflow.nodes[0].after[0].node"
+        );
         assert_eq!(
             field(vec![node("a", &[]), node("b", &[("a", "sometimes")])]).0,
             "workflow.nodes[1].after[0].when"
         );
-        assert_eq!(field(vec![node("a", &[]), node("a", &[])]).0, "workflow.nodes[1].name");
+        assert_eq!(
+            field(vec![node("a", &[]), node("a", &[])]).0,
+            "workflow.nodes[1].name"
+        );
         assert_eq!(field(vec![node("a~b", &[])]).0, "workflow.nodes[0].name");
         let mut both = node("a", &[]);
         both.job = "other".into();
@@ -663,8 +675,13 @@ mod tests {
     }
 
     fn rec(name: &str, state: RunState, after: &[(&str, &str)]) -> NodeRecord {
-        let mut n = NodeRecord::plan("wf", &WorkflowSpec { nodes: vec![node(name, after)] })
-            .remove(0);
+        let mut n = NodeRecord::plan(
+            "wf",
+            &WorkflowSpec {
+                nodes: vec![node(name, after)],
+            },
+        )
+        .remove(0);
         n.state = state;
         n
     }
@@ -673,12 +690,33 @@ mod tests {
     fn conditions_decide_run_wait_or_skip() {
         use RunState::*;
         let states = BTreeMap::from([("ok", Succeeded), ("bad", Failed), ("going", Running)]);
-        assert_eq!(readiness(&rec("n", Pending, &[("ok", "")]), &states), Readiness::Run);
-        assert_eq!(readiness(&rec("n", Pending, &[("bad", "on_failure")]), &states), Readiness::Run);
-        assert_eq!(readiness(&rec("n", Pending, &[("bad", "always"), ("ok", "")]), &states), Readiness::Run);
-        assert_eq!(readiness(&rec("n", Pending, &[("ok", ""), ("going", "")]), &states), Readiness::Wait);
-        assert!(matches!(readiness(&rec("n", Pending, &[("bad", "")]), &states), Readiness::Skip(_)));
-        assert!(matches!(readiness(&rec("n", Pending, &[("ok", "on_failure")]), &states), Readiness::Skip(_)));
+        assert_eq!(
+            readiness(&rec("n", Pending, &[("ok", "")]), &states),
+            Readiness::Run
+        );
+        assert_eq!(
+            readiness(&rec("n", Pending, &[("bad", "on_failure")]), &states),
+            Readiness::Run
+        );
+        assert_eq!(
+            readiness(
+                &rec("n", Pending, &[("bad", "always"), ("ok", "")]),
+                &states
+            ),
+            Readiness::Run
+        );
+        assert_eq!(
+            readiness(&rec("n", Pending, &[("ok", ""), ("going", "")]), &states),
+            Readiness::Wait
+        );
+        assert!(matches!(
+            readiness(&rec("n", Pending, &[("bad", "")]), &states),
+            Readiness::Skip(_)
+        ));
+        assert!(matches!(
+            readiness(&rec("n", Pending, &[("ok", "on_failure")]), &states),
+            Readiness::Skip(_)
+        ));
     }
 
     #[test]
@@ -686,7 +724,10 @@ mod tests {
         use RunState::*;
         let failed = [rec("a", Failed, &[]), rec("b", Skipped, &[("a", "")])];
         assert_eq!(final_state(&failed), Failed);
-        let handled = [rec("a", Failed, &[]), rec("b", Succeeded, &[("a", "on_failure")])];
+        let handled = [
+            rec("a", Failed, &[]),
+            rec("b", Succeeded, &[("a", "on_failure")]),
+        ];
         assert_eq!(final_state(&handled), Succeeded);
         let killed = [rec("a", Succeeded, &[]), rec("b", Cancelled, &[("a", "")])];
         assert_eq!(final_state(&killed), Cancelled);

@@ -122,7 +122,10 @@ pub(super) async fn start(
 /// progress themselves, as the store has them, when they ended: a previous
 /// leader may have seen them end and died before the workflow run's snapshot
 /// said so (see `flows.rs`).
-pub(super) async fn ended_nodes(store: &dyn RunStore, active: &[RunRecord]) -> Result<Vec<RunRecord>> {
+pub(super) async fn ended_nodes(
+    store: &dyn RunStore,
+    active: &[RunRecord],
+) -> Result<Vec<RunRecord>> {
     let live: std::collections::HashSet<&str> = active.iter().map(|r| r.run_id.as_str()).collect();
     let mut out = Vec::new();
     for wf in active.iter().filter(|r| r.is_workflow()) {

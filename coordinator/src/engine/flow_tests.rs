@@ -85,7 +85,10 @@ fn ok(out: &str) -> ShardOutcome {
 }
 
 fn states(run: &RunRecord) -> BTreeMap<String, RunState> {
-    run.nodes.iter().map(|n| (n.name.clone(), n.state)).collect()
+    run.nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.state))
+        .collect()
 }
 
 fn rerun(r: &mut Rig, old: RunRecord, node: &str) -> crate::Result<RunRecord> {
@@ -171,7 +174,10 @@ fn an_unhandled_failure_fails_the_workflow_and_skips_what_follows() {
     let done = r.stored(&run.run_id).unwrap();
     assert_eq!(done.state, RunState::Failed);
     let s = states(&done);
-    assert_eq!((s["b"], s["c"], s["d"]), (RunState::Skipped, RunState::Skipped, RunState::Skipped));
+    assert_eq!(
+        (s["b"], s["c"], s["d"]),
+        (RunState::Skipped, RunState::Skipped, RunState::Skipped)
+    );
     assert_eq!(r.all_assigns().len(), 1, "only a ran");
 }
 
@@ -181,7 +187,10 @@ fn a_sharded_node_ends_when_every_shard_did() {
     sharded.routing = Routing::ShardingBroadcast;
     sharded.shard_count = 3;
     let mut r = Rig::new(opts());
-    r.start(vec![flow("wf", vec![sharded, node("after", &[("fan", "")])])]);
+    r.start(vec![flow(
+        "wf",
+        vec![sharded, node("after", &[("fan", "")])],
+    )]);
     r.join("w1", 10);
     r.join("w2", 10);
     r.trigger("wf").unwrap();
@@ -197,7 +206,10 @@ fn a_sharded_node_ends_when_every_shard_did() {
     let after = one(&r, "after");
     let params: serde_json::Value = serde_json::from_str(&after.params).unwrap();
     // The shards' outputs, as a JSON array.
-    assert_eq!(params["parents"]["fan"], serde_json::json!(["part0", "part1", "part2"]));
+    assert_eq!(
+        params["parents"]["fan"],
+        serde_json::json!(["part0", "part1", "part2"])
+    );
 }
 
 #[test]
@@ -210,13 +222,26 @@ fn a_killed_workflow_cancels_its_running_nodes_and_starts_no_more() {
     let b = one(&r, "b");
     let killed = r.kill(&run.run_id).unwrap();
     assert_eq!(killed.state, RunState::Cancelled);
-    assert!(r.cancels("w1").contains(&b.key), "b's shard cancelled on its worker");
+    assert!(
+        r.cancels("w1").contains(&b.key),
+        "b's shard cancelled on its worker"
+    );
     let s = states(&killed);
     assert_eq!(s["a"], RunState::Succeeded);
-    assert_eq!((s["b"], s["c"], s["d"]), (RunState::Cancelled, RunState::Cancelled, RunState::Cancelled));
+    assert_eq!(
+        (s["b"], s["c"], s["d"]),
+        (
+            RunState::Cancelled,
+            RunState::Cancelled,
+            RunState::Cancelled
+        )
+    );
     r.live_for(5_000);
     assert!(of(&r, "d").is_empty());
-    assert_eq!(r.stored(&format!("{}~b", run.run_id)).unwrap().state, RunState::Cancelled);
+    assert_eq!(
+        r.stored(&format!("{}~b", run.run_id)).unwrap().state,
+        RunState::Cancelled
+    );
     assert!(r.m.runs.active.is_empty(), "{:?}", r.m.runs.active.keys());
 }
 
@@ -234,7 +259,10 @@ fn a_rerun_from_a_failed_node_keeps_what_succeeded() {
     // Refused: a run in progress, an unknown node.
     assert!(rerun(&mut r, failed.clone(), "nope").is_err());
     let again = rerun(&mut r, failed, "b").unwrap();
-    assert_eq!((again.cause.as_str(), again.parent_run_id.as_str()), ("rerun", first.run_id.as_str()));
+    assert_eq!(
+        (again.cause.as_str(), again.parent_run_id.as_str()),
+        ("rerun", first.run_id.as_str())
+    );
     assert_eq!(of(&r, "a").len(), 1, "a is not run again");
     assert_eq!(of(&r, "c").len(), 1, "c is not run again");
     let b2: Vec<Assignment> = of(&r, "b")
@@ -251,7 +279,11 @@ fn a_rerun_from_a_failed_node_keeps_what_succeeded() {
     let done = r.stored(&again.run_id).unwrap();
     assert_eq!(done.state, RunState::Succeeded);
     let a = done.nodes.iter().find(|n| n.name == "a").unwrap();
-    assert_eq!(a.run_id, format!("{}~a", first.run_id), "a's run is the first run's");
+    assert_eq!(
+        a.run_id,
+        format!("{}~a", first.run_id),
+        "a's run is the first run's"
+    );
 }
 
 #[test]
@@ -293,12 +325,15 @@ fn a_new_leader_goes_on_from_the_node_runs_not_a_stale_snapshot() {
     next.start(vec![diamond()]);
     let adopted = &next.m.runs.active[&run.run_id];
     let s = states(adopted);
-    assert_eq!((s["a"], s["b"], s["c"], s["d"]), (
-        RunState::Succeeded,
-        RunState::Succeeded,
-        RunState::Running,
-        RunState::Pending
-    ));
+    assert_eq!(
+        (s["a"], s["b"], s["c"], s["d"]),
+        (
+            RunState::Succeeded,
+            RunState::Succeeded,
+            RunState::Running,
+            RunState::Pending
+        )
+    );
     next.join_with(WorkerHello {
         worker_id: "w1".into(),
         group: "g".into(),
@@ -309,7 +344,11 @@ fn a_new_leader_goes_on_from_the_node_runs_not_a_stale_snapshot() {
     })
     .unwrap();
     next.live_for(10_000);
-    assert!(next.all_assigns().is_empty(), "nothing ran again: {:?}", next.all_assigns());
+    assert!(
+        next.all_assigns().is_empty(),
+        "nothing ran again: {:?}",
+        next.all_assigns()
+    );
     next.succeed("w1", &c.key);
     let d = one(&next, "d");
     next.succeed("w1", &d.key);
@@ -319,4 +358,3 @@ fn a_new_leader_goes_on_from_the_node_runs_not_a_stale_snapshot() {
     assert_eq!(b.output, "B", "b's output came from b's run");
     assert_eq!(sent_before, 3, "leader 1 sent a, b and c");
 }
-

@@ -87,7 +87,11 @@ impl Machine {
             }
         }
         if !fires.is_empty() {
-            info!(workflow_run = wf_id, nodes = fires.len(), "firing workflow nodes");
+            info!(
+                workflow_run = wf_id,
+                nodes = fires.len(),
+                "firing workflow nodes"
+            );
             self.spawn(Work::Fire { fires, reply: None });
         }
         self.wf_progress(wf_id);

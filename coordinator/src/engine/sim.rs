@@ -593,8 +593,8 @@ impl World {
             calls: 0,
             registering: BTreeMap::new(),
         });
-        let ended_nodes = ready(super::driver::ended_nodes(&self.store, &active))
-            .map_err(|e| e.to_string())?;
+        let ended_nodes =
+            ready(super::driver::ended_nodes(&self.store, &active)).map_err(|e| e.to_string())?;
         self.leader_input(Input::Start {
             jobs,
             last,
@@ -1345,7 +1345,10 @@ impl World {
             r.nodes.iter().map(|n| (n.name.as_str(), n.state)).collect();
         for n in &r.nodes {
             if !n.state.is_final() {
-                return Err(format!("workflow run {} ended with node {} {:?}", r.run_id, n.name, n.state));
+                return Err(format!(
+                    "workflow run {} ended with node {} {:?}",
+                    r.run_id, n.name, n.state
+                ));
             }
             if n.state == RunState::Cancelled && r.state == RunState::Cancelled {
                 continue;
@@ -1353,11 +1356,17 @@ impl World {
             let verdict = readiness(n, &states);
             match (n.state, &verdict) {
                 (RunState::Skipped, Readiness::Run) => {
-                    return Err(format!("workflow run {}: node {} skipped though its edges held", r.run_id, n.name));
+                    return Err(format!(
+                        "workflow run {}: node {} skipped though its edges held",
+                        r.run_id, n.name
+                    ));
                 }
                 (RunState::Skipped, _) => continue,
                 (_, Readiness::Skip(why)) => {
-                    return Err(format!("workflow run {}: node {} ran ({:?}) though {why}", r.run_id, n.name, n.state));
+                    return Err(format!(
+                        "workflow run {}: node {} ran ({:?}) though {why}",
+                        r.run_id, n.name, n.state
+                    ));
                 }
                 _ => {}
             }

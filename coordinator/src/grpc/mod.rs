@@ -594,10 +594,9 @@ pub fn job_from_proto(j: pb::Job) -> Result<(JobSpec, i64), CoordError> {
     };
     let workflow = match j.workflow_json.trim() {
         "" => None,
-        text => Some(
-            serde_json::from_str(text)
-                .map_err(|e| CoordError::invalid("workflow_json", e))?,
-        ),
+        text => {
+            Some(serde_json::from_str(text).map_err(|e| CoordError::invalid("workflow_json", e))?)
+        }
     };
     Ok((
         JobSpec {
