@@ -3,15 +3,14 @@
 //! trigger lag (handler start on the worker − scheduled instant).
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use chime_shared::clock::system_now_ms;
 use proto as pb;
 use serde_json::json;
 
-use super::{Kids, quantile};
+use super::quantile;
 
 /// `chime bench cron` arguments.
 #[derive(Debug, clap::Args)]
@@ -50,96 +49,24 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
     let etcd_prefix = format!("/{prefix}/");
     let dir = std::env::temp_dir().join(format!("chime-bench-cron-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let exe = std::env::current_exe()?;
-    let port = super::free_port()?;
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let mut kids = Kids(Vec::new());
-    let log = std::fs::File::create(dir.join("coordinator.log"))?;
-    kids.0.push(
-        Command::new(&exe)
-            .args([
-                "coordinator",
-                "--grpc-addr",
-                &format!("127.0.0.1:{port}"),
-                "--redis-url",
-                &a.redis_url,
-            ])
-            .args(["--etcd-endpoints", &a.etcd_endpoints, "--prefix", &prefix])
-            // A throwaway loopback cluster: no tokens, HTTP on an ephemeral port.
-            .args(["--allow-unauthenticated", "--http-addr", "127.0.0.1:0"])
-            .args(
-                a.prepare_ahead_ms
-                    .map(|ms| vec!["--prepare-ahead-ms".to_owned(), ms.to_string()])
-                    .unwrap_or_default(),
-            )
-            .env("CHIME_ETCD_PREFIX", &etcd_prefix)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning the coordinator")?,
-    );
-    let records = dir.join("jobs.rec");
-    for i in 0..a.workers {
-        let log = std::fs::File::create(dir.join(format!("w{i}.log")))?;
-        kids.0.push(
-            Command::new(&exe)
-                .args([
-                    "worker",
-                    "--no-queue",
-                    "--coordinator",
-                    &endpoint,
-                    "--worker-id",
-                    &format!("bench-w{i}"),
-                ])
-                .args([
-                    "--handlers",
-                    "noop",
-                    "--http-addr",
-                    "127.0.0.1:0",
-                    "--job-record-file",
-                ])
-                .arg(&records)
-                // Room for every job at once: capacity is not what this measures.
-                .env("CHIME_COORDINATOR_CAPACITY", a.jobs.to_string())
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("spawning a worker")?,
-        );
-    }
-    // Wait for the coordinator and every worker.
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = pb::admin_client::AdminClient::connect(endpoint.clone()).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut client = client.context("the coordinator did not come up")?;
-    let mut registered = 0;
-    for _ in 0..200 {
-        registered = client
-            .list_workers(pb::ListWorkersRequest::default())
-            .await?
-            .into_inner()
-            .workers
-            .len();
-        if registered == a.workers {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if registered != a.workers {
-        bail!(
-            "only {registered} of {} workers registered within 20 s",
-            a.workers
-        );
-    }
+    let extra = a
+        .prepare_ahead_ms
+        .map(|ms| vec!["--prepare-ahead-ms".to_owned(), ms.to_string()])
+        .unwrap_or_default();
+    let (kids, mut client, records) = super::job_cluster(
+        &super::JobCluster {
+            redis_url: &a.redis_url,
+            etcd_endpoints: &a.etcd_endpoints,
+            prefix: &prefix,
+            etcd_prefix: &etcd_prefix,
+            dir: &dir,
+            workers: a.workers,
+            // Room for every job at once: capacity is not what this measures.
+            capacity: a.jobs,
+            coordinator_args: &extra,
+        },
+    )
+    .await?;
     eprintln!(
         "bench cron: creating {} jobs (every second), {} workers",
         a.jobs, a.workers

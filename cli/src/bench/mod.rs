@@ -14,6 +14,7 @@ mod proxy;
 mod resize;
 mod rolling;
 mod steady;
+mod workflow;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,9 @@ enum BenchCmd {
     /// Redis's CPU per item for the bare commands of enqueue, pop and ack (no Lua,
     /// no guarantees): the floor `burst`'s figure is read against.
     Floor(floor::FloorArgs),
+    /// One workflow of N nodes (parallel chains after a root): the scheduling
+    /// overhead per node, from the workers' records.
+    Workflow(workflow::WorkflowArgs),
 }
 
 /// Runs a benchmark.
@@ -68,6 +72,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         BenchCmd::Rolling(a) => rolling::run(a).await,
         BenchCmd::Chaos(a) => chaos::run(a).await,
         BenchCmd::Floor(a) => floor::run(a).await,
+        BenchCmd::Workflow(a) => workflow::run(a).await,
     }
 }
 
@@ -440,6 +445,121 @@ pub(crate) async fn left_to_run(
         .map(|s| s.pending + s.in_flight)
         .sum();
     Ok((left > 0).then_some(left))
+}
+
+/// One coordinator process and W job worker processes (handler `noop` and
+/// `log`, recording every shard into `records`) on a throwaway loopback cluster.
+pub(crate) struct JobCluster<'a> {
+    pub(crate) redis_url: &'a str,
+    pub(crate) etcd_endpoints: &'a str,
+    /// Redis key prefix.
+    pub(crate) prefix: &'a str,
+    /// etcd key prefix.
+    pub(crate) etcd_prefix: &'a str,
+    /// Logs and records go here.
+    pub(crate) dir: &'a Path,
+    pub(crate) workers: usize,
+    /// Each worker's capacity.
+    pub(crate) capacity: usize,
+    /// Added to the coordinator's command line.
+    pub(crate) coordinator_args: &'a [String],
+}
+
+/// Starts a [`JobCluster`] and waits until every worker registered: the
+/// processes, an admin client, and the workers' shard record file.
+pub(crate) async fn job_cluster(
+    c: &JobCluster<'_>,
+) -> Result<(
+    Kids,
+    proto::admin_client::AdminClient<tonic::transport::Channel>,
+    PathBuf,
+)> {
+    let exe = std::env::current_exe()?;
+    let port = free_port()?;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut kids = Kids(Vec::new());
+    let log = std::fs::File::create(c.dir.join("coordinator.log"))?;
+    kids.0.push(
+        Command::new(&exe)
+            .args([
+                "coordinator",
+                "--grpc-addr",
+                &format!("127.0.0.1:{port}"),
+                "--redis-url",
+                c.redis_url,
+            ])
+            .args(["--etcd-endpoints", c.etcd_endpoints, "--prefix", c.prefix])
+            // A throwaway loopback cluster: no tokens, HTTP on an ephemeral port.
+            .args(["--allow-unauthenticated", "--http-addr", "127.0.0.1:0"])
+            .args(c.coordinator_args)
+            .env("CHIME_ETCD_PREFIX", c.etcd_prefix)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning the coordinator")?,
+    );
+    let records = c.dir.join("jobs.rec");
+    for i in 0..c.workers {
+        let log = std::fs::File::create(c.dir.join(format!("w{i}.log")))?;
+        kids.0.push(
+            Command::new(&exe)
+                .args([
+                    "worker",
+                    "--no-queue",
+                    "--coordinator",
+                    &endpoint,
+                    "--worker-id",
+                    &format!("bench-w{i}"),
+                ])
+                .args([
+                    "--handlers",
+                    "noop,log",
+                    "--http-addr",
+                    "127.0.0.1:0",
+                    "--job-record-file",
+                ])
+                .arg(&records)
+                .env("CHIME_COORDINATOR_CAPACITY", c.capacity.to_string())
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("spawning a worker")?,
+        );
+    }
+    // Wait for the coordinator and every worker.
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(cl) = proto::admin_client::AdminClient::connect(endpoint.clone()).await {
+            client = Some(cl);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = client.context("the coordinator did not come up")?;
+    let mut registered = 0;
+    for _ in 0..200 {
+        registered = client
+            .list_workers(proto::ListWorkersRequest::default())
+            .await?
+            .into_inner()
+            .workers
+            .len();
+        if registered == c.workers {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if registered != c.workers {
+        bail!(
+            "only {registered} of {} workers registered within 20 s",
+            c.workers
+        );
+    }
+    Ok((kids, client, records))
 }
 
 /// A free loopback port (bound and released: another process could take it before
