@@ -1338,10 +1338,101 @@
     const head = h('div', { class: 'page-head' }, h('h1', null, 'Run ', h('span', { class: 'mono' }, runId)));
     const info = h('dl', { class: 'info', 'data-testid': 'run-info' });
     const t = table('shards-table', ['Shard', 'Worker', 'Attempt', 'State', 'Started', 'Finished', { label: 'Duration', attrs: { class: 'num' } }, 'Error']);
+    const nt = table('nodes-table', ['Node', 'Job', 'State', 'Run', 'Started', 'Finished', { label: 'Duration', attrs: { class: 'num' } }, 'Output or error', '']);
+    const graph = h('div', { class: 'dag-wrap', 'data-testid': 'dag' });
     const actions = h('div', { class: 'toolbar' });
     head.appendChild(actions);
-    fill(root, head, section(null, info), h('section', { class: 'panel' }, h('h2', null, 'Shards'), t.el));
+    const shardsPanel = h('section', { class: 'panel' }, h('h2', null, 'Shards'), t.el);
+    const nodesPanel = h('section', { class: 'panel', hidden: true, 'data-testid': 'workflow-panel' }, h('h2', null, 'Workflow'), graph, nt.el);
+    fill(root, head, section(null, info), nodesPanel, shardsPanel);
     let final = false;
+
+    function rerun(run, node) {
+      confirmDialog('rerun-dialog', `Rerun from ${node}?`, `A new run of ${run.job}: ${node} and every node after it run again; the others keep how they ended and their outputs.`, 'Rerun', async () => {
+        const again = await api('POST', `/api/runs/${enc(run.run_id)}/rerun`, { node });
+        flashNext('ok', 'Rerunning as ', h('a', { href: runHref(again.run_id), 'data-testid': 'flash-run-link', 'data-run': again.run_id }, again.run_id));
+        location.hash = runHref(again.run_id);
+      });
+    }
+
+    // The DAG: nodes in columns by depth (a node one column right of its deepest
+    // parent), each coloured by its state and linked to its run; edges drawn
+    // solid (on success), dashed (on failure) or dotted (always).
+    function drawDag(nodes) {
+      const byName = new Map(nodes.map((n) => [n.name, n]));
+      const depth = new Map();
+      const depthOf = (n, seen = new Set()) => {
+        if (depth.has(n.name)) return depth.get(n.name);
+        if (seen.has(n.name)) return 0;
+        seen.add(n.name);
+        let d = 0;
+        for (const e of n.after || []) {
+          const p = byName.get(e.node);
+          if (p) d = Math.max(d, depthOf(p, seen) + 1);
+        }
+        depth.set(n.name, d);
+        return d;
+      };
+      const cols = [];
+      for (const n of nodes) {
+        const d = depthOf(n);
+        (cols[d] = cols[d] || []).push(n);
+      }
+      const W = 150, H = 36, GX = 60, GY = 18, P = 10;
+      const pos = new Map();
+      cols.forEach((col, c) => col.forEach((n, r) => pos.set(n.name, { x: P + c * (W + GX), y: P + r * (H + GY) })));
+      const width = P * 2 + cols.length * (W + GX) - GX;
+      const height = P * 2 + Math.max(...cols.map((c) => c.length)) * (H + GY) - GY;
+      const edges = svg('g', { class: 'dag-edges' });
+      for (const n of nodes) {
+        const to = pos.get(n.name);
+        for (const e of n.after || []) {
+          const from = pos.get(e.node);
+          if (!from) continue;
+          const x1 = from.x + W, y1 = from.y + H / 2, x2 = to.x, y2 = to.y + H / 2, mx = (x1 + x2) / 2;
+          edges.appendChild(svg('path', {
+            d: `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2 - 4},${y2}`,
+            class: `dag-edge when-${e.when || 'on_success'}`,
+            'data-testid': 'dag-edge', 'data-from': e.node, 'data-to': n.name,
+            'marker-end': 'url(#dag-arrow)',
+          }));
+        }
+      }
+      const boxes = svg('g', { class: 'dag-nodes' });
+      for (const n of nodes) {
+        const { x, y } = pos.get(n.name);
+        const label = n.name.length > 18 ? `${n.name.slice(0, 17)}…` : n.name;
+        const g = svg('g', { class: `dag-node state-${n.state}`, 'data-testid': 'dag-node', 'data-node': n.name, 'data-state': n.state, transform: `translate(${x},${y})` },
+          svg('title', null, `${n.name}: ${n.state.replace('_', ' ')}${n.error ? ` — ${n.error}` : ''}`),
+          svg('rect', { width: W, height: H, rx: 6 }),
+          svg('text', { x: 10, y: 15, class: 'dag-name' }, label),
+          svg('text', { x: 10, y: 29, class: 'dag-state' }, n.state.replace('_', ' ')));
+        const link = n.run_id ? svg('a', { href: runHref(n.run_id) }, g) : g;
+        boxes.appendChild(link);
+      }
+      const defs = svg('defs', null, svg('marker', { id: 'dag-arrow', viewBox: '0 0 8 8', refX: 7, refY: 4, markerWidth: 7, markerHeight: 7, orient: 'auto' }, svg('path', { d: 'M0,0 L8,4 L0,8 z', class: 'dag-arrow' })));
+      fill(graph, svg('svg', { width, height, viewBox: `0 0 ${width} ${height}`, class: 'dag', role: 'img', 'aria-label': 'workflow graph' }, defs, edges, boxes));
+    }
+
+    function renderNodes(r) {
+      const nodes = r.nodes || [];
+      nodesPanel.hidden = !nodes.length;
+      shardsPanel.hidden = !!nodes.length;
+      if (!nodes.length) return;
+      drawDag(nodes);
+      fill(nt.tbody, nodes.map((n) => h('tr', { 'data-node': n.name, 'data-state': n.state, 'data-testid': 'node-row' },
+        h('td', null, n.name),
+        h('td', { class: 'mono' }, n.job.includes('~') ? h('span', { class: 'muted' }, 'inline') : h('a', { href: jobHref(n.job) }, n.job)),
+        h('td', null, stateBadge(n.state, 'node-state')),
+        h('td', null, n.run_id ? h('a', { href: runHref(n.run_id), class: 'mono', 'data-testid': 'node-run' }, n.run_id.startsWith(`${r.run_id}~`) ? n.name : n.run_id) : h('span', { class: 'muted' }, '—')),
+        h('td', null, timeEl(n.started_at_ms)),
+        h('td', null, timeEl(n.finished_at_ms)),
+        h('td', { class: 'num' }, duration(n.started_at_ms, n.finished_at_ms)),
+        h('td', { class: `node-output ${n.error ? 'error-text' : ''}`, title: n.error || n.output || '' }, n.error || (n.output ? h('code', null, n.output) : '')),
+        h('td', null, final
+          ? h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'rerun', 'data-node': n.name, onclick: () => rerun(r, n.name) }, 'Rerun from here')
+          : null))));
+    }
 
     function kill(run) {
       confirmDialog('kill-dialog', `Kill run ${run.run_id}?`, 'Every shard still pending or running is cancelled on its worker.', 'Kill', async () => {
@@ -1372,6 +1463,8 @@
         r.note ? dt('Note', r.note) : null,
         r.parent_run_id ? dt('Parent run', h('a', { href: runHref(r.parent_run_id) }, r.parent_run_id)) : null,
         dt('Fence', String(r.fence ?? '—')));
+      renderNodes(r);
+      if ((r.nodes || []).length) return;
       const shards = r.shards || [];
       if (!shards.length) {
         fill(t.tbody, emptyRow(t, r.state === 'skipped' ? 'Skipped: no shard ran.' : 'No shard assigned yet.'));

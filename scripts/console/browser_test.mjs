@@ -7,7 +7,7 @@
 //   ADMIN_TOKEN     admin token ('' when the coordinator runs without auth)
 //   CHROMIUM_PATH   default /usr/bin/chromium
 //   SCREENSHOT_DIR  optional: console-overview.png, console-queues.png, console-jobs.png,
-//                   console-run.png, console-alerts.png
+//                   console-run.png, console-alerts.png, console-workflow.png
 //                   (and console-failure.png when a step fails), 1280x800
 //   JOB_NAME        default browser-job
 //
@@ -479,6 +479,47 @@ async function main() {
     check(text.includes(JOB) && /paused: false → true/.test(text), `the pause entry does not show what changed: ${text}`);
     check(!(await page.locator('#view').innerText()).includes(TOKEN), 'the token is shown in the audit log');
     summary.audit_rows = rows.length;
+  });
+
+  await step('8b. a workflow run draws its DAG live, node by node; a rerun from a node keeps the rest', async () => {
+    const FLOW = `${JOB}-flow`;
+    await apiCall('DELETE', `/api/jobs/${encodeURIComponent(FLOW)}`);
+    const echo = (name, after) => ({ name, handler: 'demo.echo', after: after.map((p) => (typeof p === 'string' ? { node: p } : p)) });
+    const created = await apiCall('POST', '/api/jobs', {
+      name: FLOW, group: 'demo', schedule: { kind: 'manual' },
+      workflow: { nodes: [echo('extract', []), echo('load', ['extract']), echo('index', ['extract']), echo('report', [{ node: 'load', when: 'always' }, 'index'])] },
+    });
+    check(created.status === 201, `POST /api/jobs (workflow) answered ${created.status}: ${created.text}`);
+    const run = await apiCall('POST', `/api/jobs/${encodeURIComponent(FLOW)}/trigger`, { params: '{"day":"today"}' });
+    check(run.status === 200 && run.json.run_id, `trigger answered ${run.status}: ${run.text}`);
+    const id = run.json.run_id;
+    await page.evaluate((h) => { location.hash = h; }, `#/runs/${encodeURIComponent(id)}`);
+    await visible('[data-testid="dag"] svg', 'the workflow graph', 10_000);
+    const nodes = await waitUntil('every node of the DAG to show succeeded', () => page.$$eval('[data-testid="dag-node"]', (gs) => {
+      const all = gs.map((g) => ({ node: g.dataset.node, state: g.dataset.state }));
+      return all.length === 4 && all.every((n) => n.state === 'succeeded') ? all : null;
+    }), 30_000);
+    const edges = await page.$$eval('[data-testid="dag-edge"]', (es) => es.map((e) => `${e.dataset.from}>${e.dataset.to}`));
+    check(edges.length === 4 && edges.includes('load>report') && edges.includes('extract>index'), `edges drawn: ${edges.join(', ')}`);
+    check((await page.$$eval('.dag-edge.when-always', (es) => es.length)) === 1, 'the always edge is not drawn as such');
+    await visible('.page-head [data-testid="run-state"][data-state="succeeded"]', 'the workflow run to succeed', 10_000);
+    check((await page.locator('[data-testid="node-row"]').count()) === 4, 'the nodes table does not list 4 nodes');
+    await shot('console-workflow.png');
+    // Rerun from load: load and report run again, extract and index keep their runs.
+    await page.locator('[data-action="rerun"][data-node="load"]').click();
+    await visible('#rerun-dialog', 'the rerun dialog');
+    await page.locator('#rerun-dialog-submit').click();
+    await waitUntil('the rerun run page', () => page.evaluate((old) => {
+      const m = decodeURIComponent(location.hash).match(/^#\/runs\/(.+)$/);
+      return m && m[1] !== old ? m[1] : null;
+    }, id), 10_000, 100);
+    await waitUntil('the rerun to succeed', () => page.evaluate(() => document.querySelector('.page-head [data-testid="run-state"]')?.dataset.state === 'succeeded'), 30_000);
+    const kept = await page.$$eval('[data-testid="node-row"]', (rows) => Object.fromEntries(rows.map((r) => [r.dataset.node, r.querySelector('[data-testid="node-run"]')?.getAttribute('href') || ''])));
+    check(decodeURIComponent(kept.extract).includes(`${id}~extract`), `extract's run is not the first run's: ${kept.extract}`);
+    check(!decodeURIComponent(kept.load).includes(`${id}~load`), `load did not run again: ${kept.load}`);
+    summary.workflow_nodes = nodes.length;
+    summary.workflow_run = id;
+    await apiCall('DELETE', `/api/jobs/${encodeURIComponent(FLOW)}`);
   });
 
   await step('9. no uncaught page exceptions', async () => {

@@ -63,6 +63,7 @@ const DOMAIN: &[&str] = &[
     "coordinator/src/model.rs",
     "coordinator/src/schedule.rs",
     "coordinator/src/store.rs",
+    "coordinator/src/workflow.rs",
     "coordinator/src/engine/",
     "shared/src/queue/",
     "shared/src/clock.rs",

@@ -4,7 +4,8 @@
 //! job, sees it fire and its run succeed shard by shard, triggers it with params,
 //! pauses it, sees the overview's and queues page's charts draw the items it
 //! enqueued meanwhile (some failing), saves an alert rule (a bad one refused at its field) whose Test
-//! reaches a local webhook, and finds its changes in the audit log. `scripts/test` installs Chromium, Node and the npm package; a
+//! reaches a local webhook, finds its changes in the audit log, and watches a
+//! workflow run's DAG fill in node by node, then reruns it from a node. `scripts/test` installs Chromium, Node and the npm package; a
 //! missing one fails this test, it does not skip it.
 //!
 //! `UPDATE_CONSOLE_SCREENSHOTS=1` copies the screenshots into `docs/` (README).
@@ -101,6 +102,7 @@ async fn console_in_headless_chromium() -> Result<()> {
         "console-run.png",
         "console-alerts.png",
         "console-queues.png",
+        "console-workflow.png",
     ] {
         let p = shots.join(f);
         ensure!(
