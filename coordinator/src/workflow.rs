@@ -510,11 +510,19 @@ pub fn node_params(own: &str, workflow: &str, parents: &[(&str, &str)]) -> Strin
     .to_string()
 }
 
-/// The output a node keeps from its run's shard outputs.
+/// The output a node keeps from its run's shard outputs: one shard's as it is;
+/// several as a JSON array of each (as JSON when it parses, else as text).
 pub fn node_output(shards: &[String]) -> String {
     let out = match shards {
         [one] => one.clone(),
-        many => serde_json::to_string(many).unwrap_or_default(),
+        many => serde_json::Value::Array(
+            many.iter()
+                .map(|s| {
+                    serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.clone()))
+                })
+                .collect(),
+        )
+        .to_string(),
     };
     clip(&out, NODE_OUTPUT_BYTES)
 }
@@ -748,6 +756,14 @@ mod tests {
         assert!(p.len() <= MAX_PARAMS_BYTES, "{}", p.len());
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
         assert_eq!(v["parents"]["p0"]["truncated"], true);
+    }
+
+    #[test]
+    fn a_sharded_nodes_output_is_an_array_of_its_shards_outputs() {
+        assert_eq!(node_output(&["only".into()]), "only");
+        let out = node_output(&[r#"{"tasks":3}"#.into(), "text".into()]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v, serde_json::json!([{"tasks": 3}, "text"]));
     }
 
     #[test]

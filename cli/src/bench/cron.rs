@@ -53,19 +53,17 @@ pub(crate) async fn run(a: CronArgs) -> Result<()> {
         .prepare_ahead_ms
         .map(|ms| vec!["--prepare-ahead-ms".to_owned(), ms.to_string()])
         .unwrap_or_default();
-    let (kids, mut client, records) = super::job_cluster(
-        &super::JobCluster {
-            redis_url: &a.redis_url,
-            etcd_endpoints: &a.etcd_endpoints,
-            prefix: &prefix,
-            etcd_prefix: &etcd_prefix,
-            dir: &dir,
-            workers: a.workers,
-            // Room for every job at once: capacity is not what this measures.
-            capacity: a.jobs,
-            coordinator_args: &extra,
-        },
-    )
+    let (kids, mut client, records) = super::job_cluster(&super::JobCluster {
+        redis_url: &a.redis_url,
+        etcd_endpoints: &a.etcd_endpoints,
+        prefix: &prefix,
+        etcd_prefix: &etcd_prefix,
+        dir: &dir,
+        workers: a.workers,
+        // Room for every job at once: capacity is not what this measures.
+        capacity: a.jobs,
+        coordinator_args: &extra,
+    })
     .await?;
     eprintln!(
         "bench cron: creating {} jobs (every second), {} workers",

@@ -155,7 +155,9 @@ pub(crate) async fn run(a: WorkflowArgs) -> Result<()> {
         let (Ok(started), Ok(finished)) = (f[5].parse::<i64>(), f[6].parse::<i64>()) else {
             continue;
         };
-        let e = seen.entry(node.to_owned()).or_insert((started, finished, 0));
+        let e = seen
+            .entry(node.to_owned())
+            .or_insert((started, finished, 0));
         e.2 += 1;
     }
     let duplicates: u32 = seen.values().map(|v| v.2.saturating_sub(1)).sum();

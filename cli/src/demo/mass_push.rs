@@ -1,11 +1,14 @@
 //! `chime demo mass-push`: one campaign pushed to a segment of millions of users (a
-//! synthetic id range, the way an export of user ids is consumed) by a
-//! sharding-broadcast job. Each shard takes its slice of the range and splits it into
-//! tasks of 1,000 users, enqueued in pipelined batches (no `select *`, no message per
-//! user); workers push each task in provider batches of 100 users (a multicast API's
-//! size) with a bounded number of requests in flight per worker. Reports the total
-//! time against the concurrency-bound ideal, and the workers' peak memory, which the
-//! in-flight bound keeps flat whatever the backlog in Redis.
+//! synthetic id range, the way an export of user ids is consumed), run as a
+//! workflow of four nodes: **count** the segment → **shard** (a sharding-broadcast
+//! node: each shard takes its slice of the range and splits it into tasks of 1,000
+//! users, enqueued in pipelined batches; no `select *`, no message per user) →
+//! **push** (waits until every task was pushed: workers push each task in provider
+//! batches of 100 users, a multicast API's size, with a bounded number of requests
+//! in flight per worker) → **report**. Each node gets its parents' outputs in its
+//! params. Reports the total time against the concurrency-bound ideal, and the
+//! workers' peak memory, which the in-flight bound keeps flat whatever the backlog
+//! in Redis.
 
 use std::time::{Duration, Instant};
 
@@ -22,10 +25,17 @@ use super::provider::{Provider, PushRequest};
 use super::worker::WorkerCtx;
 use super::{Common, Demo, Scale, Scenario, WorkerTuning, check, round2};
 
-/// The job handler: fans a shard's slice out into tasks.
+/// The count node's handler: the segment's size.
+const COUNT: &str = "mass.count";
+/// The shard node's handler: fans a shard's slice out into tasks.
 const FANOUT: &str = "mass.fanout";
+/// The push node's handler: waits until every task was pushed.
+const AWAIT: &str = "mass.await";
+/// The report node's handler.
+const REPORT: &str = "mass.report";
 /// The item handler: pushes one task.
 const PUSH: &str = "mass.push";
+/// The workflow.
 const JOB: &str = "mass-push";
 /// Users per task item.
 const TASK_USERS: u64 = 1_000;
@@ -34,11 +44,43 @@ const BATCH_USERS: u64 = 100;
 /// Tasks per enqueue call.
 const ENQUEUE_CHUNK: usize = 500;
 
-/// The job's params.
+/// The workflow's params, and the count node's output.
 #[derive(Debug, Serialize, Deserialize)]
 struct Params {
     message: String,
     users: u64,
+}
+
+/// What a workflow node's handler gets as params (see docs/workflows.md).
+#[derive(Debug, Deserialize)]
+struct NodeParams {
+    #[serde(default)]
+    workflow: serde_json::Value,
+    #[serde(default)]
+    parents: serde_json::Map<String, serde_json::Value>,
+}
+
+fn node_params(j: &JobContext) -> Result<NodeParams, HandlerError> {
+    serde_json::from_str(&j.params).map_err(|e| HandlerError::new(format!("bad params: {e}")))
+}
+
+/// Parent `name`'s output, as `T`.
+fn parent<T: serde::de::DeserializeOwned>(p: &NodeParams, name: &str) -> Result<T, HandlerError> {
+    let v = p
+        .parents
+        .get(name)
+        .cloned()
+        .ok_or_else(|| HandlerError::new(format!("no output of {name} in the params")))?;
+    serde_json::from_value(v).map_err(|e| HandlerError::new(format!("{name}'s output: {e}")))
+}
+
+/// A shard's output.
+#[derive(Debug, Serialize, Deserialize)]
+struct Slice {
+    from: u64,
+    to: u64,
+    tasks: u64,
+    duplicate: u64,
 }
 
 struct Plan {
@@ -67,23 +109,77 @@ fn task_concurrency(concurrency: usize) -> usize {
 
 /// The worker side.
 pub(crate) fn handlers(b: WorkerBuilder, ctx: &WorkerCtx) -> WorkerBuilder {
-    let (fan, push) = (ctx.clone(), ctx.clone());
-    b.job_handler(FANOUT, move |j: JobContext| {
-        let ctx = fan.clone();
-        async move { fanout(j, ctx).await }
-    })
-    .handler(PUSH, move |i: ItemContext| {
-        let ctx = push.clone();
-        async move { push_task(i, ctx).await }
-    })
-    .handler_concurrency(PUSH, task_concurrency(ctx.concurrency))
+    let (fan, push, wait, report) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx.clone());
+    b.job_handler(COUNT, |j: JobContext| async move { count(j).await })
+        .job_handler(FANOUT, move |j: JobContext| {
+            let ctx = fan.clone();
+            async move { fanout(j, ctx).await }
+        })
+        .job_handler(AWAIT, move |j: JobContext| {
+            let ctx = wait.clone();
+            async move { await_pushed(j, ctx).await }
+        })
+        .job_handler(REPORT, move |j: JobContext| {
+            let ctx = report.clone();
+            async move { report_campaign(j, ctx).await }
+        })
+        .handler(PUSH, move |i: ItemContext| {
+            let ctx = push.clone();
+            async move { push_task(i, ctx).await }
+        })
+        .handler_concurrency(PUSH, task_concurrency(ctx.concurrency))
+}
+
+/// The count node: the segment's size (here the campaign's synthetic range; a
+/// real one counts its user table), handed to the shard node.
+async fn count(j: JobContext) -> Result<String, HandlerError> {
+    let p: Params = serde_json::from_value(node_params(&j)?.workflow)
+        .map_err(|e| HandlerError::new(format!("the workflow's params: {e}")))?;
+    j.log(format!("segment of {} users", p.users));
+    serde_json::to_string(&p).map_err(|e| HandlerError::new(e.to_string()))
+}
+
+/// The push node: waits until no task is left in the run's queues (pending or
+/// in flight), then answers how many the shards enqueued.
+async fn await_pushed(j: JobContext, ctx: WorkerCtx) -> Result<String, HandlerError> {
+    let slices: Vec<Slice> = parent(&node_params(&j)?, "shard")?;
+    let tasks: u64 = slices.iter().map(|s| s.tasks).sum();
+    let started = system_now_ms();
+    loop {
+        let stats = ctx
+            .store
+            .stats()
+            .await
+            .map_err(|e| HandlerError::new(format!("queue stats: {e}")))?;
+        let left: u64 = stats.iter().map(|s| s.pending + s.in_flight).sum();
+        if left == 0 {
+            let dead: u64 = stats.iter().map(|s| s.dead).sum();
+            return Ok(
+                json!({"tasks": tasks, "dead": dead, "waited_ms": system_now_ms() - started})
+                    .to_string(),
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = j.cancellation().cancelled() => return Err(HandlerError::new("cancelled")),
+        }
+    }
+}
+
+/// The report node: the campaign's summary from its parents' outputs.
+async fn report_campaign(j: JobContext, _ctx: WorkerCtx) -> Result<String, HandlerError> {
+    let p = node_params(&j)?;
+    let pushed: serde_json::Value = parent(&p, "push")?;
+    let campaign: Params = serde_json::from_value(p.workflow)
+        .map_err(|e| HandlerError::new(format!("the workflow's params: {e}")))?;
+    j.log(format!("campaign {} pushed: {pushed}", campaign.message));
+    Ok(json!({"message": campaign.message, "users": campaign.users, "tasks": pushed["tasks"], "dead": pushed["dead"]}).to_string())
 }
 
 /// A shard: its slice of the id range, as tasks of 1,000 users, enqueued a few
 /// pipelined batches at a time.
 async fn fanout(j: JobContext, ctx: WorkerCtx) -> Result<String, HandlerError> {
-    let p: Params = serde_json::from_str(&j.params)
-        .map_err(|e| HandlerError::new(format!("bad params: {e}")))?;
+    let p: Params = parent(&node_params(&j)?, "count")?;
     let (i, t) = (u64::from(j.shard_index), u64::from(j.shard_total.max(1)));
     let (from, to) = (p.users * i / t, p.users * (i + 1) / t);
     let starts: Vec<u64> = (from..to).step_by(TASK_USERS as usize).collect();
@@ -117,7 +213,13 @@ async fn fanout(j: JobContext, ctx: WorkerCtx) -> Result<String, HandlerError> {
         }
     }
     j.log(format!("users {from}..{to}: {created} tasks enqueued"));
-    Ok(json!({"from": from, "to": to, "tasks": created, "duplicate": duplicate}).to_string())
+    let slice = Slice {
+        from,
+        to,
+        tasks: created as u64,
+        duplicate: duplicate as u64,
+    };
+    serde_json::to_string(&slice).map_err(|e| HandlerError::new(e.to_string()))
 }
 
 /// A task: its users in provider batches, all batches at once (the worker's
@@ -150,6 +252,32 @@ async fn push_task(i: ItemContext, ctx: WorkerCtx) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// The workflow: count → shard (one shard per worker) → push → report.
+async fn create_workflow(admin: &mut super::Admin) -> Result<()> {
+    let nodes = json!({"nodes": [
+        {"name": "count", "handler": COUNT, "timeout_ms": 60_000, "retries": 2},
+        {"name": "shard", "handler": FANOUT, "routing": "sharding_broadcast",
+         "timeout_ms": 600_000, "retries": 2, "retry_backoff_ms": 500,
+         "after": [{"node": "count"}]},
+        {"name": "push", "handler": AWAIT, "timeout_ms": 3_600_000, "after": [{"node": "shard"}]},
+        {"name": "report", "handler": REPORT, "timeout_ms": 60_000, "after": [{"node": "push"}]},
+    ]});
+    let job = proto::Job {
+        name: JOB.into(),
+        group: super::worker::GROUP.into(),
+        schedule: Some(proto::Schedule {
+            kind: Some(proto::schedule::Kind::Manual(proto::Manual {})),
+        }),
+        workflow_json: nodes.to_string(),
+        ..Default::default()
+    };
+    admin
+        .create_job(proto::CreateJobRequest { job: Some(job) })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating workflow {JOB}: {}", e.message()))?;
+    Ok(())
+}
+
 pub(crate) async fn run(c: Common) -> Result<()> {
     let p = plan(c.scale);
     let latency_ms = c.latency_ms.unwrap_or(200);
@@ -164,7 +292,7 @@ pub(crate) async fn run(c: Common) -> Result<()> {
     };
     demo.start_workers(Scenario::MassPush, &provider.url(), &tuning)?;
     demo.wait_registered(&mut admin).await?;
-    super::create_broadcast_job(&mut admin, JOB, FANOUT, 0).await?;
+    create_workflow(&mut admin).await?;
     let workers = c.workers();
     let requests = p.users.div_ceil(BATCH_USERS);
     let slots = (p.concurrency * workers) as u64;
@@ -189,13 +317,16 @@ pub(crate) async fn run(c: Common) -> Result<()> {
         let left = demo.queue_left().await?;
         peak_backlog = peak_backlog.max(left);
         if fanout_done_ms.is_none() {
-            let run = admin
+            // The shard node's run (absent until the count node ended).
+            let shard = admin
                 .get_run(proto::RunId {
-                    run_id: run_id.clone(),
+                    run_id: format!("{run_id}~shard"),
                 })
-                .await?
-                .into_inner();
-            if run.finished_at_ms > 0 {
+                .await
+                .map(tonic::Response::into_inner);
+            if let Ok(run) = shard
+                && run.finished_at_ms > 0
+            {
                 fanout_done_ms = Some(run.finished_at_ms);
             }
         }
@@ -222,13 +353,34 @@ pub(crate) async fn run(c: Common) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     peak_rss = peak_rss.max(demo.worker_peak_rss_kib());
     let run = super::wait_run(&mut admin, &run_id, Duration::from_secs(30)).await?;
-    let shards = run.shards.len();
-    let tasks: u64 = run
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&run.nodes_json).unwrap_or_default();
+    let node_states: serde_json::Map<String, serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or("?").to_owned(),
+                n["state"].clone(),
+            )
+        })
+        .collect();
+    let shard_run = super::wait_run(
+        &mut admin,
+        &format!("{run_id}~shard"),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let shards = shard_run.shards.len();
+    let tasks: u64 = shard_run
         .shards
         .iter()
         .filter_map(|s| serde_json::from_str::<serde_json::Value>(&s.output).ok())
         .filter_map(|v| v["tasks"].as_u64())
         .sum();
+    let report: serde_json::Value = nodes
+        .iter()
+        .find(|n| n["name"] == "report")
+        .and_then(|n| serde_json::from_str(n["output"].as_str()?).ok())
+        .unwrap_or_default();
     let dead = demo.dead_letters().await?;
     let provider_info = provider.describe();
     let log = provider.finish().await;
@@ -254,6 +406,9 @@ pub(crate) async fn run(c: Common) -> Result<()> {
     let total_s = (last_ms + latency_ms as i64 - fired_at) as f64 / 1000.0;
     let result = json!({
         "users": p.users,
+        "workflow_run": run_id,
+        "nodes": node_states,
+        "report": report,
         "shards": shards,
         "tasks": tasks,
         "task_users": TASK_USERS,
@@ -277,8 +432,16 @@ pub(crate) async fn run(c: Common) -> Result<()> {
     let mut f = Vec::new();
     check(
         &mut f,
-        super::succeeded(&run),
-        format!("the fan-out run ended {:?}", run.state),
+        super::succeeded(&run) && node_states.values().all(|s| s == "succeeded"),
+        format!(
+            "the workflow run ended {:?}, its nodes {node_states:?}",
+            run.state
+        ),
+    );
+    check(
+        &mut f,
+        report["tasks"].as_u64() == Some(tasks),
+        format!("the report node says {report}, the shards {tasks} tasks"),
     );
     check(&mut f, lost == 0, format!("{lost} users lost"));
     check(
