@@ -136,7 +136,38 @@ async fn demo_mass_push_reaches_the_range_near_the_concurrency_bound() -> Result
     ensure!(ideal > 0.0 && total <= ideal * 3.0 + 10.0, "{v}");
     let rss = int(&v, &["peak_worker_rss_kib"]);
     ensure!(rss > 0 && rss < 160 * 1024, "worker memory: {v}");
+    // A workflow: count → shard → push → report, each node succeeded, and the
+    // report node's tally (from its parents' outputs) is the shards' own.
+    for node in ["count", "shard", "push", "report"] {
+        ensure!(v["nodes"][node] == "succeeded", "node {node}: {v}");
+    }
+    ensure!(int(&v, &["report", "tasks"]) == 200, "{v}");
     ensure!(num(&v, &["wall_s"]) < 90.0, "{v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn demo_incremental_sync_ends_equal_after_a_syncing_worker_is_killed() -> Result<()> {
+    let v = demo("incremental-sync", Duration::from_secs(150)).await?;
+    ensure!(v["ok"] == true, "{v}");
+    ensure!(
+        v["killed_worker"].is_string(),
+        "no worker killed mid-sync: {v}"
+    );
+    ensure!(
+        int(&v, &["mismatched_rows"]) == 0
+            && int(&v, &["copied_twice"]) == 0
+            && int(&v, &["out_of_order"]) == 0,
+        "{v}"
+    );
+    ensure!(
+        int(&v, &["injected_write_failures"]) > 0 && int(&v, &["repaired"]) > 0,
+        "the repair node had nothing to do: {v}"
+    );
+    ensure!(
+        int(&v, &["lock_holders"]) > int(&v, &["killed_holding_lock"]),
+        "no sync after the kill: {v}"
+    );
     Ok(())
 }
 

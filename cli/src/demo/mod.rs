@@ -15,6 +15,7 @@ mod mass_push;
 mod provider;
 mod push_platform;
 mod segment;
+mod sync;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,10 @@ enum DemoCmd {
     /// Notifications to tag segments (exact tag match) reaching each member once,
     /// and one message to users with more than 2 orders in two days.
     SegmentNotify(Common),
+    /// A source table changing all the time, copied to a target by a workflow on a
+    /// fixed delay (sync, then a repair pass), throttled before its lock, with a
+    /// lease and fencing; a syncing worker is killed; source and target end equal.
+    IncrementalSync(Common),
     /// A demo worker process (started by the scenarios).
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -138,6 +143,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         DemoCmd::MassPush(c) => scenario(c, mass_push::run).await,
         DemoCmd::PushPlatform(c) => scenario(c, push_platform::run).await,
         DemoCmd::SegmentNotify(c) => scenario(c, segment::run).await,
+        DemoCmd::IncrementalSync(c) => scenario(c, sync::run).await,
     }
 }
 
@@ -169,6 +175,8 @@ pub(crate) enum Scenario {
     PushPlatform,
     /// `segment.scan` (job) and `segment.send`.
     SegmentNotify,
+    /// `sync.copy` and `sync.repair` (jobs).
+    IncrementalSync,
 }
 
 impl Scenario {
@@ -178,6 +186,7 @@ impl Scenario {
             Scenario::MassPush => "mass-push",
             Scenario::PushPlatform => "push-platform",
             Scenario::SegmentNotify => "segment-notify",
+            Scenario::IncrementalSync => "incremental-sync",
         }
     }
 }
@@ -208,6 +217,8 @@ pub(crate) struct Demo {
     etcd: etcd_client::Client,
     coordinator: Option<(Child, String)>,
     workers: Vec<Child>,
+    /// The index `i` of each of `workers` (worker id `<prefix>-w<i>`).
+    worker_ids: Vec<usize>,
     started: Instant,
 }
 
@@ -244,6 +255,7 @@ impl Demo {
             etcd,
             coordinator: None,
             workers: Vec::new(),
+            worker_ids: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -348,6 +360,7 @@ impl Demo {
             }
             self.workers
                 .push(cmd.spawn().context("spawning a demo worker")?);
+            self.worker_ids.push(i);
         }
         Ok(())
     }
@@ -429,6 +442,25 @@ impl Demo {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Kills (SIGKILL) the worker process whose worker id is `worker_id`, on
+    /// purpose: it is no longer watched or stopped.
+    pub(crate) fn kill_worker(&mut self, worker_id: &str) -> Result<()> {
+        let i: usize = worker_id
+            .strip_prefix(&format!("{}-w", self.prefix))
+            .and_then(|i| i.parse().ok())
+            .with_context(|| format!("{worker_id} is not a worker of this run"))?;
+        let pos = self
+            .worker_ids
+            .iter()
+            .position(|w| *w == i)
+            .with_context(|| format!("worker {worker_id} was killed already"))?;
+        self.worker_ids.remove(pos);
+        let mut child = self.workers.remove(pos);
+        child.kill()?;
+        let _ = child.wait();
+        Ok(())
     }
 
     /// Fails if a child process has exited.

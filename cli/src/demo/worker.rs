@@ -18,7 +18,7 @@ use chime_worker::{ConsumerOptions, Live, SessionOptions, Worker, WorkerBuilder}
 use tokio_util::sync::CancellationToken;
 
 use super::provider::Pusher;
-use super::{Scenario, coupon, mass_push, push_platform, segment};
+use super::{Scenario, coupon, mass_push, push_platform, segment, sync};
 
 /// The worker group of every demo job.
 pub(crate) const GROUP: &str = "demo";
@@ -74,6 +74,8 @@ pub(crate) struct WorkerCtx {
     pub(crate) pusher: Pusher,
     /// Provider requests in flight at once.
     pub(crate) concurrency: usize,
+    /// This worker's id.
+    pub(crate) worker_id: String,
 }
 
 pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
@@ -101,6 +103,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         prefix: a.prefix.clone(),
         pusher: Pusher::new(&a.provider_url, a.concurrency)?,
         concurrency: a.concurrency,
+        worker_id: a.worker_id.clone(),
     };
     let mut builder = Worker::builder()
         .worker_id(a.worker_id.clone())
@@ -137,6 +140,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         Scenario::MassPush => mass_push::handlers(builder, &ctx),
         Scenario::PushPlatform => push_platform::handlers(builder, &ctx),
         Scenario::SegmentNotify => segment::handlers(builder, &ctx),
+        Scenario::IncrementalSync => sync::handlers(builder, &ctx),
     };
     let worker = builder.build()?;
     let report = worker.run(crate::shutdown_signal()).await?;
