@@ -458,9 +458,9 @@ impl Demo {
             .with_context(|| format!("worker {worker_id} was killed already"))?;
         self.worker_ids.remove(pos);
         let mut child = self.workers.remove(pos);
-        child.kill()?;
+        let killed = child.kill();
         let _ = child.wait();
-        Ok(())
+        Ok(killed?)
     }
 
     /// Fails if a child process has exited.
