@@ -358,3 +358,28 @@ fn a_new_leader_goes_on_from_the_node_runs_not_a_stale_snapshot() {
     assert_eq!(b.output, "B", "b's output came from b's run");
     assert_eq!(sent_before, 3, "leader 1 sent a, b and c");
 }
+
+#[test]
+fn a_nodes_timeout_and_retries_are_its_own() {
+    let mut slow = node("slow", &[]);
+    slow.timeout_ms = 1_000;
+    slow.retries = 1;
+    let mut r = Rig::new(opts());
+    r.start(vec![flow("wf", vec![slow, node("next", &[("slow", "")])])]);
+    r.join("w1", 10);
+    let run = r.trigger("wf").unwrap();
+    let first = one(&r, "slow");
+    // The first attempt times out: cancelled on its worker, then retried.
+    r.live_for(1_500);
+    assert!(r.cancels("w1").contains(&first.key));
+    let attempts = of(&r, "slow");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert!(of(&r, "next").is_empty(), "next waits for the retry");
+    r.succeed("w1", &attempts[1].key);
+    let next = one(&r, "next");
+    r.succeed("w1", &next.key);
+    let done = r.stored(&run.run_id).unwrap();
+    assert_eq!(done.state, RunState::Succeeded);
+    let slow_run = r.stored(&format!("{}~slow", run.run_id)).unwrap();
+    assert_eq!(slow_run.shards[0].failures, 1);
+}
