@@ -150,6 +150,33 @@ pub fn is_inline_job(job: &str) -> bool {
 }
 
 impl NodeSpec {
+    /// An inline node running `handler`, with every other field at its default.
+    pub fn inline(name: impl Into<String>, handler: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            job: String::new(),
+            handler: handler.into(),
+            group: String::new(),
+            routing: Routing::default(),
+            shard_count: 0,
+            params: String::new(),
+            timeout_ms: 0,
+            retries: 0,
+            retry_backoff_ms: 0,
+            after: Vec::new(),
+        }
+    }
+
+    /// This node with edges from `parents`: (parent, condition; empty for the
+    /// default).
+    pub fn after(mut self, parents: &[(&str, &str)]) -> Self {
+        self.after.extend(parents.iter().map(|(n, w)| Edge {
+            node: (*n).into(),
+            when: (*w).into(),
+        }));
+        self
+    }
+
     /// The job this node fires, in a workflow named `workflow`.
     pub fn job_name(&self, workflow: &str) -> String {
         if self.job.is_empty() {
@@ -586,25 +613,7 @@ mod tests {
     use super::*;
 
     fn node(name: &str, after: &[(&str, &str)]) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            job: String::new(),
-            handler: "noop".into(),
-            group: String::new(),
-            routing: Routing::default(),
-            shard_count: 0,
-            params: String::new(),
-            timeout_ms: 0,
-            retries: 0,
-            retry_backoff_ms: 0,
-            after: after
-                .iter()
-                .map(|(n, w)| Edge {
-                    node: (*n).into(),
-                    when: (*w).into(),
-                })
-                .collect(),
-        }
+        NodeSpec::inline(name, "noop").after(after)
     }
 
     fn owner() -> JobSpec {

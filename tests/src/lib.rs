@@ -42,10 +42,45 @@ impl TestDir {
         std::fs::create_dir_all(&path).with_context(|| format!("creating {path:?}"))?;
         Ok(Self { path })
     }
+    /// A fresh directory in memory (`/dev/shm`) when that has room for a store's
+    /// files, else like [`TestDir::new`]: etcd fsyncs every write, and on a disk
+    /// shared by a whole test run those fsyncs stalled etcd's start past its
+    /// deadline now and then.
+    pub fn in_memory(name: &str) -> Result<Self> {
+        let shm = Path::new("/dev/shm");
+        if shm_room(shm).is_some_and(|bytes| bytes >= 2 << 30) {
+            static SEQ: AtomicU32 = AtomicU32::new(0);
+            let path = shm.join(format!(
+                "chime-test-{name}-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::SeqCst)
+            ));
+            if std::fs::create_dir_all(&path).is_ok() {
+                return Ok(Self { path });
+            }
+        }
+        Self::new(name)
+    }
+
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Free bytes of the file system holding `dir` (`df`'s view), if it can be read.
+fn shm_room(dir: &Path) -> Option<u64> {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Drop for TestDir {
@@ -307,13 +342,16 @@ pub struct EtcdServer {
     peer_port: u16,
     proc: Option<Proc>,
     dir: Arc<TestDir>,
+    /// Its data, in memory when there is room (see [`TestDir::in_memory`]).
+    data: Arc<TestDir>,
     starts: u32,
 }
 
 impl EtcdServer {
-    /// Starts one and waits until it answers (fails after 15 s).
+    /// Starts one and waits until it answers (fails after 30 s).
     pub async fn start() -> Result<Self> {
         let dir = Arc::new(TestDir::new("etcd")?);
+        let data = Arc::new(TestDir::in_memory("etcd-data")?);
         let (client_port, peer_port) = (free_port()?, free_port()?);
         let mut me = Self {
             endpoint: format!("http://127.0.0.1:{client_port}"),
@@ -321,6 +359,7 @@ impl EtcdServer {
             peer_port,
             proc: None,
             dir,
+            data,
             starts: 0,
         };
         me.start_again().await?;
@@ -335,7 +374,7 @@ impl EtcdServer {
         cmd.args(["--name", "chime-test"])
             .args([
                 "--data-dir",
-                &self.dir.path().join("data").to_string_lossy(),
+                &self.data.path().join("data").to_string_lossy(),
             ])
             .args(["--listen-client-urls", &self.endpoint])
             .args(["--advertise-client-urls", &self.endpoint])
@@ -347,7 +386,7 @@ impl EtcdServer {
         let name = format!("etcd-{}-{}", self.client_port, self.starts);
         self.proc = Some(Proc::spawn(&name, cmd, self.dir.path())?);
         let endpoint = self.endpoint.clone();
-        wait_until("etcd to answer", Duration::from_secs(15), || {
+        wait_until("etcd to answer", Duration::from_secs(30), || {
             let endpoint = endpoint.clone();
             async move {
                 let Ok(Ok(mut c)) = tokio::time::timeout(
@@ -1255,16 +1294,39 @@ impl Cluster {
 
     /// Waits until `n` workers are registered.
     pub async fn wait_workers(&self, n: usize) -> Result<()> {
+        let last = std::sync::Mutex::new(String::new());
         wait_until(
             &format!("{n} workers registered"),
             Duration::from_secs(30),
             || async {
-                self.admin(&["workers"])
-                    .map(|v| v["workers"].as_array().map_or(0, Vec::len) == n)
-                    .unwrap_or(false)
+                match self.admin(&["workers"]) {
+                    Ok(v) => v["workers"].as_array().map_or(0, Vec::len) == n,
+                    Err(e) => {
+                        *last.lock().unwrap_or_else(|p| p.into_inner()) = format!("{e:#}");
+                        false
+                    }
+                }
             },
         )
         .await
+        // Why: the last refusal, and what each coordinator said last.
+        .with_context(|| {
+            let mut why = format!(
+                "last admin error: {}",
+                last.lock().unwrap_or_else(|p| p.into_inner())
+            );
+            for (i, (_, p)) in self.coords.iter().enumerate() {
+                let Some(p) = p else { continue };
+                let log = p.log();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                why.push_str(&format!(
+                    "\ncoordinator {i}'s log ends:\n{}",
+                    tail.join("\n")
+                ));
+            }
+            why
+        })
     }
 
     /// Runs an admin command (`job …`, `runs …`, `workers`) against this

@@ -11,28 +11,10 @@ use super::testkit::{Rig, T0, opts, ready};
 use super::workers::{Assignment, WorkerHello};
 use crate::model::{JobSpec, Routing, RunRecord, RunState, Schedule};
 use crate::store::RunStore;
-use crate::workflow::{Edge, NodeSpec, WorkflowSpec};
+use crate::workflow::{NodeSpec, WorkflowSpec};
 
 fn node(name: &str, after: &[(&str, &str)]) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        job: String::new(),
-        handler: "h".into(),
-        group: String::new(),
-        routing: Routing::default(),
-        shard_count: 0,
-        params: String::new(),
-        timeout_ms: 0,
-        retries: 0,
-        retry_backoff_ms: 0,
-        after: after
-            .iter()
-            .map(|(n, w)| Edge {
-                node: (*n).into(),
-                when: (*w).into(),
-            })
-            .collect(),
-    }
+    NodeSpec::inline(name, "h").after(after)
 }
 
 fn flow(name: &str, nodes: Vec<NodeSpec>) -> JobSpec {

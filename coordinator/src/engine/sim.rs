@@ -258,25 +258,10 @@ const FLOW_EVERY_MS: i64 = 5_000;
 /// A workflow every [`FLOW_EVERY_MS`]: a → (b: the `manual` job, c: sharded) →
 /// d (always), with retries and a failure edge drawn from the seed.
 fn sim_flow(rng: &mut fastrand::Rng) -> JobSpec {
-    use crate::workflow::{Edge, NodeSpec, WorkflowSpec};
+    use crate::workflow::{NodeSpec, WorkflowSpec};
     let inline = |name: &str, after: &[(&str, &str)]| NodeSpec {
-        name: name.into(),
-        job: String::new(),
-        handler: "h".into(),
-        group: String::new(),
-        routing: Routing::RoundRobin,
-        shard_count: 0,
-        params: String::new(),
-        timeout_ms: 0,
-        retries: 0,
         retry_backoff_ms: 200,
-        after: after
-            .iter()
-            .map(|(n, w)| Edge {
-                node: (*n).into(),
-                when: (*w).into(),
-            })
-            .collect(),
+        ..NodeSpec::inline(name, "h").after(after)
     };
     let mut a = inline("a", &[]);
     a.retries = rng.u32(0..3);
