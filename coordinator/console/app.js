@@ -1049,7 +1049,12 @@
       if (p) clearFieldError(p);
     });
 
+    // A workflow's DAG is not edited here (chime job update --file, or the JSON
+    // API): it is kept as loaded and sent back with the fields edited.
+    let workflow = null;
+
     function setValues(j) {
+      workflow = j.workflow || null;
       const s = j.schedule || { kind: 'cron' };
       inputs.name.value = j.name || '';
       inputs.group.value = j.group || '';
@@ -1110,7 +1115,7 @@
         }
         return ms;
       };
-      for (const p of ['name', 'group', 'handler']) if (!str(p)) errors.push([p, 'is required']);
+      for (const p of workflow ? ['name', 'group'] : ['name', 'group', 'handler']) if (!str(p)) errors.push([p, 'is required']);
       const kind = inputs['schedule.kind'].value;
       let schedule;
       switch (kind) {
@@ -1156,6 +1161,7 @@
         jitter_ms: manual ? 0 : int('jitter_ms'),
       };
       if (body.shard_params.length === 1 && body.shard_params[0] === '') body.shard_params = [];
+      if (workflow) body.workflow = workflow;
       return { body, errors };
     }
 

@@ -42,10 +42,11 @@ use super::{Common, Demo, Scale, Scenario, WorkerTuning, check, round2};
 const SYNC: &str = "sync.copy";
 const REPAIR: &str = "sync.repair";
 const JOB: &str = "incremental-sync";
-/// Rows a sync copies at most (its grant from the rate limit).
-const BATCH: u64 = 400;
-/// Rows copied per second across every worker (the limit every sync draws from).
-const RATE_PER_S: f64 = 4_000.0;
+/// Rows a sync asks the rate limit for, and copies at most.
+const BATCH: u64 = 1_000;
+/// Rows copied per second across every worker (the limit every sync draws from;
+/// one grant is at most 100 ms of it, `ratelimit::BURST_MS`).
+const RATE_PER_S: f64 = 10_000.0;
 /// The lock's lease, ms (extended after each batch of a sync).
 const LEASE_MS: u64 = 2_000;
 /// Writes to the target that fail (and leave their row to the repair node).
@@ -377,7 +378,7 @@ async fn get_i64(conn: &mut RedisConn, k: &str) -> Result<i64> {
 pub(crate) async fn run(c: Common) -> Result<()> {
     let (rows, write_s, changes_per_s) = match c.scale {
         Scale::Small => (2_000u64, 20u64, 200u64),
-        Scale::Full => (100_000, 120, 1_000),
+        Scale::Full => (100_000, 120, 300),
     };
     let mut demo = Demo::open(c.clone(), "incremental-sync", 1).await?;
     let mut admin = demo.start_coordinator().await?;
