@@ -5,6 +5,7 @@
 
 mod bench;
 mod cmd_alert;
+mod cmd_apply;
 mod cmd_config;
 mod cmd_coordinator;
 mod cmd_dev;
@@ -60,6 +61,12 @@ enum Command {
     Config(cmd_config::ConfigArgs),
     /// Alert rules in etcd: what to watch and where to say it.
     Alert(cmd_alert::AlertArgs),
+    /// Make etcd hold the jobs, workflows, live settings and alert rules of files
+    /// (YAML or JSON), with `--dry-run` and `--prune`.
+    Apply(cmd_apply::ApplyArgs),
+    /// Print every job, workflow, live setting and alert rule as YAML documents
+    /// (what `chime apply` reads).
+    Export(cmd_apply::ExportArgs),
     /// Benchmarks; each prints one JSON line of results on stdout.
     Bench(bench::BenchArgs),
     /// The marketing-push scenarios end to end on real processes with a fake push
@@ -233,6 +240,8 @@ fn main() -> std::process::ExitCode {
             Command::Queue(a) => cmd_queue::run(a).await,
             Command::Config(a) => cmd_config::run(a).await,
             Command::Alert(a) => cmd_alert::run(a).await,
+            Command::Apply(a) => cmd_apply::apply(a).await,
+            Command::Export(a) => cmd_apply::export(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Demo(a) => demo::run(a).await,
         }

@@ -93,8 +93,9 @@ impl JobStore {
         self
     }
 
-    /// Checks `spec`'s schedule against the floor, naming the schedule's field.
-    fn check_floor(&self, spec: &JobSpec, now_ms: i64) -> Result<()> {
+    /// Checks `spec`'s schedule against the floor, naming the schedule's field
+    /// (also for `chime apply`, which writes jobs to etcd itself).
+    pub fn check_floor(&self, spec: &JobSpec, now_ms: i64) -> Result<()> {
         // A cron schedule's ticks are whole seconds apart at the least: under a floor
         // of a second or less (the default is 100 ms) there is nothing to sample.
         // Sampling a yearly expression's ticks costs about 1.4 ms, which had capped

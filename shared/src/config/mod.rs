@@ -156,9 +156,10 @@ fn name(key: &str, what: &str, raw: &str) -> Result<String, Rejection> {
 }
 
 /// Top-level sections under the prefix that hold chime's own state (job
-/// definitions, alert rules, leader election), not settings; the config watcher
+/// definitions, alert rules, leader election, what each `chime apply --set`
+/// applied), not settings; the config watcher
 /// skips them, in its first load and in every change after it.
-pub const INTERNAL_SECTIONS: [&str; 3] = ["jobs", "alerts", "election"];
+pub const INTERNAL_SECTIONS: [&str; 4] = ["jobs", "alerts", "election", "applied"];
 
 /// Whether `key` (relative to the prefix) belongs to an internal section.
 pub fn is_internal(key: &str) -> bool {

@@ -1,0 +1,447 @@
+//! `chime apply` and `chime export`: the deployment's configuration as files.
+//! `export` prints every job (workflows included), live setting and alert rule in
+//! etcd as YAML documents; `apply -f FILE|DIR` makes etcd hold what the files say:
+//! every object is checked first the way the coordinators check it (a bad one is
+//! refused naming its file, document and field, and nothing is written), objects
+//! already stored as given are left alone (a second apply writes nothing), and the
+//! rest are written in etcd transactions of up to 100, each only if its keys did not
+//! change meanwhile. `--dry-run` prints the plan and writes nothing. `--set NAME`
+//! remembers which objects this set applied (under `applied/<NAME>`), and with
+//! `--prune` deletes those of the set's last apply that the files no longer have;
+//! objects created otherwise are never pruned.
+//!
+//! A document is a map with a `kind`:
+//! - `job` (or `workflow`): the job's JSON fields (`docs/http-api.md`), stored at
+//!   `jobs/<name>`;
+//! - `setting`: `key` and `value` (`queues/default/count: 16`);
+//! - `alert`: an alert rule (`alerts/<name>`).
+//!
+//! Like `chime alert apply`, changes made here go straight to etcd (the leader
+//! watches it) and are not in the audit log.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use chime_coordinator::alerts::rule::AlertRule;
+use chime_coordinator::model::JobSpec;
+use chime_coordinator::store::JobStore;
+use chime_shared::config as live;
+use chime_shared::config::source::Expect;
+use serde_json::{Value, json};
+
+use crate::StoreArgs;
+
+/// `chime apply` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// A YAML (`.yaml`, `.yml`; several documents per file) or JSON (`.json`: one
+    /// object or an array) file, or a directory of such files (in name order).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Print what would change (with each changed field) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The name of this set of objects: what it applied is remembered, for
+    /// `--prune`.
+    #[arg(long)]
+    set: Option<String>,
+    /// Delete the objects the set's last apply wrote that the files no longer
+    /// have (needs `--set`).
+    #[arg(long, requires = "set")]
+    prune: bool,
+    /// The cluster's floor for a schedule's period (`coordinator.min_period_ms`).
+    #[arg(long, default_value_t = 1_000)]
+    min_period_ms: u64,
+}
+
+/// `chime export` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// One object of the configuration.
+#[derive(Debug, Clone, PartialEq)]
+enum Object {
+    Job(Box<JobSpec>),
+    Setting { key: String, value: String },
+    Alert(Box<AlertRule>),
+}
+
+impl Object {
+    /// Its key in etcd, relative to the prefix.
+    fn key(&self) -> String {
+        match self {
+            Object::Job(j) => format!("jobs/{}", j.name),
+            Object::Setting { key, .. } => key.clone(),
+            Object::Alert(r) => chime_coordinator::alerts::rule::key(&r.name),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Job(j) if j.workflow.is_some() => "workflow",
+            Object::Job(_) => "job",
+            Object::Setting { .. } => "setting",
+            Object::Alert(_) => "alert",
+        }
+    }
+
+    /// What etcd holds for it.
+    fn stored_text(&self) -> Result<String> {
+        Ok(match self {
+            Object::Job(j) => serde_json::to_string(j)?,
+            Object::Setting { value, .. } => value.clone(),
+            Object::Alert(r) => serde_json::to_string(r)?,
+        })
+    }
+
+    /// Its document, as `export` prints it and `apply` reads it.
+    fn document(&self) -> Result<Value> {
+        let mut v = match self {
+            Object::Job(j) => {
+                let mut v = serde_json::to_value(j)?;
+                // Set by the store; not configuration.
+                if let Value::Object(m) = &mut v {
+                    m.remove("created_at_ms");
+                }
+                v
+            }
+            Object::Setting { key, value } => json!({ "key": key, "value": value }),
+            Object::Alert(r) => serde_json::to_value(r)?,
+        };
+        if let Value::Object(m) = &mut v {
+            m.insert("kind".into(), json!(self.kind()));
+        }
+        Ok(v)
+    }
+}
+
+/// The documents of one file.
+fn documents(path: &Path) -> Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    if yaml {
+        let mut out = Vec::new();
+        for (i, doc) in yaml_serde::Deserializer::from_str(&text).enumerate() {
+            let v: Value = serde_path_to_error::deserialize(doc).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} (document {i}): invalid {}: {}",
+                    path.display(),
+                    e.path(),
+                    e.inner()
+                )
+            })?;
+            if !v.is_null() {
+                out.push(v);
+            }
+        }
+        return Ok(out);
+    }
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    Ok(match v {
+        Value::Array(items) => items,
+        one => vec![one],
+    })
+}
+
+/// One document as an object, checked; errors name the field.
+fn object(mut doc: Value, family: &str) -> Result<Object> {
+    let Value::Object(m) = &mut doc else {
+        bail!("invalid document: not a map");
+    };
+    let kind = m
+        .remove("kind")
+        .and_then(|k| k.as_str().map(str::to_owned))
+        .context("invalid kind: missing (job, workflow, setting or alert)")?;
+    Ok(match kind.as_str() {
+        "job" | "workflow" => {
+            let spec: JobSpec = serde_path_to_error::deserialize(doc)
+                .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.path(), e.inner()))?;
+            spec.validate()?;
+            if kind == "workflow" && spec.workflow.is_none() {
+                bail!("invalid workflow: a document of kind workflow has no workflow field");
+            }
+            Object::Job(Box::new(spec))
+        }
+        "setting" => {
+            let field = |name: &str| -> Result<String> {
+                match m.get(name) {
+                    Some(Value::String(s)) => Ok(s.trim().to_owned()),
+                    Some(Value::Number(n)) => Ok(n.to_string()),
+                    Some(Value::Bool(b)) => Ok(b.to_string()),
+                    _ => bail!("invalid {name}: missing or not a string"),
+                }
+            };
+            let (key, value) = (field("key")?, field("value")?);
+            if let Some(extra) = m.keys().find(|k| *k != "key" && *k != "value") {
+                bail!("invalid {extra}: unknown field of a setting (key, value)");
+            }
+            live::parse(&key, Some(&value)).map_err(|r| anyhow::anyhow!("invalid {r}"))?;
+            Object::Setting { key, value }
+        }
+        "alert" => Object::Alert(Box::new(AlertRule::parse(
+            doc.to_string().as_bytes(),
+            family,
+        )?)),
+        other => bail!("invalid kind: {other:?} (job, workflow, setting or alert)"),
+    })
+}
+
+/// Every object of `path` (a file or a directory's files), checked; a key given
+/// twice is refused.
+fn objects_at(path: &Path, family: &str) -> Result<Vec<Object>> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let p = e?.path();
+            if p.extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
+            {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_owned());
+    }
+    let mut out: Vec<Object> = Vec::new();
+    for f in files {
+        for (i, doc) in documents(&f)?.into_iter().enumerate() {
+            let o =
+                object(doc, family).with_context(|| format!("{} (document {i})", f.display()))?;
+            if out.iter().any(|x| x.key() == o.key()) {
+                bail!("{} (document {i}): {} is given twice", f.display(), o.key());
+            }
+            out.push(o);
+        }
+    }
+    Ok(out)
+}
+
+/// The objects etcd holds (unreadable ones skipped), with their revisions.
+fn stored_objects(entries: &[(String, String, i64)], family: &str) -> Vec<(Object, i64)> {
+    entries
+        .iter()
+        .filter_map(|(k, v, rev)| {
+            let o = if k.starts_with("jobs/") {
+                Object::Job(Box::new(serde_json::from_str(v).ok()?))
+            } else if k.starts_with("alerts/") {
+                Object::Alert(Box::new(AlertRule::parse(v.as_bytes(), family).ok()?))
+            } else if live::is_internal(k) || live::parse(k, Some(v)).is_err() {
+                return None;
+            } else {
+                Object::Setting {
+                    key: k.clone(),
+                    value: v.clone(),
+                }
+            };
+            Some((o, *rev))
+        })
+        .collect()
+}
+
+/// `a` and `b` flattened to dotted paths: the paths whose values differ.
+fn changed_fields(a: &Value, b: &Value) -> BTreeMap<String, Value> {
+    fn flat(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flat(&p, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.clone());
+            }
+        }
+    }
+    let (mut fa, mut fb) = (BTreeMap::new(), BTreeMap::new());
+    flat("", a, &mut fa);
+    flat("", b, &mut fb);
+    let keys: BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();
+    keys.into_iter()
+        .filter(|k| fa.get(*k) != fb.get(*k))
+        .map(|k| {
+            (
+                k.clone(),
+                json!({ "from": fa.get(k).cloned().unwrap_or(Value::Null), "to": fb.get(k).cloned().unwrap_or(Value::Null) }),
+            )
+        })
+        .collect()
+}
+
+/// The job `name` as applied here, else as stored.
+fn job_named<'a>(
+    wanted: &'a [Object],
+    stored: &'a [(Object, i64)],
+    name: &str,
+) -> Option<&'a JobSpec> {
+    wanted
+        .iter()
+        .chain(stored.iter().map(|(o, _)| o))
+        .find_map(|o| match o {
+            Object::Job(j) if j.name == name => Some(j.as_ref()),
+            _ => None,
+        })
+}
+
+/// Runs `chime export`.
+pub async fn export(args: ExportArgs) -> Result<()> {
+    let (cfg, source) = crate::cmd_config::etcd_source(&args.store).await?;
+    let snap = source.load().await?;
+    let mut objects = stored_objects(&snap.entries, &cfg.queue.family);
+    objects.sort_by_key(|(o, _)| (o.kind() != "setting", o.kind() == "alert", o.key()));
+    for (o, _) in objects {
+        print!("---\n{}", yaml_serde::to_string(&o.document()?)?);
+    }
+    Ok(())
+}
+
+/// Runs `chime apply`.
+pub async fn apply(args: ApplyArgs) -> Result<()> {
+    if let Some(set) = &args.set {
+        chime_shared::limits::check_handler("set", set)?;
+    }
+    let (cfg, source) = crate::cmd_config::etcd_source(&args.store).await?;
+    let family = cfg.queue.family.clone();
+    let wanted = objects_at(&args.file, &family)?;
+    let snap = source.load().await?;
+    let stored = stored_objects(&snap.entries, &family);
+    let now = chime_shared::clock::system_now_ms();
+    // The checks the coordinators' job store makes that need the other jobs or the
+    // cluster's floor: a node's job exists (stored or applied here) and is no
+    // workflow; a schedule is no more frequent than the floor.
+    let jobs = JobStore::new(source.clone()).with_min_period_ms(args.min_period_ms);
+    for o in &wanted {
+        let Object::Job(j) = o else { continue };
+        let at = || format!("{} {}", o.kind(), j.name);
+        let existing = stored.iter().find(|(s, _)| s.key() == o.key());
+        let schedule_changed =
+            !matches!(existing, Some((Object::Job(s), _)) if s.schedule == j.schedule);
+        if schedule_changed {
+            jobs.check_floor(j, now).with_context(at)?;
+        }
+        for (i, n) in j.workflow.iter().flat_map(|w| w.nodes.iter()).enumerate() {
+            if n.job.is_empty() {
+                continue;
+            }
+            match job_named(&wanted, &stored, &n.job) {
+                None => bail!(
+                    "{}: invalid workflow.nodes[{i}].job: no job is named {:?}",
+                    at(),
+                    n.job
+                ),
+                Some(t) if t.workflow.is_some() => bail!(
+                    "{}: invalid workflow.nodes[{i}].job: {:?} is a workflow; workflows do not nest",
+                    at(),
+                    n.job
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    // The plan: what to create, update, leave, delete.
+    let set_key = args.set.as_ref().map(|s| format!("applied/{s}"));
+    let previous: BTreeSet<String> = match &set_key {
+        Some(k) => snap
+            .entries
+            .iter()
+            .find(|(sk, _, _)| sk == k)
+            .and_then(|(_, v, _)| serde_json::from_str(v).ok())
+            .unwrap_or_default(),
+        None => BTreeSet::new(),
+    };
+    let (mut writes, mut changes, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
+    for o in &wanted {
+        let mut o = o.clone();
+        let existing = stored.iter().find(|(s, _)| s.key() == o.key());
+        if let (Object::Job(j), Some((Object::Job(s), _))) = (&mut o, existing) {
+            j.created_at_ms = s.created_at_ms;
+        } else if let Object::Job(j) = &mut o {
+            j.created_at_ms = now;
+        }
+        match existing {
+            Some((s, _)) if *s == o => unchanged.push(json!({ "kind": o.kind(), "key": o.key() })),
+            Some((s, rev)) => {
+                let fields = changed_fields(&s.document()?, &o.document()?);
+                eprintln!("~ {} {}", o.kind(), o.key());
+                for (f, d) in &fields {
+                    eprintln!("    {f}: {} → {}", d["from"], d["to"]);
+                }
+                changes.push(
+                    json!({ "op": "update", "kind": o.kind(), "key": o.key(), "fields": fields }),
+                );
+                writes.push((o.key(), o.stored_text()?, Expect::Revision(*rev)));
+            }
+            None => {
+                eprintln!("+ {} {}", o.kind(), o.key());
+                changes.push(json!({ "op": "create", "kind": o.kind(), "key": o.key() }));
+                writes.push((o.key(), o.stored_text()?, Expect::Absent));
+            }
+        }
+    }
+    let now_keys: BTreeSet<String> = wanted.iter().map(Object::key).collect();
+    let mut deletes = Vec::new();
+    if args.prune {
+        for k in previous.difference(&now_keys) {
+            if let Some((o, _)) = stored.iter().find(|(s, _)| s.key() == *k) {
+                eprintln!("- {} {}", o.kind(), k);
+                changes.push(json!({ "op": "delete", "kind": o.kind(), "key": k }));
+                deletes.push(k.clone());
+            }
+        }
+    }
+    let mut revision = None;
+    if !args.dry_run {
+        // The set's record goes with the last batch: a failed apply leaves the
+        // set's previous record, so a later prune still knows what it wrote.
+        if let Some(k) = &set_key
+            && previous != now_keys
+        {
+            let expect = match snap.entries.iter().find(|(sk, _, _)| sk == k) {
+                Some((_, _, rev)) => Expect::Revision(*rev),
+                None => Expect::Absent,
+            };
+            writes.push((k.clone(), serde_json::to_string(&now_keys)?, expect));
+        }
+        let mut done = 0;
+        for chunk in writes.chunks(100) {
+            match source.put_if_all(chunk).await? {
+                Some(r) => revision = Some(r),
+                None => bail!(
+                    "an object changed in etcd meanwhile: {done} of {} writes applied before it; run it again",
+                    writes.len()
+                ),
+            }
+            done += chunk.len();
+        }
+        for k in &deletes {
+            revision = Some(source.delete(k).await?);
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "dry_run": args.dry_run,
+            "changes": changes,
+            "unchanged": unchanged.len(),
+            "revision": revision,
+        })
+    );
+    Ok(())
+}
