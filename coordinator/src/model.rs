@@ -434,6 +434,19 @@ impl RunRecord {
     }
 }
 
+/// `s` cut to at most `max` bytes, on a character boundary (outputs, errors and
+/// log lines kept in runs).
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
 /// A connected worker as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerView {

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordError, Result};
-use crate::model::{JobSpec, MAX_PARAMS_BYTES, Routing, RunState, Schedule};
+use crate::model::{JobSpec, MAX_PARAMS_BYTES, Routing, RunState, Schedule, clip};
 use chime_shared::limits;
 
 /// Most nodes in one workflow.
@@ -552,17 +552,6 @@ pub fn node_output(shards: &[String]) -> String {
         .to_string(),
     };
     clip(&out, NODE_OUTPUT_BYTES)
-}
-
-fn clip(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
 
 /// The nodes of a rerun of a finished workflow run from `from`: `from` and every

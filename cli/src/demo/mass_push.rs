@@ -262,20 +262,8 @@ async fn create_workflow(admin: &mut super::Admin) -> Result<()> {
         {"name": "push", "handler": AWAIT, "timeout_ms": 3_600_000, "after": [{"node": "shard"}]},
         {"name": "report", "handler": REPORT, "timeout_ms": 60_000, "after": [{"node": "push"}]},
     ]});
-    let job = proto::Job {
-        name: JOB.into(),
-        group: super::worker::GROUP.into(),
-        schedule: Some(proto::Schedule {
-            kind: Some(proto::schedule::Kind::Manual(proto::Manual {})),
-        }),
-        workflow_json: nodes.to_string(),
-        ..Default::default()
-    };
-    admin
-        .create_job(proto::CreateJobRequest { job: Some(job) })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating workflow {JOB}: {}", e.message()))?;
-    Ok(())
+    let manual = proto::schedule::Kind::Manual(proto::Manual {});
+    super::create_workflow(admin, JOB, manual, proto::Overlap::Allow, &nodes).await
 }
 
 pub(crate) async fn run(c: Common) -> Result<()> {

@@ -622,6 +622,32 @@ pub(crate) async fn create_broadcast_job(
     Ok(())
 }
 
+/// Creates workflow `name` on the demo workers' group: `nodes` (the DAG as JSON,
+/// see docs/workflows.md) fired by `schedule`, under `overlap`.
+pub(crate) async fn create_workflow(
+    admin: &mut Admin,
+    name: &str,
+    schedule: pb::schedule::Kind,
+    overlap: pb::Overlap,
+    nodes: &Value,
+) -> Result<()> {
+    let job = pb::Job {
+        name: name.into(),
+        group: worker::GROUP.into(),
+        schedule: Some(pb::Schedule {
+            kind: Some(schedule),
+        }),
+        overlap: overlap as i32,
+        workflow_json: nodes.to_string(),
+        ..Default::default()
+    };
+    admin
+        .create_job(pb::CreateJobRequest { job: Some(job) })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating workflow {name}: {}", e.message()))?;
+    Ok(())
+}
+
 /// Fires a job now with `params`; answers the run id.
 pub(crate) async fn trigger(admin: &mut Admin, name: &str, params: &Value) -> Result<String> {
     let run = admin

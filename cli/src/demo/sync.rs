@@ -351,23 +351,8 @@ async fn create_workflow(admin: &mut super::Admin) -> Result<()> {
         {"name": "repair", "handler": REPAIR, "timeout_ms": 60_000, "retries": 3,
          "retry_backoff_ms": 200, "after": [{"node": "sync", "when": "always"}]},
     ]});
-    let job = proto::Job {
-        name: JOB.into(),
-        group: super::worker::GROUP.into(),
-        schedule: Some(proto::Schedule {
-            kind: Some(proto::schedule::Kind::FixedDelay(proto::FixedDelay {
-                delay_ms: DELAY_MS,
-            })),
-        }),
-        overlap: proto::Overlap::Skip as i32,
-        workflow_json: nodes.to_string(),
-        ..Default::default()
-    };
-    admin
-        .create_job(proto::CreateJobRequest { job: Some(job) })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating workflow {JOB}: {}", e.message()))?;
-    Ok(())
+    let every = proto::schedule::Kind::FixedDelay(proto::FixedDelay { delay_ms: DELAY_MS });
+    super::create_workflow(admin, JOB, every, proto::Overlap::Skip, &nodes).await
 }
 
 async fn get_i64(conn: &mut RedisConn, k: &str) -> Result<i64> {

@@ -9,7 +9,7 @@ use super::machine::{Machine, Timer, Work};
 use super::workers::ToWorker;
 use super::{ShardKey, ShardOutcome};
 use crate::error::{CoordError, Result};
-use crate::model::{RunRecord, RunState};
+use crate::model::{RunRecord, RunState, clip};
 
 /// Log lines kept per shard.
 const LOG_TAIL: usize = 20;
@@ -17,17 +17,6 @@ const LOG_TAIL: usize = 20;
 const LOG_LINE: usize = 4 * 1024;
 /// Largest output kept.
 const OUTPUT: usize = 64 * 1024;
-
-fn clip(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
-}
 
 /// The backoff before retry number `failures` (1-based): doubling from `first`.
 fn backoff(first: u64, failures: u32) -> i64 {
