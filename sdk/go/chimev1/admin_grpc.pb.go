@@ -41,8 +41,11 @@ type AdminClient interface {
 	ListRuns(ctx context.Context, in *ListRunsRequest, opts ...grpc.CallOption) (*ListRunsResponse, error)
 	// One run with its shards.
 	GetRun(ctx context.Context, in *RunId, opts ...grpc.CallOption) (*Run, error)
-	// Cancels every unfinished shard of a run.
+	// Cancels every unfinished shard of a run (of a workflow run: every node not
+	// ended, and the runs of those running).
 	KillRun(ctx context.Context, in *RunId, opts ...grpc.CallOption) (*Run, error)
+	// Starts a finished workflow run again from a node: a new run (cause rerun).
+	RerunWorkflow(ctx context.Context, in *RerunRequest, opts ...grpc.CallOption) (*Run, error)
 	// Workers connected to this coordinator.
 	ListWorkers(ctx context.Context, in *ListWorkersRequest, opts ...grpc.CallOption) (*ListWorkersResponse, error)
 	// The audit log, newest first: who (the name of the token presented) changed
@@ -168,6 +171,15 @@ func (c *adminClient) KillRun(ctx context.Context, in *RunId, opts ...grpc.CallO
 	return out, nil
 }
 
+func (c *adminClient) RerunWorkflow(ctx context.Context, in *RerunRequest, opts ...grpc.CallOption) (*Run, error) {
+	out := new(Run)
+	err := c.cc.Invoke(ctx, "/chime.v1.Admin/RerunWorkflow", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) ListWorkers(ctx context.Context, in *ListWorkersRequest, opts ...grpc.CallOption) (*ListWorkersResponse, error) {
 	out := new(ListWorkersResponse)
 	err := c.cc.Invoke(ctx, "/chime.v1.Admin/ListWorkers", in, out, opts...)
@@ -214,8 +226,11 @@ type AdminServer interface {
 	ListRuns(context.Context, *ListRunsRequest) (*ListRunsResponse, error)
 	// One run with its shards.
 	GetRun(context.Context, *RunId) (*Run, error)
-	// Cancels every unfinished shard of a run.
+	// Cancels every unfinished shard of a run (of a workflow run: every node not
+	// ended, and the runs of those running).
 	KillRun(context.Context, *RunId) (*Run, error)
+	// Starts a finished workflow run again from a node: a new run (cause rerun).
+	RerunWorkflow(context.Context, *RerunRequest) (*Run, error)
 	// Workers connected to this coordinator.
 	ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error)
 	// The audit log, newest first: who (the name of the token presented) changed
@@ -265,6 +280,9 @@ func (UnimplementedAdminServer) GetRun(context.Context, *RunId) (*Run, error) {
 }
 func (UnimplementedAdminServer) KillRun(context.Context, *RunId) (*Run, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method KillRun not implemented")
+}
+func (UnimplementedAdminServer) RerunWorkflow(context.Context, *RerunRequest) (*Run, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RerunWorkflow not implemented")
 }
 func (UnimplementedAdminServer) ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListWorkers not implemented")
@@ -501,6 +519,24 @@ func _Admin_KillRun_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RerunWorkflow_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RerunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RerunWorkflow(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/chime.v1.Admin/RerunWorkflow",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RerunWorkflow(ctx, req.(*RerunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_ListWorkers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListWorkersRequest)
 	if err := dec(in); err != nil {
@@ -588,6 +624,10 @@ var _Admin_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "KillRun",
 			Handler:    _Admin_KillRun_Handler,
+		},
+		{
+			MethodName: "RerunWorkflow",
+			Handler:    _Admin_RerunWorkflow_Handler,
 		},
 		{
 			MethodName: "ListWorkers",

@@ -126,7 +126,7 @@ class Manual(_message.Message):
     def __init__(self) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("name", "group", "handler", "schedule", "routing", "shard_count", "shard_params", "hash_param", "params", "overlap", "misfire", "catch_up_window_ms", "timeout_ms", "retries", "retry_backoff_ms", "children", "paused", "start_at_ms", "end_at_ms", "jitter_ms", "next_fire_ms", "last_fire_ms", "version", "created_at_ms")
+    __slots__ = ("name", "group", "handler", "schedule", "routing", "shard_count", "shard_params", "hash_param", "params", "overlap", "misfire", "catch_up_window_ms", "timeout_ms", "retries", "retry_backoff_ms", "children", "paused", "start_at_ms", "end_at_ms", "jitter_ms", "next_fire_ms", "last_fire_ms", "version", "created_at_ms", "workflow_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     HANDLER_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Job(_message.Message):
     LAST_FIRE_MS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     group: str
     handler: str
@@ -175,7 +176,8 @@ class Job(_message.Message):
     last_fire_ms: int
     version: int
     created_at_ms: int
-    def __init__(self, name: _Optional[str] = ..., group: _Optional[str] = ..., handler: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., routing: _Optional[_Union[Routing, str]] = ..., shard_count: _Optional[int] = ..., shard_params: _Optional[_Iterable[str]] = ..., hash_param: _Optional[str] = ..., params: _Optional[str] = ..., overlap: _Optional[_Union[Overlap, str]] = ..., misfire: _Optional[_Union[Misfire, str]] = ..., catch_up_window_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., retries: _Optional[int] = ..., retry_backoff_ms: _Optional[int] = ..., children: _Optional[_Iterable[str]] = ..., paused: bool = ..., start_at_ms: _Optional[int] = ..., end_at_ms: _Optional[int] = ..., jitter_ms: _Optional[int] = ..., next_fire_ms: _Optional[int] = ..., last_fire_ms: _Optional[int] = ..., version: _Optional[int] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+    workflow_json: str
+    def __init__(self, name: _Optional[str] = ..., group: _Optional[str] = ..., handler: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., routing: _Optional[_Union[Routing, str]] = ..., shard_count: _Optional[int] = ..., shard_params: _Optional[_Iterable[str]] = ..., hash_param: _Optional[str] = ..., params: _Optional[str] = ..., overlap: _Optional[_Union[Overlap, str]] = ..., misfire: _Optional[_Union[Misfire, str]] = ..., catch_up_window_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., retries: _Optional[int] = ..., retry_backoff_ms: _Optional[int] = ..., children: _Optional[_Iterable[str]] = ..., paused: bool = ..., start_at_ms: _Optional[int] = ..., end_at_ms: _Optional[int] = ..., jitter_ms: _Optional[int] = ..., next_fire_ms: _Optional[int] = ..., last_fire_ms: _Optional[int] = ..., version: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., workflow_json: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -246,7 +248,7 @@ class RunId(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "fire_id", "job", "cause", "scheduled_at_ms", "fired_at_ms", "finished_at_ms", "state", "params", "shards", "parent_run_id", "note", "fence")
+    __slots__ = ("run_id", "fire_id", "job", "cause", "scheduled_at_ms", "fired_at_ms", "finished_at_ms", "state", "params", "shards", "parent_run_id", "note", "fence", "nodes_json")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +262,7 @@ class Run(_message.Message):
     PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
+    NODES_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     fire_id: str
     job: str
@@ -273,7 +276,16 @@ class Run(_message.Message):
     parent_run_id: str
     note: str
     fence: int
-    def __init__(self, run_id: _Optional[str] = ..., fire_id: _Optional[str] = ..., job: _Optional[str] = ..., cause: _Optional[str] = ..., scheduled_at_ms: _Optional[int] = ..., fired_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., params: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., parent_run_id: _Optional[str] = ..., note: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
+    nodes_json: str
+    def __init__(self, run_id: _Optional[str] = ..., fire_id: _Optional[str] = ..., job: _Optional[str] = ..., cause: _Optional[str] = ..., scheduled_at_ms: _Optional[int] = ..., fired_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., params: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., parent_run_id: _Optional[str] = ..., note: _Optional[str] = ..., fence: _Optional[int] = ..., nodes_json: _Optional[str] = ...) -> None: ...
+
+class RerunRequest(_message.Message):
+    __slots__ = ("run_id", "node")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    node: str
+    def __init__(self, run_id: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class Shard(_message.Message):
     __slots__ = ("index", "total", "worker_id", "attempt", "state", "started_at_ms", "finished_at_ms", "output", "error", "log_tail", "shard_params", "failures")

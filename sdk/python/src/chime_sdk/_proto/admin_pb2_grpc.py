@@ -94,6 +94,11 @@ class AdminStub(object):
                 request_serializer=chime_dot_v1_dot_admin__pb2.RunId.SerializeToString,
                 response_deserializer=chime_dot_v1_dot_admin__pb2.Run.FromString,
                 _registered_method=True)
+        self.RerunWorkflow = channel.unary_unary(
+                '/chime.v1.Admin/RerunWorkflow',
+                request_serializer=chime_dot_v1_dot_admin__pb2.RerunRequest.SerializeToString,
+                response_deserializer=chime_dot_v1_dot_admin__pb2.Run.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/chime.v1.Admin/ListWorkers',
                 request_serializer=chime_dot_v1_dot_admin__pb2.ListWorkersRequest.SerializeToString,
@@ -189,7 +194,15 @@ class AdminServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def KillRun(self, request, context):
-        """Cancels every unfinished shard of a run.
+        """Cancels every unfinished shard of a run (of a workflow run: every node not
+        ended, and the runs of those running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerunWorkflow(self, request, context):
+        """Starts a finished workflow run again from a node: a new run (cause rerun).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +286,11 @@ def add_AdminServicer_to_server(servicer, server):
             'KillRun': grpc.unary_unary_rpc_method_handler(
                     servicer.KillRun,
                     request_deserializer=chime_dot_v1_dot_admin__pb2.RunId.FromString,
+                    response_serializer=chime_dot_v1_dot_admin__pb2.Run.SerializeToString,
+            ),
+            'RerunWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunWorkflow,
+                    request_deserializer=chime_dot_v1_dot_admin__pb2.RerunRequest.FromString,
                     response_serializer=chime_dot_v1_dot_admin__pb2.Run.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
@@ -609,6 +627,33 @@ class Admin(object):
             target,
             '/chime.v1.Admin/KillRun',
             chime_dot_v1_dot_admin__pb2.RunId.SerializeToString,
+            chime_dot_v1_dot_admin__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chime.v1.Admin/RerunWorkflow',
+            chime_dot_v1_dot_admin__pb2.RerunRequest.SerializeToString,
             chime_dot_v1_dot_admin__pb2.Run.FromString,
             options,
             channel_credentials,
