@@ -349,21 +349,35 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     /// Starts one and waits until it answers (fails after 30 s).
+    ///
+    /// A free port is only free when it is picked: another test's server can bind
+    /// it before etcd does (etcd then logs "address already in use" and exits). Such
+    /// a start is tried again on new ports, up to three times.
     pub async fn start() -> Result<Self> {
-        let dir = Arc::new(TestDir::new("etcd")?);
-        let data = Arc::new(TestDir::in_memory("etcd-data")?);
-        let (client_port, peer_port) = (free_port()?, free_port()?);
-        let mut me = Self {
-            endpoint: format!("http://127.0.0.1:{client_port}"),
-            client_port,
-            peer_port,
-            proc: None,
-            dir,
-            data,
-            starts: 0,
-        };
-        me.start_again().await?;
-        Ok(me)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let dir = Arc::new(TestDir::new("etcd")?);
+            let data = Arc::new(TestDir::in_memory("etcd-data")?);
+            let (client_port, peer_port) = (free_port()?, free_port()?);
+            let mut me = Self {
+                endpoint: format!("http://127.0.0.1:{client_port}"),
+                client_port,
+                peer_port,
+                proc: None,
+                dir,
+                data,
+                starts: 0,
+            };
+            match me.start_again().await {
+                Ok(()) => return Ok(me),
+                Err(e) if tries < 3 && format!("{e:#}").contains("address already in use") => {
+                    me.stop();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Starts the (stopped) server again with the same ports and data.
@@ -386,7 +400,7 @@ impl EtcdServer {
         let name = format!("etcd-{}-{}", self.client_port, self.starts);
         self.proc = Some(Proc::spawn(&name, cmd, self.dir.path())?);
         let endpoint = self.endpoint.clone();
-        wait_until("etcd to answer", Duration::from_secs(30), || {
+        let answers = || {
             let endpoint = endpoint.clone();
             async move {
                 let Ok(Ok(mut c)) = tokio::time::timeout(
@@ -402,11 +416,27 @@ impl EtcdServer {
                     Ok(Ok(_))
                 )
             }
-        })
-        .await
+        };
+        // Until it answers, or it exited (a port taken meanwhile: said at once, not
+        // after the deadline), or 30 s passed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            if answers().await {
+                break Ok(());
+            }
+            if !self.proc.as_mut().is_some_and(Proc::is_running) {
+                break Err(anyhow::anyhow!("etcd exited"));
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!(
+                    "timed out after 30s waiting for etcd to answer"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         // The server's own words say why (a port taken meanwhile, a slow disk): a
         // failure names them rather than only the timeout.
-        .with_context(|| {
+        outcome.with_context(|| {
             let log = self.proc.as_ref().map(Proc::log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
