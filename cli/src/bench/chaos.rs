@@ -840,9 +840,25 @@ pub(crate) async fn run(a: ChaosArgs) -> Result<()> {
     drop(c.proxies);
     super::keep_or_remove(&dir, a.keep_files || !broken.is_empty());
     if !broken.is_empty() {
+        // Which shards, and what the history said of their runs: stdout (the
+        // JSON) is not what a failing test prints.
+        let missed_states: Vec<String> = missed_ids
+            .iter()
+            .map(|id| {
+                let run = id.split('#').next().unwrap_or(id);
+                let state = runs
+                    .get(run)
+                    .and_then(|s| pb::RunState::try_from(*s).ok())
+                    .map_or("no run in the history".to_owned(), |s| {
+                        s.as_str_name().to_owned()
+                    });
+                format!("{id} ({state})")
+            })
+            .collect();
         bail!(
-            "invariants failed: {}; replay with --seed {seed} (files in {})",
+            "invariants failed: {}; missed (first 10): [{}]; replay with --seed {seed} (files in {})",
             broken.join(", "),
+            missed_states.join(", "),
             dir.display()
         );
     }

@@ -266,7 +266,12 @@ impl Machine {
                 Settle::Prepared(_) => PREPARED_SLICE,
             };
             let n = rec.plans.len().min(slice_len);
-            let slice: Vec<Option<Plan>> = rec.plans.drain(..n).collect();
+            let mut slice: Vec<Option<Plan>> = rec.plans.drain(..n).collect();
+            let reported = if self.fenced_out {
+                Vec::new()
+            } else {
+                self.carry_backlog(&mut slice, &mut rec.settle)
+            };
             if self.fenced_out {
                 for p in slice {
                     if let Some(p) = &p {
@@ -276,15 +281,15 @@ impl Machine {
                 }
                 continue;
             }
-            let fires: Vec<FireRecord> = slice
+            let fires: Vec<FireRecord> = reported
                 .iter()
-                .flatten()
-                .map(|p| FireRecord {
+                .cloned()
+                .chain(slice.iter().flatten().map(|p| FireRecord {
                     fire_id: p.run().fire_id.clone(),
                     job: p.run().job.clone(),
                     at: p.run().scheduled_at_ms,
                     run: p.run().clone(),
-                })
+                }))
                 .collect();
             if fires.is_empty() {
                 rec.out.extend(slice.iter().map(|_| None));
@@ -293,7 +298,11 @@ impl Machine {
             let fence = self.fence;
             self.request(
                 Request::Record { fence, fires },
-                Waiting::Record { rec, slice },
+                Waiting::Record {
+                    rec,
+                    slice,
+                    reported,
+                },
             );
             return;
         }
@@ -319,6 +328,15 @@ impl Machine {
                     warn!(error = %e, fires = left, "cannot record fires ahead; firing them at their instant");
                 }
                 let rest: Vec<Option<Plan>> = rec.plans.drain(..).collect();
+                // The store may have applied the record all the same.
+                let retried = slice
+                    .iter()
+                    .chain(rest.iter())
+                    .flatten()
+                    .map(Plan::run)
+                    .filter(|r| is_tick(&r.cause) || r.cause == super::flows::NODE_CAUSE)
+                    .map(|r| r.fire_id.clone());
+                self.maybe_recorded.extend(retried);
                 if matches!(rec.settle, Settle::Fire) {
                     // Neither fired nor in the history: kept, so they are reported
                     // (or fired late, per the misfire policy) once the store is back.
@@ -381,6 +399,15 @@ impl Machine {
         plan: Plan,
         answer: Option<FireAnswer>,
     ) -> Option<RunRecord> {
+        let own = self.own_lost_record(&plan.run().fire_id, answer);
+        if own != answer {
+            // The store holds the plan of the lost record, not this one: this plan
+            // is written before any of its shards goes out, so a leader adopting
+            // the run after a crash finds the shards as sent (same total, same
+            // workers).
+            self.effect(Effect::SaveNow(plan.run().clone()));
+        }
+        let answer = own;
         match how {
             Settle::Fire => self.settle_fire(plan, answer),
             Settle::Prepared(go_at) => {
@@ -390,6 +417,33 @@ impl Machine {
                     .unwrap_or((plan.run().scheduled_at_ms, 0));
                 self.settle_prepared(plan, answer, go, generation)
             }
+        }
+    }
+
+    /// What a record's `answer` means for `fire_id`: a duplicate of a fire whose
+    /// earlier record failed (see `Machine::maybe_recorded`) was recorded by this
+    /// leader's lost request and never sent, so it counts as recorded now. The
+    /// fence is checked before the fire ids, so another leader's record of it
+    /// would have answered `Fenced`, and a fire recorded again here was never
+    /// sent: the record failed, so it was settled unrecorded.
+    pub(super) fn own_lost_record(
+        &mut self,
+        fire_id: &str,
+        answer: Option<FireAnswer>,
+    ) -> Option<FireAnswer> {
+        match answer {
+            Some(FireAnswer::Duplicate) if self.maybe_recorded.remove(fire_id) => {
+                info!(
+                    fire_id,
+                    "the store had applied a record whose answer was lost; taking it as recorded"
+                );
+                Some(FireAnswer::Recorded)
+            }
+            Some(FireAnswer::Recorded) => {
+                self.maybe_recorded.remove(fire_id);
+                answer
+            }
+            answer => answer,
         }
     }
 
@@ -669,6 +723,128 @@ impl Machine {
         }
     }
 
+    /// Takes into `slice`'s request the older ticks of its jobs that the store
+    /// could not record (`Machine::unrecorded`): those the misfire policy fires
+    /// are planned into the slice ahead of the newer tick, and the others are
+    /// answered as skipped reports recorded in the same request, ahead of it.
+    ///
+    /// Why in the same request: a job's newest recorded instant is where a new
+    /// leader starts looking for missed ticks. Recorded alone, a newer tick would
+    /// move it past the older ones, and a crash before they were reported lost
+    /// them unreported. The store applies a request's records in order, so the
+    /// older ticks are never behind a newer one.
+    pub(super) fn carry_backlog(
+        &mut self,
+        slice: &mut Vec<Option<Plan>>,
+        settle: &mut Settle,
+    ) -> Vec<FireRecord> {
+        if self.unrecorded.is_empty() {
+            return Vec::new();
+        }
+        // The newest tick of each job in the slice.
+        let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+        for run in slice.iter().flatten().map(Plan::run) {
+            if is_tick(&run.cause) {
+                let t = newest.entry(run.job.clone()).or_insert(run.scheduled_at_ms);
+                *t = (*t).max(run.scheduled_at_ms);
+            }
+        }
+        let mut reported = Vec::new();
+        let mut planned = Vec::new();
+        for (job, at) in newest {
+            let Some(backlog) = self.unrecorded.get_mut(&job) else {
+                continue;
+            };
+            let older: Vec<i64> = backlog.range(..at).copied().collect();
+            for t in &older {
+                backlog.remove(t);
+            }
+            if backlog.is_empty() {
+                self.unrecorded.remove(&job);
+            }
+            if older.is_empty() {
+                continue;
+            }
+            let (fire, skip) = self.misfire_split(&job, older);
+            let fence = self.fence;
+            for t in skip {
+                let f = Fire::tick(&job, t, "misfire");
+                let mut run = bare_run(
+                    &f,
+                    self.now,
+                    RunState::Skipped,
+                    "missed tick: the store could not record it",
+                );
+                run.fence = fence;
+                reported.push(FireRecord {
+                    fire_id: f.fire_id.clone(),
+                    job: job.clone(),
+                    at: t,
+                    run,
+                });
+            }
+            let generation = self.jobs.get(&job).map_or(0, |j| j.generation);
+            for t in fire {
+                let f = Fire::tick(&job, t, "misfire");
+                // Late already: a prepared slice sends it as soon as it is
+                // recorded (or, if the record fails, fires it again at once under
+                // the job's live generation).
+                if let Settle::Prepared(go_at) = settle {
+                    go_at.insert(f.fire_id.clone(), (self.now, generation));
+                }
+                planned.push(self.plan(f));
+            }
+        }
+        if !planned.is_empty() {
+            planned.append(slice);
+            *slice = planned;
+        }
+        if !reported.is_empty() {
+            metrics::counter!(chime_shared::telemetry::JOB_FIRES, "outcome" => "skipped")
+                .increment(reported.len() as u64);
+        }
+        reported
+    }
+
+    /// The answer to a record that carried `reported` (skipped reports, first in
+    /// the request) ahead of a slice: the reports' answers are taken off, and the
+    /// rest is the slice's.
+    pub(super) fn backlog_answered(
+        &mut self,
+        reported: Vec<FireRecord>,
+        answer: std::result::Result<Vec<FireAnswer>, String>,
+    ) -> std::result::Result<Vec<FireAnswer>, String> {
+        if reported.is_empty() {
+            return answer;
+        }
+        match answer {
+            Err(e) => {
+                self.maybe_recorded
+                    .extend(reported.iter().map(|f| f.fire_id.clone()));
+                self.keep_unrecorded(reported.iter().map(|f| (f.job.as_str(), f.at)));
+                Err(e)
+            }
+            Ok(mut answers) => {
+                let rest = answers.split_off(reported.len().min(answers.len()));
+                self.skipped_answered(&reported, answers);
+                Ok(rest)
+            }
+        }
+    }
+
+    /// The store recorded skipped reports `fires`: a duplicate of this leader's own
+    /// lost record of the tick (a fire never sent, or this very report) is
+    /// replaced by the report.
+    pub(super) fn skipped_answered(&mut self, fires: &[FireRecord], answers: Vec<FireAnswer>) {
+        for (f, a) in fires.iter().zip(answers) {
+            if a == FireAnswer::Duplicate
+                && self.own_lost_record(&f.fire_id, Some(a)) == Some(FireAnswer::Recorded)
+            {
+                self.save(&f.run);
+            }
+        }
+    }
+
     /// Keeps scheduled ticks the store could not record (see `Machine::unrecorded`).
     pub(super) fn keep_unrecorded<'a>(&mut self, ticks: impl Iterator<Item = (&'a str, i64)>) {
         for (job, at) in ticks {
@@ -691,13 +867,15 @@ impl Machine {
         }
     }
 
-    /// Ticks no coordinator fired (found at startup, or not recorded while the
-    /// store was down), per the misfire policy.
-    pub(super) fn misfire(&mut self, job: &str, ticks: Vec<i64>) {
-        let Some(j) = self.jobs.get(job) else { return };
+    /// Missed `ticks` of `job` (in order) → (those its misfire policy fires, those
+    /// it skips). A job that is gone skips them all.
+    fn misfire_split(&self, job: &str, ticks: Vec<i64>) -> (Vec<i64>, Vec<i64>) {
+        let Some(j) = self.jobs.get(job) else {
+            return (Vec::new(), ticks);
+        };
         let (policy, window) = (j.spec.misfire, j.spec.catch_up_window_ms as i64);
         let now = self.now;
-        let (fire, skip): (Vec<i64>, Vec<i64>) = match policy {
+        match policy {
             Misfire::Skip => (Vec::new(), ticks),
             Misfire::FireOnce => {
                 let last = ticks.last().copied();
@@ -707,7 +885,15 @@ impl Machine {
                 )
             }
             Misfire::FireAll => ticks.into_iter().partition(|t| now - t <= window),
-        };
+        }
+    }
+
+    /// Ticks no coordinator fired (found at startup, or not recorded while the
+    /// store was down), per the misfire policy.
+    pub(super) fn misfire(&mut self, job: &str, ticks: Vec<i64>) {
+        let Some(j) = self.jobs.get(job) else { return };
+        let policy = j.spec.misfire;
+        let (fire, skip) = self.misfire_split(job, ticks);
         info!(
             job,
             fired = fire.len(),

@@ -294,6 +294,9 @@ pub(super) enum Waiting {
     Record {
         rec: Recording,
         slice: Vec<Option<super::dispatch::Plan>>,
+        /// Older ticks the store could not record, reported skipped in the same
+        /// request, ahead of the slice (see `Machine::carry_backlog`).
+        reported: Vec<FireRecord>,
     },
     /// Skipped ticks are being recorded (on failure they are kept to report
     /// later).
@@ -390,6 +393,14 @@ pub(crate) struct Machine {
     /// store could not record them (Redis down); they go through the job's misfire
     /// policy the next time a record succeeds, as a new leader's missed ticks do.
     pub(super) unrecorded: BTreeMap<String, BTreeSet<i64>>,
+    /// Fire ids (ticks and workflow nodes) whose record failed: the store may have
+    /// applied it all the same (a timeout, a connection cut after the write), so
+    /// their run can sit in the store, in progress, never sent. When this leader
+    /// records one again and the store says it was recorded before, that record
+    /// was this leader's own lost one (another leader's would have been fenced),
+    /// so the fire is taken as recorded now (`Dispatch::own_lost_record`) rather
+    /// than dropped as a duplicate, which left the run in progress forever.
+    pub(super) maybe_recorded: BTreeSet<String>,
     /// What this step answers so far (see [`Machine::effect`]).
     pub(super) effects: Vec<Effect>,
     /// Work to do before the next input, in order.
@@ -420,6 +431,7 @@ impl Machine {
             timers: Timers::default(),
             fenced_out: false,
             unrecorded: BTreeMap::new(),
+            maybe_recorded: BTreeSet::new(),
             effects: Vec::new(),
             work: VecDeque::new(),
             spawned: Vec::new(),
@@ -555,15 +567,26 @@ impl Machine {
 
     fn resume(&mut self, w: Waiting, a: Answer) {
         match (w, a) {
-            (Waiting::Record { rec, slice }, Answer::Record(r)) => {
+            (
+                Waiting::Record {
+                    rec,
+                    slice,
+                    reported,
+                },
+                Answer::Record(r),
+            ) => {
+                let r = self.backlog_answered(reported, r);
                 self.record_answered(rec, slice, r)
             }
-            (Waiting::Skipped(fires), Answer::Record(r)) => {
-                if let Err(e) = r {
+            (Waiting::Skipped(fires), Answer::Record(r)) => match r {
+                Err(e) => {
                     warn!(error = %e, "cannot record skipped ticks; reporting them later");
+                    self.maybe_recorded
+                        .extend(fires.iter().map(|f| f.fire_id.clone()));
                     self.keep_unrecorded(fires.iter().map(|f| (f.job.as_str(), f.at)));
                 }
-            }
+                Ok(answers) => self.skipped_answered(&fires, answers),
+            },
             (Waiting::Fence(ready), Answer::Fence(r)) => self.fence_answered(ready, r),
             (Waiting::Buffered(fires), Answer::Fence(r)) => self.buffered_answered(fires, r),
             // A driver bug: taken as a failure of the request waited for.
@@ -571,7 +594,14 @@ impl Machine {
                 warn!(answer = ?a, "a store answer of the wrong kind; taken as a failure");
                 let wrong = "a store answer of the wrong kind".to_owned();
                 match w {
-                    Waiting::Record { rec, slice } => self.record_answered(rec, slice, Err(wrong)),
+                    Waiting::Record {
+                        rec,
+                        slice,
+                        reported,
+                    } => {
+                        let r = self.backlog_answered(reported, Err(wrong));
+                        self.record_answered(rec, slice, r)
+                    }
                     Waiting::Skipped(fires) => {
                         self.keep_unrecorded(fires.iter().map(|f| (f.job.as_str(), f.at)))
                     }
@@ -848,7 +878,7 @@ impl Machine {
         for r in recs {
             out.extend(r.plans.iter().flatten());
         }
-        if let Some(Waiting::Record { rec, slice }) = &self.waiting {
+        if let Some(Waiting::Record { rec, slice, .. }) = &self.waiting {
             out.extend(rec.plans.iter().flatten());
             out.extend(slice.iter().flatten());
         }

@@ -22,7 +22,8 @@
 //! - a deposed leader sends no fire of its own that had not gone out before.
 //!
 //! After the faults stop and the world heals: every tick of the steady jobs was
-//! recorded (fired or reported skipped) unless its record failed in the store, and
+//! recorded (fired or reported skipped), even one whose record failed or whose
+//! answer was lost (the store applied it; the leader saw a failure), and
 //! every run they fired ended; every workflow run that ended (a workflow job fires
 //! every 5 s) has every node ended, none skipped whose edges held and none run
 //! whose edge did not, and each node's state is its run's.
@@ -135,6 +136,17 @@ fn run_seed(seed: u64, verbose: bool) -> Result<u64, String> {
     Err(msg)
 }
 
+/// How the simulated store answers a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreFault {
+    /// It applies the request and answers.
+    None,
+    /// It fails cleanly: nothing applied.
+    Clean,
+    /// It applies the request, but the answer is lost (the leader sees a failure).
+    AnswerLost,
+}
+
 /// A store request waiting for its (stalled) answer.
 #[derive(Debug)]
 struct Stalled {
@@ -228,7 +240,6 @@ struct World {
     fire_runs: BTreeMap<String, String>,
     totals: BTreeMap<String, u32>,
     first_attempts: BTreeSet<(String, u32)>,
-    failed_fires: BTreeSet<String>,
     /// Runs whose latest snapshot a crashed leader never wrote.
     lost_snapshots: BTreeSet<String>,
     trace: VecDeque<String>,
@@ -403,7 +414,6 @@ impl World {
             fire_runs: BTreeMap::new(),
             totals: BTreeMap::new(),
             first_attempts: BTreeSet::new(),
-            failed_fires: BTreeSet::new(),
             lost_snapshots: BTreeSet::new(),
             trace: VecDeque::new(),
         }
@@ -693,24 +703,32 @@ impl World {
                 }
                 Effect::Request(r) => {
                     if stale || !self.chaos() {
-                        let a = self.answer(r, false);
+                        let a = self.answer(r, StoreFault::None);
                         queue.extend(l.m.step(self.now, Input::Answer(a)));
                         self.steps += 1;
                         continue;
                     }
                     match self.rng.u32(..100) {
-                        0..=2 => {
-                            let a = self.answer(r, true);
+                        0..=3 => {
+                            // Half the failures are clean, half lose the answer of
+                            // a request the store applied (a timeout, a cut
+                            // connection): the leader cannot tell them apart.
+                            let how = if self.rng.bool() {
+                                StoreFault::Clean
+                            } else {
+                                StoreFault::AnswerLost
+                            };
+                            let a = self.answer(r, how);
                             queue.extend(l.m.step(self.now, Input::Answer(a)));
                             self.steps += 1;
                         }
-                        3..=7 => {
+                        4..=8 => {
                             let at = self.now + self.rng.i64(20..1_500);
                             self.note(|| format!("store stalls until +{}", at - T0));
                             l.stalled = Some(Stalled { at, request: r });
                         }
                         _ => {
-                            let a = self.answer(r, false);
+                            let a = self.answer(r, StoreFault::None);
                             queue.extend(l.m.step(self.now, Input::Answer(a)));
                             self.steps += 1;
                         }
@@ -727,28 +745,30 @@ impl World {
             .map_err(|e| format!("term {}: {e}", l.term))
     }
 
-    /// The store's answer to `r` (a clean failure when `fail`: nothing applied).
-    fn answer(&mut self, r: Request, fail: bool) -> Answer {
+    /// The store's answer to `r`, failing as `how` says.
+    fn answer(&mut self, r: Request, how: StoreFault) -> Answer {
         match r {
             Request::Record { fence, fires } => {
                 if self.verbose {
                     let ids: Vec<&str> = fires.iter().map(|f| f.fire_id.as_str()).collect();
                     self.note(|| format!("record {ids:?}"));
                 }
-                if fail {
-                    for f in &fires {
-                        self.failed_fires.insert(f.fire_id.clone());
-                    }
+                if how == StoreFault::Clean {
                     let n = fires.len();
                     self.note(|| format!("store fails a record of {n} fires"));
                     return Answer::Record(Err("simulated failure".into()));
                 }
-                Answer::Record(
-                    ready(self.store.record_fires(fence, &fires)).map_err(|e| e.to_string()),
-                )
+                let applied =
+                    ready(self.store.record_fires(fence, &fires)).map_err(|e| e.to_string());
+                if how == StoreFault::AnswerLost {
+                    let n = fires.len();
+                    self.note(|| format!("store records {n} fires, but the answer is lost"));
+                    return Answer::Record(Err("simulated lost answer".into()));
+                }
+                Answer::Record(applied)
             }
             Request::CheckFence { fence } => {
-                if fail {
+                if how != StoreFault::None {
                     self.note(|| "store fails a fence check".into());
                     return Answer::Fence(Err("simulated failure".into()));
                 }
@@ -758,8 +778,12 @@ impl World {
     }
 
     fn answer_stalled(&mut self, r: Request) -> Result<(), String> {
-        let fail = self.chaos() && self.rng.u32(..10) == 0;
-        let a = self.answer(r, fail);
+        let how = match self.chaos() && self.rng.u32(..10) == 0 {
+            false => StoreFault::None,
+            true if self.rng.bool() => StoreFault::Clean,
+            true => StoreFault::AnswerLost,
+        };
+        let a = self.answer(r, how);
         self.leader_input(Input::Answer(a))
     }
 
@@ -1375,7 +1399,7 @@ impl World {
         Ok(())
     }
 
-    /// After the heal: every steady tick recorded (or its record failed), every run
+    /// After the heal: every steady tick recorded (fired or reported skipped), every run
     /// they fired ended.
     fn final_checks(&mut self) -> Result<(), String> {
         let Some(l) = &self.leader else {
@@ -1416,7 +1440,6 @@ impl World {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             match run {
-                None if self.failed_fires.contains(&id) => {}
                 None => return Err(format!("tick {id} was neither fired nor reported skipped")),
                 Some(r) if at <= finish_until && !r.state.is_final() => {
                     let live = l.m.active_run(&id).cloned();

@@ -47,6 +47,11 @@ pub(super) struct Rig {
     pub(super) lost: bool,
     /// The next this many record requests fail (nothing recorded).
     pub(super) fail_records: u32,
+    /// The next this many record requests are applied, but their answer is lost
+    /// (the engine sees a failure: a timeout, a cut connection).
+    pub(super) lose_answers: u32,
+    /// The fire ids of every record request that reached the store, in order.
+    pub(super) recorded: Vec<Vec<String>>,
     /// The next this many fence checks fail.
     pub(super) fail_fences: u32,
     /// Session → worker id.
@@ -88,6 +93,8 @@ impl Rig {
             replies: BTreeMap::new(),
             lost: false,
             fail_records: 0,
+            lose_answers: 0,
+            recorded: Vec::new(),
             fail_fences: 0,
             sessions: HashMap::new(),
             next_call: 0,
@@ -177,9 +184,15 @@ impl Rig {
                     self.fail_records -= 1;
                     return Answer::Record(Err("injected record failure".into()));
                 }
-                Answer::Record(
-                    ready(self.store.record_fires(fence, &fires)).map_err(|e| e.to_string()),
-                )
+                self.recorded
+                    .push(fires.iter().map(|f| f.fire_id.clone()).collect());
+                let applied =
+                    ready(self.store.record_fires(fence, &fires)).map_err(|e| e.to_string());
+                if self.lose_answers > 0 {
+                    self.lose_answers -= 1;
+                    return Answer::Record(Err("injected lost answer".into()));
+                }
+                Answer::Record(applied)
             }
             Request::CheckFence { fence } => {
                 if self.fail_fences > 0 {

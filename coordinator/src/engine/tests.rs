@@ -1028,3 +1028,82 @@ fn ticks_the_store_could_not_record_follow_the_misfire_policy_once_it_records_ag
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_record_the_store_applied_but_whose_answer_was_lost_still_fires_once() {
+    // The store applies a record, but its answer is lost (a timeout, a cut
+    // connection): the engine sees a failure. The tick is recorded as in
+    // progress and was never sent; recorded again, the store calls it a
+    // duplicate. It was this leader's own record, so the fire goes out (once),
+    // and ends, instead of staying in progress forever (found by `chime bench
+    // chaos --seed 7`: a whole second of ticks, never run nor reported).
+    let mut r = Rig::new(opts());
+    r.start(vec![every_second("e")]);
+    r.join("w1", 10);
+    r.advance(1_500);
+    r.lose_answers = 1;
+    for _ in 0..8 {
+        r.advance(500);
+        r.beat_all_but(&[]);
+        r.succeed_all();
+    }
+    for i in 1..=4 {
+        let id = fid("e", T0 + i * 1_000);
+        let run = r.stored(&id).unwrap_or_else(|| panic!("{id} recorded"));
+        assert_eq!(run.state, RunState::Succeeded, "{id}: {run:?}");
+        let sent = r
+            .assigns("w1")
+            .iter()
+            .filter(|(_, a)| a.fire_id == id)
+            .count();
+        assert_eq!(sent, 1, "{id} went out once");
+    }
+}
+
+#[test]
+fn ticks_the_store_missed_are_recorded_in_the_same_request_as_the_next_tick() {
+    // A job's newest recorded instant is where a new leader looks for missed
+    // ticks: were the next tick recorded alone, a crash before the older ones
+    // were reported would lose them. So the first record after an outage carries
+    // them, ahead of the new tick.
+    let mut r = Rig::new(opts());
+    r.start(vec![every_second("e")]);
+    r.join("w1", 10);
+    r.advance(1_500);
+    r.fail_records = 1_000_000;
+    for _ in 0..6 {
+        r.advance(500);
+        r.beat_all_but(&[]);
+    }
+    let outage: Vec<String> = (2..=4).map(|i| fid("e", T0 + i * 1_000)).collect();
+    r.fail_records = 0;
+    let before = r.recorded.len();
+    r.advance(500);
+    let first = r.recorded[before..]
+        .iter()
+        .find(|ids| ids.iter().any(|id| !outage.contains(id)))
+        .cloned()
+        .expect("a record after the outage");
+    let newest = first
+        .iter()
+        .position(|id| !outage.contains(id))
+        .unwrap_or(0);
+    assert!(
+        outage.iter().all(|id| first[..newest].contains(id)),
+        "the outage's ticks ride ahead of the new tick: {first:?}"
+    );
+    // Fire-once: the latest missed tick fires, the others are reported skipped.
+    let states: Vec<Option<RunState>> = outage
+        .iter()
+        .map(|id| r.stored(id).map(|x| x.state))
+        .collect();
+    assert_eq!(
+        states[..2],
+        [Some(RunState::Skipped), Some(RunState::Skipped)],
+        "{states:?}"
+    );
+    assert!(
+        states[2].is_some_and(|s| s != RunState::Skipped),
+        "{states:?}"
+    );
+}
