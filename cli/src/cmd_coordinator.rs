@@ -101,7 +101,13 @@ pub fn auth(a: &AuthSection) -> Result<Auth> {
                  CHIME_AUTH_ALLOW_UNAUTHENTICATED=true) to run without authentication"
             );
         }
-        let t = Tokens::from_file(file.trim()).with_context(|| format!("auth.{key}"))?;
+        // Admin tokens may carry a role (viewer, operator, admin); worker tokens
+        // open one gate and have none.
+        let t = match key {
+            "admin_token_file" => Tokens::from_file_with_roles(file.trim()),
+            _ => Tokens::from_file(file.trim()),
+        }
+        .with_context(|| format!("auth.{key}"))?;
         Ok(Some(Arc::new(t)))
     };
     let auth = Auth {

@@ -30,9 +30,13 @@ pub enum CoordError {
         /// `host:port` of the leader.
         leader: String,
     },
-    /// The caller is not allowed to do this.
+    /// The caller presented no token, or one nobody issued.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller's token is known, but its role may not do this (a viewer
+    /// changing a job): another token is needed, not a retry.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// This coordinator was not set up for the call (no delay store); another
     /// coordinator, or a config change, is needed.
     #[error("{0}")]
@@ -108,6 +112,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::Conflict(_) => tonic::Status::failed_precondition(msg),
             CoordError::NotLeader { .. } => tonic::Status::unavailable(msg),
             CoordError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            CoordError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             CoordError::NotConfigured(_) => tonic::Status::failed_precondition(msg),
             CoordError::Unavailable(_) => tonic::Status::unavailable(msg),
         }
@@ -156,7 +161,8 @@ impl From<tonic::Status> for CoordError {
                 Some(r) => CoordError::Conflict(r.to_owned()),
                 None => CoordError::NotConfigured(msg),
             },
-            Code::Unauthenticated | Code::PermissionDenied => CoordError::Unauthenticated(msg),
+            Code::Unauthenticated => CoordError::Unauthenticated(msg),
+            Code::PermissionDenied => CoordError::PermissionDenied(msg),
             _ => {
                 if let Some(leader) = msg
                     .strip_prefix("not the leader (leader: ")
@@ -190,6 +196,9 @@ mod tests {
                 leader: "10.0.0.2:7070".into(),
             },
             CoordError::Unauthenticated("missing or unknown admin token".into()),
+            CoordError::PermissionDenied(
+                "token viewer-1 is a viewer; this needs an operator".into(),
+            ),
             CoordError::NotConfigured("no delay store configured".into()),
             CoordError::Unavailable("redis: connection refused".into()),
         ];

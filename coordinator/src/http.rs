@@ -19,10 +19,11 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::Method;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use chime_shared::auth::{self, Gate, Policy};
+use axum::routing::{MethodRouter, delete, get, post, put};
+use chime_shared::auth::{self, Gate, Policy, Refusal, Role};
 use chime_shared::clock::Clock;
 use chime_shared::config::source::ConfigSource;
 use chime_shared::config::{self as live};
@@ -85,38 +86,11 @@ impl std::fmt::Debug for HttpState {
 
 /// The whole HTTP router: console, API, ops endpoints.
 pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
-    let api = Router::new()
-        .route("/api/overview", get(overview))
-        .route("/api/jobs", get(list_jobs).post(create_job))
-        .route(
-            "/api/jobs/{name}",
-            get(get_job).put(update_job).delete(delete_job),
-        )
-        .route("/api/jobs/{name}/pause", post(pause_job))
-        .route("/api/jobs/{name}/resume", post(resume_job))
-        .route("/api/jobs/{name}/trigger", post(trigger_job))
-        .route("/api/runs", get(list_runs))
-        .route("/api/runs/{id}", get(get_run))
-        .route("/api/runs/{id}/kill", post(kill_run))
-        .route("/api/runs/{id}/rerun", post(rerun_workflow))
-        .route("/api/workers", get(list_workers))
-        .route("/api/audit", get(list_audit))
-        .route("/api/alerts", get(list_alerts))
-        .route("/api/alerts/{name}", put(put_alert).delete(delete_alert))
-        .route("/api/alerts/{name}/test", post(test_alert))
-        .route("/api/history", get(history))
-        .route("/api/queues", get(queues))
-        .route("/api/queues/dead", get(dead_letters))
-        .route("/api/queues/dead/requeue", post(requeue))
-        .route(
-            "/api/config",
-            get(get_config).put(put_config).delete(delete_config),
-        )
-        // What a producer service needs (see `http_policy`).
-        .route("/api/queues/items", post(enqueue))
-        .route("/api/queues/item", get(get_item))
-        .route("/api/queues/item/cancel", post(cancel_item))
-        .route("/api/queues/item/reschedule", post(reschedule_item));
+    // Every API route comes from `api_routes`, which the token policy is built
+    // from too: a route cannot be served without its own rule.
+    let api = api_routes()
+        .into_iter()
+        .fold(Router::new(), |r, route| r.route(route.path, route.handler));
     let policy = http_policy(&state.auth);
     Router::new()
         .route(
@@ -142,39 +116,248 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         // Outermost: a caller without the token learns nothing else, and its body
         // is never read.
-        .layer(auth::require_token(policy, refuse as fn(&Gate) -> Response))
+        .layer(auth::require_token(
+            policy,
+            refuse as fn(&Gate, &Refusal) -> Response,
+        ))
 }
 
-/// The item calls a producer token opens, and nothing more.
-const PRODUCER_PATHS: [&str; 4] = [
-    "/api/queues/items",
-    "/api/queues/item",
-    "/api/queues/item/cancel",
-    "/api/queues/item/reschedule",
-];
+/// Who may call an API route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// Admin tokens of this role or above.
+    Admin(Role),
+    /// Producer tokens (whatever the call), or admin tokens of this role or above:
+    /// the item calls a producer service needs, and nothing more.
+    Producer(Role),
+}
 
-/// Which token each HTTP path takes: the API an admin token, its item calls a
-/// producer or admin token. Open: the console's files, `/api/session` (the
-/// console asks whether it needs a login), the probes and `/metrics`.
+/// One route of the JSON API.
+pub struct ApiRoute {
+    /// Its method.
+    pub method: Method,
+    /// Its path, `{…}` segments as the router writes them.
+    pub path: &'static str,
+    /// Who may call it.
+    pub who: Who,
+    handler: MethodRouter<HttpState>,
+}
+
+impl std::fmt::Debug for ApiRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiRoute")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("who", &self.who)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every route of the JSON API, with who may call it (see [`Role`] for what each
+/// role may do). [`router`] serves these and [`http_policy`] guards them, both
+/// from this one list.
+pub fn api_routes() -> Vec<ApiRoute> {
+    use Role::{Admin, Operator, Viewer};
+    let r = |method: Method, path, who, handler| ApiRoute {
+        method,
+        path,
+        who,
+        handler,
+    };
+    vec![
+        r(
+            Method::GET,
+            "/api/overview",
+            Who::Admin(Viewer),
+            get(overview),
+        ),
+        r(Method::GET, "/api/jobs", Who::Admin(Viewer), get(list_jobs)),
+        r(
+            Method::POST,
+            "/api/jobs",
+            Who::Admin(Admin),
+            post(create_job),
+        ),
+        r(
+            Method::GET,
+            "/api/jobs/{name}",
+            Who::Admin(Viewer),
+            get(get_job),
+        ),
+        r(
+            Method::PUT,
+            "/api/jobs/{name}",
+            Who::Admin(Admin),
+            put(update_job),
+        ),
+        r(
+            Method::DELETE,
+            "/api/jobs/{name}",
+            Who::Admin(Admin),
+            delete(delete_job),
+        ),
+        r(
+            Method::POST,
+            "/api/jobs/{name}/pause",
+            Who::Admin(Operator),
+            post(pause_job),
+        ),
+        r(
+            Method::POST,
+            "/api/jobs/{name}/resume",
+            Who::Admin(Operator),
+            post(resume_job),
+        ),
+        r(
+            Method::POST,
+            "/api/jobs/{name}/trigger",
+            Who::Admin(Operator),
+            post(trigger_job),
+        ),
+        r(Method::GET, "/api/runs", Who::Admin(Viewer), get(list_runs)),
+        r(
+            Method::GET,
+            "/api/runs/{id}",
+            Who::Admin(Viewer),
+            get(get_run),
+        ),
+        r(
+            Method::POST,
+            "/api/runs/{id}/kill",
+            Who::Admin(Operator),
+            post(kill_run),
+        ),
+        r(
+            Method::POST,
+            "/api/runs/{id}/rerun",
+            Who::Admin(Operator),
+            post(rerun_workflow),
+        ),
+        r(
+            Method::GET,
+            "/api/workers",
+            Who::Admin(Viewer),
+            get(list_workers),
+        ),
+        r(
+            Method::GET,
+            "/api/audit",
+            Who::Admin(Viewer),
+            get(list_audit),
+        ),
+        // Rules are shown without their sinks' secrets.
+        r(
+            Method::GET,
+            "/api/alerts",
+            Who::Admin(Viewer),
+            get(list_alerts),
+        ),
+        r(
+            Method::PUT,
+            "/api/alerts/{name}",
+            Who::Admin(Admin),
+            put(put_alert),
+        ),
+        r(
+            Method::DELETE,
+            "/api/alerts/{name}",
+            Who::Admin(Admin),
+            delete(delete_alert),
+        ),
+        r(
+            Method::POST,
+            "/api/alerts/{name}/test",
+            Who::Admin(Operator),
+            post(test_alert),
+        ),
+        r(
+            Method::GET,
+            "/api/history",
+            Who::Admin(Viewer),
+            get(history),
+        ),
+        r(Method::GET, "/api/queues", Who::Admin(Viewer), get(queues)),
+        r(
+            Method::GET,
+            "/api/queues/dead",
+            Who::Admin(Viewer),
+            get(dead_letters),
+        ),
+        r(
+            Method::POST,
+            "/api/queues/dead/requeue",
+            Who::Admin(Operator),
+            post(requeue),
+        ),
+        r(
+            Method::GET,
+            "/api/config",
+            Who::Admin(Viewer),
+            get(get_config),
+        ),
+        r(
+            Method::PUT,
+            "/api/config",
+            Who::Admin(Admin),
+            put(put_config),
+        ),
+        r(
+            Method::DELETE,
+            "/api/config",
+            Who::Admin(Admin),
+            delete(delete_config),
+        ),
+        r(
+            Method::POST,
+            "/api/queues/items",
+            Who::Producer(Operator),
+            post(enqueue),
+        ),
+        r(
+            Method::GET,
+            "/api/queues/item",
+            Who::Producer(Viewer),
+            get(get_item),
+        ),
+        r(
+            Method::POST,
+            "/api/queues/item/cancel",
+            Who::Producer(Operator),
+            post(cancel_item),
+        ),
+        r(
+            Method::POST,
+            "/api/queues/item/reschedule",
+            Who::Producer(Operator),
+            post(reschedule_item),
+        ),
+    ]
+}
+
+/// Which token each HTTP route takes ([`api_routes`]); any other path under
+/// `/api/` takes an admin. Open: the console's files, `/api/session` (the console
+/// asks whether it needs a login, and who it is), the probes and `/metrics`.
 pub fn http_policy(auth: &crate::grpc::Auth) -> Policy {
     let policy = Policy::new().exact("/api/session", Gate::open());
-    PRODUCER_PATHS
+    api_routes()
         .into_iter()
-        .fold(policy, |p, path| p.exact(path, auth.producer_gate()))
+        .fold(policy, |p, route| {
+            let gate = match route.who {
+                Who::Admin(need) => auth.admin_gate().needs(need),
+                Who::Producer(need) => auth.producer_gate().needs(need),
+            };
+            p.route(route.method, route.path, gate)
+        })
         .prefix("/api/", auth.admin_gate())
 }
 
-/// A refusal: 401 naming the token the caller lacks.
-fn refuse(gate: &Gate) -> Response {
-    ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthenticated",
-        format!(
-            "missing or unknown {} token (Authorization: Bearer <token>)",
-            gate.name()
-        ),
-    )
-    .into_response()
+/// A refusal: 401 naming the token the caller lacks, or 403 naming the role.
+fn refuse(gate: &Gate, why: &Refusal) -> Response {
+    let mut e = ApiError::from(crate::grpc::refusal_error(gate, why));
+    if *why == Refusal::Unauthenticated {
+        e.message = format!("{} (Authorization: Bearer <token>)", e.message);
+    }
+    e.into_response()
 }
 
 fn file(content_type: &'static str, body: &'static str) -> Response {
@@ -241,6 +424,7 @@ impl From<CoordError> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_argument", Some(field))
             }
             CoordError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
+            CoordError::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_denied", None),
             CoordError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             CoordError::AlreadyExists(_) => (StatusCode::CONFLICT, "already_exists", None),
             CoordError::Conflict(_) | CoordError::NotConfigured(_) => {
@@ -302,9 +486,18 @@ async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
     let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    // Without admin tokens (`auth.allow_unauthenticated`) everyone is an admin.
+    let who = match st.auth.admin {
+        None => Some((String::new(), Role::Admin)),
+        Some(_) => st.auth.admin_identity(header).map(|i| (i.name, i.role)),
+    };
     ok(json!({
         "auth_required": st.auth.admin.is_some(),
-        "authenticated": st.auth.admin.is_some() && st.auth.may_administer(header),
+        "authenticated": st.auth.admin.is_some() && who.is_some(),
+        // Who the token is, so the console shows what it may see and hides
+        // what it may not do (the API refuses it either way).
+        "name": who.as_ref().map(|w| w.0.clone()),
+        "role": who.as_ref().map(|w| w.1.as_str()),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
@@ -1098,6 +1291,8 @@ mod tests {
 
     const ADMIN: &str = "admin-token-0123456789";
     const PRODUCER: &str = "producer-token-0123456789";
+    const OPERATOR: &str = "operator-token-0123456789";
+    const VIEWER: &str = "viewer-token-0123456789";
 
     fn app() -> Router {
         use chime_shared::auth::Tokens;
@@ -1110,7 +1305,11 @@ mod tests {
             crate::store::Retention::default(),
         ));
         let auth = crate::grpc::Auth {
-            admin: Some(Arc::new(Tokens::fixed(ADMIN))),
+            admin: Some(Arc::new(Tokens::fixed_roles([
+                (ADMIN.to_owned(), Role::Admin),
+                (OPERATOR.to_owned(), Role::Operator),
+                (VIEWER.to_owned(), Role::Viewer),
+            ]))),
             worker: None,
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
         };
@@ -1198,6 +1397,68 @@ mod tests {
         assert_eq!(code, StatusCode::UNAUTHORIZED);
         let (code, _) = send("GET", "/api/nothing", Some(ADMIN), empty()).await;
         assert_eq!(code, StatusCode::NOT_FOUND);
+    }
+
+    /// Every API route, called by a viewer, an operator, an admin and a producer:
+    /// each passes the gate exactly when its role reaches the route's, and a known
+    /// token refused is 403 `permission_denied` (never 401, which asks for a
+    /// login). The routes come from `api_routes`, the list the router serves, so a
+    /// new route is in this test by being served.
+    #[tokio::test]
+    async fn every_route_takes_the_roles_its_rule_names() {
+        use axum::body::Body;
+        let routes = api_routes();
+        assert!(routes.len() >= 30, "{}", routes.len());
+        for route in routes {
+            let path = route
+                .path
+                .split('/')
+                .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+                .collect::<Vec<_>>()
+                .join("/");
+            let (need, producer) = match route.who {
+                Who::Admin(r) => (r, false),
+                Who::Producer(r) => (r, true),
+            };
+            for (token, role) in [
+                (VIEWER, Some(Role::Viewer)),
+                (OPERATOR, Some(Role::Operator)),
+                (ADMIN, Some(Role::Admin)),
+                (PRODUCER, None),
+            ] {
+                let body = || Body::from("{}");
+                let (code, b) = send(route.method.as_str(), &path, Some(token), body()).await;
+                let what = format!("{} {} as {token}: {code} {b}", route.method, route.path);
+                let may = match role {
+                    Some(r) => r >= need,
+                    None => producer,
+                };
+                if may {
+                    assert!(
+                        code != StatusCode::UNAUTHORIZED && code != StatusCode::FORBIDDEN,
+                        "{what}"
+                    );
+                } else if role.is_some() {
+                    assert_eq!(code, StatusCode::FORBIDDEN, "{what}");
+                    assert_eq!(b["error"]["code"], "permission_denied", "{what}");
+                } else {
+                    assert_eq!(code, StatusCode::UNAUTHORIZED, "{what}");
+                }
+            }
+        }
+        // The console learns who it is.
+        let (_, b) = send("GET", "/api/session", Some(VIEWER), Body::empty()).await;
+        assert_eq!(b["role"], "viewer", "{b}");
+        assert_eq!(b["authenticated"], true, "{b}");
+        assert!(
+            b["name"].as_str().is_some_and(|n| n.starts_with("token-")),
+            "{b}"
+        );
+        let (_, b) = send("GET", "/api/session", Some(PRODUCER), Body::empty()).await;
+        assert_eq!(
+            (b["authenticated"].clone(), b["role"].clone()),
+            (json!(false), Value::Null)
+        );
     }
 
     #[tokio::test]

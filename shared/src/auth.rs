@@ -3,8 +3,10 @@
 //! cannot change jobs.
 //!
 //! A token file holds one token per line (blank lines and `#` comments ignored),
-//! optionally followed by a space and the token's name (`<token> ci-deployer`): the
-//! name is who the audit log says made a change, never the token. An unnamed token
+//! optionally followed by the token's name (`<token> ci-deployer`): the name is who
+//! the audit log and the logs say made a call, never the token. A token of the
+//! admin API may also carry a role (`<token> grafana role=viewer`, see [`Role`]);
+//! without one it is an admin, as every admin token was before roles. An unnamed token
 //! is named `token-` + the first 8 hex digits of its SHA-256, which tells tokens
 //! apart without revealing them. Several lines are several valid tokens, which is how
 //! tokens rotate without a restart: add the new token, roll the clients, remove the
@@ -17,9 +19,11 @@
 //!
 //! Servers check tokens with one tower layer, [`require_token`], on every edge (the
 //! coordinator's gRPC and HTTP listeners, the worker's delivery service): a
-//! [`Policy`] maps request paths to the [`Gate`] guarding them, and each edge
-//! answers a refusal in its own language (a gRPC status, a JSON error). Clients
-//! present their token with [`Bearer`].
+//! [`Policy`] maps request methods and paths to the [`Gate`] guarding them (which
+//! token set, and the least role), and each edge answers a refusal in its own
+//! language (a gRPC status, a JSON error): an unknown token is unauthenticated, a
+//! known one whose role is too low is forbidden. Clients present their token with
+//! [`Bearer`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,18 +41,75 @@ pub const MAX_TOKEN_LEN: usize = 512;
 /// How often a token file's modification time is looked at.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// What a token of the admin API may do; each role may do what the roles before
+/// it may.
+///
+/// - `viewer`: read jobs, runs, workers, queues, dead letters, settings, alert
+///   rules (without their secrets) and the audit log; change nothing.
+/// - `operator`: also act on what exists: trigger, pause, resume, kill, rerun,
+///   requeue dead letters, enqueue, cancel and reschedule items, test an alert.
+/// - `admin`: also define: create, change and delete jobs, settings and alert
+///   rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads.
+    Viewer,
+    /// Reads and acts.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    /// Every role, least first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// Its name in token files, refusals and `/api/session`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who a presented token is: its name and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's name (see the module docs); never the token.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+}
+
 /// A set of accepted tokens, fixed or read from a file.
 #[derive(Debug)]
 pub struct Tokens {
     file: Option<PathBuf>,
+    /// Whether its tokens may carry a role (the admin set); in any other set a
+    /// `role=` is refused rather than silently meaning nothing.
+    roles: bool,
     state: Mutex<State>,
 }
 
-/// One accepted token and the name the audit log gives its holder.
+/// One accepted token, the name the audit log gives its holder, and its role.
 #[derive(Debug)]
 struct Token {
     secret: Vec<u8>,
     name: String,
+    role: Role,
 }
 
 /// Longest token name.
@@ -69,17 +130,38 @@ struct State {
     checked: Instant,
 }
 
-fn parse(text: &str, origin: &str) -> Result<Vec<Token>> {
+fn parse(text: &str, origin: &str, roles: bool) -> Result<Vec<Token>> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (t, name) = match line.split_once(char::is_whitespace) {
-            Some((t, name)) => (t, Some(name.trim())),
-            None => (line, None),
-        };
+        let mut fields = line.split_whitespace();
+        let t = fields.next().unwrap_or_default();
+        let (mut name, mut role) = (None, None);
+        for field in fields {
+            let at = |what: String| Error::invalid(origin, format!("line {}: {what}", n + 1));
+            if let Some(r) = field.strip_prefix("role=") {
+                if !roles {
+                    return Err(at(
+                        "only admin tokens have roles (this set opens one gate)".into()
+                    ));
+                }
+                if role.is_some() {
+                    return Err(at("more than one role".into()));
+                }
+                role = Some(Role::parse(r).ok_or_else(|| {
+                    at(format!("unknown role {r:?} (viewer, operator or admin)"))
+                })?);
+            } else if name.is_some() {
+                return Err(at(format!(
+                    "{field:?} is neither the token's name (given already) nor role=<role>"
+                )));
+            } else {
+                name = Some(field);
+            }
+        }
         if let Some(name) = name
             && (name.is_empty()
                 || name.len() > MAX_TOKEN_NAME_LEN
@@ -116,6 +198,7 @@ fn parse(text: &str, origin: &str) -> Result<Vec<Token>> {
         out.push(Token {
             secret: t.as_bytes().to_vec(),
             name: name.map_or_else(|| fingerprint(t.as_bytes()), str::to_owned),
+            role: role.unwrap_or(Role::Admin),
         });
     }
     if out.is_empty() {
@@ -124,12 +207,12 @@ fn parse(text: &str, origin: &str) -> Result<Vec<Token>> {
     Ok(out)
 }
 
-fn read(path: &Path) -> Result<(Vec<Token>, Option<SystemTime>)> {
+fn read(path: &Path, roles: bool) -> Result<(Vec<Token>, Option<SystemTime>)> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::invalid(&origin, format!("cannot read the token file: {e}")))?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((parse(&text, &origin)?, modified))
+    Ok((parse(&text, &origin, roles)?, modified))
 }
 
 /// Equal in constant time over `presented`'s length (and independent of where the
@@ -146,10 +229,20 @@ impl Tokens {
     /// Tokens from a file (see the module docs); an unreadable or empty file, or a
     /// short token, is an error naming the file.
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Self> {
-        let path = path.into();
-        let (tokens, modified) = read(&path)?;
+        Self::load(path.into(), false)
+    }
+
+    /// Admin tokens from a file: as [`Tokens::from_file`], and a token may carry a
+    /// `role=` (none: admin).
+    pub fn from_file_with_roles(path: impl Into<PathBuf>) -> Result<Self> {
+        Self::load(path.into(), true)
+    }
+
+    fn load(path: PathBuf, roles: bool) -> Result<Self> {
+        let (tokens, modified) = read(&path, roles)?;
         Ok(Self {
             file: Some(path),
+            roles,
             state: Mutex::new(State {
                 tokens,
                 modified,
@@ -160,14 +253,27 @@ impl Tokens {
 
     /// One fixed token (`chime dev`, tests). No length rule: it is the caller's.
     pub fn fixed(token: impl Into<String>) -> Self {
-        let secret = token.into().into_bytes();
-        Self {
-            file: None,
-            state: Mutex::new(State {
-                tokens: vec![Token {
+        Self::fixed_roles([(token.into(), Role::Admin)])
+    }
+
+    /// Fixed tokens, each with its role (tests, `chime dev`). No length rule.
+    pub fn fixed_roles(tokens: impl IntoIterator<Item = (String, Role)>) -> Self {
+        let tokens = tokens
+            .into_iter()
+            .map(|(t, role)| {
+                let secret = t.into_bytes();
+                Token {
                     name: fingerprint(&secret),
                     secret,
-                }],
+                    role,
+                }
+            })
+            .collect();
+        Self {
+            file: None,
+            roles: true,
+            state: Mutex::new(State {
+                tokens,
                 modified: None,
                 checked: Instant::now(),
             }),
@@ -184,6 +290,12 @@ impl Tokens {
     /// The name of the token `presented` is (see the module docs), `None` when it is
     /// none of them. Re-reads a changed file as [`Tokens::verify`] says.
     pub fn name_of(&self, presented: &str) -> Option<String> {
+        self.identify(presented).map(|i| i.name)
+    }
+
+    /// Who the token `presented` is, `None` when it is none of them. Re-reads a
+    /// changed file as [`Tokens::verify`] says.
+    pub fn identify(&self, presented: &str) -> Option<Identity> {
         if presented.is_empty() || presented.len() > MAX_TOKEN_LEN {
             return None;
         }
@@ -194,7 +306,7 @@ impl Tokens {
             st.checked = Instant::now();
             let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
             if modified != st.modified {
-                match read(path) {
+                match read(path, self.roles) {
                     Ok((tokens, modified)) => {
                         tracing::info!(file = %path.display(), tokens = tokens.len(), "token file reloaded");
                         st.tokens = tokens;
@@ -211,7 +323,10 @@ impl Tokens {
         st.tokens
             .iter()
             .fold(None, |hit, t| match same(&t.secret, presented.as_bytes()) {
-                true => Some(t.name.clone()),
+                true => Some(Identity {
+                    name: t.name.clone(),
+                    role: t.role,
+                }),
                 false => hit,
             })
     }
@@ -260,7 +375,7 @@ impl tonic::service::Interceptor for Bearer {
 
 /// Reads a client's token file (the first token in it), for the CLI and workers.
 pub fn read_client_token(path: &Path) -> Result<String> {
-    let (tokens, _) = read(path)?;
+    let (tokens, _) = read(path, true)?;
     Ok(String::from_utf8(tokens[0].secret.clone()).unwrap_or_default())
 }
 
@@ -296,30 +411,96 @@ impl Access {
         }
     }
 
-    /// Whether an `authorization` header value (`Bearer <token>`) passes.
+    /// Whether an `authorization` header value (`Bearer <token>`) passes with any
+    /// role.
     pub fn admits(&self, header: Option<&str>) -> bool {
+        self.check(header, Role::Viewer).is_ok()
+    }
+
+    /// Who an `authorization` header value is, if it is a token of these sets
+    /// (the highest role when it is in several). `Open` knows nobody.
+    pub fn identify(&self, header: Option<&str>) -> Option<Identity> {
         match self {
-            Access::Open => true,
-            Access::Tokens(sets) => header.and_then(bearer).is_some_and(|token| {
+            Access::Open => None,
+            Access::Tokens(sets) => header.and_then(bearer).and_then(|token| {
                 // Every set is asked, so timing does not tell which one matched.
-                sets.iter().fold(false, |hit, set| set.verify(token) | hit)
+                sets.iter().map(|set| set.identify(token)).fold(
+                    None,
+                    |best: Option<Identity>, hit| match (best, hit) {
+                        (Some(b), Some(h)) if h.role > b.role => Some(h),
+                        (Some(b), _) => Some(b),
+                        (None, h) => h,
+                    },
+                )
             }),
+        }
+    }
+
+    /// Whether an `authorization` header value passes where `need` is the least
+    /// role: open access always does; a token of these sets does when its role
+    /// is at least `need`.
+    pub fn check(&self, header: Option<&str>, need: Role) -> std::result::Result<(), Refusal> {
+        if matches!(self, Access::Open) {
+            return Ok(());
+        }
+        match self.identify(header) {
+            None => Err(Refusal::Unauthenticated),
+            Some(who) if who.role < need => Err(Refusal::Forbidden { who, need }),
+            Some(_) => Ok(()),
         }
     }
 }
 
-/// What guards a group of paths: who may pass, and the name of the token a refused
-/// caller lacks (`admin`, `worker`, `producer or admin`), for the refusal.
+/// Why a gate refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No token, or one of no set the gate takes.
+    Unauthenticated,
+    /// A known token whose role is below the gate's.
+    Forbidden {
+        /// Who asked.
+        who: Identity,
+        /// The least role the gate takes.
+        need: Role,
+    },
+}
+
+/// What guards a group of paths: who may pass (which token sets, and the least
+/// role), and the name of the token a refused caller lacks (`admin`, `worker`,
+/// `producer or admin`), for the refusal.
 #[derive(Debug, Clone)]
 pub struct Gate {
     name: &'static str,
     access: Access,
+    need: Role,
 }
 
 impl Gate {
-    /// A gate `access` lets through; `name` names its token in refusals.
+    /// A gate `access` lets through whatever the token's role (a worker or
+    /// producer set, whose tokens have none, or a read); `name` names its token in
+    /// refusals.
     pub fn new(name: &'static str, access: Access) -> Self {
-        Self { name, access }
+        Self {
+            name,
+            access,
+            need: Role::Viewer,
+        }
+    }
+
+    /// This gate, passed only by tokens of role `need` or above.
+    pub fn needs(mut self, need: Role) -> Self {
+        self.need = need;
+        self
+    }
+
+    /// The least role it takes.
+    pub fn need(&self) -> Role {
+        self.need
+    }
+
+    /// Whether an `authorization` header value passes.
+    pub fn check(&self, header: Option<&str>) -> std::result::Result<(), Refusal> {
+        self.access.check(header, self.need)
     }
 
     /// A gate everyone passes.
@@ -340,9 +521,38 @@ impl Gate {
 
 #[derive(Debug, Clone)]
 struct Rule {
+    /// `None`: every method.
+    method: Option<http::Method>,
     path: String,
-    whole: bool,
+    match_: Match,
     gate: Gate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    /// The path exactly.
+    Exact,
+    /// Segment by segment, a `{name}` segment matching any one segment.
+    Pattern,
+    /// Every path starting with it.
+    Prefix,
+}
+
+/// Whether `path` is `pattern` with each `{…}` segment one non-empty segment.
+fn pattern_matches(pattern: &str, path: &str) -> bool {
+    let (mut p, mut q) = (pattern.split('/'), path.split('/'));
+    loop {
+        match (p.next(), q.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a.starts_with('{') && a.ends_with('}') => {
+                if b.is_empty() {
+                    return false;
+                }
+            }
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
 }
 
 /// Request paths → the gate guarding them. Rules are tried in the order they were
@@ -359,40 +569,67 @@ impl Policy {
         Self::default()
     }
 
-    fn rule(mut self, path: String, whole: bool, gate: Gate) -> Self {
-        Arc::make_mut(&mut self.rules).push(Rule { path, whole, gate });
+    fn rule(
+        mut self,
+        method: Option<http::Method>,
+        path: String,
+        match_: Match,
+        gate: Gate,
+    ) -> Self {
+        Arc::make_mut(&mut self.rules).push(Rule {
+            method,
+            path,
+            match_,
+            gate,
+        });
         self
     }
 
-    /// `path` exactly (query strings are not part of a path).
+    /// `path` exactly, any method (query strings are not part of a path).
     pub fn exact(self, path: impl Into<String>, gate: Gate) -> Self {
-        self.rule(path.into(), true, gate)
+        self.rule(None, path.into(), Match::Exact, gate)
+    }
+
+    /// `method` on paths of `pattern` (`/api/jobs/{name}`: a `{…}` segment is any
+    /// one segment), as the router routes them.
+    pub fn route(self, method: http::Method, pattern: impl Into<String>, gate: Gate) -> Self {
+        self.rule(Some(method), pattern.into(), Match::Pattern, gate)
     }
 
     /// Every path starting with `prefix` (a gRPC service is `/<package>.<Service>/`).
     pub fn prefix(self, prefix: impl Into<String>, gate: Gate) -> Self {
-        self.rule(prefix.into(), false, gate)
+        self.rule(None, prefix.into(), Match::Prefix, gate)
     }
 
-    /// The gate guarding `path` (`None`: open).
-    pub fn gate(&self, path: &str) -> Option<&Gate> {
-        self.rules
-            .iter()
-            .find(|r| {
-                if r.whole {
-                    path == r.path
-                } else {
-                    path.starts_with(&r.path)
+    fn find(&self, method: &http::Method, path: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
+            r.method.as_ref().is_none_or(|m| m == method)
+                && match r.match_ {
+                    Match::Exact => path == r.path,
+                    Match::Pattern => pattern_matches(&r.path, path),
+                    Match::Prefix => path.starts_with(&r.path),
                 }
-            })
-            .map(|r| &r.gate)
+        })
+    }
+
+    /// The gate guarding `method` on `path` (`None`: open).
+    pub fn gate_for(&self, method: &http::Method, path: &str) -> Option<&Gate> {
+        self.find(method, path).map(|r| &r.gate)
+    }
+
+    /// Whether a rule names `method` on `path` itself (exactly or by pattern), not
+    /// only a prefix catching what no rule names: the check that every route has
+    /// its own rule.
+    pub fn names(&self, method: &http::Method, path: &str) -> bool {
+        self.find(method, path)
+            .is_some_and(|r| r.match_ != Match::Prefix)
     }
 }
 
-/// The token check of a server edge: a request whose path a [`Policy`] gate guards
-/// goes on only with an `authorization: Bearer <token>` header the gate admits;
-/// otherwise `refuse` answers it, in the edge's language (gRPC:
-/// `tonic::Status::unauthenticated(…).into_http()`; HTTP: a JSON 401), and the
+/// The token check of a server edge: a request whose method and path a [`Policy`]
+/// gate guards goes on only with an `authorization: Bearer <token>` header the gate
+/// admits; otherwise `refuse` answers it, in the edge's language (gRPC:
+/// `UNAUTHENTICATED` or `PERMISSION_DENIED`; HTTP: a JSON 401 or 403), and the
 /// service behind never sees it (nor its body, which stays unread). tower-http's
 /// request validation is the layer around it ([`require_token`]).
 #[cfg(feature = "server")]
@@ -414,7 +651,7 @@ impl<R> std::fmt::Debug for RequireToken<R> {
 #[cfg(feature = "server")]
 impl<B, R, ResBody> ValidateRequest<B> for RequireToken<R>
 where
-    R: Fn(&Gate) -> http::Response<ResBody>,
+    R: Fn(&Gate, &Refusal) -> http::Response<ResBody>,
 {
     type ResponseBody = ResBody;
 
@@ -426,10 +663,24 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        match self.policy.gate(req.uri().path()) {
-            Some(gate) if !gate.access.admits(header) => Err((self.refuse)(gate)),
-            _ => Ok(()),
-        }
+        let Some(gate) = self.policy.gate_for(req.method(), req.uri().path()) else {
+            return Ok(());
+        };
+        gate.check(header).map_err(|refusal| {
+            if let Refusal::Forbidden { who, need } = &refusal {
+                // A known caller reaching past its role is worth a line: the
+                // token's name, never the token.
+                tracing::info!(
+                    token = %who.name,
+                    role = %who.role,
+                    need = %need,
+                    method = %req.method(),
+                    path = req.uri().path(),
+                    "refused: the token's role is too low"
+                );
+            }
+            (self.refuse)(gate, &refusal)
+        })
     }
 }
 
@@ -437,7 +688,7 @@ where
 #[cfg(feature = "server")]
 pub type RequireTokenLayer<R> = ValidateRequestHeaderLayer<RequireToken<R>>;
 
-/// Checks `policy` on every request, refusing with `refuse(gate)`.
+/// Checks `policy` on every request, refusing with `refuse(gate, why)`.
 #[cfg(feature = "server")]
 pub fn require_token<R>(policy: Policy, refuse: R) -> RequireTokenLayer<R> {
     ValidateRequestHeaderLayer::custom(RequireToken { policy, refuse })
@@ -558,11 +809,118 @@ mod tests {
         let p = Policy::new()
             .exact("/api/session", Gate::open())
             .prefix("/api/", Gate::new("admin", Access::tokens(set(ADMIN))));
-        assert!(p.gate("/api/session").is_some_and(|g| g.name().is_empty()));
-        assert_eq!(p.gate("/api/jobs").map(Gate::name), Some("admin"));
-        assert_eq!(p.gate("/api/session/x").map(Gate::name), Some("admin"));
-        assert!(p.gate("/livez").is_none());
-        assert!(p.gate("/api").is_none());
+        let get = |path: &str| p.gate_for(&http::Method::GET, path);
+        assert!(get("/api/session").is_some_and(|g| g.name().is_empty()));
+        assert_eq!(get("/api/jobs").map(Gate::name), Some("admin"));
+        assert_eq!(get("/api/session/x").map(Gate::name), Some("admin"));
+        assert!(get("/livez").is_none());
+        assert!(get("/api").is_none());
+    }
+
+    #[test]
+    fn routes_match_by_method_and_pattern_and_prefixes_only_catch() {
+        let admin = || Gate::new("admin", Access::tokens(set(ADMIN)));
+        let p = Policy::new()
+            .route(
+                http::Method::GET,
+                "/api/jobs/{name}",
+                admin().needs(Role::Viewer),
+            )
+            .route(
+                http::Method::POST,
+                "/api/jobs/{name}/pause",
+                admin().needs(Role::Operator),
+            )
+            .prefix("/api/", admin().needs(Role::Admin));
+        let need = |m: http::Method, path: &str| p.gate_for(&m, path).map(Gate::need);
+        assert_eq!(need(http::Method::GET, "/api/jobs/a"), Some(Role::Viewer));
+        assert_eq!(need(http::Method::PUT, "/api/jobs/a"), Some(Role::Admin));
+        assert_eq!(
+            need(http::Method::POST, "/api/jobs/a/pause"),
+            Some(Role::Operator)
+        );
+        // `{name}` is one non-empty segment.
+        assert_eq!(need(http::Method::GET, "/api/jobs/"), Some(Role::Admin));
+        assert_eq!(need(http::Method::GET, "/api/jobs/a/b"), Some(Role::Admin));
+        assert!(p.names(&http::Method::GET, "/api/jobs/a"));
+        assert!(
+            !p.names(&http::Method::DELETE, "/api/jobs/a"),
+            "only the prefix"
+        );
+        assert!(!p.names(&http::Method::GET, "/livez"));
+    }
+
+    #[test]
+    fn roles_rank_and_a_low_role_is_forbidden_not_unauthenticated() {
+        let dir = std::env::temp_dir().join(format!("chime-roles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("tokens");
+        std::fs::write(
+            &f,
+            "viewer-token-0123456789 grafana role=viewer\n\
+             operator-token-0123456789 role=operator oncall\n\
+             admin-token-0123456789 ci\n",
+        )
+        .unwrap();
+        let t = Arc::new(Tokens::from_file_with_roles(&f).unwrap());
+        let who = |tok: &str| t.identify(tok).map(|i| (i.name, i.role));
+        assert_eq!(
+            who("viewer-token-0123456789"),
+            Some(("grafana".into(), Role::Viewer))
+        );
+        assert_eq!(
+            who("operator-token-0123456789"),
+            Some(("oncall".into(), Role::Operator))
+        );
+        assert_eq!(
+            who("admin-token-0123456789"),
+            Some(("ci".into(), Role::Admin)),
+            "no role: admin, as before roles"
+        );
+        let access = Access::Tokens(vec![t.clone()]);
+        let h = |tok: &str| format!("Bearer {tok}");
+        assert_eq!(
+            access.check(Some(&h("viewer-token-0123456789")), Role::Viewer),
+            Ok(())
+        );
+        assert!(matches!(
+            access.check(Some(&h("viewer-token-0123456789")), Role::Operator),
+            Err(Refusal::Forbidden { need: Role::Operator, ref who }) if who.name == "grafana"
+        ));
+        assert_eq!(
+            access.check(Some(&h("operator-token-0123456789")), Role::Operator),
+            Ok(())
+        );
+        assert!(
+            access
+                .check(Some(&h("operator-token-0123456789")), Role::Admin)
+                .is_err()
+        );
+        assert_eq!(
+            access.check(Some(&h("unknown-token-0123456789")), Role::Viewer),
+            Err(Refusal::Unauthenticated)
+        );
+        assert_eq!(
+            access.check(None, Role::Viewer),
+            Err(Refusal::Unauthenticated)
+        );
+        // Bad roles name the line; a worker or producer set takes none.
+        for (text, says) in [
+            ("t-0123456789abcdef role=root\n", "unknown role"),
+            (
+                "t-0123456789abcdef role=viewer role=admin\n",
+                "more than one role",
+            ),
+            ("t-0123456789abcdef a b\n", "neither"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = Tokens::from_file_with_roles(&f).unwrap_err().to_string();
+            assert!(e.contains("line 1") && e.contains(says), "{text}: {e}");
+        }
+        std::fs::write(&f, "t-0123456789abcdef w1 role=viewer\n").unwrap();
+        let e = Tokens::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("only admin tokens have roles"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[cfg(feature = "server")]
@@ -573,7 +931,7 @@ mod tests {
             "/chime.v1.Admin/",
             Gate::new("admin", Access::tokens(set(ADMIN))),
         );
-        let refuse = |g: &Gate| {
+        let refuse = |g: &Gate, _: &Refusal| {
             http::Response::builder()
                 .status(401)
                 .body(format!("no {} token", g.name()))

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chime_shared::auth::{self, Access, Gate, Policy, RequireTokenLayer, Tokens};
+use chime_shared::auth::{self, Access, Gate, Policy, Refusal, RequireTokenLayer, Role, Tokens};
 use chime_shared::clock::Clock;
 use chime_shared::telemetry::{self, Edge, RequestMetricsLayer};
 use chime_shared::tls::ClientTls;
@@ -82,9 +82,10 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// The admin API (and everything else but sessions): admin tokens.
+    /// The admin API (and everything else but sessions): admin tokens whose role is
+    /// admin. A route that takes less says so (`.needs(Role::Viewer)`).
     pub fn admin_gate(&self) -> Gate {
-        Gate::new("admin", Access::tokens(self.admin.clone()))
+        Gate::new("admin", Access::tokens(self.admin.clone())).needs(Role::Admin)
     }
 
     /// Worker sessions: worker tokens.
@@ -93,55 +94,115 @@ impl Auth {
     }
 
     /// The delay queue: an admin token, or a producer one (no producer tokens
-    /// configured opens nothing by itself).
+    /// configured opens nothing by itself). Producer tokens have no role and pass
+    /// whatever the call; an admin-set token needs the call's role.
     pub fn producer_gate(&self) -> Gate {
         Gate::new(
             "producer or admin",
             Access::tokens(self.admin.clone()).or(self.producer.clone()),
         )
+        .needs(Role::Admin)
     }
 
-    /// Whether `header` may use the admin API.
-    pub fn may_administer(&self, header: Option<&str>) -> bool {
-        self.admin_gate().access().admits(header)
+    /// Who `header` is on the admin API (`None`: no token of it).
+    pub fn admin_identity(&self, header: Option<&str>) -> Option<auth::Identity> {
+        Access::tokens(self.admin.clone()).identify(header)
     }
 }
+
+/// The least role of an admin token for each admin API method. Every method of
+/// `chime.v1.Admin` has its line (a test fails when the proto gains one without);
+/// one without would fall to the service's catch-all, which takes admins only.
+pub const ADMIN_METHODS: [(&str, Role); 15] = [
+    ("CreateJob", Role::Admin),
+    ("CreateJobs", Role::Admin),
+    ("UpdateJob", Role::Admin),
+    ("DeleteJob", Role::Admin),
+    ("GetJob", Role::Viewer),
+    ("ListJobs", Role::Viewer),
+    ("PauseJob", Role::Operator),
+    ("ResumeJob", Role::Operator),
+    ("TriggerJob", Role::Operator),
+    ("ListRuns", Role::Viewer),
+    ("GetRun", Role::Viewer),
+    ("KillRun", Role::Operator),
+    ("RerunWorkflow", Role::Operator),
+    ("ListWorkers", Role::Viewer),
+    ("ListAudit", Role::Viewer),
+];
+
+/// The least role of an admin token for each delay queue method (a producer token
+/// passes them all). Every method of `chime.v1.Queue` has its line.
+pub const QUEUE_METHODS: [(&str, Role); 7] = [
+    ("Enqueue", Role::Operator),
+    ("GetItem", Role::Viewer),
+    ("CancelItem", Role::Operator),
+    ("RescheduleItem", Role::Operator),
+    ("QueueStats", Role::Viewer),
+    ("ListDeadLetters", Role::Viewer),
+    ("RequeueDeadLetters", Role::Operator),
+];
 
 /// `/<service>/`, the prefix of every method path of a gRPC service.
 fn methods_of<S: NamedService>() -> String {
     format!("/{}/", S::NAME)
 }
 
-/// Which token each gRPC service takes: sessions a worker token, the admin API an
-/// admin token, the delay queue a producer or admin token. Health and reflection
-/// are open (they change nothing), and so are unknown paths, which tonic answers
-/// `UNIMPLEMENTED`.
+/// Which token each gRPC method takes: sessions a worker token; the admin API an
+/// admin token of the method's role ([`ADMIN_METHODS`]); the delay queue a
+/// producer token, or an admin one of the method's role ([`QUEUE_METHODS`]). A
+/// method of those services without its own line takes admins only. Health and
+/// reflection are open (they change nothing), and so are unknown paths, which
+/// tonic answers `UNIMPLEMENTED`.
 pub fn grpc_policy(auth: &Auth) -> Policy {
-    Policy::new()
-        .prefix(
-            methods_of::<pb::worker_gateway_server::WorkerGatewayServer<Gateway>>(),
-            auth.worker_gate(),
-        )
-        .prefix(
-            methods_of::<pb::admin_server::AdminServer<AdminApi>>(),
-            auth.admin_gate(),
-        )
-        // Producers hold a producer token (or the admin one): it opens the delay
-        // queue and nothing else.
-        .prefix(
-            methods_of::<pb::queue_server::QueueServer<queue::QueueApi>>(),
-            auth.producer_gate(),
-        )
+    let admin = methods_of::<pb::admin_server::AdminServer<AdminApi>>();
+    let queue = methods_of::<pb::queue_server::QueueServer<queue::QueueApi>>();
+    let mut policy = Policy::new().prefix(
+        methods_of::<pb::worker_gateway_server::WorkerGatewayServer<Gateway>>(),
+        auth.worker_gate(),
+    );
+    for (method, need) in ADMIN_METHODS {
+        policy = policy.exact(format!("{admin}{method}"), auth.admin_gate().needs(need));
+    }
+    // Producers hold a producer token (or an admin one): it opens the delay queue
+    // and nothing else.
+    for (method, need) in QUEUE_METHODS {
+        policy = policy.exact(format!("{queue}{method}"), auth.producer_gate().needs(need));
+    }
+    policy
+        .prefix(admin, auth.admin_gate())
+        .prefix(queue, auth.producer_gate())
 }
 
-/// The refusal of a call without the token its gate asks for: `UNAUTHENTICATED`,
-/// as a gRPC answer (HTTP 200, the status in the headers).
-fn refuse(gate: &Gate) -> http::Response<tonic::body::Body> {
-    Status::from(CoordError::Unauthenticated(format!(
-        "missing or unknown {} token",
-        gate.name()
-    )))
-    .into_http()
+/// The refusal of a call its gate does not pass: `UNAUTHENTICATED` without a known
+/// token, `PERMISSION_DENIED` for a known one whose role is too low, as a gRPC
+/// answer (HTTP 200, the status in the headers).
+fn refuse(gate: &Gate, why: &Refusal) -> http::Response<tonic::body::Body> {
+    Status::from(refusal_error(gate, why)).into_http()
+}
+
+/// A gate's refusal as the domain error both edges answer.
+pub(crate) fn refusal_error(gate: &Gate, why: &Refusal) -> CoordError {
+    match why {
+        Refusal::Unauthenticated => {
+            CoordError::Unauthenticated(format!("missing or unknown {} token", gate.name()))
+        }
+        Refusal::Forbidden { who, need } => CoordError::PermissionDenied(format!(
+            "token {} is {} {}; this needs {} {} token",
+            who.name,
+            article(who.role),
+            who.role,
+            article(*need),
+            need
+        )),
+    }
+}
+
+fn article(role: Role) -> &'static str {
+    match role {
+        Role::Operator | Role::Admin => "an",
+        Role::Viewer => "a",
+    }
 }
 
 /// The services the coordinator serves, the `route` label of its gRPC metrics.
@@ -188,7 +249,7 @@ pub const MAX_CALLS_PER_CONNECTION: usize = 256;
 /// The layers [`server`] adds inside tonic's own (a `Stack` names the innermost
 /// first: the token check, then metrics, then tracing).
 pub type Layers = Stack<
-    RequireTokenLayer<fn(&Gate) -> http::Response<tonic::body::Body>>,
+    RequireTokenLayer<fn(&Gate, &Refusal) -> http::Response<tonic::body::Body>>,
     Stack<RequestMetricsLayer, Stack<TraceLayer<GrpcMakeClassifier>, Identity>>,
 >;
 
@@ -242,7 +303,7 @@ pub async fn server(
         .layer(RequestMetricsLayer::new(Edge::Grpc, route_of))
         .layer(auth::require_token(
             grpc_policy(&auth),
-            refuse as fn(&Gate) -> http::Response<tonic::body::Body>,
+            refuse as fn(&Gate, &Refusal) -> http::Response<tonic::body::Body>,
         ))
         .add_service(health_service)
         .add_service(
@@ -1444,5 +1505,171 @@ mod tests {
             .unwrap();
         stop.cancel();
         served.await.unwrap().unwrap();
+    }
+
+    /// The `rpc` names a service declares in its proto file.
+    fn rpcs(proto_text: &str) -> Vec<String> {
+        proto_text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .filter_map(|l| l.split('(').next())
+            .map(|m| m.trim().to_owned())
+            .collect()
+    }
+
+    /// Every method of the admin API and the delay queue has its own rule (a role),
+    /// read from the proto files: a method added without one fails here, instead
+    /// of silently falling to the catch-all. Sessions take a worker token, whatever
+    /// the method.
+    #[test]
+    fn every_grpc_method_has_its_own_rule() {
+        let auth = Auth {
+            admin: Some(Arc::new(Tokens::fixed("admin-token-0123456789"))),
+            worker: Some(Arc::new(Tokens::fixed("worker-token-0123456789"))),
+            producer: None,
+        };
+        let policy = grpc_policy(&auth);
+        let post = http::Method::POST;
+        for (service, text) in [
+            (
+                "chime.v1.Admin",
+                include_str!("../../../proto/chime/v1/admin.proto"),
+            ),
+            (
+                "chime.v1.Queue",
+                include_str!("../../../proto/chime/v1/queue.proto"),
+            ),
+        ] {
+            let methods = rpcs(text);
+            assert!(methods.len() >= 7, "{service}: {methods:?}");
+            for m in methods {
+                let path = format!("/{service}/{m}");
+                assert!(
+                    policy.names(&post, &path),
+                    "{path} has no rule of its own: add it to ADMIN_METHODS or QUEUE_METHODS"
+                );
+            }
+        }
+        for m in rpcs(include_str!("../../../proto/chime/v1/worker.proto")) {
+            let path = format!("/chime.v1.WorkerGateway/{m}");
+            assert_eq!(
+                policy.gate_for(&post, &path).map(Gate::name),
+                Some("worker"),
+                "{path}"
+            );
+        }
+    }
+
+    /// Roles on the real server: a viewer reads and is refused every change with
+    /// `PERMISSION_DENIED` naming its token; an operator acts but does not define;
+    /// an admin does everything; a producer token opens the queue only.
+    #[tokio::test]
+    async fn admin_tokens_act_by_their_role() {
+        let dir = std::env::temp_dir().join(format!("chime-grpc-roles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("admin-tokens");
+        std::fs::write(
+            &file,
+            "viewer-token-0123456789 grafana role=viewer\n\
+             operator-token-0123456789 oncall role=operator\n\
+             admin-token-0123456789 ci\n",
+        )
+        .unwrap();
+        const PRODUCER: &str = "producer-token-0123456789";
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let shared = Arc::new(Shared::default());
+        let jobs = JobStore::new(Arc::new(MemorySource::default()));
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        let admin = admin_api(shared.clone(), jobs, runs, clock, &Auth::default(), None);
+        let auth = Auth {
+            admin: Some(Arc::new(Tokens::from_file_with_roles(&file).unwrap())),
+            worker: Some(Arc::new(Tokens::fixed("worker-token-0123456789"))),
+            producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+        };
+        let router = server(shared, admin, queue::QueueApi::new(None, None), auth, None)
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let served = tokio::spawn(router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move { until.cancelled().await },
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let with = |token: &str| chime_shared::auth::Bearer::new(Some(token)).unwrap();
+        let admin =
+            |token| pb::admin_client::AdminClient::with_interceptor(channel.clone(), with(token));
+        let queue =
+            |token| pb::queue_client::QueueClient::with_interceptor(channel.clone(), with(token));
+        let job = || pb::JobRef {
+            name: "nope".into(),
+        };
+        let code = |r: std::result::Result<(), Status>| {
+            r.err().map(|e| (e.code(), e.message().to_owned()))
+        };
+        let passed = |c: Option<(tonic::Code, String)>| {
+            !matches!(
+                c,
+                Some((
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
+                    _
+                ))
+            )
+        };
+        for (token, read, act, define) in [
+            ("viewer-token-0123456789", true, false, false),
+            ("operator-token-0123456789", true, true, false),
+            ("admin-token-0123456789", true, true, true),
+        ] {
+            let r = code(admin(token).get_job(job()).await.map(|_| ()));
+            assert_eq!(passed(r.clone()), read, "{token} read: {r:?}");
+            let r = code(admin(token).pause_job(job()).await.map(|_| ()));
+            assert_eq!(passed(r.clone()), act, "{token} pause: {r:?}");
+            let r = code(admin(token).delete_job(job()).await.map(|_| ()));
+            assert_eq!(passed(r.clone()), define, "{token} delete: {r:?}");
+            let r = code(
+                queue(token)
+                    .enqueue(pb::EnqueueRequest::default())
+                    .await
+                    .map(|_| ()),
+            );
+            assert_eq!(passed(r.clone()), act, "{token} enqueue: {r:?}");
+            let r = code(
+                queue(token)
+                    .get_item(pb::ItemRef::default())
+                    .await
+                    .map(|_| ()),
+            );
+            assert!(passed(r.clone()), "{token} get item: {r:?}");
+        }
+        // The refusal names the token and both roles, never the secret.
+        let e = admin("viewer-token-0123456789")
+            .trigger_job(pb::TriggerJobRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            e.message(),
+            "token grafana is a viewer; this needs an operator token"
+        );
+        // A producer token opens every queue call and no admin one.
+        let r = code(
+            queue(PRODUCER)
+                .requeue_dead_letters(pb::RequeueDeadLettersRequest::default())
+                .await
+                .map(|_| ()),
+        );
+        assert!(passed(r.clone()), "{r:?}");
+        let e = admin(PRODUCER).get_job(job()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        stop.cancel();
+        served.await.unwrap().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

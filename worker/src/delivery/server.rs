@@ -259,7 +259,7 @@ fn policy(access: Access) -> Policy {
 }
 
 /// The refusal of a call without an accepted token.
-fn refuse(_: &Gate) -> http::Response<tonic::body::Body> {
+fn refuse(_: &Gate, _: &auth::Refusal) -> http::Response<tonic::body::Body> {
     Status::unauthenticated(
         "missing or unknown token: send `authorization: Bearer <token>` with a token of the worker's deliveries.token_file",
     )
@@ -305,7 +305,7 @@ pub async fn serve(
         .layer(RequestMetricsLayer::new(Edge::Grpc, route_of))
         .layer(auth::require_token(
             policy(access),
-            refuse as fn(&Gate) -> http::Response<tonic::body::Body>,
+            refuse as fn(&Gate, &auth::Refusal) -> http::Response<tonic::body::Body>,
         ))
         .add_service(svc)
         // TCP_NODELAY: a `Deliver` written while the previous one is unacknowledged
