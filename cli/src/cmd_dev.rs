@@ -16,7 +16,7 @@ use chime_coordinator::grpc::Auth;
 use chime_coordinator::model::{JobSpec, Misfire, Overlap, Routing, Schedule};
 use chime_coordinator::store::{JobStore, MemoryRunStore};
 use chime_shared::activity::{self, HistoryStore, MemoryHistory};
-use chime_shared::auth::Tokens;
+use chime_shared::auth::{Role, Tokens};
 use chime_shared::clock::{Clock, SystemClock, system_now_ms};
 use chime_shared::config::source::MemorySource;
 use chime_shared::config::watcher;
@@ -58,6 +58,10 @@ pub struct DevArgs {
     /// Require this admin token in the console and the admin API.
     #[arg(long)]
     admin_token: Option<String>,
+    /// Also take this token, as a viewer (reads only; needs --admin-token): to try
+    /// the console as someone who may look but not change.
+    #[arg(long, requires = "admin_token")]
+    viewer_token: Option<String>,
     /// Export trace spans over OTLP/gRPC to this receiver (`http://127.0.0.1:4317`,
     /// a local Jaeger or OpenTelemetry Collector); the demo's fires are traced.
     #[arg(long, env = "CHIME_TRACING_OTLP_ENDPOINT")]
@@ -276,7 +280,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
         tls: Default::default(),
         peer_tls: None,
         auth: Auth {
-            admin: args.admin_token.clone().map(|t| Arc::new(Tokens::fixed(t))),
+            admin: args.admin_token.clone().map(|t| {
+                let viewer = args.viewer_token.clone().map(|v| (v, Role::Viewer));
+                Arc::new(Tokens::fixed_roles(
+                    std::iter::once((t, Role::Admin)).chain(viewer),
+                ))
+            }),
             worker: None,
             producer: None,
         },

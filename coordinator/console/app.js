@@ -222,6 +222,17 @@
     throw e;
   }
 
+  // What the session's token may do (`/api/session`'s role; without auth, an
+  // admin). The console hides what the role may not do; the API refuses it
+  // either way (403), so this is a courtesy, not the guard.
+  const RANK = { viewer: 0, operator: 1, admin: 2 };
+  function may(need) {
+    const role = (state.session && state.session.role) || 'admin';
+    return (RANK[role] ?? -1) >= RANK[need];
+  }
+  // `el` when the role may, nothing otherwise.
+  const ifMay = (need, el) => (may(need) ? el : null);
+
   function errText(e) {
     if (!(e instanceof ApiError)) return String(e && e.message ? e.message : e);
     if (e.code === 'unavailable') return `Unavailable, retrying: ${e.message}`;
@@ -321,6 +332,11 @@
     $('#topbar').hidden = false;
     $('#app').hidden = false;
     $('#logout').hidden = !(state.session && state.session.auth_required);
+    const who = $('#whoami');
+    const s = state.session || {};
+    who.hidden = !s.auth_required;
+    who.textContent = s.auth_required ? `${s.name || 'token'} · ${s.role || ''}` : '';
+    who.dataset.role = s.role || '';
     const brand = $('.brand');
     if (state.session && state.session.version) brand.title = `chime ${state.session.version}`;
     if (!location.hash || location.hash === '#' || location.hash === '#/') {
@@ -846,7 +862,7 @@
 
     fill(root,
       h('div', { class: 'page-head' }, h('h1', null, 'Jobs ', count),
-        h('div', { class: 'toolbar' }, filter, h('a', { href: '#/jobs/new', id: 'job-new', class: 'btn btn-primary', 'data-testid': 'job-new' }, 'New job'))),
+        h('div', { class: 'toolbar' }, filter, ifMay('admin', h('a', { href: '#/jobs/new', id: 'job-new', class: 'btn btn-primary', 'data-testid': 'job-new' }, 'New job')))),
       section(null, t.el));
 
     async function act(job, what) {
@@ -902,13 +918,13 @@
         h('td', null, timeEl(j.last_fire_ms)),
         h('td', null, j.paused ? h('span', { class: 'badge badge-warn', 'data-testid': 'paused-marker' }, 'paused') : h('span', { class: 'badge badge-ok', 'data-testid': 'active-marker' }, 'active')),
         h('td', { class: 'actions' },
-          j.paused
+          ifMay('operator', j.paused
             ? h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'resume', onclick: () => act(j, 'resume') }, 'Resume')
-            : h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'pause', onclick: () => act(j, 'pause') }, 'Pause'),
-          h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'trigger', onclick: () => trigger(j) }, 'Trigger'),
-          h('a', { href: jobHref(j.name), class: 'btn btn-small', 'data-action': 'edit' }, 'Edit'),
+            : h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'pause', onclick: () => act(j, 'pause') }, 'Pause')),
+          ifMay('operator', h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'trigger', onclick: () => trigger(j) }, 'Trigger')),
+          h('a', { href: jobHref(j.name), class: 'btn btn-small', 'data-action': 'edit' }, may('admin') ? 'Edit' : 'View'),
           h('a', { href: `#/runs?job=${enc(j.name)}`, class: 'btn btn-small', 'data-action': 'runs' }, 'Runs'),
-          h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(j) }, 'Delete')))));
+          ifMay('admin', h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(j) }, 'Delete'))))));
     }
 
     const view = {
@@ -1012,16 +1028,18 @@
           field('retry_backoff_ms', 'First retry backoff (ms)', num(), h('span', null, 'Doubles per retry', msHint('retry_backoff_ms'))),
           field('children', 'Child jobs', text({ placeholder: 'job-a, job-b' }), 'Fired when a run succeeds; comma-separated'))),
       h('div', { class: 'form-actions' },
-        saveBtn,
-        h('a', { href: '#/jobs', class: 'btn', id: 'job-cancel', 'data-testid': 'job-cancel' }, 'Cancel'),
+        ifMay('admin', saveBtn),
+        h('a', { href: '#/jobs', class: 'btn', id: 'job-cancel', 'data-testid': 'job-cancel' }, may('admin') ? 'Cancel' : 'Back'),
         meta));
+    // A viewer or operator sees the definition, read-only.
+    if (!may('admin')) form.querySelectorAll('fieldset').forEach((f) => { f.disabled = true; });
 
     const datalists = h('div', { hidden: true },
       h('datalist', { id: 'known-groups' }), h('datalist', { id: 'known-handlers' }),
       h('datalist', { id: 'known-zones' }, ['UTC', 'Europe/Paris', 'Europe/London', 'America/New_York', 'America/Los_Angeles', 'Asia/Shanghai', 'Asia/Tokyo'].map((z) => h('option', { value: z }))));
 
     fill(root,
-      h('div', { class: 'page-head' }, h('h1', null, isNew ? 'New job' : `Edit job ${name}`),
+      h('div', { class: 'page-head' }, h('h1', null, isNew ? 'New job' : may('admin') ? `Edit job ${name}` : `Job ${name}`),
         isNew ? null : h('div', { class: 'toolbar' }, h('a', { class: 'btn', href: `#/runs?job=${enc(name)}` }, 'Runs of this job'))),
       h('section', { class: 'panel' }, form), datalists);
 
@@ -1436,7 +1454,7 @@
         h('td', { class: 'num' }, duration(n.started_at_ms, n.finished_at_ms)),
         h('td', { class: `node-output ${n.error ? 'error-text' : ''}`, title: n.error || n.output || '' }, n.error || (n.output ? h('code', null, n.output) : '')),
         h('td', null, final
-          ? h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'rerun', 'data-node': n.name, onclick: () => rerun(r, n.name) }, 'Rerun from here')
+          ? ifMay('operator', h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'rerun', 'data-node': n.name, onclick: () => rerun(r, n.name) }, 'Rerun from here'))
           : null))));
     }
 
@@ -1455,7 +1473,7 @@
       root.dataset.runState = r.state;
       fill(actions,
         stateBadge(r.state, 'run-state'),
-        final ? null : h('button', { type: 'button', id: 'run-kill', class: 'btn btn-danger', 'data-testid': 'run-kill', onclick: () => kill(r) }, 'Kill'),
+        final || !may('operator') ? null : h('button', { type: 'button', id: 'run-kill', class: 'btn btn-danger', 'data-testid': 'run-kill', onclick: () => kill(r) }, 'Kill'),
         h('a', { class: 'btn', href: `#/runs?job=${enc(r.job)}` }, 'Runs of this job'));
       fill(info,
         dt('Job', h('a', { href: jobHref(r.job), 'data-testid': 'run-job' }, r.job)),
@@ -1578,7 +1596,7 @@
     const notice = h('div', { class: 'notice', hidden: true, 'data-testid': 'queues-unavailable' });
     const content = h('div', null,
       h('section', { class: 'panel' }, h('h2', null, 'Delayed item queues'), summary, waitingLine, t.el),
-      h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, h('div', { class: 'toolbar' }, reqSel, reqAll)), dead.el));
+      h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, ifMay('operator', h('div', { class: 'toolbar' }, reqSel, reqAll))), dead.el));
     const charts = chartGrid('queues-charts', ['items', 'lag', 'depth', 'age']);
     fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')), notice, charts.el, content);
 
@@ -1730,7 +1748,7 @@
     }
 
     const content = h('div', null,
-      h('section', { class: 'panel' }, h('h2', null, 'Set a value'), h('p', { class: 'muted' }, 'Written to etcd; every coordinator and worker picks it up live. A bad value is refused and nothing is written.'), form),
+      ifMay('admin', h('section', { class: 'panel' }, h('h2', null, 'Set a value'), h('p', { class: 'muted' }, 'Written to etcd; every coordinator and worker picks it up live. A bad value is refused and nothing is written.'), form)),
       section('Entries', entries.el),
       section('Refused values', h('p', { class: 'muted' }, 'Values found in etcd that are not in force (the last good value stays).'), refused.el),
       section('Known keys', known.el),
@@ -1758,8 +1776,8 @@
           h('td', { class: 'mono' }, e.value),
           h('td', { class: 'num' }, String(e.revision ?? '')),
           h('td', { class: 'actions' },
-            h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'edit', onclick: () => edit(e.key, e.value) }, 'Edit'),
-            h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(e.key) }, 'Delete')))) : emptyRow(entries, 'No settings: every default is in force.'));
+            ifMay('admin', h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'edit', onclick: () => edit(e.key, e.value) }, 'Edit')),
+            ifMay('admin', h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(e.key) }, 'Delete'))))) : emptyRow(entries, 'No settings: every default is in force.'));
         const rs = c.refused || [];
         fill(refused.tbody, rs.length ? rs.map((r) => h('tr', { 'data-key': r.key, 'data-testid': 'config-refused-row' },
           h('td', { class: 'mono' }, r.key), h('td', { class: 'mono' }, r.value ?? ''), h('td', { class: 'error-text' }, r.reason))) : emptyRow(refused, 'None.'));
@@ -1847,7 +1865,7 @@
     fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Alerts')),
       section('Firing now', firing.el),
       section('Rules', h('p', { class: 'muted' }, 'Evaluated every second on the leader; each alert is told once when it starts and once when it resolves.'), rules.el),
-      section('Put a rule', h('p', { class: 'muted' }, 'A rule with the same name is replaced. Conditions: run_failed, fire_skipped, dead_letters {above}, queue_lag {above_ms}, workers_below {min} (scope.group), leader_changed. Sinks: webhook, slack, dingtalk, feishu, email.'), form));
+      ifMay('admin', section('Put a rule', h('p', { class: 'muted' }, 'A rule with the same name is replaced. Conditions: run_failed, fire_skipped, dead_letters {above}, queue_lag {above_ms}, workers_below {min} (scope.group), leader_changed. Sinks: webhook, slack, dingtalk, feishu, email.'), form)));
 
     const view = {
       editing: () => form.contains(document.activeElement),
@@ -1868,9 +1886,9 @@
             h('td', null, (x.sinks || []).map((k) => h('div', { class: 'mono' }, sinkText(k))), result),
             h('td', null, x.disabled ? h('span', { class: 'badge badge-muted' }, 'disabled') : h('span', { class: 'badge' }, 'on')),
             h('td', { class: 'actions' },
-              h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'edit', onclick: () => { editor.value = JSON.stringify(x, null, 2); editor.focus(); } }, 'Edit'),
-              h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'test', onclick: () => test(x.name, result) }, 'Test'),
-              h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(x.name) }, 'Delete')));
+              ifMay('admin', h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'edit', onclick: () => { editor.value = JSON.stringify(x, null, 2); editor.focus(); } }, 'Edit')),
+              ifMay('operator', h('button', { type: 'button', class: 'btn btn-small', 'data-action': 'test', onclick: () => test(x.name, result) }, 'Test')),
+              ifMay('admin', h('button', { type: 'button', class: 'btn btn-small btn-danger-ghost', 'data-action': 'delete', onclick: () => remove(x.name) }, 'Delete'))));
         }) : emptyRow(rules, 'No rule yet.'));
       },
     };

@@ -24,6 +24,7 @@ import path from 'node:path';
 
 const CONSOLE_URL = process.env.CONSOLE_URL || '';
 const TOKEN = process.env.ADMIN_TOKEN || '';
+const VIEWER_TOKEN = process.env.VIEWER_TOKEN || '';
 const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const SHOTS = process.env.SCREENSHOT_DIR || '';
 const JOB = process.env.JOB_NAME || 'browser-job';
@@ -520,6 +521,38 @@ async function main() {
     summary.workflow_nodes = nodes.length;
     summary.workflow_run = id;
     await apiCall('DELETE', `/api/jobs/${encodeURIComponent(FLOW)}`);
+  });
+
+  await step('8c. a viewer token sees everything and no action it may not take', async () => {
+    check(VIEWER_TOKEN, 'VIEWER_TOKEN is empty');
+    await page.locator('#logout').click();
+    await visible('#login-token', 'the login form after logging out');
+    await page.locator('#login-token').fill(VIEWER_TOKEN);
+    await page.locator('#login-submit').click();
+    await visible('#topbar', 'the top bar after the viewer logs in');
+    const who = await visible('#whoami', 'who the token is');
+    check(/viewer/.test(await who.innerText()), `the top bar does not say viewer: ${await who.innerText()}`);
+    await nav('jobs');
+    await visible(`[data-testid="job-row"][data-job="${JOB}"]`, 'the job, for the viewer');
+    check((await page.locator('#job-new').count()) === 0, 'a viewer is offered "New job"');
+    for (const action of ['pause', 'resume', 'trigger', 'delete']) {
+      check((await page.locator(`[data-testid="job-row"] [data-action="${action}"]`).count()) === 0, `a viewer is offered ${action}`);
+    }
+    await page.locator(`[data-testid="job-row"][data-job="${JOB}"] [data-action="edit"]`).click();
+    await visible('#job-form', 'the job, read-only');
+    check((await page.locator('#job-save').count()) === 0, 'a viewer is offered to save a job');
+    check(await page.locator('#job-form fieldset').first().evaluate((f) => f.disabled), 'the job form is editable for a viewer');
+    await nav('queues');
+    check((await page.locator('#dead-requeue-all').count()) === 0, 'a viewer is offered to requeue');
+    await nav('config');
+    check((await page.locator('[data-testid="config-save"]').count()) === 0, 'a viewer is offered to set a value');
+    await nav('alerts');
+    check((await page.locator('[data-testid="alert-save"]').count()) === 0, 'a viewer is offered to save an alert rule');
+    // The API refuses it all the same: the console only hides what would fail.
+    const url = new URL(`/api/jobs/${encodeURIComponent(JOB)}/trigger`, CONSOLE_URL);
+    const r = await fetch(url, { method: 'POST', headers: { Authorization: `Bearer ${VIEWER_TOKEN}` } });
+    check(r.status === 403, `a viewer's trigger answered ${r.status}`);
+    summary.viewer_checked = true;
   });
 
   await step('9. no uncaught page exceptions', async () => {

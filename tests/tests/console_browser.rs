@@ -5,7 +5,9 @@
 //! pauses it, sees the overview's and queues page's charts draw the items it
 //! enqueued meanwhile (some failing), saves an alert rule (a bad one refused at its field) whose Test
 //! reaches a local webhook, finds its changes in the audit log, and watches a
-//! workflow run's DAG fill in node by node, then reruns it from a node. `scripts/test` installs Chromium, Node and the npm package; a
+//! workflow run's DAG fill in node by node, then reruns it from a node; logged in
+//! again with a viewer token, it sees the pages without the actions a viewer may
+//! not take (and the API refuses them). `scripts/test` installs Chromium, Node and the npm package; a
 //! missing one fails this test, it does not skip it.
 //!
 //! `UPDATE_CONSOLE_SCREENSHOTS=1` copies the screenshots into `docs/` (README).
@@ -18,6 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use chime_tests::{Proc, TestDir, chime_cmd, free_port, http, wait_until};
 
 const TOKEN: &str = "console-test-token-0123456789";
+const VIEWER: &str = "console-viewer-token-0123456789";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -53,6 +56,8 @@ async fn console_in_headless_chromium() -> Result<()> {
         &format!("127.0.0.1:{gp}"),
         "--admin-token",
         TOKEN,
+        "--viewer-token",
+        VIEWER,
         "--demo-interval-ms",
         "2000",
     ])?;
@@ -74,6 +79,7 @@ async fn console_in_headless_chromium() -> Result<()> {
         .current_dir(&script_dir)
         .env("CONSOLE_URL", &url)
         .env("ADMIN_TOKEN", TOKEN)
+        .env("VIEWER_TOKEN", VIEWER)
         .env("CHROMIUM_PATH", &chromium)
         .env("SCREENSHOT_DIR", &shots)
         .stdin(Stdio::null())
@@ -96,6 +102,10 @@ async fn console_in_headless_chromium() -> Result<()> {
     let summary: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap_or(""))
         .with_context(|| format!("no JSON summary:\n{out}\n{log}"))?;
     ensure!(summary["ok"] == true, "{summary}");
+    ensure!(
+        summary["viewer_checked"] == true,
+        "the viewer step ran: {summary}"
+    );
     for f in [
         "console-overview.png",
         "console-jobs.png",
