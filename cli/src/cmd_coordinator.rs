@@ -12,7 +12,7 @@ use chime_coordinator::grpc::Auth;
 use chime_coordinator::leader::ElectionOptions;
 use chime_coordinator::store::{JobStore, RedisRunStore, Retention};
 use chime_shared::activity::{self, HistoryStore, RedisHistory};
-use chime_shared::auth::Tokens;
+use chime_shared::auth::{SetKind, Tokens};
 use chime_shared::clock::SystemClock;
 use chime_shared::config::source::{ConfigSource, EtcdSource, MemorySource};
 use chime_shared::queue::DelayStore;
@@ -118,7 +118,8 @@ pub fn auth(a: &AuthSection) -> Result<Auth> {
         producer: match a.producer_token_file.trim() {
             "" => None,
             file => Some(Arc::new(
-                Tokens::from_file(file).context("auth.producer_token_file")?,
+                Tokens::from_file_of(file, SetKind::Producer)
+                    .context("auth.producer_token_file")?,
             )),
         },
     };

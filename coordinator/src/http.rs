@@ -476,6 +476,14 @@ fn caller(headers: &HeaderMap) -> Caller {
 }
 
 impl HttpState {
+    /// The handler scope of the caller of `headers` (`scope.rs`).
+    fn scope(&self, headers: &HeaderMap) -> crate::scope::HandlerScope {
+        let header = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        crate::scope::HandlerScope::of(&self.auth, header)
+    }
+
     /// Answers an admin call for the caller of `headers`.
     async fn admin(&self, headers: &HeaderMap, call: AdminCall) -> ApiResult<AdminAnswer> {
         Ok(self.admin.call(&caller(headers), call).await?)
@@ -929,6 +937,7 @@ async fn enqueue(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -
         ApiError::invalid(field, e.into_inner().to_string())
     })?;
     let q = store(&st)?;
+    let scope = st.scope(&headers);
     // The producer's `traceparent` header: the items join its trace through this
     // call's span (an unreadable header is ignored, as W3C asks of receivers).
     let parent = call_context(headers.get("traceparent").and_then(|v| v.to_str().ok()));
@@ -942,6 +951,7 @@ async fn enqueue(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -
         items.push(item);
     }
     validate_batch(&items)?;
+    scope.check_items(&items)?;
     let n = items.len();
     let result = q.enqueue(items).await;
     end_enqueue_span(
@@ -974,11 +984,15 @@ impl ItemIn {
     }
 }
 
-async fn get_item(State(st): State<HttpState>, Query(q): Query<ItemIn>) -> ApiResult {
+async fn get_item(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<ItemIn>,
+) -> ApiResult {
     let r = q.item_ref()?;
     match store(&st)?.get(&r).await? {
-        Some(v) => ok(v),
-        None => Err(ApiError::new(
+        Some(v) if st.scope(&headers).allows(&v.item.handler) => ok(v),
+        _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("item {:?} (key {:?}) not found", r.id, r.key),
@@ -986,18 +1000,24 @@ async fn get_item(State(st): State<HttpState>, Query(q): Query<ItemIn>) -> ApiRe
     }
 }
 
-async fn cancel_item(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+async fn cancel_item(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let r = ItemIn::from_body(&body)?.item_ref()?;
+    st.scope(&headers).check_ref(store(&st)?, &r).await?;
     ok(json!({ "outcome": store(&st)?.cancel(&r).await? }))
 }
 
-async fn reschedule_item(State(st): State<HttpState>, body: Bytes) -> ApiResult {
+async fn reschedule_item(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let input = ItemIn::from_body(&body)?;
     let due = input
         .due_at_ms
         .ok_or_else(|| ApiError::invalid("due_at_ms", "missing"))?;
     limits::check_due("due_at_ms", due)?;
     let r = input.item_ref()?;
+    st.scope(&headers).check_ref(store(&st)?, &r).await?;
     ok(json!({ "outcome": store(&st)?.reschedule(&r, due).await? }))
 }
 
@@ -1006,7 +1026,11 @@ struct LimitQuery {
     limit: Option<usize>,
 }
 
-async fn dead_letters(State(st): State<HttpState>, Query(q): Query<LimitQuery>) -> ApiResult {
+async fn dead_letters(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult {
     let items = store(&st)?
         .dead_letters(
             q.limit
@@ -1014,7 +1038,7 @@ async fn dead_letters(State(st): State<HttpState>, Query(q): Query<LimitQuery>) 
                 .min(limits::MAX_DEAD_LETTER_LIST),
         )
         .await?;
-    ok(json!({ "items": items }))
+    ok(json!({ "items": st.scope(&headers).filter(items) }))
 }
 
 #[derive(Deserialize)]
@@ -1040,12 +1064,19 @@ async fn requeue(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -
     if input.all != input.items.is_empty() {
         return Err(ApiError::invalid("items", "give either items or all: true"));
     }
+    let scope = st.scope(&headers);
+    if input.all {
+        scope.check_requeue_all()?;
+    }
     let refs = input
         .items
         .into_iter()
         .enumerate()
         .map(|(n, i)| ItemRef::checked(&format!("items[{n}]"), i.key, i.id))
         .collect::<Result<Vec<_>, _>>()?;
+    for r in &refs {
+        scope.check_ref(store(&st)?, r).await?;
+    }
     let n = store(&st)?
         .requeue_dead(&refs, limits::MAX_REQUEUE_ITEMS)
         .await?;

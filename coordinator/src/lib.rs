@@ -28,6 +28,7 @@ pub mod http;
 pub mod leader;
 pub mod model;
 pub mod schedule;
+pub mod scope;
 pub mod store;
 pub mod warm;
 pub mod workflow;
@@ -205,7 +206,8 @@ pub async fn serve(
         (None, None)
     };
     let queue =
-        grpc::queue::QueueApi::new(deps.queues.clone(), Some(admin.service().audit().clone()));
+        grpc::queue::QueueApi::new(deps.queues.clone(), Some(admin.service().audit().clone()))
+            .scoped_by(deps.auth.clone());
     let server = grpc::server(
         shared.clone(),
         admin.clone(),

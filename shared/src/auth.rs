@@ -6,7 +6,10 @@
 //! optionally followed by the token's name (`<token> ci-deployer`): the name is who
 //! the audit log and the logs say made a call, never the token. A token of the
 //! admin API may also carry a role (`<token> grafana role=viewer`, see [`Role`]);
-//! without one it is an admin, as every admin token was before roles. An unnamed token
+//! without one it is an admin, as every admin token was before roles. A producer
+//! token may be limited to some handlers (`<token> coupons handlers=coupon.remind,coupon.expire`):
+//! it then enqueues, finds, cancels, reschedules, lists and requeues only items of
+//! those handlers. An unnamed token
 //! is named `token-` + the first 8 hex digits of its SHA-256, which tells tokens
 //! apart without revealing them. Several lines are several valid tokens, which is how
 //! tokens rotate without a restart: add the new token, roll the clients, remove the
@@ -85,31 +88,48 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// Who a presented token is: its name and role.
+/// Who a presented token is: its name, role and handler scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The token's name (see the module docs); never the token.
     pub name: String,
     /// What it may do.
     pub role: Role,
+    /// The handlers whose items it may touch (`None`: any); only producer tokens
+    /// have a scope.
+    pub handlers: Option<Vec<String>>,
+}
+
+/// Which gate a token set opens, and so which fields its lines may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    /// Admin tokens: `role=`.
+    Admin,
+    /// Producer tokens: `handlers=`.
+    Producer,
+    /// Worker (and delivery) tokens: a name only.
+    Worker,
 }
 
 /// A set of accepted tokens, fixed or read from a file.
 #[derive(Debug)]
 pub struct Tokens {
     file: Option<PathBuf>,
-    /// Whether its tokens may carry a role (the admin set); in any other set a
-    /// `role=` is refused rather than silently meaning nothing.
-    roles: bool,
+    /// Which fields its lines may carry: a `role=` outside the admin set (or a
+    /// `handlers=` outside the producer set) is refused rather than silently
+    /// meaning nothing.
+    kind: SetKind,
     state: Mutex<State>,
 }
 
-/// One accepted token, the name the audit log gives its holder, and its role.
+/// One accepted token, the name the audit log gives its holder, its role and its
+/// handler scope.
 #[derive(Debug)]
 struct Token {
     secret: Vec<u8>,
     name: String,
     role: Role,
+    handlers: Option<Vec<String>>,
 }
 
 /// Longest token name.
@@ -130,7 +150,7 @@ struct State {
     checked: Instant,
 }
 
-fn parse(text: &str, origin: &str, roles: bool) -> Result<Vec<Token>> {
+fn parse(text: &str, origin: &str, kind: SetKind) -> Result<Vec<Token>> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -139,11 +159,31 @@ fn parse(text: &str, origin: &str, roles: bool) -> Result<Vec<Token>> {
         }
         let mut fields = line.split_whitespace();
         let t = fields.next().unwrap_or_default();
-        let (mut name, mut role) = (None, None);
+        let (mut name, mut role, mut handlers) = (None, None, None);
         for field in fields {
             let at = |what: String| Error::invalid(origin, format!("line {}: {what}", n + 1));
-            if let Some(r) = field.strip_prefix("role=") {
-                if !roles {
+            if let Some(list) = field.strip_prefix("handlers=") {
+                if kind != SetKind::Producer {
+                    return Err(at("only producer tokens have handlers".into()));
+                }
+                if handlers.is_some() {
+                    return Err(at("more than one handlers=".into()));
+                }
+                let list: Vec<String> = list.split(',').map(str::to_owned).collect();
+                if let Some(bad) = list.iter().find(|h| {
+                    h.is_empty()
+                        || h.len() > 128
+                        || !h
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+                }) {
+                    return Err(at(format!(
+                        "handlers: {bad:?} is not a handler name (1..=128 of A-Z a-z 0-9 . _ : -, comma-separated)"
+                    )));
+                }
+                handlers = Some(list);
+            } else if let Some(r) = field.strip_prefix("role=") {
+                if kind != SetKind::Admin {
                     return Err(at(
                         "only admin tokens have roles (this set opens one gate)".into()
                     ));
@@ -199,6 +239,7 @@ fn parse(text: &str, origin: &str, roles: bool) -> Result<Vec<Token>> {
             secret: t.as_bytes().to_vec(),
             name: name.map_or_else(|| fingerprint(t.as_bytes()), str::to_owned),
             role: role.unwrap_or(Role::Admin),
+            handlers,
         });
     }
     if out.is_empty() {
@@ -207,12 +248,12 @@ fn parse(text: &str, origin: &str, roles: bool) -> Result<Vec<Token>> {
     Ok(out)
 }
 
-fn read(path: &Path, roles: bool) -> Result<(Vec<Token>, Option<SystemTime>)> {
+fn read(path: &Path, kind: SetKind) -> Result<(Vec<Token>, Option<SystemTime>)> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::invalid(&origin, format!("cannot read the token file: {e}")))?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((parse(&text, &origin, roles)?, modified))
+    Ok((parse(&text, &origin, kind)?, modified))
 }
 
 /// Equal in constant time over `presented`'s length (and independent of where the
@@ -229,20 +270,22 @@ impl Tokens {
     /// Tokens from a file (see the module docs); an unreadable or empty file, or a
     /// short token, is an error naming the file.
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Self> {
-        Self::load(path.into(), false)
+        Self::from_file_of(path, SetKind::Worker)
     }
 
     /// Admin tokens from a file: as [`Tokens::from_file`], and a token may carry a
     /// `role=` (none: admin).
     pub fn from_file_with_roles(path: impl Into<PathBuf>) -> Result<Self> {
-        Self::load(path.into(), true)
+        Self::from_file_of(path, SetKind::Admin)
     }
 
-    fn load(path: PathBuf, roles: bool) -> Result<Self> {
-        let (tokens, modified) = read(&path, roles)?;
+    /// Tokens of a `kind` of set from a file (see the module docs).
+    pub fn from_file_of(path: impl Into<PathBuf>, kind: SetKind) -> Result<Self> {
+        let path = path.into();
+        let (tokens, modified) = read(&path, kind)?;
         Ok(Self {
             file: Some(path),
-            roles,
+            kind,
             state: Mutex::new(State {
                 tokens,
                 modified,
@@ -266,12 +309,13 @@ impl Tokens {
                     name: fingerprint(&secret),
                     secret,
                     role,
+                    handlers: None,
                 }
             })
             .collect();
         Self {
             file: None,
-            roles: true,
+            kind: SetKind::Admin,
             state: Mutex::new(State {
                 tokens,
                 modified: None,
@@ -306,7 +350,7 @@ impl Tokens {
             st.checked = Instant::now();
             let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
             if modified != st.modified {
-                match read(path, self.roles) {
+                match read(path, self.kind) {
                     Ok((tokens, modified)) => {
                         tracing::info!(file = %path.display(), tokens = tokens.len(), "token file reloaded");
                         st.tokens = tokens;
@@ -326,6 +370,7 @@ impl Tokens {
                 true => Some(Identity {
                     name: t.name.clone(),
                     role: t.role,
+                    handlers: t.handlers.clone(),
                 }),
                 false => hit,
             })
@@ -375,7 +420,8 @@ impl tonic::service::Interceptor for Bearer {
 
 /// Reads a client's token file (the first token in it), for the CLI and workers.
 pub fn read_client_token(path: &Path) -> Result<String> {
-    let (tokens, _) = read(path, true)?;
+    // A client reads its own token from any kind of file.
+    let (tokens, _) = read(path, SetKind::Producer).or_else(|_| read(path, SetKind::Admin))?;
     Ok(String::from_utf8(tokens[0].secret.clone()).unwrap_or_default())
 }
 
@@ -920,6 +966,39 @@ mod tests {
         std::fs::write(&f, "t-0123456789abcdef w1 role=viewer\n").unwrap();
         let e = Tokens::from_file(&f).unwrap_err().to_string();
         assert!(e.contains("only admin tokens have roles"), "{e}");
+        // Producer tokens may be limited to handlers; no other set takes that.
+        std::fs::write(
+            &f,
+            "p-0123456789abcdef coupons handlers=coupon.remind,coupon.expire\nq-0123456789abcdef\n",
+        )
+        .unwrap();
+        let p = Tokens::from_file_of(&f, SetKind::Producer).unwrap();
+        let scoped = p.identify("p-0123456789abcdef").unwrap();
+        assert_eq!(scoped.name, "coupons");
+        assert_eq!(
+            scoped.handlers,
+            Some(vec!["coupon.remind".to_owned(), "coupon.expire".to_owned()])
+        );
+        assert_eq!(p.identify("q-0123456789abcdef").unwrap().handlers, None);
+        for (kind, says) in [
+            (SetKind::Admin, "only producer"),
+            (SetKind::Worker, "only producer"),
+        ] {
+            let e = Tokens::from_file_of(&f, kind).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("line 1"), "{e}");
+        }
+        for bad in [
+            "handlers=",
+            "handlers=a,,b",
+            "handlers=a/b",
+            "handlers=a handlers=b",
+        ] {
+            std::fs::write(&f, format!("p-0123456789abcdef {bad}\n")).unwrap();
+            let e = Tokens::from_file_of(&f, SetKind::Producer)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("line 1") && e.contains("handlers"), "{bad}: {e}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -381,3 +381,146 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
     );
     Ok(())
 }
+
+/// A producer token limited to some handlers (`handlers=` in its line), the way its
+/// holder might try to reach past it: it enqueues items of its handlers only (a
+/// batch naming another is refused whole, naming the item's field, and nothing is
+/// stored); another handler's item is not found to it for get, cancel, reschedule
+/// and requeue, over gRPC and the JSON API alike, and stays as it was; a requeue of
+/// every dead letter is refused; the unscoped producer token still reaches all.
+#[tokio::test]
+async fn a_producer_token_scoped_to_handlers_touches_only_their_items() -> Result<()> {
+    const SCOPED: &str = "scoped-producer-token-0123456789";
+    let c = Cluster::start(0).await?;
+    std::fs::write(
+        c.dir.path().join("producer.token"),
+        format!("{PRODUCER_TOKEN}\n{SCOPED} coupons handlers=coupon.remind,coupon.expire\n"),
+    )?;
+    let api = format!("http://127.0.0.1:{}", c.http_ports[0]);
+    wait_until(
+        "the coordinator to take the scoped token",
+        Duration::from_secs(20),
+        || async {
+            let url = format!("{api}/api/queues/item?id=nothing");
+            matches!(http("GET", &url, Some(SCOPED), None).await, Ok((404, _)))
+        },
+    )
+    .await?;
+    let mut all = client(&c, PRODUCER_TOKEN).await?;
+    let mut scoped = client(&c, SCOPED).await?;
+    let later = |id: &str, handler: &str| pb::NewItem {
+        in_ms: 3_600_000,
+        ..item(id, "", handler)
+    };
+    // Another team's item, enqueued by the unscoped token.
+    all.enqueue(pb::EnqueueRequest {
+        items: vec![later("sms-1", "sms.send")],
+    })
+    .await?;
+
+    // Its own handlers: fine.
+    let out = scoped
+        .enqueue(pb::EnqueueRequest {
+            items: vec![later("c-1", "coupon.remind"), later("c-2", "coupon.expire")],
+        })
+        .await?
+        .into_inner();
+    ensure!(out.outcomes.len() == 2, "{out:?}");
+    // A batch naming another handler: refused whole, naming the field.
+    let e = scoped
+        .enqueue(pb::EnqueueRequest {
+            items: vec![later("c-3", "coupon.remind"), later("sms-2", "sms.send")],
+        })
+        .await
+        .expect_err("a scoped token enqueued another handler's item");
+    ensure!(
+        e.code() == Code::PermissionDenied && e.message().contains("items[1].handler"),
+        "{e:?}"
+    );
+    ensure!(
+        state(&mut all, "", "c-3").await?.is_none(),
+        "nothing of the batch is stored"
+    );
+    let (code, b) = http(
+        "POST",
+        &format!("{api}/api/queues/items"),
+        Some(SCOPED),
+        Some(json!({"items": [{"id": "sms-3", "handler": "sms.send", "in_ms": 3_600_000}]})),
+    )
+    .await?;
+    ensure!(
+        code == 403 && b["error"]["code"] == "permission_denied",
+        "{code} {b}"
+    );
+    ensure!(state(&mut all, "", "sms-3").await?.is_none());
+
+    // Another handler's item does not exist for it: get, reschedule, cancel,
+    // requeue, over both edges.
+    ensure!(
+        state(&mut scoped, "", "c-1").await?.is_some(),
+        "its own item"
+    );
+    ensure!(
+        state(&mut scoped, "", "sms-1").await?.is_none(),
+        "another's item"
+    );
+    let e = scoped
+        .cancel_item(iref("", "sms-1"))
+        .await
+        .expect_err("cancelled another handler's item");
+    ensure!(e.code() == Code::NotFound, "{e:?}");
+    let e = scoped
+        .reschedule_item(pb::RescheduleItemRequest {
+            item: Some(iref("", "sms-1")),
+            due_at_ms: 4_102_444_800_000,
+        })
+        .await
+        .expect_err("rescheduled another handler's item");
+    ensure!(e.code() == Code::NotFound, "{e:?}");
+    for (method, path, body) in [
+        ("GET", "/api/queues/item?id=sms-1".to_owned(), None),
+        (
+            "POST",
+            "/api/queues/item/cancel".into(),
+            Some(json!({"id": "sms-1"})),
+        ),
+        (
+            "POST",
+            "/api/queues/item/reschedule".into(),
+            Some(json!({"id": "sms-1", "due_at_ms": 4_102_444_800_000_i64})),
+        ),
+    ] {
+        let (code, b) = http(method, &format!("{api}{path}"), Some(SCOPED), body).await?;
+        ensure!(code == 404, "{method} {path}: {code} {b}");
+    }
+    let e = scoped
+        .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            items: vec![iref("", "sms-1")],
+            all: false,
+        })
+        .await
+        .expect_err("requeued another handler's item");
+    ensure!(e.code() == Code::NotFound, "{e:?}");
+    let e = scoped
+        .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            items: vec![],
+            all: true,
+        })
+        .await
+        .expect_err("a scoped token requeued every dead letter");
+    ensure!(e.code() == Code::PermissionDenied, "{e:?}");
+    let sms = state(&mut all, "", "sms-1")
+        .await?
+        .context("the other team's item is still there")?;
+    ensure!(
+        sms.state == pb::ItemState::Pending as i32 && sms.due_at_ms > 0,
+        "unchanged: {sms:?}"
+    );
+    // Its own: cancel works.
+    scoped.cancel_item(iref("", "c-2")).await?;
+    ensure!(
+        state(&mut all, "", "c-2").await?.is_none(),
+        "its own item cancelled"
+    );
+    Ok(())
+}

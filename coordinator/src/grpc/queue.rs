@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Audit;
 use crate::error::CoordError;
+use crate::scope::HandlerScope;
 
 /// The `Queue` service over this coordinator's delay store (`None`: every call
 /// answers FAILED_PRECONDITION, naming what is missing).
@@ -26,12 +27,33 @@ pub struct QueueApi {
     store: Option<Arc<dyn DelayStore>>,
     /// Where dead-letter requeues are recorded (`None`: nowhere, in tests).
     audit: Option<Audit>,
+    /// The tokens, for a producer token's handler scope (`HandlerScope`).
+    auth: super::Auth,
 }
 
 impl QueueApi {
     /// The service over `store`, recording requeues in `audit`.
     pub fn new(store: Option<Arc<dyn DelayStore>>, audit: Option<Audit>) -> Self {
-        Self { store, audit }
+        Self {
+            store,
+            audit,
+            auth: super::Auth::default(),
+        }
+    }
+
+    /// This service, limiting producer tokens to their handlers (`scope.rs`).
+    pub fn scoped_by(mut self, auth: super::Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The handler scope of the caller of `req`.
+    fn scope<T>(&self, req: &Request<T>) -> HandlerScope {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        HandlerScope::of(&self.auth, header)
     }
 
     fn store(&self) -> Result<&Arc<dyn DelayStore>, CoordError> {
@@ -147,11 +169,13 @@ impl pb::queue_server::Queue for QueueApi {
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok()),
         );
+        let scope = self.scope(&req);
         let mut span = enqueue_span(parent, "grpc");
         let now = q.now_ms().await.map_err(CoordError::from)?;
         let req = req.into_inner();
         let n = req.items.len();
         let items = items_from_proto(req, now, span.as_ref().map(|s| s.context).or(parent))?;
+        scope.check_items(&items)?;
         let result = q.enqueue(items).await.map_err(CoordError::from);
         end_enqueue_span(
             span.take(),
@@ -171,10 +195,11 @@ impl pb::queue_server::Queue for QueueApi {
     }
 
     async fn get_item(&self, req: Request<pb::ItemRef>) -> Result<Response<pb::ItemView>, Status> {
+        let scope = self.scope(&req);
         let r = ref_from_proto(Some(req.into_inner()), "item")?;
         match self.store()?.get(&r).await.map_err(CoordError::from)? {
-            Some(v) => Ok(Response::new(view_to_proto(v))),
-            None => Err(CoordError::NotFound(format!("item {:?} (key {:?})", r.id, r.key)).into()),
+            Some(v) if scope.allows(&v.item.handler) => Ok(Response::new(view_to_proto(v))),
+            _ => Err(CoordError::NotFound(format!("item {:?} (key {:?})", r.id, r.key)).into()),
         }
     }
 
@@ -182,7 +207,9 @@ impl pb::queue_server::Queue for QueueApi {
         &self,
         req: Request<pb::ItemRef>,
     ) -> Result<Response<pb::CancelItemResponse>, Status> {
+        let scope = self.scope(&req);
         let r = ref_from_proto(Some(req.into_inner()), "item")?;
+        scope.check_ref(self.store()?, &r).await?;
         let outcome = match self.store()?.cancel(&r).await.map_err(CoordError::from)? {
             CancelOutcome::Cancelled => pb::CancelOutcome::Cancelled,
             CancelOutcome::InFlight => pb::CancelOutcome::InFlight,
@@ -197,9 +224,11 @@ impl pb::queue_server::Queue for QueueApi {
         &self,
         req: Request<pb::RescheduleItemRequest>,
     ) -> Result<Response<pb::RescheduleItemResponse>, Status> {
+        let scope = self.scope(&req);
         let req = req.into_inner();
         let r = ref_from_proto(req.item, "item")?;
         limits::check_due("due_at_ms", req.due_at_ms).map_err(CoordError::from)?;
+        scope.check_ref(self.store()?, &r).await?;
         let outcome = match self
             .store()?
             .reschedule(&r, req.due_at_ms)
@@ -253,6 +282,7 @@ impl pb::queue_server::Queue for QueueApi {
         &self,
         req: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let scope = self.scope(&req);
         let limit = match req.into_inner().limit as usize {
             0 => limits::DEFAULT_DEAD_LETTER_LIST,
             n => n.min(limits::MAX_DEAD_LETTER_LIST),
@@ -263,7 +293,7 @@ impl pb::queue_server::Queue for QueueApi {
             .await
             .map_err(CoordError::from)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
-            items: items.into_iter().map(view_to_proto).collect(),
+            items: scope.filter(items).into_iter().map(view_to_proto).collect(),
         }))
     }
 
@@ -272,9 +302,13 @@ impl pb::queue_server::Queue for QueueApi {
         req: Request<pb::RequeueDeadLettersRequest>,
     ) -> Result<Response<pb::RequeueDeadLettersResponse>, Status> {
         let caller = super::caller_of(&req);
+        let scope = self.scope(&req);
         let req = req.into_inner();
         if req.all != req.items.is_empty() {
             return Err(CoordError::invalid("items", "give either items or all: true").into());
+        }
+        if req.all {
+            scope.check_requeue_all()?;
         }
         if req.items.len() > limits::MAX_REQUEUE_ITEMS {
             return Err(CoordError::invalid(
@@ -293,6 +327,9 @@ impl pb::queue_server::Queue for QueueApi {
             .enumerate()
             .map(|(i, r)| ref_from_proto(Some(r), &format!("items[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
+        for r in &refs {
+            scope.check_ref(self.store()?, r).await?;
+        }
         let n = self
             .store()?
             .requeue_dead(&refs, limits::MAX_REQUEUE_ITEMS)
