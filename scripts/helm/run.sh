@@ -13,7 +13,9 @@
 #      started here on free ports; the helm test's script runs a job to success, and
 #      items reach apps through the workers' pool and through the app's sidecar; the
 #      alert rules hook Job of helm/chime/ci/alerts-values.yaml applies its rules to
-#      that etcd (twice: applied, then unchanged).
+#      that etcd (twice: applied, then unchanged), and the configuration hook Job of
+#      helm/chime/ci/apply-values.yaml its jobs, workflow, setting and alert rule
+#      (applied, unchanged, pruned one by one; refusals fail at once).
 #
 #   scripts/helm/run.sh [path/to/chime]        (default: target/debug/chime)
 #
@@ -129,6 +131,7 @@ fi
 
 if ! "$py" scripts/helm/smoke.py --chime "$chime" \
     --python "$sdk_py" -f helm/chime/ci/sidecar-app-values.yaml -f helm/chime/ci/alerts-values.yaml \
+    --apply-values helm/chime/ci/apply-values.yaml \
     --redis-url "redis://127.0.0.1:$redis_port" --redis-password "$redis_password" \
     --etcd-endpoints "http://127.0.0.1:$etcd_port" "${etcd_auth[@]}"; then
   echo "--- redis-server log"; tail -n 20 "$tmp/redis.log" || true

@@ -51,6 +51,19 @@ put by hand beforehand deleted with --prune, kept without), `chime alert list` a
 coordinator's GET /api/alerts must show them, and a second run (the next upgrade) must
 report them unchanged.
 
+The configuration hook (apply.*) runs the same way, from the values of --apply-values
+(e.g. helm/chime/ci/apply-values.yaml; rendered with the other values but alerts.* at
+the chart's defaults, since the chart refuses alert rules in apply.objects next to the
+alerts.prune of ci/alerts-values.yaml), or from the release itself when its values list
+objects: a job is made by hand first (chime apply without a set); the Job's script
+must create every object (`chime export` shows each as given, the coordinator's API
+serves the jobs, the live setting and the alert rules), a second run must change
+nothing, a render without one object must delete just that one, and a render with an
+empty list must delete the rest of the set, leaving the job made by hand and the alert
+rules hook's rules alone. A bad object and a schedule under the coordinators' floor
+must fail the script at once, saying the objects were refused, with nothing written;
+an etcd that does not answer must not be taken for a refusal.
+
 Last, everything stops with SIGTERM in Kubernetes' order, each within its pod's
 terminationGracePeriodSeconds and exiting 0: the app, then its sidecar (a native
 sidecar is stopped after the app's containers), then the worker and the coordinator.
@@ -198,11 +211,14 @@ class Release:
         test = find(objs, "Pod", "test")
         app = find(objs, "Deployment", "app")
         alerts = find(objs, "Job", "alerts")
-        if len(coord) != 1 or len(worker) != 1 or len(test) != 1 or len(app) > 1 or len(alerts) > 1:
-            raise SmokeError("expected one coordinator StatefulSet, one worker Deployment, one test Pod, at most one app Deployment and one alert rules Job")
+        apply = find(objs, "Job", "apply")
+        if len(coord) != 1 or len(worker) != 1 or len(test) != 1 or len(app) > 1 or len(alerts) > 1 or len(apply) > 1:
+            raise SmokeError("expected one coordinator StatefulSet, one worker Deployment, one test Pod, at most one app Deployment,"
+                             " one alert rules Job and one configuration Job")
         self.coordinator, self.worker, self.test = coord[0], worker[0], test[0]
         self.app = app[0] if app else None
         self.alerts = alerts[0] if alerts else None
+        self.apply = apply[0] if apply else None
         for w in [self.coordinator, self.worker] + ([self.app] if self.app else []):
             for ctr in containers(pod_spec(w)):
                 for p in ctr.get("ports", []):
@@ -657,8 +673,9 @@ def python_run(python: str, args: list[str], timeout: float, what: str) -> str:
 # ------------------------------------------------------------------ the run
 
 
-def run(args: argparse.Namespace) -> bool:
-    """Runs the smoke test; answers whether the alert rules hook ran."""
+def run(args: argparse.Namespace) -> tuple[bool, int | None]:
+    """Runs the smoke test; answers whether the alert rules hook ran, and how many
+    objects the configuration hook applied (None: it did not run)."""
     chime = Path(shutil.which(args.chime) or args.chime).resolve()
     if not os.access(chime, os.X_OK):
         raise SmokeError(f"no executable chime at {args.chime}")
@@ -712,6 +729,7 @@ def run(args: argparse.Namespace) -> bool:
     if rel.app is not None and not python:
         raise SmokeError("sidecarApp is rendered but no --python with the SDK was given to run the app")
 
+    applied: int | None = None
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chime-helm-smoke-"))
     root.mkdir(parents=True, exist_ok=True)
     procs: list[Proc] = []
@@ -770,6 +788,15 @@ def run(args: argparse.Namespace) -> bool:
         run_helm_test(rel, root, chime, grpc, args)
         if rel.alerts is not None:
             run_alerts_hook(rel, root, chime, args)
+        if args.apply_values:
+            # The chart refuses alert rules in apply.objects next to alerts.prune (the
+            # alerts values' prune would delete them on every upgrade): the hook of these
+            # values is rendered with alerts.* at the chart's defaults.
+            av = common.deep_merge({k: v for k, v in values.items() if k != "alerts"}, common.load_values_file(Path(args.apply_values)))
+            log(f"values of the configuration hook: {args.apply_values} (alerts.* at the chart's defaults)")
+            applied = run_apply_hook(rel, root, chime, args, av)
+        elif rel.apply is not None:
+            applied = run_apply_hook(rel, root, chime, args, values)
 
         # Clients outside the release: the coordinators' client Service (gRPC), tokens
         # from the chart's Secret.
@@ -811,7 +838,7 @@ def run(args: argparse.Namespace) -> bool:
             log(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    return rel.alerts is not None
+    return rel.alerts is not None, applied
 
 
 def rel_env(w: dict[str, Any], container: str) -> list[dict[str, Any]]:
@@ -1001,6 +1028,222 @@ def rel_etcd_prefix(rel: Release) -> str:
     return tomllib.loads(rel.configmap_value(vol["configMap"]["name"], "coordinator.toml"))["etcd"]["prefix"]
 
 
+class ApplyHook:
+    """The configuration hook Job (apply.*) of a render of the release, run as its pod
+    would: its ConfigMap's client.toml, its Secret's objects.yaml, the etcd password
+    from the chart's Secret. Each render (the values changed as an upgrade would) gets
+    a directory of its own."""
+
+    def __init__(self, rel: Release, root: Path, chime: Path, args: argparse.Namespace, values: dict[str, Any]) -> None:
+        self.rel, self.root, self.chime, self.args, self.values = rel, root, chime, args, values
+        self.bindir = root / "apply-bin"
+        self.bindir.mkdir()
+        (self.bindir / "chime").symlink_to(chime)
+        self.renders = 0
+        # Flags and env of a client outside the release: the etcd of the command line.
+        self.ctl_env = {"PATH": "/usr/bin:/bin", "HOME": str(root), "CHIME_ETCD_PREFIX": rel_etcd_prefix(rel)}
+        if args.etcd_user:
+            self.ctl_env.update(CHIME_ETCD_USER=args.etcd_user, CHIME_ETCD_PASSWORD=args.etcd_password)
+
+    def render(self, apply: dict[str, Any], what: str, **over: Any) -> tuple[Proc, list[dict[str, Any]]]:
+        """The Job of the release rendered with apply.* replaced by `apply` (and other
+        values overridden); its process and the objects of its Secret."""
+        values = common.deep_merge(self.values, {**over, "apply": {**self.values.get("apply", {}), **apply}})
+        rel = Release([o for _, o in objects(common.render(values, name=RELEASE, namespace=NAMESPACE))], self.rel.external)
+        if rel.apply is None:
+            raise SmokeError(f"apply: {what}: no configuration Job rendered")
+        self.renders += 1
+        d = self.root / f"apply-{self.renders}"
+        proc = Proc(rel, rel.apply, f"{rel.apply['metadata']['name']}-{self.renders}", d, self.chime,
+                    path=f"{self.bindir}:/usr/local/bin:/usr/bin:/bin")
+        vol = next(v for v in pod_spec(rel.apply)["volumes"] if v["name"] == "objects")
+        text = rel.secret_value(vol["secret"]["secretName"], "objects.yaml").decode()
+        import yaml
+
+        return proc, [o for o in yaml.safe_load_all(text) if o is not None]
+
+    def run(self, proc: Proc, what: str, ok: bool = True) -> tuple[dict[str, Any] | None, str]:
+        """Runs the Job's script: (its summary line, its output); fails unless it exits
+        0 (ok) or non-zero (not ok)."""
+        t0 = time.monotonic()
+        res = subprocess.run(proc.argv, env=proc.env, cwd=proc.dir, stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=60)
+        out = res.stdout + res.stderr
+        for line in out.rstrip().splitlines():
+            print(f"  apply| {line}")
+        if (res.returncode == 0) != ok:
+            raise SmokeError(f"apply: the hook Job's script exited {res.returncode} ({what}; expected {'0' if ok else 'a failure'})")
+        if not ok:
+            return None, out
+        outs = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+        if len(outs) != 1 or "changes" not in outs[0]:
+            raise SmokeError(f"apply: no single JSON line of chime apply in the Job's output ({what})")
+        log(f"apply: {what}: exit 0 in {time.monotonic() - t0:.1f}s")
+        return outs[0], out
+
+    def ctl(self, *a: str, stdin: str | None = None) -> str:
+        res = subprocess.run([str(self.chime), *a, "--etcd-endpoints", self.args.etcd_endpoints], env=self.ctl_env,
+                             input=stdin, capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise SmokeError(f"apply: chime {' '.join(a)}: exit {res.returncode}: {res.stderr.strip()}")
+        return res.stdout
+
+    def export(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """What etcd holds, by (kind, name or key), as `chime export` prints it."""
+        import yaml
+
+        out = {}
+        for doc in yaml.safe_load_all(self.ctl("export")):
+            if doc:
+                out[(doc["kind"], doc.get("name") or doc.get("key"))] = doc
+        return out
+
+
+def _ident(o: dict[str, Any]) -> tuple[str, str]:
+    return o["kind"], o.get("name") or o.get("key")
+
+
+def _key(o: dict[str, Any]) -> str:
+    """The object's key in etcd under the prefix, as chime apply names it."""
+    if o["kind"] in ("job", "workflow"):
+        return f"jobs/{o['name']}"
+    return o["key"] if o["kind"] == "setting" else f"alerts/{o['name']}"
+
+
+def run_apply_hook(rel: Release, root: Path, chime: Path, args: argparse.Namespace, values: dict[str, Any]) -> int:
+    """The configuration hook Job's script against the release's etcd while the
+    coordinator runs: applied, unchanged, one object pruned, the rest pruned by an empty
+    list; refusals fail at once; objects made another way stay. Answers how many
+    objects it applied."""
+    hook = ApplyHook(rel, root, chime, args, values)
+    base = dict(values.get("apply", {}))
+    proc, objs = hook.render({}, "the release")
+    if not objs:
+        # Nothing listed (default values): the Job runs, with prune, and changes nothing.
+        first, _ = hook.run(proc, "no objects listed")
+        if first["changes"] or first["revision"] is not None:
+            raise SmokeError(f"apply: with no objects the Job reported {first}, expected no changes")
+        log("apply: no objects listed: the Job (apply.prune) ran and changed nothing")
+        return 0
+    prune = "--prune" in proc.argv[-1]
+    set_flag = re.search(r"--set (\S+)", proc.argv[-1])
+    log(f"apply: hook Job {proc.workload['metadata']['name']}: {proc.argv[0]} {proc.argv[1]}"
+        f" <script of {len(proc.argv[-1].splitlines())} lines> applying {len(objs)} object(s) as the set"
+        f" {set_flag.group(1) if set_flag else '?'}{' with --prune' if prune else ''}")
+    for k in sorted(proc.env):
+        if k.startswith("CHIME_"):
+            log(f"apply:   {k}={'***' if 'PASSWORD' in k else proc.env[k]}")
+    before = hook.export()
+
+    # Refusals first (nothing may be written): a bad value, and a schedule more frequent
+    # than the coordinators' floor (a check that needs the cluster, not the file).
+    bad_objects = [
+        ("a live setting out of range", {"kind": "setting", "key": "queues/default/count", "value": 0}, "queues/default/count"),
+        ("a schedule under the floor", {"kind": "job", "name": "smoke-too-often", "group": "default", "handler": "noop",
+                                        "schedule": {"kind": "fixed_rate", "every_ms": 500}}, "smoke-too-often"),
+    ]
+    for what, bad, needle in bad_objects:
+        p, _ = hook.render({"objects": base.get("objects", []) + [bad]}, what)
+        _, out = hook.run(p, f"{what} (refused)", ok=False)
+        if "were refused" not in out or needle not in out:
+            raise SmokeError(f"apply: {what}: the script did not fail as a refusal naming {needle!r}")
+        if hook.export() != before:
+            raise SmokeError(f"apply: {what}: the refused apply wrote to etcd")
+        log(f"apply: {what}: refused at once, nothing written ({next(ln for ln in out.splitlines() if needle in ln)[:110]})")
+    # An etcd that does not answer is no refusal (with waitSeconds 0: given up at once).
+    dead = free_port()
+    p, _ = hook.render({"waitSeconds": 0}, "etcd down", etcd={"external": {"endpoints": f"http://127.0.0.1:{dead}"}})
+    _, out = hook.run(p, "etcd not answering", ok=False)
+    if "did not take the objects" not in out or "were refused" in out:
+        raise SmokeError("apply: an etcd that does not answer was taken for a refusal (or the script said nothing)")
+    log("apply: an etcd that does not answer is retried until apply.waitSeconds, not taken for a refusal")
+
+    # A job made another way: no set's prune may touch it.
+    by_hand = {"kind": "job", "name": "smoke-by-hand", "group": "default", "handler": "noop", "schedule": {"kind": "manual"}}
+    hand_file = root / "by-hand.json"
+    hand_file.write_text(json.dumps(by_hand))
+    hook.ctl("apply", "-f", str(hand_file))
+    log(f"apply: job {by_hand['name']} made by hand (chime apply without a set), before the hook")
+
+    # First run: every object created, stored as given, served by the coordinator.
+    first, _ = hook.run(proc, "first run (the install)")
+    want = [{"op": "create", "kind": o["kind"], "key": _key(o)} for o in objs]
+    if first["changes"] != want or first["unchanged"] != 0 or not isinstance(first.get("revision"), int):
+        raise SmokeError(f"apply: first run reported {first}, expected the creation of {[w['key'] for w in want]}")
+    stored = hook.export()
+    for o in objs:
+        got = stored.get(_ident(o))
+        given = {**o, "value": str(o["value"])} if o["kind"] == "setting" else o
+        if got is None or not _subset(given, got):
+            raise SmokeError(f"apply: {o['kind']} {_ident(o)[1]} is stored as {got}, not as given: {o}")
+    log(f"apply: created {len(objs)} object(s) (revision {first['revision']}); chime export shows each as given")
+    token = write_token(rel, root, "admin-token")
+    headers = {"Authorization": f"Bearer {Path(token).read_text().split()[0]}"} if token else {}
+    http = f"http://127.0.0.1:{rel.local_port(rel.coordinator, 'http')}"
+    jobs = {o["name"] for o in objs if o["kind"] in ("job", "workflow")}
+    settings = {o["key"]: str(o["value"]) for o in objs if o["kind"] == "setting"}
+    rules = {o["name"] for o in objs if o["kind"] == "alert"}
+
+    def api(path: str) -> Any:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(http + path, headers=headers), timeout=3) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    def served() -> bool:
+        j, cfg, al = api("/api/jobs"), api("/api/config"), api("/api/alerts")
+        if j is None or cfg is None or al is None:
+            return False
+        have_jobs = {x.get("name") for x in j.get("jobs", [])}
+        have_settings = {e.get("key"): e.get("value") for e in cfg.get("entries", [])}
+        have_rules = {x.get("name") for x in al.get("rules", [])}
+        return jobs <= have_jobs and all(have_settings.get(k) == v for k, v in settings.items()) and rules <= have_rules
+
+    wait_for(served, 10, f"apply: the coordinator never served jobs {sorted(jobs)}, settings {settings} and rules {sorted(rules)}")
+    log("apply: the coordinator serves them (GET /api/jobs, /api/config, /api/alerts)")
+
+    # Second run (the next upgrade): nothing to change.
+    second, _ = hook.run(proc, "second run (an upgrade with the same values)")
+    if second["changes"] or second["unchanged"] != len(objs) or second.get("revision") is not None:
+        raise SmokeError(f"apply: second run reported {second}, expected no changes and {len(objs)} unchanged")
+    log(f"apply: a second run changes nothing ({second['unchanged']} unchanged, no revision)")
+    if not prune:
+        log("apply: apply.prune is false: removing objects is not checked")
+        return len(objs)
+
+    # An upgrade without one object (a job no workflow node names): just that one goes.
+    named = {n.get("job") for o in objs for n in (o.get("workflow") or {}).get("nodes", [])}
+    gone = next((o for o in objs if o["kind"] == "job" and o["name"] not in named), objs[-1])
+    rest = [o for o in objs if o is not gone]
+    p, _ = hook.render({"objects": rest}, f"without {gone['kind']} {_ident(gone)[1]}")
+    third, _ = hook.run(p, f"an upgrade without {gone['kind']} {_ident(gone)[1]}")
+    want = [{"op": "delete", "kind": gone["kind"], "key": _key(gone)}]
+    if third["changes"] != want or third["unchanged"] != len(rest):
+        raise SmokeError(f"apply: run without {_key(gone)} reported {third}, expected {want} and {len(rest)} unchanged")
+    stored = hook.export()
+    if _ident(gone) in stored or any(_ident(o) not in stored for o in rest) or ("job", by_hand["name"]) not in stored:
+        raise SmokeError(f"apply: after pruning {_key(gone)} chime export shows {sorted(stored)}")
+    log(f"apply: an upgrade without {_key(gone)} deleted just it (--prune); {by_hand['name']} stays")
+
+    # An upgrade with an empty list: the rest of the set goes, nothing else.
+    p, listed = hook.render({"objects": []}, "an empty list")
+    if listed:
+        raise SmokeError(f"apply: the Secret of an empty list holds objects: {listed}")
+    fourth, _ = hook.run(p, "an upgrade with an empty list")
+    deleted = sorted(ch["key"] for ch in fourth["changes"] if ch["op"] == "delete")
+    if deleted != sorted(_key(o) for o in rest) or len(fourth["changes"]) != len(rest):
+        raise SmokeError(f"apply: the empty list reported {fourth}, expected the deletion of {sorted(_key(o) for o in rest)}")
+    stored = hook.export()
+    left = [k for k in (_ident(o) for o in objs) if k in stored]
+    kept = [k for k in before if k not in stored]
+    if left or ("job", by_hand["name"]) not in stored or kept:
+        raise SmokeError(f"apply: after the empty list etcd still holds {left} of the set, or lost {kept} / {by_hand['name']}")
+    log(f"apply: an upgrade with an empty list deleted the other {len(rest)} object(s) of the set; {by_hand['name']}"
+        f" and the {len(before)} object(s) etcd held before the hook (e.g. the alert rules hook's rules) stay")
+    return len(objs)
+
+
 def check_pool(rel: Release, python: str, coordinator_url: str, worker_token: str | None, producer_token: str | None) -> None:
     """The workers' delivery service, reached the way NOTES.txt tells an app: the
     Service <release>-deliveries. The SDK's quickstart subscribes there, enqueues three
@@ -1093,6 +1336,7 @@ def main() -> int:
     ap.add_argument("--chime", default=str(REPO / "target" / "debug" / "chime"), help="the chime binary")
     ap.add_argument("--python", default="", help="a python with the SDK (pip install -e sdk/python): runs the app and the pool's subscriber; without it, neither is checked")
     ap.add_argument("--values", "-f", action="append", default=[], help="extra values file (repeatable)")
+    ap.add_argument("--apply-values", help="values of the configuration hook (apply.*) to run, rendered with the other values but alerts.* at the defaults")
     ap.add_argument("--timeout", type=int, default=120, help="seconds the test waits for its run")
     ap.add_argument("--workdir", help="directory for config files and logs (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1100,7 +1344,7 @@ def main() -> int:
     common.need_modules()
     t0 = time.monotonic()
     try:
-        alerts = run(args)
+        alerts, applied = run(args)
     except SmokeError as e:
         print(f"smoke.py: FAILED: {e}", file=sys.stderr)
         return 1
@@ -1109,6 +1353,10 @@ def main() -> int:
         what += ", served items to an app through the pool" + (" and through an app pod's sidecar" if args.values else "")
     if alerts:
         what += ", the alert rules hook applied its rules"
+    if applied:
+        what += f", the configuration hook applied {applied} objects and pruned them"
+    elif applied == 0:
+        what += ", the configuration hook ran with no objects"
     print(f"smoke.py: OK in {time.monotonic() - t0:.1f}s: chart-rendered {what}, and stopped cleanly")
     return 0
 

@@ -50,6 +50,8 @@ longest suffix ("-coordinator-headless", 21 characters) still fits in 63.
 {{- define "chime.configName" -}}{{ include "chime.fullname" . }}-config{{- end -}}
 {{/* Alert rules from values (alerts.*): the hook Job, its Secret (rules.json) and ConfigMap (client.toml). */}}
 {{- define "chime.alerts.fullname" -}}{{ include "chime.fullname" . }}-alerts{{- end -}}
+{{/* Configuration as values (apply.*): the hook Job, its Secret (objects.yaml) and ConfigMap (client.toml). */}}
+{{- define "chime.apply.fullname" -}}{{ include "chime.fullname" . }}-apply{{- end -}}
 {{- define "chime.secretName" -}}{{ include "chime.fullname" . }}{{- end -}}
 {{/* Pods labelled "<fullname>-client: true" may reach the coordinators when networkPolicy.allowExternal is false. */}}
 {{- define "chime.clientLabel" -}}{{ include "chime.fullname" . }}-client{{- end -}}
@@ -355,30 +357,89 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- end -}}
 
 {{/*
-The client configuration of `chime alert` (the CLI refuses the coordinators' file: its
-[auth], [tls] and [coordinator] sections are not client keys): the coordinators'
-[etcd], and their [queue], whose family the rules' scope.family must name.
+The client configuration of the hooks' `chime alert` and `chime apply` (the CLI refuses
+the coordinators' file: its [auth], [tls] and [coordinator] sections are not client
+keys): the coordinators' [etcd], and their [queue], whose family alert rules'
+scope.family must name. Call with (dict "ctx" $ "what" "the alert rules hook").
 */}}
-{{- define "chime.alerts.clientToml" -}}
-# chime client configuration of the alert rules hook, rendered by the {{ include "chime.chart" . }} chart:
+{{- define "chime.hookClientToml" -}}
+{{- $v := .ctx.Values -}}
+# chime client configuration of {{ .what }}, rendered by the {{ include "chime.chart" .ctx }} chart:
 # the coordinators' etcd and queue family. The etcd password comes from
 # CHIME_ETCD_PASSWORD (a Secret), never from this file.
 
 [etcd]
-endpoints = {{ include "chime.etcd.endpoints" . | include "chime.toml.str" }}
-prefix = {{ include "chime.toml.str" .Values.etcd.prefix }}
-{{- if .Values.etcd.auth.username }}
-user = {{ include "chime.toml.str" .Values.etcd.auth.username }}
+endpoints = {{ include "chime.etcd.endpoints" .ctx | include "chime.toml.str" }}
+prefix = {{ include "chime.toml.str" $v.etcd.prefix }}
+{{- if $v.etcd.auth.username }}
+user = {{ include "chime.toml.str" $v.etcd.auth.username }}
 {{- end }}
 
 [queue]
-prefix = {{ include "chime.toml.str" .Values.config.keyPrefix }}
-family = {{ include "chime.toml.str" .Values.worker.queue.family }}
-count = {{ int64 .Values.worker.queue.count }}
+prefix = {{ include "chime.toml.str" $v.config.keyPrefix }}
+family = {{ include "chime.toml.str" $v.worker.queue.family }}
+count = {{ int64 $v.worker.queue.count }}
 
 [log]
-format = {{ include "chime.toml.str" .Values.config.logFormat }}
-level = {{ include "chime.toml.str" .Values.config.logLevel }}
+format = {{ include "chime.toml.str" $v.config.logFormat }}
+level = {{ include "chime.toml.str" $v.config.logLevel }}
+{{- end -}}
+
+{{/* The alert rules hook's client.toml. */}}
+{{- define "chime.alerts.clientToml" -}}
+{{- include "chime.hookClientToml" (dict "ctx" . "what" "the alert rules hook") -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- configuration as values */}}
+
+{{/*
+"true" when the configuration hook runs: objects given, a Secret of objects, or prune
+(an empty list then deletes what the release's set applied before, and nothing else).
+*/}}
+{{- define "chime.apply.enabled" -}}
+{{- if or .Values.apply.objects .Values.apply.existingSecret .Values.apply.prune -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret whose key objects.yaml the hook applies. */}}
+{{- define "chime.apply.secretName" -}}
+{{- default (include "chime.apply.fullname" .) .Values.apply.existingSecret -}}
+{{- end -}}
+
+{{/* The set the hook applies as (chime apply --set): etcd remembers what it applied, for --prune. */}}
+{{- define "chime.apply.set" -}}helm-{{ .Release.Name }}{{- end -}}
+
+{{/*
+objects.yaml of the chart's own Secret: apply.objects as YAML documents, the form
+`chime export` prints (a comment line only when the list is empty).
+*/}}
+{{- define "chime.apply.objectsYaml" -}}
+{{- $objs := default (list) .Values.apply.objects -}}
+# apply.objects of release {{ .Release.Name }}: {{ len $objs }} object(s), applied as the set {{ include "chime.apply.set" . }}
+{{- range $objs }}
+---
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The configuration hook's client.toml. */}}
+{{- define "chime.apply.clientToml" -}}
+{{- include "chime.hookClientToml" (dict "ctx" . "what" "the configuration hook (apply.*)") -}}
+{{- end -}}
+
+{{/*
+The coordinators' coordinator.min_period_ms when coordinator.extraEnv sets it
+(CHIME_COORDINATOR_MIN_PERIOD_MS with a value; the last one wins, as in the pod), ""
+otherwise: both then use the binary's default. `chime apply --min-period-ms` checks
+schedules against it as the coordinators do.
+*/}}
+{{- define "chime.coordinator.minPeriodMs" -}}
+{{- $ms := "" -}}
+{{- range .Values.coordinator.extraEnv -}}
+{{- if and (kindIs "map" .) (eq (toString .name) "CHIME_COORDINATOR_MIN_PERIOD_MS") (hasKey . "value") -}}
+{{- $ms = toString .value -}}
+{{- end -}}
+{{- end -}}
+{{- $ms -}}
 {{- end -}}
 
 {{/* ---------------------------------------------------------------- TOML */}}
@@ -501,6 +562,7 @@ sample_ratio = {{ .sampleRatio | float64 }}
 {{- end -}}
 {{- $names = append $names $r.name -}}
 {{- end -}}
+{{- include "chime.apply.validate" . -}}
 {{- if and .Values.worker.deliveries.enabled (not .Values.worker.queue.enabled) -}}
 {{- fail "worker.deliveries.enabled needs worker.queue.enabled: the delivery service hands out the items the worker pops" -}}
 {{- end -}}
@@ -529,6 +591,58 @@ sample_ratio = {{ .sampleRatio | float64 }}
 {{- fail (printf "sidecarApp.terminationGracePeriodSeconds must exceed drainSeconds + the sidecar's drain (%d s), or the sidecar is killed before the app's deliveries are settled" $min) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+apply.*: what the schema cannot say. Each object's key in etcd (jobs/<name> for jobs
+and workflows, the setting's key, alerts/<name>) once, as chime apply requires; alert
+rules in one place only (alerts.prune deletes every rule not in alerts.rules, so on
+each upgrade it would delete those of apply.objects, which the next apply re-creates).
+*/}}
+{{- define "chime.apply.validate" -}}
+{{- $a := .Values.apply -}}
+{{- if and $a.objects $a.existingSecret -}}
+{{- fail "apply.objects and apply.existingSecret are exclusive: give the objects in values, or in the Secret's key objects.yaml" -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- $ruleNames := list -}}
+{{- range .Values.alerts.rules }}{{ $ruleNames = append $ruleNames (toString .name) }}{{ end -}}
+{{- range $i, $o := $a.objects -}}
+{{- if not (kindIs "map" $o) -}}
+{{- fail (printf "apply.objects[%d] is no map: each object is a map with a kind (job, workflow, setting or alert)" $i) -}}
+{{- end -}}
+{{- $kind := toString (get $o "kind") -}}
+{{- if not (has $kind (list "job" "workflow" "setting" "alert")) -}}
+{{- fail (printf "apply.objects[%d]: kind %q is none of job, workflow, setting, alert" $i (get $o "kind" | default "" | toString)) -}}
+{{- end -}}
+{{- $key := "" -}}
+{{- $what := "" -}}
+{{- if has $kind (list "job" "workflow") -}}
+{{- $key = printf "jobs/%s" (toString (get $o "name")) -}}
+{{- $what = printf "the job name %q (jobs and workflows share names)" (toString (get $o "name")) -}}
+{{- else if eq $kind "setting" -}}
+{{- $key = toString (get $o "key") | trim -}}
+{{- $what = printf "the setting %q" $key -}}
+{{- else -}}
+{{- $key = printf "alerts/%s" (toString (get $o "name")) -}}
+{{- $what = printf "the alert rule %q" (toString (get $o "name")) -}}
+{{- if $.Values.alerts.prune -}}
+{{- fail (printf "apply.objects[%d] is an alert rule, and alerts.prune deletes every rule not in alerts.rules on each upgrade: keep alert rules in one place (alerts.rules, or apply.objects with alerts.prune false)" $i) -}}
+{{- end -}}
+{{- if has (toString (get $o "name")) $ruleNames -}}
+{{- fail (printf "apply.objects[%d]: the alert rule %q is in alerts.rules too: keep each rule in one place" $i (toString (get $o "name"))) -}}
+{{- end -}}
+{{- end -}}
+{{- if hasKey $seen $key -}}
+{{- fail (printf "apply.objects[%d]: %s is given twice (apply.objects[%d] too)" $i $what (index $seen $key)) -}}
+{{- end -}}
+{{- $_ := set $seen $key $i -}}
+{{- end -}}
+{{- with include "chime.coordinator.minPeriodMs" . -}}
+{{- if and (include "chime.apply.enabled" $) (not (regexMatch "^[0-9]+$" .)) -}}
+{{- fail (printf "coordinator.extraEnv: CHIME_COORDINATOR_MIN_PERIOD_MS %q is no whole number of milliseconds (the configuration hook passes it to chime apply --min-period-ms)" .) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
