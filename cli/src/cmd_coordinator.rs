@@ -105,7 +105,7 @@ pub fn auth(a: &AuthSection) -> Result<Auth> {
         // open one gate and have none.
         let t = match key {
             "admin_token_file" => Tokens::from_file_with_roles(file.trim()),
-            _ => Tokens::from_file(file.trim()),
+            _ => Tokens::from_file_of(file.trim(), SetKind::Worker),
         }
         .with_context(|| format!("auth.{key}"))?;
         Ok(Some(Arc::new(t)))

@@ -232,6 +232,10 @@
   }
   // `el` when the role may, nothing otherwise.
   const ifMay = (need, el) => (may(need) ? el : null);
+  // A token limited to namespaces sees their jobs, runs and workers, and nothing
+  // cluster-wide (overview, queues, settings, alert rules, the audit log).
+  const limited = () => !!(state.session && state.session.namespaces);
+  const CLUSTER_VIEWS = ['overview', 'queues', 'config', 'alerts', 'audit'];
 
   function errText(e) {
     if (!(e instanceof ApiError)) return String(e && e.message ? e.message : e);
@@ -335,12 +339,19 @@
     const who = $('#whoami');
     const s = state.session || {};
     who.hidden = !s.auth_required;
-    who.textContent = s.auth_required ? `${s.name || 'token'} · ${s.role || ''}` : '';
+    who.textContent = s.auth_required
+      ? `${s.name || 'token'} · ${s.role || ''}${s.namespaces ? ` · ${s.namespaces.join(', ')}` : ''}`
+      : '';
     who.dataset.role = s.role || '';
+    for (const v of CLUSTER_VIEWS) $(`#nav-${v}`).hidden = limited();
     const brand = $('.brand');
+    brand.setAttribute('href', limited() ? '#/jobs' : '#/overview');
     if (state.session && state.session.version) brand.title = `chime ${state.session.version}`;
     if (!location.hash || location.hash === '#' || location.hash === '#/') {
-      history.replaceState(null, '', '#/overview');
+      history.replaceState(null, '', limited() ? '#/jobs' : '#/overview');
+    }
+    if (limited() && CLUSTER_VIEWS.some((v) => location.hash.startsWith(`#/${v}`))) {
+      history.replaceState(null, '', '#/jobs');
     }
     navigate();
   }
@@ -432,6 +443,8 @@
 
   async function refreshBadge() {
     if (state.view && state.view.providesOverview) return;
+    // The overview is cluster-wide: a token limited to namespaces is refused it.
+    if (limited()) return;
     try {
       const o = await api('GET', '/api/overview');
       updateBadge(o);

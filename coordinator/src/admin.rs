@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chime_shared::auth::{Access, Tokens};
 use chime_shared::clock::Clock;
+use chime_shared::limits::namespace_of;
 
 use crate::Shared;
 use crate::audit::{Audit, Change};
@@ -239,9 +241,131 @@ pub struct Admin {
     clock: Arc<dyn Clock>,
     forwarder: Arc<dyn Forwarder>,
     audit: Audit,
+    /// The admin tokens, for the namespaces a caller's token is limited to
+    /// (`None`: no tokens, nobody is limited).
+    tokens: Option<Arc<Tokens>>,
+}
+
+/// The namespaces a caller may see and touch (`None`: every one). Calls naming a
+/// job or run of another namespace answer not found, as if it did not exist (a
+/// creation there is refused); listings leave the others out; the audit log,
+/// cluster-wide, is refused. The edges refuse cluster-wide calls first; this is
+/// where jobs, runs and workers are kept to their namespaces, on the replica the
+/// call reaches and again on the leader a follower forwards it to.
+#[derive(Debug, Clone, Default)]
+struct Namespaces {
+    only: Option<Vec<String>>,
+    who: String,
+}
+
+impl Namespaces {
+    fn sees(&self, name: &str) -> bool {
+        let ns = namespace_of(name);
+        self.only.as_ref().is_none_or(|o| o.iter().any(|x| x == ns))
+    }
+
+    fn job(&self, name: &str) -> Result<()> {
+        match self.sees(name) {
+            true => Ok(()),
+            false => Err(CoordError::NotFound(format!("job {name:?}"))),
+        }
+    }
+
+    /// A run id starts with its job's name (`<job>@…`), namespace included.
+    fn run(&self, id: &str) -> Result<()> {
+        match self.sees(id) {
+            true => Ok(()),
+            false => Err(CoordError::NotFound(format!("run {id:?}"))),
+        }
+    }
+
+    fn create(&self, spec: &JobSpec, field: &str) -> Result<()> {
+        match self.sees(&spec.name) {
+            true => Ok(()),
+            false => Err(CoordError::PermissionDenied(format!(
+                "{field}: token {} may create jobs in namespaces {} only, not {:?}",
+                self.who,
+                self.only.as_deref().unwrap_or_default().join(", "),
+                namespace_of(&spec.name)
+            ))),
+        }
+    }
+
+    /// Refuses a call reaching outside the namespaces, before it is made.
+    fn check(&self, call: &AdminCall) -> Result<()> {
+        if self.only.is_none() {
+            return Ok(());
+        }
+        match call {
+            AdminCall::CreateJob(spec) => self.create(spec, "name"),
+            AdminCall::CreateJobs(specs) => specs
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, s)| self.create(s, &format!("jobs[{i}].name"))),
+            AdminCall::UpdateJob { spec, .. } => self.job(&spec.name),
+            AdminCall::DeleteJob(name)
+            | AdminCall::GetJob(name)
+            | AdminCall::PauseJob(name)
+            | AdminCall::ResumeJob(name)
+            | AdminCall::TriggerJob { name, .. } => self.job(name),
+            AdminCall::GetRun(id)
+            | AdminCall::KillRun(id)
+            | AdminCall::RerunWorkflow { run_id: id, .. } => self.run(id),
+            // Filtered from the answer.
+            AdminCall::ListJobs { .. }
+            | AdminCall::ListRuns { .. }
+            | AdminCall::ListWorkers { .. } => Ok(()),
+            AdminCall::ListAudit { .. } => Err(CoordError::PermissionDenied(format!(
+                "token {} is limited to namespaces; the audit log is cluster-wide",
+                self.who
+            ))),
+        }
+    }
+
+    /// Leaves out of a listing what is outside the namespaces.
+    fn filter(&self, answer: AdminAnswer) -> AdminAnswer {
+        if self.only.is_none() {
+            return answer;
+        }
+        match answer {
+            AdminAnswer::Jobs(mut jobs) => {
+                jobs.retain(|j| self.sees(&j.spec.name));
+                AdminAnswer::Jobs(jobs)
+            }
+            AdminAnswer::Runs(mut runs) => {
+                runs.retain(|r| self.sees(&r.job));
+                AdminAnswer::Runs(runs)
+            }
+            AdminAnswer::Workers {
+                mut workers,
+                leader,
+            } => {
+                workers.retain(|w| self.sees(&w.group));
+                AdminAnswer::Workers { workers, leader }
+            }
+            other => other,
+        }
+    }
 }
 
 impl Admin {
+    /// This service, keeping callers whose admin token is limited to namespaces
+    /// to them (`tokens`: the admin tokens).
+    pub fn limited_by(mut self, tokens: Option<Arc<Tokens>>) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    fn namespaces(&self, caller: &Caller) -> Namespaces {
+        match Access::tokens(self.tokens.clone()).identify(caller.authorization.as_deref()) {
+            Some(who) => Namespaces {
+                only: who.namespaces,
+                who: who.name,
+            },
+            None => Namespaces::default(),
+        }
+    }
+
     /// The service over these stores; `forwarder` reaches the leader; changes are
     /// recorded in `audit`.
     pub fn new(
@@ -259,6 +383,7 @@ impl Admin {
             clock,
             forwarder,
             audit,
+            tokens: None,
         }
     }
 
@@ -285,16 +410,39 @@ impl Admin {
 
     /// Answers `call`: here on the leader (or while no leader is known), from the
     /// leader otherwise.
-    pub async fn call(&self, caller: &Caller, call: AdminCall) -> Result<AdminAnswer> {
+    pub async fn call(&self, caller: &Caller, mut call: AdminCall) -> Result<AdminAnswer> {
+        let scope = self.namespaces(caller);
+        scope.check(&call)?;
+        // A limited caller's latest runs: the latest of every namespace are read,
+        // then its own kept, so others' do not crowd them out of the limit.
+        let mut keep = None;
+        if scope.only.is_some()
+            && let AdminCall::ListRuns { job, limit } = &mut call
+            && job.is_empty()
+        {
+            keep = Some(match *limit {
+                0 => DEFAULT_RUNS_LISTED,
+                n => n.min(MAX_RUNS_LISTED),
+            } as usize);
+            *limit = MAX_RUNS_LISTED;
+        }
         let c = self.shared.current();
-        if c.engine.is_none() && !c.leader.is_empty() {
+        let answer = if c.engine.is_none() && !c.leader.is_empty() {
             if caller.forwarded {
                 // Named the leader, but not leading (yet, or any more): say so.
                 return Err(CoordError::NotLeader { leader: c.leader });
             }
-            return self.forwarder.forward(&c.leader, caller, call).await;
-        }
-        self.local(caller, call).await
+            self.forwarder.forward(&c.leader, caller, call).await?
+        } else {
+            self.local(caller, call).await?
+        };
+        Ok(match (scope.filter(answer), keep) {
+            (AdminAnswer::Runs(mut runs), Some(n)) => {
+                runs.truncate(n);
+                AdminAnswer::Runs(runs)
+            }
+            (answer, _) => answer,
+        })
     }
 
     /// The engine, on the leader.

@@ -125,10 +125,16 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
 /// Who may call an API route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {
-    /// Admin tokens of this role or above.
+    /// Admin tokens of this role or above, limited to namespaces or not: the route
+    /// reaches jobs, runs or workers, and the admin service keeps a limited token
+    /// to its namespaces.
     Admin(Role),
-    /// Producer tokens (whatever the call), or admin tokens of this role or above:
-    /// the item calls a producer service needs, and nothing more.
+    /// Admin tokens of this role or above and of no namespace: the route reaches
+    /// what is cluster-wide (settings, alert rules, queues, the audit log).
+    Cluster(Role),
+    /// Producer tokens (whatever the call), or admin tokens of this role or above
+    /// and of no namespace: the item calls a producer service needs, and nothing
+    /// more.
     Producer(Role),
 }
 
@@ -168,7 +174,7 @@ pub fn api_routes() -> Vec<ApiRoute> {
         r(
             Method::GET,
             "/api/overview",
-            Who::Admin(Viewer),
+            Who::Cluster(Viewer),
             get(overview),
         ),
         r(Method::GET, "/api/jobs", Who::Admin(Viewer), get(list_jobs)),
@@ -242,69 +248,74 @@ pub fn api_routes() -> Vec<ApiRoute> {
         r(
             Method::GET,
             "/api/audit",
-            Who::Admin(Viewer),
+            Who::Cluster(Viewer),
             get(list_audit),
         ),
         // Rules are shown without their sinks' secrets.
         r(
             Method::GET,
             "/api/alerts",
-            Who::Admin(Viewer),
+            Who::Cluster(Viewer),
             get(list_alerts),
         ),
         r(
             Method::PUT,
             "/api/alerts/{name}",
-            Who::Admin(Admin),
+            Who::Cluster(Admin),
             put(put_alert),
         ),
         r(
             Method::DELETE,
             "/api/alerts/{name}",
-            Who::Admin(Admin),
+            Who::Cluster(Admin),
             delete(delete_alert),
         ),
         r(
             Method::POST,
             "/api/alerts/{name}/test",
-            Who::Admin(Operator),
+            Who::Cluster(Operator),
             post(test_alert),
         ),
         r(
             Method::GET,
             "/api/history",
-            Who::Admin(Viewer),
+            Who::Cluster(Viewer),
             get(history),
         ),
-        r(Method::GET, "/api/queues", Who::Admin(Viewer), get(queues)),
+        r(
+            Method::GET,
+            "/api/queues",
+            Who::Cluster(Viewer),
+            get(queues),
+        ),
         r(
             Method::GET,
             "/api/queues/dead",
-            Who::Admin(Viewer),
+            Who::Cluster(Viewer),
             get(dead_letters),
         ),
         r(
             Method::POST,
             "/api/queues/dead/requeue",
-            Who::Admin(Operator),
+            Who::Cluster(Operator),
             post(requeue),
         ),
         r(
             Method::GET,
             "/api/config",
-            Who::Admin(Viewer),
+            Who::Cluster(Viewer),
             get(get_config),
         ),
         r(
             Method::PUT,
             "/api/config",
-            Who::Admin(Admin),
+            Who::Cluster(Admin),
             put(put_config),
         ),
         r(
             Method::DELETE,
             "/api/config",
-            Who::Admin(Admin),
+            Who::Cluster(Admin),
             delete(delete_config),
         ),
         r(
@@ -344,11 +355,12 @@ pub fn http_policy(auth: &crate::grpc::Auth) -> Policy {
         .fold(policy, |p, route| {
             let gate = match route.who {
                 Who::Admin(need) => auth.admin_gate().needs(need),
-                Who::Producer(need) => auth.producer_gate().needs(need),
+                Who::Cluster(need) => auth.admin_gate().needs(need).cluster_wide(),
+                Who::Producer(need) => auth.producer_gate().needs(need).cluster_wide(),
             };
             p.route(route.method, route.path, gate)
         })
-        .prefix("/api/", auth.admin_gate())
+        .prefix("/api/", auth.admin_gate().cluster_wide())
 }
 
 /// A refusal: 401 naming the token the caller lacks, or 403 naming the role.
@@ -496,8 +508,11 @@ async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
         .and_then(|v| v.to_str().ok());
     // Without admin tokens (`auth.allow_unauthenticated`) everyone is an admin.
     let who = match st.auth.admin {
-        None => Some((String::new(), Role::Admin)),
-        Some(_) => st.auth.admin_identity(header).map(|i| (i.name, i.role)),
+        None => Some((String::new(), Role::Admin, None)),
+        Some(_) => st
+            .auth
+            .admin_identity(header)
+            .map(|i| (i.name, i.role, i.namespaces)),
     };
     ok(json!({
         "auth_required": st.auth.admin.is_some(),
@@ -506,6 +521,8 @@ async fn session(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
         // what it may not do (the API refuses it either way).
         "name": who.as_ref().map(|w| w.0.clone()),
         "role": who.as_ref().map(|w| w.1.as_str()),
+        // The namespaces it is limited to (null: all, and what is cluster-wide).
+        "namespaces": who.as_ref().and_then(|w| w.2.clone()),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
@@ -1324,6 +1341,8 @@ mod tests {
     const PRODUCER: &str = "producer-token-0123456789";
     const OPERATOR: &str = "operator-token-0123456789";
     const VIEWER: &str = "viewer-token-0123456789";
+    /// An admin of namespace team-a only.
+    const TEAM_ADMIN: &str = "team-admin-token-0123456789";
 
     fn app() -> Router {
         use chime_shared::auth::Tokens;
@@ -1336,10 +1355,15 @@ mod tests {
             crate::store::Retention::default(),
         ));
         let auth = crate::grpc::Auth {
-            admin: Some(Arc::new(Tokens::fixed_roles([
-                (ADMIN.to_owned(), Role::Admin),
-                (OPERATOR.to_owned(), Role::Operator),
-                (VIEWER.to_owned(), Role::Viewer),
+            admin: Some(Arc::new(Tokens::fixed_limited([
+                (ADMIN.to_owned(), Role::Admin, None),
+                (OPERATOR.to_owned(), Role::Operator, None),
+                (VIEWER.to_owned(), Role::Viewer, None),
+                (
+                    TEAM_ADMIN.to_owned(),
+                    Role::Admin,
+                    Some(vec!["team-a".to_owned()]),
+                ),
             ]))),
             worker: None,
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
@@ -1448,9 +1472,36 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("/");
             let (need, producer) = match route.who {
-                Who::Admin(r) => (r, false),
+                Who::Admin(r) | Who::Cluster(r) => (r, false),
                 Who::Producer(r) => (r, true),
             };
+            // A token limited to a namespace passes exactly the routes of
+            // namespaced things; the rest is cluster-wide.
+            let (code, b) = send(
+                route.method.as_str(),
+                &path,
+                Some(TEAM_ADMIN),
+                Body::from("{}"),
+            )
+            .await;
+            let what = format!(
+                "{} {} as a team admin: {code} {b}",
+                route.method, route.path
+            );
+            if matches!(route.who, Who::Admin(_)) {
+                assert!(
+                    code != StatusCode::UNAUTHORIZED && code != StatusCode::FORBIDDEN,
+                    "{what}"
+                );
+            } else {
+                assert_eq!(code, StatusCode::FORBIDDEN, "{what}");
+                assert!(
+                    b["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("cluster-wide")),
+                    "{what}"
+                );
+            }
             for (token, role) in [
                 (VIEWER, Some(Role::Viewer)),
                 (OPERATOR, Some(Role::Operator)),

@@ -215,8 +215,20 @@ impl JobSpec {
     /// Checks every field; errors name it. Does not look at other jobs.
     pub fn validate(&self) -> Result<()> {
         let lim = |r: chime_shared::Result<()>| r.map_err(CoordError::from);
-        lim(limits::check_handler("name", &self.name))?;
-        lim(limits::check_handler("group", &self.group))?;
+        lim(limits::check_qualified("name", &self.name))?;
+        lim(limits::check_qualified("group", &self.group))?;
+        // A job of a namespace runs on workers of that namespace only, so a team's
+        // job never reaches another team's workers (nor its items' handlers).
+        let ns = limits::namespace_of(&self.name);
+        if limits::namespace_of(&self.group) != ns {
+            return Err(CoordError::invalid(
+                "group",
+                format!(
+                    "a job of namespace {ns:?} runs on a group of that namespace ({})",
+                    in_namespace(ns, "<group>")
+                ),
+            ));
+        }
         match &self.workflow {
             None => lim(limits::check_handler("handler", &self.handler))?,
             Some(wf) => {
@@ -310,7 +322,13 @@ impl JobSpec {
             ));
         }
         for (i, c) in self.children.iter().enumerate() {
-            lim(limits::check_handler(&format!("children[{i}]"), c))?;
+            lim(limits::check_qualified(&format!("children[{i}]"), c))?;
+            if limits::namespace_of(c) != ns {
+                return Err(CoordError::invalid(
+                    format!("children[{i}]"),
+                    format!("a child job is of the parent's namespace {ns:?}"),
+                ));
+            }
             if *c == self.name {
                 return Err(CoordError::invalid(
                     format!("children[{i}]"),
@@ -468,6 +486,15 @@ pub struct WorkerView {
     pub last_heartbeat_ms: i64,
     /// Draining.
     pub draining: bool,
+}
+
+/// How a name `local` of namespace `ns` is written (`nightly`, `payments/nightly`).
+pub fn in_namespace(ns: &str, local: &str) -> String {
+    if ns == limits::DEFAULT_NAMESPACE {
+        local.to_owned()
+    } else {
+        format!("{ns}/{local}")
+    }
 }
 
 #[cfg(test)]

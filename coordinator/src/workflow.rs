@@ -253,7 +253,16 @@ impl WorkflowSpec {
                     ));
                 }
                 (false, true) => {
-                    lim(limits::check_handler(&at("job"), &n.job))?;
+                    lim(limits::check_qualified(&at("job"), &n.job))?;
+                    if limits::namespace_of(&n.job) != limits::namespace_of(&owner.name) {
+                        return Err(CoordError::invalid(
+                            at("job"),
+                            format!(
+                                "a node runs a job of the workflow's namespace {:?}",
+                                limits::namespace_of(&owner.name)
+                            ),
+                        ));
+                    }
                     if n.job == owner.name {
                         return Err(CoordError::invalid(
                             at("job"),
@@ -263,9 +272,11 @@ impl WorkflowSpec {
                 }
                 (true, false) => {
                     let mut job = n.inline_job(owner).unwrap_or_else(|| owner.clone());
-                    // Checked under the node's name: the job's own holds the
-                    // separator no stored name may.
-                    job.name = n.name.clone();
+                    // Checked under the node's name (in the workflow's
+                    // namespace): the job's own holds the separator no stored
+                    // name may.
+                    job.name =
+                        crate::model::in_namespace(limits::namespace_of(&owner.name), &n.name);
                     job.validate().map_err(|e| match e {
                         CoordError::InvalidArgument { field, reason } => {
                             CoordError::InvalidArgument {

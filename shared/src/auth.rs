@@ -9,7 +9,10 @@
 //! without one it is an admin, as every admin token was before roles. A producer
 //! token may be limited to some handlers (`<token> coupons handlers=coupon.remind,coupon.expire`):
 //! it then enqueues, finds, cancels, reschedules, lists and requeues only items of
-//! those handlers. An unnamed token
+//! those handlers. An admin or worker token may be limited to namespaces
+//! (`<token> team-a-ci role=operator ns=payments,search`): an admin token then sees
+//! and touches only jobs, runs and workers of those namespaces and nothing
+//! cluster-wide, a worker token registers only into groups of them. An unnamed token
 //! is named `token-` + the first 8 hex digits of its SHA-256, which tells tokens
 //! apart without revealing them. Several lines are several valid tokens, which is how
 //! tokens rotate without a restart: add the new token, roll the clients, remove the
@@ -98,17 +101,31 @@ pub struct Identity {
     /// The handlers whose items it may touch (`None`: any); only producer tokens
     /// have a scope.
     pub handlers: Option<Vec<String>>,
+    /// The namespaces it may see and touch (`None`: every one, and what is
+    /// cluster-wide); admin and worker tokens may have them.
+    pub namespaces: Option<Vec<String>>,
+}
+
+impl Identity {
+    /// Whether it may see and touch namespace `ns`.
+    pub fn may_see(&self, ns: &str) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_none_or(|n| n.iter().any(|x| x == ns))
+    }
 }
 
 /// Which gate a token set opens, and so which fields its lines may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetKind {
-    /// Admin tokens: `role=`.
+    /// Admin tokens: `role=`, `ns=`.
     Admin,
     /// Producer tokens: `handlers=`.
     Producer,
-    /// Worker (and delivery) tokens: a name only.
+    /// Worker tokens: `ns=`.
     Worker,
+    /// Tokens of a worker's delivery service: a name only.
+    Plain,
 }
 
 /// A set of accepted tokens, fixed or read from a file.
@@ -130,6 +147,7 @@ struct Token {
     name: String,
     role: Role,
     handlers: Option<Vec<String>>,
+    namespaces: Option<Vec<String>>,
 }
 
 /// Longest token name.
@@ -159,10 +177,22 @@ fn parse(text: &str, origin: &str, kind: SetKind) -> Result<Vec<Token>> {
         }
         let mut fields = line.split_whitespace();
         let t = fields.next().unwrap_or_default();
-        let (mut name, mut role, mut handlers) = (None, None, None);
+        let (mut name, mut role, mut handlers, mut namespaces) = (None, None, None, None);
         for field in fields {
             let at = |what: String| Error::invalid(origin, format!("line {}: {what}", n + 1));
-            if let Some(list) = field.strip_prefix("handlers=") {
+            if let Some(list) = field.strip_prefix("ns=") {
+                if !matches!(kind, SetKind::Admin | SetKind::Worker) {
+                    return Err(at("only admin and worker tokens have namespaces".into()));
+                }
+                if namespaces.is_some() {
+                    return Err(at("more than one ns=".into()));
+                }
+                let list: Vec<String> = list.split(',').map(str::to_owned).collect();
+                for ns in &list {
+                    crate::limits::check_namespace("ns", ns).map_err(|e| at(e.to_string()))?;
+                }
+                namespaces = Some(list);
+            } else if let Some(list) = field.strip_prefix("handlers=") {
                 if kind != SetKind::Producer {
                     return Err(at("only producer tokens have handlers".into()));
                 }
@@ -240,6 +270,7 @@ fn parse(text: &str, origin: &str, kind: SetKind) -> Result<Vec<Token>> {
             name: name.map_or_else(|| fingerprint(t.as_bytes()), str::to_owned),
             role: role.unwrap_or(Role::Admin),
             handlers,
+            namespaces,
         });
     }
     if out.is_empty() {
@@ -270,7 +301,7 @@ impl Tokens {
     /// Tokens from a file (see the module docs); an unreadable or empty file, or a
     /// short token, is an error naming the file.
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Self> {
-        Self::from_file_of(path, SetKind::Worker)
+        Self::from_file_of(path, SetKind::Plain)
     }
 
     /// Admin tokens from a file: as [`Tokens::from_file`], and a token may carry a
@@ -301,15 +332,24 @@ impl Tokens {
 
     /// Fixed tokens, each with its role (tests, `chime dev`). No length rule.
     pub fn fixed_roles(tokens: impl IntoIterator<Item = (String, Role)>) -> Self {
+        Self::fixed_limited(tokens.into_iter().map(|(t, r)| (t, r, None)))
+    }
+
+    /// Fixed admin tokens, each with its role and the namespaces it is limited to
+    /// (tests). No length rule.
+    pub fn fixed_limited(
+        tokens: impl IntoIterator<Item = (String, Role, Option<Vec<String>>)>,
+    ) -> Self {
         let tokens = tokens
             .into_iter()
-            .map(|(t, role)| {
+            .map(|(t, role, namespaces)| {
                 let secret = t.into_bytes();
                 Token {
                     name: fingerprint(&secret),
                     secret,
                     role,
                     handlers: None,
+                    namespaces,
                 }
             })
             .collect();
@@ -371,6 +411,7 @@ impl Tokens {
                     name: t.name.clone(),
                     role: t.role,
                     handlers: t.handlers.clone(),
+                    namespaces: t.namespaces.clone(),
                 }),
                 false => hit,
             })
@@ -486,12 +527,24 @@ impl Access {
     /// role: open access always does; a token of these sets does when its role
     /// is at least `need`.
     pub fn check(&self, header: Option<&str>, need: Role) -> std::result::Result<(), Refusal> {
+        self.check_at(header, need, false)
+    }
+
+    /// As [`Access::check`]; `cluster`: what the gate guards is cluster-wide, so a
+    /// token limited to namespaces does not pass.
+    pub fn check_at(
+        &self,
+        header: Option<&str>,
+        need: Role,
+        cluster: bool,
+    ) -> std::result::Result<(), Refusal> {
         if matches!(self, Access::Open) {
             return Ok(());
         }
         match self.identify(header) {
             None => Err(Refusal::Unauthenticated),
             Some(who) if who.role < need => Err(Refusal::Forbidden { who, need }),
+            Some(who) if cluster && who.namespaces.is_some() => Err(Refusal::ClusterWide { who }),
             Some(_) => Ok(()),
         }
     }
@@ -509,6 +562,12 @@ pub enum Refusal {
         /// The least role the gate takes.
         need: Role,
     },
+    /// A known token limited to namespaces, at a gate of what is cluster-wide
+    /// (settings, alert rules, queues, the audit log).
+    ClusterWide {
+        /// Who asked.
+        who: Identity,
+    },
 }
 
 /// What guards a group of paths: who may pass (which token sets, and the least
@@ -519,6 +578,8 @@ pub struct Gate {
     name: &'static str,
     access: Access,
     need: Role,
+    /// What it guards is cluster-wide: tokens limited to namespaces do not pass.
+    cluster: bool,
 }
 
 impl Gate {
@@ -530,7 +591,15 @@ impl Gate {
             name,
             access,
             need: Role::Viewer,
+            cluster: false,
         }
+    }
+
+    /// This gate, guarding what is cluster-wide: a token limited to namespaces
+    /// does not pass whatever its role.
+    pub fn cluster_wide(mut self) -> Self {
+        self.cluster = true;
+        self
     }
 
     /// This gate, passed only by tokens of role `need` or above.
@@ -546,7 +615,7 @@ impl Gate {
 
     /// Whether an `authorization` header value passes.
     pub fn check(&self, header: Option<&str>) -> std::result::Result<(), Refusal> {
-        self.access.check(header, self.need)
+        self.access.check_at(header, self.need, self.cluster)
     }
 
     /// A gate everyone passes.
@@ -713,17 +782,24 @@ where
             return Ok(());
         };
         gate.check(header).map_err(|refusal| {
-            if let Refusal::Forbidden { who, need } = &refusal {
-                // A known caller reaching past its role is worth a line: the
-                // token's name, never the token.
-                tracing::info!(
+            // A known caller reaching past its role or namespaces is worth a
+            // line: the token's name, never the token.
+            match &refusal {
+                Refusal::Forbidden { who, need } => tracing::info!(
                     token = %who.name,
                     role = %who.role,
                     need = %need,
                     method = %req.method(),
                     path = req.uri().path(),
                     "refused: the token's role is too low"
-                );
+                ),
+                Refusal::ClusterWide { who } => tracing::info!(
+                    token = %who.name,
+                    method = %req.method(),
+                    path = req.uri().path(),
+                    "refused: the token is limited to namespaces; this is cluster-wide"
+                ),
+                Refusal::Unauthenticated => {}
             }
             (self.refuse)(gate, &refusal)
         })

@@ -58,6 +58,62 @@ pub fn check_handler(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// The namespace of names written without one (`nightly`): today's behaviour.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Longest namespace name.
+pub const MAX_NAMESPACE_BYTES: usize = 63;
+
+/// The namespace of a job or worker group name: what comes before its one `/`
+/// (`payments/nightly` → `payments`), [`DEFAULT_NAMESPACE`] without one.
+pub fn namespace_of(name: &str) -> &str {
+    name.split_once('/').map_or(DEFAULT_NAMESPACE, |(ns, _)| ns)
+}
+
+/// Checks a namespace name: 1..=63 of `[a-z0-9-]`, starting with a letter or digit
+/// (a DNS label, as Kubernetes namespaces are).
+pub fn check_namespace(field: &str, ns: &str) -> Result<()> {
+    let ok = !ns.is_empty()
+        && ns.len() <= MAX_NAMESPACE_BYTES
+        && !ns.starts_with('-')
+        && ns
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "namespace {ns:?}: 1..={MAX_NAMESPACE_BYTES} of a-z 0-9 -, not starting with -"
+            ),
+        ))
+    }
+}
+
+/// Checks a job or worker group name, which may carry a namespace:
+/// `<name>` (the default namespace) or `<namespace>/<name>`, the name as
+/// [`check_handler`] says and the namespace as [`check_namespace`] says. The default
+/// namespace is written bare, so every name has one spelling.
+pub fn check_qualified(field: &str, value: &str) -> Result<()> {
+    match value.split_once('/') {
+        None => check_handler(field, value),
+        Some((ns, name)) => {
+            check_namespace(field, ns)?;
+            if ns == DEFAULT_NAMESPACE {
+                return Err(Error::invalid(
+                    field,
+                    format!("write {name:?}: the default namespace has no prefix"),
+                ));
+            }
+            check_text(field, value, MAX_HANDLER_BYTES + 1 + MAX_NAMESPACE_BYTES)?;
+            if name.contains('/') {
+                return Err(Error::invalid(field, "has more than one '/'"));
+            }
+            check_handler(field, name)
+        }
+    }
+}
+
 /// Checks a due time in Unix milliseconds.
 pub fn check_due(field: &str, due_at_ms: i64) -> Result<()> {
     if !(0..=MAX_DUE_AT_MS).contains(&due_at_ms) {
@@ -72,6 +128,27 @@ pub fn check_due(field: &str, due_at_ms: i64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_may_carry_one_namespace() {
+        assert_eq!(namespace_of("nightly"), "default");
+        assert_eq!(namespace_of("payments/nightly"), "payments");
+        for ok in ["nightly", "payments/nightly", "team-7/a.b:c_d-e"] {
+            check_qualified("name", ok).unwrap();
+        }
+        for (bad, says) in [
+            ("default/nightly", "no prefix"),
+            ("Payments/nightly", "namespace"),
+            ("-x/nightly", "namespace"),
+            ("/nightly", "namespace"),
+            ("a/b/c", "more than one"),
+            ("a/", "empty"),
+            ("a/b c", "contains"),
+        ] {
+            let e = check_qualified("name", bad).unwrap_err().to_string();
+            assert!(e.contains("name") && e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn text_limits_name_the_field() {

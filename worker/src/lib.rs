@@ -238,7 +238,7 @@ impl WorkerBuilder {
                         "invalid coordinator: no endpoint".into(),
                     ));
                 }
-                Some(s) => limits::check_handler("group", &s.group)
+                Some(s) => limits::check_qualified("group", &s.group)
                     .map_err(|e| WorkerError::Config(e.to_string()))?,
             }
         }

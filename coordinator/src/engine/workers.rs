@@ -103,7 +103,7 @@ fn check(hello: &WorkerHello) -> Result<()> {
     chime_shared::limits::check_handler("register.worker_id", &hello.worker_id).or_else(|_| {
         chime_shared::limits::check_text("register.worker_id", &hello.worker_id, 253)
     })?;
-    chime_shared::limits::check_handler("register.group", &hello.group)?;
+    chime_shared::limits::check_qualified("register.group", &hello.group)?;
     if hello.handlers.len() > 1_000 {
         return Err(CoordError::invalid("register.handlers", "more than 1000"));
     }

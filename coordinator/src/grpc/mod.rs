@@ -64,7 +64,8 @@ pub fn admin_api(
         auth.producer.clone(),
     );
     AdminApi {
-        admin: Admin::new(shared, jobs, runs, clock, forwarder, audit),
+        admin: Admin::new(shared, jobs, runs, clock, forwarder, audit)
+            .limited_by(auth.admin.clone()),
     }
 }
 
@@ -110,29 +111,43 @@ impl Auth {
     }
 }
 
-/// The least role of an admin token for each admin API method. Every method of
-/// `chime.v1.Admin` has its line (a test fails when the proto gains one without);
-/// one without would fall to the service's catch-all, which takes admins only.
-pub const ADMIN_METHODS: [(&str, Role); 15] = [
-    ("CreateJob", Role::Admin),
-    ("CreateJobs", Role::Admin),
-    ("UpdateJob", Role::Admin),
-    ("DeleteJob", Role::Admin),
-    ("GetJob", Role::Viewer),
-    ("ListJobs", Role::Viewer),
-    ("PauseJob", Role::Operator),
-    ("ResumeJob", Role::Operator),
-    ("TriggerJob", Role::Operator),
-    ("ListRuns", Role::Viewer),
-    ("GetRun", Role::Viewer),
-    ("KillRun", Role::Operator),
-    ("RerunWorkflow", Role::Operator),
-    ("ListWorkers", Role::Viewer),
-    ("ListAudit", Role::Viewer),
+/// What an API call reaches: jobs, runs and workers, which belong to namespaces
+/// (a token limited to namespaces passes, and the admin service keeps it to
+/// them), or what is cluster-wide (settings, alert rules, queues, the audit log),
+/// which such a token does not reach at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Of namespaces.
+    Namespaced,
+    /// Cluster-wide.
+    Cluster,
+}
+
+/// The least role of an admin token for each admin API method, and what it
+/// reaches. Every method of `chime.v1.Admin` has its line (a test fails when the
+/// proto gains one without); one without would fall to the service's catch-all,
+/// which takes unlimited admins only.
+pub const ADMIN_METHODS: [(&str, Role, Reach); 15] = [
+    ("CreateJob", Role::Admin, Reach::Namespaced),
+    ("CreateJobs", Role::Admin, Reach::Namespaced),
+    ("UpdateJob", Role::Admin, Reach::Namespaced),
+    ("DeleteJob", Role::Admin, Reach::Namespaced),
+    ("GetJob", Role::Viewer, Reach::Namespaced),
+    ("ListJobs", Role::Viewer, Reach::Namespaced),
+    ("PauseJob", Role::Operator, Reach::Namespaced),
+    ("ResumeJob", Role::Operator, Reach::Namespaced),
+    ("TriggerJob", Role::Operator, Reach::Namespaced),
+    ("ListRuns", Role::Viewer, Reach::Namespaced),
+    ("GetRun", Role::Viewer, Reach::Namespaced),
+    ("KillRun", Role::Operator, Reach::Namespaced),
+    ("RerunWorkflow", Role::Operator, Reach::Namespaced),
+    ("ListWorkers", Role::Viewer, Reach::Namespaced),
+    ("ListAudit", Role::Viewer, Reach::Cluster),
 ];
 
 /// The least role of an admin token for each delay queue method (a producer token
-/// passes them all). Every method of `chime.v1.Queue` has its line.
+/// passes them all). Every method of `chime.v1.Queue` has its line. The queue is
+/// cluster-wide: an admin token limited to namespaces reaches none of it.
 pub const QUEUE_METHODS: [(&str, Role); 7] = [
     ("Enqueue", Role::Operator),
     ("GetItem", Role::Viewer),
@@ -161,17 +176,25 @@ pub fn grpc_policy(auth: &Auth) -> Policy {
         methods_of::<pb::worker_gateway_server::WorkerGatewayServer<Gateway>>(),
         auth.worker_gate(),
     );
-    for (method, need) in ADMIN_METHODS {
-        policy = policy.exact(format!("{admin}{method}"), auth.admin_gate().needs(need));
+    for (method, need, reach) in ADMIN_METHODS {
+        let gate = auth.admin_gate().needs(need);
+        let gate = match reach {
+            Reach::Namespaced => gate,
+            Reach::Cluster => gate.cluster_wide(),
+        };
+        policy = policy.exact(format!("{admin}{method}"), gate);
     }
     // Producers hold a producer token (or an admin one): it opens the delay queue
     // and nothing else.
     for (method, need) in QUEUE_METHODS {
-        policy = policy.exact(format!("{queue}{method}"), auth.producer_gate().needs(need));
+        policy = policy.exact(
+            format!("{queue}{method}"),
+            auth.producer_gate().needs(need).cluster_wide(),
+        );
     }
     policy
-        .prefix(admin, auth.admin_gate())
-        .prefix(queue, auth.producer_gate())
+        .prefix(admin, auth.admin_gate().cluster_wide())
+        .prefix(queue, auth.producer_gate().cluster_wide())
 }
 
 /// The refusal of a call its gate does not pass: `UNAUTHENTICATED` without a known
@@ -187,6 +210,11 @@ pub(crate) fn refusal_error(gate: &Gate, why: &Refusal) -> CoordError {
         Refusal::Unauthenticated => {
             CoordError::Unauthenticated(format!("missing or unknown {} token", gate.name()))
         }
+        Refusal::ClusterWide { who } => CoordError::PermissionDenied(format!(
+            "token {} is limited to namespaces {}; this is cluster-wide and needs a token of no namespace",
+            who.name,
+            who.namespaces.as_deref().unwrap_or_default().join(", ")
+        )),
         Refusal::Forbidden { who, need } => CoordError::PermissionDenied(format!(
             "token {} is {} {}; this needs {} {} token",
             who.name,
@@ -307,8 +335,11 @@ pub async fn server(
         ))
         .add_service(health_service)
         .add_service(
-            pb::worker_gateway_server::WorkerGatewayServer::new(Gateway { shared })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            pb::worker_gateway_server::WorkerGatewayServer::new(Gateway {
+                shared,
+                workers: auth.worker.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             pb::admin_server::AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -331,6 +362,9 @@ const HOLD_FOR_A_LEADER: Duration = Duration::from_secs(6);
 #[derive(Debug, Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// The worker tokens: one limited to namespaces registers only into groups
+    /// of them.
+    workers: Option<Arc<Tokens>>,
 }
 
 fn shard_key(r: Option<pb::RunRef>) -> Result<ShardKey, Status> {
@@ -422,6 +456,11 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
         &self,
         req: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let who = Access::tokens(self.workers.clone()).identify(
+            req.metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+        );
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -434,6 +473,18 @@ impl pb::worker_gateway_server::WorkerGateway for Gateway {
                 "invalid session: the first message must be Register",
             ));
         };
+        // A worker token of a team's namespaces cannot join another team's
+        // group: its jobs' shards (and params) would reach it.
+        if let Some(who) = &who {
+            let ns = chime_shared::limits::namespace_of(&reg.group);
+            if !who.may_see(ns) {
+                return Err(Status::from(CoordError::PermissionDenied(format!(
+                    "register.group: token {} may register into groups of namespaces {} only, not {ns:?}",
+                    who.name,
+                    who.namespaces.as_deref().unwrap_or_default().join(", ")
+                ))));
+            }
+        }
         let hello = WorkerHello {
             worker_id: reg.worker_id,
             group: reg.group,
