@@ -8,7 +8,10 @@
 //! change meanwhile. `--dry-run` prints the plan and writes nothing. `--set NAME`
 //! remembers which objects this set applied (under `applied/<NAME>`), and with
 //! `--prune` deletes those of the set's last apply that the files no longer have;
-//! objects created otherwise are never pruned.
+//! objects created otherwise are never pruned. A prune that would leave a workflow
+//! (in the files, or stored and left alone) running a job it deletes is refused,
+//! and the set's record keeps listing what is being pruned until it is gone, so an
+//! apply stopped midway prunes the rest the next time.
 //!
 //! A document is a map with a `kind`:
 //! - `job` (or `workflow`): the job's JSON fields (`docs/http-api.md`), stored at
@@ -327,6 +330,50 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
     // cluster's floor: a node's job exists (stored or applied here) and is no
     // workflow; a schedule is no more frequent than the floor.
     let jobs = JobStore::new(source.clone()).with_min_period_ms(args.min_period_ms);
+    let set_key = args.set.as_ref().map(|s| format!("applied/{s}"));
+    let previous: BTreeSet<String> = match &set_key {
+        Some(k) => snap
+            .entries
+            .iter()
+            .find(|(sk, _, _)| sk == k)
+            .and_then(|(_, v, _)| serde_json::from_str(v).ok())
+            .unwrap_or_default(),
+        None => BTreeSet::new(),
+    };
+    let now_keys: BTreeSet<String> = wanted.iter().map(Object::key).collect();
+    // What `--prune` deletes: the set's last apply wrote it, the files no longer
+    // have it, and it is still there.
+    let pruned: BTreeSet<String> = match args.prune {
+        false => BTreeSet::new(),
+        true => previous
+            .difference(&now_keys)
+            .filter(|k| stored.iter().any(|(s, _)| s.key() == **k))
+            .cloned()
+            .collect(),
+    };
+    // The stored objects that remain after this apply (a node's job must be one
+    // of them or applied here).
+    let kept: Vec<(Object, i64)> = stored
+        .iter()
+        .filter(|(o, _)| !pruned.contains(&o.key()))
+        .cloned()
+        .collect();
+    // A stored workflow the files leave alone must not lose a job it runs.
+    for (o, _) in &kept {
+        let Object::Job(w) = o else { continue };
+        if now_keys.contains(&o.key()) {
+            continue;
+        }
+        for n in w.workflow.iter().flat_map(|w| w.nodes.iter()) {
+            if !n.job.is_empty() && job_named(&wanted, &kept, &n.job).is_none() {
+                bail!(
+                    "--prune would delete job {:?}, which workflow {:?} (stored, not in the files) runs; change or remove the workflow first",
+                    n.job,
+                    w.name
+                );
+            }
+        }
+    }
     for o in &wanted {
         let Object::Job(j) = o else { continue };
         let at = || format!("{} {}", o.kind(), j.name);
@@ -340,7 +387,7 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
             if n.job.is_empty() {
                 continue;
             }
-            match job_named(&wanted, &stored, &n.job) {
+            match job_named(&wanted, &kept, &n.job) {
                 None => bail!(
                     "{}: invalid workflow.nodes[{i}].job: no job is named {:?}",
                     at(),
@@ -356,16 +403,6 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
         }
     }
     // The plan: what to create, update, leave, delete.
-    let set_key = args.set.as_ref().map(|s| format!("applied/{s}"));
-    let previous: BTreeSet<String> = match &set_key {
-        Some(k) => snap
-            .entries
-            .iter()
-            .find(|(sk, _, _)| sk == k)
-            .and_then(|(_, v, _)| serde_json::from_str(v).ok())
-            .unwrap_or_default(),
-        None => BTreeSet::new(),
-    };
     let (mut writes, mut changes, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
     for o in &wanted {
         let mut o = o.clone();
@@ -395,30 +432,38 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
             }
         }
     }
-    let now_keys: BTreeSet<String> = wanted.iter().map(Object::key).collect();
-    let mut deletes = Vec::new();
-    if args.prune {
-        for k in previous.difference(&now_keys) {
-            if let Some((o, _)) = stored.iter().find(|(s, _)| s.key() == *k) {
-                eprintln!("- {} {}", o.kind(), k);
-                changes.push(json!({ "op": "delete", "kind": o.kind(), "key": k }));
-                deletes.push(k.clone());
-            }
+    for k in &pruned {
+        if let Some((o, _)) = stored.iter().find(|(s, _)| s.key() == *k) {
+            eprintln!("- {} {}", o.kind(), k);
+            changes.push(json!({ "op": "delete", "kind": o.kind(), "key": k }));
         }
     }
     let mut revision = None;
     if !args.dry_run {
-        // The set's record goes with the last batch: a failed apply leaves the
-        // set's previous record, so a later prune still knows what it wrote.
-        if let Some(k) = &set_key
-            && previous != now_keys
-        {
-            let expect = match snap.entries.iter().find(|(sk, _, _)| sk == k) {
-                Some((_, _, rev)) => Expect::Revision(*rev),
-                None => Expect::Absent,
-            };
-            writes.push((k.clone(), serde_json::to_string(&now_keys)?, expect));
-        }
+        // The set's record goes with the last batch, and still lists what is
+        // about to be pruned: an apply that fails, or stops, before every delete
+        // is done leaves those keys in the record, so the next prune deletes them.
+        // Once they are gone, the record lists the files' keys alone.
+        let mut record = match &set_key {
+            Some(k) => {
+                let rev = snap
+                    .entries
+                    .iter()
+                    .find(|(sk, _, _)| sk == k)
+                    .map(|(_, _, rev)| *rev);
+                Some((k.clone(), rev))
+            }
+            None => None,
+        };
+        let listed: BTreeSet<String> = now_keys.union(&pruned).cloned().collect();
+        let record_in_batch = match &record {
+            Some((k, rev)) if previous != listed => {
+                let expect = rev.map_or(Expect::Absent, Expect::Revision);
+                writes.push((k.clone(), serde_json::to_string(&listed)?, expect));
+                true
+            }
+            _ => false,
+        };
         let mut done = 0;
         for chunk in writes.chunks(100) {
             match source.put_if_all(chunk).await? {
@@ -430,8 +475,26 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
             }
             done += chunk.len();
         }
-        for k in &deletes {
+        if record_in_batch && let Some((_, rev)) = &mut record {
+            // The record was in the last transaction: that is its revision now.
+            *rev = revision;
+        }
+        for k in &pruned {
             revision = Some(source.delete(k).await?);
+        }
+        if let Some((k, rev)) = record
+            && !pruned.is_empty()
+        {
+            let expect = rev.map_or(Expect::Absent, Expect::Revision);
+            match source
+                .put_if_all(&[(k, serde_json::to_string(&now_keys)?, expect)])
+                .await?
+            {
+                Some(r) => revision = Some(r),
+                None => bail!(
+                    "the set's record changed in etcd meanwhile (another apply of it?); run it again"
+                ),
+            }
         }
     }
     println!(

@@ -283,6 +283,9 @@ enum JobCmd {
         /// Only this group.
         #[arg(long, default_value = "")]
         group: String,
+        /// Only jobs of this namespace (`default`: names without one).
+        #[arg(long, short = 'n', default_value = "")]
+        namespace: String,
     },
     /// One job.
     Get {
@@ -397,13 +400,16 @@ pub async fn run_job(a: JobArgs) -> Result<()> {
                 .map_err(status)?;
             serde_json::to_value(job_out(j.into_inner())?)?
         }
-        JobCmd::List { group } => {
-            let jobs = c
+        JobCmd::List { group, namespace } => {
+            let mut jobs = c
                 .list_jobs(pb::ListJobsRequest { group })
                 .await
                 .map_err(status)?
                 .into_inner()
                 .jobs;
+            jobs.retain(|j| {
+                namespace.is_empty() || chime_shared::limits::namespace_of(&j.name) == namespace
+            });
             let out: Result<Vec<JobView>> = jobs.into_iter().map(job_out).collect();
             serde_json::to_value(out?)?
         }

@@ -869,13 +869,17 @@
   function jobsView(root, gen) {
     const t = table('jobs-table', ['Name', 'Group', 'Handler', 'Schedule', 'Routing', 'Next fire', 'Last fire', 'State', { label: 'Actions', attrs: { class: 'actions' } }]);
     const filter = h('input', { id: 'jobs-filter', type: 'search', placeholder: 'Filter by name, group or handler', 'data-testid': 'jobs-filter', 'aria-label': 'Filter jobs' });
+    // Namespaces: the part of a name before its '/', `default` without one.
+    const nsOf = (name) => (name.includes('/') ? name.split('/')[0] : 'default');
+    const nsSel = h('select', { id: 'jobs-namespace', 'data-testid': 'jobs-namespace', 'aria-label': 'Namespace', hidden: true });
     const count = h('span', { class: 'muted' });
     let jobs = [];
     filter.addEventListener('input', () => render());
+    nsSel.addEventListener('change', () => render());
 
     fill(root,
       h('div', { class: 'page-head' }, h('h1', null, 'Jobs ', count),
-        h('div', { class: 'toolbar' }, filter, ifMay('admin', h('a', { href: '#/jobs/new', id: 'job-new', class: 'btn btn-primary', 'data-testid': 'job-new' }, 'New job')))),
+        h('div', { class: 'toolbar' }, nsSel, filter, ifMay('admin', h('a', { href: '#/jobs/new', id: 'job-new', class: 'btn btn-primary', 'data-testid': 'job-new' }, 'New job')))),
       section(null, t.el));
 
     async function act(job, what) {
@@ -914,8 +918,15 @@
     }
 
     function render() {
+      // The namespace choice lists those the jobs have; it shows once there are two.
+      const spaces = [...new Set(jobs.map((j) => nsOf(j.name)))].sort();
+      const chosen = nsSel.value;
+      fill(nsSel, h('option', { value: '' }, 'All namespaces'), spaces.map((n) => h('option', { value: n }, n)));
+      nsSel.value = spaces.includes(chosen) ? chosen : '';
+      nsSel.hidden = spaces.length < 2;
       const f = filter.value.trim().toLowerCase();
-      const shown = f ? jobs.filter((j) => [j.name, j.group, j.handler].some((x) => (x || '').toLowerCase().includes(f))) : jobs;
+      const inNs = nsSel.value ? jobs.filter((j) => nsOf(j.name) === nsSel.value) : jobs;
+      const shown = f ? inNs.filter((j) => [j.name, j.group, j.handler].some((x) => (x || '').toLowerCase().includes(f))) : inNs;
       count.textContent = `(${jobs.length}${f ? `, ${shown.length} shown` : ''})`;
       if (!shown.length) {
         fill(t.tbody, emptyRow(t, jobs.length ? 'No job matches the filter.' : 'No jobs yet. Create one with "New job".'));

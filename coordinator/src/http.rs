@@ -569,6 +569,14 @@ pub fn job_in(body: &[u8]) -> Result<(JobSpec, i64), ApiError> {
 struct GroupQuery {
     #[serde(default)]
     group: String,
+    /// Only this namespace (`default` for names without one).
+    #[serde(default)]
+    namespace: String,
+}
+
+/// Whether `name` (a job's, a group's) is of namespace `ns` (empty: any).
+fn in_ns(ns: &str, name: &str) -> bool {
+    ns.is_empty() || limits::namespace_of(name) == ns
 }
 
 async fn list_jobs(
@@ -576,10 +584,11 @@ async fn list_jobs(
     headers: HeaderMap,
     Query(q): Query<GroupQuery>,
 ) -> ApiResult {
-    let jobs: Vec<JobView> = st
+    let mut jobs: Vec<JobView> = st
         .admin(&headers, AdminCall::ListJobs { group: q.group })
         .await?
         .into_jobs()?;
+    jobs.retain(|j| in_ns(&q.namespace, &j.spec.name));
     ok(json!({ "jobs": jobs }))
 }
 
@@ -725,6 +734,9 @@ struct RunsQuery {
     job: String,
     #[serde(default)]
     limit: Option<u32>,
+    /// Only runs of this namespace's jobs.
+    #[serde(default)]
+    namespace: String,
 }
 
 async fn recent_runs(
@@ -744,7 +756,21 @@ async fn list_runs(
     headers: HeaderMap,
     Query(q): Query<RunsQuery>,
 ) -> ApiResult {
-    let runs = recent_runs(&st, &headers, q.job, q.limit.unwrap_or(50)).await?;
+    let limit = q.limit.unwrap_or(50);
+    let runs = if q.namespace.is_empty() {
+        recent_runs(&st, &headers, q.job, limit).await?
+    } else {
+        // The latest of every namespace, then this one's: others' runs do not
+        // crowd it out of the limit.
+        let mut runs = recent_runs(&st, &headers, q.job, crate::admin::MAX_RUNS_LISTED).await?;
+        runs.retain(|r| in_ns(&q.namespace, &r.job));
+        let keep = match limit {
+            0 => 50,
+            n => n.min(crate::admin::MAX_RUNS_LISTED),
+        };
+        runs.truncate(keep as usize);
+        runs
+    };
     ok(json!({ "runs": runs }))
 }
 

@@ -166,6 +166,79 @@ async fn apply_plans_writes_once_refuses_bad_input_and_prunes_only_its_set() -> 
         now.contains("name: elsewhere") && !now.contains("name: etl"),
         "{now}"
     );
+
+    // A prune never leaves a workflow naming a job it deleted: not one in the
+    // files, nor one stored and left alone.
+    let flows = dir.path().join("flows.yaml");
+    let step = "kind: job\nname: step\ngroup: default\nhandler: log\nschedule: { kind: manual }\n";
+    let flow = "kind: workflow\nname: flow\ngroup: default\nschedule: { kind: manual }\nworkflow: { nodes: [{ name: a, job: step }] }\n";
+    std::fs::write(&flows, format!("{step}---\n{flow}"))?;
+    let flows_path = flows.to_string_lossy().into_owned();
+    let (code, _, err) = chime(&etcd, &["apply", "-f", &flows_path, "--set", "flows"])?;
+    ensure!(code == 0, "{err}");
+    std::fs::write(&flows, flow)?;
+    let before = export(&etcd)?;
+    let (code, _, err) = chime(
+        &etcd,
+        &["apply", "-f", &flows_path, "--set", "flows", "--prune"],
+    )?;
+    ensure!(
+        code != 0 && err.contains("workflow.nodes[0].job") && err.contains("step"),
+        "pruned a job its workflow in the files runs: {err}"
+    );
+    ensure!(export(&etcd)? == before, "a refused prune changed etcd");
+    let by_hand = dir.path().join("by-hand.yaml");
+    std::fs::write(
+        &by_hand,
+        "kind: workflow\nname: by-hand\ngroup: default\nschedule: { kind: manual }\nworkflow: { nodes: [{ name: a, job: step }] }\n",
+    )?;
+    let (code, _, err) = chime(&etcd, &["apply", "-f", &by_hand.to_string_lossy()])?;
+    ensure!(code == 0, "{err}");
+    std::fs::write(&flows, "")?;
+    let before = export(&etcd)?;
+    let (code, _, err) = chime(
+        &etcd,
+        &["apply", "-f", &flows_path, "--set", "flows", "--prune"],
+    )?;
+    ensure!(
+        code != 0 && err.contains("by-hand") && err.contains("step"),
+        "pruned a job a stored workflow runs: {err}"
+    );
+    ensure!(export(&etcd)? == before, "a refused prune changed etcd");
+    // Once that workflow is gone (adopted by a set of its own, then pruned from
+    // it), the prune goes through, and a second one has nothing left to do.
+    let (code, _, err) = chime(
+        &etcd,
+        &["apply", "-f", &by_hand.to_string_lossy(), "--set", "hand"],
+    )?;
+    ensure!(code == 0, "{err}");
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "")?;
+    let (code, _, err) = chime(
+        &etcd,
+        &[
+            "apply",
+            "-f",
+            &empty.to_string_lossy(),
+            "--set",
+            "hand",
+            "--prune",
+        ],
+    )?;
+    ensure!(code == 0, "{err}");
+    let (code, pruned, err) = chime(
+        &etcd,
+        &["apply", "-f", &flows_path, "--set", "flows", "--prune"],
+    )?;
+    ensure!(code == 0, "{err}");
+    let mut got = ops(&pruned);
+    got.sort();
+    ensure!(got == ["delete jobs/flow", "delete jobs/step"], "{pruned}");
+    let (code, again, err) = chime(
+        &etcd,
+        &["apply", "-f", &flows_path, "--set", "flows", "--prune"],
+    )?;
+    ensure!(code == 0 && ops(&again).is_empty(), "{again} {err}");
     Ok(())
 }
 

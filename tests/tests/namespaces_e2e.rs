@@ -138,6 +138,23 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
     .await?;
     ensure!(code == 400 && b["error"]["field"] == "group", "{code} {b}");
 
+    // The cluster admin filters by namespace.
+    let (_, jobs) = call("GET", "/api/jobs?namespace=team-b", ADMIN_TOKEN, None).await?;
+    let names: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|j| j["name"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(names == [B_JOB], "namespace filter: {names:?}");
+    let (_, runs) = call("GET", "/api/runs?namespace=team-b", ADMIN_TOKEN, None).await?;
+    let run_jobs: Vec<&str> = runs["runs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["job"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        run_jobs == [B_JOB],
+        "namespace filter on runs: {run_jobs:?}"
+    );
+
     // Team-a's own: the viewer sees its job.
     let (code, jobs) = call("GET", "/api/jobs", A_VIEWER, None).await?;
     ensure!(
