@@ -1233,6 +1233,22 @@ impl Cluster {
             .join(",")
     }
 
+    /// Of a two-coordinator cluster: once a leader is known (within 20 s), the
+    /// follower's JSON API (`http://…`) and gRPC endpoint, where calls are
+    /// forwarded to the leader.
+    pub async fn follower(&self) -> Result<(String, String)> {
+        wait_until("a leader", Duration::from_secs(20), || {
+            let known = self.leader_index().is_some();
+            async move { known }
+        })
+        .await?;
+        let follower = 1 - self.leader_index().unwrap_or_default();
+        Ok((
+            format!("http://127.0.0.1:{}", self.http_ports[follower]),
+            format!("http://127.0.0.1:{}", self.coords[follower].0),
+        ))
+    }
+
     /// Index of the coordinator that leads now, as the live ones report it.
     pub fn leader_index(&self) -> Option<usize> {
         for (port, p) in &self.coords {

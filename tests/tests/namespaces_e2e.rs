@@ -64,14 +64,7 @@ fn isolated(what: &str, code: u16, body: &Value) -> Result<()> {
 #[tokio::test]
 async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
     let c = Cluster::start_ha(2, 0).await?;
-    wait_until("a leader", Duration::from_secs(20), || {
-        let known = c.leader_index().is_some();
-        async move { known }
-    })
-    .await?;
-    let follower = 1 - c.leader_index().unwrap_or_default();
-    let api = format!("http://127.0.0.1:{}", c.http_ports[follower]);
-    let follower_grpc = format!("http://127.0.0.1:{}", c.coords[follower].0);
+    let (api, follower_grpc) = c.follower().await?;
 
     std::fs::write(
         c.dir.path().join("admin.token"),

@@ -19,14 +19,7 @@ const OPERATOR: &str = "operator-token-0123456789abcdef";
 #[tokio::test]
 async fn a_viewer_reads_an_operator_acts_and_only_an_admin_defines() -> Result<()> {
     let c = Cluster::start_ha(2, 0).await?;
-    wait_until("a leader", Duration::from_secs(20), || {
-        let known = c.leader_index().is_some();
-        async move { known }
-    })
-    .await?;
-    let follower = 1 - c.leader_index().unwrap_or_default();
-    let api = format!("http://127.0.0.1:{}", c.http_ports[follower]);
-    let follower_grpc = format!("http://127.0.0.1:{}", c.coords[follower].0);
+    let (api, follower_grpc) = c.follower().await?;
 
     // Roles come from the token file, re-read by the running coordinators.
     std::fs::write(

@@ -1488,24 +1488,20 @@ mod tests {
         assert!(e.message().contains("cannot reach the leader"), "{e:?}");
     }
 
-    /// The token layer on the real server: each service takes its token and
-    /// answers `UNAUTHENTICATED` without it (the message names the token); health is
-    /// open; unknown paths are tonic's.
-    #[tokio::test]
-    async fn each_service_takes_its_token() {
-        const ADMIN: &str = "admin-token-0123456789";
-        const WORKER: &str = "worker-token-0123456789";
-        const PRODUCER: &str = "producer-token-0123456789";
+    /// The real gRPC server (no engine, memory stores) checking `auth`, on a free
+    /// port: a channel to it, the token that stops it, and its task.
+    async fn serve_for_test(
+        auth: Auth,
+    ) -> (
+        tonic::transport::Channel,
+        CancellationToken,
+        tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    ) {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let shared = Arc::new(Shared::default());
         let jobs = JobStore::new(Arc::new(MemorySource::default()));
         let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
         let admin = admin_api(shared.clone(), jobs, runs, clock, &Auth::default(), None);
-        let auth = Auth {
-            admin: Some(Arc::new(Tokens::fixed(ADMIN))),
-            worker: Some(Arc::new(Tokens::fixed(WORKER))),
-            producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
-        };
         let router = server(shared, admin, queue::QueueApi::new(None, None), auth, None)
             .await
             .unwrap();
@@ -1522,6 +1518,23 @@ mod tests {
             .connect()
             .await
             .unwrap();
+        (channel, stop, served)
+    }
+
+    /// The token layer on the real server: each service takes its token and
+    /// answers `UNAUTHENTICATED` without it (the message names the token); health is
+    /// open; unknown paths are tonic's.
+    #[tokio::test]
+    async fn each_service_takes_its_token() {
+        const ADMIN: &str = "admin-token-0123456789";
+        const WORKER: &str = "worker-token-0123456789";
+        const PRODUCER: &str = "producer-token-0123456789";
+        let auth = Auth {
+            admin: Some(Arc::new(Tokens::fixed(ADMIN))),
+            worker: Some(Arc::new(Tokens::fixed(WORKER))),
+            producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+        };
+        let (channel, stop, served) = serve_for_test(auth).await;
         let with = |token: Option<&str>| chime_shared::auth::Bearer::new(token).unwrap();
         let admin =
             |token| pb::admin_client::AdminClient::with_interceptor(channel.clone(), with(token));
@@ -1627,32 +1640,12 @@ mod tests {
         )
         .unwrap();
         const PRODUCER: &str = "producer-token-0123456789";
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let shared = Arc::new(Shared::default());
-        let jobs = JobStore::new(Arc::new(MemorySource::default()));
-        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
-        let admin = admin_api(shared.clone(), jobs, runs, clock, &Auth::default(), None);
         let auth = Auth {
             admin: Some(Arc::new(Tokens::from_file_with_roles(&file).unwrap())),
             worker: Some(Arc::new(Tokens::fixed("worker-token-0123456789"))),
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
         };
-        let router = server(shared, admin, queue::QueueApi::new(None, None), auth, None)
-            .await
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        let served = tokio::spawn(router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move { until.cancelled().await },
-        ));
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let (channel, stop, served) = serve_for_test(auth).await;
         let with = |token: &str| chime_shared::auth::Bearer::new(Some(token)).unwrap();
         let admin =
             |token| pb::admin_client::AdminClient::with_interceptor(channel.clone(), with(token));
