@@ -67,6 +67,13 @@ func TestTokenFile(t *testing.T) {
 	if got := md.Get("authorization"); len(got) != 1 || got[0] != "Bearer secret-token-0123456789" {
 		t.Errorf("authorization = %v", got)
 	}
+	// A coordinator's token file works as it is: comments skipped, the first field.
+	if err := os.WriteFile(p, []byte("# ci\n\nnamed-token-0123456789 ci-deployer role=operator\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := (token{file: p}).get(); err != nil || got != "named-token-0123456789" {
+		t.Errorf("named line: %q %v", got, err)
+	}
 	if _, err := (token{file: filepath.Join(t.TempDir(), "missing")}).get(); err == nil {
 		t.Error("a missing token file must fail")
 	}

@@ -85,7 +85,9 @@ func redirectTarget(current Endpoint, leader string) Endpoint {
 
 // token is where the bearer token comes from: a fixed value, a file, or nothing.
 // A file is read at every (re)connection, so a token fixed or rotated on disk is
-// picked up without a restart; its first non-empty line is the token.
+// picked up without a restart. Its first line that is neither blank nor a `#`
+// comment holds the token, as its first field: a line of a coordinator's token
+// file (`<token> <name> role=…`) works as it is.
 type token struct {
 	value string
 	file  string
@@ -101,8 +103,8 @@ func (t token) get() (string, error) {
 		return "", fmt.Errorf("token file: %w", err)
 	}
 	for _, line := range strings.Split(string(raw), "\n") {
-		if s := strings.TrimSpace(line); s != "" {
-			return s, nil
+		if f := strings.Fields(line); len(f) > 0 && !strings.HasPrefix(f[0], "#") {
+			return f[0], nil
 		}
 	}
 	return "", fmt.Errorf("token file %s has no token", t.file)

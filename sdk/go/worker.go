@@ -78,7 +78,8 @@ func WithSettleTimeout(d time.Duration) Option { return func(c *config) { c.sett
 // WithToken sets the bearer token sent on every call.
 func WithToken(t string) Option { return func(c *config) { c.token = token{value: t} } }
 
-// WithTokenFile reads the bearer token from a file (its first non-empty line), at
+// WithTokenFile reads the bearer token from a file (the first field of its first line
+// that is neither blank nor a `#` comment), at
 // every (re)connection, so a rotated token is picked up without a restart.
 func WithTokenFile(path string) Option { return func(c *config) { c.token = token{file: path} } }
 

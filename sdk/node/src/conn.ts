@@ -66,7 +66,9 @@ export function redirectTarget(current: Endpoint, leader: string): Endpoint {
 /**
  * Where the bearer token comes from: a fixed value, a file, or nothing. A file is
  * read at every (re)connection, so a token fixed or rotated on disk is picked up
- * without a restart; its first non-empty line is the token.
+ * without a restart. Its first line that is neither blank nor a `#` comment holds
+ * the token, as its first field: a line of a coordinator's token file
+ * (`<token> <name> role=…`) works as it is.
  */
 export class Token {
   private readonly value: string | undefined;
@@ -87,7 +89,8 @@ export class Token {
   get(): string | undefined {
     if (this.file === undefined) return this.value;
     for (const line of readFileSync(this.file, "utf8").split(/\r?\n/)) {
-      if (line.trim()) return line.trim();
+      const first = line.trim().split(/\s+/)[0];
+      if (first && !first.startsWith("#")) return first;
     }
     throw new Error(`token file ${this.file} has no token`);
   }

@@ -115,7 +115,7 @@ export interface QueueStats {
 export interface QueueClientOptions {
   /** The producer (or admin) token. */
   token?: string;
-  /** A file whose first non-empty line is the token (re-read at every call). */
+  /** A token file: the first field of its first line that is neither blank nor a `#` comment (re-read at every call). */
   tokenFile?: string;
   /** TLS credentials for `https://` (default: the system's roots). */
   credentials?: ChannelCredentials;

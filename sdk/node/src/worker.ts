@@ -38,7 +38,7 @@ export interface WorkerOptions {
   settleTimeoutMs?: number;
   /** The bearer token of both sides. */
   token?: string;
-  /** A file whose first non-empty line is the token, re-read at each reconnection. */
+  /** A token file: the first field of its first line that is neither blank nor a `#` comment, re-read at each reconnection. */
   tokenFile?: string;
   /**
    * On stop, how long running handlers may finish before they are cancelled (job

@@ -70,6 +70,9 @@ test("token file: first non-empty line, bearer metadata; empty file refused", ()
   writeFileSync(f, "\n  secret-token-123 \nother\n");
   assert.deepEqual(new Token(undefined, f).metadata().get("authorization"), ["Bearer secret-token-123"]);
   assert.deepEqual(new Token().metadata().get("authorization"), []);
+  // A coordinator's token file works as it is: comments skipped, the first field.
+  writeFileSync(f, "# ci\n\nnamed-token-0123456789 ci-deployer role=operator\n");
+  assert.equal(new Token(undefined, f).get(), "named-token-0123456789");
   writeFileSync(f, "\n\n");
   assert.throws(() => new Token(undefined, f), /no token/);
 });

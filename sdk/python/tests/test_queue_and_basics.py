@@ -94,6 +94,9 @@ def test_token_file_is_read_at_each_use(tmp_path: Path) -> None:
     assert t.metadata() == (("authorization", "Bearer first-token-0123456789"),)
     f.write_text("rotated-token-0123456789\n")
     assert t.get() == "rotated-token-0123456789"
+    # A coordinator's token file works as it is: comments skipped, the first field.
+    f.write_text("# ci\n\nnamed-token-0123456789 ci-deployer role=operator\n")
+    assert t.get() == "named-token-0123456789"
     assert Token().metadata() == ()
     f.write_text("\n\n")
     with pytest.raises(ValueError, match="no token"):

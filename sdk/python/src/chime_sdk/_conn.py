@@ -77,7 +77,9 @@ class Token:
     """Where the bearer token comes from: a fixed value, a file, or nothing.
 
     A file is read at every (re)connection, so a token fixed or rotated on disk is
-    picked up without a restart; its first non-empty line is the token."""
+    picked up without a restart. Its first line that is neither blank nor a `#`
+    comment holds the token, as its first field: a line of a coordinator's token
+    file (`<token> <name> role=…`) works as it is."""
 
     def __init__(self, value: Optional[str] = None, file: Optional[Union[str, Path]] = None):
         if value is not None and file is not None:
@@ -93,8 +95,9 @@ class Token:
         if self._file is None:
             return self._value or None
         for line in self._file.read_text().splitlines():
-            if line.strip():
-                return line.strip()
+            fields = line.split()
+            if fields and not fields[0].startswith("#"):
+                return fields[0]
         raise ValueError(f"token file {self._file} has no token")
 
     def metadata(self) -> Metadata:

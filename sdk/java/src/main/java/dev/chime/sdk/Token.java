@@ -11,7 +11,8 @@ import java.nio.file.Path;
 /**
  * Where the bearer token comes from: a fixed value, a file, or nothing. A file is read
  * at every (re)connection, so a token fixed or rotated on disk is picked up without a
- * restart; its first non-empty line is the token.
+ * restart; its first line that is neither blank nor a {@code #} comment holds the token,
+ * as its first field.
  */
 public final class Token {
     static final Metadata.Key<String> AUTHORIZATION =
@@ -36,7 +37,9 @@ public final class Token {
     }
 
     /**
-     * A token file (first non-empty line), checked now and re-read at each connection.
+     * A token file, checked now and re-read at each connection: its first line that is
+     * neither blank nor a {@code #} comment holds the token, as its first field (a line of a
+     * coordinator's token file, {@code <token> <name> role=…}, works as it is).
      * An empty path means no token.
      *
      * @throws IllegalArgumentException when the file is missing or empty
@@ -62,8 +65,9 @@ public final class Token {
         }
         try {
             for (String line : Files.readAllLines(file, StandardCharsets.UTF_8)) {
-                if (!line.isBlank()) {
-                    return line.strip();
+                String first = line.strip().split("\\s+", 2)[0];
+                if (!first.isEmpty() && !first.startsWith("#")) {
+                    return first;
                 }
             }
         } catch (IOException e) {

@@ -54,6 +54,9 @@ class SdkTest {
                 Token.file(f.toString()).metadata().get(Token.AUTHORIZATION));
         assertNull(Token.none().metadata().get(Token.AUTHORIZATION));
         assertNull(Token.file("").get());
+        // A coordinator's token file works as it is: comments skipped, the first field.
+        Files.writeString(f, "# ci\n\nnamed-token-0123456789 ci-deployer role=operator\n");
+        assertEquals("named-token-0123456789", Token.file(f.toString()).get());
         Files.writeString(f, "\n\n");
         assertThrows(IllegalArgumentException.class, () -> Token.file(f.toString()));
         Files.delete(f);
