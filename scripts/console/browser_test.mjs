@@ -525,6 +525,11 @@ async function main() {
 
   await step('8c. a viewer token sees everything and no action it may not take', async () => {
     check(VIEWER_TOKEN, 'VIEWER_TOKEN is empty');
+    // A job of another namespace: the Jobs page then offers the namespace choice.
+    const NS_JOB = 'team-x/browser-ns';
+    await apiCall('DELETE', `/api/jobs/${encodeURIComponent(NS_JOB)}`);
+    const made = await apiCall('POST', '/api/jobs', { name: NS_JOB, group: 'team-x/demo', handler: 'demo.echo', schedule: { kind: 'manual' } });
+    check(made.status === 201, `POST /api/jobs (${NS_JOB}) answered ${made.status}: ${made.text}`);
     await page.locator('#logout').click();
     await visible('#login-token', 'the login form after logging out');
     await page.locator('#login-token').fill(VIEWER_TOKEN);
@@ -534,6 +539,12 @@ async function main() {
     check(/viewer/.test(await who.innerText()), `the top bar does not say viewer: ${await who.innerText()}`);
     await nav('jobs');
     await visible(`[data-testid="job-row"][data-job="${JOB}"]`, 'the job, for the viewer');
+    const nsSel = await visible('#jobs-namespace', 'the namespace choice (two namespaces)');
+    await nsSel.selectOption('team-x');
+    const rowsInNs = await page.$$eval('[data-testid="job-row"]', (rs) => rs.map((r) => r.dataset.job));
+    check(rowsInNs.length === 1 && rowsInNs[0] === NS_JOB, `namespace team-x shows: ${rowsInNs.join(', ')}`);
+    await nsSel.selectOption('');
+    await visible(`[data-testid="job-row"][data-job="${JOB}"]`, 'every namespace again');
     check((await page.locator('#job-new').count()) === 0, 'a viewer is offered "New job"');
     for (const action of ['pause', 'resume', 'trigger', 'delete']) {
       check((await page.locator(`[data-testid="job-row"] [data-action="${action}"]`).count()) === 0, `a viewer is offered ${action}`);
@@ -552,6 +563,7 @@ async function main() {
     const url = new URL(`/api/jobs/${encodeURIComponent(JOB)}/trigger`, CONSOLE_URL);
     const r = await fetch(url, { method: 'POST', headers: { Authorization: `Bearer ${VIEWER_TOKEN}` } });
     check(r.status === 403, `a viewer's trigger answered ${r.status}`);
+    await apiCall('DELETE', `/api/jobs/${encodeURIComponent(NS_JOB)}`);
     summary.viewer_checked = true;
   });
 

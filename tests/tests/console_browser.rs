@@ -6,7 +6,8 @@
 //! enqueued meanwhile (some failing), saves an alert rule (a bad one refused at its field) whose Test
 //! reaches a local webhook, finds its changes in the audit log, and watches a
 //! workflow run's DAG fill in node by node, then reruns it from a node; logged in
-//! again with a viewer token, it sees the pages without the actions a viewer may
+//! again with a viewer token, it picks a namespace on the Jobs page and sees the
+//! pages without the actions a viewer may
 //! not take (and the API refuses them). `scripts/test` installs Chromium, Node and the npm package; a
 //! missing one fails this test, it does not skip it.
 //!
