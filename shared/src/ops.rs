@@ -8,6 +8,9 @@
 //! graceful drain), and [`layers`] puts the tower layers every HTTP edge shares in
 //! front of the router (tracing, metrics, load shedding over a concurrency limit,
 //! a timeout per request).
+//!
+//! [`free_port`] picks the ports the benches and the test harness give the
+//! processes they start.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -213,6 +216,31 @@ pub async fn serve(
         _ = shutdown.cancelled() => handle.graceful_shutdown(Some(DRAIN)),
     }
     serving.await
+}
+
+/// A free loopback port for a process a bench or a test starts, chosen **below the
+/// kernel's ephemeral range** (`/proc/sys/net/ipv4/ip_local_port_range`, 32768–60999
+/// by default) when there is room: a port bound and released there could be handed
+/// to any outgoing connection before its process binds it ("address already in
+/// use", seen in `bench chaos`), one below it only to an explicit bind. Falls back
+/// to a port the kernel picks.
+pub fn free_port() -> std::io::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    const FROM: u16 = 10_000;
+    if low > FROM + 1_000 {
+        for _ in 0..200 {
+            let port = fastrand::u16(FROM..low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 #[cfg(test)]

@@ -95,10 +95,10 @@ impl Drop for TestDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS hands ports out
-/// round-robin, so a reuse race within one test run is very unlikely).
+/// A free TCP port on 127.0.0.1 (`ops::free_port`: below the ephemeral range, so
+/// no outgoing connection takes it before its process binds it).
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(chime_shared::ops::free_port()?)
 }
 
 /// Polls `cond` every 20 ms until it returns true or `timeout` passes.

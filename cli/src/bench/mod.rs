@@ -562,12 +562,10 @@ pub(crate) async fn job_cluster(
     Ok((kids, client, records))
 }
 
-/// A free loopback port (bound and released: another process could take it before
-/// its owner binds it, which on a bench host it does not).
+/// A free loopback port (`ops::free_port`: below the ephemeral range, so no
+/// outgoing connection takes it before its owner binds it).
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(chime_shared::ops::free_port()?)
 }
 
 /// Lines in all record files.
