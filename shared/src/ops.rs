@@ -224,6 +224,13 @@ pub async fn serve(
 /// to any outgoing connection before its process binds it ("address already in
 /// use", seen in `bench chaos`), one below it only to an explicit bind. Falls back
 /// to a port the kernel picks.
+///
+/// A port is also **reserved on this machine** for [`PORT_HOLD`]: a file per port
+/// under `$TMPDIR/chime-ports/`, created with `create_new`, so two processes picking
+/// at the same moment (tests run in parallel, each starting its own servers) never
+/// get the same one. Without it, two random picks in the same ~22,000 ports met once
+/// in a CI run: a bench's client reached another test's coordinator on its port
+/// ("not the leader", naming a leader of a cluster the bench never started).
 pub fn free_port() -> std::io::Result<u16> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -231,16 +238,60 @@ pub fn free_port() -> std::io::Result<u16> {
         .unwrap_or(32_768);
     const FROM: u16 = 10_000;
     if low > FROM + 1_000 {
-        for _ in 0..200 {
+        for _ in 0..500 {
             let port = fastrand::u16(FROM..low);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if reserve_port(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return Ok(port);
             }
         }
     }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if reserve_port(port) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(
+        "no free loopback port: every pick was reserved or bound",
+    ))
+}
+
+/// How long a port [`free_port`] handed out stays reserved for the process that
+/// asked: long enough for any test or bench to start its process and bind it (a
+/// process restarted on the same port keeps it bound, or rebinds it, itself).
+pub const PORT_HOLD: Duration = Duration::from_secs(30 * 60);
+
+/// Reserves `port` for [`PORT_HOLD`]: true when no other pick holds it. A stale
+/// reservation (older than the hold) is taken over; a directory that cannot be
+/// written reserves nothing but does not stop the pick (the bind check remains).
+fn reserve_port(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("chime-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let file = dir.join(port.to_string());
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+    };
+    match create() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let stale = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > PORT_HOLD);
+            // Remove then create_new: of two processes taking over the same stale
+            // file, only one create succeeds.
+            stale && std::fs::remove_file(&file).is_ok() && create().is_ok()
+        }
+        Err(_) => true,
+    }
 }
 
 #[cfg(test)]
@@ -310,5 +361,24 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "still listening"
         );
+    }
+
+    #[test]
+    fn ports_handed_out_are_reserved_so_no_two_picks_share_one() {
+        // Picks from several threads at once, as parallel tests make them.
+        let picks: Vec<u16> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..25).map(|_| free_port().unwrap()).collect::<Vec<_>>()))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let distinct: std::collections::HashSet<_> = picks.iter().collect();
+        assert_eq!(distinct.len(), picks.len(), "a port was handed out twice");
+        for port in picks {
+            assert!(!reserve_port(port), "port {port} is not reserved");
+        }
     }
 }
