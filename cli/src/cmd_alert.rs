@@ -11,11 +11,14 @@ use std::io::Read;
 
 use anyhow::{Context, Result, bail};
 use chime_coordinator::alerts::rule::{AlertRule, key};
+use chime_coordinator::audit::Change;
+use chime_coordinator::model::AuditAction;
 use chime_shared::config::source::Expect;
 use clap::Subcommand;
 use serde_json::json;
 
 use crate::StoreArgs;
+use crate::cmd_config::commit_audited;
 
 /// `chime alert` arguments.
 #[derive(Debug, clap::Args)]
@@ -128,9 +131,11 @@ pub async fn run(args: AlertArgs) -> Result<()> {
                 text = std::fs::read(&file).with_context(|| format!("reading {file}"))?;
             }
             let rule = AlertRule::parse(&text, &cfg.queue.family)?;
-            let revision = source
-                .put(&key(&rule.name), &serde_json::to_string(&rule)?)
-                .await?;
+            let k = key(&rule.name);
+            let mut change = Change::new(AuditAction::AlertPut, &rule.name).after(rule.redacted());
+            change.before = before_rule(source.as_ref(), &k).await?;
+            let write = (k, serde_json::to_string(&rule)?, Expect::Any);
+            let revision = commit_audited(source.as_ref(), vec![write], &[], vec![change]).await?;
             println!("{}", json!({ "rule": rule, "revision": revision }));
         }
         AlertCmd::Apply { path, prune } => {
@@ -149,57 +154,104 @@ pub async fn run(args: AlertArgs) -> Result<()> {
                 .filter(|(k, _, _)| k.starts_with("alerts/"))
                 .collect();
             let (mut writes, mut unchanged, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+            let mut changes = Vec::new();
             for rule in &rules {
                 let k = key(&rule.name);
                 let json = serde_json::to_string(rule)?;
+                let change = Change::new(AuditAction::AlertPut, &rule.name).after(rule.redacted());
                 match stored.iter().find(|(sk, _, _)| *sk == k) {
                     Some((_, v, _))
                         if serde_json::from_str::<AlertRule>(v).ok().as_ref() == Some(rule) =>
                     {
                         unchanged.push(rule.name.clone());
                     }
-                    Some((_, _, rev)) => {
+                    Some((_, v, rev)) => {
                         writes.push((k, json, Expect::Revision(*rev)));
                         applied.push(rule.name.clone());
+                        changes.push(Change {
+                            before: redacted_rule(v),
+                            ..change
+                        });
                     }
                     None => {
                         writes.push((k, json, Expect::Absent));
                         applied.push(rule.name.clone());
+                        changes.push(change);
                     }
                 }
             }
-            let revision = if writes.is_empty() {
+            // Pruned in the same transaction: the rules are all or nothing.
+            let mut deleted = Vec::new();
+            let mut deletes = Vec::new();
+            if prune {
+                for (k, v, _) in &stored {
+                    let name = k.trim_start_matches("alerts/");
+                    if !rules.iter().any(|r| r.name == name) {
+                        deletes.push(k.clone());
+                        deleted.push(name.to_owned());
+                        let mut c = Change::new(AuditAction::AlertDelete, name);
+                        c.before = redacted_rule(v);
+                        changes.push(c);
+                    }
+                }
+            }
+            // One transaction: etcd takes 128 operations in one by default (one
+            // more goes to the audit entry).
+            if writes.len() + deletes.len() > 127 {
+                bail!(
+                    "{} rules to write and {} to prune: at most 127 in one apply (one etcd transaction)",
+                    writes.len(),
+                    deletes.len()
+                );
+            }
+            let revision = if writes.is_empty() && deletes.is_empty() {
                 None
             } else {
-                match source.put_if_all(&writes).await? {
+                match commit_audited(source.as_ref(), writes, &deletes, changes).await? {
                     Some(r) => Some(r),
                     None => {
                         bail!("the rules changed in etcd meanwhile: nothing applied; run it again")
                     }
                 }
             };
-            let mut deleted = Vec::new();
-            if prune {
-                for (k, _, _) in &stored {
-                    let name = k.trim_start_matches("alerts/");
-                    if !rules.iter().any(|r| r.name == name) {
-                        source.delete(k).await?;
-                        deleted.push(name.to_owned());
-                    }
-                }
-            }
             println!(
                 "{}",
                 json!({ "applied": applied, "unchanged": unchanged, "deleted": deleted, "revision": revision })
             );
         }
         AlertCmd::Delete { name } => {
-            if source.get(&key(&name)).await?.is_none() {
+            let k = key(&name);
+            let Some(before) = before_rule(source.as_ref(), &k).await? else {
                 bail!("alert rule {name:?} not found");
-            }
-            let revision = source.delete(&key(&name)).await?;
+            };
+            let mut change = Change::new(AuditAction::AlertDelete, &name);
+            change.before = Some(before);
+            let revision = commit_audited(
+                source.as_ref(),
+                Vec::new(),
+                std::slice::from_ref(&k),
+                vec![change],
+            )
+            .await?;
             println!("{}", json!({ "deleted": name, "revision": revision }));
         }
     }
     Ok(())
+}
+
+/// A stored rule as its audit entry shows it (sinks' secrets redacted; an
+/// unreadable value as the text it is).
+fn redacted_rule(stored: &str) -> Option<serde_json::Value> {
+    match serde_json::from_str::<AlertRule>(stored) {
+        Ok(r) => serde_json::to_value(r.redacted()).ok(),
+        Err(_) => Some(stored.into()),
+    }
+}
+
+/// The rule at `k` before a change, for its audit entry (`None`: no rule there).
+async fn before_rule(
+    source: &dyn chime_shared::config::source::ConfigSource,
+    k: &str,
+) -> Result<Option<serde_json::Value>> {
+    Ok(source.get(k).await?.and_then(|(v, _)| redacted_rule(&v)))
 }

@@ -20,14 +20,17 @@
 //! - `alert`: an alert rule (`alerts/<name>`).
 //!
 //! Like `chime alert apply`, changes made here go straight to etcd (the leader
-//! watches it) and are not in the audit log.
+//! watches it); each transaction carries the audit entries of its changes (who:
+//! `cli:<user>@<host>`), which the leader moves into the audit log
+//! (`chime_coordinator::audit`'s inbox).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use chime_coordinator::alerts::rule::AlertRule;
-use chime_coordinator::model::JobSpec;
+use chime_coordinator::audit::Change;
+use chime_coordinator::model::{AuditAction, JobSpec};
 use chime_coordinator::store::JobStore;
 use chime_shared::config as live;
 use chime_shared::config::source::Expect;
@@ -423,12 +426,14 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
                 changes.push(
                     json!({ "op": "update", "kind": o.kind(), "key": o.key(), "fields": fields }),
                 );
-                writes.push((o.key(), o.stored_text()?, Expect::Revision(*rev)));
+                let audit = audit_change(Some(s), Some(&o));
+                writes.push(((o.key(), o.stored_text()?, Expect::Revision(*rev)), audit));
             }
             None => {
                 eprintln!("+ {} {}", o.kind(), o.key());
                 changes.push(json!({ "op": "create", "kind": o.kind(), "key": o.key() }));
-                writes.push((o.key(), o.stored_text()?, Expect::Absent));
+                let audit = audit_change(None, Some(&o));
+                writes.push(((o.key(), o.stored_text()?, Expect::Absent), audit));
             }
         }
     }
@@ -459,28 +464,42 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
         let record_in_batch = match &record {
             Some((k, rev)) if previous != listed => {
                 let expect = rev.map_or(Expect::Absent, Expect::Revision);
-                writes.push((k.clone(), serde_json::to_string(&listed)?, expect));
+                writes.push(((k.clone(), serde_json::to_string(&listed)?, expect), None));
                 true
             }
             _ => false,
         };
+        // Each batch is one transaction with the audit entries of its changes.
         let mut done = 0;
-        for chunk in writes.chunks(100) {
-            match source.put_if_all(chunk).await? {
+        for batch in batches(writes.len(), |i| batch_bytes(&writes[i])) {
+            let (puts, audits): (Vec<_>, Vec<_>) = writes[batch.clone()].iter().cloned().unzip();
+            let audits = audits.into_iter().flatten().collect();
+            match crate::cmd_config::commit_audited(source.as_ref(), puts, &[], audits).await? {
                 Some(r) => revision = Some(r),
                 None => bail!(
                     "an object changed in etcd meanwhile: {done} of {} writes applied before it; run it again",
                     writes.len()
                 ),
             }
-            done += chunk.len();
+            done += batch.len();
         }
         if record_in_batch && let Some((_, rev)) = &mut record {
             // The record was in the last transaction: that is its revision now.
             *rev = revision;
         }
         for k in &pruned {
-            revision = Some(source.delete(k).await?);
+            let audit = stored
+                .iter()
+                .find(|(s, _)| s.key() == *k)
+                .and_then(|(s, _)| audit_change(Some(s), None));
+            let deleted = crate::cmd_config::commit_audited(
+                source.as_ref(),
+                Vec::new(),
+                std::slice::from_ref(k),
+                audit.into_iter().collect(),
+            )
+            .await?;
+            revision = deleted.or(revision);
         }
         if let Some((k, rev)) = record
             && !pruned.is_empty()
@@ -507,4 +526,115 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Most objects in one transaction: with the audit entry, 61 operations, under
+/// etcd's 128 a transaction by default.
+const BATCH_OBJECTS: usize = 60;
+/// Most bytes of values (objects and their audit entries) in one transaction:
+/// etcd takes requests of up to 1.5 MiB by default.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Splits `n` writes into consecutive batches of at most [`BATCH_OBJECTS`] and
+/// about [`BATCH_BYTES`] (`bytes(i)` is write `i`'s size; a write bigger than that
+/// goes alone).
+fn batches(n: usize, bytes: impl Fn(usize) -> usize) -> Vec<std::ops::Range<usize>> {
+    let (mut out, mut start, mut size) = (Vec::new(), 0, 0);
+    for i in 0..n {
+        let b = bytes(i);
+        if i > start && (i - start == BATCH_OBJECTS || size + b > BATCH_BYTES) {
+            out.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size += b;
+    }
+    if start < n {
+        out.push(start..n);
+    }
+    out
+}
+
+/// The bytes a planned write puts in its transaction: key, value and audit change.
+fn batch_bytes(w: &((String, String, Expect), Option<Change>)) -> usize {
+    let ((k, v, _), audit) = w;
+    let json_len = |v: &Option<Value>| v.as_ref().map_or(0, |v| v.to_string().len());
+    k.len()
+        + v.len()
+        + audit
+            .as_ref()
+            .map_or(0, |c| json_len(&c.before) + json_len(&c.after))
+}
+
+/// An object as its audit entry shows it: a job's definition, a setting's value,
+/// an alert rule with its sinks' secrets redacted.
+fn audit_value(o: &Object) -> Value {
+    match o {
+        Object::Job(j) => serde_json::to_value(j).unwrap_or(Value::Null),
+        Object::Setting { value, .. } => Value::String(value.clone()),
+        Object::Alert(r) => serde_json::to_value(r.redacted()).unwrap_or(Value::Null),
+    }
+}
+
+/// The audit change of replacing `before` by `after` (either may be absent: a
+/// create, a delete); `None` when both are.
+fn audit_change(before: Option<&Object>, after: Option<&Object>) -> Option<Change> {
+    let o = after.or(before)?;
+    let (action, target) = match (o, after.is_some(), before.is_some()) {
+        (Object::Job(j), true, false) => (AuditAction::JobCreate, j.name.clone()),
+        (Object::Job(j), true, true) => (AuditAction::JobUpdate, j.name.clone()),
+        (Object::Job(j), false, _) => (AuditAction::JobDelete, j.name.clone()),
+        (Object::Setting { key, .. }, true, _) => (AuditAction::ConfigSet, key.clone()),
+        (Object::Setting { key, .. }, false, _) => (AuditAction::ConfigDelete, key.clone()),
+        (Object::Alert(r), true, _) => (AuditAction::AlertPut, r.name.clone()),
+        (Object::Alert(r), false, _) => (AuditAction::AlertDelete, r.name.clone()),
+    };
+    let mut c = Change::new(action, target);
+    c.before = before.map(audit_value);
+    c.after = after.map(audit_value);
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_at_most_sixty_objects_and_about_a_mebibyte() {
+        assert_eq!(batches(0, |_| 1), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(batches(130, |_| 10), [0..60, 60..120, 120..130]);
+        // Big objects: split by size; one bigger than the limit goes alone.
+        let big = BATCH_BYTES / 3 + 1;
+        assert_eq!(batches(5, |_| big), [0..2, 2..4, 4..5]);
+        assert_eq!(
+            batches(3, |i| if i == 1 { 2 * BATCH_BYTES } else { 1 }),
+            [0..1, 1..2, 2..3]
+        );
+    }
+
+    #[test]
+    fn audit_changes_name_the_action_and_redact_alert_sinks() {
+        let setting = |v: &str| Object::Setting {
+            key: "queues/default/count".into(),
+            value: v.into(),
+        };
+        let c = audit_change(Some(&setting("8")), Some(&setting("16"))).unwrap();
+        assert_eq!(c.action, AuditAction::ConfigSet);
+        assert_eq!((c.before, c.after), (Some(json!("8")), Some(json!("16"))));
+        let c = audit_change(Some(&setting("8")), None).unwrap();
+        assert_eq!(c.action, AuditAction::ConfigDelete);
+        assert!(audit_change(None, None).is_none());
+        let rule = AlertRule::parse(
+            br#"{"name": "lag", "condition": {"kind": "queue_lag", "above_ms": 2000},
+                 "sinks": [{"kind": "webhook", "url": "https://hooks.example.com/in?token=s3cret",
+                            "secret": "s3cret-too"}]}"#,
+            "default",
+        )
+        .unwrap();
+        let c = audit_change(None, Some(&Object::Alert(Box::new(rule)))).unwrap();
+        assert_eq!(
+            (c.action, c.target.as_str()),
+            (AuditAction::AlertPut, "lag")
+        );
+        assert!(!c.after.unwrap().to_string().contains("s3cret"));
+    }
 }

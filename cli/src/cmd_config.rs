@@ -6,8 +6,10 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use chime_coordinator::audit::{self, Change};
+use chime_coordinator::model::AuditAction;
 use chime_shared::config as live;
-use chime_shared::config::source::{ConfigSource, EtcdSource};
+use chime_shared::config::source::{ConfigSource, EtcdSource, Expect};
 use clap::Subcommand;
 use serde_json::json;
 
@@ -73,6 +75,40 @@ pub(crate) async fn etcd_source(
     Ok((cfg, source))
 }
 
+/// Who the audit log names for a change this CLI writes straight to etcd:
+/// `cli:<user>@<host>` (no token is presented to etcd; its credentials are the
+/// process's).
+pub(crate) fn audit_who() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}@{host}")
+}
+
+/// Writes `writes` and deletes `deletes` in one etcd transaction together with the
+/// audit entries of `changes` (one inbox key; the leader moves it into the log),
+/// so a change is never in etcd without its entry. Answers the revision, or
+/// `None` when a condition of `writes` failed (nothing written).
+pub(crate) async fn commit_audited(
+    source: &dyn ConfigSource,
+    mut writes: Vec<(String, String, Expect)>,
+    deletes: &[String],
+    changes: Vec<Change>,
+) -> Result<Option<i64>> {
+    if !changes.is_empty() {
+        let (who, now) = (audit_who(), chime_shared::clock::system_now_ms());
+        let entries: Vec<_> = changes
+            .into_iter()
+            .map(|c| audit::entry_of(c, who.clone(), now))
+            .collect();
+        writes.push(audit::inbox_write(&entries)?);
+    }
+    Ok(source.commit(&writes, deletes).await?)
+}
+
 /// Runs a `chime config` subcommand.
 pub async fn run(args: ConfigArgs) -> Result<()> {
     if let ConfigCmd::Example { process } = &args.cmd {
@@ -93,12 +129,29 @@ pub async fn run(args: ConfigArgs) -> Result<()> {
         }
         ConfigCmd::Set { key, value } => {
             live::parse(&key, Some(&value)).map_err(|r| anyhow::anyhow!("invalid {r}"))?;
-            let revision = source.put(&key, value.trim()).await?;
-            json!({ "key": key, "value": value.trim(), "revision": revision })
+            let value = value.trim();
+            let mut change = Change::new(AuditAction::ConfigSet, &key).after(value);
+            change.before = source.get(&key).await?.map(|(v, _)| v.into());
+            let write = (key.clone(), value.to_owned(), Expect::Any);
+            let revision = commit_audited(source.as_ref(), vec![write], &[], vec![change]).await?;
+            json!({ "key": key, "value": value, "revision": revision })
         }
         ConfigCmd::Delete { key } => {
             live::parse(&key, None).map_err(|r| anyhow::anyhow!("invalid {r}"))?;
-            let revision = source.delete(&key).await?;
+            // Only a setting that was there is a change worth an entry.
+            let changes = match source.get(&key).await? {
+                Some((before, _)) => {
+                    vec![Change::new(AuditAction::ConfigDelete, &key).before(before)]
+                }
+                None => Vec::new(),
+            };
+            let revision = commit_audited(
+                source.as_ref(),
+                Vec::new(),
+                std::slice::from_ref(&key),
+                changes,
+            )
+            .await?;
             json!({ "key": key, "deleted": true, "revision": revision })
         }
         ConfigCmd::List => serde_json::to_value(live::listing(&source.load().await?))?,

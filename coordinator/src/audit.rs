@@ -11,15 +11,25 @@
 //! counted (`chime_audit_write_errors_total`), because refusing a kill or a pause
 //! because Redis hiccuped would be worse than a gap in the log.
 //!
-//! Architecture invariant: settings written straight to etcd (`etcdctl put`,
-//! `chime config set`) are not seen here; only changes made through a coordinator
-//! are recorded.
+//! Changes the CLI makes straight to etcd (`chime apply`, `chime alert apply`,
+//! `chime config set`) go with an entry in the **inbox** (`audit/inbox/<ms>-<rand>`
+//! under the deployment's prefix), written in the same etcd transaction as the
+//! change: a change is never in etcd without its entry. The leader moves inbox
+//! entries into the log ([`follow_inbox`]): appended first, deleted after, so an
+//! entry is never lost; a leader that dies between the two leaves it for the next,
+//! which records it again (at least once).
+//!
+//! Architecture invariant: a raw `etcdctl put` is not seen here; only changes made
+//! through a coordinator or the chime CLI are recorded.
 
 use std::sync::Arc;
 
 use chime_shared::auth::{Tokens, bearer};
 use chime_shared::clock::Clock;
+use chime_shared::config::follow::{Followed, follow};
+use chime_shared::config::source::{Change as KvChange, ConfigSource, Expect};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::admin::Caller;
@@ -171,5 +181,195 @@ impl Audit {
         };
         let before = (!before.is_empty()).then_some(before);
         self.runs.list_audit(limit as usize, before).await
+    }
+}
+
+/// Where changes made straight to etcd leave their audit entries (relative to the
+/// deployment's prefix; an internal section, skipped by the config watchers).
+pub const INBOX: &str = "audit/inbox/";
+
+/// Most inbox keys moved in one round: their deletions are one etcd transaction,
+/// which holds 128 operations by default.
+const INBOX_ROUND: usize = 100;
+
+/// The inbox write that goes in the same transaction as changes made straight to
+/// etcd: `(key, JSON array of the entries, Expect::Absent)`, one key per
+/// transaction (so the audit adds one operation to it, not one per change). Keys
+/// sort by time.
+pub fn inbox_write(entries: &[AuditEntry]) -> Result<(String, String, Expect)> {
+    let at_ms = entries.first().map_or(0, |e| e.at_ms.max(0));
+    let key = format!("{INBOX}{at_ms:013}-{:016x}", fastrand::u64(..));
+    let json =
+        serde_json::to_string(entries).map_err(|e| CoordError::Unavailable(e.to_string()))?;
+    Ok((key, json, Expect::Absent))
+}
+
+/// The entry of `change` made by `who` at `at_ms`, for [`inbox_write`].
+pub fn entry_of(change: Change, who: impl Into<String>, at_ms: i64) -> AuditEntry {
+    AuditEntry {
+        id: String::new(),
+        at_ms,
+        who: who.into(),
+        action: change.action.name().to_owned(),
+        target: change.target,
+        before: change.before,
+        after: change.after,
+    }
+}
+
+/// Moves every inbox entry into the log, oldest first; answers how many entries.
+/// Appended before deleted: a failure between the two leaves entries that the
+/// next drain appends again, never a change without its entry. An unreadable key
+/// (not a JSON array of audit entries) is logged and deleted.
+pub async fn drain_inbox(source: &dyn ConfigSource, runs: &dyn RunStore) -> Result<usize> {
+    let mut moved = 0;
+    loop {
+        let listed = source.list_under(INBOX).await?;
+        if listed.entries.is_empty() {
+            return Ok(moved);
+        }
+        let round = &listed.entries[..listed.entries.len().min(INBOX_ROUND)];
+        let mut entries = Vec::with_capacity(round.len());
+        for (key, value, _) in round {
+            match serde_json::from_str::<Vec<AuditEntry>>(value) {
+                Ok(es) => entries.extend(es),
+                Err(e) => warn!(key, error = %e, "dropping an unreadable audit inbox entry"),
+            }
+        }
+        runs.append_audit(&entries).await?;
+        let keys: Vec<String> = round.iter().map(|(k, _, _)| k.clone()).collect();
+        source.commit(&[], &keys).await?;
+        moved += entries.len();
+    }
+}
+
+/// While `stop` is not cancelled (this replica leads): drains the inbox at once,
+/// then again after every entry written to it. A failed drain is retried (the
+/// store or etcd away) until it succeeds, so entries wait in etcd, never vanish.
+pub async fn follow_inbox(
+    source: Arc<dyn ConfigSource>,
+    runs: Arc<dyn RunStore>,
+    stop: CancellationToken,
+) {
+    let drain = {
+        let (source, runs, stop) = (source.clone(), runs.clone(), stop.clone());
+        move || {
+            let (source, runs, stop) = (source.clone(), runs.clone(), stop.clone());
+            async move {
+                let mut delay = std::time::Duration::from_millis(200);
+                loop {
+                    match drain_inbox(source.as_ref(), runs.as_ref()).await {
+                        Ok(_) => return,
+                        Err(e) => warn!(error = %e, "moving the audit inbox failed; retrying"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+    };
+    // Where to follow from: the revision of a read of the inbox (entries written
+    // after it come as changes; the drain below takes those before it).
+    let from = loop {
+        match source.list_under(INBOX).await {
+            Ok(s) => break s.revision,
+            Err(e) => warn!(error = %e, "reading the audit inbox failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+    };
+    drain().await;
+    follow(source, from, "audit inbox", stop, move |f| {
+        let wanted = match &f {
+            Followed::Changes(cs) => cs
+                .iter()
+                .any(|c| matches!(c, KvChange::Put { key, .. } if key.starts_with(INBOX))),
+            Followed::Reloaded(_) => true,
+        };
+        let drain = drain.clone();
+        async move {
+            if wanted {
+                drain().await;
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chime_shared::config::source::MemorySource;
+
+    use super::*;
+    use crate::store::{MemoryRunStore, Retention};
+
+    /// Entries made later sort later (inbox keys start with their time).
+    fn change(target: &str) -> AuditEntry {
+        static AT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1_000);
+        entry_of(
+            Change::new(AuditAction::ConfigSet, target).after("1"),
+            "cli:ops@host",
+            AT.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    async fn logged(runs: &dyn RunStore) -> Vec<String> {
+        let mut t: Vec<String> = runs
+            .list_audit(100, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.target)
+            .collect();
+        t.reverse();
+        t
+    }
+
+    #[tokio::test]
+    async fn inbox_entries_move_into_the_log_once_and_leave_the_inbox() {
+        let kv = MemorySource::default();
+        let runs = MemoryRunStore::new(Retention::default());
+        // Two transactions' entries, and one key that is no audit entry at all.
+        let first = inbox_write(&[change("a"), change("b")]).unwrap();
+        let second = inbox_write(&[change("c")]).unwrap();
+        kv.put_if_all(&[first]).await.unwrap().unwrap();
+        kv.put_if_all(&[second]).await.unwrap().unwrap();
+        kv.put(&format!("{INBOX}junk"), "not json").await.unwrap();
+
+        assert_eq!(drain_inbox(&kv, &runs).await.unwrap(), 3);
+        assert_eq!(logged(&runs).await, ["a", "b", "c"]);
+        assert!(kv.list_under(INBOX).await.unwrap().entries.is_empty());
+        // Nothing left: a second drain records nothing twice.
+        assert_eq!(drain_inbox(&kv, &runs).await.unwrap(), 0);
+        assert_eq!(logged(&runs).await.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_leader_moves_entries_left_before_it_led_and_written_while_it_leads() {
+        let kv: Arc<dyn ConfigSource> = Arc::new(MemorySource::default());
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new(Retention::default()));
+        kv.put_if_all(&[inbox_write(&[change("before")]).unwrap()])
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(follow_inbox(kv.clone(), runs.clone(), stop.clone()));
+        kv.put_if_all(&[inbox_write(&[change("while")]).unwrap()])
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while logged(runs.as_ref()).await.len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "not moved");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(logged(runs.as_ref()).await, ["before", "while"]);
+        stop.cancel();
+        task.await.unwrap();
     }
 }

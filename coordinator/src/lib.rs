@@ -493,6 +493,13 @@ async fn start_engine(deps: &Deps, fence: i64, warm: Option<Preloaded>) -> Resul
     )
     .await?;
     info!(fence, handed_over, "leading: engine started");
+    // The leader records what the CLI changed straight in etcd (its entries wait
+    // in the inbox), for as long as it leads.
+    tokio::spawn(audit::follow_inbox(
+        deps.jobs.source(),
+        deps.runs.clone(),
+        stop.clone(),
+    ));
     metrics::gauge!(chime_shared::telemetry::IS_LEADER).set(1.0);
     let stop2 = stop.clone();
     let task = tokio::spawn(async move {

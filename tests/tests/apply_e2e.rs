@@ -6,6 +6,7 @@
 //! exported, applied to an empty etcd and exported again: the two exports equal.
 
 use anyhow::{Result, ensure};
+use chime_shared::config::source::ConfigSource;
 use chime_tests::{EtcdServer, TestDir, run_chime};
 use serde_json::Value;
 
@@ -102,6 +103,33 @@ async fn apply_plans_writes_once_refuses_bad_input_and_prunes_only_its_set() -> 
         "second apply: {again}"
     );
     ensure!(again["unchanged"] == 4, "{again}");
+    // The apply left its audit entries (no coordinator runs here to move them):
+    // one inbox key, with the four creates; the second apply left none.
+    let src = chime_shared::config::source::EtcdSource::new(etcd.client().await?, "/chime/");
+    let inbox = ConfigSource::list_under(&src, chime_coordinator::audit::INBOX).await?;
+    ensure!(inbox.entries.len() == 1, "inbox: {:?}", inbox.entries);
+    let entries: Vec<Value> = serde_json::from_str(&inbox.entries[0].1)?;
+    let mut actions: Vec<String> = entries
+        .iter()
+        .map(|e| format!("{} {}", e["action"], e["target"]).replace('"', ""))
+        .collect();
+    actions.sort();
+    ensure!(
+        actions
+            == [
+                "alert.put lag",
+                "config.set queues/default/count",
+                "job.create etl",
+                "job.create nightly"
+            ],
+        "{actions:?}"
+    );
+    ensure!(
+        entries
+            .iter()
+            .all(|e| e["who"].as_str().is_some_and(|w| w.starts_with("cli:"))),
+        "{entries:?}"
+    );
 
     // A change names its field.
     std::fs::write(

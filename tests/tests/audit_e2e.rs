@@ -2,7 +2,9 @@
 //! (memory and a real Redis), and a real two-coordinator cluster records every
 //! change made through it — jobs, a kill, live settings, a dead-letter requeue —
 //! once, on the node that carried it out, naming the token's holder (never the
-//! token), with the state before and after; refused changes record nothing.
+//! token), with the state before and after; refused changes record nothing; and
+//! changes the CLI writes straight to etcd (`chime config set`, `chime apply`)
+//! reach the log through the leader's inbox, named `cli:<user>@<host>`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use chime_coordinator::model::AuditEntry;
 use chime_coordinator::store::{MemoryRunStore, RedisRunStore, Retention, RunStore};
-use chime_tests::{ADMIN_TOKEN, Cluster, RedisServer, chime_cmd, http, wait_until};
+use chime_tests::{ADMIN_TOKEN, Cluster, RedisServer, chime_cmd, http, run_chime, wait_until};
 use serde_json::{Value, json};
 
 fn entry(at_ms: i64, target: &str) -> AuditEntry {
@@ -356,6 +358,79 @@ async fn changes_through_a_follower_are_audited_with_the_token_s_name() -> Resul
             && lines[0]["id"] == entries[0]["id"]
             && lines[1]["id"] == entries[1]["id"],
         "{lines:?}"
+    );
+
+    // Changes the CLI writes straight to etcd are in the log too: each carries
+    // its entries into etcd in the same transaction, and the leader moves them.
+    let etcd_cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.insert(1, "--etcd-endpoints");
+        all.insert(2, c.etcd.endpoint.as_str());
+        run_chime(&all)
+    };
+    let (code, _, err) = etcd_cli(&["config", "set", "queues/default/visibility_ms", "30000"])?;
+    ensure!(code == 0, "config set: {err}");
+    let file = c.dir.path().join("applied.yaml");
+    std::fs::write(
+        &file,
+        "kind: job\nname: applied\ngroup: g\nhandler: log\nschedule: { kind: manual }\n",
+    )?;
+    let file = file.to_string_lossy().into_owned();
+    let (code, _, err) = etcd_cli(&["apply", "-f", &file, "--set", "audit"])?;
+    ensure!(code == 0, "apply: {err}");
+    std::fs::write(&file, "")?;
+    let (code, _, err) = etcd_cli(&["apply", "-f", &file, "--set", "audit", "--prune"])?;
+    ensure!(code == 0, "prune: {err}");
+    let newest = || async {
+        match call("GET", "/api/audit?limit=3".into(), BOB, None).await {
+            Ok((200, log)) => log["entries"].as_array().cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    wait_until(
+        "the CLI's changes in the audit log",
+        Duration::from_secs(20),
+        || async {
+            newest()
+                .await
+                .first()
+                .is_some_and(|e| e["action"] == "job.delete")
+        },
+    )
+    .await?;
+    let newest = newest().await;
+    let actions: Vec<&str> = newest
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or_default())
+        .collect();
+    ensure!(
+        actions == ["job.delete", "job.create", "config.set"],
+        "each CLI change once, newest first: {actions:?}"
+    );
+    for e in &newest {
+        ensure!(
+            e["who"].as_str().is_some_and(|w| w.starts_with("cli:")),
+            "who of {e}"
+        );
+    }
+    ensure!(
+        newest[2]["before"].is_null()
+            && newest[2]["after"] == "30000"
+            && newest[1]["after"]["handler"] == "log"
+            && newest[0]["before"]["name"] == "applied",
+        "{newest:?}"
+    );
+    // The inbox is empty once moved.
+    let src = chime_shared::config::source::EtcdSource::new(c.etcd.client().await?, "/chime/");
+    let inbox = chime_shared::config::source::ConfigSource::list_under(
+        &src,
+        chime_coordinator::audit::INBOX,
+    )
+    .await?;
+    ensure!(
+        inbox.entries.is_empty(),
+        "left in the inbox: {:?}",
+        inbox.entries
     );
     Ok(())
 }

@@ -90,6 +90,67 @@ async fn source_round_trip(src: Arc<dyn ConfigSource>) -> Result<()> {
         .await?
         .context("the current revision was refused")?;
     ensure!(src.get("jobs/a").await? == Some(("y".into(), r6)) && r6 > r5);
+
+    // A commit writes and deletes in one revision (a refused one does neither);
+    // `Any` puts whatever the key holds.
+    let refused = src
+        .commit(
+            &[
+                absent("jobs/a", "z"),
+                ("audit/x/1".into(), "e".into(), Expect::Any),
+            ],
+            &["jobs/b".into()],
+        )
+        .await?;
+    ensure!(refused.is_none(), "a commit over a taken key: {refused:?}");
+    ensure!(
+        src.get("jobs/b").await?.is_some(),
+        "a refused commit deleted"
+    );
+    ensure!(
+        src.get("audit/x/1").await?.is_none(),
+        "a refused commit wrote"
+    );
+    let r7 = src
+        .commit(
+            &[
+                ("jobs/a".into(), "w".into(), Expect::Revision(r6)),
+                ("audit/x/1".into(), "e1".into(), Expect::Any),
+                ("audit/x/2".into(), "e2".into(), Expect::Any),
+            ],
+            &["jobs/b".into()],
+        )
+        .await?
+        .context("the commit was refused")?;
+    ensure!(src.get("jobs/b").await?.is_none(), "not deleted");
+    ensure!(src.get("jobs/a").await? == Some(("w".into(), r7)));
+    let mut rx = src.watch(r6).await?;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        got.extend(next_changes(&mut rx).await?);
+    }
+    ensure!(
+        got.iter().all(|c| c.revision() == r7),
+        "one revision: {got:?}"
+    );
+    ensure!(
+        got.contains(&Change::Delete {
+            key: "jobs/b".into(),
+            revision: r7
+        }),
+        "{got:?}"
+    );
+    let under = src.list_under("audit/x/").await?;
+    ensure!(under.revision >= r7, "read at {}", under.revision);
+    ensure!(
+        under.entries
+            == [
+                ("audit/x/1".to_owned(), "e1".to_owned(), r7),
+                ("audit/x/2".to_owned(), "e2".to_owned(), r7)
+            ],
+        "{under:?}"
+    );
+    ensure!(src.list_under("audit/y/").await?.entries.is_empty());
     Ok(())
 }
 
@@ -235,11 +296,12 @@ impl ConfigSource for Cuttable {
     async fn get(&self, key: &str) -> chime_shared::error::Result<Option<(String, i64)>> {
         self.inner.get(key).await
     }
-    async fn put_if_all(
+    async fn commit(
         &self,
         writes: &[(String, String, chime_shared::config::source::Expect)],
+        deletes: &[String],
     ) -> chime_shared::error::Result<Option<i64>> {
-        self.inner.put_if_all(writes).await
+        self.inner.commit(writes, deletes).await
     }
 }
 

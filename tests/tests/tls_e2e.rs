@@ -393,7 +393,7 @@ async fn redis_and_etcd_behind_tls_with_credentials() -> Result<()> {
     wait_until(
         "the worker applied the etcd setting",
         Duration::from_secs(20),
-        || async { w.log().contains("live config loaded") && w.log().contains("keys=1") },
+        || async { w.log().contains("live config loaded") && w.log().contains("settings=1") },
     )
     .await?;
     Ok(())

@@ -226,19 +226,53 @@ impl ConfigSource for EtcdSource {
         }))
     }
 
-    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>> {
+    async fn list_under(&self, sub: &str) -> Result<Snapshot> {
+        let mut c = self.client.clone();
+        let from = format!("{}{sub}", self.prefix);
+        let resp = c
+            .get(from.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let entries = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = self.relative(kv.key())?;
+                Some((
+                    k,
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                ))
+            })
+            .collect();
+        Ok(Snapshot {
+            entries,
+            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+        })
+    }
+
+    async fn commit(
+        &self,
+        writes: &[(String, String, Expect)],
+        deletes: &[String],
+    ) -> Result<Option<i64>> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
         let mut conds = Vec::with_capacity(writes.len());
-        let mut puts = Vec::with_capacity(writes.len());
+        let mut ops = Vec::with_capacity(writes.len() + deletes.len());
         for (key, value, expect) in writes {
             let full = format!("{}{key}", self.prefix);
-            conds.push(match *expect {
-                Expect::Absent => Compare::version(full.as_str(), CompareOp::Equal, 0),
-                Expect::Revision(r) => Compare::mod_revision(full.as_str(), CompareOp::Equal, r),
-            });
-            puts.push(TxnOp::put(full, value.as_str(), None));
+            match *expect {
+                Expect::Absent => conds.push(Compare::version(full.as_str(), CompareOp::Equal, 0)),
+                Expect::Revision(r) => {
+                    conds.push(Compare::mod_revision(full.as_str(), CompareOp::Equal, r))
+                }
+                Expect::Any => {}
+            }
+            ops.push(TxnOp::put(full, value.as_str(), None));
         }
-        let txn = Txn::new().when(conds).and_then(puts);
+        for key in deletes {
+            ops.push(TxnOp::delete(format!("{}{key}", self.prefix), None));
+        }
+        let txn = Txn::new().when(conds).and_then(ops);
         let mut c = self.client.clone();
         let resp = c.txn(txn).await?;
         Ok(resp

@@ -163,7 +163,11 @@ mod tests {
         async fn get(&self, _: &str) -> Result<Option<(String, i64)>> {
             unreachable!()
         }
-        async fn put_if_all(&self, _: &[(String, String, Expect)]) -> Result<Option<i64>> {
+        async fn commit(
+            &self,
+            _: &[(String, String, Expect)],
+            _: &[String],
+        ) -> Result<Option<i64>> {
             unreachable!()
         }
     }

@@ -159,7 +159,7 @@ fn name(key: &str, what: &str, raw: &str) -> Result<String, Rejection> {
 /// definitions, alert rules, leader election, what each `chime apply --set`
 /// applied), not settings; the config watcher
 /// skips them, in its first load and in every change after it.
-pub const INTERNAL_SECTIONS: [&str; 4] = ["jobs", "alerts", "election", "applied"];
+pub const INTERNAL_SECTIONS: [&str; 5] = ["jobs", "alerts", "election", "applied", "audit"];
 
 /// Whether `key` (relative to the prefix) belongs to an internal section.
 pub fn is_internal(key: &str) -> bool {

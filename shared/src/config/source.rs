@@ -76,6 +76,9 @@ pub enum Expect {
     Absent,
     /// The key's last write must be this revision.
     Revision(i64),
+    /// Whatever the key holds (no condition): a write that goes with conditional
+    /// ones in one transaction.
+    Any,
 }
 
 /// A store of live settings.
@@ -106,11 +109,32 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<i64>;
     /// One key's value and the revision of its last write.
     async fn get(&self, key: &str) -> Result<Option<(String, i64)>>;
+    /// Every key (relative to the prefix) under `sub` (itself relative, ending in
+    /// `/`), with its value and the revision of its last write, in key order, and
+    /// the revision read at: a read of one small section without loading the
+    /// whole prefix.
+    async fn list_under(&self, sub: &str) -> Result<Snapshot> {
+        let mut snap = self.load().await?;
+        snap.entries.retain(|(k, _, _)| k.starts_with(sub));
+        Ok(snap)
+    }
+    /// Writes every `(key, value)` and deletes every key of `deletes` in one
+    /// transaction, only if each written key is as its `Expect` says; answers the
+    /// revision of the transaction, or `None` when a condition failed (nothing
+    /// written or deleted). An etcd transaction holds at most 128 operations by
+    /// default (`--max-txn-ops`).
+    async fn commit(
+        &self,
+        writes: &[(String, String, Expect)],
+        deletes: &[String],
+    ) -> Result<Option<i64>>;
+
     /// Writes every `(key, value)` in one transaction, only if each key is as its
     /// `Expect` says; answers the revision of the write, or `None` when a condition
-    /// failed (nothing written). An etcd transaction holds at most 128 writes by
-    /// default (`--max-txn-ops`).
-    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>>;
+    /// failed (nothing written).
+    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>> {
+        self.commit(writes, &[]).await
+    }
 
     /// Writes `value` at `key` only if the key is as `expect` says; answers the
     /// revision of the write, or `None` when the condition failed (nothing written).
@@ -245,7 +269,11 @@ impl ConfigSource for MemorySource {
         Ok(self.lock().entries.get(key).cloned())
     }
 
-    async fn put_if_all(&self, writes: &[(String, String, Expect)]) -> Result<Option<i64>> {
+    async fn commit(
+        &self,
+        writes: &[(String, String, Expect)],
+        deletes: &[String],
+    ) -> Result<Option<i64>> {
         // Check and write under one lock so no other write slips in between.
         let mut st = self.lock();
         let ok = writes.iter().all(|(key, _, expect)| {
@@ -253,6 +281,7 @@ impl ConfigSource for MemorySource {
             match expect {
                 Expect::Absent => current.is_none(),
                 Expect::Revision(r) => current == Some(*r),
+                Expect::Any => true,
             }
         });
         if !ok {
@@ -261,13 +290,26 @@ impl ConfigSource for MemorySource {
         // One transaction: one revision for every write, as etcd does.
         st.revision += 1;
         let revision = st.revision;
-        for (key, value, _) in writes {
-            let c = Change::Put {
+        let puts = writes.iter().map(|(key, value, _)| {
+            st.entries.insert(key.clone(), (value.clone(), revision));
+            Change::Put {
                 key: key.clone(),
                 value: value.clone(),
                 revision,
-            };
-            st.entries.insert(key.clone(), (value.clone(), revision));
+            }
+        });
+        let puts: Vec<Change> = puts.collect();
+        let mut changes = puts;
+        for key in deletes {
+            // As etcd: deleting a key that is not there is no event.
+            if st.entries.remove(key).is_some() {
+                changes.push(Change::Delete {
+                    key: key.clone(),
+                    revision,
+                });
+            }
+        }
+        for c in changes {
             st.history.push(c.clone());
             let _ = self.tx.send(c);
         }

@@ -70,7 +70,12 @@ pub async fn start(
     let revision = fold_snapshot(&mut config, &snapshot);
     info!(
         revision,
-        keys = snapshot.entries.len(),
+        // Settings only: jobs, alert rules and audit entries share the prefix.
+        settings = snapshot
+            .entries
+            .iter()
+            .filter(|(k, _, _)| !super::is_internal(k))
+            .count(),
         "live config loaded"
     );
     let (tx, rx) = watch::channel(Arc::new(config));
