@@ -401,15 +401,12 @@ pub async fn run_job(a: JobArgs) -> Result<()> {
             serde_json::to_value(job_out(j.into_inner())?)?
         }
         JobCmd::List { group, namespace } => {
-            let mut jobs = c
-                .list_jobs(pb::ListJobsRequest { group })
+            let jobs = c
+                .list_jobs(pb::ListJobsRequest { group, namespace })
                 .await
                 .map_err(status)?
                 .into_inner()
                 .jobs;
-            jobs.retain(|j| {
-                namespace.is_empty() || chime_shared::limits::namespace_of(&j.name) == namespace
-            });
             let out: Result<Vec<JobView>> = jobs.into_iter().map(job_out).collect();
             serde_json::to_value(out?)?
         }
@@ -463,6 +460,9 @@ pub struct RunsArgs {
     /// Most runs to list.
     #[arg(long, default_value_t = 50)]
     limit: u32,
+    /// Only those of this namespace (`default`: names without one).
+    #[arg(long, short = 'n', default_value = "")]
+    namespace: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -498,6 +498,7 @@ pub async fn run_runs(a: RunsArgs) -> Result<()> {
                 .list_runs(pb::ListRunsRequest {
                     job: a.job,
                     limit: a.limit,
+                    namespace: a.namespace,
                 })
                 .await
                 .map_err(status)?
@@ -536,13 +537,19 @@ pub struct WorkersArgs {
     /// Only this group.
     #[arg(long, default_value = "")]
     group: String,
+    /// Only those of this namespace (`default`: names without one).
+    #[arg(long, short = 'n', default_value = "")]
+    namespace: String,
 }
 
 /// Runs `chime workers`.
 pub async fn run_workers(a: WorkersArgs) -> Result<()> {
     let mut c = connect(&a.coord).await?;
     let r = c
-        .list_workers(pb::ListWorkersRequest { group: a.group })
+        .list_workers(pb::ListWorkersRequest {
+            group: a.group,
+            namespace: a.namespace,
+        })
         .await
         .map_err(status)?
         .into_inner();

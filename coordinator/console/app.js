@@ -864,13 +864,14 @@
     };
   }
 
+  // Namespaces: the part of a name before its '/', `default` without one.
+  const nsOf = (name) => (name.includes('/') ? name.split('/')[0] : 'default');
+
   // ---------------------------------------------------------------- jobs list
 
   function jobsView(root, gen) {
     const t = table('jobs-table', ['Name', 'Group', 'Handler', 'Schedule', 'Routing', 'Next fire', 'Last fire', 'State', { label: 'Actions', attrs: { class: 'actions' } }]);
     const filter = h('input', { id: 'jobs-filter', type: 'search', placeholder: 'Filter by name, group or handler', 'data-testid': 'jobs-filter', 'aria-label': 'Filter jobs' });
-    // Namespaces: the part of a name before its '/', `default` without one.
-    const nsOf = (name) => (name.includes('/') ? name.split('/')[0] : 'default');
     const nsSel = h('select', { id: 'jobs-namespace', 'data-testid': 'jobs-namespace', 'aria-label': 'Namespace', hidden: true });
     const count = h('span', { class: 'muted' });
     let jobs = [];
@@ -1353,6 +1354,9 @@
     const input = h('input', { id: 'runs-filter-job', 'data-testid': 'runs-filter-job', type: 'search', list: 'runs-job-names', placeholder: 'all jobs', value: jobFilter, 'aria-label': 'Filter by job' });
     const names = h('datalist', { id: 'runs-job-names' });
     const limit = h('select', { id: 'runs-limit', 'data-testid': 'runs-limit', 'aria-label': 'How many runs' }, ['50', '100', '200'].map((n) => h('option', { value: n }, `last ${n}`)));
+    // The namespace choice (the server keeps the latest runs of that namespace,
+    // not the latest of all filtered here); it shows once the jobs have two.
+    const nsSel = h('select', { id: 'runs-namespace', 'data-testid': 'runs-namespace', 'aria-label': 'Namespace', hidden: true });
     const apply = () => {
       const v = input.value.trim();
       const target = v ? `#/runs?job=${enc(v)}` : '#/runs';
@@ -1361,20 +1365,27 @@
     input.addEventListener('change', apply);
     input.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') apply(); });
     limit.addEventListener('change', () => view.refresh().catch(() => {}));
+    nsSel.addEventListener('change', () => view.refresh().catch(() => {}));
 
     fill(root,
       h('div', { class: 'page-head' }, h('h1', null, 'Runs', jobFilter ? h('span', { class: 'muted' }, ` of ${jobFilter}`) : null),
-        h('div', { class: 'toolbar' }, h('label', { for: 'runs-filter-job', class: 'inline-label' }, 'Job'), input, names, limit,
+        h('div', { class: 'toolbar' }, nsSel, h('label', { for: 'runs-filter-job', class: 'inline-label' }, 'Job'), input, names, limit,
           jobFilter ? h('a', { href: '#/runs', class: 'btn', 'data-testid': 'runs-filter-clear' }, 'All jobs') : null)),
       section(null, t.el));
 
     api('GET', '/api/jobs').then((r) => {
-      if (current(gen)) fill(names, (r.jobs || []).map((j) => h('option', { value: j.name })));
+      if (!current(gen)) return;
+      const jobs = r.jobs || [];
+      fill(names, jobs.map((j) => h('option', { value: j.name })));
+      const spaces = [...new Set(jobs.map((j) => nsOf(j.name)))].sort();
+      fill(nsSel, h('option', { value: '' }, 'All namespaces'), spaces.map((n) => h('option', { value: n }, n)));
+      nsSel.hidden = spaces.length < 2 || !!jobFilter;
     }).catch(() => {});
 
     const view = {
       async refresh() {
-        const r = await api('GET', `/api/runs?job=${enc(jobFilter)}&limit=${limit.value}`);
+        const ns = nsSel.hidden ? '' : nsSel.value;
+        const r = await api('GET', `/api/runs?job=${enc(jobFilter)}&limit=${limit.value}${ns ? `&namespace=${enc(ns)}` : ''}`);
         if (!current(gen)) return;
         runRows(t, r.runs || []);
       },

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chime_shared::auth::{Access, Tokens};
 use chime_shared::clock::Clock;
-use chime_shared::limits::namespace_of;
+use chime_shared::limits::{self, namespace_of};
 
 use crate::Shared;
 use crate::audit::{Audit, Change};
@@ -102,6 +102,8 @@ pub enum AdminCall {
     ListJobs {
         /// Group filter.
         group: String,
+        /// Namespace filter (empty: every namespace the caller reaches).
+        namespace: String,
     },
     /// Pause a job.
     PauseJob(String),
@@ -120,6 +122,8 @@ pub enum AdminCall {
         job: String,
         /// Most runs (0: 50; at most 1,000).
         limit: u32,
+        /// Namespace filter (empty: every namespace the caller reaches).
+        namespace: String,
     },
     /// One run.
     GetRun(String),
@@ -136,6 +140,9 @@ pub enum AdminCall {
     ListWorkers {
         /// Group filter.
         group: String,
+        /// Namespace filter (of the workers' groups; empty: every namespace the
+        /// caller reaches).
+        namespace: String,
     },
     /// Audit entries, newest first.
     ListAudit {
@@ -144,6 +151,18 @@ pub enum AdminCall {
         /// Only entries older than this entry id (empty: from the newest).
         before: String,
     },
+}
+
+impl AdminCall {
+    /// The namespace a listing asks for (empty: none asked, or not a listing).
+    fn namespace(&self) -> &str {
+        match self {
+            AdminCall::ListJobs { namespace, .. }
+            | AdminCall::ListRuns { namespace, .. }
+            | AdminCall::ListWorkers { namespace, .. } => namespace,
+            _ => "",
+        }
+    }
 }
 
 /// What an admin call answers.
@@ -259,6 +278,20 @@ struct Namespaces {
 }
 
 impl Namespaces {
+    /// Narrowed to namespace `asked` too (empty: as it is): a caller of other
+    /// namespaces only asking for it sees nothing. The name is checked.
+    fn narrowed(mut self, asked: &str) -> Result<Self> {
+        if asked.is_empty() {
+            return Ok(self);
+        }
+        limits::check_namespace("namespace", asked)?;
+        self.only = Some(match self.only {
+            Some(o) if !o.iter().any(|x| x == asked) => Vec::new(),
+            _ => vec![asked.to_owned()],
+        });
+        Ok(self)
+    }
+
     fn sees(&self, name: &str) -> bool {
         let ns = namespace_of(name);
         self.only.as_ref().is_none_or(|o| o.iter().any(|x| x == ns))
@@ -411,13 +444,14 @@ impl Admin {
     /// Answers `call`: here on the leader (or while no leader is known), from the
     /// leader otherwise.
     pub async fn call(&self, caller: &Caller, mut call: AdminCall) -> Result<AdminAnswer> {
-        let scope = self.namespaces(caller);
+        let scope = self.namespaces(caller).narrowed(call.namespace())?;
         scope.check(&call)?;
-        // A limited caller's latest runs: the latest of every namespace are read,
-        // then its own kept, so others' do not crowd them out of the limit.
+        // A limited caller's latest runs (or those of the namespace asked for):
+        // the latest of every namespace are read, then the ones in scope kept, so
+        // others' do not crowd them out of the limit.
         let mut keep = None;
         if scope.only.is_some()
-            && let AdminCall::ListRuns { job, limit } = &mut call
+            && let AdminCall::ListRuns { job, limit, .. } = &mut call
             && job.is_empty()
         {
             keep = Some(match *limit {
@@ -536,7 +570,7 @@ impl Admin {
             AdminCall::GetJob(name) => {
                 AdminAnswer::Job(self.view(self.jobs.get(&name).await?).await?)
             }
-            AdminCall::ListJobs { group } => {
+            AdminCall::ListJobs { group, .. } => {
                 let (mut all, _) = self.jobs.list().await?;
                 all.retain(|j| group.is_empty() || j.spec.group == group);
                 all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
@@ -565,7 +599,7 @@ impl Admin {
                 self.audit.record(caller, vec![c]).await;
                 AdminAnswer::Run(run)
             }
-            AdminCall::ListRuns { job, limit } => {
+            AdminCall::ListRuns { job, limit, .. } => {
                 let limit = match limit {
                     0 => DEFAULT_RUNS_LISTED,
                     n => n.min(MAX_RUNS_LISTED),
@@ -624,7 +658,7 @@ impl Admin {
             AdminCall::ListAudit { limit, before } => {
                 AdminAnswer::Audit(self.audit.list(limit, &before).await?)
             }
-            AdminCall::ListWorkers { group } => {
+            AdminCall::ListWorkers { group, .. } => {
                 let current = self.shared.current();
                 let workers = match current.engine {
                     Some(e) => e

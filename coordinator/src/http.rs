@@ -574,21 +574,16 @@ struct GroupQuery {
     namespace: String,
 }
 
-/// Whether `name` (a job's, a group's) is of namespace `ns` (empty: any).
-fn in_ns(ns: &str, name: &str) -> bool {
-    ns.is_empty() || limits::namespace_of(name) == ns
-}
-
 async fn list_jobs(
     State(st): State<HttpState>,
     headers: HeaderMap,
     Query(q): Query<GroupQuery>,
 ) -> ApiResult {
-    let mut jobs: Vec<JobView> = st
-        .admin(&headers, AdminCall::ListJobs { group: q.group })
-        .await?
-        .into_jobs()?;
-    jobs.retain(|j| in_ns(&q.namespace, &j.spec.name));
+    let call = AdminCall::ListJobs {
+        group: q.group,
+        namespace: q.namespace,
+    };
+    let jobs: Vec<JobView> = st.admin(&headers, call).await?.into_jobs()?;
     ok(json!({ "jobs": jobs }))
 }
 
@@ -744,11 +739,14 @@ async fn recent_runs(
     headers: &HeaderMap,
     job: String,
     limit: u32,
+    namespace: String,
 ) -> ApiResult<Vec<RunRecord>> {
-    Ok(st
-        .admin(headers, AdminCall::ListRuns { job, limit })
-        .await?
-        .into_runs()?)
+    let call = AdminCall::ListRuns {
+        job,
+        limit,
+        namespace,
+    };
+    Ok(st.admin(headers, call).await?.into_runs()?)
 }
 
 async fn list_runs(
@@ -757,20 +755,7 @@ async fn list_runs(
     Query(q): Query<RunsQuery>,
 ) -> ApiResult {
     let limit = q.limit.unwrap_or(50);
-    let runs = if q.namespace.is_empty() {
-        recent_runs(&st, &headers, q.job, limit).await?
-    } else {
-        // The latest of every namespace, then this one's: others' runs do not
-        // crowd it out of the limit.
-        let mut runs = recent_runs(&st, &headers, q.job, crate::admin::MAX_RUNS_LISTED).await?;
-        runs.retain(|r| in_ns(&q.namespace, &r.job));
-        let keep = match limit {
-            0 => 50,
-            n => n.min(crate::admin::MAX_RUNS_LISTED),
-        };
-        runs.truncate(keep as usize);
-        runs
-    };
+    let runs = recent_runs(&st, &headers, q.job, limit, q.namespace).await?;
     ok(json!({ "runs": runs }))
 }
 
@@ -796,16 +781,16 @@ async fn list_audit(
     ok(json!({ "entries": entries }))
 }
 
-async fn list_workers(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
-    let (workers, leader) = st
-        .admin(
-            &headers,
-            AdminCall::ListWorkers {
-                group: String::new(),
-            },
-        )
-        .await?
-        .into_workers()?;
+async fn list_workers(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<GroupQuery>,
+) -> ApiResult {
+    let call = AdminCall::ListWorkers {
+        group: q.group,
+        namespace: q.namespace,
+    };
+    let (workers, leader) = st.admin(&headers, call).await?.into_workers()?;
     ok(json!({ "workers": workers, "leader": leader }))
 }
 
@@ -876,6 +861,7 @@ async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult 
             &headers,
             AdminCall::ListWorkers {
                 group: String::new(),
+                namespace: String::new(),
             },
         )
         .await?
@@ -885,11 +871,12 @@ async fn overview(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult 
             &headers,
             AdminCall::ListJobs {
                 group: String::new(),
+                namespace: String::new(),
             },
         )
         .await?
         .into_jobs()?;
-    let runs = recent_runs(&st, &headers, String::new(), 20).await?;
+    let runs = recent_runs(&st, &headers, String::new(), 20, String::new()).await?;
     let lags = runs
         .iter()
         .filter(|r| r.cause == "scheduled" && r.fired_at_ms > 0 && r.scheduled_at_ms > 0)

@@ -530,6 +530,8 @@ async function main() {
     await apiCall('DELETE', `/api/jobs/${encodeURIComponent(NS_JOB)}`);
     const made = await apiCall('POST', '/api/jobs', { name: NS_JOB, group: 'team-x/demo', handler: 'demo.echo', schedule: { kind: 'manual' } });
     check(made.status === 201, `POST /api/jobs (${NS_JOB}) answered ${made.status}: ${made.text}`);
+    const fired = await apiCall('POST', `/api/jobs/${encodeURIComponent(NS_JOB)}/trigger`);
+    check(fired.status === 200, `triggering ${NS_JOB} answered ${fired.status}: ${fired.text}`);
     await page.locator('#logout').click();
     await visible('#login-token', 'the login form after logging out');
     await page.locator('#login-token').fill(VIEWER_TOKEN);
@@ -553,6 +555,12 @@ async function main() {
     await visible('#job-form', 'the job, read-only');
     check((await page.locator('#job-save').count()) === 0, 'a viewer is offered to save a job');
     check(await page.locator('#job-form fieldset').first().evaluate((f) => f.disabled), 'the job form is editable for a viewer');
+    // The Runs page asks the server for one namespace's latest runs.
+    await nav('runs');
+    const runsNs = await visible('#runs-namespace', 'the runs namespace choice');
+    await runsNs.selectOption('team-x');
+    await waitUntil('only team-x runs', () => page.$$eval('[data-testid="run-row"]',
+      (rs) => rs.length > 0 && rs.every((r) => r.dataset.job === 'team-x/browser-ns')), 10_000, 100);
     await nav('queues');
     check((await page.locator('#dead-requeue-all').count()) === 0, 'a viewer is offered to requeue');
     await nav('config');

@@ -196,10 +196,24 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
                 ),
             }
         }
-        // The unfiltered listings hold only team-a's.
+        // The unfiltered listings hold only team-a's; asking for team-b's
+        // namespace gets nothing; a namespace that is no name is refused.
         for path in ["/api/jobs", "/api/runs", "/api/workers"] {
             let (code, b) = call("GET", path, token, None).await?;
             isolated(&format!("GET {path} as {token}"), code, &b)?;
+            let asked = format!("{path}?namespace=team-b");
+            let (code, b) = call("GET", &asked, token, None).await?;
+            let list = path.trim_start_matches("/api/");
+            ensure!(
+                code == 200 && b[list].as_array().is_some_and(|a| a.is_empty()),
+                "GET {asked} as {token}: {code} {b}"
+            );
+            let bad = format!("{path}?namespace=Team%20B");
+            let (code, b) = call("GET", &bad, token, None).await?;
+            ensure!(
+                code == 400 && b["error"]["field"] == "namespace",
+                "GET {bad} as {token}: {code} {b}"
+            );
         }
     }
 

@@ -165,6 +165,32 @@ async fn a_viewer_reads_an_operator_acts_and_only_an_admin_defines() -> Result<(
         let (code, b) = call(method, path, OPERATOR, body).await?;
         ensure!(code == 403, "operator {method} {path}: {code} {b}");
     }
+    // Each refusal is a log line of the coordinator that refused it, naming the
+    // token and the role it lacked, never the secret.
+    let logs = || {
+        c.coords
+            .iter()
+            .filter_map(|(_, p)| p.as_ref().map(|p| p.log()))
+            .collect::<String>()
+    };
+    let refusal_logged = |name: &str| {
+        logs().lines().any(|l| {
+            l.contains("refused: the token's role is too low")
+                && l.contains(name)
+                && l.contains("need=admin")
+        })
+    };
+    wait_until("the refusals in the logs", Duration::from_secs(10), || {
+        let both = refusal_logged("grafana") && refusal_logged("oncall");
+        async move { both }
+    })
+    .await?;
+    let text = logs();
+    ensure!(
+        !text.contains(VIEWER) && !text.contains(OPERATOR),
+        "a token reached a log"
+    );
+
     // The audit names the operator's token, never the secret.
     let (_, audit) = call("GET", "/api/audit", ADMIN_TOKEN, None).await?;
     let text = audit.to_string();

@@ -263,6 +263,7 @@ pub(super) async fn reported_runs(
             .list_runs(pb::ListRunsRequest {
                 job: format!("{name}{i}"),
                 limit: 1_000,
+                ..Default::default()
             })
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?

@@ -478,6 +478,7 @@ pub(crate) async fn run(c: Common) -> Result<()> {
         .list_runs(proto::ListRunsRequest {
             job: JOB.into(),
             limit: 1_000,
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -1006,9 +1006,9 @@ impl Forwarder for GrpcForwarder {
             AdminCall::GetJob(name) => {
                 job(c.get_job(as_caller(caller, pb::JobRef { name })).await?)?
             }
-            AdminCall::ListJobs { group } => {
+            AdminCall::ListJobs { group, namespace } => {
                 let jobs = c
-                    .list_jobs(as_caller(caller, pb::ListJobsRequest { group }))
+                    .list_jobs(as_caller(caller, pb::ListJobsRequest { group, namespace }))
                     .await?
                     .into_inner()
                     .jobs;
@@ -1027,12 +1027,17 @@ impl Forwarder for GrpcForwarder {
                 };
                 run(c.trigger_job(as_caller(caller, req)).await?)
             }
-            AdminCall::ListRuns { job, limit } => {
-                let runs = c
-                    .list_runs(as_caller(caller, pb::ListRunsRequest { job, limit }))
-                    .await?
-                    .into_inner()
-                    .runs;
+            AdminCall::ListRuns {
+                job,
+                limit,
+                namespace,
+            } => {
+                let req = pb::ListRunsRequest {
+                    job,
+                    limit,
+                    namespace,
+                };
+                let runs = c.list_runs(as_caller(caller, req)).await?.into_inner().runs;
                 AdminAnswer::Runs(runs.into_iter().map(run_from_proto).collect())
             }
             AdminCall::GetRun(run_id) => {
@@ -1053,9 +1058,12 @@ impl Forwarder for GrpcForwarder {
                     .entries;
                 AdminAnswer::Audit(entries.into_iter().map(audit_from_proto).collect())
             }
-            AdminCall::ListWorkers { group } => {
+            AdminCall::ListWorkers { group, namespace } => {
                 let w = c
-                    .list_workers(as_caller(caller, pb::ListWorkersRequest { group }))
+                    .list_workers(as_caller(
+                        caller,
+                        pb::ListWorkersRequest { group, namespace },
+                    ))
                     .await?
                     .into_inner();
                 AdminAnswer::Workers {
@@ -1173,11 +1181,11 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let group = req.get_ref().group.clone();
-        let jobs = self
-            .answer(&req, AdminCall::ListJobs { group })
-            .await?
-            .into_jobs()?;
+        let call = AdminCall::ListJobs {
+            group: req.get_ref().group.clone(),
+            namespace: req.get_ref().namespace.clone(),
+        };
+        let jobs = self.answer(&req, call).await?.into_jobs()?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(view_to_proto).collect(),
         }))
@@ -1213,6 +1221,7 @@ impl pb::admin_server::Admin for AdminApi {
         let call = AdminCall::ListRuns {
             job: r.job.clone(),
             limit: r.limit,
+            namespace: r.namespace.clone(),
         };
         let runs = self.answer(&req, call).await?.into_runs()?;
         Ok(Response::new(pb::ListRunsResponse {
@@ -1245,11 +1254,11 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let group = req.get_ref().group.clone();
-        let (workers, leader) = self
-            .answer(&req, AdminCall::ListWorkers { group })
-            .await?
-            .into_workers()?;
+        let call = AdminCall::ListWorkers {
+            group: req.get_ref().group.clone(),
+            namespace: req.get_ref().namespace.clone(),
+        };
+        let (workers, leader) = self.answer(&req, call).await?.into_workers()?;
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.into_iter().map(worker_to_proto).collect(),
             leader,

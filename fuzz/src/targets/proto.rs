@@ -658,13 +658,18 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
     ));
     out.push((
         "list-jobs".into(),
-        pb::ListJobsRequest { group: "g".into() }.encode_to_vec(),
+        pb::ListJobsRequest {
+            group: "g".into(),
+            namespace: "team-a".into(),
+        }
+        .encode_to_vec(),
     ));
     out.push((
         "list-runs".into(),
         pb::ListRunsRequest {
             job: "nightly".into(),
             limit: 20,
+            namespace: "team-a".into(),
         }
         .encode_to_vec(),
     ));
@@ -677,7 +682,11 @@ pub fn seed_messages() -> Vec<(String, Vec<u8>)> {
     ));
     out.push((
         "list-workers".into(),
-        pb::ListWorkersRequest { group: "g".into() }.encode_to_vec(),
+        pb::ListWorkersRequest {
+            group: "g".into(),
+            namespace: String::new(),
+        }
+        .encode_to_vec(),
     ));
     let run = pb::Run {
         run_id: "r-1".into(),

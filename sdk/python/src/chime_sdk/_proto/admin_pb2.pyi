@@ -208,10 +208,12 @@ class DeleteJobResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("group",)
+    __slots__ = ("group", "namespace")
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     group: str
-    def __init__(self, group: _Optional[str] = ...) -> None: ...
+    namespace: str
+    def __init__(self, group: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)
@@ -228,12 +230,14 @@ class TriggerJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[str] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("job", "limit")
+    __slots__ = ("job", "limit", "namespace")
     JOB_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     job: str
     limit: int
-    def __init__(self, job: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    namespace: str
+    def __init__(self, job: _Optional[str] = ..., limit: _Optional[int] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
@@ -316,10 +320,12 @@ class Shard(_message.Message):
     def __init__(self, index: _Optional[int] = ..., total: _Optional[int] = ..., worker_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., started_at_ms: _Optional[int] = ..., finished_at_ms: _Optional[int] = ..., output: _Optional[str] = ..., error: _Optional[str] = ..., log_tail: _Optional[_Iterable[str]] = ..., shard_params: _Optional[str] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
-    __slots__ = ("group",)
+    __slots__ = ("group", "namespace")
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     group: str
-    def __init__(self, group: _Optional[str] = ...) -> None: ...
+    namespace: str
+    def __init__(self, group: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers", "leader")
