@@ -132,9 +132,10 @@ pub enum Who {
     /// Admin tokens of this role or above and of no namespace: the route reaches
     /// what is cluster-wide (settings, alert rules, queues, the audit log).
     Cluster(Role),
-    /// Producer tokens (whatever the call), or admin tokens of this role or above
-    /// and of no namespace: the item calls a producer service needs, and nothing
-    /// more.
+    /// Producer tokens (whatever the call), or admin tokens of this role or above,
+    /// limited to namespaces or not: the item and dead-letter calls a producer
+    /// service needs, and nothing more; a limited token reaches only the items of
+    /// its handlers and namespaces (`crate::scope`).
     Producer(Role),
 }
 
@@ -291,13 +292,13 @@ pub fn api_routes() -> Vec<ApiRoute> {
         r(
             Method::GET,
             "/api/queues/dead",
-            Who::Cluster(Viewer),
+            Who::Producer(Viewer),
             get(dead_letters),
         ),
         r(
             Method::POST,
             "/api/queues/dead/requeue",
-            Who::Cluster(Operator),
+            Who::Producer(Operator),
             post(requeue),
         ),
         r(
@@ -356,7 +357,7 @@ pub fn http_policy(auth: &crate::grpc::Auth) -> Policy {
             let gate = match route.who {
                 Who::Admin(need) => auth.admin_gate().needs(need),
                 Who::Cluster(need) => auth.admin_gate().needs(need).cluster_wide(),
-                Who::Producer(need) => auth.producer_gate().needs(need).cluster_wide(),
+                Who::Producer(need) => auth.producer_gate().needs(need),
             };
             p.route(route.method, route.path, gate)
         })
@@ -1489,7 +1490,8 @@ mod tests {
                 Who::Producer(r) => (r, true),
             };
             // A token limited to a namespace passes exactly the routes of
-            // namespaced things; the rest is cluster-wide.
+            // namespaced things (jobs, runs, workers, items); the rest is
+            // cluster-wide.
             let (code, b) = send(
                 route.method.as_str(),
                 &path,
@@ -1501,7 +1503,7 @@ mod tests {
                 "{} {} as a team admin: {code} {b}",
                 route.method, route.path
             );
-            if matches!(route.who, Who::Admin(_)) {
+            if matches!(route.who, Who::Admin(_) | Who::Producer(_)) {
                 assert!(
                     code != StatusCode::UNAUTHORIZED && code != StatusCode::FORBIDDEN,
                     "{what}"

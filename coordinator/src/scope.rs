@@ -1,8 +1,10 @@
-//! Which items a producer token may touch: a producer token limited to some
-//! handlers (`handlers=` in its line, `chime_shared::auth`) enqueues, finds,
-//! cancels, reschedules, lists and requeues only items of those handlers. Both
-//! queue edges (gRPC `chime.v1.Queue` and the JSON API's item calls) ask this one
-//! type, so they cannot disagree.
+//! Which items a caller may touch: a producer token limited to some handlers
+//! (`handlers=` in its line, `chime_shared::auth`) or to namespaces (`ns=`), or an
+//! admin token limited to namespaces, enqueues, finds, cancels, reschedules, lists
+//! and requeues only items in its scope. An item's namespace is its handler's
+//! (`payments/charge` is of `payments`; a bare handler of `default`). Both queue
+//! edges (gRPC `chime.v1.Queue` and the JSON API's item and dead-letter calls) ask
+//! this one type, so they cannot disagree.
 //!
 //! An item outside the scope is answered as if it did not exist (not found, left
 //! out of a listing): a scoped token learns nothing of other handlers' items. An
@@ -13,15 +15,17 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chime_shared::auth::Access;
+use chime_shared::limits::namespace_of;
 use chime_shared::queue::{DelayStore, ItemRef, ItemView, NewItem};
 
 use crate::error::CoordError;
 use crate::grpc::Auth;
 
-/// The handlers a caller may touch (`None`: any).
+/// The handlers and namespaces a caller may touch (`None`: any).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HandlerScope {
     handlers: Option<BTreeSet<String>>,
+    namespaces: Option<BTreeSet<String>>,
     /// The token's name, for refusals.
     who: String,
 }
@@ -31,18 +35,32 @@ impl HandlerScope {
     /// producer token's handlers; anyone else (an admin token, no auth) is
     /// unlimited. Only callers past the queue's gate get here.
     pub fn of(auth: &Auth, header: Option<&str>) -> Self {
-        match Access::tokens(auth.producer.clone()).identify(header) {
+        let who = Access::tokens(auth.producer.clone())
+            .identify(header)
+            .or_else(|| Access::tokens(auth.admin.clone()).identify(header));
+        match who {
             Some(who) => Self {
                 handlers: who.handlers.map(|h| h.into_iter().collect()),
+                namespaces: who.namespaces.map(|n| n.into_iter().collect()),
                 who: who.name,
             },
             None => Self::default(),
         }
     }
 
-    /// Whether items of `handler` are in the scope.
+    /// Whether the scope is limited at all.
+    fn limited(&self) -> bool {
+        self.handlers.is_some() || self.namespaces.is_some()
+    }
+
+    /// Whether items of `handler` are in the scope: one of its handlers, if it
+    /// names some, and of one of its namespaces, if it names some.
     pub fn allows(&self, handler: &str) -> bool {
         self.handlers.as_ref().is_none_or(|h| h.contains(handler))
+            && self
+                .namespaces
+                .as_ref()
+                .is_none_or(|n| n.contains(namespace_of(handler)))
     }
 
     /// An enqueue: every item's handler in the scope, or the batch is refused
@@ -65,7 +83,7 @@ impl HandlerScope {
         store: &Arc<dyn DelayStore>,
         r: &ItemRef,
     ) -> Result<(), CoordError> {
-        if self.handlers.is_none() {
+        if !self.limited() {
             return Ok(());
         }
         match store.get(r).await.map_err(CoordError::from)? {
@@ -86,9 +104,9 @@ impl HandlerScope {
     /// A requeue of every dead letter: only an unlimited caller may; a scoped one
     /// names the items (each checked).
     pub fn check_requeue_all(&self) -> Result<(), CoordError> {
-        match self.handlers {
-            None => Ok(()),
-            Some(_) => Err(CoordError::PermissionDenied(format!(
+        match self.limited() {
+            false => Ok(()),
+            true => Err(CoordError::PermissionDenied(format!(
                 "all: token {} may requeue only items of {}; name them in items",
                 self.who,
                 self.list()
@@ -96,10 +114,61 @@ impl HandlerScope {
         }
     }
 
+    /// What the scope holds, for refusals: `handlers a, b` and/or `namespaces c`.
     fn list(&self) -> String {
-        self.handlers
-            .as_ref()
-            .map(|h| h.iter().cloned().collect::<Vec<_>>().join(", "))
-            .unwrap_or_default()
+        let join = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+        let parts: Vec<String> = [
+            self.handlers
+                .as_ref()
+                .map(|h| format!("handlers {}", join(h))),
+            self.namespaces
+                .as_ref()
+                .map(|n| format!("namespaces {}", join(n))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        parts.join(" in ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(handlers: Option<&[&str]>, namespaces: Option<&[&str]>) -> HandlerScope {
+        let set = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        HandlerScope {
+            handlers: handlers.map(set),
+            namespaces: namespaces.map(set),
+            who: "t".into(),
+        }
+    }
+
+    #[test]
+    fn a_scope_allows_its_handlers_in_its_namespaces() {
+        let any = scope(None, None);
+        assert!(any.allows("payments/charge") && any.allows("noop"));
+        assert!(any.check_requeue_all().is_ok());
+        let ns = scope(None, Some(&["payments"]));
+        assert!(ns.allows("payments/charge"));
+        assert!(!ns.allows("search/index") && !ns.allows("noop"));
+        let default = scope(None, Some(&["default"]));
+        assert!(default.allows("noop") && !default.allows("payments/charge"));
+        // Both: the handler must be listed and of a listed namespace.
+        let both = scope(Some(&["payments/charge", "noop"]), Some(&["payments"]));
+        assert!(both.allows("payments/charge"));
+        assert!(!both.allows("noop") && !both.allows("payments/refund"));
+        let e = both.check_requeue_all().unwrap_err().to_string();
+        assert!(
+            e.contains("handlers noop, payments/charge in namespaces payments"),
+            "{e}"
+        );
+        let items = [
+            NewItem::new("i1", "payments/charge", 0),
+            NewItem::new("i2", "noop", 0),
+        ];
+        let e = both.check_items(&items).unwrap_err().to_string();
+        assert!(e.contains("items[1].handler"), "{e}");
     }
 }

@@ -9,10 +9,12 @@
 //! without one it is an admin, as every admin token was before roles. A producer
 //! token may be limited to some handlers (`<token> coupons handlers=coupon.remind,coupon.expire`):
 //! it then enqueues, finds, cancels, reschedules, lists and requeues only items of
-//! those handlers. An admin or worker token may be limited to namespaces
+//! those handlers. An admin, producer or worker token may be limited to namespaces
 //! (`<token> team-a-ci role=operator ns=payments,search`): an admin token then sees
-//! and touches only jobs, runs and workers of those namespaces and nothing
-//! cluster-wide, a worker token registers only into groups of them. An unnamed token
+//! and touches only jobs, runs, workers and delayed items of those namespaces (an
+//! item's namespace is its handler's: `payments/charge`) and nothing cluster-wide,
+//! a producer token only their items, a worker token registers only into groups of
+//! them. An unnamed token
 //! is named `token-` + the first 8 hex digits of its SHA-256, which tells tokens
 //! apart without revealing them. Several lines are several valid tokens, which is how
 //! tokens rotate without a restart: add the new token, roll the clients, remove the
@@ -102,7 +104,7 @@ pub struct Identity {
     /// have a scope.
     pub handlers: Option<Vec<String>>,
     /// The namespaces it may see and touch (`None`: every one, and what is
-    /// cluster-wide); admin and worker tokens may have them.
+    /// cluster-wide); admin, producer and worker tokens may have them.
     pub namespaces: Option<Vec<String>>,
 }
 
@@ -120,7 +122,7 @@ impl Identity {
 pub enum SetKind {
     /// Admin tokens: `role=`, `ns=`.
     Admin,
-    /// Producer tokens: `handlers=`.
+    /// Producer tokens: `handlers=`, `ns=`.
     Producer,
     /// Worker tokens: `ns=`.
     Worker,
@@ -181,8 +183,10 @@ fn parse(text: &str, origin: &str, kind: SetKind) -> Result<Vec<Token>> {
         for field in fields {
             let at = |what: String| Error::invalid(origin, format!("line {}: {what}", n + 1));
             if let Some(list) = field.strip_prefix("ns=") {
-                if !matches!(kind, SetKind::Admin | SetKind::Worker) {
-                    return Err(at("only admin and worker tokens have namespaces".into()));
+                if kind == SetKind::Plain {
+                    return Err(at(
+                        "only admin, producer and worker tokens have namespaces".into()
+                    ));
                 }
                 if namespaces.is_some() {
                     return Err(at("more than one ns=".into()));
@@ -200,15 +204,13 @@ fn parse(text: &str, origin: &str, kind: SetKind) -> Result<Vec<Token>> {
                     return Err(at("more than one handlers=".into()));
                 }
                 let list: Vec<String> = list.split(',').map(str::to_owned).collect();
-                if let Some(bad) = list.iter().find(|h| {
-                    h.is_empty()
-                        || h.len() > 128
-                        || !h
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
-                }) {
+                if let Some(bad) = list
+                    .iter()
+                    .find(|h| crate::limits::check_qualified("handlers", h).is_err())
+                {
                     return Err(at(format!(
-                        "handlers: {bad:?} is not a handler name (1..=128 of A-Z a-z 0-9 . _ : -, comma-separated)"
+                        "handlers: {bad:?} is not a handler name (1..=128 of A-Z a-z 0-9 . _ : -, \
+                         optionally after <namespace>/; comma-separated)"
                     )));
                 }
                 handlers = Some(list);
@@ -1063,10 +1065,22 @@ mod tests {
             let e = Tokens::from_file_of(&f, kind).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("line 1"), "{e}");
         }
+        // A handler may carry a namespace; a producer token may be limited to
+        // namespaces too.
+        std::fs::write(
+            &f,
+            "p-0123456789abcdef pay handlers=payments/charge ns=payments\n",
+        )
+        .unwrap();
+        let p = Tokens::from_file_of(&f, SetKind::Producer).unwrap();
+        let scoped = p.identify("p-0123456789abcdef").unwrap();
+        assert_eq!(scoped.handlers, Some(vec!["payments/charge".to_owned()]));
+        assert_eq!(scoped.namespaces, Some(vec!["payments".to_owned()]));
         for bad in [
             "handlers=",
             "handlers=a,,b",
-            "handlers=a/b",
+            "handlers=a/b/c",
+            "handlers=default/b",
             "handlers=a handlers=b",
         ] {
             std::fs::write(&f, format!("p-0123456789abcdef {bad}\n")).unwrap();

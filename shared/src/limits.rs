@@ -90,7 +90,7 @@ pub fn check_namespace(field: &str, ns: &str) -> Result<()> {
     }
 }
 
-/// Checks a job or worker group name, which may carry a namespace:
+/// Checks a job, worker group or item handler name, which may carry a namespace:
 /// `<name>` (the default namespace) or `<namespace>/<name>`, the name as
 /// [`check_handler`] says and the namespace as [`check_namespace`] says. The default
 /// namespace is written bare, so every name has one spelling.

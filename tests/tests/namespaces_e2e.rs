@@ -4,16 +4,18 @@
 //! the JSON API (`chime_coordinator::http::api_routes`, the list the router is
 //! built from, so a new route is attacked by being served) and every method of the
 //! gRPC admin API (`grpc::ADMIN_METHODS`; a method without an attack here fails
-//! the test) aimed at `team-b`'s job, run and workers. Each is refused (403), not
-//! found (404), or answers without a trace of `team-b`; cluster-wide routes
-//! (settings, alerts, queues, dead letters, audit, overview, charts) are refused
-//! outright; and afterwards `team-b`'s job and run are exactly as they were. A
-//! worker token of `team-a` cannot register into `team-b`'s group.
+//! the test) and of the delay queue (`grpc::QUEUE_METHODS`, likewise) aimed at
+//! `team-b`'s job, run, workers and delayed item (handler `team-b/charge`). Each is
+//! refused (403), not found (404), or answers without a trace of `team-b`;
+//! cluster-wide routes (settings, alerts, queue counts, audit, overview, charts)
+//! are refused outright; and afterwards `team-b`'s job, run and item are exactly as
+//! they were. Team-a's tokens reach team-a's item. A worker token of `team-a`
+//! cannot register into `team-b`'s group.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use chime_coordinator::grpc::{ADMIN_METHODS, Reach};
+use chime_coordinator::grpc::{ADMIN_METHODS, QUEUE_METHODS, Reach};
 use chime_coordinator::http::{Who, api_routes};
 use chime_shared::auth::Bearer;
 use chime_tests::{ADMIN_TOKEN, Cluster, WORKER_TOKEN, http, wait_until};
@@ -119,6 +121,32 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
         None,
     )
     .await?;
+    // And a delayed item each (an item's namespace is its handler's), due in an
+    // hour: nothing consumes them meanwhile.
+    for (id, handler, payload) in [
+        ("a-item", "team-a/charge", "a"),
+        ("b-item", "team-b/charge", "secret-of-b"),
+    ] {
+        let item = json!({ "id": id, "handler": handler, "in_ms": 3_600_000, "payload": payload });
+        let (code, b) = call(
+            "POST",
+            "/api/queues/items",
+            ADMIN_TOKEN,
+            Some(json!({ "items": [item] })),
+        )
+        .await?;
+        ensure!(code == 200, "enqueue {id}: {code} {b}");
+    }
+    let b_item = || async {
+        call("GET", "/api/queues/item?id=b-item", ADMIN_TOKEN, None)
+            .await
+            .map(|(_, b)| b)
+    };
+    let b_item_before = b_item().await?;
+    ensure!(
+        b_item_before["item"]["payload"] == "secret-of-b",
+        "{b_item_before}"
+    );
 
     // A job in another namespace's group, or naming another namespace's job, is
     // refused at its field, whoever asks.
@@ -171,7 +199,7 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
                 }
                 "/api/runs" => format!("/api/runs?job={}", enc(B_JOB)),
                 "/api/workers" => format!("/api/workers?group={}", enc("team-b/etl")),
-                "/api/queues/item" => "/api/queues/item?id=x".to_owned(),
+                "/api/queues/item" => "/api/queues/item?id=b-item".to_owned(),
                 _ => path,
             };
             let body = match (route.method.as_str(), route.path) {
@@ -183,14 +211,21 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
                     Some(j)
                 }
                 ("POST", "/api/runs/{id}/rerun") => Some(json!({ "node": "x" })),
+                ("POST", "/api/queues/items") => Some(json!({ "items": [
+                    { "id": "planted", "handler": "team-b/charge" }] })),
+                ("POST", "/api/queues/item/cancel") => Some(json!({ "id": "b-item" })),
+                ("POST", "/api/queues/item/reschedule") => {
+                    Some(json!({ "id": "b-item", "due_at_ms": 1 }))
+                }
+                ("POST", "/api/queues/dead/requeue") => Some(json!({ "all": true })),
                 ("GET" | "DELETE", _) => None,
                 _ => Some(json!({})),
             };
             let what = format!("{} {path} as {token}", route.method);
             let (code, b) = call(route.method.as_str(), &path, token, body).await?;
             match route.who {
-                Who::Admin(_) => isolated(&what, code, &b)?,
-                Who::Cluster(_) | Who::Producer(_) => ensure!(
+                Who::Admin(_) | Who::Producer(_) => isolated(&what, code, &b)?,
+                Who::Cluster(_) => ensure!(
                     code == 403 && b["error"]["code"] == "permission_denied",
                     "{what}: cluster-wide, yet {code} {b}"
                 ),
@@ -357,6 +392,98 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
             other => bail!("no attack written for the admin method {other}: add one here"),
         }
     }
+
+    // Team-a's own item: its admin and viewer find it; its admin enqueues into
+    // team-a, the viewer (role) not at all.
+    for token in [A_ADMIN, A_VIEWER] {
+        let (code, b) = call("GET", "/api/queues/item?id=a-item", token, None).await?;
+        ensure!(
+            code == 200 && b["item"]["payload"] == "a",
+            "team-a's item as {token}: {code} {b}"
+        );
+    }
+    let own = json!({ "items": [{ "id": "a-2", "handler": "team-a/charge", "in_ms": 3_600_000 }] });
+    let (code, b) = call("POST", "/api/queues/items", A_ADMIN, Some(own.clone())).await?;
+    ensure!(
+        code == 200,
+        "team-a's admin enqueues into team-a: {code} {b}"
+    );
+    let (code, b) = call("POST", "/api/queues/items", A_VIEWER, Some(own)).await?;
+    ensure!(code == 403, "a viewer enqueues: {code} {b}");
+
+    // The delay queue over gRPC, as team-a's admin, aimed at team-b's item.
+    let mut queue = pb::queue_client::QueueClient::with_interceptor(
+        channel.clone(),
+        Bearer::new(Some(A_ADMIN))?,
+    );
+    let b_ref = || pb::ItemRef {
+        key: String::new(),
+        id: "b-item".into(),
+    };
+    for (method, _, reach) in QUEUE_METHODS {
+        match method {
+            "Enqueue" => refused(
+                method,
+                queue
+                    .enqueue(pb::EnqueueRequest {
+                        items: vec![pb::NewItem {
+                            id: "planted".into(),
+                            handler: "team-b/charge".into(),
+                            ..Default::default()
+                        }],
+                    })
+                    .await
+                    .map(|_| ()),
+            )?,
+            "GetItem" => refused(method, queue.get_item(b_ref()).await.map(|_| ()))?,
+            "CancelItem" => refused(method, queue.cancel_item(b_ref()).await.map(|_| ()))?,
+            "RescheduleItem" => refused(
+                method,
+                queue
+                    .reschedule_item(pb::RescheduleItemRequest {
+                        item: Some(b_ref()),
+                        due_at_ms: 1,
+                    })
+                    .await
+                    .map(|_| ()),
+            )?,
+            "QueueStats" => {
+                ensure!(reach == Reach::Cluster, "{method} is cluster-wide");
+                let e = queue
+                    .queue_stats(pb::QueueStatsRequest::default())
+                    .await
+                    .err()
+                    .context("queue stats answered a team token")?;
+                ensure!(e.code() == Code::PermissionDenied, "{method}: {e:?}");
+            }
+            "ListDeadLetters" => {
+                let items = queue
+                    .list_dead_letters(pb::ListDeadLettersRequest { limit: 100 })
+                    .await?
+                    .into_inner()
+                    .items;
+                ensure!(
+                    items.iter().all(|i| !i.handler.starts_with("team-b/")),
+                    "{method}: {items:?}"
+                );
+            }
+            "RequeueDeadLetters" => refused(
+                method,
+                queue
+                    .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+                        items: Vec::new(),
+                        all: true,
+                    })
+                    .await
+                    .map(|_| ()),
+            )?,
+            other => bail!("no attack written for the queue method {other}: add one here"),
+        }
+    }
+    // Team-b's item is exactly as it was, and nothing was planted.
+    ensure!(b_item().await? == b_item_before, "team-b's item changed");
+    let (code, _) = call("GET", "/api/queues/item?id=planted", ADMIN_TOKEN, None).await?;
+    ensure!(code == 404, "an item was planted");
 
     // Team-b's job and run are exactly as they were; nothing was planted.
     let (_, b_after) = call(

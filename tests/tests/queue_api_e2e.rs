@@ -122,7 +122,16 @@ async fn a_producer_over_grpc_enqueues_finds_moves_cancels_and_requeues() -> Res
     )
     .await?;
     ensure!(code == 200 && b["outcome"] == "cancelled", "{code} {b}");
-    for path in ["/api/jobs", "/api/queues/dead", "/api/config"] {
+    // Dead letters are a producer's as over gRPC; the rest is the admins'.
+    let (code, b) = http(
+        "GET",
+        &format!("{api}/api/queues/dead"),
+        Some(PRODUCER_TOKEN),
+        None,
+    )
+    .await?;
+    ensure!(code == 200, "the producer's dead letters: {code} {b}");
+    for path in ["/api/jobs", "/api/queues", "/api/config"] {
         let (code, b) = http("GET", &format!("{api}{path}"), Some(PRODUCER_TOKEN), None).await?;
         ensure!(code == 401, "the producer token opened {path}: {code} {b}");
     }

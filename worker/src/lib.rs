@@ -148,7 +148,7 @@ impl WorkerBuilder {
 
     /// Registers an already shared handler for `name`.
     pub fn shared_handler(mut self, name: &str, handler: Arc<dyn ItemHandler>) -> Self {
-        if let Err(e) = limits::check_handler("handler", name) {
+        if let Err(e) = limits::check_qualified("handler", name) {
             self.errors.push(WorkerError::Config(e.to_string()));
         }
         self.handlers.insert(

@@ -146,16 +146,17 @@ pub const ADMIN_METHODS: [(&str, Role, Reach); 15] = [
 ];
 
 /// The least role of an admin token for each delay queue method (a producer token
-/// passes them all). Every method of `chime.v1.Queue` has its line. The queue is
-/// cluster-wide: an admin token limited to namespaces reaches none of it.
-pub const QUEUE_METHODS: [(&str, Role); 7] = [
-    ("Enqueue", Role::Operator),
-    ("GetItem", Role::Viewer),
-    ("CancelItem", Role::Operator),
-    ("RescheduleItem", Role::Operator),
-    ("QueueStats", Role::Viewer),
-    ("ListDeadLetters", Role::Viewer),
-    ("RequeueDeadLetters", Role::Operator),
+/// passes them all), and its reach. Every method of `chime.v1.Queue` has its line.
+/// A token limited to namespaces (or handlers) reaches the items of its scope
+/// (`crate::scope`), not the queues' counts, which are everyone's.
+pub const QUEUE_METHODS: [(&str, Role, Reach); 7] = [
+    ("Enqueue", Role::Operator, Reach::Namespaced),
+    ("GetItem", Role::Viewer, Reach::Namespaced),
+    ("CancelItem", Role::Operator, Reach::Namespaced),
+    ("RescheduleItem", Role::Operator, Reach::Namespaced),
+    ("QueueStats", Role::Viewer, Reach::Cluster),
+    ("ListDeadLetters", Role::Viewer, Reach::Namespaced),
+    ("RequeueDeadLetters", Role::Operator, Reach::Namespaced),
 ];
 
 /// `/<service>/`, the prefix of every method path of a gRPC service.
@@ -186,11 +187,15 @@ pub fn grpc_policy(auth: &Auth) -> Policy {
     }
     // Producers hold a producer token (or an admin one): it opens the delay queue
     // and nothing else.
-    for (method, need) in QUEUE_METHODS {
-        policy = policy.exact(
-            format!("{queue}{method}"),
-            auth.producer_gate().needs(need).cluster_wide(),
-        );
+    // A token limited to namespaces reaches its items (`crate::scope`), not the
+    // queues' counts, which are everyone's.
+    for (method, need, reach) in QUEUE_METHODS {
+        let gate = auth.producer_gate().needs(need);
+        let gate = match reach {
+            Reach::Namespaced => gate,
+            Reach::Cluster => gate.cluster_wide(),
+        };
+        policy = policy.exact(format!("{queue}{method}"), gate);
     }
     policy
         .prefix(admin, auth.admin_gate().cluster_wide())

@@ -176,10 +176,24 @@ pub fn parse(key: &str, value: Option<&str>) -> Result<Setting, Rejection> {
         reason: reason.to_owned(),
     };
     let parts: Vec<&str> = key.split('/').collect();
-    let [section, subject, field] = parts[..] else {
-        return Err(reject("unknown key: expected <section>/<name>/<field>"));
+    // A handler's name may carry a namespace (`handlers/payments/charge/concurrency`
+    // sets `payments/charge`); other sections' names do not.
+    let (section, subject, field) = match parts[..] {
+        [section, subject, field] => (section, name(key, "name", subject)?, field),
+        ["handlers", ns, handler, field] => {
+            let qualified = format!("{ns}/{handler}");
+            limits::check_qualified("name", &qualified).map_err(|e| Rejection {
+                key: key.to_owned(),
+                reason: e.to_string(),
+            })?;
+            ("handlers", qualified, field)
+        }
+        _ => {
+            return Err(reject(
+                "unknown key: expected <section>/<name>/<field> (handlers/<namespace>/<name>/<field> for a namespaced handler)",
+            ));
+        }
     };
-    let subject = name(key, "name", subject)?;
     let s = |f: &dyn Fn(&str) -> Result<Setting, Rejection>, none: Setting| match value {
         Some(v) => f(v),
         None => Ok(none),
@@ -240,7 +254,7 @@ pub fn parse(key: &str, value: Option<&str>) -> Result<Setting, Rejection> {
         ),
         _ => Err(reject(
             "unknown key: known are queues/<family>/{count,visibility_ms,merge_window_ms}, \
-             handlers/<name>/{rate_per_s,concurrency,budget}, budgets/<name>/rate_per_s",
+             handlers/[<namespace>/]<name>/{rate_per_s,concurrency,budget}, budgets/<name>/rate_per_s",
         )),
     }
 }
@@ -425,6 +439,14 @@ mod tests {
             parse("queues/default/count", None),
             Ok(Setting::QueueCount("default".into(), None))
         );
+        // A namespaced handler's settings: four parts.
+        assert_eq!(
+            parse("handlers/payments/charge/concurrency", Some("4")),
+            Ok(Setting::HandlerConcurrency(
+                "payments/charge".into(),
+                Some(4)
+            ))
+        );
     }
 
     #[test]
@@ -443,6 +465,10 @@ mod tests {
             ("handlers/push/budget", "has space"),
             ("queues/default/colour", "red"),
             ("queues/bad name/count", "4"),
+            ("queues/payments/orders/count", "4"),
+            ("handlers/default/charge/concurrency", "4"),
+            ("handlers/Pay ments/charge/concurrency", "4"),
+            ("handlers/a/b/c/concurrency", "4"),
             ("stray", "1"),
         ] {
             let r = parse(k, Some(v)).expect_err(k);

@@ -113,7 +113,9 @@ impl NewItem {
         if let Some(k) = &self.key {
             limits::check_text("key", k, limits::MAX_ID_BYTES)?;
         }
-        limits::check_handler("handler", &self.handler)?;
+        // A handler may carry a namespace (`payments/charge`): its items are that
+        // namespace's, for the tokens limited to it.
+        limits::check_qualified("handler", &self.handler)?;
         limits::check_due("due_at_ms", self.due_at_ms)?;
         if self.payload.len() > limits::MAX_PAYLOAD_BYTES {
             return Err(Error::invalid(

@@ -120,7 +120,7 @@ impl SubscribeSpec {
         let mut seen = HashSet::new();
         for (i, h) in self.handlers.iter().enumerate() {
             let field = format!("subscribe.handlers[{i}]");
-            limits::check_handler(&field, h)?;
+            limits::check_qualified(&field, h)?;
             if !seen.insert(h) {
                 return Err(Error::invalid(&field, format!("{h:?} is named twice")));
             }
