@@ -232,10 +232,11 @@
   }
   // `el` when the role may, nothing otherwise.
   const ifMay = (need, el) => (may(need) ? el : null);
-  // A token limited to namespaces sees their jobs, runs and workers, and nothing
-  // cluster-wide (overview, queues, settings, alert rules, the audit log).
+  // A token limited to namespaces sees their jobs, runs, workers and handlers'
+  // settings (the server filters), and no page of what is cluster-wide
+  // (overview, queue counts, alert rules, the audit log).
   const limited = () => !!(state.session && state.session.namespaces);
-  const CLUSTER_VIEWS = ['overview', 'queues', 'config', 'alerts', 'audit'];
+  const CLUSTER_VIEWS = ['overview', 'queues', 'alerts', 'audit'];
 
   function errText(e) {
     if (!(e instanceof ApiError)) return String(e && e.message ? e.message : e);

@@ -126,11 +126,12 @@ pub fn router(state: HttpState, ready: ops::Readiness) -> Router {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {
     /// Admin tokens of this role or above, limited to namespaces or not: the route
-    /// reaches jobs, runs or workers, and the admin service keeps a limited token
-    /// to its namespaces.
+    /// reaches jobs, runs, workers (the admin service keeps a limited token to its
+    /// namespaces) or live settings (a limited token reaches its handlers' only,
+    /// `crate::scope`).
     Admin(Role),
     /// Admin tokens of this role or above and of no namespace: the route reaches
-    /// what is cluster-wide (settings, alert rules, queues, the audit log).
+    /// what is cluster-wide (alert rules, queue counts, the audit log).
     Cluster(Role),
     /// Producer tokens (whatever the call), or admin tokens of this role or above,
     /// limited to namespaces or not: the item and dead-letter calls a producer
@@ -304,19 +305,19 @@ pub fn api_routes() -> Vec<ApiRoute> {
         r(
             Method::GET,
             "/api/config",
-            Who::Cluster(Viewer),
+            Who::Admin(Viewer),
             get(get_config),
         ),
         r(
             Method::PUT,
             "/api/config",
-            Who::Cluster(Admin),
+            Who::Admin(Admin),
             put(put_config),
         ),
         r(
             Method::DELETE,
             "/api/config",
-            Who::Cluster(Admin),
+            Who::Admin(Admin),
             delete(delete_config),
         ),
         r(
@@ -1131,11 +1132,15 @@ fn source(st: &HttpState) -> ApiResult<&Arc<dyn ConfigSource>> {
     })
 }
 
-async fn get_config(State(st): State<HttpState>) -> ApiResult {
+async fn get_config(State(st): State<HttpState>, headers: HeaderMap) -> ApiResult {
     let Some(src) = &st.config else {
         return ok(json!({ "available": false, "reason": "no etcd configured" }));
     };
-    let mut v = serde_json::to_value(live::listing(&src.load().await?)).unwrap_or_default();
+    // A token limited to namespaces sees the settings of its handlers only.
+    let scope = st.scope(&headers);
+    let mut snap = src.load().await?;
+    snap.entries.retain(|(k, _, _)| scope.allows_setting(k));
+    let mut v = serde_json::to_value(live::listing(&snap)).unwrap_or_default();
     v["available"] = Value::Bool(true);
     v["known_keys"] = serde_json::to_value(live::KNOWN_KEYS).unwrap_or_default();
     ok(v)
@@ -1155,6 +1160,7 @@ async fn put_config(State(st): State<HttpState>, headers: HeaderMap, body: Bytes
     // Checked the way every process will check it, so a refused value never
     // reaches etcd from here.
     live::parse(&input.key, Some(value)).map_err(|r| ApiError::invalid(r.key, r.reason))?;
+    st.scope(&headers).check_setting(&input.key)?;
     let src = source(&st)?;
     let before = src.get(&input.key).await?.map(|(v, _)| v);
     let revision = src.put(&input.key, value).await?;
@@ -1178,6 +1184,7 @@ async fn delete_config(
     Query(q): Query<KeyQuery>,
 ) -> ApiResult {
     live::parse(&q.key, None).map_err(|r| ApiError::invalid(r.key, r.reason))?;
+    st.scope(&headers).check_setting(&q.key)?;
     let src = source(&st)?;
     let Some((before, _)) = src.get(&q.key).await? else {
         return Err(ApiError::new(

@@ -63,6 +63,27 @@ impl HandlerScope {
                 .is_none_or(|n| n.contains(namespace_of(handler)))
     }
 
+    /// Whether a live setting is in the scope: an unlimited caller reaches every
+    /// one; a limited caller only those of its handlers (`handlers/<handler>/…`,
+    /// the handler's namespace in its scope), never a family's or a budget's,
+    /// which are cluster-wide.
+    pub fn allows_setting(&self, key: &str) -> bool {
+        !self.limited()
+            || chime_shared::config::handler_of_key(key).is_some_and(|h| self.allows(&h))
+    }
+
+    /// A change of the setting at `key`: refused outside the scope, naming it.
+    pub fn check_setting(&self, key: &str) -> Result<(), CoordError> {
+        match self.allows_setting(key) {
+            true => Ok(()),
+            false => Err(CoordError::PermissionDenied(format!(
+                "key: token {} may set only the settings of handlers of {}, not {key:?}",
+                self.who,
+                self.list()
+            ))),
+        }
+    }
+
     /// An enqueue: every item's handler in the scope, or the batch is refused
     /// naming the first item outside it.
     pub fn check_items(&self, items: &[NewItem]) -> Result<(), CoordError> {

@@ -7,10 +7,11 @@
 //! the test) and of the delay queue (`grpc::QUEUE_METHODS`, likewise) aimed at
 //! `team-b`'s job, run, workers and delayed item (handler `team-b/charge`). Each is
 //! refused (403), not found (404), or answers without a trace of `team-b`;
-//! cluster-wide routes (settings, alerts, queue counts, audit, overview, charts)
-//! are refused outright; and afterwards `team-b`'s job, run and item are exactly as
-//! they were. Team-a's tokens reach team-a's item. A worker token of `team-a`
-//! cannot register into `team-b`'s group.
+//! cluster-wide routes (alerts, queue counts, audit, overview, charts) are refused
+//! outright; and afterwards `team-b`'s job, run, item and handler setting are
+//! exactly as they were. Team-a's tokens reach team-a's item and handler settings,
+//! not the cluster's settings. A worker token of `team-a` cannot register into
+//! `team-b`'s group.
 
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ const A_ADMIN: &str = "team-a-admin-token-0123456789";
 const A_WORKER: &str = "team-a-worker-token-0123456789";
 const B_JOB: &str = "team-b/nightly";
 const A_JOB: &str = "team-a/nightly";
+const B_SETTING: &str = "handlers/team-b/charge/concurrency";
 
 fn enc(s: &str) -> String {
     s.replace('/', "%2F")
@@ -143,6 +145,10 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
             .map(|(_, b)| b)
     };
     let b_item_before = b_item().await?;
+    // And a live setting of a handler of team-b's.
+    let b_setting = json!({ "key": B_SETTING, "value": "7" });
+    let (code, b) = call("PUT", "/api/config", ADMIN_TOKEN, Some(b_setting)).await?;
+    ensure!(code == 200, "set {B_SETTING}: {code} {b}");
     ensure!(
         b_item_before["item"]["payload"] == "secret-of-b",
         "{b_item_before}"
@@ -200,6 +206,9 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
                 "/api/runs" => format!("/api/runs?job={}", enc(B_JOB)),
                 "/api/workers" => format!("/api/workers?group={}", enc("team-b/etl")),
                 "/api/queues/item" => "/api/queues/item?id=b-item".to_owned(),
+                "/api/config" if route.method == "DELETE" => {
+                    format!("/api/config?key={}", enc(B_SETTING))
+                }
                 _ => path,
             };
             let body = match (route.method.as_str(), route.path) {
@@ -218,6 +227,7 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
                     Some(json!({ "id": "b-item", "due_at_ms": 1 }))
                 }
                 ("POST", "/api/queues/dead/requeue") => Some(json!({ "all": true })),
+                ("PUT", "/api/config") => Some(json!({ "key": B_SETTING, "value": "1" })),
                 ("GET" | "DELETE", _) => None,
                 _ => Some(json!({})),
             };
@@ -411,6 +421,30 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
     let (code, b) = call("POST", "/api/queues/items", A_VIEWER, Some(own)).await?;
     ensure!(code == 403, "a viewer enqueues: {code} {b}");
 
+    // Team-a's admin sets its own handlers' settings, not the cluster's; its
+    // viewer sees them.
+    let a_setting = json!({ "key": "handlers/team-a/charge/concurrency", "value": "3" });
+    let (code, b) = call("PUT", "/api/config", A_ADMIN, Some(a_setting)).await?;
+    ensure!(
+        code == 200,
+        "team-a's admin sets its handler's setting: {code} {b}"
+    );
+    let cluster_setting = json!({ "key": "queues/default/count", "value": "3" });
+    let (code, b) = call("PUT", "/api/config", A_ADMIN, Some(cluster_setting)).await?;
+    ensure!(
+        code == 403 && b["error"]["code"] == "permission_denied",
+        "team-a's admin sets a family's setting: {code} {b}"
+    );
+    let (code, b) = call("GET", "/api/config", A_VIEWER, None).await?;
+    let keys: Vec<&str> = b["entries"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["key"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        code == 200 && keys == ["handlers/team-a/charge/concurrency"],
+        "team-a's viewer sees: {code} {keys:?}"
+    );
+
     // The delay queue over gRPC, as team-a's admin, aimed at team-b's item.
     let mut queue = pb::queue_client::QueueClient::with_interceptor(
         channel.clone(),
@@ -480,6 +514,14 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
             other => bail!("no attack written for the queue method {other}: add one here"),
         }
     }
+    // Team-b's setting, item and job are exactly as they were.
+    let (_, all) = call("GET", "/api/config", ADMIN_TOKEN, None).await?;
+    ensure!(
+        all["entries"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["key"] == B_SETTING && e["value"] == "7")),
+        "team-b's setting changed: {all}"
+    );
     // Team-b's item is exactly as it was, and nothing was planted.
     ensure!(b_item().await? == b_item_before, "team-b's item changed");
     let (code, _) = call("GET", "/api/queues/item?id=planted", ADMIN_TOKEN, None).await?;

@@ -168,6 +168,18 @@ pub fn is_internal(key: &str) -> bool {
         .any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with('/')))
 }
 
+/// The handler a setting's key is about (`handlers/push/concurrency` → `push`,
+/// `handlers/payments/charge/rate_per_s` → `payments/charge`); `None` for the
+/// keys of families and budgets, which are cluster-wide. The key is not checked.
+pub fn handler_of_key(key: &str) -> Option<String> {
+    let parts: Vec<&str> = key.split('/').collect();
+    match parts[..] {
+        ["handlers", h, _] => Some(h.to_owned()),
+        ["handlers", ns, h, _] => Some(format!("{ns}/{h}")),
+        _ => None,
+    }
+}
+
 /// Parses one key (relative to the prefix) and its value; `value = None` is a
 /// deletion. Unknown keys and bad values are rejections naming the key.
 pub fn parse(key: &str, value: Option<&str>) -> Result<Setting, Rejection> {
@@ -439,6 +451,16 @@ mod tests {
             parse("queues/default/count", None),
             Ok(Setting::QueueCount("default".into(), None))
         );
+        assert_eq!(
+            handler_of_key("handlers/push/concurrency").as_deref(),
+            Some("push")
+        );
+        assert_eq!(
+            handler_of_key("handlers/payments/charge/budget").as_deref(),
+            Some("payments/charge")
+        );
+        assert_eq!(handler_of_key("queues/default/count"), None);
+        assert_eq!(handler_of_key("budgets/apns/rate_per_s"), None);
         // A namespaced handler's settings: four parts.
         assert_eq!(
             parse("handlers/payments/charge/concurrency", Some("4")),
