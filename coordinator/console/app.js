@@ -232,11 +232,11 @@
   }
   // `el` when the role may, nothing otherwise.
   const ifMay = (need, el) => (may(need) ? el : null);
-  // A token limited to namespaces sees their jobs, runs, workers and handlers'
-  // settings (the server filters), and no page of what is cluster-wide
-  // (overview, queue counts, alert rules, the audit log).
+  // A token limited to namespaces sees their jobs, runs, workers, dead letters
+  // and handlers' settings (the server filters), and no page of what is
+  // cluster-wide (overview, alert rules, the audit log).
   const limited = () => !!(state.session && state.session.namespaces);
-  const CLUSTER_VIEWS = ['overview', 'queues', 'alerts', 'audit'];
+  const CLUSTER_VIEWS = ['overview', 'alerts', 'audit'];
 
   function errText(e) {
     if (!(e instanceof ApiError)) return String(e && e.message ? e.message : e);
@@ -1630,80 +1630,94 @@
     });
 
     const notice = h('div', { class: 'notice', hidden: true, 'data-testid': 'queues-unavailable' });
+    // A token limited to namespaces sees its items' dead letters (the server
+    // filters), not the queues' counts and charts, which are everyone's, and
+    // requeues the items it names, never all.
+    const statsPanel = h('section', { class: 'panel', hidden: limited() }, h('h2', null, 'Delayed item queues'), summary, waitingLine, t.el);
     const content = h('div', null,
-      h('section', { class: 'panel' }, h('h2', null, 'Delayed item queues'), summary, waitingLine, t.el),
-      h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, ifMay('operator', h('div', { class: 'toolbar' }, reqSel, reqAll))), dead.el));
+      statsPanel,
+      h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, deadTitle, ifMay('operator', h('div', { class: 'toolbar' }, reqSel, limited() ? null : reqAll))), dead.el));
     const charts = chartGrid('queues-charts', ['items', 'lag', 'depth', 'age']);
+    charts.el.hidden = limited();
     fill(root, h('div', { class: 'page-head' }, h('h1', null, 'Queues')), notice, charts.el, content);
 
     const n = (v) => h('td', { class: 'num' }, String(v ?? 0));
 
     const view = {
       async refresh() {
-        const q = await api('GET', '/api/queues');
-        if (!current(gen)) return;
-        notice.hidden = q.available !== false;
-        content.hidden = q.available === false;
-        if (q.available === false) {
-          notice.textContent = `Delayed items are not available on this coordinator: ${q.reason || 'no delay store configured'}.`;
-          items = [];
-          updateButtons();
-          return;
-        }
-        const now = q.now_ms || Date.now();
-        const qs = q.queues || [];
-        const layout = q.layout || {};
-        const draining = (layout.draining || []).map((d) => (Array.isArray(d) ? d[1] : d.count)).filter((c) => c !== undefined);
-        summary.textContent = [
-          `${q.family ? `Family ${q.family} · ` : ''}${q.count ?? qs.length} queues`,
-          layout.epoch ? `layout epoch ${layout.epoch}` : null,
-          draining.length ? `resizing: items still moving from ${draining.join(', ')} queue layout(s)` : null,
-        ].filter(Boolean).join(' · ');
-        const tot = qs.reduce((a, s) => {
-          for (const k of ['pending', 'due_now', 'due_soon', 'in_flight', 'dead', 'waiting']) a[k] += s[k] || 0;
-          return a;
-        }, { pending: 0, due_now: 0, due_soon: 0, in_flight: 0, dead: 0, waiting: 0 });
-        const byHandler = Object.entries(q.waiting_by_handler || {});
-        waitingLine.textContent = byHandler.length
-          ? `Waiting for a handler (no subscriber yet): ${byHandler.map(([hd, c]) => `${hd} ${c}`).join(', ')}`
-          : '';
-        fill(t.tbody,
-          qs.length ? qs.map((s) => h('tr', { 'data-queue': s.queue, 'data-testid': 'queue-row' },
-            n(s.queue), n(s.pending), n(s.due_now), n(s.due_soon), n(s.in_flight),
-            h('td', { class: `num${s.dead ? ' warn-text' : ''}` }, String(s.dead ?? 0)),
-            h('td', { class: `num${s.waiting ? ' warn-text' : ''}` }, String(s.waiting ?? 0)),
-            h('td', null, isSet(s.next_due_ms) ? h('span', { title: fullDate(s.next_due_ms) }, relative(s.next_due_ms, now)) : h('span', { class: 'muted' }, '—'),
-              s.moving ? h('span', { class: 'badge badge-info', title: 'items moving after a resize' }, ` moving ${s.moving}`) : null))) : emptyRow(t, 'No queues.'),
-          qs.length ? h('tr', { class: 'totals' }, h('td', null, 'all'), n(tot.pending), n(tot.due_now), n(tot.due_soon), n(tot.in_flight), n(tot.dead), n(tot.waiting), h('td')) : null);
-
-        await charts.refresh(gen).catch(chartFailed);
-        const d = await api('GET', '/api/queues/dead?limit=100');
-        if (!current(gen)) return;
-        items = d.items || [];
-        deadTitle.textContent = `Dead letters (${items.length}${items.length >= 100 ? '+' : ''})`;
-        fill(dead.tbody, items.length ? items.map((it) => {
-          const k = keyOf(it);
-          const cb = h('input', { type: 'checkbox', 'data-dead': it.item.id, checked: selected.has(k), 'aria-label': `Select ${it.item.id}` });
-          cb.addEventListener('change', () => {
-            if (cb.checked) selected.add(k);
-            else selected.delete(k);
-            updateButtons();
-          });
-          const payload = it.item.payload || '';
-          return h('tr', { 'data-item': it.item.id, 'data-key': it.item.key, 'data-testid': 'dead-row' },
-            h('td', { class: 'check-col' }, cb),
-            h('td', { class: 'mono' }, it.item.id),
-            h('td', { class: 'mono' }, it.item.key),
-            h('td', null, h('code', null, it.item.handler)),
-            n(it.queue),
-            h('td', null, timeEl(it.item.due_at_ms)),
-            h('td', null, `${it.item.attempt ?? '?'}/${it.item.max_attempts ?? '?'}`),
-            h('td', { class: 'error-text' }, it.last_error || ''),
-            h('td', { class: 'payload', title: payload }, payload.length > 80 ? `${payload.slice(0, 80)}…` : payload));
-        }) : emptyRow(dead, 'No dead letters.'));
-        updateButtons();
+        if (!limited()) await refreshStats();
+        if (!current(gen) || content.hidden) return;
+        await refreshDead();
       },
     };
+
+    async function refreshStats() {
+      const q = await api('GET', '/api/queues');
+      if (!current(gen)) return;
+      notice.hidden = q.available !== false;
+      content.hidden = q.available === false;
+      if (q.available === false) {
+        notice.textContent = `Delayed items are not available on this coordinator: ${q.reason || 'no delay store configured'}.`;
+        items = [];
+        updateButtons();
+        return;
+      }
+      const now = q.now_ms || Date.now();
+      const qs = q.queues || [];
+      const layout = q.layout || {};
+      const draining = (layout.draining || []).map((d) => (Array.isArray(d) ? d[1] : d.count)).filter((c) => c !== undefined);
+      summary.textContent = [
+        `${q.family ? `Family ${q.family} · ` : ''}${q.count ?? qs.length} queues`,
+        layout.epoch ? `layout epoch ${layout.epoch}` : null,
+        draining.length ? `resizing: items still moving from ${draining.join(', ')} queue layout(s)` : null,
+      ].filter(Boolean).join(' · ');
+      const tot = qs.reduce((a, s) => {
+        for (const k of ['pending', 'due_now', 'due_soon', 'in_flight', 'dead', 'waiting']) a[k] += s[k] || 0;
+        return a;
+      }, { pending: 0, due_now: 0, due_soon: 0, in_flight: 0, dead: 0, waiting: 0 });
+      const byHandler = Object.entries(q.waiting_by_handler || {});
+      waitingLine.textContent = byHandler.length
+        ? `Waiting for a handler (no subscriber yet): ${byHandler.map(([hd, c]) => `${hd} ${c}`).join(', ')}`
+        : '';
+      fill(t.tbody,
+        qs.length ? qs.map((s) => h('tr', { 'data-queue': s.queue, 'data-testid': 'queue-row' },
+          n(s.queue), n(s.pending), n(s.due_now), n(s.due_soon), n(s.in_flight),
+          h('td', { class: `num${s.dead ? ' warn-text' : ''}` }, String(s.dead ?? 0)),
+          h('td', { class: `num${s.waiting ? ' warn-text' : ''}` }, String(s.waiting ?? 0)),
+          h('td', null, isSet(s.next_due_ms) ? h('span', { title: fullDate(s.next_due_ms) }, relative(s.next_due_ms, now)) : h('span', { class: 'muted' }, '—'),
+            s.moving ? h('span', { class: 'badge badge-info', title: 'items moving after a resize' }, ` moving ${s.moving}`) : null))) : emptyRow(t, 'No queues.'),
+        qs.length ? h('tr', { class: 'totals' }, h('td', null, 'all'), n(tot.pending), n(tot.due_now), n(tot.due_soon), n(tot.in_flight), n(tot.dead), n(tot.waiting), h('td')) : null);
+
+      await charts.refresh(gen).catch(chartFailed);
+    }
+
+    async function refreshDead() {
+      const d = await api('GET', '/api/queues/dead?limit=100');
+      if (!current(gen)) return;
+      items = d.items || [];
+      deadTitle.textContent = `Dead letters (${items.length}${items.length >= 100 ? '+' : ''})`;
+      fill(dead.tbody, items.length ? items.map((it) => {
+        const k = keyOf(it);
+        const cb = h('input', { type: 'checkbox', 'data-dead': it.item.id, checked: selected.has(k), 'aria-label': `Select ${it.item.id}` });
+        cb.addEventListener('change', () => {
+          if (cb.checked) selected.add(k);
+          else selected.delete(k);
+          updateButtons();
+        });
+        const payload = it.item.payload || '';
+        return h('tr', { 'data-item': it.item.id, 'data-key': it.item.key, 'data-testid': 'dead-row' },
+          h('td', { class: 'check-col' }, cb),
+          h('td', { class: 'mono' }, it.item.id),
+          h('td', { class: 'mono' }, it.item.key),
+          h('td', null, h('code', null, it.item.handler)),
+          n(it.queue),
+          h('td', null, timeEl(it.item.due_at_ms)),
+          h('td', null, `${it.item.attempt ?? '?'}/${it.item.max_attempts ?? '?'}`),
+          h('td', { class: 'error-text' }, it.last_error || ''),
+          h('td', { class: 'payload', title: payload }, payload.length > 80 ? `${payload.slice(0, 80)}…` : payload));
+      }) : emptyRow(dead, 'No dead letters.'));
+      updateButtons();
+    }
     return view;
   }
 
