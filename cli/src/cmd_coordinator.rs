@@ -122,6 +122,7 @@ pub fn auth(a: &AuthSection) -> Result<Auth> {
                     .context("auth.producer_token_file")?,
             )),
         },
+        metrics_require_token: a.metrics_require_token,
     };
     if auth.admin.is_none() || auth.worker.is_none() {
         warn!("authentication is off for some callers (auth.allow_unauthenticated)");

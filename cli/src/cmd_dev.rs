@@ -288,6 +288,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             }),
             worker: None,
             producer: None,
+            metrics_require_token: false,
         },
     };
     let coordinator = tokio::spawn(chime_coordinator::serve(

@@ -512,6 +512,11 @@ pub struct AuthSection {
     /// Accept calls without a token where no token file is set. For trying chime
     /// on a laptop; a coordinator with neither refuses to start.
     pub allow_unauthenticated: bool,
+    /// `/metrics` on the HTTP port takes an admin token of role viewer or above
+    /// and of no namespace (Prometheus: `authorization.credentials_file`). Its
+    /// labels name every namespace's worker groups and handlers: leave it off
+    /// (open) only where the teams cannot reach the port. Default false.
+    pub metrics_require_token: bool,
 }
 
 /// TLS of the coordinator's gRPC and HTTP listeners.

@@ -349,9 +349,16 @@ pub fn api_routes() -> Vec<ApiRoute> {
 
 /// Which token each HTTP route takes ([`api_routes`]); any other path under
 /// `/api/` takes an admin. Open: the console's files, `/api/session` (the console
-/// asks whether it needs a login, and who it is), the probes and `/metrics`.
+/// asks whether it needs a login, and who it is), the probes, and `/metrics`
+/// unless `auth.metrics_require_token` asks for a viewer token of no namespace.
 pub fn http_policy(auth: &crate::grpc::Auth) -> Policy {
-    let policy = Policy::new().exact("/api/session", Gate::open());
+    let mut policy = Policy::new().exact("/api/session", Gate::open());
+    if auth.metrics_require_token {
+        policy = policy.exact(
+            "/metrics",
+            auth.admin_gate().needs(Role::Viewer).cluster_wide(),
+        );
+    }
     api_routes()
         .into_iter()
         .fold(policy, |p, route| {
@@ -1366,6 +1373,11 @@ mod tests {
     const TEAM_ADMIN: &str = "team-admin-token-0123456789";
 
     fn app() -> Router {
+        app_with(false)
+    }
+
+    /// The router over the test tokens; `metrics_require_token` as configured.
+    fn app_with(metrics_require_token: bool) -> Router {
         use chime_shared::auth::Tokens;
         use chime_shared::clock::SystemClock;
         use chime_shared::config::source::MemorySource;
@@ -1388,6 +1400,7 @@ mod tests {
             ]))),
             worker: None,
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+            metrics_require_token,
         };
         let state = HttpState {
             admin: crate::grpc::admin_api(
@@ -1420,12 +1433,22 @@ mod tests {
         token: Option<&str>,
         body: axum::body::Body,
     ) -> (StatusCode, Value) {
+        send_to(app(), method, path, token, body).await
+    }
+
+    async fn send_to(
+        app: Router,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: axum::body::Body,
+    ) -> (StatusCode, Value) {
         use tower::ServiceExt;
         let mut req = axum::http::Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let res = app().oneshot(req.body(body).unwrap()).await.unwrap();
+        let res = app.oneshot(req.body(body).unwrap()).await.unwrap();
         let status = res.status();
         let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
             .await
@@ -1434,6 +1457,22 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    /// `/metrics` names every namespace's groups and handlers: with
+    /// `metrics_require_token` it takes a viewer token of no namespace.
+    #[tokio::test]
+    async fn metrics_take_a_cluster_viewer_token_when_asked_to() {
+        let get = |token| send_to(app_with(true), "GET", "/metrics", token, Default::default());
+        assert_eq!(get(None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(get(Some(PRODUCER)).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(get(Some(TEAM_ADMIN)).await.0, StatusCode::FORBIDDEN);
+        for token in [VIEWER, ADMIN] {
+            assert_eq!(get(Some(token)).await.0, StatusCode::OK, "{token}");
+        }
+        // The probes stay open.
+        let (code, _) = send_to(app_with(true), "GET", "/livez", None, Default::default()).await;
+        assert_eq!(code, StatusCode::OK);
     }
 
     #[tokio::test]

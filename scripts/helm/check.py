@@ -444,6 +444,7 @@ def chart_rules(r: Report, label: str, values: dict[str, Any], objs: list[dict[s
                       f"NetworkPolicy/{np_['metadata']['name']} shuts out {w['kind']}/{w['metadata']['name']}, which uses the {store}")
 
     monitoring_rules(c, merged, objs)
+    metrics_token_rules(c, merged, objs, tomls)
     alerts_rules(c, merged, objs, tomls)
     apply_rules(c, merged, objs, tomls)
 
@@ -702,6 +703,27 @@ def monitoring_rules(c: Any, merged: dict[str, Any], objs: list[dict[str, Any]])
         c(all(ann.get(k) == v for k, v in gd["annotations"].items()), f"{name}: annotations lack metrics.grafanaDashboard.annotations")
 
 
+def metrics_token_rules(c: Any, merged: dict[str, Any], objs: list[dict[str, Any]], tomls: dict[str, dict[str, Any]]) -> None:
+    """metrics.requireToken: the coordinators' /metrics takes a token, and their
+    ServiceMonitor presents metrics.tokenSecret (the workers' stays open)."""
+    m = merged["metrics"]
+    on = bool(merged["auth"]["enabled"] and m["requireToken"])
+    if "coordinator" in tomls:
+        got = tomls["coordinator"].get("auth", {}).get("metrics_require_token", False)
+        c(got == on, f"coordinator.toml auth.metrics_require_token is {got}, the values say {on}")
+    for sm in find(objs, "ServiceMonitor"):
+        name = f"ServiceMonitor/{sm['metadata']['name']}"
+        coordinator = sm["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "coordinator"
+        for e in sm["spec"]["endpoints"]:
+            cred = (e.get("authorization") or {}).get("credentials")
+            if coordinator and on:
+                c(e.get("authorization", {}).get("type") == "Bearer"
+                  and cred == {"name": m["tokenSecret"]["name"], "key": m["tokenSecret"]["key"]},
+                  f"{name}: does not present metrics.tokenSecret ({e.get('authorization')})")
+            else:
+                c(cred is None, f"{name}: presents a token its target does not ask for")
+
+
 def mounted_file(objs: list[dict[str, Any]], spec: dict[str, Any], ctr: dict[str, Any], path: str) -> str | None:
     """The content of `path` in a container, when a ConfigMap volume provides it."""
     vols = {v["name"]: v for v in spec.get("volumes", [])}
@@ -903,6 +925,8 @@ _JOB = {"kind": "job", "name": "nightly", "group": "default", "handler": "log", 
 _SETTING = {"kind": "setting", "key": "queues/default/count", "value": 16}
 REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("typo in a key", {"worker": {"handlrs": ["noop"]}}, "additional properties"),
+    ("a metrics token without its Secret", {"metrics": {"requireToken": True, "serviceMonitor": {"enabled": True}}},
+     "metrics.tokenSecret.name"),
     ("zero coordinators", {"coordinator": {"replicaCount": 0}}, "minimum"),
     ("unknown log format", {"config": {"logFormat": "xml"}}, "logFormat"),
     ("a trace endpoint without a scheme", {"config": {"tracing": {"otlpEndpoint": "collector:4317"}}}, "otlpEndpoint"),

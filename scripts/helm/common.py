@@ -39,7 +39,10 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
             "history_max_age_s", "election_ttl_s", "http_addr", "min_period_ms",
             "prepare_ahead_ms",
         },
-        "auth": {"admin_token_file", "worker_token_file", "producer_token_file", "allow_unauthenticated"},
+        "auth": {
+            "admin_token_file", "worker_token_file", "producer_token_file", "allow_unauthenticated",
+            "metrics_require_token",
+        },
         "queue": {"prefix", "family", "count"},
         "tls": {"cert_file", "key_file", "client_ca_file", "ca_file"},
         "tracing": _TRACING,

@@ -7,8 +7,8 @@
 //! the test) and of the delay queue (`grpc::QUEUE_METHODS`, likewise) aimed at
 //! `team-b`'s job, run, workers and delayed item (handler `team-b/charge`). Each is
 //! refused (403), not found (404), or answers without a trace of `team-b`;
-//! cluster-wide routes (alerts, queue counts, audit, overview, charts) are refused
-//! outright; and afterwards `team-b`'s job, run, item and handler setting are
+//! cluster-wide routes (alerts, queue counts, audit, overview, charts, and
+//! `/metrics` with `auth.metrics_require_token`) are refused outright; and afterwards `team-b`'s job, run, item and handler setting are
 //! exactly as they were. Team-a's tokens reach team-a's item and handler settings,
 //! not the cluster's settings. A worker token of `team-a` cannot register into
 //! `team-b`'s group.
@@ -67,7 +67,8 @@ fn isolated(what: &str, code: u16, body: &Value) -> Result<()> {
 
 #[tokio::test]
 async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
-    let c = Cluster::start_ha(2, 0).await?;
+    // `/metrics` names every namespace's groups and handlers: behind a token here.
+    let c = Cluster::start_with_env(2, 0, &[("CHIME_AUTH_METRICS_REQUIRE_TOKEN", "true")]).await?;
     let (api, follower_grpc) = c.follower().await?;
 
     std::fs::write(
@@ -514,6 +515,18 @@ async fn a_team_s_tokens_reach_nothing_of_another_team() -> Result<()> {
             other => bail!("no attack written for the queue method {other}: add one here"),
         }
     }
+    // The metrics: a cluster-wide viewer's, not a team's.
+    for (token, want) in [
+        (None, 401),
+        (Some(A_VIEWER), 403),
+        (Some(A_ADMIN), 403),
+        (Some(ADMIN_TOKEN), 200),
+    ] {
+        let url = format!("{api}/metrics");
+        let (code, _) = http("GET", &url, token, None).await?;
+        ensure!(code == want, "/metrics as {token:?}: {code}, want {want}");
+    }
+
     // Team-b's setting, item and job are exactly as they were.
     let (_, all) = call("GET", "/api/config", ADMIN_TOKEN, None).await?;
     ensure!(

@@ -80,6 +80,11 @@ pub struct Auth {
     /// calls), for producer services. `None` means there are none: the queue then
     /// takes the admin tokens only (it never makes the queue open).
     pub producer: Option<Arc<Tokens>>,
+    /// Whether the HTTP listener's `/metrics` takes an admin token of role viewer
+    /// or above and of no namespace (`auth.metrics_require_token`): its labels
+    /// name every namespace's worker groups and handlers. Off, it is open, for a
+    /// scraper on a network the teams do not reach.
+    pub metrics_require_token: bool,
 }
 
 impl Auth {
@@ -1547,6 +1552,7 @@ mod tests {
             admin: Some(Arc::new(Tokens::fixed(ADMIN))),
             worker: Some(Arc::new(Tokens::fixed(WORKER))),
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+            metrics_require_token: false,
         };
         let (channel, stop, served) = serve_for_test(auth).await;
         let with = |token: Option<&str>| chime_shared::auth::Bearer::new(token).unwrap();
@@ -1605,6 +1611,7 @@ mod tests {
             admin: Some(Arc::new(Tokens::fixed("admin-token-0123456789"))),
             worker: Some(Arc::new(Tokens::fixed("worker-token-0123456789"))),
             producer: None,
+            metrics_require_token: false,
         };
         let policy = grpc_policy(&auth);
         let post = http::Method::POST;
@@ -1658,6 +1665,7 @@ mod tests {
             admin: Some(Arc::new(Tokens::from_file_with_roles(&file).unwrap())),
             worker: Some(Arc::new(Tokens::fixed("worker-token-0123456789"))),
             producer: Some(Arc::new(Tokens::fixed(PRODUCER))),
+            metrics_require_token: false,
         };
         let (channel, stop, served) = serve_for_test(auth).await;
         let with = |token: &str| chime_shared::auth::Bearer::new(Some(token)).unwrap();
