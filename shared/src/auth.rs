@@ -104,7 +104,7 @@ pub struct Identity {
     /// have a scope.
     pub handlers: Option<Vec<String>>,
     /// The namespaces it may see and touch (`None`: every one, and what is
-    /// cluster-wide); admin, producer and worker tokens may have them.
+    /// cluster-wide); every set's tokens may have them.
     pub namespaces: Option<Vec<String>>,
 }
 
@@ -126,7 +126,8 @@ pub enum SetKind {
     Producer,
     /// Worker tokens: `ns=`.
     Worker,
-    /// Tokens of a worker's delivery service: a name only.
+    /// Tokens of a worker's delivery service: `ns=` (its subscribers then take
+    /// only handlers of those namespaces).
     Plain,
 }
 
@@ -183,11 +184,6 @@ fn parse(text: &str, origin: &str, kind: SetKind) -> Result<Vec<Token>> {
         for field in fields {
             let at = |what: String| Error::invalid(origin, format!("line {}: {what}", n + 1));
             if let Some(list) = field.strip_prefix("ns=") {
-                if kind == SetKind::Plain {
-                    return Err(at(
-                        "only admin, producer and worker tokens have namespaces".into()
-                    ));
-                }
                 if namespaces.is_some() {
                     return Err(at("more than one ns=".into()));
                 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chime_shared::Error;
 use chime_shared::auth::{self, Gate, Policy, Tokens};
+use chime_shared::limits;
 use chime_shared::telemetry::{self, Edge, RequestMetricsLayer};
 use pb::subscribe_request::Kind as In;
 use pb::subscribe_response::Kind as Out;
@@ -54,6 +55,9 @@ pub enum Access {
 #[derive(Debug, Clone)]
 pub struct DeliveryService {
     hub: Arc<Hub>,
+    /// The tokens, for a token limited to namespaces (`<token> app ns=payments`):
+    /// it subscribes only to handlers of those namespaces (`payments/charge`).
+    tokens: Option<Arc<Tokens>>,
 }
 
 /// The one conversion of an error to a status on this edge: a bad argument names
@@ -74,7 +78,37 @@ fn status(e: Error) -> Status {
 impl DeliveryService {
     /// The service over `hub`.
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self { hub, tokens: None }
+    }
+
+    /// This service, keeping subscribers whose token is limited to namespaces to
+    /// their handlers (`tokens`: the service's tokens).
+    pub fn limited_by(mut self, tokens: Option<Arc<Tokens>>) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    /// Refuses a subscription to a handler outside the namespaces of the caller's
+    /// token (`header`: its `authorization`), naming the handler's field.
+    fn check_namespaces(&self, header: Option<&str>, handlers: &[String]) -> Result<(), Status> {
+        let Some(who) = auth::Access::tokens(self.tokens.clone()).identify(header) else {
+            return Ok(());
+        };
+        let Some(only) = who.namespaces else {
+            return Ok(());
+        };
+        match handlers
+            .iter()
+            .position(|h| !only.iter().any(|ns| ns == limits::namespace_of(h)))
+        {
+            None => Ok(()),
+            Some(i) => Err(Status::permission_denied(format!(
+                "subscribe.handlers[{i}]: token {} may subscribe only to handlers of namespaces {}, not {:?}",
+                who.name,
+                only.join(", "),
+                handlers[i]
+            ))),
+        }
     }
 }
 
@@ -90,6 +124,11 @@ impl pb::deliveries_server::Deliveries for DeliveryService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown peer".into());
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut inbound = req.into_inner();
         let first = match tokio::time::timeout(SUBSCRIBE_DEADLINE, inbound.message()).await {
             Err(_) => {
@@ -111,6 +150,7 @@ impl pb::deliveries_server::Deliveries for DeliveryService {
             )));
         };
         let spec = wire::spec_from_proto(s, peer);
+        self.check_namespaces(header.as_deref(), &spec.handlers)?;
         let (sub, out) = self.hub.subscribe(spec).map_err(status)?;
         let (tx, rx) = mpsc::channel(16);
         let hello = Out::Subscribed(pb::Subscribed {
@@ -279,7 +319,11 @@ pub async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    let svc = Service::new(DeliveryService::new(hub))
+    let tokens = match &access {
+        Access::Tokens(t) => Some(t.clone()),
+        Access::Open => None,
+    };
+    let svc = Service::new(DeliveryService::new(hub).limited_by(tokens))
         .max_decoding_message_size(MAX_DECODE_BYTES)
         .max_encoding_message_size(MAX_ENCODE_BYTES);
     let mut builder = tonic::transport::Server::builder()
@@ -332,6 +376,7 @@ mod tests {
     #[tokio::test]
     async fn subscriptions_take_a_token() {
         const TOKEN: &str = "deliveries-token-0123456789";
+        const TEAM: &str = "team-a-deliveries-token-0123456789";
         let hub = Hub::new(HubOptions::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -340,7 +385,14 @@ mod tests {
         let served = tokio::spawn(serve(
             listener,
             hub.clone(),
-            Access::Tokens(Arc::new(Tokens::fixed(TOKEN))),
+            Access::Tokens(Arc::new(Tokens::fixed_limited([
+                (TOKEN.to_owned(), auth::Role::Admin, None),
+                (
+                    TEAM.to_owned(),
+                    auth::Role::Admin,
+                    Some(vec!["team-a".to_owned()]),
+                ),
+            ]))),
             None,
             async move { until.cancelled().await },
         ));
@@ -349,7 +401,8 @@ mod tests {
             .connect()
             .await
             .unwrap();
-        let subscribe = |token: Option<&str>| {
+        let subscribe = |token: Option<&str>, handler: &str| {
+            let handler = handler.to_owned();
             let mut client = pb::deliveries_client::DeliveriesClient::with_interceptor(
                 channel.clone(),
                 Bearer::new(token).unwrap(),
@@ -357,7 +410,7 @@ mod tests {
             async move {
                 let hello = pb::SubscribeRequest {
                     kind: Some(In::Subscribe(pb::Subscribe {
-                        handlers: vec!["h".into()],
+                        handlers: vec![handler],
                         credit: 1,
                         ..Default::default()
                     })),
@@ -366,13 +419,28 @@ mod tests {
             }
         };
         for token in [None, Some("wrong-token-0123456789")] {
-            let e = subscribe(token).await.unwrap_err();
+            let e = subscribe(token, "h").await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}");
             assert!(e.message().starts_with("missing or unknown token"), "{e:?}");
         }
-        let mut stream = subscribe(Some(TOKEN)).await.unwrap().into_inner();
+        let mut stream = subscribe(Some(TOKEN), "h").await.unwrap().into_inner();
         let first = stream.message().await.unwrap().unwrap();
         assert!(matches!(first.kind, Some(Out::Subscribed(_))), "{first:?}");
+        // A token limited to a namespace subscribes to its handlers only.
+        let e = subscribe(Some(TEAM), "team-b/charge").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().starts_with("subscribe.handlers[0]: token ")
+                && e.message().contains("namespaces team-a"),
+            "{e:?}"
+        );
+        let mut team = subscribe(Some(TEAM), "team-a/charge")
+            .await
+            .unwrap()
+            .into_inner();
+        let first = team.message().await.unwrap().unwrap();
+        assert!(matches!(first.kind, Some(Out::Subscribed(_))), "{first:?}");
+        drop(team);
         drop((stream, channel));
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), served)
