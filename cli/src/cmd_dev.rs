@@ -62,6 +62,13 @@ pub struct DevArgs {
     /// the console as someone who may look but not change.
     #[arg(long, requires = "admin_token")]
     viewer_token: Option<String>,
+    /// Also take this token, as an admin of one namespace only (needs
+    /// --admin-token and --team-namespace): to try the console as a team sees it.
+    #[arg(long, requires_all = ["admin_token", "team_namespace"])]
+    team_token: Option<String>,
+    /// The namespace of --team-token.
+    #[arg(long, requires = "team_token")]
+    team_namespace: Option<String>,
     /// Export trace spans over OTLP/gRPC to this receiver (`http://127.0.0.1:4317`,
     /// a local Jaeger or OpenTelemetry Collector); the demo's fires are traced.
     #[arg(long, env = "CHIME_TRACING_OTLP_ENDPOINT")]
@@ -205,6 +212,9 @@ const DEMO_GROUP: &str = "demo";
 /// Runs the embedded demo until Ctrl-C (or `--exit-after-s`).
 pub async fn run(args: DevArgs) -> Result<()> {
     init_logging("text", "warn");
+    if let Some(ns) = &args.team_namespace {
+        chime_shared::limits::check_namespace("--team-namespace", ns)?;
+    }
     let spans = crate::config::TracingSection {
         otlp_endpoint: args.otlp_endpoint.clone().unwrap_or_default(),
         ..Default::default()
@@ -281,9 +291,16 @@ pub async fn run(args: DevArgs) -> Result<()> {
         peer_tls: None,
         auth: Auth {
             admin: args.admin_token.clone().map(|t| {
-                let viewer = args.viewer_token.clone().map(|v| (v, Role::Viewer));
-                Arc::new(Tokens::fixed_roles(
-                    std::iter::once((t, Role::Admin)).chain(viewer),
+                let viewer = args.viewer_token.clone().map(|v| (v, Role::Viewer, None));
+                let team = args
+                    .team_token
+                    .clone()
+                    .zip(args.team_namespace.clone())
+                    .map(|(t, ns)| (t, Role::Admin, Some(vec![ns])));
+                Arc::new(Tokens::fixed_limited(
+                    std::iter::once((t, Role::Admin, None))
+                        .chain(viewer)
+                        .chain(team),
                 ))
             }),
             worker: None,

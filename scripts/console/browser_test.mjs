@@ -25,6 +25,7 @@ import path from 'node:path';
 const CONSOLE_URL = process.env.CONSOLE_URL || '';
 const TOKEN = process.env.ADMIN_TOKEN || '';
 const VIEWER_TOKEN = process.env.VIEWER_TOKEN || '';
+const TEAM_TOKEN = process.env.TEAM_TOKEN || '';
 const CHROMIUM_PATH = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const SHOTS = process.env.SCREENSHOT_DIR || '';
 const JOB = process.env.JOB_NAME || 'browser-job';
@@ -573,6 +574,47 @@ async function main() {
     check(r.status === 403, `a viewer's trigger answered ${r.status}`);
     await apiCall('DELETE', `/api/jobs/${encodeURIComponent(NS_JOB)}`);
     summary.viewer_checked = true;
+  });
+
+  await step('8d. a token of one namespace sees its things, and no page of what is cluster-wide', async () => {
+    check(TEAM_TOKEN, 'TEAM_TOKEN is empty');
+    const TEAM_JOB = 'team-x/browser-team';
+    await apiCall('DELETE', `/api/jobs/${encodeURIComponent(TEAM_JOB)}`);
+    const made = await apiCall('POST', '/api/jobs', { name: TEAM_JOB, group: 'team-x/demo', handler: 'demo.echo', schedule: { kind: 'manual' } });
+    check(made.status === 201, `POST /api/jobs (${TEAM_JOB}) answered ${made.status}: ${made.text}`);
+    const TEAM_KEY = 'handlers/team-x/echo/concurrency';
+    for (const [key, value] of [[TEAM_KEY, '2'], ['handlers/demo.echo/concurrency', '3']]) {
+      const set = await apiCall('PUT', '/api/config', { key, value });
+      check(set.status === 200, `PUT /api/config ${key} answered ${set.status}: ${set.text}`);
+    }
+    await page.locator('#logout').click();
+    await visible('#login-token', 'the login form after logging out');
+    await page.locator('#login-token').fill(TEAM_TOKEN);
+    await page.locator('#login-submit').click();
+    await visible('#topbar', 'the top bar after the team admin logs in');
+    const who = await visible('#whoami', 'who the token is');
+    check(/team-x/.test(await who.innerText()), `the top bar does not name the namespace: ${await who.innerText()}`);
+    for (const v of ['overview', 'alerts', 'audit']) {
+      check(await page.locator(`#nav-${v}`).isHidden(), `a team token is offered the ${v} page`);
+    }
+    await nav('jobs');
+    await visible(`[data-testid="job-row"][data-job="${TEAM_JOB}"]`, "the team's job");
+    const rows = await page.$$eval('[data-testid="job-row"]', (rs) => rs.map((r) => r.dataset.job));
+    check(rows.every((j) => j.startsWith('team-x/')), `a team token sees other namespaces' jobs: ${rows.join(', ')}`);
+    await nav('config');
+    await visible(`[data-testid="config-entry"][data-key="${TEAM_KEY}"]`, "the team's handler setting");
+    const keys = await page.$$eval('[data-testid="config-entry"]', (rs) => rs.map((r) => r.dataset.key));
+    check(keys.length === 1, `a team token sees these settings: ${keys.join(', ')}`);
+    await nav('queues');
+    await waitUntil('the dead letters of the team (none)', () => page.$$eval('[data-testid="dead-table"] tbody tr',
+      (rs) => rs.length === 1 && rs[0].textContent.includes('No dead letters.')), 10_000, 100);
+    check(await page.locator('[data-testid="queues-table"]').isHidden(), 'a team token is shown the queue counts');
+    check((await page.locator('#dead-requeue-all').count()) === 0, 'a team token is offered to requeue every dead letter');
+    await apiCall('DELETE', `/api/jobs/${encodeURIComponent(TEAM_JOB)}`);
+    for (const key of [TEAM_KEY, 'handlers/demo.echo/concurrency']) {
+      await apiCall('DELETE', `/api/config?key=${encodeURIComponent(key)}`);
+    }
+    summary.team_checked = true;
   });
 
   await step('9. no uncaught page exceptions', async () => {

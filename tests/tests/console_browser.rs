@@ -22,6 +22,8 @@ use chime_tests::{Proc, TestDir, chime_cmd, free_port, http, wait_until};
 
 const TOKEN: &str = "console-test-token-0123456789";
 const VIEWER: &str = "console-viewer-token-0123456789";
+/// An admin of namespace team-x only.
+const TEAM: &str = "console-team-token-0123456789";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,6 +61,10 @@ async fn console_in_headless_chromium() -> Result<()> {
         TOKEN,
         "--viewer-token",
         VIEWER,
+        "--team-token",
+        TEAM,
+        "--team-namespace",
+        "team-x",
         "--demo-interval-ms",
         "2000",
     ])?;
@@ -81,6 +87,7 @@ async fn console_in_headless_chromium() -> Result<()> {
         .env("CONSOLE_URL", &url)
         .env("ADMIN_TOKEN", TOKEN)
         .env("VIEWER_TOKEN", VIEWER)
+        .env("TEAM_TOKEN", TEAM)
         .env("CHROMIUM_PATH", &chromium)
         .env("SCREENSHOT_DIR", &shots)
         .stdin(Stdio::null())
