@@ -116,16 +116,26 @@ impl Auth {
     }
 }
 
-/// What an API call reaches: jobs, runs and workers, which belong to namespaces
-/// (a token limited to namespaces passes, and the admin service keeps it to
-/// them), or what is cluster-wide (settings, alert rules, queues, the audit log),
-/// which such a token does not reach at all.
+/// What an API call reaches: jobs, runs, workers and delayed items, which belong
+/// to namespaces (a token limited to namespaces passes, and the admin service or
+/// `crate::scope` keeps it to them), or what is cluster-wide (alert rules, queue
+/// counts, the audit log), which such a token does not reach at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reach {
     /// Of namespaces.
     Namespaced,
     /// Cluster-wide.
     Cluster,
+}
+
+impl Reach {
+    /// `gate`, refusing tokens limited to namespaces when this is cluster-wide.
+    pub fn limit(self, gate: Gate) -> Gate {
+        match self {
+            Reach::Namespaced => gate,
+            Reach::Cluster => gate.cluster_wide(),
+        }
+    }
 }
 
 /// The least role of an admin token for each admin API method, and what it
@@ -183,23 +193,14 @@ pub fn grpc_policy(auth: &Auth) -> Policy {
         auth.worker_gate(),
     );
     for (method, need, reach) in ADMIN_METHODS {
-        let gate = auth.admin_gate().needs(need);
-        let gate = match reach {
-            Reach::Namespaced => gate,
-            Reach::Cluster => gate.cluster_wide(),
-        };
+        let gate = reach.limit(auth.admin_gate().needs(need));
         policy = policy.exact(format!("{admin}{method}"), gate);
     }
     // Producers hold a producer token (or an admin one): it opens the delay queue
-    // and nothing else.
-    // A token limited to namespaces reaches its items (`crate::scope`), not the
-    // queues' counts, which are everyone's.
+    // and nothing else. A token limited to namespaces reaches its items
+    // (`crate::scope`), not the queues' counts, which are everyone's.
     for (method, need, reach) in QUEUE_METHODS {
-        let gate = auth.producer_gate().needs(need);
-        let gate = match reach {
-            Reach::Namespaced => gate,
-            Reach::Cluster => gate.cluster_wide(),
-        };
+        let gate = reach.limit(auth.producer_gate().needs(need));
         policy = policy.exact(format!("{queue}{method}"), gate);
     }
     policy

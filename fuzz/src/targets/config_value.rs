@@ -46,8 +46,14 @@ fn check_range(s: &Setting) -> &'static str {
             );
         }
     };
+    // Families and budgets have plain names; a handler's may carry a namespace
+    // (`payments/charge`).
     let name = |n: &str, what: &str| {
-        if let Err(e) = limits::check_handler(what, n) {
+        let checked = match what {
+            "handler" => limits::check_qualified(what, n),
+            _ => limits::check_handler(what, n),
+        };
+        if let Err(e) = checked {
             panic!("accepted a setting for a bad {what} {n:?}: {e}");
         }
     };

@@ -190,7 +190,7 @@ fn on_subscribe_request(m: pb::SubscribeRequest) -> &'static str {
                     assert!(
                         spec.handlers
                             .iter()
-                            .all(|h| chime_shared::limits::check_handler("h", h).is_ok())
+                            .all(|h| chime_shared::limits::check_qualified("h", h).is_ok())
                             && (1..=delivery::MAX_CREDIT).contains(&spec.credit),
                         "accepted a bad subscription: {spec:?}"
                     );
