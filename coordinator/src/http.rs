@@ -1070,14 +1070,12 @@ async fn dead_letters(
     headers: HeaderMap,
     Query(q): Query<LimitQuery>,
 ) -> ApiResult {
-    let items = store(&st)?
-        .dead_letters(
-            q.limit
-                .unwrap_or(limits::DEFAULT_DEAD_LETTER_LIST)
-                .min(limits::MAX_DEAD_LETTER_LIST),
-        )
-        .await?;
-    ok(json!({ "items": st.scope(&headers).filter(items) }))
+    let limit = q
+        .limit
+        .unwrap_or(limits::DEFAULT_DEAD_LETTER_LIST)
+        .min(limits::MAX_DEAD_LETTER_LIST);
+    let items = st.scope(&headers).dead_letters(store(&st)?, limit).await?;
+    ok(json!({ "items": items }))
 }
 
 #[derive(Deserialize)]

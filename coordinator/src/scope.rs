@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chime_shared::auth::Access;
-use chime_shared::limits::namespace_of;
+use chime_shared::limits::{self, namespace_of};
 use chime_shared::queue::{DelayStore, ItemRef, ItemView, NewItem};
 
 use crate::error::CoordError;
@@ -122,6 +122,23 @@ impl HandlerScope {
         items
     }
 
+    /// The first `limit` dead letters in the scope. A limited scope reads the most
+    /// one listing may ([`limits::MAX_DEAD_LETTER_LIST`]) and keeps its own, so
+    /// other teams' dead letters do not crowd them out of the limit.
+    pub async fn dead_letters(
+        &self,
+        store: &Arc<dyn DelayStore>,
+        limit: usize,
+    ) -> Result<Vec<ItemView>, CoordError> {
+        let read = match self.limited() {
+            true => limits::MAX_DEAD_LETTER_LIST.max(limit),
+            false => limit,
+        };
+        let mut items = self.filter(store.dead_letters(read).await?);
+        items.truncate(limit);
+        Ok(items)
+    }
+
     /// A requeue of every dead letter: only an unlimited caller may; a scoped one
     /// names the items (each checked).
     pub fn check_requeue_all(&self) -> Result<(), CoordError> {
@@ -191,5 +208,50 @@ mod tests {
         ];
         let e = both.check_items(&items).unwrap_err().to_string();
         assert!(e.contains("items[1].handler"), "{e}");
+    }
+
+    /// A team's dead letters behind many of another team's still fill its
+    /// listing's limit.
+    #[tokio::test]
+    async fn a_team_s_dead_letters_are_not_crowded_out_by_others() {
+        use chime_shared::clock::SystemClock;
+        use chime_shared::queue::memory_store::MemoryStore;
+        use chime_shared::queue::{Outcome, PopOptions, Settlement};
+        let store: Arc<dyn DelayStore> = Arc::new(MemoryStore::new(1, Arc::new(SystemClock)));
+        let now = store.now_ms().await.unwrap();
+        // Others' first, then the team's one (dead letters list by when they died,
+        // then by id: all die at once here, and "team" sorts after "o…").
+        let mut items: Vec<NewItem> = (0..5)
+            .map(|i| NewItem::new(format!("o{i}"), "noop", now - 10).max_attempts(1))
+            .collect();
+        items.push(NewItem::new("team", "payments/charge", now).max_attempts(1));
+        store.enqueue(items).await.unwrap();
+        let lease = store.claim(0, 5_000).await.unwrap().expect("the queue");
+        let popped = store.pop(&lease, PopOptions::default()).await.unwrap();
+        for d in popped.deliveries {
+            let fail = d
+                .items
+                .iter()
+                .map(|c| Settlement {
+                    id: c.item.id.clone(),
+                    token: c.token,
+                    outcome: Outcome::Retry {
+                        delay_ms: 0,
+                        error: "boom".into(),
+                    },
+                })
+                .collect();
+            store.settle(d.queue, fail).await.unwrap();
+        }
+        assert_eq!(store.dead_letters(100).await.unwrap().len(), 6);
+        let team = scope(None, Some(&["payments"]));
+        let got = team.dead_letters(&store, 2).await.unwrap();
+        let ids: Vec<&str> = got.iter().map(|v| v.item.id.as_str()).collect();
+        assert_eq!(ids, ["team"]);
+        // An unlimited caller reads just its limit: others' two, not the team's
+        // (which a read of the limit alone would have missed).
+        let all = scope(None, None).dead_letters(&store, 2).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|v| v.item.id != "team"), "{all:?}");
     }
 }

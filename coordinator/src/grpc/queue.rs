@@ -287,13 +287,9 @@ impl pb::queue_server::Queue for QueueApi {
             0 => limits::DEFAULT_DEAD_LETTER_LIST,
             n => n.min(limits::MAX_DEAD_LETTER_LIST),
         };
-        let items = self
-            .store()?
-            .dead_letters(limit)
-            .await
-            .map_err(CoordError::from)?;
+        let items = scope.dead_letters(self.store()?, limit).await?;
         Ok(Response::new(pb::ListDeadLettersResponse {
-            items: scope.filter(items).into_iter().map(view_to_proto).collect(),
+            items: items.into_iter().map(view_to_proto).collect(),
         }))
     }
 
