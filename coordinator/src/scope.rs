@@ -32,13 +32,15 @@ pub struct HandlerScope {
 
 impl HandlerScope {
     /// The scope of the caller presenting `header` (`Authorization` value): a
-    /// producer token's handlers; anyone else (an admin token, no auth) is
-    /// unlimited. Only callers past the queue's gate get here.
+    /// producer token's handlers and namespaces, an admin token's namespaces;
+    /// anyone else (no auth) is unlimited. Only callers past the queue's gate get
+    /// here.
     pub fn of(auth: &Auth, header: Option<&str>) -> Self {
-        let who = Access::tokens(auth.producer.clone())
+        // The queue gate's own token sets: one look-up over both.
+        match Access::tokens(auth.admin.clone())
+            .or(auth.producer.clone())
             .identify(header)
-            .or_else(|| Access::tokens(auth.admin.clone()).identify(header));
-        match who {
+        {
             Some(who) => Self {
                 handlers: who.handlers.map(|h| h.into_iter().collect()),
                 namespaces: who.namespaces.map(|n| n.into_iter().collect()),
